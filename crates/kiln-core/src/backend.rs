@@ -1,0 +1,254 @@
+//! The Backend trait, and the bindings of a graph's buffers to physical memory.
+
+use crate::planner::MemoryPlan;
+use crate::{BufferId, BufferKind, Error, Graph, Result};
+
+/// A backend's buffer: device memory of a fixed size.
+pub trait DeviceBuffer {
+    /// Size in bytes.
+    fn bytes(&self) -> usize;
+}
+
+/// A compute backend: allocates memory, moves bytes in and out, and executes graphs.
+pub trait Backend {
+    /// The backend's buffer type.
+    type Buffer: DeviceBuffer;
+
+    /// Short name for messages (`cpu`, `cuda:0`).
+    fn name(&self) -> String;
+
+    /// Allocates `bytes` bytes. Errors with [`Error::OutOfMemory`] when it cannot.
+    fn alloc(&self, bytes: usize) -> Result<Self::Buffer>;
+
+    /// Copies `src` to the start of `dst`; errors when `src` is longer than `dst`.
+    fn upload(&self, dst: &mut Self::Buffer, src: &[u8]) -> Result<()>;
+
+    /// Copies the first `dst.len()` bytes of `src` into `dst`; errors when `dst` is
+    /// longer than `src`.
+    fn download(&self, src: &Self::Buffer, dst: &mut [u8]) -> Result<()>;
+
+    /// Executes `graph`'s ops in order over `bindings`, and returns when their results
+    /// are visible to [`Backend::download`].
+    fn execute(&self, graph: &Graph, bindings: &mut Bindings<'_, Self::Buffer>) -> Result<()>;
+}
+
+/// Checks an upload or download of `len` bytes against a buffer of `bytes` bytes.
+pub fn check_transfer(backend: &str, what: &str, len: usize, bytes: usize) -> Result<()> {
+    if len > bytes {
+        return Err(Error::invalid(
+            format!("{backend} {what}"),
+            format!("{len} bytes do not fit a buffer of {bytes} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// Scratch memory for transient buffers: one backend buffer per planned slot, kept
+/// between executions and grown when a plan needs more.
+pub struct Scratch<B> {
+    slots: Vec<B>,
+}
+
+impl<B: DeviceBuffer> Default for Scratch<B> {
+    fn default() -> Self {
+        Self { slots: Vec::new() }
+    }
+}
+
+impl<B: DeviceBuffer> Scratch<B> {
+    /// Empty scratch; [`Scratch::ensure`] allocates.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes sure there is a slot of at least `plan.slot_bytes[s]` bytes for every
+    /// slot `s`, allocating only the slots that are missing or too small.
+    pub fn ensure<BE: Backend<Buffer = B>>(
+        &mut self,
+        backend: &BE,
+        plan: &MemoryPlan,
+    ) -> Result<()> {
+        for (s, &need) in plan.slot_bytes.iter().enumerate() {
+            if s == self.slots.len() {
+                self.slots.push(backend.alloc(need)?);
+            } else if self.slots[s].bytes() < need {
+                self.slots[s] = backend.alloc(need)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Total bytes held.
+    pub fn bytes(&self) -> usize {
+        self.slots.iter().map(|b| b.bytes()).sum()
+    }
+}
+
+/// The physical buffer behind each of a graph's buffers for one execution: scratch
+/// slots for transient buffers (as the plan says), caller-bound buffers for
+/// persistent ones.
+pub struct Bindings<'a, B> {
+    phys: Vec<Option<&'a mut B>>,
+    phys_of: Vec<Option<usize>>,
+    names: Vec<String>,
+}
+
+impl<'a, B: DeviceBuffer> Bindings<'a, B> {
+    /// Binds `graph`'s transient buffers to `scratch` following `plan`. `scratch` must
+    /// have been sized for `plan` ([`Scratch::ensure`]).
+    pub fn new(graph: &Graph, plan: &MemoryPlan, scratch: &'a mut Scratch<B>) -> Result<Self> {
+        if scratch.slots.len() < plan.slot_bytes.len()
+            || scratch
+                .slots
+                .iter()
+                .zip(&plan.slot_bytes)
+                .any(|(b, &need)| b.bytes() < need)
+        {
+            return Err(Error::invalid(
+                "bindings",
+                "scratch is smaller than the plan; call Scratch::ensure first",
+            ));
+        }
+        if plan.slot_of.len() != graph.buffers().len() {
+            return Err(Error::invalid(
+                "bindings",
+                "the plan was made for another graph",
+            ));
+        }
+        Ok(Self {
+            phys: scratch.slots.iter_mut().map(Some).collect(),
+            phys_of: plan.slot_of.clone(),
+            names: graph.buffers().iter().map(|b| b.name.clone()).collect(),
+        })
+    }
+
+    /// Binds persistent buffer `id` of `graph` to `buf`, which must hold at least the
+    /// buffer's declared bytes.
+    pub fn bind(&mut self, graph: &Graph, id: BufferId, buf: &'a mut B) -> Result<()> {
+        let desc = graph.desc(id)?;
+        if desc.kind != BufferKind::Persistent {
+            return Err(Error::invalid(
+                "bind",
+                format!(
+                    "buffer {:?} is transient; only persistent buffers are bound",
+                    desc.name
+                ),
+            ));
+        }
+        if buf.bytes() < desc.bytes() {
+            return Err(Error::invalid(
+                "bind",
+                format!(
+                    "buffer {:?} needs {} bytes ({} {:?}), the bound buffer has {}",
+                    desc.name,
+                    desc.bytes(),
+                    desc.dtype,
+                    desc.shape,
+                    buf.bytes()
+                ),
+            ));
+        }
+        if self.phys_of[id.index()].is_some() {
+            return Err(Error::invalid(
+                "bind",
+                format!("buffer {:?} is bound twice", desc.name),
+            ));
+        }
+        self.phys_of[id.index()] = Some(self.phys.len());
+        self.phys.push(Some(buf));
+        Ok(())
+    }
+
+    /// Errors naming the first buffer used by `graph`'s ops that has no memory.
+    pub fn check_complete(&self, graph: &Graph) -> Result<()> {
+        for op in graph.ops() {
+            for id in op.inputs().into_iter().chain(op.outputs()) {
+                if self.phys_of.get(id.index()).copied().flatten().is_none() {
+                    return Err(Error::invalid(
+                        op.name(),
+                        format!("buffer {:?} is not bound to memory", self.names[id.index()]),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with shared references to the `inputs`' memory and exclusive ones to
+    /// the `outputs`' memory. Outputs must be distinct from each other and from the
+    /// inputs, as [`Graph::validate`] ensures for every op.
+    pub fn with_operands<R>(
+        &mut self,
+        inputs: &[BufferId],
+        outputs: &[BufferId],
+        f: impl FnOnce(&[&B], &mut [&mut B]) -> R,
+    ) -> Result<R> {
+        let mut taken: Vec<(usize, &'a mut B)> = Vec::with_capacity(outputs.len());
+        let result = self.take_outputs(outputs, &mut taken).and_then(|()| {
+            let ins = inputs
+                .iter()
+                .map(|&id| {
+                    let p = self.slot(id)?;
+                    self.phys[p].as_deref().ok_or_else(|| {
+                        Error::invalid(
+                            "bindings",
+                            format!(
+                                "buffer {:?} is both read and written by one op",
+                                self.names[id.index()]
+                            ),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<&B>>>()?;
+            let mut outs: Vec<&mut B> = taken.iter_mut().map(|(_, b)| &mut **b).collect();
+            Ok(f(&ins, &mut outs))
+        });
+        for (p, b) in taken {
+            self.phys[p] = Some(b);
+        }
+        result
+    }
+
+    /// Shared access to `id`'s memory (for reading results inside a backend).
+    pub fn get(&self, id: BufferId) -> Result<&B> {
+        let p = self.slot(id)?;
+        self.phys[p]
+            .as_deref()
+            .ok_or_else(|| Error::invalid("bindings", "buffer is in use"))
+    }
+
+    fn slot(&self, id: BufferId) -> Result<usize> {
+        self.phys_of
+            .get(id.index())
+            .copied()
+            .flatten()
+            .ok_or_else(|| {
+                let name = self.names.get(id.index()).map_or("?", |s| s.as_str());
+                Error::invalid(
+                    "bindings",
+                    format!("buffer {name:?} (id {}) is not bound to memory", id.0),
+                )
+            })
+    }
+
+    fn take_outputs(
+        &mut self,
+        outputs: &[BufferId],
+        taken: &mut Vec<(usize, &'a mut B)>,
+    ) -> Result<()> {
+        for &id in outputs {
+            let p = self.slot(id)?;
+            let b = self.phys[p].take().ok_or_else(|| {
+                Error::invalid(
+                    "bindings",
+                    format!(
+                        "buffer {:?} shares memory with another operand of the op",
+                        self.names[id.index()]
+                    ),
+                )
+            })?;
+            taken.push((p, b));
+        }
+        Ok(())
+    }
+}

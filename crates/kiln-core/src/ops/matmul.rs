@@ -1,0 +1,43 @@
+use super::{ids, Checker, OpSpec};
+use crate::{BufferId, DType, Graph, Result};
+
+/// Matrix product with a transposed weight: `out = x · wᵀ (+ bias)`.
+///
+/// - `x`: F32 `[m, k]` (one row per token; `m` small is the decode mat-vec case,
+///   large is prefill).
+/// - `w`: `[n, k]`, row-major, any dtype of [`super::WEIGHT_DTYPES`]; each row is a
+///   whole number of blocks (`k` a multiple of the block size).
+/// - `bias`: optional F32 `[n]`.
+/// - `out`: F32 `[m, n]`, `out[i, j] = sum_l x[i, l] * dequantize(w)[j, l] + bias[j]`,
+///   accumulated in f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MatMul {
+    pub x: BufferId,
+    pub w: BufferId,
+    pub bias: Option<BufferId>,
+    pub out: BufferId,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl OpSpec for MatMul {
+    fn name(&self) -> &'static str {
+        "matmul"
+    }
+    fn inputs(&self) -> Vec<BufferId> {
+        ids(&[self.x, self.w], &[self.bias])
+    }
+    fn outputs(&self) -> Vec<BufferId> {
+        vec![self.out]
+    }
+    fn validate(&self, graph: &Graph) -> Result<()> {
+        let c = Checker::new(graph, self.name());
+        c.nonzero(&[("m", self.m), ("n", self.n), ("k", self.k)])?;
+        c.weight("w", self.w, self.n, self.k)?;
+        c.buffer("x", self.x, &[DType::F32], c.count(&[self.m, self.k])?)?;
+        c.optional("bias", self.bias, &[DType::F32], self.n)?;
+        c.buffer("out", self.out, &[DType::F32], c.count(&[self.m, self.n])?)?;
+        Ok(())
+    }
+}
