@@ -1,0 +1,1 @@
+//! One module per `kiln` subcommand.
