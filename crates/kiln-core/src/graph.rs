@@ -58,6 +58,8 @@ impl BufferDesc {
 pub struct Graph {
     buffers: Vec<BufferDesc>,
     ops: Vec<Op>,
+    /// Per buffer: whether some op already pushed writes it.
+    written: Vec<bool>,
 }
 
 impl Graph {
@@ -102,6 +104,7 @@ impl Graph {
             .map_err(|e| Error::invalid("graph", format!("buffer {name:?}: {e}")))?;
         let id = u32::try_from(self.buffers.len())
             .map_err(|_| Error::invalid("graph", "more than u32::MAX buffers"))?;
+        self.written.push(false);
         self.buffers.push(BufferDesc {
             name,
             dtype,
@@ -137,6 +140,9 @@ impl Graph {
         let op = op.into();
         op.validate(self)?;
         self.check_order(&op, self.ops.len())?;
+        for id in op.outputs() {
+            self.written[id.index()] = true;
+        }
         self.ops.push(op);
         Ok(())
     }
@@ -186,9 +192,7 @@ impl Graph {
     fn check_order(&self, op: &Op, index: usize) -> Result<()> {
         self.check_distinct(op, index)?;
         for id in op.inputs() {
-            if self.buffers[id.index()].kind == BufferKind::Transient
-                && !self.ops.iter().any(|o| o.outputs().contains(&id))
-            {
+            if self.buffers[id.index()].kind == BufferKind::Transient && !self.written[id.index()] {
                 return Err(self.read_before_write(op, index, id));
             }
         }
