@@ -1,0 +1,111 @@
+//! Reference for [`kiln_core::ops::Attention`].
+
+use super::kv_cache::{check_positions, CacheShape};
+use super::matmul::dot;
+use super::softmax::softmax_row;
+use crate::{Inputs, Outputs};
+use kiln_core::ops::Attention;
+use kiln_core::{quant, DType, Result};
+use rayon::prelude::*;
+
+/// Attention parameters besides the buffers: see [`kiln_core::ops::Attention`].
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionParams {
+    pub n_heads: usize,
+    pub cache: CacheShape,
+    pub scale: f32,
+    pub window: Option<usize>,
+    pub softcap: Option<f32>,
+}
+
+/// The cache rows query position `pos` sees: `j <= pos` and, with a window `w`,
+/// `pos - j < w`.
+pub fn visible_rows(pos: usize, window: Option<usize>) -> std::ops::Range<usize> {
+    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    first..pos + 1
+}
+
+/// Causal grouped-query attention of `q` (`[n_tokens, n_heads, head_dim]`) over the
+/// caches (`[n_kv_heads, capacity, head_dim]` of `dtype`), writing `out` (same shape as
+/// `q`), exactly as [`kiln_core::ops::Attention`] defines.
+pub fn attention(
+    q: &[f32],
+    k_cache: &[u8],
+    v_cache: &[u8],
+    dtype: DType,
+    positions: &[i32],
+    out: &mut [f32],
+    p: &AttentionParams,
+) -> Result<()> {
+    let c = p.cache;
+    check_positions("attention", positions, c.capacity)?;
+    let hd = c.head_dim;
+    let group = p.n_heads / c.n_kv_heads;
+    // Rows 0..len of every KV head, converted to f32 once and shared by its query heads.
+    let len = positions.iter().map(|&x| x as usize + 1).max().unwrap_or(0);
+    let k = cache_rows_f32(k_cache, dtype, c, len)?;
+    let v = cache_rows_f32(v_cache, dtype, c, len)?;
+    out.par_chunks_mut(hd).enumerate().for_each_init(
+        || vec![0f32; len],
+        |scores, (i, o)| {
+            let (t, h) = (i / p.n_heads, i % p.n_heads);
+            let g = h / group;
+            let rows = visible_rows(positions[t] as usize, p.window);
+            let qv = &q[i * hd..(i + 1) * hd];
+            let kg = &k[g * len * hd..(g + 1) * len * hd];
+            let vg = &v[g * len * hd..(g + 1) * len * hd];
+            let s = &mut scores[..rows.len()];
+            for (s, j) in s.iter_mut().zip(rows.clone()) {
+                let raw = p.scale * dot(qv, &kg[j * hd..(j + 1) * hd]);
+                *s = p.softcap.map_or(raw, |cap| cap * (raw / cap).tanh());
+            }
+            let logits = s.to_vec();
+            softmax_row(&logits, s, 1.0, logits.len());
+            o.fill(0.0);
+            for (&a, j) in s.iter().zip(rows) {
+                for (o, v) in o.iter_mut().zip(&vg[j * hd..(j + 1) * hd]) {
+                    *o += a * v;
+                }
+            }
+        },
+    );
+    Ok(())
+}
+
+/// Rows `0..len` of each KV head of a cache as f32: `[n_kv_heads, len, head_dim]`.
+fn cache_rows_f32(cache: &[u8], dtype: DType, c: CacheShape, len: usize) -> Result<Vec<f32>> {
+    let head_bytes = dtype.bytes_for(c.capacity * c.head_dim)?;
+    let used_bytes = dtype.bytes_for(len * c.head_dim)?;
+    let mut rows = vec![0f32; c.n_kv_heads * len * c.head_dim];
+    for (g, dst) in rows.chunks_exact_mut(len * c.head_dim).enumerate() {
+        let start = g * head_bytes;
+        quant::dequantize(dtype, &cache[start..start + used_bytes], dst)?;
+    }
+    Ok(rows)
+}
+
+pub(crate) fn execute(op: &Attention, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
+    let cache = CacheShape {
+        n_kv_heads: op.n_kv_heads,
+        capacity: op.capacity,
+        head_dim: op.head_dim,
+    };
+    let dtype = ins.dtype(op.k_cache);
+    let cache_bytes = dtype.bytes_for(op.n_kv_heads * op.capacity * op.head_dim)?;
+    let n = op.n_tokens * op.n_heads * op.head_dim;
+    attention(
+        ins.view(op.q, n),
+        &ins.buf(op.k_cache).bytes()[..cache_bytes],
+        &ins.buf(op.v_cache).bytes()[..cache_bytes],
+        dtype,
+        ins.view(op.positions, op.n_tokens),
+        outs.buf(op.out).view_mut(n),
+        &AttentionParams {
+            n_heads: op.n_heads,
+            cache,
+            scale: op.scale,
+            window: op.window,
+            softcap: op.softcap,
+        },
+    )
+}

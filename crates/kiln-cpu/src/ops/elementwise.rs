@@ -1,0 +1,45 @@
+//! Reference for [`kiln_core::ops::Elementwise`].
+
+use crate::{Inputs, Outputs};
+use kiln_core::ops::{Elementwise, ElementwiseKind};
+use kiln_core::Result;
+use rayon::prelude::*;
+
+/// `silu(a) = a / (1 + exp(-a))`.
+pub fn silu(a: f32) -> f32 {
+    a / (1.0 + (-a).exp())
+}
+
+/// The tanh approximation of GELU: `0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))`.
+pub fn gelu(a: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * a * (1.0 + (SQRT_2_OVER_PI * (a + 0.044_715 * a * a * a)).tanh())
+}
+
+/// The function `kind` applies to one pair.
+pub fn apply(kind: ElementwiseKind, a: f32, b: f32) -> f32 {
+    match kind {
+        ElementwiseKind::Add => a + b,
+        ElementwiseKind::Mul => a * b,
+        ElementwiseKind::SiluMul => silu(a) * b,
+        ElementwiseKind::GeluMul => gelu(a) * b,
+    }
+}
+
+/// `out[i] = apply(kind, a[i], b[i])`.
+pub fn elementwise(kind: ElementwiseKind, a: &[f32], b: &[f32], out: &mut [f32]) {
+    out.par_iter_mut()
+        .zip(a.par_iter().zip(b.par_iter()))
+        .with_min_len(4096)
+        .for_each(|(o, (&a, &b))| *o = apply(kind, a, b));
+}
+
+pub(crate) fn execute(op: &Elementwise, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
+    elementwise(
+        op.kind,
+        ins.view(op.a, op.len),
+        ins.view(op.b, op.len),
+        outs.buf(op.out).view_mut(op.len),
+    );
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! Reference for [`kiln_core::ops::Embedding`].
+
+use crate::{Inputs, Outputs};
+use kiln_core::ops::Embedding;
+use kiln_core::{quant, DType, Error, Result};
+use rayon::prelude::*;
+
+/// `out[t, :] = dequantize(table[ids[t], :])`: `table` holds `vocab` rows of `dim`
+/// elements of `dtype`, `out` is `[ids.len(), dim]`. Errors on an id outside
+/// `0..vocab`.
+pub fn embedding(
+    table: &[u8],
+    dtype: DType,
+    ids: &[i32],
+    out: &mut [f32],
+    vocab: usize,
+    dim: usize,
+) -> Result<()> {
+    let row_bytes = dtype.bytes_for(dim)?;
+    if let Some(&bad) = ids.iter().find(|&&id| id < 0 || id as usize >= vocab) {
+        return Err(Error::invalid(
+            "embedding",
+            format!("token id {bad} is outside the vocabulary 0..{vocab}"),
+        ));
+    }
+    out.par_chunks_mut(dim)
+        .zip(ids.par_iter())
+        .try_for_each(|(row, &id)| {
+            let start = id as usize * row_bytes;
+            quant::dequantize(dtype, &table[start..start + row_bytes], row)
+        })
+}
+
+pub(crate) fn execute(op: &Embedding, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
+    let dtype = ins.dtype(op.table);
+    let table = &ins.buf(op.table).bytes()[..dtype.bytes_for(op.vocab * op.dim)?];
+    let ids = ins.view::<i32>(op.ids, op.n_tokens);
+    let out = outs.buf(op.out).view_mut::<f32>(op.n_tokens * op.dim);
+    embedding(table, dtype, ids, out, op.vocab, op.dim)
+}

@@ -1,0 +1,35 @@
+//! Reference implementations, one module per op family (named as in
+//! [`kiln_core::ops`]). Each module has plain functions over slices — the reference
+//! other backends are tested against — and the glue that runs its ops in a graph.
+
+pub mod argmax;
+pub mod attention;
+pub mod cast;
+pub mod elementwise;
+pub mod embedding;
+pub mod kv_cache;
+pub mod matmul;
+pub mod norm;
+pub mod rope;
+pub mod softmax;
+
+use crate::{Inputs, Outputs};
+use kiln_core::{Op, Result};
+
+/// Runs one validated op on bound memory.
+pub(crate) fn execute(op: &Op, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
+    match op {
+        Op::Embedding(op) => embedding::execute(op, ins, outs),
+        Op::RmsNorm(op) => norm::execute_rms_norm(op, ins, outs),
+        Op::AddRmsNorm(op) => norm::execute_add_rms_norm(op, ins, outs),
+        Op::Rope(op) => rope::execute_rope(op, ins, outs),
+        Op::HeadNormRope(op) => rope::execute_head_norm_rope(op, ins, outs),
+        Op::MatMul(op) => matmul::execute(op, ins, outs),
+        Op::Elementwise(op) => elementwise::execute(op, ins, outs),
+        Op::Softmax(op) => softmax::execute(op, ins, outs),
+        Op::KvAppend(op) => kv_cache::execute(op, ins, outs),
+        Op::Attention(op) => attention::execute(op, ins, outs),
+        Op::Argmax(op) => argmax::execute(op, ins, outs),
+        Op::Cast(op) => cast::execute(op, ins, outs),
+    }
+}
