@@ -1,0 +1,366 @@
+//! The forward pass of a decoder-only transformer as a graph of Op IR ops.
+//!
+//! One builder serves prefill (many tokens) and decode (one token): the graph reads
+//! token ids and positions from input buffers, appends the new keys and values to
+//! each layer's KV cache at those positions, and writes the logits of the last
+//! token only (the hidden state of the last row is gathered before the final norm's
+//! output is projected onto the vocabulary).
+
+use crate::config::ModelConfig;
+use kiln_core::ops::{
+    AddRmsNorm, Attention, Elementwise, ElementwiseKind, Embedding, HeadNormRope, KvAppend, MatMul,
+    RmsNorm, Rope,
+};
+use kiln_core::{BufferId, DType, Graph, Result};
+
+/// Names of the graph's non-weight persistent buffers.
+pub mod names {
+    /// I32 `[n_tokens]`: the tokens to run.
+    pub const TOKEN_IDS: &str = "input.token_ids";
+    /// I32 `[n_tokens]`: each token's position in the sequence.
+    pub const POSITIONS: &str = "input.positions";
+    /// I32 `[1]`: the index of the row whose logits are wanted (`n_tokens - 1`).
+    pub const LAST_ROW: &str = "input.last_row";
+    /// F32 `[1, vocab]`: the logits of the last token.
+    pub const LOGITS: &str = "output.logits";
+
+    /// The key cache of layer `l`.
+    pub fn k_cache(l: usize) -> String {
+        format!("cache.k.{l}")
+    }
+
+    /// The value cache of layer `l`.
+    pub fn v_cache(l: usize) -> String {
+        format!("cache.v.{l}")
+    }
+}
+
+/// A weight tensor as the graph declares it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightDesc {
+    pub name: String,
+    pub dtype: DType,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+}
+
+/// A forward graph and the ids of its inputs and output.
+#[derive(Debug)]
+pub struct ForwardGraph {
+    pub graph: Graph,
+    pub n_tokens: usize,
+    pub token_ids: BufferId,
+    pub positions: BufferId,
+    pub last_row: BufferId,
+    pub logits: BufferId,
+}
+
+/// Sizes of the KV caches a graph appends to.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheSpec {
+    /// Positions each layer's cache holds.
+    pub capacity: usize,
+    /// F32 or F16.
+    pub dtype: DType,
+}
+
+/// Builds the forward graph for `n_tokens` new tokens.
+///
+/// `weight(name)` gives the dtype and shape of each GGUF tensor (llama.cpp names:
+/// `token_embd.weight`, `blk.N.attn_q.weight`, ...); a missing or misshapen weight is
+/// an error naming it.
+pub fn build(
+    config: &ModelConfig,
+    weight: &dyn Fn(&str) -> Result<WeightDesc>,
+    n_tokens: usize,
+    cache: CacheSpec,
+) -> Result<ForwardGraph> {
+    let mut b = Builder {
+        g: Graph::new(),
+        c: config,
+        t: n_tokens,
+        weight,
+    };
+    let token_ids = b.g.persistent(names::TOKEN_IDS, DType::I32, &[n_tokens])?;
+    let positions = b.g.persistent(names::POSITIONS, DType::I32, &[n_tokens])?;
+    let last_row = b.g.persistent(names::LAST_ROW, DType::I32, &[1])?;
+    let logits =
+        b.g.persistent(names::LOGITS, DType::F32, &[1, config.vocab])?;
+    let (d, t) = (config.n_embd, n_tokens);
+
+    let embd = b.w("token_embd.weight", &[config.vocab, d])?;
+    let x = b.act("embd", d)?;
+    b.g.push(Embedding {
+        table: embd,
+        ids: token_ids,
+        out: x,
+        n_tokens: t,
+        vocab: config.vocab,
+        dim: d,
+    })?;
+    let freq_factors = if config.rope_freq_factors {
+        Some(b.w("rope_freqs.weight", &[config.rope.rotary_dim / 2])?)
+    } else {
+        None
+    };
+
+    // The residual stream `resid` and the pending branch output `branch` to add to it.
+    let (mut resid, mut branch) = (x, None);
+    for l in 0..config.n_layers {
+        let (r, normed) = b.residual_norm(
+            resid,
+            branch,
+            &format!("blk.{l}.attn_norm.weight"),
+            &format!("l{l}.attn"),
+        )?;
+        let attn = b.attention(l, normed, positions, freq_factors, cache)?;
+        let (r, normed) = b.residual_norm(
+            r,
+            Some(attn),
+            &format!("blk.{l}.ffn_norm.weight"),
+            &format!("l{l}.ffn"),
+        )?;
+        resid = r;
+        branch = Some(b.feed_forward(l, normed)?);
+    }
+    let (_, normed) = b.residual_norm(resid, branch, "output_norm.weight", "out")?;
+    let last = b.g.transient("last_hidden", DType::F32, &[1, d])?;
+    b.g.push(Embedding {
+        table: normed,
+        ids: last_row,
+        out: last,
+        n_tokens: 1,
+        vocab: t,
+        dim: d,
+    })?;
+    let out_w = if config.tied_embeddings {
+        embd
+    } else {
+        b.w("output.weight", &[config.vocab, d])?
+    };
+    b.g.push(MatMul {
+        x: last,
+        w: out_w,
+        bias: None,
+        out: logits,
+        m: 1,
+        n: config.vocab,
+        k: d,
+    })?;
+    Ok(ForwardGraph {
+        graph: b.g,
+        n_tokens,
+        token_ids,
+        positions,
+        last_row,
+        logits,
+    })
+}
+
+struct Builder<'a> {
+    g: Graph,
+    c: &'a ModelConfig,
+    t: usize,
+    weight: &'a dyn Fn(&str) -> Result<WeightDesc>,
+}
+
+impl Builder<'_> {
+    /// Declares weight `name`, checking its shape.
+    fn w(&mut self, name: &str, shape: &[usize]) -> Result<BufferId> {
+        let desc = (self.weight)(name)?;
+        if desc.shape != shape {
+            return Err(kiln_core::Error::format(
+                format!("tensor {name:?}"),
+                format!(
+                    "shape {:?}, the model's hyperparameters need {shape:?}",
+                    desc.shape
+                ),
+            ));
+        }
+        self.g.persistent(name, desc.dtype, shape)
+    }
+
+    /// A transient F32 activation of `[n_tokens, width]`.
+    fn act(&mut self, name: &str, width: usize) -> Result<BufferId> {
+        self.g.transient(name, DType::F32, &[self.t, width])
+    }
+
+    /// Adds `branch` (if any) to the residual stream and RMS-normalizes the sum with
+    /// weight `norm`; returns the new residual stream and the normalized activation.
+    fn residual_norm(
+        &mut self,
+        resid: BufferId,
+        branch: Option<BufferId>,
+        norm: &str,
+        tag: &str,
+    ) -> Result<(BufferId, BufferId)> {
+        let d = self.c.n_embd;
+        let weight = Some(self.w(norm, &[d])?);
+        let out = self.act(&format!("{tag}.normed"), d)?;
+        let (rows, eps) = (self.t, self.c.rms_eps);
+        match branch {
+            None => {
+                self.g.push(RmsNorm {
+                    x: resid,
+                    weight,
+                    out,
+                    rows,
+                    dim: d,
+                    eps,
+                })?;
+                Ok((resid, out))
+            }
+            Some(branch) => {
+                let sum = self.act(&format!("{tag}.resid"), d)?;
+                self.g.push(AddRmsNorm {
+                    x: resid,
+                    residual: branch,
+                    weight,
+                    sum,
+                    out,
+                    rows,
+                    dim: d,
+                    eps,
+                })?;
+                Ok((sum, out))
+            }
+        }
+    }
+
+    /// `x · Wᵀ (+ b)` with weight `blk.{l}.{name}.weight` of `[n, k]`.
+    fn linear(
+        &mut self,
+        l: usize,
+        name: &str,
+        x: BufferId,
+        n: usize,
+        k: usize,
+        bias: bool,
+    ) -> Result<BufferId> {
+        let w = self.w(&format!("blk.{l}.{name}.weight"), &[n, k])?;
+        let bias = if bias {
+            Some(self.w(&format!("blk.{l}.{name}.bias"), &[n])?)
+        } else {
+            None
+        };
+        let out = self.act(&format!("l{l}.{name}"), n)?;
+        self.g.push(MatMul {
+            x,
+            w,
+            bias,
+            out,
+            m: self.t,
+            n,
+            k,
+        })?;
+        Ok(out)
+    }
+
+    /// Self-attention of layer `l`: projections, RoPE (with Qwen3's q/k norm),
+    /// cache append, attention over the cache, output projection.
+    fn attention(
+        &mut self,
+        l: usize,
+        x: BufferId,
+        positions: BufferId,
+        freq_factors: Option<BufferId>,
+        cache: CacheSpec,
+    ) -> Result<BufferId> {
+        let c = self.c;
+        let (d, t, hd) = (c.n_embd, self.t, c.head_dim);
+        let q = self.linear(l, "attn_q", x, c.q_dim(), d, c.qkv_bias)?;
+        let k = self.linear(l, "attn_k", x, c.kv_dim(), d, c.qkv_bias)?;
+        let v = self.linear(l, "attn_v", x, c.kv_dim(), d, c.qkv_bias)?;
+        let q = self.rope(l, "q", q, c.n_heads, positions, freq_factors)?;
+        let k = self.rope(l, "k", k, c.n_kv_heads, positions, freq_factors)?;
+        let shape = [c.n_kv_heads, cache.capacity, hd];
+        let k_cache = self.g.persistent(names::k_cache(l), cache.dtype, &shape)?;
+        let v_cache = self.g.persistent(names::v_cache(l), cache.dtype, &shape)?;
+        for (src, cache_buf) in [(k, k_cache), (v, v_cache)] {
+            self.g.push(KvAppend {
+                src,
+                positions,
+                cache: cache_buf,
+                n_tokens: t,
+                n_kv_heads: c.n_kv_heads,
+                head_dim: hd,
+                capacity: cache.capacity,
+            })?;
+        }
+        let out = self.act(&format!("l{l}.attn"), c.q_dim())?;
+        self.g.push(Attention {
+            q,
+            k_cache,
+            v_cache,
+            positions,
+            out,
+            n_tokens: t,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: hd,
+            capacity: cache.capacity,
+            scale: 1.0 / (hd as f32).sqrt(),
+            window: None,
+            softcap: None,
+        })?;
+        self.linear(l, "attn_output", out, d, c.q_dim(), false)
+    }
+
+    /// RoPE of `n_heads` heads of `x`, preceded by the per-head norm
+    /// `blk.{l}.attn_{which}_norm.weight` where the architecture has one.
+    fn rope(
+        &mut self,
+        l: usize,
+        which: &str,
+        x: BufferId,
+        n_heads: usize,
+        positions: BufferId,
+        freq_factors: Option<BufferId>,
+    ) -> Result<BufferId> {
+        let c = self.c;
+        let out = self.act(&format!("l{l}.{which}_rope"), n_heads * c.head_dim)?;
+        let (n_tokens, params) = (self.t, c.rope);
+        if c.qk_norm {
+            let weight = Some(self.w(&format!("blk.{l}.attn_{which}_norm.weight"), &[c.head_dim])?);
+            self.g.push(HeadNormRope {
+                x,
+                weight,
+                positions,
+                freq_factors,
+                out,
+                n_tokens,
+                n_heads,
+                eps: c.rms_eps,
+                params,
+            })?;
+        } else {
+            self.g.push(Rope {
+                x,
+                positions,
+                freq_factors,
+                out,
+                n_tokens,
+                n_heads,
+                params,
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// SwiGLU feed-forward of layer `l`: `down(silu(gate(x)) * up(x))`.
+    fn feed_forward(&mut self, l: usize, x: BufferId) -> Result<BufferId> {
+        let (d, ff) = (self.c.n_embd, self.c.n_ff);
+        let gate = self.linear(l, "ffn_gate", x, ff, d, false)?;
+        let up = self.linear(l, "ffn_up", x, ff, d, false)?;
+        let act = self.act(&format!("l{l}.ffn_act"), ff)?;
+        let len = self.t * ff;
+        self.g.push(Elementwise {
+            kind: ElementwiseKind::SiluMul,
+            a: gate,
+            b: up,
+            out: act,
+            len,
+        })?;
+        self.linear(l, "ffn_down", act, d, ff, false)
+    }
+}

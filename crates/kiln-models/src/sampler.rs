@@ -1,0 +1,162 @@
+//! Choosing the next token from logits.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Sampling settings. The defaults are llama.cpp's.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplerConfig {
+    /// Softmax temperature; `<= 0` selects greedy decoding (argmax).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability sums to at
+    /// least `top_p`; 1 keeps all.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one; 0 keeps all.
+    pub min_p: f32,
+    /// Divide positive logits (multiply negative ones) of tokens seen in the last
+    /// `repeat_last_n` tokens by this; 1 disables.
+    pub repeat_penalty: f32,
+    pub repeat_last_n: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplerConfig {
+    /// Greedy decoding, nothing else.
+    pub fn greedy() -> Self {
+        SamplerConfig {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            ..Self::default()
+        }
+    }
+}
+
+/// A seeded sampler.
+///
+/// The definition, in order: (1) the repetition penalty changes the logits of tokens
+/// in the recent history; (2) with `temperature <= 0` the result is the argmax (lowest
+/// index on ties); otherwise (3) top-k keeps the `k` largest logits, (4) with
+/// `p_i = softmax(logits)` over the kept tokens, top-p keeps the shortest prefix of
+/// them sorted by probability whose sum reaches `top_p`, (5) min-p keeps those with
+/// `p_i >= min_p * max p`, and (6) a token is drawn from `softmax(logits / temperature)`
+/// over what is kept, with one uniform number from the seeded generator.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    config: SamplerConfig,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// A sampler whose draws are determined by `config.seed`.
+    pub fn new(config: SamplerConfig) -> Self {
+        Sampler {
+            config,
+            rng: StdRng::seed_from_u64(config.seed),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SamplerConfig {
+        &self.config
+    }
+
+    /// Chooses the next token given `logits` and the tokens so far.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let c = self.config;
+        let mut logits = logits.to_vec();
+        apply_repeat_penalty(&mut logits, history, c.repeat_penalty, c.repeat_last_n);
+        if c.temperature <= 0.0 {
+            return argmax(&logits) as u32;
+        }
+        let mut cand: Vec<(usize, f32)> = logits
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, l)| !l.is_nan())
+            .collect();
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if c.top_k > 0 {
+            cand.truncate(c.top_k.max(1));
+        }
+        let probs = softmax(cand.iter().map(|&(_, l)| l), 1.0);
+        let mut keep = cand.len();
+        if c.top_p < 1.0 {
+            let mut sum = 0.0;
+            keep = probs
+                .iter()
+                .position(|&p| {
+                    sum += p;
+                    sum >= c.top_p
+                })
+                .map_or(cand.len(), |i| i + 1);
+        }
+        if c.min_p > 0.0 {
+            let floor = c.min_p * probs[0];
+            keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
+        }
+        cand.truncate(keep.max(1));
+        let probs = softmax(cand.iter().map(|&(_, l)| l), c.temperature);
+        let u: f32 = self.rng.random();
+        let mut acc = 0.0;
+        for (&(id, _), p) in cand.iter().zip(&probs) {
+            acc += p;
+            if u < acc {
+                return id as u32;
+            }
+        }
+        cand[cand.len() - 1].0 as u32
+    }
+}
+
+/// Index of the largest logit, lowest on ties, NaN never chosen.
+pub fn argmax(logits: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if !v.is_nan() && (logits[best].is_nan() || v > logits[best]) {
+            best = i;
+        }
+    }
+    best
+}
+
+/// llama.cpp's repetition penalty over the last `last_n` tokens of `history`.
+pub fn apply_repeat_penalty(logits: &mut [f32], history: &[u32], penalty: f32, last_n: usize) {
+    if penalty == 1.0 || last_n == 0 {
+        return;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for &id in history.iter().rev().take(last_n) {
+        if let Some(l) = logits.get_mut(id as usize) {
+            if seen.insert(id) {
+                *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+            }
+        }
+    }
+}
+
+/// `softmax(x / temperature)` of a sequence sorted largest first.
+fn softmax(x: impl Iterator<Item = f32> + Clone, temperature: f32) -> Vec<f32> {
+    let max = x.clone().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = x.map(|v| ((v - max) / temperature).exp()).collect();
+    let z: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / z).collect()
+}

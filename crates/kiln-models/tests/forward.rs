@@ -1,0 +1,395 @@
+//! The forward pass on the CPU backend against an independent float64 transformer
+//! written here, on random tiny models of each architecture; prefill/decode
+//! consistency; deterministic greedy generation; clear errors.
+
+// The reference transformer indexes by position on purpose, to read like its formulas.
+#![allow(clippy::needless_range_loop)]
+
+use kiln_core::{DType, Error};
+use kiln_cpu::CpuBackend;
+use kiln_gguf::{Gguf, GgufWriter, Metadata, TensorDesc};
+use kiln_models::generate::generate;
+use kiln_models::{LoadOptions, Model, Sampler, SamplerConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+use std::collections::HashMap;
+
+#[derive(Clone, Copy, Debug)]
+struct Spec {
+    arch: &'static str,
+    layers: usize,
+    d: usize,
+    ff: usize,
+    heads: usize,
+    kv: usize,
+    vocab: usize,
+    tied: bool,
+    freq_factors: bool,
+}
+
+const EPS: f32 = 1e-5;
+const BASE: f32 = 10_000.0;
+
+fn specs() -> Vec<Spec> {
+    let llama = Spec {
+        arch: "llama",
+        layers: 2,
+        d: 32,
+        ff: 48,
+        heads: 4,
+        kv: 2,
+        vocab: 61,
+        tied: false,
+        freq_factors: true,
+    };
+    vec![
+        llama,
+        Spec {
+            tied: true,
+            freq_factors: false,
+            heads: 2,
+            kv: 2,
+            ..llama
+        },
+        Spec {
+            arch: "qwen2",
+            tied: true,
+            freq_factors: false,
+            ..llama
+        },
+        Spec {
+            arch: "qwen3",
+            layers: 3,
+            heads: 4,
+            kv: 1,
+            freq_factors: false,
+            ..llama
+        },
+    ]
+}
+
+type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+/// Random weights (F32) named and shaped as llama.cpp's GGUF files have them.
+fn random_weights(s: &Spec, rng: &mut StdRng) -> Tensors {
+    let hd = s.d / s.heads;
+    let mut t: Tensors = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+        let n: usize = shape.iter().product();
+        let v = (0..n)
+            .map(|_| {
+                offset
+                    + scale
+                        * <StandardNormal as Distribution<f64>>::sample(&StandardNormal, &mut *rng)
+                            as f32
+            })
+            .collect::<Vec<f32>>();
+        t.push((name, shape, v));
+    };
+    let w = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+    add("token_embd.weight".into(), vec![s.vocab, s.d], 1.0, 0.0);
+    for l in 0..s.layers {
+        let p = |n: &str| format!("blk.{l}.{n}");
+        add(p("attn_norm.weight"), vec![s.d], 0.1, 1.0);
+        add(p("attn_q.weight"), vec![s.heads * hd, s.d], w(s.d), 0.0);
+        add(p("attn_k.weight"), vec![s.kv * hd, s.d], w(s.d), 0.0);
+        add(p("attn_v.weight"), vec![s.kv * hd, s.d], w(s.d), 0.0);
+        if s.arch == "qwen2" {
+            add(p("attn_q.bias"), vec![s.heads * hd], 0.1, 0.0);
+            add(p("attn_k.bias"), vec![s.kv * hd], 0.1, 0.0);
+            add(p("attn_v.bias"), vec![s.kv * hd], 0.1, 0.0);
+        }
+        if s.arch == "qwen3" {
+            add(p("attn_q_norm.weight"), vec![hd], 0.1, 1.0);
+            add(p("attn_k_norm.weight"), vec![hd], 0.1, 1.0);
+        }
+        add(
+            p("attn_output.weight"),
+            vec![s.d, s.heads * hd],
+            w(s.heads * hd),
+            0.0,
+        );
+        add(p("ffn_norm.weight"), vec![s.d], 0.1, 1.0);
+        add(p("ffn_gate.weight"), vec![s.ff, s.d], w(s.d), 0.0);
+        add(p("ffn_up.weight"), vec![s.ff, s.d], w(s.d), 0.0);
+        add(p("ffn_down.weight"), vec![s.d, s.ff], w(s.ff), 0.0);
+    }
+    add("output_norm.weight".into(), vec![s.d], 0.1, 1.0);
+    if !s.tied {
+        add("output.weight".into(), vec![s.vocab, s.d], w(s.d), 0.0);
+    }
+    if s.freq_factors {
+        add("rope_freqs.weight".into(), vec![hd / 2], 0.5, 2.0);
+    }
+    t
+}
+
+fn gguf_bytes(s: &Spec, tensors: &Tensors) -> Vec<u8> {
+    let mut md = Metadata::new();
+    md.set("general.architecture", s.arch);
+    let k = |key: &str| format!("{}.{key}", s.arch);
+    md.set(k("block_count"), s.layers as u32);
+    md.set(k("embedding_length"), s.d as u32);
+    md.set(k("feed_forward_length"), s.ff as u32);
+    md.set(k("attention.head_count"), s.heads as u32);
+    md.set(k("attention.head_count_kv"), s.kv as u32);
+    md.set(k("context_length"), 64u32);
+    md.set(k("attention.layer_norm_rms_epsilon"), EPS);
+    md.set(k("rope.freq_base"), BASE);
+    let descs: Vec<TensorDesc> = tensors
+        .iter()
+        .map(|(n, sh, _)| TensorDesc::new(n.clone(), DType::F32, sh))
+        .collect();
+    let mut w = GgufWriter::new(Vec::new(), "test.gguf", &md, &descs).unwrap();
+    for (_, _, v) in tensors {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.write_tensor_data(&bytes).unwrap();
+    }
+    w.finish().unwrap()
+}
+
+/// The transformer in float64, written from the architectures' papers and model
+/// cards, independent of kiln's graph: logits of every position of `tokens`.
+fn reference_logits(s: &Spec, tensors: &Tensors, tokens: &[u32]) -> Vec<Vec<f64>> {
+    let w: HashMap<&str, Vec<f64>> = tensors
+        .iter()
+        .map(|(n, _, v)| (n.as_str(), v.iter().map(|&x| x as f64).collect()))
+        .collect();
+    let hd = s.d / s.heads;
+    let rms = |x: &[f64], g: &[f64]| -> Vec<f64> {
+        let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64 + EPS as f64).sqrt();
+        x.iter().zip(g).map(|(v, g)| v * inv * g).collect()
+    };
+    let lin = |x: &[f64], m: &[f64], bias: Option<&Vec<f64>>| -> Vec<f64> {
+        let k = x.len();
+        (0..m.len() / k)
+            .map(|j| (0..k).map(|l| x[l] * m[j * k + l]).sum::<f64>() + bias.map_or(0.0, |b| b[j]))
+            .collect()
+    };
+    let rope = |v: &mut [f64], pos: usize| {
+        for i in 0..hd / 2 {
+            let ff = if s.freq_factors {
+                w["rope_freqs.weight"][i]
+            } else {
+                1.0
+            };
+            let theta = pos as f64 * (BASE as f64).powf(-2.0 * i as f64 / hd as f64) / ff;
+            // GGUF llama weights pair adjacent dims; qwen pairs the two halves.
+            let (a, b) = if s.arch == "llama" {
+                (2 * i, 2 * i + 1)
+            } else {
+                (i, i + hd / 2)
+            };
+            let (x, y) = (v[a], v[b]);
+            v[a] = x * theta.cos() - y * theta.sin();
+            v[b] = x * theta.sin() + y * theta.cos();
+        }
+    };
+    let mut xs: Vec<Vec<f64>> = tokens
+        .iter()
+        .map(|&t| w["token_embd.weight"][t as usize * s.d..][..s.d].to_vec())
+        .collect();
+    for l in 0..s.layers {
+        let g = |n: &str| &w[format!("blk.{l}.{n}").as_str()];
+        let bias = |n: &str| w.get(format!("blk.{l}.{n}.bias").as_str());
+        let mut qs = Vec::new();
+        let mut ks = Vec::new();
+        let mut vs = Vec::new();
+        for (pos, x) in xs.iter().enumerate() {
+            let h = rms(x, g("attn_norm.weight"));
+            let mut q = lin(&h, g("attn_q.weight"), bias("attn_q"));
+            let mut k = lin(&h, g("attn_k.weight"), bias("attn_k"));
+            for (v, heads, norm) in [
+                (&mut q, s.heads, "attn_q_norm.weight"),
+                (&mut k, s.kv, "attn_k_norm.weight"),
+            ] {
+                for head in v.chunks_mut(hd).take(heads) {
+                    if s.arch == "qwen3" {
+                        let n = rms(head, g(norm));
+                        head.copy_from_slice(&n);
+                    }
+                    rope(head, pos);
+                }
+            }
+            qs.push(q);
+            ks.push(k);
+            vs.push(lin(&h, g("attn_v.weight"), bias("attn_v")));
+        }
+        for (t, x) in xs.iter_mut().enumerate() {
+            let mut att = vec![0f64; s.heads * hd];
+            for h in 0..s.heads {
+                let kvh = h / (s.heads / s.kv);
+                let q = &qs[t][h * hd..][..hd];
+                let scores: Vec<f64> = (0..=t)
+                    .map(|j| {
+                        q.iter()
+                            .zip(&ks[j][kvh * hd..][..hd])
+                            .map(|(a, b)| a * b)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = scores.iter().map(|v| (v - m).exp()).sum();
+                for (j, sc) in scores.iter().enumerate() {
+                    for i in 0..hd {
+                        att[h * hd + i] += (sc - m).exp() / z * vs[j][kvh * hd + i];
+                    }
+                }
+            }
+            let o = lin(&att, g("attn_output.weight"), None);
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            let h = rms(x, g("ffn_norm.weight"));
+            let gate = lin(&h, g("ffn_gate.weight"), None);
+            let up = lin(&h, g("ffn_up.weight"), None);
+            let act: Vec<f64> = gate
+                .iter()
+                .zip(&up)
+                .map(|(a, b)| a / (1.0 + (-a).exp()) * b)
+                .collect();
+            let down = lin(&act, g("ffn_down.weight"), None);
+            x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
+        }
+    }
+    let out = if s.tied {
+        "token_embd.weight"
+    } else {
+        "output.weight"
+    };
+    xs.iter()
+        .map(|x| lin(&rms(x, &w["output_norm.weight"]), &w[out], None))
+        .collect()
+}
+
+fn nmse(got: &[f32], want: &[f64]) -> f64 {
+    assert!(got.iter().all(|v| v.is_finite()), "non-finite logits");
+    let e: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).powi(2))
+        .sum();
+    e / want.iter().map(|w| w * w).sum::<f64>()
+}
+
+fn load(bytes: &[u8], cache_dtype: DType) -> Model<CpuBackend> {
+    let file = Gguf::from_bytes(bytes, "test.gguf").unwrap();
+    Model::load(
+        CpuBackend,
+        &file,
+        LoadOptions {
+            context: Some(32),
+            cache_dtype,
+        },
+        &mut |_, _| {},
+    )
+    .unwrap()
+}
+
+fn seeded() -> StdRng {
+    let seed = rand::rng().random();
+    eprintln!("seed {seed}");
+    StdRng::seed_from_u64(seed)
+}
+
+#[test]
+fn prefill_and_decode_match_the_f64_transformer() {
+    let mut rng = seeded();
+    for s in specs() {
+        let tensors = random_weights(&s, &mut rng);
+        let bytes = gguf_bytes(&s, &tensors);
+        let tokens: Vec<u32> = (0..9)
+            .map(|_| rng.random_range(0..s.vocab as u32))
+            .collect();
+        let want = reference_logits(&s, &tensors, &tokens);
+        let mut model = load(&bytes, DType::F32);
+        // Prefill the first 6 tokens in one pass, then decode the rest one by one.
+        let got = model.forward(&tokens[..6]).unwrap();
+        assert!(
+            nmse(&got, &want[5]) < 1e-9,
+            "{s:?} prefill: {}",
+            nmse(&got, &want[5])
+        );
+        for t in 6..tokens.len() {
+            let got = model.forward(&tokens[t..t + 1]).unwrap();
+            assert!(
+                nmse(&got, &want[t]) < 1e-9,
+                "{s:?} decode at {t}: {}",
+                nmse(&got, &want[t])
+            );
+        }
+        // An F16 cache rounds keys and values: looser, but still close.
+        let mut model = load(&bytes, DType::F16);
+        let got = model.forward(&tokens).unwrap();
+        assert!(
+            nmse(&got, &want[8]) < 1e-5,
+            "{s:?} f16 cache: {}",
+            nmse(&got, &want[8])
+        );
+    }
+}
+
+#[test]
+fn greedy_generation_is_deterministic_and_stops_at_the_limit() {
+    let mut rng = seeded();
+    let s = specs()[0];
+    let bytes = gguf_bytes(&s, &random_weights(&s, &mut rng));
+    let mut model = load(&bytes, DType::F32);
+    let run = |model: &mut Model<CpuBackend>| {
+        let mut out = Vec::new();
+        let mut sampler = Sampler::new(SamplerConfig::greedy());
+        let stats = generate(model, &[1, 2, 3], 12, &mut sampler, &|_| false, &mut |t| {
+            out.push(t);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((stats.prompt_tokens, stats.generated_tokens), (3, 12));
+        out
+    };
+    let first = run(&mut model);
+    assert_eq!(first.len(), 12);
+    assert_eq!(run(&mut model), first, "a second greedy run differs");
+}
+
+#[test]
+fn bad_requests_are_clear_errors() {
+    let mut rng = seeded();
+    let s = specs()[0];
+    let tensors = random_weights(&s, &mut rng);
+    let mut model = load(&gguf_bytes(&s, &tensors), DType::F32);
+    let err = model.forward(&[s.vocab as u32]).unwrap_err().to_string();
+    assert!(err.contains(&format!("token id {}", s.vocab)), "{err}");
+    let err = model.forward(&[1; 33]).unwrap_err().to_string();
+    assert!(err.contains("context full"), "{err}");
+    assert!(matches!(
+        model.forward(&[]),
+        Err(Error::InvalidArgument { .. })
+    ));
+
+    let unsupported = gguf_bytes(&Spec { arch: "mamba", ..s }, &tensors);
+    let file = Gguf::from_bytes(&unsupported[..], "m.gguf").unwrap();
+    let err = Model::load(
+        CpuBackend,
+        &file,
+        LoadOptions {
+            context: None,
+            cache_dtype: DType::F32,
+        },
+        &mut |_, _| {},
+    )
+    .err()
+    .expect("mamba is unsupported")
+    .to_string();
+    assert!(
+        err.contains("mamba") && err.contains("llama, qwen2, qwen3"),
+        "{err}"
+    );
+
+    let missing: Tensors = tensors
+        .into_iter()
+        .filter(|(n, _, _)| n != "blk.1.ffn_up.weight")
+        .collect();
+    let mut model = load(&gguf_bytes(&s, &missing), DType::F32);
+    let err = model.forward(&[1]).unwrap_err().to_string();
+    assert!(err.contains("blk.1.ffn_up.weight"), "{err}");
+}

@@ -1,0 +1,112 @@
+//! The sampler's definition: greedy, top-k, top-p, min-p, temperature, penalty, seed.
+
+use kiln_models::sampler::{apply_repeat_penalty, argmax};
+use kiln_models::{Sampler, SamplerConfig};
+
+fn counts(config: SamplerConfig, logits: &[f32], draws: usize) -> Vec<usize> {
+    let mut s = Sampler::new(config);
+    let mut c = vec![0; logits.len()];
+    for _ in 0..draws {
+        c[s.sample(logits, &[]) as usize] += 1;
+    }
+    c
+}
+
+fn plain(temperature: f32) -> SamplerConfig {
+    SamplerConfig {
+        temperature,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        repeat_penalty: 1.0,
+        repeat_last_n: 0,
+        seed: 7,
+    }
+}
+
+#[test]
+fn greedy_is_argmax_with_lowest_index_on_ties() {
+    let mut s = Sampler::new(SamplerConfig::greedy());
+    assert_eq!(s.sample(&[0.1, 2.0, -1.0, 2.0], &[]), 1);
+    assert_eq!(argmax(&[f32::NAN, -3.0, -2.0]), 2);
+}
+
+#[test]
+fn draws_follow_softmax_over_temperature() {
+    let logits = [1.0f32, 2.0, 0.0, 3.0];
+    let t = 0.7;
+    let z: f64 = logits.iter().map(|&l| (l as f64 / t as f64).exp()).sum();
+    let n = 40_000;
+    let c = counts(plain(t), &logits, n);
+    for (i, &l) in logits.iter().enumerate() {
+        let p = (l as f64 / t as f64).exp() / z;
+        let sd = (p * (1.0 - p) / n as f64).sqrt();
+        let got = c[i] as f64 / n as f64;
+        assert!(
+            (got - p).abs() < 5.0 * sd + 1e-3,
+            "token {i}: frequency {got:.4}, probability {p:.4}"
+        );
+    }
+}
+
+#[test]
+fn top_k_top_p_and_min_p_remove_unlikely_tokens() {
+    let logits = [3.0f32, 2.9, 0.0, -1.0, 2.8];
+    let c = counts(
+        SamplerConfig {
+            top_k: 2,
+            ..plain(1.0)
+        },
+        &logits,
+        2000,
+    );
+    assert_eq!(
+        (c[2], c[3], c[4]),
+        (0, 0, 0),
+        "top_k=2 keeps tokens 0 and 1: {c:?}"
+    );
+    assert!(c[0] > 0 && c[1] > 0, "{c:?}");
+    // Probabilities are about 0.36, 0.33, 0.30, 0.018, 0.007 (in sorted order 0, 1, 4, 2, 3).
+    let c = counts(
+        SamplerConfig {
+            top_p: 0.6,
+            ..plain(1.0)
+        },
+        &logits,
+        2000,
+    );
+    assert!(
+        c[0] > 0 && c[1] > 0 && c[2] + c[3] + c[4] == 0,
+        "top_p=0.6 keeps two: {c:?}"
+    );
+    let c = counts(
+        SamplerConfig {
+            min_p: 0.5,
+            ..plain(1.0)
+        },
+        &logits,
+        2000,
+    );
+    assert!(c[4] > 0 && c[2] + c[3] == 0, "min_p=0.5 keeps three: {c:?}");
+}
+
+#[test]
+fn the_seed_determines_the_draws() {
+    let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+    let draw = |seed| {
+        let mut s = Sampler::new(SamplerConfig { seed, ..plain(1.0) });
+        (0..64)
+            .map(|_| s.sample(&logits, &[]))
+            .collect::<Vec<u32>>()
+    };
+    assert_eq!(draw(1), draw(1));
+    assert_ne!(draw(1), draw(2));
+}
+
+#[test]
+fn repetition_penalty_scales_recent_tokens_once() {
+    let mut l = [2.0f32, -2.0, 2.0, 1.0];
+    apply_repeat_penalty(&mut l, &[0, 1, 0, 3], 2.0, 3);
+    // The last 3 tokens are 1, 0, 3: token 0 once despite repeating, token 2 untouched.
+    assert_eq!(l, [1.0, -4.0, 2.0, 0.5]);
+}
