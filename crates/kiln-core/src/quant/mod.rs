@@ -3,11 +3,27 @@
 //!
 //! This module is the one definition of each format in the workspace: the CPU
 //! backend, the GGUF reader and the tests all use it, and every GPU kernel is tested
-//! against it. Block formats are bit-exact with ggml's layouts (little-endian).
+//! against it. Block formats are bit-exact with ggml's layouts (little-endian), and
+//! quantization reproduces ggml's reference quantizers (what `ggml_quantize_chunk`
+//! writes without an importance matrix), byte for byte on the same input.
+//!
+//! - [`legacy`]: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1 (32-element blocks);
+//! - [`kquants`]: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K (256-element super-blocks);
+//! - [`iq4_nl`]: IQ4_NL (32-element blocks, non-linear levels).
+//!
+//! Each block struct's doc comment gives its byte layout and the value of each
+//! element.
 
+mod block;
 mod float;
+mod iq4_nl;
+mod kquants;
+mod legacy;
 
 use crate::{DType, Error, Result};
+use block::{decode_blocks, encode_blocks};
+
+pub use iq4_nl::IQ4_NL_LEVELS;
 
 /// Converts `dst.len()` elements stored as `dtype` in `src` to f32.
 ///
@@ -17,21 +33,69 @@ pub fn dequantize(dtype: DType, src: &[u8], dst: &mut [f32]) -> Result<()> {
     check_lengths("dequantize", dtype, src.len(), dst.len())?;
     match dtype {
         DType::F32 | DType::F16 | DType::BF16 => float::to_f32(dtype, src, dst),
-        _ => return Err(Error::Unsupported(format!("dequantization of {dtype}"))),
+        DType::Q4_0 => decode_blocks::<legacy::Q4_0>(src, dst),
+        DType::Q4_1 => decode_blocks::<legacy::Q4_1>(src, dst),
+        DType::Q5_0 => decode_blocks::<legacy::Q5_0>(src, dst),
+        DType::Q5_1 => decode_blocks::<legacy::Q5_1>(src, dst),
+        DType::Q8_0 => decode_blocks::<legacy::Q8_0>(src, dst),
+        DType::Q8_1 => decode_blocks::<legacy::Q8_1>(src, dst),
+        DType::Q2K => decode_blocks::<kquants::Q2K>(src, dst),
+        DType::Q3K => decode_blocks::<kquants::Q3K>(src, dst),
+        DType::Q4K => decode_blocks::<kquants::Q4K>(src, dst),
+        DType::Q5K => decode_blocks::<kquants::Q5K>(src, dst),
+        DType::Q6K => decode_blocks::<kquants::Q6K>(src, dst),
+        DType::Q8K => decode_blocks::<kquants::Q8K>(src, dst),
+        DType::IQ4NL => decode_blocks::<iq4_nl::Iq4Nl>(src, dst),
+        DType::I32 | DType::U32 | DType::U8 => {
+            return Err(Error::Unsupported(format!("dequantization of {dtype}")))
+        }
     }
     Ok(())
 }
 
 /// Stores the f32 values of `src` as `dtype` in `dst`.
 ///
-/// `dst` must hold exactly `dtype.bytes_for(src.len())` bytes.
+/// `dst` must hold exactly `dtype.bytes_for(src.len())` bytes. Block formats need
+/// finite values (a NaN or infinity is an error naming its index); a value so large
+/// that a block's f16 scale overflows encodes as infinities, as in ggml.
 pub fn quantize(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<()> {
     check_lengths("quantize", dtype, dst.len(), src.len())?;
+    if dtype.is_quantized() {
+        check_finite(dtype, src)?;
+    }
     match dtype {
         DType::F32 | DType::F16 | DType::BF16 => float::from_f32(dtype, src, dst),
-        _ => return Err(Error::Unsupported(format!("quantization to {dtype}"))),
+        DType::Q4_0 => encode_blocks::<legacy::Q4_0>(src, dst),
+        DType::Q4_1 => encode_blocks::<legacy::Q4_1>(src, dst),
+        DType::Q5_0 => encode_blocks::<legacy::Q5_0>(src, dst),
+        DType::Q5_1 => encode_blocks::<legacy::Q5_1>(src, dst),
+        DType::Q8_0 => encode_blocks::<legacy::Q8_0>(src, dst),
+        DType::Q8_1 => encode_blocks::<legacy::Q8_1>(src, dst),
+        DType::Q2K => encode_blocks::<kquants::Q2K>(src, dst),
+        DType::Q3K => encode_blocks::<kquants::Q3K>(src, dst),
+        DType::Q4K => encode_blocks::<kquants::Q4K>(src, dst),
+        DType::Q5K => encode_blocks::<kquants::Q5K>(src, dst),
+        DType::Q6K => encode_blocks::<kquants::Q6K>(src, dst),
+        DType::Q8K => encode_blocks::<kquants::Q8K>(src, dst),
+        DType::IQ4NL => encode_blocks::<iq4_nl::Iq4Nl>(src, dst),
+        DType::I32 | DType::U32 | DType::U8 => {
+            return Err(Error::Unsupported(format!("quantization to {dtype}")))
+        }
     }
     Ok(())
+}
+
+fn check_finite(dtype: DType, src: &[f32]) -> Result<()> {
+    match src.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::invalid(
+            "quantize",
+            format!(
+                "element {i} is {}; {dtype} encodes finite values only",
+                src[i]
+            ),
+        )),
+    }
 }
 
 fn check_lengths(op: &str, dtype: DType, bytes: usize, elements: usize) -> Result<()> {

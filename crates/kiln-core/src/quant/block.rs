@@ -1,0 +1,79 @@
+//! What every block format shares: the per-block codec trait, the row drivers that
+//! apply it block by block, and the scalar helpers of ggml's reference quantizers.
+
+use crate::DType;
+use half::f16;
+
+/// One GGML block format: how one block's bytes decode to floats and how floats
+/// encode to one block.
+pub(super) trait BlockCodec {
+    /// The dtype whose blocks this codec reads and writes.
+    const DTYPE: DType;
+
+    /// Decodes one block of `DTYPE.block_bytes()` bytes into `DTYPE.block_size()`
+    /// floats. The caller passes slices of exactly those lengths.
+    fn decode(block: &[u8], out: &mut [f32]);
+
+    /// Encodes `DTYPE.block_size()` finite floats into one block of
+    /// `DTYPE.block_bytes()` bytes, overwriting every byte. The caller passes slices
+    /// of exactly those lengths.
+    fn encode(x: &[f32], block: &mut [u8]);
+}
+
+/// Decodes whole blocks of `C` from `src` into `dst`. Lengths are checked by the
+/// caller: `src` holds exactly the blocks that `dst` receives.
+pub(super) fn decode_blocks<C: BlockCodec>(src: &[u8], dst: &mut [f32]) {
+    let blocks = src.chunks_exact(C::DTYPE.block_bytes());
+    for (block, out) in blocks.zip(dst.chunks_exact_mut(C::DTYPE.block_size())) {
+        C::decode(block, out);
+    }
+}
+
+/// Encodes `src` into whole blocks of `C` in `dst`. Lengths are checked by the
+/// caller.
+pub(super) fn encode_blocks<C: BlockCodec>(src: &[f32], dst: &mut [u8]) {
+    let blocks = dst.chunks_exact_mut(C::DTYPE.block_bytes());
+    for (block, x) in blocks.zip(src.chunks_exact(C::DTYPE.block_size())) {
+        C::encode(x, block);
+    }
+}
+
+/// Below this magnitude ggml's quantizers treat a group of values as all zeros.
+pub(super) const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// Reads the little-endian f16 at byte `at` of `bytes` as f32.
+#[inline]
+pub(super) fn read_f16(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// Stores `value` rounded to the nearest f16 (ties to even) at byte `at` of `bytes`
+/// and returns the stored value as f32.
+#[inline]
+pub(super) fn write_f16(bytes: &mut [u8], at: usize, value: f32) -> f32 {
+    let half = f16::from_f32(value);
+    bytes[at..at + 2].copy_from_slice(&half.to_le_bytes());
+    half.to_f32()
+}
+
+/// Rounds to the nearest integer, ties to even: ggml's `nearest_int`, which is exact
+/// for |x| < 2^22 (the range its quantizers use). Out-of-range values saturate.
+#[inline]
+pub(super) fn nearest_int(x: f32) -> i32 {
+    x.round_ties_even() as i32
+}
+
+/// The element of `x` with the largest magnitude (the first one on ties), and that
+/// magnitude; `(0.0, 0.0)` for an empty or all-zero slice.
+#[inline]
+pub(super) fn signed_absmax(x: &[f32]) -> (f32, f32) {
+    let mut max = 0.0f32;
+    let mut amax = 0.0f32;
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (max, amax)
+}

@@ -1,0 +1,393 @@
+//! Golden blocks for every block format, built by hand.
+//!
+//! Each test writes one or two blocks field by field from ggml's block layout (the
+//! struct in ggml-common.h), with chosen scales and quant values, and computes the
+//! expected floats from the format's written definition, e.g. `d * (q - 8)` for
+//! Q4_0. The quants run through every value the format allows and every sub-block
+//! gets a different scale, so a misplaced bit or nibble changes some element.
+//! Scales are small dyadic numbers, exact in f16, so every expected value is exact
+//! and the comparison is bitwise.
+
+use half::f16;
+use kiln_core::{quant, DType};
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+
+fn f16_le(v: f32) -> [u8; 2] {
+    let h = f16::from_f32(v);
+    assert_eq!(h.to_f32(), v, "test scales must be exact in f16");
+    h.to_le_bytes()
+}
+
+fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    assert_eq!(
+        bytes.len() % dtype.block_bytes(),
+        0,
+        "test built a partial block"
+    );
+    let n = bytes.len() / dtype.block_bytes() * dtype.block_size();
+    let mut out = vec![f32::NAN; n];
+    quant::dequantize(dtype, bytes, &mut out).unwrap();
+    out
+}
+
+fn assert_same(dtype: DType, got: &[f32], expected: &[f32]) {
+    assert_eq!(got.len(), expected.len());
+    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+        assert_eq!(
+            g.to_bits(),
+            e.to_bits(),
+            "{dtype} element {i}: got {g}, expected {e}"
+        );
+    }
+}
+
+/// A quant pattern over `n` elements (`n` a multiple of `levels`) that takes every
+/// value in `0..levels` equally often, in a fixed pseudo-random order, so that
+/// elements a wrong layout would swap hold different values.
+fn pattern(n: usize, levels: u32) -> Vec<u32> {
+    let mut values: Vec<u32> = (0..n as u32).map(|i| i % levels).collect();
+    values.shuffle(&mut StdRng::seed_from_u64(
+        n as u64 * 1000 + u64::from(levels),
+    ));
+    values
+}
+
+/// Q4_0: `{ f16 d; u8 qs[16] }`, `qs[j]` = `q[j]` low nibble, `q[j + 16]` high
+/// nibble; `x = d * (q - 8)`.
+#[test]
+fn q4_0_golden() {
+    let d = 0.5f32;
+    let q = pattern(32, 16);
+    let mut block = f16_le(d).to_vec();
+    for j in 0..16 {
+        block.push((q[j] | (q[j + 16] << 4)) as u8);
+    }
+    let expected: Vec<f32> = q.iter().map(|&q| d * (q as f32 - 8.0)).collect();
+    assert_same(DType::Q4_0, &decode(DType::Q4_0, &block), &expected);
+}
+
+/// Q4_1: `{ f16 d; f16 m; u8 qs[16] }`; `x = d * q + m`.
+#[test]
+fn q4_1_golden() {
+    let (d, m) = (0.25f32, -1.5f32);
+    let q = pattern(32, 16);
+    let mut block = [f16_le(d), f16_le(m)].concat();
+    for j in 0..16 {
+        block.push((q[j] | (q[j + 16] << 4)) as u8);
+    }
+    let expected: Vec<f32> = q.iter().map(|&q| d * q as f32 + m).collect();
+    assert_same(DType::Q4_1, &decode(DType::Q4_1, &block), &expected);
+}
+
+/// The 5-bit formats' `qh`: bit `j` of the little-endian u32 is bit 4 of `q[j]`.
+fn fifth_bits(q: &[u32]) -> [u8; 4] {
+    let mut qh = 0u32;
+    for (j, &q) in q.iter().enumerate() {
+        qh |= (q >> 4) << j;
+    }
+    qh.to_le_bytes()
+}
+
+/// Q5_0: `{ f16 d; u8 qh[4]; u8 qs[16] }`; `x = d * (q - 16)`.
+#[test]
+fn q5_0_golden() {
+    let d = 0.125f32;
+    let q = pattern(32, 32);
+    let mut block = [f16_le(d).as_slice(), &fifth_bits(&q)].concat();
+    for j in 0..16 {
+        block.push(((q[j] & 15) | ((q[j + 16] & 15) << 4)) as u8);
+    }
+    let expected: Vec<f32> = q.iter().map(|&q| d * (q as f32 - 16.0)).collect();
+    assert_same(DType::Q5_0, &decode(DType::Q5_0, &block), &expected);
+}
+
+/// Q5_1: `{ f16 d; f16 m; u8 qh[4]; u8 qs[16] }`; `x = d * q + m`.
+#[test]
+fn q5_1_golden() {
+    let (d, m) = (0.0625f32, 2.0f32);
+    let q = pattern(32, 32);
+    let mut block = [f16_le(d).as_slice(), &f16_le(m), &fifth_bits(&q)].concat();
+    for j in 0..16 {
+        block.push(((q[j] & 15) | ((q[j + 16] & 15) << 4)) as u8);
+    }
+    let expected: Vec<f32> = q.iter().map(|&q| d * q as f32 + m).collect();
+    assert_same(DType::Q5_1, &decode(DType::Q5_1, &block), &expected);
+}
+
+/// Signed bytes covering -128..=127 over 8 blocks of 32.
+fn all_i8() -> Vec<i8> {
+    (0..=255u8).map(|b| b as i8).collect()
+}
+
+/// Q8_0: `{ f16 d; i8 qs[32] }`; `x = d * q`. Eight blocks with different scales.
+#[test]
+fn q8_0_golden() {
+    let q = all_i8();
+    let mut bytes = Vec::new();
+    let mut expected = Vec::new();
+    for (b, chunk) in q.chunks(32).enumerate() {
+        let d = 0.5f32 / (1 << b) as f32;
+        bytes.extend(f16_le(d));
+        bytes.extend(chunk.iter().map(|&q| q as u8));
+        expected.extend(chunk.iter().map(|&q| d * f32::from(q)));
+    }
+    assert_same(DType::Q8_0, &decode(DType::Q8_0, &bytes), &expected);
+}
+
+/// Q8_1: `{ f16 d; f16 s; i8 qs[32] }`; `x = d * q` (`s` does not enter).
+#[test]
+fn q8_1_golden() {
+    let q = all_i8();
+    let mut bytes = Vec::new();
+    let mut expected = Vec::new();
+    for (b, chunk) in q.chunks(32).enumerate() {
+        let d = 0.25f32 * (b + 1) as f32;
+        bytes.extend(f16_le(d));
+        bytes.extend(f16_le(-3.0));
+        bytes.extend(chunk.iter().map(|&q| q as u8));
+        expected.extend(chunk.iter().map(|&q| d * f32::from(q)));
+    }
+    assert_same(DType::Q8_1, &decode(DType::Q8_1, &bytes), &expected);
+}
+
+/// The k-quants' 2-bit plane: element `128 h + 32 s + l` in bits `2 s .. 2 s + 2`
+/// of byte `32 h + l` (64 bytes for 256 elements).
+fn two_bit_plane(q: &[u32]) -> Vec<u8> {
+    let mut out = vec![0u8; 64];
+    for (e, &q) in q.iter().enumerate() {
+        let (h, s, l) = (e / 128, (e % 128) / 32, e % 32);
+        out[32 * h + l] |= ((q & 3) << (2 * s)) as u8;
+    }
+    out
+}
+
+/// Q2_K: `{ u8 scales[16]; u8 qs[64]; f16 d; f16 dmin }`; group `g = e / 16` has
+/// scale `scales[g] & 15` and offset `scales[g] >> 4`;
+/// `x = d * sc * q - dmin * m`.
+#[test]
+fn q2_k_golden() {
+    let (d, dmin) = (0.5f32, 0.125f32);
+    let sc: Vec<u32> = (0..16).map(|g| 1 + (g * 7) % 15).collect();
+    let m: Vec<u32> = (0..16).map(|g| 15 - g).collect();
+    let q = pattern(256, 4);
+    let mut block: Vec<u8> = (0..16).map(|g| (sc[g] | (m[g] << 4)) as u8).collect();
+    block.extend(two_bit_plane(&q));
+    block.extend(f16_le(d));
+    block.extend(f16_le(dmin));
+    let expected: Vec<f32> = (0..256)
+        .map(|e| d * sc[e / 16] as f32 * q[e] as f32 - dmin * m[e / 16] as f32)
+        .collect();
+    assert_same(DType::Q2K, &decode(DType::Q2K, &block), &expected);
+}
+
+/// Q3_K: `{ u8 hmask[32]; u8 qs[64]; u8 scales[12]; f16 d }`. Quant `q` (3 bits):
+/// bits 0-1 in the 2-bit plane, bit 2 in bit `e / 32` of `hmask[e % 32]`. Group
+/// `g`'s 6-bit scale: low 4 bits in `scales[g]` (g < 8) or the high nibble of
+/// `scales[g - 8]`, high 2 bits in bits `2 (g / 4)` of `scales[8 + g % 4]`.
+/// `x = d * (sc - 32) * (q - 4)`.
+#[test]
+fn q3_k_golden() {
+    let d = 0.25f32;
+    let sc: Vec<u32> = (0..16).map(|g| (g * 37 + 5) % 64).collect();
+    let q = pattern(256, 8);
+    let mut hmask = [0u8; 32];
+    for (e, &q) in q.iter().enumerate() {
+        hmask[e % 32] |= ((q >> 2) << (e / 32)) as u8;
+    }
+    let mut scales = [0u8; 12];
+    for (g, &s) in sc.iter().enumerate() {
+        if g < 8 {
+            scales[g] |= (s & 15) as u8;
+        } else {
+            scales[g - 8] |= ((s & 15) << 4) as u8;
+        }
+        scales[8 + g % 4] |= ((s >> 4) << (2 * (g / 4))) as u8;
+    }
+    let mut block = hmask.to_vec();
+    block.extend(two_bit_plane(&q));
+    block.extend(scales);
+    block.extend(f16_le(d));
+    let expected: Vec<f32> = (0..256)
+        .map(|e| d * (sc[e / 16] as f32 - 32.0) * (q[e] as f32 - 4.0))
+        .collect();
+    assert_same(DType::Q3K, &decode(DType::Q3K, &block), &expected);
+}
+
+/// Q4_K and Q5_K's 12 scale bytes: 8 6-bit scales and offsets. For g < 4:
+/// `scales[g]` and `scales[g + 4]` low 6 bits; for g >= 4: low 4 bits in the low
+/// (scale) and high (offset) nibbles of `scales[g + 4]`, high 2 bits in bits 6-7 of
+/// `scales[g - 4]` (scale) and `scales[g]` (offset).
+fn k_scales(sc: &[u32], m: &[u32]) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    for g in 0..8 {
+        if g < 4 {
+            out[g] |= sc[g] as u8;
+            out[g + 4] |= m[g] as u8;
+        } else {
+            out[g + 4] |= ((sc[g] & 15) | ((m[g] & 15) << 4)) as u8;
+            out[g - 4] |= ((sc[g] >> 4) << 6) as u8;
+            out[g] |= ((m[g] >> 4) << 6) as u8;
+        }
+    }
+    out
+}
+
+/// The 4-bit plane of Q4_K and Q5_K: element `64 c + l` in the low nibble and
+/// `64 c + 32 + l` in the high nibble of byte `32 c + l`.
+fn k_nibbles(q: &[u32]) -> Vec<u8> {
+    let mut out = vec![0u8; 128];
+    for (e, &q) in q.iter().enumerate() {
+        let (c, upper, l) = (e / 64, (e % 64) / 32, e % 32);
+        out[32 * c + l] |= ((q & 15) << (4 * upper)) as u8;
+    }
+    out
+}
+
+fn k_scales_and_offsets() -> (Vec<u32>, Vec<u32>) {
+    let sc = (0..8).map(|g| (g * 23 + 7) % 64).collect();
+    let m = (0..8).map(|g| (g * 41 + 60) % 64).collect();
+    (sc, m)
+}
+
+/// Q4_K: `{ f16 d; f16 dmin; u8 scales[12]; u8 qs[128] }`;
+/// `x = d * sc[e / 32] * q - dmin * m[e / 32]`.
+#[test]
+fn q4_k_golden() {
+    let (d, dmin) = (0.0625f32, 0.03125f32);
+    let (sc, m) = k_scales_and_offsets();
+    let q = pattern(256, 16);
+    let mut block = [f16_le(d), f16_le(dmin)].concat();
+    block.extend(k_scales(&sc, &m));
+    block.extend(k_nibbles(&q));
+    let expected: Vec<f32> = (0..256)
+        .map(|e| d * sc[e / 32] as f32 * q[e] as f32 - dmin * m[e / 32] as f32)
+        .collect();
+    assert_same(DType::Q4K, &decode(DType::Q4K, &block), &expected);
+}
+
+/// Q5_K: `{ f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128] }`, bit 4 of
+/// quant `e` in bit `e / 32` of `qh[e % 32]`.
+#[test]
+fn q5_k_golden() {
+    let (d, dmin) = (0.125f32, 0.0625f32);
+    let (sc, m) = k_scales_and_offsets();
+    let q = pattern(256, 32);
+    let mut qh = [0u8; 32];
+    for (e, &q) in q.iter().enumerate() {
+        qh[e % 32] |= ((q >> 4) << (e / 32)) as u8;
+    }
+    let mut block = [f16_le(d), f16_le(dmin)].concat();
+    block.extend(k_scales(&sc, &m));
+    block.extend(qh);
+    block.extend(k_nibbles(&q));
+    let expected: Vec<f32> = (0..256)
+        .map(|e| d * sc[e / 32] as f32 * q[e] as f32 - dmin * m[e / 32] as f32)
+        .collect();
+    assert_same(DType::Q5K, &decode(DType::Q5K, &block), &expected);
+}
+
+/// Q6_K: `{ u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d }`. Element
+/// `e = 128 h + 32 s + l`: low 4 bits in nibble `s / 2` of `ql[64 h + 32 (s % 2) + l]`,
+/// high 2 bits in bits `2 s` of `qh[32 h + l]`; `x = d * scales[e / 16] * (q - 32)`.
+#[test]
+fn q6_k_golden() {
+    let d = 0.03125f32;
+    let scales: Vec<i8> = (0..16).map(|g| (g * 29 - 128) as i8).collect();
+    let q = pattern(256, 64);
+    let mut ql = [0u8; 128];
+    let mut qh = [0u8; 64];
+    for (e, &q) in q.iter().enumerate() {
+        let (h, s, l) = (e / 128, (e % 128) / 32, e % 32);
+        ql[64 * h + 32 * (s % 2) + l] |= ((q & 15) << (4 * (s / 2))) as u8;
+        qh[32 * h + l] |= ((q >> 4) << (2 * s)) as u8;
+    }
+    let mut block = ql.to_vec();
+    block.extend(qh);
+    block.extend(scales.iter().map(|&s| s as u8));
+    block.extend(f16_le(d));
+    let expected: Vec<f32> = (0..256)
+        .map(|e| d * f32::from(scales[e / 16]) * (q[e] as f32 - 32.0))
+        .collect();
+    assert_same(DType::Q6K, &decode(DType::Q6K, &block), &expected);
+}
+
+/// Q8_K: `{ f32 d; i8 qs[256]; i16 bsums[16] }`; `x = d * q` (`bsums` does not
+/// enter).
+#[test]
+fn q8_k_golden() {
+    let d = -0.375f32;
+    let q = all_i8();
+    let mut block = d.to_le_bytes().to_vec();
+    block.extend(q.iter().map(|&q| q as u8));
+    for g in 0..16i16 {
+        block.extend((g * 100 - 700).to_le_bytes());
+    }
+    let expected: Vec<f32> = q.iter().map(|&q| d * f32::from(q)).collect();
+    assert_same(DType::Q8K, &decode(DType::Q8K, &block), &expected);
+}
+
+/// IQ4_NL: `{ f16 d; u8 qs[16] }`, index `i[j]` in the low nibble and `i[j + 16]`
+/// in the high nibble of `qs[j]`; `x = d * kvalues_iq4nl[i]` with ggml's table.
+#[test]
+fn iq4_nl_golden() {
+    const KVALUES_IQ4NL: [i8; 16] = [
+        -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+    ];
+    assert_eq!(quant::IQ4_NL_LEVELS, KVALUES_IQ4NL);
+    let d = 0.015625f32;
+    let i = pattern(32, 16);
+    let mut block = f16_le(d).to_vec();
+    for j in 0..16 {
+        block.push((i[j] | (i[j + 16] << 4)) as u8);
+    }
+    let expected: Vec<f32> = i
+        .iter()
+        .map(|&i| d * f32::from(KVALUES_IQ4NL[i as usize]))
+        .collect();
+    assert_same(DType::IQ4NL, &decode(DType::IQ4NL, &block), &expected);
+}
+
+/// Consecutive blocks decode independently: two Q4_0 blocks with different scales
+/// land in the right halves of the output.
+#[test]
+fn consecutive_blocks_use_their_own_scales() {
+    let q = pattern(32, 16);
+    let mut bytes = Vec::new();
+    let mut expected = Vec::new();
+    for d in [1.0f32, -2.0] {
+        bytes.extend(f16_le(d));
+        bytes.extend((0..16).map(|j| (q[j] | (q[j + 16] << 4)) as u8));
+        expected.extend(q.iter().map(|&q| d * (q as f32 - 8.0)));
+    }
+    assert_same(DType::Q4_0, &decode(DType::Q4_0, &bytes), &expected);
+}
+
+fn encode(dtype: DType, x: &[f32]) -> Vec<u8> {
+    let mut bytes = vec![0u8; dtype.bytes_for(x.len()).unwrap()];
+    quant::quantize(dtype, x, &mut bytes).unwrap();
+    bytes
+}
+
+/// ggml's Q4_0 reference rule: `d = -max / 8` with `max` the element of largest
+/// magnitude (here -4 at j = 0, so d = 0.5), `q = min(15, trunc(x / d + 8.5))`.
+/// With `x[j] = (j - 16) / 4`, `x / d + 8.5 = j / 2 + 0.5`, so `q[j] = ceil(j / 2)`
+/// and the top value j = 31 gives 16, clamped to 15.
+#[test]
+fn q4_0_quantizer_golden() {
+    let x: Vec<f32> = (0..32).map(|j| (j as f32 - 16.0) / 4.0).collect();
+    let q: Vec<u32> = (0..32).map(|j: u32| j.div_ceil(2).min(15)).collect();
+    let mut expected = f16_le(0.5).to_vec();
+    expected.extend((0..16).map(|j| (q[j] | (q[j + 16] << 4)) as u8));
+    assert_eq!(encode(DType::Q4_0, &x), expected);
+}
+
+/// ggml's Q4_1 reference rule: `m = min(x)`, `d = (max(x) - m) / 15`,
+/// `q = trunc((x - m) / d + 0.5)`. With `x[j] = -1 + (j mod 16) / 2`: m = -1,
+/// d = 0.5 and `q[j] = j mod 16`.
+#[test]
+fn q4_1_quantizer_golden() {
+    let x: Vec<f32> = (0..32).map(|j| -1.0 + (j % 16) as f32 / 2.0).collect();
+    let mut expected = [f16_le(0.5), f16_le(-1.0)].concat();
+    expected.extend((0..16u8).map(|j| j | (j << 4)));
+    assert_eq!(encode(DType::Q4_1, &x), expected);
+}
