@@ -1,7 +1,7 @@
 //! The Backend trait, and the bindings of a graph's buffers to physical memory.
 
 use crate::planner::MemoryPlan;
-use crate::{BufferId, BufferKind, Error, Graph, Result};
+use crate::{BufferId, BufferKind, Error, Graph, Op, Result};
 
 /// A backend's buffer: device memory of a fixed size.
 pub trait DeviceBuffer {
@@ -26,6 +26,14 @@ pub trait Backend {
     /// Copies the first `dst.len()` bytes of `src` into `dst`; errors when `dst` is
     /// longer than `src`.
     fn download(&self, src: &Self::Buffer, dst: &mut [u8]) -> Result<()>;
+
+    /// Whether this backend implements `op` (its kind and operand dtypes). Backends
+    /// that implement only part of the IR override this, so that a caller can choose
+    /// another backend before running a graph instead of failing half-way.
+    fn supports(&self, op: &Op) -> bool {
+        let _ = op;
+        true
+    }
 
     /// Executes `graph`'s ops in order over `bindings`, and returns when their results
     /// are visible to [`Backend::download`].
