@@ -7,9 +7,9 @@
 //! quantization reproduces ggml's reference quantizers (what `ggml_quantize_chunk`
 //! writes without an importance matrix), byte for byte on the same input.
 //!
-//! - [`legacy`]: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1 (32-element blocks);
-//! - [`kquants`]: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K (256-element super-blocks);
-//! - [`iq4_nl`]: IQ4_NL (32-element blocks, non-linear levels).
+//! - `legacy.rs`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1 (32-element blocks);
+//! - `kquants/`: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K (256-element super-blocks);
+//! - `iq4_nl.rs`: IQ4_NL (32-element blocks, non-linear levels).
 //!
 //! Each block struct's doc comment gives its byte layout and the value of each
 //! element.

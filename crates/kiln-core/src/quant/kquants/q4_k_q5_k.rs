@@ -15,9 +15,14 @@ use crate::DType;
 /// |--------|--------------------------------------------------------------------|
 /// | 0      | `d`: f16, multiplies the group scales                              |
 /// | 2      | `dmin`: f16, multiplies the group offsets                          |
-/// | 4      | `scales[12]`: 8 6-bit scales `sc[g]` and offsets `m[g]`; for `g < 4`: `sc[g] = scales[g] & 63`, `m[g] = scales[g + 4] & 63`; for `g >= 4`: `sc[g] = (scales[g + 4] & 15) | (scales[g - 4] >> 6) << 4`, `m[g] = (scales[g + 4] >> 4) | (scales[g] >> 6) << 4` |
+/// | 4      | `scales[12]`: 8 6-bit group scales `sc[g]` and offsets `m[g]` (below) |
 /// | 16     | `qh[32]` (Q5_K only): bit 4 of quant `e` is bit `e / 32` of `qh[e % 32]` |
 /// | 16 or 48 | `qs[128]`: bits 0-3 of the quants; element `64 c + l` (`l` < 32) in the low nibble of `qs[32 c + l]`, element `64 c + 32 + l` in the high nibble |
+///
+/// Scale packing: for `g < 4`, `sc[g]` is bits 0-5 of `scales[g]` and `m[g]` bits
+/// 0-5 of `scales[g + 4]`; for `g >= 4`, bits 0-3 of `sc[g]` and `m[g]` are the low
+/// and high nibble of `scales[g + 4]`, and their bits 4-5 are bits 6-7 of
+/// `scales[g - 4]` and `scales[g]`.
 ///
 /// Value of element `e` in group `g = e / 32`: `x = d * sc[g] * q - dmin * m[g]`.
 pub(in crate::quant) struct AffineGroups<const BITS: u32>;
