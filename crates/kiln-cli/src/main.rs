@@ -19,11 +19,17 @@ struct Cli {
 enum Command {
     /// Print the kiln version.
     Version,
+    /// Print a GGUF file's header, metadata and tensors, or one tensor's values.
+    Inspect(cmd::inspect::InspectArgs),
+    /// Re-quantize the weight matrices of a GGUF file.
+    Quantize(cmd::quantize::QuantizeArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: kiln_core::Result<()> = match cli.command {
+        Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Quantize(args) => cmd::quantize::run(args),
         Command::Version => {
             println!("kiln {}", env!("CARGO_PKG_VERSION"));
             Ok(())

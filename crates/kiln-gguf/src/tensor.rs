@@ -38,6 +38,7 @@ pub struct TensorInfo {
     shape: Vec<usize>,
     n_elements: usize,
     n_bytes: usize,
+    row_bytes: usize,
     offset: u64,
 }
 
@@ -66,16 +67,20 @@ impl TensorInfo {
             .iter()
             .try_fold(1usize, |n, &d| n.checked_mul(d))
             .ok_or_else(|| format!("element count of dims {gguf_dims:?} overflows"))?;
-        let row_len = gguf_dims.first().copied().unwrap_or(1);
-        let block = dtype.block_size() as u64;
+        let row_len = shape.last().copied().unwrap_or(1);
+        let block = dtype.block_size();
         if row_len % block != 0 {
             return Err(format!(
                 "row length {row_len} is not a multiple of {dtype}'s {block}-element block"
             ));
         }
-        let n_bytes = dtype
-            .bytes_for(n_elements)
-            .map_err(|e| format!("dims {gguf_dims:?} of {dtype}: {e}"))?;
+        let bytes_of = |n: usize| {
+            dtype
+                .bytes_for(n)
+                .map_err(|e| format!("dims {gguf_dims:?} of {dtype}: {e}"))
+        };
+        let n_bytes = bytes_of(n_elements)?;
+        let row_bytes = bytes_of(row_len)?;
         Ok(TensorInfo {
             name,
             dtype,
@@ -83,6 +88,7 @@ impl TensorInfo {
             shape,
             n_elements,
             n_bytes,
+            row_bytes,
             offset,
         })
     }
@@ -117,6 +123,17 @@ impl TensorInfo {
         self.n_bytes
     }
 
+    /// Elements per row: the fastest-varying dimension (1 for a tensor with no
+    /// dimensions). Always a whole number of the dtype's blocks.
+    pub fn row_len(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+
+    /// Bytes per row: `row_len()` elements of the dtype.
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
     /// The data's offset from the start of the file's data section (a multiple of
     /// the file's alignment).
     pub fn offset(&self) -> u64 {
@@ -142,8 +159,13 @@ impl TensorView<'_> {
     /// formats), through [`kiln_core::quant::dequantize`].
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let mut out = vec![0f32; self.info.n_elements];
-        quant::dequantize(self.info.dtype, self.data, &mut out)
-            .map_err(|e| Error::format(format!("tensor {:?}", self.info.name), e.to_string()))?;
+        quant::dequantize(self.info.dtype, self.data, &mut out).map_err(|e| {
+            let context = format!("tensor {:?}", self.info.name);
+            match e {
+                Error::Unsupported(msg) => Error::Unsupported(format!("{context}: {msg}")),
+                other => Error::format(context, other.to_string()),
+            }
+        })?;
         Ok(out)
     }
 }
@@ -158,6 +180,7 @@ mod tests {
         assert_eq!(t.shape(), [2, 3, 64]);
         assert_eq!(t.n_elements(), 384);
         assert_eq!(t.n_bytes(), 12 * 18);
+        assert_eq!((t.row_len(), t.row_bytes()), (64, 2 * 18));
     }
 
     #[test]
@@ -172,6 +195,8 @@ mod tests {
         assert!(e.contains("row length 128"), "{e}");
         let e = TensorInfo::new("w".into(), DType::F32, vec![1 << 40, 1 << 40], 0).unwrap_err();
         assert!(e.contains("overflows"), "{e}");
+        let e = TensorInfo::new("w".into(), DType::F32, vec![1 << 62, 0], 0).unwrap_err();
+        assert!(e.contains("overflow"), "a row's bytes overflow: {e}");
         let e = TensorInfo::new("w".into(), DType::F32, vec![1; 5], 0).unwrap_err();
         assert!(e.contains("5 dimensions"), "{e}");
     }

@@ -18,7 +18,8 @@ pub const WRITE_VERSION: u32 = 3;
 /// size, through [`GgufWriter::write_tensor_data`].
 ///
 /// Tensor data is placed at offsets aligned to `general.alignment` (if the metadata
-/// sets it, else 32), each tensor padded with zeros to the next aligned offset.
+/// sets it, else 32), each tensor padded with zeros to the next aligned offset. A
+/// file without tensors ends after its header (it has no data section to align).
 #[derive(Debug)]
 pub struct GgufWriter<W: Write> {
     out: W,
@@ -69,8 +70,12 @@ impl<W: Write> GgufWriter<W> {
             current: 0,
             written: 0,
         };
-        let header = encode_header(metadata, &writer.tensors, align);
+        let header = encode_header(metadata, &writer.tensors);
         writer.write(&header)?;
+        if !writer.tensors.is_empty() {
+            let data_start = (header.len() as u64).next_multiple_of(align);
+            writer.write_zeros(data_start - header.len() as u64)?;
+        }
         writer.skip_empty_tensors()?;
         Ok(writer)
     }
@@ -147,7 +152,7 @@ impl<W: Write> GgufWriter<W> {
     /// Pads the current (complete) tensor to its aligned length and moves on.
     fn finish_current(&mut self) -> Result<()> {
         let pad = self.padded_lens[self.current] - self.tensors[self.current].n_bytes();
-        self.write(&vec![0u8; pad])?;
+        self.write_zeros(pad as u64)?;
         self.current += 1;
         self.written = 0;
         Ok(())
@@ -161,6 +166,17 @@ impl<W: Write> GgufWriter<W> {
             .is_some_and(|t| t.n_bytes() == 0)
         {
             self.finish_current()?;
+        }
+        Ok(())
+    }
+
+    /// Writes `n` zero bytes without allocating `n` bytes.
+    fn write_zeros(&mut self, mut n: u64) -> Result<()> {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        while n > 0 {
+            let chunk = n.min(ZEROS.len() as u64) as usize;
+            self.write(&ZEROS[..chunk])?;
+            n -= chunk as u64;
         }
         Ok(())
     }
@@ -220,9 +236,8 @@ fn plan_layout(descs: &[TensorDesc], align: u64) -> Result<(Vec<TensorInfo>, Vec
     Ok((infos, padded_lens))
 }
 
-/// The header bytes: magic, version, counts, metadata, tensor infos, and zero
-/// padding up to the aligned start of the data section.
-fn encode_header(metadata: &Metadata, tensors: &[TensorInfo], align: u64) -> Vec<u8> {
+/// The header bytes: magic, version, counts, metadata, tensor infos.
+fn encode_header(metadata: &Metadata, tensors: &[TensorInfo]) -> Vec<u8> {
     let mut buf = Vec::new();
     buf.extend_from_slice(&GGUF_MAGIC);
     buf.extend_from_slice(&WRITE_VERSION.to_le_bytes());
@@ -244,8 +259,6 @@ fn encode_header(metadata: &Metadata, tensors: &[TensorInfo], align: u64) -> Vec
         buf.extend_from_slice(&type_id.to_le_bytes());
         buf.extend_from_slice(&t.offset().to_le_bytes());
     }
-    let data_start = (buf.len() as u64).next_multiple_of(align) as usize;
-    buf.resize(data_start, 0);
     buf
 }
 

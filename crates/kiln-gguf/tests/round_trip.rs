@@ -211,13 +211,22 @@ fn version_2_files_read_like_version_3() {
 fn a_file_without_tensors_needs_no_data_section() {
     let mut m = Metadata::new();
     m.set("k", 1u8);
+    // An alignment of 2^31 would pad the header to 2 GiB if it were applied.
+    m.set(keys::ALIGNMENT, 1u32 << 31);
     let bytes = GgufWriter::new(Vec::new(), "mem", &m, &[])
         .unwrap()
         .finish()
         .unwrap();
-    let unpadded = Raw::header(3, 0, 1).kv("k", 0, &[1]).0;
-    assert_eq!(&bytes[..unpadded.len()], unpadded.as_slice());
-    for b in [&bytes[..], &unpadded[..]] {
+    let unpadded = Raw::header(3, 0, 2)
+        .kv("k", 0, &[1])
+        .kv("general.alignment", 4, &(1u32 << 31).to_le_bytes())
+        .0;
+    assert_eq!(
+        bytes, unpadded,
+        "the writer adds no padding without tensors"
+    );
+    let padded = Raw::header(3, 0, 1).kv("k", 0, &[1]).pad_to(32).0;
+    for b in [&unpadded[..], &padded[..]] {
         let g = Gguf::from_bytes(b, "mem").unwrap();
         assert_eq!(g.metadata().get("k"), Some(&Value::U8(1)));
         assert!(g.tensor_infos().is_empty());

@@ -1,1 +1,4 @@
 //! One module per `kiln` subcommand.
+
+pub mod inspect;
+pub mod quantize;
