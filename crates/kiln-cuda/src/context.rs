@@ -38,7 +38,7 @@ fn driver_present() -> bool {
 pub fn driver_version() -> Result<i32> {
     if !driver_present() {
         return Err(cuda_error(
-            "no CUDA driver found (libcuda.so could not be loaded); use --device cpu",
+            "no CUDA driver found (libcuda.so could not be loaded)",
         ));
     }
     let mut version = 0;

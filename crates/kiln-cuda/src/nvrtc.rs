@@ -247,6 +247,77 @@ impl Program {
     }
 }
 
+/// The options every compile for `arch` (e.g. `sm_90a`) starts with.
+fn base_options_for(arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        "-lineinfo".to_string(),
+    ]
+}
+
+/// Compiles `spec` with `base_options` (which name the architecture) plus the spec's
+/// own, producing an image of `kind`; returns it with NVRTC's log.
+fn compile_program(
+    spec: &KernelSpec,
+    base_options: &[String],
+    kind: ImageKind,
+) -> Result<(CompiledKernel, String)> {
+    let key = &spec.key;
+    let prog = Program::create(spec)?;
+    let expr = c_string("name expression", key, spec.name_expression.trim())?;
+    // SAFETY: the program is live; `expr` is NUL-terminated (NVRTC copies it).
+    unsafe { sys::nvrtcAddNameExpression(prog.0, expr.as_ptr()) }
+        .result()
+        .map_err(|e| nvrtc_error(format!("kernel {key}: nvrtcAddNameExpression: {e:?}")))?;
+    let options: Vec<String> = base_options
+        .iter()
+        .chain(&spec.options)
+        .map(|o| o.trim().to_string())
+        .filter(|o| !o.is_empty())
+        .collect();
+    if options.iter().any(|o| o.contains('\0')) {
+        return Err(nvrtc_error(format!(
+            "kernel {key}: an option contains a NUL byte"
+        )));
+    }
+    // SAFETY: the program is live; the options contain no NUL (checked above).
+    if let Err(e) = unsafe { nvrtc_result::compile_program(prog.0, &options) } {
+        return Err(nvrtc_error(format!(
+            "kernel {key}: NVRTC failed to compile {} ({}): {e:?}\n{}",
+            spec.source.name,
+            spec.name_expression,
+            prog.log()
+        )));
+    }
+    let lowered_name = prog.lowered_name(&expr)?;
+    let image = match kind {
+        ImageKind::Cubin => prog.cubin()?,
+        ImageKind::Ptx => prog.ptx()?,
+    };
+    let compiled = CompiledKernel {
+        kind,
+        lowered_name,
+        image,
+    };
+    Ok((compiled, prog.log()))
+}
+
+/// Compiles `spec` to CUBIN for the real architecture `arch` (e.g. `sm_90a`) with the
+/// options the registry uses plus `extra` (e.g. `-Xptxas=-v`, whose resource usage
+/// report lands in the log), without a device or a driver: only NVRTC must load.
+/// Returns the image and NVRTC's log.
+pub fn compile_offline(
+    spec: &KernelSpec,
+    arch: &str,
+    extra: &[&str],
+) -> Result<(CompiledKernel, String)> {
+    ensure_nvrtc()?;
+    let mut options = base_options_for(arch);
+    options.extend(extra.iter().map(|o| o.to_string()));
+    compile_program(spec, &options, ImageKind::Cubin)
+}
+
 impl KernelCompiler for NvrtcCompiler {
     type Kernel = CudaKernel;
 
@@ -259,51 +330,11 @@ impl KernelCompiler for NvrtcCompiler {
     }
 
     fn base_options(&self) -> Vec<String> {
-        vec![
-            format!("--gpu-architecture={}", self.arch),
-            "--std=c++17".to_string(),
-            "-lineinfo".to_string(),
-        ]
+        base_options_for(&self.arch)
     }
 
     fn compile(&self, spec: &KernelSpec) -> Result<CompiledKernel> {
-        let key = &spec.key;
-        let prog = Program::create(spec)?;
-        let expr = c_string("name expression", key, spec.name_expression.trim())?;
-        // SAFETY: the program is live; `expr` is NUL-terminated (NVRTC copies it).
-        unsafe { sys::nvrtcAddNameExpression(prog.0, expr.as_ptr()) }
-            .result()
-            .map_err(|e| nvrtc_error(format!("kernel {key}: nvrtcAddNameExpression: {e:?}")))?;
-        let options: Vec<String> = self
-            .base_options()
-            .into_iter()
-            .chain(spec.options.iter().map(|o| o.trim().to_string()))
-            .filter(|o| !o.is_empty())
-            .collect();
-        if options.iter().any(|o| o.contains('\0')) {
-            return Err(nvrtc_error(format!(
-                "kernel {key}: an option contains a NUL byte"
-            )));
-        }
-        // SAFETY: the program is live; the options contain no NUL (checked above).
-        if let Err(e) = unsafe { nvrtc_result::compile_program(prog.0, &options) } {
-            return Err(nvrtc_error(format!(
-                "kernel {key}: NVRTC failed to compile {} ({}): {e:?}\n{}",
-                spec.source.name,
-                spec.name_expression,
-                prog.log()
-            )));
-        }
-        let lowered_name = prog.lowered_name(&expr)?;
-        let image = match self.kind {
-            ImageKind::Cubin => prog.cubin()?,
-            ImageKind::Ptx => prog.ptx()?,
-        };
-        Ok(CompiledKernel {
-            kind: self.kind,
-            lowered_name,
-            image,
-        })
+        compile_program(spec, &self.base_options(), self.kind).map(|(compiled, _log)| compiled)
     }
 
     fn load(&self, spec: &KernelSpec, compiled: &CompiledKernel) -> Result<CudaKernel> {

@@ -1,0 +1,104 @@
+// Shared helpers for kiln's kernels: integer types, element-type tags with their
+// conversions to and from f32, and block-wide reductions.
+#pragma once
+
+namespace kiln {
+
+typedef unsigned long long u64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+// IEEE half bits to f32 (exact).
+__device__ __forceinline__ float f16_bits_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// f32 to IEEE half bits, rounding to nearest even; overflow gives infinity.
+__device__ __forceinline__ u16 f32_to_f16_bits(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// bfloat16 bits to f32 (exact).
+__device__ __forceinline__ float bf16_bits_to_f32(u16 b) {
+    return __uint_as_float(((u32)b) << 16);
+}
+
+// f32 to bfloat16 bits, rounding to nearest even; a NaN stays a NaN of the same
+// sign with the quiet bit set (as the `half` crate does).
+__device__ __forceinline__ u16 f32_to_bf16_bits(float f) {
+    const u32 x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) {
+        return (u16)((x >> 16) | 0x0040u);
+    }
+    const u32 round_bit = 0x8000u;
+    const u32 keep = x >> 16;
+    const bool round_up = (x & round_bit) != 0 && (x & (3u * round_bit - 1u)) != 0;
+    return (u16)(keep + (round_up ? 1u : 0u));
+}
+
+// Element types as template tags: the stored type and its conversions to and from
+// f32, the type kernels compute in.
+struct F32 {
+    typedef float storage;
+    static __device__ __forceinline__ float load(float v) { return v; }
+    static __device__ __forceinline__ float store(float v) { return v; }
+};
+
+struct F16 {
+    typedef u16 storage;
+    static __device__ __forceinline__ float load(u16 v) { return f16_bits_to_f32(v); }
+    static __device__ __forceinline__ u16 store(float v) { return f32_to_f16_bits(v); }
+};
+
+struct BF16 {
+    typedef u16 storage;
+    static __device__ __forceinline__ float load(u16 v) { return bf16_bits_to_f32(v); }
+    static __device__ __forceinline__ u16 store(float v) { return f32_to_bf16_bits(v); }
+};
+
+// Sum over the 32 lanes of a warp; every lane gets the total.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    return v;
+}
+
+// Sum over the block; every thread gets the total. blockDim.x must be a multiple of
+// 32 and at most 1024, and every thread of the block must call it. Call at most
+// once per kernel (it reuses one shared array without a trailing barrier).
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float partial[32];
+    const u32 lane = threadIdx.x & 31u;
+    const u32 warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) {
+        partial[warp] = v;
+    }
+    __syncthreads();
+    const u32 warps = blockDim.x >> 5;
+    v = threadIdx.x < warps ? partial[threadIdx.x] : 0.0f;
+    if (warp == 0) {
+        v = warp_sum(v);
+        if (lane == 0) {
+            partial[0] = v;
+        }
+    }
+    __syncthreads();
+    return partial[0];
+}
+
+// Index of this thread in a one-dimensional grid, and the grid's stride.
+__device__ __forceinline__ u64 global_index() {
+    return (u64)blockIdx.x * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ u64 grid_stride() {
+    return (u64)gridDim.x * blockDim.x;
+}
+
+}  // namespace kiln

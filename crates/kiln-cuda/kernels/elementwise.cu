@@ -1,0 +1,38 @@
+// Binary element-wise functions over f32 vectors: out[i] = F::apply(a[i], b[i]).
+#include "common.cuh"
+
+namespace kiln {
+
+struct Add {
+    static __device__ __forceinline__ float apply(float a, float b) { return a + b; }
+};
+
+struct Mul {
+    static __device__ __forceinline__ float apply(float a, float b) { return a * b; }
+};
+
+// silu(a) * b, silu(a) = a / (1 + exp(-a)).
+struct SiluMul {
+    static __device__ __forceinline__ float apply(float a, float b) {
+        return a / (1.0f + expf(-a)) * b;
+    }
+};
+
+// gelu(a) * b with the tanh approximation of gelu.
+struct GeluMul {
+    static __device__ __forceinline__ float apply(float a, float b) {
+        const float sqrt_2_over_pi = 0.7978845608028654f;
+        const float inner = sqrt_2_over_pi * (a + 0.044715f * a * a * a);
+        return 0.5f * a * (1.0f + tanhf(inner)) * b;
+    }
+};
+
+template <typename F>
+__global__ void elementwise(const float* __restrict__ a, const float* __restrict__ b,
+                            float* __restrict__ out, u64 len) {
+    for (u64 i = global_index(); i < len; i += grid_stride()) {
+        out[i] = F::apply(a[i], b[i]);
+    }
+}
+
+}  // namespace kiln

@@ -1,0 +1,73 @@
+//! Dispatch for [`kiln_core::ops::Elementwise`] (kernels/elementwise.cu).
+
+use cudarc::driver::PushKernelArg;
+use kiln_core::ops::ElementwiseKind;
+use kiln_core::{DType, Result};
+
+use super::{check_buffer, check_nonzero, grid_1d};
+use crate::context::driver_error;
+use crate::manifest::ELEMENTWISE;
+use crate::registry::KernelSpec;
+use crate::{CudaBackend, CudaBuffer};
+
+/// Every kind, in declaration order.
+const KINDS: [ElementwiseKind; 4] = [
+    ElementwiseKind::Add,
+    ElementwiseKind::Mul,
+    ElementwiseKind::SiluMul,
+    ElementwiseKind::GeluMul,
+];
+
+/// The functor of `kind` in kernels/elementwise.cu.
+fn functor(kind: ElementwiseKind) -> &'static str {
+    match kind {
+        ElementwiseKind::Add => "kiln::Add",
+        ElementwiseKind::Mul => "kiln::Mul",
+        ElementwiseKind::SiluMul => "kiln::SiluMul",
+        ElementwiseKind::GeluMul => "kiln::GeluMul",
+    }
+}
+
+/// The specialisation computing `kind`.
+pub fn spec(kind: ElementwiseKind) -> KernelSpec {
+    ELEMENTWISE.spec(
+        format!("elementwise|kind={}", kind.name()),
+        format!("kiln::elementwise<{}>", functor(kind)),
+    )
+}
+
+/// Every element-wise specialisation.
+pub(crate) fn all_specs() -> Vec<KernelSpec> {
+    KINDS.into_iter().map(spec).collect()
+}
+
+/// `out[i] = f(a[i], b[i])` for the first `len` F32 elements, `f` given by `kind`,
+/// as [`kiln_core::ops::Elementwise`] defines.
+pub fn elementwise(
+    backend: &CudaBackend,
+    kind: ElementwiseKind,
+    a: &CudaBuffer,
+    b: &CudaBuffer,
+    out: &mut CudaBuffer,
+    len: usize,
+) -> Result<()> {
+    let op = kind.name();
+    check_nonzero(op, &[("len", len)])?;
+    check_buffer(op, "a", a, DType::F32, len)?;
+    check_buffer(op, "b", b, DType::F32, len)?;
+    check_buffer(op, "out", out, DType::F32, len)?;
+    let spec = spec(kind);
+    let kernel = backend.kernel(&spec)?;
+    let n = len as u64;
+    let mut launch = backend.stream().launch_builder(&kernel.function);
+    launch
+        .arg(a.slice())
+        .arg(b.slice())
+        .arg(out.slice_mut())
+        .arg(&n);
+    // SAFETY: the arguments match `kiln::elementwise<F>(const float*, const float*,
+    // float*, u64)`; every buffer holds `len` f32 values (checked above).
+    unsafe { launch.launch(grid_1d(len)) }
+        .map_err(|e| driver_error(&format!("launching {}", spec.key), e))?;
+    Ok(())
+}

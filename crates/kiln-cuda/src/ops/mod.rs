@@ -1,0 +1,89 @@
+//! Dispatch functions, one module per op family: each checks every argument against
+//! its contract, then launches its kernel on the backend's stream with shapes by
+//! value.
+
+pub mod cast;
+pub mod elementwise;
+pub mod norm;
+
+use cudarc::driver::LaunchConfig;
+use kiln_core::{DType, DeviceBuffer, Error, Result};
+
+use crate::CudaBuffer;
+
+/// Threads per block of the one-dimensional element-wise kernels.
+const THREADS_1D: u32 = 256;
+
+/// Most blocks a one-dimensional launch uses; kernels loop over the rest (grid-stride).
+const MAX_BLOCKS_1D: u64 = 1 << 20;
+
+/// A grid covering `len` elements with [`THREADS_1D`] threads per block.
+pub(crate) fn grid_1d(len: usize) -> LaunchConfig {
+    let blocks = (len as u64)
+        .div_ceil(u64::from(THREADS_1D))
+        .clamp(1, MAX_BLOCKS_1D);
+    LaunchConfig {
+        // At most MAX_BLOCKS_1D, which fits u32.
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (THREADS_1D, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Errors unless every named dimension is non-zero.
+pub(crate) fn check_nonzero(op: &str, dims: &[(&str, usize)]) -> Result<()> {
+    match dims.iter().find(|(_, v)| *v == 0) {
+        Some((name, _)) => Err(Error::invalid(op, format!("{name} must be > 0, got 0"))),
+        None => Ok(()),
+    }
+}
+
+/// Errors unless `dtype` is one of `allowed`.
+pub(crate) fn check_dtype(op: &str, role: &str, dtype: DType, allowed: &[DType]) -> Result<()> {
+    if allowed.contains(&dtype) {
+        return Ok(());
+    }
+    let names: Vec<&str> = allowed.iter().map(|d| d.name()).collect();
+    Err(Error::invalid(
+        op,
+        format!(
+            "{role} has dtype {dtype}, expected one of [{}]",
+            names.join(", ")
+        ),
+    ))
+}
+
+/// Errors unless `buf` holds at least `elements` elements of `dtype`.
+pub(crate) fn check_buffer(
+    op: &str,
+    role: &str,
+    buf: &CudaBuffer,
+    dtype: DType,
+    elements: usize,
+) -> Result<()> {
+    let need = dtype
+        .bytes_for(elements)
+        .map_err(|e| Error::invalid(op, format!("{role}: {e}")))?;
+    if buf.bytes() < need {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "{role} needs {elements} {dtype} elements ({need} bytes), its buffer has {} bytes",
+                buf.bytes()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The product of `dims`, or an error naming `op` when it overflows.
+pub(crate) fn count(op: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| Error::invalid(op, format!("dimensions {dims:?} overflow")))
+}
+
+/// `v` as the `u32` a kernel takes, or an error naming `op` and `name`.
+pub(crate) fn to_u32(op: &str, name: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::invalid(op, format!("{name} = {v} exceeds {}", u32::MAX)))
+}

@@ -1,0 +1,159 @@
+//! Dispatch for [`kiln_core::ops::RmsNorm`] and [`kiln_core::ops::AddRmsNorm`]
+//! (kernels/norm.cu).
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use kiln_core::{DType, Error, Result};
+
+use super::{check_buffer, check_nonzero, count, to_u32};
+use crate::context::driver_error;
+use crate::manifest::NORM;
+use crate::registry::KernelSpec;
+use crate::{CudaBackend, CudaBuffer};
+
+/// The specialisation with or without a weight, and with or without the fused
+/// residual add.
+pub fn spec(weight: bool, add: bool) -> KernelSpec {
+    let name = if add { "add_rms_norm" } else { "rms_norm" };
+    NORM.spec(
+        format!("{name}|weight={}", u8::from(weight)),
+        format!("kiln::rms_norm<{weight}, {add}>"),
+    )
+}
+
+/// Every norm specialisation.
+pub(crate) fn all_specs() -> Vec<KernelSpec> {
+    [(false, false), (true, false), (false, true), (true, true)]
+        .into_iter()
+        .map(|(weight, add)| spec(weight, add))
+        .collect()
+}
+
+/// Threads per row: a multiple of 32 covering `dim`, at most 1024.
+fn threads_for(dim: u32) -> u32 {
+    dim.div_ceil(32).clamp(1, 32) * 32
+}
+
+/// The fused residual operands of [`kiln_core::ops::AddRmsNorm`].
+struct Residual<'a> {
+    residual: &'a CudaBuffer,
+    sum: &'a mut CudaBuffer,
+}
+
+/// Normalizes each of `rows` rows of `dim` F32 values of `x` into `out`, as
+/// [`kiln_core::ops::RmsNorm`] defines.
+pub fn rms_norm(
+    backend: &CudaBackend,
+    x: &CudaBuffer,
+    weight: Option<&CudaBuffer>,
+    out: &mut CudaBuffer,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    launch("rms_norm", backend, x, None, weight, out, rows, dim, eps)
+}
+
+/// `sum = x + residual`, `out = rms_norm(sum)`, over `rows` rows of `dim` F32
+/// values, as [`kiln_core::ops::AddRmsNorm`] defines.
+#[allow(clippy::too_many_arguments)] // the op's operands and shape, each named
+pub fn add_rms_norm(
+    backend: &CudaBackend,
+    x: &CudaBuffer,
+    residual: &CudaBuffer,
+    weight: Option<&CudaBuffer>,
+    sum: &mut CudaBuffer,
+    out: &mut CudaBuffer,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    let fused = Residual { residual, sum };
+    launch(
+        "add_rms_norm",
+        backend,
+        x,
+        Some(fused),
+        weight,
+        out,
+        rows,
+        dim,
+        eps,
+    )
+}
+
+#[allow(clippy::too_many_arguments)] // the union of both ops' operands
+fn launch(
+    op: &str,
+    backend: &CudaBackend,
+    x: &CudaBuffer,
+    fused: Option<Residual<'_>>,
+    weight: Option<&CudaBuffer>,
+    out: &mut CudaBuffer,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    check_nonzero(op, &[("rows", rows), ("dim", dim)])?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::invalid(
+            op,
+            format!("eps must be finite and >= 0, got {eps}"),
+        ));
+    }
+    let n = count(op, &[rows, dim])?;
+    let dim32 = to_u32(op, "dim", dim)?;
+    let grid_rows = u32::try_from(rows)
+        .ok()
+        .filter(|&r| r <= i32::MAX as u32)
+        .ok_or_else(|| {
+            Error::invalid(
+                op,
+                format!("rows = {rows} exceeds the grid limit {}", i32::MAX),
+            )
+        })?;
+    check_buffer(op, "x", x, DType::F32, n)?;
+    check_buffer(op, "out", out, DType::F32, n)?;
+    if let Some(w) = weight {
+        check_buffer(op, "weight", w, DType::F32, dim)?;
+    }
+    if let Some(f) = &fused {
+        check_buffer(op, "residual", f.residual, DType::F32, n)?;
+        check_buffer(op, "sum", f.sum, DType::F32, n)?;
+    }
+
+    let spec = spec(weight.is_some(), fused.is_some());
+    let kernel = backend.kernel(&spec)?;
+    // Null pointers stand for the operands this specialisation never reads.
+    let null: u64 = 0;
+    let mut launch = backend.stream().launch_builder(&kernel.function);
+    launch.arg(x.slice());
+    let (residual, sum) = match fused {
+        Some(f) => (Some(f.residual), Some(f.sum)),
+        None => (None, None),
+    };
+    match residual {
+        Some(r) => launch.arg(r.slice()),
+        None => launch.arg(&null),
+    };
+    match weight {
+        Some(w) => launch.arg(w.slice()),
+        None => launch.arg(&null),
+    };
+    match sum {
+        Some(s) => launch.arg(s.slice_mut()),
+        None => launch.arg(&null),
+    };
+    launch.arg(out.slice_mut()).arg(&dim32).arg(&eps);
+    let cfg = LaunchConfig {
+        grid_dim: (grid_rows, 1, 1),
+        block_dim: (threads_for(dim32), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match `kiln::rms_norm<HasWeight, AddResidual>(const
+    // float* x, const float* residual, const float* weight, float* sum, float* out,
+    // u32 dim, float eps)`; the pointers a specialisation reads or writes are
+    // non-null and hold `rows * dim` values (`dim` for the weight), checked above.
+    unsafe { launch.launch(cfg) }
+        .map_err(|e| driver_error(&format!("launching {}", spec.key), e))?;
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! Start-up measurements: one NVRTC compile, one CUBIN load, and the time until
+//! every kernel of the manifest is ready from an empty cache (cold) and from the
+//! disk cache (warm).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kiln_core::{Error, Result};
+
+use crate::manifest::all_specs;
+use crate::registry::{CacheConfig, ModuleStats};
+use crate::{CudaBackend, CudaDevice};
+
+/// Minimum, median and maximum of a set of milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(mut ms: Vec<f64>) -> Self {
+        ms.sort_by(f64::total_cmp);
+        let at = |i: usize| ms.get(i).copied().unwrap_or(f64::NAN);
+        Self {
+            min: at(0),
+            median: at(ms.len() / 2),
+            max: at(ms.len().saturating_sub(1)),
+        }
+    }
+}
+
+/// What [`measure`] found.
+#[derive(Clone, Debug)]
+pub struct StartupTimings {
+    /// Kernels in the manifest.
+    pub kernels: usize,
+    /// Worker threads the parallel builds used.
+    pub threads: usize,
+    /// One kernel's NVRTC compile, compiled one at a time.
+    pub compile_ms: Spread,
+    /// One kernel's CUBIN load into the context (fresh from the compiler).
+    pub load_ms: Spread,
+    /// One kernel's load from the disk cache: digest check and load, after the read.
+    pub disk_load_ms: Spread,
+    /// Empty cache to every kernel ready, all compiled in parallel.
+    pub cold_ms: f64,
+    /// Disk cache to every kernel ready, in parallel, with no compile.
+    pub warm_ms: f64,
+    /// Every kernel compiled one after another (the sum a cold start would cost
+    /// without parallelism).
+    pub sequential_ms: f64,
+}
+
+/// Measures start-up on `device`, caching in a fresh temporary directory (the
+/// user's own cache is not touched). The cold start runs first, so that it
+/// includes NVRTC's first compile in the process.
+pub fn measure(device: &Arc<CudaDevice>) -> Result<StartupTimings> {
+    let scratch = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let specs = all_specs();
+    let backend = |cache: CacheConfig| CudaBackend::on_device(Arc::clone(device), cache);
+
+    let cache = CacheConfig::read_write(scratch.path().join("kernels"));
+    let cold = backend(cache.clone())?;
+    let started = Instant::now();
+    cold.registry().precompile(&specs, |_| {})?;
+    let cold_ms = ms_since(started);
+
+    let warm = backend(cache)?;
+    let started = Instant::now();
+    warm.registry().precompile(&specs, |_| {})?;
+    let warm_ms = ms_since(started);
+    let warm_stats = warm.registry().stats();
+    let warm_compiles = warm_stats.total().compiles;
+    if warm_compiles != 0 {
+        return Err(Error::Backend {
+            backend: "cuda",
+            msg: format!("warm start compiled {warm_compiles} kernels; the disk cache missed"),
+        });
+    }
+
+    // One at a time, without a disk cache: per-kernel compile and load.
+    let sequential = backend(CacheConfig::off())?;
+    let started = Instant::now();
+    for spec in &specs {
+        sequential.kernel(spec)?;
+    }
+    let sequential_ms = ms_since(started);
+    let one_by_one = sequential.registry().stats().modules;
+
+    let spread = |f: fn(&ModuleStats) -> f64, modules: &[ModuleStats]| {
+        Spread::of(modules.iter().map(f).collect())
+    };
+    Ok(StartupTimings {
+        kernels: specs.len(),
+        threads: rayon::current_num_threads(),
+        compile_ms: spread(|m| m.compile_ms, &one_by_one),
+        load_ms: spread(|m| m.load_ms, &one_by_one),
+        disk_load_ms: spread(|m| m.load_ms, &warm_stats.modules),
+        cold_ms,
+        warm_ms,
+        sequential_ms,
+    })
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}

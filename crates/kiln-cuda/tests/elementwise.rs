@@ -1,0 +1,59 @@
+//! Elementwise on the GPU against the CPU reference (kiln-cpu).
+
+mod common;
+use common::*;
+use kiln_core::ops::{Elementwise, ElementwiseKind};
+use kiln_core::{DType, Graph};
+use kiln_cpu::CpuBackend;
+
+const SIZES: [usize; 7] = [1, 7, 1023, 4096, 4097, 65536, 1_000_003];
+
+/// Normalised MSE allowed against the CPU's f32 results. Add and mul round the same
+/// single operation on both sides: exact. silu and gelu go through expf and tanhf,
+/// whose CUDA and Rust results differ by a few ulp (about 1e-7 relative).
+fn tolerance(kind: ElementwiseKind) -> f64 {
+    match kind {
+        ElementwiseKind::Add | ElementwiseKind::Mul => 0.0,
+        ElementwiseKind::SiluMul | ElementwiseKind::GeluMul => 1e-12,
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn elementwise_matches_cpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut rng = rng("elementwise_matches_cpu");
+    for kind in [
+        ElementwiseKind::Add,
+        ElementwiseKind::Mul,
+        ElementwiseKind::SiluMul,
+        ElementwiseKind::GeluMul,
+    ] {
+        for len in SIZES {
+            let mut g = Graph::new();
+            let a = g.persistent("a", DType::F32, &[len]).unwrap();
+            let b = g.persistent("b", DType::F32, &[len]).unwrap();
+            let out = g.persistent("out", DType::F32, &[len]).unwrap();
+            g.push(Elementwise {
+                kind,
+                a,
+                b,
+                out,
+                len,
+            })
+            .unwrap();
+            let inputs = [
+                (a, f32_bytes(&uniform(&mut rng, len, 6.0))),
+                (b, f32_bytes(&uniform(&mut rng, len, 2.0))),
+            ];
+            let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out]).unwrap()[0]);
+            let got = f32s(&run_on(cuda, &g, &inputs, &[out]).unwrap()[0]);
+            assert_close(
+                &format!("{} len={len}", kind.name()),
+                &got,
+                &want,
+                tolerance(kind),
+            );
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Graph execution on the GPU: several ops chained through aliased transient
+//! buffers, against the CPU backend; and the errors execution and dispatch give.
+
+mod common;
+use common::*;
+use kiln_core::ops::{AddRmsNorm, Cast, Elementwise, ElementwiseKind, MatMul, RmsNorm};
+use kiln_core::{Backend, DType, Error, Graph};
+use kiln_cpu::CpuBackend;
+use kiln_cuda::ops;
+
+/// A small block: cast the bf16 input up, norm it, gate it, add the residual and
+/// norm again, then cast down to f16. Transients are aliased by the planner.
+fn block(rows: usize, dim: usize) -> (Graph, [kiln_core::BufferId; 5]) {
+    let n = rows * dim;
+    let mut g = Graph::new();
+    let x16 = g.persistent("x_bf16", DType::BF16, &[rows, dim]).unwrap();
+    let gate = g.persistent("gate", DType::F32, &[rows, dim]).unwrap();
+    let w = g.persistent("w", DType::F32, &[dim]).unwrap();
+    let sum = g.persistent("sum", DType::F32, &[rows, dim]).unwrap();
+    let out = g.persistent("out_f16", DType::F16, &[rows, dim]).unwrap();
+    let x = g.transient("x", DType::F32, &[rows, dim]).unwrap();
+    let normed = g.transient("normed", DType::F32, &[rows, dim]).unwrap();
+    let gated = g.transient("gated", DType::F32, &[rows, dim]).unwrap();
+    let normed2 = g.transient("normed2", DType::F32, &[rows, dim]).unwrap();
+    g.push(Cast {
+        x: x16,
+        out: x,
+        len: n,
+    })
+    .unwrap();
+    g.push(RmsNorm {
+        x,
+        weight: Some(w),
+        out: normed,
+        rows,
+        dim,
+        eps: 1e-6,
+    })
+    .unwrap();
+    let kind = ElementwiseKind::SiluMul;
+    g.push(Elementwise {
+        kind,
+        a: gate,
+        b: normed,
+        out: gated,
+        len: n,
+    })
+    .unwrap();
+    g.push(AddRmsNorm {
+        x: gated,
+        residual: x,
+        weight: None,
+        sum,
+        out: normed2,
+        rows,
+        dim,
+        eps: 1e-6,
+    })
+    .unwrap();
+    g.push(Cast {
+        x: normed2,
+        out,
+        len: n,
+    })
+    .unwrap();
+    (g, [x16, gate, w, sum, out])
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn chained_ops_with_aliased_transients_match_cpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut rng = rng("chained_ops_with_aliased_transients_match_cpu");
+    for (rows, dim) in [(1, 7), (3, 1023), (4, 4096)] {
+        let (g, [x16, gate, w, sum, out]) = block(rows, dim);
+        let n = rows * dim;
+        let x_bf16: Vec<u8> = uniform(&mut rng, n, 4.0)
+            .into_iter()
+            .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        let inputs = [
+            (x16, x_bf16),
+            (gate, f32_bytes(&uniform(&mut rng, n, 3.0))),
+            (w, f32_bytes(&uniform(&mut rng, dim, 1.5))),
+        ];
+        let want = run_on(&CpuBackend, &g, &inputs, &[sum, out]).unwrap();
+        let got = run_on(cuda, &g, &inputs, &[sum, out]).unwrap();
+        let what = format!("block {rows}x{dim}");
+        // Normalised MSE against the CPU: the two norms and silu differ by a few f32
+        // ulp (1e-11), and the final f16 rounding can flip on those (2^-11 relative
+        // for the few elements that do).
+        assert_close(
+            &format!("{what} sum"),
+            &f32s(&got[0]),
+            &f32s(&want[0]),
+            1e-10,
+        );
+        let f16s = |b: &[u8]| -> Vec<f32> {
+            b.chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()
+        };
+        assert_close(
+            &format!("{what} out"),
+            &f16s(&got[1]),
+            &f16s(&want[1]),
+            1e-7,
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn unimplemented_ops_are_unsupported_before_anything_runs() {
+    let Some(cuda) = cuda() else { return };
+    let mut g = Graph::new();
+    let a = g.persistent("a", DType::F32, &[32]).unwrap();
+    let b = g.persistent("b", DType::F32, &[32]).unwrap();
+    let s = g.persistent("s", DType::F32, &[32]).unwrap();
+    let w = g.persistent("w", DType::F32, &[4, 32]).unwrap();
+    let y = g.persistent("y", DType::F32, &[1, 4]).unwrap();
+    let kind = ElementwiseKind::Add;
+    g.push(Elementwise {
+        kind,
+        a,
+        b,
+        out: s,
+        len: 32,
+    })
+    .unwrap();
+    g.push(MatMul {
+        x: s,
+        w,
+        bias: None,
+        out: y,
+        m: 1,
+        n: 4,
+        k: 32,
+    })
+    .unwrap();
+    let inputs = [(a, f32_bytes(&[1.0; 32])), (b, f32_bytes(&[2.0; 32]))];
+    match run_on(cuda, &g, &inputs, &[s]) {
+        Err(Error::Unsupported(msg)) => {
+            assert_eq!(msg, "cuda backend: op matmul is not implemented yet")
+        }
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn dispatch_rejects_bad_arguments_before_launch() {
+    let Some(cuda) = cuda() else { return };
+    let small = cuda.alloc(4 * 100).unwrap();
+    let big = cuda.alloc(4 * 1000).unwrap();
+    let mut out = cuda.alloc(4 * 1000).unwrap();
+    let invalid = |r: kiln_core::Result<()>| match r {
+        Err(Error::InvalidArgument { op, msg }) => format!("{op}: {msg}"),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    };
+
+    let m = invalid(ops::elementwise::elementwise(
+        cuda,
+        ElementwiseKind::Add,
+        &small,
+        &big,
+        &mut out,
+        1000,
+    ));
+    assert!(
+        m.starts_with("add: a needs 1000 f32 elements (4000 bytes)") && m.contains("400 bytes"),
+        "{m}"
+    );
+
+    let m = invalid(ops::elementwise::elementwise(
+        cuda,
+        ElementwiseKind::Mul,
+        &big,
+        &big,
+        &mut out,
+        0,
+    ));
+    assert_eq!(m, "mul: len must be > 0, got 0");
+
+    let m = invalid(ops::cast::cast(
+        cuda,
+        &big,
+        DType::Q4_0,
+        &mut out,
+        DType::F32,
+        32,
+    ));
+    assert!(m.contains("cast") && m.contains("q4_0"), "{m}");
+
+    let m = invalid(ops::norm::rms_norm(
+        cuda,
+        &big,
+        Some(&small),
+        &mut out,
+        2,
+        500,
+        1e-6,
+    ));
+    assert!(
+        m.starts_with("rms_norm: weight needs 500 f32 elements"),
+        "{m}"
+    );
+
+    let m = invalid(ops::norm::rms_norm(
+        cuda,
+        &big,
+        None,
+        &mut out,
+        10,
+        100,
+        f32::NAN,
+    ));
+    assert!(m.starts_with("rms_norm: eps must be finite"), "{m}");
+
+    let mut sum = cuda.alloc(4 * 1000).unwrap();
+    let m = invalid(ops::norm::add_rms_norm(
+        cuda, &big, &small, None, &mut sum, &mut out, 10, 100, 1e-6,
+    ));
+    assert!(
+        m.starts_with("add_rms_norm: residual needs 1000 f32 elements"),
+        "{m}"
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn transfers_check_sizes_and_round_trip() {
+    let Some(cuda) = cuda() else { return };
+    let mut buf = cuda.alloc(10).unwrap();
+    assert!(matches!(
+        cuda.upload(&mut buf, &[1u8; 11]),
+        Err(Error::InvalidArgument { .. })
+    ));
+    cuda.upload(&mut buf, &[7, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+        .unwrap();
+    let mut back = [0u8; 6];
+    cuda.download(&buf, &mut back).unwrap();
+    assert_eq!(back, [7, 1, 2, 3, 4, 5]);
+    assert!(matches!(
+        cuda.download(&buf, &mut [0u8; 11]),
+        Err(Error::InvalidArgument { .. })
+    ));
+    let fresh = cuda.alloc(64).unwrap();
+    let mut zeros = [0xffu8; 64];
+    cuda.download(&fresh, &mut zeros).unwrap();
+    assert_eq!(zeros, [0u8; 64], "alloc zeroes its memory");
+    let empty = cuda.alloc(0).unwrap();
+    assert_eq!(kiln_core::DeviceBuffer::bytes(&empty), 0);
+}

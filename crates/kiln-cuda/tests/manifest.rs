@@ -1,0 +1,148 @@
+//! The kernel manifest and the no-driver path. Runs without a GPU.
+
+use kiln_core::ops::{Cast, Elementwise, ElementwiseKind, MatMul, RmsNorm};
+use kiln_core::{DType, Error, Graph};
+use kiln_cuda::manifest::{all_specs, specs_for_graph, FAMILIES, HEADERS};
+
+#[test]
+fn every_spec_has_a_unique_canonical_key() {
+    let specs = all_specs();
+    assert_eq!(
+        specs.len(),
+        9 + 4 + 4,
+        "cast pairs, element-wise kinds, norm variants"
+    );
+    let mut keys: Vec<&str> = specs.iter().map(|s| s.key.as_str()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), specs.len(), "duplicate keys: {keys:?}");
+    for s in &specs {
+        assert!(
+            !s.key.contains(char::is_whitespace) && s.key.contains('|'),
+            "key {:?} is not canonical",
+            s.key
+        );
+    }
+    assert!(keys.contains(&"cast|from=bf16|to=f16"));
+    assert!(keys.contains(&"elementwise|kind=silu_mul"));
+    assert!(keys.contains(&"add_rms_norm|weight=1"));
+}
+
+#[test]
+fn every_name_expression_names_a_template_of_its_source() {
+    for s in all_specs() {
+        let template = s
+            .name_expression
+            .split('<')
+            .next()
+            .and_then(|q| q.rsplit("::").next())
+            .unwrap();
+        assert!(
+            s.source.text.contains(&format!(" {template}(")),
+            "{}: {} does not define {template}",
+            s.key,
+            s.source.name
+        );
+        assert_eq!(s.headers, HEADERS);
+    }
+}
+
+#[test]
+fn every_family_source_includes_only_embedded_headers() {
+    let names: Vec<&str> = HEADERS.iter().map(|h| h.name).collect();
+    for f in FAMILIES {
+        assert!(
+            f.source.name.starts_with(f.name),
+            "{} is in {}",
+            f.name,
+            f.source.name
+        );
+        for line in f.source.text.lines().filter(|l| l.starts_with("#include")) {
+            let included = line.split('"').nth(1).unwrap_or("");
+            assert!(names.contains(&included), "{}: {line}", f.source.name);
+        }
+    }
+}
+
+#[test]
+fn specs_for_graph_are_distinct_and_in_first_use_order() {
+    let mut g = Graph::new();
+    let a = g.persistent("a", DType::F32, &[8]).unwrap();
+    let b = g.persistent("b", DType::F32, &[8]).unwrap();
+    let h = g.persistent("h", DType::F16, &[8]).unwrap();
+    let s = g.transient("s", DType::F32, &[8]).unwrap();
+    let n = g.persistent("n", DType::F32, &[8]).unwrap();
+    let m = g.persistent("m", DType::F32, &[8]).unwrap();
+    let kind = ElementwiseKind::Add;
+    g.push(Elementwise {
+        kind,
+        a,
+        b,
+        out: s,
+        len: 8,
+    })
+    .unwrap();
+    g.push(RmsNorm {
+        x: s,
+        weight: None,
+        out: n,
+        rows: 1,
+        dim: 8,
+        eps: 1e-6,
+    })
+    .unwrap();
+    g.push(Elementwise {
+        kind,
+        a: s,
+        b: n,
+        out: m,
+        len: 8,
+    })
+    .unwrap();
+    g.push(Cast {
+        x: m,
+        out: h,
+        len: 8,
+    })
+    .unwrap();
+    let keys: Vec<String> = specs_for_graph(&g)
+        .unwrap()
+        .into_iter()
+        .map(|s| s.key)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "elementwise|kind=add",
+            "rms_norm|weight=0",
+            "cast|from=f32|to=f16"
+        ]
+    );
+}
+
+#[test]
+fn ops_without_a_cuda_kernel_are_unsupported() {
+    let mut g = Graph::new();
+    let x = g.persistent("x", DType::F32, &[1, 32]).unwrap();
+    let w = g.persistent("w", DType::F32, &[4, 32]).unwrap();
+    let y = g.persistent("y", DType::F32, &[1, 4]).unwrap();
+    g.push(MatMul {
+        x,
+        w,
+        bias: None,
+        out: y,
+        m: 1,
+        n: 4,
+        k: 32,
+    })
+    .unwrap();
+    match specs_for_graph(&g) {
+        Err(Error::Unsupported(msg)) => {
+            assert!(
+                msg.contains("cuda backend") && msg.contains("matmul"),
+                "{msg}"
+            )
+        }
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+}

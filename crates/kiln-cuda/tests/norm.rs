@@ -1,0 +1,102 @@
+//! RmsNorm and AddRmsNorm on the GPU against the CPU reference (kiln-cpu).
+
+mod common;
+use common::*;
+use kiln_core::ops::{AddRmsNorm, RmsNorm};
+use kiln_core::{DType, Graph};
+use kiln_cpu::CpuBackend;
+
+/// (rows, dim): single elements, odd and round widths, wider than one block.
+const SHAPES: [(usize, usize); 7] = [
+    (1, 1),
+    (1, 7),
+    (3, 1023),
+    (5, 4096),
+    (2, 4097),
+    (64, 8192),
+    (7, 131),
+];
+
+/// Normalised MSE allowed against the CPU's f32 results: the sum of squares is
+/// accumulated in another order (a tree on the GPU, a sequence on the CPU), which
+/// moves the scale by a few ulp of f32.
+const NMSE: f64 = 1e-11;
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn rms_norm_matches_cpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut rng = rng("rms_norm_matches_cpu");
+    for (rows, dim) in SHAPES {
+        for with_weight in [false, true] {
+            let mut g = Graph::new();
+            let x = g.persistent("x", DType::F32, &[rows, dim]).unwrap();
+            let w = with_weight.then(|| g.persistent("w", DType::F32, &[dim]).unwrap());
+            let out = g.persistent("out", DType::F32, &[rows, dim]).unwrap();
+            let eps = 1e-5;
+            g.push(RmsNorm {
+                x,
+                weight: w,
+                out,
+                rows,
+                dim,
+                eps,
+            })
+            .unwrap();
+            let mut inputs = vec![(x, f32_bytes(&uniform(&mut rng, rows * dim, 3.0)))];
+            if let Some(w) = w {
+                inputs.push((w, f32_bytes(&uniform(&mut rng, dim, 1.5))));
+            }
+            let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out]).unwrap()[0]);
+            let got = f32s(&run_on(cuda, &g, &inputs, &[out]).unwrap()[0]);
+            assert_close(
+                &format!("rms_norm {rows}x{dim} weight={with_weight}"),
+                &got,
+                &want,
+                NMSE,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn add_rms_norm_matches_cpu_and_stores_the_exact_sum() {
+    let Some(cuda) = cuda() else { return };
+    let mut rng = rng("add_rms_norm_matches_cpu");
+    for (rows, dim) in SHAPES {
+        for with_weight in [false, true] {
+            let mut g = Graph::new();
+            let x = g.persistent("x", DType::F32, &[rows, dim]).unwrap();
+            let r = g.persistent("residual", DType::F32, &[rows, dim]).unwrap();
+            let w = with_weight.then(|| g.persistent("w", DType::F32, &[dim]).unwrap());
+            let sum = g.persistent("sum", DType::F32, &[rows, dim]).unwrap();
+            let out = g.persistent("out", DType::F32, &[rows, dim]).unwrap();
+            let eps = 1e-6;
+            g.push(AddRmsNorm {
+                x,
+                residual: r,
+                weight: w,
+                sum,
+                out,
+                rows,
+                dim,
+                eps,
+            })
+            .unwrap();
+            let mut inputs = vec![
+                (x, f32_bytes(&uniform(&mut rng, rows * dim, 3.0))),
+                (r, f32_bytes(&uniform(&mut rng, rows * dim, 1.0))),
+            ];
+            if let Some(w) = w {
+                inputs.push((w, f32_bytes(&uniform(&mut rng, dim, 1.5))));
+            }
+            let want = run_on(&CpuBackend, &g, &inputs, &[sum, out]).unwrap();
+            let got = run_on(cuda, &g, &inputs, &[sum, out]).unwrap();
+            let what = format!("add_rms_norm {rows}x{dim} weight={with_weight}");
+            // One f32 addition per element, rounded the same on both sides.
+            assert_eq!(f32s(&got[0]), f32s(&want[0]), "{what}: sum");
+            assert_close(&what, &f32s(&got[1]), &f32s(&want[1]), NMSE);
+        }
+    }
+}
