@@ -5,20 +5,21 @@ use kiln_core::{Error, Result};
 /// The type id a GGUF file stores before each metadata value (and before the items of
 /// an array).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
 pub enum ValueType {
-    U8,
-    I8,
-    U16,
-    I16,
-    U32,
-    I32,
-    F32,
-    Bool,
-    String,
-    Array,
-    U64,
-    I64,
-    F64,
+    U8 = 0,
+    I8 = 1,
+    U16 = 2,
+    I16 = 3,
+    U32 = 4,
+    I32 = 5,
+    F32 = 6,
+    Bool = 7,
+    String = 8,
+    Array = 9,
+    U64 = 10,
+    I64 = 11,
+    F64 = 12,
 }
 
 impl ValueType {
@@ -45,9 +46,8 @@ impl ValueType {
     }
 
     /// The type id GGUF stores for this type.
-    pub fn id(self) -> u32 {
-        // BY_ID lists every variant, so the search always succeeds.
-        Self::BY_ID.iter().position(|&t| t == self).unwrap_or(0) as u32
+    pub const fn id(self) -> u32 {
+        self as u32
     }
 
     /// Lower-case name used in messages (`u32`, `string`, `array`).
