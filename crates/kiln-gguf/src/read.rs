@@ -179,18 +179,7 @@ impl<'a> Parser<'a> {
         }
         let version = self.u32("version").map_err(|m| self.error("header", m))?;
         self.check_version(version)?;
-        let tensor_count = self
-            .u64("tensor count")
-            .map_err(|m| self.error("header", m))?;
-        let kv_count = self
-            .u64("metadata count")
-            .map_err(|m| self.error("header", m))?;
-        let tensor_count = self
-            .check_count(tensor_count, MIN_TENSOR_INFO_LEN, "tensor count")
-            .map_err(|m| self.error("header", m))?;
-        let kv_count = self
-            .check_count(kv_count, MIN_KV_LEN, "metadata count")
-            .map_err(|m| self.error("header", m))?;
+        let (tensor_count, kv_count) = self.counts().map_err(|m| self.error("header", m))?;
         let metadata = self.metadata(kv_count)?;
         let alignment = alignment(&metadata).map_err(|m| self.error("metadata", m))?;
         let tensors = self.tensor_infos(tensor_count)?;
@@ -223,6 +212,16 @@ impl<'a> Parser<'a> {
                 format!("unknown GGUF version {v} (kiln reads versions 2 and 3)"),
             )),
         }
+    }
+
+    /// Reads the tensor and metadata counts, each bounded by the bytes remaining.
+    fn counts(&mut self) -> Step<(usize, usize)> {
+        let tensor_count = self.u64("tensor count")?;
+        let kv_count = self.u64("metadata count")?;
+        Ok((
+            self.check_count(tensor_count, MIN_TENSOR_INFO_LEN, "tensor count")?,
+            self.check_count(kv_count, MIN_KV_LEN, "metadata count")?,
+        ))
     }
 
     /// Checks that the remaining bytes could hold `n` items of at least
