@@ -17,19 +17,34 @@ struct Cli {
 /// Each subcommand lives in its own module under `cmd/`.
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text from a prompt (default model: the project's own small model).
+    Generate(cmd::generate::GenerateArgs),
+    /// Measure prompt-processing and generation speed, like llama-bench.
+    Bench(cmd::bench::BenchArgs),
     /// Print the kiln version.
     Version,
     /// Print a GGUF file's header, metadata and tensors, or one tensor's values.
     Inspect(cmd::inspect::InspectArgs),
     /// Re-quantize the weight matrices of a GGUF file.
     Quantize(cmd::quantize::QuantizeArgs),
+    /// Convert a Hugging Face checkpoint (llama, qwen2, qwen3) to GGUF.
+    Convert(cmd::convert::ConvertArgs),
+    /// Show the device, driver, NVRTC and kernel cache, and check a kernel on the device.
+    Doctor(cmd::doctor::DoctorArgs),
+    /// Compile CUDA kernels into the disk cache, in parallel, or measure start-up.
+    Precompile(cmd::precompile::PrecompileArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: kiln_core::Result<()> = match cli.command {
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Quantize(args) => cmd::quantize::run(args),
+        Command::Convert(args) => cmd::convert::run(args),
+        Command::Doctor(args) => cmd::doctor::run(args),
+        Command::Precompile(args) => cmd::precompile::run(args),
         Command::Version => {
             println!("kiln {}", env!("CARGO_PKG_VERSION"));
             Ok(())

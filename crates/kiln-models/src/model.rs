@@ -162,13 +162,7 @@ impl<BE: Backend> Model<BE> {
 
     /// Builds the forward graph for `n_tokens` tokens (as [`Model::forward`] runs it).
     pub fn graph(&self, n_tokens: usize) -> Result<ForwardGraph> {
-        let weight = |name: &str| {
-            self.weights
-                .get(name)
-                .cloned()
-                .ok_or_else(|| Error::format("model", format!("tensor {name:?} is missing")))
-        };
-        forward::build(&self.config, &weight, n_tokens, self.cache)
+        graph_for(&self.config, &self.weights, n_tokens, self.cache)
     }
 
     /// Runs `tokens` at the next positions, appending them to the KV caches, and
@@ -257,6 +251,40 @@ impl<BE: Backend> Model<BE> {
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect())
     }
+}
+
+/// The dtype and shape of every tensor of `file`, by name.
+pub fn weight_descs<B: AsRef<[u8]>>(file: &Gguf<B>) -> HashMap<String, WeightDesc> {
+    file.tensor_infos()
+        .iter()
+        .map(|t| {
+            let name = t.name().to_string();
+            (
+                name.clone(),
+                WeightDesc {
+                    name,
+                    dtype: t.dtype(),
+                    shape: t.shape().to_vec(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// The forward graph of `config` for `n_tokens` tokens over the tensors `weights`.
+pub fn graph_for(
+    config: &ModelConfig,
+    weights: &HashMap<String, WeightDesc>,
+    n_tokens: usize,
+    cache: CacheSpec,
+) -> Result<ForwardGraph> {
+    let weight = |name: &str| {
+        weights
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::format("model", format!("tensor {name:?} is missing")))
+    };
+    forward::build(config, &weight, n_tokens, cache)
 }
 
 /// Binds every persistent buffer of `fg` to the model memory of the same name and

@@ -1,4 +1,12 @@
 //! One module per `kiln` subcommand.
 
+pub mod backend;
+pub mod bench;
+pub mod convert;
+pub mod device;
+pub mod doctor;
+pub mod generate;
 pub mod inspect;
+pub mod model_file;
+pub mod precompile;
 pub mod quantize;

@@ -1,0 +1,240 @@
+//! `kiln generate`: stream text from a model.
+
+use super::backend::{run_on, BackendJob};
+use super::device::DeviceArgs;
+use super::model_file;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_core::{Backend, DType, Error, Result};
+use kiln_gguf::GgufFile;
+use kiln_models::forward::CacheSpec;
+use kiln_models::generate::generate;
+use kiln_models::model::{graph_for, weight_descs};
+use kiln_models::tokenizer::Tokenizer;
+use kiln_models::{LoadOptions, Model, ModelConfig, Sampler, SamplerConfig};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Generate text from a prompt.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A GGUF file, or a Hugging Face checkpoint directory (converted on the fly).
+    /// Default: the project's own small Shakespeare model.
+    #[arg(short = 'm', long)]
+    pub model: Option<PathBuf>,
+    /// The prompt.
+    #[arg(short = 'p', long, conflicts_with = "file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(short = 'f', long)]
+    pub file: Option<PathBuf>,
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    pub n_predict: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Positions the KV cache holds (default: the model's context, at most 4096).
+    #[arg(short = 'c', long = "ctx-size")]
+    pub context: Option<usize>,
+    /// Temperature; 0 is greedy decoding.
+    #[arg(long = "temp", default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Top-k sampling (0 = off).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Top-p (nucleus) sampling (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Min-p sampling (0 = off).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Tokens the repetition penalty looks back over.
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed (default: a fresh one, printed with --verbose).
+    #[arg(short = 's', long)]
+    pub seed: Option<u64>,
+    /// Print the model's configuration, memory plan and seed to stderr.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+}
+
+impl GenerateArgs {
+    fn sampler(&self) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed.unwrap_or_else(rand_seed),
+        }
+    }
+
+    fn prompt_text(&self) -> Result<String> {
+        match (&self.prompt, &self.file) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| Error::io(f, e)),
+            (None, None) => Ok(String::new()),
+        }
+    }
+}
+
+fn rand_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Runs `kiln generate`.
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let model = model_file::open(args.model.as_deref())?;
+    let file = &model.gguf;
+    let tokenizer = Tokenizer::from_gguf_metadata(file.metadata())?;
+    let prompt = tokenizer.encode(&args.prompt_text()?, true, true);
+    if prompt.is_empty() {
+        return Err(Error::invalid(
+            "generate",
+            "the prompt is empty and the model adds no BOS token; pass --prompt",
+        ));
+    }
+    let config = ModelConfig::from_gguf(file)?;
+    let decode_graph = graph_for(
+        &config,
+        &weight_descs(file),
+        1,
+        CacheSpec {
+            capacity: 1,
+            dtype: DType::F16,
+        },
+    )?;
+    let job = GenerateJob {
+        args: &args,
+        file,
+        tokenizer: &tokenizer,
+        prompt,
+        config,
+    };
+    run_on(args.device.device, &decode_graph.graph, job)
+}
+
+struct GenerateJob<'a> {
+    args: &'a GenerateArgs,
+    file: &'a GgufFile,
+    tokenizer: &'a Tokenizer,
+    prompt: Vec<u32>,
+    config: ModelConfig,
+}
+
+impl BackendJob for GenerateJob<'_> {
+    type Output = ();
+
+    fn run<BE: Backend>(self, backend: BE) -> Result<()> {
+        let args = self.args;
+        // The CPU computes in f32 throughout; device caches hold f16.
+        let cache_dtype = if backend.name() == "cpu" {
+            DType::F32
+        } else {
+            DType::F16
+        };
+        let context = args.context.unwrap_or_else(|| {
+            self.config
+                .context_length
+                .min(LoadOptions::DEFAULT_MAX_CONTEXT)
+        });
+        if self.prompt.len() >= context {
+            return Err(Error::invalid(
+                "generate",
+                format!(
+                    "the prompt has {} tokens but the context holds {context}; raise --ctx-size",
+                    self.prompt.len()
+                ),
+            ));
+        }
+        let bar = load_bar(self.file);
+        let mut model = Model::load(
+            backend,
+            self.file,
+            LoadOptions {
+                context: Some(context),
+                cache_dtype,
+            },
+            &mut |done, _| bar.set_position(done),
+        )?;
+        bar.finish_and_clear();
+        let sampler_config = args.sampler();
+        if args.verbose {
+            eprintln!(
+                "kiln: {} on {}: {:?}",
+                self.config.arch.name(),
+                model.backend().name(),
+                self.config
+            );
+            eprintln!("kiln: seed {}", sampler_config.seed);
+        }
+        let mut sampler = Sampler::new(sampler_config);
+        let mut out = std::io::stdout().lock();
+        let prompt_text = self.tokenizer.decode(&self.prompt);
+        write!(out, "{prompt_text}").map_err(stdout_error)?;
+        let mut decoder = self.tokenizer.stream_decoder(false);
+        let tokenizer = self.tokenizer;
+        let stats = generate(
+            &mut model,
+            &self.prompt,
+            args.n_predict,
+            &mut sampler,
+            &|t| tokenizer.is_eog(t),
+            &mut |t| {
+                if let Some(text) = decoder.push(t) {
+                    write!(out, "{text}")
+                        .and_then(|()| out.flush())
+                        .map_err(stdout_error)?;
+                }
+                Ok(())
+            },
+        )?;
+        if let Some(text) = decoder.flush() {
+            write!(out, "{text}").map_err(stdout_error)?;
+        }
+        writeln!(out).map_err(stdout_error)?;
+        if args.verbose {
+            if let Some(p) = model.last_plan() {
+                eprintln!(
+                    "kiln: memory plan ({} tokens): persistent {} B, peak {} B with aliasing, {} B without",
+                    p.n_tokens, p.persistent_bytes, p.peak_bytes, p.peak_bytes_unaliased
+                );
+            }
+        }
+        eprintln!(
+            "kiln: prompt {} tokens, {:.1} tokens/s; generated {} tokens, {:.1} tokens/s ({})",
+            stats.prompt_tokens,
+            stats.prompt_tokens_per_s(),
+            stats.generated_tokens,
+            stats.generation_tokens_per_s(),
+            model.backend().name()
+        );
+        Ok(())
+    }
+}
+
+fn load_bar(file: &GgufFile) -> ProgressBar {
+    let total: u64 = file.tensor_infos().iter().map(|t| t.n_bytes() as u64).sum();
+    // Small models load in a blink; a bar would only flicker.
+    if total < 256 << 20 {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("loading {bar:40} {bytes}/{total_bytes} {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn stdout_error(e: std::io::Error) -> Error {
+    Error::io("<stdout>", e)
+}

@@ -1,0 +1,174 @@
+//! `kiln precompile`: compiles kernel specialisations into the disk cache, in
+//! parallel, so that no later run waits on NVRTC; `--timings` measures start-up.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_core::{DType, Error, Result};
+use kiln_cuda::manifest::{all_specs, spec_for_op};
+use kiln_cuda::registry::{CacheMode, KernelCompiler};
+use kiln_cuda::{startup, CacheConfig, CudaBackend, CudaDevice, KernelSpec};
+use kiln_gguf::Gguf;
+use kiln_models::forward::{self, CacheSpec, WeightDesc};
+use kiln_models::{LoadOptions, ModelConfig};
+
+use super::device::{resolve, Device, DeviceArgs};
+
+/// Arguments of `kiln precompile`.
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["all", "model"])))]
+pub struct PrecompileArgs {
+    /// Every kernel specialisation kiln has.
+    #[arg(long)]
+    pub all: bool,
+    /// Only the specialisations this GGUF model's forward passes need.
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
+    /// Measure start-up instead, in a temporary cache: one NVRTC compile, one CUBIN
+    /// load, cold start (empty cache, all kernels in parallel) and warm start.
+    #[arg(long, requires = "all")]
+    pub timings: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Runs `kiln precompile`.
+pub fn run(args: PrecompileArgs) -> Result<()> {
+    let device = match resolve(args.device.device)? {
+        Device::Cuda(d) => d,
+        Device::Cpu => {
+            return Err(Error::Unsupported(
+                "kiln precompile builds CUDA kernels and needs a CUDA device; the CPU backend compiles nothing".into(),
+            ))
+        }
+    };
+    if args.timings {
+        return print_timings(&device);
+    }
+    let specs = match &args.model {
+        Some(path) => model_specs(path)?,
+        None => all_specs(),
+    };
+    build(device, &specs)
+}
+
+fn build(device: Arc<CudaDevice>, specs: &[KernelSpec]) -> Result<()> {
+    let cache = CacheConfig::from_env()?;
+    match (cache.mode, &cache.dir) {
+        (CacheMode::ReadWrite, Some(dir)) => eprintln!("kiln: kernel cache {}", dir.display()),
+        (mode, _) => eprintln!(
+            "kiln: KILN_KERNEL_CACHE={}: kernels are built but not saved to disk",
+            mode.name()
+        ),
+    }
+    let backend = CudaBackend::on_device(device, cache)?;
+    let bar = ProgressBar::new(specs.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} kernels {elapsed} {msg}")
+            .map_err(|e| Error::invalid("progress bar", e.to_string()))?,
+    );
+    let started = Instant::now();
+    let built = backend.registry().precompile(specs, |spec| {
+        bar.set_message(spec.key.clone());
+        bar.inc(1);
+    });
+    bar.finish_and_clear();
+    built?;
+    let total = backend.registry().stats().total();
+    println!(
+        "{} kernels ready for {} in {:.0} ms: {} compiled ({:.0} ms of NVRTC across threads), {} from the disk cache",
+        specs.len(),
+        backend.registry().compiler().target(),
+        started.elapsed().as_secs_f64() * 1000.0,
+        total.compiles,
+        total.compile_ms,
+        total.disk_hits
+    );
+    Ok(())
+}
+
+/// The specialisations the decode and prefill graphs of the model in `path` need,
+/// for F32 and F16 KV caches. Names (on stderr) the ops that have no CUDA kernel yet.
+fn model_specs(path: &Path) -> Result<Vec<KernelSpec>> {
+    let file = Gguf::open(path)?;
+    let config = ModelConfig::from_gguf(&file)?;
+    let weights: Vec<WeightDesc> = file
+        .tensor_infos()
+        .iter()
+        .map(|t| WeightDesc {
+            name: t.name().to_string(),
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+        })
+        .collect();
+    let weight = |name: &str| {
+        weights
+            .iter()
+            .find(|w| w.name == name)
+            .cloned()
+            .ok_or_else(|| {
+                Error::format(
+                    path.display().to_string(),
+                    format!("tensor {name:?} is missing"),
+                )
+            })
+    };
+    let capacity = config
+        .context_length
+        .clamp(2, LoadOptions::DEFAULT_MAX_CONTEXT);
+    let mut specs: Vec<KernelSpec> = Vec::new();
+    let mut missing = BTreeSet::new();
+    for n_tokens in [1, 2] {
+        for dtype in [DType::F32, DType::F16] {
+            let fwd = forward::build(&config, &weight, n_tokens, CacheSpec { capacity, dtype })?;
+            for op in fwd.graph.ops() {
+                match spec_for_op(op, &fwd.graph) {
+                    Ok(spec) if !specs.iter().any(|s| s.key == spec.key) => specs.push(spec),
+                    Ok(_) => {}
+                    Err(Error::Unsupported(_)) => {
+                        missing.insert(op.name());
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let names: Vec<&str> = missing.into_iter().collect();
+        eprintln!(
+            "kiln: ops of this model with no CUDA kernel yet (nothing to build): {}",
+            names.join(", ")
+        );
+    }
+    Ok(specs)
+}
+
+fn print_timings(device: &Arc<CudaDevice>) -> Result<()> {
+    let t = startup::measure(device)?;
+    let (major, minor) = device.compute_capability();
+    println!(
+        "start-up on cuda:{} ({}, compute {major}.{minor}): {} kernels, {} threads",
+        device.ordinal(),
+        device.name(),
+        t.kernels,
+        t.threads
+    );
+    println!("                                 min    median       max");
+    for (what, s) in [
+        ("one NVRTC compile (ms)", t.compile_ms),
+        ("one CUBIN load (ms)", t.load_ms),
+        ("one load from disk cache (ms)", t.disk_load_ms),
+    ] {
+        println!("{what:<30} {:>6.2} {:>9.2} {:>9.2}", s.min, s.median, s.max);
+    }
+    println!("cold start, empty cache, parallel: {:>8.1} ms", t.cold_ms);
+    println!("warm start, disk cache, parallel:  {:>8.1} ms", t.warm_ms);
+    println!(
+        "every kernel compiled in sequence: {:>8.1} ms",
+        t.sequential_ms
+    );
+    Ok(())
+}
