@@ -6,13 +6,15 @@
 //!   for every backend;
 //! - [`model`]: weights on a backend, KV caches, prefill and decode;
 //! - [`sampler`]: greedy, temperature, top-k, top-p, min-p, repetition penalty;
-//! - [`generate`]: the generation loop with timing.
+//! - [`generate`]: the generation loop with timing;
+//! - [`tokenizer`]: text to token ids and back, as llama.cpp does, from GGUF metadata.
 
 pub mod config;
 pub mod forward;
 pub mod generate;
 pub mod model;
 pub mod sampler;
+pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig};
 pub use model::{LoadOptions, Model};
