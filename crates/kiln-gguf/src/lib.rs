@@ -13,9 +13,12 @@
 //!   chunks.
 //! - [`Metadata`], [`Value`]: the key-value store with typed getters.
 //! - [`keys`]: llama.cpp's metadata key conventions.
+//! - [`convert`]: Hugging Face checkpoints (llama, qwen2, qwen3) to GGUF, as
+//!   llama.cpp's converter writes them.
 //!
 //! Element formats (`f16`, `q4_0`, ...) are defined in [`kiln_core::quant`].
 
+pub mod convert;
 mod metadata;
 mod read;
 mod tensor;

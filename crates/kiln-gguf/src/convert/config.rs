@@ -1,0 +1,325 @@
+//! config.json: the hyperparameters of a llama, qwen2 or qwen3 checkpoint, and the
+//! architecture metadata llama.cpp's convert_hf_to_gguf.py writes for them.
+
+use super::json::Object;
+use crate::Metadata;
+use kiln_core::{Error, Result};
+use serde_json::{Map, Value as Json};
+
+/// The model families `kiln convert` reads, by their GGUF architecture name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// `LlamaForCausalLM`: GGUF `llama`. Its q/k projections are permuted from
+    /// rotate-half to interleaved RoPE order on conversion.
+    Llama,
+    /// `Qwen2ForCausalLM`: GGUF `qwen2` (q/k/v biases, NeoX RoPE).
+    Qwen2,
+    /// `Qwen3ForCausalLM`: GGUF `qwen3` (per-head q/k RMS norms, NeoX RoPE).
+    Qwen3,
+}
+
+impl Family {
+    /// The Hugging Face architecture class names and `model_type`s of each family.
+    const NAMES: [(Family, &'static str, &'static str); 3] = [
+        (Family::Llama, "LlamaForCausalLM", "llama"),
+        (Family::Qwen2, "Qwen2ForCausalLM", "qwen2"),
+        (Family::Qwen3, "Qwen3ForCausalLM", "qwen3"),
+    ];
+
+    /// The value of `general.architecture` and the prefix of the family's keys.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The family of `architectures[0]`, or of `model_type` where there is no
+    /// `architectures` list.
+    fn detect(config: Object<'_>) -> Result<Family> {
+        let architecture = match config.opt_array("architectures")? {
+            Some(list) => list.first().and_then(Json::as_str),
+            None => None,
+        };
+        let model_type = config.opt_str("model_type")?;
+        let found = match architecture {
+            Some(arch) => Family::NAMES.iter().find(|(_, class, _)| *class == arch),
+            None => Family::NAMES
+                .iter()
+                .find(|(_, _, t)| Some(*t) == model_type),
+        };
+        found.map(|(family, _, _)| *family).ok_or_else(|| {
+            let supported: Vec<&str> = Family::NAMES.iter().map(|(_, c, _)| *c).collect();
+            Error::Unsupported(format!(
+                "{}: architecture {:?} (model_type {:?}); kiln convert supports {}",
+                config.source,
+                architecture.unwrap_or("none given"),
+                model_type.unwrap_or("none given"),
+                supported.join(", ")
+            ))
+        })
+    }
+}
+
+/// How the rotary embedding's frequencies are scaled for long contexts.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor`.
+    Linear {
+        factor: f64,
+    },
+    /// YaRN, written as metadata for the runtime to apply.
+    Yarn {
+        factor: f64,
+        original_context: usize,
+        ext_factor: Option<f64>,
+        attn_factor: Option<f64>,
+        beta_fast: Option<f64>,
+        beta_slow: Option<f64>,
+    },
+    /// Llama 3.1's per-frequency factors, written as the `rope_freqs.weight` tensor.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_context: usize,
+    },
+}
+
+/// The hyperparameters of a checkpoint, from config.json.
+#[derive(Clone, Debug)]
+pub struct HfConfig {
+    pub family: Family,
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub n_ff: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    /// The width of one attention head: `head_dim`, else `hidden / n_heads`.
+    pub head_dim: usize,
+    /// Whether config.json states `head_dim` (llama.cpp then writes key/value lengths).
+    pub explicit_head_dim: bool,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub rms_eps: f64,
+    pub rope_theta: Option<f64>,
+    pub rope_scaling: RopeScaling,
+    /// Whether the output projection is the token embedding (no `lm_head.weight`).
+    pub tied_embeddings: bool,
+    /// Biases on the attention projections: q, k, v for qwen2 (always), q, k, v and o
+    /// where `attention_bias` is set (llama, qwen3).
+    pub attention_bias: bool,
+    /// Biases on the feed-forward projections (llama's `mlp_bias`).
+    pub mlp_bias: bool,
+}
+
+impl HfConfig {
+    /// Parses config.json's object; `source` names it in errors.
+    pub fn parse(map: &Map<String, Json>, source: &str) -> Result<HfConfig> {
+        let c = Object::new(map, source);
+        let family = Family::detect(c)?;
+        if let Some(act) = c.opt_str("hidden_act")? {
+            if act != "silu" {
+                return Err(Error::Unsupported(format!(
+                    "{source}: hidden_act {act:?}; kiln convert supports the SwiGLU (silu) feed-forward"
+                )));
+            }
+        }
+        let hidden = c.usize("hidden_size")?;
+        let n_heads = c.usize("num_attention_heads")?;
+        let explicit_head_dim = c.opt_usize("head_dim")?;
+        let config = HfConfig {
+            family,
+            n_layers: c.usize("num_hidden_layers")?,
+            hidden,
+            n_ff: c.usize("intermediate_size")?,
+            n_heads,
+            n_kv_heads: c.opt_usize("num_key_value_heads")?.unwrap_or(n_heads),
+            head_dim: explicit_head_dim.unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
+            explicit_head_dim: explicit_head_dim.is_some(),
+            vocab_size: c.usize("vocab_size")?,
+            context_length: c.usize("max_position_embeddings")?,
+            rms_eps: c.f64("rms_norm_eps")?,
+            rope_theta: rope_theta(c)?,
+            rope_scaling: rope_scaling(c)?,
+            tied_embeddings: c.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            attention_bias: family == Family::Qwen2
+                || c.opt_bool("attention_bias")?.unwrap_or(false),
+            mlp_bias: family == Family::Llama && c.opt_bool("mlp_bias")?.unwrap_or(false),
+        };
+        config.check(c)?;
+        Ok(config)
+    }
+
+    fn check(&self, c: Object<'_>) -> Result<()> {
+        let sizes = [
+            ("num_hidden_layers", self.n_layers),
+            ("hidden_size", self.hidden),
+            ("intermediate_size", self.n_ff),
+            ("num_attention_heads", self.n_heads),
+            ("num_key_value_heads", self.n_kv_heads),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.context_length),
+        ];
+        for (key, value) in sizes {
+            if value == 0 || u32::try_from(value).is_err() {
+                return Err(c.error(key, format!("{value} is not in 1..=u32::MAX")));
+            }
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(c.error(
+                "num_key_value_heads",
+                format!(
+                    "{} key/value heads do not divide {} attention heads",
+                    self.n_kv_heads, self.n_heads
+                ),
+            ));
+        }
+        if !self.explicit_head_dim && self.hidden % self.n_heads != 0 {
+            return Err(c.error(
+                "num_attention_heads",
+                format!(
+                    "{} heads do not divide hidden_size {} (and head_dim is not given)",
+                    self.n_heads, self.hidden
+                ),
+            ));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return Err(c.error(
+                "head_dim",
+                format!("head width {} must be even and > 0 for RoPE", self.head_dim),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes the architecture keys (`{arch}.block_count`, ...) as llama.cpp does.
+    pub fn write_metadata(&self, md: &mut Metadata) {
+        let arch = self.family.gguf_name();
+        let key = |k: &str| format!("{arch}.{k}");
+        // check() bounded every count to u32.
+        let u32_of = |v: usize| v as u32;
+        md.set(key("block_count"), u32_of(self.n_layers));
+        md.set(key("context_length"), u32_of(self.context_length));
+        md.set(key("embedding_length"), u32_of(self.hidden));
+        md.set(key("feed_forward_length"), u32_of(self.n_ff));
+        md.set(key("attention.head_count"), u32_of(self.n_heads));
+        md.set(key("attention.head_count_kv"), u32_of(self.n_kv_heads));
+        self.write_rope_scaling(md, &key);
+        if let Some(theta) = self.rope_theta {
+            md.set(key("rope.freq_base"), theta as f32);
+        }
+        md.set(key("attention.layer_norm_rms_epsilon"), self.rms_eps as f32);
+        if self.explicit_head_dim {
+            md.set(key("attention.key_length"), u32_of(self.head_dim));
+            md.set(key("attention.value_length"), u32_of(self.head_dim));
+        }
+        if self.family == Family::Llama {
+            md.set(key("vocab_size"), u32_of(self.vocab_size));
+            md.set(key("rope.dimension_count"), u32_of(self.head_dim));
+        }
+    }
+
+    fn write_rope_scaling(&self, md: &mut Metadata, key: &dyn Fn(&str) -> String) {
+        match &self.rope_scaling {
+            RopeScaling::None | RopeScaling::Llama3 { .. } => {}
+            RopeScaling::Linear { factor } => {
+                md.set(key("rope.scaling.type"), "linear");
+                md.set(key("rope.scaling.factor"), *factor as f32);
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_context,
+                ext_factor,
+                attn_factor,
+                beta_fast,
+                beta_slow,
+            } => {
+                md.set(key("rope.scaling.type"), "yarn");
+                md.set(key("rope.scaling.factor"), *factor as f32);
+                md.set(
+                    key("rope.scaling.original_context_length"),
+                    *original_context as u32,
+                );
+                let optional = [
+                    ("rope.scaling.yarn_ext_factor", ext_factor),
+                    ("rope.scaling.yarn_attn_factor", attn_factor),
+                    ("rope.scaling.yarn_beta_fast", beta_fast),
+                    ("rope.scaling.yarn_beta_slow", beta_slow),
+                ];
+                for (k, v) in optional {
+                    if let Some(v) = v {
+                        md.set(key(k), *v as f32);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The rope parameters object: `rope_parameters` (transformers 5) or `rope_scaling`.
+fn rope_object(c: Object<'_>) -> Result<Option<(Object<'_>, &'static str)>> {
+    if let Some(map) = c.opt_object("rope_parameters")? {
+        return Ok(Some((Object::new(map, c.source), "rope_parameters")));
+    }
+    Ok(c.opt_object("rope_scaling")?
+        .map(|map| (Object::new(map, c.source), "rope_scaling")))
+}
+
+fn rope_theta(c: Object<'_>) -> Result<Option<f64>> {
+    if let Some(theta) = c.opt_f64("rope_theta")? {
+        return Ok(Some(theta));
+    }
+    match rope_object(c)? {
+        Some((rope, _)) => rope.opt_f64("rope_theta"),
+        None => Ok(None),
+    }
+}
+
+fn rope_scaling(c: Object<'_>) -> Result<RopeScaling> {
+    let Some((rope, name)) = rope_object(c)? else {
+        return Ok(RopeScaling::None);
+    };
+    let kind = match rope.opt_str("rope_type")? {
+        Some(kind) => Some(kind),
+        None => rope.opt_str("type")?,
+    };
+    let original_context = |default: Option<usize>| -> Result<usize> {
+        let key = "original_max_position_embeddings";
+        match (rope.opt_usize(key)?, c.opt_usize(key)?, default) {
+            (Some(n), _, _) | (None, Some(n), _) | (None, None, Some(n)) => Ok(n),
+            (None, None, None) => Err(rope.error(key, format!("missing from {name}"))),
+        }
+    };
+    Ok(match kind.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("default") => RopeScaling::None,
+        Some("linear") => RopeScaling::Linear {
+            factor: rope.f64("factor")?,
+        },
+        Some("yarn") => RopeScaling::Yarn {
+            factor: rope.f64("factor")?,
+            original_context: original_context(None)?,
+            ext_factor: rope.opt_f64("extrapolation_factor")?,
+            attn_factor: match rope.opt_f64("attention_factor")? {
+                Some(f) => Some(f),
+                None => rope.opt_f64("attn_factor")?,
+            },
+            beta_fast: rope.opt_f64("beta_fast")?,
+            beta_slow: rope.opt_f64("beta_slow")?,
+        },
+        Some("llama3") => RopeScaling::Llama3 {
+            factor: rope.opt_f64("factor")?.unwrap_or(8.0),
+            low_freq_factor: rope.opt_f64("low_freq_factor")?.unwrap_or(1.0),
+            high_freq_factor: rope.opt_f64("high_freq_factor")?.unwrap_or(4.0),
+            original_context: original_context(Some(8192))?,
+        },
+        Some(other) => {
+            return Err(Error::Unsupported(format!(
+                "{}: {name} type {other:?}; kiln convert supports default, linear, yarn and llama3",
+                c.source
+            )))
+        }
+    })
+}

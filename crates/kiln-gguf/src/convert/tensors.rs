@@ -1,0 +1,396 @@
+//! Which tensors a converted file holds: llama.cpp's names for the checkpoint's
+//! tensors, their expected shapes, the q/k permutation of the `llama` architecture,
+//! each tensor's output type, and the generated `rope_freqs.weight`.
+
+use super::config::{Family, HfConfig, RopeScaling};
+use super::weights::Weights;
+use kiln_core::{DType, Error, Result};
+
+/// Where a tensor's values come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// The checkpoint tensor of this name.
+    Checkpoint(String),
+    /// Values computed by the converter, as little-endian f32 bytes.
+    Generated(Vec<u8>),
+}
+
+/// One tensor of the output file.
+#[derive(Clone, Debug)]
+pub struct PlannedTensor {
+    /// llama.cpp's name (`blk.0.attn_q.weight`).
+    pub name: String,
+    /// Row-major shape, as in the checkpoint.
+    pub shape: Vec<usize>,
+    pub source: Source,
+    /// For the `llama` architecture's q and k projections: the rows per head, whose
+    /// order the conversion permutes (see [`permute_rope_rows`]).
+    pub permute_head_rows: Option<usize>,
+}
+
+/// A tensor the checkpoint must (or may) hold.
+struct Expected {
+    hf: String,
+    gguf: String,
+    shape: Vec<usize>,
+    permute: bool,
+    required: bool,
+}
+
+/// Checkpoint tensors that carry nothing a GGUF file needs (RoPE tables that older
+/// checkpoints saved).
+fn is_ignored(hf_name: &str) -> bool {
+    hf_name.ends_with(".rotary_emb.inv_freq")
+}
+
+/// The output tensors, in write order: `token_embd`, `rope_freqs` (Llama 3 rope
+/// scaling), each block's tensors, `output_norm`, `output`.
+///
+/// Fails if a required tensor is missing, any tensor has another shape than
+/// config.json implies, or the checkpoint holds a tensor the architecture does not
+/// have.
+pub fn plan(config: &HfConfig, weights: &Weights) -> Result<Vec<PlannedTensor>> {
+    let expected = expected_tensors(config);
+    let mut planned = Vec::with_capacity(expected.len() + 1);
+    for e in &expected {
+        let Some(tensor) = weights.get(&e.hf) else {
+            if e.required {
+                return Err(Error::format(
+                    "checkpoint",
+                    format!(
+                        "tensor {:?} is missing (config.json describes a {} model)",
+                        e.hf,
+                        config.family.gguf_name()
+                    ),
+                ));
+            }
+            continue;
+        };
+        if tensor.shape != e.shape {
+            return Err(Error::format(
+                format!("tensor {:?}", e.hf),
+                format!(
+                    "shape {:?}, but config.json implies {:?}",
+                    tensor.shape, e.shape
+                ),
+            ));
+        }
+        tensor.kiln_dtype(&e.hf)?;
+        planned.push(PlannedTensor {
+            name: e.gguf.clone(),
+            shape: e.shape.clone(),
+            source: Source::Checkpoint(e.hf.clone()),
+            permute_head_rows: e.permute.then_some(config.head_dim),
+        });
+        if e.gguf == "token_embd.weight" {
+            if let Some(freqs) = rope_freqs(config)? {
+                planned.push(freqs);
+            }
+        }
+    }
+    let mut unexpected: Vec<&str> = weights
+        .names()
+        .filter(|n| !is_ignored(n) && !expected.iter().any(|e| e.hf == *n))
+        .collect();
+    unexpected.sort_unstable();
+    if let Some(first) = unexpected.first() {
+        return Err(Error::Unsupported(format!(
+            "tensor {first:?} ({} unexpected tensors in all) is not part of a {} model as kiln convert knows it",
+            unexpected.len(),
+            config.family.gguf_name()
+        )));
+    }
+    Ok(planned)
+}
+
+fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
+    let (h, q_dim, kv_dim) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let permute = c.family == Family::Llama;
+    let mut list = Vec::new();
+    let mut add = |hf: String, gguf: String, shape: Vec<usize>, permute: bool, required: bool| {
+        list.push(Expected {
+            hf,
+            gguf,
+            shape,
+            permute,
+            required,
+        })
+    };
+    add(
+        "model.embed_tokens.weight".into(),
+        "token_embd.weight".into(),
+        vec![c.vocab_size, h],
+        false,
+        true,
+    );
+    let o_bias = c.attention_bias && c.family != Family::Qwen2;
+    for i in 0..c.n_layers {
+        let hf = |s: &str| format!("model.layers.{i}.{s}");
+        let gg = |s: &str| format!("blk.{i}.{s}");
+        let mut layer =
+            |hf_name: &str, gguf_name: &str, shape: Vec<usize>, permute: bool, bias: bool| {
+                add(
+                    hf(&format!("{hf_name}.weight")),
+                    gg(&format!("{gguf_name}.weight")),
+                    shape.clone(),
+                    permute,
+                    true,
+                );
+                if bias {
+                    add(
+                        hf(&format!("{hf_name}.bias")),
+                        gg(&format!("{gguf_name}.bias")),
+                        vec![shape[0]],
+                        permute,
+                        true,
+                    );
+                }
+            };
+        layer("input_layernorm", "attn_norm", vec![h], false, false);
+        layer(
+            "self_attn.q_proj",
+            "attn_q",
+            vec![q_dim, h],
+            permute,
+            c.attention_bias,
+        );
+        layer(
+            "self_attn.k_proj",
+            "attn_k",
+            vec![kv_dim, h],
+            permute,
+            c.attention_bias,
+        );
+        layer(
+            "self_attn.v_proj",
+            "attn_v",
+            vec![kv_dim, h],
+            false,
+            c.attention_bias,
+        );
+        layer(
+            "self_attn.o_proj",
+            "attn_output",
+            vec![h, q_dim],
+            false,
+            o_bias,
+        );
+        if c.family == Family::Qwen3 {
+            layer(
+                "self_attn.q_norm",
+                "attn_q_norm",
+                vec![c.head_dim],
+                false,
+                false,
+            );
+            layer(
+                "self_attn.k_norm",
+                "attn_k_norm",
+                vec![c.head_dim],
+                false,
+                false,
+            );
+        }
+        layer(
+            "post_attention_layernorm",
+            "ffn_norm",
+            vec![h],
+            false,
+            false,
+        );
+        layer(
+            "mlp.gate_proj",
+            "ffn_gate",
+            vec![c.n_ff, h],
+            false,
+            c.mlp_bias,
+        );
+        layer("mlp.up_proj", "ffn_up", vec![c.n_ff, h], false, c.mlp_bias);
+        layer(
+            "mlp.down_proj",
+            "ffn_down",
+            vec![h, c.n_ff],
+            false,
+            c.mlp_bias,
+        );
+    }
+    add(
+        "model.norm.weight".into(),
+        "output_norm.weight".into(),
+        vec![h],
+        false,
+        true,
+    );
+    add(
+        "lm_head.weight".into(),
+        "output.weight".into(),
+        vec![c.vocab_size, h],
+        false,
+        !c.tied_embeddings,
+    );
+    list
+}
+
+/// Reorders the rows of each head of a q or k projection from Hugging Face's
+/// rotate-half RoPE layout to GGML's interleaved one, exactly as llama.cpp's
+/// `LlamaModel.permute` does for the `llama` architecture (qwen2 and qwen3 use NeoX
+/// RoPE in GGML too and are not permuted).
+///
+/// HF rotates element `j` of a head with element `j + d/2` (d = `head_rows`); GGML's
+/// normal RoPE rotates `2j` with `2j + 1`. So within each group of `head_rows` rows,
+/// output row `2j + k` is input row `k * d/2 + j` (k in {0, 1}, j < d/2): numpy's
+/// `w.reshape(n_head, 2, d/2, -1).swapaxes(1, 2)`. `row_len` is the elements per
+/// row (1 for a bias); `src.len()` must be a multiple of `head_rows * row_len`.
+pub fn permute_rope_rows(src: &[f32], head_rows: usize, row_len: usize) -> Vec<f32> {
+    let half = head_rows / 2;
+    let mut out = Vec::with_capacity(src.len());
+    for head in src.chunks_exact(head_rows * row_len) {
+        for out_row in 0..head_rows {
+            let in_row = (out_row % 2) * half + out_row / 2;
+            out.extend_from_slice(&head[in_row * row_len..(in_row + 1) * row_len]);
+        }
+    }
+    out
+}
+
+/// The type a tensor is stored as in a file whose weights are `requested`:
+///
+/// - f32 for 1-D tensors, norms (`*_norm.weight`) and biases, as llama.cpp keeps them;
+/// - else `requested`, where each row is a whole number of its blocks;
+/// - else the type llama-quantize falls back to (q4_k -> q5_0, q5_k -> q5_1,
+///   q6_k -> q8_0, q2_k/q3_k -> iq4_nl), or f16 where that does not fit either.
+pub fn output_dtype(name: &str, shape: &[usize], requested: DType) -> DType {
+    let is_matrix =
+        shape.len() >= 2 && name.ends_with(".weight") && !name.ends_with("_norm.weight");
+    if !is_matrix {
+        return DType::F32;
+    }
+    let row_len = shape[shape.len() - 1];
+    let fits = |t: DType| row_len % t.block_size() == 0;
+    if fits(requested) {
+        return requested;
+    }
+    let fallback = match requested {
+        DType::Q2K | DType::Q3K => DType::IQ4NL,
+        DType::Q4K => DType::Q5_0,
+        DType::Q5K => DType::Q5_1,
+        DType::Q6K => DType::Q8_0,
+        _ => DType::F16,
+    };
+    if fits(fallback) {
+        fallback
+    } else {
+        DType::F16
+    }
+}
+
+/// Llama 3.1's rope scaling as the `rope_freqs.weight` tensor: one factor per
+/// rotated pair, dividing that pair's frequency, computed as llama.cpp's converter
+/// does (frequencies in f32, `2π / freq` wavelengths against the original context).
+fn rope_freqs(c: &HfConfig) -> Result<Option<PlannedTensor>> {
+    let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_context,
+    } = c.rope_scaling
+    else {
+        return Ok(None);
+    };
+    if low_freq_factor == high_freq_factor {
+        return Err(Error::format(
+            "config.json rope scaling",
+            format!("llama3 low_freq_factor and high_freq_factor are both {low_freq_factor}"),
+        ));
+    }
+    let base = c.rope_theta.unwrap_or(10_000.0) as f32;
+    let dim = c.head_dim;
+    let old_context = original_context as f64;
+    let low_freq_wavelen = old_context / low_freq_factor;
+    let high_freq_wavelen = old_context / high_freq_factor;
+    let factors = (0..dim / 2)
+        .map(|i| {
+            let freq = 1.0f32 / base.powf((2 * i) as f32 / dim as f32);
+            let wavelen = 2.0 * std::f64::consts::PI / f64::from(freq);
+            let f = if wavelen < high_freq_wavelen {
+                1.0
+            } else if wavelen > low_freq_wavelen {
+                factor
+            } else {
+                let smooth = (old_context / wavelen - low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            f as f32
+        })
+        .collect::<Vec<f32>>();
+    Ok(Some(PlannedTensor {
+        name: "rope_freqs.weight".into(),
+        shape: vec![factors.len()],
+        source: Source::Generated(factors.iter().flat_map(|f| f.to_le_bytes()).collect()),
+        permute_head_rows: None,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_interleaves_the_two_halves_of_each_head() {
+        // Two heads of 4 rows, 2 elements a row: row r holds [10r, 10r + 1].
+        let src: Vec<f32> = (0..8)
+            .flat_map(|r| [10.0 * r as f32, 10.0 * r as f32 + 1.0])
+            .collect();
+        let out = permute_rope_rows(&src, 4, 2);
+        let rows: Vec<f32> = out.chunks(2).map(|r| r[0] / 10.0).collect();
+        // Head 0: rows 0,2,1,3; head 1: rows 4,6,5,7.
+        assert_eq!(rows, [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
+        assert_eq!(out[1], 1.0);
+    }
+
+    #[test]
+    fn output_types_follow_llama_cpp() {
+        let m = |n: usize| vec![8, n];
+        assert_eq!(
+            output_dtype("blk.0.attn_norm.weight", &[64], DType::Q4_0),
+            DType::F32
+        );
+        assert_eq!(
+            output_dtype("blk.0.attn_q_norm.weight", &[64], DType::F16),
+            DType::F32
+        );
+        assert_eq!(
+            output_dtype("blk.0.attn_q.bias", &[64], DType::Q8_0),
+            DType::F32
+        );
+        assert_eq!(
+            output_dtype("blk.0.attn_q.weight", &m(512), DType::Q4K),
+            DType::Q4K
+        );
+        assert_eq!(
+            output_dtype("blk.0.attn_q.weight", &m(384), DType::Q4K),
+            DType::Q5_0
+        );
+        assert_eq!(
+            output_dtype("blk.0.attn_q.weight", &m(384), DType::Q6K),
+            DType::Q8_0
+        );
+        assert_eq!(
+            output_dtype("blk.0.attn_q.weight", &m(384), DType::Q3K),
+            DType::IQ4NL
+        );
+        assert_eq!(
+            output_dtype("blk.0.attn_q.weight", &m(48), DType::Q4_0),
+            DType::F16
+        );
+        assert_eq!(
+            output_dtype("blk.0.attn_q.weight", &m(48), DType::Q4K),
+            DType::F16
+        );
+        assert_eq!(
+            output_dtype("token_embd.weight", &m(48), DType::BF16),
+            DType::BF16
+        );
+    }
+}
