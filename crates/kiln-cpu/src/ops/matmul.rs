@@ -46,9 +46,27 @@ pub fn matmul(
     Ok(())
 }
 
-/// `sum_l a[l] * b[l]` in f32, summed in order.
+/// `sum_l a[l] * b[l]` in f32: eight interleaved partial sums (element `l` goes to
+/// sum `l % 8`), added pairwise at the end, then the tail in order. The fixed order
+/// lets the compiler vectorize it and keeps results reproducible.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(a, b)| a * b).sum()
+    let n = a.len().min(b.len());
+    let (a_body, a_tail) = a[..n].split_at(n - n % 8);
+    let (b_body, b_tail) = b[..n].split_at(n - n % 8);
+    let mut acc = [0f32; 8];
+    for (x, y) in a_body.chunks_exact(8).zip(b_body.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let pairs = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    let body = (pairs[0] + pairs[2]) + (pairs[1] + pairs[3]);
+    body + a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum::<f32>()
 }
 
 pub(crate) fn execute(op: &MatMul, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
