@@ -7,7 +7,7 @@
 //! byte-level BPE `tokenizer.json` (with `tokenizer_config.json` where present).
 //!
 //! - Tensors are renamed as llama.cpp names them (`model.layers.0.self_attn.q_proj.weight`
-//!   becomes `blk.0.attn_q.weight`; see [`tensors`]), checked against the shapes
+//!   becomes `blk.0.attn_q.weight`), checked against the shapes
 //!   config.json implies, and written in the requested type: 1-D tensors, norms and
 //!   biases stay f32; block types whose block does not divide a row fall back as
 //!   llama-quantize does ([`output_dtype`]).
@@ -18,7 +18,7 @@
 //! - Llama 3.1's rope scaling becomes a `rope_freqs.weight` tensor as llama.cpp
 //!   computes it; linear and YaRN scaling become `{arch}.rope.scaling.*` keys.
 //! - The tokenizer becomes `tokenizer.ggml.*` keys with model `gpt2`
-//!   ([`vocab`]): tokens, token types, merges, special token ids, add-BOS/EOS flags
+//!   ([`Vocab`]): tokens, token types, merges, special token ids, add-BOS/EOS flags
 //!   and the chat template.
 //!
 //! Values go through [`kiln_core::quant`]: the source is read as f32 and stored in
