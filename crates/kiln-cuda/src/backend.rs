@@ -170,6 +170,10 @@ impl Backend for CudaBackend {
         format!("cuda:{}", self.device.ordinal())
     }
 
+    fn supports(&self, op: &Op) -> bool {
+        manifest::has_kernel(op)
+    }
+
     /// Allocates `bytes` bytes of device memory, zeroed.
     fn alloc(&self, bytes: usize) -> Result<CudaBuffer> {
         // cuMemAlloc rejects zero bytes; an empty buffer still owns one byte.

@@ -71,6 +71,14 @@ pub fn all_specs() -> Vec<KernelSpec> {
     specs
 }
 
+/// Whether the CUDA backend has a kernel for `op`'s kind.
+pub fn has_kernel(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Cast(_) | Op::Elementwise(_) | Op::RmsNorm(_) | Op::AddRmsNorm(_)
+    )
+}
+
 /// The specialisation that runs `op` of `graph`. Errors with
 /// [`kiln_core::Error::Unsupported`] for ops the CUDA backend does not implement.
 pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {

@@ -146,3 +146,55 @@ fn ops_without_a_cuda_kernel_are_unsupported() {
         other => panic!("expected Unsupported, got {other:?}"),
     }
 }
+
+#[test]
+fn has_kernel_agrees_with_spec_for_op() {
+    let mut g = Graph::new();
+    let a = g.persistent("a", DType::F32, &[32]).unwrap();
+    let b = g.persistent("b", DType::F32, &[32]).unwrap();
+    let h = g.persistent("h", DType::BF16, &[32]).unwrap();
+    let w = g.persistent("w", DType::F32, &[4, 32]).unwrap();
+    let y = g.persistent("y", DType::F32, &[1, 4]).unwrap();
+    let kind = ElementwiseKind::Mul;
+    g.push(Elementwise {
+        kind,
+        a,
+        b: a,
+        out: b,
+        len: 32,
+    })
+    .unwrap();
+    g.push(Cast {
+        x: b,
+        out: h,
+        len: 32,
+    })
+    .unwrap();
+    g.push(RmsNorm {
+        x: b,
+        weight: None,
+        out: a,
+        rows: 1,
+        dim: 32,
+        eps: 0.0,
+    })
+    .unwrap();
+    g.push(MatMul {
+        x: a,
+        w,
+        bias: None,
+        out: y,
+        m: 1,
+        n: 4,
+        k: 32,
+    })
+    .unwrap();
+    for op in g.ops() {
+        assert_eq!(
+            kiln_cuda::manifest::has_kernel(op),
+            kiln_cuda::manifest::spec_for_op(op, &g).is_ok(),
+            "{}",
+            op.name()
+        );
+    }
+}
