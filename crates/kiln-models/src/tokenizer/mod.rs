@@ -197,6 +197,68 @@ pub struct Tokenizer {
 /// llama.cpp's default BOS and EOS for byte-level BPE files without those keys.
 const BPE_DEFAULT_BOS_EOS: TokenId = 11;
 
+/// llama.cpp's values for what the metadata leaves unset, per algorithm.
+struct Defaults {
+    ids: SpecialTokenIds,
+    add_bos: bool,
+    add_space_prefix: bool,
+}
+
+impl Defaults {
+    /// The defaults of byte-level BPE with pre-tokenizer `pre` (BOS = EOS = 11,
+    /// unless the pre-type has no default BOS; BOS added per pre-type; no space
+    /// prefix), or of SentencePiece for `None` (BOS 1, EOS 2, unknown 0; BOS added;
+    /// space prefix).
+    fn for_model(pre: Option<&PreTokenizer>) -> Defaults {
+        match pre {
+            Some(pre) => Defaults {
+                ids: SpecialTokenIds {
+                    bos: (!pre.no_default_bos).then_some(BPE_DEFAULT_BOS_EOS),
+                    eos: Some(BPE_DEFAULT_BOS_EOS),
+                    ..SpecialTokenIds::default()
+                },
+                add_bos: pre.add_bos,
+                add_space_prefix: false,
+            },
+            None => Defaults {
+                ids: SpecialTokenIds {
+                    bos: Some(1),
+                    eos: Some(2),
+                    unknown: Some(0),
+                    ..SpecialTokenIds::default()
+                },
+                add_bos: true,
+                add_space_prefix: true,
+            },
+        }
+    }
+}
+
+impl SpecialTokenIds {
+    /// Each id of `self` that is below `n_tokens`, else the one of `defaults` if
+    /// that is (llama.cpp keeps the default when a given id is out of range).
+    fn resolve(&self, defaults: &SpecialTokenIds, n_tokens: usize) -> SpecialTokenIds {
+        let pick = |given: Option<TokenId>, default: Option<TokenId>| {
+            let in_range = |id: &TokenId| (*id as usize) < n_tokens;
+            given.filter(in_range).or(default.filter(in_range))
+        };
+        SpecialTokenIds {
+            bos: pick(self.bos, defaults.bos),
+            eos: pick(self.eos, defaults.eos),
+            eot: pick(self.eot, defaults.eot),
+            eom: pick(self.eom, defaults.eom),
+            unknown: pick(self.unknown, defaults.unknown),
+            padding: pick(self.padding, defaults.padding),
+            fim_pre: pick(self.fim_pre, defaults.fim_pre),
+            fim_suf: pick(self.fim_suf, defaults.fim_suf),
+            fim_mid: pick(self.fim_mid, defaults.fim_mid),
+            fim_pad: pick(self.fim_pad, defaults.fim_pad),
+            fim_rep: pick(self.fim_rep, defaults.fim_rep),
+            fim_sep: pick(self.fim_sep, defaults.fim_sep),
+        }
+    }
+}
+
 impl Tokenizer {
     /// The tokenizer of a GGUF file's metadata (see
     /// [`TokenizerSpec::from_gguf_metadata`] and [`Tokenizer::from_spec`]).
@@ -208,8 +270,8 @@ impl Tokenizer {
     /// special ids per model (SentencePiece: BOS 1, EOS 2, unknown 0; byte-level
     /// BPE: BOS = EOS = 11), dropped when out of range; a given id out of range
     /// keeps the default; end-of-turn, end-of-message and fill-in-the-middle tokens
-    /// found by their texts when not given; the end-of-generation set. Errors:
-    /// an empty or repeated token, short types or scores, an unknown pre-type, or
+    /// found by their texts when not given; the end-of-generation set. Errors: no
+    /// tokens, a repeated token, short types or scores, an unknown pre-type, or
     /// BOS/EOS to be added without an id.
     pub fn from_spec(spec: TokenizerSpec) -> Result<Tokenizer> {
         let TokenizerSpec {
@@ -224,49 +286,13 @@ impl Tokenizer {
             add_space_prefix,
         } = spec;
         let mut vocab = Vocab::new(tokens, token_types, scores)?;
-        let in_range = |id: Option<TokenId>| id.filter(|&id| (id as usize) < vocab.len());
         let pre = match &model {
             TokenizerModel::ByteLevelBpe { pre } => Some(PreTokenizer::for_name(pre.as_deref())?),
             TokenizerModel::SentencePiece => None,
         };
-        let (default_ids, default_add_bos, default_space_prefix) = match &pre {
-            Some(pre) => {
-                let bos = (!pre.no_default_bos).then_some(BPE_DEFAULT_BOS_EOS);
-                let ids = SpecialTokenIds {
-                    bos,
-                    eos: Some(BPE_DEFAULT_BOS_EOS),
-                    ..SpecialTokenIds::default()
-                };
-                (ids, pre.add_bos, false)
-            }
-            None => {
-                let ids = SpecialTokenIds {
-                    bos: Some(1),
-                    eos: Some(2),
-                    unknown: Some(0),
-                    ..SpecialTokenIds::default()
-                };
-                (ids, true, true)
-            }
-        };
-        let pick = |given: Option<TokenId>, default: Option<TokenId>| {
-            in_range(given).or(in_range(default))
-        };
-        let mut ids = SpecialTokenIds {
-            bos: pick(given.bos, default_ids.bos),
-            eos: pick(given.eos, default_ids.eos),
-            unknown: pick(given.unknown, default_ids.unknown),
-            eot: in_range(given.eot),
-            eom: in_range(given.eom),
-            padding: in_range(given.padding),
-            fim_pre: in_range(given.fim_pre),
-            fim_suf: in_range(given.fim_suf),
-            fim_mid: in_range(given.fim_mid),
-            fim_pad: in_range(given.fim_pad),
-            fim_rep: in_range(given.fim_rep),
-            fim_sep: in_range(given.fim_sep),
-        };
-        let add_bos = add_bos.unwrap_or(default_add_bos);
+        let defaults = Defaults::for_model(pre.as_ref());
+        let mut ids = given.resolve(&defaults.ids, vocab.len());
+        let add_bos = add_bos.unwrap_or(defaults.add_bos);
         let add_eos = add_eos.unwrap_or(false);
         require_id(add_bos, ids.bos, keys::ADD_BOS, keys::BOS_ID)?;
         require_id(add_eos, ids.eos, keys::ADD_EOS, keys::EOS_ID)?;
@@ -286,7 +312,7 @@ impl Tokenizer {
             eog,
             add_bos,
             add_eos,
-            add_space_prefix: add_space_prefix.unwrap_or(default_space_prefix),
+            add_space_prefix: add_space_prefix.unwrap_or(defaults.add_space_prefix),
             special_tokens,
             pieces,
         })

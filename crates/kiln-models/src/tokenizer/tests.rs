@@ -166,6 +166,23 @@ fn adding_bos_without_a_bos_id_is_an_error() {
 }
 
 #[test]
+fn tokenizer_is_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tokenizer>();
+    let tok = bpe();
+    let ids = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| s.spawn(|| tok.encode("hi hi", false, false)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(ids, [vec![7, 8], vec![7, 8]]);
+}
+
+#[test]
 fn repeated_token_is_an_error() {
     let spec = TokenizerSpec::new(TokenizerModel::SentencePiece, strings(&["<unk>", "a", "a"]));
     let err = Tokenizer::from_spec(spec).unwrap_err().to_string();
