@@ -21,6 +21,8 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Measure prompt-processing and generation speed, like llama-bench.
     Bench(cmd::bench::BenchArgs),
+    /// Write a real-shaped model with random weights, for benchmarks.
+    Synth(cmd::synth::SynthArgs),
     /// Print the kiln version.
     Version,
     /// Print a GGUF file's header, metadata and tensors, or one tensor's values.
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
     let result: kiln_core::Result<()> = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Synth(args) => cmd::synth::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Quantize(args) => cmd::quantize::run(args),
         Command::Convert(args) => cmd::convert::run(args),

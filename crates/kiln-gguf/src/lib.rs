@@ -18,9 +18,11 @@
 //!
 //! Element formats (`f16`, `q4_0`, ...) are defined in [`kiln_core::quant`].
 
+pub mod byte_level;
 pub mod convert;
 mod metadata;
 mod read;
+pub mod synth;
 mod tensor;
 mod value;
 mod write;

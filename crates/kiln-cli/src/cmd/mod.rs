@@ -10,3 +10,4 @@ pub mod inspect;
 pub mod model_file;
 pub mod precompile;
 pub mod quantize;
+pub mod synth;

@@ -31,6 +31,7 @@ mod vocab;
 mod weights;
 
 pub use config::{Family, HfConfig, RopeScaling};
+pub(crate) use tensors::model_tensors;
 pub use tensors::{output_dtype, permute_rope_rows};
 pub use vocab::Vocab;
 
@@ -197,19 +198,8 @@ impl HfCheckpoint {
     ) -> Result<ConvertSummary> {
         let metadata = self.metadata(dtype)?;
         let descs = self.tensor_descs(dtype);
-        let partial = partial_path(out);
-        let result = self.write_file(&partial, &metadata, &descs, progress);
-        let result =
-            result.and_then(|()| std::fs::rename(&partial, out).map_err(|e| Error::io(out, e)));
-        if result.is_err() {
-            // Best effort: the conversion's error matters more than a failed cleanup.
-            let _ = std::fs::remove_file(&partial);
-        }
-        result?;
-        let file_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
-        Ok(ConvertSummary {
-            tensors: descs.into_iter().map(|d| (d.name, d.dtype)).collect(),
-            file_bytes,
+        write_atomically(out, descs, |partial, descs| {
+            self.write_file(partial, &metadata, descs, progress)
         })
     }
 
@@ -309,6 +299,30 @@ fn in_tensor(name: &str, e: Error) -> Error {
         Error::InvalidArgument { op, msg } => Error::invalid(op, format!("tensor {name:?}: {msg}")),
         other => other,
     }
+}
+
+/// Writes a GGUF file of `descs` through `write(partial path, descs)` to `OUT.partial`,
+/// then renames it to `out`, so `out` never holds a truncated file; the partial file
+/// is removed on failure.
+pub(crate) fn write_atomically(
+    out: &Path,
+    descs: Vec<TensorDesc>,
+    write: impl FnOnce(&Path, &[TensorDesc]) -> Result<()>,
+) -> Result<ConvertSummary> {
+    let partial = partial_path(out);
+    let result = write(&partial, &descs);
+    let result =
+        result.and_then(|()| std::fs::rename(&partial, out).map_err(|e| Error::io(out, e)));
+    if result.is_err() {
+        // Best effort: the writer's error matters more than a failed cleanup.
+        let _ = std::fs::remove_file(&partial);
+    }
+    result?;
+    let file_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
+    Ok(ConvertSummary {
+        tensors: descs.into_iter().map(|d| (d.name, d.dtype)).collect(),
+        file_bytes,
+    })
 }
 
 /// `out` with `.partial` appended to its file name.

@@ -103,6 +103,41 @@ pub fn plan(config: &HfConfig, weights: &Weights) -> Result<Vec<PlannedTensor>> 
     Ok(planned)
 }
 
+/// A tensor of a model made without a checkpoint: llama.cpp's name, row-major shape,
+/// and the values (little-endian f32) where they are computed rather than drawn.
+pub(crate) struct ModelTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub fixed: Option<Vec<u8>>,
+}
+
+/// The tensors a model of `config` holds, in write order, as [`plan`] would produce
+/// them from a complete checkpoint (`rope_freqs.weight` after `token_embd.weight`).
+pub(crate) fn model_tensors(config: &HfConfig) -> Result<Vec<ModelTensor>> {
+    let mut list = Vec::new();
+    for e in expected_tensors(config).into_iter().filter(|e| e.required) {
+        let is_embedding = e.gguf == "token_embd.weight";
+        list.push(ModelTensor {
+            name: e.gguf,
+            shape: e.shape,
+            fixed: None,
+        });
+        if is_embedding {
+            if let Some(freqs) = rope_freqs(config)? {
+                let Source::Generated(values) = freqs.source else {
+                    unreachable!("rope_freqs computes its values")
+                };
+                list.push(ModelTensor {
+                    name: freqs.name,
+                    shape: freqs.shape,
+                    fixed: Some(values),
+                });
+            }
+        }
+    }
+    Ok(list)
+}
+
 fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
     let (h, q_dim, kv_dim) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
     let permute = c.family == Family::Llama;
