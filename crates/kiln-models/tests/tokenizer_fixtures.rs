@@ -240,8 +240,8 @@ fn shakespeare_spec(tokenizer_json: &Json) -> TokenizerSpec {
 #[test]
 fn shakespeare_tiny_tokenizer_matches_hf_tokenizers() {
     let fixture = fixture("shakespeare_tiny");
-    let root = manifest_dir().join("../..");
-    let path = root.join(fixture["tokenizer_json"].as_str().expect("path"));
+    let model_dir = manifest_dir().join("../../models/shakespeare-tiny");
+    let path = model_dir.join("tokenizer.json");
     let raw = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let sha: String = Sha256::digest(&raw)
         .iter()
@@ -253,7 +253,18 @@ fn shakespeare_tiny_tokenizer_matches_hf_tokenizers() {
         "{} changed: re-run scripts/make_tokenizer_fixtures.py",
         path.display()
     );
+    let cases = cases(&fixture);
     let tok = Tokenizer::from_spec(shakespeare_spec(&read_json(&path))).unwrap();
     assert_eq!(tok.vocab_size(), 4096);
-    check_cases("shakespeare_tiny", &tok, &cases(&fixture));
+    check_cases("shakespeare_tiny", &tok, &cases);
+
+    // The same through kiln convert's metadata, as `kiln generate` loads it.
+    let checkpoint = kiln_gguf::convert::HfCheckpoint::open(&model_dir).unwrap();
+    let mut metadata = Metadata::new();
+    checkpoint.vocab().write_metadata(&mut metadata);
+    let converted = Tokenizer::from_gguf_metadata(&metadata).unwrap();
+    check_cases("shakespeare_tiny via kiln convert", &converted, &cases);
+    let bos = token(&converted, "<|begin_of_text|>");
+    assert_eq!(converted.encode("ROMEO:", true, false)[0], bos);
+    assert!(converted.is_eog(token(&converted, "<|end_of_text|>")));
 }
