@@ -72,5 +72,11 @@ mod tests {
         assert_eq!(BYTE_CHARS[b' ' as usize], 'Ġ');
         assert_eq!(BYTE_CHARS[b'\n' as usize], 'Ċ');
         assert_eq!(BYTE_CHARS[b'a' as usize], 'a');
+        assert_eq!(BYTE_CHARS[0], '\u{100}');
+        assert_eq!(BYTE_CHARS[0x7F], '\u{121}');
+        assert_eq!(BYTE_CHARS[0xAD], '\u{143}');
+        assert_eq!(BYTE_CHARS[0xE9], 'é');
+        assert_eq!(char_to_byte('\u{144}'), None);
+        assert_eq!(char_to_byte(' '), None);
     }
 }

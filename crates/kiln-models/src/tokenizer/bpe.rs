@@ -19,64 +19,7 @@ use super::TokenId;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
-/// Whether byte `b` stands for itself in GPT-2's byte-to-character map.
-const fn is_printable_byte(b: u8) -> bool {
-    matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF)
-}
-
-/// The number of bytes that do not stand for themselves.
-const N_SHIFTED_BYTES: usize = 68;
-
-/// GPT-2's byte-to-character map: a printable byte is its own character, the n-th
-/// other byte (in byte order) is U+0100 + n.
-pub(crate) const BYTE_CHARS: [char; 256] = byte_chars();
-
-/// The bytes that map to U+0100, U+0101, ... in [`BYTE_CHARS`].
-const SHIFTED_BYTES: [u8; N_SHIFTED_BYTES] = shifted_bytes();
-
-const fn byte_chars() -> [char; 256] {
-    let mut table = ['\0'; 256];
-    let mut shifted = 0u32;
-    let mut b = 0usize;
-    while b < 256 {
-        let code = if is_printable_byte(b as u8) {
-            b as u32
-        } else {
-            shifted += 1;
-            0xFF + shifted
-        };
-        table[b] = match char::from_u32(code) {
-            Some(c) => c,
-            None => panic!("U+0000..U+0143 are all characters"),
-        };
-        b += 1;
-    }
-    table
-}
-
-const fn shifted_bytes() -> [u8; N_SHIFTED_BYTES] {
-    let mut table = [0u8; N_SHIFTED_BYTES];
-    let mut n = 0;
-    let mut b = 0usize;
-    while b < 256 {
-        if !is_printable_byte(b as u8) {
-            table[n] = b as u8;
-            n += 1;
-        }
-        b += 1;
-    }
-    table
-}
-
-/// The byte that `c` stands for in GPT-2's map, if any.
-pub(crate) fn char_to_byte(c: char) -> Option<u8> {
-    let code = c as u32;
-    if code < 256 && is_printable_byte(code as u8) {
-        return Some(code as u8);
-    }
-    let shifted = code.checked_sub(0x100)? as usize;
-    SHIFTED_BYTES.get(shifted).copied()
-}
+pub(crate) use kiln_gguf::byte_level::{char_to_byte, BYTE_CHARS};
 
 /// The id of a string that takes part in merges: a vocabulary id, or an id past it.
 type SymbolId = u32;
@@ -317,25 +260,6 @@ struct Scratch {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn byte_map_matches_gpt2() {
-        // GPT-2's bytes_to_unicode: space is U+0120 'Ġ', newline U+010A 'Ċ', byte 0
-        // U+0100, 0x7F U+0121, 0xAD (soft hyphen) U+0143; printable bytes map to
-        // themselves.
-        assert_eq!(BYTE_CHARS[b' ' as usize], 'Ġ');
-        assert_eq!(BYTE_CHARS[b'\n' as usize], 'Ċ');
-        assert_eq!(BYTE_CHARS[0], '\u{100}');
-        assert_eq!(BYTE_CHARS[0x7F], '\u{121}');
-        assert_eq!(BYTE_CHARS[0xAD], '\u{143}');
-        assert_eq!(BYTE_CHARS[b'a' as usize], 'a');
-        assert_eq!(BYTE_CHARS[0xE9], 'é');
-        for b in 0..=255u8 {
-            assert_eq!(char_to_byte(BYTE_CHARS[b as usize]), Some(b));
-        }
-        assert_eq!(char_to_byte('\u{144}'), None);
-        assert_eq!(char_to_byte(' '), None);
-    }
 
     fn model(tokens: &[&str], merges: &[&str], pre: &str) -> (Vocab, BpeModel) {
         let vocab = Vocab::new(tokens.iter().map(|t| t.to_string()).collect(), None, None).unwrap();
