@@ -41,6 +41,7 @@ impl DeviceBuffer for CudaBuffer {
 pub struct CudaBackend {
     device: Arc<CudaDevice>,
     registry: KernelRegistry<NvrtcCompiler>,
+    attention_workspace: ops::attention::Workspace,
 }
 
 impl CudaBackend {
@@ -63,7 +64,13 @@ impl CudaBackend {
         Ok(Self {
             device,
             registry: KernelRegistry::new(compiler, cache),
+            attention_workspace: ops::attention::Workspace::default(),
         })
+    }
+
+    /// Scratch memory of the attention kernels' split decode.
+    pub(crate) fn attention_workspace(&self) -> &ops::attention::Workspace {
+        &self.attention_workspace
     }
 
     /// The device.
@@ -155,10 +162,96 @@ impl CudaBackend {
                     )
                 })?
             }
-            other => Err(Error::Unsupported(format!(
-                "cuda backend: op {} is not implemented yet",
-                other.name()
-            ))),
+            Op::Embedding(e) => {
+                let table = dtype(e.table)?;
+                bindings.with_operands(&[e.table, e.ids], &[e.out], |ins, outs| {
+                    ops::embedding::embedding(
+                        self, ins[0], table, ins[1], outs[0], e.n_tokens, e.vocab, e.dim,
+                    )
+                })?
+            }
+            Op::Rope(r) => {
+                let inputs: Vec<_> = [r.x, r.positions]
+                    .into_iter()
+                    .chain(r.freq_factors)
+                    .collect();
+                bindings.with_operands(&inputs, &[r.out], |ins, outs| {
+                    let ff = ins.get(2).copied();
+                    ops::rope::rope(
+                        self, ins[0], ins[1], ff, outs[0], r.n_tokens, r.n_heads, &r.params,
+                    )
+                })?
+            }
+            Op::HeadNormRope(r) => {
+                let inputs: Vec<_> = [r.x, r.positions]
+                    .into_iter()
+                    .chain(r.weight)
+                    .chain(r.freq_factors)
+                    .collect();
+                let ff_at = 2 + usize::from(r.weight.is_some());
+                bindings.with_operands(&inputs, &[r.out], |ins, outs| {
+                    let weight = r.weight.map(|_| ins[2]);
+                    let ff = r.freq_factors.map(|_| ins[ff_at]);
+                    ops::rope::head_norm_rope(
+                        self, ins[0], weight, ins[1], ff, outs[0], r.n_tokens, r.n_heads, r.eps,
+                        &r.params,
+                    )
+                })?
+            }
+            Op::MatMul(m) => {
+                let w = dtype(m.w)?;
+                let inputs: Vec<_> = [m.x, m.w].into_iter().chain(m.bias).collect();
+                bindings.with_operands(&inputs, &[m.out], |ins, outs| {
+                    let bias = ins.get(2).copied();
+                    ops::matmul::matmul(self, ins[0], ins[1], w, bias, outs[0], m.m, m.n, m.k)
+                })?
+            }
+            Op::Softmax(s) => bindings.with_operands(&[s.x], &[s.out], |ins, outs| {
+                ops::softmax::softmax(
+                    self,
+                    ins[0],
+                    outs[0],
+                    s.rows,
+                    s.cols,
+                    s.scale,
+                    s.causal_offset,
+                )
+            })?,
+            Op::KvAppend(k) => {
+                let cache = dtype(k.cache)?;
+                bindings.with_operands(&[k.src, k.positions], &[k.cache], |ins, outs| {
+                    ops::kv_cache::kv_append(
+                        self,
+                        ins[0],
+                        ins[1],
+                        outs[0],
+                        cache,
+                        k.n_tokens,
+                        k.n_kv_heads,
+                        k.head_dim,
+                        k.capacity,
+                    )
+                })?
+            }
+            Op::Attention(a) => {
+                let cache = dtype(a.k_cache)?;
+                let inputs = [a.q, a.k_cache, a.v_cache, a.positions];
+                bindings.with_operands(&inputs, &[a.out], |ins, outs| {
+                    ops::attention::attention(
+                        self,
+                        ins[0],
+                        ins[1],
+                        ins[2],
+                        ins[3],
+                        outs[0],
+                        cache,
+                        &a.into(),
+                    )
+                })?
+            }
+            Op::Argmax(a) => bindings.with_operands(&[a.x], &[a.out], |ins, outs| {
+                ops::argmax::argmax(self, ins[0], outs[0], a.rows, a.cols)
+            })?,
         }
     }
 }

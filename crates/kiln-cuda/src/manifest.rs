@@ -1,16 +1,26 @@
 //! The manifest: every kernel family with its embedded source, the shared headers,
 //! and every specialisation, so that precompilation can enumerate them all.
 
-use kiln_core::{Graph, Op, Result};
+use kiln_core::{BufferId, Error, Graph, Op, Result};
 
 use crate::ops;
 use crate::registry::{KernelSource, KernelSpec};
 
 /// Headers every kernel source may `#include`, handed to NVRTC in memory.
-pub const HEADERS: &[KernelSource] = &[KernelSource {
-    name: "common.cuh",
-    text: include_str!("../kernels/common.cuh"),
-}];
+pub const HEADERS: &[KernelSource] = &[
+    KernelSource {
+        name: "common.cuh",
+        text: include_str!("../kernels/common.cuh"),
+    },
+    KernelSource {
+        name: "quant.cuh",
+        text: include_str!("../kernels/quant.cuh"),
+    },
+    KernelSource {
+        name: "reduce.cuh",
+        text: include_str!("../kernels/reduce.cuh"),
+    },
+];
 
 /// A kernel family: one `.cu` file, named like its op family in `kiln_core::ops`.
 #[derive(Clone, Copy, Debug)]
@@ -60,37 +70,164 @@ pub const NORM: Family = Family {
     },
 };
 
+/// [`kiln_core::ops::Embedding`].
+pub const EMBEDDING: Family = Family {
+    name: "embedding",
+    source: KernelSource {
+        name: "embedding.cu",
+        text: include_str!("../kernels/embedding.cu"),
+    },
+};
+
+/// [`kiln_core::ops::Rope`] and [`kiln_core::ops::HeadNormRope`].
+pub const ROPE: Family = Family {
+    name: "rope",
+    source: KernelSource {
+        name: "rope.cu",
+        text: include_str!("../kernels/rope.cu"),
+    },
+};
+
+/// [`kiln_core::ops::MatMul`] with few activation rows (decode).
+pub const MATVEC: Family = Family {
+    name: "matvec",
+    source: KernelSource {
+        name: "matvec.cu",
+        text: include_str!("../kernels/matvec.cu"),
+    },
+};
+
+/// [`kiln_core::ops::MatMul`] with many activation rows (prefill), on tensor cores.
+pub const MATMUL: Family = Family {
+    name: "matmul",
+    source: KernelSource {
+        name: "matmul.cu",
+        text: include_str!("../kernels/matmul.cu"),
+    },
+};
+
+/// [`kiln_core::ops::Softmax`].
+pub const SOFTMAX: Family = Family {
+    name: "softmax",
+    source: KernelSource {
+        name: "softmax.cu",
+        text: include_str!("../kernels/softmax.cu"),
+    },
+};
+
+/// [`kiln_core::ops::KvAppend`].
+pub const KV_CACHE: Family = Family {
+    name: "kv_cache",
+    source: KernelSource {
+        name: "kv_cache.cu",
+        text: include_str!("../kernels/kv_cache.cu"),
+    },
+};
+
+/// [`kiln_core::ops::Attention`].
+pub const ATTENTION: Family = Family {
+    name: "attention",
+    source: KernelSource {
+        name: "attention.cu",
+        text: include_str!("../kernels/attention.cu"),
+    },
+};
+
+/// [`kiln_core::ops::Argmax`].
+pub const ARGMAX: Family = Family {
+    name: "argmax",
+    source: KernelSource {
+        name: "argmax.cu",
+        text: include_str!("../kernels/argmax.cu"),
+    },
+};
+
 /// Every family.
-pub const FAMILIES: [Family; 3] = [CAST, ELEMENTWISE, NORM];
+pub const FAMILIES: [Family; 11] = [
+    CAST,
+    ELEMENTWISE,
+    NORM,
+    EMBEDDING,
+    ROPE,
+    MATVEC,
+    MATMUL,
+    SOFTMAX,
+    KV_CACHE,
+    ATTENTION,
+    ARGMAX,
+];
 
 /// Every specialisation of every family.
 pub fn all_specs() -> Vec<KernelSpec> {
     let mut specs = ops::cast::all_specs();
     specs.extend(ops::elementwise::all_specs());
     specs.extend(ops::norm::all_specs());
+    specs.extend(ops::embedding::all_specs());
+    specs.extend(ops::rope::all_specs());
+    specs.extend(ops::matmul::all_specs());
+    specs.extend(ops::softmax::all_specs());
+    specs.extend(ops::kv_cache::all_specs());
+    specs.extend(ops::attention::all_specs());
+    specs.push(ops::argmax::spec());
     specs
 }
 
-/// Whether the CUDA backend has a kernel for `op`'s kind.
+/// Whether the CUDA backend has a kernel for `op`: its kind and the parameters the
+/// kernels are limited in (every weight, cache and float dtype the IR allows has one).
+/// The one limit: attention's head dimension ([`ops::attention::check_head_dim`]).
 pub fn has_kernel(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Cast(_) | Op::Elementwise(_) | Op::RmsNorm(_) | Op::AddRmsNorm(_)
-    )
+    match op {
+        Op::Attention(a) => ops::attention::check_head_dim(a.head_dim).is_ok(),
+        _ => true,
+    }
 }
 
 /// The specialisation that runs `op` of `graph`. Errors with
 /// [`kiln_core::Error::Unsupported`] for ops the CUDA backend does not implement.
 pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
+    if !has_kernel(op) {
+        return Err(Error::Unsupported(format!(
+            "cuda backend: op {} with these parameters has no kernel: {op:?}",
+            op.name()
+        )));
+    }
+    let dtype = |id: BufferId| graph.desc(id).map(|d| d.dtype);
+    let bytes = |id: BufferId| graph.desc(id).map(|d| d.bytes());
+    let optional = |id: Option<BufferId>| id.map(bytes).transpose();
     match op {
-        Op::Cast(c) => ops::cast::spec(graph.desc(c.x)?.dtype, graph.desc(c.out)?.dtype),
+        Op::Cast(c) => ops::cast::spec(dtype(c.x)?, dtype(c.out)?),
         Op::Elementwise(e) => Ok(ops::elementwise::spec(e.kind)),
         Op::RmsNorm(n) => Ok(ops::norm::spec(n.weight.is_some(), false)),
         Op::AddRmsNorm(n) => Ok(ops::norm::spec(n.weight.is_some(), true)),
-        other => Err(kiln_core::Error::Unsupported(format!(
-            "cuda backend: op {} is not implemented yet",
-            other.name()
-        ))),
+        Op::Embedding(e) => ops::embedding::spec(dtype(e.table)?),
+        Op::Rope(r) => Ok(ops::rope::spec(r.params.style, false)),
+        Op::HeadNormRope(r) => Ok(ops::rope::spec(r.params.style, true)),
+        Op::MatMul(m) => ops::matmul::MatMulArgs {
+            weight: dtype(m.w)?,
+            m: m.m,
+            n: m.n,
+            k: m.k,
+            x_bytes: bytes(m.x)?,
+            w_bytes: bytes(m.w)?,
+            bias_bytes: optional(m.bias)?,
+            out_bytes: bytes(m.out)?,
+        }
+        .check()
+        .map(|plan| plan.spec),
+        Op::Softmax(s) => Ok(ops::softmax::spec(s.causal_offset.is_some())),
+        Op::KvAppend(k) => ops::kv_cache::spec(dtype(k.cache)?),
+        Op::Attention(a) => ops::attention::AttentionArgs {
+            shape: a.into(),
+            cache: dtype(a.k_cache)?,
+            q_bytes: bytes(a.q)?,
+            k_bytes: bytes(a.k_cache)?,
+            v_bytes: bytes(a.v_cache)?,
+            positions_bytes: bytes(a.positions)?,
+            out_bytes: bytes(a.out)?,
+        }
+        .check()
+        .map(|plan| plan.spec),
+        Op::Argmax(_) => Ok(ops::argmax::spec()),
     }
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use kiln_core::ops::{AddRmsNorm, Cast, Elementwise, ElementwiseKind, MatMul, RmsNorm};
+use kiln_core::ops::{AddRmsNorm, Attention, Cast, Elementwise, ElementwiseKind, RmsNorm};
 use kiln_core::{Backend, DType, Error, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops;
@@ -114,34 +114,43 @@ fn chained_ops_with_aliased_transients_match_cpu() {
 fn unimplemented_ops_are_unsupported_before_anything_runs() {
     let Some(cuda) = cuda() else { return };
     let mut g = Graph::new();
-    let a = g.persistent("a", DType::F32, &[32]).unwrap();
-    let b = g.persistent("b", DType::F32, &[32]).unwrap();
-    let s = g.persistent("s", DType::F32, &[32]).unwrap();
-    let w = g.persistent("w", DType::F32, &[4, 32]).unwrap();
-    let y = g.persistent("y", DType::F32, &[1, 4]).unwrap();
+    let a = g.persistent("a", DType::F32, &[8]).unwrap();
+    let b = g.persistent("b", DType::F32, &[8]).unwrap();
+    let s = g.persistent("s", DType::F32, &[8]).unwrap();
+    let k = g.persistent("k", DType::F16, &[1, 8, 4]).unwrap();
+    let v = g.persistent("v", DType::F16, &[1, 8, 4]).unwrap();
+    let positions = g.persistent("positions", DType::I32, &[1]).unwrap();
+    let y = g.persistent("y", DType::F32, &[1, 2, 4]).unwrap();
     let kind = ElementwiseKind::Add;
     g.push(Elementwise {
         kind,
         a,
         b,
         out: s,
-        len: 32,
+        len: 8,
     })
     .unwrap();
-    g.push(MatMul {
-        x: s,
-        w,
-        bias: None,
+    // A head dimension the CUDA attention kernels do not take (not a multiple of 8).
+    g.push(Attention {
+        q: s,
+        k_cache: k,
+        v_cache: v,
+        positions,
         out: y,
-        m: 1,
-        n: 4,
-        k: 32,
+        n_tokens: 1,
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 4,
+        capacity: 8,
+        scale: 0.5,
+        window: None,
+        softcap: None,
     })
     .unwrap();
-    let inputs = [(a, f32_bytes(&[1.0; 32])), (b, f32_bytes(&[2.0; 32]))];
+    let inputs = [(a, f32_bytes(&[1.0; 8])), (b, f32_bytes(&[2.0; 8]))];
     match run_on(cuda, &g, &inputs, &[s]) {
         Err(Error::Unsupported(msg)) => {
-            assert_eq!(msg, "cuda backend: op matmul is not implemented yet")
+            assert!(msg.starts_with("cuda backend: op attention"), "{msg}")
         }
         other => panic!("expected Unsupported, got {other:?}"),
     }

@@ -1,6 +1,6 @@
 //! The kernel manifest and the no-driver path. Runs without a GPU.
 
-use kiln_core::ops::{Cast, Elementwise, ElementwiseKind, MatMul, RmsNorm};
+use kiln_core::ops::{Attention, Cast, Elementwise, ElementwiseKind, MatMul, RmsNorm};
 use kiln_core::{DType, Error, Graph};
 use kiln_cuda::manifest::{all_specs, specs_for_graph, FAMILIES, HEADERS};
 
@@ -9,8 +9,11 @@ fn every_spec_has_a_unique_canonical_key() {
     let specs = all_specs();
     assert_eq!(
         specs.len(),
-        9 + 4 + 4,
-        "cast pairs, element-wise kinds, norm variants"
+        9 + 4 + 4 + 14 + 4 + 118 + 2 + 2 + 20 + 1,
+        "cast pairs, element-wise kinds, norm variants, embedding tables, rope \
+         variants, matmul (14 weight dtypes x (4 mat-vec tiers x 2 load widths but 1 \
+         for q4_k/q5_k) + 14 mat-mat), softmax, kv caches, attention (2 caches x \
+         (8 decode + 2 prefill)), argmax"
     );
     let mut keys: Vec<&str> = specs.iter().map(|s| s.key.as_str()).collect();
     keys.sort();
@@ -122,24 +125,34 @@ fn specs_for_graph_are_distinct_and_in_first_use_order() {
 
 #[test]
 fn ops_without_a_cuda_kernel_are_unsupported() {
+    // Attention with a head dimension that is not a multiple of 8: valid IR, but the
+    // CUDA kernels need 16-byte aligned cache rows.
     let mut g = Graph::new();
-    let x = g.persistent("x", DType::F32, &[1, 32]).unwrap();
-    let w = g.persistent("w", DType::F32, &[4, 32]).unwrap();
-    let y = g.persistent("y", DType::F32, &[1, 4]).unwrap();
-    g.push(MatMul {
-        x,
-        w,
-        bias: None,
-        out: y,
-        m: 1,
-        n: 4,
-        k: 32,
+    let q = g.persistent("q", DType::F32, &[1, 2, 4]).unwrap();
+    let k = g.persistent("k", DType::F16, &[1, 8, 4]).unwrap();
+    let v = g.persistent("v", DType::F16, &[1, 8, 4]).unwrap();
+    let positions = g.persistent("positions", DType::I32, &[1]).unwrap();
+    let out = g.persistent("out", DType::F32, &[1, 2, 4]).unwrap();
+    g.push(Attention {
+        q,
+        k_cache: k,
+        v_cache: v,
+        positions,
+        out,
+        n_tokens: 1,
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 4,
+        capacity: 8,
+        scale: 0.5,
+        window: None,
+        softcap: None,
     })
     .unwrap();
     match specs_for_graph(&g) {
         Err(Error::Unsupported(msg)) => {
             assert!(
-                msg.contains("cuda backend") && msg.contains("matmul"),
+                msg.contains("cuda backend") && msg.contains("attention"),
                 "{msg}"
             )
         }

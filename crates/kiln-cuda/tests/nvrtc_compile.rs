@@ -32,7 +32,10 @@ fn resource_usage(log: &str) -> String {
         .filter(|l| l.contains("Used") || l.contains("spill"))
         // "ptxas info    : Used 16 registers, ..." and "ptxas    .  0 bytes stack frame, ...".
         .map(|l| l.find(": Used").map_or(l, |at| &l[at + 2..]))
-        .map(|l| l.find(|c: char| c.is_ascii_digit()).map_or(l, |at| &l[at..]))
+        .map(|l| {
+            l.find(|c: char| c.is_ascii_digit())
+                .map_or(l, |at| &l[at..])
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }

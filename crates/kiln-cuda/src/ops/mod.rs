@@ -2,9 +2,17 @@
 //! its contract, then launches its kernel on the backend's stream with shapes by
 //! value.
 
+pub mod argmax;
+pub mod attention;
 pub mod cast;
+mod common;
 pub mod elementwise;
+pub mod embedding;
+pub mod kv_cache;
+pub mod matmul;
 pub mod norm;
+pub mod rope;
+pub mod softmax;
 
 use cudarc::driver::LaunchConfig;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
@@ -61,15 +69,26 @@ pub(crate) fn check_buffer(
     dtype: DType,
     elements: usize,
 ) -> Result<()> {
+    check_bytes(op, role, buf.bytes(), dtype, elements)
+}
+
+/// Errors unless a buffer of `bytes` bytes holds at least `elements` elements of
+/// `dtype`.
+pub(crate) fn check_bytes(
+    op: &str,
+    role: &str,
+    bytes: usize,
+    dtype: DType,
+    elements: usize,
+) -> Result<()> {
     let need = dtype
         .bytes_for(elements)
         .map_err(|e| Error::invalid(op, format!("{role}: {e}")))?;
-    if buf.bytes() < need {
+    if bytes < need {
         return Err(Error::invalid(
             op,
             format!(
-                "{role} needs {elements} {dtype} elements ({need} bytes), its buffer has {} bytes",
-                buf.bytes()
+                "{role} needs {elements} {dtype} elements ({need} bytes), its buffer has {bytes} bytes"
             ),
         ));
     }

@@ -1,0 +1,151 @@
+// Matrix product for prefill: out[i, j] = sum_l x[i, l] * W[j, l] (+ bias[j]) for many
+// activation rows, on tensor cores.
+//
+// A block of 128 threads (2 x 2 warps) computes a 64 x 64 tile of out, stepping
+// through k by 32: it converts a 64 x 32 tile of x from f32 to bf16 and decodes a
+// 64 x 32 tile of W (any weight format, chunks of 8 through quant.cuh) to bf16, both
+// into shared memory (rows padded to 40 elements, which makes the fragment loads
+// conflict-free); then each warp computes its 32 x 32 part with
+// mma.sync.m16n8k16 (bf16 inputs, f32 accumulation). Products are therefore of
+// bf16-rounded operands, summed in f32.
+#include "quant.cuh"
+
+namespace kiln {
+
+constexpr u32 MM_THREADS = 128;
+constexpr u32 MM_BM = 64;  // rows of x per block
+constexpr u32 MM_BN = 64;  // rows of W per block
+constexpr u32 MM_BK = 32;  // reduction step
+constexpr u32 MM_STRIDE = MM_BK + 8;  // bf16 elements per shared row
+
+// Two f32 as two bf16 (round to nearest even) in one word, the first in the low half.
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    return (u32)f32_to_bf16_bits(lo) | ((u32)f32_to_bf16_bits(hi) << 16);
+}
+
+// d += a * b for one m16n8k16 tile: a row-major 16x16 bf16, b column-major 16x8 bf16,
+// d 16x8 f32, in the fragment layouts of the PTX ISA.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const u32 (&a)[4],
+                                               const u32 (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// The word (two bf16) at row r, column c (even) of a shared tile.
+__device__ __forceinline__ u32 word_at(const u16* tile, u32 r, u32 c) {
+    return *reinterpret_cast<const u32*>(tile + r * MM_STRIDE + c);
+}
+
+template <typename W>
+__global__ void __launch_bounds__(MM_THREADS)
+    matmul(const u8* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
+           float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
+    __shared__ __align__(16) u16 xs[MM_BM * MM_STRIDE];
+    __shared__ __align__(16) u16 ws[MM_BN * MM_STRIDE];
+
+    const u32 n0 = blockIdx.x * MM_BN;
+    const u32 m0 = blockIdx.y * MM_BM;
+    const u32 lane = threadIdx.x & 31u;
+    const u32 warp = threadIdx.x >> 5;
+    const u32 wm = (warp >> 1) * 32;  // the warp's rows within the block tile
+    const u32 wn = (warp & 1) * 32;   // the warp's columns within the block tile
+    const u32 g = lane >> 2;          // fragment row group
+    const u32 q = lane & 3u;          // thread within the group
+
+    float acc[2][4][4];
+#pragma unroll
+    for (u32 i = 0; i < 2; ++i)
+#pragma unroll
+        for (u32 j = 0; j < 4; ++j)
+#pragma unroll
+            for (u32 c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
+
+    const bool x_vector = k % 4 == 0;
+    for (u32 k0 = 0; k0 < k; k0 += MM_BK) {
+        // x tile: 64 rows x 8 groups of 4 columns; 4 groups per thread.
+#pragma unroll
+        for (u32 i = 0; i < MM_BM * MM_BK / 4 / MM_THREADS; ++i) {
+            const u32 idx = i * MM_THREADS + threadIdx.x;
+            const u32 r = idx / (MM_BK / 4);
+            const u32 c = (idx % (MM_BK / 4)) * 4;
+            const u32 row = m0 + r, col = k0 + c;
+            float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (row < m) {
+                const float* xr = x + (u64)row * k + col;
+                if (x_vector && col + 4 <= k) {
+                    const float4 f = *reinterpret_cast<const float4*>(xr);
+                    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+                } else {
+#pragma unroll
+                    for (u32 j = 0; j < 4; ++j) v[j] = col + j < k ? xr[j] : 0.0f;
+                }
+            }
+            uint2 packed;
+            packed.x = pack_bf16x2(v[0], v[1]);
+            packed.y = pack_bf16x2(v[2], v[3]);
+            *reinterpret_cast<uint2*>(xs + r * MM_STRIDE + c) = packed;
+        }
+        // W tile: 64 rows x 4 chunks of 8; 2 chunks per thread.
+#pragma unroll
+        for (u32 i = 0; i < MM_BN * MM_BK / 8 / MM_THREADS; ++i) {
+            const u32 idx = i * MM_THREADS + threadIdx.x;
+            const u32 r = idx / (MM_BK / 8);
+            const u32 c = (idx % (MM_BK / 8)) * 8;
+            float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            if (n0 + r < n && k0 + c < k) {
+                decode_chunk<W>(w + (u64)(n0 + r) * row_bytes, k0 + c, k, v);
+            }
+            uint4 packed;
+            packed.x = pack_bf16x2(v[0], v[1]);
+            packed.y = pack_bf16x2(v[2], v[3]);
+            packed.z = pack_bf16x2(v[4], v[5]);
+            packed.w = pack_bf16x2(v[6], v[7]);
+            *reinterpret_cast<uint4*>(ws + r * MM_STRIDE + c) = packed;
+        }
+        __syncthreads();
+#pragma unroll
+        for (u32 kk = 0; kk < MM_BK; kk += 16) {
+            u32 a[2][4], b[4][2];
+#pragma unroll
+            for (u32 i = 0; i < 2; ++i) {
+                const u32 r = wm + 16 * i + g;
+                a[i][0] = word_at(xs, r, kk + 2 * q);
+                a[i][1] = word_at(xs, r + 8, kk + 2 * q);
+                a[i][2] = word_at(xs, r, kk + 2 * q + 8);
+                a[i][3] = word_at(xs, r + 8, kk + 2 * q + 8);
+            }
+#pragma unroll
+            for (u32 j = 0; j < 4; ++j) {
+                const u32 r = wn + 8 * j + g;
+                b[j][0] = word_at(ws, r, kk + 2 * q);
+                b[j][1] = word_at(ws, r, kk + 2 * q + 8);
+            }
+#pragma unroll
+            for (u32 i = 0; i < 2; ++i)
+#pragma unroll
+                for (u32 j = 0; j < 4; ++j) mma_bf16_16816(acc[i][j], a[i], b[j]);
+        }
+        __syncthreads();
+    }
+
+    // Accumulator c of tile (i, j) holds row g (+8 for c >= 2), columns 2q, 2q + 1.
+#pragma unroll
+    for (u32 i = 0; i < 2; ++i) {
+#pragma unroll
+        for (u32 j = 0; j < 4; ++j) {
+#pragma unroll
+            for (u32 c = 0; c < 4; ++c) {
+                const u32 row = m0 + wm + 16 * i + g + (c >= 2 ? 8 : 0);
+                const u32 col = n0 + wn + 8 * j + 2 * q + (c & 1);
+                if (row < m && col < n) {
+                    out[(u64)row * n + col] = bias ? acc[i][j][c] + bias[col] : acc[i][j][c];
+                }
+            }
+        }
+    }
+}
+
+}  // namespace kiln

@@ -1,0 +1,122 @@
+// Rotary position embedding (RoPE) and per-head RMSNorm fused with it.
+//
+// For pair i < rotary_dim / 2 of a head at position p:
+//   theta = p * freq_scale * base^(-2i / rotary_dim) / ff[i]   (ff = 1 without factors)
+//   (a, b) -> (a cos(theta) - b sin(theta), a sin(theta) + b cos(theta)),
+// the pair being (2i, 2i + 1) for the normal style and (i, i + rotary_dim / 2) for
+// NeoX. Elements at or past rotary_dim are copied. Angles are computed in f32 in the
+// reference's order of operations. x and out are [n_tokens, n_heads, head_dim].
+#include "common.cuh"
+
+namespace kiln {
+
+struct RopeArgs {
+    const int* positions;
+    const float* freq_factors;  // rotary_dim / 2 values, or null
+    u32 n_heads;
+    u32 head_dim;
+    u32 rotary_dim;
+    float base;
+    float freq_scale;
+};
+
+// The element indices of rotary pair i.
+template <bool NeoX>
+__device__ __forceinline__ void pair_of(u32 i, u32 rotary_dim, u32& a, u32& b) {
+    if (NeoX) {
+        a = i;
+        b = i + rotary_dim / 2;
+    } else {
+        a = 2 * i;
+        b = 2 * i + 1;
+    }
+}
+
+// sin and cos of pair i's angle at position pos.
+__device__ __forceinline__ void rope_angle(const RopeArgs& r, int pos, u32 i, float& s,
+                                           float& c) {
+    const float exponent = -2.0f * (float)i / (float)r.rotary_dim;
+    const float factor = r.freq_factors ? r.freq_factors[i] : 1.0f;
+    const float theta = (float)pos * r.freq_scale * powf(r.base, exponent) / factor;
+    sincosf(theta, &s, &c);
+}
+
+// One block per token; threads walk over every head's pairs, then the copied tail.
+template <bool NeoX>
+__global__ void rope(const float* __restrict__ x, const int* __restrict__ positions,
+                     const float* __restrict__ freq_factors, float* __restrict__ out,
+                     u32 n_heads, u32 head_dim, u32 rotary_dim, float base,
+                     float freq_scale) {
+    const RopeArgs r = {positions, freq_factors, n_heads, head_dim, rotary_dim, base,
+                        freq_scale};
+    const u32 t = blockIdx.x;
+    const int pos = r.positions[t];
+    const u64 token = (u64)t * r.n_heads * r.head_dim;
+    const u32 half = r.rotary_dim / 2;
+    for (u32 j = threadIdx.x; j < r.n_heads * half; j += blockDim.x) {
+        const u32 h = j / half;
+        const u32 i = j - h * half;
+        u32 ia, ib;
+        pair_of<NeoX>(i, r.rotary_dim, ia, ib);
+        const u64 head = token + (u64)h * r.head_dim;
+        float s, c;
+        rope_angle(r, pos, i, s, c);
+        const float a = x[head + ia];
+        const float b = x[head + ib];
+        out[head + ia] = a * c - b * s;
+        out[head + ib] = a * s + b * c;
+    }
+    const u32 tail = r.head_dim - r.rotary_dim;
+    for (u32 j = threadIdx.x; j < r.n_heads * tail; j += blockDim.x) {
+        const u32 h = j / tail;
+        const u64 at = token + (u64)h * r.head_dim + r.rotary_dim + (j - h * tail);
+        out[at] = x[at];
+    }
+}
+
+// One warp per head of one token: u = x / sqrt(mean(x^2) + eps) * w (w = 1 when
+// weight is null), then u rotated as rope does. blockDim.x is a multiple of 32.
+template <bool NeoX>
+__global__ void head_norm_rope(const float* __restrict__ x, const float* __restrict__ weight,
+                               const int* __restrict__ positions,
+                               const float* __restrict__ freq_factors, float* __restrict__ out,
+                               u32 n_heads, u32 head_dim, u32 rotary_dim, float base,
+                               float freq_scale, float eps, u64 n_heads_total) {
+    const RopeArgs r = {positions, freq_factors, n_heads, head_dim, rotary_dim, base,
+                        freq_scale};
+    const u64 head_index = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const u32 lane = threadIdx.x & 31u;
+    if (head_index >= n_heads_total) {
+        return;
+    }
+    const u32 t = (u32)(head_index / r.n_heads);
+    const int pos = r.positions[t];
+    const float* xh = x + head_index * r.head_dim;
+    float* oh = out + head_index * r.head_dim;
+
+    float squares = 0.0f;
+    for (u32 i = lane; i < r.head_dim; i += 32) {
+        squares += xh[i] * xh[i];
+    }
+    const float mean = warp_sum(squares) / (float)r.head_dim;
+    const float inv = 1.0f / sqrtf(mean + eps);
+    // x[i] * inv * w[i], in the reference's order.
+    auto normed = [&](u32 i) { return xh[i] * inv * (weight ? weight[i] : 1.0f); };
+
+    const u32 half = r.rotary_dim / 2;
+    for (u32 i = lane; i < half; i += 32) {
+        u32 ia, ib;
+        pair_of<NeoX>(i, r.rotary_dim, ia, ib);
+        float s, c;
+        rope_angle(r, pos, i, s, c);
+        const float a = normed(ia);
+        const float b = normed(ib);
+        oh[ia] = a * c - b * s;
+        oh[ib] = a * s + b * c;
+    }
+    for (u32 i = r.rotary_dim + lane; i < r.head_dim; i += 32) {
+        oh[i] = normed(i);
+    }
+}
+
+}  // namespace kiln

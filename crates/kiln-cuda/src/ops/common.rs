@@ -1,0 +1,89 @@
+//! Helpers shared by the dispatch modules of the kernel catalogue: the kernel tags of
+//! weight and cache dtypes, grid limits, and the launch itself.
+
+use cudarc::driver::{LaunchArgs, LaunchConfig};
+use kiln_core::ops::WEIGHT_DTYPES;
+use kiln_core::{DType, Error, Result};
+
+use super::check_dtype;
+use crate::context::driver_error;
+use crate::registry::KernelSpec;
+
+/// The decoder of a weight dtype in kernels/quant.cuh.
+pub(crate) fn weight_tag(op: &str, dtype: DType) -> Result<&'static str> {
+    check_dtype(op, "weight", dtype, &WEIGHT_DTYPES)?;
+    Ok(match dtype {
+        DType::F32 => "kiln::WF32",
+        DType::F16 => "kiln::WF16",
+        DType::BF16 => "kiln::WBF16",
+        DType::Q4_0 => "kiln::Q4_0",
+        DType::Q4_1 => "kiln::Q4_1",
+        DType::Q5_0 => "kiln::Q5_0",
+        DType::Q5_1 => "kiln::Q5_1",
+        DType::Q8_0 => "kiln::Q8_0",
+        DType::Q2K => "kiln::Q2_K",
+        DType::Q3K => "kiln::Q3_K",
+        DType::Q4K => "kiln::Q4_K",
+        DType::Q5K => "kiln::Q5_K",
+        DType::Q6K => "kiln::Q6_K",
+        _ => "kiln::IQ4_NL",
+    })
+}
+
+/// The dtypes a KV cache may hold ([`kiln_core::ops::KvAppend`],
+/// [`kiln_core::ops::Attention`]).
+pub const CACHE_DTYPES: [DType; 2] = [DType::F32, DType::F16];
+
+/// The element tag (kernels/common.cuh) of a KV cache dtype.
+pub(crate) fn cache_tag(op: &str, dtype: DType) -> Result<&'static str> {
+    check_dtype(op, "cache", dtype, &CACHE_DTYPES)?;
+    Ok(match dtype {
+        DType::F16 => "kiln::F16",
+        _ => "kiln::F32",
+    })
+}
+
+/// Most blocks in the y and z dimensions of a grid.
+pub(crate) const MAX_GRID_YZ: usize = 65_535;
+
+/// Most blocks in the x dimension of a grid.
+pub(crate) const MAX_GRID_X: usize = i32::MAX as usize;
+
+/// `blocks` as a grid dimension of at most `max` blocks, or an error naming `op`
+/// and what the blocks are for.
+pub(crate) fn grid_dim(op: &str, what: &str, blocks: usize, max: usize) -> Result<u32> {
+    if blocks > max {
+        return Err(Error::invalid(
+            op,
+            format!("{what} needs {blocks} blocks, more than a grid dimension's {max}"),
+        ));
+    }
+    // At most MAX_GRID_X, which fits u32.
+    Ok(blocks as u32)
+}
+
+/// A launch configuration of `grid` blocks of `threads` threads with `shared` bytes of
+/// dynamic shared memory.
+pub(crate) fn config(grid: (u32, u32, u32), threads: u32, shared: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: shared,
+    }
+}
+
+/// Launches the arguments pushed so far with `config`.
+///
+/// # Safety
+/// The arguments must match the parameters of `spec`'s kernel in number, order and
+/// type, and every buffer the kernel touches under `config` must be large enough.
+pub(crate) unsafe fn launch(
+    spec: &KernelSpec,
+    args: &mut LaunchArgs<'_>,
+    config: LaunchConfig,
+) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { args.launch(config) }
+        .map(|_| ())
+        .map_err(|e| driver_error(&format!("launching {}", spec.key), e))
+}

@@ -1,0 +1,261 @@
+//! Dispatch for [`kiln_core::ops::MatMul`]: the mat-vec kernels (kernels/matvec.cu)
+//! for up to [`MATVEC_MAX_ROWS`] activation rows (decode), the tensor-core mat-mat
+//! kernel (kernels/matmul.cu) above (prefill).
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use kiln_core::ops::WEIGHT_DTYPES;
+use kiln_core::{DType, DeviceBuffer, Error, Result};
+
+use super::common::{config, grid_dim, launch, weight_tag, MAX_GRID_X, MAX_GRID_YZ};
+use super::{check_bytes, check_nonzero, count, to_u32};
+use crate::manifest::{MATMUL, MATVEC};
+use crate::registry::KernelSpec;
+use crate::{CudaBackend, CudaBuffer};
+
+const OP: &str = "matmul";
+
+/// The most activation rows the mat-vec kernels take; more run on the mat-mat kernel.
+pub const MATVEC_MAX_ROWS: usize = 8;
+
+/// Activation-row counts the mat-vec kernels are compiled for: `m` rows run on the
+/// smallest tier that holds them.
+const M_TIERS: [u32; 4] = [1, 2, 4, 8];
+
+/// Threads per mat-vec block (kernels/matvec.cu's MATVEC_THREADS).
+const MATVEC_THREADS: u32 = 256;
+
+/// Elements of each weight row a mat-vec block stages per tile (MATVEC_TILE_ELEMS).
+const MATVEC_TILE_ELEMS: usize = 8 * MATVEC_THREADS as usize;
+
+/// Shared memory a mat-vec block may spend on its weight tiles.
+const MATVEC_TILE_SHARED: usize = 32 * 1024;
+
+/// Threads per mat-mat block and the block's output tile (kernels/matmul.cu's
+/// MM_THREADS, MM_BM, MM_BN).
+const MATMAT_THREADS: u32 = 128;
+const MATMAT_TILE: usize = 64;
+
+/// Which kernel runs a matmul, and its compile-time shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatMulKernel {
+    /// kernels/matvec.cu for up to `m_tier` activation rows, with `rows` weight rows
+    /// per block, staging loads of `load` bytes.
+    MatVec { m_tier: u32, rows: u32, load: u32 },
+    /// kernels/matmul.cu.
+    MatMat,
+}
+
+/// The largest power of two dividing a block of `dtype`, at most 16: the alignment
+/// every block start has.
+fn block_alignment(dtype: DType) -> u32 {
+    let bytes = dtype.block_bytes() as u32;
+    (bytes & bytes.wrapping_neg()).min(16)
+}
+
+/// Weight rows per mat-vec block: more rows reuse each activation load more, fewer
+/// keep the accumulators of many activation rows in registers; the staged tiles of
+/// all rows fit [`MATVEC_TILE_SHARED`].
+fn matvec_rows(dtype: DType, m_tier: u32) -> u32 {
+    let by_m = match m_tier {
+        1 | 2 => 8,
+        4 => 4,
+        _ => 2,
+    };
+    // MATVEC_TILE_ELEMS is a multiple of every block size.
+    let tile = dtype.bytes_for(MATVEC_TILE_ELEMS).unwrap_or(usize::MAX);
+    by_m.min((MATVEC_TILE_SHARED / tile) as u32).max(1)
+}
+
+/// The mat-vec kernel for `m` activation rows of a weight whose rows take `row_bytes`:
+/// 16-byte staging loads when rows are 16-byte multiples, else the block alignment.
+fn matvec_kernel(dtype: DType, m: usize, row_bytes: usize) -> MatMulKernel {
+    let m_tier = M_TIERS
+        .into_iter()
+        .find(|&t| t as usize >= m)
+        .unwrap_or(M_TIERS[M_TIERS.len() - 1]);
+    let load = if row_bytes % 16 == 0 {
+        16
+    } else {
+        block_alignment(dtype)
+    };
+    MatMulKernel::MatVec {
+        m_tier,
+        rows: matvec_rows(dtype, m_tier),
+        load,
+    }
+}
+
+/// The specialisation of `kernel` for weights of `dtype`.
+pub fn spec(dtype: DType, kernel: MatMulKernel) -> Result<KernelSpec> {
+    let tag = weight_tag(OP, dtype)?;
+    Ok(match kernel {
+        MatMulKernel::MatVec { m_tier, rows, load } => MATVEC.spec(
+            format!("matvec|w={dtype}|m={m_tier}|rows={rows}|load={load}"),
+            format!("kiln::matvec<{tag}, {m_tier}, {rows}, {load}>"),
+        ),
+        MatMulKernel::MatMat => {
+            MATMUL.spec(format!("matmat|w={dtype}"), format!("kiln::matmul<{tag}>"))
+        }
+    })
+}
+
+/// Every matmul specialisation: for each weight dtype, each mat-vec tier with both
+/// staging widths, and the mat-mat kernel.
+pub(crate) fn all_specs() -> Vec<KernelSpec> {
+    let mut kernels = Vec::new();
+    for dtype in WEIGHT_DTYPES {
+        for m_tier in M_TIERS {
+            let rows = matvec_rows(dtype, m_tier);
+            for load in [16, block_alignment(dtype)] {
+                let k = MatMulKernel::MatVec { m_tier, rows, load };
+                if !kernels.contains(&(dtype, k)) {
+                    kernels.push((dtype, k));
+                }
+            }
+        }
+        kernels.push((dtype, MatMulKernel::MatMat));
+    }
+    // Every weight dtype has a tag.
+    kernels
+        .into_iter()
+        .filter_map(|(d, k)| spec(d, k).ok())
+        .collect()
+}
+
+/// A matmul's shape, weight dtype and operand sizes in bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MatMulArgs {
+    pub weight: DType,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub x_bytes: usize,
+    pub w_bytes: usize,
+    pub bias_bytes: Option<usize>,
+    pub out_bytes: usize,
+}
+
+/// A checked matmul launch.
+#[derive(Clone, Debug)]
+pub struct MatMulPlan {
+    pub kernel: MatMulKernel,
+    pub spec: KernelSpec,
+    pub config: LaunchConfig,
+    m: u32,
+    n: u32,
+    k: u32,
+    row_bytes: u64,
+}
+
+impl MatMulArgs {
+    /// Checks non-zero sizes; a weight dtype of [`WEIGHT_DTYPES`] whose blocks divide
+    /// `k`; buffers of `m x k` F32 activations, `n x k` weights, the optional `n` F32
+    /// bias and `m x n` F32 outputs; and grid limits. Picks the mat-vec kernel for
+    /// `m <= 8`, the mat-mat kernel above.
+    pub fn check(&self) -> Result<MatMulPlan> {
+        check_nonzero(OP, &[("m", self.m), ("n", self.n), ("k", self.k)])?;
+        weight_tag(OP, self.weight)?;
+        let bs = self.weight.block_size();
+        if self.k % bs != 0 {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "k {} is not a multiple of {}'s block size {bs}",
+                    self.k, self.weight
+                ),
+            ));
+        }
+        check_bytes(
+            OP,
+            "x",
+            self.x_bytes,
+            DType::F32,
+            count(OP, &[self.m, self.k])?,
+        )?;
+        check_bytes(
+            OP,
+            "w",
+            self.w_bytes,
+            self.weight,
+            count(OP, &[self.n, self.k])?,
+        )?;
+        if let Some(bytes) = self.bias_bytes {
+            check_bytes(OP, "bias", bytes, DType::F32, self.n)?;
+        }
+        check_bytes(
+            OP,
+            "out",
+            self.out_bytes,
+            DType::F32,
+            count(OP, &[self.m, self.n])?,
+        )?;
+        let row_bytes = self.weight.bytes_for(self.k)?;
+        let (kernel, grid, threads) = if self.m <= MATVEC_MAX_ROWS {
+            let kernel = matvec_kernel(self.weight, self.m, row_bytes);
+            let MatMulKernel::MatVec { rows, .. } = kernel else {
+                unreachable!("matvec_kernel returns a mat-vec kernel")
+            };
+            let blocks = grid_dim(OP, "n", self.n.div_ceil(rows as usize), MAX_GRID_X)?;
+            (kernel, (blocks, 1, 1), MATVEC_THREADS)
+        } else {
+            let x = grid_dim(OP, "n", self.n.div_ceil(MATMAT_TILE), MAX_GRID_X)?;
+            let y = grid_dim(OP, "m", self.m.div_ceil(MATMAT_TILE), MAX_GRID_YZ)?;
+            (MatMulKernel::MatMat, (x, y, 1), MATMAT_THREADS)
+        };
+        Ok(MatMulPlan {
+            kernel,
+            spec: spec(self.weight, kernel)?,
+            config: config(grid, threads, 0),
+            m: to_u32(OP, "m", self.m)?,
+            n: to_u32(OP, "n", self.n)?,
+            k: to_u32(OP, "k", self.k)?,
+            row_bytes: row_bytes as u64,
+        })
+    }
+}
+
+/// `out = x · wᵀ (+ bias)` for `m x k` F32 activations and an `n x k` weight of
+/// `dtype`, as [`kiln_core::ops::MatMul`] defines. The mat-mat kernel (`m > 8`)
+/// multiplies bf16-rounded operands on tensor cores, accumulating in f32.
+#[allow(clippy::too_many_arguments)] // the op's operands and shape, each named
+pub fn matmul(
+    backend: &CudaBackend,
+    x: &CudaBuffer,
+    w: &CudaBuffer,
+    dtype: DType,
+    bias: Option<&CudaBuffer>,
+    out: &mut CudaBuffer,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    let plan = MatMulArgs {
+        weight: dtype,
+        m,
+        n,
+        k,
+        x_bytes: x.bytes(),
+        w_bytes: w.bytes(),
+        bias_bytes: bias.map(|b| b.bytes()),
+        out_bytes: out.bytes(),
+    }
+    .check()?;
+    let kernel = backend.kernel(&plan.spec)?;
+    let null: u64 = 0;
+    let mut args = backend.stream().launch_builder(&kernel.function);
+    args.arg(w.slice()).arg(x.slice());
+    match bias {
+        Some(b) => args.arg(b.slice()),
+        None => args.arg(&null),
+    };
+    args.arg(out.slice_mut())
+        .arg(&plan.m)
+        .arg(&plan.n)
+        .arg(&plan.k)
+        .arg(&plan.row_bytes);
+    // SAFETY: the arguments match both `kiln::matvec<W, M, ROWS, LOAD>` and
+    // `kiln::matmul<W>`: (const u8* w, const float* x, const float* bias, float* out,
+    // u32 m, u32 n, u32 k, u64 row_bytes); the buffers hold their elements (checked),
+    // bias is null or holds n values, and the mat-vec tier holds m rows.
+    unsafe { launch(&plan.spec, &mut args, plan.config) }
+}
