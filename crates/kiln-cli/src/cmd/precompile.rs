@@ -37,6 +37,10 @@ pub struct PrecompileArgs {
 
 /// Runs `kiln precompile`.
 pub fn run(args: PrecompileArgs) -> Result<()> {
+    let specs = match &args.model {
+        Some(path) => model_specs(path)?,
+        None => all_specs(),
+    };
     let device = match resolve(args.device.device)? {
         Device::Cuda(d) => d,
         Device::Cpu => {
@@ -48,10 +52,6 @@ pub fn run(args: PrecompileArgs) -> Result<()> {
     if args.timings {
         return print_timings(&device);
     }
-    let specs = match &args.model {
-        Some(path) => model_specs(path)?,
-        None => all_specs(),
-    };
     build(device, &specs)
 }
 
