@@ -104,24 +104,68 @@ pub struct CudaKernel {
     pub function: CudaFunction,
 }
 
-/// Compiles with NVRTC for one device and loads into its context.
-pub struct NvrtcCompiler {
-    ctx: Arc<CudaContext>,
+/// Parses a real architecture as `--arch` spells it, `sm_XY` or `sm_XYa`, into its
+/// number (`XY`) and whether it is the architecture-specific variant.
+pub fn parse_arch(arch: &str) -> Result<(i32, bool)> {
+    let bad = || {
+        Error::invalid(
+            "arch",
+            format!("{arch:?} is not a real GPU architecture such as sm_90a or sm_89"),
+        )
+    };
+    let digits = arch.strip_prefix("sm_").ok_or_else(bad)?;
+    let (digits, specific) = match digits.strip_suffix('a') {
+        Some(d) => (d, true),
+        None => (digits, false),
+    };
+    if digits.len() < 2 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    Ok((digits.parse().map_err(|_| bad())?, specific))
+}
+
+/// NVRTC aimed at one target: what enters every disk cache key (NVRTC's version,
+/// the architecture, the base options) and the compile itself. Needs NVRTC but no
+/// device, so the same keys are computed on a machine without a GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NvrtcTarget {
     version: (i32, i32),
     arch: String,
     kind: ImageKind,
 }
 
-impl NvrtcCompiler {
-    /// A compiler for the device of `ctx`, whose compute capability is `cc`.
-    pub fn new(ctx: Arc<CudaContext>, cc: (i32, i32)) -> Result<Self> {
+impl NvrtcTarget {
+    /// The target the registry uses on a device of compute capability `cc`
+    /// ([`choose_target`]).
+    pub fn for_device(cc: (i32, i32)) -> Result<Self> {
         let version = nvrtc_version()?;
         let (arch, kind) = choose_target(cc, &supported_archs()?)?;
         Ok(Self {
-            ctx,
             version,
             arch,
             kind,
+        })
+    }
+
+    /// CUBIN for the real architecture `arch` (`sm_90a`), which this NVRTC must
+    /// support.
+    pub fn for_arch(arch: &str) -> Result<Self> {
+        let (number, _) = parse_arch(arch)?;
+        let version = nvrtc_version()?;
+        let supported = supported_archs()?;
+        if !supported.contains(&number) {
+            return Err(Error::invalid(
+                "arch",
+                format!(
+                    "NVRTC {}.{} cannot compile for {arch}; it supports {supported:?}",
+                    version.0, version.1
+                ),
+            ));
+        }
+        Ok(Self {
+            version,
+            arch: arch.to_string(),
+            kind: ImageKind::Cubin,
         })
     }
 
@@ -130,10 +174,73 @@ impl NvrtcCompiler {
         self.version
     }
 
-    /// Whether this compiler produces CUBIN or PTX.
+    /// The `--gpu-architecture` value, e.g. `sm_90a` or `compute_120`.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// Whether compiles produce CUBIN or PTX.
     pub fn image_kind(&self) -> ImageKind {
         self.kind
     }
+
+    fn version_label(&self) -> String {
+        format!("nvrtc {}.{}", self.version.0, self.version.1)
+    }
+
+    fn compile(&self, spec: &KernelSpec) -> Result<CompiledKernel> {
+        compile_program(spec, &base_options_for(&self.arch), self.kind)
+            .map(|(compiled, _log)| compiled)
+    }
+}
+
+/// Compiles with NVRTC for one device and loads into its context.
+pub struct NvrtcCompiler {
+    ctx: Arc<CudaContext>,
+    target: NvrtcTarget,
+}
+
+impl NvrtcCompiler {
+    /// A compiler for the device of `ctx`, whose compute capability is `cc`.
+    pub fn new(ctx: Arc<CudaContext>, cc: (i32, i32)) -> Result<Self> {
+        Ok(Self {
+            ctx,
+            target: NvrtcTarget::for_device(cc)?,
+        })
+    }
+
+    /// What this compiler targets.
+    pub fn nvrtc_target(&self) -> &NvrtcTarget {
+        &self.target
+    }
+}
+
+/// Compiles with NVRTC for a named architecture, with no device or driver: fills a
+/// disk cache ahead of time for a machine with that GPU (the keys are those the
+/// device's [`NvrtcCompiler`] computes), and measures compile times. "Loading" only
+/// checks that the image is an ELF CUBIN.
+pub struct OfflineCompiler {
+    target: NvrtcTarget,
+}
+
+impl OfflineCompiler {
+    /// A compiler producing CUBIN for `arch` (`sm_90a`).
+    pub fn new(arch: &str) -> Result<Self> {
+        Ok(Self {
+            target: NvrtcTarget::for_arch(arch)?,
+        })
+    }
+
+    /// What this compiler targets.
+    pub fn nvrtc_target(&self) -> &NvrtcTarget {
+        &self.target
+    }
+}
+
+/// What [`OfflineCompiler`] "loads": a checked CUBIN's size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckedCubin {
+    pub bytes: usize,
 }
 
 /// An NVRTC program, destroyed on drop.
@@ -318,23 +425,57 @@ pub fn compile_offline(
     compile_program(spec, &options, ImageKind::Cubin)
 }
 
+impl KernelCompiler for OfflineCompiler {
+    type Kernel = CheckedCubin;
+
+    fn version(&self) -> String {
+        self.target.version_label()
+    }
+
+    fn target(&self) -> String {
+        self.target.arch.clone()
+    }
+
+    fn base_options(&self) -> Vec<String> {
+        base_options_for(&self.target.arch)
+    }
+
+    fn compile(&self, spec: &KernelSpec) -> Result<CompiledKernel> {
+        self.target.compile(spec)
+    }
+
+    fn load(&self, spec: &KernelSpec, compiled: &CompiledKernel) -> Result<CheckedCubin> {
+        if compiled.kind != ImageKind::Cubin || !compiled.image.starts_with(b"\x7fELF") {
+            return Err(nvrtc_error(format!(
+                "kernel {}: the image is not an ELF CUBIN ({:?}, {} bytes)",
+                spec.key,
+                compiled.kind,
+                compiled.image.len()
+            )));
+        }
+        Ok(CheckedCubin {
+            bytes: compiled.image.len(),
+        })
+    }
+}
+
 impl KernelCompiler for NvrtcCompiler {
     type Kernel = CudaKernel;
 
     fn version(&self) -> String {
-        format!("nvrtc {}.{}", self.version.0, self.version.1)
+        self.target.version_label()
     }
 
     fn target(&self) -> String {
-        self.arch.clone()
+        self.target.arch.clone()
     }
 
     fn base_options(&self) -> Vec<String> {
-        base_options_for(&self.arch)
+        base_options_for(&self.target.arch)
     }
 
     fn compile(&self, spec: &KernelSpec) -> Result<CompiledKernel> {
-        compile_program(spec, &self.base_options(), self.kind).map(|(compiled, _log)| compiled)
+        self.target.compile(spec)
     }
 
     fn load(&self, spec: &KernelSpec, compiled: &CompiledKernel) -> Result<CudaKernel> {
@@ -401,6 +542,17 @@ mod tests {
             choose_target((12, 1), &NVRTC_13_ARCHS).unwrap(),
             ("compute_120".to_string(), ImageKind::Ptx)
         );
+    }
+
+    #[test]
+    fn parses_real_architectures() {
+        assert_eq!(parse_arch("sm_90a").unwrap(), (90, true));
+        assert_eq!(parse_arch("sm_89").unwrap(), (89, false));
+        assert_eq!(parse_arch("sm_120").unwrap(), (120, false));
+        for bad in ["compute_90", "sm_9", "sm_", "90", "sm_90b", "sm_9x", ""] {
+            let e = parse_arch(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
     }
 
     #[test]

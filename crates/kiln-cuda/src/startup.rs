@@ -1,15 +1,18 @@
-//! Start-up measurements: one NVRTC compile, one CUBIN load, and the time until
+//! Start-up measurements: one NVRTC compile, one image load, and the time until
 //! every kernel of the manifest is ready from an empty cache (cold) and from the
 //! disk cache (warm).
+//!
+//! With the device's [`crate::nvrtc::NvrtcCompiler`] a load is a CUBIN loaded into
+//! the context; with [`crate::nvrtc::OfflineCompiler`] (no device) it is only the
+//! check of the image, so its cold start is pure compile time and its warm start
+//! pure disk-cache time.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use kiln_core::{Error, Result};
 
 use crate::manifest::all_specs;
-use crate::registry::{CacheConfig, ModuleStats};
-use crate::{CudaBackend, CudaDevice};
+use crate::registry::{CacheConfig, KernelCompiler, KernelRegistry, ModuleStats};
 
 /// Minimum, median and maximum of a set of milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -34,13 +37,15 @@ impl Spread {
 /// What [`measure`] found.
 #[derive(Clone, Debug)]
 pub struct StartupTimings {
+    /// The compiler's version and target, e.g. `nvrtc 13.0, sm_90a`.
+    pub compiler: String,
     /// Kernels in the manifest.
     pub kernels: usize,
     /// Worker threads the parallel builds used.
     pub threads: usize,
     /// One kernel's NVRTC compile, compiled one at a time.
     pub compile_ms: Spread,
-    /// One kernel's CUBIN load into the context (fresh from the compiler).
+    /// One kernel's load (fresh from the compiler).
     pub load_ms: Spread,
     /// One kernel's load from the disk cache: digest check and load, after the read.
     pub disk_load_ms: Spread,
@@ -53,25 +58,30 @@ pub struct StartupTimings {
     pub sequential_ms: f64,
 }
 
-/// Measures start-up on `device`, caching in a fresh temporary directory (the
-/// user's own cache is not touched). The cold start runs first, so that it
-/// includes NVRTC's first compile in the process.
-pub fn measure(device: &Arc<CudaDevice>) -> Result<StartupTimings> {
+/// Measures start-up with compilers made by `make_compiler` (one per registry),
+/// caching in a fresh temporary directory (the user's own cache is not touched).
+/// The cold start runs first, so that it includes NVRTC's first compile in the
+/// process.
+pub fn measure<C: KernelCompiler>(make_compiler: impl Fn() -> Result<C>) -> Result<StartupTimings> {
     let scratch = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
     let specs = all_specs();
-    let backend = |cache: CacheConfig| CudaBackend::on_device(Arc::clone(device), cache);
-
     let cache = CacheConfig::read_write(scratch.path().join("kernels"));
-    let cold = backend(cache.clone())?;
+
+    let cold = KernelRegistry::new(make_compiler()?, cache.clone());
+    let compiler = format!(
+        "{}, {}",
+        cold.compiler().version(),
+        cold.compiler().target()
+    );
     let started = Instant::now();
-    cold.registry().precompile(&specs, |_| {})?;
+    cold.precompile(&specs, |_| {})?;
     let cold_ms = ms_since(started);
 
-    let warm = backend(cache)?;
+    let warm = KernelRegistry::new(make_compiler()?, cache);
     let started = Instant::now();
-    warm.registry().precompile(&specs, |_| {})?;
+    warm.precompile(&specs, |_| {})?;
     let warm_ms = ms_since(started);
-    let warm_stats = warm.registry().stats();
+    let warm_stats = warm.stats();
     let warm_compiles = warm_stats.total().compiles;
     if warm_compiles != 0 {
         return Err(Error::Backend {
@@ -81,18 +91,19 @@ pub fn measure(device: &Arc<CudaDevice>) -> Result<StartupTimings> {
     }
 
     // One at a time, without a disk cache: per-kernel compile and load.
-    let sequential = backend(CacheConfig::off())?;
+    let sequential = KernelRegistry::new(make_compiler()?, CacheConfig::off());
     let started = Instant::now();
     for spec in &specs {
-        sequential.kernel(spec)?;
+        sequential.get(spec)?;
     }
     let sequential_ms = ms_since(started);
-    let one_by_one = sequential.registry().stats().modules;
+    let one_by_one = sequential.stats().modules;
 
     let spread = |f: fn(&ModuleStats) -> f64, modules: &[ModuleStats]| {
         Spread::of(modules.iter().map(f).collect())
     };
     Ok(StartupTimings {
+        compiler,
         kernels: specs.len(),
         threads: rayon::current_num_threads(),
         compile_ms: spread(|m| m.compile_ms, &one_by_one),

@@ -87,7 +87,7 @@ fn check_cuda(device: Arc<CudaDevice>, cache: CacheConfig) -> Result<()> {
     println!("nvrtc             {nv_major}.{nv_minor}");
     let backend = CudaBackend::on_device(device, cache)?;
     let compiler = backend.registry().compiler();
-    let image = match compiler.image_kind() {
+    let image = match compiler.nvrtc_target().image_kind() {
         ImageKind::Cubin => "CUBIN",
         ImageKind::Ptx => "PTX, compiled by the driver: NVRTC is older than the device",
     };

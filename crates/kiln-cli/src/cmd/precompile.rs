@@ -1,16 +1,18 @@
 //! `kiln precompile`: compiles kernel specialisations into the disk cache, in
 //! parallel, so that no later run waits on NVRTC; `--timings` measures start-up.
+//! With `--arch` it needs no device: the cache it fills serves a machine whose GPU
+//! has that architecture and whose NVRTC has the same version.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{DType, Error, Result};
 use kiln_cuda::manifest::{all_specs, spec_for_op};
-use kiln_cuda::registry::{CacheMode, KernelCompiler};
-use kiln_cuda::{startup, CacheConfig, CudaBackend, CudaDevice, KernelSpec};
+use kiln_cuda::nvrtc::{NvrtcCompiler, OfflineCompiler};
+use kiln_cuda::registry::{CacheMode, KernelCompiler, KernelRegistry};
+use kiln_cuda::{startup, CacheConfig, CudaDevice, KernelSpec};
 use kiln_gguf::Gguf;
 use kiln_models::forward::{self, CacheSpec, WeightDesc};
 use kiln_models::{LoadOptions, ModelConfig};
@@ -31,6 +33,10 @@ pub struct PrecompileArgs {
     /// load, cold start (empty cache, all kernels in parallel) and warm start.
     #[arg(long, requires = "all")]
     pub timings: bool,
+    /// Compile CUBIN for this architecture (e.g. sm_90a) without a device; only
+    /// NVRTC is needed. Images are checked, not loaded.
+    #[arg(long, value_name = "sm_XY[a]", conflicts_with = "device")]
+    pub arch: Option<String>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -41,21 +47,42 @@ pub fn run(args: PrecompileArgs) -> Result<()> {
         Some(path) => model_specs(path)?,
         None => all_specs(),
     };
+    if let Some(arch) = &args.arch {
+        let offline = || OfflineCompiler::new(arch);
+        eprintln!("kiln: compiling for {arch} without a device (images are checked, not loaded)");
+        return if args.timings {
+            print_timings("this machine (no device)", offline)
+        } else {
+            build(offline()?, &specs)
+        };
+    }
     let device = match resolve(args.device.device)? {
         Device::Cuda(d) => d,
         Device::Cpu => {
             return Err(Error::Unsupported(
-                "kiln precompile builds CUDA kernels and needs a CUDA device; the CPU backend compiles nothing".into(),
+                "kiln precompile builds CUDA kernels and needs a CUDA device, or --arch to compile for one without it".into(),
             ))
         }
     };
+    let on_device = || NvrtcCompiler::new(device.context().clone(), device.compute_capability());
     if args.timings {
-        return print_timings(&device);
+        print_timings(&describe(&device), on_device)
+    } else {
+        build(on_device()?, &specs)
     }
-    build(device, &specs)
 }
 
-fn build(device: Arc<CudaDevice>, specs: &[KernelSpec]) -> Result<()> {
+/// `cuda:0 (NVIDIA H100 80GB HBM3, compute 9.0)`.
+fn describe(device: &CudaDevice) -> String {
+    let (major, minor) = device.compute_capability();
+    format!(
+        "cuda:{} ({}, compute {major}.{minor})",
+        device.ordinal(),
+        device.name()
+    )
+}
+
+fn build<C: KernelCompiler>(compiler: C, specs: &[KernelSpec]) -> Result<()> {
     let cache = CacheConfig::from_env()?;
     match (cache.mode, &cache.dir) {
         (CacheMode::ReadWrite, Some(dir)) => eprintln!("kiln: kernel cache {}", dir.display()),
@@ -64,24 +91,24 @@ fn build(device: Arc<CudaDevice>, specs: &[KernelSpec]) -> Result<()> {
             mode.name()
         ),
     }
-    let backend = CudaBackend::on_device(device, cache)?;
+    let registry = KernelRegistry::new(compiler, cache);
     let bar = ProgressBar::new(specs.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} kernels {elapsed} {msg}")
             .map_err(|e| Error::invalid("progress bar", e.to_string()))?,
     );
     let started = Instant::now();
-    let built = backend.registry().precompile(specs, |spec| {
+    let built = registry.precompile(specs, |spec| {
         bar.set_message(spec.key.clone());
         bar.inc(1);
     });
     bar.finish_and_clear();
     built?;
-    let total = backend.registry().stats().total();
+    let total = registry.stats().total();
     println!(
         "{} kernels ready for {} in {:.0} ms: {} compiled ({:.0} ms of NVRTC across threads), {} from the disk cache",
         specs.len(),
-        backend.registry().compiler().target(),
+        registry.compiler().target(),
         started.elapsed().as_secs_f64() * 1000.0,
         total.compiles,
         total.compile_ms,
@@ -146,20 +173,19 @@ fn model_specs(path: &Path) -> Result<Vec<KernelSpec>> {
     Ok(specs)
 }
 
-fn print_timings(device: &Arc<CudaDevice>) -> Result<()> {
-    let t = startup::measure(device)?;
-    let (major, minor) = device.compute_capability();
+fn print_timings<C: KernelCompiler>(
+    place: &str,
+    make_compiler: impl Fn() -> Result<C>,
+) -> Result<()> {
+    let t = startup::measure(make_compiler)?;
     println!(
-        "start-up on cuda:{} ({}, compute {major}.{minor}): {} kernels, {} threads",
-        device.ordinal(),
-        device.name(),
-        t.kernels,
-        t.threads
+        "start-up on {place} with {}: {} kernels, {} threads",
+        t.compiler, t.kernels, t.threads
     );
     println!("                                 min    median       max");
     for (what, s) in [
         ("one NVRTC compile (ms)", t.compile_ms),
-        ("one CUBIN load (ms)", t.load_ms),
+        ("one CUBIN load/check (ms)", t.load_ms),
         ("one load from disk cache (ms)", t.disk_load_ms),
     ] {
         println!("{what:<30} {:>6.2} {:>9.2} {:>9.2}", s.min, s.median, s.max);
