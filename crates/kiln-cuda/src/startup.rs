@@ -34,6 +34,9 @@ impl Spread {
     }
 }
 
+/// How many of the slowest compiles [`StartupTimings::slowest`] lists.
+const SLOWEST: usize = 5;
+
 /// What [`measure`] found.
 #[derive(Clone, Debug)]
 pub struct StartupTimings {
@@ -56,6 +59,8 @@ pub struct StartupTimings {
     /// Every kernel compiled one after another (the sum a cold start would cost
     /// without parallelism).
     pub sequential_ms: f64,
+    /// The kernels that took longest to compile, slowest first, with their ms.
+    pub slowest: Vec<(String, f64)>,
 }
 
 /// Measures start-up with compilers made by `make_compiler` (one per registry),
@@ -98,6 +103,12 @@ pub fn measure<C: KernelCompiler>(make_compiler: impl Fn() -> Result<C>) -> Resu
     }
     let sequential_ms = ms_since(started);
     let one_by_one = sequential.stats().modules;
+    let mut slowest: Vec<(String, f64)> = one_by_one
+        .iter()
+        .map(|m| (m.key.clone(), m.compile_ms))
+        .collect();
+    slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+    slowest.truncate(SLOWEST);
 
     let spread = |f: fn(&ModuleStats) -> f64, modules: &[ModuleStats]| {
         Spread::of(modules.iter().map(f).collect())
@@ -112,6 +123,7 @@ pub fn measure<C: KernelCompiler>(make_compiler: impl Fn() -> Result<C>) -> Resu
         cold_ms,
         warm_ms,
         sequential_ms,
+        slowest,
     })
 }
 

@@ -196,5 +196,8 @@ fn print_timings<C: KernelCompiler>(
         "every kernel compiled in sequence: {:>8.1} ms",
         t.sequential_ms
     );
+    for (key, ms) in &t.slowest {
+        println!("slow compile: {key:<40} {ms:>8.1} ms");
+    }
     Ok(())
 }
