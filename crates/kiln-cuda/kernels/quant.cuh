@@ -110,11 +110,11 @@ struct PackedNibbles {
     static constexpr u32 QH_AT = AFFINE ? 4 : 2;
     static constexpr u32 QS_AT = QH_AT + (BITS == 5 ? 4 : 0);
     static constexpr u32 BLOCK_BYTES = QS_AT + 16;
-    static constexpr float ZERO_POINT = (float)(1u << (BITS - 1));
+    static constexpr int ZERO_POINT = 1 << (BITS - 1);
 
     static __device__ __forceinline__ void decode8(const u8* b, u32 c, float* v) {
         const float d = load_f16(b, 0);
-        const float m = AFFINE ? load_f16(b, 2) : -d * ZERO_POINT;
+        const float m = AFFINE ? load_f16(b, 2) : 0.0f;
         // Elements 8c .. 8c+7 sit in bytes 8 (c % 2) .. +8 of qs, in the low nibble for
         // c < 2 and the high nibble otherwise; their fifth bits are bits 8c .. 8c+7 of qh.
         const u64 qs = load_u64<field_align(BLOCK_BYTES, QS_AT)>(b + QS_AT + 8 * (c & 1));
@@ -129,7 +129,9 @@ struct PackedNibbles {
             if constexpr (BITS == 5) {
                 q |= ((high >> i) & 1u) << 4;
             }
-            v[i] = d * (float)q + m;
+            // As the reference: d * q + m, or d * (q - zero point) (a signed zero
+            // included).
+            v[i] = AFFINE ? d * (float)q + m : d * (float)((int)q - ZERO_POINT);
         }
     }
 };

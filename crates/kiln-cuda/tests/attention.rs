@@ -1,0 +1,496 @@
+//! Attention: the dispatch checks and kernel choice (no GPU needed) and parity of the
+//! decode and prefill kernels with kiln-cpu on the GPU.
+
+mod common;
+mod kernels;
+use common::*;
+use kernels::*;
+use kiln_core::ops::Attention;
+use kiln_core::{DType, Graph};
+use kiln_cpu::CpuBackend;
+use kiln_cuda::ops::attention::{AttentionArgs, AttentionKernel, AttentionShape};
+
+/// One decode query of 32 heads over an F16 cache of 8 KV heads x 4096 x 128.
+fn shape() -> AttentionShape {
+    AttentionShape {
+        n_tokens: 1,
+        n_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 128,
+        capacity: 4096,
+        scale: 0.088,
+        window: None,
+        softcap: None,
+    }
+}
+
+fn args_for(shape: AttentionShape) -> AttentionArgs {
+    let nq = shape.n_tokens * shape.n_heads * shape.head_dim * 4;
+    let nkv = shape.n_kv_heads * shape.capacity * shape.head_dim * 2;
+    AttentionArgs {
+        shape,
+        cache: DType::F16,
+        q_bytes: nq,
+        k_bytes: nkv,
+        v_bytes: nkv,
+        positions_bytes: shape.n_tokens * 4,
+        out_bytes: nq,
+    }
+}
+
+fn args() -> AttentionArgs {
+    args_for(shape())
+}
+
+#[test]
+fn one_query_runs_the_split_decode_kernel_with_a_workspace() {
+    let plan = args().check().unwrap();
+    // Splits: min(4096 rows / 256 per split, ceil(264 target blocks / 8 KV heads)).
+    assert_eq!(
+        plan.kernel,
+        AttentionKernel::Decode {
+            group: 4,
+            quads: 1,
+            splits: 16
+        }
+    );
+    assert_eq!(plan.config.grid_dim, (16, 8, 1));
+    assert_eq!(
+        plan.spec.name_expression,
+        "kiln::attention_decode<kiln::F16, 4, 1>"
+    );
+    assert_eq!(plan.workspace_bytes, 4096 * 4 + 32 * 16 * 130 * 4);
+}
+
+#[test]
+fn a_small_cache_is_not_split_and_needs_no_workspace() {
+    let plan = args_for(AttentionShape {
+        capacity: 100,
+        ..shape()
+    })
+    .check()
+    .unwrap();
+    assert!(matches!(
+        plan.kernel,
+        AttentionKernel::Decode { splits: 1, .. }
+    ));
+    assert_eq!(plan.workspace_bytes, 0);
+}
+
+#[test]
+fn large_groups_run_in_chunks_of_eight_heads() {
+    let plan = args_for(AttentionShape {
+        n_heads: 40,
+        n_kv_heads: 2,
+        head_dim: 256,
+        ..shape()
+    })
+    .check()
+    .unwrap();
+    assert!(matches!(
+        plan.kernel,
+        AttentionKernel::Decode {
+            group: 8,
+            quads: 2,
+            ..
+        }
+    ));
+    assert_eq!(
+        plan.config.grid_dim.1,
+        2 * 3,
+        "2 KV heads x 3 chunks of 20 heads"
+    );
+}
+
+#[test]
+fn many_queries_run_the_prefill_kernel() {
+    let plan = args_for(AttentionShape {
+        n_tokens: 512,
+        ..shape()
+    })
+    .check()
+    .unwrap();
+    assert_eq!(plan.kernel, AttentionKernel::Prefill { max_head_dim: 128 });
+    // 4 heads per KV head: 8 tokens per block of 32 rows.
+    assert_eq!(plan.config.grid_dim, (64, 8, 1));
+    assert_eq!(plan.workspace_bytes, 0);
+    assert_eq!(
+        plan.config.shared_mem_bytes as usize,
+        ((32 + 2 * 16) * 129 + 32 * 17) * 4
+    );
+}
+
+fn rejected(shape: AttentionShape) -> String {
+    invalid(args_for(shape).check())
+}
+
+#[test]
+fn zero_tokens_are_rejected() {
+    let m = rejected(AttentionShape {
+        n_tokens: 0,
+        ..shape()
+    });
+    assert_eq!(m, "attention: n_tokens must be > 0, got 0");
+}
+
+#[test]
+fn zero_heads_are_rejected() {
+    let m = rejected(AttentionShape {
+        n_heads: 0,
+        ..shape()
+    });
+    assert_eq!(m, "attention: n_heads must be > 0, got 0");
+}
+
+#[test]
+fn zero_kv_heads_are_rejected() {
+    let m = rejected(AttentionShape {
+        n_kv_heads: 0,
+        ..shape()
+    });
+    assert_eq!(m, "attention: n_kv_heads must be > 0, got 0");
+}
+
+#[test]
+fn a_zero_capacity_is_rejected() {
+    let m = rejected(AttentionShape {
+        capacity: 0,
+        ..shape()
+    });
+    assert_eq!(m, "attention: capacity must be > 0, got 0");
+}
+
+#[test]
+fn heads_that_are_not_a_multiple_of_the_kv_heads_are_rejected() {
+    let m = rejected(AttentionShape {
+        n_heads: 30,
+        ..shape()
+    });
+    assert_eq!(m, "attention: n_heads 30 is not a multiple of n_kv_heads 8");
+}
+
+#[test]
+fn a_scale_that_is_not_finite_is_rejected() {
+    let m = rejected(AttentionShape {
+        scale: f32::NAN,
+        ..shape()
+    });
+    assert_eq!(m, "attention: scale must be finite, got NaN");
+}
+
+#[test]
+fn an_empty_window_is_rejected() {
+    let m = rejected(AttentionShape {
+        window: Some(0),
+        ..shape()
+    });
+    assert_eq!(m, "attention: window must be > 0");
+}
+
+#[test]
+fn a_softcap_that_is_not_finite_and_positive_is_rejected() {
+    for cap in [0.0, -30.0, f32::INFINITY] {
+        let m = rejected(AttentionShape {
+            softcap: Some(cap),
+            ..shape()
+        });
+        assert_eq!(
+            m,
+            format!("attention: softcap must be finite and > 0, got {cap}")
+        );
+    }
+}
+
+#[test]
+fn a_head_dim_that_is_not_a_multiple_of_8_is_rejected() {
+    let m = rejected(AttentionShape {
+        head_dim: 36,
+        ..shape()
+    });
+    assert_eq!(
+        m,
+        "attention: head_dim 36 is not supported by the CUDA kernels: it must be a multiple of 8 and at most 256"
+    );
+}
+
+#[test]
+fn a_head_dim_above_256_is_rejected() {
+    let m = rejected(AttentionShape {
+        head_dim: 264,
+        ..shape()
+    });
+    assert!(
+        m.starts_with("attention: head_dim 264 is not supported"),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_cache_dtype_other_than_f32_or_f16_is_rejected() {
+    let m = invalid(
+        AttentionArgs {
+            cache: DType::Q8_0,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "attention: cache has dtype q8_0, expected one of [f32, f16]"
+    );
+}
+
+#[test]
+fn short_queries_are_rejected() {
+    let m = invalid(
+        AttentionArgs {
+            q_bytes: 4,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "attention: q needs 4096 f32 elements (16384 bytes), its buffer has 4 bytes"
+    );
+}
+
+#[test]
+fn a_short_output_is_rejected() {
+    let m = invalid(
+        AttentionArgs {
+            out_bytes: 16380,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "attention: out needs 4096 f32 elements (16384 bytes), its buffer has 16380 bytes"
+    );
+}
+
+#[test]
+fn short_positions_are_rejected() {
+    let m = invalid(
+        AttentionArgs {
+            positions_bytes: 0,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "attention: positions needs 1 i32 elements (4 bytes), its buffer has 0 bytes"
+    );
+}
+
+#[test]
+fn a_short_key_cache_is_rejected() {
+    let m = invalid(
+        AttentionArgs {
+            k_bytes: 2,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "attention: k_cache needs 4194304 f16 elements (8388608 bytes), its buffer has 2 bytes"
+    );
+}
+
+#[test]
+fn a_short_value_cache_is_rejected() {
+    let m = invalid(
+        AttentionArgs {
+            v_bytes: 2,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "attention: v_cache needs 4194304 f16 elements (8388608 bytes), its buffer has 2 bytes"
+    );
+}
+
+/// Normalised MSE allowed against the CPU: scores, softmax and values are summed in
+/// another order (online softmax over tiles and splits) and expf/tanhf differ from
+/// Rust's by an ulp or two.
+const NMSE: f64 = 1e-9;
+
+/// One attention problem: shape, cache dtype, and each query's position.
+struct Problem {
+    shape: AttentionShape,
+    cache: DType,
+    positions: Vec<i32>,
+}
+
+fn compare(cuda: &kiln_cuda::CudaBackend, rng: &mut rand::rngs::StdRng, p: &Problem) {
+    let s = p.shape;
+    let mut g = Graph::new();
+    let qdims = [s.n_tokens, s.n_heads, s.head_dim];
+    let cdims = [s.n_kv_heads, s.capacity, s.head_dim];
+    let q = g.persistent("q", DType::F32, &qdims).unwrap();
+    let k = g.persistent("k", p.cache, &cdims).unwrap();
+    let v = g.persistent("v", p.cache, &cdims).unwrap();
+    let pos = g.persistent("pos", DType::I32, &[s.n_tokens]).unwrap();
+    let out = g.persistent("out", DType::F32, &qdims).unwrap();
+    g.push(Attention {
+        q,
+        k_cache: k,
+        v_cache: v,
+        positions: pos,
+        out,
+        n_tokens: s.n_tokens,
+        n_heads: s.n_heads,
+        n_kv_heads: s.n_kv_heads,
+        head_dim: s.head_dim,
+        capacity: s.capacity,
+        scale: s.scale,
+        window: s.window,
+        softcap: s.softcap,
+    })
+    .unwrap();
+    let cache_len = s.n_kv_heads * s.capacity * s.head_dim;
+    let inputs = [
+        (
+            q,
+            f32_bytes(&values(rng, s.n_tokens * s.n_heads * s.head_dim, 1.0)),
+        ),
+        (k, encoded(rng, p.cache, cache_len)),
+        (v, encoded(rng, p.cache, cache_len)),
+        (pos, i32_bytes(&p.positions)),
+    ];
+    let kernel = args_for(s).check().unwrap().kernel;
+    let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out]).unwrap()[0]);
+    let got = f32s(&run_on(cuda, &g, &inputs, &[out]).unwrap()[0]);
+    assert_close(
+        &format!("attention {:?} {kernel:?} cache {}", s, p.cache),
+        &got,
+        &want,
+        NMSE,
+    );
+}
+
+fn problems(n_tokens_max: usize, rng: &mut rand::rngs::StdRng) -> Vec<Problem> {
+    let mut out = Vec::new();
+    // (n_heads, n_kv_heads, head_dim, capacity, window, softcap)
+    let shapes = [
+        (32, 8, 128, 4096, None, None),
+        (32, 8, 128, 32768, None, None),
+        (14, 2, 64, 1000, None, None),
+        (12, 2, 80, 300, Some(64), Some(50.0)),
+        (16, 16, 256, 513, None, Some(30.0)),
+        (40, 1, 96, 777, Some(4096), None),
+        (8, 4, 112, 17, None, None),
+    ];
+    for cache in [DType::F16, DType::F32] {
+        for &(n_heads, n_kv_heads, head_dim, capacity, window, softcap) in &shapes {
+            for n_tokens in [1, 3, n_tokens_max] {
+                if n_tokens > capacity {
+                    continue;
+                }
+                let positions: Vec<i32> = (0..n_tokens)
+                    .map(|t| {
+                        if t == 0 {
+                            capacity as i32 - 1
+                        } else {
+                            rand::Rng::random_range(&mut *rng, 0..capacity as i32)
+                        }
+                    })
+                    .collect();
+                out.push(Problem {
+                    shape: AttentionShape {
+                        n_tokens,
+                        n_heads,
+                        n_kv_heads,
+                        head_dim,
+                        capacity,
+                        scale: 1.0 / (head_dim as f32).sqrt(),
+                        window,
+                        softcap,
+                    },
+                    cache,
+                    positions,
+                });
+            }
+        }
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn decode_attention_matches_cpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut rng = rng("decode_attention_matches_cpu");
+    for p in problems(4, &mut rng) {
+        compare(cuda, &mut rng, &p);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn prefill_attention_matches_cpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut rng = rng("prefill_attention_matches_cpu");
+    for p in problems(200, &mut rng)
+        .into_iter()
+        .filter(|p| p.shape.n_tokens > 4)
+    {
+        compare(cuda, &mut rng, &p);
+    }
+    // A causal prefill of consecutive positions, as a model's prompt runs.
+    let shape = AttentionShape {
+        n_tokens: 512,
+        capacity: 1024,
+        ..shape()
+    };
+    let positions = (0..512).collect();
+    compare(
+        cuda,
+        &mut rng,
+        &Problem {
+            shape,
+            cache: DType::F16,
+            positions,
+        },
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn a_query_outside_the_cache_gets_zeros_on_the_gpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut rng = rng("a_query_outside_the_cache_gets_zeros_on_the_gpu");
+    for n_tokens in [1, 8] {
+        let s = AttentionShape {
+            n_tokens,
+            capacity: 64,
+            ..shape()
+        };
+        let nq = n_tokens * s.n_heads * s.head_dim;
+        let cache_len = s.n_kv_heads * s.capacity * s.head_dim;
+        let q = device(cuda, &f32_bytes(&values(&mut rng, nq, 1.0)));
+        let k = device(cuda, &encoded(&mut rng, DType::F16, cache_len));
+        let v = device(cuda, &encoded(&mut rng, DType::F16, cache_len));
+        let mut positions = vec![5; n_tokens];
+        positions[0] = 64;
+        let pos = device(cuda, &i32_bytes(&positions));
+        let mut out = device(cuda, &poison(nq * 4));
+        kiln_cuda::ops::attention::attention(cuda, &q, &k, &v, &pos, &mut out, DType::F16, &s)
+            .unwrap();
+        let got = f32s(&host(cuda, &out, nq * 4));
+        let per_token = s.n_heads * s.head_dim;
+        assert!(
+            got[..per_token].iter().all(|&x| x == 0.0),
+            "position 64 of 64"
+        );
+        assert!(
+            got[per_token..].iter().all(|x| x.is_finite() && *x != 0.0),
+            "the other queries are computed"
+        );
+    }
+}

@@ -1,0 +1,205 @@
+//! Embedding: the dispatch checks (no GPU needed) and parity with kiln-cpu on the GPU.
+
+mod common;
+mod kernels;
+use common::*;
+use kernels::*;
+use kiln_core::ops::{Embedding, WEIGHT_DTYPES};
+use kiln_core::{DType, Graph};
+use kiln_cpu::CpuBackend;
+use kiln_cuda::ops::embedding::EmbeddingArgs;
+
+/// A valid embedding of 3 tokens from a 10 x 64 Q4_0 table.
+fn args() -> EmbeddingArgs {
+    EmbeddingArgs {
+        table: DType::Q4_0,
+        n_tokens: 3,
+        vocab: 10,
+        dim: 64,
+        table_bytes: 10 * 2 * 18,
+        ids_bytes: 3 * 4,
+        out_bytes: 3 * 64 * 4,
+    }
+}
+
+#[test]
+fn a_valid_embedding_plans_one_block_row_per_token() {
+    let plan = args().check().unwrap();
+    assert_eq!(plan.spec.key, "embedding|table=q4_0");
+    assert_eq!(plan.spec.name_expression, "kiln::embedding<kiln::Q4_0>");
+    assert_eq!(plan.config.grid_dim, (3, 1, 1));
+}
+
+#[test]
+fn zero_tokens_are_rejected() {
+    let m = invalid(
+        EmbeddingArgs {
+            n_tokens: 0,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(m, "embedding: n_tokens must be > 0, got 0");
+}
+
+#[test]
+fn an_empty_vocabulary_is_rejected() {
+    let m = invalid(EmbeddingArgs { vocab: 0, ..args() }.check());
+    assert_eq!(m, "embedding: vocab must be > 0, got 0");
+}
+
+#[test]
+fn a_zero_dim_is_rejected() {
+    let m = invalid(EmbeddingArgs { dim: 0, ..args() }.check());
+    assert_eq!(m, "embedding: dim must be > 0, got 0");
+}
+
+#[test]
+fn a_table_dtype_that_is_no_weight_format_is_rejected() {
+    for dtype in [DType::I32, DType::Q8_1, DType::Q8K] {
+        let m = invalid(
+            EmbeddingArgs {
+                table: dtype,
+                ..args()
+            }
+            .check(),
+        );
+        assert!(
+            m.starts_with(&format!(
+                "embedding: weight has dtype {dtype}, expected one of [f32"
+            )),
+            "{m}"
+        );
+    }
+}
+
+#[test]
+fn a_dim_that_is_not_whole_blocks_is_rejected() {
+    let m = invalid(EmbeddingArgs { dim: 48, ..args() }.check());
+    assert_eq!(
+        m,
+        "embedding: dim 48 is not a multiple of q4_0's block size 32"
+    );
+}
+
+#[test]
+fn a_short_table_is_rejected() {
+    let m = invalid(
+        EmbeddingArgs {
+            table_bytes: 359,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "embedding: table needs 640 q4_0 elements (360 bytes), its buffer has 359 bytes"
+    );
+}
+
+#[test]
+fn short_ids_are_rejected() {
+    let m = invalid(
+        EmbeddingArgs {
+            ids_bytes: 8,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "embedding: ids needs 3 i32 elements (12 bytes), its buffer has 8 bytes"
+    );
+}
+
+#[test]
+fn a_short_output_is_rejected() {
+    let m = invalid(
+        EmbeddingArgs {
+            out_bytes: 767,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "embedding: out needs 192 f32 elements (768 bytes), its buffer has 767 bytes"
+    );
+}
+
+/// Row lengths per dtype: one block (odd for the dense formats), and a round width.
+fn dims(dtype: DType) -> [usize; 2] {
+    if dtype.is_quantized() {
+        [dtype.block_size() * 3, 4096]
+    } else {
+        [37, 4096]
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn embedding_matches_cpu_exactly_for_every_weight_dtype() {
+    let Some(cuda) = cuda() else { return };
+    let mut rng = rng("embedding_matches_cpu_exactly_for_every_weight_dtype");
+    for dtype in WEIGHT_DTYPES {
+        for dim in dims(dtype) {
+            let (vocab, ids) = (1001, [1000, 0, 7, 999, 7]);
+            let n_tokens = ids.len();
+            let mut g = Graph::new();
+            let table = g.persistent("table", dtype, &[vocab, dim]).unwrap();
+            let id_buf = g.persistent("ids", DType::I32, &[n_tokens]).unwrap();
+            let out = g.persistent("out", DType::F32, &[n_tokens, dim]).unwrap();
+            g.push(Embedding {
+                table,
+                ids: id_buf,
+                out,
+                n_tokens,
+                vocab,
+                dim,
+            })
+            .unwrap();
+            let inputs = [
+                (table, encoded(&mut rng, dtype, vocab * dim)),
+                (id_buf, i32_bytes(&ids)),
+            ];
+            let want = run_on(&CpuBackend, &g, &inputs, &[out]).unwrap();
+            let got = run_on(cuda, &g, &inputs, &[out]).unwrap();
+            // Both sides decode with the same f32 operations: no tolerance.
+            assert_eq!(got, want, "embedding {dtype} dim {dim}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn an_id_outside_the_vocabulary_gives_a_zero_row_on_the_gpu() {
+    let Some(cuda) = cuda() else { return };
+    let mut rng = rng("an_id_outside_the_vocabulary_gives_a_zero_row_on_the_gpu");
+    let (vocab, dim) = (4, 256);
+    let table_bytes = encoded(&mut rng, DType::Q6K, vocab * dim);
+    let ids = [2, 4, -1];
+    let table = device(cuda, &table_bytes);
+    let id_buf = device(cuda, &i32_bytes(&ids));
+    let mut out = device(cuda, &poison(3 * dim * 4));
+    kiln_cuda::ops::embedding::embedding(
+        cuda,
+        &table,
+        DType::Q6K,
+        &id_buf,
+        &mut out,
+        3,
+        vocab,
+        dim,
+    )
+    .unwrap();
+    let bytes = host(cuda, &out, 3 * dim * 4);
+    let got = f32s(&bytes);
+    let mut row = vec![0f32; dim];
+    kiln_cpu::ops::embedding::embedding(&table_bytes, DType::Q6K, &[2], &mut row, vocab, dim)
+        .unwrap();
+    assert_eq!(&got[..dim], &row[..], "id 2");
+    assert!(
+        got[dim..].iter().all(|&v| v == 0.0),
+        "ids 4 and -1 give zeros"
+    );
+}

@@ -1,0 +1,327 @@
+//! MatMul: the dispatch checks and kernel choice (no GPU needed) and parity of the
+//! mat-vec and mat-mat kernels with kiln-cpu on the GPU.
+
+mod common;
+mod kernels;
+use common::*;
+use kernels::*;
+use kiln_core::ops::{MatMul, WEIGHT_DTYPES};
+use kiln_core::{DType, Graph};
+use kiln_cpu::CpuBackend;
+use kiln_cuda::ops::matmul::{MatMulArgs, MatMulKernel};
+
+/// A valid decode matmul: 1 x 4096 activations, a 4096 x 4096 Q4_K weight, a bias.
+fn args() -> MatMulArgs {
+    MatMulArgs {
+        weight: DType::Q4K,
+        m: 1,
+        n: 4096,
+        k: 4096,
+        x_bytes: 4096 * 4,
+        w_bytes: 4096 * 16 * 144,
+        bias_bytes: Some(4096 * 4),
+        out_bytes: 4096 * 4,
+    }
+}
+
+#[test]
+fn up_to_eight_rows_run_on_the_matvec_tier_that_holds_them() {
+    for (m, tier) in [(1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (8, 8)] {
+        let plan = MatMulArgs {
+            m,
+            x_bytes: m * 4096 * 4,
+            out_bytes: m * 4096 * 4,
+            ..args()
+        }
+        .check()
+        .unwrap();
+        match plan.kernel {
+            MatMulKernel::MatVec { m_tier, load, .. } => {
+                assert_eq!((m_tier, load), (tier, 16), "m = {m}")
+            }
+            other => panic!("m = {m} runs on {other:?}"),
+        }
+        assert_eq!(plan.config.block_dim, (256, 1, 1));
+    }
+}
+
+#[test]
+fn a_matvec_grid_covers_every_weight_row() {
+    let plan = args().check().unwrap();
+    let MatMulKernel::MatVec { rows, .. } = plan.kernel else {
+        panic!("{:?}", plan.kernel)
+    };
+    assert_eq!(rows, 8);
+    assert_eq!(plan.config.grid_dim, (4096 / 8, 1, 1));
+    assert_eq!(
+        plan.spec.name_expression,
+        "kiln::matvec<kiln::Q4_K, 1, 8, 16>"
+    );
+}
+
+#[test]
+fn rows_that_are_not_16_byte_multiples_use_the_block_alignment() {
+    // 3 blocks of Q4_0 take 54 bytes: loads of 2 bytes.
+    let plan = MatMulArgs {
+        weight: DType::Q4_0,
+        n: 5,
+        k: 96,
+        x_bytes: 96 * 4,
+        w_bytes: 5 * 54,
+        bias_bytes: None,
+        out_bytes: 5 * 4,
+        ..args()
+    }
+    .check()
+    .unwrap();
+    assert!(
+        matches!(plan.kernel, MatMulKernel::MatVec { load: 2, .. }),
+        "{:?}",
+        plan.kernel
+    );
+}
+
+#[test]
+fn more_than_eight_rows_run_on_the_tensor_core_kernel() {
+    let plan = MatMulArgs {
+        m: 512,
+        x_bytes: 512 * 4096 * 4,
+        out_bytes: 512 * 4096 * 4,
+        ..args()
+    }
+    .check()
+    .unwrap();
+    assert_eq!(plan.kernel, MatMulKernel::MatMat);
+    assert_eq!(plan.spec.key, "matmat|w=q4_k");
+    assert_eq!(plan.config.grid_dim, (64, 8, 1));
+}
+
+#[test]
+fn zero_rows_are_rejected() {
+    assert_eq!(
+        invalid(MatMulArgs { m: 0, ..args() }.check()),
+        "matmul: m must be > 0, got 0"
+    );
+}
+
+#[test]
+fn zero_outputs_are_rejected() {
+    assert_eq!(
+        invalid(MatMulArgs { n: 0, ..args() }.check()),
+        "matmul: n must be > 0, got 0"
+    );
+}
+
+#[test]
+fn a_zero_reduction_is_rejected() {
+    assert_eq!(
+        invalid(MatMulArgs { k: 0, ..args() }.check()),
+        "matmul: k must be > 0, got 0"
+    );
+}
+
+#[test]
+fn a_weight_dtype_that_is_no_weight_format_is_rejected() {
+    let m = invalid(
+        MatMulArgs {
+            weight: DType::Q8K,
+            ..args()
+        }
+        .check(),
+    );
+    assert!(
+        m.starts_with("matmul: weight has dtype q8_k, expected one of [f32, f16, bf16, q4_0"),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_reduction_that_is_not_whole_blocks_is_rejected() {
+    let m = invalid(
+        MatMulArgs {
+            k: 4096 + 32,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "matmul: k 4128 is not a multiple of q4_k's block size 256"
+    );
+}
+
+#[test]
+fn short_activations_are_rejected() {
+    let m = invalid(
+        MatMulArgs {
+            x_bytes: 100,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "matmul: x needs 4096 f32 elements (16384 bytes), its buffer has 100 bytes"
+    );
+}
+
+#[test]
+fn a_short_weight_is_rejected() {
+    let m = invalid(
+        MatMulArgs {
+            w_bytes: 4096 * 16 * 144 - 1,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "matmul: w needs 16777216 q4_k elements (9437184 bytes), its buffer has 9437183 bytes"
+    );
+}
+
+#[test]
+fn a_short_bias_is_rejected() {
+    let m = invalid(
+        MatMulArgs {
+            bias_bytes: Some(4),
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "matmul: bias needs 4096 f32 elements (16384 bytes), its buffer has 4 bytes"
+    );
+}
+
+#[test]
+fn a_short_output_is_rejected() {
+    let m = invalid(
+        MatMulArgs {
+            out_bytes: 0,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "matmul: out needs 4096 f32 elements (16384 bytes), its buffer has 0 bytes"
+    );
+}
+
+#[test]
+fn too_many_rows_for_the_grid_are_rejected() {
+    let m = 65_536 * 64;
+    let msg = invalid(
+        MatMulArgs {
+            m,
+            n: 64,
+            k: 256,
+            x_bytes: m * 256 * 4,
+            w_bytes: 64 * 144,
+            bias_bytes: None,
+            out_bytes: m * 64 * 4,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        msg,
+        "matmul: m needs 65536 blocks, more than a grid dimension's 65535"
+    );
+}
+
+/// Normalised MSE allowed for the mat-vec kernels against the CPU's f32 results:
+/// products are exact and only the order of the f32 sums differs (a tree of 8-element
+/// chunks and warps on the GPU, a sequence on the CPU).
+const MATVEC_NMSE: f64 = 1e-9;
+
+/// Normalised MSE allowed for the mat-mat kernel: activations and decoded weights are
+/// rounded to bf16 (8 significant bits, relative error up to 2^-9 each) before the
+/// tensor-core products; for random inputs that gives about 5e-6.
+const MATMAT_NMSE: f64 = 5e-5;
+
+/// Runs out = x · wᵀ (+ bias) on both backends and compares.
+#[allow(clippy::too_many_arguments)]
+fn compare(
+    cuda: &kiln_cuda::CudaBackend,
+    rng: &mut rand::rngs::StdRng,
+    dtype: DType,
+    m: usize,
+    n: usize,
+    k: usize,
+    with_bias: bool,
+) {
+    let mut g = Graph::new();
+    let x = g.persistent("x", DType::F32, &[m, k]).unwrap();
+    let w = g.persistent("w", dtype, &[n, k]).unwrap();
+    let bias = with_bias.then(|| g.persistent("bias", DType::F32, &[n]).unwrap());
+    let out = g.persistent("out", DType::F32, &[m, n]).unwrap();
+    g.push(MatMul {
+        x,
+        w,
+        bias,
+        out,
+        m,
+        n,
+        k,
+    })
+    .unwrap();
+    let mut inputs = vec![
+        (x, f32_bytes(&values(rng, m * k, 1.0))),
+        (w, encoded(rng, dtype, n * k)),
+    ];
+    if let Some(b) = bias {
+        inputs.push((b, f32_bytes(&values(rng, n, 1.0))));
+    }
+    let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out]).unwrap()[0]);
+    let got = f32s(&run_on(cuda, &g, &inputs, &[out]).unwrap()[0]);
+    let nmse = if m <= 8 { MATVEC_NMSE } else { MATMAT_NMSE };
+    assert_close(
+        &format!("matmul {dtype} m={m} n={n} k={k} bias={with_bias}"),
+        &got,
+        &want,
+        nmse,
+    );
+}
+
+/// Reduction lengths per dtype: a few blocks (rows not 16-byte multiples for most
+/// formats), a round width, and an odd multiple of the block past a tile boundary.
+fn reductions(dtype: DType) -> [usize; 3] {
+    if dtype.is_quantized() {
+        let bs = dtype.block_size();
+        [3 * bs, 4096, 2048 + 5 * bs]
+    } else {
+        [37, 4096, 2093]
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn matvec_matches_cpu_for_every_weight_dtype_and_row_count() {
+    let Some(cuda) = cuda() else { return };
+    let mut rng = rng("matvec_matches_cpu_for_every_weight_dtype_and_row_count");
+    for dtype in WEIGHT_DTYPES {
+        for k in reductions(dtype) {
+            for m in [1, 2, 3, 5, 8] {
+                compare(cuda, &mut rng, dtype, m, 67, k, m == 3);
+            }
+            compare(cuda, &mut rng, dtype, 1, 4096, k, false);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn matmat_matches_cpu_for_every_weight_dtype() {
+    let Some(cuda) = cuda() else { return };
+    let mut rng = rng("matmat_matches_cpu_for_every_weight_dtype");
+    for dtype in WEIGHT_DTYPES {
+        for k in reductions(dtype) {
+            compare(cuda, &mut rng, dtype, 9, 67, k, true);
+            compare(cuda, &mut rng, dtype, 130, 200, k, false);
+        }
+        compare(cuda, &mut rng, dtype, 512, 1024, 4096, false);
+    }
+}
