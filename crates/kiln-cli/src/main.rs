@@ -21,6 +21,8 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Measure prompt-processing and generation speed, like llama-bench.
     Bench(cmd::bench::BenchArgs),
+    /// Measure each CUDA kernel family's speed at real model shapes against the copy bandwidth.
+    BenchKernels(cmd::bench_kernels::BenchKernelsArgs),
     /// Write a real-shaped model with random weights, for benchmarks.
     Synth(cmd::synth::SynthArgs),
     /// Print the kiln version.
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
     let result: kiln_core::Result<()> = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::BenchKernels(args) => cmd::bench_kernels::run(args),
         Command::Synth(args) => cmd::synth::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Quantize(args) => cmd::quantize::run(args),

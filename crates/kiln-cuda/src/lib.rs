@@ -11,6 +11,7 @@
 //!   before launch.
 //! - [`backend`]: [`CudaBackend`], implementing [`kiln_core::Backend`].
 //! - [`startup`]: measurements of one compile, one load, cold and warm start.
+//! - [`timing`]: device-side timing of launches with CUDA events.
 
 pub mod backend;
 pub mod context;
@@ -19,6 +20,7 @@ pub mod nvrtc;
 pub mod ops;
 pub mod registry;
 pub mod startup;
+pub mod timing;
 
 pub use backend::{CudaBackend, CudaBuffer};
 pub use context::CudaDevice;

@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod bench_kernels;
 pub mod convert;
 pub mod device;
 pub mod doctor;

@@ -1,0 +1,451 @@
+//! `kiln bench-kernels`: the speed of the CUDA kernels at the shapes of real models,
+//! against a ceiling measured in the same run.
+//!
+//! - The ceiling: a device-to-device copy, counting bytes read plus bytes written.
+//! - Mat-vec (decode, one activation row): GB/s of weight, activation and output
+//!   bytes, and its fraction of the copy bandwidth, per weight format, at the
+//!   projections of a Llama-3-8B-shaped model and a 151936-token output head.
+//! - Decode attention: GB/s of K and V cache bytes (plus query and output) for one
+//!   query of 32 heads over 8 KV heads of dimension 128, F16 cache, at 1k to 32k rows.
+//! - Prefill mat-mat: TFLOP/s at 512 activation rows.
+//!
+//! Each measurement enqueues its launches behind a long copy (so the host's launch
+//! overhead is hidden), times them with CUDA events, and cycles through enough copies
+//! of its operands that they cannot stay in the L2 cache between launches.
+
+use std::sync::Arc;
+
+use kiln_core::{quant, Backend, DType, Error, Result};
+use kiln_cuda::ops::attention::AttentionShape;
+use kiln_cuda::ops::{attention, matmul};
+use kiln_cuda::timing::EventTimer;
+use kiln_cuda::{CacheConfig, CudaBackend, CudaBuffer};
+
+use super::device::{resolve, Device, DeviceArgs};
+
+/// Arguments of `kiln bench-kernels`.
+#[derive(clap::Args, Debug)]
+pub struct BenchKernelsArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Timed launches per measurement (after one warm-up launch).
+    #[arg(long, default_value_t = 20)]
+    pub reps: usize,
+    /// MiB copied to measure the bandwidth ceiling.
+    #[arg(long, default_value_t = 1024)]
+    pub copy_mib: usize,
+    /// Weight formats of the mat-vec and mat-mat measurements, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "f32,f16,bf16,q4_0,q4_1,q5_0,q5_1,q8_0,q4_k,q5_k,q6_k"
+    )]
+    pub formats: Vec<DType>,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Weight shapes `(n, k)` (output rows x row length) of the mat-vec and mat-mat
+/// measurements: attention projections, the MLP's down and up projections of a
+/// Llama-3-8B-shaped model, and a 151936-token output head.
+pub const WEIGHT_SHAPES: [(usize, usize); 4] =
+    [(4096, 4096), (4096, 14336), (14336, 4096), (151936, 4096)];
+
+/// Rows of the decode attention measurements.
+pub const KV_LENGTHS: [usize; 4] = [1024, 4096, 16384, 32768];
+
+/// The decode attention problem: one query of 32 heads over 8 KV heads of dimension
+/// 128 in an F16 cache of `kv_len` rows, all visible.
+pub fn decode_attention_shape(kv_len: usize) -> AttentionShape {
+    AttentionShape {
+        n_tokens: 1,
+        n_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 128,
+        capacity: kv_len,
+        scale: 1.0 / (128f32).sqrt(),
+        window: None,
+        softcap: None,
+    }
+}
+
+/// Activation rows of the prefill mat-mat measurements.
+pub const PREFILL_ROWS: usize = 512;
+
+/// Bytes an operand set should span so that cycling through its copies defeats a
+/// 50 MB L2 cache (an H100's).
+const COLD_BYTES: usize = 256 << 20;
+
+/// Most copies of one operand set.
+const MAX_COPIES: usize = 64;
+
+/// Bytes a mat-vec of `m` rows over an `n x k` weight of `dtype` moves: the weight,
+/// the activations (f32) and the output (f32).
+pub fn matvec_bytes(dtype: DType, m: usize, n: usize, k: usize) -> Result<usize> {
+    Ok(n * dtype.bytes_for(k)? + 4 * m * k + 4 * m * n)
+}
+
+/// Bytes one decode attention moves: the K and V rows of every KV head (F16), the
+/// query and the output (f32).
+pub fn attention_bytes(s: &AttentionShape) -> usize {
+    2 * s.n_kv_heads * s.capacity * s.head_dim * 2 + 2 * 4 * s.n_tokens * s.n_heads * s.head_dim
+}
+
+/// Floating-point operations of an `m x k` by `k x n` product.
+pub fn matmul_flops(m: usize, n: usize, k: usize) -> f64 {
+    2.0 * m as f64 * n as f64 * k as f64
+}
+
+/// Copies of an operand set of `bytes` bytes to cycle through: enough to span
+/// [`COLD_BYTES`], at most [`MAX_COPIES`], at least 1.
+pub fn copies_for(bytes: usize) -> usize {
+    COLD_BYTES.div_ceil(bytes.max(1)).clamp(1, MAX_COPIES)
+}
+
+/// One measurement: what ran, the bytes it moved or the operations it did, and the
+/// time of one launch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Measurement {
+    pub family: &'static str,
+    pub label: String,
+    pub bytes: usize,
+    pub flops: f64,
+    pub seconds: f64,
+}
+
+impl Measurement {
+    /// Bytes moved per second.
+    pub fn bytes_per_s(&self) -> f64 {
+        self.bytes as f64 / self.seconds
+    }
+
+    /// Operations per second.
+    pub fn flops_per_s(&self) -> f64 {
+        self.flops / self.seconds
+    }
+}
+
+/// The table of one family: memory-bound ones as GB/s and fraction of the copy
+/// bandwidth, compute-bound ones as TFLOP/s.
+pub fn table(title: &str, rows: &[Measurement], copy_bytes_per_s: f64) -> String {
+    let mut out = format!("{title}\n");
+    for r in rows {
+        let line = if r.flops > 0.0 {
+            format!(
+                "  {:<34} {:>9.1} us {:>8.1} TFLOP/s\n",
+                r.label,
+                r.seconds * 1e6,
+                r.flops_per_s() / 1e12
+            )
+        } else {
+            format!(
+                "  {:<34} {:>9.1} us {:>8.1} GB/s {:>6.1}% of copy\n",
+                r.label,
+                r.seconds * 1e6,
+                r.bytes_per_s() / 1e9,
+                100.0 * r.bytes_per_s() / copy_bytes_per_s
+            )
+        };
+        out.push_str(&line);
+    }
+    out
+}
+
+/// Runs `kiln bench-kernels`.
+pub fn run(args: BenchKernelsArgs) -> Result<()> {
+    if args.reps == 0 {
+        return Err(Error::invalid("bench-kernels", "--reps must be at least 1"));
+    }
+    let device = match resolve(args.device.device)? {
+        Device::Cuda(d) => d,
+        Device::Cpu => {
+            return Err(Error::Unsupported(
+                "kiln bench-kernels measures CUDA kernels and needs a CUDA device".into(),
+            ))
+        }
+    };
+    let backend = CudaBackend::on_device(Arc::clone(&device), CacheConfig::from_env()?)?;
+    let mut bench = Bench {
+        backend: &backend,
+        reps: args.reps,
+        timer: EventTimer::new(&backend, args.copy_mib << 20)?,
+    };
+    let copy = bench.timer.copy_bandwidth(&backend, args.reps)?;
+    let mut families = Vec::new();
+    for dtype in &args.formats {
+        let mut rows = Vec::new();
+        for (n, k) in WEIGHT_SHAPES {
+            rows.push(bench.matvec(*dtype, n, k)?);
+        }
+        families.push((
+            format!("mat-vec, 1 activation row, {dtype} weight (n x k)"),
+            rows,
+        ));
+    }
+    let rows = KV_LENGTHS
+        .iter()
+        .map(|&len| bench.decode_attention(len))
+        .collect::<Result<Vec<_>>>()?;
+    families.push((
+        "decode attention, 32 heads over 8 KV heads of 128, f16 cache".to_string(),
+        rows,
+    ));
+    for dtype in &args.formats {
+        let mut rows = Vec::new();
+        for (n, k) in WEIGHT_SHAPES {
+            rows.push(bench.matmat(*dtype, PREFILL_ROWS, n, k)?);
+        }
+        families.push((
+            format!("prefill mat-mat, {PREFILL_ROWS} activation rows, {dtype} weight (n x k)"),
+            rows,
+        ));
+    }
+    if args.json {
+        print_json(device.name(), copy, &families);
+    } else {
+        println!(
+            "{} ({}): copy bandwidth (read + write) {:.1} GB/s",
+            device.name(),
+            backend.name(),
+            copy / 1e9
+        );
+        for (title, rows) in &families {
+            print!("{}", table(title, rows, copy));
+        }
+    }
+    Ok(())
+}
+
+fn print_json(device: &str, copy: f64, families: &[(String, Vec<Measurement>)]) {
+    let families: Vec<serde_json::Value> = families
+        .iter()
+        .map(|(title, rows)| {
+            let rows: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "label": r.label,
+                        "seconds": r.seconds,
+                        "bytes_per_s": r.bytes_per_s(),
+                        "fraction_of_copy": r.bytes_per_s() / copy,
+                        "flops_per_s": r.flops_per_s(),
+                    })
+                })
+                .collect();
+            serde_json::json!({ "family": title, "rows": rows })
+        })
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({
+            "device": device,
+            "copy_bytes_per_s": copy,
+            "families": families,
+        })
+    );
+}
+
+/// The measuring state: the backend, the launches per measurement, and the timer.
+struct Bench<'a> {
+    backend: &'a CudaBackend,
+    reps: usize,
+    timer: EventTimer,
+}
+
+impl Bench<'_> {
+    /// `copies` device buffers holding `bytes`.
+    fn buffers(&self, copies: usize, bytes: &[u8]) -> Result<Vec<CudaBuffer>> {
+        (0..copies)
+            .map(|_| {
+                let mut b = self.backend.alloc(bytes.len())?;
+                self.backend.upload(&mut b, bytes)?;
+                Ok(b)
+            })
+            .collect()
+    }
+
+    fn matvec(&mut self, dtype: DType, n: usize, k: usize) -> Result<Measurement> {
+        Ok(Measurement {
+            family: "matvec",
+            label: format!("{n} x {k}"),
+            bytes: matvec_bytes(dtype, 1, n, k)?,
+            flops: 0.0,
+            seconds: self.matmul(dtype, 1, n, k)?,
+        })
+    }
+
+    fn matmat(&mut self, dtype: DType, m: usize, n: usize, k: usize) -> Result<Measurement> {
+        Ok(Measurement {
+            family: "matmat",
+            label: format!("{n} x {k}"),
+            bytes: 0,
+            flops: matmul_flops(m, n, k),
+            seconds: self.matmul(dtype, m, n, k)?,
+        })
+    }
+
+    /// Seconds of one matmul of `m` rows over an `n x k` weight of `dtype`, cycling
+    /// through enough weight copies to miss the L2 cache.
+    fn matmul(&mut self, dtype: DType, m: usize, n: usize, k: usize) -> Result<f64> {
+        let weight = encoded_weight(dtype, n, k)?;
+        let weights = self.buffers(copies_for(weight.len()), &weight)?;
+        drop(weight);
+        let x = self.buffers(1, &f32_pattern(m * k))?;
+        let mut out = self.backend.alloc(4 * m * n)?;
+        let backend = self.backend;
+        self.timer.time(backend, self.reps, |i| {
+            let w = &weights[i % weights.len()];
+            matmul::matmul(backend, &x[0], w, dtype, None, &mut out, m, n, k)
+        })
+    }
+
+    /// One decode attention over `kv_len` rows of an F16 cache, cycling through
+    /// enough cache copies to miss the L2 cache.
+    fn decode_attention(&mut self, kv_len: usize) -> Result<Measurement> {
+        let shape = decode_attention_shape(kv_len);
+        let cache_len = shape.n_kv_heads * shape.capacity * shape.head_dim;
+        let mut cache = vec![0u8; DType::F16.bytes_for(cache_len)?];
+        quant::quantize(DType::F16, &f32_values(cache_len), &mut cache)?;
+        let copies = copies_for(2 * cache.len());
+        let keys = self.buffers(copies, &cache)?;
+        let values = self.buffers(copies, &cache)?;
+        drop(cache);
+        let nq = shape.n_heads * shape.head_dim;
+        let q = self.buffers(1, &f32_pattern(nq))?;
+        let last = i32::try_from(kv_len - 1)
+            .map_err(|_| Error::invalid("bench-kernels", format!("kv length {kv_len}")))?;
+        let positions = self.buffers(1, &last.to_le_bytes())?;
+        let mut out = self.backend.alloc(4 * nq)?;
+        let backend = self.backend;
+        let seconds = self.timer.time(backend, self.reps, |i| {
+            let c = i % copies;
+            attention::attention(
+                backend,
+                &q[0],
+                &keys[c],
+                &values[c],
+                &positions[0],
+                &mut out,
+                DType::F16,
+                &shape,
+            )
+        })?;
+        Ok(Measurement {
+            family: "attention",
+            label: format!("kv {kv_len}"),
+            bytes: attention_bytes(&shape),
+            flops: 0.0,
+            seconds,
+        })
+    }
+}
+
+/// `n` deterministic values in (-1, 1), none zero.
+fn f32_values(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 7919 % 2001) as f32 - 1000.5) / 1001.0)
+        .collect()
+}
+
+/// The bytes of [`f32_values`].
+fn f32_pattern(n: usize) -> Vec<u8> {
+    f32_values(n).iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Rows encoded once and repeated: an `n x k` weight of valid `dtype` blocks.
+fn encoded_weight(dtype: DType, n: usize, k: usize) -> Result<Vec<u8>> {
+    const DISTINCT_ROWS: usize = 16;
+    let rows = n.min(DISTINCT_ROWS);
+    let mut block = vec![0u8; dtype.bytes_for(rows * k)?];
+    quant::quantize(dtype, &f32_values(rows * k), &mut block)?;
+    let row_bytes = dtype.bytes_for(k)?;
+    let mut out = Vec::with_capacity(n * row_bytes);
+    while out.len() < n * row_bytes {
+        let take = (n * row_bytes - out.len()).min(block.len());
+        out.extend_from_slice(&block[..take]);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matvec_bytes_count_weight_activations_and_output() {
+        // 4096 rows of 16 Q4_K blocks (144 bytes), 4096 f32 in, 4096 f32 out.
+        assert_eq!(
+            matvec_bytes(DType::Q4K, 1, 4096, 4096).unwrap(),
+            4096 * 16 * 144 + 4096 * 4 + 4096 * 4
+        );
+        assert!(matvec_bytes(DType::Q4K, 1, 4096, 100).is_err());
+    }
+
+    #[test]
+    fn decode_attention_bytes_are_dominated_by_the_cache() {
+        let s = decode_attention_shape(32768);
+        // K and V: 8 heads x 32768 rows x 128 x 2 bytes each = 128 MiB in all.
+        assert_eq!(attention_bytes(&s), 2 * (64 << 20) + 2 * 4 * 32 * 128);
+    }
+
+    #[test]
+    fn copies_span_the_cold_size_within_bounds() {
+        assert_eq!(copies_for(9_437_184), 29);
+        assert_eq!(copies_for(1), MAX_COPIES);
+        assert_eq!(copies_for(0), MAX_COPIES);
+        assert_eq!(copies_for(1 << 30), 1);
+    }
+
+    #[test]
+    fn encoded_weights_have_the_exact_size_and_decode() {
+        for dtype in [DType::F16, DType::Q4_0, DType::Q6K] {
+            let w = encoded_weight(dtype, 40, 512).unwrap();
+            assert_eq!(w.len(), 40 * dtype.bytes_for(512).unwrap());
+            let mut back = vec![0f32; 40 * 512];
+            quant::dequantize(dtype, &w, &mut back).unwrap();
+            assert!(
+                back.iter().all(|v| v.is_finite() && v.abs() <= 1.1),
+                "{dtype}"
+            );
+            // Row 16 repeats row 0.
+            assert_eq!(back[..512], back[16 * 512..17 * 512]);
+        }
+    }
+
+    #[test]
+    fn rates_and_tables_follow_the_measurements() {
+        let copy = 3.0e12;
+        let mv = Measurement {
+            family: "matvec",
+            label: "4096 x 4096".into(),
+            bytes: 1_500_000_000,
+            flops: 0.0,
+            seconds: 0.001,
+        };
+        assert_eq!(mv.bytes_per_s(), 1.5e12);
+        let t = table("mat-vec", std::slice::from_ref(&mv), copy);
+        assert!(
+            t.contains("1500.0 GB/s") && t.contains("50.0% of copy"),
+            "{t}"
+        );
+        let mm = Measurement {
+            flops: matmul_flops(512, 4096, 4096),
+            seconds: 1e-4,
+            ..mv
+        };
+        assert!((mm.flops_per_s() - 171.8e12).abs() < 0.1e12);
+        assert!(table("mat-mat", &[mm], copy).contains("171.8 TFLOP/s"));
+    }
+
+    #[test]
+    fn the_shapes_are_the_issue_s() {
+        assert_eq!(
+            WEIGHT_SHAPES,
+            [(4096, 4096), (4096, 14336), (14336, 4096), (151936, 4096)]
+        );
+        assert_eq!(KV_LENGTHS, [1024, 4096, 16384, 32768]);
+        let s = decode_attention_shape(1024);
+        assert_eq!((s.n_heads, s.n_kv_heads, s.head_dim), (32, 8, 128));
+    }
+}
