@@ -1,0 +1,196 @@
+//! The catalogue covers the IR: every op kind with every dtype the IR allows has a
+//! CUDA kernel (`has_kernel`, which `CudaBackend::supports` answers with), its
+//! specialisation is one `kiln precompile --all` builds, and the only parameters
+//! without a kernel are attention head dimensions the kernels do not take. No GPU.
+
+use kiln_core::ops::{
+    Argmax, Attention, Embedding, HeadNormRope, KvAppend, MatMul, Rope, RopeParams, RopeStyle,
+    Softmax, WEIGHT_DTYPES,
+};
+use kiln_core::{DType, Graph, Op};
+use kiln_cuda::manifest::{all_specs, has_kernel, spec_for_op};
+
+/// Asserts that every op of `g` has a kernel whose specialisation is in the manifest.
+fn assert_covered(g: &Graph) {
+    let keys: Vec<String> = all_specs().into_iter().map(|s| s.key).collect();
+    for op in g.ops() {
+        assert!(has_kernel(op), "{op:?}");
+        let spec = spec_for_op(op, g).unwrap_or_else(|e| panic!("{}: {e}", op.name()));
+        assert!(
+            keys.contains(&spec.key),
+            "{} needs {}, which all_specs() does not list",
+            op.name(),
+            spec.key
+        );
+    }
+}
+
+#[test]
+fn embedding_and_matmul_have_kernels_for_every_weight_dtype_and_row_count() {
+    for dtype in WEIGHT_DTYPES {
+        for k in [dtype.block_size() * 3, 4096] {
+            let mut g = Graph::new();
+            let table = g.persistent("table", dtype, &[9, k]).unwrap();
+            let ids = g.persistent("ids", DType::I32, &[2]).unwrap();
+            let rows = g.persistent("rows", DType::F32, &[2, k]).unwrap();
+            g.push(Embedding {
+                table,
+                ids,
+                out: rows,
+                n_tokens: 2,
+                vocab: 9,
+                dim: k,
+            })
+            .unwrap();
+            for m in [1, 2, 3, 7, 8, 9, 100] {
+                let x = g.persistent(&format!("x{m}"), DType::F32, &[m, k]).unwrap();
+                let out = g
+                    .persistent(&format!("out{m}"), DType::F32, &[m, 9])
+                    .unwrap();
+                let bias = g.persistent(&format!("bias{m}"), DType::F32, &[9]).unwrap();
+                g.push(MatMul {
+                    x,
+                    w: table,
+                    bias: Some(bias),
+                    out,
+                    m,
+                    n: 9,
+                    k,
+                })
+                .unwrap();
+            }
+            assert_covered(&g);
+        }
+    }
+}
+
+#[test]
+fn rope_softmax_argmax_and_kv_cache_ops_have_kernels() {
+    for style in [RopeStyle::Normal, RopeStyle::NeoX] {
+        for cache in [DType::F32, DType::F16] {
+            let mut g = Graph::new();
+            let params = RopeParams {
+                head_dim: 64,
+                rotary_dim: 32,
+                base: 10000.0,
+                freq_scale: 1.0,
+                style,
+            };
+            let x = g.persistent("x", DType::F32, &[3, 2, 64]).unwrap();
+            let pos = g.persistent("pos", DType::I32, &[3]).unwrap();
+            let ff = g.persistent("ff", DType::F32, &[16]).unwrap();
+            let w = g.persistent("w", DType::F32, &[64]).unwrap();
+            let roped = g.persistent("roped", DType::F32, &[3, 2, 64]).unwrap();
+            let normed = g.persistent("normed", DType::F32, &[3, 2, 64]).unwrap();
+            let probs = g.persistent("probs", DType::F32, &[6, 64]).unwrap();
+            let best = g.persistent("best", DType::I32, &[6]).unwrap();
+            let kv = g.persistent("kv", cache, &[2, 10, 64]).unwrap();
+            g.push(Rope {
+                x,
+                positions: pos,
+                freq_factors: Some(ff),
+                out: roped,
+                n_tokens: 3,
+                n_heads: 2,
+                params,
+            })
+            .unwrap();
+            g.push(HeadNormRope {
+                x,
+                weight: Some(w),
+                positions: pos,
+                freq_factors: None,
+                out: normed,
+                n_tokens: 3,
+                n_heads: 2,
+                eps: 1e-6,
+                params,
+            })
+            .unwrap();
+            g.push(Softmax {
+                x: roped,
+                out: probs,
+                rows: 6,
+                cols: 64,
+                scale: 1.0,
+                causal_offset: Some(3),
+            })
+            .unwrap();
+            g.push(Argmax {
+                x: probs,
+                out: best,
+                rows: 6,
+                cols: 64,
+            })
+            .unwrap();
+            g.push(KvAppend {
+                src: normed,
+                positions: pos,
+                cache: kv,
+                n_tokens: 3,
+                n_kv_heads: 2,
+                head_dim: 64,
+                capacity: 10,
+            })
+            .unwrap();
+            assert_covered(&g);
+        }
+    }
+}
+
+/// An attention of `n_tokens` queries of 8 heads over 2 KV heads of `head_dim`.
+fn attention(n_tokens: usize, head_dim: usize, cache: DType, capacity: usize) -> (Graph, Op) {
+    let mut g = Graph::new();
+    let q = g
+        .persistent("q", DType::F32, &[n_tokens, 8, head_dim])
+        .unwrap();
+    let k = g.persistent("k", cache, &[2, capacity, head_dim]).unwrap();
+    let v = g.persistent("v", cache, &[2, capacity, head_dim]).unwrap();
+    let pos = g.persistent("pos", DType::I32, &[n_tokens]).unwrap();
+    let out = g
+        .persistent("out", DType::F32, &[n_tokens, 8, head_dim])
+        .unwrap();
+    let op = Attention {
+        q,
+        k_cache: k,
+        v_cache: v,
+        positions: pos,
+        out,
+        n_tokens,
+        n_heads: 8,
+        n_kv_heads: 2,
+        head_dim,
+        capacity,
+        scale: 0.1,
+        window: Some(100),
+        softcap: Some(30.0),
+    };
+    g.push(op.clone()).unwrap();
+    (g, op.into())
+}
+
+#[test]
+fn attention_has_kernels_for_head_dims_that_are_multiples_of_8_up_to_256() {
+    for cache in [DType::F32, DType::F16] {
+        for head_dim in [8, 64, 80, 96, 112, 128, 136, 256] {
+            for (n_tokens, capacity) in [(1, 16), (4, 100_000), (5, 64), (300, 4096)] {
+                let (g, _) = attention(n_tokens, head_dim, cache, capacity);
+                assert_covered(&g);
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_with_other_head_dims_has_no_kernel() {
+    for head_dim in [4, 36, 100, 264, 512] {
+        let (g, op) = attention(2, head_dim, DType::F16, 16);
+        assert!(!has_kernel(&op), "head_dim {head_dim}");
+        match spec_for_op(&op, &g) {
+            Err(kiln_core::Error::Unsupported(msg)) => {
+                assert!(msg.starts_with("cuda backend: op attention"), "{msg}")
+            }
+            other => panic!("head_dim {head_dim}: expected Unsupported, got {other:?}"),
+        }
+    }
+}
