@@ -43,11 +43,11 @@ fn embedding_and_matmul_have_kernels_for_every_weight_dtype_and_row_count() {
             })
             .unwrap();
             for m in [1, 2, 3, 7, 8, 9, 100] {
-                let x = g.persistent(&format!("x{m}"), DType::F32, &[m, k]).unwrap();
+                let x = g.persistent(format!("x{m}"), DType::F32, &[m, k]).unwrap();
                 let out = g
-                    .persistent(&format!("out{m}"), DType::F32, &[m, 9])
+                    .persistent(format!("out{m}"), DType::F32, &[m, 9])
                     .unwrap();
-                let bias = g.persistent(&format!("bias{m}"), DType::F32, &[9]).unwrap();
+                let bias = g.persistent(format!("bias{m}"), DType::F32, &[9]).unwrap();
                 g.push(MatMul {
                     x,
                     w: table,
