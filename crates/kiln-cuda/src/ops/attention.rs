@@ -233,17 +233,16 @@ impl AttentionArgs {
         check_bytes(OP, "k_cache", self.k_bytes, self.cache, nkv)?;
         check_bytes(OP, "v_cache", self.v_bytes, self.cache, nkv)?;
         let capacity = to_u32(OP, "capacity", self.shape.capacity)?;
-        let (kernel, grid, threads, shared, workspace_bytes, per_block) =
-            if self.shape.n_tokens <= DECODE_MAX_TOKENS {
-                self.decode_launch()?
-            } else {
-                self.prefill_launch()?
-            };
+        let launch = if self.shape.n_tokens <= DECODE_MAX_TOKENS {
+            self.decode_launch()?
+        } else {
+            self.prefill_launch()?
+        };
         Ok(AttentionPlan {
-            kernel,
-            spec: spec(self.cache, kernel)?,
-            config: config(grid, threads, shared),
-            workspace_bytes,
+            kernel: launch.kernel,
+            spec: spec(self.cache, launch.kernel)?,
+            config: launch.config,
+            workspace_bytes: launch.workspace_bytes,
             n_tokens: to_u32(OP, "n_tokens", self.shape.n_tokens)?,
             n_heads: to_u32(OP, "n_heads", self.shape.n_heads)?,
             n_kv_heads: to_u32(OP, "n_kv_heads", self.shape.n_kv_heads)?,
@@ -255,23 +254,14 @@ impl AttentionArgs {
                 .window
                 .map_or(0, |w| w.min(self.shape.capacity) as u32),
             softcap: self.shape.softcap.unwrap_or(0.0),
-            heads_per_block: per_block.0,
-            tokens_per_block: per_block.1,
+            heads_per_block: launch.heads_per_block,
+            tokens_per_block: launch.tokens_per_block,
         })
     }
 
-    /// The decode kernel: its grid, threads, shared bytes, workspace bytes.
-    #[allow(clippy::type_complexity)] // one tuple, destructured at the one caller
-    fn decode_launch(
-        &self,
-    ) -> Result<(
-        AttentionKernel,
-        (u32, u32, u32),
-        u32,
-        u32,
-        usize,
-        (u32, u32),
-    )> {
+    /// The decode kernel's launch: splits from the longest possible range, and the
+    /// workspace their partial results need.
+    fn decode_launch(&self) -> Result<KernelLaunch> {
         let group = self.shape.n_heads / self.shape.n_kv_heads;
         let tier = GROUP_TIERS
             .into_iter()
@@ -311,23 +301,19 @@ impl AttentionArgs {
             // At most MAX_SPLITS.
             splits: splits as u32,
         };
+        // n_tokens is at most DECODE_MAX_TOKENS.
         let grid = (splits as u32, rows_y, self.shape.n_tokens as u32);
-        Ok((kernel, grid, DECODE_THREADS, 0, workspace, (0, 0)))
+        Ok(KernelLaunch {
+            kernel,
+            config: config(grid, DECODE_THREADS, 0),
+            workspace_bytes: workspace,
+            heads_per_block: 0,
+            tokens_per_block: 0,
+        })
     }
 
-    /// The prefill kernel: its grid, threads, shared bytes, no workspace, and the
-    /// heads and tokens per block.
-    #[allow(clippy::type_complexity)] // one tuple, destructured at the one caller
-    fn prefill_launch(
-        &self,
-    ) -> Result<(
-        AttentionKernel,
-        (u32, u32, u32),
-        u32,
-        u32,
-        usize,
-        (u32, u32),
-    )> {
+    /// The prefill kernel's launch: 32 (query, head) rows per block.
+    fn prefill_launch(&self) -> Result<KernelLaunch> {
         let group = self.shape.n_heads / self.shape.n_kv_heads;
         let heads_per_block = group.min(PREFILL_ROWS);
         let tokens_per_block = PREFILL_ROWS / heads_per_block;
@@ -348,16 +334,27 @@ impl AttentionArgs {
         let kernel = AttentionKernel::Prefill {
             max_head_dim: if self.shape.head_dim <= 128 { 128 } else { 256 },
         };
-        let shared = prefill_shared_bytes(self.shape.head_dim);
-        Ok((
+        // At most (32 + 32) * 257 + 32 * 17 floats.
+        let shared = prefill_shared_bytes(self.shape.head_dim) as u32;
+        Ok(KernelLaunch {
             kernel,
-            grid,
-            PREFILL_THREADS,
-            shared as u32,
-            0,
-            (heads_per_block as u32, tokens_per_block as u32),
-        ))
+            config: config(grid, PREFILL_THREADS, shared),
+            workspace_bytes: 0,
+            // Both at most PREFILL_ROWS.
+            heads_per_block: heads_per_block as u32,
+            tokens_per_block: tokens_per_block as u32,
+        })
     }
+}
+
+/// One of the two kernels' launch: which, its configuration, its workspace, and (for
+/// the prefill kernel) the heads and tokens of each block.
+struct KernelLaunch {
+    kernel: AttentionKernel,
+    config: LaunchConfig,
+    workspace_bytes: usize,
+    heads_per_block: u32,
+    tokens_per_block: u32,
 }
 
 /// Dynamic shared memory of the prefill kernel (kernels/attention.cu's
