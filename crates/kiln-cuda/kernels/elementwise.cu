@@ -18,12 +18,13 @@ struct SiluMul {
     }
 };
 
-// gelu(a) * b with the tanh approximation of gelu.
+// gelu(a) * b with the tanh approximation of gelu, evaluated as a * sigmoid(2u)
+// (equal to 0.5 a (1 + tanh(u)), without its cancellation for negative a).
 struct GeluMul {
     static __device__ __forceinline__ float apply(float a, float b) {
         const float sqrt_2_over_pi = 0.7978845608028654f;
         const float inner = sqrt_2_over_pi * (a + 0.044715f * a * a * a);
-        return 0.5f * a * (1.0f + tanhf(inner)) * b;
+        return a / (1.0f + expf(-2.0f * inner)) * b;
     }
 };
 

@@ -11,7 +11,9 @@ pub enum ElementwiseKind {
     /// `silu(a) * b`, with `silu(a) = a / (1 + exp(-a))` (SwiGLU's gate).
     SiluMul,
     /// `gelu(a) * b`, with the tanh approximation
-    /// `gelu(a) = 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))` (GeGLU's gate).
+    /// `gelu(a) = 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))` (GeGLU's gate),
+    /// evaluated as the equal `a / (1 + exp(-2 sqrt(2/pi) (a + 0.044715 a^3)))` so that
+    /// f32 keeps its precision for negative `a`.
     GeluMul,
 }
 

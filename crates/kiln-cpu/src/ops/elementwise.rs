@@ -10,10 +10,13 @@ pub fn silu(a: f32) -> f32 {
     a / (1.0 + (-a).exp())
 }
 
-/// The tanh approximation of GELU: `0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))`.
+/// The tanh approximation of GELU: `0.5 a (1 + tanh(u))` with
+/// `u = sqrt(2/pi) (a + 0.044715 a^3)`, evaluated as the equal `a / (1 + exp(-2u))`,
+/// which keeps f32 precision where `1 + tanh(u)` would cancel (negative `a`).
 pub fn gelu(a: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * a * (1.0 + (SQRT_2_OVER_PI * (a + 0.044_715 * a * a * a)).tanh())
+    let u = SQRT_2_OVER_PI * (a + 0.044_715 * a * a * a);
+    a / (1.0 + (-2.0 * u).exp())
 }
 
 /// The function `kind` applies to one pair.
