@@ -8,7 +8,8 @@ use crate::{BufferId, DType, Graph, Result};
 /// - `k_cache`, `v_cache`: `[n_kv_heads, capacity, head_dim]`, both F32 or both F16,
 ///   already holding the rows of every visible position (see [`super::KvAppend`]).
 /// - `positions`: I32 `[n_tokens]`, the position `p_t` of each query, in
-///   `0..capacity`.
+///   `0..capacity`. The CPU reference rejects a position outside that range with
+///   `InvalidArgument`; device backends write zeros for that query.
 ///
 /// Query head `h` reads KV head `g = h / (n_heads / n_kv_heads)`. Query `t` sees the
 /// cache rows `j` with `j <= p_t` and, with `window = Some(w)`, `p_t - j < w`. For

@@ -12,6 +12,7 @@ pub const CACHE_DTYPES: [DType; 2] = [DType::F32, DType::F16];
 /// - `cache`: `[n_kv_heads, capacity, head_dim]`, F32 or F16 (rounded to nearest).
 ///
 /// `cache[h, positions[t], :] = src[t, h, :]`; every other cache row is unchanged.
+/// When two tokens share a position, the later token's row is the one kept.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KvAppend {
     pub src: BufferId,

@@ -23,7 +23,7 @@ pub use attention::Attention;
 pub use cast::Cast;
 pub use elementwise::{Elementwise, ElementwiseKind};
 pub use embedding::Embedding;
-pub use kv_cache::KvAppend;
+pub use kv_cache::{KvAppend, CACHE_DTYPES};
 pub use matmul::MatMul;
 pub use norm::{AddRmsNorm, RmsNorm};
 pub use rope::{HeadNormRope, Rope, RopeParams, RopeStyle};

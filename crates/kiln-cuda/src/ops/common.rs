@@ -30,9 +30,7 @@ pub(crate) fn weight_tag(op: &str, dtype: DType) -> Result<&'static str> {
     })
 }
 
-/// The dtypes a KV cache may hold ([`kiln_core::ops::KvAppend`],
-/// [`kiln_core::ops::Attention`]).
-pub const CACHE_DTYPES: [DType; 2] = [DType::F32, DType::F16];
+pub use kiln_core::ops::CACHE_DTYPES;
 
 /// The element tag (kernels/common.cuh) of a KV cache dtype.
 pub(crate) fn cache_tag(op: &str, dtype: DType) -> Result<&'static str> {
