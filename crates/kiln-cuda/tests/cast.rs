@@ -48,7 +48,7 @@ fn random_source(rng: &mut StdRng, dtype: DType, len: usize) -> Vec<u8> {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn cast_matches_cpu_bit_for_bit() {
-    let Some(cuda) = cuda() else { return };
+    let cuda = cuda();
     let mut rng = rng("cast_matches_cpu_bit_for_bit");
     for from in FLOAT_DTYPES {
         for to in FLOAT_DTYPES {

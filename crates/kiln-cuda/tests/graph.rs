@@ -69,7 +69,7 @@ fn block(rows: usize, dim: usize) -> (Graph, [kiln_core::BufferId; 5]) {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn chained_ops_with_aliased_transients_match_cpu() {
-    let Some(cuda) = cuda() else { return };
+    let cuda = cuda();
     let mut rng = rng("chained_ops_with_aliased_transients_match_cpu");
     for (rows, dim) in [(1, 7), (3, 1023), (4, 4096)] {
         let (g, [x16, gate, w, sum, out]) = block(rows, dim);
@@ -112,7 +112,7 @@ fn chained_ops_with_aliased_transients_match_cpu() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn unimplemented_ops_are_unsupported_before_anything_runs() {
-    let Some(cuda) = cuda() else { return };
+    let cuda = cuda();
     let mut g = Graph::new();
     let a = g.persistent("a", DType::F32, &[8]).unwrap();
     let b = g.persistent("b", DType::F32, &[8]).unwrap();
@@ -159,7 +159,7 @@ fn unimplemented_ops_are_unsupported_before_anything_runs() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn dispatch_rejects_bad_arguments_before_launch() {
-    let Some(cuda) = cuda() else { return };
+    let cuda = cuda();
     let small = cuda.alloc(4 * 100).unwrap();
     let big = cuda.alloc(4 * 1000).unwrap();
     let mut out = cuda.alloc(4 * 1000).unwrap();
@@ -239,7 +239,7 @@ fn dispatch_rejects_bad_arguments_before_launch() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn transfers_check_sizes_and_round_trip() {
-    let Some(cuda) = cuda() else { return };
+    let cuda = cuda();
     let mut buf = cuda.alloc(10).unwrap();
     assert!(matches!(
         cuda.upload(&mut buf, &[1u8; 11]),

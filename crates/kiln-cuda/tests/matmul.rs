@@ -300,7 +300,7 @@ fn reductions(dtype: DType) -> [usize; 3] {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn matvec_matches_cpu_for_every_weight_dtype_and_row_count() {
-    let Some(cuda) = cuda() else { return };
+    let cuda = cuda();
     let mut rng = rng("matvec_matches_cpu_for_every_weight_dtype_and_row_count");
     for dtype in WEIGHT_DTYPES {
         for k in reductions(dtype) {
@@ -315,7 +315,7 @@ fn matvec_matches_cpu_for_every_weight_dtype_and_row_count() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn matmat_matches_cpu_for_every_weight_dtype() {
-    let Some(cuda) = cuda() else { return };
+    let cuda = cuda();
     let mut rng = rng("matmat_matches_cpu_for_every_weight_dtype");
     for dtype in WEIGHT_DTYPES {
         for k in reductions(dtype) {

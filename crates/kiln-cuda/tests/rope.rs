@@ -265,7 +265,7 @@ const HEADS: [(usize, usize); 4] = [(128, 128), (128, 64), (80, 80), (6, 4)];
 #[test]
 #[ignore = "needs a CUDA device"]
 fn rope_matches_cpu() {
-    let Some(cuda) = cuda() else { return };
+    let cuda = cuda();
     let mut rng = rng("rope_matches_cpu");
     for style in [RopeStyle::Normal, RopeStyle::NeoX] {
         for (head_dim, rotary_dim) in HEADS {
@@ -330,7 +330,7 @@ fn rope_matches_cpu() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn head_norm_rope_matches_cpu() {
-    let Some(cuda) = cuda() else { return };
+    let cuda = cuda();
     let mut rng = rng("head_norm_rope_matches_cpu");
     for style in [RopeStyle::Normal, RopeStyle::NeoX] {
         for (head_dim, rotary_dim) in HEADS {

@@ -99,7 +99,7 @@ const NMSE: f64 = 1e-10;
 #[test]
 #[ignore = "needs a CUDA device"]
 fn softmax_matches_cpu() {
-    let Some(cuda) = cuda() else { return };
+    let cuda = cuda();
     let mut rng = rng("softmax_matches_cpu");
     for (rows, cols) in [(1, 1), (3, 7), (32, 4096), (5, 32001), (17, 1000)] {
         for causal_offset in [None, Some(0), Some(cols / 2)] {
