@@ -11,9 +11,9 @@
 
 use crate::byte_level::BYTE_CHARS;
 use crate::convert::{
-    model_tensors, output_dtype, write_atomically, ConvertSummary, HfConfig, Vocab,
+    model_metadata, model_tensors, stored_desc, write_atomically, ConvertSummary, HfConfig, Vocab,
 };
-use crate::{keys, llama_file_type, GgufWriter, Metadata, TensorDesc};
+use crate::{GgufWriter, TensorDesc};
 use kiln_core::{quant, DType, Error, Result};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -157,13 +157,7 @@ pub struct SynthOptions {
 pub fn describe(config: &HfConfig, dtype: DType) -> Result<Vec<TensorDesc>> {
     Ok(model_tensors(config)?
         .iter()
-        .map(|t| {
-            TensorDesc::new(
-                t.name.clone(),
-                output_dtype(&t.name, &t.shape, dtype),
-                &t.shape,
-            )
-        })
+        .map(|t| stored_desc(&t.name, &t.shape, dtype))
         .collect())
 }
 
@@ -177,20 +171,10 @@ pub fn write(
     out: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertSummary> {
-    let file_type = llama_file_type(options.dtype).ok_or_else(|| {
-        Error::invalid(
-            "synth",
-            format!(
-                "{} is not a type llama.cpp stores weights in",
-                options.dtype
-            ),
-        )
-    })?;
     let tensors = model_tensors(config)?;
-    let mut md = Metadata::new();
-    md.set(keys::ARCHITECTURE, config.family.gguf_name());
-    md.set("general.type", "model");
-    md.set(keys::NAME, format!("{} (synthetic)", preset.name));
+    let vocab = vocab(preset, config.vocab_size, options.seed);
+    let name = format!("{} (synthetic)", preset.name);
+    let mut md = model_metadata(&name, config, &vocab, options.dtype)?;
     md.set(
         "general.description",
         format!(
@@ -198,10 +182,6 @@ pub fn write(
             preset.name, options.seed
         ),
     );
-    md.set(keys::FILE_TYPE, file_type);
-    config.write_metadata(&mut md);
-    vocab(preset, config.vocab_size, options.seed).write_metadata(&mut md);
-    md.set(keys::QUANTIZATION_VERSION, crate::QUANTIZATION_VERSION);
     let descs = describe(config, options.dtype)?;
     let total: u64 = tensors
         .iter()

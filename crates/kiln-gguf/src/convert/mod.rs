@@ -146,42 +146,14 @@ impl HfCheckpoint {
 
     /// The GGUF metadata of a file whose weight matrices are `dtype`.
     pub fn metadata(&self, dtype: DType) -> Result<Metadata> {
-        let file_type = llama_file_type(dtype).ok_or_else(|| {
-            let types: Vec<&str> = DType::ALL
-                .into_iter()
-                .filter(|&d| llama_file_type(d).is_some())
-                .map(DType::name)
-                .collect();
-            Error::invalid(
-                "convert",
-                format!(
-                    "{dtype} is not a type llama.cpp stores weight matrices in; use one of {}",
-                    types.join(", ")
-                ),
-            )
-        })?;
-        let mut md = Metadata::new();
-        md.set(keys::ARCHITECTURE, self.config.family.gguf_name());
-        md.set("general.type", "model");
-        md.set(keys::NAME, self.name.as_str());
-        md.set(keys::FILE_TYPE, file_type);
-        self.config.write_metadata(&mut md);
-        self.vocab.write_metadata(&mut md);
-        md.set(keys::QUANTIZATION_VERSION, crate::QUANTIZATION_VERSION);
-        Ok(md)
+        model_metadata(&self.name, &self.config, &self.vocab, dtype)
     }
 
     /// The output tensors with their stored types when the weights are `dtype`.
     pub fn tensor_descs(&self, dtype: DType) -> Vec<TensorDesc> {
         self.tensors
             .iter()
-            .map(|t| {
-                TensorDesc::new(
-                    t.name.clone(),
-                    output_dtype(&t.name, &t.shape, dtype),
-                    &t.shape,
-                )
-            })
+            .map(|t| stored_desc(&t.name, &t.shape, dtype))
             .collect()
     }
 
@@ -299,6 +271,45 @@ fn in_tensor(name: &str, e: Error) -> Error {
         Error::InvalidArgument { op, msg } => Error::invalid(op, format!("tensor {name:?}: {msg}")),
         other => other,
     }
+}
+
+/// The GGUF metadata llama.cpp writes for a model named `name` of `config` with the
+/// tokenizer `vocab` and weight matrices of `dtype`: general keys, architecture keys,
+/// tokenizer keys.
+pub(crate) fn model_metadata(
+    name: &str,
+    config: &HfConfig,
+    vocab: &Vocab,
+    dtype: DType,
+) -> Result<Metadata> {
+    let file_type = llama_file_type(dtype).ok_or_else(|| {
+        let types: Vec<&str> = DType::ALL
+            .into_iter()
+            .filter(|&d| llama_file_type(d).is_some())
+            .map(DType::name)
+            .collect();
+        Error::invalid(
+            "--type",
+            format!(
+                "{dtype} is not a type llama.cpp stores weight matrices in; use one of {}",
+                types.join(", ")
+            ),
+        )
+    })?;
+    let mut md = Metadata::new();
+    md.set(keys::ARCHITECTURE, config.family.gguf_name());
+    md.set("general.type", "model");
+    md.set(keys::NAME, name);
+    md.set(keys::FILE_TYPE, file_type);
+    config.write_metadata(&mut md);
+    vocab.write_metadata(&mut md);
+    md.set(keys::QUANTIZATION_VERSION, crate::QUANTIZATION_VERSION);
+    Ok(md)
+}
+
+/// A tensor as a file whose weight matrices are `dtype` stores it ([`output_dtype`]).
+pub(crate) fn stored_desc(name: &str, shape: &[usize], dtype: DType) -> TensorDesc {
+    TensorDesc::new(name.to_string(), output_dtype(name, shape, dtype), shape)
 }
 
 /// Writes a GGUF file of `descs` through `write(partial path, descs)` to `OUT.partial`,
