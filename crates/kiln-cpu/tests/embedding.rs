@@ -5,6 +5,7 @@ use common::*;
 use kiln_core::ops::{Embedding, WEIGHT_DTYPES};
 use kiln_core::DType::{F32, I32};
 use kiln_core::{Aliasing, Error};
+use kiln_cpu::CpuBackend;
 use rand::Rng;
 
 #[test]
@@ -62,7 +63,8 @@ fn embedding_rejects_ids_outside_the_vocabulary() {
             dim: 4,
         })
         .unwrap();
-        let err = run_with(
+        let err = run_on(
+            &CpuBackend,
             &g.g,
             &[(table, f32_bytes(&[1.0; 40])), (ids, i32_bytes(&[3, bad]))],
             &[out],

@@ -6,6 +6,7 @@ use common::*;
 use kiln_core::ops::KvAppend;
 use kiln_core::DType::{self, F16, F32, I32};
 use kiln_core::{Aliasing, Error};
+use kiln_cpu::CpuBackend;
 use rand::seq::SliceRandom;
 
 fn append_graph(
@@ -77,7 +78,8 @@ fn kv_append_writes_exactly_the_positions() {
 fn kv_append_rejects_positions_outside_the_cache() {
     for bad in [-1, 4] {
         let (g, [src, pos, _]) = append_graph(F16, 1, 1, 2, 4);
-        let err = run_with(
+        let err = run_on(
+            &CpuBackend,
             &g.g,
             &[(src, f32_bytes(&[1.0, 2.0])), (pos, i32_bytes(&[bad]))],
             &[],

@@ -7,6 +7,7 @@ use common::*;
 use kiln_core::ops::{Elementwise, ElementwiseKind};
 use kiln_core::planner::{live_ranges, LiveRange};
 use kiln_core::{plan, Aliasing, BufferId, BufferKind, DType, Graph};
+use kiln_cpu::CpuBackend;
 use proptest::prelude::*;
 
 /// Lengths of the buffer size classes; an op's operands all come from one class.
@@ -162,8 +163,8 @@ proptest! {
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
         let inputs: Vec<(BufferId, Vec<u8>)> =
             rg.inputs.iter().map(|&(id, len)| (id, f32_bytes(&randn(&mut rng, len, 1.0)))).collect();
-        let aliased = run_with(&rg.graph, &inputs, &rg.outputs, Aliasing::On).unwrap();
-        let separate = run_with(&rg.graph, &inputs, &rg.outputs, Aliasing::Off).unwrap();
+        let aliased = run_on(&CpuBackend, &rg.graph, &inputs, &rg.outputs, Aliasing::On).unwrap();
+        let separate = run_on(&CpuBackend, &rg.graph, &inputs, &rg.outputs, Aliasing::Off).unwrap();
         prop_assert_eq!(aliased, separate);
     }
 }

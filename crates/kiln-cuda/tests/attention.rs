@@ -6,7 +6,7 @@ mod kernels;
 use common::*;
 use kernels::*;
 use kiln_core::ops::Attention;
-use kiln_core::{DType, Graph};
+use kiln_core::{Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::attention::{AttentionArgs, AttentionKernel, AttentionShape};
 
@@ -357,15 +357,15 @@ fn compare(cuda: &kiln_cuda::CudaBackend, rng: &mut rand::rngs::StdRng, p: &Prob
     let inputs = [
         (
             q,
-            f32_bytes(&values(rng, s.n_tokens * s.n_heads * s.head_dim, 1.0)),
+            f32_bytes(&uniform(rng, s.n_tokens * s.n_heads * s.head_dim, 1.0)),
         ),
         (k, encoded(rng, p.cache, cache_len)),
         (v, encoded(rng, p.cache, cache_len)),
         (pos, i32_bytes(&p.positions)),
     ];
     let kernel = args_for(s).check().unwrap().kernel;
-    let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out]).unwrap()[0]);
-    let got = f32s(&run_on(cuda, &g, &inputs, &[out]).unwrap()[0]);
+    let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
+    let got = f32s(&run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
     assert_close(
         &format!("attention {:?} {kernel:?} cache {}", s, p.cache),
         &got,
@@ -473,7 +473,7 @@ fn a_query_outside_the_cache_gets_zeros_on_the_gpu() {
         };
         let nq = n_tokens * s.n_heads * s.head_dim;
         let cache_len = s.n_kv_heads * s.capacity * s.head_dim;
-        let q = device(cuda, &f32_bytes(&values(&mut rng, nq, 1.0)));
+        let q = device(cuda, &f32_bytes(&uniform(&mut rng, nq, 1.0)));
         let k = device(cuda, &encoded(&mut rng, DType::F16, cache_len));
         let v = device(cuda, &encoded(&mut rng, DType::F16, cache_len));
         let mut positions = vec![5; n_tokens];

@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use kiln_core::ops::{Cast, FLOAT_DTYPES};
-use kiln_core::{DType, Graph};
+use kiln_core::{Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -58,8 +58,12 @@ fn cast_matches_cpu_bit_for_bit() {
                 let out = g.persistent("out", to, &[len]).unwrap();
                 g.push(Cast { x, out, len }).unwrap();
                 let inputs = [(x, random_source(&mut rng, from, len))];
-                let want = run_on(&CpuBackend, &g, &inputs, &[out]).unwrap().remove(0);
-                let got = run_on(cuda, &g, &inputs, &[out]).unwrap().remove(0);
+                let want = run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On)
+                    .unwrap()
+                    .remove(0);
+                let got = run_on(cuda, &g, &inputs, &[out], Aliasing::On)
+                    .unwrap()
+                    .remove(0);
                 let width = to.block_bytes();
                 let first_diff = got
                     .chunks(width)

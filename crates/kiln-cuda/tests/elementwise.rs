@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use kiln_core::ops::{Elementwise, ElementwiseKind};
-use kiln_core::{DType, Graph};
+use kiln_core::{Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 
 const SIZES: [usize; 7] = [1, 7, 1023, 4096, 4097, 65536, 1_000_003];
@@ -46,8 +46,8 @@ fn elementwise_matches_cpu() {
                 (a, f32_bytes(&uniform(&mut rng, len, 6.0))),
                 (b, f32_bytes(&uniform(&mut rng, len, 2.0))),
             ];
-            let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out]).unwrap()[0]);
-            let got = f32s(&run_on(cuda, &g, &inputs, &[out]).unwrap()[0]);
+            let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
+            let got = f32s(&run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
             assert_close(
                 &format!("{} len={len}", kind.name()),
                 &got,

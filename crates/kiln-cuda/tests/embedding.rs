@@ -5,7 +5,7 @@ mod kernels;
 use common::*;
 use kernels::*;
 use kiln_core::ops::{Embedding, WEIGHT_DTYPES};
-use kiln_core::{DType, Graph};
+use kiln_core::{Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::embedding::EmbeddingArgs;
 
@@ -162,8 +162,8 @@ fn embedding_matches_cpu_exactly_for_every_weight_dtype() {
                 (table, encoded(&mut rng, dtype, vocab * dim)),
                 (id_buf, i32_bytes(&ids)),
             ];
-            let want = run_on(&CpuBackend, &g, &inputs, &[out]).unwrap();
-            let got = run_on(cuda, &g, &inputs, &[out]).unwrap();
+            let want = run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap();
+            let got = run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap();
             // Both sides decode with the same f32 operations: no tolerance.
             assert_eq!(got, want, "embedding {dtype} dim {dim}");
         }

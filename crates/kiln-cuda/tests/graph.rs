@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use kiln_core::ops::{AddRmsNorm, Attention, Cast, Elementwise, ElementwiseKind, RmsNorm};
-use kiln_core::{Backend, DType, Error, Graph};
+use kiln_core::{Aliasing, Backend, DType, Error, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops;
 
@@ -83,8 +83,8 @@ fn chained_ops_with_aliased_transients_match_cpu() {
             (gate, f32_bytes(&uniform(&mut rng, n, 3.0))),
             (w, f32_bytes(&uniform(&mut rng, dim, 1.5))),
         ];
-        let want = run_on(&CpuBackend, &g, &inputs, &[sum, out]).unwrap();
-        let got = run_on(cuda, &g, &inputs, &[sum, out]).unwrap();
+        let want = run_on(&CpuBackend, &g, &inputs, &[sum, out], Aliasing::On).unwrap();
+        let got = run_on(cuda, &g, &inputs, &[sum, out], Aliasing::On).unwrap();
         let what = format!("block {rows}x{dim}");
         // Normalised MSE against the CPU: the two norms and silu differ by a few f32
         // ulp (1e-11), and the final f16 rounding can flip on those (2^-11 relative
@@ -148,7 +148,7 @@ fn unimplemented_ops_are_unsupported_before_anything_runs() {
     })
     .unwrap();
     let inputs = [(a, f32_bytes(&[1.0; 8])), (b, f32_bytes(&[2.0; 8]))];
-    match run_on(cuda, &g, &inputs, &[s]) {
+    match run_on(cuda, &g, &inputs, &[s], Aliasing::On) {
         Err(Error::Unsupported(msg)) => {
             assert!(msg.starts_with("cuda backend: op attention"), "{msg}")
         }

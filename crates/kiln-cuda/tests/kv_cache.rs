@@ -5,7 +5,7 @@ mod kernels;
 use common::*;
 use kernels::*;
 use kiln_core::ops::KvAppend;
-use kiln_core::{DType, Graph};
+use kiln_core::{Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::kv_cache::KvAppendArgs;
 
@@ -171,7 +171,7 @@ fn kv_append_matches_cpu_exactly() {
             let inputs = [
                 (
                     src,
-                    f32_bytes(&values(&mut rng, n_tokens * n_kv_heads * head_dim, 4.0)),
+                    f32_bytes(&uniform(&mut rng, n_tokens * n_kv_heads * head_dim, 4.0)),
                 ),
                 (pos, i32_bytes(&positions)),
                 // Rows the append does not touch must keep these values.
@@ -180,8 +180,8 @@ fn kv_append_matches_cpu_exactly() {
                     encoded(&mut rng, dtype, n_kv_heads * capacity * head_dim),
                 ),
             ];
-            let want = run_on(&CpuBackend, &g, &inputs, &[cache]).unwrap();
-            let got = run_on(cuda, &g, &inputs, &[cache]).unwrap();
+            let want = run_on(&CpuBackend, &g, &inputs, &[cache], Aliasing::On).unwrap();
+            let got = run_on(cuda, &g, &inputs, &[cache], Aliasing::On).unwrap();
             // One rounding (f32 -> f16 to nearest even) on both sides: no tolerance.
             assert_eq!(got, want, "kv_append {dtype} positions {positions:?}");
         }
@@ -197,7 +197,7 @@ fn positions_outside_the_cache_are_skipped_on_the_gpu() {
     let cache_before = encoded(&mut rng, DType::F16, n_kv_heads * capacity * head_dim);
     let src = device(
         cuda,
-        &f32_bytes(&values(&mut rng, 2 * n_kv_heads * head_dim, 1.0)),
+        &f32_bytes(&uniform(&mut rng, 2 * n_kv_heads * head_dim, 1.0)),
     );
     let pos = device(cuda, &i32_bytes(&[-1, 4]));
     let mut cache = device(cuda, &cache_before);

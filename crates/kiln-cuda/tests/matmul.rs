@@ -6,7 +6,7 @@ mod kernels;
 use common::*;
 use kernels::*;
 use kiln_core::ops::{MatMul, WEIGHT_DTYPES};
-use kiln_core::{DType, Graph};
+use kiln_core::{Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::matmul::{MatMulArgs, MatMulKernel};
 
@@ -269,14 +269,14 @@ fn compare(
     })
     .unwrap();
     let mut inputs = vec![
-        (x, f32_bytes(&values(rng, m * k, 1.0))),
+        (x, f32_bytes(&uniform(rng, m * k, 1.0))),
         (w, encoded(rng, dtype, n * k)),
     ];
     if let Some(b) = bias {
-        inputs.push((b, f32_bytes(&values(rng, n, 1.0))));
+        inputs.push((b, f32_bytes(&uniform(rng, n, 1.0))));
     }
-    let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out]).unwrap()[0]);
-    let got = f32s(&run_on(cuda, &g, &inputs, &[out]).unwrap()[0]);
+    let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
+    let got = f32s(&run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
     let nmse = if m <= 8 { MATVEC_NMSE } else { MATMAT_NMSE };
     assert_close(
         &format!("matmul {dtype} m={m} n={n} k={k} bias={with_bias}"),

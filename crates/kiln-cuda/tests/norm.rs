@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use kiln_core::ops::{AddRmsNorm, RmsNorm};
-use kiln_core::{DType, Graph};
+use kiln_core::{Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 
 /// (rows, dim): single elements, odd and round widths, wider than one block.
@@ -47,8 +47,8 @@ fn rms_norm_matches_cpu() {
             if let Some(w) = w {
                 inputs.push((w, f32_bytes(&uniform(&mut rng, dim, 1.5))));
             }
-            let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out]).unwrap()[0]);
-            let got = f32s(&run_on(cuda, &g, &inputs, &[out]).unwrap()[0]);
+            let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
+            let got = f32s(&run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
             assert_close(
                 &format!("rms_norm {rows}x{dim} weight={with_weight}"),
                 &got,
@@ -91,8 +91,8 @@ fn add_rms_norm_matches_cpu_and_stores_the_exact_sum() {
             if let Some(w) = w {
                 inputs.push((w, f32_bytes(&uniform(&mut rng, dim, 1.5))));
             }
-            let want = run_on(&CpuBackend, &g, &inputs, &[sum, out]).unwrap();
-            let got = run_on(cuda, &g, &inputs, &[sum, out]).unwrap();
+            let want = run_on(&CpuBackend, &g, &inputs, &[sum, out], Aliasing::On).unwrap();
+            let got = run_on(cuda, &g, &inputs, &[sum, out], Aliasing::On).unwrap();
             let what = format!("add_rms_norm {rows}x{dim} weight={with_weight}");
             // One f32 addition per element, rounded the same on both sides.
             assert_eq!(f32s(&got[0]), f32s(&want[0]), "{what}: sum");

@@ -6,7 +6,7 @@ mod kernels;
 use common::*;
 use kernels::*;
 use kiln_core::ops::{HeadNormRope, Rope, RopeParams, RopeStyle};
-use kiln_core::{DType, Graph};
+use kiln_core::{Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::rope::{HeadNorm, RopeArgs};
 
@@ -303,18 +303,19 @@ fn rope_matches_cpu() {
                         .map(|_| rand::Rng::random_range(&mut rng, 0..4096))
                         .collect();
                     let mut inputs = vec![
-                        (x, f32_bytes(&values(&mut rng, n, 2.0))),
+                        (x, f32_bytes(&uniform(&mut rng, n, 2.0))),
                         (pos, i32_bytes(&positions)),
                     ];
                     if let Some(ff) = ff {
-                        let factors: Vec<f32> = values(&mut rng, rotary_dim / 2, 4.0)
+                        let factors: Vec<f32> = uniform(&mut rng, rotary_dim / 2, 4.0)
                             .iter()
                             .map(|v| 1.0 + v.abs())
                             .collect();
                         inputs.push((ff, f32_bytes(&factors)));
                     }
-                    let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out]).unwrap()[0]);
-                    let got = f32s(&run_on(cuda, &g, &inputs, &[out]).unwrap()[0]);
+                    let want =
+                        f32s(&run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
+                    let got = f32s(&run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
                     assert_close(
                         &format!("rope {style:?} {n_tokens}x{n_heads}x{head_dim} rotary {rotary_dim} ff={with_ff}"),
                         &got,
@@ -370,20 +371,21 @@ fn head_norm_rope_matches_cpu() {
                     let positions: Vec<i32> = (0..n_tokens)
                         .map(|_| rand::Rng::random_range(&mut rng, 0..4096))
                         .collect();
-                    let factors: Vec<f32> = values(&mut rng, rotary_dim / 2, 4.0)
+                    let factors: Vec<f32> = uniform(&mut rng, rotary_dim / 2, 4.0)
                         .iter()
                         .map(|v| 1.0 + v.abs())
                         .collect();
                     let mut inputs = vec![
-                        (x, f32_bytes(&values(&mut rng, n, 3.0))),
+                        (x, f32_bytes(&uniform(&mut rng, n, 3.0))),
                         (pos, i32_bytes(&positions)),
                         (ff, f32_bytes(&factors)),
                     ];
                     if let Some(w) = w {
-                        inputs.push((w, f32_bytes(&values(&mut rng, head_dim, 1.5))));
+                        inputs.push((w, f32_bytes(&uniform(&mut rng, head_dim, 1.5))));
                     }
-                    let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out]).unwrap()[0]);
-                    let got = f32s(&run_on(cuda, &g, &inputs, &[out]).unwrap()[0]);
+                    let want =
+                        f32s(&run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
+                    let got = f32s(&run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
                     assert_close(
                         &format!("head_norm_rope {style:?} {n_tokens}x{n_heads}x{head_dim} rotary {rotary_dim} weight={with_weight}"),
                         &got,

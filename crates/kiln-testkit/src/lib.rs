@@ -1,0 +1,211 @@
+//! Helpers shared by the tests of kiln's backends (a dev-dependency only): a seeded
+//! generator whose seed is printed for replay, random values, little-endian byte
+//! conversions, running one graph on any [`Backend`] with poisoned outputs, and an
+//! error measure against a reference.
+//!
+//! The assertions panic with a message naming the case; [`run_on`] returns the
+//! backend's errors so that tests can check them.
+
+use kiln_core::{plan, Aliasing, Backend, Bindings, BufferId, BufferKind, Graph, Scratch};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// A generator seeded from the environment variable `KILN_TEST_SEED` (a `u64`) or,
+/// when it is unset or unparsable, from the clock. The seed is printed to stderr as
+/// `"{test}: KILN_TEST_SEED={seed}"` so that a failure can be replayed.
+pub fn rng(test: &str) -> StdRng {
+    let seed = std::env::var("KILN_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("{test}: KILN_TEST_SEED={seed}");
+    StdRng::seed_from_u64(seed)
+}
+
+/// `n` values uniform in `[-scale, scale)`, none exactly zero (a zero draw becomes
+/// `scale / 2`), so that no element of an input is trivially zero.
+pub fn uniform(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let v: f32 = rng.random_range(-scale..scale);
+            if v == 0.0 {
+                scale / 2.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+/// Little-endian bytes of f32 values: 4 bytes per value, in order.
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Little-endian bytes of i32 values: 4 bytes per value, in order.
+pub fn i32_bytes(v: &[i32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// f32 values of little-endian bytes; a trailing partial group of fewer than 4 bytes
+/// is ignored.
+pub fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// i32 values of little-endian bytes; a trailing partial group of fewer than 4 bytes
+/// is ignored.
+pub fn i32s(b: &[u8]) -> Vec<i32> {
+    b.chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// `bytes` bytes of `0xff`: NaN in F32, F16 and BF16 and -1 in I32. Outputs hold
+/// this before an op runs, so that an element the op fails to write cannot pass.
+pub fn poison(bytes: usize) -> Vec<u8> {
+    vec![0xff; bytes]
+}
+
+/// Runs `graph` on `backend` with the memory plan `plan(graph, aliasing)`. Every
+/// persistent buffer gets the bytes `inputs` gives it (which must be its exact size),
+/// or [`poison`]. Returns the bytes of each of `outputs`, in order; they must be
+/// persistent buffers (panics otherwise). Errors of the backend and of binding are
+/// returned.
+pub fn run_on<B: Backend>(
+    backend: &B,
+    graph: &Graph,
+    inputs: &[(BufferId, Vec<u8>)],
+    outputs: &[BufferId],
+    aliasing: Aliasing,
+) -> kiln_core::Result<Vec<Vec<u8>>> {
+    let persistent: Vec<BufferId> = (0..graph.buffers().len() as u32)
+        .map(BufferId)
+        .filter(|&id| graph.buffers()[id.index()].kind == BufferKind::Persistent)
+        .collect();
+    let mut bufs = Vec::new();
+    for &id in &persistent {
+        let bytes = graph.buffers()[id.index()].bytes();
+        let mut buf = backend.alloc(bytes)?;
+        let data = inputs
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map_or_else(|| poison(bytes), |(_, d)| d.clone());
+        backend.upload(&mut buf, &data)?;
+        bufs.push(buf);
+    }
+    let memory = plan(graph, aliasing);
+    let mut scratch = Scratch::new();
+    scratch.ensure(backend, &memory)?;
+    {
+        let mut bindings = Bindings::new(graph, &memory, &mut scratch)?;
+        for (&id, buf) in persistent.iter().zip(bufs.iter_mut()) {
+            bindings.bind(graph, id, buf)?;
+        }
+        backend.execute(graph, &mut bindings)?;
+    }
+    outputs
+        .iter()
+        .map(|&id| {
+            let p = persistent
+                .iter()
+                .position(|&p| p == id)
+                .expect("test outputs are persistent buffers");
+            let mut out = vec![0u8; graph.buffers()[id.index()].bytes()];
+            backend.download(&bufs[p], &mut out)?;
+            Ok(out)
+        })
+        .collect()
+}
+
+/// Asserts that `got` matches the reference `want` (f32 or f64, widened to f64):
+/// equal lengths, a non-empty reference, every element of `got` finite, and a
+/// normalised mean squared error `sum (got - want)^2 / sum want^2` at most `nmse`.
+/// A reference of all zeros fails, since it tests nothing. The measured error is
+/// printed to stderr; `what` names the case in every message.
+pub fn assert_close<W: Copy + Into<f64>>(what: &str, got: &[f32], want: &[W], nmse: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    assert!(!want.is_empty(), "{what}: empty reference");
+    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+        panic!(
+            "{what}: element {i} is {} (reference {})",
+            got[i],
+            Into::<f64>::into(want[i])
+        );
+    }
+    let err: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (f64::from(g) - Into::<f64>::into(w)).powi(2))
+        .sum();
+    let norm: f64 = want.iter().map(|&w| Into::<f64>::into(w).powi(2)).sum();
+    assert!(
+        norm > 0.0,
+        "{what}: reference is all zeros, which tests nothing"
+    );
+    let e = err / norm;
+    eprintln!("{what}: nmse {e:.2e}");
+    assert!(
+        e <= nmse,
+        "{what}: normalised MSE {e:.3e} exceeds {nmse:.1e}"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_conversions_are_little_endian_and_invert() {
+        assert_eq!(f32_bytes(&[1.0]), [0x00, 0x00, 0x80, 0x3f]);
+        assert_eq!(i32_bytes(&[-2, 258]), [0xfe, 0xff, 0xff, 0xff, 2, 1, 0, 0]);
+        let floats = [1.5f32, -0.25, 3.0e-20];
+        assert_eq!(f32s(&f32_bytes(&floats)), floats);
+        let ints = [i32::MIN, -1, 7];
+        assert_eq!(i32s(&i32_bytes(&ints)), ints);
+    }
+
+    #[test]
+    fn poison_reads_as_nan_and_minus_one() {
+        assert!(f32s(&poison(8)).iter().all(|v| v.is_nan()));
+        assert_eq!(i32s(&poison(8)), [-1, -1]);
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_nonzero_values_in_range() {
+        let a = uniform(&mut StdRng::seed_from_u64(7), 1000, 2.0);
+        let b = uniform(&mut StdRng::seed_from_u64(7), 1000, 2.0);
+        assert_eq!(a, b);
+        assert!(a.iter().all(|&v| v != 0.0 && (-2.0..2.0).contains(&v)));
+    }
+
+    #[test]
+    fn assert_close_accepts_f32_and_f64_references_within_tolerance() {
+        assert_close("f64", &[1.0, 2.0], &[1.0f64, 2.001], 1e-6);
+        assert_close("f32", &[1.0, 2.0], &[1.0f32, 2.0], 0.0);
+    }
+
+    #[test]
+    #[should_panic(expected = "normalised MSE")]
+    fn assert_close_rejects_an_error_above_tolerance() {
+        assert_close("far", &[1.0, 2.0], &[1.0f64, 2.1], 1e-4);
+    }
+
+    #[test]
+    #[should_panic(expected = "element 0 is NaN")]
+    fn assert_close_rejects_an_unwritten_poisoned_element() {
+        assert_close("poisoned", &f32s(&poison(8)), &[1.0f32, 2.0], 1.0);
+    }
+
+    #[test]
+    #[should_panic(expected = "reference is all zeros")]
+    fn assert_close_rejects_an_all_zero_reference() {
+        assert_close("zeros", &[0.0, 0.0], &[0.0f64, 0.0], 1.0);
+    }
+}
