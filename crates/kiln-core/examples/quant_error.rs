@@ -19,22 +19,6 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use std::path::Path;
 
-const FORMATS: [DType; 13] = [
-    DType::Q4_0,
-    DType::Q4_1,
-    DType::Q5_0,
-    DType::Q5_1,
-    DType::Q8_0,
-    DType::Q8_1,
-    DType::Q2K,
-    DType::Q3K,
-    DType::Q4K,
-    DType::Q5K,
-    DType::Q6K,
-    DType::Q8K,
-    DType::IQ4NL,
-];
-
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> AnyResult<()> {
@@ -85,7 +69,7 @@ fn measure(file: &Path, cols: usize, other: Option<&Path>) -> AnyResult<()> {
         print!(" identical blocks | other's bytes, rel. RMSE |");
     }
     println!();
-    for dtype in FORMATS {
+    for dtype in DType::block_formats() {
         let mut q = vec![0u8; dtype.bytes_for(x.len())?];
         quant::quantize(dtype, &x, &mut q)?;
         let bits = 8.0 * dtype.block_bytes() as f64 / dtype.block_size() as f64;

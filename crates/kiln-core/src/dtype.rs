@@ -58,6 +58,11 @@ impl DType {
         DType::IQ4NL,
     ];
 
+    /// The GGML block formats, in declaration order.
+    pub fn block_formats() -> impl Iterator<Item = DType> {
+        DType::ALL.into_iter().filter(|d| d.is_quantized())
+    }
+
     /// Elements per block: 1 for scalar types.
     pub const fn block_size(self) -> usize {
         match self {
@@ -232,6 +237,7 @@ mod tests {
             (DType::Q8K, 256, 292),
             (DType::IQ4NL, 32, 18),
         ];
+        assert_eq!(DType::block_formats().count(), expected.len());
         for (d, bs, bytes) in expected {
             assert_eq!((d.block_size(), d.block_bytes()), (bs, bytes), "{d}");
         }

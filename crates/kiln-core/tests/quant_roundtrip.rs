@@ -10,23 +10,6 @@ use kiln_core::{quant, DType, Error};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::StandardNormal;
 
-/// Every block format.
-const BLOCK_FORMATS: [DType; 13] = [
-    DType::Q4_0,
-    DType::Q4_1,
-    DType::Q5_0,
-    DType::Q5_1,
-    DType::Q8_0,
-    DType::Q8_1,
-    DType::Q2K,
-    DType::Q3K,
-    DType::Q4K,
-    DType::Q5K,
-    DType::Q6K,
-    DType::Q8K,
-    DType::IQ4NL,
-];
-
 /// Elements per row: two k-quant super-blocks, 32 legacy blocks.
 const COLS: usize = 1024;
 
@@ -87,7 +70,7 @@ fn relative_rmse(x: &[f32], y: &[f32]) -> f64 {
 fn gaussian_rows_stay_within_each_formats_bound() {
     let mut rng = StdRng::seed_from_u64(1);
     let x = gaussian(&mut rng, 8 * COLS);
-    for dtype in BLOCK_FORMATS {
+    for dtype in DType::block_formats() {
         let y = round_trip(dtype, &x);
         let err = relative_rmse(&x, &y);
         let bound = gaussian_bound(dtype);
@@ -110,7 +93,7 @@ fn scaled_rows_have_the_same_relative_error() {
     let base = gaussian(&mut rng, 4 * COLS);
     for scale in [0.02f32, 300.0] {
         let x: Vec<f32> = base.iter().map(|v| v * scale).collect();
-        for dtype in BLOCK_FORMATS {
+        for dtype in DType::block_formats() {
             let err = relative_rmse(&x, &round_trip(dtype, &x));
             let bound = gaussian_bound(dtype);
             assert!(err < bound, "{dtype} at scale {scale}: {err:.5} >= {bound}");
@@ -128,7 +111,7 @@ fn an_outlier_costs_only_its_own_block() {
     let mut x = gaussian(&mut rng, COLS);
     let at = 300;
     x[at] = 60.0;
-    for dtype in BLOCK_FORMATS {
+    for dtype in DType::block_formats() {
         let y = round_trip(dtype, &x);
         assert!(
             y.iter().all(|v| v.is_finite()),
@@ -161,7 +144,7 @@ fn constant_rows_come_back_nearly_exact() {
     // ones (measured at most 1.1e-3 for Q5_K at 0.02). 2^-8 leaves room for that.
     for c in [0.75f32, -3.5, 0.02] {
         let x = vec![c; COLS];
-        for dtype in BLOCK_FORMATS {
+        for dtype in DType::block_formats() {
             let y = round_trip(dtype, &x);
             for (i, v) in y.iter().enumerate() {
                 let rel = ((v - c) / c).abs();
@@ -174,7 +157,7 @@ fn constant_rows_come_back_nearly_exact() {
 #[test]
 fn zero_rows_come_back_as_zeros() {
     let x = vec![0.0f32; COLS];
-    for dtype in BLOCK_FORMATS {
+    for dtype in DType::block_formats() {
         let y = round_trip(dtype, &x);
         assert!(
             y.iter().all(|&v| v == 0.0),
@@ -190,7 +173,7 @@ fn mixed_rows_keep_zero_blocks_zero() {
     let mut rng = StdRng::seed_from_u64(4);
     let mut x = vec![0.0f32; COLS / 2];
     x.extend(gaussian(&mut rng, COLS / 2));
-    for dtype in BLOCK_FORMATS {
+    for dtype in DType::block_formats() {
         let y = round_trip(dtype, &x);
         assert!(
             y[..COLS / 2].iter().all(|&v| v == 0.0),
@@ -206,7 +189,7 @@ fn arbitrary_bytes_decode_without_panicking() {
     // Any byte string of the right length is a valid block: decoding never fails,
     // and with finite scales (forced below) every value is finite.
     let mut rng = StdRng::seed_from_u64(5);
-    for dtype in BLOCK_FORMATS {
+    for dtype in DType::block_formats() {
         let blocks = 64;
         let mut bytes: Vec<u8> = (0..blocks * dtype.block_bytes())
             .map(|_| rng.random())
@@ -233,7 +216,7 @@ fn assert_invalid(result: kiln_core::Result<()>, what: &str) {
 
 #[test]
 fn wrong_lengths_are_errors() {
-    for dtype in BLOCK_FORMATS {
+    for dtype in DType::block_formats() {
         let bs = dtype.block_size();
         let bytes = dtype.block_bytes();
         let x = vec![1.0f32; 2 * bs];
@@ -265,7 +248,7 @@ fn wrong_lengths_are_errors() {
 
 #[test]
 fn non_finite_input_is_an_error_naming_the_element() {
-    for dtype in BLOCK_FORMATS {
+    for dtype in DType::block_formats() {
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             let mut x = vec![0.5f32; dtype.block_size()];
             x[7] = bad;
