@@ -252,6 +252,11 @@ impl CudaBackend {
             Op::Argmax(a) => bindings.with_operands(&[a.x], &[a.out], |ins, outs| {
                 ops::argmax::argmax(self, ins[0], outs[0], a.rows, a.cols)
             })?,
+            Op::Sample(s) => {
+                bindings.with_operands(&[s.logits, s.uniform], &[s.out], |ins, outs| {
+                    ops::sample::sample(self, ins[0], ins[1], outs[0], s.rows, s.vocab, &s.params)
+                })?
+            }
         }
     }
 }

@@ -142,8 +142,17 @@ pub const ARGMAX: Family = Family {
     },
 };
 
+/// [`kiln_core::ops::Sample`].
+pub const SAMPLE: Family = Family {
+    name: "sample",
+    source: KernelSource {
+        name: "sample.cu",
+        text: include_str!("../kernels/sample.cu"),
+    },
+};
+
 /// Every family.
-pub const FAMILIES: [Family; 11] = [
+pub const FAMILIES: [Family; 12] = [
     CAST,
     ELEMENTWISE,
     NORM,
@@ -155,6 +164,7 @@ pub const FAMILIES: [Family; 11] = [
     KV_CACHE,
     ATTENTION,
     ARGMAX,
+    SAMPLE,
 ];
 
 /// Every specialisation of every family.
@@ -169,6 +179,7 @@ pub fn all_specs() -> Vec<KernelSpec> {
     specs.extend(ops::kv_cache::all_specs());
     specs.extend(ops::attention::all_specs());
     specs.push(ops::argmax::spec());
+    specs.push(ops::sample::spec());
     specs
 }
 
@@ -228,6 +239,7 @@ pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
         .check()
         .map(|plan| plan.spec),
         Op::Argmax(_) => Ok(ops::argmax::spec()),
+        Op::Sample(s) => Ok(ops::sample::spec_for(&s.params)),
     }
 }
 

@@ -1,5 +1,7 @@
 //! Choosing the next token from logits.
 
+use kiln_core::ops::SampleParams;
+use kiln_cpu::ops::sample::sample_row;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -58,7 +60,9 @@ impl SamplerConfig {
 /// `p_i = softmax(logits)` over the kept tokens, top-p keeps the shortest prefix of
 /// them sorted by probability whose sum reaches `top_p`, (5) min-p keeps those with
 /// `p_i >= min_p * max p`, and (6) a token is drawn from `softmax(logits / temperature)`
-/// over what is kept, with one uniform number from the seeded generator.
+/// over what is kept, with one uniform number from the seeded generator. Steps (2) to
+/// (6) are [`kiln_core::ops::Sample`], whose definition fixes every f32 operation
+/// (its sums in a fixed order), so that a GPU computes the same token.
 #[derive(Clone, Debug)]
 pub struct Sampler {
     config: SamplerConfig,
@@ -79,51 +83,31 @@ impl Sampler {
         &self.config
     }
 
-    /// Chooses the next token given `logits` and the tokens so far.
+    /// Chooses the next token given `logits` and the tokens so far: the repetition
+    /// penalty, then [`kiln_cpu::ops::sample::sample_row`] (the definition of
+    /// [`kiln_core::ops::Sample`]) with a uniform number from the generator, drawn
+    /// only when `temperature > 0`.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let c = self.config;
         let mut logits = logits.to_vec();
         apply_repeat_penalty(&mut logits, history, c.repeat_penalty, c.repeat_last_n);
-        if c.temperature <= 0.0 {
-            return argmax(&logits) as u32;
+        let u: f32 = if c.temperature > 0.0 {
+            self.rng.random()
+        } else {
+            0.0
+        };
+        // An index into `logits`, whose length (a vocabulary size) fits u32.
+        sample_row(&logits, u, &self.params()) as u32
+    }
+
+    /// The settings of [`kiln_core::ops::Sample`] this sampler uses.
+    pub fn params(&self) -> SampleParams {
+        SampleParams {
+            temperature: self.config.temperature,
+            top_k: self.config.top_k,
+            top_p: self.config.top_p,
+            min_p: self.config.min_p,
         }
-        let mut cand: Vec<(usize, f32)> = logits
-            .iter()
-            .copied()
-            .enumerate()
-            .filter(|(_, l)| !l.is_nan())
-            .collect();
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if c.top_k > 0 {
-            cand.truncate(c.top_k.max(1));
-        }
-        let probs = softmax(cand.iter().map(|&(_, l)| l), 1.0);
-        let mut keep = cand.len();
-        if c.top_p < 1.0 {
-            let mut sum = 0.0;
-            keep = probs
-                .iter()
-                .position(|&p| {
-                    sum += p;
-                    sum >= c.top_p
-                })
-                .map_or(cand.len(), |i| i + 1);
-        }
-        if c.min_p > 0.0 {
-            let floor = c.min_p * probs[0];
-            keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
-        }
-        cand.truncate(keep.max(1));
-        let probs = softmax(cand.iter().map(|&(_, l)| l), c.temperature);
-        let u: f32 = self.rng.random();
-        let mut acc = 0.0;
-        for (&(id, _), p) in cand.iter().zip(&probs) {
-            acc += p;
-            if u < acc {
-                return id as u32;
-            }
-        }
-        cand[cand.len() - 1].0 as u32
     }
 }
 
@@ -151,12 +135,4 @@ pub fn apply_repeat_penalty(logits: &mut [f32], history: &[u32], penalty: f32, l
             }
         }
     }
-}
-
-/// `softmax(x / temperature)` of a sequence sorted largest first.
-fn softmax(x: impl Iterator<Item = f32> + Clone, temperature: f32) -> Vec<f32> {
-    let max = x.clone().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = x.map(|v| ((v - max) / temperature).exp()).collect();
-    let z: f32 = e.iter().sum();
-    e.into_iter().map(|v| v / z).collect()
 }

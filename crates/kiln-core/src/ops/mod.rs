@@ -16,6 +16,7 @@ mod kv_cache;
 mod matmul;
 mod norm;
 mod rope;
+mod sample;
 mod softmax;
 
 pub use argmax::Argmax;
@@ -27,6 +28,7 @@ pub use kv_cache::{KvAppend, CACHE_DTYPES};
 pub use matmul::MatMul;
 pub use norm::{AddRmsNorm, RmsNorm};
 pub use rope::{HeadNormRope, Rope, RopeParams, RopeStyle};
+pub use sample::{Sample, SampleParams, SAMPLE_LANES};
 pub use softmax::Softmax;
 
 use crate::{BufferDesc, BufferId, DType, Error, Graph, Result};
@@ -82,6 +84,7 @@ op_enum!(
     Attention,
     Argmax,
     Cast,
+    Sample,
 );
 
 impl Op {

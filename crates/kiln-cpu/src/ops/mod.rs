@@ -11,6 +11,7 @@ pub mod kv_cache;
 pub mod matmul;
 pub mod norm;
 pub mod rope;
+pub mod sample;
 pub mod softmax;
 
 use crate::{Inputs, Outputs};
@@ -31,5 +32,6 @@ pub(crate) fn execute(op: &Op, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
         Op::Attention(op) => attention::execute(op, ins, outs),
         Op::Argmax(op) => argmax::execute(op, ins, outs),
         Op::Cast(op) => cast::execute(op, ins, outs),
+        Op::Sample(op) => sample::execute(op, ins, outs),
     }
 }

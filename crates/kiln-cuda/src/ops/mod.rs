@@ -12,6 +12,7 @@ pub mod kv_cache;
 pub mod matmul;
 pub mod norm;
 pub mod rope;
+pub mod sample;
 pub mod softmax;
 
 use cudarc::driver::LaunchConfig;
