@@ -5,7 +5,7 @@
 
 use kiln_core::ops::{
     Argmax, Attention, Embedding, HeadNormRope, KvAppend, MatMul, Rope, RopeParams, RopeStyle,
-    Softmax, WEIGHT_DTYPES,
+    Sample, SampleParams, Softmax, WEIGHT_DTYPES,
 };
 use kiln_core::{DType, Graph, Op};
 use kiln_cuda::manifest::{all_specs, has_kernel, spec_for_op};
@@ -139,6 +139,31 @@ fn rope_softmax_argmax_and_kv_cache_ops_have_kernels() {
 }
 
 /// An attention of `n_tokens` queries of 8 heads over 2 KV heads of `head_dim`.
+#[test]
+fn sample_has_kernels_greedy_and_not() {
+    for temperature in [0.0, 0.8] {
+        let mut g = Graph::new();
+        let logits = g.persistent("logits", DType::F32, &[2, 100]).unwrap();
+        let uniform = g.persistent("uniform", DType::F32, &[2]).unwrap();
+        let out = g.persistent("out", DType::I32, &[2]).unwrap();
+        g.push(Sample {
+            logits,
+            uniform,
+            out,
+            rows: 2,
+            vocab: 100,
+            params: SampleParams {
+                temperature,
+                top_k: 40,
+                top_p: 0.95,
+                min_p: 0.05,
+            },
+        })
+        .unwrap();
+        assert_covered(&g);
+    }
+}
+
 fn attention(n_tokens: usize, head_dim: usize, cache: DType, capacity: usize) -> (Graph, Op) {
     let mut g = Graph::new();
     let q = g
