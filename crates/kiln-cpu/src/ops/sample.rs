@@ -32,7 +32,7 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     if x < -104.0 {
         return 0.0;
     }
-    let x = x.min(0.0);
+    let x = if x > 0.0 { 0.0 } else { x };
     let n = (x * LOG2_E + 0.5).floor();
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let [c3, c4, c5, c6] = EXP_COEFFS;
