@@ -41,28 +41,31 @@ fn casts_round_like_half() {
 /// `half`'s guess and its two neighbours compared exactly in f64 (decoding a 16-bit
 /// float to f64 is exact), with IEEE overflow to infinity.
 fn rounded(v: f64, to: DType) -> Vec<u8> {
-    let (decode, encode, max_finite, half_ulp_at_max): (fn(u16) -> f64, fn(f64) -> u16, f64, f64) =
-        match to {
-            DType::F32 => return (v as f32).to_le_bytes().to_vec(),
-            DType::F16 => (
-                |b| half::f16::from_bits(b).to_f64(),
-                |v| half::f16::from_f64(v).to_bits(),
-                65504.0,
-                16.0,
-            ),
-            _ => (
-                |b| half::bf16::from_bits(b).to_f64(),
-                |v| half::bf16::from_f64(v).to_bits(),
-                3.389_531_389_251_535_5e38,
-                2f64.powi(119),
-            ),
-        };
-    let sign = if v < 0.0 { 0x8000u16 } else { 0 };
-    let inf = if to == DType::F16 {
-        0x7c00u16
-    } else {
-        0x7f80u16
+    let format = match to {
+        DType::F32 => return (v as f32).to_le_bytes().to_vec(),
+        DType::F16 => HalfFormat {
+            decode: |b| half::f16::from_bits(b).to_f64(),
+            encode: |v| half::f16::from_f64(v).to_bits(),
+            max_finite: 65504.0,
+            half_ulp_at_max: 16.0,
+            inf: 0x7c00,
+        },
+        _ => HalfFormat {
+            decode: |b| half::bf16::from_bits(b).to_f64(),
+            encode: |v| half::bf16::from_f64(v).to_bits(),
+            max_finite: 3.389_531_389_251_535_5e38,
+            half_ulp_at_max: 2f64.powi(119),
+            inf: 0x7f80,
+        },
     };
+    let HalfFormat {
+        decode,
+        encode,
+        max_finite,
+        half_ulp_at_max,
+        inf,
+    } = format;
+    let sign = if v < 0.0 { 0x8000u16 } else { 0 };
     if v.abs() >= max_finite + half_ulp_at_max {
         return (sign | inf).to_le_bytes().to_vec();
     }
@@ -76,4 +79,14 @@ fn rounded(v: f64, to: DType) -> Vec<u8> {
         })
         .expect("three candidates");
     (sign | best).to_le_bytes().to_vec()
+}
+
+/// A 16-bit float format: exact decoding, `half`'s encoding (a guess to check), the
+/// largest finite value, half an ulp there, and the bits of +infinity.
+struct HalfFormat {
+    decode: fn(u16) -> f64,
+    encode: fn(f64) -> u16,
+    max_finite: f64,
+    half_ulp_at_max: f64,
+    inf: u16,
 }
