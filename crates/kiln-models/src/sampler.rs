@@ -1,6 +1,7 @@
 //! Choosing the next token from logits.
 
 use kiln_core::ops::SampleParams;
+pub use kiln_cpu::ops::argmax::argmax_row as argmax;
 use kiln_cpu::ops::sample::sample_row;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -109,17 +110,6 @@ impl Sampler {
             min_p: self.config.min_p,
         }
     }
-}
-
-/// Index of the largest logit, lowest on ties, NaN never chosen.
-pub fn argmax(logits: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if !v.is_nan() && (logits[best].is_nan() || v > logits[best]) {
-            best = i;
-        }
-    }
-    best
 }
 
 /// llama.cpp's repetition penalty over the last `last_n` tokens of `history`.
