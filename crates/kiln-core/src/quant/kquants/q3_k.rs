@@ -1,7 +1,7 @@
 //! Q3_K: 3-bit signed quants with a 6-bit scale per 16 elements.
 
 use super::search::symmetric_scale_refine;
-use super::{pack_2bit, two_bit_group, QK_K};
+use super::{group_scales_16, pack_2bit, requantize_groups_16, two_bit_group, QK_K};
 use crate::quant::block::{nearest_int, read_f16, write_f16, BlockCodec};
 use crate::DType;
 
@@ -79,17 +79,8 @@ impl BlockCodec for Q3K {
     /// magnitude; levels are recomputed with the quantized scales.
     fn encode(x: &[f32], block: &mut [u8]) {
         let mut levels = [0u8; QK_K];
-        let mut scales = [0f32; GROUPS];
-        let mut max_scale = 0.0f32;
-        let mut max_abs_scale = 0.0f32;
-        for (g, scale) in scales.iter_mut().enumerate() {
-            let range = 16 * g..16 * g + 16;
-            *scale = symmetric_scale_refine(&x[range.clone()], 4, &mut levels[range]);
-            if scale.abs() > max_abs_scale {
-                max_abs_scale = scale.abs();
-                max_scale = *scale;
-            }
-        }
+        let (scales, max_scale) =
+            group_scales_16(x, &mut levels, |x, l| symmetric_scale_refine(x, 4, l));
 
         let d = if max_scale != 0.0 {
             let iscale = -32.0 / max_scale;
@@ -107,16 +98,8 @@ impl BlockCodec for Q3K {
         };
         let d = write_f16(block, D_AT, d);
 
-        for g in 0..GROUPS {
-            let dl = d * group_scale(&block[SCALES_AT..D_AT], g) as f32;
-            if dl == 0.0 {
-                continue;
-            }
-            let xg = &x[16 * g..16 * g + 16];
-            for (l, &v) in levels[16 * g..16 * g + 16].iter_mut().zip(xg) {
-                *l = (nearest_int(v / dl).clamp(-4, 3) + 4) as u8;
-            }
-        }
+        let packed = &block[SCALES_AT..D_AT];
+        requantize_groups_16(x, &mut levels, |g| d * group_scale(packed, g) as f32, -4, 3);
 
         let hmask = &mut block[HMASK_AT..QS_AT];
         hmask.fill(0);

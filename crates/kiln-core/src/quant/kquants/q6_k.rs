@@ -1,7 +1,7 @@
 //! Q6_K: 6-bit signed quants with an 8-bit signed scale per 16 elements.
 
 use super::search::symmetric_scale_search;
-use super::QK_K;
+use super::{group_scales_16, requantize_groups_16, QK_K};
 use crate::quant::block::{nearest_int, read_f16, write_f16, BlockCodec, GROUP_MAX_EPS};
 use crate::DType;
 
@@ -55,18 +55,9 @@ impl BlockCodec for Q6K {
     /// scales.
     fn encode(x: &[f32], block: &mut [u8]) {
         let mut levels = [0u8; QK_K];
-        let mut scales = [0f32; GROUPS];
-        let mut max_scale = 0.0f32;
-        let mut max_abs_scale = 0.0f32;
-        for (g, scale) in scales.iter_mut().enumerate() {
-            let range = 16 * g..16 * g + 16;
-            *scale = symmetric_scale_search(&x[range.clone()], 32, &mut levels[range]);
-            if scale.abs() > max_abs_scale {
-                max_abs_scale = scale.abs();
-                max_scale = *scale;
-            }
-        }
-        if max_abs_scale < GROUP_MAX_EPS {
+        let (scales, max_scale) =
+            group_scales_16(x, &mut levels, |x, l| symmetric_scale_search(x, 32, l));
+        if max_scale.abs() < GROUP_MAX_EPS {
             block.fill(0);
             return;
         }
@@ -77,16 +68,14 @@ impl BlockCodec for Q6K {
             // ggml clamps to 127 only; the largest magnitude lands on -128.
             block[SCALES_AT + g] = nearest_int(iscale * s).min(127) as i8 as u8;
         }
-        for g in 0..GROUPS {
-            let dl = d * f32::from(block[SCALES_AT + g] as i8);
-            if dl == 0.0 {
-                continue;
-            }
-            let xg = &x[16 * g..16 * g + 16];
-            for (l, &v) in levels[16 * g..16 * g + 16].iter_mut().zip(xg) {
-                *l = (nearest_int(v / dl).clamp(-32, 31) + 32) as u8;
-            }
-        }
+        let scales_q = &block[SCALES_AT..SCALES_AT + GROUPS];
+        requantize_groups_16(
+            x,
+            &mut levels,
+            |g| d * f32::from(scales_q[g] as i8),
+            -32,
+            31,
+        );
 
         let (ql, rest) = block[QL_AT..SCALES_AT].split_at_mut(QH_AT - QL_AT);
         for (h, half) in levels.chunks_exact(128).enumerate() {
