@@ -9,9 +9,10 @@
 //   warp's loads are contiguous and, at LOAD = 16, 16 bytes per lane.
 // - The next tile's loads are issued before the current tile is decoded, so they are
 //   in flight while the block computes.
-// - Thread i decodes chunk i (8 elements) of each row from shared memory, reads the
+// - Thread i takes chunk i (8 elements) of each row from shared memory, reads the
 //   matching 8 activations of every row of x once (reused across the ROWS weight rows),
-//   and accumulates in f32; warp shuffles and a shared array reduce the block.
+//   and accumulates in f32 (dot_chunk); warp shuffles and a shared array reduce the
+//   block.
 #include "quant.cuh"
 
 namespace kiln {
@@ -58,6 +59,54 @@ __device__ __forceinline__ void load_activations(const float* __restrict__ x, u3
 #pragma unroll
             for (u32 j = 0; j < 8; ++j) {
                 xv[i][j] = (i < m && e + j < k) ? xr[j] : 0.0f;
+            }
+        }
+    }
+}
+
+// 2^23 + byte i (i < 4) of `word`, exactly: the byte becomes the low mantissa bits of
+// 2^23 through one byte permute, so no (quarter-rate) int-to-float conversion runs.
+__device__ __forceinline__ float two23_plus_byte(u32 word, u32 i) {
+    return __uint_as_float(__byte_perm(word, 0x4b000000u, 0x7540u | i));
+}
+
+// Adds to acc[i] (i < M) the dot product of the 8 weights at elements e .. e+7 of the
+// row of `len` elements starting at `row` with xv[i] (whose sum is xsum[i]).
+// Formats with quants8 convert their exact integer quants without int-to-float
+// instructions and apply the chunk's scale (and offset, times xsum) once per chunk;
+// the others decode to f32 first.
+template <typename W, u32 M>
+__device__ __forceinline__ void dot_chunk(const u8* row, u32 e, u32 len, const float (&xv)[M][8],
+                                          const float (&xsum)[M], float (&acc)[M]) {
+    if constexpr (W::HAS_QUANTS8) {
+        const Quants8 q =
+            W::quants8(row + (u64)(e / W::BLOCK_ELEMS) * W::BLOCK_BYTES, (e % W::BLOCK_ELEMS) / 8);
+        const u32 words[2] = {(u32)q.u, (u32)(q.u >> 32)};
+        float w[8];
+#pragma unroll
+        for (u32 j = 0; j < 8; ++j) {
+            w[j] = two23_plus_byte(words[j / 4], j % 4) - (8388608.0f + (float)W::BIAS);
+        }
+#pragma unroll
+        for (u32 i = 0; i < M; ++i) {
+            float s = 0.0f;
+#pragma unroll
+            for (u32 j = 0; j < 8; ++j) {
+                s = fmaf(w[j], xv[i][j], s);
+            }
+            acc[i] = fmaf(q.scale, s, acc[i]);
+            if constexpr (W::AFFINE) {
+                acc[i] = fmaf(q.offset, xsum[i], acc[i]);
+            }
+        }
+    } else {
+        float v[8];
+        decode_chunk<W>(row, e, len, v);
+#pragma unroll
+        for (u32 i = 0; i < M; ++i) {
+#pragma unroll
+            for (u32 j = 0; j < 8; ++j) {
+                acc[i] = fmaf(v[j], xv[i][j], acc[i]);
             }
         }
     }
@@ -149,18 +198,19 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
         if (e0 + local < k) {
             float xv[M][8];
             load_activations<M>(x, m, k, e0 + local, xv);
+            float xsum[M];
+#pragma unroll
+            for (u32 i = 0; i < M; ++i) {
+                xsum[i] = 0.0f;
+#pragma unroll
+                for (u32 j = 0; j < 8; ++j) {
+                    xsum[i] += xv[i][j];
+                }
+            }
 #pragma unroll
             for (u32 r = 0; r < ROWS; ++r) {
                 if (row0 + r < n) {
-                    float v[8];
-                    decode_chunk<W>(tile + r * TILE_BYTES, local, k - e0, v);
-#pragma unroll
-                    for (u32 i = 0; i < M; ++i) {
-#pragma unroll
-                        for (u32 j = 0; j < 8; ++j) {
-                            acc[r][i] = fmaf(v[j], xv[i][j], acc[r][i]);
-                        }
-                    }
+                    dot_chunk<W, M>(tile + r * TILE_BYTES, local, k - e0, xv, xsum, acc[r]);
                 }
             }
         }

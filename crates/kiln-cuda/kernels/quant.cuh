@@ -13,6 +13,7 @@
 //       element per block) it writes the 8 elements starting at `block`.
 //   Dense formats also have W::decode_partial(p, n, v): the n < 8 elements starting at
 //   p, zeros after them (a row's last chunk when its length is not a multiple of 8).
+//   W::HAS_QUANTS8  whether W has quants8 (below): every quantized format but IQ4_NL.
 //
 // A block starts at a multiple of BLOCK_BYTES from a 16-byte aligned address (rows are
 // whole blocks, buffers and staging tiles are 16-byte aligned), so every multi-byte
@@ -75,6 +76,7 @@ __device__ __forceinline__ u32 byte_of(u64 v, int i) { return (u32)(v >> (8 * i)
 // F32, F16, BF16 (T is the element tag of common.cuh): one element per "block".
 template <typename T>
 struct Dense {
+    static constexpr bool HAS_QUANTS8 = false;
     typedef typename T::storage storage;
     static constexpr u32 BLOCK_ELEMS = 1;
     static constexpr u32 BLOCK_BYTES = sizeof(storage);
@@ -100,39 +102,65 @@ typedef Dense<F32> WF32;
 typedef Dense<F16> WF16;
 typedef Dense<BF16> WBF16;
 
+// The quantized formats decode through one description of a chunk of 8 elements:
+// element i of the chunk is scale * (u_i - W::BIAS) + offset, where u_i (0 .. 255) is
+// byte i of `u`, W::BIAS a constant of the format, and offset 0 unless W::AFFINE.
+// The integers u_i - BIAS are exact, so a kernel may convert them however is
+// cheapest and apply scale and offset once per chunk.
+struct Quants8 {
+    u64 u;
+    float scale;
+    float offset;
+};
+
+// Eight bits of `bits` (bit i for byte i) spread to bit 0 of the 8 bytes of a u64.
+__device__ __forceinline__ u64 spread_bits8(u32 bits) {
+    // Multiplying 4 bits by 0x00204081 puts bit i at bit 8i with no overlapping terms.
+    const u32 lo = ((bits & 0xfu) * 0x00204081u) & 0x01010101u;
+    const u32 hi = (((bits >> 4) & 0xfu) * 0x00204081u) & 0x01010101u;
+    return (u64)lo | ((u64)hi << 32);
+}
+
+constexpr u64 NIBBLES8 = 0x0f0f0f0f0f0f0f0full;
+
+// The formats with a `quants8(block, c)` (chunk c of the block as Quants8) derive
+// from this, which gives them decode8 and marks them for kernels that use quants8.
+template <typename W>
+struct Quantized {
+    static constexpr bool HAS_QUANTS8 = true;
+
+    static __device__ __forceinline__ void decode8(const u8* b, u32 c, float* v) {
+        const Quants8 q = W::quants8(b, c);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const float x = (float)((int)byte_of(q.u, i) - W::BIAS);
+            v[i] = W::AFFINE ? q.scale * x + q.offset : q.scale * x;
+        }
+    }
+};
+
 // Q4_0, Q4_1, Q5_0, Q5_1: 32 quants of BITS bits. d (f16) at 0, m (f16) at 2 when
 // AFFINE, qh (u32, bit j = bit 4 of quant j) when BITS == 5, then qs[16]: byte j holds
 // quant j in its low nibble and quant j + 16 in its high nibble.
 // Value: AFFINE ? d * q + m : d * (q - 2^(BITS-1)).
-template <u32 BITS, bool AFFINE>
-struct PackedNibbles {
+template <u32 BITS, bool IS_AFFINE>
+struct PackedNibbles : Quantized<PackedNibbles<BITS, IS_AFFINE>> {
     static constexpr u32 BLOCK_ELEMS = 32;
-    static constexpr u32 QH_AT = AFFINE ? 4 : 2;
+    static constexpr u32 QH_AT = IS_AFFINE ? 4 : 2;
     static constexpr u32 QS_AT = QH_AT + (BITS == 5 ? 4 : 0);
     static constexpr u32 BLOCK_BYTES = QS_AT + 16;
-    static constexpr int ZERO_POINT = 1 << (BITS - 1);
+    static constexpr bool AFFINE = IS_AFFINE;
+    static constexpr int BIAS = AFFINE ? 0 : 1 << (BITS - 1);
 
-    static __device__ __forceinline__ void decode8(const u8* b, u32 c, float* v) {
-        const float d = load_f16(b, 0);
-        const float m = AFFINE ? load_f16(b, 2) : 0.0f;
+    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
         // Elements 8c .. 8c+7 sit in bytes 8 (c % 2) .. +8 of qs, in the low nibble for
         // c < 2 and the high nibble otherwise; their fifth bits are bits 8c .. 8c+7 of qh.
         const u64 qs = load_u64<field_align(BLOCK_BYTES, QS_AT)>(b + QS_AT + 8 * (c & 1));
-        const u32 shift = 4 * (c >> 1);
-        u32 high = 0;
+        u64 u = (qs >> (4 * (c >> 1))) & NIBBLES8;
         if constexpr (BITS == 5) {
-            high = (load_u32_a2(b + QH_AT) >> (8 * c)) & 0xffu;
+            u |= spread_bits8((load_u32_a2(b + QH_AT) >> (8 * c)) & 0xffu) << 4;
         }
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            u32 q = (byte_of(qs, i) >> shift) & 0xfu;
-            if constexpr (BITS == 5) {
-                q |= ((high >> i) & 1u) << 4;
-            }
-            // As the reference: d * q + m, or d * (q - zero point) (a signed zero
-            // included).
-            v[i] = AFFINE ? d * (float)q + m : d * (float)((int)q - ZERO_POINT);
-        }
+        return {u, load_f16(b, 0), AFFINE ? load_f16(b, 2) : 0.0f};
     }
 };
 
@@ -142,23 +170,23 @@ typedef PackedNibbles<5, false> Q5_0;
 typedef PackedNibbles<5, true> Q5_1;
 
 // Q8_0: d (f16) at 0, qs[32] (i8) at 2. Value: d * qs[j].
-struct Q8_0 {
+struct Q8_0 : Quantized<Q8_0> {
     static constexpr u32 BLOCK_ELEMS = 32;
     static constexpr u32 BLOCK_BYTES = 34;
+    static constexpr bool AFFINE = false;
+    static constexpr int BIAS = 128;
 
-    static __device__ __forceinline__ void decode8(const u8* b, u32 c, float* v) {
-        const float d = load_f16(b, 0);
+    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
+        // Flipping the sign bit maps the i8 q to the byte q + 128.
         const u64 qs = load_u64<field_align(BLOCK_BYTES, 2)>(b + 2 + 8 * c);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            v[i] = d * (float)(i8)byte_of(qs, i);
-        }
+        return {qs ^ 0x8080808080808080ull, load_f16(b, 0), 0.0f};
     }
 };
 
 // IQ4_NL: d (f16) at 0, qs[16] at 2 as Q4_0's nibbles, each an index into 16 fixed
 // levels (kiln_core::quant::IQ4_NL_LEVELS). Value: d * level[index].
 struct IQ4_NL {
+    static constexpr bool HAS_QUANTS8 = false;
     static constexpr u32 BLOCK_ELEMS = 32;
     static constexpr u32 BLOCK_BYTES = 18;
 
@@ -191,29 +219,30 @@ struct IQ4_NL {
 // Q2_K: scales[16] at 0 (group g: scale in the low nibble, offset in the high),
 // qs[64] at 16 (quant e: bits 2s..2s+2 of qs[32h + l]), d (f16) at 80, dmin at 82.
 // Value: d * (scales[g] & 15) * q - dmin * (scales[g] >> 4), g = e / 16.
-struct Q2_K {
+struct Q2_K : Quantized<Q2_K> {
     static constexpr u32 BLOCK_ELEMS = 256;
     static constexpr u32 BLOCK_BYTES = 84;
+    static constexpr bool AFFINE = true;
+    static constexpr int BIAS = 0;
 
-    static __device__ __forceinline__ void decode8(const u8* b, u32 c, float* v) {
+    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
         const u32 e = 8 * c, h = e / 128, s = (e % 128) / 32, l = e % 32;
         const u32 sc = b[e / 16];
-        const float dl = load_f16(b, 80) * (float)(sc & 0xfu);
-        const float ml = load_f16(b, 82) * (float)(sc >> 4);
         const u64 qs = load_u64<field_align(BLOCK_BYTES, 16)>(b + 16 + 32 * h + l);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            v[i] = dl * (float)((byte_of(qs, i) >> (2 * s)) & 3u) - ml;
-        }
+        return {(qs >> (2 * s)) & 0x0303030303030303ull, load_f16(b, 80) * (float)(sc & 0xfu),
+                -(load_f16(b, 82) * (float)(sc >> 4))};
     }
 };
 
 // Q3_K: hmask[32] at 0 (bit 2 of quant e: bit e / 32 of hmask[e % 32]), qs[64] at 32
 // (bits 0-1 as Q2_K), scales[12] at 96 (16 6-bit scales, below), d (f16) at 108.
-// Value: d * (sc[g] - 32) * (q - 4), g = e / 16, q the 3-bit quant.
-struct Q3_K {
+// Value: d * (sc[g] - 32) * q, g = e / 16, q the signed 3-bit quant: its low two
+// bits, less 4 when the hmask bit is clear.
+struct Q3_K : Quantized<Q3_K> {
     static constexpr u32 BLOCK_ELEMS = 256;
     static constexpr u32 BLOCK_BYTES = 110;
+    static constexpr bool AFFINE = false;
+    static constexpr int BIAS = 4;
 
     // Group g's scale minus 32: bits 0-3 are the low (g < 8) or high (g >= 8) nibble
     // of scales[g % 8], bits 4-5 are bits 2 (g / 4) .. +2 of scales[8 + g % 4].
@@ -223,18 +252,14 @@ struct Q3_K {
         return (int)(low | (high << 4)) - 32;
     }
 
-    static __device__ __forceinline__ void decode8(const u8* b, u32 c, float* v) {
+    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
         const u32 e = 8 * c, h = e / 128, s = (e % 128) / 32, l = e % 32;
-        const float dl = load_f16(b, 108) * (float)group_scale(b + 96, e / 16);
         const u64 qs = load_u64<field_align(BLOCK_BYTES, 32)>(b + 32 + 32 * h + l);
         const u64 hm = load_u64<field_align(BLOCK_BYTES, 0)>(b + l);
-        const u32 high_bit = e / 32;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int low = (int)((byte_of(qs, i) >> (2 * s)) & 3u);
-            const int q = ((byte_of(hm, i) >> high_bit) & 1u) ? low : low - 4;
-            v[i] = dl * (float)q;
-        }
+        // q + 4 = low two bits + 4 * hmask bit.
+        const u64 u = ((qs >> (2 * s)) & 0x0303030303030303ull) |
+                      (((hm >> (e / 32)) & 0x0101010101010101ull) << 2);
+        return {u, load_f16(b, 108) * (float)group_scale(b + 96, e / 16), 0.0f};
     }
 };
 
@@ -244,10 +269,12 @@ struct Q3_K {
 // 64 j + 32 + l in its high nibble, l < 32).
 // Value: d * sc[g] * q - dmin * m[g], g = e / 32.
 template <u32 BITS>
-struct AffineGroups {
+struct AffineGroups : Quantized<AffineGroups<BITS>> {
     static constexpr u32 BLOCK_ELEMS = 256;
     static constexpr u32 QS_AT = BITS == 5 ? 48 : 16;
     static constexpr u32 BLOCK_BYTES = QS_AT + 128;
+    static constexpr bool AFFINE = true;
+    static constexpr int BIAS = 0;
 
     // Group g's 6-bit scale and offset: for g < 4 bits 0-5 of scales[g] and
     // scales[g + 4]; for g >= 4 the low and high nibble of scales[g + 4] with bits 4-5
@@ -263,26 +290,17 @@ struct AffineGroups {
         }
     }
 
-    static __device__ __forceinline__ void decode8(const u8* b, u32 c, float* v) {
+    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
         const u32 e = 8 * c, g = e / 32, l = e % 32;
         u32 sc, m;
         scale_and_offset(b + 4, g, sc, m);
-        const float dl = load_f16(b, 0) * (float)sc;
-        const float ml = load_f16(b, 2) * (float)m;
         const u64 qs = load_u64<field_align(BLOCK_BYTES, QS_AT)>(b + QS_AT + 32 * (g / 2) + l);
-        const u32 shift = 4 * (g % 2);
-        u64 qh = 0;
+        u64 u = (qs >> (4 * (g % 2))) & NIBBLES8;
         if constexpr (BITS == 5) {
-            qh = load_u64<field_align(BLOCK_BYTES, 16)>(b + 16 + l);
+            const u64 qh = load_u64<field_align(BLOCK_BYTES, 16)>(b + 16 + l);
+            u |= ((qh >> g) & 0x0101010101010101ull) << 4;
         }
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            u32 q = (byte_of(qs, i) >> shift) & 0xfu;
-            if constexpr (BITS == 5) {
-                q |= ((byte_of(qh, i) >> g) & 1u) << 4;
-            }
-            v[i] = dl * (float)q - ml;
-        }
+        return {u, load_f16(b, 0) * (float)sc, -(load_f16(b, 2) * (float)m)};
     }
 };
 
@@ -292,22 +310,19 @@ typedef AffineGroups<5> Q5_K;
 // Q6_K: ql[128] at 0 (bits 0-3 of quant e: nibble s / 2 of ql[64 h + 32 (s % 2) + l]),
 // qh[64] at 128 (bits 4-5: bits 2s .. 2s+2 of qh[32 h + l]), scales[16] (i8) at 192,
 // d (f16) at 208. Value: d * scales[e / 16] * (q - 32).
-struct Q6_K {
+struct Q6_K : Quantized<Q6_K> {
     static constexpr u32 BLOCK_ELEMS = 256;
     static constexpr u32 BLOCK_BYTES = 210;
+    static constexpr bool AFFINE = false;
+    static constexpr int BIAS = 32;
 
-    static __device__ __forceinline__ void decode8(const u8* b, u32 c, float* v) {
+    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
         const u32 e = 8 * c, h = e / 128, s = (e % 128) / 32, l = e % 32;
-        const float dl = load_f16(b, 208) * (float)(i8)b[192 + e / 16];
         const u64 ql = load_u64<field_align(BLOCK_BYTES, 0)>(b + 64 * h + 32 * (s % 2) + l);
         const u64 qh = load_u64<field_align(BLOCK_BYTES, 128)>(b + 128 + 32 * h + l);
-        const u32 low_shift = 4 * (s / 2);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const u32 q = ((byte_of(ql, i) >> low_shift) & 0xfu) |
-                          (((byte_of(qh, i) >> (2 * s)) & 3u) << 4);
-            v[i] = dl * (float)((int)q - 32);
-        }
+        const u64 u = ((ql >> (4 * (s / 2))) & NIBBLES8) |
+                      (((qh >> (2 * s)) & 0x0303030303030303ull) << 4);
+        return {u, load_f16(b, 208) * (float)(i8)b[192 + e / 16], 0.0f};
     }
 };
 
