@@ -45,27 +45,27 @@ fn args() -> AttentionArgs {
 #[test]
 fn one_query_runs_the_split_decode_kernel_with_a_workspace() {
     let plan = args().check().unwrap();
-    // Splits: min(4096 rows / 256 per split, ceil(264 target blocks / 8 KV heads)).
+    // Splits: min(4096 rows / 64 per split, ceil(528 target blocks / 8 KV heads), 64).
     assert_eq!(
         plan.kernel,
         AttentionKernel::Decode {
             group: 4,
             quads: 1,
-            splits: 16
+            splits: 64
         }
     );
-    assert_eq!(plan.config.grid_dim, (16, 8, 1));
+    assert_eq!(plan.config.grid_dim, (64, 8, 1));
     assert_eq!(
         plan.spec.name_expression,
         "kiln::attention_decode<kiln::F16, 4, 1>"
     );
-    assert_eq!(plan.workspace_bytes, 4096 * 4 + 32 * 16 * 130 * 4);
+    assert_eq!(plan.workspace_bytes, 4096 * 4 + 32 * 64 * 130 * 4);
 }
 
 #[test]
 fn a_small_cache_is_not_split_and_needs_no_workspace() {
     let plan = args_for(AttentionShape {
-        capacity: 100,
+        capacity: 64,
         ..shape()
     })
     .check()

@@ -32,11 +32,12 @@ const PREFILL_THREADS: u32 = 128;
 /// The most splits of the visible rows (kernels/attention.cu's AD_MAX_SPLITS).
 const MAX_SPLITS: usize = 64;
 
-/// A split gets at least this many rows of the longest possible range.
-const MIN_ROWS_PER_SPLIT: usize = 256;
+/// A split gets at least this many rows (two tiles of 32) of the longest possible range.
+const MIN_ROWS_PER_SPLIT: usize = 64;
 
-/// Decode blocks to aim for: two per streaming multiprocessor of an H100 (132).
-const TARGET_BLOCKS: usize = 264;
+/// Decode blocks to aim for: four per streaming multiprocessor of an H100 (132), so
+/// that the cache reads of several blocks are in flight on every multiprocessor.
+const TARGET_BLOCKS: usize = 528;
 
 /// (query, head) rows per prefill block, and cache rows per step (AP_ROWS, AP_TILE).
 const PREFILL_ROWS: usize = 32;
