@@ -86,19 +86,36 @@ impl Sampler {
 
     /// Chooses the next token given `logits` and the tokens so far: the repetition
     /// penalty, then [`kiln_cpu::ops::sample::sample_row`] (the definition of
-    /// [`kiln_core::ops::Sample`]) with a uniform number from the generator, drawn
-    /// only when `temperature > 0`.
+    /// [`kiln_core::ops::Sample`]) with the uniform number [`Sampler::next_uniform`]
+    /// gives.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let c = self.config;
         let mut logits = logits.to_vec();
         apply_repeat_penalty(&mut logits, history, c.repeat_penalty, c.repeat_last_n);
-        let u: f32 = if c.temperature > 0.0 {
+        let u = self.next_uniform();
+        // An index into `logits`, whose length (a vocabulary size) fits u32.
+        sample_row(&logits, u, &self.params()) as u32
+    }
+
+    /// The uniform number in `[0, 1)` for the next token's draw: the generator's next
+    /// number when `temperature > 0`, else 0 without drawing (the argmax needs none).
+    /// [`Sampler::sample`] calls it once per token; a caller that samples elsewhere
+    /// (on a device, with [`Sampler::params`]) calls it once per token instead, and so
+    /// gets the same numbers in the same order.
+    pub fn next_uniform(&mut self) -> f32 {
+        if self.config.temperature > 0.0 {
             self.rng.random()
         } else {
             0.0
-        };
-        // An index into `logits`, whose length (a vocabulary size) fits u32.
-        sample_row(&logits, u, &self.params()) as u32
+        }
+    }
+
+    /// Whether the choice depends on the history: the repetition penalty is on
+    /// (`repeat_penalty != 1` and `repeat_last_n > 0`). When it is not,
+    /// [`Sampler::sample`] is [`kiln_core::ops::Sample`] with [`Sampler::params`] and
+    /// [`Sampler::next_uniform`].
+    pub fn uses_history(&self) -> bool {
+        penalty_applies(self.config.repeat_penalty, self.config.repeat_last_n)
     }
 
     /// The settings of [`kiln_core::ops::Sample`] this sampler uses.
@@ -114,7 +131,7 @@ impl Sampler {
 
 /// llama.cpp's repetition penalty over the last `last_n` tokens of `history`.
 pub fn apply_repeat_penalty(logits: &mut [f32], history: &[u32], penalty: f32, last_n: usize) {
-    if penalty == 1.0 || last_n == 0 {
+    if !penalty_applies(penalty, last_n) {
         return;
     }
     let mut seen = std::collections::HashSet::new();
@@ -125,4 +142,10 @@ pub fn apply_repeat_penalty(logits: &mut [f32], history: &[u32], penalty: f32, l
             }
         }
     }
+}
+
+/// Whether a repetition penalty of `penalty` over the last `last_n` tokens changes
+/// anything: 1 and an empty window disable it.
+fn penalty_applies(penalty: f32, last_n: usize) -> bool {
+    penalty != 1.0 && last_n > 0
 }

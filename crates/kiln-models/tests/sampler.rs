@@ -1,5 +1,7 @@
-//! The sampler's definition: greedy, top-k, top-p, min-p, temperature, penalty, seed.
+//! The sampler's definition: greedy, top-k, top-p, min-p, temperature, penalty, seed;
+//! its uniform numbers for sampling elsewhere.
 
+use kiln_cpu::ops::sample::sample_row;
 use kiln_models::sampler::{apply_repeat_penalty, argmax};
 use kiln_models::{Sampler, SamplerConfig};
 
@@ -109,4 +111,41 @@ fn repetition_penalty_scales_recent_tokens_once() {
     apply_repeat_penalty(&mut l, &[0, 1, 0, 3], 2.0, 3);
     // The last 3 tokens are 1, 0, 3: token 0 once despite repeating, token 2 untouched.
     assert_eq!(l, [1.0, -4.0, 2.0, 0.5]);
+}
+
+#[test]
+fn next_uniform_gives_the_numbers_sample_draws() {
+    let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+    let config = SamplerConfig {
+        top_k: 20,
+        min_p: 0.05,
+        seed: 9,
+        ..plain(0.9)
+    };
+    let (mut host, mut elsewhere) = (Sampler::new(config), Sampler::new(config));
+    for i in 0..64 {
+        let u = elsewhere.next_uniform();
+        assert!((0.0..1.0).contains(&u), "draw {i}: {u}");
+        let want = sample_row(&logits, u, &elsewhere.params()) as u32;
+        assert_eq!(host.sample(&logits, &[]), want, "draw {i}");
+    }
+    let mut greedy = Sampler::new(SamplerConfig::greedy());
+    assert_eq!(greedy.next_uniform(), 0.0);
+}
+
+#[test]
+fn only_an_active_penalty_uses_the_history() {
+    let with = |repeat_penalty, repeat_last_n| {
+        Sampler::new(SamplerConfig {
+            repeat_penalty,
+            repeat_last_n,
+            ..plain(1.0)
+        })
+        .uses_history()
+    };
+    assert!(with(1.1, 64));
+    assert!(with(0.9, 1));
+    assert!(!with(1.0, 64));
+    assert!(!with(1.3, 0));
+    assert!(!Sampler::new(SamplerConfig::default()).uses_history());
 }
