@@ -4,14 +4,15 @@
 //! token ids and positions from input buffers, appends the new keys and values to
 //! each layer's KV cache at those positions, and writes the logits of the last
 //! token only (the hidden state of the last row is gathered before the final norm's
-//! output is projected onto the vocabulary).
+//! output is projected onto the vocabulary). [`ForwardGraph::with_sample`] appends a
+//! [`Sample`] op that chooses the next token on the device from those logits.
 
 use crate::config::ModelConfig;
 use kiln_core::ops::{
     AddRmsNorm, Attention, Elementwise, ElementwiseKind, Embedding, HeadNormRope, KvAppend, MatMul,
-    RmsNorm, Rope,
+    RmsNorm, Rope, Sample, SampleParams,
 };
-use kiln_core::{BufferId, DType, Graph, Result};
+use kiln_core::{BufferId, DType, Error, Graph, Result};
 
 /// Names of the graph's non-weight persistent buffers.
 pub mod names {
@@ -23,6 +24,10 @@ pub mod names {
     pub const LAST_ROW: &str = "input.last_row";
     /// F32 `[1, vocab]`: the logits of the last token.
     pub const LOGITS: &str = "output.logits";
+    /// F32 `[1]`: the uniform number in `[0, 1)` of the sampling head's draw.
+    pub const UNIFORM: &str = "input.uniform";
+    /// I32 `[1]`: the token the sampling head chose.
+    pub const TOKEN: &str = "output.token";
 
     /// The key cache of layer `l`.
     pub fn k_cache(l: usize) -> String {
@@ -44,7 +49,7 @@ pub struct WeightDesc {
     pub shape: Vec<usize>,
 }
 
-/// A forward graph and the ids of its inputs and output.
+/// A forward graph and the ids of its inputs and outputs.
 #[derive(Debug)]
 pub struct ForwardGraph {
     pub graph: Graph,
@@ -53,6 +58,53 @@ pub struct ForwardGraph {
     pub positions: BufferId,
     pub last_row: BufferId,
     pub logits: BufferId,
+    /// The sampling head, when [`ForwardGraph::with_sample`] added one.
+    pub sample: Option<SampleHead>,
+}
+
+/// A [`Sample`] op at the end of a forward graph: its settings, its uniform-number
+/// input and its token output.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleHead {
+    pub params: SampleParams,
+    /// F32 `[1]`, [`names::UNIFORM`].
+    pub uniform: BufferId,
+    /// I32 `[1]`, [`names::TOKEN`].
+    pub token: BufferId,
+}
+
+impl ForwardGraph {
+    /// This graph followed by a [`Sample`] op with `params` over the logits of the
+    /// last token: it reads the uniform number from [`names::UNIFORM`] and writes the
+    /// chosen token id to [`names::TOKEN`]. The logits stay in [`names::LOGITS`].
+    /// Errors when `params` are out of range or the graph already has a head.
+    pub fn with_sample(mut self, params: SampleParams) -> Result<Self> {
+        if self.sample.is_some() {
+            return Err(Error::invalid(
+                "forward graph",
+                "the graph already ends with a sample op",
+            ));
+        }
+        let g = &mut self.graph;
+        let uniform = g.persistent(names::UNIFORM, DType::F32, &[1])?;
+        let token = g.persistent(names::TOKEN, DType::I32, &[1])?;
+        // The logits are `[1, vocab]`: one row.
+        let vocab = g.desc(self.logits)?.shape.iter().product();
+        g.push(Sample {
+            logits: self.logits,
+            uniform,
+            out: token,
+            rows: 1,
+            vocab,
+            params,
+        })?;
+        self.sample = Some(SampleHead {
+            params,
+            uniform,
+            token,
+        });
+        Ok(self)
+    }
 }
 
 /// Sizes of the KV caches a graph appends to.
@@ -154,6 +206,7 @@ pub fn build(
         positions,
         last_row,
         logits,
+        sample: None,
     })
 }
 

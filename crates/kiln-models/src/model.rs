@@ -2,6 +2,7 @@
 
 use crate::config::ModelConfig;
 use crate::forward::{self, names, CacheSpec, ForwardGraph, WeightDesc};
+use kiln_core::ops::SampleParams;
 use kiln_core::{
     plan, Aliasing, Backend, Bindings, BufferId, BufferKind, DType, Error, MemoryPlan, Result,
     Scratch,
@@ -42,7 +43,7 @@ pub struct Model<BE: Backend> {
     weights: HashMap<String, WeightDesc>,
     memory: HashMap<String, BE::Buffer>,
     scratch: Scratch<BE::Buffer>,
-    decode: Option<(ForwardGraph, MemoryPlan)>,
+    decode: DecodeGraphs,
     cache: CacheSpec,
     n_past: usize,
     last_plan: Option<PlanSummary>,
@@ -105,6 +106,8 @@ impl<BE: Backend> Model<BE> {
             (names::POSITIONS, capacity * 4),
             (names::LAST_ROW, 4),
             (names::LOGITS, config.vocab * 4),
+            (names::UNIFORM, 4),
+            (names::TOKEN, 4),
         ] {
             memory.insert(name.to_string(), backend.alloc(bytes)?);
         }
@@ -114,7 +117,7 @@ impl<BE: Backend> Model<BE> {
             weights,
             memory,
             scratch: Scratch::new(),
-            decode: None,
+            decode: DecodeGraphs::default(),
             cache,
             n_past: 0,
             last_plan: None,
@@ -169,6 +172,72 @@ impl<BE: Backend> Model<BE> {
     /// returns the logits (`vocab` values) of the last one. All of them go through
     /// one graph: a whole prompt is prefilled in one pass.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.step(tokens, None)?;
+        self.last_logits()
+    }
+
+    /// Runs `tokens` as [`Model::forward`] does, then chooses the next token on the
+    /// backend with [`kiln_core::ops::Sample`] (settings `params`, uniform number
+    /// `uniform` in `[0, 1)`) from the logits of the last one, and downloads only
+    /// that token id. The result is what
+    /// [`kiln_cpu::ops::sample::sample_row`] gives for those logits, `uniform` and
+    /// `params`; the logits stay readable with [`Model::last_logits`]. Errors on
+    /// out-of-range `params` or `uniform`, and as [`Model::forward`] does.
+    pub fn forward_sample(
+        &mut self,
+        tokens: &[u32],
+        params: SampleParams,
+        uniform: f32,
+    ) -> Result<u32> {
+        if !(0.0..1.0).contains(&uniform) {
+            return Err(Error::invalid(
+                "forward_sample",
+                format!("the uniform number must be in [0, 1), got {uniform}"),
+            ));
+        }
+        self.step(tokens, Some((params, uniform)))?;
+        let mut bytes = [0u8; 4];
+        self.backend
+            .download(self.buffer(names::TOKEN), &mut bytes)?;
+        let id = i32::from_le_bytes(bytes);
+        u32::try_from(id)
+            .ok()
+            .filter(|&id| (id as usize) < self.config.vocab)
+            .ok_or_else(|| {
+                Error::format(
+                    format!("{} on {}", names::TOKEN, self.backend.name()),
+                    format!(
+                        "token id {id} is outside the vocabulary 0..{}",
+                        self.config.vocab
+                    ),
+                )
+            })
+    }
+
+    /// The logits (`vocab` values) of the last token of the last forward step, by
+    /// [`Model::forward`] or [`Model::forward_sample`]. Errors before the first step.
+    pub fn last_logits(&self) -> Result<Vec<f32>> {
+        if self.last_plan.is_none() {
+            return Err(Error::invalid("last_logits", "no forward step has run yet"));
+        }
+        let mut bytes = vec![0u8; self.config.vocab * 4];
+        self.backend
+            .download(self.buffer(names::LOGITS), &mut bytes)?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
+    /// The model memory buffer `name`, one of those [`Model::load`] allocates.
+    fn buffer(&self, name: &str) -> &BE::Buffer {
+        self.memory
+            .get(name)
+            .expect("inputs and outputs are allocated at load")
+    }
+
+    /// Checks that `tokens` can run at the next positions.
+    fn check_step(&self, tokens: &[u32]) -> Result<()> {
         let t = tokens.len();
         if t == 0 {
             return Err(Error::invalid("forward", "no tokens"));
@@ -191,54 +260,41 @@ impl<BE: Backend> Model<BE> {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Runs `tokens` at the next positions through the forward graph, which ends
+    /// with a sampling head when `sample` gives its settings and uniform number.
+    /// One-token graphs are built once per head and kept.
+    fn step(&mut self, tokens: &[u32], sample: Option<(SampleParams, f32)>) -> Result<()> {
+        self.check_step(tokens)?;
+        let t = tokens.len();
+        let params = sample.map(|(p, _)| p);
+        let (config, weights, cache) = (&self.config, &self.weights, self.cache);
+        let build = || planned_graph(config, weights, t, cache, params);
         let built;
-        let (fg, memory_plan) = if t == 1 {
-            if self.decode.is_none() {
-                let g = self.graph(1)?;
-                let p = plan(&g.graph, Aliasing::On);
-                self.decode = Some((g, p));
-            }
-            let (g, p) = self.decode.as_ref().expect("decode graph was just built");
-            (g, p)
+        let planned = if t == 1 {
+            self.decode.get_or_build(params, build)?
         } else {
-            let g = self.graph(t)?;
-            let p = plan(&g.graph, Aliasing::On);
-            built = (g, p);
-            (&built.0, &built.1)
+            built = build()?;
+            &built
         };
-        let ids: Vec<u8> = tokens
-            .iter()
-            .flat_map(|&id| (id as i32).to_le_bytes())
-            .collect();
-        let positions: Vec<u8> = (self.n_past..self.n_past + t)
-            .flat_map(|p| (p as i32).to_le_bytes())
-            .collect();
-        let last_row = ((t - 1) as i32).to_le_bytes();
-        for (name, bytes) in [
-            (names::TOKEN_IDS, &ids[..]),
-            (names::POSITIONS, &positions[..]),
-            (names::LAST_ROW, &last_row[..]),
-        ] {
+        for (name, bytes) in step_inputs(tokens, self.n_past, sample.map(|(_, u)| u)) {
             let buf = self
                 .memory
                 .get_mut(name)
                 .expect("input buffers are allocated at load");
-            self.backend.upload(buf, bytes)?;
+            self.backend.upload(buf, &bytes)?;
         }
+        let memory_plan = &planned.plan;
         self.scratch.ensure(&self.backend, memory_plan)?;
         execute(
             &self.backend,
-            fg,
+            &planned.fg,
             memory_plan,
             &mut self.scratch,
             &mut self.memory,
         )?;
-        let mut logits = vec![0u8; self.config.vocab * 4];
-        let out = self
-            .memory
-            .get(names::LOGITS)
-            .expect("the logits buffer is allocated at load");
-        self.backend.download(out, &mut logits)?;
         self.last_plan = Some(PlanSummary {
             n_tokens: t,
             persistent_bytes: memory_plan.persistent_bytes,
@@ -246,11 +302,87 @@ impl<BE: Backend> Model<BE> {
             peak_bytes_unaliased: memory_plan.peak_bytes_unaliased(),
         });
         self.n_past += t;
-        Ok(logits
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+        Ok(())
     }
+}
+
+/// A forward graph with its memory plan.
+struct Planned {
+    fg: ForwardGraph,
+    plan: MemoryPlan,
+}
+
+/// The one-token (decode) graphs built so far: one that ends with the logits, and one
+/// with a sampling head for the settings it was last asked for.
+#[derive(Default)]
+struct DecodeGraphs {
+    logits: Option<Planned>,
+    sample: Option<Planned>,
+}
+
+impl DecodeGraphs {
+    /// The graph with a sampling head of `params` (with none for `None`), built by
+    /// `build` unless the one kept has that head.
+    fn get_or_build(
+        &mut self,
+        params: Option<SampleParams>,
+        build: impl FnOnce() -> Result<Planned>,
+    ) -> Result<&Planned> {
+        let slot = match params {
+            None => &mut self.logits,
+            Some(_) => &mut self.sample,
+        };
+        let planned = match slot.take() {
+            Some(kept) if kept.fg.sample.map(|h| h.params) == params => kept,
+            _ => build()?,
+        };
+        Ok(slot.insert(planned))
+    }
+}
+
+/// The bytes of each input buffer for a step over `tokens` from position `n_past`,
+/// with the sampling head's uniform number when there is one.
+fn step_inputs(
+    tokens: &[u32],
+    n_past: usize,
+    uniform: Option<f32>,
+) -> Vec<(&'static str, Vec<u8>)> {
+    let t = tokens.len();
+    let mut inputs = vec![
+        (
+            names::TOKEN_IDS,
+            i32_bytes(tokens.iter().map(|&id| id as usize)),
+        ),
+        (names::POSITIONS, i32_bytes(n_past..n_past + t)),
+        (names::LAST_ROW, i32_bytes(std::iter::once(t - 1))),
+    ];
+    if let Some(u) = uniform {
+        inputs.push((names::UNIFORM, u.to_le_bytes().to_vec()));
+    }
+    inputs
+}
+
+/// `values` (token ids, positions, row indices) as little-endian I32s, the dtype of
+/// the graph's index inputs.
+fn i32_bytes(values: impl Iterator<Item = usize>) -> Vec<u8> {
+    values.flat_map(|v| (v as i32).to_le_bytes()).collect()
+}
+
+/// The forward graph of `n_tokens` tokens, with a sampling head of `sample` when
+/// given, and its memory plan.
+fn planned_graph(
+    config: &ModelConfig,
+    weights: &HashMap<String, WeightDesc>,
+    n_tokens: usize,
+    cache: CacheSpec,
+    sample: Option<SampleParams>,
+) -> Result<Planned> {
+    let mut fg = graph_for(config, weights, n_tokens, cache)?;
+    if let Some(params) = sample {
+        fg = fg.with_sample(params)?;
+    }
+    let plan = plan(&fg.graph, Aliasing::On);
+    Ok(Planned { fg, plan })
 }
 
 /// The dtype and shape of every tensor of `file`, by name.
