@@ -1,14 +1,17 @@
 //! The forward pass on the CPU backend against an independent float64 transformer
 //! written here, on random tiny models of each architecture; prefill/decode
-//! consistency; deterministic greedy generation; clear errors.
+//! consistency; deterministic greedy generation; sampling on the device against the
+//! logits path; clear errors.
 
 // The reference transformer indexes by position on purpose, to read like its formulas.
 #![allow(clippy::needless_range_loop)]
 
+use kiln_core::ops::SampleParams;
 use kiln_core::{DType, Error};
+use kiln_cpu::ops::sample::sample_row;
 use kiln_cpu::CpuBackend;
 use kiln_gguf::{Gguf, GgufWriter, Metadata, TensorDesc};
-use kiln_models::generate::generate;
+use kiln_models::generate::{generate, SamplingPath};
 use kiln_models::{LoadOptions, Model, Sampler, SamplerConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -392,4 +395,172 @@ fn bad_requests_are_clear_errors() {
     let mut model = load(&gguf_bytes(&s, &missing), DType::F32);
     let err = model.forward(&[1]).unwrap_err().to_string();
     assert!(err.contains("blk.1.ffn_up.weight"), "{err}");
+}
+
+/// Generates `n` tokens after `prompt` with `config` through [`generate`]; returns
+/// them and the path it took.
+fn generated(
+    model: &mut Model<CpuBackend>,
+    prompt: &[u32],
+    n: usize,
+    config: SamplerConfig,
+) -> (Vec<u32>, SamplingPath) {
+    let mut out = Vec::new();
+    let mut sampler = Sampler::new(config);
+    let stats = generate(model, prompt, n, &mut sampler, &|_| false, &mut |t| {
+        out.push(t);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(stats.generated_tokens, n);
+    (out, stats.sampling)
+}
+
+/// The logits path written out: each step downloads the logits and the host's
+/// sampler chooses from them (with the penalty over the history).
+fn sampled_on_host(
+    model: &mut Model<CpuBackend>,
+    prompt: &[u32],
+    n: usize,
+    config: SamplerConfig,
+) -> Vec<u32> {
+    model.reset();
+    let mut sampler = Sampler::new(config);
+    let mut history = prompt.to_vec();
+    let mut logits = model.forward(prompt).unwrap();
+    for _ in 0..n {
+        let token = sampler.sample(&logits, &history);
+        history.push(token);
+        logits = model.forward(&[token]).unwrap();
+    }
+    history.split_off(prompt.len())
+}
+
+fn settings(temperature: f32, top_k: usize, top_p: f32, min_p: f32, seed: u64) -> SamplerConfig {
+    SamplerConfig {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        repeat_penalty: 1.0,
+        repeat_last_n: 64,
+        seed,
+    }
+}
+
+#[test]
+fn sampling_on_device_gives_the_tokens_of_the_logits_path() {
+    let mut rng = seeded();
+    let prompt = [1, 2, 3, 4];
+    let n = 20;
+    for s in [specs()[0], specs()[3]] {
+        let bytes = gguf_bytes(&s, &random_weights(&s, &mut rng));
+        let mut model = load(&bytes, DType::F32);
+        let (greedy, path) = generated(&mut model, &prompt, n, SamplerConfig::greedy());
+        assert_eq!(path, SamplingPath::Device);
+        assert_eq!(
+            greedy,
+            sampled_on_host(&mut model, &prompt, n, SamplerConfig::greedy()),
+            "{s:?} greedy"
+        );
+        for config in [
+            settings(0.8, 40, 0.9, 0.05, 11),
+            settings(0.8, 40, 0.9, 0.05, 12),
+            settings(1.5, 0, 1.0, 0.0, 13),
+            settings(1.0, 5, 1.0, 0.0, 14),
+            settings(0.6, 0, 0.5, 0.0, 15),
+            settings(1.2, 0, 1.0, 0.2, 16),
+            SamplerConfig {
+                repeat_last_n: 0,
+                repeat_penalty: 1.3,
+                ..settings(0.9, 20, 0.95, 0.05, 17)
+            },
+        ] {
+            let (on_device, path) = generated(&mut model, &prompt, n, config);
+            assert_eq!(path, SamplingPath::Device, "{config:?}");
+            assert_eq!(
+                on_device,
+                sampled_on_host(&mut model, &prompt, n, config),
+                "{s:?} {config:?}"
+            );
+        }
+        // The draws reach the device: a hot, unrestricted sampler leaves the argmax.
+        let (hot, _) = generated(&mut model, &prompt, n, settings(1.5, 0, 1.0, 0.0, 13));
+        assert_ne!(
+            hot, greedy,
+            "{s:?}: sampling at temperature 1.5 gave the argmax"
+        );
+    }
+}
+
+#[test]
+fn the_repetition_penalty_samples_on_the_host() {
+    // A fixed model, so that the penalty is known to change the greedy tokens.
+    let mut rng = StdRng::seed_from_u64(5);
+    let s = specs()[0];
+    let mut model = load(&gguf_bytes(&s, &random_weights(&s, &mut rng)), DType::F32);
+    let prompt = [1, 2, 3];
+    let n = 24;
+    let penalized = |config: SamplerConfig| SamplerConfig {
+        repeat_penalty: 50.0,
+        repeat_last_n: 64,
+        ..config
+    };
+    let (plain, _) = generated(&mut model, &prompt, n, SamplerConfig::greedy());
+    for config in [SamplerConfig::greedy(), settings(0.8, 40, 0.9, 0.05, 3)] {
+        let config = penalized(config);
+        let (tokens, path) = generated(&mut model, &prompt, n, config);
+        assert_eq!(path, SamplingPath::Host, "{config:?}");
+        assert_eq!(
+            tokens,
+            sampled_on_host(&mut model, &prompt, n, config),
+            "{config:?}"
+        );
+    }
+    let (greedy_penalized, _) =
+        generated(&mut model, &prompt, n, penalized(SamplerConfig::greedy()));
+    assert_ne!(greedy_penalized, plain, "the penalty changed nothing");
+}
+
+#[test]
+fn forward_sample_checks_its_arguments_and_keeps_the_logits() {
+    let mut rng = seeded();
+    let s = specs()[0];
+    let mut model = load(&gguf_bytes(&s, &random_weights(&s, &mut rng)), DType::F32);
+    assert!(model.last_logits().is_err(), "logits before any step");
+    let params = settings(0.8, 40, 0.9, 0.05, 0);
+    let sample = SampleParams {
+        temperature: params.temperature,
+        top_k: params.top_k,
+        top_p: params.top_p,
+        min_p: params.min_p,
+    };
+    for bad in [1.0, -0.1, f32::NAN] {
+        let err = model.forward_sample(&[1], sample, bad).unwrap_err();
+        assert!(err.to_string().contains("uniform"), "{bad}: {err}");
+    }
+    let err = model
+        .forward_sample(
+            &[1],
+            SampleParams {
+                top_p: 0.0,
+                ..sample
+            },
+            0.5,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("top_p"), "{err}");
+    assert_eq!(model.n_past(), 0, "a refused step moved the position");
+
+    // Prefill then decode steps: each token is the reference sample of the logits
+    // the step left behind.
+    let mut token = 5;
+    for (i, u) in [0.1f32, 0.7, 0.35, 0.999].into_iter().enumerate() {
+        let tokens: &[u32] = if i == 0 { &[3, 9, token] } else { &[token] };
+        token = model.forward_sample(tokens, sample, u).unwrap();
+        let logits = model.last_logits().unwrap();
+        assert_eq!(logits.len(), s.vocab);
+        assert_eq!(token as usize, sample_row(&logits, u, &sample), "step {i}");
+    }
+    assert_eq!(model.n_past(), 6);
 }

@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{Backend, DType, Error, Result};
 use kiln_gguf::GgufFile;
 use kiln_models::forward::CacheSpec;
-use kiln_models::generate::generate;
+use kiln_models::generate::{generate, SamplingPath};
 use kiln_models::model::{graph_for, weight_descs};
 use kiln_models::tokenizer::Tokenizer;
 use kiln_models::{LoadOptions, Model, ModelConfig, Sampler, SamplerConfig};
@@ -103,7 +103,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ));
     }
     let config = ModelConfig::from_gguf(file)?;
-    let decode_graph = graph_for(
+    let mut decode_graph = graph_for(
         &config,
         &weight_descs(file),
         1,
@@ -112,8 +112,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             dtype: DType::F16,
         },
     )?;
+    let sampler = Sampler::new(args.sampler());
+    if SamplingPath::for_sampler(&sampler) == SamplingPath::Device {
+        decode_graph = decode_graph.with_sample(sampler.params())?;
+    }
     let job = GenerateJob {
         args: &args,
+        sampler,
         file,
         tokenizer: &tokenizer,
         prompt,
@@ -124,6 +129,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
 struct GenerateJob<'a> {
     args: &'a GenerateArgs,
+    sampler: Sampler,
     file: &'a GgufFile,
     tokenizer: &'a Tokenizer,
     prompt: Vec<u32>,
@@ -166,7 +172,7 @@ impl BackendJob for GenerateJob<'_> {
             &mut |done, _| bar.set_position(done),
         )?;
         bar.finish_and_clear();
-        let sampler_config = args.sampler();
+        let mut sampler = self.sampler;
         if args.verbose {
             eprintln!(
                 "kiln: {} on {}: {:?}",
@@ -174,9 +180,12 @@ impl BackendJob for GenerateJob<'_> {
                 model.backend().name(),
                 self.config
             );
-            eprintln!("kiln: seed {}", sampler_config.seed);
+            eprintln!(
+                "kiln: seed {}, {}",
+                sampler.config().seed,
+                SamplingPath::for_sampler(&sampler)
+            );
         }
-        let mut sampler = Sampler::new(sampler_config);
         let mut out = std::io::stdout().lock();
         let prompt_text = self.tokenizer.decode(&self.prompt);
         write!(out, "{prompt_text}").map_err(stdout_error)?;
