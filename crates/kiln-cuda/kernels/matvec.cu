@@ -2,13 +2,14 @@
 // for i < m <= M activation rows (M in 1, 2, 4, 8), W of n rows in any weight format.
 //
 // Memory-bound design: the weight is read once per call for all activation rows.
-// - A block of 256 threads owns ROWS consecutive weight rows (ROWS * tile <= 32 KiB).
+// - A block of 256 threads owns ROWS consecutive weight rows.
 // - The block walks the rows in tiles of 2048 elements. Each tile of the ROWS rows is
-//   copied global -> registers -> shared memory in aligned units of LOAD bytes (16 when
-//   a row's byte length is a multiple of 16, else the format's block alignment), so a
-//   warp's loads are contiguous and, at LOAD = 16, 16 bytes per lane.
-// - The next tile's loads are issued before the current tile is decoded, so they are
-//   in flight while the block computes.
+//   copied global -> shared memory with cp.async in aligned units of LOAD bytes (16
+//   when a row's byte length is a multiple of 16, else the format's block alignment),
+//   so a warp's loads are contiguous and, at LOAD = 16, 16 bytes per lane.
+// - STAGES tiles rotate through shared memory: while one is decoded the next
+//   STAGES - 1 are in flight, so that enough bytes are requested to cover the
+//   latency of global memory.
 // - Thread i takes chunk i (8 elements) of each row from shared memory, reads the
 //   matching 8 activations of every row of x once (reused across the ROWS weight rows),
 //   and accumulates in f32 (dot_chunk); warp shuffles and a shared array reduce the
@@ -20,26 +21,6 @@ namespace kiln {
 constexpr u32 MATVEC_THREADS = 256;
 // Elements of each weight row per tile: one chunk of 8 per thread.
 constexpr u32 MATVEC_TILE_ELEMS = 8 * MATVEC_THREADS;
-
-// The type of an aligned load of LOAD bytes.
-template <u32 LOAD>
-struct LoadUnit;
-template <>
-struct LoadUnit<16> {
-    typedef uint4 type;
-};
-template <>
-struct LoadUnit<8> {
-    typedef uint2 type;
-};
-template <>
-struct LoadUnit<4> {
-    typedef u32 type;
-};
-template <>
-struct LoadUnit<2> {
-    typedef u16 type;
-};
 
 // The 8 activations at columns e .. e+7 of each of the first m (<= M) rows of x
 // ([m, k] row-major); zeros past column k and for rows at or past m.
@@ -112,68 +93,69 @@ __device__ __forceinline__ void dot_chunk(const u8* row, u32 e, u32 len, const f
     }
 }
 
-template <typename W, u32 M, u32 ROWS, u32 LOAD>
+// Copies LOAD bytes from global `from` to shared `to` (both LOAD-aligned) without
+// waiting: cp.async for 4, 8 and 16 bytes (16 bypassing L1), a plain copy for 2.
+template <u32 LOAD>
+__device__ __forceinline__ void copy_async(u8* to, const u8* from) {
+    if constexpr (LOAD == 2) {
+        *reinterpret_cast<u16*>(to) = *reinterpret_cast<const u16*>(from);
+    } else {
+        const u32 shared = (u32)__cvta_generic_to_shared(to);
+        if constexpr (LOAD == 16) {
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared), "l"(from));
+        } else {
+            asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(shared), "l"(from),
+                         "n"(LOAD));
+        }
+    }
+}
+
+// Closes the group of this thread's copies issued since the last commit.
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most PENDING of this thread's committed groups are in flight.
+template <u32 PENDING>
+__device__ __forceinline__ void wait_copies() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
+// Dynamic shared memory: STAGES slots of ROWS * TILE_BYTES bytes (the launch's size).
+template <typename W, u32 M, u32 ROWS, u32 LOAD, u32 STAGES>
 __global__ void __launch_bounds__(MATVEC_THREADS)
     matvec(const u8* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
            float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
     constexpr u32 TILE_BYTES = MATVEC_TILE_ELEMS / W::BLOCK_ELEMS * W::BLOCK_BYTES;
     constexpr u32 UNITS_PER_ROW = TILE_BYTES / LOAD;
     constexpr u32 UNITS = ROWS * UNITS_PER_ROW;
-    constexpr u32 UNITS_PER_THREAD = (UNITS + MATVEC_THREADS - 1) / MATVEC_THREADS;
+    constexpr u32 SLOT_BYTES = ROWS * TILE_BYTES;
     static_assert(TILE_BYTES % 16 == 0, "a tile of a row is a whole number of 16-byte units");
-    typedef typename LoadUnit<LOAD>::type Unit;
+    static_assert(STAGES >= 2, "one tile is computed while the next ones load");
 
-    __shared__ __align__(16) u8 tile[ROWS * TILE_BYTES];
+    extern __shared__ __align__(16) u8 slots[];
     __shared__ float partial[MATVEC_THREADS / 32][ROWS * M];
 
     const u32 row0 = blockIdx.x * ROWS;
     const u8* rows = w + (u64)row0 * row_bytes;
     const u32 tiles = (k + MATVEC_TILE_ELEMS - 1) / MATVEC_TILE_ELEMS;
 
-    // Unit u of a tile is bytes (u % UNITS_PER_ROW) * LOAD .. + LOAD of row
-    // u / UNITS_PER_ROW of the tile; `source` gives its address, or null for units past
-    // a row's end or of rows past n, which are not loaded (their shared bytes are never
-    // decoded).
-    auto source = [&](u32 t, u32 u) -> const Unit* {
-        const u32 r = u / UNITS_PER_ROW;
-        const u64 at = (u64)t * TILE_BYTES + (u64)(u % UNITS_PER_ROW) * LOAD;
-        const bool inside = u < UNITS && row0 + r < n && at < row_bytes;
-        return inside ? reinterpret_cast<const Unit*>(rows + (u64)r * row_bytes + at) : nullptr;
-    };
-    auto target = [&](u32 u) {
-        return reinterpret_cast<Unit*>(tile + (u / UNITS_PER_ROW) * TILE_BYTES +
-                                       (u % UNITS_PER_ROW) * LOAD);
-    };
-    // With 16-byte units, a tile goes through registers so that the next tile's loads
-    // are in flight while this one is decoded. Narrower units (rows whose byte length
-    // is not a multiple of 16) are copied straight to shared memory.
-    constexpr u32 STAGED = LOAD == 16 ? UNITS_PER_THREAD : 1;
-    Unit staged[STAGED] = {};
-    auto fetch = [&](u32 t) {
-#pragma unroll
-        for (u32 i = 0; i < STAGED; ++i) {
-            const Unit* from = source(t, i * MATVEC_THREADS + threadIdx.x);
-            if (LOAD == 16 && from) {
-                staged[i] = *from;
-            }
-        }
-    };
-    auto stash = [&](u32 t) {
-        if constexpr (LOAD == 16) {
-#pragma unroll
-            for (u32 i = 0; i < STAGED; ++i) {
-                const u32 u = i * MATVEC_THREADS + threadIdx.x;
-                if (u < UNITS) {
-                    *target(u) = staged[i];
-                }
-            }
-        } else {
+    // Issues this thread's copies of tile t into slot t % STAGES and commits them as
+    // one group (empty past the last tile, so that every thread commits one group per
+    // tile). Unit u of a tile is bytes (u % UNITS_PER_ROW) * LOAD .. + LOAD of its row
+    // u / UNITS_PER_ROW; units past a row's end or of rows past n are not copied (their
+    // shared bytes are never decoded).
+    auto issue = [&](u32 t) {
+        if (t < tiles) {
+            u8* slot = slots + (t % STAGES) * SLOT_BYTES;
             for (u32 u = threadIdx.x; u < UNITS; u += MATVEC_THREADS) {
-                if (const Unit* from = source(t, u)) {
-                    *target(u) = *from;
+                const u32 r = u / UNITS_PER_ROW;
+                const u32 in_tile = (u % UNITS_PER_ROW) * LOAD;
+                const u64 at = (u64)t * TILE_BYTES + in_tile;
+                if (row0 + r < n && at < row_bytes) {
+                    copy_async<LOAD>(slot + r * TILE_BYTES + in_tile, rows + (u64)r * row_bytes + at);
                 }
             }
         }
+        commit_copies();
     };
 
     float acc[ROWS][M];
@@ -185,19 +167,20 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
         }
     }
 
-    fetch(0);
+#pragma unroll
+    for (u32 t = 0; t + 1 < STAGES; ++t) {
+        issue(t);
+    }
     for (u32 t = 0; t < tiles; ++t) {
-        __syncthreads();  // every thread is done decoding the previous tile
-        stash(t);
-        __syncthreads();
-        if (t + 1 < tiles) {
-            fetch(t + 1);
-        }
         const u32 e0 = t * MATVEC_TILE_ELEMS;
         const u32 local = 8 * threadIdx.x;
+        float xv[M][8];
+        load_activations<M>(x, m, k, e0 + local, xv);  // in flight during the wait
+        wait_copies<STAGES - 2>();  // this thread's copies of tile t have landed
+        __syncthreads();  // everyone's have, and everyone is done with tile t - 1
+        issue(t + STAGES - 1);  // into tile t - 1's slot
+        const u8* tile = slots + (t % STAGES) * SLOT_BYTES;
         if (e0 + local < k) {
-            float xv[M][8];
-            load_activations<M>(x, m, k, e0 + local, xv);
             float xsum[M];
 #pragma unroll
             for (u32 i = 0; i < M; ++i) {

@@ -55,8 +55,44 @@ fn a_matvec_grid_covers_every_weight_row() {
     assert_eq!(plan.config.grid_dim, (4096 / 8, 1, 1));
     assert_eq!(
         plan.spec.name_expression,
-        "kiln::matvec<kiln::Q4_K, 1, 8, 16>"
+        "kiln::matvec<kiln::Q4_K, 1, 8, 16, 4>"
     );
+    // 4 tiles of 8 rows of 2048 Q4_K elements (8 blocks of 144 bytes).
+    assert_eq!(plan.config.shared_mem_bytes, 4 * 8 * 8 * 144);
+}
+
+#[test]
+fn matvec_tiles_in_flight_fill_64_kib_of_shared_memory() {
+    // (dtype, rows, stages): a tile of 2048 elements of 8 rows at most takes 16 KiB,
+    // and up to 4 of them 64 KiB.
+    for (dtype, rows, stages) in [
+        (DType::F32, 2, 4),
+        (DType::F16, 4, 4),
+        (DType::Q8_0, 7, 4),
+        (DType::Q6K, 8, 4),
+    ] {
+        let plan = MatMulArgs {
+            weight: dtype,
+            w_bytes: dtype.bytes_for(4096 * 4096).unwrap(),
+            ..args()
+        }
+        .check()
+        .unwrap();
+        let MatMulKernel::MatVec {
+            rows: r, stages: s, ..
+        } = plan.kernel
+        else {
+            panic!("{:?}", plan.kernel)
+        };
+        assert_eq!((r, s), (rows, stages), "{dtype}");
+        let tile = dtype.bytes_for(2048).unwrap();
+        assert_eq!(
+            plan.config.shared_mem_bytes as usize,
+            stages as usize * rows as usize * tile,
+            "{dtype}"
+        );
+        assert!(plan.config.shared_mem_bytes as usize <= 64 * 1024);
+    }
 }
 
 #[test]
@@ -308,6 +344,11 @@ fn matvec_matches_cpu_for_every_weight_dtype_and_row_count() {
                 compare(cuda, &mut rng, dtype, m, 67, k, m == 3);
             }
             compare(cuda, &mut rng, dtype, 1, 4096, k, false);
+        }
+        // 7 whole tiles of 2048 and a partial one: more tiles than the block keeps in
+        // flight, so every shared-memory slot is reused.
+        for m in [1, 8] {
+            compare(cuda, &mut rng, dtype, m, 67, 7 * 2048 + 256, m == 8);
         }
     }
 }

@@ -3,12 +3,14 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use cudarc::driver::{sys, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use kiln_core::{Backend, DType, DeviceBuffer, Error, Result};
 
-use super::common::{cache_tag, config, grid_dim, launch, CACHE_DTYPES, MAX_GRID_X, MAX_GRID_YZ};
+use super::common::{
+    allow_dynamic_shared, cache_tag, config, grid_dim, launch, CACHE_DTYPES, MAX_GRID_X,
+    MAX_GRID_YZ,
+};
 use super::{check_bytes, check_nonzero, count, to_u32};
-use crate::context::driver_error;
 use crate::manifest::ATTENTION;
 use crate::registry::KernelSpec;
 use crate::{CudaBackend, CudaBuffer};
@@ -46,9 +48,6 @@ const PREFILL_TILE: usize = 16;
 /// Counters at the start of the workspace, one per (query, decode grid row); the
 /// partial results follow them.
 const COUNTER_SLOTS: usize = 4096;
-
-/// Shared memory up to which a kernel needs no opt-in.
-const DEFAULT_SHARED_LIMIT: usize = 48 * 1024;
 
 /// Which kernel runs an attention, and its compile-time shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -415,17 +414,7 @@ pub fn attention(
     }
     .check()?;
     let kernel = backend.kernel(&plan.spec)?;
-    if plan.config.shared_mem_bytes as usize > DEFAULT_SHARED_LIMIT {
-        kernel
-            .function
-            .set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                plan.config.shared_mem_bytes as i32,
-            )
-            .map_err(|e| {
-                driver_error(&format!("{}: raising its shared memory", plan.spec.key), e)
-            })?;
-    }
+    allow_dynamic_shared(&kernel, &plan.config)?;
     // The decode kernel's counters and partials, in the workspace, when it splits.
     let mut workspace = match plan.kernel {
         AttentionKernel::Decode { .. } if plan.workspace_bytes > 0 => Some(

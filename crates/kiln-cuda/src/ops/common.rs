@@ -1,12 +1,13 @@
 //! Helpers shared by the dispatch modules of the kernel catalogue: the kernel tags of
 //! weight and cache dtypes, grid limits, and the launch itself.
 
-use cudarc::driver::{LaunchArgs, LaunchConfig};
+use cudarc::driver::{sys, LaunchArgs, LaunchConfig};
 use kiln_core::ops::WEIGHT_DTYPES;
 use kiln_core::{DType, Error, Result};
 
 use super::check_dtype;
 use crate::context::driver_error;
+use crate::nvrtc::CudaKernel;
 use crate::registry::KernelSpec;
 
 /// The decoder of a weight dtype in kernels/quant.cuh.
@@ -68,6 +69,26 @@ pub(crate) fn config(grid: (u32, u32, u32), threads: u32, shared: u32) -> Launch
         block_dim: (threads, 1, 1),
         shared_mem_bytes: shared,
     }
+}
+
+/// Dynamic shared memory a launch may use without opting in: the 48 KiB default less
+/// 1 KiB for the kernels' own static shared arrays.
+const DEFAULT_DYNAMIC_SHARED: u32 = 47 * 1024;
+
+/// Opts `kernel` in to `config`'s dynamic shared memory when it is above the default
+/// (one driver call, made only then).
+pub(crate) fn allow_dynamic_shared(kernel: &CudaKernel, config: &LaunchConfig) -> Result<()> {
+    if config.shared_mem_bytes <= DEFAULT_DYNAMIC_SHARED {
+        return Ok(());
+    }
+    kernel
+        .function
+        .set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            // At most the device's per-block limit (228 KiB), which fits i32.
+            config.shared_mem_bytes as i32,
+        )
+        .map_err(|e| driver_error(&format!("{}: raising its shared memory", kernel.key), e))
 }
 
 /// Launches the arguments pushed so far with `config`.

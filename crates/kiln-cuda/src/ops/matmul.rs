@@ -6,7 +6,9 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use kiln_core::ops::WEIGHT_DTYPES;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
-use super::common::{config, grid_dim, launch, weight_tag, MAX_GRID_X, MAX_GRID_YZ};
+use super::common::{
+    allow_dynamic_shared, config, grid_dim, launch, weight_tag, MAX_GRID_X, MAX_GRID_YZ,
+};
 use super::{check_bytes, check_nonzero, count, to_u32};
 use crate::manifest::{MATMUL, MATVEC};
 use crate::registry::KernelSpec;
@@ -27,8 +29,14 @@ const MATVEC_THREADS: u32 = 256;
 /// Elements of each weight row a mat-vec block stages per tile (MATVEC_TILE_ELEMS).
 const MATVEC_TILE_ELEMS: usize = 8 * MATVEC_THREADS as usize;
 
-/// Shared memory a mat-vec block may spend on its weight tiles.
-const MATVEC_TILE_SHARED: usize = 32 * 1024;
+/// Shared memory one tile of a mat-vec block's rows may take.
+const MATVEC_SLOT_SHARED: usize = 16 * 1024;
+
+/// Shared memory a mat-vec block's tiles in flight may take together.
+const MATVEC_SHARED: usize = 64 * 1024;
+
+/// Tiles a mat-vec block keeps in shared memory (one computed while the others load).
+const MATVEC_STAGES: std::ops::RangeInclusive<usize> = 2..=4;
 
 /// Threads per mat-mat block and the block's output tile (kernels/matmul.cu's
 /// MM_THREADS, MM_BM, MM_BN).
@@ -39,8 +47,13 @@ const MATMAT_TILE: usize = 64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatMulKernel {
     /// kernels/matvec.cu for up to `m_tier` activation rows, with `rows` weight rows
-    /// per block, staging loads of `load` bytes.
-    MatVec { m_tier: u32, rows: u32, load: u32 },
+    /// per block, copies of `load` bytes, and `stages` tiles in shared memory.
+    MatVec {
+        m_tier: u32,
+        rows: u32,
+        load: u32,
+        stages: u32,
+    },
     /// kernels/matmul.cu.
     MatMat,
 }
@@ -52,18 +65,37 @@ fn block_alignment(dtype: DType) -> u32 {
     (bytes & bytes.wrapping_neg()).min(16)
 }
 
+/// Bytes of one weight row's tile of [`MATVEC_TILE_ELEMS`] elements.
+fn matvec_tile_bytes(dtype: DType) -> usize {
+    // MATVEC_TILE_ELEMS is a multiple of every block size.
+    dtype.bytes_for(MATVEC_TILE_ELEMS).unwrap_or(usize::MAX)
+}
+
 /// Weight rows per mat-vec block: more rows reuse each activation load more, fewer
-/// keep the accumulators of many activation rows in registers; the staged tiles of
-/// all rows fit [`MATVEC_TILE_SHARED`].
+/// keep the accumulators of many activation rows in registers; one tile of all rows
+/// fits [`MATVEC_SLOT_SHARED`].
 fn matvec_rows(dtype: DType, m_tier: u32) -> u32 {
     let by_m = match m_tier {
         1 | 2 => 8,
         4 => 4,
         _ => 2,
     };
-    // MATVEC_TILE_ELEMS is a multiple of every block size.
-    let tile = dtype.bytes_for(MATVEC_TILE_ELEMS).unwrap_or(usize::MAX);
-    by_m.min((MATVEC_TILE_SHARED / tile) as u32).max(1)
+    by_m.min((MATVEC_SLOT_SHARED / matvec_tile_bytes(dtype)) as u32)
+        .max(1)
+}
+
+/// Tiles of `rows` rows a mat-vec block keeps in flight: as many as fit
+/// [`MATVEC_SHARED`], within [`MATVEC_STAGES`].
+fn matvec_stages(dtype: DType, rows: u32) -> u32 {
+    let slot = rows as usize * matvec_tile_bytes(dtype);
+    // At most 4.
+    (MATVEC_SHARED / slot).clamp(*MATVEC_STAGES.start(), *MATVEC_STAGES.end()) as u32
+}
+
+/// Dynamic shared memory of a mat-vec launch: `stages` tiles of `rows` rows.
+fn matvec_shared(dtype: DType, rows: u32, stages: u32) -> u32 {
+    // At most 4 slots of at most MATVEC_SLOT_SHARED bytes (or one row's tile).
+    (stages as usize * rows as usize * matvec_tile_bytes(dtype)) as u32
 }
 
 /// The mat-vec kernel for `m` activation rows of a weight whose rows take `row_bytes`:
@@ -78,10 +110,12 @@ fn matvec_kernel(dtype: DType, m: usize, row_bytes: usize) -> MatMulKernel {
     } else {
         block_alignment(dtype)
     };
+    let rows = matvec_rows(dtype, m_tier);
     MatMulKernel::MatVec {
         m_tier,
-        rows: matvec_rows(dtype, m_tier),
+        rows,
         load,
+        stages: matvec_stages(dtype, rows),
     }
 }
 
@@ -89,9 +123,14 @@ fn matvec_kernel(dtype: DType, m: usize, row_bytes: usize) -> MatMulKernel {
 pub fn spec(dtype: DType, kernel: MatMulKernel) -> Result<KernelSpec> {
     let tag = weight_tag(OP, dtype)?;
     Ok(match kernel {
-        MatMulKernel::MatVec { m_tier, rows, load } => MATVEC.spec(
-            format!("matvec|w={dtype}|m={m_tier}|rows={rows}|load={load}"),
-            format!("kiln::matvec<{tag}, {m_tier}, {rows}, {load}>"),
+        MatMulKernel::MatVec {
+            m_tier,
+            rows,
+            load,
+            stages,
+        } => MATVEC.spec(
+            format!("matvec|w={dtype}|m={m_tier}|rows={rows}|load={load}|stages={stages}"),
+            format!("kiln::matvec<{tag}, {m_tier}, {rows}, {load}, {stages}>"),
         ),
         MatMulKernel::MatMat => {
             MATMUL.spec(format!("matmat|w={dtype}"), format!("kiln::matmul<{tag}>"))
@@ -106,8 +145,14 @@ pub(crate) fn all_specs() -> Vec<KernelSpec> {
     for dtype in WEIGHT_DTYPES {
         for m_tier in M_TIERS {
             let rows = matvec_rows(dtype, m_tier);
+            let stages = matvec_stages(dtype, rows);
             for load in [16, block_alignment(dtype)] {
-                let k = MatMulKernel::MatVec { m_tier, rows, load };
+                let k = MatMulKernel::MatVec {
+                    m_tier,
+                    rows,
+                    load,
+                    stages,
+                };
                 if !kernels.contains(&(dtype, k)) {
                     kernels.push((dtype, k));
                 }
@@ -190,22 +235,23 @@ impl MatMulArgs {
             count(OP, &[self.m, self.n])?,
         )?;
         let row_bytes = self.weight.bytes_for(self.k)?;
-        let (kernel, grid, threads) = if self.m <= MATVEC_MAX_ROWS {
+        let (kernel, launch_config) = if self.m <= MATVEC_MAX_ROWS {
             let kernel = matvec_kernel(self.weight, self.m, row_bytes);
-            let MatMulKernel::MatVec { rows, .. } = kernel else {
+            let MatMulKernel::MatVec { rows, stages, .. } = kernel else {
                 unreachable!("matvec_kernel returns a mat-vec kernel")
             };
             let blocks = grid_dim(OP, "n", self.n.div_ceil(rows as usize), MAX_GRID_X)?;
-            (kernel, (blocks, 1, 1), MATVEC_THREADS)
+            let shared = matvec_shared(self.weight, rows, stages);
+            (kernel, config((blocks, 1, 1), MATVEC_THREADS, shared))
         } else {
             let x = grid_dim(OP, "n", self.n.div_ceil(MATMAT_TILE), MAX_GRID_X)?;
             let y = grid_dim(OP, "m", self.m.div_ceil(MATMAT_TILE), MAX_GRID_YZ)?;
-            (MatMulKernel::MatMat, (x, y, 1), MATMAT_THREADS)
+            (MatMulKernel::MatMat, config((x, y, 1), MATMAT_THREADS, 0))
         };
         Ok(MatMulPlan {
             kernel,
             spec: spec(self.weight, kernel)?,
-            config: config(grid, threads, 0),
+            config: launch_config,
             m: to_u32(OP, "m", self.m)?,
             n: to_u32(OP, "n", self.n)?,
             k: to_u32(OP, "k", self.k)?,
@@ -241,6 +287,7 @@ pub fn matmul(
     }
     .check()?;
     let kernel = backend.kernel(&plan.spec)?;
+    allow_dynamic_shared(&kernel, &plan.config)?;
     let null: u64 = 0;
     let mut args = backend.stream().launch_builder(&kernel.function);
     args.arg(w.slice()).arg(x.slice());
@@ -253,7 +300,7 @@ pub fn matmul(
         .arg(&plan.n)
         .arg(&plan.k)
         .arg(&plan.row_bytes);
-    // SAFETY: the arguments match both `kiln::matvec<W, M, ROWS, LOAD>` and
+    // SAFETY: the arguments match both `kiln::matvec<W, M, ROWS, LOAD, STAGES>` and
     // `kiln::matmul<W>`: (const u8* w, const float* x, const float* bias, float* out,
     // u32 m, u32 n, u32 k, u64 row_bytes); the buffers hold their elements (checked),
     // bias is null or holds n values, and the mat-vec tier holds m rows.
