@@ -10,10 +10,11 @@
 // - STAGES tiles rotate through shared memory: while one is decoded the next
 //   STAGES - 1 are in flight, so that enough bytes are requested to cover the
 //   latency of global memory.
-// - Thread i takes chunk i (8 elements) of each row from shared memory, reads the
-//   matching 8 activations of every row of x once (reused across the ROWS weight rows),
-//   and accumulates in f32 (dot_chunk); warp shuffles and a shared array reduce the
-//   block.
+// - Thread i takes chunk i (8 elements) of each row from shared memory (for the
+//   nibble formats two runs of 4 that share their bytes, quant.cuh's Runs8), reads the
+//   matching 8 activations of every row of x once (reused across the ROWS weight
+//   rows), and accumulates in f32 (dot_chunk); warp shuffles and a shared array reduce
+//   the block.
 #include "quant.cuh"
 
 namespace kiln {
@@ -22,26 +23,44 @@ constexpr u32 MATVEC_THREADS = 256;
 // Elements of each weight row per tile: one chunk of 8 per thread.
 constexpr u32 MATVEC_TILE_ELEMS = 8 * MATVEC_THREADS;
 
-// The 8 activations at columns e .. e+7 of each of the first m (<= M) rows of x
-// ([m, k] row-major); zeros past column k and for rows at or past m.
+// The activations at columns a .. a+3 and b .. b+3 (multiples of 4) of each of the
+// first m (<= M) rows of x ([m, k] row-major) as xv[i][0..4) and xv[i][4..8); zeros
+// past column k and for rows at or past m.
 template <u32 M>
 __device__ __forceinline__ void load_activations(const float* __restrict__ x, u32 m, u32 k,
-                                                 u32 e, float (&xv)[M][8]) {
-    const bool vector = (k % 4 == 0) && e + 8 <= k;
+                                                 u32 a, u32 b, float (&xv)[M][8]) {
+    const bool vector = (k % 4 == 0) && a + 4 <= k && b + 4 <= k;
 #pragma unroll
     for (u32 i = 0; i < M; ++i) {
-        const float* xr = x + (u64)i * k + e;
+        const float* xr = x + (u64)i * k;
         if (i < m && vector) {
-            const float4 a = *reinterpret_cast<const float4*>(xr);
-            const float4 b = *reinterpret_cast<const float4*>(xr + 4);
-            xv[i][0] = a.x, xv[i][1] = a.y, xv[i][2] = a.z, xv[i][3] = a.w;
-            xv[i][4] = b.x, xv[i][5] = b.y, xv[i][6] = b.z, xv[i][7] = b.w;
+            const float4 p = *reinterpret_cast<const float4*>(xr + a);
+            const float4 q = *reinterpret_cast<const float4*>(xr + b);
+            xv[i][0] = p.x, xv[i][1] = p.y, xv[i][2] = p.z, xv[i][3] = p.w;
+            xv[i][4] = q.x, xv[i][5] = q.y, xv[i][6] = q.z, xv[i][7] = q.w;
         } else {
 #pragma unroll
-            for (u32 j = 0; j < 8; ++j) {
-                xv[i][j] = (i < m && e + j < k) ? xr[j] : 0.0f;
+            for (u32 j = 0; j < 4; ++j) {
+                xv[i][j] = (i < m && a + j < k) ? xr[a + j] : 0.0f;
+                xv[i][4 + j] = (i < m && b + j < k) ? xr[b + j] : 0.0f;
             }
         }
+    }
+}
+
+// The first columns of the two runs of 4 activations that the thread taking the
+// chunk at element e (a multiple of 8) of a tile multiplies: the runs of W's chunk
+// (Runs8) for formats with quants8, else e and e + 4.
+template <typename W>
+__device__ __forceinline__ void chunk_runs(u32 e, u32& a, u32& b) {
+    if constexpr (W::HAS_QUANTS8) {
+        const u32 block = e / W::BLOCK_ELEMS * W::BLOCK_ELEMS;
+        const u32 c = (e % W::BLOCK_ELEMS) / 8;
+        a = block + W::run_start(c, 0);
+        b = block + W::run_start(c, 1);
+    } else {
+        a = e;
+        b = e + 4;
     }
 }
 
@@ -51,33 +70,44 @@ __device__ __forceinline__ float two23_plus_byte(u32 word, u32 i) {
     return __uint_as_float(__byte_perm(word, 0x4b000000u, 0x7540u | i));
 }
 
-// Adds to acc[i] (i < M) the dot product of the 8 weights at elements e .. e+7 of the
-// row of `len` elements starting at `row` with xv[i] (whose sum is xsum[i]).
+// Adds to acc[i] (i < M) the dot product of the chunk of 8 weights at element e of
+// the row of `len` elements starting at `row` with xv[i], the activations at the
+// chunk's runs (chunk_runs), whose sums are xsum[i][0] and xsum[i][1].
 // Formats with quants8 convert their exact integer quants without int-to-float
-// instructions and apply the chunk's scale (and offset, times xsum) once per chunk;
-// the others decode to f32 first.
+// instructions and apply each run's scale (and offset, times its activation sum)
+// once; the others decode to f32 first.
 template <typename W, u32 M>
 __device__ __forceinline__ void dot_chunk(const u8* row, u32 e, u32 len, const float (&xv)[M][8],
-                                          const float (&xsum)[M], float (&acc)[M]) {
+                                          const float (&xsum)[M][2], float (&acc)[M]) {
     if constexpr (W::HAS_QUANTS8) {
-        const Quants8 q =
-            W::quants8(row + (u64)(e / W::BLOCK_ELEMS) * W::BLOCK_BYTES, (e % W::BLOCK_ELEMS) / 8);
-        const u32 words[2] = {(u32)q.u, (u32)(q.u >> 32)};
+        const Runs8 q =
+            W::runs8(row + (u64)(e / W::BLOCK_ELEMS) * W::BLOCK_BYTES, (e % W::BLOCK_ELEMS) / 8);
         float w[8];
 #pragma unroll
         for (u32 j = 0; j < 8; ++j) {
-            w[j] = two23_plus_byte(words[j / 4], j % 4) - (8388608.0f + (float)W::BIAS);
+            w[j] = two23_plus_byte(q.u[j / 4], j % 4) - (8388608.0f + (float)W::BIAS);
         }
 #pragma unroll
         for (u32 i = 0; i < M; ++i) {
-            float s = 0.0f;
+            float s[2] = {0.0f, 0.0f};
 #pragma unroll
             for (u32 j = 0; j < 8; ++j) {
-                s = fmaf(w[j], xv[i][j], s);
+                const u32 h = W::RUNS_SHARE_SCALE ? 0 : j / 4;
+                s[h] = fmaf(w[j], xv[i][j], s[h]);
             }
-            acc[i] = fmaf(q.scale, s, acc[i]);
-            if constexpr (W::AFFINE) {
-                acc[i] = fmaf(q.offset, xsum[i], acc[i]);
+            if constexpr (W::RUNS_SHARE_SCALE) {
+                acc[i] = fmaf(q.scale[0], s[0], acc[i]);
+                if constexpr (W::AFFINE) {
+                    acc[i] = fmaf(q.offset[0], xsum[i][0] + xsum[i][1], acc[i]);
+                }
+            } else {
+#pragma unroll
+                for (u32 h = 0; h < 2; ++h) {
+                    acc[i] = fmaf(q.scale[h], s[h], acc[i]);
+                    if constexpr (W::AFFINE) {
+                        acc[i] = fmaf(q.offset[h], xsum[i][h], acc[i]);
+                    }
+                }
             }
         }
     } else {
@@ -142,16 +172,47 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
     // one group (empty past the last tile, so that every thread commits one group per
     // tile). Unit u of a tile is bytes (u % UNITS_PER_ROW) * LOAD .. + LOAD of its row
     // u / UNITS_PER_ROW; units past a row's end or of rows past n are not copied (their
-    // shared bytes are never decoded).
+    // shared bytes are never decoded). A thread copies units threadIdx.x + i * THREADS;
+    // when it has at most PLAN_UNITS of them, their addresses in tile 0 are computed
+    // once (`plan`) and each tile only offsets them.
+    constexpr u32 UNITS_PER_THREAD = (UNITS + MATVEC_THREADS - 1) / MATVEC_THREADS;
+    constexpr u32 PLAN_UNITS = 4;
+    constexpr bool PLANNED = UNITS_PER_THREAD <= PLAN_UNITS;
+    constexpr u32 DEAD = 0xffffffffu;
+    static_assert(SLOT_BYTES < 65536 && TILE_BYTES < 65536, "plan offsets take 16 bits");
+    const u8* plan_src[PLANNED ? UNITS_PER_THREAD : 1];
+    u32 plan_at[PLANNED ? UNITS_PER_THREAD : 1];  // shared offset << 16 | offset in tile
+    if constexpr (PLANNED) {
+#pragma unroll
+        for (u32 i = 0; i < UNITS_PER_THREAD; ++i) {
+            const u32 u = threadIdx.x + i * MATVEC_THREADS;
+            const u32 r = u / UNITS_PER_ROW;
+            const u32 in_tile = (u % UNITS_PER_ROW) * LOAD;
+            const bool live = u < UNITS && row0 + r < n;
+            plan_src[i] = rows + (u64)r * row_bytes + in_tile;
+            plan_at[i] = live ? ((r * TILE_BYTES + in_tile) << 16) | in_tile : DEAD;
+        }
+    }
     auto issue = [&](u32 t) {
         if (t < tiles) {
             u8* slot = slots + (t % STAGES) * SLOT_BYTES;
-            for (u32 u = threadIdx.x; u < UNITS; u += MATVEC_THREADS) {
-                const u32 r = u / UNITS_PER_ROW;
-                const u32 in_tile = (u % UNITS_PER_ROW) * LOAD;
-                const u64 at = (u64)t * TILE_BYTES + in_tile;
-                if (row0 + r < n && at < row_bytes) {
-                    copy_async<LOAD>(slot + r * TILE_BYTES + in_tile, rows + (u64)r * row_bytes + at);
+            const u64 tile_at = (u64)t * TILE_BYTES;
+            if constexpr (PLANNED) {
+#pragma unroll
+                for (u32 i = 0; i < UNITS_PER_THREAD; ++i) {
+                    const u32 at = plan_at[i];
+                    if (at != DEAD && tile_at + (at & 0xffffu) < row_bytes) {
+                        copy_async<LOAD>(slot + (at >> 16), plan_src[i] + tile_at);
+                    }
+                }
+            } else {
+                for (u32 u = threadIdx.x; u < UNITS; u += MATVEC_THREADS) {
+                    const u32 r = u / UNITS_PER_ROW;
+                    const u32 in_tile = (u % UNITS_PER_ROW) * LOAD;
+                    if (row0 + r < n && tile_at + in_tile < row_bytes) {
+                        copy_async<LOAD>(slot + r * TILE_BYTES + in_tile,
+                                         rows + (u64)r * row_bytes + tile_at + in_tile);
+                    }
                 }
             }
         }
@@ -174,20 +235,22 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
     for (u32 t = 0; t < tiles; ++t) {
         const u32 e0 = t * MATVEC_TILE_ELEMS;
         const u32 local = 8 * threadIdx.x;
+        u32 run_a, run_b;
+        chunk_runs<W>(local, run_a, run_b);
         float xv[M][8];
-        load_activations<M>(x, m, k, e0 + local, xv);  // in flight during the wait
+        load_activations<M>(x, m, k, e0 + run_a, e0 + run_b, xv);  // in flight during the wait
         wait_copies<STAGES - 2>();  // this thread's copies of tile t have landed
         __syncthreads();  // everyone's have, and everyone is done with tile t - 1
         issue(t + STAGES - 1);  // into tile t - 1's slot
         const u8* tile = slots + (t % STAGES) * SLOT_BYTES;
         if (e0 + local < k) {
-            float xsum[M];
+            float xsum[M][2];
 #pragma unroll
             for (u32 i = 0; i < M; ++i) {
-                xsum[i] = 0.0f;
 #pragma unroll
-                for (u32 j = 0; j < 8; ++j) {
-                    xsum[i] += xv[i][j];
+                for (u32 h = 0; h < 2; ++h) {
+                    xsum[i][h] =
+                        (xv[i][4 * h] + xv[i][4 * h + 1]) + (xv[i][4 * h + 2] + xv[i][4 * h + 3]);
                 }
             }
 #pragma unroll

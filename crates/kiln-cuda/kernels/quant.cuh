@@ -59,10 +59,18 @@ __device__ __forceinline__ u64 load_u64(const u8* p) {
     }
 }
 
-// Four bytes at p (little-endian), p two-byte aligned.
-__device__ __forceinline__ u32 load_u32_a2(const u8* p) {
-    const u16* q = reinterpret_cast<const u16*>(p);
-    return (u32)q[0] | ((u32)q[1] << 16);
+// Four bytes at p (little-endian), read with loads of ALIGN bytes; p must be
+// ALIGN-aligned.
+template <u32 ALIGN>
+__device__ __forceinline__ u32 load_u32(const u8* p) {
+    if constexpr (ALIGN >= 4) {
+        return *reinterpret_cast<const u32*>(p);
+    } else if constexpr (ALIGN == 2) {
+        const u16* q = reinterpret_cast<const u16*>(p);
+        return (u32)q[0] | ((u32)q[1] << 16);
+    } else {
+        return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
+    }
 }
 
 // The f16 at byte `offset` of `block` (even offsets only) as f32.
@@ -113,12 +121,25 @@ struct Quants8 {
     float offset;
 };
 
+// For the mat-vec, a chunk may instead be read as two runs of 4 elements, so that a
+// thread decodes both nibbles of the bytes it loads: element i of run h (h < 2) is
+// scale[h] * (byte i of u[h] - W::BIAS) + offset[h], and run h starts at element
+// W::run_start(c, h) of the block. The runs of the chunks of a block cover it once.
+struct Runs8 {
+    u32 u[2];
+    float scale[2];
+    float offset[2];
+};
+
+// The four low bits of `bits` (bit i for byte i) spread to bit 0 of the 4 bytes.
+__device__ __forceinline__ u32 spread_bits4(u32 bits) {
+    // Multiplying 4 bits by 0x00204081 puts bit i at bit 8i with no overlapping terms.
+    return ((bits & 0xfu) * 0x00204081u) & 0x01010101u;
+}
+
 // Eight bits of `bits` (bit i for byte i) spread to bit 0 of the 8 bytes of a u64.
 __device__ __forceinline__ u64 spread_bits8(u32 bits) {
-    // Multiplying 4 bits by 0x00204081 puts bit i at bit 8i with no overlapping terms.
-    const u32 lo = ((bits & 0xfu) * 0x00204081u) & 0x01010101u;
-    const u32 hi = (((bits >> 4) & 0xfu) * 0x00204081u) & 0x01010101u;
-    return (u64)lo | ((u64)hi << 32);
+    return (u64)spread_bits4(bits) | ((u64)spread_bits4(bits >> 4) << 32);
 }
 
 constexpr u64 NIBBLES8 = 0x0f0f0f0f0f0f0f0full;
@@ -128,6 +149,16 @@ constexpr u64 NIBBLES8 = 0x0f0f0f0f0f0f0f0full;
 template <typename W>
 struct Quantized {
     static constexpr bool HAS_QUANTS8 = true;
+    // Whether the two runs of a chunk always have the same scale and offset.
+    static constexpr bool RUNS_SHARE_SCALE = true;
+
+    // By default a chunk's runs are its two halves.
+    static __device__ __forceinline__ u32 run_start(u32 c, u32 h) { return 8 * c + 4 * h; }
+
+    static __device__ __forceinline__ Runs8 runs8(const u8* b, u32 c) {
+        const Quants8 q = W::quants8(b, c);
+        return {{(u32)q.u, (u32)(q.u >> 32)}, {q.scale, q.scale}, {q.offset, q.offset}};
+    }
 
     static __device__ __forceinline__ void decode8(const u8* b, u32 c, float* v) {
         const Quants8 q = W::quants8(b, c);
@@ -158,9 +189,29 @@ struct PackedNibbles : Quantized<PackedNibbles<BITS, IS_AFFINE>> {
         const u64 qs = load_u64<field_align(BLOCK_BYTES, QS_AT)>(b + QS_AT + 8 * (c & 1));
         u64 u = (qs >> (4 * (c >> 1))) & NIBBLES8;
         if constexpr (BITS == 5) {
-            u |= spread_bits8((load_u32_a2(b + QH_AT) >> (8 * c)) & 0xffu) << 4;
+            u |= spread_bits8((load_u32<field_align(BLOCK_BYTES, QH_AT)>(b + QH_AT) >> (8 * c)) &
+                              0xffu)
+                 << 4;
         }
         return {u, load_f16(b, 0), AFFINE ? load_f16(b, 2) : 0.0f};
+    }
+
+    // Chunk c's runs: the low and the high nibbles of qs bytes 4c .. 4c+3, elements
+    // 4c .. 4c+3 and 16 + 4c .. 16 + 4c+3.
+    static __device__ __forceinline__ u32 run_start(u32 c, u32 h) { return 4 * c + 16 * h; }
+
+    static __device__ __forceinline__ Runs8 runs8(const u8* b, u32 c) {
+        const u32 qs = load_u32<field_align(BLOCK_BYTES, QS_AT + 4)>(b + QS_AT + 4 * c);
+        u32 lo = qs & 0x0f0f0f0fu;
+        u32 hi = (qs >> 4) & 0x0f0f0f0fu;
+        if constexpr (BITS == 5) {
+            const u32 qh = load_u32<field_align(BLOCK_BYTES, QH_AT)>(b + QH_AT);
+            lo |= spread_bits4(qh >> (4 * c)) << 4;
+            hi |= spread_bits4(qh >> (16 + 4 * c)) << 4;
+        }
+        const float d = load_f16(b, 0);
+        const float m = AFFINE ? load_f16(b, 2) : 0.0f;
+        return {{lo, hi}, {d, d}, {m, m}};
     }
 };
 
@@ -301,6 +352,37 @@ struct AffineGroups : Quantized<AffineGroups<BITS>> {
             u |= ((qh >> g) & 0x0101010101010101ull) << 4;
         }
         return {u, load_f16(b, 0) * (float)sc, -(load_f16(b, 2) * (float)m)};
+    }
+
+    static constexpr bool RUNS_SHARE_SCALE = false;
+
+    // Chunk c's runs: the low and the high nibbles of qs bytes 32 j + l .. +3
+    // (j = c / 8, l = 4 (c % 8)), elements 64 j + l .. +3 of group 2j and
+    // 64 j + 32 + l .. +3 of group 2j + 1.
+    static __device__ __forceinline__ u32 run_start(u32 c, u32 h) {
+        return 64 * (c / 8) + 4 * (c % 8) + 32 * h;
+    }
+
+    static __device__ __forceinline__ Runs8 runs8(const u8* b, u32 c) {
+        const u32 j = c / 8, l = 4 * (c % 8);
+        const u32 qs = load_u32<field_align(BLOCK_BYTES, QS_AT + 4)>(b + QS_AT + 32 * j + l);
+        u32 u[2] = {qs & 0x0f0f0f0fu, (qs >> 4) & 0x0f0f0f0fu};
+        if constexpr (BITS == 5) {
+            const u32 qh = load_u32<field_align(BLOCK_BYTES, 16 + 4)>(b + 16 + l);
+            u[0] |= ((qh >> (2 * j)) & 0x01010101u) << 4;
+            u[1] |= ((qh >> (2 * j + 1)) & 0x01010101u) << 4;
+        }
+        const float d = load_f16(b, 0), dmin = load_f16(b, 2);
+        Runs8 r;
+#pragma unroll
+        for (u32 h = 0; h < 2; ++h) {
+            u32 sc, m;
+            scale_and_offset(b + 4, 2 * j + h, sc, m);
+            r.u[h] = u[h];
+            r.scale[h] = d * (float)sc;
+            r.offset[h] = -(dmin * (float)m);
+        }
+        return r;
     }
 };
 
