@@ -10,11 +10,11 @@
 // - STAGES tiles rotate through shared memory: while one is decoded the next
 //   STAGES - 1 are in flight, so that enough bytes are requested to cover the
 //   latency of global memory.
-// - Thread i takes chunk i (8 elements) of each row from shared memory (for the
-//   nibble formats two runs of 4 that share their bytes, quant.cuh's Runs8), reads the
-//   matching 8 activations of every row of x once (reused across the ROWS weight
-//   rows), and accumulates in f32 (dot_chunk); warp shuffles and a shared array reduce
-//   the block.
+// - Thread i takes chunk i (8 elements) of each row from shared memory (for Q4_0,
+//   Q4_1, Q5_0 and Q5_1 two runs of 4 that share their bytes, quant.cuh's Runs8),
+//   reads the matching 8 activations of every row of x once (reused across the ROWS
+//   weight rows), and accumulates in f32 (dot_chunk); warp shuffles and a shared array
+//   reduce the block.
 #include "quant.cuh"
 
 namespace kiln {
@@ -72,13 +72,13 @@ __device__ __forceinline__ float two23_plus_byte(u32 word, u32 i) {
 
 // Adds to acc[i] (i < M) the dot product of the chunk of 8 weights at element e of
 // the row of `len` elements starting at `row` with xv[i], the activations at the
-// chunk's runs (chunk_runs), whose sums are xsum[i][0] and xsum[i][1].
+// chunk's runs (chunk_runs), whose sum is xsum[i].
 // Formats with quants8 convert their exact integer quants without int-to-float
-// instructions and apply each run's scale (and offset, times its activation sum)
+// instructions and apply the chunk's scale (and offset, times the activation sum)
 // once; the others decode to f32 first.
 template <typename W, u32 M>
 __device__ __forceinline__ void dot_chunk(const u8* row, u32 e, u32 len, const float (&xv)[M][8],
-                                          const float (&xsum)[M][2], float (&acc)[M]) {
+                                          const float (&xsum)[M], float (&acc)[M]) {
     if constexpr (W::HAS_QUANTS8) {
         const Runs8 q =
             W::runs8(row + (u64)(e / W::BLOCK_ELEMS) * W::BLOCK_BYTES, (e % W::BLOCK_ELEMS) / 8);
@@ -89,25 +89,14 @@ __device__ __forceinline__ void dot_chunk(const u8* row, u32 e, u32 len, const f
         }
 #pragma unroll
         for (u32 i = 0; i < M; ++i) {
-            float s[2] = {0.0f, 0.0f};
+            float s = 0.0f;
 #pragma unroll
             for (u32 j = 0; j < 8; ++j) {
-                const u32 h = W::RUNS_SHARE_SCALE ? 0 : j / 4;
-                s[h] = fmaf(w[j], xv[i][j], s[h]);
+                s = fmaf(w[j], xv[i][j], s);
             }
-            if constexpr (W::RUNS_SHARE_SCALE) {
-                acc[i] = fmaf(q.scale[0], s[0], acc[i]);
-                if constexpr (W::AFFINE) {
-                    acc[i] = fmaf(q.offset[0], xsum[i][0] + xsum[i][1], acc[i]);
-                }
-            } else {
-#pragma unroll
-                for (u32 h = 0; h < 2; ++h) {
-                    acc[i] = fmaf(q.scale[h], s[h], acc[i]);
-                    if constexpr (W::AFFINE) {
-                        acc[i] = fmaf(q.offset[h], xsum[i][h], acc[i]);
-                    }
-                }
+            acc[i] = fmaf(q.scale, s, acc[i]);
+            if constexpr (W::AFFINE) {
+                acc[i] = fmaf(q.offset, xsum[i], acc[i]);
             }
         }
     } else {
@@ -244,13 +233,13 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
         issue(t + STAGES - 1);  // into tile t - 1's slot
         const u8* tile = slots + (t % STAGES) * SLOT_BYTES;
         if (e0 + local < k) {
-            float xsum[M][2];
+            float xsum[M];
 #pragma unroll
             for (u32 i = 0; i < M; ++i) {
+                xsum[i] = 0.0f;
 #pragma unroll
-                for (u32 h = 0; h < 2; ++h) {
-                    xsum[i][h] =
-                        (xv[i][4 * h] + xv[i][4 * h + 1]) + (xv[i][4 * h + 2] + xv[i][4 * h + 3]);
+                for (u32 j = 0; j < 8; ++j) {
+                    xsum[i] += xv[i][j];
                 }
             }
 #pragma unroll

@@ -123,12 +123,12 @@ struct Quants8 {
 
 // For the mat-vec, a chunk may instead be read as two runs of 4 elements, so that a
 // thread decodes both nibbles of the bytes it loads: element i of run h (h < 2) is
-// scale[h] * (byte i of u[h] - W::BIAS) + offset[h], and run h starts at element
+// scale * (byte i of u[h] - W::BIAS) + offset, and run h starts at element
 // W::run_start(c, h) of the block. The runs of the chunks of a block cover it once.
 struct Runs8 {
     u32 u[2];
-    float scale[2];
-    float offset[2];
+    float scale;
+    float offset;
 };
 
 // The four low bits of `bits` (bit i for byte i) spread to bit 0 of the 4 bytes.
@@ -149,15 +149,13 @@ constexpr u64 NIBBLES8 = 0x0f0f0f0f0f0f0f0full;
 template <typename W>
 struct Quantized {
     static constexpr bool HAS_QUANTS8 = true;
-    // Whether the two runs of a chunk always have the same scale and offset.
-    static constexpr bool RUNS_SHARE_SCALE = true;
 
     // By default a chunk's runs are its two halves.
     static __device__ __forceinline__ u32 run_start(u32 c, u32 h) { return 8 * c + 4 * h; }
 
     static __device__ __forceinline__ Runs8 runs8(const u8* b, u32 c) {
         const Quants8 q = W::quants8(b, c);
-        return {{(u32)q.u, (u32)(q.u >> 32)}, {q.scale, q.scale}, {q.offset, q.offset}};
+        return {{(u32)q.u, (u32)(q.u >> 32)}, q.scale, q.offset};
     }
 
     static __device__ __forceinline__ void decode8(const u8* b, u32 c, float* v) {
@@ -209,9 +207,7 @@ struct PackedNibbles : Quantized<PackedNibbles<BITS, IS_AFFINE>> {
             lo |= spread_bits4(qh >> (4 * c)) << 4;
             hi |= spread_bits4(qh >> (16 + 4 * c)) << 4;
         }
-        const float d = load_f16(b, 0);
-        const float m = AFFINE ? load_f16(b, 2) : 0.0f;
-        return {{lo, hi}, {d, d}, {m, m}};
+        return {{lo, hi}, load_f16(b, 0), AFFINE ? load_f16(b, 2) : 0.0f};
     }
 };
 
@@ -352,37 +348,6 @@ struct AffineGroups : Quantized<AffineGroups<BITS>> {
             u |= ((qh >> g) & 0x0101010101010101ull) << 4;
         }
         return {u, load_f16(b, 0) * (float)sc, -(load_f16(b, 2) * (float)m)};
-    }
-
-    static constexpr bool RUNS_SHARE_SCALE = false;
-
-    // Chunk c's runs: the low and the high nibbles of qs bytes 32 j + l .. +3
-    // (j = c / 8, l = 4 (c % 8)), elements 64 j + l .. +3 of group 2j and
-    // 64 j + 32 + l .. +3 of group 2j + 1.
-    static __device__ __forceinline__ u32 run_start(u32 c, u32 h) {
-        return 64 * (c / 8) + 4 * (c % 8) + 32 * h;
-    }
-
-    static __device__ __forceinline__ Runs8 runs8(const u8* b, u32 c) {
-        const u32 j = c / 8, l = 4 * (c % 8);
-        const u32 qs = load_u32<field_align(BLOCK_BYTES, QS_AT + 4)>(b + QS_AT + 32 * j + l);
-        u32 u[2] = {qs & 0x0f0f0f0fu, (qs >> 4) & 0x0f0f0f0fu};
-        if constexpr (BITS == 5) {
-            const u32 qh = load_u32<field_align(BLOCK_BYTES, 16 + 4)>(b + 16 + l);
-            u[0] |= ((qh >> (2 * j)) & 0x01010101u) << 4;
-            u[1] |= ((qh >> (2 * j + 1)) & 0x01010101u) << 4;
-        }
-        const float d = load_f16(b, 0), dmin = load_f16(b, 2);
-        Runs8 r;
-#pragma unroll
-        for (u32 h = 0; h < 2; ++h) {
-            u32 sc, m;
-            scale_and_offset(b + 4, 2 * j + h, sc, m);
-            r.u[h] = u[h];
-            r.scale[h] = d * (float)sc;
-            r.offset[h] = -(dmin * (float)m);
-        }
-        return r;
     }
 };
 
