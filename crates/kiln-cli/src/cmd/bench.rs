@@ -39,11 +39,12 @@ pub struct BenchArgs {
     pub copy_mib: usize,
 }
 
-/// Mean and sample standard deviation.
+/// Mean, sample standard deviation and median.
 #[derive(Clone, Copy, Debug)]
 pub struct Stat {
     pub mean: f64,
     pub std: f64,
+    pub median: f64,
 }
 
 impl Stat {
@@ -54,6 +55,11 @@ impl Stat {
         Stat {
             mean,
             std: var.sqrt(),
+            median: if v.is_empty() {
+                0.0
+            } else {
+                median(v.to_vec())
+            },
         }
     }
 }
@@ -196,7 +202,7 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
 pub fn print(r: &BenchReport, json: bool) {
     if json {
         let test = |t: &Option<(usize, Stat, f64)>, extra: &str| {
-            t.map(|(n, s, x)| serde_json::json!({"n": n, "tokens_per_s_mean": s.mean, "tokens_per_s_std": s.std, extra: x}))
+            t.map(|(n, s, x)| serde_json::json!({"n": n, "tokens_per_s_mean": s.mean, "tokens_per_s_std": s.std, "tokens_per_s_median": s.median, extra: x}))
         };
         let v = serde_json::json!({
             "model": r.model, "backend": r.backend, "weight_bytes": r.weight_bytes, "params": r.params,
