@@ -1,7 +1,7 @@
 //! The Backend trait, and the bindings of a graph's buffers to physical memory.
 
 use crate::planner::MemoryPlan;
-use crate::{BufferId, BufferKind, Error, Graph, Op, Result};
+use crate::{BufferId, BufferKind, DType, Error, Graph, Op, Result};
 
 /// A backend's buffer: device memory of a fixed size.
 pub trait DeviceBuffer {
@@ -22,6 +22,21 @@ pub trait Backend {
 
     /// Copies `src` to the start of `dst`; errors when `src` is longer than `dst`.
     fn upload(&self, dst: &mut Self::Buffer, src: &[u8]) -> Result<()>;
+
+    /// Uploads a weight tensor of `dtype` and `shape` (GGUF bytes, rows along the last
+    /// dimension) in the layout this backend's kernels read; [`Backend::download`]
+    /// gives the GGUF bytes back. Ops that read weights of block formats need their
+    /// weights uploaded this way. By default the layout is the GGUF one.
+    fn upload_weight(
+        &self,
+        dst: &mut Self::Buffer,
+        src: &[u8],
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<()> {
+        let _ = (dtype, shape);
+        self.upload(dst, src)
+    }
 
     /// Copies the first `dst.len()` bytes of `src` into `dst`; errors when `dst` is
     /// longer than `src`.

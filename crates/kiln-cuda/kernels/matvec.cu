@@ -1,7 +1,23 @@
 // Matrix-vector product for decode: out[i, j] = sum_l x[i, l] * W[j, l] (+ bias[j])
 // for i < m <= M activation rows (M in 1, 2, 4, 8), W of n rows in any weight format.
+// Memory-bound: the weight is read once per call for all activation rows. Two kernels:
 //
-// Memory-bound design: the weight is read once per call for all activation rows.
+// matvec_packed, for the formats the backend stores as planes (quant.cuh, PACKED):
+// - A warp owns R consecutive weight rows; the block's warps are independent.
+// - Lane l takes units l, l + 32, ... of each row (W::UNIT_ELEMS elements: a Q4_0
+//   block, a quarter of a Q4_K block ...), a round of packed_units of them at a time,
+//   with all their loads issued before the first is used. A unit's quants are whole
+//   16-byte loads when the planes are 16-byte aligned, so a warp reads 512
+//   consecutive bytes of quants per load. The round's activations are staged in
+//   shared memory, padded so that the lanes' reads of consecutive units do not
+//   conflict (read from global memory, each would touch its own cache line).
+// - A unit is read as runs of 4 quants q (one per byte). For quants below 128 one
+//   byte permute makes the f32 1 + q / 128 exactly, and one FFMA per element and
+//   activation row accumulates s = sum (1 + q / 128) x over a scale group, so that
+//   sum q x = 128 (s - sum x); 8-bit quants become 2^23 + q, less 2^23. Then
+//   acc += scale * sum q x + zero * sum x per group (values are scale * q + zero).
+//
+// matvec (staged), for the dense formats and the GGUF-layout quantized ones:
 // - A block of 256 threads owns ROWS consecutive weight rows.
 // - The block walks the rows in tiles of 2048 elements. Each tile of the ROWS rows is
 //   copied global -> shared memory with cp.async in aligned units of LOAD bytes (16
@@ -10,10 +26,9 @@
 // - STAGES tiles rotate through shared memory: while one is decoded the next
 //   STAGES - 1 are in flight, so that enough bytes are requested to cover the
 //   latency of global memory.
-// - Thread i takes chunk i (8 elements) of each row from shared memory (for Q4_0,
-//   Q4_1, Q5_0 and Q5_1 two runs of 4 that share their bytes, quant.cuh's Runs8),
-//   reads the matching 8 activations of every row of x once (reused across the ROWS
-//   weight rows), and accumulates in f32 (dot_chunk); warp shuffles and a shared array
+// - Thread i takes chunk i (8 elements) of each row from shared memory, reads the
+//   matching 8 activations of every row of x once (reused across the ROWS weight
+//   rows), and accumulates in f32 (dot_chunk); warp shuffles and a shared array
 //   reduce the block.
 #include "quant.cuh"
 
@@ -275,6 +290,172 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
                 s += partial[p][threadIdx.x];
             }
             out[(u64)i * n + row] = bias ? s + bias[row] : s;
+        }
+    }
+}
+
+// Units of W a lane of matvec_packed loads per round for M activation rows: fewer
+// for more rows, whose activations share the round's shared memory.
+template <typename W, u32 M>
+__host__ __device__ constexpr u32 packed_units() {
+    return M <= 2 ? W::UNITS_IN_FLIGHT
+                  : (W::UNITS_IN_FLIGHT * 2 / M > 0 ? W::UNITS_IN_FLIGHT * 2 / M : 1);
+}
+
+// Floats of padding after each unit's activations in shared memory: lanes read the
+// activations of consecutive units, and the padding puts a quarter-warp's 16-byte
+// reads in distinct banks.
+constexpr u32 PACKED_PAD = 4;
+
+// Adds to acc[r][i] the dot product of unit t[r] of weight row r with activation row
+// i, for r < R and i < M; the unit's activations are xs[i * stride + e], e < UNIT_ELEMS.
+template <typename W, u32 M, u32 R>
+__device__ __forceinline__ void accumulate_unit(const typename W::Unit (&t)[R], const float* xs,
+                                                u32 stride, float (&acc)[R][M]) {
+    constexpr u32 RUNS_PER_GROUP = W::GROUP_ELEMS / 4;
+#pragma unroll
+    for (u32 g = 0; g < W::UNIT_ELEMS / W::GROUP_ELEMS; ++g) {
+        float s[R][M], xsum[M];
+#pragma unroll
+        for (u32 i = 0; i < M; ++i) {
+            xsum[i] = 0.0f;
+#pragma unroll
+            for (u32 r = 0; r < R; ++r) {
+                s[r][i] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (u32 j = g * RUNS_PER_GROUP; j < (g + 1) * RUNS_PER_GROUP; ++j) {
+            float xv[M][4];
+#pragma unroll
+            for (u32 i = 0; i < M; ++i) {
+                const float4 p = *reinterpret_cast<const float4*>(xs + i * stride + W::run_elem(j));
+                xv[i][0] = p.x, xv[i][1] = p.y, xv[i][2] = p.z, xv[i][3] = p.w;
+                xsum[i] += (p.x + p.y) + (p.z + p.w);
+            }
+#pragma unroll
+            for (u32 r = 0; r < R; ++r) {
+                const u32 q = W::run(t[r], j);
+                float f[4];
+#pragma unroll
+                for (u32 b = 0; b < 4; ++b) {
+                    if constexpr (W::SMALL_QUANTS) {
+                        // 0x3f, 0x80 | q, 0, 0: the f32 1 + q / 128.
+                        f[b] = __uint_as_float(__byte_perm(q | 0x80808080u, 0x3f000000u, 0x7044u | (b << 8)));
+                    } else {
+                        // 0x4b, 0, 0, q: the f32 2^23 + q.
+                        f[b] = __uint_as_float(__byte_perm(q, 0x4b000000u, 0x7540u | b)) - 8388608.0f;
+                    }
+                }
+#pragma unroll
+                for (u32 i = 0; i < M; ++i) {
+#pragma unroll
+                    for (u32 b = 0; b < 4; ++b) {
+                        s[r][i] = fmaf(f[b], xv[i][b], s[r][i]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (u32 r = 0; r < R; ++r) {
+            float scale, zero;
+            W::group(t[r], g, scale, zero);
+#pragma unroll
+            for (u32 i = 0; i < M; ++i) {
+                const float qx = W::SMALL_QUANTS ? 128.0f * (s[r][i] - xsum[i]) : s[r][i];
+                acc[r][i] = fmaf(scale, qx, fmaf(zero, xsum[i], acc[r][i]));
+            }
+        }
+    }
+}
+
+// Grid: ceil(n / (R * MATVEC_THREADS / 32)) blocks of MATVEC_THREADS. Dynamic shared
+// memory: M rows of packed_stride<W, M>() floats (one round's activations).
+// ALIGNED: every plane of every row starts at a multiple of 16 bytes.
+//
+// The block walks k in rounds of 32 * U units: each lane issues the loads of its U
+// units of each of its R rows, the block stages the round's activations of all M rows
+// in shared memory (each unit's UNIT_ELEMS floats followed by PACKED_PAD), and after a
+// barrier every lane accumulates its units.
+template <typename W, u32 M>
+__host__ __device__ constexpr u32 packed_stride() {
+    return 32 * packed_units<W, M>() * (W::UNIT_ELEMS + PACKED_PAD);
+}
+
+template <typename W, u32 M, u32 R, bool ALIGNED>
+__global__ void __launch_bounds__(MATVEC_THREADS)
+    matvec_packed(const u8* __restrict__ w, const float* __restrict__ x,
+                  const float* __restrict__ bias, float* __restrict__ out, u32 m, u32 n, u32 k,
+                  u64 row_bytes) {
+    constexpr u32 A = ALIGNED ? 16 : 2;
+    constexpr u32 U = packed_units<W, M>();
+    constexpr u32 ROUND = 32 * U * W::UNIT_ELEMS;  // elements of k per round
+    constexpr u32 STRIDE = packed_stride<W, M>();
+    extern __shared__ __align__(16) float xs[];
+
+    const u32 lane = threadIdx.x & 31u;
+    const u32 row0 = (blockIdx.x * (MATVEC_THREADS / 32) + threadIdx.x / 32) * R;
+    const bool active = row0 < n;  // warps past n still stage activations
+    const u32 nb = k / W::BLOCK_ELEMS;
+    const u32 units = k / W::UNIT_ELEMS;
+    const u8* rows[R];
+#pragma unroll
+    for (u32 r = 0; r < R; ++r) {
+        // Rows past n repeat the last row (read, never written).
+        const u32 row = row0 + r < n ? row0 + r : n - 1;
+        rows[r] = w + (u64)row * row_bytes;
+    }
+    float acc[R][M];
+#pragma unroll
+    for (u32 r = 0; r < R; ++r) {
+#pragma unroll
+        for (u32 i = 0; i < M; ++i) {
+            acc[r][i] = 0.0f;
+        }
+    }
+    for (u32 k0 = 0; k0 < k; k0 += ROUND) {
+        const u32 u0 = k0 / W::UNIT_ELEMS;
+        typename W::Unit t[U][R];
+#pragma unroll
+        for (u32 a = 0; a < U; ++a) {
+            const u32 u = u0 + lane + 32 * a;
+            if (active && u < units) {
+#pragma unroll
+                for (u32 r = 0; r < R; ++r) {
+                    t[a][r] = W::template load_unit<A>(rows[r], nb, u);
+                }
+            }
+        }
+        // Activations k0 .. k0 + ROUND of every row (zeros past k and for rows >= m).
+        for (u32 v = threadIdx.x; v < M * ROUND / 4; v += MATVEC_THREADS) {
+            const u32 i = v / (ROUND / 4), e = v % (ROUND / 4) * 4;
+            float4 p = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (i < m && k0 + e < k) {
+                p = *reinterpret_cast<const float4*>(x + (u64)i * k + k0 + e);
+            }
+            *reinterpret_cast<float4*>(xs + i * STRIDE + e + e / W::UNIT_ELEMS * PACKED_PAD) = p;
+        }
+        __syncthreads();
+#pragma unroll
+        for (u32 a = 0; a < U; ++a) {
+            if (active && u0 + lane + 32 * a < units) {
+                accumulate_unit<W, M, R>(t[a], xs + (lane + 32 * a) * (W::UNIT_ELEMS + PACKED_PAD),
+                                         STRIDE, acc);
+            }
+        }
+        __syncthreads();  // the next round overwrites xs
+    }
+    if (!active) {
+        return;  // the whole warp, after the last barrier
+    }
+#pragma unroll
+    for (u32 r = 0; r < R; ++r) {
+#pragma unroll
+        for (u32 i = 0; i < M; ++i) {
+            const float s = warp_sum(acc[r][i]);
+            if (lane == 0 && row0 + r < n && i < m) {
+                out[(u64)i * n + row0 + r] = bias ? s + bias[row0 + r] : s;
+            }
         }
     }
 }

@@ -14,10 +14,12 @@
 //   Dense formats also have W::decode_partial(p, n, v): the n < 8 elements starting at
 //   p, zeros after them (a row's last chunk when its length is not a multiple of 8).
 //   W::HAS_QUANTS8  whether W has quants8 (below): every quantized format but IQ4_NL.
+//   W::PACKED  whether the backend stores W's rows as planes (below) rather than as
+//       GGUF blocks; the packed formats also describe the mat-vec's units (below).
 //
-// A block starts at a multiple of BLOCK_BYTES from a 16-byte aligned address (rows are
-// whole blocks, buffers and staging tiles are 16-byte aligned), so every multi-byte
-// field is read with the widest load its offset's alignment allows.
+// A GGUF block starts at a multiple of BLOCK_BYTES from a 16-byte aligned address
+// (rows are whole blocks, buffers and staging tiles are 16-byte aligned), so every
+// multi-byte field is read with the widest load its offset's alignment allows.
 #pragma once
 #include "common.cuh"
 
@@ -73,6 +75,23 @@ __device__ __forceinline__ u32 load_u32(const u8* p) {
     }
 }
 
+// Sixteen bytes at p as four little-endian words, read with loads of ALIGN bytes; p
+// must be ALIGN-aligned.
+template <u32 ALIGN>
+__device__ __forceinline__ uint4 load_u128(const u8* p) {
+    if constexpr (ALIGN >= 16) {
+        return *reinterpret_cast<const uint4*>(p);
+    } else {
+        return make_uint4(load_u32<ALIGN>(p), load_u32<ALIGN>(p + 4), load_u32<ALIGN>(p + 8),
+                          load_u32<ALIGN>(p + 12));
+    }
+}
+
+// Word i (< 4, known at compile time after unrolling) of v.
+__device__ __forceinline__ u32 word_of(const uint4& v, u32 i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
 // The f16 at byte `offset` of `block` (even offsets only) as f32.
 __device__ __forceinline__ float load_f16(const u8* block, u32 offset) {
     return f16_bits_to_f32(*reinterpret_cast<const u16*>(block + offset));
@@ -81,10 +100,71 @@ __device__ __forceinline__ float load_f16(const u8* block, u32 offset) {
 // Byte i of a little-endian u64.
 __device__ __forceinline__ u32 byte_of(u64 v, int i) { return (u32)(v >> (8 * i)) & 0xffu; }
 
+// The planes layout (kiln-cuda's packing module). A packed format W splits each block
+// into W::PLANES planes: plane p is the GGUF bytes W::PLANE_FROM[p] ..
+// + W::PLANE_LEN[p] of the block. A row of nb blocks holds plane 0's entries for
+// blocks 0 .. nb, then plane 1's, and so on; so block b's entry of plane p starts at
+// row + nb * plane_start<W>(p) + b * PLANE_LEN[p].
+struct PlaneBlock {
+    const u8* row;  // the row's first byte
+    u32 nb;         // blocks in the row
+    u32 b;          // this block
+};
+
+// The plane holding GGUF byte `off` of a block of W.
+template <typename W>
+__host__ __device__ constexpr u32 plane_of(u32 off) {
+    u32 p = 0;
+    while (p + 1 < W::PLANES && !(off >= W::PLANE_FROM[p] && off < W::PLANE_FROM[p] + W::PLANE_LEN[p])) {
+        ++p;
+    }
+    return p;
+}
+
+// Bytes per block of the planes before plane p.
+template <typename W>
+__host__ __device__ constexpr u32 plane_start(u32 p) {
+    u32 start = 0;
+    for (u32 q = 0; q < p; ++q) {
+        start += W::PLANE_LEN[q];
+    }
+    return start;
+}
+
+// The address of GGUF byte OFF of block b.b in the planes layout.
+template <typename W, u32 OFF>
+__device__ __forceinline__ const u8* at(const PlaneBlock& b) {
+    constexpr u32 p = plane_of<W>(OFF);
+    return b.row + (u64)b.nb * plane_start<W>(p) + (u64)b.b * W::PLANE_LEN[p] +
+           (OFF - W::PLANE_FROM[p]);
+}
+
+// The alignment of GGUF byte OFF's address (at) when every plane starts at a multiple
+// of A bytes (16 when planes_aligned, else 2: every plane length is even).
+template <typename W, u32 A, u32 OFF>
+__host__ __device__ constexpr u32 align_at() {
+    constexpr u32 p = plane_of<W>(OFF);
+    constexpr u32 f = field_align(W::PLANE_LEN[p], OFF - W::PLANE_FROM[p]);
+    return f < A ? f : A;
+}
+
+// Whether every plane of the row of nb blocks starting at `row` starts at a multiple
+// of 16 bytes.
+template <typename W>
+__device__ __forceinline__ bool planes_aligned(const u8* row, u32 nb) {
+    bool aligned = ((u64)row & 15u) == 0;
+#pragma unroll
+    for (u32 p = 1; p < W::PLANES; ++p) {
+        aligned = aligned && (nb * plane_start<W>(p)) % 16 == 0;
+    }
+    return aligned;
+}
+
 // F32, F16, BF16 (T is the element tag of common.cuh): one element per "block".
 template <typename T>
 struct Dense {
     static constexpr bool HAS_QUANTS8 = false;
+    static constexpr bool PACKED = false;
     typedef typename T::storage storage;
     static constexpr u32 BLOCK_ELEMS = 1;
     static constexpr u32 BLOCK_BYTES = sizeof(storage);
@@ -121,10 +201,9 @@ struct Quants8 {
     float offset;
 };
 
-// For the mat-vec, a chunk may instead be read as two runs of 4 elements, so that a
-// thread decodes both nibbles of the bytes it loads: element i of run h (h < 2) is
-// scale * (byte i of u[h] - W::BIAS) + offset, and run h starts at element
-// W::run_start(c, h) of the block. The runs of the chunks of a block cover it once.
+// For the staged mat-vec (the formats that are not packed), a chunk is read as two
+// runs of 4 elements: element i of run h (h < 2) is scale * (byte i of u[h] - W::BIAS)
+// + offset, and run h starts at element W::run_start(c, h) of the block.
 struct Runs8 {
     u32 u[2];
     float scale;
@@ -143,14 +222,17 @@ __device__ __forceinline__ u64 spread_bits8(u32 bits) {
 }
 
 constexpr u64 NIBBLES8 = 0x0f0f0f0f0f0f0f0full;
+constexpr u32 NIBBLES4 = 0x0f0f0f0fu;
 
 // The formats with a `quants8(block, c)` (chunk c of the block as Quants8) derive
 // from this, which gives them decode8 and marks them for kernels that use quants8.
+// A GGUF-layout format's quants8 takes the block's address; a packed format's takes
+// the block's PlaneBlock and, as template argument A, its planes' alignment.
 template <typename W>
 struct Quantized {
     static constexpr bool HAS_QUANTS8 = true;
 
-    // By default a chunk's runs are its two halves.
+    // A chunk's runs are its two halves.
     static __device__ __forceinline__ u32 run_start(u32 c, u32 h) { return 8 * c + 4 * h; }
 
     static __device__ __forceinline__ Runs8 runs8(const u8* b, u32 c) {
@@ -158,8 +240,14 @@ struct Quantized {
         return {{(u32)q.u, (u32)(q.u >> 32)}, q.scale, q.offset};
     }
 
-    static __device__ __forceinline__ void decode8(const u8* b, u32 c, float* v) {
-        const Quants8 q = W::quants8(b, c);
+    template <u32 A = 16, typename Block>
+    static __device__ __forceinline__ void decode8(const Block& b, u32 c, float* v) {
+        Quants8 q;
+        if constexpr (W::PACKED) {
+            q = W::template quants8<A>(b, c);
+        } else {
+            q = W::quants8(b, c);
+        }
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             const float x = (float)((int)byte_of(q.u, i) - W::BIAS);
@@ -168,12 +256,27 @@ struct Quantized {
     }
 };
 
+// The mat-vec of packed formats (matvec.cu's matvec_packed) reads a row in units:
+//   W::UNIT_ELEMS   elements per unit (a whole number of units per block, or of blocks
+//                   per unit), read by one thread with the widest loads;
+//   W::GROUP_ELEMS  elements per scale group (a unit holds whole groups);
+//   W::UNITS_IN_FLIGHT  units a thread loads before it uses the first;
+//   W::SMALL_QUANTS whether every quant is below 128;
+//   W::Unit, W::load_unit<A>(row, nb, u)  unit u of the row of nb blocks at `row`;
+//   W::run(t, j)    run j (< UNIT_ELEMS / 4) of unit t: the 4 quants q (0 .. 255) of
+//                   elements W::run_elem(j) .. + 3 of the unit, one per byte; the runs of
+//                   group g are j = g * GROUP_ELEMS / 4 .. (g + 1) * GROUP_ELEMS / 4;
+//   W::group(t, g, scale, zero)  group g's element values scale * q + zero.
+
 // Q4_0, Q4_1, Q5_0, Q5_1: 32 quants of BITS bits. d (f16) at 0, m (f16) at 2 when
 // AFFINE, qh (u32, bit j = bit 4 of quant j) when BITS == 5, then qs[16]: byte j holds
 // quant j in its low nibble and quant j + 16 in its high nibble.
 // Value: AFFINE ? d * q + m : d * (q - 2^(BITS-1)).
+// Planes: qs | qh (BITS == 5) | d and m.
 template <u32 BITS, bool IS_AFFINE>
 struct PackedNibbles : Quantized<PackedNibbles<BITS, IS_AFFINE>> {
+    typedef PackedNibbles<BITS, IS_AFFINE> Self;
+    static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 32;
     static constexpr u32 QH_AT = IS_AFFINE ? 4 : 2;
     static constexpr u32 QS_AT = QH_AT + (BITS == 5 ? 4 : 0);
@@ -181,33 +284,59 @@ struct PackedNibbles : Quantized<PackedNibbles<BITS, IS_AFFINE>> {
     static constexpr bool AFFINE = IS_AFFINE;
     static constexpr int BIAS = AFFINE ? 0 : 1 << (BITS - 1);
 
-    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
+    static constexpr u32 PLANES = BITS == 5 ? 3 : 2;
+    static constexpr u32 PLANE_FROM[3] = {QS_AT, BITS == 5 ? QH_AT : 0, 0};
+    static constexpr u32 PLANE_LEN[3] = {16, BITS == 5 ? 4 : QH_AT, QH_AT};
+
+    template <u32 A>
+    static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
         // Elements 8c .. 8c+7 sit in bytes 8 (c % 2) .. +8 of qs, in the low nibble for
         // c < 2 and the high nibble otherwise; their fifth bits are bits 8c .. 8c+7 of qh.
-        const u64 qs = load_u64<field_align(BLOCK_BYTES, QS_AT)>(b + QS_AT + 8 * (c & 1));
+        const u64 qs = load_u64<align_at<Self, A, QS_AT>()>(at<Self, QS_AT>(b) + 8 * (c & 1));
         u64 u = (qs >> (4 * (c >> 1))) & NIBBLES8;
         if constexpr (BITS == 5) {
-            u |= spread_bits8((load_u32<field_align(BLOCK_BYTES, QH_AT)>(b + QH_AT) >> (8 * c)) &
-                              0xffu)
-                 << 4;
+            const u32 qh = load_u32<align_at<Self, A, QH_AT>()>(at<Self, QH_AT>(b));
+            u |= spread_bits8((qh >> (8 * c)) & 0xffu) << 4;
         }
-        return {u, load_f16(b, 0), AFFINE ? load_f16(b, 2) : 0.0f};
+        return {u, load_f16(at<Self, 0>(b), 0), AFFINE ? load_f16(at<Self, 2>(b), 0) : 0.0f};
     }
 
-    // Chunk c's runs: the low and the high nibbles of qs bytes 4c .. 4c+3, elements
-    // 4c .. 4c+3 and 16 + 4c .. 16 + 4c+3.
-    static __device__ __forceinline__ u32 run_start(u32 c, u32 h) { return 4 * c + 16 * h; }
+    // A unit is a block; run j holds the low (j < 4) or high nibbles of qs bytes
+    // 4 (j % 4) .. + 3.
+    static constexpr u32 UNIT_ELEMS = 32;
+    static constexpr u32 GROUP_ELEMS = 32;
+    static constexpr u32 UNITS_IN_FLIGHT = 4;
+    static constexpr bool SMALL_QUANTS = true;
+    struct Unit {
+        uint4 qs;
+        u32 qh;
+        float scale, zero;
+    };
 
-    static __device__ __forceinline__ Runs8 runs8(const u8* b, u32 c) {
-        const u32 qs = load_u32<field_align(BLOCK_BYTES, QS_AT + 4)>(b + QS_AT + 4 * c);
-        u32 lo = qs & 0x0f0f0f0fu;
-        u32 hi = (qs >> 4) & 0x0f0f0f0fu;
+    template <u32 A>
+    static __device__ __forceinline__ Unit load_unit(const u8* row, u32 nb, u32 u) {
+        const PlaneBlock b{row, nb, u};
+        Unit t;
+        t.qs = load_u128<align_at<Self, A, QS_AT>()>(at<Self, QS_AT>(b));
+        t.qh = BITS == 5 ? load_u32<align_at<Self, A, QH_AT>()>(at<Self, QH_AT>(b)) : 0u;
+        t.scale = load_f16(at<Self, 0>(b), 0);
+        t.zero = AFFINE ? load_f16(at<Self, 2>(b), 0) : -(float)BIAS * t.scale;
+        return t;
+    }
+
+    static __device__ __forceinline__ constexpr u32 run_elem(u32 j) { return 16 * (j / 4) + 4 * (j % 4); }
+
+    static __device__ __forceinline__ u32 run(const Unit& t, u32 j) {
+        u32 q = (word_of(t.qs, j % 4) >> (4 * (j / 4))) & NIBBLES4;
         if constexpr (BITS == 5) {
-            const u32 qh = load_u32<field_align(BLOCK_BYTES, QH_AT)>(b + QH_AT);
-            lo |= spread_bits4(qh >> (4 * c)) << 4;
-            hi |= spread_bits4(qh >> (16 + 4 * c)) << 4;
+            q |= spread_bits4(t.qh >> run_elem(j)) << 4;
         }
-        return {{lo, hi}, load_f16(b, 0), AFFINE ? load_f16(b, 2) : 0.0f};
+        return q;
+    }
+
+    static __device__ __forceinline__ void group(const Unit& t, u32, float& scale, float& zero) {
+        scale = t.scale;
+        zero = t.zero;
     }
 };
 
@@ -216,17 +345,52 @@ typedef PackedNibbles<4, true> Q4_1;
 typedef PackedNibbles<5, false> Q5_0;
 typedef PackedNibbles<5, true> Q5_1;
 
-// Q8_0: d (f16) at 0, qs[32] (i8) at 2. Value: d * qs[j].
+// Q8_0: d (f16) at 0, qs[32] (i8) at 2. Value: d * qs[j]. Planes: qs | d.
 struct Q8_0 : Quantized<Q8_0> {
+    static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 32;
     static constexpr u32 BLOCK_BYTES = 34;
     static constexpr bool AFFINE = false;
     static constexpr int BIAS = 128;
 
-    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
+    static constexpr u32 PLANES = 2;
+    static constexpr u32 PLANE_FROM[2] = {2, 0};
+    static constexpr u32 PLANE_LEN[2] = {32, 2};
+
+    template <u32 A>
+    static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
         // Flipping the sign bit maps the i8 q to the byte q + 128.
-        const u64 qs = load_u64<field_align(BLOCK_BYTES, 2)>(b + 2 + 8 * c);
-        return {qs ^ 0x8080808080808080ull, load_f16(b, 0), 0.0f};
+        const u64 qs = load_u64<align_at<Q8_0, A, 2>()>(at<Q8_0, 2>(b) + 8 * c);
+        return {qs ^ 0x8080808080808080ull, load_f16(at<Q8_0, 0>(b), 0), 0.0f};
+    }
+
+    // A unit is a block; run j holds quants 4j .. 4j + 3 as q + 128.
+    static constexpr u32 UNIT_ELEMS = 32;
+    static constexpr u32 GROUP_ELEMS = 32;
+    static constexpr u32 UNITS_IN_FLIGHT = 2;
+    static constexpr bool SMALL_QUANTS = false;
+    struct Unit {
+        uint4 qs[2];
+        float scale;
+    };
+
+    template <u32 A>
+    static __device__ __forceinline__ Unit load_unit(const u8* row, u32 nb, u32 u) {
+        const PlaneBlock b{row, nb, u};
+        constexpr u32 QA = align_at<Q8_0, A, 2>();
+        return {{load_u128<QA>(at<Q8_0, 2>(b)), load_u128<QA>(at<Q8_0, 2>(b) + 16)},
+                load_f16(at<Q8_0, 0>(b), 0)};
+    }
+
+    static __device__ __forceinline__ constexpr u32 run_elem(u32 j) { return 4 * j; }
+
+    static __device__ __forceinline__ u32 run(const Unit& t, u32 j) {
+        return word_of(t.qs[j / 4], j % 4) ^ 0x80808080u;
+    }
+
+    static __device__ __forceinline__ void group(const Unit& t, u32, float& scale, float& zero) {
+        scale = t.scale;
+        zero = -128.0f * t.scale;
     }
 };
 
@@ -234,6 +398,7 @@ struct Q8_0 : Quantized<Q8_0> {
 // levels (kiln_core::quant::IQ4_NL_LEVELS). Value: d * level[index].
 struct IQ4_NL {
     static constexpr bool HAS_QUANTS8 = false;
+    static constexpr bool PACKED = false;
     static constexpr u32 BLOCK_ELEMS = 32;
     static constexpr u32 BLOCK_BYTES = 18;
 
@@ -267,6 +432,7 @@ struct IQ4_NL {
 // qs[64] at 16 (quant e: bits 2s..2s+2 of qs[32h + l]), d (f16) at 80, dmin at 82.
 // Value: d * (scales[g] & 15) * q - dmin * (scales[g] >> 4), g = e / 16.
 struct Q2_K : Quantized<Q2_K> {
+    static constexpr bool PACKED = false;
     static constexpr u32 BLOCK_ELEMS = 256;
     static constexpr u32 BLOCK_BYTES = 84;
     static constexpr bool AFFINE = true;
@@ -286,6 +452,7 @@ struct Q2_K : Quantized<Q2_K> {
 // Value: d * (sc[g] - 32) * q, g = e / 16, q the signed 3-bit quant: its low two
 // bits, less 4 when the hmask bit is clear.
 struct Q3_K : Quantized<Q3_K> {
+    static constexpr bool PACKED = false;
     static constexpr u32 BLOCK_ELEMS = 256;
     static constexpr u32 BLOCK_BYTES = 110;
     static constexpr bool AFFINE = false;
@@ -310,23 +477,41 @@ struct Q3_K : Quantized<Q3_K> {
     }
 };
 
+// The bytes of a uint4 as an array: byte i of the 16, for i known after unrolling or
+// not (a select, never a local-memory array).
+struct Bytes16 {
+    uint4 w;
+    __device__ __forceinline__ u32 operator[](u32 i) const {
+        const u32 v = i < 4 ? w.x : i < 8 ? w.y : i < 12 ? w.z : w.w;
+        return (v >> (8 * (i % 4))) & 0xffu;
+    }
+};
+
 // Q4_K and Q5_K: d (f16) at 0, dmin (f16) at 2, scales[12] at 4 (8 6-bit scales and
 // offsets, below), qh[32] at 16 (Q5_K: bit 4 of quant e is bit e / 32 of qh[e % 32]),
 // qs[128] at 16 or 48 (element 64 j + l in the low nibble of qs[32 j + l], element
 // 64 j + 32 + l in its high nibble, l < 32).
 // Value: d * sc[g] * q - dmin * m[g], g = e / 32.
+// Planes: qh (Q5_K) and qs | d, dmin, scales.
 template <u32 BITS>
 struct AffineGroups : Quantized<AffineGroups<BITS>> {
+    typedef AffineGroups<BITS> Self;
+    static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 256;
     static constexpr u32 QS_AT = BITS == 5 ? 48 : 16;
     static constexpr u32 BLOCK_BYTES = QS_AT + 128;
     static constexpr bool AFFINE = true;
     static constexpr int BIAS = 0;
 
-    // Group g's 6-bit scale and offset: for g < 4 bits 0-5 of scales[g] and
-    // scales[g + 4]; for g >= 4 the low and high nibble of scales[g + 4] with bits 4-5
-    // from bits 6-7 of scales[g - 4] and scales[g].
-    static __device__ __forceinline__ void scale_and_offset(const u8* p, u32 g, u32& sc,
+    static constexpr u32 PLANES = 2;
+    static constexpr u32 PLANE_FROM[2] = {16, 0};
+    static constexpr u32 PLANE_LEN[2] = {BLOCK_BYTES - 16, 16};
+
+    // Group g's 6-bit scale and offset from the scales bytes p[0 .. 12): for g < 4
+    // bits 0-5 of p[g] and p[g + 4]; for g >= 4 the low and high nibble of p[g + 4]
+    // with bits 4-5 from bits 6-7 of p[g - 4] and p[g].
+    template <typename Bytes>
+    static __device__ __forceinline__ void scale_and_offset(const Bytes& p, u32 g, u32& sc,
                                                             u32& m) {
         if (g < 4) {
             sc = p[g] & 63u;
@@ -337,17 +522,78 @@ struct AffineGroups : Quantized<AffineGroups<BITS>> {
         }
     }
 
-    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
+    template <u32 A>
+    static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
         const u32 e = 8 * c, g = e / 32, l = e % 32;
         u32 sc, m;
-        scale_and_offset(b + 4, g, sc, m);
-        const u64 qs = load_u64<field_align(BLOCK_BYTES, QS_AT)>(b + QS_AT + 32 * (g / 2) + l);
+        scale_and_offset(at<Self, 4>(b), g, sc, m);
+        const u64 qs =
+            load_u64<align_at<Self, A, QS_AT>()>(at<Self, QS_AT>(b) + 32 * (g / 2) + l);
         u64 u = (qs >> (4 * (g % 2))) & NIBBLES8;
         if constexpr (BITS == 5) {
-            const u64 qh = load_u64<field_align(BLOCK_BYTES, 16)>(b + 16 + l);
+            const u64 qh = load_u64<align_at<Self, A, 16>()>(at<Self, 16>(b) + l);
             u |= ((qh >> g) & 0x0101010101010101ull) << 4;
         }
-        return {u, load_f16(b, 0) * (float)sc, -(load_f16(b, 2) * (float)m)};
+        return {u, load_f16(at<Self, 0>(b), 0) * (float)sc,
+                -(load_f16(at<Self, 2>(b), 0) * (float)m)};
+    }
+
+    // Unit u is elements 64 j .. 64 j + 63 (j = u % 4) of block u / 4: groups 2j and
+    // 2j + 1, the low and high nibbles of qs bytes 32 j .. 32 j + 31. Run r holds the
+    // nibbles (r / 8) of qs bytes 32 j + 4 (r % 8) .. + 3.
+    static constexpr u32 UNIT_ELEMS = 64;
+    static constexpr u32 GROUP_ELEMS = 32;
+    static constexpr u32 UNITS_IN_FLIGHT = BITS == 5 ? 1 : 2;
+    static constexpr bool SMALL_QUANTS = true;
+    struct Unit {
+        uint4 qs[2];
+        uint4 qh[BITS == 5 ? 2 : 1];
+        u32 j;
+        float scale[2], zero[2];
+    };
+
+    template <u32 A>
+    static __device__ __forceinline__ Unit load_unit(const u8* row, u32 nb, u32 u) {
+        const PlaneBlock b{row, nb, u / 4};
+        Unit t;
+        t.j = u % 4;
+        constexpr u32 QA = align_at<Self, A, QS_AT>();
+        t.qs[0] = load_u128<QA>(at<Self, QS_AT>(b) + 32 * t.j);
+        t.qs[1] = load_u128<QA>(at<Self, QS_AT>(b) + 32 * t.j + 16);
+        if constexpr (BITS == 5) {
+            constexpr u32 HA = align_at<Self, A, 16>();
+            t.qh[0] = load_u128<HA>(at<Self, 16>(b));
+            t.qh[1] = load_u128<HA>(at<Self, 16>(b) + 16);
+        }
+        const Bytes16 meta{load_u128<align_at<Self, A, 0>()>(at<Self, 0>(b))};
+        const float d = f16_bits_to_f32((u16)(meta.w.x & 0xffffu));
+        const float dmin = f16_bits_to_f32((u16)(meta.w.x >> 16));
+        const Bytes16 scales{make_uint4(meta.w.y, meta.w.z, meta.w.w, 0u)};
+#pragma unroll
+        for (u32 h = 0; h < 2; ++h) {
+            u32 sc, m;
+            scale_and_offset(scales, 2 * t.j + h, sc, m);
+            t.scale[h] = d * (float)sc;
+            t.zero[h] = -(dmin * (float)m);
+        }
+        return t;
+    }
+
+    static __device__ __forceinline__ constexpr u32 run_elem(u32 r) { return 32 * (r / 8) + 4 * (r % 8); }
+
+    static __device__ __forceinline__ u32 run(const Unit& t, u32 r) {
+        const u32 w = r % 8, h = r / 8;
+        u32 q = (word_of(t.qs[w / 4], w % 4) >> (4 * h)) & NIBBLES4;
+        if constexpr (BITS == 5) {
+            q |= ((word_of(t.qh[w / 4], w % 4) >> (2 * t.j + h)) & 0x01010101u) << 4;
+        }
+        return q;
+    }
+
+    static __device__ __forceinline__ void group(const Unit& t, u32 g, float& scale,
+                                                 float& zero) {
+        scale = t.scale[g];
+        zero = t.zero[g];
     }
 };
 
@@ -357,35 +603,101 @@ typedef AffineGroups<5> Q5_K;
 // Q6_K: ql[128] at 0 (bits 0-3 of quant e: nibble s / 2 of ql[64 h + 32 (s % 2) + l]),
 // qh[64] at 128 (bits 4-5: bits 2s .. 2s+2 of qh[32 h + l]), scales[16] (i8) at 192,
 // d (f16) at 208. Value: d * scales[e / 16] * (q - 32).
+// Element e = 128 h + 32 s + l (h < 2, s < 4, l < 32). Planes: ql and qh | scales | d.
 struct Q6_K : Quantized<Q6_K> {
+    static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 256;
     static constexpr u32 BLOCK_BYTES = 210;
     static constexpr bool AFFINE = false;
     static constexpr int BIAS = 32;
 
-    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
+    static constexpr u32 PLANES = 3;
+    static constexpr u32 PLANE_FROM[3] = {0, 192, 208};
+    static constexpr u32 PLANE_LEN[3] = {192, 16, 2};
+
+    template <u32 A>
+    static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
         const u32 e = 8 * c, h = e / 128, s = (e % 128) / 32, l = e % 32;
-        const u64 ql = load_u64<field_align(BLOCK_BYTES, 0)>(b + 64 * h + 32 * (s % 2) + l);
-        const u64 qh = load_u64<field_align(BLOCK_BYTES, 128)>(b + 128 + 32 * h + l);
+        const u64 ql =
+            load_u64<align_at<Q6_K, A, 0>()>(at<Q6_K, 0>(b) + 64 * h + 32 * (s % 2) + l);
+        const u64 qh = load_u64<align_at<Q6_K, A, 128>()>(at<Q6_K, 128>(b) + 32 * h + l);
         const u64 u = ((ql >> (4 * (s / 2))) & NIBBLES8) |
                       (((qh >> (2 * s)) & 0x0303030303030303ull) << 4);
-        return {u, load_f16(b, 208) * (float)(i8)b[192 + e / 16], 0.0f};
+        return {u, load_f16(at<Q6_K, 208>(b), 0) * (float)(i8)at<Q6_K, 192>(b)[e / 16], 0.0f};
+    }
+
+    // Unit u is half h = u % 2 of block u / 2 (128 elements, 8 groups of 16): ql bytes
+    // 64 h .. + 63 and qh bytes 32 h .. + 31. Run r = 8 s + w holds elements
+    // 32 s + 4 w .. + 3: nibble s / 2 of ql bytes 64 h + 32 (s % 2) + 4 w .. and bits
+    // 2s, 2s + 1 of qh bytes 32 h + 4 w ..
+    static constexpr u32 UNIT_ELEMS = 128;
+    static constexpr u32 GROUP_ELEMS = 16;
+    static constexpr u32 UNITS_IN_FLIGHT = 1;
+    static constexpr bool SMALL_QUANTS = true;
+    struct Unit {
+        uint4 ql[4];
+        uint4 qh[2];
+        u64 scales;  // the half's 8 i8 scales
+        float d;
+    };
+
+    template <u32 A>
+    static __device__ __forceinline__ Unit load_unit(const u8* row, u32 nb, u32 u) {
+        const PlaneBlock b{row, nb, u / 2};
+        const u32 h = u % 2;
+        Unit t;
+#pragma unroll
+        for (u32 i = 0; i < 4; ++i) {
+            t.ql[i] = load_u128<align_at<Q6_K, A, 0>()>(at<Q6_K, 0>(b) + 64 * h + 16 * i);
+        }
+#pragma unroll
+        for (u32 i = 0; i < 2; ++i) {
+            t.qh[i] = load_u128<align_at<Q6_K, A, 128>()>(at<Q6_K, 128>(b) + 32 * h + 16 * i);
+        }
+        t.scales = load_u64<align_at<Q6_K, A, 192>()>(at<Q6_K, 192>(b) + 8 * h);
+        t.d = load_f16(at<Q6_K, 208>(b), 0);
+        return t;
+    }
+
+    static __device__ __forceinline__ constexpr u32 run_elem(u32 r) { return 32 * (r / 8) + 4 * (r % 8); }
+
+    static __device__ __forceinline__ u32 run(const Unit& t, u32 r) {
+        const u32 s = r / 8, w = r % 8;
+        const u32 ql = word_of(t.ql[2 * (s % 2) + w / 4], w % 4);
+        const u32 qh = word_of(t.qh[w / 4], w % 4);
+        return ((ql >> (4 * (s / 2))) & NIBBLES4) | (((qh >> (2 * s)) & 0x03030303u) << 4);
+    }
+
+    static __device__ __forceinline__ void group(const Unit& t, u32 g, float& scale,
+                                                 float& zero) {
+        scale = t.d * (float)(i8)byte_of(t.scales, (int)g);
+        zero = -32.0f * scale;
     }
 };
 
 // Decodes the chunk of 8 elements starting at element e (a multiple of 8) of a row of
-// `len` elements starting at `row`. Elements at or past `len` (only possible for the
-// dense formats) decode to 0.
+// `len` elements starting at `row` (for packed formats, a row in the planes layout).
+// Elements at or past `len` (only possible for the dense formats) decode to 0.
 template <typename W>
 __device__ __forceinline__ void decode_chunk(const u8* row, u32 e, u32 len, float* v) {
-    const u8* block = row + (u64)(e / W::BLOCK_ELEMS) * W::BLOCK_BYTES;
-    if constexpr (W::BLOCK_ELEMS == 1) {
-        if (e + 8 > len) {
-            W::decode_partial(block, len - e, v);
-            return;
+    if constexpr (W::PACKED) {
+        const PlaneBlock b{row, len / W::BLOCK_ELEMS, e / W::BLOCK_ELEMS};
+        const u32 c = (e % W::BLOCK_ELEMS) / 8;
+        if (planes_aligned<W>(row, b.nb)) {
+            W::template decode8<16>(b, c, v);
+        } else {
+            W::template decode8<2>(b, c, v);
         }
+    } else {
+        const u8* block = row + (u64)(e / W::BLOCK_ELEMS) * W::BLOCK_BYTES;
+        if constexpr (W::BLOCK_ELEMS == 1) {
+            if (e + 8 > len) {
+                W::decode_partial(block, len - e, v);
+                return;
+            }
+        }
+        W::decode8(block, (e % W::BLOCK_ELEMS) / 8, v);
     }
-    W::decode8(block, (e % W::BLOCK_ELEMS) / 8, v);
 }
 
 }  // namespace kiln

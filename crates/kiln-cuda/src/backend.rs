@@ -5,21 +5,29 @@ use std::sync::Arc;
 use cudarc::driver::result::DriverError;
 use cudarc::driver::{sys, CudaSlice, CudaStream};
 use kiln_core::backend::check_transfer;
-use kiln_core::{Backend, Bindings, DeviceBuffer, Error, Graph, Op, Result};
+use kiln_core::{Backend, Bindings, DType, DeviceBuffer, Error, Graph, Op, Result};
 
 use crate::context::{driver_error, CudaDevice};
 use crate::nvrtc::{CudaKernel, NvrtcCompiler};
 use crate::registry::{CacheConfig, KernelRegistry, KernelSpec};
-use crate::{manifest, ops};
+use crate::{manifest, ops, packing};
 
 /// A device allocation of a fixed number of bytes.
 #[derive(Debug)]
 pub struct CudaBuffer {
     slice: CudaSlice<u8>,
     bytes: usize,
+    /// The dtype and row length of the packed weight the buffer holds
+    /// ([`crate::packing`]), set by [`Backend::upload_weight`] for packed dtypes.
+    packed: Option<(DType, usize)>,
 }
 
 impl CudaBuffer {
+    /// The dtype and row length of the packed weight this buffer holds, if any.
+    pub fn packed(&self) -> Option<(DType, usize)> {
+        self.packed
+    }
+
     /// The allocation, for kernel arguments.
     pub fn slice(&self) -> &CudaSlice<u8> {
         &self.slice
@@ -279,11 +287,16 @@ impl Backend for CudaBackend {
             .stream()
             .alloc_zeros::<u8>(bytes.max(1))
             .map_err(|e| self.alloc_error(bytes, e))?;
-        Ok(CudaBuffer { slice, bytes })
+        Ok(CudaBuffer {
+            slice,
+            bytes,
+            packed: None,
+        })
     }
 
     fn upload(&self, dst: &mut CudaBuffer, src: &[u8]) -> Result<()> {
         check_transfer(&self.name(), "upload", src.len(), dst.bytes)?;
+        dst.packed = None;
         if src.is_empty() {
             return Ok(());
         }
@@ -296,6 +309,27 @@ impl Backend for CudaBackend {
         })
     }
 
+    /// Packs weights of the dtypes of [`packing::packed_planes`] into planes (the
+    /// buffer remembers dtype and row length); uploads the others unchanged.
+    fn upload_weight(
+        &self,
+        dst: &mut CudaBuffer,
+        src: &[u8],
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<()> {
+        let row_len = shape.last().copied().unwrap_or(1);
+        if !packing::is_packed(dtype) {
+            return self.upload(dst, src);
+        }
+        let packed = packing::pack_rows(dtype, row_len, src)?;
+        self.upload(dst, &packed)?;
+        dst.packed = Some((dtype, row_len));
+        Ok(())
+    }
+
+    /// The buffer's first `dst.len()` bytes; for a packed weight, the GGUF bytes of
+    /// its first whole rows (`dst.len()` must then be whole rows).
     fn download(&self, src: &CudaBuffer, dst: &mut [u8]) -> Result<()> {
         check_transfer(&self.name(), "download", dst.len(), src.bytes)?;
         if dst.is_empty() {
@@ -308,7 +342,12 @@ impl Backend for CudaBackend {
                 e,
             )
         })?;
-        self.device.synchronize()
+        self.device.synchronize()?;
+        if let Some((dtype, row_len)) = src.packed {
+            let gguf = packing::unpack_rows(dtype, row_len, dst)?;
+            dst.copy_from_slice(&gguf);
+        }
+        Ok(())
     }
 
     /// Checks the graph and its bindings, makes every kernel it needs ready (in

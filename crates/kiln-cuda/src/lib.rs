@@ -9,6 +9,7 @@
 //! - [`manifest`]: every kernel family, its embedded source and specialisations.
 //! - [`ops`]: dispatch functions, one module per op family, checking every argument
 //!   before launch.
+//! - [`packing`]: the planes layout in which the backend stores quantized weights.
 //! - [`backend`]: [`CudaBackend`], implementing [`kiln_core::Backend`].
 //! - [`startup`]: measurements of one compile, one load, cold and warm start.
 //! - [`timing`]: device-side timing of launches with CUDA events.
@@ -18,6 +19,7 @@ pub mod context;
 pub mod manifest;
 pub mod nvrtc;
 pub mod ops;
+pub mod packing;
 pub mod registry;
 pub mod startup;
 pub mod timing;

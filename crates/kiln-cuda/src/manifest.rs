@@ -220,6 +220,8 @@ pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
             k: m.k,
             x_bytes: bytes(m.x)?,
             w_bytes: bytes(m.w)?,
+            // A graph's weights are uploaded with upload_weight.
+            w_packed: Some((dtype(m.w)?, m.k)),
             bias_bytes: optional(m.bias)?,
             out_bytes: bytes(m.out)?,
         }

@@ -17,6 +17,7 @@ fn args() -> EmbeddingArgs {
         vocab: 10,
         dim: 64,
         table_bytes: 10 * 2 * 18,
+        table_packed: Some((DType::Q4_0, 64)),
         ids_bytes: 3 * 4,
         out_bytes: 3 * 64 * 4,
     }
@@ -28,6 +29,21 @@ fn a_valid_embedding_plans_one_block_row_per_token() {
     assert_eq!(plan.spec.key, "embedding|table=q4_0");
     assert_eq!(plan.spec.name_expression, "kiln::embedding<kiln::Q4_0>");
     assert_eq!(plan.config.grid_dim, (3, 1, 1));
+}
+
+#[test]
+fn a_packed_table_uploaded_without_packing_is_rejected() {
+    assert_eq!(
+        invalid(
+            EmbeddingArgs {
+                table_packed: None,
+                ..args()
+            }
+            .check()
+        ),
+        "embedding: table of q4_0 must be uploaded with upload_weight as rows of 64 (the \
+         planes layout); its buffer holds bytes from a plain upload"
+    );
 }
 
 #[test]
@@ -178,7 +194,7 @@ fn an_id_outside_the_vocabulary_gives_a_zero_row_on_the_gpu() {
     let (vocab, dim) = (4, 256);
     let table_bytes = encoded(&mut rng, DType::Q6K, vocab * dim);
     let ids = [2, 4, -1];
-    let table = device(cuda, &table_bytes);
+    let table = device_weight(cuda, &table_bytes, DType::Q6K, &[vocab, dim]);
     let id_buf = device(cuda, &i32_bytes(&ids));
     let mut out = device(cuda, &poison(3 * dim * 4));
     kiln_cuda::ops::embedding::embedding(

@@ -19,6 +19,7 @@ fn args() -> MatMulArgs {
         k: 4096,
         x_bytes: 4096 * 4,
         w_bytes: 4096 * 16 * 144,
+        w_packed: Some((DType::Q4K, 4096)),
         bias_bytes: Some(4096 * 4),
         out_bytes: 4096 * 4,
     }
@@ -36,9 +37,9 @@ fn up_to_eight_rows_run_on_the_matvec_tier_that_holds_them() {
         .check()
         .unwrap();
         match plan.kernel {
-            MatMulKernel::MatVec { m_tier, load, .. } => {
-                assert_eq!((m_tier, load), (tier, 16), "m = {m}")
-            }
+            MatMulKernel::MatVecPacked {
+                m_tier, aligned, ..
+            } => assert_eq!((m_tier, aligned), (tier, true), "m = {m}"),
             other => panic!("m = {m} runs on {other:?}"),
         }
         assert_eq!(plan.config.block_dim, (256, 1, 1));
@@ -46,8 +47,94 @@ fn up_to_eight_rows_run_on_the_matvec_tier_that_holds_them() {
 }
 
 #[test]
-fn a_matvec_grid_covers_every_weight_row() {
+fn a_packed_matvec_grid_gives_each_warp_two_weight_rows() {
     let plan = args().check().unwrap();
+    assert_eq!(
+        plan.kernel,
+        MatMulKernel::MatVecPacked {
+            m_tier: 1,
+            rows: 2,
+            aligned: true
+        }
+    );
+    // 8 warps of 2 rows per block.
+    assert_eq!(plan.config.grid_dim, (4096 / 16, 1, 1));
+    assert_eq!(
+        plan.spec.name_expression,
+        "kiln::matvec_packed<kiln::Q4_K, 1, 2, true>"
+    );
+    // One round's activations: 32 lanes x 2 units of 64 Q4_K elements, each unit's
+    // followed by 4 floats of padding.
+    assert_eq!(plan.config.shared_mem_bytes, 32 * 2 * (64 + 4) * 4);
+}
+
+#[test]
+fn packed_planes_that_are_not_16_byte_aligned_use_the_unaligned_kernel() {
+    // 3 blocks of Q4_0 per row: 54-byte rows.
+    let plan = MatMulArgs {
+        weight: DType::Q4_0,
+        n: 5,
+        k: 96,
+        x_bytes: 96 * 4,
+        w_bytes: 5 * 54,
+        w_packed: Some((DType::Q4_0, 96)),
+        bias_bytes: None,
+        out_bytes: 5 * 4,
+        ..args()
+    }
+    .check()
+    .unwrap();
+    assert!(
+        matches!(
+            plan.kernel,
+            MatMulKernel::MatVecPacked { aligned: false, .. }
+        ),
+        "{:?}",
+        plan.kernel
+    );
+}
+
+#[test]
+fn a_packed_weight_uploaded_without_packing_is_rejected() {
+    let msg = invalid(
+        MatMulArgs {
+            w_packed: None,
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        msg,
+        "matmul: w of q4_k must be uploaded with upload_weight as rows of 4096 (the planes \
+         layout); its buffer holds bytes from a plain upload"
+    );
+}
+
+#[test]
+fn a_weight_packed_for_another_row_length_is_rejected() {
+    let msg = invalid(
+        MatMulArgs {
+            w_packed: Some((DType::Q4K, 2048)),
+            ..args()
+        }
+        .check(),
+    );
+    assert!(
+        msg.ends_with("its buffer holds planes of q4_k rows of 2048"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_staged_matvec_grid_covers_every_weight_row() {
+    let plan = MatMulArgs {
+        weight: DType::Q3K,
+        w_bytes: 4096 * 16 * 110,
+        w_packed: None,
+        ..args()
+    }
+    .check()
+    .unwrap();
     let MatMulKernel::MatVec { rows, .. } = plan.kernel else {
         panic!("{:?}", plan.kernel)
     };
@@ -55,10 +142,10 @@ fn a_matvec_grid_covers_every_weight_row() {
     assert_eq!(plan.config.grid_dim, (4096 / 8, 1, 1));
     assert_eq!(
         plan.spec.name_expression,
-        "kiln::matvec<kiln::Q4_K, 1, 8, 16, 4>"
+        "kiln::matvec<kiln::Q3_K, 1, 8, 16, 4>"
     );
-    // 4 tiles of 8 rows of 2048 Q4_K elements (8 blocks of 144 bytes).
-    assert_eq!(plan.config.shared_mem_bytes, 4 * 8 * 8 * 144);
+    // 4 tiles of 8 rows of 2048 Q3_K elements (8 blocks of 110 bytes).
+    assert_eq!(plan.config.shared_mem_bytes, 4 * 8 * 8 * 110);
 }
 
 #[test]
@@ -68,12 +155,13 @@ fn matvec_tiles_in_flight_fill_64_kib_of_shared_memory() {
     for (dtype, rows, stages) in [
         (DType::F32, 2, 4),
         (DType::F16, 4, 4),
-        (DType::Q8_0, 7, 4),
-        (DType::Q6K, 8, 4),
+        (DType::BF16, 4, 4),
+        (DType::Q2K, 8, 4),
     ] {
         let plan = MatMulArgs {
             weight: dtype,
             w_bytes: dtype.bytes_for(4096 * 4096).unwrap(),
+            w_packed: None,
             ..args()
         }
         .check()
@@ -97,13 +185,14 @@ fn matvec_tiles_in_flight_fill_64_kib_of_shared_memory() {
 
 #[test]
 fn rows_that_are_not_16_byte_multiples_use_the_block_alignment() {
-    // 3 blocks of Q4_0 take 54 bytes: loads of 2 bytes.
+    // 3 blocks of IQ4_NL take 54 bytes: loads of 2 bytes.
     let plan = MatMulArgs {
-        weight: DType::Q4_0,
+        weight: DType::IQ4NL,
         n: 5,
         k: 96,
         x_bytes: 96 * 4,
         w_bytes: 5 * 54,
+        w_packed: None,
         bias_bytes: None,
         out_bytes: 5 * 4,
         ..args()
@@ -256,6 +345,7 @@ fn too_many_rows_for_the_grid_are_rejected() {
             k: 256,
             x_bytes: m * 256 * 4,
             w_bytes: 64 * 144,
+            w_packed: Some((DType::Q4K, 256)),
             bias_bytes: None,
             out_bytes: m * 64 * 4,
             ..args()
@@ -268,9 +358,11 @@ fn too_many_rows_for_the_grid_are_rejected() {
     );
 }
 
-/// Normalised MSE allowed for the mat-vec kernels against the CPU's f32 results:
-/// products are exact and only the order of the f32 sums differs (a tree of 8-element
-/// chunks and warps on the GPU, a sequence on the CPU).
+/// Normalised MSE allowed for the mat-vec kernels against the CPU's f32 results. The
+/// staged kernel's products are exact and only the order of the f32 sums differs (a
+/// tree of 8-element chunks and warps on the GPU, a sequence on the CPU). The packed
+/// kernel sums (1 + q / 128) x per scale group and subtracts the sum of x, which
+/// loses a few more bits: about 1e-11 on random inputs (CPU emulation of the kernel).
 const MATVEC_NMSE: f64 = 1e-9;
 
 /// Normalised MSE allowed for the mat-mat kernel: activations and decoded weights are
@@ -345,11 +437,14 @@ fn matvec_matches_cpu_for_every_weight_dtype_and_row_count() {
             }
             compare(cuda, &mut rng, dtype, 1, 4096, k, false);
         }
-        // 7 whole tiles of 2048 and a partial one: more tiles than the block keeps in
-        // flight, so every shared-memory slot is reused.
+        // 7 whole tiles of 2048 and a partial one: more tiles than the staged kernel
+        // keeps in flight, so every shared-memory slot is reused; for the packed
+        // kernel, several rounds of units per lane with a partial last one.
         for m in [1, 8] {
             compare(cuda, &mut rng, dtype, m, 67, 7 * 2048 + 256, m == 8);
         }
+        // Aligned planes for every packed format, two rounds of Q6_K units per lane.
+        compare(cuda, &mut rng, dtype, 1, 67, 8192, false);
     }
 }
 
@@ -364,5 +459,23 @@ fn matmat_matches_cpu_for_every_weight_dtype() {
             compare(cuda, &mut rng, dtype, 130, 200, k, false);
         }
         compare(cuda, &mut rng, dtype, 512, 1024, 4096, false);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn a_packed_weight_downloads_as_its_gguf_bytes() {
+    use kiln_core::Backend;
+    let cuda = cuda();
+    let mut rng = rng("a_packed_weight_downloads_as_its_gguf_bytes");
+    for dtype in WEIGHT_DTYPES {
+        let k = 2 * dtype.block_size().max(32);
+        let gguf = encoded(&mut rng, dtype, 3 * k);
+        let w = device_weight(cuda, &gguf, dtype, &[3, k]);
+        let expect = kiln_cuda::packing::is_packed(dtype).then_some((dtype, k));
+        assert_eq!(w.packed(), expect, "{dtype}");
+        let mut back = vec![0u8; gguf.len()];
+        cuda.download(&w, &mut back).unwrap();
+        assert_eq!(back, gguf, "{dtype}");
     }
 }

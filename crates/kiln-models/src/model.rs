@@ -78,7 +78,7 @@ impl<BE: Backend> Model<BE> {
         for tensor in file.tensors() {
             let info = tensor.info;
             let mut buf = backend.alloc(tensor.data.len())?;
-            backend.upload(&mut buf, tensor.data)?;
+            backend.upload_weight(&mut buf, tensor.data, info.dtype(), info.shape())?;
             done += tensor.data.len() as u64;
             progress(done, total);
             let name = info.name().to_string();

@@ -75,7 +75,7 @@ pub fn poison(bytes: usize) -> Vec<u8> {
 
 /// Runs `graph` on `backend` with the memory plan `plan(graph, aliasing)`. Every
 /// persistent buffer gets the bytes `inputs` gives it (which must be its exact size),
-/// or [`poison`]. Returns the bytes of each of `outputs`, in order; they must be
+/// or [`poison`]; buffers of block formats are weights ([`Backend::upload_weight`]). Returns the bytes of each of `outputs`, in order; they must be
 /// persistent buffers (panics otherwise). Errors of the backend and of binding are
 /// returned.
 pub fn run_on<B: Backend>(
@@ -91,13 +91,18 @@ pub fn run_on<B: Backend>(
         .collect();
     let mut bufs = Vec::new();
     for &id in &persistent {
-        let bytes = graph.buffers()[id.index()].bytes();
+        let desc = &graph.buffers()[id.index()];
+        let bytes = desc.bytes();
         let mut buf = backend.alloc(bytes)?;
         let data = inputs
             .iter()
             .find(|(i, _)| *i == id)
             .map_or_else(|| poison(bytes), |(_, d)| d.clone());
-        backend.upload(&mut buf, &data)?;
+        if desc.dtype.is_quantized() {
+            backend.upload_weight(&mut buf, &data, desc.dtype, &desc.shape)?;
+        } else {
+            backend.upload(&mut buf, &data)?;
+        }
         bufs.push(buf);
     }
     let memory = plan(graph, aliasing);

@@ -265,6 +265,25 @@ impl Bench<'_> {
             .collect()
     }
 
+    /// `copies` device buffers holding the `n x k` weight of `dtype` in `gguf`, in the
+    /// backend's weight layout.
+    fn weights(
+        &self,
+        copies: usize,
+        gguf: &[u8],
+        dtype: DType,
+        n: usize,
+        k: usize,
+    ) -> Result<Vec<CudaBuffer>> {
+        (0..copies)
+            .map(|_| {
+                let mut b = self.backend.alloc(gguf.len())?;
+                self.backend.upload_weight(&mut b, gguf, dtype, &[n, k])?;
+                Ok(b)
+            })
+            .collect()
+    }
+
     fn matvec(&mut self, dtype: DType, n: usize, k: usize) -> Result<Measurement> {
         Ok(Measurement {
             family: "matvec",
@@ -289,7 +308,7 @@ impl Bench<'_> {
     /// through enough weight copies to miss the L2 cache.
     fn matmul(&mut self, dtype: DType, m: usize, n: usize, k: usize) -> Result<f64> {
         let weight = encoded_weight(dtype, n, k)?;
-        let weights = self.buffers(copies_for(weight.len()), &weight)?;
+        let weights = self.weights(copies_for(weight.len()), &weight, dtype, n, k)?;
         drop(weight);
         let x = self.buffers(1, &f32_pattern(m * k))?;
         let mut out = self.backend.alloc(4 * m * n)?;

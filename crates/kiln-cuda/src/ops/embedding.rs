@@ -5,7 +5,7 @@ use kiln_core::ops::WEIGHT_DTYPES;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::common::{config, grid_dim, launch, weight_tag, MAX_GRID_X, MAX_GRID_YZ};
-use super::{check_bytes, check_nonzero, count, to_u32};
+use super::{check_bytes, check_nonzero, check_packed, count, to_u32};
 use crate::manifest::EMBEDDING;
 use crate::registry::KernelSpec;
 use crate::{CudaBackend, CudaBuffer};
@@ -39,6 +39,9 @@ pub struct EmbeddingArgs {
     pub vocab: usize,
     pub dim: usize,
     pub table_bytes: usize,
+    /// The dtype and row length the table buffer was packed for
+    /// ([`CudaBuffer::packed`]); packed dtypes need `Some((table, dim))`.
+    pub table_packed: Option<(DType, usize)>,
     pub ids_bytes: usize,
     pub out_bytes: usize,
 }
@@ -84,6 +87,7 @@ impl EmbeddingArgs {
             self.table,
             count(OP, &[self.vocab, self.dim])?,
         )?;
+        check_packed(OP, "table", self.table, self.dim, self.table_packed)?;
         check_bytes(OP, "ids", self.ids_bytes, DType::I32, self.n_tokens)?;
         let out = count(OP, &[self.n_tokens, self.dim])?;
         check_bytes(OP, "out", self.out_bytes, DType::F32, out)?;
@@ -119,6 +123,7 @@ pub fn embedding(
         vocab,
         dim,
         table_bytes: table.bytes(),
+        table_packed: table.packed(),
         ids_bytes: ids.bytes(),
         out_bytes: out.bytes(),
     }

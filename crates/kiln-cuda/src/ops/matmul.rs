@@ -1,6 +1,9 @@
 //! Dispatch for [`kiln_core::ops::MatMul`]: the mat-vec kernels (kernels/matvec.cu)
 //! for up to [`MATVEC_MAX_ROWS`] activation rows (decode), the tensor-core mat-mat
 //! kernel (kernels/matmul.cu) above (prefill).
+//!
+//! Weights of the dtypes of [`packing::packed_planes`] must be in the planes layout
+//! ([`kiln_core::Backend::upload_weight`]); their mat-vec is `matvec_packed`.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use kiln_core::ops::WEIGHT_DTYPES;
@@ -9,10 +12,10 @@ use kiln_core::{DType, DeviceBuffer, Error, Result};
 use super::common::{
     allow_dynamic_shared, config, grid_dim, launch, weight_tag, MAX_GRID_X, MAX_GRID_YZ,
 };
-use super::{check_bytes, check_nonzero, count, to_u32};
+use super::{check_bytes, check_nonzero, check_packed, count, to_u32};
 use crate::manifest::{MATMUL, MATVEC};
 use crate::registry::KernelSpec;
-use crate::{CudaBackend, CudaBuffer};
+use crate::{packing, CudaBackend, CudaBuffer};
 
 const OP: &str = "matmul";
 
@@ -54,8 +57,53 @@ pub enum MatMulKernel {
         load: u32,
         stages: u32,
     },
+    /// kernels/matvec.cu's `matvec_packed` for up to `m_tier` activation rows of a
+    /// weight in the planes layout, with `rows` weight rows per warp; `aligned` when
+    /// every plane starts at a multiple of 16 bytes.
+    MatVecPacked {
+        m_tier: u32,
+        rows: u32,
+        aligned: bool,
+    },
     /// kernels/matmul.cu.
     MatMat,
+}
+
+/// Elements of a `matvec_packed` unit of a packed dtype and the units a lane loads
+/// per round for up to 2 activation rows (quant.cuh's UNIT_ELEMS and
+/// UNITS_IN_FLIGHT).
+fn packed_unit(dtype: DType) -> (usize, usize) {
+    match dtype {
+        DType::Q8_0 => (32, 2),
+        DType::Q4K => (64, 2),
+        DType::Q5K => (64, 1),
+        DType::Q6K => (128, 1),
+        _ => (32, 4),
+    }
+}
+
+/// Dynamic shared memory of `matvec_packed` for `m_tier` activation rows: one
+/// round's activations, each unit's followed by 4 floats of padding (matvec.cu's
+/// packed_units, packed_stride and PACKED_PAD).
+fn packed_shared(dtype: DType, m_tier: u32) -> u32 {
+    let (unit, in_flight) = packed_unit(dtype);
+    let m = m_tier as usize;
+    let units = if m <= 2 {
+        in_flight
+    } else {
+        (in_flight * 2 / m).max(1)
+    };
+    (m * 32 * units * (unit + 4) * 4) as u32
+}
+
+/// Weight rows per warp of `matvec_packed`: two share each activation load when the
+/// accumulators of few activation rows leave registers for it.
+fn packed_rows(m_tier: u32) -> u32 {
+    if m_tier <= 2 {
+        2
+    } else {
+        1
+    }
 }
 
 /// The largest power of two dividing a block of `dtype`, at most 16: the alignment
@@ -98,13 +146,21 @@ fn matvec_shared(dtype: DType, rows: u32, stages: u32) -> u32 {
     (stages as usize * rows as usize * matvec_tile_bytes(dtype)) as u32
 }
 
-/// The mat-vec kernel for `m` activation rows of a weight whose rows take `row_bytes`:
-/// 16-byte staging loads when rows are 16-byte multiples, else the block alignment.
-fn matvec_kernel(dtype: DType, m: usize, row_bytes: usize) -> MatMulKernel {
+/// The mat-vec kernel for `m` activation rows of a weight with rows of `k` elements in
+/// `row_bytes`: `matvec_packed` for packed dtypes; else the staged kernel, with 16-byte
+/// staging loads when rows are 16-byte multiples, else the block alignment.
+fn matvec_kernel(dtype: DType, m: usize, k: usize, row_bytes: usize) -> MatMulKernel {
     let m_tier = M_TIERS
         .into_iter()
         .find(|&t| t as usize >= m)
         .unwrap_or(M_TIERS[M_TIERS.len() - 1]);
+    if packing::is_packed(dtype) {
+        return MatMulKernel::MatVecPacked {
+            m_tier,
+            rows: packed_rows(m_tier),
+            aligned: row_bytes % 16 == 0 && packing::planes_aligned(dtype, k),
+        };
+    }
     let load = if row_bytes % 16 == 0 {
         16
     } else {
@@ -132,6 +188,17 @@ pub fn spec(dtype: DType, kernel: MatMulKernel) -> Result<KernelSpec> {
             format!("matvec|w={dtype}|m={m_tier}|rows={rows}|load={load}|stages={stages}"),
             format!("kiln::matvec<{tag}, {m_tier}, {rows}, {load}, {stages}>"),
         ),
+        MatMulKernel::MatVecPacked {
+            m_tier,
+            rows,
+            aligned,
+        } => MATVEC.spec(
+            format!(
+                "matvec_packed|w={dtype}|m={m_tier}|rows={rows}|aligned={}",
+                u8::from(aligned)
+            ),
+            format!("kiln::matvec_packed<{tag}, {m_tier}, {rows}, {aligned}>"),
+        ),
         MatMulKernel::MatMat => {
             MATMUL.spec(format!("matmat|w={dtype}"), format!("kiln::matmul<{tag}>"))
         }
@@ -139,11 +206,24 @@ pub fn spec(dtype: DType, kernel: MatMulKernel) -> Result<KernelSpec> {
 }
 
 /// Every matmul specialisation: for each weight dtype, each mat-vec tier with both
-/// staging widths, and the mat-mat kernel.
+/// staging widths (packed dtypes: both plane alignments), and the mat-mat kernel.
 pub(crate) fn all_specs() -> Vec<KernelSpec> {
     let mut kernels = Vec::new();
     for dtype in WEIGHT_DTYPES {
         for m_tier in M_TIERS {
+            if packing::is_packed(dtype) {
+                for aligned in [true, false] {
+                    kernels.push((
+                        dtype,
+                        MatMulKernel::MatVecPacked {
+                            m_tier,
+                            rows: packed_rows(m_tier),
+                            aligned,
+                        },
+                    ));
+                }
+                continue;
+            }
             let rows = matvec_rows(dtype, m_tier);
             let stages = matvec_stages(dtype, rows);
             for load in [16, block_alignment(dtype)] {
@@ -176,6 +256,9 @@ pub struct MatMulArgs {
     pub k: usize,
     pub x_bytes: usize,
     pub w_bytes: usize,
+    /// The dtype and row length the weight buffer was packed for
+    /// ([`CudaBuffer::packed`]); packed dtypes need `Some((weight, k))`.
+    pub w_packed: Option<(DType, usize)>,
     pub bias_bytes: Option<usize>,
     pub out_bytes: usize,
 }
@@ -224,6 +307,7 @@ impl MatMulArgs {
             self.weight,
             count(OP, &[self.n, self.k])?,
         )?;
+        check_packed(OP, "w", self.weight, self.k, self.w_packed)?;
         if let Some(bytes) = self.bias_bytes {
             check_bytes(OP, "bias", bytes, DType::F32, self.n)?;
         }
@@ -236,12 +320,23 @@ impl MatMulArgs {
         )?;
         let row_bytes = self.weight.bytes_for(self.k)?;
         let (kernel, launch_config) = if self.m <= MATVEC_MAX_ROWS {
-            let kernel = matvec_kernel(self.weight, self.m, row_bytes);
-            let MatMulKernel::MatVec { rows, stages, .. } = kernel else {
-                unreachable!("matvec_kernel returns a mat-vec kernel")
+            let kernel = matvec_kernel(self.weight, self.m, self.k, row_bytes);
+            let (rows_per_block, shared) = match kernel {
+                MatMulKernel::MatVec { rows, stages, .. } => {
+                    (rows, matvec_shared(self.weight, rows, stages))
+                }
+                MatMulKernel::MatVecPacked { m_tier, rows, .. } => (
+                    rows * MATVEC_THREADS / 32,
+                    packed_shared(self.weight, m_tier),
+                ),
+                MatMulKernel::MatMat => unreachable!("matvec_kernel returns a mat-vec kernel"),
             };
-            let blocks = grid_dim(OP, "n", self.n.div_ceil(rows as usize), MAX_GRID_X)?;
-            let shared = matvec_shared(self.weight, rows, stages);
+            let blocks = grid_dim(
+                OP,
+                "n",
+                self.n.div_ceil(rows_per_block as usize),
+                MAX_GRID_X,
+            )?;
             (kernel, config((blocks, 1, 1), MATVEC_THREADS, shared))
         } else {
             let x = grid_dim(OP, "n", self.n.div_ceil(MATMAT_TILE), MAX_GRID_X)?;
@@ -282,6 +377,7 @@ pub fn matmul(
         k,
         x_bytes: x.bytes(),
         w_bytes: w.bytes(),
+        w_packed: w.packed(),
         bias_bytes: bias.map(|b| b.bytes()),
         out_bytes: out.bytes(),
     }
@@ -300,8 +396,8 @@ pub fn matmul(
         .arg(&plan.n)
         .arg(&plan.k)
         .arg(&plan.row_bytes);
-    // SAFETY: the arguments match both `kiln::matvec<W, M, ROWS, LOAD, STAGES>` and
-    // `kiln::matmul<W>`: (const u8* w, const float* x, const float* bias, float* out,
+    // SAFETY: the arguments match `kiln::matvec<W, M, ROWS, LOAD, STAGES>`,
+    // `kiln::matvec_packed<W, M, R, ALIGNED>` and `kiln::matmul<W>`: (const u8* w, const float* x, const float* bias, float* out,
     // u32 m, u32 n, u32 k, u64 row_bytes); the buffers hold their elements (checked),
     // bias is null or holds n values, and the mat-vec tier holds m rows.
     unsafe { launch(&plan.spec, &mut args, plan.config) }

@@ -96,6 +96,32 @@ pub(crate) fn check_bytes(
     Ok(())
 }
 
+/// Checks that a weight of a packed dtype ([`crate::packing::packed_planes`]) was
+/// uploaded in the planes layout for rows of `row_len` elements of `dtype`: `packed`
+/// is what its buffer holds ([`crate::CudaBuffer::packed`]).
+pub(crate) fn check_packed(
+    op: &str,
+    role: &str,
+    dtype: DType,
+    row_len: usize,
+    packed: Option<(DType, usize)>,
+) -> Result<()> {
+    if !crate::packing::is_packed(dtype) || packed == Some((dtype, row_len)) {
+        return Ok(());
+    }
+    let holds = match packed {
+        Some((d, len)) => format!("planes of {d} rows of {len}"),
+        None => "bytes from a plain upload".to_string(),
+    };
+    Err(Error::invalid(
+        op,
+        format!(
+            "{role} of {dtype} must be uploaded with upload_weight as rows of {row_len} \
+             (the planes layout); its buffer holds {holds}"
+        ),
+    ))
+}
+
 /// The product of `dims`, or an error naming `op` when it overflows.
 pub(crate) fn count(op: &str, dims: &[usize]) -> Result<usize> {
     dims.iter()

@@ -31,6 +31,21 @@ pub fn device(cuda: &kiln_cuda::CudaBackend, bytes: &[u8]) -> kiln_cuda::CudaBuf
     buf
 }
 
+/// A device buffer holding a weight of `dtype` and `shape` (GGUF bytes), uploaded in
+/// the backend's layout.
+pub fn device_weight(
+    cuda: &kiln_cuda::CudaBackend,
+    bytes: &[u8],
+    dtype: DType,
+    shape: &[usize],
+) -> kiln_cuda::CudaBuffer {
+    use kiln_core::Backend;
+    let mut buf = cuda.alloc(bytes.len()).expect("device allocation");
+    cuda.upload_weight(&mut buf, bytes, dtype, shape)
+        .expect("weight upload");
+    buf
+}
+
 /// The first `len` bytes of a device buffer.
 pub fn host(cuda: &kiln_cuda::CudaBackend, buf: &kiln_cuda::CudaBuffer, len: usize) -> Vec<u8> {
     use kiln_core::Backend;

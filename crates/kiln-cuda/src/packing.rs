@@ -1,0 +1,225 @@
+//! The CUDA backend's layout of quantized weights: each row's blocks split into planes.
+//!
+//! A GGUF row of a block format is `nb` blocks of `block_bytes` bytes, each holding
+//! its scales and its quants side by side (Q4_0: an f16 scale, then 16 bytes of
+//! nibbles). The mat-vec reads a row best when every thread loads 16 aligned bytes
+//! of quants at a time, which the 18-byte Q4_0 block does not allow. So for the
+//! formats of [`packed_planes`] the backend stores each row as planes: plane `p`
+//! holds the bytes `ranges[p]` of every block of the row, block after block, and the
+//! planes follow each other in order. A row keeps its size, so a buffer keeps its
+//! size; only the bytes inside each row move. The CPU reference and the file format
+//! stay the definition: [`unpack_rows`] gives back exactly the GGUF bytes.
+//!
+//! Kernels find block `b`'s entry of plane `p` at `row + nb * start(p) + b * len(p)`,
+//! where `start(p)` is the sum of the lengths of the planes before `p`
+//! (`quant.cuh`'s `Planes` computes the same from the same table).
+
+use std::ops::Range;
+
+use kiln_core::{DType, Error, Result};
+
+/// The GGUF byte ranges of one block that form each plane, in plane order, for the
+/// dtypes the backend stores as planes; `None` for the others (kept as GGUF blocks).
+/// The first plane is the quants; every plane's length is even.
+pub fn packed_planes(dtype: DType) -> Option<&'static [Range<usize>]> {
+    Some(match dtype {
+        // qs[16] | d
+        DType::Q4_0 => &[2..18, 0..2],
+        // qs[16] | d, m
+        DType::Q4_1 => &[4..20, 0..4],
+        // qs[16] | qh | d
+        DType::Q5_0 => &[6..22, 2..6, 0..2],
+        // qs[16] | qh | d, m
+        DType::Q5_1 => &[8..24, 4..8, 0..4],
+        // qs[32] | d
+        DType::Q8_0 => &[2..34, 0..2],
+        // qs[128] | d, dmin, scales[12]
+        DType::Q4K => &[16..144, 0..16],
+        // qh[32], qs[128] | d, dmin, scales[12]
+        DType::Q5K => &[16..176, 0..16],
+        // ql[128], qh[64] | scales[16] | d
+        DType::Q6K => &[0..192, 192..208, 208..210],
+        _ => return None,
+    })
+}
+
+/// Whether the backend stores `dtype` as planes.
+pub fn is_packed(dtype: DType) -> bool {
+    packed_planes(dtype).is_some()
+}
+
+/// Whether every plane of every row of `row_len` elements of `dtype` starts at a
+/// multiple of 16 bytes (given a 16-byte aligned buffer), so that kernels may read
+/// each plane with 16-byte loads. Always false for dtypes that are not packed.
+pub fn planes_aligned(dtype: DType, row_len: usize) -> bool {
+    let Some(planes) = packed_planes(dtype) else {
+        return false;
+    };
+    let nb = row_len / dtype.block_size();
+    let mut start = 0;
+    for plane in planes {
+        if (nb * start) % 16 != 0 {
+            return false;
+        }
+        start += plane.len();
+    }
+    (nb * start) % 16 == 0
+}
+
+/// Checks that `bytes` bytes are whole rows of `row_len` elements of `dtype` and
+/// returns the bytes of one row and of one block.
+fn row_shape(dtype: DType, row_len: usize, bytes: usize) -> Result<(usize, usize)> {
+    let what = "weight packing";
+    if row_len == 0 || row_len % dtype.block_size() != 0 {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "row length {row_len} is not a positive multiple of {dtype}'s block size {}",
+                dtype.block_size()
+            ),
+        ));
+    }
+    let row_bytes = dtype.bytes_for(row_len)?;
+    if bytes % row_bytes != 0 {
+        return Err(Error::invalid(
+            what,
+            format!("{bytes} bytes are not whole rows of {row_bytes} bytes ({row_len} {dtype})"),
+        ));
+    }
+    Ok((row_bytes, dtype.block_bytes()))
+}
+
+/// Moves each row's bytes between the GGUF order and the plane order: `to_planes`
+/// copies block bytes into planes, otherwise planes back into blocks.
+fn move_rows(dtype: DType, row_len: usize, src: &[u8], to_planes: bool) -> Result<Vec<u8>> {
+    let Some(planes) = packed_planes(dtype) else {
+        return Ok(src.to_vec());
+    };
+    let (row_bytes, block_bytes) = row_shape(dtype, row_len, src.len())?;
+    let nb = row_len / dtype.block_size();
+    let mut dst = vec![0u8; src.len()];
+    for (from, to) in src
+        .chunks_exact(row_bytes)
+        .zip(dst.chunks_exact_mut(row_bytes))
+    {
+        let mut plane_start = 0;
+        for range in planes {
+            for b in 0..nb {
+                let gguf = b * block_bytes + range.start..b * block_bytes + range.end;
+                let plane = plane_start + b * range.len()..plane_start + (b + 1) * range.len();
+                if to_planes {
+                    to[plane].copy_from_slice(&from[gguf]);
+                } else {
+                    to[gguf].copy_from_slice(&from[plane]);
+                }
+            }
+            plane_start += nb * range.len();
+        }
+    }
+    Ok(dst)
+}
+
+/// The bytes of rows of `row_len` elements of `dtype` (GGUF layout) in the backend's
+/// layout: planes for the dtypes of [`packed_planes`], unchanged for the others.
+pub fn pack_rows(dtype: DType, row_len: usize, gguf: &[u8]) -> Result<Vec<u8>> {
+    move_rows(dtype, row_len, gguf, true)
+}
+
+/// The inverse of [`pack_rows`]: the GGUF bytes of packed rows.
+pub fn unpack_rows(dtype: DType, row_len: usize, packed: &[u8]) -> Result<Vec<u8>> {
+    move_rows(dtype, row_len, packed, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn planes_cover_each_block_once() {
+        for dtype in DType::ALL {
+            let Some(planes) = packed_planes(dtype) else {
+                continue;
+            };
+            let mut covered = vec![0u32; dtype.block_bytes()];
+            for r in planes {
+                assert_eq!(r.len() % 2, 0, "{dtype} plane {r:?} has an odd length");
+                for b in r.clone() {
+                    covered[b] += 1;
+                }
+            }
+            assert!(covered.iter().all(|&c| c == 1), "{dtype}: {covered:?}");
+            assert_eq!(planes[0].len() % 16, 0, "{dtype}'s quants plane");
+        }
+    }
+
+    /// Bytes that differ from block to block and byte to byte.
+    fn numbered(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[test]
+    fn unpacking_gives_back_the_gguf_bytes() {
+        for dtype in DType::ALL.into_iter().filter(|d| is_packed(*d)) {
+            let row_len = 3 * dtype.block_size();
+            let gguf = numbered(5 * dtype.bytes_for(row_len).unwrap());
+            let packed = pack_rows(dtype, row_len, &gguf).unwrap();
+            assert_ne!(packed, gguf, "{dtype}: packing moves bytes");
+            assert_eq!(
+                unpack_rows(dtype, row_len, &packed).unwrap(),
+                gguf,
+                "{dtype}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_q4_0_row_is_its_quants_then_its_scales() {
+        let gguf = numbered(2 * 3 * 18);
+        let packed = pack_rows(DType::Q4_0, 96, &gguf).unwrap();
+        for row in 0..2 {
+            let (g, p) = (&gguf[row * 54..][..54], &packed[row * 54..][..54]);
+            for b in 0..3 {
+                assert_eq!(p[16 * b..16 * b + 16], g[18 * b + 2..18 * b + 18], "qs {b}");
+                assert_eq!(
+                    p[48 + 2 * b..48 + 2 * b + 2],
+                    g[18 * b..18 * b + 2],
+                    "d {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn formats_kept_as_gguf_blocks_are_unchanged() {
+        let gguf = numbered(4 * 110);
+        assert!(!is_packed(DType::Q3K));
+        assert_eq!(pack_rows(DType::Q3K, 512, &gguf).unwrap(), gguf);
+    }
+
+    #[test]
+    fn bytes_that_are_not_whole_rows_are_rejected() {
+        let e = pack_rows(DType::Q4_0, 64, &[0; 40])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("40 bytes are not whole rows of 36 bytes"), "{e}");
+        let e = pack_rows(DType::Q4_0, 48, &[0; 36])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("row length 48 is not a positive multiple of q4_0's block size 32"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn planes_align_when_every_plane_start_is_a_multiple_of_16() {
+        // Q4_0 at 4096: 128 blocks, planes at 0 and 2048, rows of 2304 bytes.
+        assert!(planes_aligned(DType::Q4_0, 4096));
+        // 28 blocks: the scales plane starts at 448 but rows take 504 bytes.
+        assert!(!planes_aligned(DType::Q4_0, 896));
+        // Q6_K: planes at 0, 192 nb and 208 nb; 16 blocks give 3360-byte rows.
+        assert!(planes_aligned(DType::Q6K, 4096));
+        assert!(!planes_aligned(DType::Q6K, 256 * 57));
+        assert!(!planes_aligned(DType::F16, 4096));
+    }
+}
