@@ -38,44 +38,27 @@ constexpr u32 MATVEC_THREADS = 256;
 // Elements of each weight row per tile: one chunk of 8 per thread.
 constexpr u32 MATVEC_TILE_ELEMS = 8 * MATVEC_THREADS;
 
-// The activations at columns a .. a+3 and b .. b+3 (multiples of 4) of each of the
-// first m (<= M) rows of x ([m, k] row-major) as xv[i][0..4) and xv[i][4..8); zeros
-// past column k and for rows at or past m.
+// The activations at columns e .. e+7 (e a multiple of 8) of each of the first m (<= M)
+// rows of x ([m, k] row-major) as xv[i][0..8); zeros past column k and for rows at or
+// past m.
 template <u32 M>
 __device__ __forceinline__ void load_activations(const float* __restrict__ x, u32 m, u32 k,
-                                                 u32 a, u32 b, float (&xv)[M][8]) {
-    const bool vector = (k % 4 == 0) && a + 4 <= k && b + 4 <= k;
+                                                 u32 e, float (&xv)[M][8]) {
+    const bool vector = (k % 4 == 0) && e + 8 <= k;
 #pragma unroll
     for (u32 i = 0; i < M; ++i) {
         const float* xr = x + (u64)i * k;
         if (i < m && vector) {
-            const float4 p = *reinterpret_cast<const float4*>(xr + a);
-            const float4 q = *reinterpret_cast<const float4*>(xr + b);
+            const float4 p = *reinterpret_cast<const float4*>(xr + e);
+            const float4 q = *reinterpret_cast<const float4*>(xr + e + 4);
             xv[i][0] = p.x, xv[i][1] = p.y, xv[i][2] = p.z, xv[i][3] = p.w;
             xv[i][4] = q.x, xv[i][5] = q.y, xv[i][6] = q.z, xv[i][7] = q.w;
         } else {
 #pragma unroll
-            for (u32 j = 0; j < 4; ++j) {
-                xv[i][j] = (i < m && a + j < k) ? xr[a + j] : 0.0f;
-                xv[i][4 + j] = (i < m && b + j < k) ? xr[b + j] : 0.0f;
+            for (u32 j = 0; j < 8; ++j) {
+                xv[i][j] = (i < m && e + j < k) ? xr[e + j] : 0.0f;
             }
         }
-    }
-}
-
-// The first columns of the two runs of 4 activations that the thread taking the
-// chunk at element e (a multiple of 8) of a tile multiplies: the runs of W's chunk
-// (Runs8) for formats with quants8, else e and e + 4.
-template <typename W>
-__device__ __forceinline__ void chunk_runs(u32 e, u32& a, u32& b) {
-    if constexpr (W::HAS_QUANTS8) {
-        const u32 block = e / W::BLOCK_ELEMS * W::BLOCK_ELEMS;
-        const u32 c = (e % W::BLOCK_ELEMS) / 8;
-        a = block + W::run_start(c, 0);
-        b = block + W::run_start(c, 1);
-    } else {
-        a = e;
-        b = e + 4;
     }
 }
 
@@ -86,8 +69,8 @@ __device__ __forceinline__ float two23_plus_byte(u32 word, u32 i) {
 }
 
 // Adds to acc[i] (i < M) the dot product of the chunk of 8 weights at element e of
-// the row of `len` elements starting at `row` with xv[i], the activations at the
-// chunk's runs (chunk_runs), whose sum is xsum[i].
+// the row of `len` elements starting at `row` with xv[i], the chunk's activations,
+// whose sum is xsum[i].
 // Formats with quants8 convert their exact integer quants without int-to-float
 // instructions and apply the chunk's scale (and offset, times the activation sum)
 // once; the others decode to f32 first.
@@ -95,12 +78,13 @@ template <typename W, u32 M>
 __device__ __forceinline__ void dot_chunk(const u8* row, u32 e, u32 len, const float (&xv)[M][8],
                                           const float (&xsum)[M], float (&acc)[M]) {
     if constexpr (W::HAS_QUANTS8) {
-        const Runs8 q =
-            W::runs8(row + (u64)(e / W::BLOCK_ELEMS) * W::BLOCK_BYTES, (e % W::BLOCK_ELEMS) / 8);
+        const Quants8 q =
+            W::quants8(row + (u64)(e / W::BLOCK_ELEMS) * W::BLOCK_BYTES, (e % W::BLOCK_ELEMS) / 8);
         float w[8];
 #pragma unroll
         for (u32 j = 0; j < 8; ++j) {
-            w[j] = two23_plus_byte(q.u[j / 4], j % 4) - (8388608.0f + (float)W::BIAS);
+            w[j] = two23_plus_byte((u32)(q.u >> (32 * (j / 4))), j % 4) -
+                   (8388608.0f + (float)W::BIAS);
         }
 #pragma unroll
         for (u32 i = 0; i < M; ++i) {
@@ -223,14 +207,7 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
         commit_copies();
     };
 
-    float acc[ROWS][M];
-#pragma unroll
-    for (u32 r = 0; r < ROWS; ++r) {
-#pragma unroll
-        for (u32 i = 0; i < M; ++i) {
-            acc[r][i] = 0.0f;
-        }
-    }
+    float acc[ROWS][M] = {};
 
 #pragma unroll
     for (u32 t = 0; t + 1 < STAGES; ++t) {
@@ -239,10 +216,8 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
     for (u32 t = 0; t < tiles; ++t) {
         const u32 e0 = t * MATVEC_TILE_ELEMS;
         const u32 local = 8 * threadIdx.x;
-        u32 run_a, run_b;
-        chunk_runs<W>(local, run_a, run_b);
         float xv[M][8];
-        load_activations<M>(x, m, k, e0 + run_a, e0 + run_b, xv);  // in flight during the wait
+        load_activations<M>(x, m, k, e0 + local, xv);  // in flight during the wait
         wait_copies<STAGES - 2>();  // this thread's copies of tile t have landed
         __syncthreads();  // everyone's have, and everyone is done with tile t - 1
         issue(t + STAGES - 1);  // into tile t - 1's slot
@@ -405,14 +380,7 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
         const u32 row = row0 + r < n ? row0 + r : n - 1;
         rows[r] = w + (u64)row * row_bytes;
     }
-    float acc[R][M];
-#pragma unroll
-    for (u32 r = 0; r < R; ++r) {
-#pragma unroll
-        for (u32 i = 0; i < M; ++i) {
-            acc[r][i] = 0.0f;
-        }
-    }
+    float acc[R][M] = {};
     for (u32 k0 = 0; k0 < k; k0 += ROUND) {
         const u32 u0 = k0 / W::UNIT_ELEMS;
         typename W::Unit t[U][R];

@@ -201,15 +201,6 @@ struct Quants8 {
     float offset;
 };
 
-// For the staged mat-vec (the formats that are not packed), a chunk is read as two
-// runs of 4 elements: element i of run h (h < 2) is scale * (byte i of u[h] - W::BIAS)
-// + offset, and run h starts at element W::run_start(c, h) of the block.
-struct Runs8 {
-    u32 u[2];
-    float scale;
-    float offset;
-};
-
 // The four low bits of `bits` (bit i for byte i) spread to bit 0 of the 4 bytes.
 __device__ __forceinline__ u32 spread_bits4(u32 bits) {
     // Multiplying 4 bits by 0x00204081 puts bit i at bit 8i with no overlapping terms.
@@ -231,14 +222,6 @@ constexpr u32 NIBBLES4 = 0x0f0f0f0fu;
 template <typename W>
 struct Quantized {
     static constexpr bool HAS_QUANTS8 = true;
-
-    // A chunk's runs are its two halves.
-    static __device__ __forceinline__ u32 run_start(u32 c, u32 h) { return 8 * c + 4 * h; }
-
-    static __device__ __forceinline__ Runs8 runs8(const u8* b, u32 c) {
-        const Quants8 q = W::quants8(b, c);
-        return {{(u32)q.u, (u32)(q.u >> 32)}, q.scale, q.offset};
-    }
 
     template <u32 A = 16, typename Block>
     static __device__ __forceinline__ void decode8(const Block& b, u32 c, float* v) {

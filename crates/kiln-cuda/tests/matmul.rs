@@ -25,6 +25,22 @@ fn args() -> MatMulArgs {
     }
 }
 
+/// A one-row mat-vec over 5 weight rows of 3 blocks of 32 elements of `dtype` (18-byte
+/// blocks: 54-byte rows), uploaded as `upload_weight` would.
+fn three_block_rows(dtype: DType) -> MatMulArgs {
+    MatMulArgs {
+        weight: dtype,
+        n: 5,
+        k: 96,
+        x_bytes: 96 * 4,
+        w_bytes: 5 * dtype.bytes_for(96).unwrap(),
+        w_packed: kiln_cuda::packing::is_packed(dtype).then_some((dtype, 96)),
+        bias_bytes: None,
+        out_bytes: 5 * 4,
+        ..args()
+    }
+}
+
 #[test]
 fn up_to_eight_rows_run_on_the_matvec_tier_that_holds_them() {
     for (m, tier) in [(1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (8, 8)] {
@@ -71,19 +87,7 @@ fn a_packed_matvec_grid_gives_each_warp_two_weight_rows() {
 #[test]
 fn packed_planes_that_are_not_16_byte_aligned_use_the_unaligned_kernel() {
     // 3 blocks of Q4_0 per row: 54-byte rows.
-    let plan = MatMulArgs {
-        weight: DType::Q4_0,
-        n: 5,
-        k: 96,
-        x_bytes: 96 * 4,
-        w_bytes: 5 * 54,
-        w_packed: Some((DType::Q4_0, 96)),
-        bias_bytes: None,
-        out_bytes: 5 * 4,
-        ..args()
-    }
-    .check()
-    .unwrap();
+    let plan = three_block_rows(DType::Q4_0).check().unwrap();
     assert!(
         matches!(
             plan.kernel,
@@ -186,19 +190,7 @@ fn matvec_tiles_in_flight_fill_64_kib_of_shared_memory() {
 #[test]
 fn rows_that_are_not_16_byte_multiples_use_the_block_alignment() {
     // 3 blocks of IQ4_NL take 54 bytes: loads of 2 bytes.
-    let plan = MatMulArgs {
-        weight: DType::IQ4NL,
-        n: 5,
-        k: 96,
-        x_bytes: 96 * 4,
-        w_bytes: 5 * 54,
-        w_packed: None,
-        bias_bytes: None,
-        out_bytes: 5 * 4,
-        ..args()
-    }
-    .check()
-    .unwrap();
+    let plan = three_block_rows(DType::IQ4NL).check().unwrap();
     assert!(
         matches!(plan.kernel, MatMulKernel::MatVec { load: 2, .. }),
         "{:?}",

@@ -158,7 +158,8 @@ fn matvec_kernel(dtype: DType, m: usize, k: usize, row_bytes: usize) -> MatMulKe
         return MatMulKernel::MatVecPacked {
             m_tier,
             rows: packed_rows(m_tier),
-            aligned: row_bytes % 16 == 0 && packing::planes_aligned(dtype, k),
+            // Checks the row length too: the last plane ends where the row does.
+            aligned: packing::planes_aligned(dtype, k),
         };
     }
     let load = if row_bytes % 16 == 0 {
