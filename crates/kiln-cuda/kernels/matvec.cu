@@ -10,11 +10,12 @@
 //   16-byte loads when the planes are 16-byte aligned, so a warp reads 512
 //   consecutive bytes of quants per load. The round's activations are staged in
 //   shared memory, padded so that the lanes' reads of consecutive units do not
-//   conflict (read from global memory, each would touch its own cache line).
+//   conflict (read from global memory, each would touch its own cache line), with the
+//   sum of each scale group's activations, computed once per block.
 // - A unit is read as runs of 4 quants q (one per byte). For quants below 128 one
-//   byte permute makes the f32 1 + q / 128 exactly, and one FFMA per element and
-//   activation row accumulates s = sum (1 + q / 128) x over a scale group, so that
-//   sum q x = 128 (s - sum x); 8-bit quants become 2^23 + q, less 2^23. Then
+//   byte permute makes the f32 (1 + q / 128) / 2 exactly, and one FFMA per element and
+//   activation row accumulates s = sum (1 + q / 128) x / 2 over a scale group, so that
+//   sum q x = 256 s - 128 sum x; 8-bit quants become 2^23 + q, less 2^23. Then
 //   acc += scale * sum q x + zero * sum x per group (values are scale * q + zero).
 //
 // matvec (staged), for the dense formats and the GGUF-layout quantized ones:
@@ -283,19 +284,20 @@ __host__ __device__ constexpr u32 packed_units() {
 constexpr u32 PACKED_PAD = 4;
 
 // Adds to acc[r][i] the dot product of unit t[r] of weight row r with activation row
-// i, for r < R and i < M; the unit's activations are xs[i * stride + e], e < UNIT_ELEMS.
+// i, for r < R and i < M; the unit's activations are xs[i * stride + e], e < UNIT_ELEMS,
+// and the sum of those of its group g is sums[i * sums_stride + g * group_stride].
 template <typename W, u32 M, u32 R>
 __device__ __forceinline__ void accumulate_unit(const typename W::Unit (&t)[R], const float* xs,
-                                                u32 stride, float (&acc)[R][M]) {
+                                                u32 stride, const float* sums, u32 group_stride,
+                                                u32 sums_stride, float (&acc)[R][M]) {
     constexpr u32 RUNS_PER_GROUP = W::GROUP_ELEMS / 4;
 #pragma unroll
     for (u32 g = 0; g < W::UNIT_ELEMS / W::GROUP_ELEMS; ++g) {
-        float s[R][M], xsum[M];
+        float s[R][M];
 #pragma unroll
-        for (u32 i = 0; i < M; ++i) {
-            xsum[i] = 0.0f;
+        for (u32 r = 0; r < R; ++r) {
 #pragma unroll
-            for (u32 r = 0; r < R; ++r) {
+            for (u32 i = 0; i < M; ++i) {
                 s[r][i] = 0.0f;
             }
         }
@@ -306,7 +308,6 @@ __device__ __forceinline__ void accumulate_unit(const typename W::Unit (&t)[R], 
             for (u32 i = 0; i < M; ++i) {
                 const float4 p = *reinterpret_cast<const float4*>(xs + i * stride + W::run_elem(j));
                 xv[i][0] = p.x, xv[i][1] = p.y, xv[i][2] = p.z, xv[i][3] = p.w;
-                xsum[i] += (p.x + p.y) + (p.z + p.w);
             }
 #pragma unroll
             for (u32 r = 0; r < R; ++r) {
@@ -315,8 +316,8 @@ __device__ __forceinline__ void accumulate_unit(const typename W::Unit (&t)[R], 
 #pragma unroll
                 for (u32 b = 0; b < 4; ++b) {
                     if constexpr (W::SMALL_QUANTS) {
-                        // 0x3f, 0x80 | q, 0, 0: the f32 1 + q / 128.
-                        f[b] = __uint_as_float(__byte_perm(q | 0x80808080u, 0x3f000000u, 0x7044u | (b << 8)));
+                        // 0x3f, q, 0, 0: the f32 (1 + q / 128) / 2.
+                        f[b] = __uint_as_float(__byte_perm(q, 0x3f000000u, 0x7044u | (b << 8)));
                     } else {
                         // 0x4b, 0, 0, q: the f32 2^23 + q.
                         f[b] = __uint_as_float(__byte_perm(q, 0x4b000000u, 0x7540u | b)) - 8388608.0f;
@@ -335,26 +336,39 @@ __device__ __forceinline__ void accumulate_unit(const typename W::Unit (&t)[R], 
         for (u32 r = 0; r < R; ++r) {
             float scale, zero;
             W::group(t[r], g, scale, zero);
+            if constexpr (W::SMALL_QUANTS) {
+                // s = sum x / 2 + sum q x / 256: the group's sum of values times x,
+                // scale * sum q x + zero * sum x, is 256 scale s + (zero - 128 scale) sum x.
+                zero = fmaf(-128.0f, scale, zero);
+                scale *= 256.0f;
+            }
 #pragma unroll
             for (u32 i = 0; i < M; ++i) {
-                const float qx = W::SMALL_QUANTS ? 128.0f * (s[r][i] - xsum[i]) : s[r][i];
-                acc[r][i] = fmaf(scale, qx, fmaf(zero, xsum[i], acc[r][i]));
+                acc[r][i] = fmaf(scale, s[r][i], fmaf(zero, sums[i * sums_stride + g * group_stride], acc[r][i]));
             }
         }
     }
 }
 
 // Grid: ceil(n / (R * MATVEC_THREADS / 32)) blocks of MATVEC_THREADS. Dynamic shared
-// memory: M rows of packed_stride<W, M>() floats (one round's activations).
+// memory: M rows of packed_stride<W, M>() floats (one round's activations), then M rows
+// of packed_groups<W, M>() floats (their sums per scale group).
 // ALIGNED: every plane of every row starts at a multiple of 16 bytes.
 //
 // The block walks k in rounds of 32 * U units: each lane issues the loads of its U
 // units of each of its R rows, the block stages the round's activations of all M rows
-// in shared memory (each unit's UNIT_ELEMS floats followed by PACKED_PAD), and after a
-// barrier every lane accumulates its units.
+// in shared memory (each unit's UNIT_ELEMS floats followed by PACKED_PAD) with the sum
+// of each scale group's activations, and after a barrier every lane accumulates its
+// units.
 template <typename W, u32 M>
 __host__ __device__ constexpr u32 packed_stride() {
     return 32 * packed_units<W, M>() * (W::UNIT_ELEMS + PACKED_PAD);
+}
+
+// Scale groups of k per round of matvec_packed.
+template <typename W, u32 M>
+__host__ __device__ constexpr u32 packed_groups() {
+    return 32 * packed_units<W, M>() * W::UNIT_ELEMS / W::GROUP_ELEMS;
 }
 
 template <typename W, u32 M, u32 R, bool ALIGNED>
@@ -366,7 +380,13 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
     constexpr u32 U = packed_units<W, M>();
     constexpr u32 ROUND = 32 * U * W::UNIT_ELEMS;  // elements of k per round
     constexpr u32 STRIDE = packed_stride<W, M>();
+    constexpr u32 GROUPS = packed_groups<W, M>();
+    constexpr u32 GROUP_VECTORS = W::GROUP_ELEMS / 4;  // float4s per scale group
+    constexpr u32 GROUPS_PER_UNIT = W::UNIT_ELEMS / W::GROUP_ELEMS;
+    static_assert(M * ROUND / 4 % MATVEC_THREADS == 0, "whole warps stage every round");
+    constexpr u32 STAGED = M * ROUND / 4 / MATVEC_THREADS;  // float4s per thread per round
     extern __shared__ __align__(16) float xs[];
+    float* sums = xs + M * STRIDE;
 
     const u32 lane = threadIdx.x & 31u;
     const u32 row0 = (blockIdx.x * (MATVEC_THREADS / 32) + threadIdx.x / 32) * R;
@@ -394,21 +414,42 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
                 }
             }
         }
-        // Activations k0 .. k0 + ROUND of every row (zeros past k and for rows >= m).
-        for (u32 v = threadIdx.x; v < M * ROUND / 4; v += MATVEC_THREADS) {
+        // Activations k0 .. k0 + ROUND of every row (zeros past k and for rows >= m),
+        // and their group sums: a group's float4s are consecutive v, so consecutive
+        // lanes. All of a thread's loads are issued before the first is used.
+        float4 p[STAGED];
+#pragma unroll
+        for (u32 j = 0; j < STAGED; ++j) {
+            const u32 v = threadIdx.x + j * MATVEC_THREADS;
             const u32 i = v / (ROUND / 4), e = v % (ROUND / 4) * 4;
-            float4 p = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            p[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             if (i < m && k0 + e < k) {
-                p = *reinterpret_cast<const float4*>(x + (u64)i * k + k0 + e);
+                p[j] = *reinterpret_cast<const float4*>(x + (u64)i * k + k0 + e);
             }
-            *reinterpret_cast<float4*>(xs + i * STRIDE + e + e / W::UNIT_ELEMS * PACKED_PAD) = p;
+        }
+#pragma unroll
+        for (u32 j = 0; j < STAGED; ++j) {
+            const u32 v = threadIdx.x + j * MATVEC_THREADS;
+            const u32 i = v / (ROUND / 4), e = v % (ROUND / 4) * 4;
+            *reinterpret_cast<float4*>(xs + i * STRIDE + e + e / W::UNIT_ELEMS * PACKED_PAD) = p[j];
+            float sum = (p[j].x + p[j].y) + (p[j].z + p[j].w);
+#pragma unroll
+            for (u32 o = 1; o < GROUP_VECTORS; o *= 2) {
+                sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            }
+            if (v % GROUP_VECTORS == 0) {
+                // Group g of unit u at [g][u], so that lanes (units) read distinct banks.
+                const u32 group = e / W::GROUP_ELEMS;
+                sums[i * GROUPS + group % GROUPS_PER_UNIT * (32 * U) + group / GROUPS_PER_UNIT] = sum;
+            }
         }
         __syncthreads();
 #pragma unroll
         for (u32 a = 0; a < U; ++a) {
             if (active && u0 + lane + 32 * a < units) {
-                accumulate_unit<W, M, R>(t[a], xs + (lane + 32 * a) * (W::UNIT_ELEMS + PACKED_PAD),
-                                         STRIDE, acc);
+                const u32 unit = lane + 32 * a;
+                accumulate_unit<W, M, R>(t[a], xs + unit * (W::UNIT_ELEMS + PACKED_PAD), STRIDE,
+                                         sums + unit, 32 * U, GROUPS, acc);
             }
         }
         __syncthreads();  // the next round overwrites xs

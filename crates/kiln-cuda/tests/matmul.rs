@@ -80,8 +80,32 @@ fn a_packed_matvec_grid_gives_each_warp_two_weight_rows() {
         "kiln::matvec_packed<kiln::Q4_K, 1, 2, true>"
     );
     // One round's activations: 32 lanes x 2 units of 64 Q4_K elements, each unit's
-    // followed by 4 floats of padding.
-    assert_eq!(plan.config.shared_mem_bytes, 32 * 2 * (64 + 4) * 4);
+    // followed by 4 floats of padding, then the sums of the units' 2 scale groups.
+    assert_eq!(plan.config.shared_mem_bytes, 32 * 2 * (64 + 4 + 2) * 4);
+}
+
+#[test]
+fn a_q4_0_matvec_grid_gives_each_warp_one_weight_row() {
+    let plan = MatMulArgs {
+        weight: DType::Q4_0,
+        w_bytes: DType::Q4_0.bytes_for(4096 * 4096).unwrap(),
+        w_packed: Some((DType::Q4_0, 4096)),
+        ..args()
+    }
+    .check()
+    .unwrap();
+    assert_eq!(
+        plan.kernel,
+        MatMulKernel::MatVecPacked {
+            m_tier: 1,
+            rows: 1,
+            aligned: true
+        }
+    );
+    // 8 warps of 1 row per block.
+    assert_eq!(plan.config.grid_dim, (4096 / 8, 1, 1));
+    // 32 lanes x 4 units (blocks) of 32 elements, 4 floats of padding each, one sum each.
+    assert_eq!(plan.config.shared_mem_bytes, 32 * 4 * (32 + 4 + 1) * 4);
 }
 
 #[test]

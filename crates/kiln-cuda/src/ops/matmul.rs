@@ -69,40 +69,45 @@ pub enum MatMulKernel {
     MatMat,
 }
 
-/// Elements of a `matvec_packed` unit of a packed dtype and the units a lane loads
-/// per round for up to 2 activation rows (quant.cuh's UNIT_ELEMS and
-/// UNITS_IN_FLIGHT).
-fn packed_unit(dtype: DType) -> (usize, usize) {
+/// Elements of a `matvec_packed` unit of a packed dtype, the units a lane loads per
+/// round for up to 2 activation rows, and the elements of a scale group (quant.cuh's
+/// UNIT_ELEMS, UNITS_IN_FLIGHT and GROUP_ELEMS).
+fn packed_unit(dtype: DType) -> (usize, usize, usize) {
     match dtype {
-        DType::Q8_0 => (32, 2),
-        DType::Q4K => (64, 2),
-        DType::Q5K => (64, 1),
-        DType::Q6K => (128, 1),
-        _ => (32, 4),
+        DType::Q8_0 => (32, 2, 32),
+        DType::Q4K => (64, 2, 32),
+        DType::Q5K => (64, 1, 32),
+        DType::Q6K => (128, 1, 16),
+        _ => (32, 4, 32),
     }
 }
 
 /// Dynamic shared memory of `matvec_packed` for `m_tier` activation rows: one
-/// round's activations, each unit's followed by 4 floats of padding (matvec.cu's
-/// packed_units, packed_stride and PACKED_PAD).
+/// round's activations, each unit's followed by 4 floats of padding, then their sum
+/// per scale group (matvec.cu's packed_units, packed_stride, PACKED_PAD and
+/// packed_groups).
 fn packed_shared(dtype: DType, m_tier: u32) -> u32 {
-    let (unit, in_flight) = packed_unit(dtype);
+    let (unit, in_flight, group) = packed_unit(dtype);
     let m = m_tier as usize;
     let units = if m <= 2 {
         in_flight
     } else {
         (in_flight * 2 / m).max(1)
     };
-    (m * 32 * units * (unit + 4) * 4) as u32
+    (m * 32 * units * (unit + 4 + unit / group) * 4) as u32
 }
 
-/// Weight rows per warp of `matvec_packed`: two share each activation load when the
-/// accumulators of few activation rows leave registers for it.
-fn packed_rows(m_tier: u32) -> u32 {
-    if m_tier <= 2 {
-        2
-    } else {
-        1
+/// Weight rows per warp of `matvec_packed`. Two rows share each activation load, but
+/// a warp with one row needs fewer registers (four blocks per multiprocessor instead
+/// of three) and the grid has twice the warps; which is faster depends on the format
+/// (docs/perf.md). Above 2 activation rows the accumulators need the registers.
+fn packed_rows(dtype: DType, m_tier: u32) -> u32 {
+    let two_rows_faster = matches!(dtype, DType::Q5_1 | DType::Q4K | DType::Q6K);
+    match m_tier {
+        1 if two_rows_faster => 2,
+        1 => 1,
+        2 => 2,
+        _ => 1,
     }
 }
 
@@ -157,7 +162,7 @@ fn matvec_kernel(dtype: DType, m: usize, k: usize, row_bytes: usize) -> MatMulKe
     if packing::is_packed(dtype) {
         return MatMulKernel::MatVecPacked {
             m_tier,
-            rows: packed_rows(m_tier),
+            rows: packed_rows(dtype, m_tier),
             // Checks the row length too: the last plane ends where the row does.
             aligned: packing::planes_aligned(dtype, k),
         };
@@ -218,7 +223,7 @@ pub(crate) fn all_specs() -> Vec<KernelSpec> {
                         dtype,
                         MatMulKernel::MatVecPacked {
                             m_tier,
-                            rows: packed_rows(m_tier),
+                            rows: packed_rows(dtype, m_tier),
                             aligned,
                         },
                     ));
