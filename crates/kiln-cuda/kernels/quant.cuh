@@ -39,28 +39,6 @@ __host__ __device__ constexpr u32 field_align(u32 block_bytes, u32 offset) {
     return b < o ? b : o;
 }
 
-// Eight bytes at p (little-endian), read with loads of ALIGN bytes; p must be
-// ALIGN-aligned.
-template <u32 ALIGN>
-__device__ __forceinline__ u64 load_u64(const u8* p) {
-    if constexpr (ALIGN >= 8) {
-        return *reinterpret_cast<const u64*>(p);
-    } else if constexpr (ALIGN == 4) {
-        const u32* q = reinterpret_cast<const u32*>(p);
-        return (u64)q[0] | ((u64)q[1] << 32);
-    } else if constexpr (ALIGN == 2) {
-        const u16* q = reinterpret_cast<const u16*>(p);
-        return (u64)q[0] | ((u64)q[1] << 16) | ((u64)q[2] << 32) | ((u64)q[3] << 48);
-    } else {
-        u64 v = 0;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            v |= (u64)p[i] << (8 * i);
-        }
-        return v;
-    }
-}
-
 // Four bytes at p (little-endian), read with loads of ALIGN bytes; p must be
 // ALIGN-aligned.
 template <u32 ALIGN>
@@ -72,6 +50,17 @@ __device__ __forceinline__ u32 load_u32(const u8* p) {
         return (u32)q[0] | ((u32)q[1] << 16);
     } else {
         return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
+    }
+}
+
+// Eight bytes at p (little-endian), read with loads of ALIGN bytes; p must be
+// ALIGN-aligned.
+template <u32 ALIGN>
+__device__ __forceinline__ u64 load_u64(const u8* p) {
+    if constexpr (ALIGN >= 8) {
+        return *reinterpret_cast<const u64*>(p);
+    } else {
+        return (u64)load_u32<ALIGN>(p) | ((u64)load_u32<ALIGN>(p + 4) << 32);
     }
 }
 
