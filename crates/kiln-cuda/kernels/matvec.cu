@@ -319,8 +319,7 @@ __device__ __forceinline__ void accumulate_unit(const typename W::Unit (&t)[R], 
                         // 0x3f, q, 0, 0: the f32 (1 + q / 128) / 2.
                         f[b] = __uint_as_float(__byte_perm(q, 0x3f000000u, 0x7044u | (b << 8)));
                     } else {
-                        // 0x4b, 0, 0, q: the f32 2^23 + q.
-                        f[b] = __uint_as_float(__byte_perm(q, 0x4b000000u, 0x7540u | b)) - 8388608.0f;
+                        f[b] = two23_plus_byte(q, b) - 8388608.0f;
                     }
                 }
 #pragma unroll
