@@ -436,6 +436,27 @@ fn sampled_on_host(
     history.split_off(prompt.len())
 }
 
+/// Generates `n` tokens after `prompt` with `config` through [`generate`], checks that
+/// it took `path` and gave the tokens of [`sampled_on_host`]; returns them. `context`
+/// names the case in the failure messages.
+fn generated_as_on_host(
+    model: &mut Model<CpuBackend>,
+    prompt: &[u32],
+    n: usize,
+    config: SamplerConfig,
+    path: SamplingPath,
+    context: &str,
+) -> Vec<u32> {
+    let (tokens, took) = generated(model, prompt, n, config);
+    assert_eq!(took, path, "{context} {config:?}");
+    assert_eq!(
+        tokens,
+        sampled_on_host(model, prompt, n, config),
+        "{context} {config:?}"
+    );
+    tokens
+}
+
 fn settings(temperature: f32, top_k: usize, top_p: f32, min_p: f32, seed: u64) -> SamplerConfig {
     SamplerConfig {
         temperature,
@@ -456,12 +477,14 @@ fn sampling_on_device_gives_the_tokens_of_the_logits_path() {
     for s in [specs()[0], specs()[3]] {
         let bytes = gguf_bytes(&s, &random_weights(&s, &mut rng));
         let mut model = load(&bytes, DType::F32);
-        let (greedy, path) = generated(&mut model, &prompt, n, SamplerConfig::greedy());
-        assert_eq!(path, SamplingPath::Device);
-        assert_eq!(
-            greedy,
-            sampled_on_host(&mut model, &prompt, n, SamplerConfig::greedy()),
-            "{s:?} greedy"
+        let context = format!("{s:?}");
+        let greedy = generated_as_on_host(
+            &mut model,
+            &prompt,
+            n,
+            SamplerConfig::greedy(),
+            SamplingPath::Device,
+            &context,
         );
         for config in [
             settings(0.8, 40, 0.9, 0.05, 11),
@@ -476,12 +499,13 @@ fn sampling_on_device_gives_the_tokens_of_the_logits_path() {
                 ..settings(0.9, 20, 0.95, 0.05, 17)
             },
         ] {
-            let (on_device, path) = generated(&mut model, &prompt, n, config);
-            assert_eq!(path, SamplingPath::Device, "{config:?}");
-            assert_eq!(
-                on_device,
-                sampled_on_host(&mut model, &prompt, n, config),
-                "{s:?} {config:?}"
+            generated_as_on_host(
+                &mut model,
+                &prompt,
+                n,
+                config,
+                SamplingPath::Device,
+                &context,
             );
         }
         // The draws reach the device: a hot, unrestricted sampler leaves the argmax.
@@ -508,13 +532,13 @@ fn the_repetition_penalty_samples_on_the_host() {
     };
     let (plain, _) = generated(&mut model, &prompt, n, SamplerConfig::greedy());
     for config in [SamplerConfig::greedy(), settings(0.8, 40, 0.9, 0.05, 3)] {
-        let config = penalized(config);
-        let (tokens, path) = generated(&mut model, &prompt, n, config);
-        assert_eq!(path, SamplingPath::Host, "{config:?}");
-        assert_eq!(
-            tokens,
-            sampled_on_host(&mut model, &prompt, n, config),
-            "{config:?}"
+        generated_as_on_host(
+            &mut model,
+            &prompt,
+            n,
+            penalized(config),
+            SamplingPath::Host,
+            "penalized",
         );
     }
     let (greedy_penalized, _) =
