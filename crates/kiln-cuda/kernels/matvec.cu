@@ -1,6 +1,6 @@
 // Matrix-vector product for decode: out[i, j] = sum_l x[i, l] * W[j, l] (+ bias[j])
 // for i < m <= M activation rows (M in 1, 2, 4, 8), W of n rows in any weight format.
-// Memory-bound: the weight is read once per call for all activation rows. Two kernels:
+// Memory-bound: the weight is read once per call for all activation rows. Three kernels:
 //
 // matvec_packed, for the formats the backend stores as planes (quant.cuh, PACKED):
 // - A warp owns R consecutive weight rows; the block's warps are independent.
@@ -17,6 +17,11 @@
 //   activation row accumulates s = sum (1 + q / 128) x / 2 over a scale group, so that
 //   sum q x = 256 s - 128 sum x; 8-bit quants become 2^23 + q, less 2^23. Then
 //   acc += scale * sum q x + zero * sum x per group (values are scale * q + zero).
+//
+// matvec_resident, for one activation row of the packed formats where it measured
+// faster (ops/matmul.rs): the units and arithmetic of matvec_packed, but each block
+// stages all of x once, and the grid is one wave of warps with equal numbers of rows,
+// each warp streaming its rows with its next units in flight and no further barrier.
 //
 // matvec (staged), for the dense formats and the GGUF-layout quantized ones:
 // - A block of 256 threads owns ROWS consecutive weight rows.
@@ -465,6 +470,156 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
                 out[(u64)i * n + row0 + r] = bias ? s + bias[row0 + r] : s;
             }
         }
+    }
+}
+
+
+// Units of W a lane of matvec_resident loads per step: the next step's units are in
+// flight while these are used.
+template <typename W>
+__host__ __device__ constexpr u32 resident_units() {
+    return W::UNITS_IN_FLIGHT > 1 ? W::UNITS_IN_FLIGHT / 2 : 1;
+}
+
+// Floats of matvec_resident's shared memory per unit of k and activation row: the
+// unit's UNIT_ELEMS activations, PACKED_PAD, and the sums of its scale groups.
+template <typename W>
+__host__ __device__ constexpr u32 resident_unit_floats() {
+    return W::UNIT_ELEMS + PACKED_PAD + W::UNIT_ELEMS / W::GROUP_ELEMS;
+}
+
+// The mat-vec of a packed weight with all of x resident in shared memory (kiln
+// instantiates it for M = 1, where x is smallest).
+// Grid: any number of blocks of THREADS; warp w of the grid's G warps owns weight rows
+// w * P .. (w + 1) * P (P = ceil(n / G)), so a grid of at most one wave gives every
+// warp the same work and no block waits on another. Dynamic shared memory: M rows of
+// k / UNIT_ELEMS units of resident_unit_floats<W>() floats (M * k / UNIT_ELEMS *
+// resident_unit_floats<W>() * 4 bytes).
+// ALIGNED: every plane of every row starts at a multiple of 16 bytes.
+//
+// Each lane issues the loads of its first units, then the block stages x (zeros for
+// rows >= m) with the sum of each scale group's activations, laid out as in
+// matvec_packed but for all of k; after one barrier every warp walks its rows in steps
+// of 32 * U units, a lane's next units in flight while it accumulates the current
+// ones, and writes each row's sums as it finishes the row.
+template <typename W, u32 M, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+    matvec_resident(const u8* __restrict__ w, const float* __restrict__ x,
+                    const float* __restrict__ bias, float* __restrict__ out, u32 m, u32 n, u32 k,
+                    u64 row_bytes) {
+    constexpr u32 A = ALIGNED ? 16 : 2;
+    constexpr u32 U = resident_units<W>();
+    constexpr u32 WARPS = THREADS / 32;
+    constexpr u32 UNIT_FLOATS = W::UNIT_ELEMS + PACKED_PAD;
+    constexpr u32 GROUPS_PER_UNIT = W::UNIT_ELEMS / W::GROUP_ELEMS;
+    constexpr u32 GROUP_VECTORS = W::GROUP_ELEMS / 4;  // float4s per scale group
+    constexpr u32 BATCH = 4;  // float4s a thread loads before it stores the first
+    typedef typename W::Unit Unit;
+    extern __shared__ __align__(16) float xs[];
+
+    const u32 units = k / W::UNIT_ELEMS;
+    const u32 nb = k / W::BLOCK_ELEMS;
+    const u32 stride = units * UNIT_FLOATS;
+    const u32 groups = units * GROUPS_PER_UNIT;
+    float* sums = xs + M * stride;
+
+    const u32 lane = threadIdx.x & 31u;
+    const u32 warps = gridDim.x * WARPS;
+    const u32 per_warp = n / warps + (n % warps != 0);
+    const u32 warp = blockIdx.x * WARPS + threadIdx.x / 32;
+    const u32 row_end = (u32)min((u64)n, (u64)(warp + 1) * per_warp);
+    const u32 row_begin = (u32)min((u64)row_end, (u64)warp * per_warp);
+    u32 row = row_begin;
+
+    // The step at `row`, units c0 + lane + 32 a (c0 warp-uniform), into t.
+    auto load_step = [&](u32 at_row, u32 c0, Unit (&t)[U][1]) {
+        const u8* r = w + (u64)at_row * row_bytes;
+#pragma unroll
+        for (u32 a = 0; a < U; ++a) {
+            if (c0 + lane + 32 * a < units) {
+                t[a][0] = W::template load_unit<A>(r, nb, c0 + lane + 32 * a);
+            }
+        }
+    };
+    Unit cur[U][1], next[U][1];
+    u32 c0 = 0;
+    if (row < row_end) {
+        load_step(row, c0, cur);
+    }
+
+    // x and the group sums: a group's float4s are consecutive v, so consecutive lanes
+    // of one warp-uniform batch entry.
+    const u32 row_vectors = k / 4;
+    const u32 vectors = M * row_vectors;
+    for (u32 v0 = threadIdx.x - lane; v0 < vectors; v0 += BATCH * THREADS) {
+        float4 p[BATCH];
+#pragma unroll
+        for (u32 b = 0; b < BATCH; ++b) {
+            const u32 v = v0 + b * THREADS + lane;
+            const u32 i = v / row_vectors;
+            p[b] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (v < vectors && i < m) {
+                p[b] = *reinterpret_cast<const float4*>(x + (u64)i * k + v % row_vectors * 4);
+            }
+        }
+#pragma unroll
+        for (u32 b = 0; b < BATCH; ++b) {
+            if (v0 + b * THREADS >= vectors) {
+                break;  // warp-uniform
+            }
+            const u32 v = v0 + b * THREADS + lane;
+            const u32 i = v / row_vectors, e = v % row_vectors * 4;
+            float sum = (p[b].x + p[b].y) + (p[b].z + p[b].w);
+#pragma unroll
+            for (u32 o = 1; o < GROUP_VECTORS; o *= 2) {
+                sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            }
+            if (v < vectors) {
+                *reinterpret_cast<float4*>(xs + i * stride + e + e / W::UNIT_ELEMS * PACKED_PAD) = p[b];
+                if (v % GROUP_VECTORS == 0) {
+                    // Group g of unit u at [g][u], so that lanes (units) read distinct banks.
+                    const u32 group = e / W::GROUP_ELEMS;
+                    sums[i * groups + group % GROUPS_PER_UNIT * units + group / GROUPS_PER_UNIT] = sum;
+                }
+            }
+        }
+    }
+    __syncthreads();
+
+    float acc[1][M] = {};
+    while (row < row_end) {
+        u32 next_row = row, next_c0 = c0 + 32 * U;
+        if (next_c0 >= units) {
+            ++next_row;
+            next_c0 = 0;
+        }
+        if (next_row < row_end) {
+            load_step(next_row, next_c0, next);
+        }
+#pragma unroll
+        for (u32 a = 0; a < U; ++a) {
+            const u32 unit = c0 + lane + 32 * a;
+            if (unit < units) {
+                accumulate_unit<W, M, 1>(cur[a], xs + unit * UNIT_FLOATS, stride, sums + unit, units,
+                                         groups, acc);
+            }
+        }
+        if (next_row != row) {
+#pragma unroll
+            for (u32 i = 0; i < M; ++i) {
+                const float s = warp_sum(acc[0][i]);
+                acc[0][i] = 0.0f;
+                if (lane == 0 && i < m) {
+                    out[(u64)i * n + row] = bias ? s + bias[row] : s;
+                }
+            }
+        }
+#pragma unroll
+        for (u32 a = 0; a < U; ++a) {
+            cur[a][0] = next[a][0];
+        }
+        row = next_row;
+        c0 = next_c0;
     }
 }
 

@@ -48,8 +48,10 @@ impl DeviceBuffer for CudaBuffer {
 /// Executes graphs on one CUDA device, with kernels from an NVRTC registry.
 pub struct CudaBackend {
     device: Arc<CudaDevice>,
+    multiprocessors: u32,
     registry: KernelRegistry<NvrtcCompiler>,
     attention_workspace: ops::attention::Workspace,
+    resident_warps: ops::matmul::ResidentWarps,
 }
 
 impl CudaBackend {
@@ -69,10 +71,14 @@ impl CudaBackend {
     pub fn on_device(device: Arc<CudaDevice>, cache: CacheConfig) -> Result<Self> {
         let compiler =
             NvrtcCompiler::new(Arc::clone(device.context()), device.compute_capability())?;
+        // A count the driver reports, positive and far below u32::MAX.
+        let multiprocessors = device.multiprocessors()?.max(1) as u32;
         Ok(Self {
             device,
+            multiprocessors,
             registry: KernelRegistry::new(compiler, cache),
             attention_workspace: ops::attention::Workspace::default(),
+            resident_warps: ops::matmul::ResidentWarps::default(),
         })
     }
 
@@ -84,6 +90,16 @@ impl CudaBackend {
     /// The device.
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.device
+    }
+
+    /// How many warps of each resident mat-vec launch shape fit the device at once.
+    pub(crate) fn resident_warps(&self) -> &ops::matmul::ResidentWarps {
+        &self.resident_warps
+    }
+
+    /// The device's streaming multiprocessors.
+    pub fn multiprocessors(&self) -> u32 {
+        self.multiprocessors
     }
 
     /// The stream every launch goes to.

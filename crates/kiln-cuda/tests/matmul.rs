@@ -53,43 +53,89 @@ fn up_to_eight_rows_run_on_the_matvec_tier_that_holds_them() {
         .check()
         .unwrap();
         match plan.kernel {
+            // One Q4_K row runs on the resident kernel.
+            MatMulKernel::MatVecResident { aligned, .. } => {
+                assert_eq!((1, aligned), (tier, true), "m = {m}")
+            }
             MatMulKernel::MatVecPacked {
                 m_tier, aligned, ..
-            } => assert_eq!((m_tier, aligned), (tier, true), "m = {m}"),
+            } => {
+                assert_eq!((m_tier, aligned), (tier, true), "m = {m}");
+                assert_eq!(plan.config.block_dim, (256, 1, 1));
+            }
             other => panic!("m = {m} runs on {other:?}"),
         }
-        assert_eq!(plan.config.block_dim, (256, 1, 1));
     }
 }
 
 #[test]
-fn a_packed_matvec_grid_gives_each_warp_two_weight_rows() {
+fn one_q4_k_activation_row_runs_on_the_resident_kernel() {
     let plan = args().check().unwrap();
     assert_eq!(
         plan.kernel,
-        MatMulKernel::MatVecPacked {
-            m_tier: 1,
-            rows: 2,
+        MatMulKernel::MatVecResident {
+            threads: 1024,
+            min_blocks: 1,
             aligned: true
         }
     );
-    // 8 warps of 2 rows per block.
-    assert_eq!(plan.config.grid_dim, (4096 / 16, 1, 1));
+    assert_eq!(plan.config.block_dim, (1024, 1, 1));
+    // One row per warp until the launch fits the grid to the device.
+    assert_eq!(plan.config.grid_dim, (4096 / 32, 1, 1));
     assert_eq!(
         plan.spec.name_expression,
-        "kiln::matvec_packed<kiln::Q4_K, 1, 2, true>"
+        "kiln::matvec_resident<kiln::Q4_K, 1, true, 1024, 1>"
     );
-    // One round's activations: 32 lanes x 2 units of 64 Q4_K elements, each unit's
-    // followed by 4 floats of padding, then the sums of the units' 2 scale groups.
-    assert_eq!(plan.config.shared_mem_bytes, 32 * 2 * (64 + 4 + 2) * 4);
+    // All of x: 64 units of 64 Q4_K elements, each followed by 4 floats of padding,
+    // then the sums of the units' 2 scale groups each.
+    assert_eq!(plan.config.shared_mem_bytes, 64 * (64 + 4 + 2) * 4);
 }
 
 #[test]
-fn a_q4_0_matvec_grid_gives_each_warp_one_weight_row() {
+fn a_reduction_too_long_for_shared_memory_runs_on_the_packed_kernel() {
+    // 24576 Q4_K elements: 384 units of 70 floats, 105 KiB, above the 96 KiB limit.
+    let k = 24576;
     let plan = MatMulArgs {
-        weight: DType::Q4_0,
-        w_bytes: DType::Q4_0.bytes_for(4096 * 4096).unwrap(),
-        w_packed: Some((DType::Q4_0, 4096)),
+        k,
+        x_bytes: k * 4,
+        w_bytes: DType::Q4K.bytes_for(4096 * k).unwrap(),
+        w_packed: Some((DType::Q4K, k)),
+        ..args()
+    }
+    .check()
+    .unwrap();
+    assert!(
+        matches!(plan.kernel, MatMulKernel::MatVecPacked { m_tier: 1, .. }),
+        "{:?}",
+        plan.kernel
+    );
+}
+
+#[test]
+fn the_resident_grid_is_one_wave_of_warps_with_equal_rows() {
+    use kiln_cuda::ops::matmul::resident_blocks;
+    // An H100 at two blocks of 16 warps per multiprocessor.
+    let resident = 132 * 2 * 16;
+    assert_eq!(resident_blocks(4096, resident, 16), 256);
+    // 4 rows per warp: 3584 warps.
+    assert_eq!(resident_blocks(14336, resident, 16), 224);
+    for n in (1..20_000).step_by(7).chain([151_936, 1 << 20]) {
+        let blocks = resident_blocks(n, resident, 16);
+        let warps = blocks * 16;
+        assert!(warps <= resident.max(16), "n = {n}: {blocks} blocks");
+        // The kernel's rows per warp: every row has a warp, and no block is idle.
+        let per_warp = n.div_ceil(warps);
+        assert!(per_warp * warps >= n, "n = {n}");
+        assert!((blocks - 1) * 16 * per_warp < n, "n = {n}: an idle block");
+    }
+}
+
+#[test]
+fn a_q5_0_matvec_grid_gives_each_warp_one_weight_row() {
+    let plan = MatMulArgs {
+        weight: DType::Q5_0,
+        w_bytes: DType::Q5_0.bytes_for(4096 * 4096).unwrap(),
+        w_packed: Some((DType::Q5_0, 4096)),
         ..args()
     }
     .check()
@@ -109,14 +155,78 @@ fn a_q4_0_matvec_grid_gives_each_warp_one_weight_row() {
 }
 
 #[test]
+fn a_packed_matvec_grid_gives_each_warp_two_weight_rows() {
+    let plan = MatMulArgs {
+        m: 2,
+        x_bytes: 2 * 4096 * 4,
+        out_bytes: 2 * 4096 * 4,
+        ..args()
+    }
+    .check()
+    .unwrap();
+    assert_eq!(
+        plan.kernel,
+        MatMulKernel::MatVecPacked {
+            m_tier: 2,
+            rows: 2,
+            aligned: true
+        }
+    );
+    // 8 warps of 2 rows per block.
+    assert_eq!(plan.config.grid_dim, (4096 / 16, 1, 1));
+    assert_eq!(
+        plan.spec.name_expression,
+        "kiln::matvec_packed<kiln::Q4_K, 2, 2, true>"
+    );
+    // One round's activations of 2 rows: 32 lanes x 2 units of 64 Q4_K elements,
+    // each unit's followed by 4 floats of padding, then the sums of its 2 groups.
+    assert_eq!(plan.config.shared_mem_bytes, 2 * 32 * 2 * (64 + 4 + 2) * 4);
+}
+
+#[test]
 fn packed_planes_that_are_not_16_byte_aligned_use_the_unaligned_kernel() {
-    // 3 blocks of Q4_0 per row: 54-byte rows.
-    let plan = three_block_rows(DType::Q4_0).check().unwrap();
+    // 3 blocks of 32 per row: 54-byte Q4_0 rows, 102-byte Q8_0 rows.
+    let rows = |dtype: DType, n: usize| MatMulArgs {
+        n,
+        w_bytes: n * dtype.bytes_for(96).unwrap(),
+        out_bytes: n * 4,
+        ..three_block_rows(dtype)
+    };
+    let plan = rows(DType::Q4_0, 4096).check().unwrap();
     assert!(
         matches!(
             plan.kernel,
-            MatMulKernel::MatVecPacked { aligned: false, .. }
+            MatMulKernel::MatVecResident { aligned: false, .. }
         ),
+        "{:?}",
+        plan.kernel
+    );
+    for plan in [rows(DType::Q8_0, 4096), rows(DType::Q4_0, 5)] {
+        let plan = plan.check().unwrap();
+        assert!(
+            matches!(
+                plan.kernel,
+                MatMulKernel::MatVecPacked { aligned: false, .. }
+            ),
+            "{:?}",
+            plan.kernel
+        );
+    }
+}
+
+#[test]
+fn fewer_than_4096_weight_rows_run_on_the_packed_kernel() {
+    let plan = MatMulArgs {
+        n: 4095,
+        out_bytes: 4095 * 4,
+        bias_bytes: None,
+        w_bytes: 4095 * 16 * 144,
+        ..args()
+    }
+    .check()
+    .unwrap();
+    assert!(
+        matches!(plan.kernel, MatMulKernel::MatVecPacked { m_tier: 1, .. }),
         "{:?}",
         plan.kernel
     );
@@ -461,6 +571,17 @@ fn matvec_matches_cpu_for_every_weight_dtype_and_row_count() {
         }
         // Aligned planes for every packed format, two rounds of Q6_K units per lane.
         compare(cuda, &mut rng, dtype, 1, 67, 8192, false);
+        // More weight rows than warps fit the device: the resident kernel gives each
+        // warp several consecutive rows, the last warp fewer.
+        compare(
+            cuda,
+            &mut rng,
+            dtype,
+            1,
+            9001,
+            3 * dtype.block_size().max(32),
+            true,
+        );
     }
 }
 

@@ -13,7 +13,12 @@ use super::common::{
     allow_dynamic_shared, config, grid_dim, launch, weight_tag, MAX_GRID_X, MAX_GRID_YZ,
 };
 use super::{check_bytes, check_nonzero, check_packed, count, to_u32};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::context::driver_error;
 use crate::manifest::{MATMUL, MATVEC};
+use crate::nvrtc::CudaKernel;
 use crate::registry::KernelSpec;
 use crate::{packing, CudaBackend, CudaBuffer};
 
@@ -65,6 +70,14 @@ pub enum MatMulKernel {
         rows: u32,
         aligned: bool,
     },
+    /// kernels/matvec.cu's `matvec_resident` for one activation row of a weight in the
+    /// planes layout: blocks of `threads` that hold all of x in shared memory, compiled
+    /// for `min_blocks` blocks per multiprocessor; `aligned` as for `MatVecPacked`.
+    MatVecResident {
+        threads: u32,
+        min_blocks: u32,
+        aligned: bool,
+    },
     /// kernels/matmul.cu.
     MatMat,
 }
@@ -111,6 +124,45 @@ fn packed_rows(dtype: DType, m_tier: u32) -> u32 {
     }
 }
 
+/// Threads per block and blocks per multiprocessor of `matvec_resident` for one
+/// activation row of `dtype`, or `None` where `matvec_packed` measured faster at the
+/// benchmark's shapes (docs/perf.md, "The resident mat-vec").
+fn resident_shape(dtype: DType) -> Option<(u32, u32)> {
+    match dtype {
+        DType::Q4_0 | DType::Q4_1 => Some((512, 2)),
+        DType::Q5_1 | DType::Q4K | DType::Q5K => Some((1024, 1)),
+        // More registers than 64 per thread, which its units need without spilling.
+        DType::Q6K => Some((512, 1)),
+        _ => None,
+    }
+}
+
+/// Fewest weight rows `matvec_resident` is chosen for: with fewer, its blocks of 16
+/// or 32 warps (one row each) leave multiprocessors of an H100 idle, and
+/// `matvec_packed`'s blocks of 8 warps spread further (docs/perf.md).
+const RESIDENT_MIN_ROWS: usize = 4096;
+
+/// Most dynamic shared memory `matvec_resident` is chosen with: a block fits every
+/// GPU kiln targets (sm_80 and later allow at least 99 KiB per block).
+const RESIDENT_MAX_SHARED: usize = 96 * 1024;
+
+/// Dynamic shared memory of `matvec_resident` for one activation row of `k`
+/// elements: per unit, its activations, 4 floats of padding and its groups' sums
+/// (matvec.cu's resident_unit_floats).
+fn resident_shared(dtype: DType, k: usize) -> usize {
+    let (unit, _, group) = packed_unit(dtype);
+    k / unit * (unit + 4 + unit / group) * 4
+}
+
+/// Blocks of `warps_per_block` warps for `matvec_resident` over `n` weight rows when
+/// `resident_warps` warps fit the device at once: each warp takes
+/// ceil(n / resident_warps) rows, and the grid has just the warps that needs, so that
+/// it is one wave in which every warp has the same work.
+pub fn resident_blocks(n: usize, resident_warps: usize, warps_per_block: u32) -> usize {
+    let rows_per_warp = n.div_ceil(resident_warps.max(1));
+    n.div_ceil(rows_per_warp * warps_per_block as usize)
+}
+
 /// The largest power of two dividing a block of `dtype`, at most 16: the alignment
 /// every block start has.
 fn block_alignment(dtype: DType) -> u32 {
@@ -154,17 +206,27 @@ fn matvec_shared(dtype: DType, rows: u32, stages: u32) -> u32 {
 /// The mat-vec kernel for `m` activation rows of a weight with rows of `k` elements in
 /// `row_bytes`: `matvec_packed` for packed dtypes; else the staged kernel, with 16-byte
 /// staging loads when rows are 16-byte multiples, else the block alignment.
-fn matvec_kernel(dtype: DType, m: usize, k: usize, row_bytes: usize) -> MatMulKernel {
+fn matvec_kernel(dtype: DType, m: usize, n: usize, k: usize, row_bytes: usize) -> MatMulKernel {
     let m_tier = M_TIERS
         .into_iter()
         .find(|&t| t as usize >= m)
         .unwrap_or(M_TIERS[M_TIERS.len() - 1]);
+    let aligned = packing::planes_aligned(dtype, k);
+    if let Some((threads, min_blocks)) = resident_shape(dtype) {
+        if m_tier == 1 && n >= RESIDENT_MIN_ROWS && resident_shared(dtype, k) <= RESIDENT_MAX_SHARED
+        {
+            return MatMulKernel::MatVecResident {
+                threads,
+                min_blocks,
+                aligned,
+            };
+        }
+    }
     if packing::is_packed(dtype) {
         return MatMulKernel::MatVecPacked {
             m_tier,
             rows: packed_rows(dtype, m_tier),
-            // Checks the row length too: the last plane ends where the row does.
-            aligned: packing::planes_aligned(dtype, k),
+            aligned,
         };
     }
     let load = if row_bytes % 16 == 0 {
@@ -205,6 +267,17 @@ pub fn spec(dtype: DType, kernel: MatMulKernel) -> Result<KernelSpec> {
             ),
             format!("kiln::matvec_packed<{tag}, {m_tier}, {rows}, {aligned}>"),
         ),
+        MatMulKernel::MatVecResident {
+            threads,
+            min_blocks,
+            aligned,
+        } => MATVEC.spec(
+            format!(
+                "matvec_resident|w={dtype}|threads={threads}|min_blocks={min_blocks}|aligned={}",
+                u8::from(aligned)
+            ),
+            format!("kiln::matvec_resident<{tag}, 1, {aligned}, {threads}, {min_blocks}>"),
+        ),
         MatMulKernel::MatMat => {
             MATMUL.spec(format!("matmat|w={dtype}"), format!("kiln::matmul<{tag}>"))
         }
@@ -219,6 +292,16 @@ pub(crate) fn all_specs() -> Vec<KernelSpec> {
         for m_tier in M_TIERS {
             if packing::is_packed(dtype) {
                 for aligned in [true, false] {
+                    if let (1, Some((threads, min_blocks))) = (m_tier, resident_shape(dtype)) {
+                        kernels.push((
+                            dtype,
+                            MatMulKernel::MatVecResident {
+                                threads,
+                                min_blocks,
+                                aligned,
+                            },
+                        ));
+                    }
                     kernels.push((
                         dtype,
                         MatMulKernel::MatVecPacked {
@@ -251,6 +334,43 @@ pub(crate) fn all_specs() -> Vec<KernelSpec> {
         .into_iter()
         .filter_map(|(d, k)| spec(d, k).ok())
         .collect()
+}
+
+/// Warps of `matvec_resident` that fit the device at once, per kernel and shared
+/// memory size: the driver's occupancy, asked once for each.
+#[derive(Default)]
+pub struct ResidentWarps {
+    known: Mutex<HashMap<(String, u32), usize>>,
+}
+
+impl ResidentWarps {
+    /// Warps of `kernel` launched with `config`'s block and shared memory that the
+    /// device's multiprocessors hold at once.
+    fn get(
+        &self,
+        backend: &CudaBackend,
+        kernel: &CudaKernel,
+        config: &LaunchConfig,
+    ) -> Result<usize> {
+        let key = (kernel.key.clone(), config.shared_mem_bytes);
+        // A poisoned lock still holds whole entries (each is inserted in one step).
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&warps) = known.get(&key) {
+            return Ok(warps);
+        }
+        let threads = config.block_dim.0;
+        let blocks = kernel
+            .function
+            .occupancy_max_active_blocks_per_multiprocessor(
+                threads,
+                config.shared_mem_bytes as usize,
+                None,
+            )
+            .map_err(|e| driver_error(&format!("{}: its occupancy", kernel.key), e))?;
+        let warps = backend.multiprocessors() as usize * blocks as usize * (threads / 32) as usize;
+        known.insert(key, warps);
+        Ok(warps)
+    }
 }
 
 /// A matmul's shape, weight dtype and operand sizes in bytes.
@@ -326,14 +446,24 @@ impl MatMulArgs {
         )?;
         let row_bytes = self.weight.bytes_for(self.k)?;
         let (kernel, launch_config) = if self.m <= MATVEC_MAX_ROWS {
-            let kernel = matvec_kernel(self.weight, self.m, self.k, row_bytes);
-            let (rows_per_block, shared) = match kernel {
-                MatMulKernel::MatVec { rows, stages, .. } => {
-                    (rows, matvec_shared(self.weight, rows, stages))
-                }
+            let kernel = matvec_kernel(self.weight, self.m, self.n, self.k, row_bytes);
+            let (threads, rows_per_block, shared) = match kernel {
+                MatMulKernel::MatVec { rows, stages, .. } => (
+                    MATVEC_THREADS,
+                    rows,
+                    matvec_shared(self.weight, rows, stages),
+                ),
                 MatMulKernel::MatVecPacked { m_tier, rows, .. } => (
+                    MATVEC_THREADS,
                     rows * MATVEC_THREADS / 32,
                     packed_shared(self.weight, m_tier),
+                ),
+                // One row per warp; `matmul` fits the grid to the device.
+                MatMulKernel::MatVecResident { threads, .. } => (
+                    threads,
+                    threads / 32,
+                    // At most RESIDENT_MAX_SHARED.
+                    resident_shared(self.weight, self.k) as u32,
                 ),
                 MatMulKernel::MatMat => unreachable!("matvec_kernel returns a mat-vec kernel"),
             };
@@ -343,7 +473,7 @@ impl MatMulArgs {
                 self.n.div_ceil(rows_per_block as usize),
                 MAX_GRID_X,
             )?;
-            (kernel, config((blocks, 1, 1), MATVEC_THREADS, shared))
+            (kernel, config((blocks, 1, 1), threads, shared))
         } else {
             let x = grid_dim(OP, "n", self.n.div_ceil(MATMAT_TILE), MAX_GRID_X)?;
             let y = grid_dim(OP, "m", self.m.div_ceil(MATMAT_TILE), MAX_GRID_YZ)?;
@@ -390,6 +520,14 @@ pub fn matmul(
     .check()?;
     let kernel = backend.kernel(&plan.spec)?;
     allow_dynamic_shared(&kernel, &plan.config)?;
+    let mut launch_config = plan.config;
+    if let MatMulKernel::MatVecResident { threads, .. } = plan.kernel {
+        let warps = backend
+            .resident_warps()
+            .get(backend, &kernel, &plan.config)?;
+        // At most the plan's blocks (one row per warp), which fit the grid.
+        launch_config.grid_dim.0 = resident_blocks(n, warps, threads / 32) as u32;
+    }
     let null: u64 = 0;
     let mut args = backend.stream().launch_builder(&kernel.function);
     args.arg(w.slice()).arg(x.slice());
@@ -403,8 +541,9 @@ pub fn matmul(
         .arg(&plan.k)
         .arg(&plan.row_bytes);
     // SAFETY: the arguments match `kiln::matvec<W, M, ROWS, LOAD, STAGES>`,
-    // `kiln::matvec_packed<W, M, R, ALIGNED>` and `kiln::matmul<W>`: (const u8* w, const float* x, const float* bias, float* out,
+    // `kiln::matvec_packed<W, M, R, ALIGNED>`, `kiln::matvec_resident<W, 1, ALIGNED,
+    // THREADS, MIN_BLOCKS>` and `kiln::matmul<W>`: (const u8* w, const float* x, const float* bias, float* out,
     // u32 m, u32 n, u32 k, u64 row_bytes); the buffers hold their elements (checked),
     // bias is null or holds n values, and the mat-vec tier holds m rows.
-    unsafe { launch(&plan.spec, &mut args, plan.config) }
+    unsafe { launch(&plan.spec, &mut args, launch_config) }
 }
