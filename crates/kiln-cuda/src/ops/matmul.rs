@@ -3,7 +3,11 @@
 //! kernel (kernels/matmul.cu) above (prefill).
 //!
 //! Weights of the dtypes of [`packing::packed_planes`] must be in the planes layout
-//! ([`kiln_core::Backend::upload_weight`]); their mat-vec is `matvec_packed`.
+//! ([`kiln_core::Backend::upload_weight`]); their mat-vec is `matvec_resident` (one
+//! activation row of the dtypes of `resident_shape`) or `matvec_packed`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use kiln_core::ops::WEIGHT_DTYPES;
@@ -13,8 +17,6 @@ use super::common::{
     allow_dynamic_shared, config, grid_dim, launch, weight_tag, MAX_GRID_X, MAX_GRID_YZ,
 };
 use super::{check_bytes, check_nonzero, check_packed, count, to_u32};
-use std::collections::HashMap;
-use std::sync::Mutex;
 
 use crate::context::driver_error;
 use crate::manifest::{MATMUL, MATVEC};
