@@ -41,6 +41,11 @@ fn three_block_rows(dtype: DType) -> MatMulArgs {
     }
 }
 
+/// The kernel the dispatch picks for `args`, which must be valid.
+fn kernel_of(args: MatMulArgs) -> MatMulKernel {
+    args.check().unwrap().kernel
+}
+
 #[test]
 fn up_to_eight_rows_run_on_the_matvec_tier_that_holds_them() {
     for (m, tier) in [(1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (8, 8)] {
@@ -95,19 +100,16 @@ fn one_q4_k_activation_row_runs_on_the_resident_kernel() {
 fn a_reduction_too_long_for_shared_memory_runs_on_the_packed_kernel() {
     // 24576 Q4_K elements: 384 units of 70 floats, 105 KiB, above the 96 KiB limit.
     let k = 24576;
-    let plan = MatMulArgs {
+    let kernel = kernel_of(MatMulArgs {
         k,
         x_bytes: k * 4,
         w_bytes: DType::Q4K.bytes_for(4096 * k).unwrap(),
         w_packed: Some((DType::Q4K, k)),
         ..args()
-    }
-    .check()
-    .unwrap();
+    });
     assert!(
-        matches!(plan.kernel, MatMulKernel::MatVecPacked { m_tier: 1, .. }),
-        "{:?}",
-        plan.kernel
+        matches!(kernel, MatMulKernel::MatVecPacked { m_tier: 1, .. }),
+        "{kernel:?}"
     );
 }
 
@@ -192,43 +194,32 @@ fn packed_planes_that_are_not_16_byte_aligned_use_the_unaligned_kernel() {
         out_bytes: n * 4,
         ..three_block_rows(dtype)
     };
-    let plan = rows(DType::Q4_0, 4096).check().unwrap();
+    let kernel = kernel_of(rows(DType::Q4_0, 4096));
     assert!(
-        matches!(
-            plan.kernel,
-            MatMulKernel::MatVecResident { aligned: false, .. }
-        ),
-        "{:?}",
-        plan.kernel
+        matches!(kernel, MatMulKernel::MatVecResident { aligned: false, .. }),
+        "{kernel:?}"
     );
-    for plan in [rows(DType::Q8_0, 4096), rows(DType::Q4_0, 5)] {
-        let plan = plan.check().unwrap();
+    for args in [rows(DType::Q8_0, 4096), rows(DType::Q4_0, 5)] {
+        let kernel = kernel_of(args);
         assert!(
-            matches!(
-                plan.kernel,
-                MatMulKernel::MatVecPacked { aligned: false, .. }
-            ),
-            "{:?}",
-            plan.kernel
+            matches!(kernel, MatMulKernel::MatVecPacked { aligned: false, .. }),
+            "{kernel:?}"
         );
     }
 }
 
 #[test]
 fn fewer_than_4096_weight_rows_run_on_the_packed_kernel() {
-    let plan = MatMulArgs {
+    let kernel = kernel_of(MatMulArgs {
         n: 4095,
         out_bytes: 4095 * 4,
         bias_bytes: None,
         w_bytes: 4095 * 16 * 144,
         ..args()
-    }
-    .check()
-    .unwrap();
+    });
     assert!(
-        matches!(plan.kernel, MatMulKernel::MatVecPacked { m_tier: 1, .. }),
-        "{:?}",
-        plan.kernel
+        matches!(kernel, MatMulKernel::MatVecPacked { m_tier: 1, .. }),
+        "{kernel:?}"
     );
 }
 
@@ -324,11 +315,10 @@ fn matvec_tiles_in_flight_fill_64_kib_of_shared_memory() {
 #[test]
 fn rows_that_are_not_16_byte_multiples_use_the_block_alignment() {
     // 3 blocks of IQ4_NL take 54 bytes: loads of 2 bytes.
-    let plan = three_block_rows(DType::IQ4NL).check().unwrap();
+    let kernel = kernel_of(three_block_rows(DType::IQ4NL));
     assert!(
-        matches!(plan.kernel, MatMulKernel::MatVec { load: 2, .. }),
-        "{:?}",
-        plan.kernel
+        matches!(kernel, MatMulKernel::MatVec { load: 2, .. }),
+        "{kernel:?}"
     );
 }
 
