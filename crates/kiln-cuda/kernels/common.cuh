@@ -1,5 +1,6 @@
 // Shared helpers for kiln's kernels: integer types, element-type tags with their
-// conversions to and from f32, and block-wide reductions.
+// conversions to and from f32, block-wide reductions, grid indexing, and the
+// ordering of a kernel after the ones before it in the stream.
 #pragma once
 
 namespace kiln {
@@ -99,6 +100,34 @@ __device__ __forceinline__ u64 global_index() {
 
 __device__ __forceinline__ u64 grid_stride() {
     return (u64)gridDim.x * blockDim.x;
+}
+
+// Programmatic dependent launch. On devices of compute capability 9.0 and later kiln
+// launches every kernel so that it may start while the kernel before it in the
+// stream is still running (src/launch.rs); both calls are no-ops elsewhere and in a
+// kernel launched without that.
+// - allow_next_grid(): the next kernel's blocks may start (they wait in their own
+//   wait_for_prior_grids()).
+// - wait_for_prior_grids(): returns once every earlier kernel of the stream has
+//   completed and its writes are visible. A kernel calls it before it reads anything
+//   an earlier kernel may write or writes anything one may read: before it the only
+//   reads allowed are of weights, which only host copies write.
+__device__ __forceinline__ void allow_next_grid() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Both, first thing in a kernel with nothing to do before the wait.
+__device__ __forceinline__ void chain_after_prior_grids() {
+    allow_next_grid();
+    wait_for_prior_grids();
 }
 
 }  // namespace kiln

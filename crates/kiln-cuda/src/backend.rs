@@ -1,5 +1,6 @@
 //! The CUDA backend: device buffers, transfers, and graph execution on one stream.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::result::DriverError;
@@ -52,7 +53,12 @@ pub struct CudaBackend {
     registry: KernelRegistry<NvrtcCompiler>,
     attention_workspace: ops::attention::Workspace,
     resident_warps: ops::matmul::ResidentWarps,
+    programmatic_launch: AtomicBool,
 }
+
+/// The environment variable that, set to `0`, turns programmatic dependent launch off
+/// ([`CudaBackend::programmatic_launch`]).
+pub const PROGRAMMATIC_LAUNCH_ENV: &str = "KILN_PROGRAMMATIC_LAUNCH";
 
 impl CudaBackend {
     /// A backend on device `ordinal` with the disk cache the environment configures
@@ -73,13 +79,32 @@ impl CudaBackend {
             NvrtcCompiler::new(Arc::clone(device.context()), device.compute_capability())?;
         // A count the driver reports, positive and far below u32::MAX.
         let multiprocessors = device.multiprocessors()?.max(1) as u32;
+        let programmatic_launch = supports_programmatic_launch(&device)
+            && std::env::var(PROGRAMMATIC_LAUNCH_ENV).map_or(true, |v| v != "0");
         Ok(Self {
             device,
             multiprocessors,
             registry: KernelRegistry::new(compiler, cache),
             attention_workspace: ops::attention::Workspace::default(),
             resident_warps: ops::matmul::ResidentWarps::default(),
+            programmatic_launch: AtomicBool::new(programmatic_launch),
         })
+    }
+
+    /// Whether launches let each kernel start before the one before it in the stream
+    /// ends (programmatic dependent launch, [`crate::launch`]). On by default where
+    /// the device has it (compute capability 9.0 and later), unless
+    /// `KILN_PROGRAMMATIC_LAUNCH=0`.
+    pub fn programmatic_launch(&self) -> bool {
+        self.programmatic_launch.load(Ordering::Relaxed)
+    }
+
+    /// Turns programmatic dependent launch on or off for the launches that follow;
+    /// returns whether it is now on (never where the device lacks it).
+    pub fn set_programmatic_launch(&self, on: bool) -> bool {
+        let on = on && supports_programmatic_launch(&self.device);
+        self.programmatic_launch.store(on, Ordering::Relaxed);
+        on
     }
 
     /// Scratch memory of the attention kernels' split decode.
@@ -283,6 +308,12 @@ impl CudaBackend {
             }
         }
     }
+}
+
+/// Whether `device` has programmatic dependent launch (compute capability 9.0 and
+/// later).
+fn supports_programmatic_launch(device: &CudaDevice) -> bool {
+    device.compute_capability().0 >= 9
 }
 
 impl Backend for CudaBackend {

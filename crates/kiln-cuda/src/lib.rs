@@ -16,6 +16,7 @@
 
 pub mod backend;
 pub mod context;
+pub(crate) mod launch;
 pub mod manifest;
 pub mod nvrtc;
 pub mod ops;

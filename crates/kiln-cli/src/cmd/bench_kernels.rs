@@ -11,7 +11,11 @@
 //!
 //! Each measurement enqueues its launches behind a long copy (so the host's launch
 //! overhead is hidden), times them with CUDA events, and cycles through enough copies
-//! of its operands that they cannot stay in the L2 cache between launches.
+//! of its operands that they cannot stay in the L2 cache between launches. Launches
+//! are plain (each kernel starts after the one before it ends), except the mat-vec
+//! rows labelled "chained" on devices with programmatic dependent launch: there each
+//! launch may start while the one before it finishes, as the kernels of a decode
+//! step do.
 
 use std::sync::Arc;
 
@@ -172,11 +176,18 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
         timer: EventTimer::new(&backend, args.copy_mib << 20)?,
     };
     let copy = bench.timer.copy_bandwidth(&backend, args.reps)?;
+    let chaining = backend.set_programmatic_launch(true);
+    backend.set_programmatic_launch(false);
     let mut families = Vec::new();
     for dtype in &args.formats {
         let mut rows = Vec::new();
         for (n, k) in WEIGHT_SHAPES {
-            rows.push(bench.matvec(*dtype, n, k)?);
+            rows.push(bench.matvec(*dtype, n, k, false)?);
+            if chaining {
+                backend.set_programmatic_launch(true);
+                rows.push(bench.matvec(*dtype, n, k, true)?);
+                backend.set_programmatic_launch(false);
+            }
         }
         families.push((
             format!("mat-vec, 1 activation row, {dtype} weight (n x k)"),
@@ -284,10 +295,13 @@ impl Bench<'_> {
             .collect()
     }
 
-    fn matvec(&mut self, dtype: DType, n: usize, k: usize) -> Result<Measurement> {
+    /// The mat-vec measurement of an `n x k` weight of `dtype`; `chained` labels one
+    /// taken with programmatic dependent launch on.
+    fn matvec(&mut self, dtype: DType, n: usize, k: usize, chained: bool) -> Result<Measurement> {
+        let how = if chained { ", chained" } else { "" };
         Ok(Measurement {
             family: "matvec",
-            label: format!("{n} x {k}"),
+            label: format!("{n} x {k}{how}"),
             bytes: matvec_bytes(dtype, 1, n, k)?,
             flops: 0.0,
             seconds: self.matmul(dtype, 1, n, k)?,

@@ -1,10 +1,11 @@
 //! Dispatch for [`kiln_core::ops::Argmax`] (kernels/argmax.cu).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::common::{config, grid_dim, launch, MAX_GRID_X};
 use super::{check_bytes, check_nonzero, count};
+use crate::launch::KernelArgs;
 use crate::manifest::ARGMAX;
 use crate::registry::KernelSpec;
 use crate::{CudaBackend, CudaBuffer};
@@ -79,9 +80,9 @@ pub fn argmax(
     }
     .check()?;
     let kernel = backend.kernel(&plan.spec)?;
-    let mut args = backend.stream().launch_builder(&kernel.function);
+    let mut args = KernelArgs::new(backend);
     args.arg(x.slice()).arg(out.slice_mut()).arg(&plan.cols);
     // SAFETY: the arguments match `kiln::argmax(const float* x, int* out, u32 cols)`;
     // x holds rows * cols values and out rows indices (checked), one block per row.
-    unsafe { launch(&plan.spec, &mut args, plan.config) }
+    unsafe { launch(&kernel, &mut args, plan.config) }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use kiln_core::{Backend, DType, DeviceBuffer, Error, Result};
 
 use super::common::{
@@ -11,6 +11,7 @@ use super::common::{
     MAX_GRID_YZ,
 };
 use super::{check_bytes, check_nonzero, count, to_u32};
+use crate::launch::KernelArgs;
 use crate::manifest::ATTENTION;
 use crate::registry::KernelSpec;
 use crate::{CudaBackend, CudaBuffer};
@@ -429,7 +430,7 @@ pub fn attention(
         .and_then(|held| held.as_mut())
         .map(|w| w.slice_mut().split_at_mut(COUNTER_SLOTS * 4));
     let null: u64 = 0;
-    let mut args = backend.stream().launch_builder(&kernel.function);
+    let mut args = KernelArgs::new(backend);
     args.arg(q.slice())
         .arg(k_cache.slice())
         .arg(v_cache.slice())
@@ -470,5 +471,5 @@ pub fn attention(
     // u32 window, float softcap, u32 heads_per_block, u32 tokens_per_block)`; the
     // buffers hold their elements (checked); the workspace holds the zeroed counters
     // and the partials of every split, and stays locked until the launch is queued.
-    unsafe { launch(&plan.spec, &mut args, plan.config) }
+    unsafe { launch(&kernel, &mut args, plan.config) }
 }

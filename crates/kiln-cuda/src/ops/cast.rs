@@ -1,11 +1,10 @@
 //! Dispatch for [`kiln_core::ops::Cast`] (kernels/cast.cu).
 
-use cudarc::driver::PushKernelArg;
 use kiln_core::ops::FLOAT_DTYPES;
 use kiln_core::{DType, Result};
 
 use super::{check_buffer, check_dtype, check_nonzero, grid_1d};
-use crate::context::driver_error;
+use crate::launch::KernelArgs;
 use crate::manifest::CAST;
 use crate::registry::KernelSpec;
 use crate::{CudaBackend, CudaBuffer};
@@ -54,11 +53,9 @@ pub fn cast(
     check_buffer("cast", "out", out, to, len)?;
     let kernel = backend.kernel(&spec)?;
     let n = len as u64;
-    let mut launch = backend.stream().launch_builder(&kernel.function);
-    launch.arg(x.slice()).arg(out.slice_mut()).arg(&n);
+    let mut args = KernelArgs::new(backend);
+    args.arg(x.slice()).arg(out.slice_mut()).arg(&n);
     // SAFETY: the arguments match `kiln::cast<In, Out>(const In*, Out*, u64)`; both
     // buffers hold `len` elements of their dtypes (checked above).
-    unsafe { launch.launch(grid_1d(len)) }
-        .map_err(|e| driver_error(&format!("launching {}", spec.key), e))?;
-    Ok(())
+    unsafe { crate::launch::launch(&kernel, &mut args, grid_1d(len)) }
 }

@@ -1,14 +1,13 @@
 //! Helpers shared by the dispatch modules of the kernel catalogue: the kernel tags of
-//! weight and cache dtypes, grid limits, and the launch itself.
+//! weight and cache dtypes, grid limits, dynamic shared memory, and the launch itself.
 
-use cudarc::driver::{sys, LaunchArgs, LaunchConfig};
+use cudarc::driver::{sys, LaunchConfig};
 use kiln_core::ops::WEIGHT_DTYPES;
 use kiln_core::{DType, Error, Result};
 
 use super::check_dtype;
 use crate::context::driver_error;
 use crate::nvrtc::CudaKernel;
-use crate::registry::KernelSpec;
 
 /// The decoder of a weight dtype in kernels/quant.cuh.
 pub(crate) fn weight_tag(op: &str, dtype: DType) -> Result<&'static str> {
@@ -91,18 +90,4 @@ pub(crate) fn allow_dynamic_shared(kernel: &CudaKernel, config: &LaunchConfig) -
         .map_err(|e| driver_error(&format!("{}: raising its shared memory", kernel.key), e))
 }
 
-/// Launches the arguments pushed so far with `config`.
-///
-/// # Safety
-/// The arguments must match the parameters of `spec`'s kernel in number, order and
-/// type, and every buffer the kernel touches under `config` must be large enough.
-pub(crate) unsafe fn launch(
-    spec: &KernelSpec,
-    args: &mut LaunchArgs<'_>,
-    config: LaunchConfig,
-) -> Result<()> {
-    // SAFETY: the caller's contract.
-    unsafe { args.launch(config) }
-        .map(|_| ())
-        .map_err(|e| driver_error(&format!("launching {}", spec.key), e))
-}
+pub(crate) use crate::launch::launch;

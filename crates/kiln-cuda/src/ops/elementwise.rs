@@ -1,11 +1,10 @@
 //! Dispatch for [`kiln_core::ops::Elementwise`] (kernels/elementwise.cu).
 
-use cudarc::driver::PushKernelArg;
 use kiln_core::ops::ElementwiseKind;
 use kiln_core::{DType, Result};
 
 use super::{check_buffer, check_nonzero, grid_1d};
-use crate::context::driver_error;
+use crate::launch::KernelArgs;
 use crate::manifest::ELEMENTWISE;
 use crate::registry::KernelSpec;
 use crate::{CudaBackend, CudaBuffer};
@@ -59,15 +58,12 @@ pub fn elementwise(
     let spec = spec(kind);
     let kernel = backend.kernel(&spec)?;
     let n = len as u64;
-    let mut launch = backend.stream().launch_builder(&kernel.function);
-    launch
-        .arg(a.slice())
+    let mut args = KernelArgs::new(backend);
+    args.arg(a.slice())
         .arg(b.slice())
         .arg(out.slice_mut())
         .arg(&n);
     // SAFETY: the arguments match `kiln::elementwise<F>(const float*, const float*,
     // float*, u64)`; every buffer holds `len` f32 values (checked above).
-    unsafe { launch.launch(grid_1d(len)) }
-        .map_err(|e| driver_error(&format!("launching {}", spec.key), e))?;
-    Ok(())
+    unsafe { crate::launch::launch(&kernel, &mut args, grid_1d(len)) }
 }

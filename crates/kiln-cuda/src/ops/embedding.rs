@@ -1,11 +1,12 @@
 //! Dispatch for [`kiln_core::ops::Embedding`] (kernels/embedding.cu).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use kiln_core::ops::WEIGHT_DTYPES;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::common::{config, grid_dim, launch, weight_tag, MAX_GRID_X, MAX_GRID_YZ};
 use super::{check_bytes, check_nonzero, check_packed, count, to_u32};
+use crate::launch::KernelArgs;
 use crate::manifest::EMBEDDING;
 use crate::registry::KernelSpec;
 use crate::{CudaBackend, CudaBuffer};
@@ -129,7 +130,7 @@ pub fn embedding(
     }
     .check()?;
     let kernel = backend.kernel(&plan.spec)?;
-    let mut args = backend.stream().launch_builder(&kernel.function);
+    let mut args = KernelArgs::new(backend);
     args.arg(table.slice())
         .arg(ids.slice())
         .arg(out.slice_mut())
@@ -140,5 +141,5 @@ pub fn embedding(
     // float* out, u32 vocab, u32 dim, u64 row_bytes)`; the buffers hold the table,
     // the ids and the output (checked), and the kernel reads table rows only for ids
     // in 0..vocab.
-    unsafe { launch(&plan.spec, &mut args, plan.config) }
+    unsafe { launch(&kernel, &mut args, plan.config) }
 }

@@ -1,10 +1,11 @@
 //! Dispatch for [`kiln_core::ops::KvAppend`] (kernels/kv_cache.cu).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use kiln_core::{DType, DeviceBuffer, Result};
 
 use super::common::{cache_tag, config, grid_dim, launch, CACHE_DTYPES, MAX_GRID_X};
 use super::{check_bytes, check_nonzero, count, to_u32};
+use crate::launch::KernelArgs;
 use crate::manifest::KV_CACHE;
 use crate::registry::KernelSpec;
 use crate::{CudaBackend, CudaBuffer};
@@ -128,7 +129,7 @@ pub fn kv_append(
     }
     .check()?;
     let kernel = backend.kernel(&plan.spec)?;
-    let mut args = backend.stream().launch_builder(&kernel.function);
+    let mut args = KernelArgs::new(backend);
     args.arg(src.slice())
         .arg(positions.slice())
         .arg(cache.slice_mut())
@@ -140,5 +141,5 @@ pub fn kv_append(
     // positions, C::storage* cache, u32 n_tokens, u32 n_kv_heads, u32 head_dim, u32
     // capacity)`; the buffers hold their elements (checked) and the kernel writes only
     // rows at positions in 0..capacity.
-    unsafe { launch(&plan.spec, &mut args, plan.config) }
+    unsafe { launch(&kernel, &mut args, plan.config) }
 }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use kiln_core::ops::WEIGHT_DTYPES;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
@@ -19,6 +19,7 @@ use super::common::{
 use super::{check_bytes, check_nonzero, check_packed, count, to_u32};
 
 use crate::context::driver_error;
+use crate::launch::KernelArgs;
 use crate::manifest::{MATMUL, MATVEC};
 use crate::nvrtc::CudaKernel;
 use crate::registry::KernelSpec;
@@ -531,7 +532,7 @@ pub fn matmul(
         launch_config.grid_dim.0 = resident_blocks(n, warps, threads / 32) as u32;
     }
     let null: u64 = 0;
-    let mut args = backend.stream().launch_builder(&kernel.function);
+    let mut args = KernelArgs::new(backend);
     args.arg(w.slice()).arg(x.slice());
     match bias {
         Some(b) => args.arg(b.slice()),
@@ -547,5 +548,5 @@ pub fn matmul(
     // THREADS, MIN_BLOCKS>` and `kiln::matmul<W>`: (const u8* w, const float* x, const float* bias, float* out,
     // u32 m, u32 n, u32 k, u64 row_bytes); the buffers hold their elements (checked),
     // bias is null or holds n values, and the mat-vec tier holds m rows.
-    unsafe { launch(&plan.spec, &mut args, launch_config) }
+    unsafe { launch(&kernel, &mut args, launch_config) }
 }

@@ -1,11 +1,11 @@
 //! Dispatch for [`kiln_core::ops::RmsNorm`] and [`kiln_core::ops::AddRmsNorm`]
 //! (kernels/norm.cu).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use kiln_core::{DType, Error, Result};
 
 use super::{check_buffer, check_nonzero, count, to_u32};
-use crate::context::driver_error;
+use crate::launch::KernelArgs;
 use crate::manifest::NORM;
 use crate::registry::KernelSpec;
 use crate::{CudaBackend, CudaBuffer};
@@ -125,25 +125,25 @@ fn launch(
     let kernel = backend.kernel(&spec)?;
     // Null pointers stand for the operands this specialisation never reads.
     let null: u64 = 0;
-    let mut launch = backend.stream().launch_builder(&kernel.function);
-    launch.arg(x.slice());
+    let mut args = KernelArgs::new(backend);
+    args.arg(x.slice());
     let (residual, sum) = match fused {
         Some(f) => (Some(f.residual), Some(f.sum)),
         None => (None, None),
     };
     match residual {
-        Some(r) => launch.arg(r.slice()),
-        None => launch.arg(&null),
+        Some(r) => args.arg(r.slice()),
+        None => args.arg(&null),
     };
     match weight {
-        Some(w) => launch.arg(w.slice()),
-        None => launch.arg(&null),
+        Some(w) => args.arg(w.slice()),
+        None => args.arg(&null),
     };
     match sum {
-        Some(s) => launch.arg(s.slice_mut()),
-        None => launch.arg(&null),
+        Some(s) => args.arg(s.slice_mut()),
+        None => args.arg(&null),
     };
-    launch.arg(out.slice_mut()).arg(&dim32).arg(&eps);
+    args.arg(out.slice_mut()).arg(&dim32).arg(&eps);
     let cfg = LaunchConfig {
         grid_dim: (grid_rows, 1, 1),
         block_dim: (threads_for(dim32), 1, 1),
@@ -153,7 +153,5 @@ fn launch(
     // float* x, const float* residual, const float* weight, float* sum, float* out,
     // u32 dim, float eps)`; the pointers a specialisation reads or writes are
     // non-null and hold `rows * dim` values (`dim` for the weight), checked above.
-    unsafe { launch.launch(cfg) }
-        .map_err(|e| driver_error(&format!("launching {}", spec.key), e))?;
-    Ok(())
+    unsafe { crate::launch::launch(&kernel, &mut args, cfg) }
 }

@@ -1,12 +1,13 @@
 //! Dispatch for [`kiln_core::ops::Rope`] and [`kiln_core::ops::HeadNormRope`]
 //! (kernels/rope.cu).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use kiln_core::ops::{RopeParams, RopeStyle};
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::common::{config, grid_dim, launch, MAX_GRID_X};
 use super::{check_bytes, check_nonzero, count, to_u32};
+use crate::launch::KernelArgs;
 use crate::manifest::ROPE;
 use crate::registry::KernelSpec;
 use crate::{CudaBackend, CudaBuffer};
@@ -187,7 +188,7 @@ pub fn rope(
     .check()?;
     let kernel = backend.kernel(&plan.spec)?;
     let null: u64 = 0;
-    let mut args = backend.stream().launch_builder(&kernel.function);
+    let mut args = KernelArgs::new(backend);
     args.arg(x.slice()).arg(positions.slice());
     match freq_factors {
         Some(f) => args.arg(f.slice()),
@@ -203,7 +204,7 @@ pub fn rope(
     // positions, const float* freq_factors, float* out, u32 n_heads, u32 head_dim, u32
     // rotary_dim, float base, float freq_scale)`; the buffers hold their elements
     // (checked), freq_factors is null or holds rotary_dim / 2 values.
-    unsafe { launch(&plan.spec, &mut args, plan.config) }
+    unsafe { launch(&kernel, &mut args, plan.config) }
 }
 
 /// Per-head RMSNorm (optional `weight` of `head_dim` values) then RoPE, as
@@ -237,7 +238,7 @@ pub fn head_norm_rope(
     .check()?;
     let kernel = backend.kernel(&plan.spec)?;
     let null: u64 = 0;
-    let mut args = backend.stream().launch_builder(&kernel.function);
+    let mut args = KernelArgs::new(backend);
     args.arg(x.slice());
     match weight {
         Some(w) => args.arg(w.slice()),
@@ -261,5 +262,5 @@ pub fn head_norm_rope(
     // n_heads, u32 head_dim, u32 rotary_dim, float base, float freq_scale, float eps,
     // u64 n_heads_total)`; the buffers hold their elements (checked); weight and
     // freq_factors are null or hold head_dim and rotary_dim / 2 values.
-    unsafe { launch(&plan.spec, &mut args, plan.config) }
+    unsafe { launch(&kernel, &mut args, plan.config) }
 }

@@ -1,12 +1,13 @@
 //! Dispatch for [`kiln_core::ops::Sample`] (kernels/sample.cu; with `temperature <= 0`
 //! the argmax kernel, which step 1 of the definition is).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use kiln_core::ops::{SampleParams, SAMPLE_LANES};
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::common::{config, grid_dim, launch, MAX_GRID_X};
 use super::{check_bytes, check_nonzero, count};
+use crate::launch::KernelArgs;
 use crate::manifest::SAMPLE;
 use crate::registry::KernelSpec;
 use crate::{CudaBackend, CudaBuffer};
@@ -127,7 +128,7 @@ pub fn sample(
         return super::argmax::argmax(backend, logits, out, rows, vocab);
     }
     let kernel = backend.kernel(&plan.spec)?;
-    let mut launch_args = backend.stream().launch_builder(&kernel.function);
+    let mut launch_args = KernelArgs::new(backend);
     launch_args
         .arg(logits.slice())
         .arg(uniform.slice())
@@ -141,5 +142,5 @@ pub fn sample(
     // float* uniform, int* out, u32 vocab, float temperature, u32 top_k, float top_p,
     // float min_p)`; logits holds rows * vocab values, uniform and out rows each
     // (checked), one block of LANES threads per row.
-    unsafe { launch(&plan.spec, &mut launch_args, plan.config) }
+    unsafe { launch(&kernel, &mut launch_args, plan.config) }
 }

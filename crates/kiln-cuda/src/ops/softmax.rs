@@ -1,10 +1,11 @@
 //! Dispatch for [`kiln_core::ops::Softmax`] (kernels/softmax.cu).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::common::{config, grid_dim, launch, MAX_GRID_X};
 use super::{check_bytes, check_nonzero, count, to_u32};
+use crate::launch::KernelArgs;
 use crate::manifest::SOFTMAX;
 use crate::registry::KernelSpec;
 use crate::{CudaBackend, CudaBuffer};
@@ -95,7 +96,7 @@ pub fn softmax(
     }
     .check()?;
     let kernel = backend.kernel(&plan.spec)?;
-    let mut args = backend.stream().launch_builder(&kernel.function);
+    let mut args = KernelArgs::new(backend);
     args.arg(x.slice())
         .arg(out.slice_mut())
         .arg(&plan.cols)
@@ -104,5 +105,5 @@ pub fn softmax(
     // SAFETY: the arguments match `kiln::softmax<Causal>(const float* x, float* out,
     // u32 cols, float scale, u64 causal_offset)`; x and out hold rows * cols values
     // (checked), one block per row.
-    unsafe { launch(&plan.spec, &mut args, plan.config) }
+    unsafe { launch(&kernel, &mut args, plan.config) }
 }
