@@ -36,7 +36,7 @@ __device__ __forceinline__ Best warp_best(Best b) {
 }
 
 __global__ void argmax(const float* __restrict__ x, int* __restrict__ out, u32 cols) {
-    chain_after_prior_grids();
+    chain_after_prior_grids(x);
     __shared__ float values[32];
     __shared__ u32 columns[32];
     const float* xr = x + (u64)blockIdx.x * cols;

@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(AD_THREADS)
                      float* __restrict__ work, u32* __restrict__ counters, u32 n_heads,
                      u32 n_kv_heads, u32 head_dim, u32 capacity, float scale, u32 window,
                      float softcap) {
-    chain_after_prior_grids();
+    chain_after_prior_grids(q, k_cache, v_cache, positions);
     __shared__ __align__(16) float qs[GMAX][MAX_HEAD_DIM];  // queries, later the sums
     __shared__ float probs[GMAX][AD_TILE];
     __shared__ float alpha_s[GMAX], max_s[GMAX], sum_s[GMAX];
@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(AP_THREADS)
                       const int* __restrict__ positions, float* __restrict__ out, u32 n_tokens,
                       u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 capacity, float scale,
                       u32 window, float softcap, u32 heads_per_block, u32 tokens_per_block) {
-    chain_after_prior_grids();
+    chain_after_prior_grids(q, k_cache, v_cache, positions);
     extern __shared__ __align__(16) float shared[];
     const u32 ld = head_dim + 1;
     float* qs = shared;

@@ -7,7 +7,7 @@ namespace kiln {
 template <typename In, typename Out>
 __global__ void cast(const typename In::storage* __restrict__ x,
                      typename Out::storage* __restrict__ out, u64 len) {
-    chain_after_prior_grids();
+    chain_after_prior_grids(x);
     for (u64 i = global_index(); i < len; i += grid_stride()) {
         out[i] = Out::store(In::load(x[i]));
     }

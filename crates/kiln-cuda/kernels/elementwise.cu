@@ -31,7 +31,7 @@ struct GeluMul {
 template <typename F>
 __global__ void elementwise(const float* __restrict__ a, const float* __restrict__ b,
                             float* __restrict__ out, u64 len) {
-    chain_after_prior_grids();
+    chain_after_prior_grids(a, b);
     for (u64 i = global_index(); i < len; i += grid_stride()) {
         out[i] = F::apply(a[i], b[i]);
     }

@@ -10,7 +10,7 @@ namespace kiln {
 template <typename W>
 __global__ void embedding(const u8* __restrict__ table, const int* __restrict__ ids,
                           float* __restrict__ out, u32 vocab, u32 dim, u64 row_bytes) {
-    chain_after_prior_grids();
+    chain_after_prior_grids(ids);
     const u32 t = blockIdx.x;
     const u32 e = 8u * (blockIdx.y * blockDim.x + threadIdx.x);
     if (e >= dim) {

@@ -12,7 +12,7 @@ template <typename C>
 __global__ void kv_append(const float* __restrict__ src, const int* __restrict__ positions,
                           typename C::storage* __restrict__ cache, u32 n_tokens,
                           u32 n_kv_heads, u32 head_dim, u32 capacity) {
-    chain_after_prior_grids();
+    chain_after_prior_grids(src, positions);
     const u32 t = blockIdx.x;
     const int pos = positions[t];
     if (pos < 0 || (u32)pos >= capacity) {

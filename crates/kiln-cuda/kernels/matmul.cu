@@ -43,7 +43,7 @@ template <typename W>
 __global__ void __launch_bounds__(MM_THREADS)
     matmul(const u8* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
            float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
-    chain_after_prior_grids();
+    chain_after_prior_grids(x);
     __shared__ __align__(16) u16 xs[MM_BM * MM_STRIDE];
     __shared__ __align__(16) u16 ws[MM_BN * MM_STRIDE];
 

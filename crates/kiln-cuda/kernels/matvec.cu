@@ -23,9 +23,10 @@
 // stages all of x once, and the grid is one wave of warps with equal numbers of rows,
 // each warp streaming its rows with its next units in flight and no further barrier.
 //
-// Under programmatic dependent launch (common.cuh) matvec_packed and matvec_resident
-// issue their first weight loads before they wait for the kernels before them, so
-// that those loads overlap the end of the previous kernel.
+// Under programmatic dependent launch (common.cuh) matvec_resident issues its first
+// weight loads before it waits for the kernels before it, so that they overlap the
+// end of the previous kernel. (Waiting after the first round's loads measured slower
+// for matvec_packed: ptxas then sinks those loads below the activations'.)
 //
 // matvec (staged), for the dense formats and the GGUF-layout quantized ones:
 // - A block of 256 threads owns ROWS consecutive weight rows.
@@ -152,7 +153,7 @@ template <typename W, u32 M, u32 ROWS, u32 LOAD, u32 STAGES>
 __global__ void __launch_bounds__(MATVEC_THREADS)
     matvec(const u8* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
            float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
-    chain_after_prior_grids();
+    chain_after_prior_grids(x);
     constexpr u32 TILE_BYTES = MATVEC_TILE_ELEMS / W::BLOCK_ELEMS * W::BLOCK_BYTES;
     constexpr u32 UNITS_PER_ROW = TILE_BYTES / LOAD;
     constexpr u32 UNITS = ROWS * UNITS_PER_ROW;
@@ -396,7 +397,7 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
     constexpr u32 STAGED = M * ROUND / 4 / MATVEC_THREADS;  // float4s per thread per round
     extern __shared__ __align__(16) float xs[];
     float* sums = xs + M * STRIDE;
-    allow_next_grid();
+    chain_after_prior_grids(x);
 
     const u32 lane = threadIdx.x & 31u;
     const u32 row0 = (blockIdx.x * (MATVEC_THREADS / 32) + threadIdx.x / 32) * R;
@@ -423,9 +424,6 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
                     t[a][r] = W::template load_unit<A>(rows[r], nb, u);
                 }
             }
-        }
-        if (k0 == 0) {
-            wait_for_prior_grids();  // the first round's weights are in flight
         }
         // Activations k0 .. k0 + ROUND of every row (zeros past k and for rows >= m),
         // and their group sums: a group's float4s are consecutive v, so consecutive
@@ -525,7 +523,6 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     constexpr u32 BATCH = 4;  // float4s a thread loads before it stores the first
     typedef typename W::Unit Unit;
     extern __shared__ __align__(16) float xs[];
-    allow_next_grid();
 
     const u32 units = k / W::UNIT_ELEMS;
     const u32 nb = k / W::BLOCK_ELEMS;
@@ -556,7 +553,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     if (row < row_end) {
         load_step(row, c0, cur);
     }
-    wait_for_prior_grids();  // the first step's weights are in flight
+    chain_after_prior_grids(x);  // the first step's weights are in flight
 
     // x and the group sums: a group's float4s are consecutive v, so consecutive lanes
     // of one warp-uniform batch entry.

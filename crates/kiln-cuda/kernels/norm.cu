@@ -11,7 +11,7 @@ template <bool HasWeight, bool AddResidual>
 __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ residual,
                          const float* __restrict__ weight, float* __restrict__ sum,
                          float* __restrict__ out, u32 dim, float eps) {
-    chain_after_prior_grids();
+    chain_after_prior_grids(x, residual);
     const u64 row_start = (u64)blockIdx.x * dim;
     const float* xr = x + row_start;
     float* outr = out + row_start;

@@ -47,7 +47,7 @@ __global__ void rope(const float* __restrict__ x, const int* __restrict__ positi
                      const float* __restrict__ freq_factors, float* __restrict__ out,
                      u32 n_heads, u32 head_dim, u32 rotary_dim, float base,
                      float freq_scale) {
-    chain_after_prior_grids();
+    chain_after_prior_grids(x, positions);
     const RopeArgs r = {positions, freq_factors, n_heads, head_dim, rotary_dim, base,
                         freq_scale};
     const u32 t = blockIdx.x;
@@ -83,7 +83,7 @@ __global__ void head_norm_rope(const float* __restrict__ x, const float* __restr
                                const float* __restrict__ freq_factors, float* __restrict__ out,
                                u32 n_heads, u32 head_dim, u32 rotary_dim, float base,
                                float freq_scale, float eps, u64 n_heads_total) {
-    chain_after_prior_grids();
+    chain_after_prior_grids(x, positions);
     const RopeArgs r = {positions, freq_factors, n_heads, head_dim, rotary_dim, base,
                         freq_scale};
     const u64 head_index = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;

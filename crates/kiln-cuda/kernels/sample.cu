@@ -152,7 +152,7 @@ template <u32 LANES>
 __global__ void __launch_bounds__(LANES)
     sample(const float* __restrict__ logits, const float* __restrict__ uniform, int* __restrict__ out,
            u32 vocab, float temperature, u32 top_k, float top_p, float min_p) {
-    chain_after_prior_grids();
+    chain_after_prior_grids(logits, uniform);
     __shared__ float sums[LANES];
     __shared__ u32 counts[LANES];
     __shared__ u64 composites[LANES];

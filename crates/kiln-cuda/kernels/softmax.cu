@@ -10,7 +10,7 @@ namespace kiln {
 template <bool Causal>
 __global__ void softmax(const float* __restrict__ x, float* __restrict__ out, u32 cols,
                         float scale, u64 causal_offset) {
-    chain_after_prior_grids();
+    chain_after_prior_grids(x);
     __shared__ float scratch[32];
     const u64 r = blockIdx.x;
     const float* xr = x + r * cols;

@@ -38,6 +38,7 @@ pub(crate) struct KernelArgs<'a> {
     backend: &'a CudaBackend,
     params: Vec<Param>,
     addresses: Vec<sys::CUdeviceptr>,
+    serialized: bool,
     _borrows: PhantomData<&'a ()>,
 }
 
@@ -48,8 +49,17 @@ impl<'a> KernelArgs<'a> {
             backend,
             params: Vec::new(),
             addresses: Vec::new(),
+            serialized: false,
             _borrows: PhantomData,
         }
+    }
+
+    /// Launches after the previous kernel ends even where programmatic launch is on:
+    /// for grids of many blocks per multiprocessor, whose blocks an early start would
+    /// crowd onto the multiprocessors the previous kernel frees first.
+    pub(crate) fn serialized(&mut self) -> &mut Self {
+        self.serialized = true;
+        self
     }
 
     /// Appends a parameter.
@@ -113,7 +123,8 @@ impl<'a, 'b, T> KernelArg<'a> for &'a mut CudaViewMut<'b, T> {
 }
 
 /// Launches `kernel` with `args` under `config` on the backend's stream, with
-/// programmatic dependent launch when [`CudaBackend::programmatic_launch`] is on.
+/// programmatic dependent launch when [`CudaBackend::programmatic_launch`] is on and
+/// `args` is not [`KernelArgs::serialized`].
 ///
 /// # Safety
 /// `args` must match the kernel's parameters in number, order and type, and every
@@ -142,7 +153,7 @@ pub(crate) unsafe fn launch(
         sharedMemBytes: config.shared_mem_bytes,
         hStream: backend.stream().cu_stream(),
         attrs: attributes.as_mut_ptr(),
-        numAttrs: u32::from(backend.programmatic_launch()),
+        numAttrs: u32::from(backend.programmatic_launch() && !args.serialized),
     };
     // SAFETY: the caller's contract for the parameters, whose pointers stay valid
     // (`args` is borrowed, unchanged, for the call); `launch_config` and the

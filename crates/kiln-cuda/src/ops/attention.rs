@@ -460,7 +460,8 @@ pub fn attention(
                 .arg(&plan.window)
                 .arg(&plan.softcap)
                 .arg(&plan.heads_per_block)
-                .arg(&plan.tokens_per_block);
+                .arg(&plan.tokens_per_block)
+                .serialized();
         }
     }
     // SAFETY: the arguments match `kiln::attention_decode<C, GROUP, QUADS>(q, k_cache,

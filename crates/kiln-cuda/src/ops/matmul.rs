@@ -543,6 +543,9 @@ pub fn matmul(
         .arg(&plan.n)
         .arg(&plan.k)
         .arg(&plan.row_bytes);
+    if plan.kernel == MatMulKernel::MatMat {
+        args.serialized();
+    }
     // SAFETY: the arguments match `kiln::matvec<W, M, ROWS, LOAD, STAGES>`,
     // `kiln::matvec_packed<W, M, R, ALIGNED>`, `kiln::matvec_resident<W, 1, ALIGNED,
     // THREADS, MIN_BLOCKS>` and `kiln::matmul<W>`: (const u8* w, const float* x, const float* bias, float* out,
