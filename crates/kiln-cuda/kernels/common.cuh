@@ -121,6 +121,7 @@ __device__ __forceinline__ u64 grid_stride() {
 template <typename Pointer>
 __device__ __forceinline__ void make_opaque(Pointer& p) {
     asm volatile("" : "+l"(p));
+    __builtin_assume(__isGlobal(p));
 }
 
 template <typename... Pointers>
