@@ -111,13 +111,15 @@ __device__ __forceinline__ u64 grid_stride() {
 //   anything an earlier kernel may write or writes anything one may read: before it
 //   the only reads allowed are of weights, which only host copies write. `inputs`
 //   are the kernel's pointers to what earlier kernels write: the call makes each
-//   opaque to the compiler, so that their loads are ordinary ones after the wait.
+//   opaque to the compiler (still known to point to global memory), so that their
+//   loads are ordinary global loads after the wait.
 //   (A `const T* __restrict__` parameter is otherwise read with ld.global.nc, whose
 //   data must not change while the kernel runs, and ptxas hoists such loads above
 //   the wait.)
 // - allow_next_grid(): the next kernel's blocks may start (they wait in their own
 //   wait_for_prior_grids()). A kernel calls it after its wait, so that at most two
 //   kernels of the stream run at once.
+// p, as a value the compiler cannot trace to a kernel parameter, in global memory.
 template <typename Pointer>
 __device__ __forceinline__ void make_opaque(Pointer& p) {
     asm volatile("" : "+l"(p));
