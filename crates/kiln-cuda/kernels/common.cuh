@@ -104,21 +104,21 @@ __device__ __forceinline__ u64 grid_stride() {
 
 // Programmatic dependent launch. On devices of compute capability 9.0 and later kiln
 // launches every kernel so that it may start while the kernel before it in the
-// stream is still running (src/launch.rs); the calls below are no-ops elsewhere and
-// in a kernel launched without that.
-// - wait_for_prior_grids(inputs...): returns once every earlier kernel of the stream
-//   has completed and its writes are visible. A kernel calls it before it reads
-//   anything an earlier kernel may write or writes anything one may read: before it
-//   the only reads allowed are of weights, which only host copies write. `inputs`
-//   are the kernel's pointers to what earlier kernels write: the call makes each
+// stream is still running (src/launch.rs). A kernel calls chain_after_prior_grids
+// before it reads anything an earlier kernel may write or writes anything one may
+// read: before it the only reads allowed are of weights, which only host copies
+// write. It
+// - waits until every earlier kernel of the stream has completed and its writes are
+//   visible (griddepcontrol.wait);
+// - makes each of `inputs`, the kernel's pointers to what earlier kernels write,
 //   opaque to the compiler (still known to point to global memory), so that their
-//   loads are ordinary global loads after the wait.
-//   (A `const T* __restrict__` parameter is otherwise read with ld.global.nc, whose
-//   data must not change while the kernel runs, and ptxas hoists such loads above
-//   the wait.)
-// - allow_next_grid(): the next kernel's blocks may start (they wait in their own
-//   wait_for_prior_grids()). A kernel calls it after its wait, so that at most two
-//   kernels of the stream run at once.
+//   loads are ordinary global loads after the wait. (A `const T* __restrict__`
+//   parameter is otherwise read with ld.global.nc, whose data must not change while
+//   the kernel runs, and ptxas hoists such loads above the wait.)
+// - then lets the next kernel's blocks start (griddepcontrol.launch_dependents;
+//   after the wait, so that at most two kernels of the stream run at once).
+// All no-ops below compute capability 9.0 and in a kernel launched without that.
+
 // p, as a value the compiler cannot trace to a kernel parameter, in global memory.
 template <typename Pointer>
 __device__ __forceinline__ void make_opaque(Pointer& p) {
@@ -127,24 +127,12 @@ __device__ __forceinline__ void make_opaque(Pointer& p) {
 }
 
 template <typename... Pointers>
-__device__ __forceinline__ void wait_for_prior_grids(Pointers&... inputs) {
+__device__ __forceinline__ void chain_after_prior_grids(Pointers&... inputs) {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
     (make_opaque(inputs), ...);
-#endif
-}
-
-__device__ __forceinline__ void allow_next_grid() {
-#if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;");
 #endif
-}
-
-// Both, first thing in a kernel with nothing to do before the wait.
-template <typename... Pointers>
-__device__ __forceinline__ void chain_after_prior_grids(Pointers&... inputs) {
-    wait_for_prior_grids(inputs...);
-    allow_next_grid();
 }
 
 }  // namespace kiln

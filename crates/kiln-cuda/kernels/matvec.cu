@@ -25,8 +25,8 @@
 //
 // Under programmatic dependent launch (common.cuh) matvec_resident issues its first
 // weight loads before it waits for the kernels before it, so that they overlap the
-// end of the previous kernel. (Waiting after the first round's loads measured slower
-// for matvec_packed: ptxas then sinks those loads below the activations'.)
+// end of the previous kernel. matvec_packed waits first thing: with its wait after the
+// first round's loads, ptxas moved those loads below the wait anyway.
 //
 // matvec (staged), for the dense formats and the GGUF-layout quantized ones:
 // - A block of 256 threads owns ROWS consecutive weight rows.

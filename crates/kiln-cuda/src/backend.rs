@@ -79,7 +79,7 @@ impl CudaBackend {
             NvrtcCompiler::new(Arc::clone(device.context()), device.compute_capability())?;
         // A count the driver reports, positive and far below u32::MAX.
         let multiprocessors = device.multiprocessors()?.max(1) as u32;
-        let programmatic_launch = supports_programmatic_launch(&device)
+        let programmatic_launch = device.has_programmatic_launch()
             && std::env::var(PROGRAMMATIC_LAUNCH_ENV).map_or(true, |v| v != "0");
         Ok(Self {
             device,
@@ -102,7 +102,7 @@ impl CudaBackend {
     /// Turns programmatic dependent launch on or off for the launches that follow;
     /// returns whether it is now on (never where the device lacks it).
     pub fn set_programmatic_launch(&self, on: bool) -> bool {
-        let on = on && supports_programmatic_launch(&self.device);
+        let on = on && self.device.has_programmatic_launch();
         self.programmatic_launch.store(on, Ordering::Relaxed);
         on
     }
@@ -308,12 +308,6 @@ impl CudaBackend {
             }
         }
     }
-}
-
-/// Whether `device` has programmatic dependent launch (compute capability 9.0 and
-/// later).
-fn supports_programmatic_launch(device: &CudaDevice) -> bool {
-    device.compute_capability().0 >= 9
 }
 
 impl Backend for CudaBackend {

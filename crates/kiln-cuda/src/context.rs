@@ -141,6 +141,12 @@ impl CudaDevice {
         self.compute_capability
     }
 
+    /// Whether the device has programmatic dependent launch (compute capability 9.0
+    /// and later; see [`crate::launch`]).
+    pub fn has_programmatic_launch(&self) -> bool {
+        self.compute_capability.0 >= 9
+    }
+
     /// The driver's CUDA version (`13000` for 13.0).
     pub fn driver_version(&self) -> i32 {
         self.driver_version

@@ -5,8 +5,8 @@
 //! Programmatic dependent launch (compute capability 9.0 and later) lets a kernel's
 //! blocks start while the kernel before it in the stream is still finishing. Every
 //! kiln kernel is written for it (kernels/common.cuh): it waits for the grids before
-//! it (`wait_for_prior_grids`) before it reads anything they may write or writes
-//! anything they may read, and only the mat-vec kernels do work before that wait
+//! it (`chain_after_prior_grids`) before it reads anything they may write or writes
+//! anything they may read, and only the resident mat-vec does work before that wait
 //! (loads of weights, which only host copies write).
 
 use std::ffi::c_void;

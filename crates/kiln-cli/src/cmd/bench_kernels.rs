@@ -176,7 +176,7 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
         timer: EventTimer::new(&backend, args.copy_mib << 20)?,
     };
     let copy = bench.timer.copy_bandwidth(&backend, args.reps)?;
-    let chaining = backend.set_programmatic_launch(true);
+    let chaining = device.has_programmatic_launch();
     backend.set_programmatic_launch(false);
     let mut families = Vec::new();
     for dtype in &args.formats {
