@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(AP_THREADS)
                       const int* __restrict__ positions, float* __restrict__ out, u32 n_tokens,
                       u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 capacity, float scale,
                       u32 window, float softcap, u32 heads_per_block, u32 tokens_per_block) {
-    chain_after_prior_grids(q, k_cache, v_cache, positions);
+    // Launched serialized (src/ops/attention.rs), so it does not chain (common.cuh).
     extern __shared__ __align__(16) float shared[];
     const u32 ld = head_dim + 1;
     float* qs = shared;

@@ -118,6 +118,9 @@ __device__ __forceinline__ u64 grid_stride() {
 // - then lets the next kernel's blocks start (griddepcontrol.launch_dependents;
 //   after the wait, so that at most two kernels of the stream run at once).
 // All no-ops below compute capability 9.0 and in a kernel launched without that.
+// A kernel the host always launches serialized (KernelArgs::serialized) does not call
+// it: stream order already puts it after the kernels before it, the next kernel's wait
+// covers it, and its activations keep their read-only (.nc) loads.
 
 // p, as a value the compiler cannot trace to a kernel parameter, in global memory.
 template <typename Pointer>

@@ -39,11 +39,12 @@ __device__ __forceinline__ u32 word_at(const u16* tile, u32 r, u32 c) {
     return *reinterpret_cast<const u32*>(tile + r * MM_STRIDE + c);
 }
 
+// Launched serialized (src/ops/matmul.rs), so it does not chain (common.cuh): stream
+// order alone puts it after the kernels before it, and x keeps its read-only loads.
 template <typename W>
 __global__ void __launch_bounds__(MM_THREADS)
     matmul(const u8* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
            float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
-    chain_after_prior_grids(x);
     __shared__ __align__(16) u16 xs[MM_BM * MM_STRIDE];
     __shared__ __align__(16) u16 ws[MM_BN * MM_STRIDE];
 

@@ -4,10 +4,11 @@
 //!
 //! Programmatic dependent launch (compute capability 9.0 and later) lets a kernel's
 //! blocks start while the kernel before it in the stream is still finishing. Every
-//! kiln kernel is written for it (kernels/common.cuh): it waits for the grids before
-//! it (`chain_after_prior_grids`) before it reads anything they may write or writes
-//! anything they may read, and only the resident mat-vec does work before that wait
-//! (loads of weights, which only host copies write).
+//! kiln kernel launched that way is written for it (kernels/common.cuh): it waits for
+//! the grids before it (`chain_after_prior_grids`) before it reads anything they may
+//! write or writes anything they may read, and only the resident mat-vec does work
+//! before that wait (loads of weights, which only host copies write). The kernels
+//! always launched [`KernelArgs::serialized`] do not wait.
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
@@ -56,7 +57,8 @@ impl<'a> KernelArgs<'a> {
 
     /// Launches after the previous kernel ends even where programmatic launch is on:
     /// for grids of many blocks per multiprocessor, whose blocks an early start would
-    /// crowd onto the multiprocessors the previous kernel frees first.
+    /// crowd onto the multiprocessors the previous kernel frees first. A kernel always
+    /// launched this way does not call `chain_after_prior_grids` (kernels/common.cuh).
     pub(crate) fn serialized(&mut self) -> &mut Self {
         self.serialized = true;
         self
