@@ -294,6 +294,35 @@ __host__ __device__ constexpr u32 packed_units() {
 // reads in distinct banks.
 constexpr u32 PACKED_PAD = 4;
 
+// Stages float4 v of activation row i, p = the row's elements e .. e + 3, in the shared
+// layout of matvec_packed and matvec_resident for `units` units of k per row: row i's
+// units at xs + i * units * (UNIT_ELEMS + PACKED_PAD), each unit's activations followed
+// by PACKED_PAD floats; and the sum of each scale group's activations, group g of unit
+// u at sums[i * units * GROUPS_PER_UNIT + g * units + u], so that lanes (units) read
+// distinct banks. A group's float4s are consecutive v, held by consecutive lanes: every
+// lane of the warp calls this (the sum is a shuffle across them); only lanes with
+// `store` write.
+template <typename W>
+__device__ __forceinline__ void stage_activations(const float4& p, u32 v, u32 i, u32 e, bool store,
+                                                  u32 units, float* xs, float* sums) {
+    constexpr u32 GROUP_VECTORS = W::GROUP_ELEMS / 4;
+    constexpr u32 GROUPS_PER_UNIT = W::UNIT_ELEMS / W::GROUP_ELEMS;
+    float sum = (p.x + p.y) + (p.z + p.w);
+#pragma unroll
+    for (u32 o = 1; o < GROUP_VECTORS; o *= 2) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    }
+    if (store) {
+        *reinterpret_cast<float4*>(xs + i * units * (W::UNIT_ELEMS + PACKED_PAD) + e +
+                                   e / W::UNIT_ELEMS * PACKED_PAD) = p;
+        if (v % GROUP_VECTORS == 0) {
+            const u32 group = e / W::GROUP_ELEMS;
+            sums[i * units * GROUPS_PER_UNIT + group % GROUPS_PER_UNIT * units +
+                 group / GROUPS_PER_UNIT] = sum;
+        }
+    }
+}
+
 // Adds to acc[r][i] the dot product of unit t[r] of weight row r with activation row
 // i, for r < R and i < M; the unit's activations are xs[i * stride + e], e < UNIT_ELEMS,
 // and the sum of those of its group g is sums[i * sums_stride + g * group_stride].
@@ -391,8 +420,6 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
     constexpr u32 ROUND = 32 * U * W::UNIT_ELEMS;  // elements of k per round
     constexpr u32 STRIDE = packed_stride<W, M>();
     constexpr u32 GROUPS = packed_groups<W, M>();
-    constexpr u32 GROUP_VECTORS = W::GROUP_ELEMS / 4;  // float4s per scale group
-    constexpr u32 GROUPS_PER_UNIT = W::UNIT_ELEMS / W::GROUP_ELEMS;
     static_assert(M * ROUND / 4 % MATVEC_THREADS == 0, "whole warps stage every round");
     constexpr u32 STAGED = M * ROUND / 4 / MATVEC_THREADS;  // float4s per thread per round
     extern __shared__ __align__(16) float xs[];
@@ -442,17 +469,7 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
         for (u32 j = 0; j < STAGED; ++j) {
             const u32 v = threadIdx.x + j * MATVEC_THREADS;
             const u32 i = v / (ROUND / 4), e = v % (ROUND / 4) * 4;
-            *reinterpret_cast<float4*>(xs + i * STRIDE + e + e / W::UNIT_ELEMS * PACKED_PAD) = p[j];
-            float sum = (p[j].x + p[j].y) + (p[j].z + p[j].w);
-#pragma unroll
-            for (u32 o = 1; o < GROUP_VECTORS; o *= 2) {
-                sum += __shfl_xor_sync(0xffffffffu, sum, o);
-            }
-            if (v % GROUP_VECTORS == 0) {
-                // Group g of unit u at [g][u], so that lanes (units) read distinct banks.
-                const u32 group = e / W::GROUP_ELEMS;
-                sums[i * GROUPS + group % GROUPS_PER_UNIT * (32 * U) + group / GROUPS_PER_UNIT] = sum;
-            }
+            stage_activations<W>(p[j], v, i, e, true, 32 * U, xs, sums);
         }
         __syncthreads();
 #pragma unroll
@@ -519,7 +536,6 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     constexpr u32 WARPS = THREADS / 32;
     constexpr u32 UNIT_FLOATS = W::UNIT_ELEMS + PACKED_PAD;
     constexpr u32 GROUPS_PER_UNIT = W::UNIT_ELEMS / W::GROUP_ELEMS;
-    constexpr u32 GROUP_VECTORS = W::GROUP_ELEMS / 4;  // float4s per scale group
     constexpr u32 BATCH = 4;  // float4s a thread loads before it stores the first
     typedef typename W::Unit Unit;
     extern __shared__ __align__(16) float xs[];
@@ -577,19 +593,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
             }
             const u32 v = v0 + b * THREADS + lane;
             const u32 i = v / row_vectors, e = v % row_vectors * 4;
-            float sum = (p[b].x + p[b].y) + (p[b].z + p[b].w);
-#pragma unroll
-            for (u32 o = 1; o < GROUP_VECTORS; o *= 2) {
-                sum += __shfl_xor_sync(0xffffffffu, sum, o);
-            }
-            if (v < vectors) {
-                *reinterpret_cast<float4*>(xs + i * stride + e + e / W::UNIT_ELEMS * PACKED_PAD) = p[b];
-                if (v % GROUP_VECTORS == 0) {
-                    // Group g of unit u at [g][u], so that lanes (units) read distinct banks.
-                    const u32 group = e / W::GROUP_ELEMS;
-                    sums[i * groups + group % GROUPS_PER_UNIT * units + group / GROUPS_PER_UNIT] = sum;
-                }
-            }
+            stage_activations<W>(p[b], v, i, e, v < vectors, units, xs, sums);
         }
     }
     __syncthreads();

@@ -206,9 +206,11 @@ fn matvec_shared(dtype: DType, rows: u32, stages: u32) -> u32 {
     (stages as usize * rows as usize * matvec_tile_bytes(dtype)) as u32
 }
 
-/// The mat-vec kernel for `m` activation rows of a weight with rows of `k` elements in
-/// `row_bytes`: `matvec_packed` for packed dtypes; else the staged kernel, with 16-byte
-/// staging loads when rows are 16-byte multiples, else the block alignment.
+/// The mat-vec kernel for `m` activation rows of a weight of `n` rows of `k` elements in
+/// `row_bytes`: `matvec_resident` for one activation row of the dtypes of
+/// `resident_shape` when there are at least RESIDENT_MIN_ROWS rows and x fits
+/// RESIDENT_MAX_SHARED; else `matvec_packed` for packed dtypes; else the staged kernel,
+/// with 16-byte staging loads when rows are 16-byte multiples, else the block alignment.
 fn matvec_kernel(dtype: DType, m: usize, n: usize, k: usize, row_bytes: usize) -> MatMulKernel {
     let m_tier = M_TIERS
         .into_iter()
