@@ -19,9 +19,11 @@
 //   acc += scale * sum q x + zero * sum x per group (values are scale * q + zero).
 //
 // matvec_resident, for one activation row of the packed formats where it measured
-// faster (ops/matmul.rs): the units and arithmetic of matvec_packed, but each block
-// stages all of x once, and the grid is one wave of warps with equal numbers of rows,
-// each warp streaming its rows with its next units in flight and no further barrier.
+// faster (ops/matmul.rs): the units of matvec_packed, but each block rounds all of x
+// to 8 bits per 32 elements into shared memory once (as llama.cpp's q8_1 activations),
+// the products of 4 quants with 4 rounded activations are one integer dp4a, and the
+// grid is one wave of warps with equal numbers of rows, each warp streaming its rows
+// with its next units in flight and no further barrier.
 //
 // Under programmatic dependent launch (common.cuh) matvec_resident issues its first
 // weight loads before it waits for the kernels before it, so that they overlap the
@@ -505,28 +507,90 @@ __host__ __device__ constexpr u32 resident_units() {
     return W::UNITS_IN_FLIGHT > 1 ? W::UNITS_IN_FLIGHT / 2 : 1;
 }
 
-// Floats of matvec_resident's shared memory per unit of k and activation row: the
-// unit's UNIT_ELEMS activations, PACKED_PAD, and the sums of its scale groups.
+// Bytes of a unit's activations in matvec_resident's shared memory: its UNIT_ELEMS
+// int8 quants and 16 bytes of padding, so that lanes reading consecutive units with
+// 16-byte loads touch distinct banks.
 template <typename W>
-__host__ __device__ constexpr u32 resident_unit_floats() {
-    return W::UNIT_ELEMS + PACKED_PAD + W::UNIT_ELEMS / W::GROUP_ELEMS;
+__host__ __device__ constexpr u32 resident_unit_bytes() {
+    return W::UNIT_ELEMS + 16;
 }
 
-// The mat-vec of a packed weight with all of x resident in shared memory (kiln
-// instantiates it for M = 1, where x is smallest).
+// x rounded to 8 bits per 32 elements, the rounding matvec_resident applies before its
+// products (the CPU definition is kiln_cpu::ops::matmul::round_activations_q8): for each
+// block of 32, d = max |x| / 127 and q = x / d rounded to the nearest integer, ties to
+// even (q = 0 where d = 0), so x ~ d * q with |q| <= 127.
+//
+// Rounds float4 p, elements e .. e + 3 of x (e a multiple of 4), into the shared
+// layout of matvec_resident for `units` units of k: unit u's quants at
+// img + u * resident_unit_bytes<W>(); then, as f32, the scale d of group g of unit u
+// at xd[g * units + u] and d times the sum of the group's quants at
+// xds[g * units + u] (xd = img + units * resident_unit_bytes<W>(), xds = xd + units *
+// UNIT_ELEMS / GROUP_ELEMS). The 8 float4s of a block of 32 are held by 8 consecutive
+// lanes starting at a multiple of 8: every lane of the warp calls this (the maximum
+// and the sums are shuffles across them); only lanes with `store` write.
+template <typename W>
+__device__ __forceinline__ void round_activations(const float4& p, u32 e, bool store, u32 units,
+                                                  u8* img) {
+    constexpr u32 GROUP_VECTORS = W::GROUP_ELEMS / 4;
+    constexpr u32 GROUPS_PER_UNIT = W::UNIT_ELEMS / W::GROUP_ELEMS;
+    static_assert(32 % W::GROUP_ELEMS == 0, "a scale group lies in one block of 32");
+    float amax = fmaxf(fmaxf(fabsf(p.x), fabsf(p.y)), fmaxf(fabsf(p.z), fabsf(p.w)));
+#pragma unroll
+    for (u32 o = 1; o < 8; o *= 2) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    }
+    const float d = amax / 127.0f;
+    const float inv = d != 0.0f ? 1.0f / d : 0.0f;
+    const int q0 = __float2int_rn(p.x * inv), q1 = __float2int_rn(p.y * inv);
+    const int q2 = __float2int_rn(p.z * inv), q3 = __float2int_rn(p.w * inv);
+    int sum = (q0 + q1) + (q2 + q3);
+#pragma unroll
+    for (u32 o = 1; o < GROUP_VECTORS; o *= 2) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    }
+    if (store) {
+        const u32 u = e / W::UNIT_ELEMS;
+        const u32 packed = __byte_perm(__byte_perm((u32)q0, (u32)q1, 0x0040u),
+                                       __byte_perm((u32)q2, (u32)q3, 0x0040u), 0x5410u);
+        *reinterpret_cast<u32*>(img + u * resident_unit_bytes<W>() + e % W::UNIT_ELEMS) = packed;
+        if ((e / 4) % GROUP_VECTORS == 0) {
+            float* xd = reinterpret_cast<float*>(img + units * resident_unit_bytes<W>());
+            const u32 at = (e % W::UNIT_ELEMS) / W::GROUP_ELEMS * units + u;
+            xd[at] = d;
+            xd[units * GROUPS_PER_UNIT + at] = d * (float)sum;
+        }
+    }
+}
+
+// a . b over 4 byte pairs, a's bytes unsigned and b's signed, plus c.
+__device__ __forceinline__ int dot4_u8_s8(u32 a, u32 b, int c) {
+    int r;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+// Dynamic shared memory of matvec_resident for k: resident_unit_bytes<W>() per unit and
+// 8 bytes per scale group.
+template <typename W>
+__host__ __device__ constexpr u32 resident_shared_bytes(u32 k) {
+    return k / W::UNIT_ELEMS * resident_unit_bytes<W>() + 8 * (k / W::GROUP_ELEMS);
+}
+
+// The mat-vec of a packed weight for one activation row, with x rounded to 8 bits per
+// 32 elements (round_activations) and held in shared memory, and the products of each
+// run of 4 quants with 4 rounded activations summed in integers (dp4a).
 // Grid: any number of blocks of THREADS; warp w of the grid's G warps owns weight rows
 // w * P .. (w + 1) * P (P = ceil(n / G)), so a grid of at most one wave gives every
-// warp the same work and no block waits on another. Dynamic shared memory: M rows of
-// k / UNIT_ELEMS units of resident_unit_floats<W>() floats (M * k / UNIT_ELEMS *
-// resident_unit_floats<W>() * 4 bytes).
-// ALIGNED: every plane of every row starts at a multiple of 16 bytes.
+// warp the same work and no block waits on another. Dynamic shared memory:
+// resident_shared_bytes<W>(k). m must be 1. ALIGNED: every plane of every row starts at a
+// multiple of 16 bytes.
 //
-// Each lane issues the loads of its first units, then the block stages x (zeros for
-// rows >= m) with the sum of each scale group's activations, laid out as in
-// matvec_packed but for all of k; after one barrier every warp walks its rows in steps
-// of 32 * U units, a lane's next units in flight while it accumulates the current
-// ones, and writes each row's sums as it finishes the row.
-template <typename W, u32 M, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
+// Each lane issues the loads of its first units, then the block rounds x into shared
+// memory; after one barrier every warp walks its rows in steps of 32 * U units, a
+// lane's next units in flight while it accumulates the current ones, and writes each
+// row's sum as it finishes the row. Per scale group of a unit the lane adds
+// scale * d * sum q_w q_x + zero * d * sum q_x (weights scale * q_w + zero).
+template <typename W, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     matvec_resident(const u8* __restrict__ w, const float* __restrict__ x,
                     const float* __restrict__ bias, float* __restrict__ out, u32 m, u32 n, u32 k,
@@ -534,17 +598,17 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     constexpr u32 A = ALIGNED ? 16 : 2;
     constexpr u32 U = resident_units<W>();
     constexpr u32 WARPS = THREADS / 32;
-    constexpr u32 UNIT_FLOATS = W::UNIT_ELEMS + PACKED_PAD;
+    constexpr u32 UNIT_BYTES = resident_unit_bytes<W>();
     constexpr u32 GROUPS_PER_UNIT = W::UNIT_ELEMS / W::GROUP_ELEMS;
-    constexpr u32 BATCH = 4;  // float4s a thread loads before it stores the first
+    constexpr u32 RUNS_PER_GROUP = W::GROUP_ELEMS / 4;
+    constexpr u32 BATCH = 4;  // float4s a thread loads before it rounds the first
     typedef typename W::Unit Unit;
-    extern __shared__ __align__(16) float xs[];
+    extern __shared__ __align__(16) u8 img[];
 
     const u32 units = k / W::UNIT_ELEMS;
     const u32 nb = k / W::BLOCK_ELEMS;
-    const u32 stride = units * UNIT_FLOATS;
-    const u32 groups = units * GROUPS_PER_UNIT;
-    float* sums = xs + M * stride;
+    const float* xd = reinterpret_cast<const float*>(img + units * UNIT_BYTES);
+    const float* xds = xd + units * GROUPS_PER_UNIT;
 
     const u32 lane = threadIdx.x & 31u;
     const u32 warps = gridDim.x * WARPS;
@@ -555,35 +619,33 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     u32 row = row_begin;
 
     // The step at `row`, units c0 + lane + 32 a (c0 warp-uniform), into t.
-    auto load_step = [&](u32 at_row, u32 c0, Unit (&t)[U][1]) {
+    auto load_step = [&](u32 at_row, u32 c0, Unit (&t)[U]) {
         const u8* r = w + (u64)at_row * row_bytes;
 #pragma unroll
         for (u32 a = 0; a < U; ++a) {
             if (c0 + lane + 32 * a < units) {
-                t[a][0] = W::template load_unit<A>(r, nb, c0 + lane + 32 * a);
+                t[a] = W::template load_unit<A>(r, nb, c0 + lane + 32 * a);
             }
         }
     };
-    Unit cur[U][1], next[U][1];
+    Unit cur[U], next[U];
     u32 c0 = 0;
     if (row < row_end) {
         load_step(row, c0, cur);
     }
     chain_after_prior_grids(x);  // the first step's weights are in flight
 
-    // x and the group sums: a group's float4s are consecutive v, so consecutive lanes
-    // of one warp-uniform batch entry.
-    const u32 row_vectors = k / 4;
-    const u32 vectors = M * row_vectors;
+    // A block of 32 is 8 consecutive v, so 8 consecutive lanes of one warp-uniform
+    // batch entry.
+    const u32 vectors = k / 4;
     for (u32 v0 = threadIdx.x - lane; v0 < vectors; v0 += BATCH * THREADS) {
         float4 p[BATCH];
 #pragma unroll
         for (u32 b = 0; b < BATCH; ++b) {
             const u32 v = v0 + b * THREADS + lane;
-            const u32 i = v / row_vectors;
             p[b] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (v < vectors && i < m) {
-                p[b] = *reinterpret_cast<const float4*>(x + (u64)i * k + v % row_vectors * 4);
+            if (v < vectors) {
+                p[b] = reinterpret_cast<const float4*>(x)[v];
             }
         }
 #pragma unroll
@@ -592,13 +654,12 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                 break;  // warp-uniform
             }
             const u32 v = v0 + b * THREADS + lane;
-            const u32 i = v / row_vectors, e = v % row_vectors * 4;
-            stage_activations<W>(p[b], v, i, e, v < vectors, units, xs, sums);
+            round_activations<W>(p[b], 4 * v, v < vectors, units, img);
         }
     }
     __syncthreads();
 
-    float acc[1][M] = {};
+    float acc = 0.0f;
     while (row < row_end) {
         u32 next_row = row, next_c0 = c0 + 32 * U;
         if (next_c0 >= units) {
@@ -612,23 +673,32 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         for (u32 a = 0; a < U; ++a) {
             const u32 unit = c0 + lane + 32 * a;
             if (unit < units) {
-                accumulate_unit<W, M, 1>(cur[a], xs + unit * UNIT_FLOATS, stride, sums + unit, units,
-                                         groups, acc);
+                const u8* xq = img + unit * UNIT_BYTES;
+#pragma unroll
+                for (u32 g = 0; g < GROUPS_PER_UNIT; ++g) {
+                    int dot = 0;
+#pragma unroll
+                    for (u32 j = g * RUNS_PER_GROUP; j < (g + 1) * RUNS_PER_GROUP; ++j) {
+                        const u32 xq4 = *reinterpret_cast<const u32*>(xq + W::run_elem(j));
+                        dot = dot4_u8_s8(W::run(cur[a], j), xq4, dot);
+                    }
+                    float scale, zero;
+                    W::group(cur[a], g, scale, zero);
+                    const u32 at = g * units + unit;
+                    acc = fmaf(scale * xd[at], (float)dot, fmaf(zero, xds[at], acc));
+                }
             }
         }
         if (next_row != row) {
-#pragma unroll
-            for (u32 i = 0; i < M; ++i) {
-                const float s = warp_sum(acc[0][i]);
-                acc[0][i] = 0.0f;
-                if (lane == 0 && i < m) {
-                    out[(u64)i * n + row] = bias ? s + bias[row] : s;
-                }
+            const float s = warp_sum(acc);
+            acc = 0.0f;
+            if (lane == 0) {
+                out[row] = bias ? s + bias[row] : s;
             }
         }
 #pragma unroll
         for (u32 a = 0; a < U; ++a) {
-            cur[a][0] = next[a][0];
+            cur[a] = next[a];
         }
         row = next_row;
         c0 = next_c0;

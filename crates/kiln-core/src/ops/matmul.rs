@@ -10,6 +10,10 @@ use crate::{BufferId, DType, Graph, Result};
 /// - `bias`: optional F32 `[n]`.
 /// - `out`: F32 `[m, n]`, `out[i, j] = sum_l x[i, l] * dequantize(w)[j, l] + bias[j]`,
 ///   accumulated in f32.
+///
+/// Backends may round x for speed, as llama.cpp does: the CUDA mat-mat rounds x and the
+/// decoded weights to bf16; its one-row mat-vec of 4- to 6-bit quantized weights rounds
+/// x to 8 bits per block of 32 (`kiln_cpu::ops::matmul::round_activations_q8`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MatMul {
     pub x: BufferId,

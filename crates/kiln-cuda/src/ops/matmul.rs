@@ -74,7 +74,8 @@ pub enum MatMulKernel {
         aligned: bool,
     },
     /// kernels/matvec.cu's `matvec_resident` for one activation row of a weight in the
-    /// planes layout: blocks of `threads` that hold all of x in shared memory, compiled
+    /// planes layout: blocks of `threads` that hold all of x, rounded to 8 bits per
+    /// block of 32, in shared memory, compiled
     /// for `min_blocks` blocks per multiprocessor; `aligned` as for `MatVecPacked`.
     MatVecResident {
         threads: u32,
@@ -132,8 +133,9 @@ fn packed_rows(dtype: DType, m_tier: u32) -> u32 {
 /// benchmark's shapes (docs/perf.md, "The resident mat-vec").
 fn resident_shape(dtype: DType) -> Option<(u32, u32)> {
     match dtype {
-        DType::Q4_0 | DType::Q4_1 => Some((512, 2)),
-        DType::Q5_1 | DType::Q4K | DType::Q5K => Some((1024, 1)),
+        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q5K => {
+            Some((1024, 1))
+        }
         // More registers than 64 per thread, which its units need without spilling.
         DType::Q6K => Some((512, 1)),
         _ => None,
@@ -150,11 +152,11 @@ const RESIDENT_MIN_ROWS: usize = 4096;
 const RESIDENT_MAX_SHARED: usize = 96 * 1024;
 
 /// Dynamic shared memory of `matvec_resident` for one activation row of `k`
-/// elements: per unit, its activations, 4 floats of padding and its groups' sums
-/// (matvec.cu's resident_unit_floats).
+/// elements rounded to 8 bits: per unit, its quants and 16 bytes of padding; per
+/// scale group, two f32 (matvec.cu's resident_shared_bytes).
 fn resident_shared(dtype: DType, k: usize) -> usize {
     let (unit, _, group) = packed_unit(dtype);
-    k / unit * (unit + 4 + unit / group) * 4
+    k / unit * (unit + 16) + 8 * (k / group)
 }
 
 /// Blocks of `warps_per_block` warps for `matvec_resident` over `n` weight rows when
@@ -281,7 +283,7 @@ pub fn spec(dtype: DType, kernel: MatMulKernel) -> Result<KernelSpec> {
                 "matvec_resident|w={dtype}|threads={threads}|min_blocks={min_blocks}|aligned={}",
                 u8::from(aligned)
             ),
-            format!("kiln::matvec_resident<{tag}, 1, {aligned}, {threads}, {min_blocks}>"),
+            format!("kiln::matvec_resident<{tag}, {aligned}, {threads}, {min_blocks}>"),
         ),
         MatMulKernel::MatMat => {
             MATMUL.spec(format!("matmat|w={dtype}"), format!("kiln::matmul<{tag}>"))
@@ -549,7 +551,7 @@ pub fn matmul(
         args.serialized();
     }
     // SAFETY: the arguments match `kiln::matvec<W, M, ROWS, LOAD, STAGES>`,
-    // `kiln::matvec_packed<W, M, R, ALIGNED>`, `kiln::matvec_resident<W, 1, ALIGNED,
+    // `kiln::matvec_packed<W, M, R, ALIGNED>`, `kiln::matvec_resident<W, ALIGNED,
     // THREADS, MIN_BLOCKS>` and `kiln::matmul<W>`: (const u8* w, const float* x, const float* bias, float* out,
     // u32 m, u32 n, u32 k, u64 row_bytes); the buffers hold their elements (checked),
     // bias is null or holds n values, and the mat-vec tier holds m rows.
