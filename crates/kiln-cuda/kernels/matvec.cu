@@ -297,9 +297,9 @@ __host__ __device__ constexpr u32 packed_units() {
 constexpr u32 PACKED_PAD = 4;
 
 // Stages float4 v of activation row i, p = the row's elements e .. e + 3, in the shared
-// layout of matvec_packed and matvec_resident for `units` units of k per row: row i's
-// units at xs + i * units * (UNIT_ELEMS + PACKED_PAD), each unit's activations followed
-// by PACKED_PAD floats; and the sum of each scale group's activations, group g of unit
+// layout of matvec_packed for `units` units of k per row: row i's units at
+// xs + i * units * (UNIT_ELEMS + PACKED_PAD), each unit's activations followed by
+// PACKED_PAD floats; and the sum of each scale group's activations, group g of unit
 // u at sums[i * units * GROUPS_PER_UNIT + g * units + u], so that lanes (units) read
 // distinct banks. A group's float4s are consecutive v, held by consecutive lanes: every
 // lane of the warp calls this (the sum is a shuffle across them); only lanes with
@@ -569,21 +569,15 @@ __device__ __forceinline__ int dot4_u8_s8(u32 a, u32 b, int c) {
     return r;
 }
 
-// Dynamic shared memory of matvec_resident for k: resident_unit_bytes<W>() per unit and
-// 8 bytes per scale group.
-template <typename W>
-__host__ __device__ constexpr u32 resident_shared_bytes(u32 k) {
-    return k / W::UNIT_ELEMS * resident_unit_bytes<W>() + 8 * (k / W::GROUP_ELEMS);
-}
-
 // The mat-vec of a packed weight for one activation row, with x rounded to 8 bits per
 // 32 elements (round_activations) and held in shared memory, and the products of each
 // run of 4 quants with 4 rounded activations summed in integers (dp4a).
 // Grid: any number of blocks of THREADS; warp w of the grid's G warps owns weight rows
 // w * P .. (w + 1) * P (P = ceil(n / G)), so a grid of at most one wave gives every
 // warp the same work and no block waits on another. Dynamic shared memory:
-// resident_shared_bytes<W>(k). m must be 1. ALIGNED: every plane of every row starts at a
-// multiple of 16 bytes.
+// k / UNIT_ELEMS * resident_unit_bytes<W>() + 8 * k / GROUP_ELEMS bytes, in
+// round_activations' layout. m must be 1. ALIGNED: every plane of every row starts at
+// a multiple of 16 bytes.
 //
 // Each lane issues the loads of its first units, then the block rounds x into shared
 // memory; after one barrier every warp walks its rows in steps of 32 * U units, a

@@ -153,7 +153,7 @@ const RESIDENT_MAX_SHARED: usize = 96 * 1024;
 
 /// Dynamic shared memory of `matvec_resident` for one activation row of `k`
 /// elements rounded to 8 bits: per unit, its quants and 16 bytes of padding; per
-/// scale group, two f32 (matvec.cu's resident_shared_bytes).
+/// scale group, two f32 (matvec.cu's matvec_resident and resident_unit_bytes).
 fn resident_shared(dtype: DType, k: usize) -> usize {
     let (unit, _, group) = packed_unit(dtype);
     k / unit * (unit + 16) + 8 * (k / group)
