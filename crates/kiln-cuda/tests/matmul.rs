@@ -547,21 +547,18 @@ fn compare(
 
 /// Whether the dispatch runs this matmul on the resident mat-vec, which rounds x.
 fn rounds_activations(dtype: DType, m: usize, n: usize, k: usize) -> bool {
-    let packed = kiln_cuda::packing::is_packed(dtype);
-    let plan = MatMulArgs {
+    let kernel = kernel_of(MatMulArgs {
         weight: dtype,
         m,
         n,
         k,
         x_bytes: m * k * 4,
         w_bytes: dtype.bytes_for(n * k).unwrap(),
-        w_packed: packed.then_some((dtype, k)),
+        w_packed: kiln_cuda::packing::is_packed(dtype).then_some((dtype, k)),
         bias_bytes: None,
         out_bytes: m * n * 4,
-    }
-    .check()
-    .unwrap();
-    matches!(plan.kernel, MatMulKernel::MatVecResident { .. })
+    });
+    matches!(kernel, MatMulKernel::MatVecResident { .. })
 }
 
 /// Reduction lengths per dtype: a few blocks (rows not 16-byte multiples for most

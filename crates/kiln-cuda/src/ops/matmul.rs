@@ -75,8 +75,8 @@ pub enum MatMulKernel {
     },
     /// kernels/matvec.cu's `matvec_resident` for one activation row of a weight in the
     /// planes layout: blocks of `threads` that hold all of x, rounded to 8 bits per
-    /// block of 32, in shared memory, compiled
-    /// for `min_blocks` blocks per multiprocessor; `aligned` as for `MatVecPacked`.
+    /// block of 32, in shared memory, compiled for `min_blocks` blocks per
+    /// multiprocessor; `aligned` as for `MatVecPacked`.
     MatVecResident {
         threads: u32,
         min_blocks: u32,
