@@ -2,7 +2,7 @@
 //! and the offending values, and nothing is added to the graph.
 
 use kiln_core::ops::*;
-use kiln_core::DType::{self, F16, F32, I32, Q4K, Q4_0};
+use kiln_core::DType::{self, F16, F32, I32, Q4K, Q4_0, Q8_1};
 use kiln_core::{BufferId, Error, Graph};
 
 fn expect_invalid(g: &mut Graph, op: impl Into<Op>, op_name: &str, needles: &[&str]) {
@@ -34,6 +34,7 @@ fn wrong_element_counts_and_dtypes_are_named() {
         x,
         weight: None,
         out,
+        out_q8: None,
         rows: 2,
         dim: 8,
         eps: 1e-5,
@@ -77,6 +78,7 @@ fn outputs_must_differ_from_inputs_and_transients_need_a_writer() {
         a,
         b,
         out,
+        out_q8: None,
         len: 16,
     };
     expect_invalid(&mut g, add(x, x, x), "add", &["\"x\"", "distinct"]);
@@ -189,6 +191,7 @@ fn matmul_checks_weight_blocks_and_shapes() {
     let bias = f32s(&mut g, "bias", &[2]);
     let mm = |w, bias| MatMul {
         x,
+        x_q8: None,
         w,
         bias,
         out,
@@ -216,6 +219,108 @@ fn matmul_checks_weight_blocks_and_shapes() {
         &["\"w2\"", "last dimension", "256"],
     );
     g.push(mm(w, None)).unwrap();
+}
+
+#[test]
+fn q8_copies_are_q8_1_in_whole_blocks_of_the_right_size() {
+    let mut g = Graph::new();
+    let x = f32s(&mut g, "x", &[2, 64]);
+    let out = f32s(&mut g, "out", &[2, 64]);
+    let q8 = g.persistent("q8", Q8_1, &[2, 64]).unwrap();
+    let q8_short = g.persistent("q8_short", Q8_1, &[64]).unwrap();
+    let not_q8 = f32s(&mut g, "not_q8", &[2, 64]);
+    let norm = |out_q8| RmsNorm {
+        x,
+        weight: None,
+        out,
+        out_q8: Some(out_q8),
+        rows: 2,
+        dim: 64,
+        eps: 1e-5,
+    };
+    expect_invalid(
+        &mut g,
+        norm(not_q8),
+        "rms_norm",
+        &["out_q8", "\"not_q8\"", "q8_1"],
+    );
+    expect_invalid(
+        &mut g,
+        norm(q8_short),
+        "rms_norm",
+        &["out_q8", "\"q8_short\"", "expected 128"],
+    );
+    // 96 elements in rows of 48: the blocks of 32 would straddle rows.
+    let flat = f32s(&mut g, "flat", &[96]);
+    let flat_out = f32s(&mut g, "flat_out", &[96]);
+    let q8_96 = g.persistent("q8_96", Q8_1, &[96]).unwrap();
+    let sum = f32s(&mut g, "sum", &[96]);
+    expect_invalid(
+        &mut g,
+        AddRmsNorm {
+            x: flat,
+            residual: flat,
+            weight: None,
+            sum,
+            out: flat_out,
+            out_q8: Some(q8_96),
+            rows: 2,
+            dim: 48,
+            eps: 1e-5,
+        },
+        "add_rms_norm",
+        &["out_q8", "48", "multiple of 32"],
+    );
+    expect_invalid(
+        &mut g,
+        Elementwise {
+            kind: ElementwiseKind::SiluMul,
+            a: x,
+            b: x,
+            out,
+            out_q8: Some(q8_short),
+            len: 128,
+        },
+        "silu_mul",
+        &["out_q8", "expected 128"],
+    );
+    let w = g.persistent("w", Q4_0, &[3, 64]).unwrap();
+    let mm_out = f32s(&mut g, "mm_out", &[2, 3]);
+    let mm = |x_q8| MatMul {
+        x,
+        x_q8: Some(x_q8),
+        w,
+        bias: None,
+        out: mm_out,
+        m: 2,
+        n: 3,
+        k: 64,
+    };
+    expect_invalid(
+        &mut g,
+        mm(not_q8),
+        "matmul",
+        &["x_q8", "\"not_q8\"", "q8_1"],
+    );
+    expect_invalid(&mut g, mm(q8_short), "matmul", &["x_q8", "expected 128"]);
+    let w48 = g.persistent("w48", F32, &[3, 48]).unwrap();
+    expect_invalid(
+        &mut g,
+        MatMul {
+            x: flat,
+            x_q8: Some(q8_96),
+            w: w48,
+            bias: None,
+            out: mm_out,
+            m: 2,
+            n: 3,
+            k: 48,
+        },
+        "matmul",
+        &["x_q8", "48", "multiple of 32"],
+    );
+    g.push(norm(q8)).unwrap();
+    g.push(mm(q8)).unwrap();
 }
 
 #[test]

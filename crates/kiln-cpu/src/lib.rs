@@ -124,12 +124,13 @@ impl Outputs<'_, '_> {
         self.bufs[i]
     }
 
-    /// Both buffers of a two-output op, in its declared output order.
+    /// The first two buffers of an op with two or more outputs, in its declared
+    /// output order.
     pub(crate) fn pair(&mut self) -> (&mut CpuBuffer, &mut CpuBuffer) {
         match &mut self.bufs[..] {
-            [a, b] => (a, b),
-            // Only ops declaring exactly two outputs call this.
-            _ => unreachable!("pair() is called by two-output ops only"),
+            [a, b, ..] => (a, b),
+            // Only ops declaring at least two outputs call this.
+            _ => unreachable!("pair() is called by ops with two or more outputs"),
         }
     }
 }

@@ -15,6 +15,7 @@ fn graph() -> (Graph, [kiln_core::BufferId; 3]) {
         a,
         b,
         out,
+        out_q8: None,
         len: 8,
     };
     g.push(add(x, x, t)).unwrap();

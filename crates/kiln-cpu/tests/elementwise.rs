@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use kiln_core::ops::{Elementwise, ElementwiseKind};
-use kiln_core::DType::F32;
+use kiln_core::DType::{self, F32};
 
 fn reference(kind: ElementwiseKind, a: f64, b: f64) -> f64 {
     match kind {
@@ -39,6 +39,7 @@ fn elementwise_kinds_match_f64() {
                 a,
                 b,
                 out,
+                out_q8: None,
                 len,
             })
             .unwrap();
@@ -67,4 +68,76 @@ fn elementwise_kinds_match_f64() {
             }
         }
     }
+}
+
+#[test]
+fn the_q8_copy_rounds_half_away_from_zero_with_an_f16_scale() {
+    // a * 1 = a exactly. Block 0: max |a| = 127, so d = 1 and each quant is a rounded
+    // to an integer, ties away from zero. Block 1: all zero. Block 2: max 2.54, so
+    // d = 0.02 (f16 0x251f, 0.0200043), and -0.033 / 0.02 = -1.65 rounds to -2.
+    let mut av = vec![0f32; 96];
+    av[..6].copy_from_slice(&[127.0, -63.5, 0.5, 1.5, -2.5, 3.4]);
+    av[64] = 2.54;
+    av[65] = -0.033;
+    let mut g = G::new();
+    let a = g.p("a", F32, &[96]);
+    let b = g.p("b", F32, &[96]);
+    let out = g.p("out", F32, &[96]);
+    let out_q8 = g.p("out_q8", DType::Q8_1, &[96]);
+    g.g.push(Elementwise {
+        kind: ElementwiseKind::Mul,
+        a,
+        b,
+        out,
+        out_q8: Some(out_q8),
+        len: 96,
+    })
+    .unwrap();
+    let got = run(
+        &g.g,
+        &[(a, f32_bytes(&av)), (b, f32_bytes(&[1.0; 96]))],
+        &[out, out_q8],
+    );
+    assert_eq!(f32s(&got[0]), av);
+    let q8 = &got[1];
+    assert_eq!(q8.len(), 3 * 36);
+    // Block 0: d = 1.0 (f16 0x3c00), quants 127, -64, 1, 2, -3, 3, then zeros;
+    // s = 66 (f16 0x5420).
+    assert_eq!(&q8[..4], &[0x00, 0x3c, 0x20, 0x54]);
+    assert_eq!(&q8[4..10], &[127, (-64i8) as u8, 1, 2, (-3i8) as u8, 3]);
+    assert!(q8[10..36].iter().all(|&q| q == 0));
+    assert!(
+        q8[36..72].iter().all(|&q| q == 0),
+        "an all-zero block is all zero"
+    );
+    assert_eq!(&q8[72..74], &[0x1f, 0x25]);
+    assert_eq!(&q8[76..78], &[127, (-2i8) as u8]);
+    assert!(q8[78..108].iter().all(|&q| q == 0));
+}
+
+#[test]
+fn silu_mul_writes_its_q8_copy() {
+    let mut rng = rng("elementwise_q8");
+    let len = 32 * 129;
+    let mut g = G::new();
+    let a = g.p("a", F32, &[len]);
+    let b = g.p("b", F32, &[len]);
+    let out = g.p("out", F32, &[len]);
+    let out_q8 = g.p("out_q8", DType::Q8_1, &[len]);
+    g.g.push(Elementwise {
+        kind: ElementwiseKind::SiluMul,
+        a,
+        b,
+        out,
+        out_q8: Some(out_q8),
+        len,
+    })
+    .unwrap();
+    let (av, bv) = (randn(&mut rng, len, 4.0), randn(&mut rng, len, 2.0));
+    let got = run(
+        &g.g,
+        &[(a, f32_bytes(&av)), (b, f32_bytes(&bv))],
+        &[out, out_q8],
+    );
+    check_q8_copy("silu_mul", &f32s(&got[0]), &got[1]);
 }

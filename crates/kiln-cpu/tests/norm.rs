@@ -1,9 +1,10 @@
-//! RmsNorm and AddRmsNorm against a float64 computation.
+//! RmsNorm and AddRmsNorm against a float64 computation, and their Q8_1 copies of
+//! `out` where the row length allows one.
 
 mod common;
 use common::*;
 use kiln_core::ops::{AddRmsNorm, RmsNorm};
-use kiln_core::DType::F32;
+use kiln_core::DType::{F32, Q8_1};
 
 const SHAPES: [(usize, usize); 5] = [(1, 1), (3, 7), (2, 1023), (5, 4096), (1, 5120)];
 
@@ -28,11 +29,13 @@ fn rms_norm_matches_f64() {
             let x = g.p("x", F32, &[rows, dim]);
             let w = with_weight.then(|| g.p("w", F32, &[dim]));
             let out = g.p("out", F32, &[rows, dim]);
+            let out_q8 = (dim % 32 == 0).then(|| g.p("out_q8", Q8_1, &[rows, dim]));
             let eps = 1e-5;
             g.g.push(RmsNorm {
                 x,
                 weight: w,
                 out,
+                out_q8,
                 rows,
                 dim,
                 eps,
@@ -44,14 +47,15 @@ fn rms_norm_matches_f64() {
             if let Some(w) = w {
                 inputs.push((w, f32_bytes(&wv)));
             }
-            let got = f32s(&run(&g.g, &inputs, &[out])[0]);
+            let outputs: Vec<_> = std::iter::once(out).chain(out_q8).collect();
+            let res = run(&g.g, &inputs, &outputs);
+            let got = f32s(&res[0]);
             let want = rms_norm_f64(&xv, with_weight.then_some(&wv[..]), dim, eps);
-            assert_close(
-                &format!("rms_norm {rows}x{dim} w={with_weight}"),
-                &got,
-                &want,
-                1e-10,
-            );
+            let what = format!("rms_norm {rows}x{dim} w={with_weight}");
+            assert_close(&what, &got, &want, 1e-10);
+            if out_q8.is_some() {
+                check_q8_copy(&what, &got, &res[1]);
+            }
         }
     }
 }
@@ -66,6 +70,7 @@ fn add_rms_norm_matches_f64_and_writes_the_sum() {
         let w = g.p("w", F32, &[dim]);
         let sum = g.p("sum", F32, &[rows, dim]);
         let out = g.p("out", F32, &[rows, dim]);
+        let out_q8 = (dim % 32 == 0).then(|| g.p("out_q8", Q8_1, &[rows, dim]));
         let eps = 1e-6;
         g.g.push(AddRmsNorm {
             x,
@@ -73,6 +78,7 @@ fn add_rms_norm_matches_f64_and_writes_the_sum() {
             weight: Some(w),
             sum,
             out,
+            out_q8,
             rows,
             dim,
             eps,
@@ -90,16 +96,15 @@ fn add_rms_norm_matches_f64_and_writes_the_sum() {
                 (r, f32_bytes(&rv)),
                 (w, f32_bytes(&wv)),
             ],
-            &[sum, out],
+            &[[sum, out].as_slice(), out_q8.as_slice()].concat(),
         );
         let sum_want: Vec<f32> = xv.iter().zip(&rv).map(|(a, b)| a + b).collect();
         assert_eq!(f32s(&res[0]), sum_want, "sum is the f32 sum");
         let want = rms_norm_f64(&sum_want, Some(&wv), dim, eps);
-        assert_close(
-            &format!("add_rms_norm {rows}x{dim}"),
-            &f32s(&res[1]),
-            &want,
-            1e-10,
-        );
+        let what = format!("add_rms_norm {rows}x{dim}");
+        assert_close(&what, &f32s(&res[1]), &want, 1e-10);
+        if out_q8.is_some() {
+            check_q8_copy(&what, &f32s(&res[1]), &res[2]);
+        }
     }
 }

@@ -64,6 +64,7 @@ fn build(n_transient: usize, choices: &[OpChoice]) -> RandomGraph {
             a,
             b,
             out,
+            out_q8: None,
             len: CLASS_LEN[class],
         };
         g.push(op).unwrap();
@@ -183,6 +184,7 @@ fn aliasing_saves_memory_on_a_chain() {
             a: prev,
             b: x,
             out: t,
+            out_q8: None,
             len: 1024,
         })
         .unwrap();
@@ -193,6 +195,7 @@ fn aliasing_saves_memory_on_a_chain() {
         a: prev,
         b: x,
         out,
+        out_q8: None,
         len: 1024,
     })
     .unwrap();

@@ -8,6 +8,8 @@ namespace kiln {
 typedef unsigned long long u64;
 typedef unsigned int u32;
 typedef unsigned short u16;
+typedef unsigned char u8;
+typedef signed char i8;
 
 // IEEE half bits to f32 (exact).
 __device__ __forceinline__ float f16_bits_to_f32(u16 h) {
@@ -91,6 +93,43 @@ __device__ __forceinline__ float block_sum(float v) {
     }
     __syncthreads();
     return partial[0];
+}
+
+// Activations rounded to Q8_1 (kiln_core::ops::Q8_COPY; the CPU definition is
+// kiln_core::quant's Q8_1 encoding). Per block of 32 values v: d = max |v| / 127,
+// q = v * (1 / d) rounded half away from zero (0 where d = 0), stored as 36 bytes:
+// d as f16, s = d * sum(q) as f16, then the 32 quants as i8.
+constexpr u32 Q8_1_BLOCK_ELEMS = 32;
+constexpr u32 Q8_1_BLOCK_BYTES = 36;
+
+// The reciprocal the quants of a block with scale d are rounded with.
+__device__ __forceinline__ float q8_1_inverse(float d) { return d != 0.0f ? 1.0f / d : 0.0f; }
+
+// The quant of v in a block whose scale has reciprocal inv.
+__device__ __forceinline__ int q8_1_quant(float v, float inv) {
+    return __float2int_rz(roundf(v * inv));
+}
+
+// Rounds the 32 values of a warp, lane i holding element i of the block, to the Q8_1
+// block at `block` (4-byte aligned). Every lane of the warp must call it. As on the
+// CPU, NaN values do not enter the maximum and round to 0.
+__device__ __forceinline__ void store_q8_1_block(float v, u8* block) {
+    const u32 lane = threadIdx.x & 31u;
+    float amax = fmaxf(0.0f, fabsf(v));
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+    }
+    const float d = amax / 127.0f;
+    const int q = q8_1_quant(v, q8_1_inverse(d));
+    int sum = q;
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    }
+    block[4 + lane] = (u8)q;
+    if (lane == 0) {
+        const u32 ds = (u32)f32_to_f16_bits(d) | ((u32)f32_to_f16_bits((float)sum * d) << 16);
+        *reinterpret_cast<u32*>(block) = ds;
+    }
 }
 
 // Index of this thread in a one-dimensional grid, and the grid's stride.

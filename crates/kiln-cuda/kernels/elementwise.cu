@@ -1,4 +1,7 @@
-// Binary element-wise functions over f32 vectors: out[i] = F::apply(a[i], b[i]).
+// Binary element-wise functions over f32 vectors: out[i] = F::apply(a[i], b[i]), and,
+// when out_q8 is not null, out rounded to Q8_1 blocks (store_q8_1_block) into out_q8
+// (len must then be a multiple of 32; blocks of threads are whole warps, so each
+// warp's 32 consecutive elements are one block).
 #include "common.cuh"
 
 namespace kiln {
@@ -30,10 +33,14 @@ struct GeluMul {
 
 template <typename F>
 __global__ void elementwise(const float* __restrict__ a, const float* __restrict__ b,
-                            float* __restrict__ out, u64 len) {
+                            float* __restrict__ out, u8* __restrict__ out_q8, u64 len) {
     chain_after_prior_grids(a, b);
     for (u64 i = global_index(); i < len; i += grid_stride()) {
-        out[i] = F::apply(a[i], b[i]);
+        const float o = F::apply(a[i], b[i]);
+        out[i] = o;
+        if (out_q8 != nullptr) {
+            store_q8_1_block(o, out_q8 + i / Q8_1_BLOCK_ELEMS * Q8_1_BLOCK_BYTES);
+        }
     }
 }
 

@@ -515,50 +515,89 @@ __host__ __device__ constexpr u32 resident_unit_bytes() {
     return W::UNIT_ELEMS + 16;
 }
 
-// x rounded to 8 bits per 32 elements, the rounding matvec_resident applies before its
-// products (the CPU definition is kiln_cpu::ops::matmul::round_activations_q8): for each
-// block of 32, d = max |x| / 127 and q = x / d rounded to the nearest integer, ties to
-// even (q = 0 where d = 0), so x ~ d * q with |q| <= 127.
-//
-// Rounds float4 p, elements e .. e + 3 of x (e a multiple of 4), into the shared
-// layout of matvec_resident for `units` units of k: unit u's quants at
-// img + u * resident_unit_bytes<W>(); then, as f32, the scale d of group g of unit u
-// at xd[g * units + u] and d times the sum of the group's quants at
-// xds[g * units + u] (xd = img + units * resident_unit_bytes<W>(), xds = xd + units *
-// UNIT_ELEMS / GROUP_ELEMS). The 8 float4s of a block of 32 are held by 8 consecutive
-// lanes starting at a multiple of 8: every lane of the warp calls this (the maximum
-// and the sums are shuffles across them); only lanes with `store` write.
+// Where matvec_resident keeps x, rounded to Q8_1 (common.cuh), in shared memory for
+// `units` units of k: unit u's quants at img + u * resident_unit_bytes<W>(); then, as
+// f32, the scale d of group g of unit u at xd[g * units + u] and d times the sum of
+// the group's quants at xds[g * units + u] (xd = img + units * resident_unit_bytes<W>(),
+// xds = xd + units * UNIT_ELEMS / GROUP_ELEMS). d is the f16 scale widened, so that
+// d * q is exactly the decoded Q8_1 value.
 template <typename W>
-__device__ __forceinline__ void round_activations(const float4& p, u32 e, bool store, u32 units,
-                                                  u8* img) {
+struct ResidentImage {
+    static constexpr u32 GROUPS_PER_UNIT = W::UNIT_ELEMS / W::GROUP_ELEMS;
+    static_assert(Q8_1_BLOCK_ELEMS % W::GROUP_ELEMS == 0, "a scale group lies in one block");
+
+    u8* img;
+    u32 units;
+
+    // Stores the 4 quants at element e (a multiple of 4), packed one per byte.
+    __device__ __forceinline__ void quants(u32 e, u32 packed) const {
+        *reinterpret_cast<u32*>(img + e / W::UNIT_ELEMS * resident_unit_bytes<W>() +
+                                e % W::UNIT_ELEMS) = packed;
+    }
+
+    // Stores the scale d and the quant sum of the group starting at element e.
+    __device__ __forceinline__ void group(u32 e, float d, int sum) const {
+        float* xd = reinterpret_cast<float*>(img + units * resident_unit_bytes<W>());
+        const u32 at = (e % W::UNIT_ELEMS) / W::GROUP_ELEMS * units + e / W::UNIT_ELEMS;
+        xd[at] = d;
+        xd[units * GROUPS_PER_UNIT + at] = d * (float)sum;
+    }
+};
+
+// Rounds float4 p, elements e .. e + 3 of x (e a multiple of 4), to Q8_1 into `image`.
+// The 8 float4s of a block of 32 are held by 8 consecutive lanes starting at a
+// multiple of 8: every lane of the warp calls this (the maximum and the sums are
+// shuffles across them); only lanes with `store` write.
+template <typename W>
+__device__ __forceinline__ void round_activations(const float4& p, u32 e, bool store,
+                                                  const ResidentImage<W>& image) {
     constexpr u32 GROUP_VECTORS = W::GROUP_ELEMS / 4;
-    constexpr u32 GROUPS_PER_UNIT = W::UNIT_ELEMS / W::GROUP_ELEMS;
-    static_assert(32 % W::GROUP_ELEMS == 0, "a scale group lies in one block of 32");
-    float amax = fmaxf(fmaxf(fabsf(p.x), fabsf(p.y)), fmaxf(fabsf(p.z), fabsf(p.w)));
+    float amax = fmaxf(fmaxf(fmaxf(0.0f, fabsf(p.x)), fabsf(p.y)),
+                       fmaxf(fabsf(p.z), fabsf(p.w)));
 #pragma unroll
     for (u32 o = 1; o < 8; o *= 2) {
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     }
     const float d = amax / 127.0f;
-    const float inv = d != 0.0f ? 1.0f / d : 0.0f;
-    const int q0 = __float2int_rn(p.x * inv), q1 = __float2int_rn(p.y * inv);
-    const int q2 = __float2int_rn(p.z * inv), q3 = __float2int_rn(p.w * inv);
+    const float inv = q8_1_inverse(d);
+    const int q0 = q8_1_quant(p.x, inv), q1 = q8_1_quant(p.y, inv);
+    const int q2 = q8_1_quant(p.z, inv), q3 = q8_1_quant(p.w, inv);
     int sum = (q0 + q1) + (q2 + q3);
 #pragma unroll
     for (u32 o = 1; o < GROUP_VECTORS; o *= 2) {
         sum += __shfl_xor_sync(0xffffffffu, sum, o);
     }
     if (store) {
-        const u32 u = e / W::UNIT_ELEMS;
-        const u32 packed = __byte_perm(__byte_perm((u32)q0, (u32)q1, 0x0040u),
-                                       __byte_perm((u32)q2, (u32)q3, 0x0040u), 0x5410u);
-        *reinterpret_cast<u32*>(img + u * resident_unit_bytes<W>() + e % W::UNIT_ELEMS) = packed;
+        image.quants(e, __byte_perm(__byte_perm((u32)q0, (u32)q1, 0x0040u),
+                                    __byte_perm((u32)q2, (u32)q3, 0x0040u), 0x5410u));
         if ((e / 4) % GROUP_VECTORS == 0) {
-            float* xd = reinterpret_cast<float*>(img + units * resident_unit_bytes<W>());
-            const u32 at = (e % W::UNIT_ELEMS) / W::GROUP_ELEMS * units + u;
-            xd[at] = d;
-            xd[units * GROUPS_PER_UNIT + at] = d * (float)sum;
+            image.group(e, f16_bits_to_f32(f32_to_f16_bits(d)), sum);
         }
+    }
+}
+
+// Copies the Q8_1 block at `block` (elements e .. e + 31 of x, 4-byte aligned) into
+// `image`, summing each scale group's quants.
+template <typename W>
+__device__ __forceinline__ void copy_q8_1_block(const u8* block, u32 e,
+                                                const ResidentImage<W>& image) {
+    constexpr u32 WORDS = Q8_1_BLOCK_ELEMS / 4;
+    constexpr u32 GROUP_WORDS = W::GROUP_ELEMS / 4;
+    const float d = f16_bits_to_f32((u16)(load_u32<4>(block) & 0xffffu));
+    u32 q[WORDS];
+#pragma unroll
+    for (u32 j = 0; j < WORDS; ++j) {
+        q[j] = load_u32<4>(block + 4 + 4 * j);
+    }
+#pragma unroll
+    for (u32 g = 0; g < WORDS / GROUP_WORDS; ++g) {
+        int sum = 0;
+#pragma unroll
+        for (u32 j = g * GROUP_WORDS; j < (g + 1) * GROUP_WORDS; ++j) {
+            image.quants(e + 4 * j, q[j]);
+            sum = __dp4a((int)q[j], 0x01010101, sum);
+        }
+        image.group(e + g * W::GROUP_ELEMS, d, sum);
     }
 }
 
@@ -569,14 +608,16 @@ __device__ __forceinline__ int dot4_u8_s8(u32 a, u32 b, int c) {
     return r;
 }
 
-// The mat-vec of a packed weight for one activation row, with x rounded to 8 bits per
-// 32 elements (round_activations) and held in shared memory, and the products of each
-// run of 4 quants with 4 rounded activations summed in integers (dp4a).
+// The mat-vec of a packed weight for one activation row, with x rounded to Q8_1 and
+// held in shared memory (ResidentImage), and the products of each run of 4 quants with
+// 4 rounded activations summed in integers (dp4a). x is rounded by every block as it
+// stages it (round_activations), or, when xq8 is not null, read already rounded from
+// xq8, k / 32 Q8_1 blocks (copy_q8_1_block).
 // Grid: any number of blocks of THREADS; warp w of the grid's G warps owns weight rows
 // w * P .. (w + 1) * P (P = ceil(n / G)), so a grid of at most one wave gives every
 // warp the same work and no block waits on another. Dynamic shared memory:
 // k / UNIT_ELEMS * resident_unit_bytes<W>() + 8 * k / GROUP_ELEMS bytes, in
-// round_activations' layout. m must be 1. ALIGNED: every plane of every row starts at
+// ResidentImage's layout. m must be 1. ALIGNED: every plane of every row starts at
 // a multiple of 16 bytes.
 //
 // Each lane issues the loads of its first units, then the block rounds x into shared
@@ -587,7 +628,7 @@ __device__ __forceinline__ int dot4_u8_s8(u32 a, u32 b, int c) {
 template <typename W, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     matvec_resident(const u8* __restrict__ w, const float* __restrict__ x,
-                    const float* __restrict__ bias, float* __restrict__ out, u32 m, u32 n, u32 k,
+                    const u8* __restrict__ xq8, const float* __restrict__ bias, float* __restrict__ out, u32 m, u32 n, u32 k,
                     u64 row_bytes) {
     constexpr u32 A = ALIGNED ? 16 : 2;
     constexpr u32 U = resident_units<W>();
@@ -627,11 +668,15 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     if (row < row_end) {
         load_step(row, c0, cur);
     }
-    chain_after_prior_grids(x);  // the first step's weights are in flight
+    chain_after_prior_grids(x, xq8);  // the first step's weights are in flight
 
+    const ResidentImage<W> image{img, units};
     // A block of 32 is 8 consecutive v, so 8 consecutive lanes of one warp-uniform
     // batch entry.
-    const u32 vectors = k / 4;
+    const u32 vectors = xq8 != nullptr ? 0 : k / 4;
+    for (u32 b = threadIdx.x; xq8 != nullptr && b < k / Q8_1_BLOCK_ELEMS; b += THREADS) {
+        copy_q8_1_block<W>(xq8 + (u64)b * Q8_1_BLOCK_BYTES, b * Q8_1_BLOCK_ELEMS, image);
+    }
     for (u32 v0 = threadIdx.x - lane; v0 < vectors; v0 += BATCH * THREADS) {
         float4 p[BATCH];
 #pragma unroll
@@ -648,7 +693,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                 break;  // warp-uniform
             }
             const u32 v = v0 + b * THREADS + lane;
-            round_activations<W>(p[b], 4 * v, v < vectors, units, img);
+            round_activations<W>(p[b], 4 * v, v < vectors, image);
         }
     }
     __syncthreads();

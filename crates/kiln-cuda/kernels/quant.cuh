@@ -25,9 +25,6 @@
 
 namespace kiln {
 
-typedef unsigned char u8;
-typedef signed char i8;
-
 // The largest power of two dividing x (x > 0).
 __host__ __device__ constexpr u32 pow2_factor(u32 x) { return x & (~x + 1u); }
 

@@ -175,17 +175,21 @@ impl CudaBackend {
                     ops::cast::cast(self, ins[0], from, outs[0], to, c.len)
                 })?
             }
-            Op::Elementwise(e) => bindings.with_operands(&[e.a, e.b], &[e.out], |ins, outs| {
-                ops::elementwise::elementwise(self, e.kind, ins[0], ins[1], outs[0], e.len)
-            })?,
+            Op::Elementwise(e) => {
+                bindings.with_operands(&[e.a, e.b], &op.outputs(), |ins, outs| {
+                    let (out, out_q8) = with_q8_copy(outs);
+                    ops::elementwise::elementwise(self, e.kind, ins[0], ins[1], out, out_q8, e.len)
+                })?
+            }
             Op::RmsNorm(n) => {
                 let inputs: Vec<_> = std::iter::once(n.x).chain(n.weight).collect();
-                bindings.with_operands(&inputs, &[n.out], |ins, outs| {
+                bindings.with_operands(&inputs, &op.outputs(), |ins, outs| {
+                    let (out, out_q8) = with_q8_copy(outs);
                     ops::norm::rms_norm(
                         self,
                         ins[0],
                         ins.get(1).copied(),
-                        outs[0],
+                        ops::norm::NormOut { out, out_q8 },
                         n.rows,
                         n.dim,
                         n.eps,
@@ -194,17 +198,18 @@ impl CudaBackend {
             }
             Op::AddRmsNorm(n) => {
                 let inputs: Vec<_> = [n.x, n.residual].into_iter().chain(n.weight).collect();
-                bindings.with_operands(&inputs, &[n.sum, n.out], |ins, outs| {
-                    let [sum, out] = outs else {
-                        unreachable!("with_operands passes the two outputs it was given")
+                bindings.with_operands(&inputs, &op.outputs(), |ins, outs| {
+                    let [sum, rest @ ..] = outs else {
+                        unreachable!("add_rms_norm has at least two outputs")
                     };
+                    let (out, out_q8) = with_q8_copy(rest);
                     ops::norm::add_rms_norm(
                         self,
                         ins[0],
                         ins[1],
                         ins.get(2).copied(),
                         sum,
-                        out,
+                        ops::norm::NormOut { out, out_q8 },
                         n.rows,
                         n.dim,
                         n.eps,
@@ -249,10 +254,12 @@ impl CudaBackend {
             }
             Op::MatMul(m) => {
                 let w = dtype(m.w)?;
-                let inputs: Vec<_> = [m.x, m.w].into_iter().chain(m.bias).collect();
+                let inputs: Vec<_> = [m.x, m.w].into_iter().chain(m.x_q8).chain(m.bias).collect();
                 bindings.with_operands(&inputs, &[m.out], |ins, outs| {
-                    let bias = ins.get(2).copied();
-                    ops::matmul::matmul(self, ins[0], ins[1], w, bias, outs[0], m.m, m.n, m.k)
+                    let x_q8 = m.x_q8.map(|_| ins[2]);
+                    let bias = m.bias.map(|_| ins[2 + usize::from(m.x_q8.is_some())]);
+                    let x = ops::matmul::Activations { x: ins[0], x_q8 };
+                    ops::matmul::matmul(self, x, ins[1], w, bias, outs[0], m.m, m.n, m.k)
                 })?
             }
             Op::Softmax(s) => bindings.with_operands(&[s.x], &[s.out], |ins, outs| {
@@ -307,6 +314,19 @@ impl CudaBackend {
                 })?
             }
         }
+    }
+}
+
+/// The outputs `outs` of an op writing `out` and optionally its Q8_1 copy `out_q8`
+/// (in that order): `out` and the copy, when there is one.
+fn with_q8_copy<'o>(
+    outs: &'o mut [&mut CudaBuffer],
+) -> (&'o mut CudaBuffer, Option<&'o mut CudaBuffer>) {
+    match outs {
+        [out] => (out, None),
+        [out, out_q8, ..] => (out, Some(out_q8)),
+        // Every op has at least one output.
+        [] => unreachable!("an op without outputs"),
     }
 }
 

@@ -219,6 +219,7 @@ pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
             n: m.n,
             k: m.k,
             x_bytes: bytes(m.x)?,
+            x_q8_bytes: optional(m.x_q8)?,
             w_bytes: bytes(m.w)?,
             // A graph's weights are uploaded with upload_weight.
             w_packed: Some((dtype(m.w)?, m.k)),

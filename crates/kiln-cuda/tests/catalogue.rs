@@ -50,6 +50,7 @@ fn embedding_and_matmul_have_kernels_for_every_weight_dtype_and_row_count() {
                 let bias = g.persistent(format!("bias{m}"), DType::F32, &[9]).unwrap();
                 g.push(MatMul {
                     x,
+                    x_q8: None,
                     w: table,
                     bias: Some(bias),
                     out,

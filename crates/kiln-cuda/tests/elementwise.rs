@@ -1,8 +1,9 @@
-//! Elementwise on the GPU against the CPU reference (kiln-cpu).
+//! Elementwise on the GPU against the CPU reference (kiln-cpu), with its Q8_1 copy of
+//! `out` where the length is a multiple of 32.
 
 mod common;
 use common::*;
-use kiln_core::ops::{Elementwise, ElementwiseKind};
+use kiln_core::ops::{Elementwise, ElementwiseKind, Q8_COPY};
 use kiln_core::{Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 
@@ -34,11 +35,13 @@ fn elementwise_matches_cpu() {
             let a = g.persistent("a", DType::F32, &[len]).unwrap();
             let b = g.persistent("b", DType::F32, &[len]).unwrap();
             let out = g.persistent("out", DType::F32, &[len]).unwrap();
+            let out_q8 = (len % 32 == 0).then(|| g.persistent("q8", Q8_COPY, &[len]).unwrap());
             g.push(Elementwise {
                 kind,
                 a,
                 b,
                 out,
+                out_q8,
                 len,
             })
             .unwrap();
@@ -47,13 +50,13 @@ fn elementwise_matches_cpu() {
                 (b, f32_bytes(&uniform(&mut rng, len, 2.0))),
             ];
             let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
-            let got = f32s(&run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
-            assert_close(
-                &format!("{} len={len}", kind.name()),
-                &got,
-                &want,
-                tolerance(kind),
-            );
+            let outputs: Vec<_> = std::iter::once(out).chain(out_q8).collect();
+            let got = run_on(cuda, &g, &inputs, &outputs, Aliasing::On).unwrap();
+            let what = format!("{} len={len}", kind.name());
+            assert_close(&what, &f32s(&got[0]), &want, tolerance(kind));
+            if out_q8.is_some() {
+                assert_q8_copy(&what, &got[0], &got[1]);
+            }
         }
     }
 }

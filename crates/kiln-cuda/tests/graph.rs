@@ -32,6 +32,7 @@ fn block(rows: usize, dim: usize) -> (Graph, [kiln_core::BufferId; 5]) {
         x,
         weight: Some(w),
         out: normed,
+        out_q8: None,
         rows,
         dim,
         eps: 1e-6,
@@ -43,6 +44,7 @@ fn block(rows: usize, dim: usize) -> (Graph, [kiln_core::BufferId; 5]) {
         a: gate,
         b: normed,
         out: gated,
+        out_q8: None,
         len: n,
     })
     .unwrap();
@@ -52,6 +54,7 @@ fn block(rows: usize, dim: usize) -> (Graph, [kiln_core::BufferId; 5]) {
         weight: None,
         sum,
         out: normed2,
+        out_q8: None,
         rows,
         dim,
         eps: 1e-6,
@@ -127,6 +130,7 @@ fn unimplemented_ops_are_unsupported_before_anything_runs() {
         a,
         b,
         out: s,
+        out_q8: None,
         len: 8,
     })
     .unwrap();
@@ -174,6 +178,7 @@ fn dispatch_rejects_bad_arguments_before_launch() {
         &small,
         &big,
         &mut out,
+        None,
         1000,
     ));
     assert!(
@@ -187,6 +192,7 @@ fn dispatch_rejects_bad_arguments_before_launch() {
         &big,
         &big,
         &mut out,
+        None,
         0,
     ));
     assert_eq!(m, "mul: len must be > 0, got 0");
@@ -233,6 +239,38 @@ fn dispatch_rejects_bad_arguments_before_launch() {
     assert!(
         m.starts_with("add_rms_norm: residual needs 1000 f32 elements"),
         "{m}"
+    );
+
+    // Q8_1 copies: rows of whole blocks of 32, and room for them.
+    let mut q8 = cuda.alloc(36 * 16).unwrap();
+    let mut norm_with_copy = |rows, dim| {
+        let out = ops::norm::NormOut {
+            out: &mut out,
+            out_q8: Some(&mut q8),
+        };
+        invalid(ops::norm::rms_norm(cuda, &big, None, out, rows, dim, 1e-6))
+    };
+    assert_eq!(
+        norm_with_copy(10, 100),
+        "rms_norm: out_q8: rows of 100 elements cannot be rounded to q8_1, which needs a multiple of 32"
+    );
+    let m = norm_with_copy(4, 192);
+    assert!(
+        m.starts_with("rms_norm: out_q8 needs 768 q8_1 elements"),
+        "{m}"
+    );
+    let m = invalid(ops::elementwise::elementwise(
+        cuda,
+        ElementwiseKind::SiluMul,
+        &big,
+        &big,
+        &mut out,
+        Some(&mut q8),
+        1000,
+    ));
+    assert_eq!(
+        m,
+        "silu_mul: out_q8: rows of 1000 elements cannot be rounded to q8_1, which needs a multiple of 32"
     );
 }
 

@@ -36,7 +36,8 @@ fn chain(
     for _ in 0..6 {
         for (dtype, w) in weights {
             matmul::matmul(cuda, &x, w, *dtype, None, &mut y, 1, DIM, DIM).unwrap();
-            elementwise::elementwise(cuda, ElementwiseKind::Add, &y, &x, &mut z, DIM).unwrap();
+            elementwise::elementwise(cuda, ElementwiseKind::Add, &y, &x, &mut z, None, DIM)
+                .unwrap();
             norm::rms_norm(cuda, &z, None, &mut x, 1, DIM, 1e-6).unwrap();
         }
     }

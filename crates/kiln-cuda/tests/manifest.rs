@@ -83,6 +83,7 @@ fn specs_for_graph_are_distinct_and_in_first_use_order() {
         a,
         b,
         out: s,
+        out_q8: None,
         len: 8,
     })
     .unwrap();
@@ -90,6 +91,7 @@ fn specs_for_graph_are_distinct_and_in_first_use_order() {
         x: s,
         weight: None,
         out: n,
+        out_q8: None,
         rows: 1,
         dim: 8,
         eps: 1e-6,
@@ -100,6 +102,7 @@ fn specs_for_graph_are_distinct_and_in_first_use_order() {
         a: s,
         b: n,
         out: m,
+        out_q8: None,
         len: 8,
     })
     .unwrap();
@@ -175,6 +178,7 @@ fn has_kernel_agrees_with_spec_for_op() {
         a,
         b: a,
         out: b,
+        out_q8: None,
         len: 32,
     })
     .unwrap();
@@ -188,6 +192,7 @@ fn has_kernel_agrees_with_spec_for_op() {
         x: b,
         weight: None,
         out: a,
+        out_q8: None,
         rows: 1,
         dim: 32,
         eps: 0.0,
@@ -195,6 +200,7 @@ fn has_kernel_agrees_with_spec_for_op() {
     .unwrap();
     g.push(MatMul {
         x: a,
+        x_q8: None,
         w,
         bias: None,
         out: y,

@@ -5,9 +5,8 @@ mod common;
 mod kernels;
 use common::*;
 use kernels::*;
-use kiln_core::ops::{MatMul, WEIGHT_DTYPES};
-use kiln_core::{Aliasing, DType, Graph};
-use kiln_cpu::ops::matmul::round_activations_q8;
+use kiln_core::ops::{MatMul, Q8_COPY, WEIGHT_DTYPES};
+use kiln_core::{quant, Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::matmul::{MatMulArgs, MatMulKernel};
 
@@ -19,6 +18,7 @@ fn args() -> MatMulArgs {
         n: 4096,
         k: 4096,
         x_bytes: 4096 * 4,
+        x_q8_bytes: None,
         w_bytes: 4096 * 16 * 144,
         w_packed: Some((DType::Q4K, 4096)),
         bias_bytes: Some(4096 * 4),
@@ -479,6 +479,36 @@ fn too_many_rows_for_the_grid_are_rejected() {
     );
 }
 
+#[test]
+fn the_q8_copy_of_x_must_hold_whole_blocks_of_every_row() {
+    let with_copy = |bytes| MatMulArgs {
+        x_q8_bytes: Some(bytes),
+        ..args()
+    };
+    with_copy(4096 / 32 * 36).check().unwrap();
+    let msg = invalid(with_copy(4096 / 32 * 36 - 1).check());
+    assert!(
+        msg.starts_with("matmul: x_q8 needs 4096 q8_1 elements"),
+        "{msg}"
+    );
+    let msg = invalid(
+        MatMulArgs {
+            weight: DType::F32,
+            k: 37,
+            x_bytes: 37 * 4,
+            w_bytes: 4096 * 37 * 4,
+            w_packed: None,
+            x_q8_bytes: Some(36 * 2),
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        msg,
+        "matmul: x_q8: rows of 37 elements cannot be rounded to q8_1, which needs a multiple of 32"
+    );
+}
+
 /// Normalised MSE allowed for the mat-vec kernels against the CPU's f32 results. The
 /// staged kernel's products are exact and only the order of the f32 sums differs (a
 /// tree of 8-element chunks and warps on the GPU, a sequence on the CPU). The packed
@@ -486,8 +516,8 @@ fn too_many_rows_for_the_grid_are_rejected() {
 /// loses a few more bits: about 1e-11 on random inputs (CPU emulation of the kernel).
 const MATVEC_NMSE: f64 = 1e-9;
 
-/// Normalised MSE allowed between the resident mat-vec, which rounds x to 8 bits per
-/// block of 32 (`round_activations_q8`), and the CPU's results on the unrounded x. The
+/// Normalised MSE allowed between the resident mat-vec, which rounds x to Q8_1
+/// ([`Q8_COPY`]), and the CPU's results on the unrounded x. The
 /// rounding error of an element is at most half a step of max |x| / 127 in its block;
 /// on uniform random activations the products come out at about 1.5e-5 (H100).
 const ROUNDED_X_NMSE: f64 = 1e-4;
@@ -497,7 +527,19 @@ const ROUNDED_X_NMSE: f64 = 1e-4;
 /// tensor-core products; for random inputs that gives about 5e-6.
 const MATMAT_NMSE: f64 = 5e-5;
 
-/// Runs out = x · wᵀ (+ bias) on both backends and compares.
+/// `x` rounded to Q8_1 ([`Q8_COPY`]) by the CPU codec: its bytes and its values.
+fn q8_copy(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let mut bytes = vec![0u8; Q8_COPY.bytes_for(x.len()).unwrap()];
+    quant::quantize(Q8_COPY, x, &mut bytes).unwrap();
+    let mut values = vec![0f32; x.len()];
+    quant::dequantize(Q8_COPY, &bytes, &mut values).unwrap();
+    (bytes, values)
+}
+
+/// Runs out = x · wᵀ (+ bias) on both backends and compares. Where k is a multiple of
+/// 32 it runs the GPU again with x's Q8_1 copy from the CPU codec as `x_q8`: the
+/// resident mat-vec must read it and give the same bits as when it rounds x itself,
+/// and the other kernels must ignore it.
 #[allow(clippy::too_many_arguments)]
 fn compare(
     cuda: &kiln_cuda::CudaBackend,
@@ -513,20 +555,20 @@ fn compare(
     let w = g.persistent("w", dtype, &[n, k]).unwrap();
     let bias = with_bias.then(|| g.persistent("bias", DType::F32, &[n]).unwrap());
     let out = g.persistent("out", DType::F32, &[m, n]).unwrap();
-    g.push(MatMul {
+    let op = MatMul {
         x,
+        x_q8: None,
         w,
         bias,
         out,
         m,
         n,
         k,
-    })
-    .unwrap();
-    let mut inputs = vec![
-        (x, f32_bytes(&uniform(rng, m * k, 1.0))),
-        (w, encoded(rng, dtype, n * k)),
-    ];
+    };
+    let without_op = g.clone();
+    g.push(op.clone()).unwrap();
+    let xv = uniform(rng, m * k, 1.0);
+    let mut inputs = vec![(x, f32_bytes(&xv)), (w, encoded(rng, dtype, n * k))];
     if let Some(b) = bias {
         inputs.push((b, f32_bytes(&uniform(rng, n, 1.0))));
     }
@@ -536,12 +578,31 @@ fn compare(
     if rounds_activations(dtype, m, n, k) {
         // Exact up to the order of the sums on the rounded x; close on x itself.
         assert_close(&label, &got, &want, ROUNDED_X_NMSE);
-        inputs[0].1 = f32_bytes(&round_activations_q8(&f32s(&inputs[0].1)));
-        let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
+        let mut rounded = inputs.clone();
+        rounded[0].1 = f32_bytes(&q8_copy(&xv).1);
+        let want = f32s(&run_on(&CpuBackend, &g, &rounded, &[out], Aliasing::On).unwrap()[0]);
         assert_close(&format!("{label}, rounded x"), &got, &want, MATVEC_NMSE);
     } else {
         let nmse = if m <= 8 { MATVEC_NMSE } else { MATMAT_NMSE };
         assert_close(&label, &got, &want, nmse);
+    }
+    if k % Q8_COPY.block_size() == 0 {
+        let mut g = without_op;
+        let x_q8 = g.persistent("x_q8", Q8_COPY, &[m, k]).unwrap();
+        g.push(MatMul {
+            x_q8: Some(x_q8),
+            ..op
+        })
+        .unwrap();
+        inputs.push((x_q8, q8_copy(&xv).0));
+        let with_copy = f32s(&run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
+        assert!(
+            with_copy
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{label}: with x_q8 the result differs from the one without"
+        );
     }
 }
 
@@ -553,6 +614,7 @@ fn rounds_activations(dtype: DType, m: usize, n: usize, k: usize) -> bool {
         n,
         k,
         x_bytes: m * k * 4,
+        x_q8_bytes: None,
         w_bytes: dtype.bytes_for(n * k).unwrap(),
         w_packed: kiln_cuda::packing::is_packed(dtype).then_some((dtype, k)),
         bias_bytes: None,

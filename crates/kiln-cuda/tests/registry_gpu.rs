@@ -54,8 +54,16 @@ fn a_compiled_kernel_launches_and_computes() {
     backend.upload(&mut da, &f32_bytes(&a)).unwrap();
     backend.upload(&mut db, &f32_bytes(&b)).unwrap();
     backend.upload(&mut dout, &poison(len * 4)).unwrap();
-    ops::elementwise::elementwise(&backend, ElementwiseKind::Add, &da, &db, &mut dout, len)
-        .unwrap();
+    ops::elementwise::elementwise(
+        &backend,
+        ElementwiseKind::Add,
+        &da,
+        &db,
+        &mut dout,
+        None,
+        len,
+    )
+    .unwrap();
     let mut out = vec![0u8; len * 4];
     backend.download(&dout, &mut out).unwrap();
     // Small integers and halves: every sum is exact in f32.

@@ -10,7 +10,7 @@
 use crate::config::ModelConfig;
 use kiln_core::ops::{
     AddRmsNorm, Attention, Elementwise, ElementwiseKind, Embedding, HeadNormRope, KvAppend, MatMul,
-    RmsNorm, Rope, Sample, SampleParams,
+    RmsNorm, Rope, Sample, SampleParams, Q8_COPY,
 };
 use kiln_core::{BufferId, DType, Error, Graph, Result};
 
@@ -164,6 +164,7 @@ pub fn build(
             branch,
             &format!("blk.{l}.attn_norm.weight"),
             &format!("l{l}.attn"),
+            true,
         )?;
         let attn = b.attention(l, normed, positions, freq_factors, cache)?;
         let (r, normed) = b.residual_norm(
@@ -171,11 +172,14 @@ pub fn build(
             Some(attn),
             &format!("blk.{l}.ffn_norm.weight"),
             &format!("l{l}.ffn"),
+            true,
         )?;
         resid = r;
         branch = Some(b.feed_forward(l, normed)?);
     }
-    let (_, normed) = b.residual_norm(resid, branch, "output_norm.weight", "out")?;
+    // The head reads one gathered row of the final norm; it rounds that row itself.
+    let (_, normed) = b.residual_norm(resid, branch, "output_norm.weight", "out", false)?;
+    let normed = normed.x;
     let last = b.g.transient("last_hidden", DType::F32, &[1, d])?;
     b.g.push(Embedding {
         table: normed,
@@ -192,6 +196,7 @@ pub fn build(
     };
     b.g.push(MatMul {
         x: last,
+        x_q8: None,
         w: out_w,
         bias: None,
         out: logits,
@@ -208,6 +213,20 @@ pub fn build(
         logits,
         sample: None,
     })
+}
+
+/// An F32 activation and its optional Q8_1 copy.
+#[derive(Clone, Copy)]
+struct Act {
+    x: BufferId,
+    q8: Option<BufferId>,
+}
+
+impl From<BufferId> for Act {
+    /// An activation without a copy.
+    fn from(x: BufferId) -> Self {
+        Act { x, q8: None }
+    }
 }
 
 struct Builder<'a> {
@@ -238,18 +257,38 @@ impl Builder<'_> {
         self.g.transient(name, DType::F32, &[self.t, width])
     }
 
+    /// A transient F32 activation of `[n_tokens, width]` and, for a decode graph (one
+    /// token) when `copy` is set and the width allows it, a Q8_1 copy for the
+    /// mat-vecs that read it ([`kiln_core::ops::Q8_COPY`]; the prefill mat-mat does
+    /// not read one).
+    fn act_with_copy(&mut self, name: &str, width: usize, copy: bool) -> Result<Act> {
+        let x = self.act(name, width)?;
+        let q8 = if copy && self.t == 1 && width % Q8_COPY.block_size() == 0 {
+            Some(
+                self.g
+                    .transient(format!("{name}.q8"), Q8_COPY, &[self.t, width])?,
+            )
+        } else {
+            None
+        };
+        Ok(Act { x, q8 })
+    }
+
     /// Adds `branch` (if any) to the residual stream and RMS-normalizes the sum with
-    /// weight `norm`; returns the new residual stream and the normalized activation.
+    /// weight `norm`; returns the new residual stream and the normalized activation
+    /// (with its Q8_1 copy as [`Builder::act_with_copy`] gives one for `copy`).
     fn residual_norm(
         &mut self,
         resid: BufferId,
         branch: Option<BufferId>,
         norm: &str,
         tag: &str,
-    ) -> Result<(BufferId, BufferId)> {
+        copy: bool,
+    ) -> Result<(BufferId, Act)> {
         let d = self.c.n_embd;
         let weight = Some(self.w(norm, &[d])?);
-        let out = self.act(&format!("{tag}.normed"), d)?;
+        let normed = self.act_with_copy(&format!("{tag}.normed"), d, copy)?;
+        let (out, out_q8) = (normed.x, normed.q8);
         let (rows, eps) = (self.t, self.c.rms_eps);
         match branch {
             None => {
@@ -257,11 +296,12 @@ impl Builder<'_> {
                     x: resid,
                     weight,
                     out,
+                    out_q8,
                     rows,
                     dim: d,
                     eps,
                 })?;
-                Ok((resid, out))
+                Ok((resid, normed))
             }
             Some(branch) => {
                 let sum = self.act(&format!("{tag}.resid"), d)?;
@@ -271,11 +311,12 @@ impl Builder<'_> {
                     weight,
                     sum,
                     out,
+                    out_q8,
                     rows,
                     dim: d,
                     eps,
                 })?;
-                Ok((sum, out))
+                Ok((sum, normed))
             }
         }
     }
@@ -285,7 +326,7 @@ impl Builder<'_> {
         &mut self,
         l: usize,
         name: &str,
-        x: BufferId,
+        x: Act,
         n: usize,
         k: usize,
         bias: bool,
@@ -298,7 +339,8 @@ impl Builder<'_> {
         };
         let out = self.act(&format!("l{l}.{name}"), n)?;
         self.g.push(MatMul {
-            x,
+            x: x.x,
+            x_q8: x.q8,
             w,
             bias,
             out,
@@ -314,7 +356,7 @@ impl Builder<'_> {
     fn attention(
         &mut self,
         l: usize,
-        x: BufferId,
+        x: Act,
         positions: BufferId,
         freq_factors: Option<BufferId>,
         cache: CacheSpec,
@@ -356,7 +398,7 @@ impl Builder<'_> {
             window: None,
             softcap: None,
         })?;
-        self.linear(l, "attn_output", out, d, c.q_dim(), false)
+        self.linear(l, "attn_output", out.into(), d, c.q_dim(), false)
     }
 
     /// RoPE of `n_heads` heads of `x`, preceded by the per-head norm
@@ -401,17 +443,18 @@ impl Builder<'_> {
     }
 
     /// SwiGLU feed-forward of layer `l`: `down(silu(gate(x)) * up(x))`.
-    fn feed_forward(&mut self, l: usize, x: BufferId) -> Result<BufferId> {
+    fn feed_forward(&mut self, l: usize, x: Act) -> Result<BufferId> {
         let (d, ff) = (self.c.n_embd, self.c.n_ff);
         let gate = self.linear(l, "ffn_gate", x, ff, d, false)?;
         let up = self.linear(l, "ffn_up", x, ff, d, false)?;
-        let act = self.act(&format!("l{l}.ffn_act"), ff)?;
+        let act = self.act_with_copy(&format!("l{l}.ffn_act"), ff, true)?;
         let len = self.t * ff;
         self.g.push(Elementwise {
             kind: ElementwiseKind::SiluMul,
             a: gate,
             b: up,
-            out: act,
+            out: act.x,
+            out_q8: act.q8,
             len,
         })?;
         self.linear(l, "ffn_down", act, d, ff, false)

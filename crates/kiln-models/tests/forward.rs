@@ -588,3 +588,44 @@ fn forward_sample_checks_its_arguments_and_keeps_the_logits() {
     }
     assert_eq!(model.n_past(), 6);
 }
+
+#[test]
+fn decode_graphs_give_the_projections_q8_copies_written_beside_their_inputs() {
+    use kiln_core::ops::{Op, Q8_COPY};
+    // Widths that are whole Q8_1 blocks: every projection but the attention output's
+    // (its input comes from the attention op) and the head's reads a copy.
+    let s = Spec {
+        ff: 64,
+        ..specs()[0]
+    };
+    let model = load(
+        &gguf_bytes(&s, &random_weights(&s, &mut seeded())),
+        DType::F32,
+    );
+    let copies = |n_tokens| {
+        let f = model.graph(n_tokens).unwrap();
+        let ops = f.graph.ops();
+        let mut read = 0;
+        for (i, op) in ops.iter().enumerate() {
+            let Op::MatMul(m) = op else { continue };
+            let Some(q8) = m.x_q8 else { continue };
+            read += 1;
+            assert_eq!(f.graph.desc(q8).unwrap().dtype, Q8_COPY);
+            // The last op before it that writes the copy also writes x.
+            let writer = ops[..i]
+                .iter()
+                .rev()
+                .find(|w| w.outputs().contains(&q8))
+                .expect("a copy has a writer");
+            assert!(
+                writer.outputs().contains(&m.x),
+                "{writer:?} writes the copy of another x"
+            );
+        }
+        read
+    };
+    // q, k, v, gate, up and down of each layer.
+    assert_eq!(copies(1), 6 * s.layers);
+    // The prefill mat-mat does not read copies, so prefill graphs have none.
+    assert_eq!(copies(3), 0);
+}

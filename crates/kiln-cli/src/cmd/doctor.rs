@@ -114,7 +114,15 @@ fn check_add(backend: &CudaBackend) -> Result<()> {
     backend.upload(&mut da, &bytes(&a))?;
     backend.upload(&mut db, &bytes(&b))?;
     backend.upload(&mut dout, &vec![0xff; len * 4])?;
-    ops::elementwise::elementwise(backend, ElementwiseKind::Add, &da, &db, &mut dout, len)?;
+    ops::elementwise::elementwise(
+        backend,
+        ElementwiseKind::Add,
+        &da,
+        &db,
+        &mut dout,
+        None,
+        len,
+    )?;
     let mut out = vec![0u8; len * 4];
     backend.download(&dout, &mut out)?;
     let wrong = out

@@ -1,4 +1,4 @@
-use super::{Checker, OpSpec};
+use super::{ids, Checker, OpSpec};
 use crate::{BufferId, DType, Graph, Result};
 
 /// The function an [`Elementwise`] op applies to each pair `(a[i], b[i])`.
@@ -30,13 +30,16 @@ impl ElementwiseKind {
 }
 
 /// A binary element-wise function over two F32 vectors of `len` elements:
-/// `out[i] = f(a[i], b[i])` with `f` given by `kind`, computed in f32.
+/// `out[i] = f(a[i], b[i])` with `f` given by `kind`, computed in f32. `out_q8`, when
+/// given, is a Q8_1 buffer of `len` elements (`len` a multiple of 32) and receives
+/// `out` rounded to it ([`super::Q8_COPY`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Elementwise {
     pub kind: ElementwiseKind,
     pub a: BufferId,
     pub b: BufferId,
     pub out: BufferId,
+    pub out_q8: Option<BufferId>,
     pub len: usize,
 }
 
@@ -48,7 +51,7 @@ impl OpSpec for Elementwise {
         vec![self.a, self.b]
     }
     fn outputs(&self) -> Vec<BufferId> {
-        vec![self.out]
+        ids(&[self.out], &[self.out_q8])
     }
     fn validate(&self, graph: &Graph) -> Result<()> {
         let c = Checker::new(graph, self.name());
@@ -56,6 +59,6 @@ impl OpSpec for Elementwise {
         for (role, id) in [("a", self.a), ("b", self.b), ("out", self.out)] {
             c.buffer(role, id, &[DType::F32], self.len)?;
         }
-        Ok(())
+        c.q8_copy("out_q8", self.out_q8, self.len, self.len)
     }
 }

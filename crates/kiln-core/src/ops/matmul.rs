@@ -7,16 +7,20 @@ use crate::{BufferId, DType, Graph, Result};
 ///   large is prefill).
 /// - `w`: `[n, k]`, row-major, any dtype of [`super::WEIGHT_DTYPES`]; each row is a
 ///   whole number of blocks (`k` a multiple of the block size).
+/// - `x_q8`: optional Q8_1 `[m, k]` (`k` a multiple of 32), x rounded to 8 bits as
+///   [`super::Q8_COPY`] defines, written by the op that wrote x.
 /// - `bias`: optional F32 `[n]`.
 /// - `out`: F32 `[m, n]`, `out[i, j] = sum_l x[i, l] * dequantize(w)[j, l] + bias[j]`,
 ///   accumulated in f32.
 ///
 /// Backends may round x for speed, as llama.cpp does: the CUDA mat-mat rounds x and the
-/// decoded weights to bf16; its one-row mat-vec of 4- to 6-bit quantized weights rounds
-/// x to 8 bits per block of 32 (`kiln_cpu::ops::matmul::round_activations_q8`).
+/// decoded weights to bf16; its one-row mat-vec of 4- to 6-bit quantized weights
+/// multiplies with x rounded to Q8_1 ([`super::Q8_COPY`]), reading `x_q8` where it is
+/// given and rounding x itself where not. The CPU reference reads x only.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MatMul {
     pub x: BufferId,
+    pub x_q8: Option<BufferId>,
     pub w: BufferId,
     pub bias: Option<BufferId>,
     pub out: BufferId,
@@ -30,7 +34,7 @@ impl OpSpec for MatMul {
         "matmul"
     }
     fn inputs(&self) -> Vec<BufferId> {
-        ids(&[self.x, self.w], &[self.bias])
+        ids(&[self.x, self.w], &[self.x_q8, self.bias])
     }
     fn outputs(&self) -> Vec<BufferId> {
         vec![self.out]
@@ -39,7 +43,9 @@ impl OpSpec for MatMul {
         let c = Checker::new(graph, self.name());
         c.nonzero(&[("m", self.m), ("n", self.n), ("k", self.k)])?;
         c.weight("w", self.w, self.n, self.k)?;
-        c.buffer("x", self.x, &[DType::F32], c.count(&[self.m, self.k])?)?;
+        let x_elements = c.count(&[self.m, self.k])?;
+        c.buffer("x", self.x, &[DType::F32], x_elements)?;
+        c.q8_copy("x_q8", self.x_q8, x_elements, self.k)?;
         c.optional("bias", self.bias, &[DType::F32], self.n)?;
         c.buffer("out", self.out, &[DType::F32], c.count(&[self.m, self.n])?)?;
         Ok(())

@@ -127,6 +127,15 @@ pub const WEIGHT_DTYPES: [DType; 14] = [
     DType::IQ4NL,
 ];
 
+/// The dtype of an activation's 8-bit copy: an op that writes F32 activations may also
+/// write them rounded to Q8_1 (`out_q8`), and [`MatMul`] may read that copy (`x_q8`).
+///
+/// The rounding is [`crate::quant::quantize`]'s Q8_1 encoding of the f32 values, per
+/// block of 32 consecutive elements of a row: `d = max |v| / 127`, `q = round(v / d)`
+/// (half away from zero), `d` stored as f16. The copy saves a backend that multiplies
+/// with 8-bit activations from rounding x once per product.
+pub const Q8_COPY: DType = DType::Q8_1;
+
 /// Validation helpers shared by the op families.
 pub(crate) struct Checker<'g> {
     graph: &'g Graph,
@@ -211,6 +220,23 @@ impl<'g> Checker<'g> {
         id.map_or(Ok(()), |id| {
             self.buffer(role, id, dtypes, elements).map(|_| ())
         })
+    }
+
+    /// Checks the optional Q8_1 operand `role` ([`Q8_COPY`]): `elements` elements in
+    /// rows of `row` elements, each a whole number of Q8_1 blocks.
+    pub(crate) fn q8_copy(
+        &self,
+        role: &str,
+        id: Option<BufferId>,
+        elements: usize,
+        row: usize,
+    ) -> Result<()> {
+        let Some(id) = id else { return Ok(()) };
+        let block = Q8_COPY.block_size();
+        self.ensure(row % block == 0, || {
+            format!("{role} holds rows of {row} elements rounded to q8_1, which needs a multiple of {block}")
+        })?;
+        self.buffer(role, id, &[Q8_COPY], elements).map(|_| ())
     }
 
     /// Checks a row-major weight of `rows` x `cols` whose rows are whole blocks.

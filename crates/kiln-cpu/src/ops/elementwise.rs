@@ -44,5 +44,5 @@ pub(crate) fn execute(op: &Elementwise, ins: &Inputs, outs: &mut Outputs) -> Res
         ins.view(op.b, op.len),
         outs.buf(op.out).view_mut(op.len),
     );
-    Ok(())
+    super::write_q8_copy(outs, op.out, op.out_q8, op.len)
 }

@@ -46,29 +46,6 @@ pub fn matmul(
     Ok(())
 }
 
-/// Elements per block of [`round_activations_q8`].
-pub const Q8_ACTIVATION_BLOCK: usize = 32;
-
-/// `x` rounded to 8 bits per block of 32 elements, the rounding the CUDA backend's
-/// one-row mat-vec of quantized weights applies to its activations before the
-/// products (as llama.cpp's q8_1 activations): for each block, `d = max |x| / 127`
-/// and `q = x * (1 / d)` rounded to the nearest integer, ties to even (`q = 0` where
-/// `d = 0`); the result is `d * q`, with `|q| <= 127`. A trailing partial block is
-/// rounded on its own. NaN elements are ignored by the maximum and round to 0.
-pub fn round_activations_q8(x: &[f32]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len());
-    for block in x.chunks(Q8_ACTIVATION_BLOCK) {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out.extend(block.iter().map(|&v| {
-            let q = (v * inv).round_ties_even();
-            d * if q.is_nan() { 0.0 } else { q }
-        }));
-    }
-    out
-}
-
 /// `sum_l a[l] * b[l]` in f32: eight interleaved partial sums (element `l` goes to
 /// sum `l % 8`), added pairwise at the end, then the tail in order. The fixed order
 /// lets the compiler vectorize it and keeps results reproducible.

@@ -15,7 +15,8 @@ pub mod sample;
 pub mod softmax;
 
 use crate::{Inputs, Outputs};
-use kiln_core::{Op, Result};
+use kiln_core::ops::Q8_COPY;
+use kiln_core::{quant, BufferId, Op, Result};
 
 /// Runs one validated op on bound memory.
 pub(crate) fn execute(op: &Op, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
@@ -34,4 +35,20 @@ pub(crate) fn execute(op: &Op, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
         Op::Cast(op) => cast::execute(op, ins, outs),
         Op::Sample(op) => sample::execute(op, ins, outs),
     }
+}
+
+/// Writes the first `n` f32 values of output `out` rounded to Q8_1 into output
+/// `out_q8`, when the op has one ([`kiln_core::ops::Q8_COPY`]).
+pub(crate) fn write_q8_copy(
+    outs: &mut Outputs,
+    out: BufferId,
+    out_q8: Option<BufferId>,
+    n: usize,
+) -> Result<()> {
+    let Some(out_q8) = out_q8 else {
+        return Ok(());
+    };
+    let values = outs.buf(out).view::<f32>(n).to_vec();
+    let bytes = Q8_COPY.bytes_for(n)?;
+    quant::quantize(Q8_COPY, &values, &mut outs.buf(out_q8).bytes_mut()[..bytes])
 }

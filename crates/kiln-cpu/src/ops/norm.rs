@@ -1,4 +1,5 @@
-//! Reference for [`kiln_core::ops::RmsNorm`] and [`kiln_core::ops::AddRmsNorm`].
+//! Reference for [`kiln_core::ops::RmsNorm`] and [`kiln_core::ops::AddRmsNorm`]; their
+//! optional Q8_1 copy of `out` is [`super::write_q8_copy`].
 
 use crate::{Inputs, Outputs};
 use kiln_core::ops::{AddRmsNorm, RmsNorm};
@@ -57,7 +58,7 @@ pub(crate) fn execute_rms_norm(op: &RmsNorm, ins: &Inputs, outs: &mut Outputs) -
     let weight = op.weight.map(|w| ins.view::<f32>(w, op.dim));
     let out = outs.buf(op.out).view_mut::<f32>(n);
     rms_norm(ins.view(op.x, n), weight, out, op.dim, op.eps);
-    Ok(())
+    super::write_q8_copy(outs, op.out, op.out_q8, n)
 }
 
 pub(crate) fn execute_add_rms_norm(
@@ -77,5 +78,5 @@ pub(crate) fn execute_add_rms_norm(
         op.dim,
         op.eps,
     );
-    Ok(())
+    super::write_q8_copy(outs, op.out, op.out_q8, n)
 }

@@ -110,3 +110,46 @@ impl G {
         self.g.transient(name, dtype, shape).expect("buffer")
     }
 }
+
+/// Checks that `bytes` are `values` rounded to Q8_1 blocks as
+/// [`kiln_core::ops::Q8_COPY`] defines, reading the blocks by hand: per block of 32,
+/// `d` (f16) is max |v| / 127 rounded to f16, every quant is within half a step of
+/// `v / d` (`d` before its f16 rounding, which moves it by at most 2^-11) with the
+/// largest at |q| = 127, and `s` (f16) is `d * sum(q)`.
+pub fn check_q8_copy(what: &str, values: &[f32], bytes: &[u8]) {
+    assert_eq!(bytes.len(), values.len() / 32 * 36, "{what}: size");
+    for (b, (block, v)) in bytes
+        .chunks_exact(36)
+        .zip(values.chunks_exact(32))
+        .enumerate()
+    {
+        let d = f16::from_le_bytes([block[0], block[1]]).to_f64();
+        let s = f16::from_le_bytes([block[2], block[3]]).to_f64();
+        let amax = v.iter().fold(0f64, |m, &x| m.max(f64::from(x).abs()));
+        let step = amax / 127.0;
+        assert!(
+            (d - step).abs() <= step * 2f64.powi(-11),
+            "{what}: block {b}: d {d}, max {amax}"
+        );
+        let q: Vec<i32> = block[4..].iter().map(|&q| i32::from(q as i8)).collect();
+        for (&q, &x) in q.iter().zip(v) {
+            let exact = if step > 0.0 { f64::from(x) / step } else { 0.0 };
+            assert!(
+                (f64::from(q) - exact).abs() <= 0.5 + 1e-4,
+                "{what}: block {b}: {x} became {q} at step {step}"
+            );
+        }
+        if step > 0.0 {
+            assert_eq!(
+                q.iter().map(|q| q.abs()).max(),
+                Some(127),
+                "{what}: block {b}"
+            );
+        }
+        let want_s = d * f64::from(q.iter().sum::<i32>());
+        assert!(
+            (s - want_s).abs() <= want_s.abs() * 2f64.powi(-10),
+            "{what}: block {b}: s {s}, want {want_s}"
+        );
+    }
+}

@@ -16,7 +16,7 @@ use kiln_core::{DType, DeviceBuffer, Error, Result};
 use super::common::{
     allow_dynamic_shared, config, grid_dim, launch, weight_tag, MAX_GRID_X, MAX_GRID_YZ,
 };
-use super::{check_bytes, check_nonzero, check_packed, count, to_u32};
+use super::{check_bytes, check_nonzero, check_packed, check_q8_copy, count, to_u32};
 
 use crate::context::driver_error;
 use crate::launch::KernelArgs;
@@ -74,9 +74,9 @@ pub enum MatMulKernel {
         aligned: bool,
     },
     /// kernels/matvec.cu's `matvec_resident` for one activation row of a weight in the
-    /// planes layout: blocks of `threads` that hold all of x, rounded to 8 bits per
-    /// block of 32, in shared memory, compiled for `min_blocks` blocks per
-    /// multiprocessor; `aligned` as for `MatVecPacked`.
+    /// planes layout: blocks of `threads` that hold all of x, rounded to Q8_1 (or read
+    /// already rounded from `x_q8`), in shared memory, compiled for `min_blocks` blocks
+    /// per multiprocessor; `aligned` as for `MatVecPacked`.
     MatVecResident {
         threads: u32,
         min_blocks: u32,
@@ -152,7 +152,7 @@ const RESIDENT_MIN_ROWS: usize = 4096;
 const RESIDENT_MAX_SHARED: usize = 96 * 1024;
 
 /// Dynamic shared memory of `matvec_resident` for one activation row of `k`
-/// elements rounded to 8 bits: per unit, its quants and 16 bytes of padding; per
+/// elements rounded to Q8_1: per unit, its quants and 16 bytes of padding; per
 /// scale group, two f32 (matvec.cu's matvec_resident and resident_unit_bytes).
 fn resident_shared(dtype: DType, k: usize) -> usize {
     let (unit, _, group) = packed_unit(dtype);
@@ -388,6 +388,8 @@ pub struct MatMulArgs {
     pub n: usize,
     pub k: usize,
     pub x_bytes: usize,
+    /// Bytes of the Q8_1 copy of x, when there is one.
+    pub x_q8_bytes: Option<usize>,
     pub w_bytes: usize,
     /// The dtype and row length the weight buffer was packed for
     /// ([`CudaBuffer::packed`]); packed dtypes need `Some((weight, k))`.
@@ -410,8 +412,9 @@ pub struct MatMulPlan {
 
 impl MatMulArgs {
     /// Checks non-zero sizes; a weight dtype of [`WEIGHT_DTYPES`] whose blocks divide
-    /// `k`; buffers of `m x k` F32 activations, `n x k` weights, the optional `n` F32
-    /// bias and `m x n` F32 outputs; and grid limits. Picks the mat-vec kernel for
+    /// `k`; buffers of `m x k` F32 activations (and their optional Q8_1 copy, `k` a
+    /// multiple of 32), `n x k` weights, the optional `n` F32 bias and `m x n` F32
+    /// outputs; and grid limits. Picks the mat-vec kernel for
     /// `m <= 8`, the mat-mat kernel above.
     pub fn check(&self) -> Result<MatMulPlan> {
         check_nonzero(OP, &[("m", self.m), ("n", self.n), ("k", self.k)])?;
@@ -432,6 +435,13 @@ impl MatMulArgs {
             self.x_bytes,
             DType::F32,
             count(OP, &[self.m, self.k])?,
+        )?;
+        check_q8_copy(
+            OP,
+            "x_q8",
+            self.x_q8_bytes,
+            count(OP, &[self.m, self.k])?,
+            self.k,
         )?;
         check_bytes(
             OP,
@@ -498,13 +508,29 @@ impl MatMulArgs {
     }
 }
 
+/// The activations of a matmul: `x`, F32, and optionally its Q8_1 copy `x_q8`
+/// ([`kiln_core::ops::Q8_COPY`]).
+#[derive(Clone, Copy)]
+pub struct Activations<'a> {
+    pub x: &'a CudaBuffer,
+    pub x_q8: Option<&'a CudaBuffer>,
+}
+
+impl<'a> From<&'a CudaBuffer> for Activations<'a> {
+    /// F32 activations without a Q8_1 copy.
+    fn from(x: &'a CudaBuffer) -> Self {
+        Self { x, x_q8: None }
+    }
+}
+
 /// `out = x · wᵀ (+ bias)` for `m x k` F32 activations and an `n x k` weight of
 /// `dtype`, as [`kiln_core::ops::MatMul`] defines. The mat-mat kernel (`m > 8`)
-/// multiplies bf16-rounded operands on tensor cores, accumulating in f32.
+/// multiplies bf16-rounded operands on tensor cores, accumulating in f32;
+/// `matvec_resident` multiplies with x rounded to Q8_1, read from `x_q8` when given.
 #[allow(clippy::too_many_arguments)] // the op's operands and shape, each named
-pub fn matmul(
+pub fn matmul<'a>(
     backend: &CudaBackend,
-    x: &CudaBuffer,
+    x: impl Into<Activations<'a>>,
     w: &CudaBuffer,
     dtype: DType,
     bias: Option<&CudaBuffer>,
@@ -513,12 +539,14 @@ pub fn matmul(
     n: usize,
     k: usize,
 ) -> Result<()> {
+    let Activations { x, x_q8 } = x.into();
     let plan = MatMulArgs {
         weight: dtype,
         m,
         n,
         k,
         x_bytes: x.bytes(),
+        x_q8_bytes: x_q8.map(|q| q.bytes()),
         w_bytes: w.bytes(),
         w_packed: w.packed(),
         bias_bytes: bias.map(|b| b.bytes()),
@@ -538,6 +566,12 @@ pub fn matmul(
     let null: u64 = 0;
     let mut args = KernelArgs::new(backend);
     args.arg(w.slice()).arg(x.slice());
+    if let MatMulKernel::MatVecResident { .. } = plan.kernel {
+        match x_q8 {
+            Some(q) => args.arg(q.slice()),
+            None => args.arg(&null),
+        };
+    }
     match bias {
         Some(b) => args.arg(b.slice()),
         None => args.arg(&null),
@@ -551,9 +585,11 @@ pub fn matmul(
         args.serialized();
     }
     // SAFETY: the arguments match `kiln::matvec<W, M, ROWS, LOAD, STAGES>`,
-    // `kiln::matvec_packed<W, M, R, ALIGNED>`, `kiln::matvec_resident<W, ALIGNED,
-    // THREADS, MIN_BLOCKS>` and `kiln::matmul<W>`: (const u8* w, const float* x, const float* bias, float* out,
-    // u32 m, u32 n, u32 k, u64 row_bytes); the buffers hold their elements (checked),
-    // bias is null or holds n values, and the mat-vec tier holds m rows.
+    // `kiln::matvec_packed<W, M, R, ALIGNED>` and `kiln::matmul<W>`: (const u8* w,
+    // const float* x, const float* bias, float* out, u32 m, u32 n, u32 k, u64
+    // row_bytes), and `kiln::matvec_resident<W, ALIGNED, THREADS, MIN_BLOCKS>`, which
+    // takes const u8* xq8 after x; the buffers hold their elements (checked), xq8 is
+    // null or holds k / 32 Q8_1 blocks, bias is null or holds n values, and the
+    // mat-vec tier holds m rows.
     unsafe { launch(&kernel, &mut args, launch_config) }
 }

@@ -16,11 +16,13 @@ pub mod sample;
 pub mod softmax;
 
 use cudarc::driver::LaunchConfig;
+use kiln_core::ops::Q8_COPY;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use crate::CudaBuffer;
 
-/// Threads per block of the one-dimensional element-wise kernels.
+/// Threads per block of the one-dimensional element-wise kernels (whole warps, which
+/// their Q8_1 copies need).
 const THREADS_1D: u32 = 256;
 
 /// Most blocks a one-dimensional launch uses; kernels loop over the rest (grid-stride).
@@ -71,6 +73,28 @@ pub(crate) fn check_buffer(
     elements: usize,
 ) -> Result<()> {
     check_bytes(op, role, buf.bytes(), dtype, elements)
+}
+
+/// Checks the optional Q8_1 copy `role` ([`kiln_core::ops::Q8_COPY`]) of `elements`
+/// activations in rows of `row`, a buffer of `bytes`: rows must be whole Q8_1 blocks.
+pub(crate) fn check_q8_copy(
+    op: &str,
+    role: &str,
+    bytes: Option<usize>,
+    elements: usize,
+    row: usize,
+) -> Result<()> {
+    let Some(bytes) = bytes else {
+        return Ok(());
+    };
+    let block = Q8_COPY.block_size();
+    if row % block != 0 {
+        return Err(Error::invalid(
+            op,
+            format!("{role}: rows of {row} elements cannot be rounded to q8_1, which needs a multiple of {block}"),
+        ));
+    }
+    check_bytes(op, role, bytes, Q8_COPY, elements)
 }
 
 /// Errors unless a buffer of `bytes` bytes holds at least `elements` elements of

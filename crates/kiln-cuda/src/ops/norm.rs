@@ -2,9 +2,9 @@
 //! (kernels/norm.cu).
 
 use cudarc::driver::LaunchConfig;
-use kiln_core::{DType, Error, Result};
+use kiln_core::{DType, DeviceBuffer, Error, Result};
 
-use super::{check_buffer, check_nonzero, count, to_u32};
+use super::{check_buffer, check_nonzero, check_q8_copy, count, to_u32};
 use crate::launch::KernelArgs;
 use crate::manifest::NORM;
 use crate::registry::KernelSpec;
@@ -39,30 +39,53 @@ struct Residual<'a> {
     sum: &'a mut CudaBuffer,
 }
 
+/// Where a norm writes: `out`, and its Q8_1 copy `out_q8` when given.
+pub struct NormOut<'a> {
+    pub out: &'a mut CudaBuffer,
+    pub out_q8: Option<&'a mut CudaBuffer>,
+}
+
+impl<'a> From<&'a mut CudaBuffer> for NormOut<'a> {
+    /// `out` without a Q8_1 copy.
+    fn from(out: &'a mut CudaBuffer) -> Self {
+        Self { out, out_q8: None }
+    }
+}
+
 /// Normalizes each of `rows` rows of `dim` F32 values of `x` into `out`, as
 /// [`kiln_core::ops::RmsNorm`] defines.
-pub fn rms_norm(
+pub fn rms_norm<'a>(
     backend: &CudaBackend,
     x: &CudaBuffer,
     weight: Option<&CudaBuffer>,
-    out: &mut CudaBuffer,
+    out: impl Into<NormOut<'a>>,
     rows: usize,
     dim: usize,
     eps: f32,
 ) -> Result<()> {
-    launch("rms_norm", backend, x, None, weight, out, rows, dim, eps)
+    launch(
+        "rms_norm",
+        backend,
+        x,
+        None,
+        weight,
+        out.into(),
+        rows,
+        dim,
+        eps,
+    )
 }
 
 /// `sum = x + residual`, `out = rms_norm(sum)`, over `rows` rows of `dim` F32
 /// values, as [`kiln_core::ops::AddRmsNorm`] defines.
 #[allow(clippy::too_many_arguments)] // the op's operands and shape, each named
-pub fn add_rms_norm(
+pub fn add_rms_norm<'a>(
     backend: &CudaBackend,
     x: &CudaBuffer,
     residual: &CudaBuffer,
     weight: Option<&CudaBuffer>,
     sum: &mut CudaBuffer,
-    out: &mut CudaBuffer,
+    out: impl Into<NormOut<'a>>,
     rows: usize,
     dim: usize,
     eps: f32,
@@ -74,7 +97,7 @@ pub fn add_rms_norm(
         x,
         Some(fused),
         weight,
-        out,
+        out.into(),
         rows,
         dim,
         eps,
@@ -88,11 +111,12 @@ fn launch(
     x: &CudaBuffer,
     fused: Option<Residual<'_>>,
     weight: Option<&CudaBuffer>,
-    out: &mut CudaBuffer,
+    out: NormOut<'_>,
     rows: usize,
     dim: usize,
     eps: f32,
 ) -> Result<()> {
+    let NormOut { out, out_q8 } = out;
     check_nonzero(op, &[("rows", rows), ("dim", dim)])?;
     if !(eps.is_finite() && eps >= 0.0) {
         return Err(Error::invalid(
@@ -113,6 +137,7 @@ fn launch(
         })?;
     check_buffer(op, "x", x, DType::F32, n)?;
     check_buffer(op, "out", out, DType::F32, n)?;
+    check_q8_copy(op, "out_q8", out_q8.as_ref().map(|q| q.bytes()), n, dim)?;
     if let Some(w) = weight {
         check_buffer(op, "weight", w, DType::F32, dim)?;
     }
@@ -143,7 +168,12 @@ fn launch(
         Some(s) => args.arg(s.slice_mut()),
         None => args.arg(&null),
     };
-    args.arg(out.slice_mut()).arg(&dim32).arg(&eps);
+    args.arg(out.slice_mut());
+    match out_q8 {
+        Some(q) => args.arg(q.slice_mut()),
+        None => args.arg(&null),
+    };
+    args.arg(&dim32).arg(&eps);
     let cfg = LaunchConfig {
         grid_dim: (grid_rows, 1, 1),
         block_dim: (threads_for(dim32), 1, 1),
@@ -151,7 +181,8 @@ fn launch(
     };
     // SAFETY: the arguments match `kiln::rms_norm<HasWeight, AddResidual>(const
     // float* x, const float* residual, const float* weight, float* sum, float* out,
-    // u32 dim, float eps)`; the pointers a specialisation reads or writes are
-    // non-null and hold `rows * dim` values (`dim` for the weight), checked above.
+    // u8* out_q8, u32 dim, float eps)`; the pointers a specialisation reads or writes
+    // are non-null and hold `rows * dim` values (`dim` for the weight), out_q8 is null
+    // or holds rows * dim / 32 Q8_1 blocks with dim a multiple of 32, checked above.
     unsafe { crate::launch::launch(&kernel, &mut args, cfg) }
 }

@@ -24,3 +24,21 @@ pub fn cuda() -> &'static CudaBackend {
         Err(e) => panic!("this test needs a CUDA device: {e}"),
     }
 }
+
+/// Asserts that `q8` is exactly the CPU codec's Q8_1 rounding of the f32 values in
+/// `out` ([`kiln_core::ops::Q8_COPY`]): the GPU's copy of its own output.
+pub fn assert_q8_copy(what: &str, out: &[u8], q8: &[u8]) {
+    use kiln_core::ops::Q8_COPY;
+    let values = f32s(out);
+    let mut want = vec![0u8; Q8_COPY.bytes_for(values.len()).unwrap()];
+    kiln_core::quant::quantize(Q8_COPY, &values, &mut want).unwrap();
+    assert_eq!(q8.len(), want.len(), "{what}: q8 copy size");
+    if let Some(at) = q8.iter().zip(&want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: q8 copy differs from the CPU rounding of out at byte {at} (block {}): {:02x?} vs {:02x?}",
+            at / 36,
+            &q8[at / 36 * 36..at / 36 * 36 + 36],
+            &want[at / 36 * 36..at / 36 * 36 + 36],
+        );
+    }
+}
