@@ -4,7 +4,9 @@
 //! - The ceiling: a device-to-device copy, counting bytes read plus bytes written.
 //! - Mat-vec (decode, one activation row): GB/s of weight, activation and output
 //!   bytes, and its fraction of the copy bandwidth, per weight format, at the
-//!   projections of a Llama-3-8B-shaped model and a 151936-token output head.
+//!   projections of a Llama-3-8B-shaped model and a 151936-token output head. Where
+//!   the mat-vec reads a Q8_1 copy of x (`x_q8`, which a decode graph's norms and
+//!   SwiGLU write beside x), rows labelled "x_q8" time it with that copy given.
 //! - Decode attention: GB/s of K and V cache bytes (plus query and output) for one
 //!   query of 32 heads over 8 KV heads of dimension 128, F16 cache, at 1k to 32k rows.
 //! - Prefill mat-mat: TFLOP/s at 512 activation rows.
@@ -19,6 +21,7 @@
 
 use std::sync::Arc;
 
+use kiln_core::ops::Q8_COPY;
 use kiln_core::{quant, Backend, DType, Error, Result};
 use kiln_cuda::ops::attention::AttentionShape;
 use kiln_cuda::ops::{attention, matmul};
@@ -85,9 +88,36 @@ const COLD_BYTES: usize = 256 << 20;
 const MAX_COPIES: usize = 64;
 
 /// Bytes a mat-vec of `m` rows over an `n x k` weight of `dtype` moves: the weight,
-/// the activations (f32) and the output (f32).
-pub fn matvec_bytes(dtype: DType, m: usize, n: usize, k: usize) -> Result<usize> {
-    Ok(n * dtype.bytes_for(k)? + 4 * m * k + 4 * m * n)
+/// the activations (f32, or their Q8_1 copy when `x_q8`) and the output (f32).
+pub fn matvec_bytes(dtype: DType, m: usize, n: usize, k: usize, x_q8: bool) -> Result<usize> {
+    let x = if x_q8 {
+        Q8_COPY.bytes_for(m * k)?
+    } else {
+        4 * m * k
+    };
+    Ok(n * dtype.bytes_for(k)? + x + 4 * m * n)
+}
+
+/// Whether the one-row mat-vec of an `n x k` weight of `dtype` reads a Q8_1 copy of x
+/// when given one (the resident kernel does; the others read x).
+fn reads_q8_copy(dtype: DType, n: usize, k: usize) -> Result<bool> {
+    let plan = matmul::MatMulArgs {
+        weight: dtype,
+        m: 1,
+        n,
+        k,
+        x_bytes: 4 * k,
+        x_q8_bytes: Some(Q8_COPY.bytes_for(k)?),
+        w_bytes: dtype.bytes_for(n * k)?,
+        w_packed: kiln_cuda::packing::is_packed(dtype).then_some((dtype, k)),
+        bias_bytes: None,
+        out_bytes: 4 * n,
+    }
+    .check()?;
+    Ok(matches!(
+        plan.kernel,
+        matmul::MatMulKernel::MatVecResident { .. }
+    ))
 }
 
 /// Bytes one decode attention moves: the K and V rows of every KV head (F16), the
@@ -182,11 +212,18 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
     for dtype in &args.formats {
         let mut rows = Vec::new();
         for (n, k) in WEIGHT_SHAPES {
-            rows.push(bench.matvec(*dtype, n, k, false)?);
-            if chaining {
-                backend.set_programmatic_launch(true);
-                rows.push(bench.matvec(*dtype, n, k, true)?);
-                backend.set_programmatic_launch(false);
+            let copies: &[bool] = if reads_q8_copy(*dtype, n, k)? {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for &x_q8 in copies {
+                rows.push(bench.matvec(*dtype, n, k, false, x_q8)?);
+                if chaining {
+                    backend.set_programmatic_launch(true);
+                    rows.push(bench.matvec(*dtype, n, k, true, x_q8)?);
+                    backend.set_programmatic_launch(false);
+                }
             }
         }
         families.push((
@@ -295,16 +332,24 @@ impl Bench<'_> {
             .collect()
     }
 
-    /// The mat-vec measurement of an `n x k` weight of `dtype`; `chained` labels one
-    /// taken with programmatic dependent launch on.
-    fn matvec(&mut self, dtype: DType, n: usize, k: usize, chained: bool) -> Result<Measurement> {
+    /// The mat-vec measurement of an `n x k` weight of `dtype`, given x's Q8_1 copy
+    /// when `x_q8`; `chained` labels one taken with programmatic dependent launch on.
+    fn matvec(
+        &mut self,
+        dtype: DType,
+        n: usize,
+        k: usize,
+        chained: bool,
+        x_q8: bool,
+    ) -> Result<Measurement> {
+        let copy = if x_q8 { ", x_q8" } else { "" };
         let how = if chained { ", chained" } else { "" };
         Ok(Measurement {
             family: "matvec",
-            label: format!("{n} x {k}{how}"),
-            bytes: matvec_bytes(dtype, 1, n, k)?,
+            label: format!("{n} x {k}{copy}{how}"),
+            bytes: matvec_bytes(dtype, 1, n, k, x_q8)?,
             flops: 0.0,
-            seconds: self.matmul(dtype, 1, n, k)?,
+            seconds: self.timed_matmul(dtype, 1, n, k, x_q8)?,
         })
     }
 
@@ -314,22 +359,42 @@ impl Bench<'_> {
             label: format!("{n} x {k}"),
             bytes: 0,
             flops: matmul_flops(m, n, k),
-            seconds: self.matmul(dtype, m, n, k)?,
+            seconds: self.timed_matmul(dtype, m, n, k, false)?,
         })
     }
 
-    /// Seconds of one matmul of `m` rows over an `n x k` weight of `dtype`, cycling
-    /// through enough weight copies to miss the L2 cache.
-    fn matmul(&mut self, dtype: DType, m: usize, n: usize, k: usize) -> Result<f64> {
+    /// Seconds of one matmul of `m` rows over an `n x k` weight of `dtype`, given x's
+    /// Q8_1 copy when `x_q8`, cycling through enough weight copies to miss the L2
+    /// cache.
+    fn timed_matmul(
+        &mut self,
+        dtype: DType,
+        m: usize,
+        n: usize,
+        k: usize,
+        x_q8: bool,
+    ) -> Result<f64> {
         let weight = encoded_weight(dtype, n, k)?;
         let weights = self.weights(copies_for(weight.len()), &weight, dtype, n, k)?;
         drop(weight);
-        let x = self.buffers(1, &f32_pattern(m * k))?;
+        let x_bytes = f32_pattern(m * k);
+        let x = self.buffers(1, &x_bytes)?;
+        let copy = if x_q8 {
+            let mut q8 = vec![0u8; Q8_COPY.bytes_for(m * k)?];
+            quant::quantize(Q8_COPY, &f32_values(m * k), &mut q8)?;
+            self.buffers(1, &q8)?.pop()
+        } else {
+            None
+        };
         let mut out = self.backend.alloc(4 * m * n)?;
         let backend = self.backend;
+        let activations = matmul::Activations {
+            x: &x[0],
+            x_q8: copy.as_ref(),
+        };
         self.timer.time(backend, self.reps, |i| {
             let w = &weights[i % weights.len()];
-            matmul::matmul(backend, &x[0], w, dtype, None, &mut out, m, n, k)
+            matmul::matmul(backend, activations, w, dtype, None, &mut out, m, n, k)
         })
     }
 
@@ -409,10 +474,15 @@ mod tests {
     fn matvec_bytes_count_weight_activations_and_output() {
         // 4096 rows of 16 Q4_K blocks (144 bytes), 4096 f32 in, 4096 f32 out.
         assert_eq!(
-            matvec_bytes(DType::Q4K, 1, 4096, 4096).unwrap(),
+            matvec_bytes(DType::Q4K, 1, 4096, 4096, false).unwrap(),
             4096 * 16 * 144 + 4096 * 4 + 4096 * 4
         );
-        assert!(matvec_bytes(DType::Q4K, 1, 4096, 100).is_err());
+        // With the Q8_1 copy: 128 blocks of 36 bytes in place of the f32 x.
+        assert_eq!(
+            matvec_bytes(DType::Q4K, 1, 4096, 4096, true).unwrap(),
+            4096 * 16 * 144 + 128 * 36 + 4096 * 4
+        );
+        assert!(matvec_bytes(DType::Q4K, 1, 4096, 100, false).is_err());
     }
 
     #[test]
