@@ -101,6 +101,17 @@ macro_rules! scalar_kernel_args {
 }
 scalar_kernel_args!(u32, i32, u64, f32);
 
+/// An optional buffer: its address, or a null pointer for `None` (the operands a
+/// kernel is told are absent).
+impl<'a, A: KernelArg<'a>> KernelArg<'a> for Option<A> {
+    fn push_to(self, args: &mut KernelArgs<'a>) {
+        match self {
+            Some(value) => value.push_to(args),
+            None => args.push_address(0),
+        }
+    }
+}
+
 impl<'a, T> KernelArg<'a> for &'a CudaSlice<T> {
     fn push_to(self, args: &mut KernelArgs<'a>) {
         // Event tracking is off on kiln's contexts (one stream orders all work), so

@@ -429,7 +429,6 @@ pub fn attention(
         .as_mut()
         .and_then(|held| held.as_mut())
         .map(|w| w.slice_mut().split_at_mut(COUNTER_SLOTS * 4));
-    let null: u64 = 0;
     let mut args = KernelArgs::new(backend);
     args.arg(q.slice())
         .arg(k_cache.slice())
@@ -438,11 +437,13 @@ pub fn attention(
         .arg(out.slice_mut());
     match plan.kernel {
         AttentionKernel::Decode { .. } => {
-            match regions.as_mut() {
-                Some((counters, partials)) => args.arg(partials).arg(counters),
-                None => args.arg(&null).arg(&null),
+            let (counters, partials) = match regions.as_mut() {
+                Some((counters, partials)) => (Some(counters), Some(partials)),
+                None => (None, None),
             };
-            args.arg(&plan.n_heads)
+            args.arg(partials)
+                .arg(counters)
+                .arg(&plan.n_heads)
                 .arg(&plan.n_kv_heads)
                 .arg(&plan.head_dim)
                 .arg(&plan.capacity)

@@ -61,14 +61,12 @@ pub fn elementwise(
     let spec = spec(kind);
     let kernel = backend.kernel(&spec)?;
     let n = len as u64;
-    let null: u64 = 0;
     let mut args = KernelArgs::new(backend);
-    args.arg(a.slice()).arg(b.slice()).arg(out.slice_mut());
-    match out_q8 {
-        Some(q) => args.arg(q.slice_mut()),
-        None => args.arg(&null),
-    };
-    args.arg(&n);
+    args.arg(a.slice())
+        .arg(b.slice())
+        .arg(out.slice_mut())
+        .arg(out_q8.map(|q| q.slice_mut()))
+        .arg(&n);
     // SAFETY: the arguments match `kiln::elementwise<F>(const float*, const float*,
     // float*, u8*, u64)`; every buffer holds `len` f32 values and out_q8 is null or
     // holds len / 32 Q8_1 blocks, len a multiple of 32 (checked above).

@@ -429,20 +429,9 @@ impl MatMulArgs {
                 ),
             ));
         }
-        check_bytes(
-            OP,
-            "x",
-            self.x_bytes,
-            DType::F32,
-            count(OP, &[self.m, self.k])?,
-        )?;
-        check_q8_copy(
-            OP,
-            "x_q8",
-            self.x_q8_bytes,
-            count(OP, &[self.m, self.k])?,
-            self.k,
-        )?;
+        let x_elements = count(OP, &[self.m, self.k])?;
+        check_bytes(OP, "x", self.x_bytes, DType::F32, x_elements)?;
+        check_q8_copy(OP, "x_q8", self.x_q8_bytes, x_elements, self.k)?;
         check_bytes(
             OP,
             "w",
@@ -563,20 +552,13 @@ pub fn matmul<'a>(
         // At most the plan's blocks (one row per warp), which fit the grid.
         launch_config.grid_dim.0 = resident_blocks(n, warps, threads / 32) as u32;
     }
-    let null: u64 = 0;
     let mut args = KernelArgs::new(backend);
     args.arg(w.slice()).arg(x.slice());
     if let MatMulKernel::MatVecResident { .. } = plan.kernel {
-        match x_q8 {
-            Some(q) => args.arg(q.slice()),
-            None => args.arg(&null),
-        };
+        args.arg(x_q8.map(|q| q.slice()));
     }
-    match bias {
-        Some(b) => args.arg(b.slice()),
-        None => args.arg(&null),
-    };
-    args.arg(out.slice_mut())
+    args.arg(bias.map(|b| b.slice()))
+        .arg(out.slice_mut())
         .arg(&plan.m)
         .arg(&plan.n)
         .arg(&plan.k)

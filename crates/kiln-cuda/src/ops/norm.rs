@@ -149,31 +149,19 @@ fn launch(
     let spec = spec(weight.is_some(), fused.is_some());
     let kernel = backend.kernel(&spec)?;
     // Null pointers stand for the operands this specialisation never reads.
-    let null: u64 = 0;
-    let mut args = KernelArgs::new(backend);
-    args.arg(x.slice());
     let (residual, sum) = match fused {
         Some(f) => (Some(f.residual), Some(f.sum)),
         None => (None, None),
     };
-    match residual {
-        Some(r) => args.arg(r.slice()),
-        None => args.arg(&null),
-    };
-    match weight {
-        Some(w) => args.arg(w.slice()),
-        None => args.arg(&null),
-    };
-    match sum {
-        Some(s) => args.arg(s.slice_mut()),
-        None => args.arg(&null),
-    };
-    args.arg(out.slice_mut());
-    match out_q8 {
-        Some(q) => args.arg(q.slice_mut()),
-        None => args.arg(&null),
-    };
-    args.arg(&dim32).arg(&eps);
+    let mut args = KernelArgs::new(backend);
+    args.arg(x.slice())
+        .arg(residual.map(|r| r.slice()))
+        .arg(weight.map(|w| w.slice()))
+        .arg(sum.map(|s| s.slice_mut()))
+        .arg(out.slice_mut())
+        .arg(out_q8.map(|q| q.slice_mut()))
+        .arg(&dim32)
+        .arg(&eps);
     let cfg = LaunchConfig {
         grid_dim: (grid_rows, 1, 1),
         block_dim: (threads_for(dim32), 1, 1),

@@ -187,14 +187,11 @@ pub fn rope(
     }
     .check()?;
     let kernel = backend.kernel(&plan.spec)?;
-    let null: u64 = 0;
     let mut args = KernelArgs::new(backend);
-    args.arg(x.slice()).arg(positions.slice());
-    match freq_factors {
-        Some(f) => args.arg(f.slice()),
-        None => args.arg(&null),
-    };
-    args.arg(out.slice_mut())
+    args.arg(x.slice())
+        .arg(positions.slice())
+        .arg(freq_factors.map(|f| f.slice()))
+        .arg(out.slice_mut())
         .arg(&plan.n_heads)
         .arg(&plan.head_dim)
         .arg(&plan.rotary_dim)
@@ -237,19 +234,12 @@ pub fn head_norm_rope(
     }
     .check()?;
     let kernel = backend.kernel(&plan.spec)?;
-    let null: u64 = 0;
     let mut args = KernelArgs::new(backend);
-    args.arg(x.slice());
-    match weight {
-        Some(w) => args.arg(w.slice()),
-        None => args.arg(&null),
-    };
-    args.arg(positions.slice());
-    match freq_factors {
-        Some(f) => args.arg(f.slice()),
-        None => args.arg(&null),
-    };
-    args.arg(out.slice_mut())
+    args.arg(x.slice())
+        .arg(weight.map(|w| w.slice()))
+        .arg(positions.slice())
+        .arg(freq_factors.map(|f| f.slice()))
+        .arg(out.slice_mut())
         .arg(&plan.n_heads)
         .arg(&plan.head_dim)
         .arg(&plan.rotary_dim)
