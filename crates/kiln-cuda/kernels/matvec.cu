@@ -576,6 +576,36 @@ __device__ __forceinline__ void round_activations(const float4& p, u32 e, bool s
     }
 }
 
+// Rounds all of x (k floats, k a multiple of 32) into `image`, every thread of the
+// block of THREADS loading a batch of float4s before it rounds the first. A block of 32
+// is 8 consecutive float4s, so 8 consecutive lanes of one warp-uniform batch entry.
+template <typename W, u32 THREADS>
+__device__ __forceinline__ void round_all_activations(const float* x, u32 k,
+                                                      const ResidentImage<W>& image) {
+    constexpr u32 BATCH = 4;
+    const u32 lane = threadIdx.x & 31u;
+    const u32 vectors = k / 4;
+    for (u32 v0 = threadIdx.x - lane; v0 < vectors; v0 += BATCH * THREADS) {
+        float4 p[BATCH];
+#pragma unroll
+        for (u32 b = 0; b < BATCH; ++b) {
+            const u32 v = v0 + b * THREADS + lane;
+            p[b] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (v < vectors) {
+                p[b] = reinterpret_cast<const float4*>(x)[v];
+            }
+        }
+#pragma unroll
+        for (u32 b = 0; b < BATCH; ++b) {
+            if (v0 + b * THREADS >= vectors) {
+                break;  // warp-uniform
+            }
+            const u32 v = v0 + b * THREADS + lane;
+            round_activations<W>(p[b], 4 * v, v < vectors, image);
+        }
+    }
+}
+
 // Copies the Q8_1 block at `block` (elements e .. e + 31 of x, 4-byte aligned) into
 // `image`, summing each scale group's quants.
 template <typename W>
@@ -628,15 +658,14 @@ __device__ __forceinline__ int dot4_u8_s8(u32 a, u32 b, int c) {
 template <typename W, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     matvec_resident(const u8* __restrict__ w, const float* __restrict__ x,
-                    const u8* __restrict__ xq8, const float* __restrict__ bias, float* __restrict__ out, u32 m, u32 n, u32 k,
-                    u64 row_bytes) {
+                    const u8* __restrict__ xq8, const float* __restrict__ bias,
+                    float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
     constexpr u32 A = ALIGNED ? 16 : 2;
     constexpr u32 U = resident_units<W>();
     constexpr u32 WARPS = THREADS / 32;
     constexpr u32 UNIT_BYTES = resident_unit_bytes<W>();
     constexpr u32 GROUPS_PER_UNIT = W::UNIT_ELEMS / W::GROUP_ELEMS;
     constexpr u32 RUNS_PER_GROUP = W::GROUP_ELEMS / 4;
-    constexpr u32 BATCH = 4;  // float4s a thread loads before it rounds the first
     typedef typename W::Unit Unit;
     extern __shared__ __align__(16) u8 img[];
 
@@ -671,30 +700,12 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     chain_after_prior_grids(x, xq8);  // the first step's weights are in flight
 
     const ResidentImage<W> image{img, units};
-    // A block of 32 is 8 consecutive v, so 8 consecutive lanes of one warp-uniform
-    // batch entry.
-    const u32 vectors = xq8 != nullptr ? 0 : k / 4;
-    for (u32 b = threadIdx.x; xq8 != nullptr && b < k / Q8_1_BLOCK_ELEMS; b += THREADS) {
-        copy_q8_1_block<W>(xq8 + (u64)b * Q8_1_BLOCK_BYTES, b * Q8_1_BLOCK_ELEMS, image);
-    }
-    for (u32 v0 = threadIdx.x - lane; v0 < vectors; v0 += BATCH * THREADS) {
-        float4 p[BATCH];
-#pragma unroll
-        for (u32 b = 0; b < BATCH; ++b) {
-            const u32 v = v0 + b * THREADS + lane;
-            p[b] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (v < vectors) {
-                p[b] = reinterpret_cast<const float4*>(x)[v];
-            }
+    if (xq8 != nullptr) {
+        for (u32 b = threadIdx.x; b < k / Q8_1_BLOCK_ELEMS; b += THREADS) {
+            copy_q8_1_block<W>(xq8 + (u64)b * Q8_1_BLOCK_BYTES, b * Q8_1_BLOCK_ELEMS, image);
         }
-#pragma unroll
-        for (u32 b = 0; b < BATCH; ++b) {
-            if (v0 + b * THREADS >= vectors) {
-                break;  // warp-uniform
-            }
-            const u32 v = v0 + b * THREADS + lane;
-            round_activations<W>(p[b], 4 * v, v < vectors, image);
-        }
+    } else {
+        round_all_activations<W, THREADS>(x, k, image);
     }
     __syncthreads();
 
