@@ -9,10 +9,21 @@ pub trait DeviceBuffer {
     fn bytes(&self) -> usize;
 }
 
-/// A compute backend: allocates memory, moves bytes in and out, and executes graphs.
+/// A compute backend: allocates memory, moves bytes in and out, and compiles graphs
+/// into executables that it runs.
+///
+/// Compile once, run many: [`Backend::compile`] validates a graph and its bindings and
+/// lowers it, once, to the backend's executable over the bound memory (for CUDA, a
+/// list of launch records with device addresses, replayed as a CUDA graph). Running
+/// an executable does no validation, no lookup and no allocation; values that change
+/// from run to run (token ids, positions, sampling draws) live in bound buffers that
+/// the ops read.
 pub trait Backend {
     /// The backend's buffer type.
     type Buffer: DeviceBuffer;
+
+    /// A graph lowered by [`Backend::compile`] over the memory bound at that time.
+    type Executable;
 
     /// Short name for messages (`cpu`, `cuda:0`).
     fn name(&self) -> String;
@@ -50,9 +61,43 @@ pub trait Backend {
         true
     }
 
-    /// Executes `graph`'s ops in order over `bindings`, and returns when their results
-    /// are visible to [`Backend::download`].
-    fn execute(&self, graph: &Graph, bindings: &mut Bindings<'_, Self::Buffer>) -> Result<()>;
+    /// Validates `graph` and `bindings` (every buffer an op uses bound, outputs distinct
+    /// from inputs), makes every kernel it needs ready, and lowers its ops, in order,
+    /// to an executable over the memory bound now. Errors as [`Backend::execute`] would,
+    /// before anything runs.
+    fn compile(
+        &self,
+        graph: &Graph,
+        bindings: &mut Bindings<'_, Self::Buffer>,
+    ) -> Result<Self::Executable>;
+
+    /// Enqueues one run of `exe` and returns; [`Backend::synchronize`] (or a download)
+    /// waits for it. Backends that run on the host return when it is done.
+    ///
+    /// # Safety
+    /// Every buffer bound when `exe` was compiled must still be allocated (neither
+    /// dropped nor replaced), and nothing else may write any of them, or read those
+    /// `exe` writes, until the run is complete.
+    unsafe fn run(&self, exe: &mut Self::Executable) -> Result<()>;
+
+    /// Waits until all work enqueued on the backend is complete.
+    fn synchronize(&self) -> Result<()>;
+
+    /// Copies all of `src` to the start of `dst`, device to device, with the backend's
+    /// own copy engine (the bandwidth ceiling benchmarks compare with). Enqueued like
+    /// [`Backend::run`]; errors when `src` is longer than `dst`.
+    fn copy(&self, src: &Self::Buffer, dst: &mut Self::Buffer) -> Result<()>;
+
+    /// Compiles `graph` over `bindings`, runs it once and waits for it: the results are
+    /// visible to [`Backend::download`] when it returns.
+    fn execute(&self, graph: &Graph, bindings: &mut Bindings<'_, Self::Buffer>) -> Result<()> {
+        let mut exe = self.compile(graph, bindings)?;
+        // SAFETY: `bindings` borrows every bound buffer exclusively for this call, and
+        // the run is complete before it returns.
+        let ran = unsafe { self.run(&mut exe) };
+        let waited = self.synchronize();
+        ran.and(waited)
+    }
 }
 
 /// Checks an upload or download of `len` bytes against a buffer of `bytes` bytes.

@@ -1,7 +1,18 @@
 //! Graphs: buffers with declared dtypes and shapes, and the ops over them in order.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::ops::Op;
 use crate::{DType, Error, Result};
+
+/// Calls of [`Graph::validate`] in this process.
+static VALIDATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times [`Graph::validate`] has run in this process (backends validate when
+/// they compile a graph, never when they run an executable).
+pub fn validations() -> u64 {
+    VALIDATIONS.load(Ordering::Relaxed)
+}
 
 /// Index of a buffer within one [`Graph`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -173,6 +184,7 @@ impl Graph {
 
     /// Re-checks every op and the ordering rules: useful for graphs assembled by hand.
     pub fn validate(&self) -> Result<()> {
+        VALIDATIONS.fetch_add(1, Ordering::Relaxed);
         let mut written = vec![false; self.buffers.len()];
         for (i, op) in self.ops.iter().enumerate() {
             op.validate(self)?;

@@ -12,14 +12,34 @@ pub mod ops;
 pub use buffer::CpuBuffer;
 
 use kiln_core::backend::check_transfer;
-use kiln_core::{Backend, Bindings, BufferId, Error, Graph, Result};
+use kiln_core::{Backend, Bindings, BufferId, Error, Graph, Op, Result};
 
 /// The CPU backend. Stateless: work runs on rayon's global thread pool.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
 
+/// A graph compiled for the CPU: its validated ops, each with the addresses and sizes
+/// of the memory bound to its operands when it was compiled.
+pub struct CpuExecutable {
+    graph: Graph,
+    ops: Vec<CompiledOp>,
+}
+
+/// One op of a [`CpuExecutable`] and the memory of its inputs and outputs, in the
+/// order of [`Op::inputs`] and [`Op::outputs`].
+struct CompiledOp {
+    index: usize,
+    inputs: Vec<(BufferId, *const u8, usize)>,
+    outputs: Vec<(BufferId, *mut u8, usize)>,
+}
+
+// SAFETY: the pointers address heap memory of buffers that the executable's owner
+// keeps alive ([`Backend::run`]'s contract); nothing ties them to a thread.
+unsafe impl Send for CpuExecutable {}
+
 impl Backend for CpuBackend {
     type Buffer = CpuBuffer;
+    type Executable = CpuExecutable;
 
     fn name(&self) -> String {
         "cpu".to_string()
@@ -50,72 +70,127 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn execute(&self, graph: &Graph, bindings: &mut Bindings<'_, CpuBuffer>) -> Result<()> {
+    fn compile(
+        &self,
+        graph: &Graph,
+        bindings: &mut Bindings<'_, CpuBuffer>,
+    ) -> Result<CpuExecutable> {
         graph.validate()?;
         bindings.check_complete(graph)?;
-        for op in graph.ops() {
-            let in_ids = op.inputs();
-            let out_ids = op.outputs();
-            bindings.with_operands(&in_ids, &out_ids, |ins, outs| {
-                let ins = Inputs {
-                    graph,
-                    ids: &in_ids,
-                    bufs: ins,
-                };
-                let mut outs = Outputs {
-                    ids: &out_ids,
-                    bufs: outs,
-                };
-                ops::execute(op, &ins, &mut outs)
-            })??;
+        let mut ops = Vec::with_capacity(graph.ops().len());
+        for (index, op) in graph.ops().iter().enumerate() {
+            let (in_ids, out_ids) = (op.inputs(), op.outputs());
+            let (inputs, outputs) = bindings.with_operands(&in_ids, &out_ids, |ins, outs| {
+                let inputs = in_ids
+                    .iter()
+                    .zip(ins)
+                    .map(|(&id, b)| (id, b.bytes().as_ptr(), b.bytes().len()))
+                    .collect();
+                let outputs = out_ids
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .map(|(&id, b)| {
+                        let bytes = b.bytes_mut();
+                        (id, bytes.as_mut_ptr(), bytes.len())
+                    })
+                    .collect();
+                (inputs, outputs)
+            })?;
+            ops.push(CompiledOp {
+                index,
+                inputs,
+                outputs,
+            });
+        }
+        Ok(CpuExecutable {
+            graph: graph.clone(),
+            ops,
+        })
+    }
+
+    /// Runs every op in order on this thread (each parallel with rayon inside).
+    unsafe fn run(&self, exe: &mut CpuExecutable) -> Result<()> {
+        for compiled in &exe.ops {
+            let op: &Op = &exe.graph.ops()[compiled.index];
+            let in_ids: Vec<BufferId> = compiled.inputs.iter().map(|i| i.0).collect();
+            let out_ids: Vec<BufferId> = compiled.outputs.iter().map(|o| o.0).collect();
+            // SAFETY: the run's contract keeps every bound buffer allocated and unused
+            // elsewhere; compile checked (with_operands) that an op's outputs share no
+            // memory with each other or with its inputs.
+            let in_bufs: Vec<&[u8]> = compiled
+                .inputs
+                .iter()
+                .map(|&(_, p, len)| unsafe { std::slice::from_raw_parts(p, len) })
+                .collect();
+            let mut out_bufs: Vec<&mut [u8]> = compiled
+                .outputs
+                .iter()
+                .map(|&(_, p, len)| unsafe { std::slice::from_raw_parts_mut(p, len) })
+                .collect();
+            let ins = Inputs {
+                graph: &exe.graph,
+                ids: &in_ids,
+                bufs: &in_bufs,
+            };
+            let mut outs = Outputs {
+                ids: &out_ids,
+                bufs: &mut out_bufs,
+            };
+            ops::execute(op, &ins, &mut outs)?;
         }
         Ok(())
     }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn copy(&self, src: &CpuBuffer, dst: &mut CpuBuffer) -> Result<()> {
+        self.upload(dst, src.bytes())
+    }
 }
 
-/// The memory an op reads, looked up by buffer id.
+/// The memory an op reads, looked up by buffer id: each buffer's bytes, 8-byte aligned.
 pub(crate) struct Inputs<'r, 'b> {
     graph: &'r Graph,
     ids: &'r [BufferId],
-    bufs: &'r [&'b CpuBuffer],
+    bufs: &'r [&'b [u8]],
 }
 
 impl Inputs<'_, '_> {
-    /// The buffer bound to `id`, which is one of the op's inputs by construction.
-    pub(crate) fn buf(&self, id: BufferId) -> &CpuBuffer {
-        let i = self.position(id);
+    /// The bytes bound to `id`, which is one of the op's inputs by construction.
+    pub(crate) fn bytes(&self, id: BufferId) -> &[u8] {
+        // Ops look up only their own operands, which `run` passed in `ids`.
+        let i = self
+            .ids
+            .iter()
+            .position(|&i| i == id)
+            .expect("op reads one of its declared inputs");
         self.bufs[i]
     }
 
     /// The first `n` elements of input `id` as `T`.
     pub(crate) fn view<T: bytemuck::Pod>(&self, id: BufferId, n: usize) -> &[T] {
-        self.buf(id).view(n)
+        bytemuck::cast_slice(&self.bytes(id)[..n * std::mem::size_of::<T>()])
     }
 
     /// The declared dtype of any buffer of the graph, input or output.
     pub(crate) fn dtype(&self, id: BufferId) -> kiln_core::DType {
         self.graph.buffers()[id.index()].dtype
     }
-
-    fn position(&self, id: BufferId) -> usize {
-        // Ops look up only their own operands, which `execute` passed in `ids`.
-        self.ids
-            .iter()
-            .position(|&i| i == id)
-            .expect("op reads one of its declared inputs")
-    }
 }
 
-/// The memory an op writes, looked up by buffer id.
+/// The memory an op writes, looked up by buffer id: each buffer's bytes, 8-byte
+/// aligned.
 pub(crate) struct Outputs<'r, 'b> {
     ids: &'r [BufferId],
-    bufs: &'r mut [&'b mut CpuBuffer],
+    bufs: &'r mut [&'b mut [u8]],
 }
 
 impl Outputs<'_, '_> {
-    /// The buffer bound to output `id`.
-    pub(crate) fn buf(&mut self, id: BufferId) -> &mut CpuBuffer {
-        // Ops look up only their own operands, which `execute` passed in `ids`.
+    /// The bytes bound to output `id`.
+    pub(crate) fn bytes_mut(&mut self, id: BufferId) -> &mut [u8] {
+        // Ops look up only their own operands, which `run` passed in `ids`.
         let i = self
             .ids
             .iter()
@@ -124,13 +199,37 @@ impl Outputs<'_, '_> {
         self.bufs[i]
     }
 
-    /// The first two buffers of an op with two or more outputs, in its declared
-    /// output order.
-    pub(crate) fn pair(&mut self) -> (&mut CpuBuffer, &mut CpuBuffer) {
+    /// The first `n` elements of output `id` as `T`.
+    pub(crate) fn view<T: bytemuck::Pod>(&mut self, id: BufferId, n: usize) -> &[T] {
+        bytemuck::cast_slice(&self.bytes_mut(id)[..n * std::mem::size_of::<T>()])
+    }
+
+    /// The first `n` elements of output `id` as `T`, writable.
+    pub(crate) fn view_mut<T: bytemuck::Pod>(&mut self, id: BufferId, n: usize) -> &mut [T] {
+        bytemuck::cast_slice_mut(&mut self.bytes_mut(id)[..n * std::mem::size_of::<T>()])
+    }
+
+    /// The first `n` elements of the first two outputs, in declared order, writable
+    /// (ops with at least two outputs).
+    pub(crate) fn pair<T: bytemuck::Pod>(&mut self, n: usize) -> (&mut [T], &mut [T]) {
+        let bytes = n * std::mem::size_of::<T>();
         match &mut self.bufs[..] {
-            [a, b, ..] => (a, b),
+            [a, b, ..] => (
+                bytemuck::cast_slice_mut(&mut a[..bytes]),
+                bytemuck::cast_slice_mut(&mut b[..bytes]),
+            ),
             // Only ops declaring at least two outputs call this.
             _ => unreachable!("pair() is called by ops with two or more outputs"),
+        }
+    }
+
+    /// All bytes of the first three outputs, in declared order (ops with at least
+    /// three outputs).
+    pub(crate) fn three(&mut self) -> (&mut [u8], &mut [u8], &mut [u8]) {
+        match &mut self.bufs[..] {
+            [a, b, c, ..] => (a, b, c),
+            // Only ops declaring at least three outputs call this.
+            _ => unreachable!("three() is called by ops with three or more outputs"),
         }
     }
 }

@@ -1,8 +1,9 @@
-//! Add, Mul, SiLU·mul and GELU·mul against float64 formulas.
+//! Add, Mul, SiLU·mul and GELU·mul against float64 formulas, element-wise and as a
+//! gated linear unit over the two halves of each row.
 
 mod common;
 use common::*;
-use kiln_core::ops::{Elementwise, ElementwiseKind};
+use kiln_core::ops::{Elementwise, ElementwiseKind, Glu};
 use kiln_core::DType::{self, F32};
 
 fn reference(kind: ElementwiseKind, a: f64, b: f64) -> f64 {
@@ -140,4 +141,48 @@ fn silu_mul_writes_its_q8_copy() {
         &[out, out_q8],
     );
     check_q8_copy("silu_mul", &f32s(&got[0]), &got[1]);
+}
+
+#[test]
+fn glu_gates_each_row_with_its_second_half() {
+    let mut rng = rng("glu");
+    for kind in [
+        ElementwiseKind::SiluMul,
+        ElementwiseKind::GeluMul,
+        ElementwiseKind::Add,
+    ] {
+        for (rows, n) in [(1, 1), (3, 7), (2, 64), (5, 96)] {
+            let with_copy = n % 32 == 0;
+            let mut g = G::new();
+            let x = g.p("x", F32, &[rows, 2 * n]);
+            let out = g.p("out", F32, &[rows, n]);
+            let out_q8 = with_copy.then(|| g.p("out_q8", DType::Q8_1, &[rows, n]));
+            g.g.push(Glu {
+                kind,
+                x,
+                out,
+                out_q8,
+                rows,
+                n,
+            })
+            .unwrap();
+            let xv = randn(&mut rng, rows * 2 * n, 3.0);
+            let outputs: Vec<_> = std::iter::once(out).chain(out_q8).collect();
+            let got = run(&g.g, &[(x, f32_bytes(&xv))], &outputs);
+            let want: Vec<f64> = (0..rows * n)
+                .map(|i| {
+                    let (r, c) = (i / n, i % n);
+                    let row = &xv[r * 2 * n..];
+                    reference(kind, row[c] as f64, row[n + c] as f64)
+                })
+                .collect();
+            let what = format!("glu {} {rows}x{n}", kind.name());
+            assert_close(&what, &f32s(&got[0]), &want, 1e-11);
+            if with_copy {
+                let mut q8 = vec![0u8; DType::Q8_1.bytes_for(rows * n).unwrap()];
+                kiln_core::quant::quantize(DType::Q8_1, &f32s(&got[0]), &mut q8).unwrap();
+                assert_eq!(got[1], q8, "{what}: q8 copy");
+            }
+        }
+    }
 }

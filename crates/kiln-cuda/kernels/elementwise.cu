@@ -44,4 +44,22 @@ __global__ void elementwise(const float* __restrict__ a, const float* __restrict
     }
 }
 
+// kiln_core::ops::Glu: out[r, i] = F::apply(x[r, i], x[r, n + i]) for x of rows of
+// 2n and out of rows of n (len = rows * n elements), with out's Q8_1 copy as
+// elementwise writes it (n a multiple of 32, so that a warp's block is in one row).
+template <typename F>
+__global__ void glu(const float* __restrict__ x, float* __restrict__ out, u8* __restrict__ out_q8,
+                    u64 n, u64 len) {
+    chain_after_prior_grids(x);
+    for (u64 i = global_index(); i < len; i += grid_stride()) {
+        const u64 row = i / n;
+        const float* xr = x + row * 2 * n + (i - row * n);
+        const float o = F::apply(xr[0], xr[n]);
+        out[i] = o;
+        if (out_q8 != nullptr) {
+            store_q8_1_block(o, out_q8 + i / Q8_1_BLOCK_ELEMS * Q8_1_BLOCK_BYTES);
+        }
+    }
+}
+
 }  // namespace kiln

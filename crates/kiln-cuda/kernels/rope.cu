@@ -121,4 +121,94 @@ __global__ void head_norm_rope(const float* __restrict__ x, const float* __restr
     }
 }
 
+// Whether a later token of the call than t has position pos (its row wins, as
+// kv_append defines). Every lane of the warp must call it.
+__device__ __forceinline__ bool shadowed_by_later(const int* positions, u32 t, u32 n_tokens,
+                                                  int pos) {
+    bool later = false;
+    for (u32 u = t + 1 + (threadIdx.x & 31u); u < n_tokens; u += 32) {
+        later |= positions[u] == pos;
+    }
+    return __any_sync(0xffffffffu, later);
+}
+
+// kiln_core::ops::QkvRopeAppend. qkv is [n_tokens, n_heads + 2 n_kv_heads, head_dim]:
+// query heads, key heads, value heads. One warp per head of one token: a query head
+// is normalized (with q_weight, when not null) and rotated into q_out; a key head
+// likewise (k_weight) into row positions[t] of k_cache; a value head is copied into
+// v_cache. Cache rows are stored as C (F32, or F16 rounded to nearest even); a
+// position outside 0..capacity, or repeated by a later token, writes no cache row.
+template <bool NeoX, typename C>
+__global__ void qkv_rope_append(const float* __restrict__ qkv, const int* __restrict__ positions,
+                                const float* __restrict__ freq_factors,
+                                const float* __restrict__ q_weight,
+                                const float* __restrict__ k_weight, float* __restrict__ q_out,
+                                typename C::storage* __restrict__ k_cache,
+                                typename C::storage* __restrict__ v_cache, u32 n_tokens,
+                                u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 rotary_dim,
+                                float base, float freq_scale, float eps, u32 capacity) {
+    chain_after_prior_grids(qkv, positions);
+    const RopeArgs r = {positions, freq_factors, n_heads, head_dim, rotary_dim, base,
+                        freq_scale};
+    const u32 heads = n_heads + 2 * n_kv_heads;
+    const u64 head_index = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const u32 lane = threadIdx.x & 31u;
+    if (head_index >= (u64)n_tokens * heads) {
+        return;
+    }
+    const u32 t = (u32)(head_index / heads);
+    const u32 h = (u32)(head_index - (u64)t * heads);
+    const int pos = positions[t];
+    const float* xh = qkv + head_index * head_dim;
+    const bool is_q = h < n_heads;
+    const bool writes_cache =
+        !is_q && pos >= 0 && (u32)pos < capacity && !shadowed_by_later(positions, t, n_tokens, pos);
+    if (h >= n_heads + n_kv_heads) {
+        if (writes_cache) {
+            const u64 row = (u64)(h - n_heads - n_kv_heads) * capacity + (u32)pos;
+            typename C::storage* dst = v_cache + row * head_dim;
+            for (u32 i = lane; i < head_dim; i += 32) {
+                dst[i] = C::store(xh[i]);
+            }
+        }
+        return;
+    }
+    if (!is_q && !writes_cache) {
+        return;
+    }
+    const float* weight = is_q ? q_weight : k_weight;
+    float inv = 1.0f;
+    if (weight != nullptr) {
+        float squares = 0.0f;
+        for (u32 i = lane; i < head_dim; i += 32) {
+            squares += xh[i] * xh[i];
+        }
+        inv = 1.0f / sqrtf(warp_sum(squares) / (float)head_dim + eps);
+    }
+    // x[i] * inv * w[i], in the reference's order (x[i] unchanged without a weight).
+    auto value = [&](u32 i) { return weight != nullptr ? xh[i] * inv * weight[i] : xh[i]; };
+    auto store = [&](u32 i, float v) {
+        if (is_q) {
+            q_out[((u64)t * n_heads + h) * head_dim + i] = v;
+        } else {
+            const u64 row = (u64)(h - n_heads) * capacity + (u32)pos;
+            k_cache[row * head_dim + i] = C::store(v);
+        }
+    };
+    const u32 half = rotary_dim / 2;
+    for (u32 i = lane; i < half; i += 32) {
+        u32 ia, ib;
+        pair_of<NeoX>(i, rotary_dim, ia, ib);
+        float s, c;
+        rope_angle(r, pos, i, s, c);
+        const float a = value(ia);
+        const float b = value(ib);
+        store(ia, a * c - b * s);
+        store(ib, a * s + b * c);
+    }
+    for (u32 i = rotary_dim + lane; i < head_dim; i += 32) {
+        store(i, value(i));
+    }
+}
+
 }  // namespace kiln

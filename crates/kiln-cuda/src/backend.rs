@@ -1,14 +1,16 @@
 //! The CUDA backend: device buffers, transfers, and graph execution on one stream.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::result::DriverError;
-use cudarc::driver::{sys, CudaSlice, CudaStream};
+use cudarc::driver::{result, sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use kiln_core::backend::check_transfer;
 use kiln_core::{Backend, Bindings, DType, DeviceBuffer, Error, Graph, Op, Result};
 
 use crate::context::{driver_error, CudaDevice};
+use crate::executable::{Capture, CudaExecutable, LaunchTime, OpLaunches};
+use crate::launch::Recorder;
 use crate::nvrtc::{CudaKernel, NvrtcCompiler};
 use crate::registry::{CacheConfig, KernelRegistry, KernelSpec};
 use crate::{manifest, ops, packing};
@@ -54,11 +56,18 @@ pub struct CudaBackend {
     attention_workspace: ops::attention::Workspace,
     resident_warps: ops::matmul::ResidentWarps,
     programmatic_launch: AtomicBool,
+    cuda_graphs: AtomicBool,
+    capture: Capture,
+    compiles: AtomicU64,
 }
 
 /// The environment variable that, set to `0`, turns programmatic dependent launch off
 /// ([`CudaBackend::programmatic_launch`]).
 pub const PROGRAMMATIC_LAUNCH_ENV: &str = "KILN_PROGRAMMATIC_LAUNCH";
+
+/// The environment variable that, set to `0`, turns CUDA-graph replay of executables
+/// off ([`CudaBackend::cuda_graphs`]).
+pub const CUDA_GRAPHS_ENV: &str = "KILN_CUDA_GRAPHS";
 
 impl CudaBackend {
     /// A backend on device `ordinal` with the disk cache the environment configures
@@ -81,6 +90,8 @@ impl CudaBackend {
         let multiprocessors = device.multiprocessors()?.max(1) as u32;
         let programmatic_launch = device.has_programmatic_launch()
             && std::env::var(PROGRAMMATIC_LAUNCH_ENV).map_or(true, |v| v != "0");
+        let cuda_graphs = std::env::var(CUDA_GRAPHS_ENV).map_or(true, |v| v != "0");
+        let capture = Capture::new(device.context())?;
         Ok(Self {
             device,
             multiprocessors,
@@ -88,7 +99,47 @@ impl CudaBackend {
             attention_workspace: ops::attention::Workspace::default(),
             resident_warps: ops::matmul::ResidentWarps::default(),
             programmatic_launch: AtomicBool::new(programmatic_launch),
+            cuda_graphs: AtomicBool::new(cuda_graphs),
+            capture,
+            compiles: AtomicU64::new(0),
         })
+    }
+
+    /// Whether [`Backend::run`] replays an executable as one captured CUDA graph
+    /// (captured on its first run) rather than submitting its launches one by one. On
+    /// unless `KILN_CUDA_GRAPHS=0`.
+    pub fn cuda_graphs(&self) -> bool {
+        self.cuda_graphs.load(Ordering::Relaxed)
+    }
+
+    /// Turns CUDA-graph replay on or off for the runs that follow.
+    pub fn set_cuda_graphs(&self, on: bool) {
+        self.cuda_graphs.store(on, Ordering::Relaxed);
+    }
+
+    /// How many graphs [`Backend::compile`] has compiled on this backend (each
+    /// validates its graph, derives its kernels' specialisations and looks them up in
+    /// the registry; a run does none of these).
+    pub fn compiles(&self) -> u64 {
+        self.compiles.load(Ordering::Relaxed)
+    }
+
+    /// The device time of each launch of `exe`, run once with an event between each
+    /// two launches (without programmatic launch, so that each launch is timed alone),
+    /// in a CUDA graph of its own so that launch overhead does not show. Waits for the
+    /// run.
+    ///
+    /// # Safety
+    /// As [`Backend::run`].
+    pub unsafe fn profile(&self, exe: &CudaExecutable) -> Result<Vec<LaunchTime>> {
+        // SAFETY: the caller's contract.
+        unsafe {
+            exe.profile(
+                self.device.context(),
+                &self.capture,
+                self.stream().cu_stream(),
+            )
+        }
     }
 
     /// Whether launches let each kernel start before the one before it in the stream
@@ -252,6 +303,52 @@ impl CudaBackend {
                     )
                 })?
             }
+            Op::QkvRopeAppend(r) => {
+                let cache = dtype(r.k_cache)?;
+                let norm = r
+                    .norm
+                    .map_or([None, None], |n| [Some(n.q_weight), Some(n.k_weight)]);
+                let inputs: Vec<_> = [r.qkv, r.positions]
+                    .into_iter()
+                    .chain(r.freq_factors)
+                    .chain(norm.into_iter().flatten())
+                    .collect();
+                bindings.with_operands(&inputs, &op.outputs(), |ins, outs| {
+                    let ff = r.freq_factors.map(|_| ins[2]);
+                    let at = 2 + usize::from(r.freq_factors.is_some());
+                    let norm = r.norm.map(|n| ops::rope::QkNormWeights {
+                        q_weight: ins[at],
+                        k_weight: ins[at + 1],
+                        eps: n.eps,
+                    });
+                    let [q_out, k, v] = outs else {
+                        unreachable!("qkv_rope_append has three outputs")
+                    };
+                    let caches = ops::rope::KvCaches {
+                        k,
+                        v,
+                        dtype: cache,
+                        capacity: r.capacity,
+                    };
+                    ops::rope::qkv_rope_append(
+                        self,
+                        ins[0],
+                        ins[1],
+                        ff,
+                        norm,
+                        q_out,
+                        caches,
+                        r.n_tokens,
+                        r.n_heads,
+                        r.n_kv_heads,
+                        &r.params,
+                    )
+                })?
+            }
+            Op::Glu(g) => bindings.with_operands(&[g.x], &op.outputs(), |ins, outs| {
+                let (out, out_q8) = with_q8_copy(outs);
+                ops::elementwise::glu(self, g.kind, ins[0], out, out_q8, g.rows, g.n)
+            })?,
             Op::MatMul(m) => {
                 let w = dtype(m.w)?;
                 let inputs: Vec<_> = [m.x, m.w].into_iter().chain(m.x_q8).chain(m.bias).collect();
@@ -332,6 +429,7 @@ fn with_q8_copy<'o>(
 
 impl Backend for CudaBackend {
     type Buffer = CudaBuffer;
+    type Executable = CudaExecutable;
 
     fn name(&self) -> String {
         format!("cuda:{}", self.device.ordinal())
@@ -412,15 +510,87 @@ impl Backend for CudaBackend {
     }
 
     /// Checks the graph and its bindings, makes every kernel it needs ready (in
-    /// parallel), then launches its ops in order on the device's stream and waits for
-    /// them.
-    fn execute(&self, graph: &Graph, bindings: &mut Bindings<'_, CudaBuffer>) -> Result<()> {
+    /// parallel), then runs each op's dispatch (every argument checked) with its
+    /// launches recorded instead of submitted.
+    fn compile(
+        &self,
+        graph: &Graph,
+        bindings: &mut Bindings<'_, CudaBuffer>,
+    ) -> Result<CudaExecutable> {
         graph.validate()?;
         bindings.check_complete(graph)?;
         self.prepare(graph)?;
-        for op in graph.ops() {
+        let recorder = Recorder::start()?;
+        let mut ops = Vec::with_capacity(graph.ops().len());
+        for (index, op) in graph.ops().iter().enumerate() {
+            let start = recorder.len();
             self.run_op(graph, op, bindings)?;
+            ops.push(OpLaunches {
+                index,
+                name: op.name(),
+                launches: start..recorder.len(),
+            });
         }
+        self.compiles.fetch_add(1, Ordering::Relaxed);
+        Ok(CudaExecutable::new(recorder.finish(), ops))
+    }
+
+    /// Enqueues the executable's launches on the device's stream: as one CUDA graph
+    /// (captured on the first run) when [`CudaBackend::cuda_graphs`] is on, else one
+    /// by one.
+    unsafe fn run(&self, exe: &mut CudaExecutable) -> Result<()> {
+        let ctx = self.device.context();
+        ctx.bind_to_thread()
+            .map_err(|e| driver_error("binding the context to run a graph", e))?;
+        let stream = self.stream().cu_stream();
+        let programmatic = self.programmatic_launch();
+        // SAFETY: the caller's contract keeps the bound buffers allocated.
+        unsafe {
+            if self.cuda_graphs() {
+                exe.replay(ctx, &self.capture, stream, programmatic)
+            } else {
+                exe.submit_each(stream, programmatic)
+            }
+        }
+    }
+
+    fn synchronize(&self) -> Result<()> {
         self.device.synchronize()
+    }
+
+    /// Compiles `graph` and submits its launches one by one (a graph run once gains
+    /// nothing from being captured), then waits for them.
+    fn execute(&self, graph: &Graph, bindings: &mut Bindings<'_, CudaBuffer>) -> Result<()> {
+        let exe = self.compile(graph, bindings)?;
+        self.device
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_error("binding the context to run a graph", e))?;
+        // SAFETY: `bindings` borrows every bound buffer for this call, and the run is
+        // complete before it returns.
+        let ran = unsafe { exe.submit_each(self.stream().cu_stream(), self.programmatic_launch()) };
+        let waited = self.synchronize();
+        ran.and(waited)
+    }
+
+    /// A driver device-to-device copy (`cuMemcpyDtoDAsync`) on the device's stream.
+    fn copy(&self, src: &CudaBuffer, dst: &mut CudaBuffer) -> Result<()> {
+        check_transfer(&self.name(), "copy", src.bytes, dst.bytes)?;
+        if src.bytes == 0 {
+            return Ok(());
+        }
+        let (from, _g) = src.slice.device_ptr(self.stream());
+        let (to, _h) = dst.slice.device_ptr_mut(self.stream());
+        // SAFETY: both allocations hold at least `src.bytes` bytes (checked), on this
+        // device; the copy is ordered on the stream after earlier work.
+        unsafe { result::memcpy_dtod_async(to, from, src.bytes, self.stream().cu_stream()) }
+            .map_err(|e| {
+                driver_error(
+                    &format!("copying {} bytes on {}", src.bytes, self.name()),
+                    e,
+                )
+            })?;
+        dst.packed = src.packed;
+        Ok(())
     }
 }

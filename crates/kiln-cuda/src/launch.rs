@@ -1,6 +1,7 @@
-//! Kernel launches: [`KernelArgs`] gathers a launch's arguments and [`launch`] submits
-//! it with `cuLaunchKernelEx` on the backend's stream, with programmatic dependent
-//! launch when the backend has it on ([`CudaBackend::programmatic_launch`]).
+//! Kernel launches: [`KernelArgs`] gathers a launch's arguments, [`launch`] turns them
+//! into a [`LaunchRecord`] and submits it with `cuLaunchKernelEx` on the backend's
+//! stream, or, while a [`Recorder`] is active on the thread, keeps the record instead
+//! (how [`crate::CudaBackend`] compiles a graph into launch records that it replays).
 //!
 //! Programmatic dependent launch (compute capability 9.0 and later) lets a kernel's
 //! blocks start while the kernel before it in the stream is still finishing. Every
@@ -10,37 +11,29 @@
 //! before that wait (loads of weights, which only host copies write). The kernels
 //! always launched [`KernelArgs::serialized`] do not wait.
 
+use std::cell::RefCell;
 use std::ffi::c_void;
-use std::marker::PhantomData;
+use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaSlice, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
-use kiln_core::Result;
+use kiln_core::{Error, Result};
 
 use crate::context::driver_error;
 use crate::nvrtc::CudaKernel;
 use crate::CudaBackend;
 
 /// A value a kernel takes as a parameter.
-pub(crate) trait KernelArg<'a> {
+pub(crate) trait KernelArg {
     /// Adds the parameter to `args`.
-    fn push_to(self, args: &mut KernelArgs<'a>);
+    fn push_to(self, args: &mut KernelArgs<'_>);
 }
 
-/// One parameter: a pointer to a borrowed scalar, or the index of a buffer's device
-/// address in [`KernelArgs::addresses`].
-enum Param {
-    Scalar(*mut c_void),
-    Address(usize),
-}
-
-/// The parameters of one launch, in order. Scalars are borrowed for the life of the
-/// builder; buffers are passed by their device address.
+/// The parameters of one launch, in order, each held by value in 8 bytes (scalars in
+/// the low bytes, little-endian; buffers as their device address).
 pub(crate) struct KernelArgs<'a> {
     backend: &'a CudaBackend,
-    params: Vec<Param>,
-    addresses: Vec<sys::CUdeviceptr>,
+    values: Vec<u64>,
     serialized: bool,
-    _borrows: PhantomData<&'a ()>,
 }
 
 impl<'a> KernelArgs<'a> {
@@ -48,10 +41,8 @@ impl<'a> KernelArgs<'a> {
     pub(crate) fn new(backend: &'a CudaBackend) -> Self {
         Self {
             backend,
-            params: Vec::new(),
-            addresses: Vec::new(),
+            values: Vec::with_capacity(16),
             serialized: false,
-            _borrows: PhantomData,
         }
     }
 
@@ -65,122 +56,209 @@ impl<'a> KernelArgs<'a> {
     }
 
     /// Appends a parameter.
-    pub(crate) fn arg(&mut self, value: impl KernelArg<'a>) -> &mut Self {
+    pub(crate) fn arg(&mut self, value: impl KernelArg) -> &mut Self {
         value.push_to(self);
         self
     }
 
-    fn push_address(&mut self, address: sys::CUdeviceptr) {
-        self.params.push(Param::Address(self.addresses.len()));
-        self.addresses.push(address);
-    }
-
-    /// A pointer to each parameter's value, as `cuLaunchKernelEx` takes them; valid
-    /// while `self` is neither moved nor changed.
-    fn pointers(&mut self) -> Vec<*mut c_void> {
-        let addresses = self.addresses.as_mut_ptr();
-        self.params
-            .iter()
-            .map(|p| match *p {
-                Param::Scalar(value) => value,
-                // SAFETY: `i` indexes `addresses` (pushed together with the param).
-                Param::Address(i) => unsafe { addresses.add(i) }.cast(),
-            })
-            .collect()
+    fn push(&mut self, value: u64) {
+        self.values.push(value);
     }
 }
 
 macro_rules! scalar_kernel_args {
-    ($($t:ty),*) => {$(
-        impl<'a> KernelArg<'a> for &'a $t {
-            fn push_to(self, args: &mut KernelArgs<'a>) {
-                args.params.push(Param::Scalar(self as *const $t as *mut c_void));
+    ($($t:ty => $to_u64:expr),* $(,)?) => {$(
+        impl KernelArg for &$t {
+            fn push_to(self, args: &mut KernelArgs<'_>) {
+                let to_u64: fn($t) -> u64 = $to_u64;
+                args.push(to_u64(*self));
             }
         }
     )*};
 }
-scalar_kernel_args!(u32, i32, u64, f32);
+scalar_kernel_args!(
+    u32 => u64::from,
+    i32 => |v| u64::from(v as u32),
+    u64 => |v| v,
+    f32 => |v| u64::from(v.to_bits()),
+);
 
 /// An optional buffer: its address, or a null pointer for `None` (the operands a
 /// kernel is told are absent).
-impl<'a, A: KernelArg<'a>> KernelArg<'a> for Option<A> {
-    fn push_to(self, args: &mut KernelArgs<'a>) {
+impl<A: KernelArg> KernelArg for Option<A> {
+    fn push_to(self, args: &mut KernelArgs<'_>) {
         match self {
             Some(value) => value.push_to(args),
-            None => args.push_address(0),
+            None => args.push(0),
         }
     }
 }
 
-impl<'a, T> KernelArg<'a> for &'a CudaSlice<T> {
-    fn push_to(self, args: &mut KernelArgs<'a>) {
+impl<T> KernelArg for &CudaSlice<T> {
+    fn push_to(self, args: &mut KernelArgs<'_>) {
         // Event tracking is off on kiln's contexts (one stream orders all work), so
         // the guard does nothing when dropped.
         let (address, _guard) = self.device_ptr(args.backend.stream());
-        args.push_address(address);
+        args.push(address);
     }
 }
 
-impl<'a, T> KernelArg<'a> for &'a mut CudaSlice<T> {
-    fn push_to(self, args: &mut KernelArgs<'a>) {
+impl<T> KernelArg for &mut CudaSlice<T> {
+    fn push_to(self, args: &mut KernelArgs<'_>) {
         let (address, _guard) = self.device_ptr_mut(args.backend.stream());
-        args.push_address(address);
+        args.push(address);
     }
 }
 
-impl<'a, 'b, T> KernelArg<'a> for &'a mut CudaViewMut<'b, T> {
-    fn push_to(self, args: &mut KernelArgs<'a>) {
+impl<T> KernelArg for &mut CudaViewMut<'_, T> {
+    fn push_to(self, args: &mut KernelArgs<'_>) {
         let (address, _guard) = self.device_ptr_mut(args.backend.stream());
-        args.push_address(address);
+        args.push(address);
+    }
+}
+
+/// One kernel launch with everything it needs: the loaded kernel, its configuration
+/// and its parameter values (device addresses included). Submitting it again launches
+/// the same work on the same memory.
+pub struct LaunchRecord {
+    kernel: Arc<CudaKernel>,
+    config: LaunchConfig,
+    values: Box<[u64]>,
+    serialized: bool,
+}
+
+impl LaunchRecord {
+    /// The kernel's specialisation key, e.g. `matvec_resident|w=q4_0|...`.
+    pub fn key(&self) -> &str {
+        &self.kernel.key
+    }
+
+    /// The launch's grid, block and dynamic shared memory.
+    pub fn config(&self) -> LaunchConfig {
+        self.config
+    }
+
+    /// Submits the launch on `stream`, letting it start early (programmatic dependent
+    /// launch) when `programmatic` is set and the record is not serialized.
+    ///
+    /// # Safety
+    /// Every buffer whose address the record holds must still be allocated.
+    pub(crate) unsafe fn submit(&self, stream: sys::CUstream, programmatic: bool) -> Result<()> {
+        let mut attributes = [programmatic_serialization()];
+        let mut params: Vec<*mut c_void> = self
+            .values
+            .iter()
+            .map(|v| v as *const u64 as *mut c_void)
+            .collect();
+        let config = &self.config;
+        let launch_config = sys::CUlaunchConfig {
+            gridDimX: config.grid_dim.0,
+            gridDimY: config.grid_dim.1,
+            gridDimZ: config.grid_dim.2,
+            blockDimX: config.block_dim.0,
+            blockDimY: config.block_dim.1,
+            blockDimZ: config.block_dim.2,
+            sharedMemBytes: config.shared_mem_bytes,
+            hStream: stream,
+            attrs: attributes.as_mut_ptr(),
+            numAttrs: u32::from(programmatic && !self.serialized),
+        };
+        // SAFETY: the parameters were gathered for this kernel by its dispatch, which
+        // checked them (the caller's contract keeps their buffers allocated); each
+        // pointer addresses one 8-byte value, of which the driver reads the
+        // parameter's size; `launch_config` and its attribute outlive the call.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &launch_config,
+                self.kernel.function.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(|e| driver_error(&format!("launching {}", self.kernel.key), e))
+    }
+}
+
+thread_local! {
+    /// The launches of the [`Recorder`] active on this thread, if any.
+    static RECORDING: RefCell<Option<Vec<LaunchRecord>>> = const { RefCell::new(None) };
+}
+
+/// While it lives, [`launch`] on this thread keeps its records instead of submitting
+/// them. Dropping it without [`Recorder::finish`] discards them.
+pub(crate) struct Recorder(());
+
+impl Recorder {
+    /// Starts recording on this thread; errors when a recorder is already active.
+    pub(crate) fn start() -> Result<Self> {
+        RECORDING.with(|r| {
+            let mut r = r.borrow_mut();
+            if r.is_some() {
+                return Err(Error::invalid(
+                    "cuda compile",
+                    "a graph is already being compiled on this thread",
+                ));
+            }
+            *r = Some(Vec::new());
+            Ok(Recorder(()))
+        })
+    }
+
+    /// Launches recorded so far.
+    pub(crate) fn len(&self) -> usize {
+        RECORDING.with(|r| r.borrow().as_ref().map_or(0, Vec::len))
+    }
+
+    /// Stops recording and returns the records, in launch order.
+    pub(crate) fn finish(self) -> Vec<LaunchRecord> {
+        RECORDING.with(|r| r.borrow_mut().take().unwrap_or_default())
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        RECORDING.with(|r| r.borrow_mut().take());
     }
 }
 
 /// Launches `kernel` with `args` under `config` on the backend's stream, with
 /// programmatic dependent launch when [`CudaBackend::programmatic_launch`] is on and
-/// `args` is not [`KernelArgs::serialized`].
+/// `args` is not [`KernelArgs::serialized`]; while a [`Recorder`] is active on this
+/// thread, records the launch instead.
 ///
 /// # Safety
 /// `args` must match the kernel's parameters in number, order and type, and every
 /// buffer the kernel touches under `config` must be large enough.
 pub(crate) unsafe fn launch(
-    kernel: &CudaKernel,
+    kernel: &Arc<CudaKernel>,
     args: &mut KernelArgs<'_>,
     config: LaunchConfig,
 ) -> Result<()> {
     let backend = args.backend;
-    let what = || format!("launching {}", kernel.key);
+    let record = LaunchRecord {
+        kernel: Arc::clone(kernel),
+        config,
+        values: std::mem::take(&mut args.values).into_boxed_slice(),
+        serialized: args.serialized,
+    };
+    let record = match RECORDING.with(|r| match r.borrow_mut().as_mut() {
+        Some(records) => {
+            records.push(record);
+            None
+        }
+        None => Some(record),
+    }) {
+        Some(record) => record,
+        None => return Ok(()),
+    };
     backend
         .device()
         .context()
         .bind_to_thread()
-        .map_err(|e| driver_error(&what(), e))?;
-    let mut attributes = [programmatic_serialization()];
-    let mut params = args.pointers();
-    let launch_config = sys::CUlaunchConfig {
-        gridDimX: config.grid_dim.0,
-        gridDimY: config.grid_dim.1,
-        gridDimZ: config.grid_dim.2,
-        blockDimX: config.block_dim.0,
-        blockDimY: config.block_dim.1,
-        blockDimZ: config.block_dim.2,
-        sharedMemBytes: config.shared_mem_bytes,
-        hStream: backend.stream().cu_stream(),
-        attrs: attributes.as_mut_ptr(),
-        numAttrs: u32::from(backend.programmatic_launch() && !args.serialized),
-    };
-    // SAFETY: the caller's contract for the parameters, whose pointers stay valid
-    // (`args` is borrowed, unchanged, for the call); `launch_config` and the
-    // attribute it points to outlive the call.
-    unsafe {
-        sys::cuLaunchKernelEx(
-            &launch_config,
-            kernel.function.cu_function(),
-            params.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    }
-    .result()
-    .map_err(|e| driver_error(&what(), e))
+        .map_err(|e| driver_error(&format!("launching {}", kernel.key), e))?;
+    // SAFETY: the caller's contract; the buffers are borrowed for this call.
+    unsafe { record.submit(backend.stream().cu_stream(), backend.programmatic_launch()) }
 }
 
 /// The launch attribute that lets a kernel start before the one before it ends.

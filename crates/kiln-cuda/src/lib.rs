@@ -11,11 +11,14 @@
 //!   before launch.
 //! - [`packing`]: the planes layout in which the backend stores quantized weights.
 //! - [`backend`]: [`CudaBackend`], implementing [`kiln_core::Backend`].
+//! - [`executable`]: [`CudaExecutable`], a graph compiled to launch records and
+//!   replayed as a CUDA graph.
 //! - [`startup`]: measurements of one compile, one load, cold and warm start.
 //! - [`timing`]: device-side timing of launches with CUDA events.
 
 pub mod backend;
 pub mod context;
+pub mod executable;
 pub(crate) mod launch;
 pub mod manifest;
 pub mod nvrtc;
@@ -27,4 +30,5 @@ pub mod timing;
 
 pub use backend::{CudaBackend, CudaBuffer};
 pub use context::CudaDevice;
+pub use executable::CudaExecutable;
 pub use registry::{CacheConfig, CacheMode, KernelRegistry, KernelSpec};

@@ -1,6 +1,8 @@
 //! The manifest: every kernel family with its embedded source, the shared headers,
 //! and every specialisation, so that precompilation can enumerate them all.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use kiln_core::{BufferId, Error, Graph, Op, Result};
 
 use crate::ops;
@@ -29,10 +31,20 @@ pub struct Family {
     pub source: KernelSource,
 }
 
+/// Specialisations derived by [`Family::spec`] in this process.
+static SPEC_DERIVATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// How many kernel specialisations have been derived in this process (each dispatch
+/// derives its kernel's when it runs; running a compiled executable derives none).
+pub fn spec_derivations() -> u64 {
+    SPEC_DERIVATIONS.load(Ordering::Relaxed)
+}
+
 impl Family {
     /// The specialisation of this family with canonical `key` whose entry point is
     /// `name_expression`.
     pub fn spec(&self, key: String, name_expression: String) -> KernelSpec {
+        SPEC_DERIVATIONS.fetch_add(1, Ordering::Relaxed);
         KernelSpec {
             key,
             source: self.source,
@@ -213,6 +225,8 @@ pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
         Op::Embedding(e) => ops::embedding::spec(dtype(e.table)?),
         Op::Rope(r) => Ok(ops::rope::spec(r.params.style, false)),
         Op::HeadNormRope(r) => Ok(ops::rope::spec(r.params.style, true)),
+        Op::QkvRopeAppend(r) => ops::rope::qkv_spec(r.params.style, dtype(r.k_cache)?),
+        Op::Glu(g) => Ok(ops::elementwise::glu_spec(g.kind)),
         Op::MatMul(m) => ops::matmul::MatMulArgs {
             weight: dtype(m.w)?,
             m: m.m,

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use kiln_core::ops::{Elementwise, ElementwiseKind, Q8_COPY};
+use kiln_core::ops::{Elementwise, ElementwiseKind, Glu, Q8_COPY};
 use kiln_core::{Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 
@@ -53,6 +53,43 @@ fn elementwise_matches_cpu() {
             let outputs: Vec<_> = std::iter::once(out).chain(out_q8).collect();
             let got = run_on(cuda, &g, &inputs, &outputs, Aliasing::On).unwrap();
             let what = format!("{} len={len}", kind.name());
+            assert_close(&what, &f32s(&got[0]), &want, tolerance(kind));
+            if out_q8.is_some() {
+                assert_q8_copy(&what, &got[0], &got[1]);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn glu_matches_cpu() {
+    let cuda = cuda();
+    let mut rng = rng("glu_matches_cpu");
+    for kind in [
+        ElementwiseKind::SiluMul,
+        ElementwiseKind::GeluMul,
+        ElementwiseKind::Mul,
+    ] {
+        for (rows, n) in [(1, 14336), (1, 1), (3, 33), (7, 96), (512, 1024)] {
+            let mut g = Graph::new();
+            let x = g.persistent("x", DType::F32, &[rows, 2 * n]).unwrap();
+            let out = g.persistent("out", DType::F32, &[rows, n]).unwrap();
+            let out_q8 = (n % 32 == 0).then(|| g.persistent("q8", Q8_COPY, &[rows, n]).unwrap());
+            g.push(Glu {
+                kind,
+                x,
+                out,
+                out_q8,
+                rows,
+                n,
+            })
+            .unwrap();
+            let inputs = [(x, f32_bytes(&uniform(&mut rng, rows * 2 * n, 6.0)))];
+            let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
+            let outputs: Vec<_> = std::iter::once(out).chain(out_q8).collect();
+            let got = run_on(cuda, &g, &inputs, &outputs, Aliasing::On).unwrap();
+            let what = format!("glu {} {rows}x{n}", kind.name());
             assert_close(&what, &f32s(&got[0]), &want, tolerance(kind));
             if out_q8.is_some() {
                 assert_q8_copy(&what, &got[0], &got[1]);

@@ -1,10 +1,12 @@
 //! Graph execution on the GPU: several ops chained through aliased transient
-//! buffers, against the CPU backend; and the errors execution and dispatch give.
+//! buffers, against the CPU backend; a compiled executable run many times over new
+//! inputs, replayed as a CUDA graph and launch by launch, and profiled; and the
+//! errors execution and dispatch give.
 
 mod common;
 use common::*;
 use kiln_core::ops::{AddRmsNorm, Attention, Cast, Elementwise, ElementwiseKind, RmsNorm};
-use kiln_core::{Aliasing, Backend, DType, Error, Graph};
+use kiln_core::{plan, Aliasing, Backend, Bindings, DType, Error, Graph, Scratch};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops;
 
@@ -110,6 +112,99 @@ fn chained_ops_with_aliased_transients_match_cpu() {
             1e-7,
         );
     }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn a_compiled_executable_replays_over_new_inputs() {
+    let cuda = cuda();
+    let mut rng = rng("a_compiled_executable_replays_over_new_inputs");
+    let (rows, dim) = (3, 1000);
+    let (g, [x16, gate, w, sum, out]) = block(rows, dim);
+    let n = rows * dim;
+    let memory = plan(&g, Aliasing::On);
+    let mut scratch = Scratch::new();
+    scratch.ensure(cuda, &memory).unwrap();
+    let descs = g.buffers();
+    let mut bufs: Vec<_> = [x16, gate, w, sum, out]
+        .iter()
+        .map(|&id| cuda.alloc(descs[id.index()].bytes()).unwrap())
+        .collect();
+    let new_inputs = |rng: &mut rand::rngs::StdRng| {
+        let x: Vec<u8> = uniform(rng, n, 4.0)
+            .into_iter()
+            .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        [
+            x,
+            f32_bytes(&uniform(rng, n, 3.0)),
+            f32_bytes(&uniform(rng, dim, 1.5)),
+        ]
+    };
+    let compiles = cuda.compiles();
+    let mut exe = {
+        let mut b = Bindings::new(&g, &memory, &mut scratch).unwrap();
+        for (&id, buf) in [x16, gate, w, sum, out].iter().zip(bufs.iter_mut()) {
+            b.bind(&g, id, buf).unwrap();
+        }
+        cuda.compile(&g, &mut b).unwrap()
+    };
+    assert_eq!(cuda.compiles(), compiles + 1);
+    assert_eq!(exe.launches().len(), 5, "one launch per op");
+    let names: Vec<&str> = exe.ops().iter().map(|o| o.name).collect();
+    assert_eq!(
+        names,
+        ["cast", "rms_norm", "silu_mul", "add_rms_norm", "cast"]
+    );
+    for round in 0..6 {
+        // Alternate replay as a CUDA graph with launch-by-launch submission.
+        let graphs = round % 2 == 0;
+        cuda.set_cuda_graphs(graphs);
+        let inputs = new_inputs(&mut rng);
+        for (buf, bytes) in bufs.iter_mut().zip(&inputs) {
+            cuda.upload(buf, bytes).unwrap();
+        }
+        for buf in &mut bufs[3..] {
+            cuda.upload(buf, &poison(buf_bytes(buf))).unwrap();
+        }
+        // SAFETY: `bufs` and `scratch` outlive `exe` and are not touched while it runs.
+        unsafe { cuda.run(&mut exe) }.unwrap();
+        cuda.synchronize().unwrap();
+        let cpu_inputs = [x16, gate, w]
+            .into_iter()
+            .zip(inputs.iter().cloned())
+            .collect::<Vec<_>>();
+        let want = run_on(&CpuBackend, &g, &cpu_inputs, &[sum], Aliasing::On).unwrap();
+        let mut got = vec![0u8; n * 4];
+        cuda.download(&bufs[3], &mut got).unwrap();
+        assert_close(
+            &format!("round {round} (graphs {graphs}) sum"),
+            &f32s(&got),
+            &f32s(&want[0]),
+            1e-10,
+        );
+        assert!(exe.is_captured(), "captured on the first replay and kept");
+    }
+    assert_eq!(cuda.compiles(), compiles + 1, "runs compile nothing");
+    // SAFETY: as above; profile waits for its run.
+    let times = unsafe { cuda.profile(&exe) }.unwrap();
+    assert_eq!(times.len(), 5);
+    for t in &times {
+        assert!(
+            t.seconds > 0.0 && t.seconds < 0.1,
+            "{} took {} s",
+            t.key,
+            t.seconds
+        );
+    }
+    assert!(times[0].key.starts_with("cast|"));
+    cuda.set_cuda_graphs(true);
+}
+
+/// The byte size of a device buffer.
+fn buf_bytes(buf: &kiln_cuda::CudaBuffer) -> usize {
+    use kiln_core::DeviceBuffer;
+    buf.bytes()
 }
 
 #[test]

@@ -9,9 +9,9 @@ fn every_spec_has_a_unique_canonical_key() {
     let specs = all_specs();
     assert_eq!(
         specs.len(),
-        9 + 4 + 4 + 14 + 4 + 140 + 2 + 2 + 20 + 1 + 1,
-        "cast pairs, element-wise kinds, norm variants, embedding tables, rope \
-         variants, matmul (8 packed dtypes x 4 mat-vec tiers x 2 plane alignments + 7 \
+        9 + 2 * 4 + 4 + 14 + 4 + 4 + 140 + 2 + 2 + 20 + 1 + 1,
+        "cast pairs, element-wise and glu kinds, norm variants, embedding tables, rope \
+         variants, qkv_rope_append (2 styles x 2 caches), matmul (8 packed dtypes x 4 mat-vec tiers x 2 plane alignments + 7 \
          resident dtypes x 2 alignments + 6 other dtypes x 4 tiers x 2 load widths + \
          14 mat-mat), softmax, kv caches, \
          attention (2 caches x (8 decode + 2 prefill)), argmax, sample"
@@ -29,6 +29,8 @@ fn every_spec_has_a_unique_canonical_key() {
     }
     assert!(keys.contains(&"cast|from=bf16|to=f16"));
     assert!(keys.contains(&"elementwise|kind=silu_mul"));
+    assert!(keys.contains(&"glu|kind=silu_mul"));
+    assert!(keys.contains(&"qkv_rope_append|style=neox|cache=f16"));
     assert!(keys.contains(&"add_rms_norm|weight=1"));
 }
 

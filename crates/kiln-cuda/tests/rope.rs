@@ -1,14 +1,14 @@
-//! Rope and HeadNormRope: the dispatch checks (no GPU needed) and parity with
-//! kiln-cpu on the GPU.
+//! Rope, HeadNormRope and QkvRopeAppend: the dispatch checks (no GPU needed) and
+//! parity with kiln-cpu on the GPU.
 
 mod common;
 mod kernels;
 use common::*;
 use kernels::*;
-use kiln_core::ops::{HeadNormRope, Rope, RopeParams, RopeStyle};
+use kiln_core::ops::{HeadNormRope, QkNorm, QkvRopeAppend, Rope, RopeParams, RopeStyle};
 use kiln_core::{Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
-use kiln_cuda::ops::rope::{HeadNorm, RopeArgs};
+use kiln_cuda::ops::rope::{HeadNorm, QkvRopeArgs, RopeArgs};
 
 fn params() -> RopeParams {
     RopeParams {
@@ -393,6 +393,204 @@ fn head_norm_rope_matches_cpu() {
                         NMSE,
                     );
                 }
+            }
+        }
+    }
+}
+
+/// A valid qkv_rope_append: 2 tokens of 4 query and 2 KV heads of 128, F16 caches of 9
+/// positions, with a norm.
+fn qkv_args() -> QkvRopeArgs {
+    QkvRopeArgs {
+        n_tokens: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        capacity: 9,
+        params: params(),
+        cache: DType::F16,
+        norm: Some((1e-6, 128 * 4, 128 * 4)),
+        qkv_bytes: 2 * 8 * 128 * 4,
+        positions_bytes: 2 * 4,
+        freq_factors_bytes: None,
+        q_out_bytes: 2 * 4 * 128 * 4,
+        k_cache_bytes: 2 * 9 * 128 * 2,
+        v_cache_bytes: 2 * 9 * 128 * 2,
+    }
+}
+
+#[test]
+fn qkv_rope_append_runs_a_warp_per_head_and_checks_its_operands() {
+    let plan = qkv_args().check().unwrap();
+    assert_eq!(plan.spec.key, "qkv_rope_append|style=neox|cache=f16");
+    assert_eq!(
+        plan.config.grid_dim,
+        (4, 1, 1),
+        "16 heads (2 tokens x 8), 4 warps per block"
+    );
+    let cases = [
+        (
+            QkvRopeArgs {
+                qkv_bytes: 2 * 8 * 128 * 4 - 4,
+                ..qkv_args()
+            },
+            "qkv_rope_append: qkv needs 2048 f32 elements (8192 bytes), its buffer has 8188 bytes",
+        ),
+        (
+            QkvRopeArgs {
+                v_cache_bytes: 2 * 9 * 128 * 2 - 2,
+                ..qkv_args()
+            },
+            "qkv_rope_append: v_cache needs 2304 f16 elements (4608 bytes), its buffer has 4606 bytes",
+        ),
+        (
+            QkvRopeArgs {
+                cache: DType::BF16,
+                ..qkv_args()
+            },
+            "qkv_rope_append: cache has dtype bf16, expected one of [f32, f16]",
+        ),
+        (
+            QkvRopeArgs {
+                norm: Some((-1.0, 512, 512)),
+                ..qkv_args()
+            },
+            "qkv_rope_append: eps must be finite and >= 0, got -1",
+        ),
+        (
+            QkvRopeArgs {
+                norm: Some((1e-6, 512, 508)),
+                ..qkv_args()
+            },
+            "qkv_rope_append: k norm weight needs 128 f32 elements (512 bytes), its buffer has 508 bytes",
+        ),
+        (
+            QkvRopeArgs {
+                n_kv_heads: 0,
+                ..qkv_args()
+            },
+            "qkv_rope_append: n_kv_heads must be > 0, got 0",
+        ),
+    ];
+    for (args, want) in cases {
+        assert_eq!(invalid(args.check()), want);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn qkv_rope_append_matches_cpu() {
+    let cuda = cuda();
+    let mut rng = rng("qkv_rope_append_matches_cpu");
+    // (n_tokens, n_heads, n_kv_heads, head_dim, rotary_dim, capacity)
+    let shapes = [
+        (1, 32, 8, 128, 128, 4096),
+        (1, 16, 8, 128, 128, 33),
+        (5, 6, 3, 80, 32, 11),
+        (37, 4, 2, 64, 64, 64),
+        (3, 2, 1, 6, 4, 7),
+    ];
+    for (t, nh, nkv, hd, rot, cap) in shapes {
+        for style in [RopeStyle::Normal, RopeStyle::NeoX] {
+            for (with_norm, with_ff, cache) in [
+                (false, true, DType::F32),
+                (true, false, DType::F16),
+                (false, false, DType::F16),
+            ] {
+                let p = RopeParams {
+                    head_dim: hd,
+                    rotary_dim: rot,
+                    base: 500000.0,
+                    freq_scale: 0.5,
+                    style,
+                };
+                let heads = nh + 2 * nkv;
+                let mut g = Graph::new();
+                let mut buf =
+                    |name: &str, dtype, shape: &[usize]| g.persistent(name, dtype, shape).unwrap();
+                let qkv = buf("qkv", DType::F32, &[t, heads, hd]);
+                let pos = buf("pos", DType::I32, &[t]);
+                let ff = with_ff.then(|| buf("ff", DType::F32, &[rot / 2]));
+                let norm = with_norm.then(|| QkNorm {
+                    q_weight: buf("qw", DType::F32, &[hd]),
+                    k_weight: buf("kw", DType::F32, &[hd]),
+                    eps: 1e-6,
+                });
+                let q_out = buf("q_out", DType::F32, &[t, nh, hd]);
+                let k_cache = buf("k", cache, &[nkv, cap, hd]);
+                let v_cache = buf("v", cache, &[nkv, cap, hd]);
+                g.push(QkvRopeAppend {
+                    qkv,
+                    positions: pos,
+                    freq_factors: ff,
+                    norm,
+                    q_out,
+                    k_cache,
+                    v_cache,
+                    n_tokens: t,
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    capacity: cap,
+                    params: p,
+                })
+                .unwrap();
+                // Positions in range; with several tokens the last repeats the first's,
+                // whose row the last must win.
+                let mut positions: Vec<i32> = (0..t)
+                    .map(|_| rand::Rng::random_range(&mut rng, 0..cap as i32))
+                    .collect();
+                if t > 1 {
+                    positions[t - 1] = positions[0];
+                }
+                let cache_bytes = cache.bytes_for(nkv * cap * hd).unwrap();
+                let old: Vec<u8> = match cache {
+                    DType::F16 => uniform(&mut rng, nkv * cap * hd, 1.0)
+                        .iter()
+                        .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                        .collect(),
+                    _ => f32_bytes(&uniform(&mut rng, nkv * cap * hd, 1.0)),
+                };
+                let mut inputs = vec![
+                    (qkv, f32_bytes(&uniform(&mut rng, t * heads * hd, 2.0))),
+                    (pos, i32_bytes(&positions)),
+                    (k_cache, old.clone()),
+                    (v_cache, old),
+                ];
+                if let Some(ff) = ff {
+                    let f: Vec<f32> = uniform(&mut rng, rot / 2, 4.0)
+                        .iter()
+                        .map(|v| 1.0 + v.abs())
+                        .collect();
+                    inputs.push((ff, f32_bytes(&f)));
+                }
+                if let Some(n) = norm {
+                    inputs.push((n.q_weight, f32_bytes(&uniform(&mut rng, hd, 1.5))));
+                    inputs.push((n.k_weight, f32_bytes(&uniform(&mut rng, hd, 1.5))));
+                }
+                let outs = [q_out, k_cache, v_cache];
+                let want = run_on(&CpuBackend, &g, &inputs, &outs, Aliasing::On).unwrap();
+                let got = run_on(cuda, &g, &inputs, &outs, Aliasing::On).unwrap();
+                let what = format!(
+                    "qkv_rope_append {style:?} t={t} {nh}/{nkv}x{hd} rot={rot} cap={cap} norm={with_norm} ff={with_ff} {cache}"
+                );
+                assert_close(&format!("{what} q"), &f32s(&got[0]), &f32s(&want[0]), NMSE);
+                let values = |b: &[u8]| -> Vec<f32> {
+                    match cache {
+                        DType::F16 => b
+                            .chunks_exact(2)
+                            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                            .collect(),
+                        _ => f32s(b),
+                    }
+                };
+                assert_eq!(got[1].len(), cache_bytes);
+                assert_close(
+                    &format!("{what} k"),
+                    &values(&got[1]),
+                    &values(&want[1]),
+                    NMSE,
+                );
+                // Values are copied (and rounded the same way): exact.
+                assert_eq!(got[2], want[2], "{what}: v cache");
             }
         }
     }

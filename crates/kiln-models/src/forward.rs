@@ -3,14 +3,20 @@
 //! One builder serves prefill (many tokens) and decode (one token): the graph reads
 //! token ids and positions from input buffers, appends the new keys and values to
 //! each layer's KV cache at those positions, and writes the logits of the last
-//! token only (the hidden state of the last row is gathered before the final norm's
-//! output is projected onto the vocabulary). [`ForwardGraph::with_sample`] appends a
-//! [`Sample`] op that chooses the next token on the device from those logits.
+//! token only (with several tokens, the hidden state of the last row is gathered
+//! before the final norm's output is projected onto the vocabulary).
+//! [`ForwardGraph::with_sample`] appends a [`Sample`] op that chooses the next token
+//! on the device from those logits.
+//!
+//! Where the model holds stacked weights (`blk.N.attn_qkv.weight`,
+//! `blk.N.ffn_gate_up.weight`, [`crate::model::weight_stacks`]), one product computes
+//! the queries, keys and values ([`QkvRopeAppend`] then rotates and appends them) and
+//! one the gate and up projections ([`Glu`] then gates them).
 
 use crate::config::ModelConfig;
 use kiln_core::ops::{
-    AddRmsNorm, Attention, Elementwise, ElementwiseKind, Embedding, HeadNormRope, KvAppend, MatMul,
-    RmsNorm, Rope, Sample, SampleParams, Q8_COPY,
+    AddRmsNorm, Attention, Elementwise, ElementwiseKind, Embedding, Glu, HeadNormRope, KvAppend,
+    MatMul, QkNorm, QkvRopeAppend, RmsNorm, Rope, Sample, SampleParams, Q8_COPY,
 };
 use kiln_core::{BufferId, DType, Error, Graph, Result};
 
@@ -20,7 +26,8 @@ pub mod names {
     pub const TOKEN_IDS: &str = "input.token_ids";
     /// I32 `[n_tokens]`: each token's position in the sequence.
     pub const POSITIONS: &str = "input.positions";
-    /// I32 `[1]`: the index of the row whose logits are wanted (`n_tokens - 1`).
+    /// I32 `[1]`: the index of the row whose logits are wanted (`n_tokens - 1`); read
+    /// by graphs of more than one token.
     pub const LAST_ROW: &str = "input.last_row";
     /// F32 `[1, vocab]`: the logits of the last token.
     pub const LOGITS: &str = "output.logits";
@@ -177,26 +184,31 @@ pub fn build(
         resid = r;
         branch = Some(b.feed_forward(l, normed)?);
     }
-    // The head reads one gathered row of the final norm; it rounds that row itself.
-    let (_, normed) = b.residual_norm(resid, branch, "output_norm.weight", "out", false)?;
-    let normed = normed.x;
-    let last = b.g.transient("last_hidden", DType::F32, &[1, d])?;
-    b.g.push(Embedding {
-        table: normed,
-        ids: last_row,
-        out: last,
-        n_tokens: 1,
-        vocab: t,
-        dim: d,
-    })?;
+    // One token: the head reads the final norm (and its Q8_1 copy). Several: one
+    // gathered row of it, which the head rounds itself.
+    let (_, normed) = b.residual_norm(resid, branch, "output_norm.weight", "out", t == 1)?;
+    let last = if t == 1 {
+        normed
+    } else {
+        let last = b.g.transient("last_hidden", DType::F32, &[1, d])?;
+        b.g.push(Embedding {
+            table: normed.x,
+            ids: last_row,
+            out: last,
+            n_tokens: 1,
+            vocab: t,
+            dim: d,
+        })?;
+        Act::from(last)
+    };
     let out_w = if config.tied_embeddings {
         embd
     } else {
         b.w("output.weight", &[config.vocab, d])?
     };
     b.g.push(MatMul {
-        x: last,
-        x_q8: None,
+        x: last.x,
+        x_q8: last.q8,
         w: out_w,
         bias: None,
         out: logits,
@@ -237,6 +249,11 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
+    /// Whether the model has weight `name`.
+    fn has(&self, name: &str) -> bool {
+        (self.weight)(name).is_ok()
+    }
+
     /// Declares weight `name`, checking its shape.
     fn w(&mut self, name: &str, shape: &[usize]) -> Result<BufferId> {
         let desc = (self.weight)(name)?;
@@ -352,7 +369,9 @@ impl Builder<'_> {
     }
 
     /// Self-attention of layer `l`: projections, RoPE (with Qwen3's q/k norm),
-    /// cache append, attention over the cache, output projection.
+    /// cache append, attention over the cache, output projection. With the stacked
+    /// `attn_qkv` weight, one product and one [`QkvRopeAppend`] replace three products,
+    /// two rotations and two appends.
     fn attention(
         &mut self,
         l: usize,
@@ -363,25 +382,56 @@ impl Builder<'_> {
     ) -> Result<BufferId> {
         let c = self.c;
         let (d, t, hd) = (c.n_embd, self.t, c.head_dim);
-        let q = self.linear(l, "attn_q", x, c.q_dim(), d, c.qkv_bias)?;
-        let k = self.linear(l, "attn_k", x, c.kv_dim(), d, c.qkv_bias)?;
-        let v = self.linear(l, "attn_v", x, c.kv_dim(), d, c.qkv_bias)?;
-        let q = self.rope(l, "q", q, c.n_heads, positions, freq_factors)?;
-        let k = self.rope(l, "k", k, c.n_kv_heads, positions, freq_factors)?;
         let shape = [c.n_kv_heads, cache.capacity, hd];
         let k_cache = self.g.persistent(names::k_cache(l), cache.dtype, &shape)?;
         let v_cache = self.g.persistent(names::v_cache(l), cache.dtype, &shape)?;
-        for (src, cache_buf) in [(k, k_cache), (v, v_cache)] {
-            self.g.push(KvAppend {
-                src,
+        let q = if self.has(&format!("blk.{l}.attn_qkv.weight")) {
+            let n = c.q_dim() + 2 * c.kv_dim();
+            let qkv = self.linear(l, "attn_qkv", x, n, d, c.qkv_bias)?;
+            let norm = if c.qk_norm {
+                Some(QkNorm {
+                    q_weight: self.w(&format!("blk.{l}.attn_q_norm.weight"), &[hd])?,
+                    k_weight: self.w(&format!("blk.{l}.attn_k_norm.weight"), &[hd])?,
+                    eps: c.rms_eps,
+                })
+            } else {
+                None
+            };
+            let q_out = self.act(&format!("l{l}.q_rope"), c.q_dim())?;
+            self.g.push(QkvRopeAppend {
+                qkv,
                 positions,
-                cache: cache_buf,
+                freq_factors,
+                norm,
+                q_out,
+                k_cache,
+                v_cache,
                 n_tokens: t,
+                n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,
-                head_dim: hd,
                 capacity: cache.capacity,
+                params: c.rope,
             })?;
-        }
+            q_out
+        } else {
+            let q = self.linear(l, "attn_q", x, c.q_dim(), d, c.qkv_bias)?;
+            let k = self.linear(l, "attn_k", x, c.kv_dim(), d, c.qkv_bias)?;
+            let v = self.linear(l, "attn_v", x, c.kv_dim(), d, c.qkv_bias)?;
+            let q = self.rope(l, "q", q, c.n_heads, positions, freq_factors)?;
+            let k = self.rope(l, "k", k, c.n_kv_heads, positions, freq_factors)?;
+            for (src, cache_buf) in [(k, k_cache), (v, v_cache)] {
+                self.g.push(KvAppend {
+                    src,
+                    positions,
+                    cache: cache_buf,
+                    n_tokens: t,
+                    n_kv_heads: c.n_kv_heads,
+                    head_dim: hd,
+                    capacity: cache.capacity,
+                })?;
+            }
+            q
+        };
         let out = self.act(&format!("l{l}.attn"), c.q_dim())?;
         self.g.push(Attention {
             q,
@@ -442,21 +492,33 @@ impl Builder<'_> {
         Ok(out)
     }
 
-    /// SwiGLU feed-forward of layer `l`: `down(silu(gate(x)) * up(x))`.
+    /// SwiGLU feed-forward of layer `l`: `down(silu(gate(x)) * up(x))`; with the
+    /// stacked `ffn_gate_up` weight, one product and one [`Glu`].
     fn feed_forward(&mut self, l: usize, x: Act) -> Result<BufferId> {
         let (d, ff) = (self.c.n_embd, self.c.n_ff);
-        let gate = self.linear(l, "ffn_gate", x, ff, d, false)?;
-        let up = self.linear(l, "ffn_up", x, ff, d, false)?;
         let act = self.act_with_copy(&format!("l{l}.ffn_act"), ff, true)?;
-        let len = self.t * ff;
-        self.g.push(Elementwise {
-            kind: ElementwiseKind::SiluMul,
-            a: gate,
-            b: up,
-            out: act.x,
-            out_q8: act.q8,
-            len,
-        })?;
+        if self.has(&format!("blk.{l}.ffn_gate_up.weight")) {
+            let gate_up = self.linear(l, "ffn_gate_up", x, 2 * ff, d, false)?;
+            self.g.push(Glu {
+                kind: ElementwiseKind::SiluMul,
+                x: gate_up,
+                out: act.x,
+                out_q8: act.q8,
+                rows: self.t,
+                n: ff,
+            })?;
+        } else {
+            let gate = self.linear(l, "ffn_gate", x, ff, d, false)?;
+            let up = self.linear(l, "ffn_up", x, ff, d, false)?;
+            self.g.push(Elementwise {
+                kind: ElementwiseKind::SiluMul,
+                a: gate,
+                b: up,
+                out: act.x,
+                out_q8: act.q8,
+                len: self.t * ff,
+            })?;
+        }
         self.linear(l, "ffn_down", act, d, ff, false)
     }
 }

@@ -43,7 +43,7 @@ pub struct Model<BE: Backend> {
     weights: HashMap<String, WeightDesc>,
     memory: HashMap<String, BE::Buffer>,
     scratch: Scratch<BE::Buffer>,
-    decode: DecodeGraphs,
+    decode: DecodeSteps<BE>,
     cache: CacheSpec,
     n_past: usize,
     last_plan: Option<PlanSummary>,
@@ -72,26 +72,38 @@ impl<BE: Backend> Model<BE> {
             return Err(Error::invalid("load", "context must be at least 1"));
         }
         let total: u64 = file.tensor_infos().iter().map(|t| t.n_bytes() as u64).sum();
+        let mut weights = raw_weight_descs(file);
+        let stacks = weight_stacks(&weights);
+        let stacked: std::collections::HashSet<&str> = stacks
+            .iter()
+            .flat_map(|s| s.parts.iter().map(String::as_str))
+            .collect();
         let mut done = 0u64;
-        let mut weights = HashMap::new();
         let mut memory = HashMap::new();
         for tensor in file.tensors() {
             let info = tensor.info;
+            if stacked.contains(info.name()) {
+                continue;
+            }
             let mut buf = backend.alloc(tensor.data.len())?;
             backend.upload_weight(&mut buf, tensor.data, info.dtype(), info.shape())?;
             done += tensor.data.len() as u64;
             progress(done, total);
-            let name = info.name().to_string();
-            weights.insert(
-                name.clone(),
-                WeightDesc {
-                    name: name.clone(),
-                    dtype: info.dtype(),
-                    shape: info.shape().to_vec(),
-                },
-            );
-            memory.insert(name, buf);
+            memory.insert(info.name().to_string(), buf);
         }
+        for stack in &stacks {
+            let desc = stack.desc(&weights)?;
+            let mut bytes = Vec::new();
+            for part in &stack.parts {
+                bytes.extend_from_slice(file.tensor(part)?.data);
+            }
+            let mut buf = backend.alloc(bytes.len())?;
+            backend.upload_weight(&mut buf, &bytes, desc.dtype, &desc.shape)?;
+            done += bytes.len() as u64;
+            progress(done, total);
+            memory.insert(stack.name.clone(), buf);
+        }
+        apply_stacks(&mut weights, &stacks)?;
         let cache = CacheSpec {
             capacity,
             dtype: options.cache_dtype,
@@ -117,7 +129,7 @@ impl<BE: Backend> Model<BE> {
             weights,
             memory,
             scratch: Scratch::new(),
-            decode: DecodeGraphs::default(),
+            decode: DecodeSteps::default(),
             cache,
             n_past: 0,
             last_plan: None,
@@ -265,20 +277,13 @@ impl<BE: Backend> Model<BE> {
 
     /// Runs `tokens` at the next positions through the forward graph, which ends
     /// with a sampling head when `sample` gives its settings and uniform number.
-    /// One-token graphs are built once per head and kept.
+    /// Several tokens run as one graph built, checked and executed for them; one
+    /// token runs an executable compiled once per head and kept, with only its inputs
+    /// uploaded. Returns when the work is enqueued (a download waits for it).
     fn step(&mut self, tokens: &[u32], sample: Option<(SampleParams, f32)>) -> Result<()> {
         self.check_step(tokens)?;
         let t = tokens.len();
         let params = sample.map(|(p, _)| p);
-        let (config, weights, cache) = (&self.config, &self.weights, self.cache);
-        let build = || planned_graph(config, weights, t, cache, params);
-        let built;
-        let planned = if t == 1 {
-            self.decode.get_or_build(params, build)?
-        } else {
-            built = build()?;
-            &built
-        };
         for (name, bytes) in step_inputs(tokens, self.n_past, sample.map(|(_, u)| u)) {
             let buf = self
                 .memory
@@ -286,15 +291,33 @@ impl<BE: Backend> Model<BE> {
                 .expect("input buffers are allocated at load");
             self.backend.upload(buf, &bytes)?;
         }
-        let memory_plan = &planned.plan;
-        self.scratch.ensure(&self.backend, memory_plan)?;
-        execute(
-            &self.backend,
-            &planned.fg,
-            memory_plan,
-            &mut self.scratch,
-            &mut self.memory,
-        )?;
+        let (config, weights, cache) = (&self.config, &self.weights, self.cache);
+        let memory_plan = if t == 1 {
+            let (backend, memory) = (&self.backend, &mut self.memory);
+            let compiled = self.decode.get_or_compile(params, || {
+                Compiled::new(
+                    backend,
+                    planned_graph(config, weights, 1, cache, params)?,
+                    memory,
+                )
+            })?;
+            // SAFETY: the executable's memory is the model's own: its buffers and the
+            // step's scratch, which stay allocated while the executable lives, and
+            // which the host reads only through downloads, ordered after the run.
+            unsafe { self.backend.run(&mut compiled.exe) }?;
+            compiled.planned.plan.clone()
+        } else {
+            let planned = planned_graph(config, weights, t, cache, params)?;
+            self.scratch.ensure(&self.backend, &planned.plan)?;
+            execute(
+                &self.backend,
+                &planned.fg,
+                &planned.plan,
+                &mut self.scratch,
+                &mut self.memory,
+            )?;
+            planned.plan
+        };
         self.last_plan = Some(PlanSummary {
             n_tokens: t,
             persistent_bytes: memory_plan.persistent_bytes,
@@ -312,31 +335,68 @@ struct Planned {
     plan: MemoryPlan,
 }
 
-/// The one-token (decode) graphs built so far: one that ends with the logits, and one
-/// with a sampling head for the settings it was last asked for.
-#[derive(Default)]
-struct DecodeGraphs {
-    logits: Option<Planned>,
-    sample: Option<Planned>,
+/// A one-token graph compiled over the model's memory and a scratch of its own (so
+/// that no other graph's plan can move its transient buffers).
+struct Compiled<BE: Backend> {
+    planned: Planned,
+    exe: BE::Executable,
+    /// Holds the executable's transient memory; read only through `exe`.
+    _scratch: Scratch<BE::Buffer>,
 }
 
-impl DecodeGraphs {
-    /// The graph with a sampling head of `params` (with none for `None`), built by
-    /// `build` unless the one kept has that head.
-    fn get_or_build(
+impl<BE: Backend> Compiled<BE> {
+    fn new(
+        backend: &BE,
+        planned: Planned,
+        memory: &mut HashMap<String, BE::Buffer>,
+    ) -> Result<Self> {
+        let mut scratch = Scratch::new();
+        scratch.ensure(backend, &planned.plan)?;
+        let exe = {
+            let mut bindings = bind(&planned.fg, &planned.plan, &mut scratch, memory)?;
+            backend.compile(&planned.fg.graph, &mut bindings)?
+        };
+        Ok(Self {
+            planned,
+            exe,
+            _scratch: scratch,
+        })
+    }
+}
+
+/// The one-token (decode) executables compiled so far: one that ends with the logits,
+/// and one with a sampling head for the settings it was last asked for.
+struct DecodeSteps<BE: Backend> {
+    logits: Option<Compiled<BE>>,
+    sample: Option<Compiled<BE>>,
+}
+
+impl<BE: Backend> Default for DecodeSteps<BE> {
+    fn default() -> Self {
+        Self {
+            logits: None,
+            sample: None,
+        }
+    }
+}
+
+impl<BE: Backend> DecodeSteps<BE> {
+    /// The executable with a sampling head of `params` (with none for `None`),
+    /// compiled by `compile` unless the one kept has that head.
+    fn get_or_compile(
         &mut self,
         params: Option<SampleParams>,
-        build: impl FnOnce() -> Result<Planned>,
-    ) -> Result<&Planned> {
+        compile: impl FnOnce() -> Result<Compiled<BE>>,
+    ) -> Result<&mut Compiled<BE>> {
         let slot = match params {
             None => &mut self.logits,
             Some(_) => &mut self.sample,
         };
-        let planned = match slot.take() {
-            Some(kept) if kept.fg.sample.map(|h| h.params) == params => kept,
-            _ => build()?,
+        let compiled = match slot.take() {
+            Some(kept) if kept.planned.fg.sample.map(|h| h.params) == params => kept,
+            _ => compile()?,
         };
-        Ok(slot.insert(planned))
+        Ok(slot.insert(compiled))
     }
 }
 
@@ -354,8 +414,10 @@ fn step_inputs(
             i32_bytes(tokens.iter().map(|&id| id as usize)),
         ),
         (names::POSITIONS, i32_bytes(n_past..n_past + t)),
-        (names::LAST_ROW, i32_bytes(std::iter::once(t - 1))),
     ];
+    if t > 1 {
+        inputs.push((names::LAST_ROW, i32_bytes(std::iter::once(t - 1))));
+    }
     if let Some(u) = uniform {
         inputs.push((names::UNIFORM, u.to_le_bytes().to_vec()));
     }
@@ -386,7 +448,7 @@ fn planned_graph(
 }
 
 /// The dtype and shape of every tensor of `file`, by name.
-pub fn weight_descs<B: AsRef<[u8]>>(file: &Gguf<B>) -> HashMap<String, WeightDesc> {
+fn raw_weight_descs<B: AsRef<[u8]>>(file: &Gguf<B>) -> HashMap<String, WeightDesc> {
     file.tensor_infos()
         .iter()
         .map(|t| {
@@ -401,6 +463,115 @@ pub fn weight_descs<B: AsRef<[u8]>>(file: &Gguf<B>) -> HashMap<String, WeightDes
             )
         })
         .collect()
+}
+
+/// The weights a model loaded from `file` holds, by name: the file's tensors, with
+/// the parts of each of [`weight_stacks`] replaced by their stack.
+pub fn weight_descs<B: AsRef<[u8]>>(file: &Gguf<B>) -> Result<HashMap<String, WeightDesc>> {
+    let mut weights = raw_weight_descs(file);
+    let stacks = weight_stacks(&weights);
+    apply_stacks(&mut weights, &stacks)?;
+    Ok(weights)
+}
+
+/// A weight a model builds at load by stacking the rows of several tensors of one
+/// dtype and row length, so that one product reads them all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeightStack {
+    /// The stacked weight's name.
+    pub name: String,
+    /// The stacked tensors, in row order.
+    pub parts: Vec<String>,
+}
+
+impl WeightStack {
+    /// The stacked weight's dtype and shape: its parts' rows one after another.
+    fn desc(&self, weights: &HashMap<String, WeightDesc>) -> Result<WeightDesc> {
+        let parts: Vec<&WeightDesc> = self
+            .parts
+            .iter()
+            .map(|p| {
+                weights
+                    .get(p)
+                    .ok_or_else(|| Error::format("model", format!("tensor {p:?} is missing")))
+            })
+            .collect::<Result<_>>()?;
+        let first = parts[0];
+        let rows: usize = parts.iter().map(|p| p.shape[0]).sum();
+        let mut shape = first.shape.clone();
+        shape[0] = rows;
+        Ok(WeightDesc {
+            name: self.name.clone(),
+            dtype: first.dtype,
+            shape,
+        })
+    }
+}
+
+/// The weights a model stacks at load, per layer `N` where every part exists with one
+/// dtype and, for matrices, one row length: `blk.N.attn_qkv.weight` (the query, key
+/// and value projections) with `blk.N.attn_qkv.bias` where all three have biases
+/// (none stacked when only some have), and `blk.N.ffn_gate_up.weight` (the
+/// feed-forward gate, then up). The forward graph uses a stack where there is one.
+pub fn weight_stacks(weights: &HashMap<String, WeightDesc>) -> Vec<WeightStack> {
+    let stackable = |parts: &[String]| {
+        let descs: Vec<&WeightDesc> = parts.iter().filter_map(|p| weights.get(p)).collect();
+        descs.len() == parts.len()
+            && descs.iter().all(|d| {
+                d.dtype == descs[0].dtype
+                    && d.shape.len() == descs[0].shape.len()
+                    && d.shape[1..] == descs[0].shape[1..]
+                    && !d.shape.is_empty()
+            })
+    };
+    let mut stacks = Vec::new();
+    for l in 0.. {
+        let prefix = format!("blk.{l}.");
+        if !weights.keys().any(|k| k.starts_with(&prefix)) {
+            break;
+        }
+        let names = |suffix: &str, parts: &[&str]| -> Vec<String> {
+            parts
+                .iter()
+                .map(|p| format!("{prefix}{p}.{suffix}"))
+                .collect()
+        };
+        let qkv = ["attn_q", "attn_k", "attn_v"];
+        let (w, b) = (names("weight", &qkv), names("bias", &qkv));
+        let some_bias = b.iter().any(|n| weights.contains_key(n));
+        if stackable(&w) && (!some_bias || stackable(&b)) {
+            stacks.push(WeightStack {
+                name: format!("{prefix}attn_qkv.weight"),
+                parts: w,
+            });
+            if some_bias {
+                stacks.push(WeightStack {
+                    name: format!("{prefix}attn_qkv.bias"),
+                    parts: b,
+                });
+            }
+        }
+        let gate_up = names("weight", &["ffn_gate", "ffn_up"]);
+        if stackable(&gate_up) {
+            stacks.push(WeightStack {
+                name: format!("{prefix}ffn_gate_up.weight"),
+                parts: gate_up,
+            });
+        }
+    }
+    stacks
+}
+
+/// Replaces the parts of each of `stacks` in `weights` by the stack.
+fn apply_stacks(weights: &mut HashMap<String, WeightDesc>, stacks: &[WeightStack]) -> Result<()> {
+    for stack in stacks {
+        let desc = stack.desc(weights)?;
+        for part in &stack.parts {
+            weights.remove(part);
+        }
+        weights.insert(stack.name.clone(), desc);
+    }
+    Ok(())
 }
 
 /// The forward graph of `config` for `n_tokens` tokens over the tensors `weights`.
@@ -419,15 +590,14 @@ pub fn graph_for(
     forward::build(config, &weight, n_tokens, cache)
 }
 
-/// Binds every persistent buffer of `fg` to the model memory of the same name and
-/// executes it.
-fn execute<BE: Backend>(
-    backend: &BE,
+/// Bindings of `fg`'s transient buffers to `scratch` (sized for `memory_plan`) and of
+/// its persistent ones to the model memory of the same name.
+fn bind<'a, B: kiln_core::DeviceBuffer>(
     fg: &ForwardGraph,
     memory_plan: &MemoryPlan,
-    scratch: &mut Scratch<BE::Buffer>,
-    memory: &mut HashMap<String, BE::Buffer>,
-) -> Result<()> {
+    scratch: &'a mut Scratch<B>,
+    memory: &'a mut HashMap<String, B>,
+) -> Result<Bindings<'a, B>> {
     let graph = &fg.graph;
     let ids: HashMap<&str, BufferId> = graph
         .buffers()
@@ -442,5 +612,17 @@ fn execute<BE: Backend>(
             bindings.bind(graph, id, buf)?;
         }
     }
-    backend.execute(graph, &mut bindings)
+    Ok(bindings)
+}
+
+/// Binds `fg` to the model memory and `scratch` and executes it once.
+fn execute<BE: Backend>(
+    backend: &BE,
+    fg: &ForwardGraph,
+    memory_plan: &MemoryPlan,
+    scratch: &mut Scratch<BE::Buffer>,
+    memory: &mut HashMap<String, BE::Buffer>,
+) -> Result<()> {
+    let mut bindings = bind(fg, memory_plan, scratch, memory)?;
+    backend.execute(&fg.graph, &mut bindings)
 }

@@ -129,6 +129,12 @@ fn random_weights(s: &Spec, rng: &mut StdRng) -> Tensors {
 }
 
 fn gguf_bytes(s: &Spec, tensors: &Tensors) -> Vec<u8> {
+    gguf_bytes_as(s, tensors, |_| DType::F32)
+}
+
+/// The GGUF of `tensors` with each stored as `dtype_of(name)`: F32, or F16 for
+/// tensors whose values are already F16 values (so that both hold the same weights).
+fn gguf_bytes_as(s: &Spec, tensors: &Tensors, dtype_of: impl Fn(&str) -> DType) -> Vec<u8> {
     let mut md = Metadata::new();
     md.set("general.architecture", s.arch);
     let k = |key: &str| format!("{}.{key}", s.arch);
@@ -142,11 +148,17 @@ fn gguf_bytes(s: &Spec, tensors: &Tensors) -> Vec<u8> {
     md.set(k("rope.freq_base"), BASE);
     let descs: Vec<TensorDesc> = tensors
         .iter()
-        .map(|(n, sh, _)| TensorDesc::new(n.clone(), DType::F32, sh))
+        .map(|(n, sh, _)| TensorDesc::new(n.clone(), dtype_of(n), sh))
         .collect();
     let mut w = GgufWriter::new(Vec::new(), "test.gguf", &md, &descs).unwrap();
-    for (_, _, v) in tensors {
-        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    for (n, _, v) in tensors {
+        let bytes: Vec<u8> = match dtype_of(n) {
+            DType::F16 => v
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
+            _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
         w.write_tensor_data(&bytes).unwrap();
     }
     w.finish().unwrap()
@@ -329,6 +341,66 @@ fn prefill_and_decode_match_the_f64_transformer() {
             "{s:?} f16 cache: {}",
             nmse(&got, &want[8])
         );
+    }
+}
+
+#[test]
+fn stacked_and_separate_projections_match_the_f64_transformer() {
+    let mut rng = seeded();
+    // Values and up-projections stored as F16 cannot stack with their F32 partners:
+    // that file runs the separate projections, the all-F32 one the stacked ones.
+    let separate = |name: &str| {
+        if name.ends_with("attn_v.weight") || name.ends_with("ffn_up.weight") {
+            DType::F16
+        } else {
+            DType::F32
+        }
+    };
+    for s in specs() {
+        let mut tensors = random_weights(&s, &mut rng);
+        for (name, _, v) in &mut tensors {
+            if separate(name) == DType::F16 {
+                v.iter_mut()
+                    .for_each(|x| *x = half::f16::from_f32(*x).to_f32());
+            }
+        }
+        let tokens: Vec<u32> = (0..5)
+            .map(|_| rng.random_range(0..s.vocab as u32))
+            .collect();
+        let want = reference_logits(&s, &tensors, &tokens);
+        for (bytes, stacked) in [
+            (gguf_bytes(&s, &tensors), true),
+            (gguf_bytes_as(&s, &tensors, separate), false),
+        ] {
+            let mut model = load(&bytes, DType::F32);
+            let names: Vec<String> = model
+                .graph(1)
+                .unwrap()
+                .graph
+                .buffers()
+                .iter()
+                .map(|b| b.name.clone())
+                .collect();
+            assert_eq!(
+                names.iter().any(|n| n.ends_with("attn_qkv.weight")),
+                stacked,
+                "{s:?}: stacked {stacked}"
+            );
+            assert_eq!(
+                names.iter().any(|n| n.ends_with("ffn_gate_up.weight")),
+                stacked
+            );
+            let got = model.forward(&tokens[..3]).unwrap();
+            assert!(
+                nmse(&got, &want[2]) < 1e-9,
+                "{s:?} stacked {stacked} prefill"
+            );
+            for t in 3..tokens.len() {
+                let got = model.forward(&tokens[t..t + 1]).unwrap();
+                let e = nmse(&got, &want[t]);
+                assert!(e < 1e-9, "{s:?} stacked {stacked} decode at {t}: {e}");
+            }
+        }
     }
 }
 
@@ -593,7 +665,7 @@ fn forward_sample_checks_its_arguments_and_keeps_the_logits() {
 fn decode_graphs_give_the_projections_q8_copies_written_beside_their_inputs() {
     use kiln_core::ops::{Op, Q8_COPY};
     // Widths that are whole Q8_1 blocks: every projection but the attention output's
-    // (its input comes from the attention op) and the head's reads a copy.
+    // (its input comes from the attention op) reads a copy.
     let s = Spec {
         ff: 64,
         ..specs()[0]
@@ -624,8 +696,8 @@ fn decode_graphs_give_the_projections_q8_copies_written_beside_their_inputs() {
         }
         read
     };
-    // q, k, v, gate, up and down of each layer.
-    assert_eq!(copies(1), 6 * s.layers);
+    // The stacked q-k-v and gate-up projections and down of each layer, and the head.
+    assert_eq!(copies(1), 3 * s.layers + 1);
     // The prefill mat-mat does not read copies, so prefill graphs have none.
     assert_eq!(copies(3), 0);
 }

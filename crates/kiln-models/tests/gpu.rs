@@ -1,6 +1,8 @@
 //! The small model on the CUDA backend against the CPU backend: logits within
-//! tolerance and 64 identical greedy tokens for every fixture prompt; the token the
-//! device's sample op chooses against the CPU reference applied to the same logits.
+//! tolerance and 64 identical greedy tokens for every fixture prompt; decode replayed
+//! as a CUDA graph against the same executable launched one by one and against the
+//! CPU, in several weight formats and on a qwen3-shaped model; the token the device's
+//! sample op chooses against the CPU reference applied to the same logits.
 //! Ignored where there is no GPU; run with `--include-ignored` on a GPU machine,
 //! where a missing device fails the test.
 
@@ -49,12 +51,195 @@ fn cuda() -> CudaBackend {
 
 /// The small model converted to an F16 GGUF in `dir`.
 fn tiny_f16(dir: &Path) -> GgufFile {
-    let path = dir.join("tiny-f16.gguf");
+    tiny(dir, DType::F16)
+}
+
+/// The small model converted to a GGUF of `dtype` in `dir`.
+fn tiny(dir: &Path, dtype: DType) -> GgufFile {
+    let path = dir.join(format!("tiny-{dtype}.gguf"));
     HfCheckpoint::open(model_dir())
         .unwrap()
-        .write_gguf(&path, DType::F16, &mut |_, _| {})
+        .write_gguf(&path, dtype, &mut |_, _| {})
         .unwrap();
     Gguf::open(&path).unwrap()
+}
+
+/// A random qwen3-shaped model (per-head q/k norms, NeoX rotation, tied embeddings)
+/// of F32 weights, written to `dir`.
+fn random_qwen3(dir: &Path, rng: &mut StdRng) -> GgufFile {
+    use kiln_gguf::{GgufWriter, Metadata, TensorDesc};
+    let (layers, d, ff, heads, kv, hd, vocab) = (
+        2usize, 128usize, 256usize, 4usize, 2usize, 32usize, 300usize,
+    );
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+        let n: usize = shape.iter().product();
+        let v = (0..n)
+            .map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0))
+            .collect();
+        tensors.push((name, shape, v));
+    };
+    let w = |fan_in: usize| 1.7 / (fan_in as f32).sqrt();
+    add("token_embd.weight".into(), vec![vocab, d], 1.0, 0.0);
+    for l in 0..layers {
+        let p = |n: &str| format!("blk.{l}.{n}");
+        add(p("attn_norm.weight"), vec![d], 0.1, 1.0);
+        add(p("attn_q.weight"), vec![heads * hd, d], w(d), 0.0);
+        add(p("attn_k.weight"), vec![kv * hd, d], w(d), 0.0);
+        add(p("attn_v.weight"), vec![kv * hd, d], w(d), 0.0);
+        add(p("attn_q_norm.weight"), vec![hd], 0.1, 1.0);
+        add(p("attn_k_norm.weight"), vec![hd], 0.1, 1.0);
+        add(
+            p("attn_output.weight"),
+            vec![d, heads * hd],
+            w(heads * hd),
+            0.0,
+        );
+        add(p("ffn_norm.weight"), vec![d], 0.1, 1.0);
+        add(p("ffn_gate.weight"), vec![ff, d], w(d), 0.0);
+        add(p("ffn_up.weight"), vec![ff, d], w(d), 0.0);
+        add(p("ffn_down.weight"), vec![d, ff], w(ff), 0.0);
+    }
+    add("output_norm.weight".into(), vec![d], 0.1, 1.0);
+    let mut md = Metadata::new();
+    md.set("general.architecture", "qwen3");
+    for (key, v) in [
+        ("block_count", layers),
+        ("embedding_length", d),
+        ("feed_forward_length", ff),
+        ("attention.head_count", heads),
+        ("attention.head_count_kv", kv),
+        ("attention.key_length", hd),
+        ("attention.value_length", hd),
+        ("context_length", 512),
+    ] {
+        md.set(format!("qwen3.{key}"), v as u32);
+    }
+    md.set("qwen3.attention.layer_norm_rms_epsilon", 1e-6f32);
+    md.set("qwen3.rope.freq_base", 1_000_000f32);
+    let descs: Vec<TensorDesc> = tensors
+        .iter()
+        .map(|(n, sh, _)| TensorDesc::new(n.clone(), DType::F32, sh))
+        .collect();
+    let path = dir.join("qwen3-random.gguf");
+    let file = std::fs::File::create(&path).unwrap();
+    let mut writer = GgufWriter::new(
+        std::io::BufWriter::new(file),
+        "qwen3-random.gguf",
+        &md,
+        &descs,
+    )
+    .unwrap();
+    for (_, _, v) in &tensors {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        writer.write_tensor_data(&bytes).unwrap();
+    }
+    writer.finish().unwrap();
+    Gguf::open(&path).unwrap()
+}
+
+/// A CUDA backend of device 0 that replays executables as CUDA graphs (`graphs`) or
+/// submits their launches one by one.
+fn cuda_replaying(graphs: bool) -> CudaBackend {
+    let cuda = cuda();
+    cuda.set_cuda_graphs(graphs);
+    cuda
+}
+
+/// The prompt's logits, then `steps` greedy decode steps: each step's token (the
+/// argmax of the previous logits) and logits.
+fn greedy_logits<BE: Backend>(
+    model: &mut Model<BE>,
+    prompt: &[u32],
+    steps: usize,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    model.reset();
+    let mut logits = vec![model.forward(prompt).unwrap()];
+    let mut tokens = Vec::new();
+    for _ in 0..steps {
+        let token = kiln_models::sampler::argmax(logits.last().unwrap()) as u32;
+        tokens.push(token);
+        logits.push(model.forward(&[token]).unwrap());
+    }
+    (tokens, logits)
+}
+
+fn nmse(got: &[f32], want: &[f32]) -> f64 {
+    let err: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w as f64).powi(2))
+        .sum();
+    err / want.iter().map(|&w| (w as f64).powi(2)).sum::<f64>()
+}
+
+/// Decode replayed as a CUDA graph gives bit for bit the logits of the same
+/// executable launched one by one, and the CPU's greedy tokens with logits within
+/// `tolerance` (NMSE), for 64 steps after each prompt.
+fn assert_replay_matches(what: &str, file: &GgufFile, prompts: &[Vec<u32>], tolerance: f64) {
+    let mut cpu = load(CpuBackend, file, DType::F16);
+    let mut replayed = load(cuda_replaying(true), file, DType::F16);
+    let mut eager = load(cuda_replaying(false), file, DType::F16);
+    for prompt in prompts {
+        let (want_tokens, want) = greedy_logits(&mut cpu, prompt, 64);
+        let (tokens, got) = greedy_logits(&mut replayed, prompt, 64);
+        let (eager_tokens, eager_logits) = greedy_logits(&mut eager, prompt, 64);
+        assert_eq!(
+            tokens, eager_tokens,
+            "{what} {prompt:?}: replayed vs eager tokens"
+        );
+        for (step, (g, e)) in got.iter().zip(&eager_logits).enumerate() {
+            assert!(
+                g.iter().zip(e).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{what} {prompt:?}: step {step}: replayed and eager logits differ"
+            );
+        }
+        assert_eq!(
+            tokens, want_tokens,
+            "{what} {prompt:?}: GPU vs CPU greedy tokens"
+        );
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| {
+                assert!(g.iter().all(|v| v.is_finite()), "{what}: non-finite logits");
+                nmse(g, w)
+            })
+            .fold(0.0, f64::max);
+        eprintln!("{what} {prompt:?}: worst logit NMSE over 65 steps {worst:.2e}");
+        assert!(
+            worst < tolerance,
+            "{what} {prompt:?}: logit NMSE {worst:.2e}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn replayed_decode_matches_eager_and_cpu_on_the_small_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = prompts();
+    // Both sides read the same quantized weights; the GPU's mat-vecs may round x to
+    // Q8_1 (docs/kernels.md) and sum in other orders, the caches are f16.
+    for (dtype, tolerance) in [
+        (DType::F16, 1e-5),
+        (DType::Q8_0, 1e-4),
+        (DType::Q4_0, 1e-4),
+        (DType::Q4K, 1e-4),
+    ] {
+        let file = tiny(dir.path(), dtype);
+        assert_replay_matches(&format!("{dtype}"), &file, &prompts, tolerance);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn replayed_decode_matches_eager_and_cpu_on_a_qwen3_shaped_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = StdRng::seed_from_u64(rand::rng().random());
+    let file = random_qwen3(dir.path(), &mut rng);
+    let prompts = vec![vec![1, 17, 42, 299, 5], vec![7]];
+    assert_replay_matches("qwen3", &file, &prompts, 1e-5);
 }
 
 fn load<BE: Backend>(backend: BE, file: &GgufFile, cache_dtype: DType) -> Model<BE> {

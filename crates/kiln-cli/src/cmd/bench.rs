@@ -251,8 +251,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         capacity: 1,
         dtype: args.cache_type,
     };
-    let graph =
-        kiln_models::model::graph_for(&config, &kiln_models::model::weight_descs(&file), 1, cache)?;
+    let graph = kiln_models::model::graph_for(
+        &config,
+        &kiln_models::model::weight_descs(&file)?,
+        1,
+        cache,
+    )?;
     drop(file);
     let report = run_on(args.device.device, &graph.graph, BenchJob { args: &args })?;
     print(&report, args.json);

@@ -105,7 +105,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let config = ModelConfig::from_gguf(file)?;
     let mut decode_graph = graph_for(
         &config,
-        &weight_descs(file),
+        &weight_descs(file)?,
         1,
         CacheSpec {
             capacity: 1,

@@ -14,7 +14,8 @@ use kiln_cuda::nvrtc::{NvrtcCompiler, OfflineCompiler};
 use kiln_cuda::registry::{CacheMode, KernelCompiler, KernelRegistry};
 use kiln_cuda::{startup, CacheConfig, CudaDevice, KernelSpec};
 use kiln_gguf::Gguf;
-use kiln_models::forward::{self, CacheSpec, WeightDesc};
+use kiln_models::forward::{self, CacheSpec};
+use kiln_models::model::weight_descs;
 use kiln_models::{LoadOptions, ModelConfig};
 
 use super::device::{resolve, Device, DeviceArgs};
@@ -122,26 +123,14 @@ fn build<C: KernelCompiler>(compiler: C, specs: &[KernelSpec]) -> Result<()> {
 fn model_specs(path: &Path) -> Result<Vec<KernelSpec>> {
     let file = Gguf::open(path)?;
     let config = ModelConfig::from_gguf(&file)?;
-    let weights: Vec<WeightDesc> = file
-        .tensor_infos()
-        .iter()
-        .map(|t| WeightDesc {
-            name: t.name().to_string(),
-            dtype: t.dtype(),
-            shape: t.shape().to_vec(),
-        })
-        .collect();
+    let weights = weight_descs(&file)?;
     let weight = |name: &str| {
-        weights
-            .iter()
-            .find(|w| w.name == name)
-            .cloned()
-            .ok_or_else(|| {
-                Error::format(
-                    path.display().to_string(),
-                    format!("tensor {name:?} is missing"),
-                )
-            })
+        weights.get(name).cloned().ok_or_else(|| {
+            Error::format(
+                path.display().to_string(),
+                format!("tensor {name:?} is missing"),
+            )
+        })
     };
     let capacity = config
         .context_length

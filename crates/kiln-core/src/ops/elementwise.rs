@@ -62,3 +62,39 @@ impl OpSpec for Elementwise {
         c.q8_copy("out_q8", self.out_q8, self.len, self.len)
     }
 }
+
+/// A gated linear unit over rows that hold the gate and its partner side by side (the
+/// output of a fused gate-and-up projection): for `x` F32 `[rows, 2 * n]` and `out`
+/// F32 `[rows, n]`, `out[r, i] = f(x[r, i], x[r, n + i])` with `f` given by `kind`
+/// as [`Elementwise`] defines it (SwiGLU is [`ElementwiseKind::SiluMul`]), computed in
+/// f32. `out_q8`, when given, is a Q8_1 buffer of `rows * n` elements (`n` a multiple
+/// of 32) and receives `out` rounded to it ([`super::Q8_COPY`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Glu {
+    pub kind: ElementwiseKind,
+    pub x: BufferId,
+    pub out: BufferId,
+    pub out_q8: Option<BufferId>,
+    pub rows: usize,
+    pub n: usize,
+}
+
+impl OpSpec for Glu {
+    fn name(&self) -> &'static str {
+        "glu"
+    }
+    fn inputs(&self) -> Vec<BufferId> {
+        vec![self.x]
+    }
+    fn outputs(&self) -> Vec<BufferId> {
+        ids(&[self.out], &[self.out_q8])
+    }
+    fn validate(&self, graph: &Graph) -> Result<()> {
+        let c = Checker::new(graph, self.name());
+        c.nonzero(&[("rows", self.rows), ("n", self.n)])?;
+        let len = c.count(&[self.rows, self.n])?;
+        c.buffer("x", self.x, &[DType::F32], c.count(&[len, 2])?)?;
+        c.buffer("out", self.out, &[DType::F32], len)?;
+        c.q8_copy("out_q8", self.out_q8, len, self.n)
+    }
+}

@@ -22,12 +22,12 @@ mod softmax;
 pub use argmax::Argmax;
 pub use attention::Attention;
 pub use cast::Cast;
-pub use elementwise::{Elementwise, ElementwiseKind};
+pub use elementwise::{Elementwise, ElementwiseKind, Glu};
 pub use embedding::Embedding;
 pub use kv_cache::{KvAppend, CACHE_DTYPES};
 pub use matmul::MatMul;
 pub use norm::{AddRmsNorm, RmsNorm};
-pub use rope::{HeadNormRope, Rope, RopeParams, RopeStyle};
+pub use rope::{HeadNormRope, QkNorm, QkvRopeAppend, Rope, RopeParams, RopeStyle};
 pub use sample::{Sample, SampleParams, SAMPLE_LANES};
 pub use softmax::Softmax;
 
@@ -77,8 +77,10 @@ op_enum!(
     AddRmsNorm,
     Rope,
     HeadNormRope,
+    QkvRopeAppend,
     MatMul,
     Elementwise,
+    Glu,
     Softmax,
     KvAppend,
     Attention,

@@ -164,3 +164,115 @@ impl OpSpec for HeadNormRope {
         c.optional("weight", self.weight, &[DType::F32], self.params.head_dim)
     }
 }
+
+/// Qwen3's per-head RMSNorm of queries and keys inside [`QkvRopeAppend`]: each query
+/// head is normalized as [`HeadNormRope`] does with weight `q_weight`, each key head
+/// with `k_weight` (both F32 `[head_dim]`), with `eps`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QkNorm {
+    pub q_weight: BufferId,
+    pub k_weight: BufferId,
+    pub eps: f32,
+}
+
+/// The step between a fused query-key-value projection and attention: splits each
+/// token's projection into heads, rotates queries and keys, and appends keys and
+/// values to the KV caches.
+///
+/// - `qkv`: F32 `[n_tokens, n_heads + 2 * n_kv_heads, head_dim]`: per token, its
+///   `n_heads` query heads, then `n_kv_heads` key heads, then `n_kv_heads` value heads.
+/// - `positions`: I32 `[n_tokens]`; `freq_factors`: optional F32 `[rotary_dim / 2]`.
+/// - `norm`: optional [`QkNorm`].
+/// - `q_out`: F32 `[n_tokens, n_heads, head_dim]`.
+/// - `k_cache`, `v_cache`: `[n_kv_heads, capacity, head_dim]`, F32 or F16 (both the
+///   same dtype).
+///
+/// It computes what these ops compute in sequence: [`Rope`] (or [`HeadNormRope`]
+/// with `norm`'s query weight) of the query heads into `q_out`; the same of the key
+/// heads (with `norm`'s key weight); [`super::KvAppend`] of the rotated keys into
+/// `k_cache` and of the value heads, unchanged, into `v_cache` (positions outside
+/// `0..capacity` as `KvAppend` defines). Nothing is rounded before the caches' own
+/// rounding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QkvRopeAppend {
+    pub qkv: BufferId,
+    pub positions: BufferId,
+    pub freq_factors: Option<BufferId>,
+    pub norm: Option<QkNorm>,
+    pub q_out: BufferId,
+    pub k_cache: BufferId,
+    pub v_cache: BufferId,
+    pub n_tokens: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub capacity: usize,
+    pub params: RopeParams,
+}
+
+impl OpSpec for QkvRopeAppend {
+    fn name(&self) -> &'static str {
+        "qkv_rope_append"
+    }
+    fn inputs(&self) -> Vec<BufferId> {
+        let norm = self
+            .norm
+            .map_or([None, None], |n| [Some(n.q_weight), Some(n.k_weight)]);
+        ids(
+            &[self.qkv, self.positions],
+            &[self.freq_factors, norm[0], norm[1]],
+        )
+    }
+    fn outputs(&self) -> Vec<BufferId> {
+        vec![self.q_out, self.k_cache, self.v_cache]
+    }
+    fn validate(&self, graph: &Graph) -> Result<()> {
+        let c = Checker::new(graph, self.name());
+        c.nonzero(&[
+            ("n_tokens", self.n_tokens),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("capacity", self.capacity),
+        ])?;
+        self.params.check(&c)?;
+        let hd = self.params.head_dim;
+        let heads = self
+            .n_heads
+            .checked_add(self.n_kv_heads.saturating_mul(2))
+            .ok_or_else(|| c.error("head count overflows"))?;
+        c.buffer(
+            "qkv",
+            self.qkv,
+            &[DType::F32],
+            c.count(&[self.n_tokens, heads, hd])?,
+        )?;
+        c.buffer("positions", self.positions, &[DType::I32], self.n_tokens)?;
+        c.optional(
+            "freq_factors",
+            self.freq_factors,
+            &[DType::F32],
+            self.params.rotary_dim / 2,
+        )?;
+        if let Some(norm) = self.norm {
+            c.ensure(norm.eps.is_finite() && norm.eps >= 0.0, || {
+                format!("eps must be finite and >= 0, got {}", norm.eps)
+            })?;
+            c.buffer("q norm weight", norm.q_weight, &[DType::F32], hd)?;
+            c.buffer("k norm weight", norm.k_weight, &[DType::F32], hd)?;
+        }
+        c.buffer(
+            "q_out",
+            self.q_out,
+            &[DType::F32],
+            c.count(&[self.n_tokens, self.n_heads, hd])?,
+        )?;
+        let cache = c.count(&[self.n_kv_heads, self.capacity, hd])?;
+        let k = c.buffer("k_cache", self.k_cache, &super::CACHE_DTYPES, cache)?;
+        let v = c.buffer("v_cache", self.v_cache, &super::CACHE_DTYPES, cache)?;
+        c.ensure(k.dtype == v.dtype, || {
+            format!(
+                "k_cache is {} and v_cache {}; they must match",
+                k.dtype, v.dtype
+            )
+        })
+    }
+}

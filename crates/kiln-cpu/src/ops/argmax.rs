@@ -29,7 +29,7 @@ pub fn argmax(x: &[f32], out: &mut [i32], cols: usize) {
 pub(crate) fn execute(op: &Argmax, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
     argmax(
         ins.view(op.x, op.rows * op.cols),
-        outs.buf(op.out).view_mut(op.rows),
+        outs.view_mut(op.out, op.rows),
         op.cols,
     );
     Ok(())

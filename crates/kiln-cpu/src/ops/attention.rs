@@ -95,11 +95,11 @@ pub(crate) fn execute(op: &Attention, ins: &Inputs, outs: &mut Outputs) -> Resul
     let n = op.n_tokens * op.n_heads * op.head_dim;
     attention(
         ins.view(op.q, n),
-        &ins.buf(op.k_cache).bytes()[..cache_bytes],
-        &ins.buf(op.v_cache).bytes()[..cache_bytes],
+        &ins.bytes(op.k_cache)[..cache_bytes],
+        &ins.bytes(op.v_cache)[..cache_bytes],
         dtype,
         ins.view(op.positions, op.n_tokens),
-        outs.buf(op.out).view_mut(n),
+        outs.view_mut(op.out, n),
         &AttentionParams {
             n_heads: op.n_heads,
             cache,

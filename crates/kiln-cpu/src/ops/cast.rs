@@ -18,7 +18,7 @@ pub fn cast(x: &[u8], from: DType, out: &mut [u8], to: DType, len: usize) -> Res
 
 pub(crate) fn execute(op: &Cast, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
     let (from, to) = (ins.dtype(op.x), ins.dtype(op.out));
-    let x = &ins.buf(op.x).bytes()[..from.bytes_for(op.len)?];
-    let out = &mut outs.buf(op.out).bytes_mut()[..to.bytes_for(op.len)?];
+    let x = &ins.bytes(op.x)[..from.bytes_for(op.len)?];
+    let out = &mut outs.bytes_mut(op.out)[..to.bytes_for(op.len)?];
     cast(x, from, out, to, op.len)
 }

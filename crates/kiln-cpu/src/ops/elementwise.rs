@@ -1,7 +1,7 @@
 //! Reference for [`kiln_core::ops::Elementwise`].
 
 use crate::{Inputs, Outputs};
-use kiln_core::ops::{Elementwise, ElementwiseKind};
+use kiln_core::ops::{Elementwise, ElementwiseKind, Glu};
 use kiln_core::Result;
 use rayon::prelude::*;
 
@@ -42,7 +42,31 @@ pub(crate) fn execute(op: &Elementwise, ins: &Inputs, outs: &mut Outputs) -> Res
         op.kind,
         ins.view(op.a, op.len),
         ins.view(op.b, op.len),
-        outs.buf(op.out).view_mut(op.len),
+        outs.view_mut(op.out, op.len),
     );
     super::write_q8_copy(outs, op.out, op.out_q8, op.len)
+}
+
+/// [`kiln_core::ops::Glu`]: `out[r, i] = apply(kind, x[r, i], x[r, n + i])` for `x` of
+/// rows of `2n` and `out` of rows of `n`.
+pub fn glu(kind: ElementwiseKind, x: &[f32], out: &mut [f32], n: usize) {
+    out.par_chunks_mut(n)
+        .zip(x.par_chunks(2 * n))
+        .for_each(|(o, x)| {
+            let (gate, partner) = x.split_at(n);
+            for ((o, &a), &b) in o.iter_mut().zip(gate).zip(partner) {
+                *o = apply(kind, a, b);
+            }
+        });
+}
+
+pub(crate) fn execute_glu(op: &Glu, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
+    let len = op.rows * op.n;
+    glu(
+        op.kind,
+        ins.view(op.x, 2 * len),
+        outs.view_mut(op.out, len),
+        op.n,
+    );
+    super::write_q8_copy(outs, op.out, op.out_q8, len)
 }

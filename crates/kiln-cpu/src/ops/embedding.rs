@@ -33,8 +33,8 @@ pub fn embedding(
 
 pub(crate) fn execute(op: &Embedding, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
     let dtype = ins.dtype(op.table);
-    let table = &ins.buf(op.table).bytes()[..dtype.bytes_for(op.vocab * op.dim)?];
+    let table = &ins.bytes(op.table)[..dtype.bytes_for(op.vocab * op.dim)?];
     let ids = ins.view::<i32>(op.ids, op.n_tokens);
-    let out = outs.buf(op.out).view_mut::<f32>(op.n_tokens * op.dim);
+    let out = outs.view_mut::<f32>(op.out, op.n_tokens * op.dim);
     embedding(table, dtype, ids, out, op.vocab, op.dim)
 }

@@ -55,7 +55,7 @@ pub(crate) fn execute(op: &KvAppend, ins: &Inputs, outs: &mut Outputs) -> Result
     kv_append(
         ins.view(op.src, op.n_tokens * op.n_kv_heads * op.head_dim),
         ins.view(op.positions, op.n_tokens),
-        &mut outs.buf(op.cache).bytes_mut()[..bytes],
+        &mut outs.bytes_mut(op.cache)[..bytes],
         dtype,
         shape,
     )

@@ -71,14 +71,14 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 pub(crate) fn execute(op: &MatMul, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
     let dtype = ins.dtype(op.w);
-    let w = &ins.buf(op.w).bytes()[..dtype.bytes_for(op.n * op.k)?];
+    let w = &ins.bytes(op.w)[..dtype.bytes_for(op.n * op.k)?];
     let bias = op.bias.map(|b| ins.view::<f32>(b, op.n));
     matmul(
         ins.view(op.x, op.m * op.k),
         w,
         dtype,
         bias,
-        outs.buf(op.out).view_mut(op.m * op.n),
+        outs.view_mut(op.out, op.m * op.n),
         op.m,
         op.n,
         op.k,

@@ -26,8 +26,10 @@ pub(crate) fn execute(op: &Op, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
         Op::AddRmsNorm(op) => norm::execute_add_rms_norm(op, ins, outs),
         Op::Rope(op) => rope::execute_rope(op, ins, outs),
         Op::HeadNormRope(op) => rope::execute_head_norm_rope(op, ins, outs),
+        Op::QkvRopeAppend(op) => rope::execute_qkv_rope_append(op, ins, outs),
         Op::MatMul(op) => matmul::execute(op, ins, outs),
         Op::Elementwise(op) => elementwise::execute(op, ins, outs),
+        Op::Glu(op) => elementwise::execute_glu(op, ins, outs),
         Op::Softmax(op) => softmax::execute(op, ins, outs),
         Op::KvAppend(op) => kv_cache::execute(op, ins, outs),
         Op::Attention(op) => attention::execute(op, ins, outs),
@@ -48,7 +50,7 @@ pub(crate) fn write_q8_copy(
     let Some(out_q8) = out_q8 else {
         return Ok(());
     };
-    let values = outs.buf(out).view::<f32>(n).to_vec();
+    let values = outs.view::<f32>(out, n).to_vec();
     let bytes = Q8_COPY.bytes_for(n)?;
-    quant::quantize(Q8_COPY, &values, &mut outs.buf(out_q8).bytes_mut()[..bytes])
+    quant::quantize(Q8_COPY, &values, &mut outs.bytes_mut(out_q8)[..bytes])
 }

@@ -56,7 +56,7 @@ pub fn add_rms_norm(
 pub(crate) fn execute_rms_norm(op: &RmsNorm, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
     let n = op.rows * op.dim;
     let weight = op.weight.map(|w| ins.view::<f32>(w, op.dim));
-    let out = outs.buf(op.out).view_mut::<f32>(n);
+    let out = outs.view_mut::<f32>(op.out, n);
     rms_norm(ins.view(op.x, n), weight, out, op.dim, op.eps);
     super::write_q8_copy(outs, op.out, op.out_q8, n)
 }
@@ -68,13 +68,13 @@ pub(crate) fn execute_add_rms_norm(
 ) -> Result<()> {
     let n = op.rows * op.dim;
     let weight = op.weight.map(|w| ins.view::<f32>(w, op.dim));
-    let (sum, out) = outs.pair();
+    let (sum, out) = outs.pair(n);
     add_rms_norm(
         ins.view(op.x, n),
         ins.view(op.residual, n),
         weight,
-        sum.view_mut(n),
-        out.view_mut(n),
+        sum,
+        out,
         op.dim,
         op.eps,
     );

@@ -2,7 +2,7 @@
 
 use super::norm::rms_norm_row;
 use crate::{Inputs, Outputs};
-use kiln_core::ops::{HeadNormRope, Rope, RopeParams, RopeStyle};
+use kiln_core::ops::{HeadNormRope, QkvRopeAppend, Rope, RopeParams, RopeStyle};
 use kiln_core::Result;
 use rayon::prelude::*;
 
@@ -94,7 +94,7 @@ pub(crate) fn execute_rope(op: &Rope, ins: &Inputs, outs: &mut Outputs) -> Resul
         ins.view(op.x, n),
         ins.view(op.positions, op.n_tokens),
         ff,
-        outs.buf(op.out).view_mut(n),
+        outs.view_mut(op.out, n),
         op.n_heads,
         &op.params,
     );
@@ -116,10 +116,116 @@ pub(crate) fn execute_head_norm_rope(
         weight,
         ins.view(op.positions, op.n_tokens),
         ff,
-        outs.buf(op.out).view_mut(n),
+        outs.view_mut(op.out, n),
         op.n_heads,
         op.eps,
         &op.params,
     );
     Ok(())
+}
+
+/// [`kiln_core::ops::QkvRopeAppend`]: rotates the query heads of `qkv` into `q_out`
+/// (per-head normalized first with `norm`'s query weight and eps, when given), the key
+/// heads likewise (key weight), and appends the rotated keys and the values to the
+/// caches as [`super::kv_cache::kv_append`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope_append(
+    qkv: &[f32],
+    positions: &[i32],
+    freq_factors: Option<&[f32]>,
+    norm: Option<(&[f32], &[f32], f32)>,
+    q_out: &mut [f32],
+    k_cache: &mut [u8],
+    v_cache: &mut [u8],
+    cache_dtype: kiln_core::DType,
+    shape: super::kv_cache::CacheShape,
+    n_heads: usize,
+    params: &RopeParams,
+) -> Result<()> {
+    let hd = params.head_dim;
+    let n_kv = shape.n_kv_heads;
+    let per_token = (n_heads + 2 * n_kv) * hd;
+    let n_tokens = positions.len();
+    let split = |from: usize, heads: usize| -> Vec<f32> {
+        qkv.chunks_exact(per_token)
+            .flat_map(|t| t[from * hd..(from + heads) * hd].iter().copied())
+            .collect()
+    };
+    let (q, k, v) = (
+        split(0, n_heads),
+        split(n_heads, n_kv),
+        split(n_heads + n_kv, n_kv),
+    );
+    let mut k_rot = vec![0.0; n_tokens * n_kv * hd];
+    match norm {
+        Some((q_weight, k_weight, eps)) => {
+            head_norm_rope(
+                &q,
+                Some(q_weight),
+                positions,
+                freq_factors,
+                q_out,
+                n_heads,
+                eps,
+                params,
+            );
+            head_norm_rope(
+                &k,
+                Some(k_weight),
+                positions,
+                freq_factors,
+                &mut k_rot,
+                n_kv,
+                eps,
+                params,
+            );
+        }
+        None => {
+            rope(&q, positions, freq_factors, q_out, n_heads, params);
+            rope(&k, positions, freq_factors, &mut k_rot, n_kv, params);
+        }
+    }
+    super::kv_cache::kv_append(&k_rot, positions, k_cache, cache_dtype, shape)?;
+    super::kv_cache::kv_append(&v, positions, v_cache, cache_dtype, shape)
+}
+
+pub(crate) fn execute_qkv_rope_append(
+    op: &QkvRopeAppend,
+    ins: &Inputs,
+    outs: &mut Outputs,
+) -> Result<()> {
+    let hd = op.params.head_dim;
+    let shape = super::kv_cache::CacheShape {
+        n_kv_heads: op.n_kv_heads,
+        capacity: op.capacity,
+        head_dim: hd,
+    };
+    let dtype = ins.dtype(op.k_cache);
+    let cache_bytes = dtype.bytes_for(op.n_kv_heads * op.capacity * hd)?;
+    let qkv = ins.view::<f32>(op.qkv, op.n_tokens * (op.n_heads + 2 * op.n_kv_heads) * hd);
+    let positions = ins.view::<i32>(op.positions, op.n_tokens);
+    let ff = op
+        .freq_factors
+        .map(|f| ins.view::<f32>(f, op.params.rotary_dim / 2));
+    let norm = op.norm.map(|n| {
+        (
+            ins.view::<f32>(n.q_weight, hd),
+            ins.view::<f32>(n.k_weight, hd),
+            n.eps,
+        )
+    });
+    let (q_out, k_cache, v_cache) = outs.three();
+    qkv_rope_append(
+        qkv,
+        positions,
+        ff,
+        norm,
+        bytemuck::cast_slice_mut(&mut q_out[..op.n_tokens * op.n_heads * hd * 4]),
+        &mut k_cache[..cache_bytes],
+        &mut v_cache[..cache_bytes],
+        dtype,
+        shape,
+        op.n_heads,
+        &op.params,
+    )
 }

@@ -164,7 +164,7 @@ pub(crate) fn execute(op: &Sample, ins: &Inputs, outs: &mut Outputs) -> Result<(
     sample(
         ins.view(op.logits, op.rows * op.vocab),
         ins.view(op.uniform, op.rows),
-        outs.buf(op.out).view_mut(op.rows),
+        outs.view_mut(op.out, op.rows),
         op.vocab,
         &op.params,
     );

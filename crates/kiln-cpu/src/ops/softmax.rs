@@ -40,7 +40,7 @@ pub(crate) fn execute(op: &Softmax, ins: &Inputs, outs: &mut Outputs) -> Result<
     let n = op.rows * op.cols;
     softmax(
         ins.view(op.x, n),
-        outs.buf(op.out).view_mut(n),
+        outs.view_mut(op.out, n),
         op.cols,
         op.scale,
         op.causal_offset,

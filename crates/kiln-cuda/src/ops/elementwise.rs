@@ -1,4 +1,5 @@
-//! Dispatch for [`kiln_core::ops::Elementwise`] (kernels/elementwise.cu).
+//! Dispatch for [`kiln_core::ops::Elementwise`] and [`kiln_core::ops::Glu`]
+//! (kernels/elementwise.cu).
 
 use kiln_core::ops::ElementwiseKind;
 use kiln_core::{DType, DeviceBuffer, Result};
@@ -35,9 +36,20 @@ pub fn spec(kind: ElementwiseKind) -> KernelSpec {
     )
 }
 
+/// The specialisation of [`kiln_core::ops::Glu`] computing `kind`.
+pub fn glu_spec(kind: ElementwiseKind) -> KernelSpec {
+    ELEMENTWISE.spec(
+        format!("glu|kind={}", kind.name()),
+        format!("kiln::glu<{}>", functor(kind)),
+    )
+}
+
 /// Every element-wise specialisation.
 pub(crate) fn all_specs() -> Vec<KernelSpec> {
-    KINDS.into_iter().map(spec).collect()
+    KINDS
+        .into_iter()
+        .flat_map(|k| [spec(k), glu_spec(k)])
+        .collect()
 }
 
 /// `out[i] = f(a[i], b[i])` for the first `len` F32 elements, `f` given by `kind`,
@@ -70,5 +82,37 @@ pub fn elementwise(
     // SAFETY: the arguments match `kiln::elementwise<F>(const float*, const float*,
     // float*, u8*, u64)`; every buffer holds `len` f32 values and out_q8 is null or
     // holds len / 32 Q8_1 blocks, len a multiple of 32 (checked above).
+    unsafe { crate::launch::launch(&kernel, &mut args, grid_1d(len)) }
+}
+
+/// `out[r, i] = f(x[r, i], x[r, n + i])` over `rows` rows, `f` given by `kind`, and
+/// `out` rounded to Q8_1 into `out_q8` when given, as [`kiln_core::ops::Glu`] defines.
+#[allow(clippy::too_many_arguments)] // the op's operands and shape, each named
+pub fn glu(
+    backend: &CudaBackend,
+    kind: ElementwiseKind,
+    x: &CudaBuffer,
+    out: &mut CudaBuffer,
+    out_q8: Option<&mut CudaBuffer>,
+    rows: usize,
+    n: usize,
+) -> Result<()> {
+    let op = "glu";
+    check_nonzero(op, &[("rows", rows), ("n", n)])?;
+    let len = super::count(op, &[rows, n])?;
+    check_buffer(op, "x", x, DType::F32, super::count(op, &[len, 2])?)?;
+    check_buffer(op, "out", out, DType::F32, len)?;
+    check_q8_copy(op, "out_q8", out_q8.as_ref().map(|q| q.bytes()), len, n)?;
+    let kernel = backend.kernel(&glu_spec(kind))?;
+    let (n64, len64) = (n as u64, len as u64);
+    let mut args = KernelArgs::new(backend);
+    args.arg(x.slice())
+        .arg(out.slice_mut())
+        .arg(out_q8.map(|q| q.slice_mut()))
+        .arg(&n64)
+        .arg(&len64);
+    // SAFETY: the arguments match `kiln::glu<F>(const float* x, float* out, u8* out_q8,
+    // u64 n, u64 len)`; x holds 2 len and out len f32 values, out_q8 is null or holds
+    // len / 32 Q8_1 blocks with n a multiple of 32 (checked above).
     unsafe { crate::launch::launch(&kernel, &mut args, grid_1d(len)) }
 }
