@@ -83,6 +83,14 @@ pub trait Backend {
     /// Waits until all work enqueued on the backend is complete.
     fn synchronize(&self) -> Result<()>;
 
+    /// Runs `exe` once with each of its launches timed alone (each op, on backends
+    /// that do not launch kernels), and waits for it. A profile, not a fast path: it
+    /// may run slower than [`Backend::run`].
+    ///
+    /// # Safety
+    /// As [`Backend::run`].
+    unsafe fn profile(&self, exe: &mut Self::Executable) -> Result<Vec<LaunchProfile>>;
+
     /// Copies all of `src` to the start of `dst`, device to device, with the backend's
     /// own copy engine (the bandwidth ceiling benchmarks compare with). Enqueued like
     /// [`Backend::run`]; errors when `src` is longer than `dst`.
@@ -98,6 +106,19 @@ pub trait Backend {
         let waited = self.synchronize();
         ran.and(waited)
     }
+}
+
+/// The time of one launch of a profiled executable ([`Backend::profile`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaunchProfile {
+    /// The index, in its graph, of the op the launch belongs to.
+    pub op_index: usize,
+    /// That op's name ([`Op::name`]).
+    pub op: &'static str,
+    /// What ran: the kernel's specialisation key, or the op's name.
+    pub key: String,
+    /// Seconds it took.
+    pub seconds: f64,
 }
 
 /// Checks an upload or download of `len` bytes against a buffer of `bytes` bytes.

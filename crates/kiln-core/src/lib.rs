@@ -15,7 +15,7 @@ pub mod ops;
 pub mod planner;
 pub mod quant;
 
-pub use backend::{Backend, Bindings, DeviceBuffer, Scratch};
+pub use backend::{Backend, Bindings, DeviceBuffer, LaunchProfile, Scratch};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use graph::{BufferDesc, BufferId, BufferKind, Graph};

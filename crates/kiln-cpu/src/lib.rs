@@ -12,7 +12,7 @@ pub mod ops;
 pub use buffer::CpuBuffer;
 
 use kiln_core::backend::check_transfer;
-use kiln_core::{Backend, Bindings, BufferId, Error, Graph, Op, Result};
+use kiln_core::{Backend, Bindings, BufferId, Error, Graph, LaunchProfile, Op, Result};
 
 /// The CPU backend. Stateless: work runs on rayon's global thread pool.
 #[derive(Clone, Copy, Debug, Default)]
@@ -110,8 +110,51 @@ impl Backend for CpuBackend {
 
     /// Runs every op in order on this thread (each parallel with rayon inside).
     unsafe fn run(&self, exe: &mut CpuExecutable) -> Result<()> {
-        for compiled in &exe.ops {
-            let op: &Op = &exe.graph.ops()[compiled.index];
+        // SAFETY: the caller's contract.
+        unsafe { exe.run_each(|_, run| run()) }
+    }
+
+    /// Runs every op in order, timing each with the wall clock.
+    unsafe fn profile(&self, exe: &mut CpuExecutable) -> Result<Vec<LaunchProfile>> {
+        let mut times = Vec::with_capacity(exe.ops.len());
+        // SAFETY: the caller's contract.
+        unsafe {
+            exe.run_each(|(op_index, op), run| {
+                let start = std::time::Instant::now();
+                run()?;
+                times.push(LaunchProfile {
+                    op_index,
+                    op: op.name(),
+                    key: op.name().to_string(),
+                    seconds: start.elapsed().as_secs_f64(),
+                });
+                Ok(())
+            })
+        }?;
+        Ok(times)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn copy(&self, src: &CpuBuffer, dst: &mut CpuBuffer) -> Result<()> {
+        self.upload(dst, src.bytes())
+    }
+}
+
+impl CpuExecutable {
+    /// Calls `each((index, op), run)` for every op in order, where `run` executes the
+    /// op on its bound memory.
+    ///
+    /// # Safety
+    /// As [`Backend::run`].
+    unsafe fn run_each(
+        &self,
+        mut each: impl FnMut((usize, &Op), &mut dyn FnMut() -> Result<()>) -> Result<()>,
+    ) -> Result<()> {
+        for compiled in &self.ops {
+            let op: &Op = &self.graph.ops()[compiled.index];
             let in_ids: Vec<BufferId> = compiled.inputs.iter().map(|i| i.0).collect();
             let out_ids: Vec<BufferId> = compiled.outputs.iter().map(|o| o.0).collect();
             // SAFETY: the run's contract keeps every bound buffer allocated and unused
@@ -128,7 +171,7 @@ impl Backend for CpuBackend {
                 .map(|&(_, p, len)| unsafe { std::slice::from_raw_parts_mut(p, len) })
                 .collect();
             let ins = Inputs {
-                graph: &exe.graph,
+                graph: &self.graph,
                 ids: &in_ids,
                 bufs: &in_bufs,
             };
@@ -136,17 +179,11 @@ impl Backend for CpuBackend {
                 ids: &out_ids,
                 bufs: &mut out_bufs,
             };
-            ops::execute(op, &ins, &mut outs)?;
+            each((compiled.index, op), &mut || {
+                ops::execute(op, &ins, &mut outs)
+            })?;
         }
         Ok(())
-    }
-
-    fn synchronize(&self) -> Result<()> {
-        Ok(())
-    }
-
-    fn copy(&self, src: &CpuBuffer, dst: &mut CpuBuffer) -> Result<()> {
-        self.upload(dst, src.bytes())
     }
 }
 

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use cudarc::driver::result::DriverError;
 use cudarc::driver::{result, sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use kiln_core::backend::check_transfer;
-use kiln_core::{Backend, Bindings, DType, DeviceBuffer, Error, Graph, Op, Result};
+use kiln_core::{Backend, Bindings, DType, DeviceBuffer, Error, Graph, LaunchProfile, Op, Result};
 
 use crate::context::{driver_error, CudaDevice};
-use crate::executable::{Capture, CudaExecutable, LaunchTime, OpLaunches};
+use crate::executable::{Capture, CudaExecutable, OpLaunches};
 use crate::launch::Recorder;
 use crate::nvrtc::{CudaKernel, NvrtcCompiler};
 use crate::registry::{CacheConfig, KernelRegistry, KernelSpec};
@@ -122,24 +122,6 @@ impl CudaBackend {
     /// the registry; a run does none of these).
     pub fn compiles(&self) -> u64 {
         self.compiles.load(Ordering::Relaxed)
-    }
-
-    /// The device time of each launch of `exe`, run once with an event between each
-    /// two launches (without programmatic launch, so that each launch is timed alone),
-    /// in a CUDA graph of its own so that launch overhead does not show. Waits for the
-    /// run.
-    ///
-    /// # Safety
-    /// As [`Backend::run`].
-    pub unsafe fn profile(&self, exe: &CudaExecutable) -> Result<Vec<LaunchTime>> {
-        // SAFETY: the caller's contract.
-        unsafe {
-            exe.profile(
-                self.device.context(),
-                &self.capture,
-                self.stream().cu_stream(),
-            )
-        }
     }
 
     /// Whether launches let each kernel start before the one before it in the stream
@@ -556,6 +538,20 @@ impl Backend for CudaBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.device.synchronize()
+    }
+
+    /// The device time of each launch of `exe`, run once with an event between each
+    /// two launches (without programmatic launch, so that each launch is timed alone)
+    /// in a CUDA graph of its own, so that launch overhead does not show.
+    unsafe fn profile(&self, exe: &mut CudaExecutable) -> Result<Vec<LaunchProfile>> {
+        // SAFETY: the caller's contract.
+        unsafe {
+            exe.profile(
+                self.device.context(),
+                &self.capture,
+                self.stream().cu_stream(),
+            )
+        }
     }
 
     /// Compiles `graph` and submits its launches one by one (a graph run once gains

@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use cudarc::driver::{result, sys, CudaContext};
-use kiln_core::Result;
+use kiln_core::{LaunchProfile, Result};
 
 use crate::context::driver_error;
 pub use crate::launch::LaunchRecord;
@@ -29,17 +29,6 @@ pub struct OpLaunches {
     pub name: &'static str,
     /// Its records in [`CudaExecutable::launches`].
     pub launches: Range<usize>,
-}
-
-/// How long one launch of a profiled executable ran.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LaunchTime {
-    /// The op the launch belongs to.
-    pub op: OpLaunches,
-    /// The kernel's specialisation key.
-    pub key: String,
-    /// Device time from the end of the previous launch to the end of this one.
-    pub seconds: f64,
 }
 
 impl CudaExecutable {
@@ -111,9 +100,9 @@ impl CudaExecutable {
             .map_err(|e| driver_error("launching a captured CUDA graph", e))
     }
 
-    /// Device time of each launch, run once one after another (no programmatic
-    /// launch) with an event between each two, inside a CUDA graph so that the host's
-    /// launch overhead does not show.
+    /// Device time of each launch (from the end of the one before it to its own end),
+    /// run once one after another (no programmatic launch) with an event between each
+    /// two, inside a CUDA graph so that the host's launch overhead does not show.
     ///
     /// # Safety
     /// Every buffer bound at compile time must still be allocated; the call waits for
@@ -123,7 +112,7 @@ impl CudaExecutable {
         ctx: &Arc<CudaContext>,
         capture: &Capture,
         stream: sys::CUstream,
-    ) -> Result<Vec<LaunchTime>> {
+    ) -> Result<Vec<LaunchProfile>> {
         let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
         let events = Events(
             (0..=self.launches.len())
@@ -161,8 +150,9 @@ impl CudaExecutable {
                 // SAFETY: both events were recorded by the completed graph.
                 let ms = unsafe { result::event::elapsed(events.0[i], events.0[i + 1]) }
                     .map_err(|e| driver_error("reading a profiling event", e))?;
-                times.push(LaunchTime {
-                    op: op.clone(),
+                times.push(LaunchProfile {
+                    op_index: op.index,
+                    op: op.name,
                     key: self.launches[i].key().to_string(),
                     seconds: f64::from(ms) / 1e3,
                 });

@@ -187,9 +187,10 @@ fn a_compiled_executable_replays_over_new_inputs() {
     }
     assert_eq!(cuda.compiles(), compiles + 1, "runs compile nothing");
     // SAFETY: as above; profile waits for its run.
-    let times = unsafe { cuda.profile(&exe) }.unwrap();
+    let times = unsafe { cuda.profile(&mut exe) }.unwrap();
     assert_eq!(times.len(), 5);
-    for t in &times {
+    for (i, t) in times.iter().enumerate() {
+        assert_eq!(t.op_index, i);
         assert!(
             t.seconds > 0.0 && t.seconds < 0.1,
             "{} took {} s",

@@ -4,8 +4,8 @@ use crate::config::ModelConfig;
 use crate::forward::{self, names, CacheSpec, ForwardGraph, WeightDesc};
 use kiln_core::ops::SampleParams;
 use kiln_core::{
-    plan, Aliasing, Backend, Bindings, BufferId, BufferKind, DType, Error, MemoryPlan, Result,
-    Scratch,
+    plan, Aliasing, Backend, Bindings, BufferId, BufferKind, DType, Error, Graph, LaunchProfile,
+    MemoryPlan, Result, Scratch,
 };
 use kiln_gguf::Gguf;
 use std::collections::HashMap;
@@ -162,6 +162,12 @@ impl<BE: Backend> Model<BE> {
         self.n_past = 0;
     }
 
+    /// Forgets the cached positions from `n_past` on (keeps all when there are
+    /// fewer), so that the next forward pass continues at position `n_past`.
+    pub fn truncate(&mut self, n_past: usize) {
+        self.n_past = self.n_past.min(n_past);
+    }
+
     /// Bytes of all weight tensors.
     pub fn weight_bytes(&self) -> usize {
         self.weights
@@ -239,6 +245,38 @@ impl<BE: Backend> Model<BE> {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect())
+    }
+
+    /// Runs one decode step of `token` at the next position as [`Model::forward`]
+    /// (with `sample`, [`Model::forward_sample`] with uniform 0.5) does, but with each
+    /// launch timed alone ([`Backend::profile`]); the position is not consumed. Returns
+    /// the launches' times and the step's graph (for the operands of each op).
+    pub fn profile_decode(
+        &mut self,
+        token: u32,
+        sample: Option<SampleParams>,
+    ) -> Result<(Vec<LaunchProfile>, Graph)> {
+        self.check_step(&[token])?;
+        let uniform = sample.map(|_| 0.5);
+        for (name, bytes) in step_inputs(&[token], self.n_past, uniform) {
+            let buf = self
+                .memory
+                .get_mut(name)
+                .expect("input buffers are allocated at load");
+            self.backend.upload(buf, &bytes)?;
+        }
+        let (config, weights, cache) = (&self.config, &self.weights, self.cache);
+        let (backend, memory) = (&self.backend, &mut self.memory);
+        let compiled = self.decode.get_or_compile(sample, || {
+            Compiled::new(
+                backend,
+                planned_graph(config, weights, 1, cache, sample)?,
+                memory,
+            )
+        })?;
+        // SAFETY: as in `step`; profile waits for its run.
+        let times = unsafe { self.backend.profile(&mut compiled.exe) }?;
+        Ok((times, compiled.planned.fg.graph.clone()))
     }
 
     /// The model memory buffer `name`, one of those [`Model::load`] allocates.

@@ -1,46 +1,90 @@
-//! `kiln bench`: prompt-processing and generation speed, like llama-bench, with the
-//! generation's bandwidth efficiency against a copy bandwidth measured in the same run.
+//! `kiln bench`: prompt-processing and generation speed, as llama-bench measures them,
+//! with each test's efficiency against the device's own ceilings measured in the same
+//! run: a driver device-to-device copy for generation (weight and KV-cache bytes read
+//! per token), and achieved TFLOP/s (the FLOPs computed) for prompt processing.
+//!
+//! - `pp N`: N prompt tokens in one pass, after `d` tokens of context (not timed).
+//! - `tg N`: N tokens generated one at a time after `d` tokens of context, each step
+//!   choosing its token on the device (greedy, as `kiln generate --temp 0`; with
+//!   `--sampler default`, llama.cpp's default sampler settings) and downloading only
+//!   its id.
+//! - `--profile`: the device time of each launch of one decode step at each depth,
+//!   by op kind and by kernel, with the GB/s each op moves.
 
 use super::backend::{run_on, BackendJob};
 use super::device::DeviceArgs;
-use clap::Args;
-use kiln_core::ops::Cast;
-use kiln_core::{plan, Aliasing, Backend, Bindings, DType, Error, Graph, Result, Scratch};
+use kiln_core::ops::SampleParams;
+use kiln_core::{Backend, DType, Error, Graph, LaunchProfile, Op, Result};
 use kiln_gguf::Gguf;
-use kiln_models::{LoadOptions, Model};
+use kiln_models::{LoadOptions, Model, ModelConfig, SamplerConfig};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// Which settings generation tests sample with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchSampler {
+    /// The argmax (temperature 0).
+    Greedy,
+    /// llama.cpp's defaults: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05.
+    Default,
+}
+
 /// Measure prompt processing (pp) and token generation (tg) speed.
-#[derive(Args, Debug)]
+#[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// The GGUF model file.
     #[arg(short = 'm', long = "model")]
     pub model: PathBuf,
-    /// Prompt tokens processed in one pass (pp test); 0 skips it.
-    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
-    pub n_prompt: usize,
-    /// Tokens generated one at a time (tg test); 0 skips it.
-    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
-    pub n_gen: usize,
+    /// Prompt tokens processed in one pass (pp tests), comma-separated; 0 skips.
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
+    pub n_prompt: Vec<usize>,
+    /// Tokens generated one at a time (tg tests), comma-separated; 0 skips.
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    pub n_gen: Vec<usize>,
+    /// Tokens already in the context before each test, comma-separated.
+    #[arg(
+        short = 'd',
+        long = "n-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    pub depth: Vec<usize>,
     /// Repetitions of each test; the table shows mean ± standard deviation.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     pub repetitions: usize,
     /// KV cache element type: f16 or f32.
     #[arg(long, default_value = "f16")]
     pub cache_type: DType,
-    /// Print one JSON object instead of the table.
+    /// How generation tests choose each token.
+    #[arg(long, value_enum, default_value = "greedy")]
+    pub sampler: BenchSampler,
+    /// Also print the per-launch profile of one decode step at each depth.
+    #[arg(long)]
+    pub profile: bool,
+    /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
-    /// Bytes (MiB) of the copy that measures memory bandwidth.
-    #[arg(long, default_value_t = 1024)]
-    pub copy_mib: usize,
+    /// MiB of the device-to-device copy that measures the bandwidth ceiling (default:
+    /// 1024 on a GPU, 64 on the CPU).
+    #[arg(long)]
+    pub copy_mib: Option<usize>,
 }
 
 /// Mean, sample standard deviation and median.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct Stat {
     pub mean: f64,
     pub std: f64,
@@ -55,169 +99,425 @@ impl Stat {
         Stat {
             mean,
             std: var.sqrt(),
-            median: if v.is_empty() {
-                0.0
-            } else {
-                median(v.to_vec())
-            },
+            median: median(v.to_vec()),
         }
     }
 }
 
-/// Median of `v` (which must not be empty).
+/// Median of `v` (0 when empty).
 fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-/// Bytes per second of a device-to-device copy of `bytes` bytes on `backend`,
-/// counting bytes read plus bytes written: the median of `reps` timed copies after a
-/// warm-up, each a graph of one F32 `Cast` (a copy) through kiln's own kernel.
+/// Bytes per second of the backend's own device-to-device copy of `bytes` bytes
+/// ([`Backend::copy`]), counting bytes read plus bytes written: the median over `reps`
+/// timings, each of 8 copies enqueued back to back and waited for, after a warm-up.
 pub fn copy_bandwidth<BE: Backend>(backend: &BE, bytes: usize, reps: usize) -> Result<f64> {
-    let len = bytes / 4;
-    let mut g = Graph::new();
-    let x = g.persistent("src", DType::F32, &[len])?;
-    let out = g.persistent("dst", DType::F32, &[len])?;
-    g.push(Cast { x, out, len })?;
-    let memory = plan(&g, Aliasing::On);
-    let mut scratch = Scratch::new();
-    let (mut src, mut dst) = (backend.alloc(len * 4)?, backend.alloc(len * 4)?);
-    let pattern: Vec<u8> = (0..len * 4).map(|i| (i % 251) as u8).collect();
+    let (mut src, mut dst) = (backend.alloc(bytes)?, backend.alloc(bytes)?);
+    let pattern: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
     backend.upload(&mut src, &pattern)?;
+    drop(pattern);
+    const COPIES: usize = 8;
     let mut times = Vec::new();
-    for rep in 0..=reps {
-        let mut b = Bindings::new(&g, &memory, &mut scratch)?;
-        b.bind(&g, x, &mut src)?;
-        b.bind(&g, out, &mut dst)?;
+    for rep in 0..=reps.max(1) {
         let t = Instant::now();
-        backend.execute(&g, &mut b)?;
+        for _ in 0..COPIES {
+            backend.copy(&src, &mut dst)?;
+        }
+        backend.synchronize()?;
         if rep > 0 {
-            times.push(t.elapsed().as_secs_f64());
+            times.push(t.elapsed().as_secs_f64() / COPIES as f64);
         }
     }
-    Ok(2.0 * (len * 4) as f64 / median(times))
+    Ok(2.0 * bytes as f64 / median(times))
+}
+
+/// One measured test.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TestResult {
+    /// `pp512`, `tg128`.
+    pub name: String,
+    pub depth: usize,
+    pub tokens_per_s: Stat,
+    /// pp: FLOP/s (median); tg: weight and KV bytes read per second (median).
+    pub rate: f64,
+}
+
+/// The time of one op kind or kernel in a profiled decode step.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ProfileRow {
+    pub name: String,
+    pub launches: usize,
+    pub seconds: f64,
+    pub bytes: f64,
+}
+
+/// The profile of one decode step at a depth.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Profile {
+    pub depth: usize,
+    pub seconds: f64,
+    pub by_op: Vec<ProfileRow>,
+    pub by_kernel: Vec<ProfileRow>,
 }
 
 /// What one benchmark run measured.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize)]
 pub struct BenchReport {
+    /// llama-bench's model column: architecture, size class and weight type.
     pub model: String,
     pub backend: String,
     pub weight_bytes: usize,
     pub params: usize,
     pub copy_bytes_per_s: f64,
-    pub pp: Option<(usize, Stat, f64)>,
-    pub tg: Option<(usize, Stat, f64)>,
+    pub copy_bytes: usize,
+    pub sampler: String,
+    pub tests: Vec<TestResult>,
+    pub profiles: Vec<Profile>,
 }
 
-/// Runs the pp and tg tests of `args` on `backend`.
+/// What the tests need to know of the model: its shape and the bytes a decode step
+/// reads.
+struct Costs {
+    config: ModelConfig,
+    /// Parameters of every product but the output head's.
+    body_params: f64,
+    /// Parameters of the output head.
+    head_params: f64,
+    /// Weight bytes one decode step reads: every tensor, but only one row of an
+    /// untied embedding table.
+    decode_weight_bytes: f64,
+    /// Bytes of one position of the K and V caches over all layers.
+    kv_bytes_per_position: f64,
+}
+
+impl Costs {
+    /// FLOPs of a prefill of `p` tokens after `d`: every product but the head for
+    /// each token, the head for the last only, and attention over the visible rows.
+    fn prefill_flops(&self, p: usize, d: usize) -> f64 {
+        let c = &self.config;
+        let (p, d) = (p as f64, d as f64);
+        let visible = p * d + p * (p + 1.0) / 2.0;
+        let attention = 2.0 * 2.0 * c.n_layers as f64 * c.q_dim() as f64 * visible;
+        2.0 * self.body_params * p + 2.0 * self.head_params + attention
+    }
+
+    /// Bytes read by `n` decode steps after `d` tokens: the weights each step, and the
+    /// cache rows up to each step's position.
+    fn decode_bytes(&self, n: usize, d: usize) -> f64 {
+        let rows: f64 = (d + 1..=d + n).map(|r| r as f64).sum();
+        self.decode_weight_bytes * n as f64 + self.kv_bytes_per_position * rows
+    }
+}
+
+/// The dtype holding most of the weight bytes, for the model column.
+fn main_type<B: AsRef<[u8]>>(file: &Gguf<B>) -> DType {
+    let mut by_type: BTreeMap<&str, (usize, DType)> = BTreeMap::new();
+    for t in file.tensor_infos() {
+        if t.shape().len() == 2 {
+            by_type.entry(t.dtype().name()).or_insert((0, t.dtype())).0 += t.n_bytes();
+        }
+    }
+    by_type
+        .into_values()
+        .max_by_key(|(bytes, _)| *bytes)
+        .map_or(DType::F32, |(_, d)| d)
+}
+
+/// `8B`, `1.2B`, `494M`: a parameter count as model names give it.
+fn size_class(params: usize) -> String {
+    let p = params as f64;
+    if p >= 1e9 {
+        let b = p / 1e9;
+        if b >= 10.0 || (b - b.round()).abs() < 0.1 {
+            format!("{:.0}B", b)
+        } else {
+            format!("{b:.1}B")
+        }
+    } else {
+        format!("{:.0}M", p / 1e6)
+    }
+}
+
+/// The sampling settings of `sampler`.
+fn sample_params(sampler: BenchSampler) -> SampleParams {
+    let config = match sampler {
+        BenchSampler::Greedy => SamplerConfig::greedy(),
+        BenchSampler::Default => SamplerConfig::default(),
+    };
+    SampleParams {
+        temperature: config.temperature,
+        top_k: config.top_k,
+        top_p: config.top_p,
+        min_p: config.min_p,
+    }
+}
+
+/// Runs the tests of `args` on `backend`.
 pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> {
     if args.repetitions == 0 {
         return Err(Error::invalid("bench", "--repetitions must be at least 1"));
     }
-    let copy_bytes_per_s = copy_bandwidth(&backend, args.copy_mib << 20, 10)?;
+    let on_cpu = backend.name() == "cpu";
+    let copy_bytes = args.copy_mib.unwrap_or(if on_cpu { 64 } else { 1024 }) << 20;
+    if copy_bytes == 0 {
+        return Err(Error::invalid("bench", "--copy-mib must be at least 1"));
+    }
+    eprintln!(
+        "kiln: measuring the copy ceiling ({} MiB)",
+        copy_bytes >> 20
+    );
+    let copy_bytes_per_s = copy_bandwidth(&backend, copy_bytes, 5)?;
     let file = Gguf::open(&args.model)?;
-    let context = args.n_prompt.max(args.n_gen).max(1);
+    let depth_max = args.depth.iter().copied().max().unwrap_or(0);
+    let longest = args
+        .n_prompt
+        .iter()
+        .chain(&args.n_gen)
+        .copied()
+        .max()
+        .unwrap_or(0);
+    let context = (depth_max + longest).max(1);
     let options = LoadOptions {
         context: Some(context),
         cache_dtype: args.cache_type,
     };
+    eprintln!(
+        "kiln: loading {} ({context} positions)",
+        args.model.display()
+    );
     let mut model = Model::load(backend, &file, options, &mut |_, _| {})?;
-    let c = model.config().clone();
+    let config = model.config().clone();
     let params: usize = file.tensor_infos().iter().map(|t| t.n_elements()).sum();
-    // Weights read by the matrix products each token: every 2-D tensor but the
-    // embedding table (of which one row is read), plus the output projection.
-    let matmul_params: usize = file
+    let head_params = (config.vocab * config.n_embd) as f64;
+    let body_params = file
         .tensor_infos()
         .iter()
-        .filter(|t| t.shape().len() == 2 && t.name() != "token_embd.weight")
-        .map(|t| t.n_elements())
-        .sum::<usize>()
-        + if c.tied_embeddings {
-            c.vocab * c.n_embd
-        } else {
-            0
-        };
-    // Bytes read per generated token: every tensor once, except an untied embedding
-    // table, of which one row is read.
+        .filter(|t| {
+            t.shape().len() == 2 && !matches!(t.name(), "token_embd.weight" | "output.weight")
+        })
+        .map(|t| t.n_elements() as f64)
+        .sum::<f64>();
     let embd_bytes = file.tensor("token_embd.weight")?.info.n_bytes();
-    let decode_weight_bytes = model.weight_bytes() - if c.tied_embeddings { 0 } else { embd_bytes };
-    let tokens: Vec<u32> = (0..context).map(|i| (i * 7919 % c.vocab) as u32).collect();
-    let cache_elem = args.cache_type.block_bytes();
-
-    let mut pp = None;
-    if args.n_prompt > 0 {
-        let mut rates = Vec::new();
-        let mut flops = Vec::new();
-        for rep in 0..=args.repetitions {
-            model.reset();
-            let t = Instant::now();
-            model.forward(&tokens[..args.n_prompt])?;
-            let secs = t.elapsed().as_secs_f64();
-            if rep > 0 {
-                let p = args.n_prompt as f64;
-                let attn = 2.0 * 2.0 * c.n_layers as f64 * c.q_dim() as f64 * p * (p + 1.0) / 2.0;
-                rates.push(p / secs);
-                flops.push((2.0 * matmul_params as f64 * p + attn) / secs);
+    let decode_weight_bytes = model.weight_bytes()
+        - if config.tied_embeddings {
+            0
+        } else {
+            embd_bytes
+        };
+    let kv_bytes_per_position =
+        2.0 * config.n_layers as f64 * args.cache_type.bytes_for(config.kv_dim())? as f64;
+    let costs = Costs {
+        config: config.clone(),
+        body_params,
+        head_params,
+        decode_weight_bytes: decode_weight_bytes as f64,
+        kv_bytes_per_position,
+    };
+    let model_name = format!(
+        "{} {} {}",
+        config.arch.name(),
+        size_class(params),
+        main_type(&file).name().to_uppercase()
+    );
+    let tokens: Vec<u32> = (0..context)
+        .map(|i| (i * 7919 % config.vocab) as u32)
+        .collect();
+    let sample = sample_params(args.sampler);
+    let mut tests = Vec::new();
+    let mut profiles = Vec::new();
+    for &d in &args.depth {
+        fill_context(&mut model, &tokens[..d])?;
+        for &p in args.n_prompt.iter().filter(|&&p| p > 0) {
+            let mut rates = Vec::new();
+            let mut flops = Vec::new();
+            for rep in 0..=args.repetitions {
+                model.truncate(d);
+                let t = Instant::now();
+                model.forward(&tokens[d..d + p])?;
+                let secs = t.elapsed().as_secs_f64();
+                if rep > 0 {
+                    rates.push(p as f64 / secs);
+                    flops.push(costs.prefill_flops(p, d) / secs);
+                }
             }
+            tests.push(TestResult {
+                name: format!("pp{p}"),
+                depth: d,
+                tokens_per_s: Stat::of(&rates),
+                rate: median(flops),
+            });
         }
-        pp = Some((args.n_prompt, Stat::of(&rates), median(flops)));
-    }
-    let mut tg = None;
-    if args.n_gen > 0 {
-        let mut rates = Vec::new();
-        let mut eff = Vec::new();
-        for rep in 0..=args.repetitions {
-            model.reset();
-            let t = Instant::now();
-            for &tok in &tokens[..args.n_gen] {
-                model.forward(&[tok])?;
+        for &n in args.n_gen.iter().filter(|&&n| n > 0) {
+            let mut rates = Vec::new();
+            let mut bandwidth = Vec::new();
+            for rep in 0..=args.repetitions {
+                model.truncate(d);
+                let t = Instant::now();
+                let mut token = tokens[d];
+                for i in 0..n {
+                    let u = (i as f32 + 0.5) / n as f32;
+                    token = model.forward_sample(&[token], sample, u)?;
+                }
+                let secs = t.elapsed().as_secs_f64();
+                if rep > 0 {
+                    rates.push(n as f64 / secs);
+                    bandwidth.push(costs.decode_bytes(n, d) / secs);
+                }
             }
-            let secs = t.elapsed().as_secs_f64();
-            if rep > 0 {
-                let n = args.n_gen as f64;
-                // Each token reads the weights once and the cache up to its position.
-                let kv_rows = n * (n + 1.0) / 2.0;
-                let kv_bytes =
-                    2.0 * c.n_layers as f64 * c.kv_dim() as f64 * cache_elem as f64 * kv_rows;
-                let bytes = decode_weight_bytes as f64 * n + kv_bytes;
-                rates.push(n / secs);
-                eff.push(bytes / secs / copy_bytes_per_s);
-            }
+            tests.push(TestResult {
+                name: format!("tg{n}"),
+                depth: d,
+                tokens_per_s: Stat::of(&rates),
+                rate: median(bandwidth),
+            });
         }
-        tg = Some((args.n_gen, Stat::of(&rates), median(eff)));
+        if args.profile {
+            model.truncate(d);
+            profiles.push(profile(&mut model, &tokens, d, sample, &costs)?);
+        }
     }
     Ok(BenchReport {
-        model: args.model.display().to_string(),
+        model: model_name,
         backend: model.backend().name(),
         weight_bytes: model.weight_bytes(),
         params,
         copy_bytes_per_s,
-        pp,
-        tg,
+        copy_bytes,
+        sampler: format!("{:?}", args.sampler).to_lowercase(),
+        tests,
+        profiles,
     })
 }
 
-/// Prints `r` as a table (or JSON with `json`).
+/// Runs `tokens` into a fresh context, in prompts of at most 2048 tokens (as
+/// llama-bench's default batch), so that tests start at depth `tokens.len()`.
+fn fill_context<BE: Backend>(model: &mut Model<BE>, tokens: &[u32]) -> Result<()> {
+    model.reset();
+    if !tokens.is_empty() {
+        eprintln!("kiln: filling {} positions of context", tokens.len());
+    }
+    for chunk in tokens.chunks(2048) {
+        model.forward(chunk)?;
+    }
+    Ok(())
+}
+
+/// The profile of one decode step at depth `d` (warmed up by a few steps first).
+fn profile<BE: Backend>(
+    model: &mut Model<BE>,
+    tokens: &[u32],
+    d: usize,
+    sample: SampleParams,
+    costs: &Costs,
+) -> Result<Profile> {
+    for &t in &tokens[d..d + 2] {
+        model.forward_sample(&[t], sample, 0.5)?;
+    }
+    model.truncate(d);
+    let (times, graph) = model.profile_decode(tokens[d], Some(sample))?;
+    let kv_rows = d + 1;
+    let mut by_op: BTreeMap<&str, ProfileRow> = BTreeMap::new();
+    let mut by_kernel: BTreeMap<String, ProfileRow> = BTreeMap::new();
+    let ops = graph.ops();
+    let mut counted = vec![false; ops.len()];
+    for LaunchProfile {
+        op_index,
+        op,
+        key,
+        seconds,
+    } in &times
+    {
+        // An op's bytes count once, with its first launch.
+        let bytes = if counted[*op_index] {
+            0.0
+        } else {
+            counted[*op_index] = true;
+            op_bytes(&ops[*op_index], &graph, kv_rows, costs) as f64
+        };
+        for row in [
+            by_op.entry(op).or_default(),
+            by_kernel.entry(key.clone()).or_default(),
+        ] {
+            row.launches += 1;
+            row.seconds += seconds;
+            row.bytes += bytes;
+        }
+    }
+    let finish = |rows: Vec<(String, ProfileRow)>| {
+        let mut rows: Vec<ProfileRow> = rows
+            .into_iter()
+            .map(|(name, row)| ProfileRow { name, ..row })
+            .collect();
+        rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        rows
+    };
+    Ok(Profile {
+        depth: d,
+        seconds: times.iter().map(|t| t.seconds).sum(),
+        by_op: finish(by_op.into_iter().map(|(k, v)| (k.to_string(), v)).collect()),
+        by_kernel: finish(by_kernel.into_iter().collect()),
+    })
+}
+
+/// Bytes an op of a decode step reads and writes: its operands, except that a KV
+/// cache counts only the rows it touches (all `kv_rows` for attention, one per token
+/// for an append).
+fn op_bytes(op: &Op, graph: &Graph, kv_rows: usize, costs: &Costs) -> usize {
+    let is_cache = |id: &kiln_core::BufferId| {
+        let name = &graph.buffers()[id.index()].name;
+        name.starts_with("cache.")
+    };
+    let per_layer_position = costs.kv_bytes_per_position as usize / 2 / costs.config.n_layers;
+    let bytes = |id: &kiln_core::BufferId| graph.buffers()[id.index()].bytes();
+    let plain: usize = op
+        .inputs()
+        .iter()
+        .chain(&op.outputs())
+        .filter(|id| !is_cache(id))
+        .map(bytes)
+        .sum();
+    let caches = op
+        .inputs()
+        .iter()
+        .chain(&op.outputs())
+        .filter(|id| is_cache(id))
+        .count();
+    let rows = match op {
+        Op::Attention(_) => kv_rows,
+        _ => 1,
+    };
+    let embedding_rows = match op {
+        // An embedding reads one row of its table per token, not the table.
+        Op::Embedding(e) => Some(bytes(&e.table) / e.vocab.max(1) * e.n_tokens + bytes(&e.out)),
+        _ => None,
+    };
+    embedding_rows.unwrap_or(plain + caches * rows * per_layer_position)
+}
+
+/// Prints `r` as llama-bench-like tables (or JSON with `json`).
 pub fn print(r: &BenchReport, json: bool) {
     if json {
-        let test = |t: &Option<(usize, Stat, f64)>, extra: &str| {
-            t.map(|(n, s, x)| serde_json::json!({"n": n, "tokens_per_s_mean": s.mean, "tokens_per_s_std": s.std, "tokens_per_s_median": s.median, extra: x}))
-        };
-        let v = serde_json::json!({
-            "model": r.model, "backend": r.backend, "weight_bytes": r.weight_bytes, "params": r.params,
-            "copy_bytes_per_s": r.copy_bytes_per_s,
-            "pp": test(&r.pp, "flops_per_s_median"), "tg": test(&r.tg, "bandwidth_efficiency_median"),
-        });
-        println!("{v}");
+        println!("{}", serde_json::to_string(r).unwrap_or_default());
         return;
     }
     println!(
-        "copy bandwidth (read + write): {:.1} GB/s",
+        "ceiling: device-to-device copy of {} MiB on {} (read + write): {:.1} GB/s",
+        r.copy_bytes >> 20,
+        r.backend,
         r.copy_bytes_per_s / 1e9
     );
-    println!("| model | size | params | backend | test | t/s | |");
-    println!("| --- | ---: | ---: | --- | --- | ---: | --- |");
+    println!(
+        "tg tests sample with the {} sampler on the device",
+        r.sampler
+    );
+    println!();
+    println!("| model | size | params | backend | test | t/s | efficiency |");
+    println!("| --- | ---: | ---: | --- | --- | ---: | ---: |");
     let head = format!(
         "| {} | {:.2} GiB | {:.2} B | {} ",
         r.model,
@@ -225,38 +525,75 @@ pub fn print(r: &BenchReport, json: bool) {
         r.params as f64 / 1e9,
         r.backend
     );
-    if let Some((n, s, flops)) = r.pp {
+    for t in &r.tests {
+        let test = if t.depth > 0 {
+            format!("{} @ d{}", t.name, t.depth)
+        } else {
+            t.name.clone()
+        };
+        let efficiency = if t.name.starts_with("pp") {
+            if t.rate >= 1e12 {
+                format!("{:.1} TFLOP/s", t.rate / 1e12)
+            } else {
+                format!("{:.1} GFLOP/s", t.rate / 1e9)
+            }
+        } else {
+            format!(
+                "{:.1}% of copy ({:.0} GB/s)",
+                100.0 * t.rate / r.copy_bytes_per_s,
+                t.rate / 1e9
+            )
+        };
         println!(
-            "{head}| pp{n} | {:.2} ± {:.2} | {:.2} TFLOP/s |",
-            s.mean,
-            s.std,
-            flops / 1e12
+            "{head}| {test} | {:.2} ± {:.2} | {efficiency} |",
+            t.tokens_per_s.mean, t.tokens_per_s.std
         );
     }
-    if let Some((n, s, eff)) = r.tg {
+    for p in &r.profiles {
+        println!();
         println!(
-            "{head}| tg{n} | {:.2} ± {:.2} | {:.1}% of copy bandwidth |",
-            s.mean,
-            s.std,
-            eff * 100.0
+            "profile of one decode step at depth {}: {:.1} us of device time, launches timed one by one",
+            p.depth,
+            p.seconds * 1e6
         );
+        // Backends without kernels time ops: the kernel table would repeat the op's.
+        let same = p.by_op.len() == p.by_kernel.len()
+            && p.by_op
+                .iter()
+                .all(|o| p.by_kernel.iter().any(|k| k.name == o.name));
+        let tables = if same { 1 } else { 2 };
+        for (what, rows) in [("op", &p.by_op), ("kernel", &p.by_kernel)]
+            .into_iter()
+            .take(tables)
+        {
+            println!();
+            println!("| {what} | launches | us | share | GB/s |");
+            println!("| --- | ---: | ---: | ---: | ---: |");
+            for row in rows.iter() {
+                println!(
+                    "| {} | {} | {:.1} | {:.1}% | {:.0} |",
+                    row.name,
+                    row.launches,
+                    row.seconds * 1e6,
+                    100.0 * row.seconds / p.seconds.max(1e-12),
+                    row.bytes / row.seconds.max(1e-12) / 1e9
+                );
+            }
+        }
     }
 }
 
 /// Runs `kiln bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
     let file = Gguf::open(&args.model)?;
-    let config = kiln_models::ModelConfig::from_gguf(&file)?;
+    let config = ModelConfig::from_gguf(&file)?;
     let cache = kiln_models::forward::CacheSpec {
         capacity: 1,
         dtype: args.cache_type,
     };
-    let graph = kiln_models::model::graph_for(
-        &config,
-        &kiln_models::model::weight_descs(&file)?,
-        1,
-        cache,
-    )?;
+    let weights = kiln_models::model::weight_descs(&file)?;
+    let graph = kiln_models::model::graph_for(&config, &weights, 1, cache)?
+        .with_sample(sample_params(args.sampler))?;
     drop(file);
     let report = run_on(args.device.device, &graph.graph, BenchJob { args: &args })?;
     print(&report, args.json);
