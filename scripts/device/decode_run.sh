@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root, with .device staged
+# (../shared/tools/stage-for-device) and carried: writes the synth files the decode
+# figures use, then runs the benchmarks named by the arguments.
+#   bash scripts/device/decode_run.sh tests     # the GPU test suite
+#   bash scripts/device/decode_run.sh bench     # tg128 of the synth files, graphs on and off
+#   bash scripts/device/decode_run.sh profile   # the per-launch profile of the 8B decode step
+# Logs go to $OUT when it is set (the device tool's output folder).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-/tmp/kiln-out}
+mkdir -p "$out"
+export KILN_CACHE_DIR=${KILN_CACHE_DIR:-$PWD/.device/kcache}
+bash .device/unpack || exit 1
+kiln=.device/bin/kiln
+models=/tmp/kiln-models
+mkdir -p "$models"
+synth() { # preset type
+  local f="$models/$1-$2.gguf"
+  [ -f "$f" ] || "$kiln" synth --preset "$1" --type "$2" --seed 1 -o "$f" >/dev/null || exit 1
+  echo "$f"
+}
+for what in "$@"; do
+  case "$what" in
+    tests)
+      timeout 420 bash .device/run-tests.sh 2>&1 | tee "$out/tests.log" | grep -E "FAILED|panicked|passed, " ;;
+    bench)
+      for spec in llama-3.1-8b:q4_0 llama-3.2-1b:q4_0 llama-3.1-8b:q4_k llama-3.1-8b:q8_0; do
+        f=$(synth "${spec%%:*}" "${spec##*:}")
+        for graphs in 1 0; do
+          echo "== $spec KILN_CUDA_GRAPHS=$graphs"
+          KILN_CUDA_GRAPHS=$graphs "$kiln" bench -m "$f" -p 0 -n 128 -r 3 --device cuda 2>/dev/null | grep -E "ceiling|tg128"
+        done
+      done 2>&1 | tee "$out/bench.log" ;;
+    profile)
+      f=$(synth llama-3.1-8b q4_0)
+      "$kiln" bench -m "$f" -p 0 -n 128 -r 3 --profile --device cuda 2>/dev/null | tee "$out/profile.log" ;;
+    *) echo "unknown: $what"; exit 2 ;;
+  esac
+done
