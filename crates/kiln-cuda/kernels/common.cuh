@@ -132,6 +132,48 @@ __device__ __forceinline__ void store_q8_1_block(float v, u8* block) {
     }
 }
 
+// Elements e .. e + 3 (e a multiple of 4) of activations rounded to Q8_1, `q8` their
+// blocks (4-byte aligned), decoded as the CPU decodes them: d * q in f32, d the f16
+// scale widened (exact).
+__device__ __forceinline__ float4 q8_1_float4(const u8* q8, u64 e) {
+    const u8* block = q8 + e / Q8_1_BLOCK_ELEMS * Q8_1_BLOCK_BYTES;
+    const float d = f16_bits_to_f32(*reinterpret_cast<const u16*>(block));
+    const u32 q = *reinterpret_cast<const u32*>(block + 4 + e % Q8_1_BLOCK_ELEMS);
+    return make_float4(d * (float)(int)(signed char)(q & 0xffu),
+                       d * (float)(int)(signed char)((q >> 8) & 0xffu),
+                       d * (float)(int)(signed char)((q >> 16) & 0xffu),
+                       d * (float)(int)(signed char)(q >> 24));
+}
+
+// Rounds float4 v, elements 4 * (lane % 8) .. + 3 of a block of 32 held by 8
+// consecutive lanes (starting at a multiple of 8), to the Q8_1 block at `block`
+// (4-byte aligned), as store_q8_1_block does. Every lane of the warp must call it
+// (the maximum and the sum are shuffles); only lanes with `store` write.
+__device__ __forceinline__ void store_q8_1_block4(float4 v, bool store, u8* block) {
+    float amax = fmaxf(fmaxf(fmaxf(0.0f, fabsf(v.x)), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    for (int offset = 4; offset > 0; offset >>= 1) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+    }
+    const float d = amax / 127.0f;
+    const float inv = q8_1_inverse(d);
+    const int q0 = q8_1_quant(v.x, inv), q1 = q8_1_quant(v.y, inv);
+    const int q2 = q8_1_quant(v.z, inv), q3 = q8_1_quant(v.w, inv);
+    int sum = (q0 + q1) + (q2 + q3);
+    for (int offset = 4; offset > 0; offset >>= 1) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    }
+    if (store) {
+        const u32 lane8 = threadIdx.x & 7u;
+        *reinterpret_cast<u32*>(block + 4 + 4 * lane8) =
+            __byte_perm(__byte_perm((u32)q0, (u32)q1, 0x0040u),
+                        __byte_perm((u32)q2, (u32)q3, 0x0040u), 0x5410u);
+        if (lane8 == 0) {
+            *reinterpret_cast<u32*>(block) =
+                (u32)f32_to_f16_bits(d) | ((u32)f32_to_f16_bits((float)sum * d) << 16);
+        }
+    }
+}
+
 // Index of this thread in a one-dimensional grid, and the grid's stride.
 __device__ __forceinline__ u64 global_index() {
     return (u64)blockIdx.x * blockDim.x + threadIdx.x;

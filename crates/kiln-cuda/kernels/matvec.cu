@@ -55,13 +55,20 @@ constexpr u32 MATVEC_TILE_ELEMS = 8 * MATVEC_THREADS;
 // rows of x ([m, k] row-major) as xv[i][0..8); zeros past column k and for rows at or
 // past m.
 template <u32 M>
-__device__ __forceinline__ void load_activations(const float* __restrict__ x, u32 m, u32 k,
+__device__ __forceinline__ void load_activations(const float* __restrict__ x,
+                                                 const u8* __restrict__ xq8, u32 m, u32 k,
                                                  u32 e, float (&xv)[M][8]) {
     const bool vector = (k % 4 == 0) && e + 8 <= k;
 #pragma unroll
     for (u32 i = 0; i < M; ++i) {
         const float* xr = x + (u64)i * k;
-        if (i < m && vector) {
+        if (i < m && xq8 != nullptr && e < k) {
+            // A copy's rows are whole blocks, so e < k puts all 8 in row i's block.
+            const float4 p = q8_1_float4(xq8, (u64)i * k + e);
+            const float4 q = q8_1_float4(xq8, (u64)i * k + e + 4);
+            xv[i][0] = p.x, xv[i][1] = p.y, xv[i][2] = p.z, xv[i][3] = p.w;
+            xv[i][4] = q.x, xv[i][5] = q.y, xv[i][6] = q.z, xv[i][7] = q.w;
+        } else if (i < m && vector) {
             const float4 p = *reinterpret_cast<const float4*>(xr + e);
             const float4 q = *reinterpret_cast<const float4*>(xr + e + 4);
             xv[i][0] = p.x, xv[i][1] = p.y, xv[i][2] = p.z, xv[i][3] = p.w;
@@ -153,9 +160,10 @@ __device__ __forceinline__ void wait_copies() {
 // Dynamic shared memory: STAGES slots of ROWS * TILE_BYTES bytes (the launch's size).
 template <typename W, u32 M, u32 ROWS, u32 LOAD, u32 STAGES>
 __global__ void __launch_bounds__(MATVEC_THREADS)
-    matvec(const u8* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
-           float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
-    chain_after_prior_grids(x);
+    matvec(const u8* __restrict__ w, const float* __restrict__ x, const u8* __restrict__ xq8,
+           const float* __restrict__ bias, float* __restrict__ out, u32 m, u32 n, u32 k,
+           u64 row_bytes) {
+    chain_after_prior_grids(x, xq8);
     constexpr u32 TILE_BYTES = MATVEC_TILE_ELEMS / W::BLOCK_ELEMS * W::BLOCK_BYTES;
     constexpr u32 UNITS_PER_ROW = TILE_BYTES / LOAD;
     constexpr u32 UNITS = ROWS * UNITS_PER_ROW;
@@ -231,7 +239,7 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
         const u32 e0 = t * MATVEC_TILE_ELEMS;
         const u32 local = 8 * threadIdx.x;
         float xv[M][8];
-        load_activations<M>(x, m, k, e0 + local, xv);  // in flight during the wait
+        load_activations<M>(x, xq8, m, k, e0 + local, xv);  // in flight during the wait
         wait_copies<STAGES - 2>();  // this thread's copies of tile t have landed
         __syncthreads();  // everyone's have, and everyone is done with tile t - 1
         issue(t + STAGES - 1);  // into tile t - 1's slot
@@ -415,8 +423,8 @@ __host__ __device__ constexpr u32 packed_groups() {
 template <typename W, u32 M, u32 R, bool ALIGNED>
 __global__ void __launch_bounds__(MATVEC_THREADS)
     matvec_packed(const u8* __restrict__ w, const float* __restrict__ x,
-                  const float* __restrict__ bias, float* __restrict__ out, u32 m, u32 n, u32 k,
-                  u64 row_bytes) {
+                  const u8* __restrict__ xq8, const float* __restrict__ bias,
+                  float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
     constexpr u32 A = ALIGNED ? 16 : 2;
     constexpr u32 U = packed_units<W, M>();
     constexpr u32 ROUND = 32 * U * W::UNIT_ELEMS;  // elements of k per round
@@ -426,7 +434,7 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
     constexpr u32 STAGED = M * ROUND / 4 / MATVEC_THREADS;  // float4s per thread per round
     extern __shared__ __align__(16) float xs[];
     float* sums = xs + M * STRIDE;
-    chain_after_prior_grids(x);
+    chain_after_prior_grids(x, xq8);
 
     const u32 lane = threadIdx.x & 31u;
     const u32 row0 = (blockIdx.x * (MATVEC_THREADS / 32) + threadIdx.x / 32) * R;
@@ -464,7 +472,8 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
             const u32 i = v / (ROUND / 4), e = v % (ROUND / 4) * 4;
             p[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             if (i < m && k0 + e < k) {
-                p[j] = *reinterpret_cast<const float4*>(x + (u64)i * k + k0 + e);
+                p[j] = xq8 != nullptr ? q8_1_float4(xq8, (u64)i * k + k0 + e)
+                                      : *reinterpret_cast<const float4*>(x + (u64)i * k + k0 + e);
             }
         }
 #pragma unroll
@@ -544,68 +553,6 @@ struct ResidentImage {
     }
 };
 
-// Rounds float4 p, elements e .. e + 3 of x (e a multiple of 4), to Q8_1 into `image`.
-// The 8 float4s of a block of 32 are held by 8 consecutive lanes starting at a
-// multiple of 8: every lane of the warp calls this (the maximum and the sums are
-// shuffles across them); only lanes with `store` write.
-template <typename W>
-__device__ __forceinline__ void round_activations(const float4& p, u32 e, bool store,
-                                                  const ResidentImage<W>& image) {
-    constexpr u32 GROUP_VECTORS = W::GROUP_ELEMS / 4;
-    float amax = fmaxf(fmaxf(fmaxf(0.0f, fabsf(p.x)), fabsf(p.y)),
-                       fmaxf(fabsf(p.z), fabsf(p.w)));
-#pragma unroll
-    for (u32 o = 1; o < 8; o *= 2) {
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    }
-    const float d = amax / 127.0f;
-    const float inv = q8_1_inverse(d);
-    const int q0 = q8_1_quant(p.x, inv), q1 = q8_1_quant(p.y, inv);
-    const int q2 = q8_1_quant(p.z, inv), q3 = q8_1_quant(p.w, inv);
-    int sum = (q0 + q1) + (q2 + q3);
-#pragma unroll
-    for (u32 o = 1; o < GROUP_VECTORS; o *= 2) {
-        sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    }
-    if (store) {
-        image.quants(e, __byte_perm(__byte_perm((u32)q0, (u32)q1, 0x0040u),
-                                    __byte_perm((u32)q2, (u32)q3, 0x0040u), 0x5410u));
-        if ((e / 4) % GROUP_VECTORS == 0) {
-            image.group(e, f16_bits_to_f32(f32_to_f16_bits(d)), sum);
-        }
-    }
-}
-
-// Rounds all of x (k floats, k a multiple of 32) into `image`, every thread of the
-// block of THREADS loading a batch of float4s before it rounds the first. A block of 32
-// is 8 consecutive float4s, so 8 consecutive lanes of one warp-uniform batch entry.
-template <typename W, u32 THREADS>
-__device__ __forceinline__ void round_all_activations(const float* x, u32 k,
-                                                      const ResidentImage<W>& image) {
-    constexpr u32 BATCH = 4;
-    const u32 lane = threadIdx.x & 31u;
-    const u32 vectors = k / 4;
-    for (u32 v0 = threadIdx.x - lane; v0 < vectors; v0 += BATCH * THREADS) {
-        float4 p[BATCH];
-#pragma unroll
-        for (u32 b = 0; b < BATCH; ++b) {
-            const u32 v = v0 + b * THREADS + lane;
-            p[b] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (v < vectors) {
-                p[b] = reinterpret_cast<const float4*>(x)[v];
-            }
-        }
-#pragma unroll
-        for (u32 b = 0; b < BATCH; ++b) {
-            if (v0 + b * THREADS >= vectors) {
-                break;  // warp-uniform
-            }
-            const u32 v = v0 + b * THREADS + lane;
-            round_activations<W>(p[b], 4 * v, v < vectors, image);
-        }
-    }
-}
-
 // Copies the Q8_1 block at `block` (elements e .. e + 31 of x, 4-byte aligned) into
 // `image`, summing each scale group's quants.
 template <typename W>
@@ -638,11 +585,10 @@ __device__ __forceinline__ int dot4_u8_s8(u32 a, u32 b, int c) {
     return r;
 }
 
-// The mat-vec of a packed weight for one activation row, with x rounded to Q8_1 and
-// held in shared memory (ResidentImage), and the products of each run of 4 quants with
-// 4 rounded activations summed in integers (dp4a). x is rounded by every block as it
-// stages it (round_activations), or, when xq8 is not null, read already rounded from
-// xq8, k / 32 Q8_1 blocks (copy_q8_1_block).
+// The mat-vec of a packed weight for one activation row given rounded to Q8_1 (xq8, k /
+// 32 Q8_1 blocks), held in shared memory (ResidentImage, copy_q8_1_block), and the
+// products of each run of 4 quants with 4 rounded activations summed in integers
+// (dp4a).
 // Grid: any number of blocks of THREADS; warp w of the grid's G warps owns weight rows
 // w * P .. (w + 1) * P (P = ceil(n / G)), so a grid of at most one wave gives every
 // warp the same work and no block waits on another. Dynamic shared memory:
@@ -657,8 +603,8 @@ __device__ __forceinline__ int dot4_u8_s8(u32 a, u32 b, int c) {
 // scale * d * sum q_w q_x + zero * d * sum q_x (weights scale * q_w + zero).
 template <typename W, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
-    matvec_resident(const u8* __restrict__ w, const float* __restrict__ x,
-                    const u8* __restrict__ xq8, const float* __restrict__ bias,
+    matvec_resident(const u8* __restrict__ w, const u8* __restrict__ xq8,
+                    const float* __restrict__ bias,
                     float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
     constexpr u32 A = ALIGNED ? 16 : 2;
     constexpr u32 U = resident_units<W>();
@@ -697,15 +643,11 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     if (row < row_end) {
         load_step(row, c0, cur);
     }
-    chain_after_prior_grids(x, xq8);  // the first step's weights are in flight
+    chain_after_prior_grids(xq8);  // the first step's weights are in flight
 
     const ResidentImage<W> image{img, units};
-    if (xq8 != nullptr) {
-        for (u32 b = threadIdx.x; b < k / Q8_1_BLOCK_ELEMS; b += THREADS) {
-            copy_q8_1_block<W>(xq8 + (u64)b * Q8_1_BLOCK_BYTES, b * Q8_1_BLOCK_ELEMS, image);
-        }
-    } else {
-        round_all_activations<W, THREADS>(x, k, image);
+    for (u32 b = threadIdx.x; b < k / Q8_1_BLOCK_ELEMS; b += THREADS) {
+        copy_q8_1_block<W>(xq8 + (u64)b * Q8_1_BLOCK_BYTES, b * Q8_1_BLOCK_ELEMS, image);
     }
     __syncthreads();
 

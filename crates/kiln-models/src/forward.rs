@@ -166,27 +166,39 @@ pub fn build(
     // The residual stream `resid` and the pending branch output `branch` to add to it.
     let (mut resid, mut branch) = (x, None);
     for l in 0..config.n_layers {
+        let attn_copy = b.quantized(
+            &["attn_qkv", "attn_q", "attn_k", "attn_v"].map(|w| format!("blk.{l}.{w}.weight")),
+        );
         let (r, normed) = b.residual_norm(
             resid,
             branch,
             &format!("blk.{l}.attn_norm.weight"),
             &format!("l{l}.attn"),
-            true,
+            attn_copy,
         )?;
         let attn = b.attention(l, normed, positions, freq_factors, cache)?;
+        let ffn_copy = b.quantized(
+            &["ffn_gate_up", "ffn_gate", "ffn_up"].map(|w| format!("blk.{l}.{w}.weight")),
+        );
         let (r, normed) = b.residual_norm(
             r,
             Some(attn),
             &format!("blk.{l}.ffn_norm.weight"),
             &format!("l{l}.ffn"),
-            true,
+            ffn_copy,
         )?;
         resid = r;
         branch = Some(b.feed_forward(l, normed)?);
     }
     // One token: the head reads the final norm (and its Q8_1 copy). Several: one
-    // gathered row of it, which the head rounds itself.
-    let (_, normed) = b.residual_norm(resid, branch, "output_norm.weight", "out", t == 1)?;
+    // gathered row of it.
+    let head = if config.tied_embeddings {
+        "token_embd.weight"
+    } else {
+        "output.weight"
+    };
+    let head_copy = b.quantized(&[head.to_string()]);
+    let (_, normed) = b.residual_norm(resid, branch, "output_norm.weight", "out", head_copy)?;
     let last = if t == 1 {
         normed
     } else {
@@ -206,9 +218,12 @@ pub fn build(
     } else {
         b.w("output.weight", &[config.vocab, d])?
     };
+    let head_q8 = last
+        .q8
+        .filter(|_| b.g.desc(out_w).is_ok_and(|d| d.dtype.is_quantized()));
     b.g.push(MatMul {
         x: last.x,
-        x_q8: last.q8,
+        x_q8: head_q8,
         w: out_w,
         bias: None,
         out: logits,
@@ -249,6 +264,14 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
+    /// Whether any of the weights `names` the model has is of a block format: its
+    /// product reads a Q8_1 copy of its activations, which the op writing them makes.
+    fn quantized(&self, names: &[String]) -> bool {
+        names
+            .iter()
+            .any(|n| (self.weight)(n).is_ok_and(|w| w.dtype.is_quantized()))
+    }
+
     /// Whether the model has weight `name`.
     fn has(&self, name: &str) -> bool {
         (self.weight)(name).is_ok()
@@ -349,6 +372,9 @@ impl Builder<'_> {
         bias: bool,
     ) -> Result<BufferId> {
         let w = self.w(&format!("blk.{l}.{name}.weight"), &[n, k])?;
+        // Products of block-format weights read the activations' Q8_1 copy.
+        let x_q8 =
+            x.q8.filter(|_| self.g.desc(w).is_ok_and(|d| d.dtype.is_quantized()));
         let bias = if bias {
             Some(self.w(&format!("blk.{l}.{name}.bias"), &[n])?)
         } else {
@@ -357,7 +383,7 @@ impl Builder<'_> {
         let out = self.act(&format!("l{l}.{name}"), n)?;
         self.g.push(MatMul {
             x: x.x,
-            x_q8: x.q8,
+            x_q8,
             w,
             bias,
             out,
@@ -496,7 +522,8 @@ impl Builder<'_> {
     /// stacked `ffn_gate_up` weight, one product and one [`Glu`].
     fn feed_forward(&mut self, l: usize, x: Act) -> Result<BufferId> {
         let (d, ff) = (self.c.n_embd, self.c.n_ff);
-        let act = self.act_with_copy(&format!("l{l}.ffn_act"), ff, true)?;
+        let copy = self.quantized(&[format!("blk.{l}.ffn_down.weight")]);
+        let act = self.act_with_copy(&format!("l{l}.ffn_act"), ff, copy)?;
         if self.has(&format!("blk.{l}.ffn_gate_up.weight")) {
             let gate_up = self.linear(l, "ffn_gate_up", x, 2 * ff, d, false)?;
             self.g.push(Glu {

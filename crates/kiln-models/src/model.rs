@@ -507,9 +507,15 @@ fn raw_weight_descs<B: AsRef<[u8]>>(file: &Gguf<B>) -> HashMap<String, WeightDes
 /// the parts of each of [`weight_stacks`] replaced by their stack.
 pub fn weight_descs<B: AsRef<[u8]>>(file: &Gguf<B>) -> Result<HashMap<String, WeightDesc>> {
     let mut weights = raw_weight_descs(file);
-    let stacks = weight_stacks(&weights);
-    apply_stacks(&mut weights, &stacks)?;
+    stack_weights(&mut weights)?;
     Ok(weights)
+}
+
+/// Replaces the parts of each of [`weight_stacks`] in `weights` (descriptions of GGUF
+/// tensors by name) by their stack, as a model loading them holds them.
+pub fn stack_weights(weights: &mut HashMap<String, WeightDesc>) -> Result<()> {
+    let stacks = weight_stacks(weights);
+    apply_stacks(weights, &stacks)
 }
 
 /// A weight a model builds at load by stacking the rows of several tensors of one

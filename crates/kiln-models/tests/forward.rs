@@ -132,8 +132,9 @@ fn gguf_bytes(s: &Spec, tensors: &Tensors) -> Vec<u8> {
     gguf_bytes_as(s, tensors, |_| DType::F32)
 }
 
-/// The GGUF of `tensors` with each stored as `dtype_of(name)`: F32, or F16 for
-/// tensors whose values are already F16 values (so that both hold the same weights).
+/// The GGUF of `tensors` with each stored as `dtype_of(name)`: F32, F16 for tensors
+/// whose values are already F16 values (so that both hold the same weights), or a
+/// block format (quantized).
 fn gguf_bytes_as(s: &Spec, tensors: &Tensors, dtype_of: impl Fn(&str) -> DType) -> Vec<u8> {
     let mut md = Metadata::new();
     md.set("general.architecture", s.arch);
@@ -157,7 +158,12 @@ fn gguf_bytes_as(s: &Spec, tensors: &Tensors, dtype_of: impl Fn(&str) -> DType) 
                 .iter()
                 .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
                 .collect(),
-            _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            dtype => {
+                let mut b = vec![0u8; dtype.bytes_for(v.len()).unwrap()];
+                kiln_core::quant::quantize(dtype, v, &mut b).unwrap();
+                b
+            }
         };
         w.write_tensor_data(&bytes).unwrap();
     }
@@ -664,14 +670,26 @@ fn forward_sample_checks_its_arguments_and_keeps_the_logits() {
 #[test]
 fn decode_graphs_give_the_projections_q8_copies_written_beside_their_inputs() {
     use kiln_core::ops::{Op, Q8_COPY};
-    // Widths that are whole Q8_1 blocks: every projection but the attention output's
-    // (its input comes from the attention op) reads a copy.
+    // Widths that are whole Q8_1 blocks: every product of a quantized weight but the
+    // attention output's (its input comes from the attention op) reads a copy.
     let s = Spec {
         ff: 64,
         ..specs()[0]
     };
+    // Block-format matrices: their products read copies (float ones do not).
+    let q8_0 = |name: &str| {
+        let matrix = ["attn_", "ffn_", "output.weight", "token_embd"]
+            .iter()
+            .any(|p| name.contains(p))
+            && !name.contains("norm");
+        if matrix {
+            DType::Q8_0
+        } else {
+            DType::F32
+        }
+    };
     let model = load(
-        &gguf_bytes(&s, &random_weights(&s, &mut seeded())),
+        &gguf_bytes_as(&s, &random_weights(&s, &mut seeded()), q8_0),
         DType::F32,
     );
     let copies = |n_tokens| {
@@ -698,6 +716,13 @@ fn decode_graphs_give_the_projections_q8_copies_written_beside_their_inputs() {
     };
     // The stacked q-k-v and gate-up projections and down of each layer, and the head.
     assert_eq!(copies(1), 3 * s.layers + 1);
+    // Float weights read none: their graphs make none.
+    let float = load(
+        &gguf_bytes(&s, &random_weights(&s, &mut seeded())),
+        DType::F32,
+    );
+    let f = float.graph(1).unwrap();
+    assert!(f.graph.buffers().iter().all(|b| b.dtype != Q8_COPY));
     // The prefill mat-mat does not read copies, so prefill graphs have none.
     assert_eq!(copies(3), 0);
 }

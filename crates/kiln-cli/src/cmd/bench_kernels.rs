@@ -4,9 +4,9 @@
 //! - The ceiling: a device-to-device copy, counting bytes read plus bytes written.
 //! - Mat-vec (decode, one activation row): GB/s of weight, activation and output
 //!   bytes, and its fraction of the copy bandwidth, per weight format, at the
-//!   projections of a Llama-3-8B-shaped model and a 151936-token output head. Where
-//!   the mat-vec reads a Q8_1 copy of x (`x_q8`, which a decode graph's norms and
-//!   SwiGLU write beside x), rows labelled "x_q8" time it with that copy given.
+//!   products of the synth presets' decode graphs ([`WEIGHT_SHAPES`]). Block formats
+//!   are timed with x's Q8_1 copy given (rows labelled "x_q8"), as decode graphs give
+//!   it; float weights with x.
 //! - Decode attention: GB/s of K and V cache bytes (plus query and output) for one
 //!   query of 32 heads over 8 KV heads of dimension 128, F16 cache, at 1k to 32k rows.
 //! - Prefill mat-mat: TFLOP/s at 512 activation rows.
@@ -54,10 +54,21 @@ pub struct BenchKernelsArgs {
 }
 
 /// Weight shapes `(n, k)` (output rows x row length) of the mat-vec and mat-mat
-/// measurements: attention projections, the MLP's down and up projections of a
-/// Llama-3-8B-shaped model, and a 151936-token output head.
-pub const WEIGHT_SHAPES: [(usize, usize); 4] =
-    [(4096, 4096), (4096, 14336), (14336, 4096), (151936, 4096)];
+/// measurements, as the synth presets' decode graphs have them: Llama-3.1-8B's stacked
+/// q-k-v, attention output, stacked gate-up and down projections and 128256-token
+/// head, Qwen3-8B's 151936-token head, and Llama-3.2-1B's stacked q-k-v, gate-up and
+/// down projections.
+pub const WEIGHT_SHAPES: [(usize, usize); 9] = [
+    (6144, 4096),
+    (4096, 4096),
+    (28672, 4096),
+    (4096, 14336),
+    (128256, 4096),
+    (151936, 4096),
+    (3072, 2048),
+    (16384, 2048),
+    (2048, 8192),
+];
 
 /// Rows of the decode attention measurements.
 pub const KV_LENGTHS: [usize; 4] = [1024, 4096, 16384, 32768];
@@ -96,28 +107,6 @@ pub fn matvec_bytes(dtype: DType, m: usize, n: usize, k: usize, x_q8: bool) -> R
         4 * m * k
     };
     Ok(n * dtype.bytes_for(k)? + x + 4 * m * n)
-}
-
-/// Whether the one-row mat-vec of an `n x k` weight of `dtype` reads a Q8_1 copy of x
-/// when given one (the resident kernel does; the others read x).
-fn reads_q8_copy(dtype: DType, n: usize, k: usize) -> Result<bool> {
-    let plan = matmul::MatMulArgs {
-        weight: dtype,
-        m: 1,
-        n,
-        k,
-        x_bytes: 4 * k,
-        x_q8_bytes: Some(Q8_COPY.bytes_for(k)?),
-        w_bytes: dtype.bytes_for(n * k)?,
-        w_packed: kiln_cuda::packing::is_packed(dtype).then_some((dtype, k)),
-        bias_bytes: None,
-        out_bytes: 4 * n,
-    }
-    .check()?;
-    Ok(matches!(
-        plan.kernel,
-        matmul::MatMulKernel::MatVecResident { .. }
-    ))
 }
 
 /// Bytes one decode attention moves: the K and V rows of every KV head (F16), the
@@ -212,8 +201,9 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
     for dtype in &args.formats {
         let mut rows = Vec::new();
         for (n, k) in WEIGHT_SHAPES {
-            let copies: &[bool] = if reads_q8_copy(*dtype, n, k)? {
-                &[false, true]
+            // As decode graphs launch them: products of block formats read x's copy.
+            let copies: &[bool] = if dtype.is_quantized() {
+                &[true]
             } else {
                 &[false]
             };
@@ -541,12 +531,48 @@ mod tests {
         assert!(table("mat-mat", &[mm], copy).contains("171.8 TFLOP/s"));
     }
 
+    /// The (rows, row length) of every matrix a model of synth preset `name` holds,
+    /// stacked as a loaded model stacks them.
+    fn preset_products(name: &str) -> Vec<(usize, usize)> {
+        use kiln_models::forward::WeightDesc;
+        let preset = kiln_gguf::synth::preset(name).unwrap();
+        let config = preset.config().unwrap();
+        let mut weights: std::collections::HashMap<String, WeightDesc> =
+            kiln_gguf::synth::describe(&config, DType::Q4_0)
+                .unwrap()
+                .into_iter()
+                .map(|t| {
+                    let desc = WeightDesc {
+                        name: t.name.clone(),
+                        dtype: t.dtype,
+                        shape: t.shape.clone(),
+                    };
+                    (t.name, desc)
+                })
+                .collect();
+        kiln_models::model::stack_weights(&mut weights).unwrap();
+        weights
+            .values()
+            .filter(|w| w.shape.len() == 2)
+            .map(|w| (w.shape[0], w.shape[1]))
+            .collect()
+    }
+
     #[test]
-    fn the_shapes_are_the_issue_s() {
-        assert_eq!(
-            WEIGHT_SHAPES,
-            [(4096, 4096), (4096, 14336), (14336, 4096), (151936, 4096)]
-        );
+    fn the_mat_vec_shapes_are_the_presets_decode_products() {
+        let eight = preset_products("llama-3.1-8b");
+        let one = preset_products("llama-3.2-1b");
+        let qwen = preset_products("qwen3-8b");
+        for shape in WEIGHT_SHAPES {
+            assert!(
+                [&eight, &one, &qwen].iter().any(|p| p.contains(&shape)),
+                "{shape:?} is no preset's product"
+            );
+        }
+        // Every product of the 8B decode step is measured.
+        for shape in eight {
+            assert!(WEIGHT_SHAPES.contains(&shape), "{shape:?} is not measured");
+        }
         assert_eq!(KV_LENGTHS, [1024, 4096, 16384, 32768]);
         let s = decode_attention_shape(1024);
         assert_eq!((s.n_heads, s.n_kv_heads, s.head_dim), (32, 8, 128));

@@ -10,13 +10,13 @@ use crate::{BufferId, DType, Graph, Result};
 /// - `x_q8`: optional Q8_1 `[m, k]` (`k` a multiple of 32), x rounded to 8 bits as
 ///   [`super::Q8_COPY`] defines, written by the op that wrote x.
 /// - `bias`: optional F32 `[n]`.
-/// - `out`: F32 `[m, n]`, `out[i, j] = sum_l x[i, l] * dequantize(w)[j, l] + bias[j]`,
-///   accumulated in f32.
+/// - `out`: F32 `[m, n]`, `out[i, j] = sum_l a[i, l] * dequantize(w)[j, l] + bias[j]`,
+///   accumulated in f32, where `a` is x, or with `x_q8` the copy's values (each block's
+///   `d * q`): given a copy, the product is of the rounded activations, as llama.cpp's
+///   products of quantized weights are.
 ///
-/// Backends may round x for speed, as llama.cpp does: the CUDA mat-mat rounds x and the
-/// decoded weights to bf16; its one-row mat-vec of 4- to 6-bit quantized weights
-/// multiplies with x rounded to Q8_1 ([`super::Q8_COPY`]), reading `x_q8` where it is
-/// given and rounding x itself where not. The CPU reference reads x only.
+/// Backends may also round for speed where the tolerance allows it: the CUDA mat-mat
+/// multiplies bf16-rounded x and decoded weights.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MatMul {
     pub x: BufferId,

@@ -1,7 +1,7 @@
 //! Reference for [`kiln_core::ops::MatMul`].
 
 use crate::{Inputs, Outputs};
-use kiln_core::ops::MatMul;
+use kiln_core::ops::{MatMul, Q8_COPY};
 use kiln_core::{quant, DType, Result};
 use rayon::prelude::*;
 
@@ -73,8 +73,18 @@ pub(crate) fn execute(op: &MatMul, ins: &Inputs, outs: &mut Outputs) -> Result<(
     let dtype = ins.dtype(op.w);
     let w = &ins.bytes(op.w)[..dtype.bytes_for(op.n * op.k)?];
     let bias = op.bias.map(|b| ins.view::<f32>(b, op.n));
+    let len = op.m * op.k;
+    // With a Q8_1 copy, the product is of the rounded activations.
+    let rounded = match op.x_q8 {
+        Some(q8) => {
+            let mut a = vec![0.0f32; len];
+            quant::dequantize(Q8_COPY, &ins.bytes(q8)[..Q8_COPY.bytes_for(len)?], &mut a)?;
+            Some(a)
+        }
+        None => None,
+    };
     matmul(
-        ins.view(op.x, op.m * op.k),
+        rounded.as_deref().unwrap_or_else(|| ins.view(op.x, len)),
         w,
         dtype,
         bias,

@@ -113,6 +113,13 @@ pub fn glu(
         .arg(&len64);
     // SAFETY: the arguments match `kiln::glu<F>(const float* x, float* out, u8* out_q8,
     // u64 n, u64 len)`; x holds 2 len and out len f32 values, out_q8 is null or holds
-    // len / 32 Q8_1 blocks with n a multiple of 32 (checked above).
-    unsafe { crate::launch::launch(&kernel, &mut args, grid_1d(len)) }
+    // len / 32 Q8_1 blocks with n a multiple of 32 (checked above). Rows of a multiple
+    // of 4 take a thread per 4 elements.
+    unsafe {
+        crate::launch::launch(
+            &kernel,
+            &mut args,
+            grid_1d(if n % 4 == 0 { len / 4 } else { len }),
+        )
+    }
 }

@@ -74,9 +74,9 @@ pub enum MatMulKernel {
         aligned: bool,
     },
     /// kernels/matvec.cu's `matvec_resident` for one activation row of a weight in the
-    /// planes layout: blocks of `threads` that hold all of x, rounded to Q8_1 (or read
-    /// already rounded from `x_q8`), in shared memory, compiled for `min_blocks` blocks
-    /// per multiprocessor; `aligned` as for `MatVecPacked`.
+    /// planes layout, given as its Q8_1 copy `x_q8`: blocks of `threads` that hold all
+    /// of it in shared memory, compiled for `min_blocks` blocks per multiprocessor;
+    /// `aligned` as for `MatVecPacked`.
     MatVecResident {
         threads: u32,
         min_blocks: u32,
@@ -209,18 +209,29 @@ fn matvec_shared(dtype: DType, rows: u32, stages: u32) -> u32 {
 }
 
 /// The mat-vec kernel for `m` activation rows of a weight of `n` rows of `k` elements in
-/// `row_bytes`: `matvec_resident` for one activation row of the dtypes of
-/// `resident_shape` when there are at least RESIDENT_MIN_ROWS rows and x fits
-/// RESIDENT_MAX_SHARED; else `matvec_packed` for packed dtypes; else the staged kernel,
-/// with 16-byte staging loads when rows are 16-byte multiples, else the block alignment.
-fn matvec_kernel(dtype: DType, m: usize, n: usize, k: usize, row_bytes: usize) -> MatMulKernel {
+/// `row_bytes`: `matvec_resident` for one activation row given as a Q8_1 copy (`q8`)
+/// and a weight of the dtypes of `resident_shape`, when there are at least
+/// RESIDENT_MIN_ROWS rows and x fits RESIDENT_MAX_SHARED; else `matvec_packed` for
+/// packed dtypes; else the staged kernel, with 16-byte staging loads when rows are
+/// 16-byte multiples, else the block alignment.
+fn matvec_kernel(
+    dtype: DType,
+    m: usize,
+    n: usize,
+    k: usize,
+    row_bytes: usize,
+    q8: bool,
+) -> MatMulKernel {
     let m_tier = M_TIERS
         .into_iter()
         .find(|&t| t as usize >= m)
         .unwrap_or(M_TIERS[M_TIERS.len() - 1]);
     let aligned = packing::planes_aligned(dtype, k);
     if let Some((threads, min_blocks)) = resident_shape(dtype) {
-        if m_tier == 1 && n >= RESIDENT_MIN_ROWS && resident_shared(dtype, k) <= RESIDENT_MAX_SHARED
+        if q8
+            && m_tier == 1
+            && n >= RESIDENT_MIN_ROWS
+            && resident_shared(dtype, k) <= RESIDENT_MAX_SHARED
         {
             return MatMulKernel::MatVecResident {
                 threads,
@@ -452,7 +463,8 @@ impl MatMulArgs {
         )?;
         let row_bytes = self.weight.bytes_for(self.k)?;
         let (kernel, launch_config) = if self.m <= MATVEC_MAX_ROWS {
-            let kernel = matvec_kernel(self.weight, self.m, self.n, self.k, row_bytes);
+            let q8 = self.x_q8_bytes.is_some();
+            let kernel = matvec_kernel(self.weight, self.m, self.n, self.k, row_bytes, q8);
             let (threads, rows_per_block, shared) = match kernel {
                 MatMulKernel::MatVec { rows, stages, .. } => (
                     MATVEC_THREADS,
@@ -481,6 +493,15 @@ impl MatMulArgs {
             )?;
             (kernel, config((blocks, 1, 1), threads, shared))
         } else {
+            if self.x_q8_bytes.is_some() {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "x_q8 is read by the mat-vec kernels of up to {MATVEC_MAX_ROWS} rows; the mat-mat of {} rows takes none",
+                        self.m
+                    ),
+                ));
+            }
             let x = grid_dim(OP, "n", self.n.div_ceil(MATMAT_TILE), MAX_GRID_X)?;
             let y = grid_dim(OP, "m", self.m.div_ceil(MATMAT_TILE), MAX_GRID_YZ)?;
             (MatMulKernel::MatMat, config((x, y, 1), MATMAT_THREADS, 0))
@@ -513,9 +534,9 @@ impl<'a> From<&'a CudaBuffer> for Activations<'a> {
 }
 
 /// `out = x · wᵀ (+ bias)` for `m x k` F32 activations and an `n x k` weight of
-/// `dtype`, as [`kiln_core::ops::MatMul`] defines. The mat-mat kernel (`m > 8`)
-/// multiplies bf16-rounded operands on tensor cores, accumulating in f32;
-/// `matvec_resident` multiplies with x rounded to Q8_1, read from `x_q8` when given.
+/// `dtype`, as [`kiln_core::ops::MatMul`] defines: with a Q8_1 copy `x_q8` (mat-vec
+/// only) the product reads the copy. The mat-mat kernel (`m > 8`) multiplies
+/// bf16-rounded operands on tensor cores, accumulating in f32.
 #[allow(clippy::too_many_arguments)] // the op's operands and shape, each named
 pub fn matmul<'a>(
     backend: &CudaBackend,
@@ -553,10 +574,12 @@ pub fn matmul<'a>(
         launch_config.grid_dim.0 = resident_blocks(n, warps, threads / 32) as u32;
     }
     let mut args = KernelArgs::new(backend);
-    args.arg(w.slice()).arg(x.slice());
-    if let MatMulKernel::MatVecResident { .. } = plan.kernel {
-        args.arg(x_q8.map(|q| q.slice()));
-    }
+    args.arg(w.slice());
+    match plan.kernel {
+        MatMulKernel::MatVecResident { .. } => args.arg(x_q8.map(|q| q.slice())),
+        MatMulKernel::MatMat => args.arg(x.slice()),
+        _ => args.arg(x.slice()).arg(x_q8.map(|q| q.slice())),
+    };
     args.arg(bias.map(|b| b.slice()))
         .arg(out.slice_mut())
         .arg(&plan.m)
@@ -566,12 +589,13 @@ pub fn matmul<'a>(
     if plan.kernel == MatMulKernel::MatMat {
         args.serialized();
     }
-    // SAFETY: the arguments match `kiln::matvec<W, M, ROWS, LOAD, STAGES>`,
-    // `kiln::matvec_packed<W, M, R, ALIGNED>` and `kiln::matmul<W>`: (const u8* w,
-    // const float* x, const float* bias, float* out, u32 m, u32 n, u32 k, u64
-    // row_bytes), and `kiln::matvec_resident<W, ALIGNED, THREADS, MIN_BLOCKS>`, which
-    // takes const u8* xq8 after x; the buffers hold their elements (checked), xq8 is
-    // null or holds k / 32 Q8_1 blocks, bias is null or holds n values, and the
-    // mat-vec tier holds m rows.
+    // SAFETY: the arguments match `kiln::matmul<W>`: (const u8* w, const float* x,
+    // const float* bias, float* out, u32 m, u32 n, u32 k, u64 row_bytes);
+    // `kiln::matvec<W, M, ROWS, LOAD, STAGES>` and `kiln::matvec_packed<W, M, R,
+    // ALIGNED>`, which take const u8* xq8 after x; and `kiln::matvec_resident<W,
+    // ALIGNED, THREADS, MIN_BLOCKS>`, which takes xq8 in place of x. The buffers hold
+    // their elements (checked); xq8 is null (never for the resident kernel, which
+    // the plan picks only with a copy) or holds m * k / 32 Q8_1 blocks; bias is null
+    // or holds n values; the mat-vec tier holds m rows.
     unsafe { launch(&kernel, &mut args, launch_config) }
 }

@@ -28,10 +28,15 @@ pub(crate) fn all_specs() -> Vec<KernelSpec> {
         .collect()
 }
 
-/// Threads per row: a multiple of 32 covering `dim`, at most 1024.
+/// Threads per row: a multiple of 32, at most 1024, enough that each holds at most
+/// NORM_VECTORS float4s of the row.
 fn threads_for(dim: u32) -> u32 {
-    dim.div_ceil(32).clamp(1, 32) * 32
+    dim.div_ceil(4 * NORM_VECTORS).div_ceil(32).clamp(1, 32) * 32
 }
+
+/// Float4s a thread of the norm kernels holds in registers (kernels/norm.cu's
+/// NORM_VECTORS).
+const NORM_VECTORS: u32 = 4;
 
 /// The fused residual operands of [`kiln_core::ops::AddRmsNorm`].
 struct Residual<'a> {
