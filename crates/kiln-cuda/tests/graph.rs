@@ -141,7 +141,6 @@ fn a_compiled_executable_replays_over_new_inputs() {
             f32_bytes(&uniform(rng, dim, 1.5)),
         ]
     };
-    let compiles = cuda.compiles();
     let mut exe = {
         let mut b = Bindings::new(&g, &memory, &mut scratch).unwrap();
         for (&id, buf) in [x16, gate, w, sum, out].iter().zip(bufs.iter_mut()) {
@@ -149,7 +148,6 @@ fn a_compiled_executable_replays_over_new_inputs() {
         }
         cuda.compile(&g, &mut b).unwrap()
     };
-    assert_eq!(cuda.compiles(), compiles + 1);
     assert_eq!(exe.launches().len(), 5, "one launch per op");
     let names: Vec<&str> = exe.ops().iter().map(|o| o.name).collect();
     assert_eq!(
@@ -185,7 +183,6 @@ fn a_compiled_executable_replays_over_new_inputs() {
         );
         assert!(exe.is_captured(), "captured on the first replay and kept");
     }
-    assert_eq!(cuda.compiles(), compiles + 1, "runs compile nothing");
     // SAFETY: as above; profile waits for its run.
     let times = unsafe { cuda.profile(&mut exe) }.unwrap();
     assert_eq!(times.len(), 5);
