@@ -5,6 +5,9 @@
 #   bash scripts/device/decode_run.sh tests     # the GPU test suite
 #   bash scripts/device/decode_run.sh bench     # tg128 of the synth files, graphs on and off
 #   bash scripts/device/decode_run.sh profile   # the per-launch profile of the 8B decode step
+#   bash scripts/device/decode_run.sh depth     # pp512 and tg128 of the 8B q4_0 at depths 0, 4k, 16k
+#   bash scripts/device/decode_run.sh sampler   # tg128 of the 8B q4_0 with the default sampler
+#   bash scripts/device/decode_run.sh kernels   # bench-kernels for q4_0, q4_k, q8_0
 # Logs go to $OUT when it is set (the device tool's output folder).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,6 +26,9 @@ synth() { # preset type
 for what in "$@"; do
   case "$what" in
     tests)
+      # The CLI tests run the kiln binary and write scratch files where cargo put
+      # them when they were built: target/ of this checkout.
+      mkdir -p target/release target/tmp && ln -sf "$PWD/$kiln" target/release/kiln
       timeout 420 bash .device/run-tests.sh 2>&1 | tee "$out/tests.log" | grep -E "FAILED|panicked|passed, " ;;
     bench)
       for spec in llama-3.1-8b:q4_0 llama-3.2-1b:q4_0 llama-3.1-8b:q4_k llama-3.1-8b:q8_0; do
@@ -35,6 +41,14 @@ for what in "$@"; do
     profile)
       f=$(synth llama-3.1-8b q4_0)
       "$kiln" bench -m "$f" -p 0 -n 128 -r 3 --profile --device cuda 2>/dev/null | tee "$out/profile.log" ;;
+    depth)
+      f=$(synth llama-3.1-8b q4_0)
+      "$kiln" bench -m "$f" -p 512 -n 128 -d 0,4096,16384 -r 3 --device cuda 2>/dev/null | tee "$out/depth.log" ;;
+    sampler)
+      f=$(synth llama-3.1-8b q4_0)
+      "$kiln" bench -m "$f" -p 0 -n 128 -r 3 --sampler default --device cuda 2>/dev/null | tee "$out/sampler.log" ;;
+    kernels)
+      "$kiln" bench-kernels --formats q4_0,q4_k,q8_0 --device cuda 2>/dev/null | tee "$out/kernels.log" ;;
     *) echo "unknown: $what"; exit 2 ;;
   esac
 done
