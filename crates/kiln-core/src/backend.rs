@@ -61,6 +61,15 @@ pub trait Backend {
         true
     }
 
+    /// Makes ready, ahead of time, whatever running `graph`'s ops needs that does not
+    /// depend on memory (CUDA: compiling or loading every kernel, in parallel), so
+    /// that the first [`Backend::compile`] of a graph like it does not wait for it.
+    /// Errors with [`Error::Unsupported`] when an op has no implementation.
+    fn prepare(&self, graph: &Graph) -> Result<()> {
+        let _ = graph;
+        Ok(())
+    }
+
     /// Validates `graph` and `bindings` (every buffer an op uses bound, outputs distinct
     /// from inputs), makes every kernel it needs ready, and lowers its ops, in order,
     /// to an executable over the memory bound now. Errors as [`Backend::execute`] would,

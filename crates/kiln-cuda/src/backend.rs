@@ -175,12 +175,6 @@ impl CudaBackend {
         self.registry.get(spec)
     }
 
-    /// Makes every kernel `graph` needs ready, compiling in parallel. Errors with
-    /// [`Error::Unsupported`] when an op has no CUDA implementation yet.
-    pub fn prepare(&self, graph: &Graph) -> Result<()> {
-        let specs = manifest::specs_for_graph(graph)?;
-        self.registry.precompile(&specs, |_| {})
-    }
 
     fn alloc_error(&self, bytes: usize, e: DriverError) -> Error {
         if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
@@ -419,6 +413,13 @@ impl Backend for CudaBackend {
 
     fn supports(&self, op: &Op) -> bool {
         manifest::has_kernel(op)
+    }
+
+    /// Makes every kernel `graph` needs ready (compiled or read from the disk cache,
+    /// and loaded), in parallel.
+    fn prepare(&self, graph: &Graph) -> Result<()> {
+        let specs = manifest::specs_for_graph(graph)?;
+        self.registry.precompile(&specs, |_| {})
     }
 
     /// Allocates `bytes` bytes of device memory, zeroed.

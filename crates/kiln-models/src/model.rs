@@ -104,6 +104,22 @@ impl<BE: Backend> Model<BE> {
             memory.insert(stack.name.clone(), buf);
         }
         apply_stacks(&mut weights, &stacks)?;
+        // The kernels of decode steps and of prompts, ready before the first token.
+        let cache_spec = CacheSpec {
+            capacity,
+            dtype: options.cache_dtype,
+        };
+        for (n_tokens, head) in [(1, 0.0), (2, 0.8)] {
+            // Heads of both sampling kernels: the argmax and the sampler.
+            let head = SampleParams {
+                temperature: head,
+                top_k: 40,
+                top_p: 0.95,
+                min_p: 0.05,
+            };
+            let fg = graph_for(&config, &weights, n_tokens, cache_spec)?.with_sample(head)?;
+            backend.prepare(&fg.graph)?;
+        }
         let cache = CacheSpec {
             capacity,
             dtype: options.cache_dtype,

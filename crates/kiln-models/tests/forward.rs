@@ -470,8 +470,17 @@ fn bad_requests_are_clear_errors() {
         .into_iter()
         .filter(|(n, _, _)| n != "blk.1.ffn_up.weight")
         .collect();
-    let mut model = load(&gguf_bytes(&s, &missing), DType::F32);
-    let err = model.forward(&[1]).unwrap_err().to_string();
+    // Loading builds the forward graphs, so a missing tensor is an error at load.
+    let bytes = gguf_bytes(&s, &missing);
+    let file = Gguf::from_bytes(&bytes[..], "missing.gguf").unwrap();
+    let options = LoadOptions {
+        context: Some(32),
+        cache_dtype: DType::F32,
+    };
+    let err = Model::load(CpuBackend, &file, options, &mut |_, _| {})
+        .err()
+        .expect("a model without blk.1.ffn_up.weight does not load")
+        .to_string();
     assert!(err.contains("blk.1.ffn_up.weight"), "{err}");
 }
 
