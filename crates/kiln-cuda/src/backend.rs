@@ -59,7 +59,13 @@ pub struct CudaBackend {
     cuda_graphs: AtomicBool,
     capture: Capture,
     compiles: AtomicU64,
+    staging: std::sync::Mutex<cudarc::driver::PinnedHostSlice<u8>>,
 }
+
+/// Bytes of page-locked host memory that small downloads (a decode step's sampled
+/// token) go through: a copy from device memory into it is one DMA, not a copy
+/// staged by the driver.
+const STAGING_BYTES: usize = 4096;
 
 /// The environment variable that, set to `0`, turns programmatic dependent launch off
 /// ([`CudaBackend::programmatic_launch`]).
@@ -92,6 +98,9 @@ impl CudaBackend {
             && std::env::var(PROGRAMMATIC_LAUNCH_ENV).map_or(true, |v| v != "0");
         let cuda_graphs = std::env::var(CUDA_GRAPHS_ENV).map_or(true, |v| v != "0");
         let capture = Capture::new(device.context())?;
+        // SAFETY: the memory is only read after a copy into it has completed.
+        let staging = unsafe { device.context().alloc_pinned_with_flags::<u8>(STAGING_BYTES, 0) }
+            .map_err(|e| driver_error("allocating page-locked staging memory", e))?;
         Ok(Self {
             device,
             multiprocessors,
@@ -102,6 +111,7 @@ impl CudaBackend {
             cuda_graphs: AtomicBool::new(cuda_graphs),
             capture,
             compiles: AtomicU64::new(0),
+            staging: std::sync::Mutex::new(staging),
         })
     }
 
@@ -477,14 +487,32 @@ impl Backend for CudaBackend {
         if dst.is_empty() {
             return Ok(());
         }
-        let view = src.slice.slice(0..dst.len());
-        self.stream().memcpy_dtoh(&view, dst).map_err(|e| {
-            driver_error(
-                &format!("downloading {} bytes from {}", dst.len(), self.name()),
-                e,
-            )
-        })?;
-        self.device.synchronize()?;
+        let len = dst.len();
+        let what = || format!("downloading {len} bytes from {}", self.name());
+        if dst.len() <= STAGING_BYTES {
+            // A poisoned lock still holds valid memory, fully rewritten below.
+            let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+            let pinned = staging.as_mut_slice().map_err(|e| driver_error(&what(), e))?;
+            let (from, _guard) = src.slice.device_ptr(self.stream());
+            // SAFETY: `from` holds at least dst.len() bytes (checked); the staging
+            // memory is read only after the stream has finished the copy.
+            unsafe {
+                result::memcpy_dtoh_async(
+                    &mut pinned[..dst.len()],
+                    from,
+                    self.stream().cu_stream(),
+                )
+            }
+            .map_err(|e| driver_error(&what(), e))?;
+            self.device.synchronize()?;
+            dst.copy_from_slice(&pinned[..dst.len()]);
+        } else {
+            let view = src.slice.slice(0..dst.len());
+            self.stream()
+                .memcpy_dtoh(&view, dst)
+                .map_err(|e| driver_error(&what(), e))?;
+            self.device.synchronize()?;
+        }
         if let Some((dtype, row_len)) = src.packed {
             let gguf = packing::unpack_rows(dtype, row_len, dst)?;
             dst.copy_from_slice(&gguf);
