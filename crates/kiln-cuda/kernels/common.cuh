@@ -3,6 +3,8 @@
 // ordering of a kernel after the ones before it in the stream.
 #pragma once
 
+#include "constants.cuh"
+
 namespace kiln {
 
 typedef unsigned long long u64;
@@ -99,8 +101,6 @@ __device__ __forceinline__ float block_sum(float v) {
 // kiln_core::quant's Q8_1 encoding). Per block of 32 values v: d = max |v| / 127,
 // q = v * (1 / d) rounded half away from zero (0 where d = 0), stored as 36 bytes:
 // d as f16, s = d * sum(q) as f16, then the 32 quants as i8.
-constexpr u32 Q8_1_BLOCK_ELEMS = 32;
-constexpr u32 Q8_1_BLOCK_BYTES = 36;
 
 // The reciprocal the quants of a block with scale d are rounded with.
 __device__ __forceinline__ float q8_1_inverse(float d) { return d != 0.0f ? 1.0f / d : 0.0f; }

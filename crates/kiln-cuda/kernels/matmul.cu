@@ -12,9 +12,8 @@
 
 namespace kiln {
 
-constexpr u32 MM_THREADS = 128;
-constexpr u32 MM_BM = 64;  // rows of x per block
-constexpr u32 MM_BN = 64;  // rows of W per block
+// MM_THREADS, MM_BM (rows of x per block) and MM_BN (rows of W per block) come from
+// constants.cuh.
 constexpr u32 MM_BK = 32;  // reduction step
 constexpr u32 MM_STRIDE = MM_BK + 8;  // bf16 elements per shared row
 

@@ -47,9 +47,8 @@
 
 namespace kiln {
 
-constexpr u32 MATVEC_THREADS = 256;
-// Elements of each weight row per tile: one chunk of 8 per thread.
-constexpr u32 MATVEC_TILE_ELEMS = 8 * MATVEC_THREADS;
+// MATVEC_THREADS and MATVEC_TILE_ELEMS (one chunk of 8 elements of each weight row
+// per thread) come from constants.cuh.
 
 // The activations at columns e .. e+7 (e a multiple of 8) of each of the first m (<= M)
 // rows of x ([m, k] row-major) as xv[i][0..8); zeros past column k and for rows at or
@@ -299,10 +298,9 @@ __host__ __device__ constexpr u32 packed_units() {
                   : (W::UNITS_IN_FLIGHT * 2 / M > 0 ? W::UNITS_IN_FLIGHT * 2 / M : 1);
 }
 
-// Floats of padding after each unit's activations in shared memory: lanes read the
-// activations of consecutive units, and the padding puts a quarter-warp's 16-byte
-// reads in distinct banks.
-constexpr u32 PACKED_PAD = 4;
+// PACKED_PAD (constants.cuh): floats of padding after each unit's activations in
+// shared memory: lanes read the activations of consecutive units, and the padding
+// puts a quarter-warp's 16-byte reads in distinct banks.
 
 // Stages float4 v of activation row i, p = the row's elements e .. e + 3, in the shared
 // layout of matvec_packed for `units` units of k per row: row i's units at

@@ -12,8 +12,6 @@
 
 namespace kiln {
 
-constexpr u32 NORM_VECTORS = 4;
-
 template <bool HasWeight, bool AddResidual>
 __device__ __forceinline__ void rms_norm_vectors(const float* __restrict__ x,
                                                  const float* __restrict__ residual,

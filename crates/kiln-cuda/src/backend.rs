@@ -99,8 +99,12 @@ impl CudaBackend {
         let cuda_graphs = std::env::var(CUDA_GRAPHS_ENV).map_or(true, |v| v != "0");
         let capture = Capture::new(device.context())?;
         // SAFETY: the memory is only read after a copy into it has completed.
-        let staging = unsafe { device.context().alloc_pinned_with_flags::<u8>(STAGING_BYTES, 0) }
-            .map_err(|e| driver_error("allocating page-locked staging memory", e))?;
+        let staging = unsafe {
+            device
+                .context()
+                .alloc_pinned_with_flags::<u8>(STAGING_BYTES, 0)
+        }
+        .map_err(|e| driver_error("allocating page-locked staging memory", e))?;
         Ok(Self {
             device,
             multiprocessors,
@@ -184,7 +188,6 @@ impl CudaBackend {
     pub fn kernel(&self, spec: &KernelSpec) -> Result<Arc<CudaKernel>> {
         self.registry.get(spec)
     }
-
 
     fn alloc_error(&self, bytes: usize, e: DriverError) -> Error {
         if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
@@ -492,16 +495,14 @@ impl Backend for CudaBackend {
         if dst.len() <= STAGING_BYTES {
             // A poisoned lock still holds valid memory, fully rewritten below.
             let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
-            let pinned = staging.as_mut_slice().map_err(|e| driver_error(&what(), e))?;
+            let pinned = staging
+                .as_mut_slice()
+                .map_err(|e| driver_error(&what(), e))?;
             let (from, _guard) = src.slice.device_ptr(self.stream());
             // SAFETY: `from` holds at least dst.len() bytes (checked); the staging
             // memory is read only after the stream has finished the copy.
             unsafe {
-                result::memcpy_dtoh_async(
-                    &mut pinned[..dst.len()],
-                    from,
-                    self.stream().cu_stream(),
-                )
+                result::memcpy_dtoh_async(&mut pinned[..dst.len()], from, self.stream().cu_stream())
             }
             .map_err(|e| driver_error(&what(), e))?;
             self.device.synchronize()?;

@@ -7,6 +7,8 @@
 //! - [`nvrtc`]: the NVRTC compiler behind the registry (CUBIN for the device's own
 //!   architecture, PTX only as a fallback).
 //! - [`manifest`]: every kernel family, its embedded source and specialisations.
+//! - [`constants`]: the constants dispatch code and kernels share, as a generated
+//!   header.
 //! - [`ops`]: dispatch functions, one module per op family, checking every argument
 //!   before launch.
 //! - [`packing`]: the planes layout in which the backend stores quantized weights.
@@ -17,6 +19,7 @@
 //! - [`timing`]: device-side timing of launches with CUDA events.
 
 pub mod backend;
+pub mod constants;
 pub mod context;
 pub mod executable;
 pub(crate) mod launch;

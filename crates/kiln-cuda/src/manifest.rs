@@ -2,14 +2,15 @@
 //! and every specialisation, so that precompilation can enumerate them all.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use kiln_core::{BufferId, Error, Graph, Op, Result};
 
 use crate::ops;
 use crate::registry::{KernelSource, KernelSpec};
 
-/// Headers every kernel source may `#include`, handed to NVRTC in memory.
-pub const HEADERS: &[KernelSource] = &[
+/// The headers written in files, which every kernel source may `#include`.
+const FILE_HEADERS: [KernelSource; 3] = [
     KernelSource {
         name: "common.cuh",
         text: include_str!("../kernels/common.cuh"),
@@ -23,6 +24,20 @@ pub const HEADERS: &[KernelSource] = &[
         text: include_str!("../kernels/reduce.cuh"),
     },
 ];
+
+/// Headers every kernel source may `#include`, handed to NVRTC in memory: those
+/// written in files and `constants.cuh`, generated from [`crate::constants`].
+pub fn headers() -> &'static [KernelSource] {
+    static HEADERS: OnceLock<[KernelSource; 4]> = OnceLock::new();
+    HEADERS.get_or_init(|| {
+        let [common, quant, reduce] = FILE_HEADERS;
+        let constants = KernelSource {
+            name: "constants.cuh",
+            text: crate::constants::header(),
+        };
+        [constants, common, quant, reduce]
+    })
+}
 
 /// A kernel family: one `.cu` file, named like its op family in `kiln_core::ops`.
 #[derive(Clone, Copy, Debug)]
@@ -48,7 +63,7 @@ impl Family {
         KernelSpec {
             key,
             source: self.source,
-            headers: HEADERS,
+            headers: headers(),
             name_expression,
             options: Vec::new(),
         }

@@ -18,6 +18,7 @@ use super::common::{
 };
 use super::{check_bytes, check_nonzero, check_packed, check_q8_copy, count, to_u32};
 
+use crate::constants::{MATVEC_THREADS, MM_BM, MM_BN, MM_THREADS, PACKED_PAD};
 use crate::context::driver_error;
 use crate::launch::KernelArgs;
 use crate::manifest::{MATMUL, MATVEC};
@@ -34,11 +35,8 @@ pub const MATVEC_MAX_ROWS: usize = 8;
 /// smallest tier that holds them.
 const M_TIERS: [u32; 4] = [1, 2, 4, 8];
 
-/// Threads per mat-vec block (kernels/matvec.cu's MATVEC_THREADS).
-const MATVEC_THREADS: u32 = 256;
-
-/// Elements of each weight row a mat-vec block stages per tile (MATVEC_TILE_ELEMS).
-const MATVEC_TILE_ELEMS: usize = 8 * MATVEC_THREADS as usize;
+/// Elements of each weight row a mat-vec block stages per tile.
+const MATVEC_TILE_ELEMS: usize = crate::constants::MATVEC_TILE_ELEMS as usize;
 
 /// Shared memory one tile of a mat-vec block's rows may take.
 const MATVEC_SLOT_SHARED: usize = 16 * 1024;
@@ -48,11 +46,6 @@ const MATVEC_SHARED: usize = 64 * 1024;
 
 /// Tiles a mat-vec block keeps in shared memory (one computed while the others load).
 const MATVEC_STAGES: std::ops::RangeInclusive<usize> = 2..=4;
-
-/// Threads per mat-mat block and the block's output tile (kernels/matmul.cu's
-/// MM_THREADS, MM_BM, MM_BN).
-const MATMAT_THREADS: u32 = 128;
-const MATMAT_TILE: usize = 64;
 
 /// Which kernel runs a matmul, and its compile-time shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,7 +94,7 @@ fn packed_unit(dtype: DType) -> (usize, usize, usize) {
 
 /// Dynamic shared memory of `matvec_packed` for `m_tier` activation rows: one
 /// round's activations, each unit's followed by 4 floats of padding, then their sum
-/// per scale group (matvec.cu's packed_units, packed_stride, PACKED_PAD and
+/// per scale group (matvec.cu's packed_units, packed_stride, [`PACKED_PAD`] and
 /// packed_groups).
 fn packed_shared(dtype: DType, m_tier: u32) -> u32 {
     let (unit, in_flight, group) = packed_unit(dtype);
@@ -111,7 +104,7 @@ fn packed_shared(dtype: DType, m_tier: u32) -> u32 {
     } else {
         (in_flight * 2 / m).max(1)
     };
-    (m * 32 * units * (unit + 4 + unit / group) * 4) as u32
+    (m * 32 * units * (unit + PACKED_PAD as usize + unit / group) * 4) as u32
 }
 
 /// Weight rows per warp of `matvec_packed`. Two rows share each activation load, but
@@ -502,9 +495,9 @@ impl MatMulArgs {
                     ),
                 ));
             }
-            let x = grid_dim(OP, "n", self.n.div_ceil(MATMAT_TILE), MAX_GRID_X)?;
-            let y = grid_dim(OP, "m", self.m.div_ceil(MATMAT_TILE), MAX_GRID_YZ)?;
-            (MatMulKernel::MatMat, config((x, y, 1), MATMAT_THREADS, 0))
+            let x = grid_dim(OP, "n", self.n.div_ceil(MM_BN as usize), MAX_GRID_X)?;
+            let y = grid_dim(OP, "m", self.m.div_ceil(MM_BM as usize), MAX_GRID_YZ)?;
+            (MatMulKernel::MatMat, config((x, y, 1), MM_THREADS, 0))
         };
         Ok(MatMulPlan {
             kernel,

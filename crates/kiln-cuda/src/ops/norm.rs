@@ -5,6 +5,7 @@ use cudarc::driver::LaunchConfig;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::{check_buffer, check_nonzero, check_q8_copy, count, to_u32};
+use crate::constants::NORM_VECTORS;
 use crate::launch::KernelArgs;
 use crate::manifest::NORM;
 use crate::registry::KernelSpec;
@@ -33,10 +34,6 @@ pub(crate) fn all_specs() -> Vec<KernelSpec> {
 fn threads_for(dim: u32) -> u32 {
     dim.div_ceil(4 * NORM_VECTORS).div_ceil(32).clamp(1, 32) * 32
 }
-
-/// Float4s a thread of the norm kernels holds in registers (kernels/norm.cu's
-/// NORM_VECTORS).
-const NORM_VECTORS: u32 = 4;
 
 /// The fused residual operands of [`kiln_core::ops::AddRmsNorm`].
 struct Residual<'a> {

@@ -1,0 +1,69 @@
+//! Constants that the dispatch code and the kernels share, written once: kernels see
+//! them as `constants.cuh`, a header generated from this list and handed to NVRTC in
+//! memory with the others ([`crate::manifest::headers`]).
+
+use std::sync::OnceLock;
+
+macro_rules! shared_constants {
+    ($($(#[doc = $doc:expr])* $name:ident = $value:expr;)*) => {
+        $($(#[doc = $doc])* pub const $name: u32 = $value;)*
+
+        /// The text of `constants.cuh`: every constant as a `constexpr` of namespace
+        /// `kiln`.
+        fn header_text() -> String {
+            let mut text = String::from(
+                "// Generated from kiln-cuda/src/constants.rs: constants the dispatch code shares.\n\
+                 #pragma once\nnamespace kiln {\n",
+            );
+            $(text.push_str(&format!("constexpr unsigned int {} = {}u;\n", stringify!($name), $name));)*
+            text.push_str("}  // namespace kiln\n");
+            text
+        }
+    };
+}
+
+shared_constants! {
+    /// Threads per block of the staged and packed mat-vec kernels.
+    MATVEC_THREADS = 256;
+    /// Elements of each weight row a staged mat-vec block stages per tile.
+    MATVEC_TILE_ELEMS = 8 * MATVEC_THREADS;
+    /// Floats of padding after each unit's activations in a packed mat-vec block's
+    /// shared memory.
+    PACKED_PAD = 4;
+    /// Threads per block of the mat-mat kernel, and the rows of x and of the weight of
+    /// a block's output tile.
+    MM_THREADS = 128;
+    MM_BM = 64;
+    MM_BN = 64;
+    /// Float4s of a row that each thread of a norm kernel holds in registers.
+    NORM_VECTORS = 4;
+    /// Elements and bytes of a Q8_1 block (kiln_core's DType::Q8_1).
+    Q8_1_BLOCK_ELEMS = 32;
+    Q8_1_BLOCK_BYTES = 36;
+}
+
+/// The text of the generated `constants.cuh`.
+pub fn header() -> &'static str {
+    static TEXT: OnceLock<String> = OnceLock::new();
+    TEXT.get_or_init(header_text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::DType;
+
+    #[test]
+    fn the_q8_1_block_is_kiln_core_s() {
+        assert_eq!(Q8_1_BLOCK_ELEMS as usize, DType::Q8_1.block_size());
+        assert_eq!(Q8_1_BLOCK_BYTES as usize, DType::Q8_1.block_bytes());
+    }
+
+    #[test]
+    fn the_header_declares_every_constant() {
+        let text = header();
+        assert!(text.contains("constexpr unsigned int MATVEC_TILE_ELEMS = 2048u;"));
+        assert!(text.contains("constexpr unsigned int Q8_1_BLOCK_BYTES = 36u;"));
+        assert!(text.starts_with("// Generated") && text.ends_with("}  // namespace kiln\n"));
+    }
+}
