@@ -68,16 +68,17 @@ __device__ __forceinline__ void load8(const typename C::storage* p, float* v) {
 // and split s < active takes rows first + [s * len / active, (s + 1) * len / active).
 // Blocks with s >= active exit at once, so one launch record serves every position.
 // With active == 1 the block writes the output itself; otherwise every active block
-// writes its unnormalised values with their max and sum to `work` ([token, head, split]
-// x (head_dim + 2) floats, split stride gridDim.x) and the last one to finish (an atomic
-// ticket on counters[token * gridDim.y + blockIdx.y]) merges them and sets its counter
-// back to 0, so counters are zero between launches without a host memset.
+// writes its unnormalised values ([token, head, split][head_dim] floats from `work`,
+// split stride gridDim.x) and their max and sum (2 floats per [token, head, split],
+// after all the values) and the last one to finish (an atomic ticket on
+// counters[token * gridDim.y + blockIdx.y]) merges them and sets its counter back to 0,
+// so counters are zero between launches without a host memset.
 //
 // Inside a block each warp streams its own tiles of T cache rows (tile w, w + 4, ... of
 // the block's range) through an AD_STAGES-deep ring of cp.async copies in shared memory,
 // with no block barrier until the end. Lane (slot, sub) of a warp (slot = lane / LPR,
 // sub = lane % LPR) copies and reads columns 8 sub .. 8 sub + 7 of rows slot, slot + RPW,
-// ... of a tile, 16-byte copies (32 for F32), so each lane reads back only what it
+// ... of a tile, 16-byte copies (two for F32), so each lane reads back only what it
 // copied. Each slot keeps its own online softmax (in base 2) for the G query heads;
 // slots, then warps, then splits are merged at the end.
 
@@ -111,13 +112,28 @@ __device__ __forceinline__ void decode_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
 }
 
-// Eight cache elements (one lane's chunk of a row) from global `from` to shared `to`.
+// Eight cache elements (one lane's chunk of a row) from global `from` to shared `to`:
+// 16 bytes, or for F32 two halves of 16 bytes 512 bytes apart (the warp's 32 lanes copy
+// each half to consecutive words, so that neither copies nor reads conflict on banks).
 template <typename C>
 __device__ __forceinline__ void decode_copy_chunk(u8* to, const typename C::storage* from,
                                                   bool valid) {
     decode_copy16(to, from, valid);
     if constexpr (sizeof(typename C::storage) == 4) {
-        decode_copy16(to + 16, from + 4, valid);
+        decode_copy16(to + 512, from + 4, valid);
+    }
+}
+
+// The eight elements decode_copy_chunk copied to `at`, as f32.
+template <typename C>
+__device__ __forceinline__ void decode_load_chunk(const u8* at, float* v) {
+    if constexpr (sizeof(typename C::storage) == 2) {
+        load8<C>(reinterpret_cast<const typename C::storage*>(at), v);
+    } else {
+        const float4 a = *reinterpret_cast<const float4*>(at);
+        const float4 b = *reinterpret_cast<const float4*>(at + 512);
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+        v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
     }
 }
 
@@ -149,6 +165,24 @@ __device__ __forceinline__ void decode_reduce_scatter(float (&v)[N], u32 sub) {
 }
 
 constexpr float AD_LOG2E = 1.4426950408889634f;
+
+// 2^x by the special-function unit alone (ex2.approx.ftz: relative error about 2^-22,
+// results below 2^-126 flushed to 0, 2^-inf = 0): the online softmax's weights.
+__device__ __forceinline__ float decode_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Adds 1 to a merge counter and returns its old value, with acquire and release
+// semantics at GPU scope: the caller's block's partial results (ordered before the call
+// by a block barrier) are released to, and every earlier ticket holder's acquired by,
+// the block that takes the last ticket.
+__device__ __forceinline__ u32 decode_ticket(u32* counter) {
+    u32 old;
+    asm volatile("atom.acq_rel.gpu.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+    return old;
+}
 
 // G: query heads per block (1, 2, 4 or 8; a group runs in chunks of G). LPR: lanes per
 // cache row (8, 16 or 32), head_dim <= 8 * LPR; lanes past head_dim / 8 hold zeros.
@@ -207,33 +241,30 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
     const u32 begin = first + (u32)((u64)split * len / active);
     const u32 end = first + (u32)((u64)(split + 1) * len / active);
 
-    // The block's queries, zero past nh heads and head_dim columns.
-    float* qs = reinterpret_cast<float*>(decode_shared + AD_WARPS * AD_STAGES * AD_STAGE_BYTES);
-    for (u32 i = threadIdx.x; i < G * DMAX; i += AD_THREADS) {
-        const u32 h = i / DMAX, d = i % DMAX;
-        qs[i] = h < nh && d < head_dim ? q[((u64)t * n_heads + h0 + h) * head_dim + d] : 0.0f;
-    }
-    __syncthreads();
-
-    // This warp's tiles and its copy ring.
+    // This warp's tiles and its copy ring. Tile s of the warp holds rows
+    // begin + (warp + 4 s) T + u RPW + slot, u < U; this lane's chunk of the first row
+    // of its slot is at lane_at in each cache, and `lane_rows` rows of the split lie at
+    // or after that row.
     const u32 tiles = (end - begin + T - 1) / T;
     const u32 my_tiles = warp < tiles ? (tiles - warp + AD_WARPS - 1) / AD_WARPS : 0;
-    u8* ring = decode_shared + warp * AD_STAGES * AD_STAGE_BYTES;
+    u8* ring = decode_shared + warp * AD_STAGES * AD_STAGE_BYTES + lane * 16;
     const bool lane_on = sub < head_dim / 8;
-    const S* k_head = k_cache + (u64)kvh * capacity * head_dim;
-    const S* v_head = v_cache + (u64)kvh * capacity * head_dim;
+    const int lane_rows = (int)(end - begin) - (int)(warp * T + slot);
+    const u64 lane_at = ((u64)kvh * capacity + begin + warp * T + slot) * head_dim + 8 * sub;
+    const u32 pass_step = RPW * head_dim;
+    const u64 tile_step = (u64)AD_WARPS * T * head_dim;
     // Issues the copies of this warp's tile `s` (if it has one) as one group.
     auto issue = [&](u32 s) {
         if (s < my_tiles) {
-            const u32 row0 = begin + (warp + s * AD_WARPS) * T;
+            const int tile_row = (int)(s * AD_WARPS * T);
+            const u64 at = lane_at + s * tile_step;
             u8* stage = ring + (s % AD_STAGES) * AD_STAGE_BYTES;
 #pragma unroll
             for (u32 u = 0; u < U; ++u) {
-                const u32 j = row0 + u * RPW + slot;
-                const bool valid = lane_on && j < end;
-                const u64 at = valid ? (u64)j * head_dim + 8 * sub : 0;
-                decode_copy_chunk<C>(stage + (u * 32 + lane) * CHUNK, k_head + at, valid);
-                decode_copy_chunk<C>(stage + ((U + u) * 32 + lane) * CHUNK, v_head + at, valid);
+                const bool valid = lane_on && tile_row + (int)(u * RPW) < lane_rows;
+                const u64 row_at = valid ? at + u * pass_step : 0;
+                decode_copy_chunk<C>(stage + u * 32 * CHUNK, k_cache + row_at, valid);
+                decode_copy_chunk<C>(stage + (U + u) * 32 * CHUNK, v_cache + row_at, valid);
             }
         }
         decode_commit();
@@ -241,22 +272,34 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
 #pragma unroll
     for (u32 s = 0; s + 1 < AD_STAGES; ++s) issue(s);
 
+    // The block's queries, zero past nh heads and head_dim columns, while the first
+    // tiles are in flight. Head h's columns 8 c + e sit at qs[h][4 c + e] for e < 4 and
+    // at qs[h][DMAX / 2 + 4 c + e - 4] for the others, so that the lanes of a row read
+    // consecutive 16-byte words.
+    float* qs = reinterpret_cast<float*>(decode_shared + AD_WARPS * AD_STAGES * AD_STAGE_BYTES);
+    for (u32 i = threadIdx.x; i < G * DMAX; i += AD_THREADS) {
+        const u32 h = i / DMAX, d = i % DMAX;
+        const u32 at = h * DMAX + (d % 8 < 4 ? 0 : DMAX / 2) + 4 * (d / 8) + d % 4;
+        qs[at] = h < nh && d < head_dim ? q[((u64)t * n_heads + h0 + h) * head_dim + d] : 0.0f;
+    }
+    __syncthreads();
+
     float acc[G][8];
 #pragma unroll
     for (u32 h = 0; h < G; ++h)
 #pragma unroll
         for (u32 e = 0; e < 8; ++e) acc[h][e] = 0.0f;
-    // Running max (base 2) and partial sum of this lane's head, `mine`, in its slot.
+    // Running max (base 2) and partial sum of this lane's head in its slot; the lane
+    // holds totals base + j, j < HOLD, of each tile's scores h * U + u.
     const u32 base = (sub / DUP) * HOLD;
-    const u32 mine = base / U;
     float m = neg_inf(), l = 0.0f;
-    const float scale2 = softcap > 0.0f ? scale : scale * AD_LOG2E;
+    const float scale2 = scale * AD_LOG2E;
 
     for (u32 s = 0; s < my_tiles; ++s) {
         issue(s + AD_STAGES - 1);
         decode_wait<AD_STAGES - 1>();
-        const u8* stage = ring + (s % AD_STAGES) * AD_STAGE_BYTES + lane * CHUNK;
-        const u32 row0 = begin + (warp + s * AD_WARPS) * T;
+        const u8* stage = ring + (s % AD_STAGES) * AD_STAGE_BYTES;
+        const int tile_row = (int)(s * AD_WARPS * T);
 
         // Partial dot products of this lane's columns: part[h * U + u].
         float part[N];
@@ -264,12 +307,13 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
             float kf[U][8];
 #pragma unroll
             for (u32 u = 0; u < U; ++u) {
-                load8<C>(reinterpret_cast<const S*>(stage + u * 32 * CHUNK), kf[u]);
+                decode_load_chunk<C>(stage + u * 32 * CHUNK, kf[u]);
             }
 #pragma unroll
             for (u32 h = 0; h < G; ++h) {
-                const float4 qa = *reinterpret_cast<const float4*>(qs + h * DMAX + 8 * sub);
-                const float4 qb = *reinterpret_cast<const float4*>(qs + h * DMAX + 8 * sub + 4);
+                const float4 qa = *reinterpret_cast<const float4*>(qs + h * DMAX + 4 * sub);
+                const float4 qb =
+                    *reinterpret_cast<const float4*>(qs + h * DMAX + DMAX / 2 + 4 * sub);
                 const float qv[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
 #pragma unroll
                 for (u32 u = 0; u < U; ++u) {
@@ -287,11 +331,11 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
         float tile_max = neg_inf();
 #pragma unroll
         for (u32 j = 0; j < HOLD; ++j) {
-            const u32 row = row0 + ((base + j) % U) * RPW + slot;
+            const int row = tile_row + (int)(((base + j) % U) * RPW);
             const float raw = softcap > 0.0f
                                   ? attention_score(part[j], scale, softcap) * AD_LOG2E
                                   : part[j] * scale2;
-            sc[j] = row < end ? raw : neg_inf();
+            sc[j] = row < lane_rows ? raw : neg_inf();
             tile_max = fmaxf(tile_max, sc[j]);
         }
 #pragma unroll
@@ -300,12 +344,13 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
         }
         const float m_new = fmaxf(m, tile_max);
         const bool none = m_new == neg_inf();
-        const float alpha = none ? 1.0f : exp2f(m - m_new);
+        // Exactly 1 while the max holds, so that most tiles rescale nothing.
+        const float alpha = m == m_new ? 1.0f : decode_exp2(m - m_new);
         float pr[HOLD];
         float tile_sum = 0.0f;
 #pragma unroll
         for (u32 j = 0; j < HOLD; ++j) {
-            pr[j] = none ? 0.0f : exp2f(sc[j] - m_new);
+            pr[j] = none ? 0.0f : decode_exp2(sc[j] - m_new);
             tile_sum += pr[j];
         }
         l = l * alpha + tile_sum;
@@ -317,10 +362,10 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
         for (u32 i = 0; i < N; ++i) {
             pa[i] = __shfl_sync(0xffffffffu, pr[i % HOLD], (i / HOLD) * DUP, LPR);
         }
+        if (__any_sync(0xffffffffu, alpha != 1.0f)) {
 #pragma unroll
-        for (u32 h = 0; h < G; ++h) {
-            const float a = __shfl_sync(0xffffffffu, alpha, h * LH, LPR);
-            if (a != 1.0f) {
+            for (u32 h = 0; h < G; ++h) {
+                const float a = __shfl_sync(0xffffffffu, alpha, h * LH, LPR);
 #pragma unroll
                 for (u32 e = 0; e < 8; ++e) acc[h][e] *= a;
             }
@@ -328,7 +373,7 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
 #pragma unroll
         for (u32 u = 0; u < U; ++u) {
             float vf[8];
-            load8<C>(reinterpret_cast<const S*>(stage + (U + u) * 32 * CHUNK), vf);
+            decode_load_chunk<C>(stage + (U + u) * 32 * CHUNK, vf);
 #pragma unroll
             for (u32 h = 0; h < G; ++h) {
 #pragma unroll
@@ -414,49 +459,93 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
         return;
     }
 
-    // Partial results: [token, head, split] x (values, max, sum).
-    const u32 stride = head_dim + 2;
-    for (u32 i = threadIdx.x; i < nh * stride; i += AD_THREADS) {
-        const u32 h = i / stride, d = i % stride;
-        const float v = d < head_dim ? value(h, d) : (d == head_dim ? head_max[h] : head_sum[h]);
-        work[(((u64)t * n_heads + h0 + h) * splits + split) * stride + d] = v;
+    // Partial results: values [token, head, split][head_dim], then (max, sum) of each
+    // [token, head, split] after all the values.
+    const u64 rows_at = ((u64)t * n_heads + h0) * splits;  // this block's heads' first row
+    float* values = work;
+    float* stats = work + (u64)gridDim.z * n_heads * splits * head_dim;
+    for (u32 i = threadIdx.x; i < nh * head_dim; i += AD_THREADS) {
+        const u32 h = i / head_dim, d = i % head_dim;
+        values[(rows_at + h * splits + split) * head_dim + d] = value(h, d);
     }
-    __threadfence();
+    if (threadIdx.x < nh) {
+        const u32 h = threadIdx.x;
+        stats[(rows_at + h * splits + split) * 2] = head_max[h];
+        stats[(rows_at + h * splits + split) * 2 + 1] = head_sum[h];
+    }
     __syncthreads();
     u32* counter = counters + (u64)t * gridDim.y + blockIdx.y;
     if (threadIdx.x == 0) {
-        last_block = atomicAdd(counter, 1u) == active - 1;
+        last_block = decode_ticket(counter) == active - 1;
     }
     __syncthreads();
     if (!last_block) {
         return;
     }
-    __threadfence();
-    // Merge the active splits: weight of split s = 2^(m_s - M) / L with M the largest max
-    // and L = sum_s sum_s 2^(m_s - M).
+    // Merge the active splits (at most 64): weight of split s = 2^(m_s - M) / L with M
+    // the largest max and L = sum_s sum_s 2^(m_s - M). Lane i reads splits i and i + 32.
+    static_assert(AD_MAX_SPLITS <= 64, "two splits per lane");
     for (u32 h = warp; h < nh; h += AD_WARPS) {
-        const float* part = work + ((u64)t * n_heads + h0 + h) * splits * stride;
-        float mx = neg_inf();
-        for (u32 s = lane; s < active; s += 32) mx = fmaxf(mx, __ldcg(part + s * stride + head_dim));
-        mx = warp_reduce<MaxOp>(mx);
-        float total = 0.0f;
-        for (u32 s = lane; s < active; s += 32) {
-            const float ms = __ldcg(part + s * stride + head_dim);
-            const float e = ms == neg_inf() ? 0.0f : exp2f(ms - mx);
-            weights[h][s] = e;
-            total = fmaf(__ldcg(part + s * stride + head_dim + 1), e, total);
-        }
-        total = warp_reduce<SumOp>(total);
-        __syncwarp();
-        for (u32 s = lane; s < active; s += 32) weights[h][s] /= total;
+        const float2* st = reinterpret_cast<const float2*>(stats + (rows_at + h * splits) * 2);
+        const float2 none = make_float2(neg_inf(), 0.0f);
+        const float2 a = lane < active ? __ldcg(st + lane) : none;
+        const float2 b = lane + 32 < active ? __ldcg(st + lane + 32) : none;
+        const float mx = warp_reduce<MaxOp>(fmaxf(a.x, b.x));
+        const float ea = a.x == neg_inf() ? 0.0f : exp2f(a.x - mx);
+        const float eb = b.x == neg_inf() ? 0.0f : exp2f(b.x - mx);
+        const float total = warp_reduce<SumOp>(fmaf(a.y, ea, b.y * eb));
+        if (lane < active) weights[h][lane] = ea / total;
+        if (lane + 32 < active) weights[h][lane + 32] = eb / total;
     }
     __syncthreads();
-    for (u32 i = threadIdx.x; i < nh * head_dim; i += AD_THREADS) {
-        const u32 h = i / head_dim, d = i % head_dim;
-        const float* part = work + ((u64)t * n_heads + h0 + h) * splits * stride;
-        float o = 0.0f;
-        for (u32 s = 0; s < active; ++s) o = fmaf(__ldcg(part + s * stride + d), weights[h][s], o);
-        out_t[i] = o;
+    // Weighted sums of 4 columns (an item) each; with fewer items than threads, `groups`
+    // threads share an item (splits g, g + groups, ...) and their sums meet in the
+    // copy rings (free now), added in group order.
+    const u32 quads = head_dim / 4, items = nh * quads;
+    const u32 groups = items >= AD_THREADS ? 1 : AD_THREADS / items;
+    float4* sums = reinterpret_cast<float4*>(decode_shared);  // [groups][items]
+    for (u32 i = threadIdx.x; i < items * groups; i += AD_THREADS) {
+        const u32 g = i / items, item = i % items, h = item / quads, c = 4 * (item % quads);
+        const float* vh = values + (rows_at + h * splits) * head_dim + c;
+        float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        // 16 loads in flight at a time.
+        constexpr u32 BATCH = 16;
+        for (u32 s0 = g; s0 < active; s0 += BATCH * groups) {
+            float4 v[BATCH];
+#pragma unroll
+            for (u32 k = 0; k < BATCH; ++k) {
+                const u32 s = s0 + k * groups;
+                v[k] = s < active ? __ldcg(reinterpret_cast<const float4*>(vh + (u64)s * head_dim))
+                                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+#pragma unroll
+            for (u32 k = 0; k < BATCH; ++k) {
+                const u32 s = s0 + k * groups;
+                const float w = s < active ? weights[h][s] : 0.0f;
+                o.x = fmaf(w, v[k].x, o.x);
+                o.y = fmaf(w, v[k].y, o.y);
+                o.z = fmaf(w, v[k].z, o.z);
+                o.w = fmaf(w, v[k].w, o.w);
+            }
+        }
+        if (groups == 1) {
+            float* to = out_t + h * head_dim + c;
+            to[0] = o.x, to[1] = o.y, to[2] = o.z, to[3] = o.w;
+        } else {
+            sums[g * items + item] = o;
+        }
+    }
+    if (groups > 1) {
+        __syncthreads();
+        for (u32 item = threadIdx.x; item < items; item += AD_THREADS) {
+            float4 o = sums[item];
+            for (u32 g = 1; g < groups; ++g) {
+                const float4 v = sums[g * items + item];
+                o.x += v.x, o.y += v.y, o.z += v.z, o.w += v.w;
+            }
+            float* to = out_t + (item / quads) * head_dim + 4 * (item % quads);
+            to[0] = o.x, to[1] = o.y, to[2] = o.z, to[3] = o.w;
+        }
     }
     if (threadIdx.x == 0) {
         *counter = 0;

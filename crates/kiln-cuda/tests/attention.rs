@@ -50,18 +50,18 @@ fn args() -> AttentionArgs {
 fn one_query_runs_the_split_decode_kernel_with_a_workspace() {
     let plan = args().check().unwrap();
     // 16 lanes per row of 128 columns: a warp's tile is 2 rows x 4 passes = 8 rows, a
-    // split at least 4 warps x 2 tiles = 64 rows. Splits: min(4096 rows / 64, 132
+    // split at least 4 warps x 4 tiles = 128 rows. Splits: min(4096 rows / 128, 132
     // multiprocessors x 3 blocks / 8 KV heads = 49, 64).
     assert_eq!(
         plan.kernel,
         AttentionKernel::Decode {
             group: 4,
             lanes: 16,
-            splits: 49
+            splits: 32
         }
     );
-    assert_eq!(plan.split_rows, 64);
-    assert_eq!(plan.config.grid_dim, (49, 8, 1));
+    assert_eq!(plan.split_rows, 128);
+    assert_eq!(plan.config.grid_dim, (32, 8, 1));
     assert_eq!(plan.config.block_dim, (128, 1, 1));
     // Four warps x 4 tiles of 4 KiB, then 4 heads x 128 f32 queries.
     assert_eq!(plan.config.shared_mem_bytes, 4 * 4 * 4096 + 4 * 128 * 4);
@@ -69,13 +69,14 @@ fn one_query_runs_the_split_decode_kernel_with_a_workspace() {
         plan.spec.name_expression,
         "kiln::attention_decode<kiln::F16, 4, 16>"
     );
-    assert_eq!(plan.workspace_bytes, 4096 * 4 + 32 * 49 * 130 * 4);
+    // Counters, then 32 heads x 32 splits of 128 values, a max and a sum.
+    assert_eq!(plan.workspace_bytes, 4096 * 4 + 32 * 32 * 130 * 4);
 }
 
 #[test]
 fn the_decode_grid_is_sized_by_the_capacity_and_the_device() {
     // Positions live on the device: the plan sees only the capacity (or the window).
-    for (capacity, splits) in [(64, 1), (65, 2), (1000, 16), (3136, 49), (1 << 20, 49)] {
+    for (capacity, splits) in [(128, 1), (129, 2), (1000, 8), (6272, 49), (1 << 20, 49)] {
         let plan = args_for(AttentionShape {
             capacity,
             ..shape()
@@ -90,7 +91,7 @@ fn the_decode_grid_is_sized_by_the_capacity_and_the_device() {
     })
     .check()
     .unwrap();
-    assert_eq!(windowed.config.grid_dim.0, 4, "200 rows in splits of 64");
+    assert_eq!(windowed.config.grid_dim.0, 2, "200 rows in splits of 128");
     // Half the multiprocessors, half the blocks; four queries share them.
     assert_eq!(args().check_on(66).unwrap().config.grid_dim.0, 24);
     let four = args_for(AttentionShape {
@@ -104,15 +105,15 @@ fn the_decode_grid_is_sized_by_the_capacity_and_the_device() {
 
 #[test]
 fn decode_lanes_and_split_rows_follow_the_head_dim_and_cache() {
-    // (head_dim, cache, lanes, rows per split): 4 warps x 2 tiles of (32 / lanes) rows
+    // (head_dim, cache, lanes, rows per split): 4 warps x 4 tiles of (32 / lanes) rows
     // x (64 bytes / a lane's 8 elements) passes.
     for (head_dim, cache, lanes, rows) in [
-        (64, DType::F16, 8, 128),
-        (72, DType::F16, 16, 64),
-        (128, DType::F32, 16, 32),
-        (200, DType::F16, 32, 32),
-        (256, DType::F32, 32, 16),
-        (8, DType::F32, 8, 64),
+        (64, DType::F16, 8, 256),
+        (72, DType::F16, 16, 128),
+        (128, DType::F32, 16, 64),
+        (200, DType::F16, 32, 64),
+        (256, DType::F32, 32, 32),
+        (8, DType::F32, 8, 128),
     ] {
         let plan = args_with(
             AttentionShape {

@@ -77,8 +77,9 @@ const DECODE_BLOCKS_PER_SM: usize = 3;
 const MAX_SPLITS: usize = 64;
 
 /// Tiles per warp worth a split of their own: a split gets at least
-/// `DECODE_WARPS * SPLIT_TILES` tiles of rows (32 KiB of K and V).
-const SPLIT_TILES: usize = 2;
+/// `DECODE_WARPS * SPLIT_TILES` tiles of rows (64 KiB of K and V), so that at 4096
+/// rows of 8 KV heads of 128 the grid has 256 blocks and each merge reads 32 partials.
+const SPLIT_TILES: usize = 4;
 
 /// Multiprocessors [`AttentionArgs::check`] plans for: an H100's or H200's.
 pub const DEFAULT_MULTIPROCESSORS: u32 = 132;
@@ -367,7 +368,7 @@ impl AttentionArgs {
             kernel,
             config: config(grid, DECODE_THREADS, shared),
             workspace_bytes: workspace,
-            // At most 4 * 2 * 16 rows.
+            // At most 4 * 4 * 16 rows.
             split_rows: split_rows as u32,
             heads_per_block: 0,
             tokens_per_block: 0,
