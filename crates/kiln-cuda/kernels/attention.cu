@@ -11,12 +11,13 @@
 // A query whose position lies outside 0..capacity gets an output of zeros.
 //
 // Two kernels compute it:
-// - attention_decode (few queries): flash-decoding. The visible rows of each query are
-//   split across gridDim.x blocks; each block handles up to GMAX query heads sharing one
-//   KV head, so each K and V row is read once for all of them, and keeps an online
-//   softmax. With several splits, each block writes its unnormalised partial result and
-//   running max and sum to a workspace; the last block of a (query, head group) to
-//   finish (counted with an atomic ticket) merges them and resets its counter to 0.
+// - attention_decode (few queries): flash-decoding. Each block handles up to G query
+//   heads sharing one KV head, so each K and V row is read once for all of them, and one
+//   split of a query's visible rows; the grid holds the most splits the capacity needs,
+//   and each block derives from the query's position how many are needed now (blocks
+//   past that exit at once). Warps stream rows through cp.async rings with an online
+//   softmax each; with several splits, the last block of a (query, head group) to finish
+//   (an atomic ticket) merges the splits' partial results and resets its counter to 0.
 // - attention_prefill (many queries): a block holds 32 (query, head) rows of one KV head
 //   and walks their union of visible rows in tiles of 16 staged in shared memory, with
 //   an online softmax per row. CUDA cores, f32; tensor cores are a later step.
@@ -56,52 +57,171 @@ __device__ __forceinline__ void load8(const typename C::storage* p, float* v) {
     }
 }
 
-// Four consecutive cache elements at p (8-byte aligned for F16, 16 for F32) as f32.
+// ---------------------------------------------------------------------------------------
+// attention_decode
+//
+// Grid (splits, n_kv_heads * ceil(group / G), n_tokens), AD_THREADS threads, dynamic
+// shared memory decode_shared_bytes(G, LPR). The grid is sized by the host from the
+// capacity (the most rows a query can see); each block reads its query's position and
+// derives how many splits the visible rows need now:
+//   active = min(gridDim.x, ceil(len / split_rows)),   len = p + 1 - first(p),
+// and split s < active takes rows first + [s * len / active, (s + 1) * len / active).
+// Blocks with s >= active exit at once, so one launch record serves every position.
+// With active == 1 the block writes the output itself; otherwise every active block
+// writes its unnormalised values ([token, head, split][head_dim] floats from `work`,
+// split stride gridDim.x) and their max and sum (2 floats per [token, head, split],
+// after all the values) and the last one to finish (an atomic ticket on
+// counters[token * gridDim.y + blockIdx.y]) merges them and sets its counter back to 0,
+// so counters are zero between launches without a host memset.
+//
+// Inside a block each warp streams its own tiles of T cache rows (tile w, w + 4, ... of
+// the block's range) through an AD_STAGES-deep ring of cp.async copies in shared memory,
+// with no block barrier until the end. Lane (slot, sub) of a warp (slot = lane / LPR,
+// sub = lane % LPR) copies and reads columns 8 sub .. 8 sub + 7 of rows slot, slot + RPW,
+// ... of a tile, 16-byte copies (two for F32), so each lane reads back only what it
+// copied. Each slot keeps its own online softmax (in base 2) for the G query heads;
+// slots, then warps, then splits are merged at the end.
+
+constexpr u32 AD_WARPS = 4;
+constexpr u32 AD_THREADS = AD_WARPS * 32;
+constexpr u32 AD_STAGES = 4;        // copies of a warp in flight: AD_STAGES - 1 tiles
+constexpr u32 AD_STAGE_BYTES = 4096;  // one tile of K and V rows of one warp
+constexpr u32 AD_MIN_BLOCKS = 3;    // blocks per multiprocessor the registers allow
+constexpr u32 AD_MAX_SPLITS = 64;
+
+// Dynamic shared memory of attention_decode<C, G, LPR> in bytes: the warps' copy rings,
+// then the block's queries as f32 [G][8 * LPR].
+__host__ __device__ constexpr u32 decode_shared_bytes(u32 group, u32 lanes) {
+    return AD_WARPS * AD_STAGES * AD_STAGE_BYTES + group * lanes * 8 * 4;
+}
+
+// 16 bytes from global `from` to shared `to` without waiting (cp.async, through L2 only),
+// or 16 zero bytes where !valid (then nothing is read).
+__device__ __forceinline__ void decode_copy16(u8* to, const void* from, bool valid) {
+    const u32 shared = (u32)__cvta_generic_to_shared(to);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared), "l"(from),
+                 "r"(valid ? 16u : 0u));
+}
+
+// Closes the group of this thread's copies issued since the last commit.
+__device__ __forceinline__ void decode_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most PENDING of this thread's committed groups are in flight.
+template <u32 PENDING>
+__device__ __forceinline__ void decode_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
+// Eight cache elements (one lane's chunk of a row) from global `from` to shared `to`:
+// 16 bytes, or for F32 two halves of 16 bytes 512 bytes apart (the warp's 32 lanes copy
+// each half to consecutive words, so that neither copies nor reads conflict on banks).
 template <typename C>
-__device__ __forceinline__ void load4(const typename C::storage* p, float* v) {
-    if constexpr (sizeof(typename C::storage) == 2) {
-        const uint2 u = *reinterpret_cast<const uint2*>(p);
-        v[0] = C::load((u16)(u.x & 0xffffu));
-        v[1] = C::load((u16)(u.x >> 16));
-        v[2] = C::load((u16)(u.y & 0xffffu));
-        v[3] = C::load((u16)(u.y >> 16));
-    } else {
-        const float4 a = *reinterpret_cast<const float4*>(p);
-        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+__device__ __forceinline__ void decode_copy_chunk(u8* to, const typename C::storage* from,
+                                                  bool valid) {
+    decode_copy16(to, from, valid);
+    if constexpr (sizeof(typename C::storage) == 4) {
+        decode_copy16(to + 512, from + 4, valid);
     }
 }
 
-constexpr u32 AD_THREADS = 128;
-constexpr u32 AD_WARPS = AD_THREADS / 32;
-constexpr u32 AD_TILE = 32;  // cache rows per step, 8 per warp
-constexpr u32 AD_MAX_SPLITS = 64;
+// The eight elements decode_copy_chunk copied to `at`, as f32.
+template <typename C>
+__device__ __forceinline__ void decode_load_chunk(const u8* at, float* v) {
+    if constexpr (sizeof(typename C::storage) == 2) {
+        load8<C>(reinterpret_cast<const typename C::storage*>(at), v);
+    } else {
+        const float4 a = *reinterpret_cast<const float4*>(at);
+        const float4 b = *reinterpret_cast<const float4*>(at + 512);
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+        v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    }
+}
 
-// Grid: (splits, n_kv_heads * ceil(group / GMAX), n_tokens). QUADS: groups of 4 columns
-// per lane in the value phase (1 for head_dim <= 128, 2 for <= 256). `work` holds
-// n_tokens * n_heads * splits * (head_dim + 2) floats and `counters` one zeroed u32 per
-// (token, grid row); both are unused with one split.
-template <typename C, u32 GMAX, u32 QUADS>
-__global__ void __launch_bounds__(AD_THREADS)
+// Sums each of the N values of v over the LPR lanes of a segment (xor offsets O, O / 2,
+// ... 1, O = LPR / 2 at the top) by halving exchanges: at each step a lane keeps one half
+// of its values, sends the other half to its partner and adds what it receives. While
+// more than one value is left they scatter; after that the steps are a plain butterfly.
+// At the end lane `sub` of a segment holds in v[0 .. HOLD) the totals of values
+// (sub / DUP) * HOLD + j, with HOLD = max(1, N / LPR) and DUP = max(1, LPR / N); lanes
+// holding the same totals hold identical bits.
+template <u32 O, u32 NCUR, u32 N>
+__device__ __forceinline__ void decode_reduce_scatter(float (&v)[N], u32 sub) {
+    if constexpr (O > 0) {
+        if constexpr (NCUR > 1) {
+            constexpr u32 HALF = NCUR / 2;
+            const bool upper = (sub & O) != 0;
+#pragma unroll
+            for (u32 i = 0; i < HALF; ++i) {
+                const float send = upper ? v[i] : v[i + HALF];
+                const float keep = upper ? v[i + HALF] : v[i];
+                v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+            }
+            decode_reduce_scatter<O / 2, HALF, N>(v, sub);
+        } else {
+            v[0] += __shfl_xor_sync(0xffffffffu, v[0], O);
+            decode_reduce_scatter<O / 2, 1, N>(v, sub);
+        }
+    }
+}
+
+constexpr float AD_LOG2E = 1.4426950408889634f;
+
+// 2^x by the special-function unit alone (ex2.approx.ftz: relative error about 2^-22,
+// results below 2^-126 flushed to 0, 2^-inf = 0): the online softmax's weights.
+__device__ __forceinline__ float decode_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Adds 1 to a merge counter and returns its old value, with acquire and release
+// semantics at GPU scope: the caller's block's partial results (ordered before the call
+// by a block barrier) are released to, and every earlier ticket holder's acquired by,
+// the block that takes the last ticket.
+__device__ __forceinline__ u32 decode_ticket(u32* counter) {
+    u32 old;
+    asm volatile("atom.acq_rel.gpu.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+    return old;
+}
+
+// G: query heads per block (1, 2, 4 or 8; a group runs in chunks of G). LPR: lanes per
+// cache row (8, 16 or 32), head_dim <= 8 * LPR; lanes past head_dim / 8 hold zeros.
+// `split_rows`: the fewest rows worth a split of its own.
+template <typename C, u32 G, u32 LPR>
+__global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
     attention_decode(const float* __restrict__ q, const typename C::storage* __restrict__ k_cache,
                      const typename C::storage* __restrict__ v_cache,
                      const int* __restrict__ positions, float* __restrict__ out,
                      float* __restrict__ work, u32* __restrict__ counters, u32 n_heads,
                      u32 n_kv_heads, u32 head_dim, u32 capacity, float scale, u32 window,
-                     float softcap) {
+                     float softcap, u32 split_rows) {
+    typedef typename C::storage S;
+    constexpr u32 CHUNK = 8 * sizeof(S);                    // bytes of a lane's chunk
+    constexpr u32 U = AD_STAGE_BYTES / (2 * 32 * CHUNK);    // rows per lane per tile
+    constexpr u32 RPW = 32 / LPR;                           // row slots per warp
+    constexpr u32 T = RPW * U;                              // rows per tile
+    constexpr u32 N = U * G;                                // scores per slot per tile
+    constexpr u32 HOLD = N >= LPR ? N / LPR : 1;            // totals a lane holds
+    constexpr u32 DUP = N >= LPR ? 1 : LPR / N;             // lanes holding each total
+    constexpr u32 LH = LPR / G;                             // lanes holding one head's totals
+    constexpr u32 DMAX = 8 * LPR;
+    static_assert(G <= LPR && U % HOLD == 0 && LPR <= 32, "attention_decode shape");
+
     chain_after_prior_grids(q, k_cache, v_cache, positions);
-    __shared__ __align__(16) float qs[GMAX][MAX_HEAD_DIM];  // queries, later the sums
-    __shared__ float probs[GMAX][AD_TILE];
-    __shared__ float alpha_s[GMAX], max_s[GMAX], sum_s[GMAX];
-    __shared__ float weights[GMAX][AD_MAX_SPLITS];
+    extern __shared__ __align__(16) u8 decode_shared[];
+    __shared__ float warp_max[AD_WARPS][G], warp_sum[AD_WARPS][G], warp_weight[AD_WARPS][G];
+    __shared__ float head_max[G], head_sum[G];
+    __shared__ float weights[G][AD_MAX_SPLITS];
     __shared__ bool last_block;
 
     const u32 splits = gridDim.x, split = blockIdx.x, t = blockIdx.z;
     const u32 group = n_heads / n_kv_heads;
-    const u32 chunks = (group + GMAX - 1) / GMAX;
+    const u32 chunks = (group + G - 1) / G;
     const u32 kvh = blockIdx.y / chunks;
-    const u32 h0 = kvh * group + (blockIdx.y % chunks) * GMAX;
-    const u32 nh = min(GMAX, kvh * group + group - h0);
+    const u32 h0 = kvh * group + (blockIdx.y % chunks) * G;
+    const u32 nh = min(G, kvh * group + group - h0);
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const u32 slot = lane / LPR, sub = lane % LPR;
     float* out_t = out + ((u64)t * n_heads + h0) * head_dim;
 
     const int p = positions[t];
@@ -113,183 +233,319 @@ __global__ void __launch_bounds__(AD_THREADS)
     }
     const u32 pos = (u32)p;
     const u32 first = first_visible(pos, window);
-    const u32 per_split = (pos + 1 - first + splits - 1) / splits;
-    const u32 begin = min(first + split * per_split, pos + 1);
-    const u32 end = min(begin + per_split, pos + 1);
+    const u32 len = pos + 1 - first;
+    const u32 active = (u32)min((u64)splits, ((u64)len + split_rows - 1) / split_rows);
+    if (split >= active) {
+        return;
+    }
+    const u32 begin = first + (u32)((u64)split * len / active);
+    const u32 end = first + (u32)((u64)(split + 1) * len / active);
 
-    for (u32 i = threadIdx.x; i < GMAX * head_dim; i += AD_THREADS) {
-        qs[i / head_dim][i % head_dim] =
-            i < nh * head_dim ? q[((u64)t * n_heads + h0) * head_dim + i] : 0.0f;
+    // This warp's tiles and its copy ring. Tile s of the warp holds rows
+    // begin + (warp + 4 s) T + u RPW + slot, u < U; this lane's chunk of the first row
+    // of its slot is at lane_at in each cache, and `lane_rows` rows of the split lie at
+    // or after that row.
+    const u32 tiles = (end - begin + T - 1) / T;
+    const u32 my_tiles = warp < tiles ? (tiles - warp + AD_WARPS - 1) / AD_WARPS : 0;
+    u8* ring = decode_shared + warp * AD_STAGES * AD_STAGE_BYTES + lane * 16;
+    const bool lane_on = sub < head_dim / 8;
+    const int lane_rows = (int)(end - begin) - (int)(warp * T + slot);
+    const u64 lane_at = ((u64)kvh * capacity + begin + warp * T + slot) * head_dim + 8 * sub;
+    const u32 pass_step = RPW * head_dim;
+    const u64 tile_step = (u64)AD_WARPS * T * head_dim;
+    // Issues the copies of this warp's tile `s` (if it has one) as one group.
+    auto issue = [&](u32 s) {
+        if (s < my_tiles) {
+            const int tile_row = (int)(s * AD_WARPS * T);
+            const u64 at = lane_at + s * tile_step;
+            u8* stage = ring + (s % AD_STAGES) * AD_STAGE_BYTES;
+#pragma unroll
+            for (u32 u = 0; u < U; ++u) {
+                const bool valid = lane_on && tile_row + (int)(u * RPW) < lane_rows;
+                const u64 row_at = valid ? at + u * pass_step : 0;
+                decode_copy_chunk<C>(stage + u * 32 * CHUNK, k_cache + row_at, valid);
+                decode_copy_chunk<C>(stage + (U + u) * 32 * CHUNK, v_cache + row_at, valid);
+            }
+        }
+        decode_commit();
+    };
+#pragma unroll
+    for (u32 s = 0; s + 1 < AD_STAGES; ++s) issue(s);
+
+    // The block's queries, zero past nh heads and head_dim columns, while the first
+    // tiles are in flight. Head h's columns 8 c + e sit at qs[h][4 c + e] for e < 4 and
+    // at qs[h][DMAX / 2 + 4 c + e - 4] for the others, so that the lanes of a row read
+    // consecutive 16-byte words.
+    float* qs = reinterpret_cast<float*>(decode_shared + AD_WARPS * AD_STAGES * AD_STAGE_BYTES);
+    for (u32 i = threadIdx.x; i < G * DMAX; i += AD_THREADS) {
+        const u32 h = i / DMAX, d = i % DMAX;
+        const u32 at = h * DMAX + (d % 8 < 4 ? 0 : DMAX / 2) + 4 * (d / 8) + d % 4;
+        qs[at] = h < nh && d < head_dim ? q[((u64)t * n_heads + h0 + h) * head_dim + d] : 0.0f;
     }
-    if (threadIdx.x < GMAX) {
-        max_s[threadIdx.x] = neg_inf();
-        sum_s[threadIdx.x] = 0.0f;
-    }
-    float acc[GMAX][QUADS][4];
-#pragma unroll
-    for (u32 h = 0; h < GMAX; ++h)
-#pragma unroll
-        for (u32 c = 0; c < QUADS; ++c)
-#pragma unroll
-            for (u32 e = 0; e < 4; ++e) acc[h][c][e] = 0.0f;
     __syncthreads();
 
-    const typename C::storage* k_head = k_cache + (u64)kvh * capacity * head_dim;
-    const typename C::storage* v_head = v_cache + (u64)kvh * capacity * head_dim;
-    const u32 units = head_dim / 8, quads = head_dim / 4;
-    const u32 sub = lane & 7u, row_in_pass = lane >> 3;
+    float acc[G][8];
+#pragma unroll
+    for (u32 h = 0; h < G; ++h)
+#pragma unroll
+        for (u32 e = 0; e < 8; ++e) acc[h][e] = 0.0f;
+    // Running max (base 2) and partial sum of this lane's head in its slot; the lane
+    // holds totals base + j, j < HOLD, of each tile's scores h * U + u.
+    const u32 base = (sub / DUP) * HOLD;
+    float m = neg_inf(), l = 0.0f;
+    const float scale2 = scale * AD_LOG2E;
 
-    for (u32 tile = begin; tile < end; tile += AD_TILE) {
-        // Scores: 8 lanes per row, 4 rows per warp per pass, 2 passes.
+    for (u32 s = 0; s < my_tiles; ++s) {
+        issue(s + AD_STAGES - 1);
+        decode_wait<AD_STAGES - 1>();
+        const u8* stage = ring + (s % AD_STAGES) * AD_STAGE_BYTES;
+        const int tile_row = (int)(s * AD_WARPS * T);
+
+        // Partial dot products of this lane's columns: part[h * U + u].
+        float part[N];
+        {
+            float kf[U][8];
 #pragma unroll
-        for (u32 pass = 0; pass < 2; ++pass) {
-            const u32 local = warp * 8 + pass * 4 + row_in_pass;
-            const u32 j = tile + local;
-            float part[GMAX];
-#pragma unroll
-            for (u32 h = 0; h < GMAX; ++h) part[h] = 0.0f;
-            if (j < end) {
-                const typename C::storage* kr = k_head + (u64)j * head_dim;
-                for (u32 u = sub; u < units; u += 8) {
-                    float kv[8];
-                    load8<C>(kr + 8 * u, kv);
-#pragma unroll
-                    for (u32 h = 0; h < GMAX; ++h) {
-#pragma unroll
-                        for (u32 e = 0; e < 8; ++e) part[h] = fmaf(qs[h][8 * u + e], kv[e], part[h]);
-                    }
-                }
+            for (u32 u = 0; u < U; ++u) {
+                decode_load_chunk<C>(stage + u * 32 * CHUNK, kf[u]);
             }
 #pragma unroll
-            for (u32 h = 0; h < GMAX; ++h) {
-                part[h] += __shfl_xor_sync(0xffffffffu, part[h], 1);
-                part[h] += __shfl_xor_sync(0xffffffffu, part[h], 2);
-                part[h] += __shfl_xor_sync(0xffffffffu, part[h], 4);
-                if (sub == 0) {
-                    probs[h][local] =
-                        (j < end && h < nh) ? attention_score(part[h], scale, softcap) : neg_inf();
+            for (u32 h = 0; h < G; ++h) {
+                const float4 qa = *reinterpret_cast<const float4*>(qs + h * DMAX + 4 * sub);
+                const float4 qb =
+                    *reinterpret_cast<const float4*>(qs + h * DMAX + DMAX / 2 + 4 * sub);
+                const float qv[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
+#pragma unroll
+                for (u32 u = 0; u < U; ++u) {
+                    float d = 0.0f;
+#pragma unroll
+                    for (u32 e = 0; e < 8; ++e) d = fmaf(qv[e], kf[u][e], d);
+                    part[h * U + u] = d;
                 }
             }
         }
-        __syncthreads();
-        // Online softmax: one warp per head, one lane per row of the tile.
-        for (u32 h = warp; h < nh; h += AD_WARPS) {
-            const float s = probs[h][lane];
-            const float m_old = max_s[h];
-            const float m_new = fmaxf(m_old, warp_reduce<MaxOp>(s));
-            const bool none = m_new == neg_inf();
-            const float pr = none ? 0.0f : expf(s - m_new);
-            const float sum = warp_reduce<SumOp>(pr);
-            probs[h][lane] = pr;
-            if (lane == 0) {
-                const float a = none ? 1.0f : expf(m_old - m_new);
-                alpha_s[h] = a;
-                max_s[h] = m_new;
-                sum_s[h] = sum_s[h] * a + sum;
+        decode_reduce_scatter<LPR / 2, N, N>(part, sub);
+
+        // Scores (base 2) of the totals this lane holds; rows past `end` are masked.
+        float sc[HOLD];
+        float tile_max = neg_inf();
+#pragma unroll
+        for (u32 j = 0; j < HOLD; ++j) {
+            const int row = tile_row + (int)(((base + j) % U) * RPW);
+            const float raw = softcap > 0.0f
+                                  ? attention_score(part[j], scale, softcap) * AD_LOG2E
+                                  : part[j] * scale2;
+            sc[j] = row < lane_rows ? raw : neg_inf();
+            tile_max = fmaxf(tile_max, sc[j]);
+        }
+#pragma unroll
+        for (u32 o = 1; o < LH; o *= 2) {
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, o));
+        }
+        const float m_new = fmaxf(m, tile_max);
+        const bool none = m_new == neg_inf();
+        // Exactly 1 while the max holds, so that most tiles rescale nothing.
+        const float alpha = m == m_new ? 1.0f : decode_exp2(m - m_new);
+        float pr[HOLD];
+        float tile_sum = 0.0f;
+#pragma unroll
+        for (u32 j = 0; j < HOLD; ++j) {
+            pr[j] = none ? 0.0f : decode_exp2(sc[j] - m_new);
+            tile_sum += pr[j];
+        }
+        l = l * alpha + tile_sum;
+        m = m_new;
+
+        // Every lane of the slot gets every weight and every head's rescaling.
+        float pa[N];
+#pragma unroll
+        for (u32 i = 0; i < N; ++i) {
+            pa[i] = __shfl_sync(0xffffffffu, pr[i % HOLD], (i / HOLD) * DUP, LPR);
+        }
+        if (__any_sync(0xffffffffu, alpha != 1.0f)) {
+#pragma unroll
+            for (u32 h = 0; h < G; ++h) {
+                const float a = __shfl_sync(0xffffffffu, alpha, h * LH, LPR);
+#pragma unroll
+                for (u32 e = 0; e < 8; ++e) acc[h][e] *= a;
             }
         }
-        __syncthreads();
-        // Values: rows warp, warp + 4, ...; lanes over groups of 4 columns.
 #pragma unroll
-        for (u32 h = 0; h < GMAX; ++h) {
-            const float a = h < nh ? alpha_s[h] : 1.0f;
+        for (u32 u = 0; u < U; ++u) {
+            float vf[8];
+            decode_load_chunk<C>(stage + (U + u) * 32 * CHUNK, vf);
 #pragma unroll
-            for (u32 c = 0; c < QUADS; ++c)
+            for (u32 h = 0; h < G; ++h) {
 #pragma unroll
-                for (u32 e = 0; e < 4; ++e) acc[h][c][e] *= a;
-        }
-        for (u32 local = warp; local < AD_TILE && tile + local < end; local += AD_WARPS) {
-            const typename C::storage* vr = v_head + (u64)(tile + local) * head_dim;
-#pragma unroll
-            for (u32 c = 0; c < QUADS; ++c) {
-                const u32 quad = lane + 32 * c;
-                if (quad < quads) {
-                    float vv[4];
-                    load4<C>(vr + 4 * quad, vv);
-#pragma unroll
-                    for (u32 h = 0; h < GMAX; ++h) {
-                        const float pr = h < nh ? probs[h][local] : 0.0f;
-#pragma unroll
-                        for (u32 e = 0; e < 4; ++e) acc[h][c][e] = fmaf(pr, vv[e], acc[h][c][e]);
-                    }
-                }
+                for (u32 e = 0; e < 8; ++e) acc[h][e] = fmaf(pa[h * U + u], vf[e], acc[h][e]);
             }
         }
-        __syncthreads();
+    }
+    decode_wait<0>();
+
+    // Merge the slots of the warp: each head's sum over its lanes (each total once), then
+    // max and rescaled sums across slots.
+#pragma unroll
+    for (u32 o = 1; o < LH; o *= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
+    l *= 1.0f / (float)DUP;
+    float mh[G], lh[G];
+#pragma unroll
+    for (u32 h = 0; h < G; ++h) {
+        mh[h] = __shfl_sync(0xffffffffu, m, h * LH, LPR);
+        lh[h] = __shfl_sync(0xffffffffu, l, h * LH, LPR);
+        float mx = mh[h];
+#pragma unroll
+        for (u32 o = LPR; o < 32; o *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        const float f = mh[h] == neg_inf() ? 0.0f : exp2f(mh[h] - mx);
+        lh[h] *= f;
+#pragma unroll
+        for (u32 e = 0; e < 8; ++e) acc[h][e] *= f;
+#pragma unroll
+        for (u32 o = LPR; o < 32; o *= 2) {
+            lh[h] += __shfl_xor_sync(0xffffffffu, lh[h], o);
+#pragma unroll
+            for (u32 e = 0; e < 8; ++e) acc[h][e] += __shfl_xor_sync(0xffffffffu, acc[h][e], o);
+        }
+        mh[h] = mx;
     }
 
-    // Sum the warps' partial values in warp order into qs (free now).
-    for (u32 w = 0; w < AD_WARPS; ++w) {
-        if (warp == w) {
+    // Merge the warps, in the copy rings (every warp's copies have landed).
+    __syncthreads();
+    float* wacc = reinterpret_cast<float*>(decode_shared);  // [AD_WARPS][G][DMAX]
+    if (slot == 0) {
 #pragma unroll
-            for (u32 h = 0; h < GMAX; ++h) {
-#pragma unroll
-                for (u32 c = 0; c < QUADS; ++c) {
-                    const u32 quad = lane + 32 * c;
-                    if (h < nh && quad < quads) {
-#pragma unroll
-                        for (u32 e = 0; e < 4; ++e) {
-                            float* slot = &qs[h][4 * quad + e];
-                            *slot = (w == 0 ? 0.0f : *slot) + acc[h][c][e];
-                        }
-                    }
-                }
-            }
+        for (u32 h = 0; h < G; ++h) {
+            float* to = wacc + (warp * G + h) * DMAX + 8 * sub;
+            *reinterpret_cast<float4*>(to) = make_float4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
+            *reinterpret_cast<float4*>(to + 4) =
+                make_float4(acc[h][4], acc[h][5], acc[h][6], acc[h][7]);
         }
-        __syncthreads();
     }
+    if (lane == 0) {
+#pragma unroll
+        for (u32 h = 0; h < G; ++h) {
+            warp_max[warp][h] = mh[h];
+            warp_sum[warp][h] = lh[h];
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < G) {
+        const u32 h = threadIdx.x;
+        float mx = neg_inf();
+        for (u32 w = 0; w < AD_WARPS; ++w) mx = fmaxf(mx, warp_max[w][h]);
+        float sum = 0.0f;
+        for (u32 w = 0; w < AD_WARPS; ++w) {
+            const float f = warp_max[w][h] == neg_inf() ? 0.0f : exp2f(warp_max[w][h] - mx);
+            warp_weight[w][h] = f;
+            sum = fmaf(f, warp_sum[w][h], sum);
+        }
+        head_max[h] = mx;
+        head_sum[h] = sum;
+    }
+    __syncthreads();
+    // The block's unnormalised value of head h, column d.
+    auto value = [&](u32 h, u32 d) {
+        float o = 0.0f;
+#pragma unroll
+        for (u32 w = 0; w < AD_WARPS; ++w) o = fmaf(warp_weight[w][h], wacc[(w * G + h) * DMAX + d], o);
+        return o;
+    };
 
-    if (splits == 1) {
+    if (active == 1) {
         for (u32 i = threadIdx.x; i < nh * head_dim; i += AD_THREADS) {
             const u32 h = i / head_dim;
-            out_t[i] = qs[h][i % head_dim] / sum_s[h];
+            out_t[i] = value(h, i % head_dim) / head_sum[h];
         }
         return;
     }
 
-    // Partial results: [token, head, split] x (values, max, sum).
-    const u32 stride = head_dim + 2;
-    for (u32 i = threadIdx.x; i < nh * stride; i += AD_THREADS) {
-        const u32 h = i / stride, d = i % stride;
-        const float v = d < head_dim ? qs[h][d] : (d == head_dim ? max_s[h] : sum_s[h]);
-        work[(((u64)t * n_heads + h0 + h) * splits + split) * stride + d] = v;
+    // Partial results: values [token, head, split][head_dim], then (max, sum) of each
+    // [token, head, split] after all the values.
+    const u64 rows_at = ((u64)t * n_heads + h0) * splits;  // this block's heads' first row
+    float* values = work;
+    float* stats = work + (u64)gridDim.z * n_heads * splits * head_dim;
+    for (u32 i = threadIdx.x; i < nh * head_dim; i += AD_THREADS) {
+        const u32 h = i / head_dim, d = i % head_dim;
+        values[(rows_at + h * splits + split) * head_dim + d] = value(h, d);
     }
-    __threadfence();
+    if (threadIdx.x < nh) {
+        const u32 h = threadIdx.x;
+        stats[(rows_at + h * splits + split) * 2] = head_max[h];
+        stats[(rows_at + h * splits + split) * 2 + 1] = head_sum[h];
+    }
     __syncthreads();
     u32* counter = counters + (u64)t * gridDim.y + blockIdx.y;
     if (threadIdx.x == 0) {
-        last_block = atomicAdd(counter, 1u) == splits - 1;
+        last_block = decode_ticket(counter) == active - 1;
     }
     __syncthreads();
     if (!last_block) {
         return;
     }
-    __threadfence();
-    // Merge: weight of split s = exp(max_s - M) / L with M the largest max and
-    // L = sum_s sum_s exp(max_s - M).
+    // Merge the active splits (at most 64): weight of split s = 2^(m_s - M) / L with M
+    // the largest max and L = sum_s sum_s 2^(m_s - M). Lane i reads splits i and i + 32.
+    static_assert(AD_MAX_SPLITS <= 64, "two splits per lane");
     for (u32 h = warp; h < nh; h += AD_WARPS) {
-        const float* part = work + ((u64)t * n_heads + h0 + h) * splits * stride;
-        float m = neg_inf();
-        for (u32 s = lane; s < splits; s += 32) m = fmaxf(m, __ldcg(part + s * stride + head_dim));
-        m = warp_reduce<MaxOp>(m);
-        float total = 0.0f;
-        for (u32 s = lane; s < splits; s += 32) {
-            const float ms = __ldcg(part + s * stride + head_dim);
-            const float e = ms == neg_inf() ? 0.0f : expf(ms - m);
-            weights[h][s] = e;
-            total += __ldcg(part + s * stride + head_dim + 1) * e;
-        }
-        total = warp_reduce<SumOp>(total);
-        __syncwarp();
-        for (u32 s = lane; s < splits; s += 32) weights[h][s] /= total;
+        const float2* st = reinterpret_cast<const float2*>(stats + (rows_at + h * splits) * 2);
+        const float2 none = make_float2(neg_inf(), 0.0f);
+        const float2 a = lane < active ? __ldcg(st + lane) : none;
+        const float2 b = lane + 32 < active ? __ldcg(st + lane + 32) : none;
+        const float mx = warp_reduce<MaxOp>(fmaxf(a.x, b.x));
+        const float ea = a.x == neg_inf() ? 0.0f : exp2f(a.x - mx);
+        const float eb = b.x == neg_inf() ? 0.0f : exp2f(b.x - mx);
+        const float total = warp_reduce<SumOp>(fmaf(a.y, ea, b.y * eb));
+        if (lane < active) weights[h][lane] = ea / total;
+        if (lane + 32 < active) weights[h][lane + 32] = eb / total;
     }
     __syncthreads();
-    for (u32 i = threadIdx.x; i < nh * head_dim; i += AD_THREADS) {
-        const u32 h = i / head_dim, d = i % head_dim;
-        const float* part = work + ((u64)t * n_heads + h0 + h) * splits * stride;
-        float o = 0.0f;
-        for (u32 s = 0; s < splits; ++s) o = fmaf(__ldcg(part + s * stride + d), weights[h][s], o);
-        out_t[i] = o;
+    // Weighted sums of 4 columns (an item) each; with fewer items than threads, `groups`
+    // threads share an item (splits g, g + groups, ...) and their sums meet in the
+    // copy rings (free now), added in group order.
+    const u32 quads = head_dim / 4, items = nh * quads;
+    const u32 groups = items >= AD_THREADS ? 1 : AD_THREADS / items;
+    float4* sums = reinterpret_cast<float4*>(decode_shared);  // [groups][items]
+    for (u32 i = threadIdx.x; i < items * groups; i += AD_THREADS) {
+        const u32 g = i / items, item = i % items, h = item / quads, c = 4 * (item % quads);
+        const float* vh = values + (rows_at + h * splits) * head_dim + c;
+        float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        // 16 loads in flight at a time.
+        constexpr u32 BATCH = 16;
+        for (u32 s0 = g; s0 < active; s0 += BATCH * groups) {
+            float4 v[BATCH];
+#pragma unroll
+            for (u32 k = 0; k < BATCH; ++k) {
+                const u32 s = s0 + k * groups;
+                v[k] = s < active ? __ldcg(reinterpret_cast<const float4*>(vh + (u64)s * head_dim))
+                                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+#pragma unroll
+            for (u32 k = 0; k < BATCH; ++k) {
+                const u32 s = s0 + k * groups;
+                const float w = s < active ? weights[h][s] : 0.0f;
+                o.x = fmaf(w, v[k].x, o.x);
+                o.y = fmaf(w, v[k].y, o.y);
+                o.z = fmaf(w, v[k].z, o.z);
+                o.w = fmaf(w, v[k].w, o.w);
+            }
+        }
+        if (groups == 1) {
+            float* to = out_t + h * head_dim + c;
+            to[0] = o.x, to[1] = o.y, to[2] = o.z, to[3] = o.w;
+        } else {
+            sums[g * items + item] = o;
+        }
+    }
+    if (groups > 1) {
+        __syncthreads();
+        for (u32 item = threadIdx.x; item < items; item += AD_THREADS) {
+            float4 o = sums[item];
+            for (u32 g = 1; g < groups; ++g) {
+                const float4 v = sums[g * items + item];
+                o.x += v.x, o.y += v.y, o.z += v.z, o.w += v.w;
+            }
+            float* to = out_t + (item / quads) * head_dim + 4 * (item % quads);
+            to[0] = o.x, to[1] = o.y, to[2] = o.z, to[3] = o.w;
+        }
     }
     if (threadIdx.x == 0) {
         *counter = 0;

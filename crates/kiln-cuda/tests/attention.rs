@@ -25,11 +25,15 @@ fn shape() -> AttentionShape {
 }
 
 fn args_for(shape: AttentionShape) -> AttentionArgs {
+    args_with(shape, DType::F16)
+}
+
+fn args_with(shape: AttentionShape, cache: DType) -> AttentionArgs {
     let nq = shape.n_tokens * shape.n_heads * shape.head_dim * 4;
-    let nkv = shape.n_kv_heads * shape.capacity * shape.head_dim * 2;
+    let nkv = shape.n_kv_heads * shape.capacity * shape.head_dim * cache.bytes_for(1).unwrap();
     AttentionArgs {
         shape,
-        cache: DType::F16,
+        cache,
         q_bytes: nq,
         k_bytes: nkv,
         v_bytes: nkv,
@@ -45,21 +49,88 @@ fn args() -> AttentionArgs {
 #[test]
 fn one_query_runs_the_split_decode_kernel_with_a_workspace() {
     let plan = args().check().unwrap();
-    // Splits: min(4096 rows / 64 per split, ceil(528 target blocks / 8 KV heads), 64).
+    // 16 lanes per row of 128 columns: a warp's tile is 2 rows x 4 passes = 8 rows, a
+    // split at least 4 warps x 4 tiles = 128 rows. Splits: min(4096 rows / 128, 132
+    // multiprocessors x 3 blocks / 8 KV heads = 49, 64).
     assert_eq!(
         plan.kernel,
         AttentionKernel::Decode {
             group: 4,
-            quads: 1,
-            splits: 64
+            lanes: 16,
+            splits: 32
         }
     );
-    assert_eq!(plan.config.grid_dim, (64, 8, 1));
+    assert_eq!(plan.split_rows, 128);
+    assert_eq!(plan.config.grid_dim, (32, 8, 1));
+    assert_eq!(plan.config.block_dim, (128, 1, 1));
+    // Four warps x 4 tiles of 4 KiB, then 4 heads x 128 f32 queries.
+    assert_eq!(plan.config.shared_mem_bytes, 4 * 4 * 4096 + 4 * 128 * 4);
     assert_eq!(
         plan.spec.name_expression,
-        "kiln::attention_decode<kiln::F16, 4, 1>"
+        "kiln::attention_decode<kiln::F16, 4, 16>"
     );
-    assert_eq!(plan.workspace_bytes, 4096 * 4 + 32 * 64 * 130 * 4);
+    // Counters, then 32 heads x 32 splits of 128 values, a max and a sum.
+    assert_eq!(plan.workspace_bytes, 4096 * 4 + 32 * 32 * 130 * 4);
+}
+
+#[test]
+fn the_decode_grid_is_sized_by_the_capacity_and_the_device() {
+    // Positions live on the device: the plan sees only the capacity (or the window).
+    for (capacity, splits) in [(128, 1), (129, 2), (1000, 8), (6272, 49), (1 << 20, 49)] {
+        let plan = args_for(AttentionShape {
+            capacity,
+            ..shape()
+        })
+        .check()
+        .unwrap();
+        assert_eq!(plan.config.grid_dim, (splits, 8, 1), "capacity {capacity}");
+    }
+    let windowed = args_for(AttentionShape {
+        window: Some(200),
+        ..shape()
+    })
+    .check()
+    .unwrap();
+    assert_eq!(windowed.config.grid_dim.0, 2, "200 rows in splits of 128");
+    // Half the multiprocessors, half the blocks; four queries share them.
+    assert_eq!(args().check_on(66).unwrap().config.grid_dim.0, 24);
+    let four = args_for(AttentionShape {
+        n_tokens: 4,
+        ..shape()
+    })
+    .check()
+    .unwrap();
+    assert_eq!(four.config.grid_dim, (12, 8, 4));
+}
+
+#[test]
+fn decode_lanes_and_split_rows_follow_the_head_dim_and_cache() {
+    // (head_dim, cache, lanes, rows per split): 4 warps x 4 tiles of (32 / lanes) rows
+    // x (64 bytes / a lane's 8 elements) passes.
+    for (head_dim, cache, lanes, rows) in [
+        (64, DType::F16, 8, 256),
+        (72, DType::F16, 16, 128),
+        (128, DType::F32, 16, 64),
+        (200, DType::F16, 32, 64),
+        (256, DType::F32, 32, 32),
+        (8, DType::F32, 8, 128),
+    ] {
+        let plan = args_with(
+            AttentionShape {
+                head_dim,
+                ..shape()
+            },
+            cache,
+        )
+        .check()
+        .unwrap();
+        assert!(
+            matches!(plan.kernel, AttentionKernel::Decode { lanes: l, .. } if l == lanes),
+            "{head_dim} {cache}: {:?}",
+            plan.kernel
+        );
+        assert_eq!(plan.split_rows, rows, "{head_dim} {cache}");
+    }
 }
 
 #[test]
@@ -91,7 +162,7 @@ fn large_groups_run_in_chunks_of_eight_heads() {
         plan.kernel,
         AttentionKernel::Decode {
             group: 8,
-            quads: 2,
+            lanes: 32,
             ..
         }
     ));
@@ -363,7 +434,7 @@ fn compare(cuda: &kiln_cuda::CudaBackend, rng: &mut rand::rngs::StdRng, p: &Prob
         (v, encoded(rng, p.cache, cache_len)),
         (pos, i32_bytes(&p.positions)),
     ];
-    let kernel = args_for(s).check().unwrap().kernel;
+    let kernel = args_with(s, p.cache).check().unwrap().kernel;
     let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
     let got = f32s(&run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
     assert_close(
@@ -492,5 +563,226 @@ fn a_query_outside_the_cache_gets_zeros_on_the_gpu() {
             got[per_token..].iter().all(|x| x.is_finite() && *x != 0.0),
             "the other queries are computed"
         );
+    }
+}
+
+/// One decode attention problem on the device, launched through the dispatch again
+/// and again with new positions: the same plan (its grid fixed by the capacity) at
+/// every position, as a recorded launch replays.
+struct DecodeRig {
+    shape: AttentionShape,
+    cache: DType,
+    q: Vec<f32>,
+    k: Vec<u8>,
+    v: Vec<u8>,
+    q_dev: kiln_cuda::CudaBuffer,
+    k_dev: kiln_cuda::CudaBuffer,
+    v_dev: kiln_cuda::CudaBuffer,
+    pos_dev: kiln_cuda::CudaBuffer,
+    out_dev: kiln_cuda::CudaBuffer,
+}
+
+impl DecodeRig {
+    fn new(
+        cuda: &kiln_cuda::CudaBackend,
+        rng: &mut rand::rngs::StdRng,
+        shape: AttentionShape,
+        cache: DType,
+    ) -> Self {
+        let nq = shape.n_tokens * shape.n_heads * shape.head_dim;
+        let cache_len = shape.n_kv_heads * shape.capacity * shape.head_dim;
+        let q = uniform(rng, nq, 1.0);
+        let k = encoded(rng, cache, cache_len);
+        let v = encoded(rng, cache, cache_len);
+        Self {
+            q_dev: device(cuda, &f32_bytes(&q)),
+            k_dev: device(cuda, &k),
+            v_dev: device(cuda, &v),
+            pos_dev: device(cuda, &i32_bytes(&vec![0; shape.n_tokens])),
+            out_dev: device(cuda, &poison(nq * 4)),
+            shape,
+            cache,
+            q,
+            k,
+            v,
+        }
+    }
+
+    /// The plan every launch of this rig gets.
+    fn plan(&self, cuda: &kiln_cuda::CudaBackend) -> kiln_cuda::ops::attention::AttentionPlan {
+        args_with(self.shape, self.cache)
+            .check_on(cuda.multiprocessors())
+            .unwrap()
+    }
+
+    /// Launches at `positions` over a poisoned output and checks it against kiln-cpu.
+    fn check(&mut self, cuda: &kiln_cuda::CudaBackend, positions: &[i32]) {
+        use kiln_core::Backend;
+        let s = self.shape;
+        let nq = s.n_tokens * s.n_heads * s.head_dim;
+        cuda.upload(&mut self.pos_dev, &i32_bytes(positions))
+            .unwrap();
+        cuda.upload(&mut self.out_dev, &poison(nq * 4)).unwrap();
+        kiln_cuda::ops::attention::attention(
+            cuda,
+            &self.q_dev,
+            &self.k_dev,
+            &self.v_dev,
+            &self.pos_dev,
+            &mut self.out_dev,
+            self.cache,
+            &s,
+        )
+        .unwrap();
+        let got = f32s(&host(cuda, &self.out_dev, nq * 4));
+        let mut want = vec![0f32; nq];
+        kiln_cpu::ops::attention::attention(
+            &self.q,
+            &self.k,
+            &self.v,
+            self.cache,
+            positions,
+            &mut want,
+            &kiln_cpu::ops::attention::AttentionParams {
+                n_heads: s.n_heads,
+                cache: kiln_cpu::ops::kv_cache::CacheShape {
+                    n_kv_heads: s.n_kv_heads,
+                    capacity: s.capacity,
+                    head_dim: s.head_dim,
+                },
+                scale: s.scale,
+                window: s.window,
+                softcap: s.softcap,
+            },
+        )
+        .unwrap();
+        assert_close(
+            &format!(
+                "attention {s:?} cache {} positions {positions:?}",
+                self.cache
+            ),
+            &got,
+            &want,
+            NMSE,
+        );
+    }
+
+    /// Positions where the number of splits a query uses changes (a query of `rows`
+    /// visible rows uses min(splits, ceil(rows / split_rows))), one row either side,
+    /// where a window starts to hide rows, and the first and last.
+    fn boundaries(&self, cuda: &kiln_cuda::CudaBackend) -> Vec<i32> {
+        let plan = self.plan(cuda);
+        let split_rows = plan.split_rows as usize;
+        let splits = plan.config.grid_dim.0 as usize;
+        let cap = self.shape.capacity;
+        let window = self.shape.window.unwrap_or(usize::MAX);
+        let mut rows: Vec<usize> = vec![1, 2, cap];
+        for a in 1..=splits {
+            let edge = a * split_rows;
+            rows.extend([edge - 1, edge, edge + 1]);
+        }
+        rows.extend([window.saturating_sub(1), window, window.saturating_add(1)]);
+        let mut positions: Vec<i32> = rows
+            .into_iter()
+            // Rows past the window are as many as the window: position p sees
+            // min(p + 1, window) rows.
+            .filter(|&r| (1..=cap).contains(&r) && r <= window.saturating_add(1))
+            .map(|r| (r - 1) as i32)
+            .collect();
+        positions.sort_unstable();
+        positions.dedup();
+        positions
+    }
+}
+
+/// Decode shapes for the replay tests, with `n_tokens` queries: capacities that are
+/// multiples of nothing, windows shorter than the capacity, groups of 1 to 40 (powers
+/// of two or not), head dims 8 to 256, F16 and F32 caches.
+fn replay_shapes(n_tokens: usize) -> Vec<(AttentionShape, DType)> {
+    // (n_heads, n_kv_heads, head_dim, capacity, window, softcap)
+    let shapes = [
+        (32, 8, 128, 4096, None, None),
+        (14, 2, 64, 1000, None, None),
+        (12, 2, 80, 777, Some(130), Some(50.0)),
+        (40, 1, 72, 643, Some(300), None),
+        (8, 8, 256, 517, None, Some(30.0)),
+        (6, 2, 200, 333, None, None),
+        (10, 2, 8, 1031, Some(1000), None),
+        (24, 8, 128, 3001, None, None),
+    ];
+    shapes
+        .into_iter()
+        .enumerate()
+        .map(
+            |(i, (n_heads, n_kv_heads, head_dim, capacity, window, softcap))| {
+                let shape = AttentionShape {
+                    n_tokens,
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                    capacity,
+                    scale: 1.0 / (head_dim as f32).sqrt(),
+                    window,
+                    softcap,
+                };
+                let cache = if i % 2 == 0 { DType::F16 } else { DType::F32 };
+                (shape, cache)
+            },
+        )
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn one_decode_plan_serves_every_position() {
+    let cuda = cuda();
+    let mut rng = rng("one_decode_plan_serves_every_position");
+    for (shape, cache) in replay_shapes(1) {
+        let mut rig = DecodeRig::new(cuda, &mut rng, shape, cache);
+        let plan = rig.plan(cuda);
+        assert!(
+            shape.capacity <= plan.split_rows as usize || plan.config.grid_dim.0 > 1,
+            "{shape:?}: the grid splits"
+        );
+        let positions = rig.boundaries(cuda);
+        for &p in &positions {
+            rig.check(cuda, &[p]);
+        }
+        // Again, at earlier positions in another order: no launch leaves state behind.
+        for _ in 0..positions.len().min(24) {
+            let p = positions[rand::Rng::random_range(&mut rng, 0..positions.len())];
+            rig.check(cuda, &[p]);
+        }
+        for _ in 0..8 {
+            let p = rand::Rng::random_range(&mut rng, 0..shape.capacity as i32);
+            rig.check(cuda, &[p]);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn decode_queries_at_different_positions_share_one_launch() {
+    let cuda = cuda();
+    let mut rng = rng("decode_queries_at_different_positions_share_one_launch");
+    for n_tokens in 2..=4 {
+        for (shape, cache) in replay_shapes(n_tokens) {
+            let mut rig = DecodeRig::new(cuda, &mut rng, shape, cache);
+            let edges = rig.boundaries(cuda);
+            for _ in 0..6 {
+                // Each query at its own position: one short (no split), one at a split
+                // boundary, the others anywhere.
+                let mut positions: Vec<i32> = (0..n_tokens)
+                    .map(|_| rand::Rng::random_range(&mut rng, 0..shape.capacity as i32))
+                    .collect();
+                positions[0] = rand::Rng::random_range(&mut rng, 0..4.min(shape.capacity as i32));
+                positions[1] = edges[rand::Rng::random_range(&mut rng, 0..edges.len())];
+                rig.check(cuda, &positions);
+            }
+            // The last row of the cache and the first, side by side.
+            let mut positions = vec![0; n_tokens];
+            positions[n_tokens - 1] = shape.capacity as i32 - 1;
+            rig.check(cuda, &positions);
+        }
     }
 }

@@ -8,7 +8,9 @@
 //!   are timed with x's Q8_1 copy given (rows labelled "x_q8"), as decode graphs give
 //!   it; float weights with x.
 //! - Decode attention: GB/s of K and V cache bytes (plus query and output) for one
-//!   query of 32 heads over 8 KV heads of dimension 128, F16 cache, at 1k to 32k rows.
+//!   query of 32 heads over 8 KV heads of dimension 128, F16 cache, at 1k to 32k rows
+//!   (the query at the cache's last row), then short queries in a longer cache (the
+//!   launch sized by the capacity, as a decode graph replays it at every position).
 //! - Prefill mat-mat: TFLOP/s at 512 activation rows.
 //!
 //! Each measurement enqueues its launches behind a long copy (so the host's launch
@@ -73,6 +75,10 @@ pub const WEIGHT_SHAPES: [(usize, usize); 9] = [
 /// Rows of the decode attention measurements.
 pub const KV_LENGTHS: [usize; 4] = [1024, 4096, 16384, 32768];
 
+/// (visible rows, capacity) of the decode attention measurements of a query before the
+/// end of its cache.
+pub const KV_PREFIXES: [(usize, usize); 3] = [(16, 4096), (256, 4096), (4096, 32768)];
+
 /// The decode attention problem: one query of 32 heads over 8 KV heads of dimension
 /// 128 in an F16 cache of `kv_len` rows, all visible.
 pub fn decode_attention_shape(kv_len: usize) -> AttentionShape {
@@ -109,10 +115,10 @@ pub fn matvec_bytes(dtype: DType, m: usize, n: usize, k: usize, x_q8: bool) -> R
     Ok(n * dtype.bytes_for(k)? + x + 4 * m * n)
 }
 
-/// Bytes one decode attention moves: the K and V rows of every KV head (F16), the
-/// query and the output (f32).
-pub fn attention_bytes(s: &AttentionShape) -> usize {
-    2 * s.n_kv_heads * s.capacity * s.head_dim * 2 + 2 * 4 * s.n_tokens * s.n_heads * s.head_dim
+/// Bytes one decode attention over `rows` visible rows moves: those K and V rows of
+/// every KV head (F16), the query and the output (f32).
+pub fn attention_bytes(s: &AttentionShape, rows: usize) -> usize {
+    2 * s.n_kv_heads * rows * s.head_dim * 2 + 2 * 4 * s.n_tokens * s.n_heads * s.head_dim
 }
 
 /// Floating-point operations of an `m x k` by `k x n` product.
@@ -223,7 +229,9 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
     }
     let rows = KV_LENGTHS
         .iter()
-        .map(|&len| bench.decode_attention(len))
+        .map(|&len| (len, len))
+        .chain(KV_PREFIXES)
+        .map(|(rows, capacity)| bench.decode_attention(rows, capacity))
         .collect::<Result<Vec<_>>>()?;
     families.push((
         "decode attention, 32 heads over 8 KV heads of 128, f16 cache".to_string(),
@@ -388,14 +396,16 @@ impl Bench<'_> {
         })
     }
 
-    /// One decode attention over `kv_len` rows of an F16 cache, cycling through
-    /// enough cache copies to miss the L2 cache.
-    fn decode_attention(&mut self, kv_len: usize) -> Result<Measurement> {
-        let shape = decode_attention_shape(kv_len);
+    /// One decode attention of a query at row `kv_len - 1` of an F16 cache of
+    /// `capacity` rows, cycling through enough cache copies to miss the L2 cache.
+    fn decode_attention(&mut self, kv_len: usize, capacity: usize) -> Result<Measurement> {
+        let shape = decode_attention_shape(capacity);
         let cache_len = shape.n_kv_heads * shape.capacity * shape.head_dim;
         let mut cache = vec![0u8; DType::F16.bytes_for(cache_len)?];
         quant::quantize(DType::F16, &f32_values(cache_len), &mut cache)?;
-        let copies = copies_for(2 * cache.len());
+        // Enough copies that the rows the query reads miss the L2 cache.
+        let visible = DType::F16.bytes_for(shape.n_kv_heads * kv_len * shape.head_dim)?;
+        let copies = copies_for(2 * visible);
         let keys = self.buffers(copies, &cache)?;
         let values = self.buffers(copies, &cache)?;
         drop(cache);
@@ -419,10 +429,15 @@ impl Bench<'_> {
                 &shape,
             )
         })?;
+        let label = if kv_len == capacity {
+            format!("kv {kv_len}")
+        } else {
+            format!("kv {kv_len} of {capacity}")
+        };
         Ok(Measurement {
             family: "attention",
-            label: format!("kv {kv_len}"),
-            bytes: attention_bytes(&shape),
+            label,
+            bytes: attention_bytes(&shape, kv_len),
             flops: 0.0,
             seconds,
         })
@@ -479,7 +494,15 @@ mod tests {
     fn decode_attention_bytes_are_dominated_by_the_cache() {
         let s = decode_attention_shape(32768);
         // K and V: 8 heads x 32768 rows x 128 x 2 bytes each = 128 MiB in all.
-        assert_eq!(attention_bytes(&s), 2 * (64 << 20) + 2 * 4 * 32 * 128);
+        assert_eq!(
+            attention_bytes(&s, 32768),
+            2 * (64 << 20) + 2 * 4 * 32 * 128
+        );
+        // Only the visible rows count.
+        assert_eq!(
+            attention_bytes(&s, 16),
+            2 * 8 * 16 * 128 * 2 + 2 * 4 * 32 * 128
+        );
     }
 
     #[test]
@@ -574,6 +597,7 @@ mod tests {
             assert!(WEIGHT_SHAPES.contains(&shape), "{shape:?} is not measured");
         }
         assert_eq!(KV_LENGTHS, [1024, 4096, 16384, 32768]);
+        assert!(KV_PREFIXES.iter().all(|&(rows, cap)| rows < cap));
         let s = decode_attention_shape(1024);
         assert_eq!((s.n_heads, s.n_kv_heads, s.head_dim), (32, 8, 128));
     }

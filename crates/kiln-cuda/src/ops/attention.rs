@@ -1,5 +1,10 @@
 //! Dispatch for [`kiln_core::ops::Attention`] (kernels/attention.cu): flash-decoding
 //! for up to [`DECODE_MAX_TOKENS`] queries, the tiled prefill kernel above.
+//!
+//! The decode launch depends only on the shape (its grid on the capacity, not on the
+//! positions, which live on the device), so one launch record serves every position:
+//! the kernel derives from each query's position how many of the grid's splits it
+//! needs, and its workspace stays at one address for the backend's lifetime.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -28,19 +33,56 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// on the smallest tier that holds it, or in chunks of the largest.
 const GROUP_TIERS: [u32; 4] = [1, 2, 4, 8];
 
-/// Threads per decode block and per prefill block.
-const DECODE_THREADS: u32 = 128;
+/// Lanes per cache row the decode kernel is compiled for, each lane 8 columns: a head
+/// dimension runs on the smallest that covers it.
+const DECODE_LANES: [u32; 3] = [8, 16, 32];
+
+/// The decode kernel's lanes per cache row for `head_dim` (at most 256).
+fn decode_lanes(head_dim: usize) -> u32 {
+    DECODE_LANES
+        .into_iter()
+        .find(|&l| 8 * l as usize >= head_dim)
+        .unwrap_or(DECODE_LANES[DECODE_LANES.len() - 1])
+}
+
+/// Cache rows a decode warp reads per tile: `32 / lanes` rows per pass, one pass per
+/// 64 bytes of a lane's 8 columns in each of K and V (4 passes for F16, 2 for F32).
+pub fn decode_tile_rows(cache: DType, lanes: u32) -> Result<usize> {
+    let chunk = cache.bytes_for(8)?;
+    Ok((32 / lanes as usize) * (DECODE_STAGE_BYTES / (2 * 32 * chunk)))
+}
+
+/// Dynamic shared memory of attention_decode (kernels/attention.cu's
+/// decode_shared_bytes): the warps' copy rings, then the queries as f32.
+pub fn decode_shared_bytes(group: u32, lanes: u32) -> usize {
+    DECODE_WARPS * DECODE_STAGES * DECODE_STAGE_BYTES + group as usize * lanes as usize * 32
+}
+
+/// Warps per decode block (kernels/attention.cu's AD_WARPS), and threads per decode
+/// and prefill block.
+const DECODE_WARPS: usize = 4;
+const DECODE_THREADS: u32 = 32 * DECODE_WARPS as u32;
 const PREFILL_THREADS: u32 = 128;
+
+/// Tiles of cache rows in flight or in use per decode warp, and the bytes of one tile
+/// (a lane's share: 64 bytes of K and 64 of V rows) (AD_STAGES, AD_STAGE_BYTES).
+const DECODE_STAGES: usize = 4;
+const DECODE_STAGE_BYTES: usize = 4096;
+
+/// Decode blocks resident per multiprocessor (AD_MIN_BLOCKS, the kernel's launch bound;
+/// its shared memory, at most 75 KiB, lets three fit in 228 KiB).
+const DECODE_BLOCKS_PER_SM: usize = 3;
 
 /// The most splits of the visible rows (kernels/attention.cu's AD_MAX_SPLITS).
 const MAX_SPLITS: usize = 64;
 
-/// A split gets at least this many rows (two tiles of 32) of the longest possible range.
-const MIN_ROWS_PER_SPLIT: usize = 64;
+/// Tiles per warp worth a split of their own: a split gets at least
+/// `DECODE_WARPS * SPLIT_TILES` tiles of rows (64 KiB of K and V), so that at 4096
+/// rows of 8 KV heads of 128 the grid has 256 blocks and each merge reads 32 partials.
+const SPLIT_TILES: usize = 4;
 
-/// Decode blocks to aim for: four per streaming multiprocessor of an H100 (132), so
-/// that the cache reads of several blocks are in flight on every multiprocessor.
-const TARGET_BLOCKS: usize = 528;
+/// Multiprocessors [`AttentionArgs::check`] plans for: an H100's or H200's.
+pub const DEFAULT_MULTIPROCESSORS: u32 = 132;
 
 /// (query, head) rows per prefill block, and cache rows per step (AP_ROWS, AP_TILE).
 const PREFILL_ROWS: usize = 32;
@@ -53,9 +95,10 @@ const COUNTER_SLOTS: usize = 4096;
 /// Which kernel runs an attention, and its compile-time shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionKernel {
-    /// attention_decode for `group` query heads per block (a tier), `quads` groups of
-    /// 4 columns per lane, the visible rows of each query split in `splits`.
-    Decode { group: u32, quads: u32, splits: u32 },
+    /// attention_decode for `group` query heads per block (a tier) and `lanes` lanes per
+    /// cache row (8 columns each), with a grid of `splits` splits: the most any position
+    /// uses (the kernel uses `min(splits, ceil(rows / split_rows))` of them).
+    Decode { group: u32, lanes: u32, splits: u32 },
     /// attention_prefill for head dimensions up to `max_head_dim`.
     Prefill { max_head_dim: u32 },
 }
@@ -64,9 +107,9 @@ pub enum AttentionKernel {
 pub fn spec(cache: DType, kernel: AttentionKernel) -> Result<KernelSpec> {
     let tag = cache_tag(OP, cache)?;
     Ok(match kernel {
-        AttentionKernel::Decode { group, quads, .. } => ATTENTION.spec(
-            format!("attention_decode|cache={cache}|group={group}|quads={quads}"),
-            format!("kiln::attention_decode<{tag}, {group}, {quads}>"),
+        AttentionKernel::Decode { group, lanes, .. } => ATTENTION.spec(
+            format!("attention_decode|cache={cache}|group={group}|lanes={lanes}"),
+            format!("kiln::attention_decode<{tag}, {group}, {lanes}>"),
         ),
         AttentionKernel::Prefill { max_head_dim } => ATTENTION.spec(
             format!("attention_prefill|cache={cache}|max_head_dim={max_head_dim}"),
@@ -78,17 +121,17 @@ pub fn spec(cache: DType, kernel: AttentionKernel) -> Result<KernelSpec> {
 /// Every attention specialisation.
 pub(crate) fn all_specs() -> Vec<KernelSpec> {
     let mut kernels = Vec::new();
-    for quads in [1, 2] {
+    for lanes in DECODE_LANES {
         for group in GROUP_TIERS {
             kernels.push(AttentionKernel::Decode {
                 group,
-                quads,
+                lanes,
                 splits: 1,
             });
         }
-        kernels.push(AttentionKernel::Prefill {
-            max_head_dim: 128 * quads,
-        });
+    }
+    for max_head_dim in [128, 256] {
+        kernels.push(AttentionKernel::Prefill { max_head_dim });
     }
     CACHE_DTYPES
         .iter()
@@ -161,6 +204,9 @@ pub struct AttentionPlan {
     pub config: LaunchConfig,
     /// Bytes of workspace the launch needs (0 without one).
     pub workspace_bytes: usize,
+    /// Decode: the fewest visible rows worth a split of their own (a query of `rows`
+    /// visible rows uses `min(splits, ceil(rows / split_rows))` splits); 0 for prefill.
+    pub split_rows: u32,
     n_tokens: u32,
     n_heads: u32,
     n_kv_heads: u32,
@@ -178,8 +224,15 @@ impl AttentionArgs {
     /// ([`check_head_dim`]); buffers of `n_tokens x n_heads x head_dim` F32 queries and
     /// outputs, `n_tokens` I32 positions and two `n_kv_heads x capacity x head_dim`
     /// caches of `cache` (F32 or F16); and grid limits. Picks the decode kernel for
-    /// up to [`DECODE_MAX_TOKENS`] queries.
+    /// up to [`DECODE_MAX_TOKENS`] queries. Plans for [`DEFAULT_MULTIPROCESSORS`].
     pub fn check(&self) -> Result<AttentionPlan> {
+        self.check_on(DEFAULT_MULTIPROCESSORS)
+    }
+
+    /// [`Self::check`] for a device of `multiprocessors` streaming multiprocessors,
+    /// which sizes the decode grid (enough splits for every multiprocessor to hold
+    /// [`DECODE_BLOCKS_PER_SM`] blocks at full length).
+    pub fn check_on(&self, multiprocessors: u32) -> Result<AttentionPlan> {
         check_nonzero(
             OP,
             &[
@@ -235,7 +288,7 @@ impl AttentionArgs {
         check_bytes(OP, "v_cache", self.v_bytes, self.cache, nkv)?;
         let capacity = to_u32(OP, "capacity", self.shape.capacity)?;
         let launch = if self.shape.n_tokens <= DECODE_MAX_TOKENS {
-            self.decode_launch()?
+            self.decode_launch(multiprocessors)?
         } else {
             self.prefill_launch()?
         };
@@ -244,6 +297,7 @@ impl AttentionArgs {
             spec: spec(self.cache, launch.kernel)?,
             config: launch.config,
             workspace_bytes: launch.workspace_bytes,
+            split_rows: launch.split_rows,
             n_tokens: to_u32(OP, "n_tokens", self.shape.n_tokens)?,
             n_heads: to_u32(OP, "n_heads", self.shape.n_heads)?,
             n_kv_heads: to_u32(OP, "n_kv_heads", self.shape.n_kv_heads)?,
@@ -260,28 +314,33 @@ impl AttentionArgs {
         })
     }
 
-    /// The decode kernel's launch: splits from the longest possible range, and the
-    /// workspace their partial results need.
-    fn decode_launch(&self) -> Result<KernelLaunch> {
+    /// The decode kernel's launch: its grid holds the splits the longest possible range
+    /// (the capacity, or the window) uses, at most enough for the device to hold every
+    /// block at once; the workspace their partial results need.
+    fn decode_launch(&self, multiprocessors: u32) -> Result<KernelLaunch> {
         let group = self.shape.n_heads / self.shape.n_kv_heads;
         let tier = GROUP_TIERS
             .into_iter()
             .find(|&t| t as usize >= group)
             .unwrap_or(GROUP_TIERS[GROUP_TIERS.len() - 1]);
+        let lanes = decode_lanes(self.shape.head_dim);
         let rows = count(OP, &[self.shape.n_kv_heads, group.div_ceil(tier as usize)])?;
         let rows_y = grid_dim(OP, "n_kv_heads * head groups", rows, MAX_GRID_YZ)?;
+        let split_rows = DECODE_WARPS * SPLIT_TILES * decode_tile_rows(self.cache, lanes)?;
         let visible = self
             .shape
             .window
             .map_or(self.shape.capacity, |w| w.min(self.shape.capacity));
         let blocks = self.shape.n_tokens * rows;
-        let mut splits = visible
-            .div_ceil(MIN_ROWS_PER_SPLIT)
-            .min(TARGET_BLOCKS.div_ceil(blocks))
-            .clamp(1, MAX_SPLITS);
-        if self.shape.n_tokens * rows > COUNTER_SLOTS {
-            splits = 1;
-        }
+        let resident = (multiprocessors.max(1) as usize) * DECODE_BLOCKS_PER_SM;
+        let splits = if blocks > COUNTER_SLOTS {
+            1
+        } else {
+            visible
+                .div_ceil(split_rows)
+                .min(resident / blocks)
+                .clamp(1, MAX_SPLITS)
+        };
         let workspace = if splits > 1 {
             let partials = count(
                 OP,
@@ -298,16 +357,19 @@ impl AttentionArgs {
         };
         let kernel = AttentionKernel::Decode {
             group: tier,
-            quads: if self.shape.head_dim <= 128 { 1 } else { 2 },
+            lanes,
             // At most MAX_SPLITS.
             splits: splits as u32,
         };
-        // n_tokens is at most DECODE_MAX_TOKENS.
+        // n_tokens is at most DECODE_MAX_TOKENS; the shared memory at most 72 KiB.
         let grid = (splits as u32, rows_y, self.shape.n_tokens as u32);
+        let shared = decode_shared_bytes(tier, lanes) as u32;
         Ok(KernelLaunch {
             kernel,
-            config: config(grid, DECODE_THREADS, 0),
+            config: config(grid, DECODE_THREADS, shared),
             workspace_bytes: workspace,
+            // At most 4 * 4 * 16 rows.
+            split_rows: split_rows as u32,
             heads_per_block: 0,
             tokens_per_block: 0,
         })
@@ -341,6 +403,7 @@ impl AttentionArgs {
             kernel,
             config: config(grid, PREFILL_THREADS, shared),
             workspace_bytes: 0,
+            split_rows: 0,
             // Both at most PREFILL_ROWS.
             heads_per_block: heads_per_block as u32,
             tokens_per_block: tokens_per_block as u32,
@@ -354,6 +417,7 @@ struct KernelLaunch {
     kernel: AttentionKernel,
     config: LaunchConfig,
     workspace_bytes: usize,
+    split_rows: u32,
     heads_per_block: u32,
     tokens_per_block: u32,
 }
@@ -366,25 +430,29 @@ fn prefill_shared_bytes(head_dim: usize) -> usize {
 
 /// Device scratch memory for the decode kernel's partial results: a counter region,
 /// zero between launches (each launch's last blocks reset the counters they used),
-/// then the partials. Grown, never shrunk; launches on the backend's one stream take
-/// their turns.
+/// then the partials. A launch record holds the address of the buffer it was given, so
+/// no buffer is ever freed or replaced while the backend lives: when a launch needs
+/// more than the newest buffer holds, a larger one is added (at least twice the size,
+/// so there are few) and handed out from then on. Launches on the backend's one stream
+/// take their turns, so they share the newest buffer.
 #[derive(Default)]
 pub struct Workspace {
-    buffer: Mutex<Option<CudaBuffer>>,
+    buffers: Mutex<Vec<CudaBuffer>>,
 }
 
 impl Workspace {
-    /// The workspace buffer, of at least `bytes` bytes, locked while the caller holds
-    /// the guard. A new buffer is zeroed.
+    /// The workspace buffers, locked while the caller holds the guard; the last one
+    /// holds at least `bytes` bytes. A new buffer is zeroed.
     fn at_least(
         &self,
         backend: &CudaBackend,
         bytes: usize,
-    ) -> Result<MutexGuard<'_, Option<CudaBuffer>>> {
-        // Every state of the buffer is valid, so a poisoned lock is recovered.
-        let mut held = self.buffer.lock().unwrap_or_else(PoisonError::into_inner);
-        if held.as_ref().is_none_or(|b| b.bytes() < bytes) {
-            *held = Some(backend.alloc(bytes)?);
+    ) -> Result<MutexGuard<'_, Vec<CudaBuffer>>> {
+        // Every state of the list is valid, so a poisoned lock is recovered.
+        let mut held = self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
+        let newest = held.last().map_or(0, |b| b.bytes());
+        if newest < bytes {
+            held.push(backend.alloc(bytes.max(2 * newest))?);
         }
         Ok(held)
     }
@@ -413,7 +481,7 @@ pub fn attention(
         positions_bytes: positions.bytes(),
         out_bytes: out.bytes(),
     }
-    .check()?;
+    .check_on(backend.multiprocessors())?;
     let kernel = backend.kernel(&plan.spec)?;
     allow_dynamic_shared(&kernel, &plan.config)?;
     // The decode kernel's counters and partials, in the workspace, when it splits.
@@ -427,7 +495,7 @@ pub fn attention(
     };
     let mut regions = workspace
         .as_mut()
-        .and_then(|held| held.as_mut())
+        .and_then(|held| held.last_mut())
         .map(|w| w.slice_mut().split_at_mut(COUNTER_SLOTS * 4));
     let mut args = KernelArgs::new(backend);
     args.arg(q.slice())
@@ -449,7 +517,8 @@ pub fn attention(
                 .arg(&plan.capacity)
                 .arg(&shape.scale)
                 .arg(&plan.window)
-                .arg(&plan.softcap);
+                .arg(&plan.softcap)
+                .arg(&plan.split_rows);
         }
         AttentionKernel::Prefill { .. } => {
             args.arg(&plan.n_tokens)
@@ -465,13 +534,16 @@ pub fn attention(
                 .serialized();
         }
     }
-    // SAFETY: the arguments match `kiln::attention_decode<C, GROUP, QUADS>(q, k_cache,
+    // SAFETY: the arguments match `kiln::attention_decode<C, G, LPR>(q, k_cache,
     // v_cache, positions, out, float* work, u32* counters, u32 n_heads, u32 n_kv_heads,
-    // u32 head_dim, u32 capacity, float scale, u32 window, float softcap)` or
+    // u32 head_dim, u32 capacity, float scale, u32 window, float softcap,
+    // u32 split_rows)` or
     // `kiln::attention_prefill<C, DMAX>(q, k_cache, v_cache, positions, out, u32
     // n_tokens, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 capacity, float scale,
     // u32 window, float softcap, u32 heads_per_block, u32 tokens_per_block)`; the
     // buffers hold their elements (checked); the workspace holds the zeroed counters
-    // and the partials of every split, and stays locked until the launch is queued.
+    // and the partials of every split of the grid (the kernel uses at most those),
+    // stays locked until the launch is queued and is never freed while the backend
+    // lives.
     unsafe { launch(&kernel, &mut args, plan.config) }
 }
