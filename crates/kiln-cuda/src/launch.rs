@@ -139,11 +139,26 @@ impl LaunchRecord {
     }
 
     /// Submits the launch on `stream`, letting it start early (programmatic dependent
-    /// launch) when `programmatic` is set and the record is not serialized.
+    /// launch) when `programmatic` is set and the record is not serialized; with the
+    /// `nvtx` feature, inside an NVTX range named by the kernel's key.
     ///
     /// # Safety
     /// Every buffer whose address the record holds must still be allocated.
     pub(crate) unsafe fn submit(&self, stream: sys::CUstream, programmatic: bool) -> Result<()> {
+        #[cfg(feature = "nvtx")]
+        nvtx::range_push!("{}", self.kernel.key);
+        // SAFETY: the caller's contract.
+        let submitted = unsafe { self.submit_plain(stream, programmatic) };
+        #[cfg(feature = "nvtx")]
+        nvtx::range_pop!();
+        submitted
+    }
+
+    /// [`LaunchRecord::submit`] without the NVTX range.
+    ///
+    /// # Safety
+    /// As [`LaunchRecord::submit`].
+    unsafe fn submit_plain(&self, stream: sys::CUstream, programmatic: bool) -> Result<()> {
         let mut attributes = [programmatic_serialization()];
         let mut params: Vec<*mut c_void> = self
             .values
