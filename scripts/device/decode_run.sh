@@ -8,6 +8,7 @@
 #   bash scripts/device/decode_run.sh depth     # pp512 and tg128 of the 8B q4_0 at depths 0, 4k, 16k
 #   bash scripts/device/decode_run.sh sampler   # tg128 of the 8B q4_0 with the default sampler
 #   bash scripts/device/decode_run.sh kernels   # bench-kernels for q4_0, q4_k, q8_0
+#   bash scripts/device/decode_run.sh generate  # kiln generate -n 128 on the 8B q4_0, greedy and sampled
 # Logs go to $OUT when it is set (the device tool's output folder).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -47,6 +48,14 @@ for what in "$@"; do
     sampler)
       f=$(synth llama-3.1-8b q4_0)
       "$kiln" bench -m "$f" -p 0 -n 128 -r 3 --sampler default --device cuda 2>/dev/null | tee "$out/sampler.log" ;;
+    generate)
+      # Generation as a user runs it, greedy and with the default sampler, twice each
+      # in one process is not possible from the CLI: each run loads the model.
+      f=$(synth llama-3.1-8b q4_0)
+      for sampling in "--temp 0" ""; do
+        echo "== kiln generate -n 128 --ignore-eos $sampling"
+        "$kiln" generate -m "$f" -p "Once upon a time" -n 128 --ignore-eos --seed 1 $sampling --device cuda 2>&1 >/dev/null | grep "kiln: prompt"
+      done 2>&1 | tee "$out/generate.log" ;;
     kernels)
       "$kiln" bench-kernels --formats q4_0,q4_k,q8_0 --device cuda 2>/dev/null | tee "$out/kernels.log" ;;
     *) echo "unknown: $what"; exit 2 ;;

@@ -60,6 +60,10 @@ pub struct GenerateArgs {
     /// Print the model's configuration, memory plan and seed to stderr.
     #[arg(short = 'v', long)]
     pub verbose: bool,
+    /// Keep generating past end-of-generation tokens (for timing, as llama.cpp's
+    /// --ignore-eos).
+    #[arg(long)]
+    pub ignore_eos: bool,
 }
 
 impl GenerateArgs {
@@ -196,7 +200,7 @@ impl BackendJob for GenerateJob<'_> {
             &self.prompt,
             args.n_predict,
             &mut sampler,
-            &|t| tokenizer.is_eog(t),
+            &|t| !args.ignore_eos && tokenizer.is_eog(t),
             &mut |t| {
                 if let Some(text) = decoder.push(t) {
                     write!(out, "{text}")
@@ -219,8 +223,9 @@ impl BackendJob for GenerateJob<'_> {
             }
         }
         eprintln!(
-            "kiln: prompt {} tokens, {:.1} tokens/s; generated {} tokens, {:.1} tokens/s ({})",
+            "kiln: prompt {} tokens, first token after {:.1} ms, {:.1} tokens/s; generated {} tokens, {:.1} tokens/s ({})",
             stats.prompt_tokens,
+            stats.prompt_time.as_secs_f64() * 1e3,
             stats.prompt_tokens_per_s(),
             stats.generated_tokens,
             stats.generation_tokens_per_s(),
