@@ -2,7 +2,7 @@
 //! the argmax kernel, which step 1 of the definition is).
 
 use cudarc::driver::LaunchConfig;
-use kiln_core::ops::{SampleParams, SAMPLE_LANES};
+use kiln_core::ops::SampleParams;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::common::{config, grid_dim, launch, MAX_GRID_X};
@@ -14,7 +14,10 @@ use crate::{CudaBackend, CudaBuffer};
 
 const OP: &str = "sample";
 
-/// The sampling specialisation: one block of [`SAMPLE_LANES`] threads per row.
+/// Threads per block of the bisection kernel.
+const SAMPLE_LANES: usize = 1024;
+
+/// The sampling specialisation: one block of [`SAMPLE_LANES`] (the old kernel's) threads per row.
 pub fn spec() -> KernelSpec {
     SAMPLE.spec(
         format!("sample|lanes={SAMPLE_LANES}"),
