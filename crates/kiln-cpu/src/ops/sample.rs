@@ -88,7 +88,7 @@ pub fn top_p_target(top_p: f32, z: u64) -> u64 {
 
 /// `D` of step 6: `floor(u * z)`, 0 for `u` below 0 or NaN, at most `z - 1`.
 pub fn draw_target(u: f32, z: u64) -> u64 {
-    if !(u > 0.0) {
+    if u.is_nan() || u <= 0.0 {
         0
     } else if u >= 1.0 {
         z.saturating_sub(1)
