@@ -303,11 +303,20 @@ __device__ __forceinline__ Key row_key(const Row& r, float l, u32 index) {
     return Key{row_vk(r, row_x(r, l)), ~composite(l, index)};
 }
 
+// W(E(x)) is 0 for every x below this (tests/sample.rs checks every f32 from here to
+// -104; E is 0 below -104).
+constexpr float SAMPLE_ZERO_WEIGHT_BELOW = -23.9f;
+
+// W(E(x)), skipping the exponential where it is 0.
+__device__ __forceinline__ u64 weight_at(float x) {
+    return x < SAMPLE_ZERO_WEIGHT_BELOW ? 0 : weight_of(exp_nonpositive(x));
+}
+
 // The weights of a candidate at x: w when want_w (and as v's value at temperature 1),
 // v when want_v; 0 for what is not wanted.
 __device__ __forceinline__ void weights_of(const Row& r, float x, bool want_w, bool want_v, u64* w, u64* v) {
-    *w = (want_w || (want_v && r.same_v)) ? weight_of(exp_nonpositive(x)) : 0;
-    *v = !want_v ? 0 : r.same_v ? *w : weight_of(exp_nonpositive(__fdiv_rn(x, r.t)));
+    *w = (want_w || (want_v && r.same_v)) ? weight_at(x) : 0;
+    *v = !want_v ? 0 : r.same_v ? *w : weight_at(__fdiv_rn(x, r.t));
 }
 
 // A block's slice of the row, copied into registers by the loops over it.

@@ -222,7 +222,9 @@ fn bad_shapes_are_rejected() {
 }
 
 /// The kernel takes every candidate at least 23.99 below the maximum (times
-/// max(1, temperature) for the draw) as weight 0: every f32 from -104 to -23.9.
+/// max(1, temperature) for the draw) as weight 0, and skips the exponential below
+/// -23.9 (kernels/sample.cu's SAMPLE_ZERO_WEIGHT_BELOW): every f32 from -104 to -23.9
+/// has weight 0.
 #[test]
 fn weights_are_zero_beyond_the_kernels_tail_distance() {
     assert!(weight(exp_nonpositive(-22.87)) > 0);
