@@ -516,6 +516,7 @@ struct Sampler {
     // composite, argmax composite (-0 taken as +0) and candidate count, and the
     // smallest finite logit within r0 of its block's largest.
     __device__ void pass1(float r0, u64* best_out, u64* argmax_out, u32* count_out, float* lmin_out) {
+        const u32 me = tid;  // in a register through the loops
         const Slice<D1> sl = slice;
         float* const stage = const_cast<float*>(sl.stage);
         u64 best = 0;
@@ -541,12 +542,12 @@ struct Sampler {
                 float4 q[BATCH];
 #pragma unroll
                 for (u32 b = 0; b < BATCH; ++b) {
-                    const u32 k = k0 + b * THREADS + tid;
+                    const u32 k = k0 + b * THREADS + me;
                     q[b] = k < n4 ? src4[k] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 }
 #pragma unroll
                 for (u32 b = 0; b < BATCH; ++b) {
-                    const u32 k = k0 + b * THREADS + tid;
+                    const u32 k = k0 + b * THREADS + me;
                     if (k < n4) {
                         if (stage != nullptr) {
                             reinterpret_cast<float4*>(stage)[k] = q[b];
@@ -560,7 +561,7 @@ struct Sampler {
             }
             scalar_from = 4 * n4;
         }
-        for (u32 j = scalar_from + tid; j < sl.n; j += THREADS) {
+        for (u32 j = scalar_from + me; j < sl.n; j += THREADS) {
             const float l = sl.src[j];
             if (stage != nullptr) {
                 stage[j] = l;
@@ -577,7 +578,7 @@ struct Sampler {
         // values other threads wrote: the reductions' barriers order them).
         const float least = __fsub_rn(bmax, r0);
         float lmin = __int_as_float(0x7f800000u);
-        for (u32 j = tid; j < sl.n; j += THREADS) {
+        for (u32 j = me; j < sl.n; j += THREADS) {
             const float l = sl.logit(j);
             if (isfinite(l) && l >= least) {
                 lmin = fminf(lmin, l);
@@ -586,7 +587,7 @@ struct Sampler {
         lmin = __uint_as_float((u32)block_all((u64)__float_as_uint(lmin), [](u64 a, u64 b) {
             return (u64)__float_as_uint(fminf(__uint_as_float((u32)a), __uint_as_float((u32)b)));
         }));
-        if (tid == 0) {
+        if (me == 0) {
             ctl->best = best;
             ctl->argmax = amax;
             ctl->count = count;
@@ -616,6 +617,7 @@ struct Sampler {
     // b1_hi), with the sums req.flags asks for, and min-p's count over the set; summed
     // into block 0's. `fill` (pass 2) computes every bucket and caches it.
     __device__ void weigh(const Request& req, bool fill) {
+        const u32 me = tid;  // in a register through the loops
         zero(hc1, hw1, hv1, NB1);
         __syncthreads();
         const Slice<D1> sl = slice;
@@ -638,7 +640,7 @@ struct Sampler {
             u64 v[STEP];
 #pragma unroll
             for (u32 k = 0; k < STEP; ++k) {
-                const u32 j = base + k * THREADS + tid;
+                const u32 j = base + k * THREADS + me;
                 b[k] = NO_BUCKET;
                 w[k] = 0;
                 v[k] = 0;
@@ -666,7 +668,7 @@ struct Sampler {
             }
         }
         nm = block_sum(nm);
-        if (tid == 0) {
+        if (me == 0) {
             ctl->nm = nm;
         }
         cluster_sync<CB>();
@@ -676,6 +678,7 @@ struct Sampler {
 
     // OP_GATHER: every concerned candidate's composite, appended to block 0's list.
     __device__ void gather(const Request& req) {
+        const u32 me = tid;  // in a register through the loops
         const Slice<D1> sl = slice;
         u32* const list_n = in_block<CB>(&ctl->list_n, 0);
         u64* const into = in_block<CB>(list, 0);
@@ -701,7 +704,7 @@ struct Sampler {
             const uint4* groups = reinterpret_cast<const uint4*>(sl.bucket);
             const u32 n8 = (sl.n + 7) / 8;
             for (u32 base = 0; base < n8; base += THREADS) {
-                const u32 g = base + tid;
+                const u32 g = base + me;
                 u32 hits = 0;
                 if (g < n8) {
                     const uint4 q = groups[g];
@@ -726,7 +729,7 @@ struct Sampler {
             }
         } else {
             for (u32 base = 0; base < sl.n; base += THREADS) {
-                const u32 j = base + tid;
+                const u32 j = base + me;
                 u64 c = 0;
                 Key t{0, 0};
                 const bool take = j < sl.n && sl.concerned(req, j, sl.logit(j), &c, &t);
@@ -738,6 +741,7 @@ struct Sampler {
 
     // OP_REFINE: the concerned candidates histogrammed on their digit.
     __device__ void refine(const Request& req) {
+        const u32 me = tid;  // in a register through the loops
         zero(hc2, hw2, hv2, NB2);
         __syncthreads();
         const Slice<D1> sl = slice;
@@ -749,7 +753,7 @@ struct Sampler {
         const bool sum_v = (req.flags & SUM_V) != 0;
         const u32 mask = (1u << req.digit_bits) - 1;
         for (u32 base = 0; base < sl.n; base += THREADS) {
-            const u32 j = base + tid;
+            const u32 j = base + me;
             u32 b = NO_BUCKET;
             u64 w = 0;
             u64 v = 0;
