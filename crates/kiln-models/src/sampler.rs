@@ -62,8 +62,9 @@ impl SamplerConfig {
 /// them sorted by probability whose sum reaches `top_p`, (5) min-p keeps those with
 /// `p_i >= min_p * max p`, and (6) a token is drawn from `softmax(logits / temperature)`
 /// over what is kept, with one uniform number from the seeded generator. Steps (2) to
-/// (6) are [`kiln_core::ops::Sample`], whose definition fixes every f32 operation
-/// (its sums in a fixed order), so that a GPU computes the same token.
+/// (6) are [`kiln_core::ops::Sample`], whose definition fixes every f32 operation and
+/// takes probabilities as fixed-point integer weights (so that its sums do not depend
+/// on their order), so that a GPU computes the same token.
 #[derive(Clone, Debug)]
 pub struct Sampler {
     config: SamplerConfig,

@@ -12,6 +12,11 @@
 //!   (the query at the cache's last row), then short queries in a longer cache (the
 //!   launch sized by the capacity, as a decode graph replays it at every position).
 //! - Prefill mat-mat: TFLOP/s at 512 activation rows.
+//! - Sampling (temperature, top-k, top-p, min-p and the draw): microseconds per row
+//!   and GB/s of the logits read, at 128256 and 151936 tokens, for llama.cpp's
+//!   defaults, a wide nucleus, min-p alone, temperature alone and greedy, one row and
+//!   a batch of 16. The logits (normal, scale 2) stay in the L2 cache, as they are
+//!   after the output head that writes them.
 //!
 //! Each measurement enqueues its launches behind a long copy (so the host's launch
 //! overhead is hidden), times them with CUDA events, and cycles through enough copies
@@ -23,10 +28,11 @@
 
 use std::sync::Arc;
 
-use kiln_core::ops::Q8_COPY;
+use kiln_core::ops::{SampleParams, Q8_COPY};
 use kiln_core::{quant, Backend, DType, Error, Result};
 use kiln_cuda::ops::attention::AttentionShape;
-use kiln_cuda::ops::{attention, matmul};
+use kiln_cuda::ops::sample::{SampleLayout, SampleTuning, TUNING};
+use kiln_cuda::ops::{attention, matmul, sample};
 use kiln_cuda::timing::EventTimer;
 use kiln_cuda::{CacheConfig, CudaBackend, CudaBuffer};
 
@@ -92,6 +98,30 @@ pub fn decode_attention_shape(kv_len: usize) -> AttentionShape {
         window: None,
         softcap: None,
     }
+}
+
+/// Vocabularies of the sampling measurements (Llama 3's and Qwen 2's).
+pub const SAMPLE_VOCABS: [usize; 2] = [128_256, 151_936];
+
+/// Rows of the sampling measurements: one (a decode step) and a batch.
+pub const SAMPLE_ROWS: [usize; 2] = [1, 16];
+
+/// The sampling settings measured: llama.cpp's defaults, a wide nucleus (about 90% of
+/// a flat row's tokens), min-p alone, temperature alone, and greedy (the argmax).
+pub fn sample_settings() -> [(&'static str, SampleParams); 5] {
+    let p = |temperature, top_k, top_p, min_p| SampleParams {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+    };
+    [
+        ("defaults", p(0.8, 40, 0.95, 0.05)),
+        ("top_k 0, top_p 0.9", p(0.8, 0, 0.9, 0.0)),
+        ("min_p 0.05", p(0.8, 0, 1.0, 0.05)),
+        ("temperature 0.8", p(0.8, 0, 1.0, 0.0)),
+        ("greedy", p(0.0, 0, 1.0, 0.0)),
+    ]
 }
 
 /// Activation rows of the prefill mat-mat measurements.
@@ -235,6 +265,33 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     families.push((
         "decode attention, 32 heads over 8 KV heads of 128, f16 cache".to_string(),
+        rows,
+    ));
+    let mut rows = Vec::new();
+    for vocab in SAMPLE_VOCABS {
+        for (label, params) in sample_settings() {
+            for n in SAMPLE_ROWS {
+                rows.push(bench.sample(vocab, n, label, params, TUNING, SampleLayout::Cluster)?);
+            }
+        }
+    }
+    // For comparison: clusters of 16 blocks (a size the device must allow; skipped
+    // where it does not), and one block a row (devices without clusters).
+    let sixteen = SampleTuning {
+        cluster_blocks: 16,
+        ..TUNING
+    };
+    for (label, params) in sample_settings() {
+        match bench.sample(151_936, 1, label, params, sixteen, SampleLayout::Cluster) {
+            Ok(m) => rows.push(m),
+            Err(e) => eprintln!("kiln: sampling with clusters of 16 blocks: {e}"),
+        }
+    }
+    for (label, params) in sample_settings().into_iter().take(2) {
+        rows.push(bench.sample(151_936, 1, label, params, TUNING, SampleLayout::Block)?);
+    }
+    families.push((
+        "sampling, time and GB/s of logits per row, logits in L2".to_string(),
         rows,
     ));
     for dtype in &args.formats {
@@ -442,6 +499,69 @@ impl Bench<'_> {
             seconds,
         })
     }
+
+    /// Sampling `rows` rows of `vocab` logits with `params` (labelled `label`) by the
+    /// kernel of `tuning` and `layout`: the time per row and the logit bytes of one row.
+    fn sample(
+        &mut self,
+        vocab: usize,
+        rows: usize,
+        label: &str,
+        params: SampleParams,
+        tuning: SampleTuning,
+        layout: SampleLayout,
+    ) -> Result<Measurement> {
+        let logits: Vec<u8> = sample_logits(rows * vocab)
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let x = self.buffers(1, &logits)?;
+        let uniform: Vec<u8> = (0..rows)
+            .flat_map(|r| ((r as f32 * 0.618_034 + 0.3) % 1.0).to_le_bytes())
+            .collect();
+        let u = self.buffers(1, &uniform)?;
+        let mut out = self.backend.alloc(4 * rows)?;
+        let backend = self.backend;
+        let seconds = self.timer.time(backend, self.reps, |_| {
+            sample::sample_with(
+                backend, &x[0], &u[0], &mut out, rows, vocab, &params, tuning, layout,
+            )
+        })?;
+        let how = match layout {
+            SampleLayout::Cluster if tuning.cluster_blocks == TUNING.cluster_blocks => {
+                String::new()
+            }
+            SampleLayout::Cluster => format!(", {} blocks a row", tuning.cluster_blocks),
+            SampleLayout::Block => ", one block a row".to_string(),
+        };
+        let per = if rows == 1 { "row" } else { "rows" };
+        Ok(Measurement {
+            family: "sample",
+            label: format!("{vocab}, {label}, {rows} {per}{how}"),
+            bytes: 4 * vocab,
+            flops: 0.0,
+            seconds: seconds / rows as f64,
+        })
+    }
+}
+
+/// `n` deterministic logits, normal of scale 2 (Box-Muller over a xorshift
+/// generator): a row as flat as a random model's.
+fn sample_logits(n: usize) -> Vec<f32> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        // 53 random bits in (0, 1].
+        ((state >> 11) + 1) as f64 / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let (a, b) = (next(), next());
+            (2.0 * (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()) as f32
+        })
+        .collect()
 }
 
 /// `n` deterministic values in (-1, 1), none zero.
@@ -582,6 +702,23 @@ mod tests {
     }
 
     #[test]
+    fn sample_logits_are_a_normal_row_of_scale_2() {
+        let x = sample_logits(100_000);
+        let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / x.len() as f64;
+        let var = x
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / x.len() as f64;
+        assert!(
+            mean.abs() < 0.05 && (var.sqrt() - 2.0).abs() < 0.05,
+            "{mean} {var}"
+        );
+        assert!(x.iter().all(|v| v.is_finite()));
+        assert_eq!(sample_settings()[0].1.top_k, 40);
+    }
+
+    #[test]
     fn the_mat_vec_shapes_are_the_presets_decode_products() {
         let eight = preset_products("llama-3.1-8b");
         let one = preset_products("llama-3.2-1b");
@@ -598,6 +735,7 @@ mod tests {
         }
         assert_eq!(KV_LENGTHS, [1024, 4096, 16384, 32768]);
         assert!(KV_PREFIXES.iter().all(|&(rows, cap)| rows < cap));
+        assert_eq!(SAMPLE_VOCABS, [128_256, 151_936]);
         let s = decode_attention_shape(1024);
         assert_eq!((s.n_heads, s.n_kv_heads, s.head_dim), (32, 8, 128));
     }

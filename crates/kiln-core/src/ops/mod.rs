@@ -28,7 +28,7 @@ pub use kv_cache::{KvAppend, CACHE_DTYPES};
 pub use matmul::MatMul;
 pub use norm::{AddRmsNorm, RmsNorm};
 pub use rope::{HeadNormRope, QkNorm, QkvRopeAppend, Rope, RopeParams, RopeStyle};
-pub use sample::{Sample, SampleParams, SAMPLE_LANES};
+pub use sample::{Sample, SampleParams};
 pub use softmax::Softmax;
 
 use crate::{BufferDesc, BufferId, DType, Error, Graph, Result};

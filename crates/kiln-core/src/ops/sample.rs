@@ -1,10 +1,6 @@
 use super::{Checker, OpSpec};
 use crate::{BufferId, DType, Graph, Result};
 
-/// Lanes of the fixed-order sum `S` of [`Sample`]'s definition (the CUDA kernel's
-/// threads per block).
-pub const SAMPLE_LANES: usize = 1024;
-
 /// The settings of [`Sample`] (the sampler's, less the repetition penalty).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SampleParams {
@@ -29,31 +25,39 @@ pub struct SampleParams {
 ///
 /// For one row `l` with uniform `u`:
 /// 1. With `temperature <= 0` the result is the argmax of `l` ([`super::Argmax`]:
-///    lowest index on ties, NaN never chosen, 0 for a row of only NaN).
+///    lowest index on ties, `-0` equal to `+0`, NaN never chosen, 0 for a row of only
+///    NaN).
 /// 2. The candidates are the indices whose logit is not NaN (none: the result is 0),
 ///    ranked by logit descending in IEEE total order (`-0` below `+0`), ties by lower
 ///    index. `C` is the first `top_k` of them (all when `top_k` is 0 or larger).
-/// 3. `m` is the logit of rank 0; `e_i = E(l_i - m)`, `z = S(e over C)` and
-///    `p_i = e_i / z` for `i` in `C`.
-/// 4. Top-p (when `top_p < 1`): `keep_p` is the smallest `t >= 1` with
-///    `S(p over the first t ranks) >= top_p`, or `|C|` when none reaches it; else
-///    `keep_p = |C|`.
+/// 3. Weights: `m` is the logit of rank 0. A candidate `i` has `x_i = l_i - m` (one
+///    f32 subtraction), taken as 0 where `l_i == m` (so that an infinite maximum gives
+///    0, not NaN), and the weight `w_i = W(E(x_i))`, where `W(e)` is `e * 2^32`
+///    rounded to the nearest integer, ties to even: an integer in `[0, 2^32]`,
+///    `2^32` at rank 0. `Z` is the sum of `w_i` over `C`, an exact integer.
+/// 4. Top-p (when `top_p < 1`): `keep_p` is the smallest `t >= 1` for which the
+///    weights of the first `t` ranks sum to at least `top_p * Z` (compared exactly,
+///    as real numbers); else `keep_p = |C|`.
 /// 5. Min-p (when `min_p > 0`): `keep_m` is the number of `i` in `C` with
-///    `p_i >= min_p * p_r0` (`p_r0` the rank-0 probability), at least 1; else
-///    `keep_m = |C|`. `K` is the first `min(keep_p, keep_m)` ranks.
-/// 6. The draw: `e'_i = E((l_i - m) / temperature)`, `z' = S(e' over K)`,
-///    `p'_i = e'_i / z'`; the result is the index of the smallest rank `t` with
-///    `u < S(p' over the first t + 1 ranks)`, or of `K`'s last rank when none.
+///    `w_i >= min_p * 2^32` (compared exactly; `2^32` is the weight of rank 0, so this
+///    is `p_i >= min_p * p_r0`), at least 1; else `keep_m = |C|`. `K` is the first
+///    `min(keep_p, keep_m)` ranks.
+/// 6. The draw: `w'_i = W(E(x_i / temperature))` (one f32 division), `Z'` the sum
+///    of `w'_i` over `K` and `D = floor(u * Z')` (exactly; a `u` below 0 or NaN
+///    counts as 0, and `D` is at most `Z' - 1`). The result is the index of the first
+///    rank of `K` at which the running sum of `w'` exceeds `D`.
 ///
-/// Every operation is one f32 operation rounded to nearest (no fused multiply-add).
-/// `S(x over a set)` sums in [`SAMPLE_LANES`] lanes: lane `j` adds, from 0, the `x_i`
-/// of the set's indices `i` with `i % SAMPLE_LANES == j` in increasing `i`; then for
-/// `s = SAMPLE_LANES / 2, ..., 2, 1` lane `j < s` adds lane `j + s`; the sum is lane 0.
-/// Adding to a set never lowers `S`, so steps 4 and 6 are well defined by threshold.
-/// `E(x)` is `e^x` for `x <= 0` by a fixed formula: NaN for NaN, 0 below -104, else
-/// with `n = floor(x * log2(e) + 0.5)` and `r = (x - n * LN2_HI) - n * LN2_LO`, the
-/// Horner polynomial `1 + r(1 + r(1/2 + r(1/6 + r(1/24 + r(1/120 + r/720)))))` times
-/// `2^n` (as `2^(n + 64)` then `2^-64` when `n < -126`); the constants are
+/// So probabilities are weights over their sum, in fixed point: a weight is a multiple
+/// of `2^-32` of the top candidate's, and a candidate whose `E` is below `2^-33`
+/// (about 22.9 below the maximum, times the temperature for the draw) has weight 0 and
+/// is never drawn. Every sum is of integers and so does not depend on its order: any
+/// split of a row over threads and blocks gives these results exactly.
+///
+/// `E(x)` is `e^x` for `x <= 0` by a fixed formula, each step one f32 operation
+/// rounded to nearest (no fused multiply-add): NaN for NaN, 0 below -104, else with
+/// `n = floor(x * log2(e) + 0.5)` and `r = (x - n * LN2_HI) - n * LN2_LO`, the Horner
+/// polynomial `1 + r(1 + r(1/2 + r(1/6 + r(1/24 + r(1/120 + r/720)))))` times `2^n`
+/// (as `2^(n + 64)` then `2^-64` when `n < -126`); the constants are
 /// `kiln_cpu::ops::sample`'s.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {

@@ -4,7 +4,7 @@ use std::cmp::Ordering;
 
 use crate::ops::argmax::argmax_row;
 use crate::{Inputs, Outputs};
-use kiln_core::ops::{Sample, SampleParams, SAMPLE_LANES};
+use kiln_core::ops::{Sample, SampleParams};
 use kiln_core::Result;
 
 /// `log2(e)` rounded to f32.
@@ -47,38 +47,54 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     }
 }
 
-/// `S(x over a set)` of [`Sample`]: `members` are `(index, x)` in increasing index,
-/// summed in [`SAMPLE_LANES`] lanes by index and the lanes added as a halving tree.
-pub fn lane_sum(members: impl Iterator<Item = (usize, f32)>) -> f32 {
-    let mut lanes = vec![0.0f32; SAMPLE_LANES];
-    for (i, x) in members {
-        lanes[i % SAMPLE_LANES] += x;
-    }
-    let mut s = SAMPLE_LANES / 2;
-    while s > 0 {
-        for j in 0..s {
-            lanes[j] += lanes[j + s];
-        }
-        s /= 2;
-    }
-    lanes[0]
+/// `W(e)` of [`Sample`]: `e * 2^32` rounded to the nearest integer, ties to even (exact
+/// for every `e` in `[0, 1]`: the product is a power-of-two scaling).
+pub fn weight(e: f32) -> u64 {
+    // At most 2^32 for e <= 1, so the conversion is exact.
+    (e * 4_294_967_296.0).round_ties_even() as u64
 }
 
-/// The smallest `t` in `lo..=hi` where `pred` (false then true as `t` grows) holds.
-fn first_true(lo: usize, hi: usize, pred: impl Fn(usize) -> bool) -> Option<usize> {
-    if lo > hi || !pred(hi) {
-        return None;
+/// `f * n`, exactly, rounded up (`ceil`) or down, for a finite `f` in `[0, 1]`.
+fn scaled(f: f32, n: u64, up: bool) -> u64 {
+    // f = mantissa * 2^-shift with shift >= 23 (f <= 1).
+    let bits = f.to_bits();
+    let exponent = (bits >> 23) & 0xff;
+    let (mantissa, shift) = if exponent == 0 {
+        (u128::from(bits & 0x7f_ffff), 149)
+    } else {
+        (u128::from((bits & 0x7f_ffff) | 0x80_0000), 150 - exponent)
+    };
+    let product = mantissa * u128::from(n);
+    if shift >= 128 {
+        // product < 2^88 <= 2^shift: the real value lies in [0, 1).
+        return u64::from(up && product > 0);
     }
-    let (mut lo, mut hi) = (lo, hi);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if pred(mid) {
-            hi = mid;
-        } else {
-            lo = mid + 1;
-        }
+    let whole = product >> shift;
+    let rest = product & ((1u128 << shift) - 1);
+    // At most n (f <= 1), so it fits u64.
+    (whole + u128::from(up && rest > 0)) as u64
+}
+
+/// The weight threshold of min-p: the smallest integer `>= min_p * 2^32`.
+pub fn min_p_floor(min_p: f32) -> u64 {
+    // min_p * 2^32 is exact in f32 (a power-of-two scaling) and at most 2^32.
+    (min_p * 4_294_967_296.0).ceil() as u64
+}
+
+/// The smallest integer `>= top_p * z` (step 4's target).
+pub fn top_p_target(top_p: f32, z: u64) -> u64 {
+    scaled(top_p, z, true)
+}
+
+/// `D` of step 6: `floor(u * z)`, 0 for `u` below 0 or NaN, at most `z - 1`.
+pub fn draw_target(u: f32, z: u64) -> u64 {
+    if u.is_nan() || u <= 0.0 {
+        0
+    } else if u >= 1.0 {
+        z.saturating_sub(1)
+    } else {
+        scaled(u, z, false).min(z.saturating_sub(1))
     }
-    Some(lo)
 }
 
 /// The candidates of [`Sample`] step 2: the non-NaN indices of `logits`, ranked by
@@ -96,6 +112,19 @@ fn ranked_candidates(logits: &[f32], top_k: usize) -> Vec<usize> {
     ranked
 }
 
+/// The number of leading ranks whose `weights` first sum to at least `target` (or
+/// all of them).
+fn prefix_reaching(weights: &[u64], target: u64) -> usize {
+    let mut sum = 0u64;
+    for (r, &w) in weights.iter().enumerate() {
+        sum += w;
+        if sum >= target {
+            return r + 1;
+        }
+    }
+    weights.len()
+}
+
 /// The index [`Sample`] chooses from one row of `logits` with uniform number `u`.
 pub fn sample_row(logits: &[f32], u: f32, params: &SampleParams) -> usize {
     if params.temperature <= 0.0 {
@@ -106,46 +135,35 @@ pub fn sample_row(logits: &[f32], u: f32, params: &SampleParams) -> usize {
         return 0;
     };
     let m = logits[top];
-    // The candidates in increasing index with their ranks: `S` over the first `t`
-    // ranks visits these in this order.
-    let mut by_index: Vec<(usize, usize)> =
-        ranked.iter().enumerate().map(|(r, &i)| (i, r)).collect();
-    by_index.sort_unstable();
-    let mass = |t: usize, value: &dyn Fn(f32) -> f32| {
-        lane_sum(
-            by_index
-                .iter()
-                .filter(|&&(_, r)| r < t)
-                .map(|&(i, _)| (i, value(logits[i]))),
-        )
-    };
-    let e = |l: f32| exp_nonpositive(l - m);
-    let z = mass(ranked.len(), &e);
-    let p = |l: f32| e(l) / z;
+    let x = |i: usize| if logits[i] == m { 0.0 } else { logits[i] - m };
+    let w: Vec<u64> = ranked
+        .iter()
+        .map(|&i| weight(exp_nonpositive(x(i))))
+        .collect();
+    // At most 2^32 per candidate and fewer than 2^31 candidates: no overflow.
+    let z: u64 = w.iter().sum();
     let keep_p = if params.top_p < 1.0 {
-        first_true(1, ranked.len(), |t| mass(t, &p) >= params.top_p).unwrap_or(ranked.len())
+        prefix_reaching(&w, top_p_target(params.top_p, z))
     } else {
         ranked.len()
     };
     let keep_m = if params.min_p > 0.0 {
-        let floor = params.min_p * p(m);
-        ranked
-            .iter()
-            .filter(|&&i| p(logits[i]) >= floor)
-            .count()
-            .max(1)
+        let floor = min_p_floor(params.min_p);
+        w.iter().filter(|&&v| v >= floor).count().max(1)
     } else {
         ranked.len()
     };
-    let keep = keep_p.min(keep_m);
+    let kept = &ranked[..keep_p.min(keep_m)];
     let t = params.temperature;
-    let e_t = |l: f32| exp_nonpositive((l - m) / t);
-    let z_t = mass(keep, &e_t);
-    let p_t = |l: f32| e_t(l) / z_t;
-    let drawn = first_true(0, keep - 1, |r| u < mass(r + 1, &p_t)).unwrap_or(keep - 1);
-    ranked[drawn]
+    let w_t: Vec<u64> = kept
+        .iter()
+        .map(|&i| weight(exp_nonpositive(x(i) / t)))
+        .collect();
+    let z_t: u64 = w_t.iter().sum();
+    // The first rank whose running sum exceeds D, i.e. reaches D + 1 (<= z_t).
+    let drawn = prefix_reaching(&w_t, draw_target(u, z_t) + 1);
+    kept[drawn - 1]
 }
-
 /// [`sample_row`] of every `vocab`-element row of `logits` with its `uniform` number.
 pub fn sample(
     logits: &[f32],
