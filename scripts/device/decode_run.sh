@@ -3,6 +3,7 @@
 # (../shared/tools/stage-for-device) and carried: writes the synth files the decode
 # figures use, then runs the benchmarks named by the arguments.
 #   bash scripts/device/decode_run.sh tests     # the GPU test suite
+#   bash scripts/device/decode_run.sh focus     # sampling, replay and attention GPU tests, whole output
 #   bash scripts/device/decode_run.sh bench     # tg128 of the synth files, graphs on and off
 #   bash scripts/device/decode_run.sh profile   # the per-launch profile of the 8B decode step
 #   bash scripts/device/decode_run.sh depth     # pp512 and tg128 of the 8B q4_0 at depths 0, 4k, 16k
@@ -31,6 +32,12 @@ for what in "$@"; do
       # them when they were built: target/ of this checkout.
       mkdir -p target/release target/tmp && ln -sf "$PWD/$kiln" target/release/kiln
       timeout 420 bash .device/run-tests.sh 2>&1 | tee "$out/tests.log" | grep -E "FAILED|panicked|passed, " ;;
+    focus)
+      # The GPU tests of sampling, replayed decode and decode attention, whole output.
+      mkdir -p target/release target/tmp && ln -sf "$PWD/$kiln" target/release/kiln
+      for t in .device/tests/sample-* .device/tests/gpu-* .device/tests/gpu_decode_work-* .device/tests/attention-*; do
+        KILN_REQUIRE_GPU=1 "$t" --include-ignored 2>&1 | grep -E "^test |test result|panicked|NMSE per|assert|left|right" | grep -v "\.\.\. ok$"
+      done 2>&1 | tee "$out/focus.log" ;;
     bench)
       for spec in llama-3.1-8b:q4_0 llama-3.2-1b:q4_0 llama-3.1-8b:q4_k llama-3.1-8b:q8_0; do
         f=$(synth "${spec%%:*}" "${spec##*:}")
@@ -47,7 +54,9 @@ for what in "$@"; do
       "$kiln" bench -m "$f" -p 512 -n 128 -d 0,4096,16384 -r 3 --device cuda 2>/dev/null | tee "$out/depth.log" ;;
     sampler)
       f=$(synth llama-3.1-8b q4_0)
-      "$kiln" bench -m "$f" -p 0 -n 128 -r 3 --sampler default --device cuda 2>/dev/null | tee "$out/sampler.log" ;;
+      for s in greedy default; do
+        "$kiln" bench -m "$f" -p 0 -n 128 -r 3 --sampler $s --device cuda 2>/dev/null | grep -E "tg128"
+      done 2>&1 | tee "$out/sampler.log" ;;
     generate)
       # Generation as a user runs it, greedy and with the default sampler, twice each
       # in one process is not possible from the CLI: each run loads the model.
