@@ -4,6 +4,7 @@
 # figures use, then runs the benchmarks named by the arguments.
 #   bash scripts/device/decode_run.sh tests     # the GPU test suite
 #   bash scripts/device/decode_run.sh focus     # sampling, replay and attention GPU tests, whole output
+#                                               # (FOCUS="<test executables>" narrows it)
 #   bash scripts/device/decode_run.sh bench     # tg128 of the synth files, graphs on and off
 #   bash scripts/device/decode_run.sh profile   # the per-launch profile of the 8B decode step
 #   bash scripts/device/decode_run.sh depth     # pp512 and tg128 of the 8B q4_0 at depths 0, 4k, 16k
@@ -35,7 +36,7 @@ for what in "$@"; do
     focus)
       # The GPU tests of sampling, replayed decode and decode attention, whole output.
       mkdir -p target/release target/tmp && ln -sf "$PWD/$kiln" target/release/kiln
-      for t in .device/tests/sample-* .device/tests/gpu-* .device/tests/gpu_decode_work-* .device/tests/attention-*; do
+      for t in ${FOCUS:-.device/tests/sample-* .device/tests/gpu-* .device/tests/gpu_decode_work-* .device/tests/attention-*}; do
         KILN_REQUIRE_GPU=1 "$t" --include-ignored 2>&1 | grep -E "^test |test result|panicked|NMSE per|assert|left|right" | grep -v "\.\.\. ok$"
       done 2>&1 | tee "$out/focus.log" ;;
     bench)
