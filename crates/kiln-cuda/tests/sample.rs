@@ -158,8 +158,12 @@ fn large_rows_stage_what_fits_and_old_devices_take_one_block_a_row() {
 }
 
 #[test]
-fn temperature_zero_runs_the_same_kernel() {
-    assert_eq!(spec_for(&params(0.0, 40, 0.9, 0.1)).key, spec().key);
+fn temperature_zero_runs_the_argmax_kernel() {
+    assert_eq!(
+        spec_for(&params(0.0, 40, 0.9, 0.1)).key,
+        kiln_cuda::ops::argmax::spec().key
+    );
+    assert_eq!(spec_for(&params(-1.0, 0, 1.0, 0.0)).key, "argmax|x=f32");
     assert_eq!(spec_for(&params(0.5, 0, 1.0, 0.0)).key, spec().key);
 }
 

@@ -1,5 +1,6 @@
-//! Dispatch for [`kiln_core::ops::Sample`] (kernels/sample.cu), temperature `<= 0` (the
-//! argmax, the kernel's first pass) included.
+//! Dispatch for [`kiln_core::ops::Sample`] (kernels/sample.cu; with `temperature <= 0`
+//! the argmax kernel, which step 1 of the definition is; [`sample_with`] runs any
+//! setting on the sampling kernel, its greedy pass included).
 //!
 //! One row per cluster of 8 blocks ([`TUNING`]) of [`THREADS`] threads on devices of
 //! compute capability 9.0 and later (one block per row elsewhere), each block
@@ -137,10 +138,14 @@ pub fn spec() -> KernelSpec {
     spec_with(TUNING, SampleLayout::Cluster)
 }
 
-/// The specialisation that runs a sample op with `params`: [`spec`] for every setting
-/// (with `temperature <= 0` the kernel stops after its argmax).
-pub fn spec_for(_params: &SampleParams) -> KernelSpec {
-    spec()
+/// The specialisation that runs a sample op with `params`: the argmax kernel for
+/// `temperature <= 0` (step 1 of the definition), else [`spec`].
+pub fn spec_for(params: &SampleParams) -> KernelSpec {
+    if params.temperature <= 0.0 {
+        super::argmax::spec()
+    } else {
+        spec()
+    }
 }
 
 /// What a launch plan depends on in the device: whether it has thread block clusters
@@ -313,6 +318,19 @@ pub fn sample(
     vocab: usize,
     params: &SampleParams,
 ) -> Result<()> {
+    if params.temperature <= 0.0 {
+        // Step 1 of the definition, on the argmax kernel, after the same checks.
+        SampleArgs {
+            rows,
+            vocab,
+            params: *params,
+            logits_bytes: logits.bytes(),
+            uniform_bytes: uniform.bytes(),
+            out_bytes: out.bytes(),
+        }
+        .check_with(&SampleDevice::of(backend)?, TUNING, SampleLayout::Cluster)?;
+        return super::argmax::argmax(backend, logits, out, rows, vocab);
+    }
     sample_with(
         backend,
         logits,
