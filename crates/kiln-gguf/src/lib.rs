@@ -15,12 +15,15 @@
 //! - [`keys`]: llama.cpp's metadata key conventions.
 //! - [`convert`]: Hugging Face checkpoints (llama, qwen2, qwen3) to GGUF, as
 //!   llama.cpp's converter writes them.
+//! - [`output`]: writing a command's output file safely: never over an input, never
+//!   over anything but a regular file, through a temporary file renamed into place.
 //!
 //! Element formats (`f16`, `q4_0`, ...) are defined in [`kiln_core::quant`].
 
 pub mod byte_level;
 pub mod convert;
 mod metadata;
+pub mod output;
 mod read;
 pub mod synth;
 mod tensor;
