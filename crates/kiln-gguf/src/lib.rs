@@ -15,6 +15,9 @@
 //! - [`keys`]: llama.cpp's metadata key conventions.
 //! - [`convert`]: Hugging Face checkpoints (llama, qwen2, qwen3) to GGUF, as
 //!   llama.cpp's converter writes them.
+//! - [`quantize`]: the tensor-type policy (which tensors become which type, with
+//!   llama-quantize's fallbacks) and the one dequantize-quantize write path that
+//!   `convert` and re-quantization of GGUF files share.
 //! - [`output`]: writing a command's output file safely: never over an input, never
 //!   over anything but a regular file, through a temporary file renamed into place.
 //!
@@ -24,6 +27,7 @@ pub mod byte_level;
 pub mod convert;
 mod metadata;
 pub mod output;
+pub mod quantize;
 mod read;
 pub mod synth;
 mod tensor;

@@ -11,8 +11,10 @@
 
 use crate::byte_level::BYTE_CHARS;
 use crate::convert::{
-    model_metadata, model_tensors, stored_desc, write_atomically, ConvertSummary, HfConfig, Vocab,
+    converted_desc, model_metadata, model_tensors, ConvertSummary, HfConfig, Vocab,
 };
+use crate::output::OutputFile;
+use crate::quantize::TypePolicy;
 use crate::{GgufWriter, TensorDesc};
 use kiln_core::{quant, DType, Error, Result};
 use rand::rngs::SmallRng;
@@ -20,6 +22,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 use std::collections::HashSet;
+use std::io::BufWriter;
 use std::path::Path;
 
 /// A real model's shape and tokenizer conventions.
@@ -153,17 +156,21 @@ pub struct SynthOptions {
 }
 
 /// The tensors a synthetic model of `config` with weight matrices of `dtype` holds,
-/// in file order.
+/// in file order, typed as `kiln convert` types them ([`TypePolicy`]).
 pub fn describe(config: &HfConfig, dtype: DType) -> Result<Vec<TensorDesc>> {
+    let policy = TypePolicy::new(dtype)?;
     Ok(model_tensors(config)?
         .iter()
-        .map(|t| stored_desc(&t.name, &t.shape, dtype))
+        .map(|t| converted_desc(&policy, &t.name, &t.shape))
         .collect())
 }
 
 /// Writes a synthetic model of `config` (named `name`) to `out`, one tensor after
 /// another in batches of rows generated and quantized in parallel, so that memory
 /// stays bounded whatever the model's size. `progress(done, total)` counts elements.
+///
+/// The file is written through an [`OutputFile`]: `out` must be a new path or a
+/// regular file, and on failure it is left as it was.
 pub fn write(
     preset: &Preset,
     config: &HfConfig,
@@ -171,10 +178,12 @@ pub fn write(
     out: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertSummary> {
+    let policy = TypePolicy::new(options.dtype)?;
     let tensors = model_tensors(config)?;
+    let descs = describe(config, options.dtype)?;
     let vocab = vocab(preset, config.vocab_size, options.seed);
     let name = format!("{} (synthetic)", preset.name);
-    let mut md = model_metadata(&name, config, &vocab, options.dtype)?;
+    let mut md = model_metadata(&name, config, &vocab, policy.file_type(&descs));
     md.set(
         "general.description",
         format!(
@@ -182,30 +191,36 @@ pub fn write(
             preset.name, options.seed
         ),
     );
-    let descs = describe(config, options.dtype)?;
     let total: u64 = tensors
         .iter()
         .map(|t| t.shape.iter().product::<usize>() as u64)
         .sum();
-    write_atomically(out, descs, |partial, descs| {
-        let mut writer = GgufWriter::create(partial, &md, descs)?;
-        let mut done = 0;
-        for (index, (tensor, desc)) in tensors.iter().zip(descs).enumerate() {
-            let seed = options.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            write_tensor(
-                &mut writer,
-                tensor.fixed.as_deref(),
-                desc,
-                config.hidden,
-                seed,
-                &mut |n| {
-                    done += n;
-                    progress(done, total)
-                },
-            )?;
-        }
-        writer.finish()?;
-        Ok(())
+    let mut output = OutputFile::create("kiln synth -o", out, &[])?;
+    let label = output.path().to_owned();
+    let mut writer = GgufWriter::new(BufWriter::new(output.file()), &label, &md, &descs)?;
+    let mut done = 0;
+    for (index, (tensor, desc)) in tensors.iter().zip(&descs).enumerate() {
+        let seed = options.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        write_tensor(
+            &mut writer,
+            tensor.fixed.as_deref(),
+            desc,
+            config.hidden,
+            seed,
+            &mut |n| {
+                done += n;
+                progress(done, total)
+            },
+        )?;
+    }
+    writer
+        .finish()?
+        .into_inner()
+        .map_err(|e| Error::io(&label, e.into_error()))?;
+    let file_bytes = output.persist()?;
+    Ok(ConvertSummary {
+        tensors: descs.into_iter().map(|d| (d.name, d.dtype)).collect(),
+        file_bytes,
     })
 }
 

@@ -10,7 +10,7 @@
 //!   becomes `blk.0.attn_q.weight`), checked against the shapes
 //!   config.json implies, and written in the requested type: 1-D tensors, norms and
 //!   biases stay f32; block types whose block does not divide a row fall back as
-//!   llama-quantize does ([`output_dtype`]).
+//!   llama-quantize does ([`TypePolicy`]).
 //! - The `llama` architecture's q and k projections are permuted from Hugging
 //!   Face's rotate-half RoPE layout to GGML's interleaved layout, exactly as
 //!   llama.cpp's `LlamaModel.permute` does ([`permute_rope_rows`]); qwen2 and qwen3
@@ -21,8 +21,10 @@
 //!   ([`Vocab`]): tokens, token types, merges, special token ids, add-BOS/EOS flags
 //!   and the chat template.
 //!
-//! Values go through [`kiln_core::quant`]: the source is read as f32 and stored in
-//! the output type, so f16 to f16 is exact.
+//! Values go through [`crate::quantize`]'s write path, shared with `kiln quantize`:
+//! the source is read as f32 and stored in the output type (a tensor already in its
+//! output type and not permuted is copied), and the file is written through an
+//! [`OutputFile`] that refuses to write over any file of the checkpoint.
 
 mod config;
 mod json;
@@ -32,23 +34,26 @@ mod weights;
 
 pub use config::{Family, HfConfig, RopeScaling};
 pub(crate) use tensors::model_tensors;
-pub use tensors::{output_dtype, permute_rope_rows};
+pub use tensors::permute_rope_rows;
 pub use vocab::Vocab;
 
-use crate::{keys, llama_file_type, GgufWriter, Metadata, TensorDesc};
-use kiln_core::{quant, DType, Error, Result};
-use rayon::prelude::*;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use crate::output::{InputFile, OutputFile};
+use crate::quantize::{write_model, TensorSource, TypePolicy};
+use crate::{keys, Metadata, TensorDesc};
+use kiln_core::{DType, Error, Result};
+use std::path::Path;
 use tensors::{PlannedTensor, Source};
 use weights::Weights;
 
-/// Source elements converted per batch: bounds the memory one tensor's conversion
-/// takes, however large the tensor.
-const BATCH_ELEMENTS: usize = 1 << 22;
-
-/// Elements per parallel task when the output type has no blocks.
-const TASK_ELEMENTS: usize = 1 << 16;
+/// The files of a checkpoint directory that a conversion reads besides the
+/// safetensors files (those that exist).
+const READ_FILES: [&str; 5] = [
+    "config.json",
+    weights::INDEX_FILE,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+];
 
 /// A Hugging Face checkpoint opened for conversion: config, tokenizer and weights
 /// read and checked, the output tensors planned.
@@ -58,6 +63,8 @@ pub struct HfCheckpoint {
     vocab: Vocab,
     weights: Weights,
     tensors: Vec<PlannedTensor>,
+    /// Every file the conversion reads: an output may be none of them.
+    inputs: Vec<InputFile>,
 }
 
 /// What [`HfCheckpoint::write_gguf`] wrote.
@@ -104,12 +111,20 @@ impl HfCheckpoint {
             .ok()
             .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into());
+        let mut inputs = weights.input_files();
+        for file in READ_FILES {
+            let path = dir.join(file);
+            if path.is_file() {
+                inputs.push(InputFile::at(&path)?);
+            }
+        }
         Ok(HfCheckpoint {
             name,
             config,
             vocab,
             weights,
             tensors,
+            inputs,
         })
     }
 
@@ -144,54 +159,77 @@ impl HfCheckpoint {
             .sum()
     }
 
-    /// The GGUF metadata of a file whose weight matrices are `dtype`.
+    /// The GGUF metadata of a file whose weight matrices are `dtype`; an error if
+    /// llama.cpp has no file type for `dtype`.
     pub fn metadata(&self, dtype: DType) -> Result<Metadata> {
-        model_metadata(&self.name, &self.config, &self.vocab, dtype)
+        let policy = TypePolicy::new(dtype)?;
+        let descs = self.descs(&policy);
+        Ok(self.metadata_of(&policy, &descs))
     }
 
-    /// The output tensors with their stored types when the weights are `dtype`.
-    pub fn tensor_descs(&self, dtype: DType) -> Vec<TensorDesc> {
+    /// The output tensors with their stored types when the weights are `dtype`
+    /// ([`TypePolicy::converted_dtype`]).
+    pub fn tensor_descs(&self, dtype: DType) -> Result<Vec<TensorDesc>> {
+        Ok(self.descs(&TypePolicy::new(dtype)?))
+    }
+
+    /// Every file the conversion reads (config, tokenizer, index and weights).
+    pub fn input_files(&self) -> &[InputFile] {
+        &self.inputs
+    }
+
+    fn descs(&self, policy: &TypePolicy) -> Vec<TensorDesc> {
         self.tensors
             .iter()
-            .map(|t| stored_desc(&t.name, &t.shape, dtype))
+            .map(|t| converted_desc(policy, &t.name, &t.shape))
             .collect()
+    }
+
+    fn metadata_of(&self, policy: &TypePolicy, descs: &[TensorDesc]) -> Metadata {
+        model_metadata(
+            &self.name,
+            &self.config,
+            &self.vocab,
+            policy.file_type(descs),
+        )
     }
 
     /// Writes the GGUF file to `out` with weight matrices of type `dtype`, calling
     /// `progress(tensor name, source bytes just converted)` as it goes.
     ///
-    /// The file is written as `OUT.partial` and renamed to `out` once complete, so
-    /// `out` never holds a truncated file; the partial file is removed on failure.
+    /// `out` is refused if it is any file the conversion reads (by any path) or
+    /// exists and is not a regular file. The file is written to a temporary file
+    /// beside `out` and renamed to `out` once complete, so `out` never holds a
+    /// truncated file; on failure the temporary file is removed and `out` is as it
+    /// was.
     pub fn write_gguf(
         &self,
         out: &Path,
         dtype: DType,
         progress: &mut dyn FnMut(&str, u64),
     ) -> Result<ConvertSummary> {
-        let metadata = self.metadata(dtype)?;
-        let descs = self.tensor_descs(dtype);
-        write_atomically(out, descs, |partial, descs| {
-            self.write_file(partial, &metadata, descs, progress)
+        let policy = TypePolicy::new(dtype)?;
+        let descs = self.descs(&policy);
+        let metadata = self.metadata_of(&policy, &descs);
+        let output = OutputFile::create("kiln convert", out, &self.inputs)?;
+        let sources = self
+            .tensors
+            .iter()
+            .map(|t| {
+                Ok(TensorSource {
+                    name: &t.name,
+                    shape: &t.shape,
+                    dtype: self.source_dtype(t)?,
+                    data: self.source_bytes_of(t),
+                    permute_head_rows: t.permute_head_rows,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let file_bytes = write_model(output, &metadata, &sources, &descs, progress)?;
+        Ok(ConvertSummary {
+            tensors: descs.into_iter().map(|d| (d.name, d.dtype)).collect(),
+            file_bytes,
         })
-    }
-
-    fn write_file(
-        &self,
-        path: &Path,
-        metadata: &Metadata,
-        descs: &[TensorDesc],
-        progress: &mut dyn FnMut(&str, u64),
-    ) -> Result<()> {
-        let mut writer = GgufWriter::create(path, metadata, descs)?;
-        for (tensor, desc) in self.tensors.iter().zip(descs) {
-            self.write_tensor(tensor, desc.dtype, &mut writer, progress)
-                .map_err(|e| in_tensor(&tensor.name, e))?;
-        }
-        let file = writer
-            .finish()?
-            .into_inner()
-            .map_err(|e| Error::io(path, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(path, e))
     }
 
     /// The source bytes of `tensor` (f32 little-endian for generated tensors).
@@ -218,84 +256,17 @@ impl HfCheckpoint {
             Source::Generated(_) => Ok(DType::F32),
         }
     }
-
-    /// Converts one tensor in batches of whole heads (permuted tensors) or whole
-    /// rows, each batch quantized in parallel, and streams it to `writer`.
-    fn write_tensor<W: Write>(
-        &self,
-        tensor: &PlannedTensor,
-        out_dtype: DType,
-        writer: &mut GgufWriter<W>,
-        progress: &mut dyn FnMut(&str, u64),
-    ) -> Result<()> {
-        let src_dtype = self.source_dtype(tensor)?;
-        let src = self.source_bytes_of(tensor);
-        let src_elem_bytes = src_dtype.block_bytes();
-        let row_len = tensor.shape.last().copied().unwrap_or(1).max(1);
-        // Elements after the first dimension: the length of a permuted "row".
-        let inner: usize = tensor.shape.iter().skip(1).product();
-        let unit = match tensor.permute_head_rows {
-            Some(head_rows) => head_rows * inner,
-            None => row_len,
-        };
-        let batch = (BATCH_ELEMENTS / unit).max(1) * unit;
-        let task = if out_dtype.block_size() > 1 {
-            row_len
-        } else {
-            TASK_ELEMENTS
-        };
-        let mut values = Vec::new();
-        let mut out = Vec::new();
-        for chunk in src.chunks(batch * src_elem_bytes) {
-            values.resize(chunk.len() / src_elem_bytes, 0f32);
-            quant::dequantize(src_dtype, chunk, &mut values)?;
-            if let Some(head_rows) = tensor.permute_head_rows {
-                values = permute_rope_rows(&values, head_rows, inner);
-            }
-            out.resize(out_dtype.bytes_for(values.len())?, 0u8);
-            let task_bytes = out_dtype.bytes_for(task)?;
-            out.par_chunks_mut(task_bytes)
-                .zip(values.par_chunks(task))
-                .try_for_each(|(dst, src)| quant::quantize(out_dtype, src, dst))?;
-            writer.write_tensor_data(&out)?;
-            progress(&tensor.name, chunk.len() as u64);
-        }
-        Ok(())
-    }
-}
-
-/// Adds the tensor's name to an error from its conversion.
-fn in_tensor(name: &str, e: Error) -> Error {
-    match e {
-        Error::Unsupported(m) => Error::Unsupported(format!("tensor {name:?}: {m}")),
-        Error::InvalidArgument { op, msg } => Error::invalid(op, format!("tensor {name:?}: {msg}")),
-        other => other,
-    }
 }
 
 /// The GGUF metadata llama.cpp writes for a model named `name` of `config` with the
-/// tokenizer `vocab` and weight matrices of `dtype`: general keys, architecture keys,
-/// tokenizer keys.
+/// tokenizer `vocab` and llama.cpp file type `file_type` ([`TypePolicy::file_type`]):
+/// general keys, architecture keys, tokenizer keys.
 pub(crate) fn model_metadata(
     name: &str,
     config: &HfConfig,
     vocab: &Vocab,
-    dtype: DType,
-) -> Result<Metadata> {
-    let file_type = llama_file_type(dtype).ok_or_else(|| {
-        let types: Vec<&str> = DType::ALL
-            .into_iter()
-            .filter(|&d| llama_file_type(d).is_some())
-            .map(DType::name)
-            .collect();
-        Error::invalid(
-            "--type",
-            format!(
-                "{dtype} is not a type llama.cpp stores weight matrices in; use one of {}",
-                types.join(", ")
-            ),
-        )
-    })?;
+    file_type: u32,
+) -> Metadata {
     let mut md = Metadata::new();
     md.set(keys::ARCHITECTURE, config.family.gguf_name());
     md.set("general.type", "model");
@@ -304,41 +275,10 @@ pub(crate) fn model_metadata(
     config.write_metadata(&mut md);
     vocab.write_metadata(&mut md);
     md.set(keys::QUANTIZATION_VERSION, crate::QUANTIZATION_VERSION);
-    Ok(md)
+    md
 }
 
-/// A tensor as a file whose weight matrices are `dtype` stores it ([`output_dtype`]).
-pub(crate) fn stored_desc(name: &str, shape: &[usize], dtype: DType) -> TensorDesc {
-    TensorDesc::new(name.to_string(), output_dtype(name, shape, dtype), shape)
-}
-
-/// Writes a GGUF file of `descs` through `write(partial path, descs)` to `OUT.partial`,
-/// then renames it to `out`, so `out` never holds a truncated file; the partial file
-/// is removed on failure.
-pub(crate) fn write_atomically(
-    out: &Path,
-    descs: Vec<TensorDesc>,
-    write: impl FnOnce(&Path, &[TensorDesc]) -> Result<()>,
-) -> Result<ConvertSummary> {
-    let partial = partial_path(out);
-    let result = write(&partial, &descs);
-    let result =
-        result.and_then(|()| std::fs::rename(&partial, out).map_err(|e| Error::io(out, e)));
-    if result.is_err() {
-        // Best effort: the writer's error matters more than a failed cleanup.
-        let _ = std::fs::remove_file(&partial);
-    }
-    result?;
-    let file_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
-    Ok(ConvertSummary {
-        tensors: descs.into_iter().map(|d| (d.name, d.dtype)).collect(),
-        file_bytes,
-    })
-}
-
-/// `out` with `.partial` appended to its file name.
-fn partial_path(out: &Path) -> PathBuf {
-    let mut name = out.file_name().unwrap_or_default().to_owned();
-    name.push(".partial");
-    out.with_file_name(name)
+/// A tensor as a converted file stores it ([`TypePolicy::converted_dtype`]).
+pub(crate) fn converted_desc(policy: &TypePolicy, name: &str, shape: &[usize]) -> TensorDesc {
+    TensorDesc::new(name.to_string(), policy.converted_dtype(name, shape), shape)
 }

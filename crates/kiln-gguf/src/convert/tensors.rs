@@ -1,10 +1,11 @@
 //! Which tensors a converted file holds: llama.cpp's names for the checkpoint's
 //! tensors, their expected shapes, the q/k permutation of the `llama` architecture,
-//! each tensor's output type, and the generated `rope_freqs.weight`.
+//! and the generated `rope_freqs.weight` (each tensor's output type is
+//! [`crate::quantize::TypePolicy`]'s).
 
 use super::config::{Family, HfConfig, RopeScaling};
 use super::weights::Weights;
-use kiln_core::{DType, Error, Result};
+use kiln_core::{Error, Result};
 
 /// Where a tensor's values come from.
 #[derive(Clone, Debug)]
@@ -288,37 +289,6 @@ pub fn permute_rope_rows(src: &[f32], head_rows: usize, row_len: usize) -> Vec<f
     out
 }
 
-/// The type a tensor is stored as in a file whose weights are `requested`:
-///
-/// - f32 for 1-D tensors, norms (`*_norm.weight`) and biases, as llama.cpp keeps them;
-/// - else `requested`, where each row is a whole number of its blocks;
-/// - else the type llama-quantize falls back to (q4_k -> q5_0, q5_k -> q5_1,
-///   q6_k -> q8_0, q2_k/q3_k -> iq4_nl), or f16 where that does not fit either.
-pub fn output_dtype(name: &str, shape: &[usize], requested: DType) -> DType {
-    let is_matrix =
-        shape.len() >= 2 && name.ends_with(".weight") && !name.ends_with("_norm.weight");
-    if !is_matrix {
-        return DType::F32;
-    }
-    let row_len = shape[shape.len() - 1];
-    let fits = |t: DType| row_len % t.block_size() == 0;
-    if fits(requested) {
-        return requested;
-    }
-    let fallback = match requested {
-        DType::Q2K | DType::Q3K => DType::IQ4NL,
-        DType::Q4K => DType::Q5_0,
-        DType::Q5K => DType::Q5_1,
-        DType::Q6K => DType::Q8_0,
-        _ => DType::F16,
-    };
-    if fits(fallback) {
-        fallback
-    } else {
-        DType::F16
-    }
-}
-
 /// Llama 3.1's rope scaling as the `rope_freqs.weight` tensor: one factor per
 /// rotated pair, dividing that pair's frequency, computed as llama.cpp's converter
 /// does (frequencies in f32, `2π / freq` wavelengths against the original context).
@@ -382,50 +352,5 @@ mod tests {
         // Head 0: rows 0,2,1,3; head 1: rows 4,6,5,7.
         assert_eq!(rows, [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
         assert_eq!(out[1], 1.0);
-    }
-
-    #[test]
-    fn output_types_follow_llama_cpp() {
-        let m = |n: usize| vec![8, n];
-        assert_eq!(
-            output_dtype("blk.0.attn_norm.weight", &[64], DType::Q4_0),
-            DType::F32
-        );
-        assert_eq!(
-            output_dtype("blk.0.attn_q_norm.weight", &[64], DType::F16),
-            DType::F32
-        );
-        assert_eq!(
-            output_dtype("blk.0.attn_q.bias", &[64], DType::Q8_0),
-            DType::F32
-        );
-        assert_eq!(
-            output_dtype("blk.0.attn_q.weight", &m(512), DType::Q4K),
-            DType::Q4K
-        );
-        assert_eq!(
-            output_dtype("blk.0.attn_q.weight", &m(384), DType::Q4K),
-            DType::Q5_0
-        );
-        assert_eq!(
-            output_dtype("blk.0.attn_q.weight", &m(384), DType::Q6K),
-            DType::Q8_0
-        );
-        assert_eq!(
-            output_dtype("blk.0.attn_q.weight", &m(384), DType::Q3K),
-            DType::IQ4NL
-        );
-        assert_eq!(
-            output_dtype("blk.0.attn_q.weight", &m(48), DType::Q4_0),
-            DType::F16
-        );
-        assert_eq!(
-            output_dtype("blk.0.attn_q.weight", &m(48), DType::Q4K),
-            DType::F16
-        );
-        assert_eq!(
-            output_dtype("token_embd.weight", &m(48), DType::BF16),
-            DType::BF16
-        );
     }
 }

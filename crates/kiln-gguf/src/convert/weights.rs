@@ -3,6 +3,7 @@
 //! memory-mapped.
 
 use super::json::{self, Object};
+use crate::output::InputFile;
 use kiln_core::{DType, Error, Result};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -46,6 +47,8 @@ impl SourceTensor {
 
 struct WeightFile {
     path: PathBuf,
+    /// The mapped file, identified (an output must never be written over it).
+    input: InputFile,
     map: Mmap,
 }
 
@@ -103,6 +106,7 @@ impl Weights {
 
     fn add_file(&mut self, path: &Path) -> Result<()> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let input = InputFile::of(path, &file)?;
         // SAFETY: the map is read-only, and open()'s contract forbids changing the
         // file while it is mapped.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
@@ -130,6 +134,7 @@ impl Weights {
         }
         self.files.push(WeightFile {
             path: path.to_owned(),
+            input,
             map,
         });
         Ok(())
@@ -150,6 +155,11 @@ impl Weights {
             }
         }
         Ok(())
+    }
+
+    /// The safetensors files, identified.
+    pub fn input_files(&self) -> Vec<InputFile> {
+        self.files.iter().map(|f| f.input.clone()).collect()
     }
 
     /// The tensor called `name`, if the checkpoint has it.
