@@ -293,14 +293,22 @@ fn quantize_to_q8_0_shrinks_the_file_within_the_format_error() {
     let input = model("quantize_q8_0_in.gguf");
     let (g, stdout) = quantize(&input, "quantize_q8_0_out.gguf", "q8_0");
     assert!(
-        stdout.contains("converted 4 tensors to q8_0, kept 3"),
+        stdout.contains(
+            "converted 5 tensors: 4 to q8_0, and where rows are not whole q8_0 blocks \
+             1 to f16; kept 2 as they were"
+        ),
         "{stdout}"
     );
     for (desc, vals) in model_tensors() {
         let t = g.tensor(&desc.name).unwrap();
         let row_fits = desc.shape.last().is_some_and(|&n| n % 32 == 0);
-        let converted = desc.name.ends_with(".weight") && desc.shape.len() == 2 && row_fits;
-        let want = if converted { DType::Q8_0 } else { desc.dtype };
+        let matrix = desc.name.ends_with(".weight") && desc.shape.len() == 2;
+        // Rows that are not whole blocks fall back to f16, as kiln convert does.
+        let want = match (matrix, row_fits) {
+            (true, true) => DType::Q8_0,
+            (true, false) => DType::F16,
+            (false, _) => desc.dtype,
+        };
         assert_eq!(t.info.dtype(), want, "{}", desc.name);
         let got = t.to_f32().unwrap();
         for (block_got, block_want) in got.chunks(32).zip(vals.chunks(32)) {
@@ -323,11 +331,14 @@ fn quantize_to_q8_0_shrinks_the_file_within_the_format_error() {
 }
 
 #[test]
-fn quantize_to_q4_k_converts_only_rows_of_whole_super_blocks() {
+fn quantize_to_q4_k_falls_back_where_rows_are_not_whole_super_blocks() {
     let input = model("quantize_q4_k_in.gguf");
     let (g, stdout) = quantize(&input, "quantize_q4_k_out.gguf", "q4_k");
     assert!(
-        stdout.contains("converted 1 tensors to q4_k, kept 6"),
+        stdout.contains(
+            "converted 5 tensors: 1 to q4_k, and where rows are not whole q4_k blocks \
+             3 to q5_0, 1 to f16; kept 2 as they were"
+        ),
         "{stdout}"
     );
     let gate = g.tensor("blk.0.ffn_gate.weight").unwrap();
@@ -344,10 +355,14 @@ fn quantize_to_q4_k_converts_only_rows_of_whole_super_blocks() {
     // 4 bits per weight: the relative RMS error is a few percent.
     let rel_rmse = (err / signal).sqrt();
     assert!(rel_rmse < 0.1, "relative RMSE {rel_rmse}");
-    assert_eq!(
-        g.tensor("blk.0.attn_q.weight").unwrap().info.dtype(),
-        DType::F32
-    );
+    // llama-quantize's fallbacks: q5_0 for rows of whole 32-element blocks, else f16.
+    let dtype = |name: &str| g.tensor(name).unwrap().info.dtype();
+    assert_eq!(dtype("token_embd.weight"), DType::Q5_0);
+    assert_eq!(dtype("blk.0.attn_q.weight"), DType::Q5_0);
+    assert_eq!(dtype("blk.0.ffn_up.weight"), DType::Q5_0);
+    assert_eq!(dtype("blk.0.ffn_down.weight"), DType::F16);
+    assert_eq!(dtype("blk.0.attn_norm.weight"), DType::F32);
+    assert_eq!(dtype("blk.0.attn_q.bias"), DType::F32);
     assert_eq!(g.metadata().get_u32(keys::FILE_TYPE).unwrap(), 14);
 }
 

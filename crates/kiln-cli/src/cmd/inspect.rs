@@ -3,9 +3,9 @@
 
 use clap::Args;
 use kiln_core::{Error, Result};
+use kiln_gguf::output::{InputFile, OutputFile};
 use kiln_gguf::{GgufFile, TensorView, Value};
 use serde_json::json;
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -22,7 +22,8 @@ as numpy does. A weight with GGUF dims [4096, 32000] has shape [32000, 4096].
 and last values and their min, max and mean (with --json: every value).
 With --out FILE.npy it writes a numpy .npy file of little-endian float32 values
 in row-major (C) order with the row-major shape, so numpy.load gives the tensor
-as an array of that shape.")]
+as an array of that shape. FILE.npy must be a new path or a regular file other
+than FILE; it is replaced only once it is completely written.")]
 pub struct InspectArgs {
     /// The GGUF file.
     pub file: PathBuf,
@@ -44,12 +45,16 @@ const SHOWN_CHARS: usize = 80;
 
 /// Runs `kiln inspect`.
 pub fn run(args: InspectArgs) -> Result<()> {
+    let input = InputFile::at(&args.file)?;
     let gguf = GgufFile::open(&args.file)?;
     let mut out = Stdout::new();
     match (&args.tensor, &args.out) {
         (Some(name), Some(path)) => {
             let view = gguf.tensor(name)?;
-            write_npy(path, view.info.shape(), &view.to_f32()?)?;
+            let values = view.to_f32()?;
+            // The GGUF file is mapped: the output may not be it, by any path.
+            let npy = OutputFile::create("kiln inspect --out", path, &[input])?;
+            write_npy(npy, view.info.shape(), &values)?;
             out.line(format_args!(
                 "wrote {} ({}, shape {:?}) as f32 to {}",
                 name,
@@ -285,8 +290,8 @@ fn print_tensor_values(out: &mut Stdout, view: &TensorView<'_>) -> Result<()> {
 }
 
 /// Writes `values` as a numpy `.npy` file (format 1.0) of little-endian f32 in C
-/// order with `shape`.
-fn write_npy(path: &Path, shape: &[usize], values: &[f32]) -> Result<()> {
+/// order with `shape` to `out`, and persists it.
+fn write_npy(mut out: OutputFile, shape: &[usize], values: &[f32]) -> Result<()> {
     let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
     let shape_text = match dims.as_slice() {
         [one] => format!("({one},)"),
@@ -300,13 +305,16 @@ fn write_npy(path: &Path, shape: &[usize], values: &[f32]) -> Result<()> {
     header.push('\n');
     let header_len = u16::try_from(header.len())
         .map_err(|_| Error::invalid("npy", format!("header of {} bytes", header.len())))?;
-    let io_err = |e| Error::io(path, e);
-    let mut file = BufWriter::new(File::create(path).map_err(io_err)?);
+    let path = out.path().to_owned();
+    let io_err = |e| Error::io(&path, e);
+    let mut file = BufWriter::new(out.file());
     file.write_all(b"\x93NUMPY\x01\x00").map_err(io_err)?;
     file.write_all(&header_len.to_le_bytes()).map_err(io_err)?;
     file.write_all(header.as_bytes()).map_err(io_err)?;
     for v in values {
         file.write_all(&v.to_le_bytes()).map_err(io_err)?;
     }
-    file.flush().map_err(io_err)
+    file.flush().map_err(io_err)?;
+    drop(file);
+    out.persist().map(|_| ())
 }

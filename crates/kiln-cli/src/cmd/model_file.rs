@@ -5,26 +5,19 @@ use kiln_core::{Error, Result};
 use kiln_gguf::convert::HfCheckpoint;
 use kiln_gguf::{Gguf, GgufFile};
 use std::path::{Path, PathBuf};
+use tempfile::TempDir;
 
 /// The project's own small model, in the repository this binary was built from.
 pub fn default_model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/shakespeare-tiny")
 }
 
-/// An opened GGUF model, and the temporary file it was converted into (removed on
-/// drop), if any.
+/// An opened GGUF model, and the private temporary directory it was converted into
+/// (removed on drop), if any.
 pub struct ModelFile {
+    // Declared first, so the map is dropped before its file is removed.
     pub gguf: GgufFile,
-    temp: Option<PathBuf>,
-}
-
-impl Drop for ModelFile {
-    fn drop(&mut self) {
-        if let Some(path) = &self.temp {
-            // Best effort: a leftover file in the temp dir is harmless.
-            let _ = std::fs::remove_file(path);
-        }
-    }
+    _temp: Option<TempDir>,
 }
 
 /// Opens `path` (default: [`default_model_dir`]): a GGUF file as it is; a directory
@@ -40,20 +33,21 @@ pub fn open(path: Option<&Path>) -> Result<ModelFile> {
     if !path.is_dir() {
         return Ok(ModelFile {
             gguf: Gguf::open(&path)?,
-            temp: None,
+            _temp: None,
         });
     }
     let checkpoint = HfCheckpoint::open(&path)?;
-    let temp = std::env::temp_dir().join(format!(
-        "kiln-{}-{}.gguf",
-        std::process::id(),
-        dir_name(&path)
-    ));
-    let model = ModelFile {
-        gguf: convert(&checkpoint, &temp)?,
-        temp: Some(temp),
-    };
-    Ok(model)
+    // A directory of its own (mode 0700, random name): nothing another user put in
+    // the shared temporary directory is written through or replaced.
+    let temp = tempfile::Builder::new()
+        .prefix("kiln-")
+        .tempdir()
+        .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let out = temp.path().join(format!("{}.gguf", dir_name(&path)));
+    Ok(ModelFile {
+        gguf: convert(&checkpoint, &out)?,
+        _temp: Some(temp),
+    })
 }
 
 fn convert(checkpoint: &HfCheckpoint, out: &Path) -> Result<GgufFile> {

@@ -2,22 +2,27 @@
 
 use clap::Args;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
-use kiln_core::{quant, DType, Error, Result};
-use kiln_gguf::{keys, llama_file_type, GgufFile, GgufWriter, TensorInfo, TensorView};
-use rayon::prelude::*;
-use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use kiln_core::{DType, Error, Result};
+use kiln_gguf::quantize::{Requantization, RequantizeSummary};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
 
 /// Re-quantize the weight matrices of a GGUF file.
 #[derive(Args, Debug)]
 #[command(after_help = "\
-A tensor is converted when its name ends in \".weight\", it has two dimensions
-and its row length is a whole number of the type's blocks (256 elements for
-k-quants, 32 for the other block formats). Every other tensor (norms, biases,
-1-D tensors) is copied unchanged, as llama.cpp does. Metadata is copied, with
-general.file_type set to llama.cpp's file type for TYPE and
-general.quantization_version to 2.")]
+Tensors get the types `kiln convert --type TYPE` gives them, as llama-quantize
+does: a weight matrix (two or more dimensions, a name ending in \"weight\", not a
+norm or router) becomes TYPE, or where its rows are not a whole number of TYPE's
+blocks (256 elements for k-quants, 32 for the other block formats) the type
+llama-quantize falls back to (q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0,
+q2_k/q3_k -> iq4_nl, else f16). Every other tensor (norms, biases, 1-D tensors)
+is copied unchanged. Metadata is copied, with general.file_type set to
+llama.cpp's file type for TYPE and general.quantization_version to 2.
+
+OUT must be a new path or a regular file other than IN (by any path, hard and
+symbolic links included). The file is written beside OUT and renamed to OUT when
+complete; on failure OUT is left as it was.")]
 pub struct QuantizeArgs {
     /// The GGUF file to read.
     pub input: PathBuf,
@@ -29,145 +34,16 @@ pub struct QuantizeArgs {
     pub dtype: DType,
 }
 
-/// Source elements converted per batch of rows: bounds the memory a tensor's
-/// conversion takes however large the tensor.
-const BATCH_ELEMENTS: usize = 1 << 22;
-
-/// Runs `kiln quantize`; a partly written output is removed on failure.
+/// Runs `kiln quantize`.
 pub fn run(args: QuantizeArgs) -> Result<()> {
-    let file_type = llama_file_type(args.dtype).ok_or_else(|| {
-        Error::invalid(
-            "quantize",
-            format!(
-                "{} is not a type llama.cpp stores weight matrices in; use one of {}",
-                args.dtype,
-                output_types().join(", ")
-            ),
-        )
-    })?;
-    if same_file(&args.input, &args.output) {
-        return Err(Error::invalid(
-            "quantize",
-            format!(
-                "output {} is the input file; write to another path",
-                args.output.display()
-            ),
-        ));
-    }
-    let input = GgufFile::open(&args.input)?;
-    let result = convert(&input, &args, file_type);
-    if result.is_err() {
-        // Best effort: the error being returned matters more than a failed cleanup.
-        let _ = std::fs::remove_file(&args.output);
-    }
-    let summary = result?;
-    summary.print(&args, input.bytes().len())
-}
-
-/// Every dtype `kiln quantize --type` accepts.
-fn output_types() -> Vec<&'static str> {
-    DType::ALL
-        .into_iter()
-        .filter(|&d| llama_file_type(d).is_some())
-        .map(DType::name)
-        .collect()
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
-}
-
-/// Whether `t` is a weight matrix that becomes `target`.
-fn converts(t: &TensorInfo, target: DType) -> bool {
-    t.name().ends_with(".weight")
-        && t.shape().len() == 2
-        && t.row_len() % target.block_size() == 0
-        && t.dtype() != target
-}
-
-/// What a conversion did, for the summary.
-struct Summary {
-    converted: usize,
-    kept: usize,
-    bytes_in: usize,
-    bytes_out: usize,
-}
-
-impl Summary {
-    fn print(&self, args: &QuantizeArgs, file_in: usize) -> Result<()> {
-        let file_out = std::fs::metadata(&args.output)
-            .map_err(|e| Error::io(&args.output, e))?
-            .len();
-        let mut out = std::io::stdout().lock();
-        let ratio = |a: u64, b: u64| 100.0 * a as f64 / b.max(1) as f64;
-        writeln!(
-            out,
-            "converted {} tensors to {}, kept {} as they were\n\
-             tensor data: {} -> {} ({:.1}%)\n\
-             file: {} -> {} ({:.1}%)",
-            self.converted,
-            args.dtype,
-            self.kept,
-            HumanBytes(self.bytes_in as u64),
-            HumanBytes(self.bytes_out as u64),
-            ratio(self.bytes_out as u64, self.bytes_in as u64),
-            HumanBytes(file_in as u64),
-            HumanBytes(file_out),
-            ratio(file_out, file_in as u64),
-        )
-        .map_err(|e| Error::io("<stdout>", e))
-    }
-}
-
-fn convert(input: &GgufFile, args: &QuantizeArgs, file_type: u32) -> Result<Summary> {
-    let mut metadata = input.metadata().clone();
-    metadata.set(keys::FILE_TYPE, file_type);
-    metadata.set(keys::QUANTIZATION_VERSION, kiln_gguf::QUANTIZATION_VERSION);
-    let descs = input
-        .tensor_infos()
-        .iter()
-        .map(|t| {
-            let mut d = t.desc();
-            if converts(t, args.dtype) {
-                d.dtype = args.dtype;
-            }
-            d
-        })
-        .collect::<Vec<_>>();
-    let mut writer = GgufWriter::create(&args.output, &metadata, &descs)?;
-    let bytes_in: usize = input.tensor_infos().iter().map(TensorInfo::n_bytes).sum();
-    let progress = progress_bar(bytes_in as u64);
-    let mut converted = 0;
-    for view in input.tensors() {
-        progress.set_message(view.info.name().to_owned());
-        if converts(view.info, args.dtype) {
-            convert_tensor(&view, args.dtype, &mut writer, &progress)?;
-            converted += 1;
-        } else {
-            writer.write_tensor_data(view.data)?;
-            progress.inc(view.data.len() as u64);
-        }
-    }
+    let job = Requantization::open(&args.input, args.dtype)?;
+    let progress = progress_bar(job.source_bytes());
+    let summary = job.write_gguf(&args.output, &mut |name, bytes| {
+        progress.set_message(name.to_owned());
+        progress.inc(bytes);
+    });
     progress.finish_and_clear();
-    let bytes_out = writer.tensor_infos().iter().map(TensorInfo::n_bytes).sum();
-    finish(writer, &args.output)?;
-    Ok(Summary {
-        converted,
-        kept: descs.len() - converted,
-        bytes_in,
-        bytes_out,
-    })
-}
-
-fn finish(writer: GgufWriter<BufWriter<File>>, path: &Path) -> Result<()> {
-    let file = writer
-        .finish()?
-        .into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?;
-    file.sync_all().map_err(|e| Error::io(path, e))
+    print_summary(&summary?, args.dtype, job.input().bytes().len() as u64)
 }
 
 fn progress_bar(total_bytes: u64) -> ProgressBar {
@@ -180,41 +56,51 @@ fn progress_bar(total_bytes: u64) -> ProgressBar {
     bar
 }
 
-/// Converts `view` row by row to `target` (rows in parallel, batches in order) and
-/// streams the result to `writer`.
-fn convert_tensor<W: Write>(
-    view: &TensorView<'_>,
-    target: DType,
-    writer: &mut GgufWriter<W>,
-    progress: &ProgressBar,
-) -> Result<()> {
-    let info = view.info;
-    let row_len = info.row_len();
-    let (row_in, row_out) = (info.row_bytes(), target.bytes_for(row_len)?);
-    if row_in == 0 {
-        return Ok(());
+/// "converted 4 tensors to q8_0, kept 3 as they were", or with fallbacks
+/// "converted 5 tensors: 1 to q4_k, and where rows are not whole q4_k blocks 3 to
+/// q5_0, 1 to f16; kept 2 as they were", then the sizes.
+fn print_summary(summary: &RequantizeSummary, requested: DType, file_in: u64) -> Result<()> {
+    let mut fallbacks: BTreeMap<DType, usize> = BTreeMap::new();
+    let (mut converted, mut to_requested, mut kept) = (0, 0, 0);
+    for (_, from, to) in &summary.tensors {
+        if from == to {
+            kept += 1;
+        } else {
+            converted += 1;
+            if *to == requested {
+                to_requested += 1;
+            } else {
+                *fallbacks.entry(*to).or_default() += 1;
+            }
+        }
     }
-    let rows_per_batch = (BATCH_ELEMENTS / row_len.max(1)).max(1);
-    let mut out = Vec::new();
-    for src in view.data.chunks(rows_per_batch * row_in) {
-        out.resize(src.len() / row_in * row_out, 0u8);
-        out.par_chunks_mut(row_out)
-            .zip(src.par_chunks(row_in))
-            .try_for_each_init(
-                || vec![0f32; row_len],
-                |row, (dst, src)| {
-                    quant::dequantize(info.dtype(), src, row)?;
-                    quant::quantize(target, row, dst)
-                },
-            )
-            .map_err(|e| match e {
-                Error::Unsupported(m) => {
-                    Error::Unsupported(format!("tensor {:?}: {m}", info.name()))
-                }
-                other => other,
-            })?;
-        writer.write_tensor_data(&out)?;
-        progress.inc(src.len() as u64);
-    }
-    Ok(())
+    let conversions = if fallbacks.is_empty() {
+        format!("converted {converted} tensors to {requested}, kept {kept} as they were")
+    } else {
+        let mut fallbacks: Vec<(DType, usize)> = fallbacks.into_iter().collect();
+        fallbacks.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+        let list: Vec<String> = fallbacks
+            .iter()
+            .map(|(d, n)| format!("{n} to {d}"))
+            .collect();
+        format!(
+            "converted {converted} tensors: {to_requested} to {requested}, and where rows \
+             are not whole {requested} blocks {}; kept {kept} as they were",
+            list.join(", ")
+        )
+    };
+    let ratio = |a: u64, b: u64| 100.0 * a as f64 / b.max(1) as f64;
+    writeln!(
+        std::io::stdout().lock(),
+        "{conversions}\n\
+         tensor data: {} -> {} ({:.1}%)\n\
+         file: {} -> {} ({:.1}%)",
+        HumanBytes(summary.bytes_in),
+        HumanBytes(summary.bytes_out),
+        ratio(summary.bytes_out, summary.bytes_in),
+        HumanBytes(file_in),
+        HumanBytes(summary.file_bytes),
+        ratio(summary.file_bytes, file_in),
+    )
+    .map_err(|e| Error::io("<stdout>", e))
 }
