@@ -33,7 +33,11 @@ fn convert(dir: &Path, dtype: DType) -> (TempDir, GgufFile) {
         .unwrap();
     assert_eq!(progress_bytes, checkpoint.source_bytes());
     assert_eq!(summary.file_bytes, std::fs::metadata(&out).unwrap().len());
-    assert!(!out_dir.path().join("model.gguf.partial").exists());
+    let left: Vec<_> = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["model.gguf"], "no temporary file is left");
     let file = Gguf::open(&out).unwrap();
     (out_dir, file)
 }
@@ -757,4 +761,41 @@ fn unsupported_configs_and_tensors_are_errors() {
         .to_string();
     assert!(msg.contains("q8_k") && msg.contains("q4_0"), "{msg}");
     assert!(!out.exists());
+}
+
+#[test]
+fn requantizing_a_converted_file_matches_converting_directly() {
+    // One policy and one write path: the f16 file re-quantized to TYPE holds the
+    // same tensors, types, bytes and file type as the checkpoint converted to TYPE
+    // (its f16 values are the checkpoint's, so both quantize the same numbers).
+    let dir = shakespeare_dir();
+    let (f16_dir, _) = convert(&dir, DType::F16);
+    let f16 = f16_dir.path().join("model.gguf");
+    for dtype in [DType::Q8_0, DType::Q4K, DType::Q6K] {
+        let (_direct_dir, direct) = convert(&dir, dtype);
+        let job = kiln_gguf::quantize::Requantization::open(&f16, dtype).unwrap();
+        let out_dir = TempDir::new().unwrap();
+        let out = out_dir.path().join("requantized.gguf");
+        let summary = job.write_gguf(&out, &mut |_, _| {}).unwrap();
+        assert_eq!(summary.file_bytes, std::fs::metadata(&out).unwrap().len());
+        let requantized = Gguf::open(&out).unwrap();
+        assert_eq!(
+            u32_key(&requantized, "general.file_type"),
+            u32_key(&direct, "general.file_type"),
+            "{dtype}"
+        );
+        assert_eq!(
+            requantized.tensor_infos().len(),
+            direct.tensor_infos().len()
+        );
+        for (got, want) in requantized.tensors().zip(direct.tensors()) {
+            assert_eq!(got.info.name(), want.info.name());
+            assert_eq!(got.info.dtype(), want.info.dtype(), "{}", want.info.name());
+            assert!(
+                got.data == want.data,
+                "{dtype}: {} differs",
+                want.info.name()
+            );
+        }
+    }
 }

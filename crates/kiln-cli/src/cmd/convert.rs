@@ -18,7 +18,12 @@ The file gets llama.cpp's metadata, tensor names and tokenizer section; the
 llama architecture's q/k weights are permuted to GGML's RoPE layout as
 llama.cpp's converter does. Norms, biases and other 1-D tensors stay f32; a
 block type whose block does not divide a row falls back as llama-quantize does
-(q4_k -> q5_0, q6_k -> q8_0, ..., else f16).")]
+(q4_k -> q5_0, q6_k -> q8_0, ..., else f16).
+
+OUT.gguf must be a new path or a regular file that is none of the files the
+conversion reads (by any path, hard and symbolic links included). The file is
+written beside it and renamed to OUT.gguf when complete; on failure OUT.gguf is
+left as it was.")]
 pub struct ConvertArgs {
     /// The checkpoint directory.
     pub hf_dir: PathBuf,

@@ -16,7 +16,8 @@ pub struct SynthArgs {
     /// Type of the weight matrices (norms and biases stay f32): q4_0, q4_k, q6_k, q8_0, f16, bf16, ...
     #[arg(long = "type", default_value = "q4_0")]
     pub dtype: DType,
-    /// Output file.
+    /// Output file: a new path or a regular file, replaced only once the new one is
+    /// complete.
     #[arg(short = 'o', long)]
     pub out: PathBuf,
     /// Seed of the random weights and vocabulary.
