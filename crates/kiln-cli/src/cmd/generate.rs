@@ -107,6 +107,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ));
     }
     let config = ModelConfig::from_gguf(file)?;
+    tokenizer.check_vocab(config.vocab)?;
     let mut decode_graph = graph_for(
         &config,
         &weight_descs(file)?,
