@@ -21,15 +21,20 @@
 //!   ([`Vocab`]): tokens, token types, merges, special token ids, add-BOS/EOS flags
 //!   and the chat template.
 //!
+//! [`open_converted`] converts a checkpoint once into a cache directory, under a
+//! name given by a hash of its files, and reuses the file after that.
+//!
 //! Values go through [`kiln_core::quant`]: the source is read as f32 and stored in
 //! the output type, so f16 to f16 is exact.
 
+mod cache;
 mod config;
 mod json;
 mod tensors;
 mod vocab;
 mod weights;
 
+pub use cache::{cached_name, checkpoint_hash, open_converted};
 pub use config::{Family, HfConfig, RopeScaling};
 pub(crate) use tensors::model_tensors;
 pub use tensors::{output_dtype, permute_rope_rows};
