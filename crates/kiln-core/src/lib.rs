@@ -6,8 +6,11 @@
 //! - [`ops`]: the Op IR, each op's written definition and argument validation.
 //! - [`Graph`]: buffers and ops; [`planner`]: live ranges and aliasing.
 //! - [`Backend`]: what a compute backend implements.
+//! - [`cache`]: the directory where kiln caches compiled kernels and converted
+//!   models.
 
 pub mod backend;
+pub mod cache;
 pub mod dtype;
 pub mod error;
 pub mod graph;

@@ -195,8 +195,9 @@ impl CacheConfig {
     ///
     /// - `KILN_KERNEL_CACHE`: `on` (or unset, or empty) reads and writes, `readonly`
     ///   only reads, `off` neither.
-    /// - the directory: `$KILN_CACHE_DIR/kernels`, else `$XDG_CACHE_HOME/kiln/kernels`,
-    ///   else `$HOME/.cache/kiln/kernels`.
+    /// - the directory: `kernels` in [`kiln_core::cache::cache_root`]:
+    ///   `$KILN_CACHE_DIR/kernels`, else `$XDG_CACHE_HOME/kiln/kernels`, else
+    ///   `$HOME/.cache/kiln/kernels`.
     ///
     /// Errors on an unknown mode, or when no directory can be found and the mode is
     /// not `off`.
@@ -213,11 +214,7 @@ impl CacheConfig {
                 ))
             }
         };
-        let root = set("KILN_CACHE_DIR")
-            .map(PathBuf::from)
-            .or_else(|| set("XDG_CACHE_HOME").map(|d| Path::new(&d).join("kiln")))
-            .or_else(|| set("HOME").map(|d| Path::new(&d).join(".cache").join("kiln")))
-            .ok_or_else(|| {
+        let root = kiln_core::cache::cache_root(&var).ok_or_else(|| {
                 Error::invalid(
                     "kernel cache",
                     "no cache directory: set KILN_CACHE_DIR, XDG_CACHE_HOME or HOME, or KILN_KERNEL_CACHE=off",

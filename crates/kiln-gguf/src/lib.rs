@@ -11,7 +11,10 @@
 //!   [`kiln_core::Error::Format`] naming the key or tensor, never a panic.
 //! - [`GgufWriter`]: writes version 3, header first, then tensor data streamed in
 //!   chunks.
-//! - [`Metadata`], [`Value`]: the key-value store with typed getters.
+//! - [`Metadata`], [`Value`]: the key-value store with typed getters. An
+//!   [`Array`] keeps its items encoded, in the file's memory map when the file was
+//!   opened with [`Gguf::open`], and decodes them when they are read: a large
+//!   array costs memory only for the items used.
 //! - [`keys`]: llama.cpp's metadata key conventions.
 //! - [`convert`]: Hugging Face checkpoints (llama, qwen2, qwen3) to GGUF, as
 //!   llama.cpp's converter writes them.
@@ -37,7 +40,7 @@ mod write;
 pub use metadata::Metadata;
 pub use read::{Gguf, GgufFile};
 pub use tensor::{TensorDesc, TensorInfo, TensorView};
-pub use value::{Array, MetadataType, Value, ValueType};
+pub use value::{Array, Items, MetadataType, SharedBytes, Value, ValueType};
 pub use write::{GgufWriter, WRITE_VERSION};
 
 use kiln_core::DType;

@@ -5,7 +5,7 @@
 //! an [`Error::Format`] naming the key or tensor, never a panic or a huge allocation.
 
 use crate::tensor::{TensorInfo, TensorView};
-use crate::value::{Array, Value, ValueType};
+use crate::value::{Array, SharedBytes, Value, ValueType};
 use crate::{alignment, Metadata, GGUF_MAGIC, MAX_ARRAY_NESTING};
 use kiln_core::{DType, Error, Result};
 use memmap2::Mmap;
@@ -36,32 +36,49 @@ pub struct Gguf<B> {
     tensor_index: HashMap<String, usize>,
 }
 
-/// A GGUF file read through a read-only memory map.
-pub type GgufFile = Gguf<Mmap>;
+/// A GGUF file read through a read-only memory map, shared by the file and its
+/// metadata arrays.
+pub type GgufFile = Gguf<SharedBytes>;
 
-impl Gguf<Mmap> {
-    /// Maps the file at `path` and parses it.
+impl Gguf<SharedBytes> {
+    /// Maps the file at `path` and parses it. Metadata arrays stay in the map (see
+    /// [`Array`]): parsing copies no array, and reading one decodes only the items
+    /// read.
     ///
-    /// The file must not be modified while the returned value lives (memory-mapped
-    /// data that changes underneath is undefined behaviour); model files are
-    /// written once and then only read.
+    /// The file must not be modified while the returned value (or an array taken
+    /// from its metadata) lives (memory-mapped data that changes underneath is
+    /// undefined behaviour); model files are written once and then only read.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only and the contract above forbids changing the
         // file while it is mapped.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Gguf::from_bytes(map, path.display().to_string())
+        Gguf::from_shared(SharedBytes::new(map), path.display().to_string())
+    }
+
+    /// Parses GGUF `bytes` whose metadata arrays stay views of them (as
+    /// [`Gguf::open`] does for a map); `source` names them in error messages.
+    pub fn from_shared(bytes: SharedBytes, source: impl Into<String>) -> Result<GgufFile> {
+        let source = source.into();
+        let header = Parser::new(bytes.as_ref(), &source, Some(&bytes)).parse()?;
+        Ok(Gguf::assemble(bytes, source, header))
     }
 }
 
 impl<B: AsRef<[u8]>> Gguf<B> {
     /// Parses GGUF `bytes`; `source` names them in error messages (a path, or a
-    /// label for data in memory).
+    /// label for data in memory). Each metadata array keeps a copy of its items'
+    /// bytes as the file encodes them (about their size in the file); use
+    /// [`Gguf::from_shared`] to keep them in `bytes` instead.
     pub fn from_bytes(bytes: B, source: impl Into<String>) -> Result<Gguf<B>> {
         let source = source.into();
-        let header = Parser::new(bytes.as_ref(), &source).parse()?;
-        Ok(Gguf {
+        let header = Parser::new(bytes.as_ref(), &source, None).parse()?;
+        Ok(Gguf::assemble(bytes, source, header))
+    }
+
+    fn assemble(bytes: B, source: String, header: Header) -> Gguf<B> {
+        Gguf {
             bytes,
             source,
             version: header.version,
@@ -75,7 +92,7 @@ impl<B: AsRef<[u8]>> Gguf<B> {
                 .map(|(i, t)| (t.name().to_owned(), i))
                 .collect(),
             tensors: header.tensors,
-        })
+        }
     }
 
     /// The GGUF version (2 or 3).
@@ -152,14 +169,18 @@ struct Parser<'a> {
     bytes: &'a [u8],
     pos: usize,
     source: &'a str,
+    /// The same bytes, shared, for metadata arrays to keep views of; without
+    /// them, each array copies its bytes.
+    shared: Option<&'a SharedBytes>,
 }
 
 impl<'a> Parser<'a> {
-    fn new(bytes: &'a [u8], source: &'a str) -> Parser<'a> {
+    fn new(bytes: &'a [u8], source: &'a str, shared: Option<&'a SharedBytes>) -> Parser<'a> {
         Parser {
             bytes,
             pos: 0,
             source,
+            shared,
         }
     }
 
@@ -392,6 +413,11 @@ impl<'a> Parser<'a> {
     }
 
     fn string(&mut self, what: &str) -> Step<String> {
+        self.str(what).map(str::to_owned)
+    }
+
+    /// A string, borrowed from the file's bytes.
+    fn str(&mut self, what: &str) -> Step<&'a str> {
         let len = self.u64(what)?;
         let len = usize::try_from(len)
             .ok()
@@ -404,9 +430,7 @@ impl<'a> Parser<'a> {
                 )
             })?;
         let bytes = self.take(len, what)?;
-        std::str::from_utf8(bytes)
-            .map(str::to_owned)
-            .map_err(|e| format!("{what} is not valid UTF-8 ({e})"))
+        std::str::from_utf8(bytes).map_err(|e| format!("{what} is not valid UTF-8 ({e})"))
     }
 
     fn value_type(&mut self, what: &str) -> Step<ValueType> {
@@ -437,20 +461,61 @@ impl<'a> Parser<'a> {
         })
     }
 
+    /// An array value (after its type id): its items are checked and left in the
+    /// file's bytes (see [`Array`]).
     fn array_value(&mut self, depth: usize) -> Step<Array> {
+        let (item_type, len, start) = self.array_items(depth)?;
+        let range = start..self.pos;
+        let encoded = match self.shared {
+            Some(shared) => shared
+                .slice(range)
+                .ok_or_else(|| "array bytes outside the file".to_string())?,
+            None => SharedBytes::new(self.bytes[range].to_vec()),
+        };
+        Ok(Array::from_checked(item_type, len, encoded))
+    }
+
+    /// Reads an array's item type and count and checks its items, leaving the
+    /// cursor after them; returns the type, the count and where the items start.
+    /// Items of fixed size other than bools are skipped at once, without reading
+    /// them: a large array costs nothing to parse.
+    fn array_items(&mut self, depth: usize) -> Step<(ValueType, usize, usize)> {
         if depth >= MAX_ARRAY_NESTING {
             return Err(format!("arrays nested more than {MAX_ARRAY_NESTING} deep"));
         }
         let item_type = self.value_type("array item type")?;
         let len = self.u64("array length")?;
         let len = self.check_count(len, item_type.min_encoded_len(), "array length")?;
-        let items = (0..len)
-            .map(|i| {
-                self.value(item_type, depth + 1)
-                    .map_err(|m| format!("array item {i}: {m}"))
-            })
-            .collect::<Step<Vec<Value>>>()?;
-        // Every item was read as `item_type`, so the array is homogeneous.
-        Array::new(item_type, items).map_err(|e| e.to_string())
+        let start = self.pos;
+        match item_type.fixed_len() {
+            Some(size) if item_type != ValueType::Bool => {
+                // check_count bounded len * min_encoded_len by the bytes remaining.
+                self.take(len * size, "array items")?;
+            }
+            _ => {
+                for i in 0..len {
+                    self.check_value(item_type, depth + 1)
+                        .map_err(|m| format!("array item {i}: {m}"))?;
+                }
+            }
+        }
+        Ok((item_type, len, start))
+    }
+
+    /// Checks one value of type `t` as [`Parser::value`] reads it, moving past it
+    /// without building it.
+    fn check_value(&mut self, t: ValueType, depth: usize) -> Step<()> {
+        match t {
+            ValueType::Bool => match self.array::<1>("bool")?[0] {
+                0 | 1 => Ok(()),
+                b => Err(format!("bool byte is {b}, not 0 or 1")),
+            },
+            ValueType::String => self.str("string").map(drop),
+            ValueType::Array => self.array_items(depth).map(drop),
+            other => {
+                let size = other.min_encoded_len();
+                self.take(size, other.name()).map(drop)
+            }
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! GGUF metadata values: the thirteen value types and typed access to them.
 
 use kiln_core::{Error, Result};
+use std::ops::Range;
+use std::sync::Arc;
 
 /// The type id a GGUF file stores before each metadata value (and before the items of
 /// an array).
@@ -69,6 +71,15 @@ impl ValueType {
         }
     }
 
+    /// The bytes every value of this type occupies in a file, for the fixed-size
+    /// types; `None` for strings and arrays.
+    pub const fn fixed_len(self) -> Option<usize> {
+        match self {
+            ValueType::String | ValueType::Array => None,
+            other => Some(other.min_encoded_len()),
+        }
+    }
+
     /// The fewest bytes one value of this type occupies in a file: its size for
     /// fixed-size types, the 8-byte length of an empty string, the 4-byte item type
     /// plus 8-byte count of an empty array.
@@ -131,7 +142,8 @@ impl Value {
     /// of scalars, 2 for an array of arrays of scalars, ...
     pub fn array_nesting(&self) -> usize {
         match self {
-            Value::Array(a) => 1 + a.items.iter().map(Value::array_nesting).max().unwrap_or(0),
+            Value::Array(a) if a.item_type() != ValueType::Array => 1,
+            Value::Array(a) => 1 + a.iter().map(|v| v.array_nesting()).max().unwrap_or(0),
             _ => 0,
         }
     }
@@ -152,12 +164,69 @@ impl Value {
     }
 }
 
+/// Bytes shared by everything that points into them: a file's memory map or a
+/// buffer, and a range of it. Cloning one shares the bytes, never copies them.
+#[derive(Clone)]
+pub struct SharedBytes {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    start: usize,
+    end: usize,
+}
+
+impl SharedBytes {
+    /// All of `owner`'s bytes (a memory map, a `Vec<u8>`, ...), shared from now on.
+    pub fn new(owner: impl AsRef<[u8]> + Send + Sync + 'static) -> SharedBytes {
+        let end = owner.as_ref().len();
+        SharedBytes {
+            owner: Arc::new(owner),
+            start: 0,
+            end,
+        }
+    }
+
+    /// The bytes of `range` within these, sharing them; `None` when `range` does not
+    /// lie within them.
+    pub fn slice(&self, range: Range<usize>) -> Option<SharedBytes> {
+        if range.start > range.end || range.end > self.end - self.start {
+            return None;
+        }
+        Some(SharedBytes {
+            owner: Arc::clone(&self.owner),
+            start: self.start + range.start,
+            end: self.start + range.end,
+        })
+    }
+}
+
+impl AsRef<[u8]> for SharedBytes {
+    fn as_ref(&self) -> &[u8] {
+        // `start..end` lies within the owner's bytes (checked when it was made),
+        // which cannot change behind the `Arc`.
+        &AsRef::<[u8]>::as_ref(&*self.owner)[self.start..self.end]
+    }
+}
+
+impl std::fmt::Debug for SharedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedBytes({} bytes)", self.end - self.start)
+    }
+}
+
 /// A GGUF array: items of one type, which may itself be `Array` (each inner array
 /// then has its own item type).
-#[derive(Clone, Debug, PartialEq)]
+///
+/// An array holds its items as the file encodes them, not as [`Value`]s: an array
+/// read from a memory-mapped file is a view of the map, and one built in memory is
+/// one buffer. Items are decoded when they are read ([`Array::iter`],
+/// [`Array::get`]), so a file's large arrays cost no memory until they are used,
+/// and only what is used. Cloning shares the items.
+#[derive(Clone)]
 pub struct Array {
     item_type: ValueType,
-    items: Vec<Value>,
+    len: usize,
+    /// The items as GGUF encodes them (each string after its u64 length, each inner
+    /// array after its item type and count), checked when the array was made.
+    encoded: SharedBytes,
 }
 
 impl Array {
@@ -176,7 +245,26 @@ impl Array {
                 ),
             ));
         }
-        Ok(Array { item_type, items })
+        let mut encoded = Vec::new();
+        for item in &items {
+            encode_value(&mut encoded, item);
+        }
+        Ok(Array {
+            item_type,
+            len: items.len(),
+            encoded: SharedBytes::new(encoded),
+        })
+    }
+
+    /// An array of `len` items of `item_type` encoded in `encoded`, which the caller
+    /// has checked: every item complete, strings UTF-8, bools 0 or 1, inner arrays
+    /// of known item types and nested at most [`crate::MAX_ARRAY_NESTING`] deep.
+    pub(crate) fn from_checked(item_type: ValueType, len: usize, encoded: SharedBytes) -> Array {
+        Array {
+            item_type,
+            len,
+            encoded,
+        }
     }
 
     /// The type every item has.
@@ -184,19 +272,229 @@ impl Array {
         self.item_type
     }
 
-    /// The items, in file order.
-    pub fn items(&self) -> &[Value] {
-        &self.items
+    /// The items, decoded one by one, in file order.
+    pub fn iter(&self) -> Items<'_> {
+        Items {
+            array: self,
+            pos: 0,
+            left: self.len,
+        }
+    }
+
+    /// Item `i`, decoded; `None` past the end. Immediate for items of fixed size;
+    /// strings and arrays are found by reading past the `i` before them.
+    pub fn get(&self, i: usize) -> Option<Value> {
+        if i >= self.len {
+            return None;
+        }
+        match self.item_type.fixed_len() {
+            Some(size) => decode(self.item_type, &self.encoded, &mut (i * size)),
+            None => self.iter().nth(i),
+        }
     }
 
     /// The number of items.
     pub fn len(&self) -> usize {
-        self.items.len()
+        self.len
     }
 
     /// Whether the array has no items.
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.len == 0
+    }
+
+    /// The items' bytes as GGUF stores them after the item type and count.
+    pub(crate) fn encoded(&self) -> &[u8] {
+        self.encoded.as_ref()
+    }
+}
+
+impl PartialEq for Array {
+    /// Arrays are equal when their item types and items are (floats compare as
+    /// floats: NaN items make arrays unequal, as they make [`Value`]s unequal).
+    fn eq(&self, other: &Array) -> bool {
+        self.item_type == other.item_type && self.len == other.len && self.iter().eq(other.iter())
+    }
+}
+
+impl std::fmt::Debug for Array {
+    /// The item type, the length and the first items (all of them for short arrays).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = 8;
+        struct Preview<'a>(&'a Array);
+        impl std::fmt::Debug for Preview<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let mut list = f.debug_list();
+                list.entries(self.0.iter().take(SHOWN));
+                if self.0.len > SHOWN {
+                    list.entry(&format_args!("... {} more", self.0.len - SHOWN));
+                }
+                list.finish()
+            }
+        }
+        f.debug_struct("Array")
+            .field("item_type", &self.item_type)
+            .field("len", &self.len)
+            .field("items", &Preview(self))
+            .finish()
+    }
+}
+
+impl<'a> IntoIterator for &'a Array {
+    type Item = Value;
+    type IntoIter = Items<'a>;
+    fn into_iter(self) -> Items<'a> {
+        self.iter()
+    }
+}
+
+/// The items of an [`Array`], decoded as they are reached.
+#[derive(Clone, Debug)]
+pub struct Items<'a> {
+    array: &'a Array,
+    /// Offset of the next item in the array's encoded bytes.
+    pos: usize,
+    left: usize,
+}
+
+impl Iterator for Items<'_> {
+    type Item = Value;
+
+    fn next(&mut self) -> Option<Value> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let value = decode(self.array.item_type, &self.array.encoded, &mut self.pos);
+        if value.is_none() {
+            // Unreachable for checked bytes; end rather than yield garbage.
+            self.left = 0;
+        }
+        value
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+
+    fn nth(&mut self, n: usize) -> Option<Value> {
+        if n >= self.left {
+            self.left = 0;
+            return None;
+        }
+        let item_type = self.array.item_type;
+        let bytes = self.array.encoded.as_ref();
+        for _ in 0..n {
+            if skip(item_type, bytes, &mut self.pos).is_none() {
+                self.left = 0;
+                return None;
+            }
+        }
+        self.left -= n;
+        self.next()
+    }
+}
+
+impl ExactSizeIterator for Items<'_> {}
+
+/// Appends `value`'s GGUF encoding (without its type id) to `buf`.
+pub(crate) fn encode_value(buf: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::U8(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::I8(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::U16(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::I16(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::U32(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::I32(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::F32(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::U64(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::I64(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::F64(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::Bool(v) => buf.push(u8::from(*v)),
+        Value::String(s) => {
+            buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            buf.extend_from_slice(s.as_bytes());
+        }
+        Value::Array(a) => {
+            buf.extend_from_slice(&a.item_type.id().to_le_bytes());
+            buf.extend_from_slice(&(a.len as u64).to_le_bytes());
+            buf.extend_from_slice(a.encoded());
+        }
+    }
+}
+
+/// `n` bytes of `bytes` at `*pos`, moving `*pos` past them.
+fn take<'b>(bytes: &'b [u8], pos: &mut usize, n: usize) -> Option<&'b [u8]> {
+    let out = bytes.get(*pos..pos.checked_add(n)?)?;
+    *pos += n;
+    Some(out)
+}
+
+fn take_array<const N: usize>(bytes: &[u8], pos: &mut usize) -> Option<[u8; N]> {
+    take(bytes, pos, N)?.try_into().ok()
+}
+
+/// A u64 length or count at `*pos`, as a `usize`.
+fn take_len(bytes: &[u8], pos: &mut usize) -> Option<usize> {
+    usize::try_from(u64::from_le_bytes(take_array(bytes, pos)?)).ok()
+}
+
+/// Decodes the value of type `t` at `*pos` in checked bytes and moves past it;
+/// `None` only if the bytes are not what they were checked to be.
+fn decode(t: ValueType, shared: &SharedBytes, pos: &mut usize) -> Option<Value> {
+    let bytes = shared.as_ref();
+    Some(match t {
+        ValueType::U8 => Value::U8(u8::from_le_bytes(take_array(bytes, pos)?)),
+        ValueType::I8 => Value::I8(i8::from_le_bytes(take_array(bytes, pos)?)),
+        ValueType::U16 => Value::U16(u16::from_le_bytes(take_array(bytes, pos)?)),
+        ValueType::I16 => Value::I16(i16::from_le_bytes(take_array(bytes, pos)?)),
+        ValueType::U32 => Value::U32(u32::from_le_bytes(take_array(bytes, pos)?)),
+        ValueType::I32 => Value::I32(i32::from_le_bytes(take_array(bytes, pos)?)),
+        ValueType::F32 => Value::F32(f32::from_le_bytes(take_array(bytes, pos)?)),
+        ValueType::U64 => Value::U64(u64::from_le_bytes(take_array(bytes, pos)?)),
+        ValueType::I64 => Value::I64(i64::from_le_bytes(take_array(bytes, pos)?)),
+        ValueType::F64 => Value::F64(f64::from_le_bytes(take_array(bytes, pos)?)),
+        ValueType::Bool => Value::Bool(take_array::<1>(bytes, pos)?[0] != 0),
+        ValueType::String => {
+            let len = take_len(bytes, pos)?;
+            Value::String(std::str::from_utf8(take(bytes, pos, len)?).ok()?.to_owned())
+        }
+        ValueType::Array => {
+            let item_type = ValueType::from_id(u32::from_le_bytes(take_array(bytes, pos)?))?;
+            let len = take_len(bytes, pos)?;
+            let start = *pos;
+            skip_items(item_type, len, bytes, pos)?;
+            Value::Array(Array::from_checked(
+                item_type,
+                len,
+                shared.slice(start..*pos)?,
+            ))
+        }
+    })
+}
+
+/// Moves `*pos` past one value of type `t` in checked bytes.
+fn skip(t: ValueType, bytes: &[u8], pos: &mut usize) -> Option<()> {
+    match t.fixed_len() {
+        Some(size) => take(bytes, pos, size).map(drop),
+        None if t == ValueType::String => {
+            let len = take_len(bytes, pos)?;
+            take(bytes, pos, len).map(drop)
+        }
+        None => {
+            let item_type = ValueType::from_id(u32::from_le_bytes(take_array(bytes, pos)?))?;
+            let len = take_len(bytes, pos)?;
+            skip_items(item_type, len, bytes, pos)
+        }
+    }
+}
+
+/// Moves `*pos` past `len` values of type `t` in checked bytes: at once for items
+/// of fixed size.
+fn skip_items(t: ValueType, len: usize, bytes: &[u8], pos: &mut usize) -> Option<()> {
+    match t.fixed_len() {
+        Some(size) => take(bytes, pos, len.checked_mul(size)?).map(drop),
+        None => (0..len).try_for_each(|_| skip(t, bytes, pos)),
     }
 }
 
@@ -268,10 +566,16 @@ impl From<Array> for Value {
 impl<T: MetadataType> From<Vec<T>> for Value {
     /// An array of `T::VALUE_TYPE` items.
     fn from(items: Vec<T>) -> Value {
-        Value::Array(Array {
-            item_type: T::VALUE_TYPE,
-            items: items.into_iter().map(MetadataType::into_value).collect(),
-        })
+        let len = items.len();
+        let mut encoded = Vec::new();
+        for item in items {
+            encode_value(&mut encoded, &item.into_value());
+        }
+        Value::Array(Array::from_checked(
+            T::VALUE_TYPE,
+            len,
+            SharedBytes::new(encoded),
+        ))
     }
 }
 

@@ -2,7 +2,7 @@
 //! at once.
 
 use crate::tensor::{TensorDesc, TensorInfo};
-use crate::value::Value;
+use crate::value::{encode_value, Value};
 use crate::{alignment, Metadata, GGUF_MAGIC, MAX_ARRAY_NESTING};
 use kiln_core::{Error, Result};
 use std::collections::HashSet;
@@ -62,6 +62,17 @@ impl<W: Write> GgufWriter<W> {
         let align = alignment(metadata).map_err(|m| Error::invalid("gguf writer", m))?;
         check_nesting(metadata)?;
         let (tensors, padded_lens) = plan_layout(tensors, align)?;
+        let mut out = out;
+        let header_len = {
+            let mut sink = HeaderSink {
+                out: &mut out,
+                label: &label,
+                buf: Vec::new(),
+                written: 0,
+            };
+            write_header(&mut sink, metadata, &tensors)?;
+            sink.finish()?
+        };
         let mut writer = GgufWriter {
             out,
             label,
@@ -70,11 +81,9 @@ impl<W: Write> GgufWriter<W> {
             current: 0,
             written: 0,
         };
-        let header = encode_header(metadata, &writer.tensors);
-        writer.write(&header)?;
         if !writer.tensors.is_empty() {
-            let data_start = (header.len() as u64).next_multiple_of(align);
-            writer.write_zeros(data_start - header.len() as u64)?;
+            let data_start = header_len.next_multiple_of(align);
+            writer.write_zeros(data_start - header_len)?;
         }
         writer.skip_empty_tensors()?;
         Ok(writer)
@@ -236,58 +245,96 @@ fn plan_layout(descs: &[TensorDesc], align: u64) -> Result<(Vec<TensorInfo>, Vec
     Ok((infos, padded_lens))
 }
 
-/// The header bytes: magic, version, counts, metadata, tensor infos.
-fn encode_header(metadata: &Metadata, tensors: &[TensorInfo]) -> Vec<u8> {
-    let mut buf = Vec::new();
-    buf.extend_from_slice(&GGUF_MAGIC);
-    buf.extend_from_slice(&WRITE_VERSION.to_le_bytes());
-    buf.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
-    buf.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
-    for (key, value) in metadata.iter() {
-        encode_string(&mut buf, key);
-        buf.extend_from_slice(&value.value_type().id().to_le_bytes());
-        encode_value(&mut buf, value);
-    }
-    for t in tensors {
-        encode_string(&mut buf, t.name());
-        buf.extend_from_slice(&(t.gguf_dims().len() as u32).to_le_bytes());
-        for d in t.gguf_dims() {
-            buf.extend_from_slice(&d.to_le_bytes());
+/// Where the header goes: small pieces gathered into writes of about
+/// [`HeaderSink::CHUNK`] bytes, larger ones (a big array's items) written as they
+/// are, so that memory stays bounded whatever the header's size.
+struct HeaderSink<'a, W: Write> {
+    out: &'a mut W,
+    label: &'a Path,
+    buf: Vec<u8>,
+    written: u64,
+}
+
+impl<W: Write> HeaderSink<'_, W> {
+    const CHUNK: usize = 64 << 10;
+
+    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        self.written += bytes.len() as u64;
+        if self.buf.len() + bytes.len() > Self::CHUNK {
+            self.flush()?;
         }
-        // plan_layout rejected dtypes without an id.
-        let type_id = t.dtype().gguf_type_id().unwrap_or(u32::MAX);
-        buf.extend_from_slice(&type_id.to_le_bytes());
-        buf.extend_from_slice(&t.offset().to_le_bytes());
+        if bytes.len() >= Self::CHUNK {
+            self.write(bytes)
+        } else {
+            self.buf.extend_from_slice(bytes);
+            Ok(())
+        }
     }
-    buf
+
+    fn put_string(&mut self, s: &str) -> Result<()> {
+        self.put(&(s.len() as u64).to_le_bytes())?;
+        self.put(s.as_bytes())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let buf = std::mem::take(&mut self.buf);
+        self.write(&buf)?;
+        self.buf = buf;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out
+            .write_all(bytes)
+            .map_err(|e| Error::io(self.label, e))
+    }
+
+    /// Writes what is gathered; returns the header's length.
+    fn finish(mut self) -> Result<u64> {
+        self.flush()?;
+        Ok(self.written)
+    }
 }
 
-fn encode_string(buf: &mut Vec<u8>, s: &str) {
-    buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
-    buf.extend_from_slice(s.as_bytes());
-}
-
-/// Appends `value`'s bytes (without its type id).
-fn encode_value(buf: &mut Vec<u8>, value: &Value) {
-    match value {
-        Value::U8(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        Value::I8(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        Value::U16(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        Value::I16(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        Value::U32(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        Value::I32(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        Value::F32(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        Value::U64(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        Value::I64(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        Value::F64(v) => buf.extend_from_slice(&v.to_le_bytes()),
-        Value::Bool(v) => buf.push(u8::from(*v)),
-        Value::String(s) => encode_string(buf, s),
-        Value::Array(a) => {
-            buf.extend_from_slice(&a.item_type().id().to_le_bytes());
-            buf.extend_from_slice(&(a.len() as u64).to_le_bytes());
-            for item in a.items() {
-                encode_value(buf, item);
+/// Writes the header: magic, version, counts, metadata, tensor infos.
+fn write_header<W: Write>(
+    sink: &mut HeaderSink<'_, W>,
+    metadata: &Metadata,
+    tensors: &[TensorInfo],
+) -> Result<()> {
+    sink.put(&GGUF_MAGIC)?;
+    sink.put(&WRITE_VERSION.to_le_bytes())?;
+    sink.put(&(tensors.len() as u64).to_le_bytes())?;
+    sink.put(&(metadata.len() as u64).to_le_bytes())?;
+    let mut scalar = Vec::new();
+    for (key, value) in metadata.iter() {
+        sink.put_string(key)?;
+        sink.put(&value.value_type().id().to_le_bytes())?;
+        match value {
+            // An array's items are already encoded: copied as they are.
+            Value::Array(a) => {
+                sink.put(&a.item_type().id().to_le_bytes())?;
+                sink.put(&(a.len() as u64).to_le_bytes())?;
+                sink.put(a.encoded())?;
+            }
+            other => {
+                scalar.clear();
+                encode_value(&mut scalar, other);
+                sink.put(&scalar)?;
             }
         }
     }
+    for t in tensors {
+        sink.put_string(t.name())?;
+        sink.put(&(t.gguf_dims().len() as u32).to_le_bytes())?;
+        for d in t.gguf_dims() {
+            sink.put(&d.to_le_bytes())?;
+        }
+        // plan_layout rejected dtypes without an id.
+        let type_id = t.dtype().gguf_type_id().unwrap_or(u32::MAX);
+        sink.put(&type_id.to_le_bytes())?;
+        sink.put(&t.offset().to_le_bytes())?;
+    }
+    Ok(())
 }

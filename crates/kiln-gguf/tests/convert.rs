@@ -50,10 +50,9 @@ fn strings(file: &GgufFile, key: &str) -> Vec<String> {
     file.metadata()
         .get_array(key)
         .unwrap()
-        .items()
         .iter()
         .map(|v| match v {
-            Value::String(s) => s.clone(),
+            Value::String(s) => s,
             other => panic!("{key}: {other:?} is not a string"),
         })
         .collect()
@@ -211,7 +210,11 @@ fn shakespeare_tiny_f16_is_the_checkpoint_in_llama_cpp_form() {
             hf_merges[0][1].as_str().unwrap()
         )
     );
-    let types = md.get_array("tokenizer.ggml.token_type").unwrap().items();
+    let types: Vec<Value> = md
+        .get_array("tokenizer.ggml.token_type")
+        .unwrap()
+        .iter()
+        .collect();
     assert_eq!(types[0], Value::I32(3), "BOS is a control token");
     assert_eq!(types[100], Value::I32(1));
     assert_eq!(u32_key(&file, "tokenizer.ggml.bos_token_id"), 0);
@@ -489,23 +492,22 @@ fn qwen2_sharded_bf16_with_biases_is_copied_unpermuted() {
             "[PAD7]"
         ]
     );
-    let types: Vec<&Value> = md
+    let types: Vec<Value> = md
         .get_array("tokenizer.ggml.token_type")
         .unwrap()
-        .items()
         .iter()
         .collect();
     assert_eq!(
         types,
         [
-            &Value::I32(1),
-            &Value::I32(1),
-            &Value::I32(1),
-            &Value::I32(1),
-            &Value::I32(1),
-            &Value::I32(3),
-            &Value::I32(5),
-            &Value::I32(5)
+            Value::I32(1),
+            Value::I32(1),
+            Value::I32(1),
+            Value::I32(1),
+            Value::I32(1),
+            Value::I32(3),
+            Value::I32(5),
+            Value::I32(5)
         ]
     );
     assert_eq!(strings(&file, "tokenizer.ggml.merges"), ["a b", "Ġ ab"]);

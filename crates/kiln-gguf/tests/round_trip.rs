@@ -29,12 +29,13 @@ fn every_metadata_type_reads_back_equal() {
     assert!(m.get_bool("t.bool.true").unwrap());
     let nested = m.get_array("t.array.nested2").unwrap();
     assert_eq!(nested.item_type(), ValueType::Array);
-    let Value::Array(level1) = &nested.items()[0] else {
-        panic!("nested2[0] is not an array: {:?}", nested.items()[0]);
+    let Some(Value::Array(level1)) = nested.get(0) else {
+        panic!("nested2[0] is not an array: {:?}", nested.get(0));
     };
-    assert_eq!(level1.items()[0], Value::from(vec![1i32, 2]));
-    assert_eq!(level1.items()[1], Value::from(Vec::<i32>::new()));
-    assert_eq!(level1.items()[2], Value::from(vec!["a".to_owned()]));
+    assert_eq!(level1.get(0), Some(Value::from(vec![1i32, 2])));
+    assert_eq!(level1.get(1), Some(Value::from(Vec::<i32>::new())));
+    assert_eq!(level1.get(2), Some(Value::from(vec!["a".to_owned()])));
+    assert_eq!(level1.get(3), None);
     assert_eq!(
         m.get_array("t.array.empty").unwrap().item_type(),
         ValueType::U32

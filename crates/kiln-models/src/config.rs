@@ -3,6 +3,7 @@
 use kiln_core::ops::{RopeParams, RopeStyle};
 use kiln_core::{Error, Result};
 use kiln_gguf::{keys, Gguf, Metadata};
+use std::collections::HashMap;
 
 /// The architectures kiln runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,13 +80,21 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Reads the configuration from a GGUF file's metadata and tensor names.
+    /// Reads the configuration from a GGUF file's metadata and tensor names, and
+    /// checks it: the hyperparameters' relations ([`ModelConfig::check`]) and the
+    /// shape of every tensor the model reads ([`ModelConfig::check_tensors`]), so
+    /// that a malformed file is an error naming the key or tensor before anything
+    /// is sized from it.
     pub fn from_gguf<B: AsRef<[u8]>>(file: &Gguf<B>) -> Result<ModelConfig> {
         let md = file.metadata();
         let arch = Arch::from_name(md.get_str(keys::ARCHITECTURE)?)?;
         let has = |name: &str| file.tensor(name).is_ok();
         let key = |k: &str| format!("{}.{k}", arch.name());
-        let get = |k: &str| -> Result<usize> { Ok(md.get_u64(&key(k))? as usize) };
+        let get = |k: &str| -> Result<usize> {
+            let v = md.get_u64(&key(k))?;
+            usize::try_from(v)
+                .map_err(|_| Error::format(key(k), format!("{v} does not fit in usize")))
+        };
         let get_or = |k: &str, default: usize| -> Result<usize> {
             if md.contains_key(&key(k)) {
                 get(k)
@@ -102,7 +111,7 @@ impl ModelConfig {
             ));
         }
         let head_dim = get_or("attention.key_length", n_embd / n_heads)?;
-        let vocab = file.tensor("token_embd.weight")?.info.shape()[0];
+        let vocab = vocab_rows(file, n_embd)?;
         let config = ModelConfig {
             arch,
             n_layers: get("block_count")?,
@@ -127,10 +136,104 @@ impl ModelConfig {
             qk_norm: has("blk.0.attn_q_norm.weight"),
         };
         config.check()?;
+        let shapes: HashMap<&str, &[usize]> = file
+            .tensor_infos()
+            .iter()
+            .map(|t| (t.name(), t.shape()))
+            .collect();
+        config.check_tensors(|name| shapes.get(name).copied())?;
         Ok(config)
     }
 
-    /// Checks the hyperparameters' relations (heads divide evenly, rotary dims fit).
+    /// The GGUF tensors a model of this configuration reads, each with the row-major
+    /// shape its hyperparameters give it, in the order llama.cpp writes them, one
+    /// layer at a time. `has(name)` tells whether the file holds a tensor: a layer's
+    /// fused `attn_qkv` or `ffn_gate_up` weight, where a file holds one, replaces the
+    /// separate projections it fuses.
+    pub fn tensor_shapes<'a>(
+        &'a self,
+        has: impl Fn(&str) -> bool + 'a,
+    ) -> impl Iterator<Item = (String, Vec<usize>)> + 'a {
+        let (d, vocab) = (self.n_embd, self.vocab);
+        let mut head = vec![("token_embd.weight".to_string(), vec![vocab, d])];
+        if self.rope_freq_factors {
+            head.push(("rope_freqs.weight".into(), vec![self.rope.rotary_dim / 2]));
+        }
+        let mut tail = vec![("output_norm.weight".to_string(), vec![d])];
+        if !self.tied_embeddings {
+            tail.push(("output.weight".into(), vec![vocab, d]));
+        }
+        let layers = (0..self.n_layers).flat_map(move |l| self.layer_shapes(l, &has));
+        head.into_iter().chain(layers).chain(tail)
+    }
+
+    /// The tensors of layer `l`, as [`ModelConfig::tensor_shapes`] lists them.
+    fn layer_shapes(&self, l: usize, has: &dyn Fn(&str) -> bool) -> Vec<(String, Vec<usize>)> {
+        let (d, hd, ff) = (self.n_embd, self.head_dim, self.n_ff);
+        // Saturating: a configuration that [`ModelConfig::check`] would reject gets
+        // shapes no tensor has, not an overflow.
+        let q = self.n_heads.saturating_mul(hd);
+        let kv = self.n_kv_heads.saturating_mul(hd);
+        let name = |n: &str| format!("blk.{l}.{n}");
+        let mut out = Vec::new();
+        let mut add = |n: &str, shape: Vec<usize>| out.push((name(n), shape));
+        add("attn_norm.weight", vec![d]);
+        let projections: Vec<(&str, usize)> = if has(&name("attn_qkv.weight")) {
+            vec![("attn_qkv", q.saturating_add(kv.saturating_mul(2)))]
+        } else {
+            vec![("attn_q", q), ("attn_k", kv), ("attn_v", kv)]
+        };
+        for &(p, rows) in &projections {
+            add(&format!("{p}.weight"), vec![rows, d]);
+        }
+        if self.qkv_bias {
+            for &(p, rows) in &projections {
+                add(&format!("{p}.bias"), vec![rows]);
+            }
+        }
+        if self.qk_norm {
+            add("attn_q_norm.weight", vec![hd]);
+            add("attn_k_norm.weight", vec![hd]);
+        }
+        add("attn_output.weight", vec![d, q]);
+        add("ffn_norm.weight", vec![d]);
+        if has(&name("ffn_gate_up.weight")) {
+            add("ffn_gate_up.weight", vec![ff.saturating_mul(2), d]);
+        } else {
+            add("ffn_gate.weight", vec![ff, d]);
+            add("ffn_up.weight", vec![ff, d]);
+        }
+        add("ffn_down.weight", vec![d, ff]);
+        out
+    }
+
+    /// Checks every tensor the model reads ([`ModelConfig::tensor_shapes`]) against
+    /// `shape_of(name)`, the row-major shape of the file's tensor `name`: a missing
+    /// or misshapen tensor is an error naming it and the shape the hyperparameters
+    /// need. Stops at the first, so that a huge `block_count` costs nothing.
+    pub fn check_tensors<'a>(&self, shape_of: impl Fn(&str) -> Option<&'a [usize]>) -> Result<()> {
+        for (name, want) in self.tensor_shapes(|n| shape_of(n).is_some()) {
+            match shape_of(&name) {
+                None => {
+                    return Err(Error::format(
+                        format!("tensor {name:?}"),
+                        format!("missing; the model's hyperparameters need it, of shape {want:?}"),
+                    ))
+                }
+                Some(got) if got != want.as_slice() => {
+                    return Err(Error::format(
+                        format!("tensor {name:?}"),
+                        format!("shape {got:?}, the model's hyperparameters need {want:?}"),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the hyperparameters' relations (heads divide evenly, rotary dims fit,
+    /// every size the model computes from them fits in `usize`).
     pub fn check(&self) -> Result<()> {
         let bad = |msg: String| {
             Err(Error::format(
@@ -142,6 +245,23 @@ impl ModelConfig {
             return bad(format!(
                 "block_count {}, embedding_length {}, feed_forward_length {} and vocabulary {} must all be > 0",
                 self.n_layers, self.n_embd, self.n_ff, self.vocab
+            ));
+        }
+        if self.head_dim == 0 {
+            return bad("the head dimension (attention.key_length) must be > 0".into());
+        }
+        let sizes = self
+            .n_heads
+            .checked_mul(self.head_dim)
+            .zip(self.n_kv_heads.checked_mul(self.head_dim))
+            .and_then(|(q, kv)| kv.checked_mul(2)?.checked_add(q))
+            .zip(self.n_ff.checked_mul(2))
+            .zip(self.vocab.checked_mul(self.n_embd));
+        if sizes.is_none() {
+            return bad(format!(
+                "head_count {} (head_count_kv {}) of {} dimensions, feed_forward_length {} or \
+                 vocabulary {} x embedding_length {}: sizes overflow",
+                self.n_heads, self.n_kv_heads, self.head_dim, self.n_ff, self.vocab, self.n_embd
             ));
         }
         if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
@@ -167,6 +287,22 @@ impl ModelConfig {
     /// Elements of the key (or value) projection's output per token.
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
+    }
+}
+
+/// The rows of `token_embd.weight`, the vocabulary size: the tensor must be
+/// `[vocab, n_embd]`, with at least one row.
+fn vocab_rows<B: AsRef<[u8]>>(file: &Gguf<B>, n_embd: usize) -> Result<usize> {
+    let name = "token_embd.weight";
+    match *file.tensor(name)?.info.shape() {
+        [vocab, width] if width == n_embd && vocab > 0 => Ok(vocab),
+        ref shape => Err(Error::format(
+            format!("tensor {name:?}"),
+            format!(
+                "shape {shape:?}, the model's hyperparameters need [vocab, {n_embd}]: one row \
+                 of embedding_length {n_embd} per token, at least one token"
+            ),
+        )),
     }
 }
 

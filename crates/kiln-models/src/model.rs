@@ -71,9 +71,31 @@ impl<BE: Backend> Model<BE> {
         if capacity == 0 {
             return Err(Error::invalid("load", "context must be at least 1"));
         }
+        let raw = raw_weight_descs(file);
+        let stacks = weight_stacks(&raw);
+        let mut weights = raw.clone();
+        apply_stacks(&mut weights, &stacks)?;
+        // Both graphs (and so every weight's shape and dtype) are checked before any
+        // weight is uploaded; their kernels are made ready, before the first token,
+        // once the weights are in place.
+        let cache_spec = CacheSpec {
+            capacity,
+            dtype: options.cache_dtype,
+        };
+        let graphs = [(1, 0.0), (2, 0.8)]
+            .into_iter()
+            .map(|(n_tokens, head)| {
+                // Heads of both sampling kernels: the argmax and the sampler.
+                let head = SampleParams {
+                    temperature: head,
+                    top_k: 40,
+                    top_p: 0.95,
+                    min_p: 0.05,
+                };
+                graph_for(&config, &weights, n_tokens, cache_spec)?.with_sample(head)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let total: u64 = file.tensor_infos().iter().map(|t| t.n_bytes() as u64).sum();
-        let mut weights = raw_weight_descs(file);
-        let stacks = weight_stacks(&weights);
         let stacked: std::collections::HashSet<&str> = stacks
             .iter()
             .flat_map(|s| s.parts.iter().map(String::as_str))
@@ -92,7 +114,7 @@ impl<BE: Backend> Model<BE> {
             memory.insert(info.name().to_string(), buf);
         }
         for stack in &stacks {
-            let desc = stack.desc(&weights)?;
+            let desc = stack.desc(&raw)?;
             let mut bytes = Vec::new();
             for part in &stack.parts {
                 bytes.extend_from_slice(file.tensor(part)?.data);
@@ -103,28 +125,23 @@ impl<BE: Backend> Model<BE> {
             progress(done, total);
             memory.insert(stack.name.clone(), buf);
         }
-        apply_stacks(&mut weights, &stacks)?;
-        // The kernels of decode steps and of prompts, ready before the first token.
-        let cache_spec = CacheSpec {
-            capacity,
-            dtype: options.cache_dtype,
-        };
-        for (n_tokens, head) in [(1, 0.0), (2, 0.8)] {
-            // Heads of both sampling kernels: the argmax and the sampler.
-            let head = SampleParams {
-                temperature: head,
-                top_k: 40,
-                top_p: 0.95,
-                min_p: 0.05,
-            };
-            let fg = graph_for(&config, &weights, n_tokens, cache_spec)?.with_sample(head)?;
+        for fg in &graphs {
             backend.prepare(&fg.graph)?;
         }
         let cache = CacheSpec {
             capacity,
             dtype: options.cache_dtype,
         };
-        let cache_bytes = cache.dtype.bytes_for(config.kv_dim() * capacity)?;
+        let cache_bytes = config
+            .kv_dim()
+            .checked_mul(capacity)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "load",
+                    format!("KV caches of {capacity} positions overflow"),
+                )
+            })
+            .and_then(|n| cache.dtype.bytes_for(n))?;
         for l in 0..config.n_layers {
             memory.insert(names::k_cache(l), backend.alloc(cache_bytes)?);
             memory.insert(names::v_cache(l), backend.alloc(cache_bytes)?);
@@ -556,10 +573,16 @@ impl WeightStack {
                     .ok_or_else(|| Error::format("model", format!("tensor {p:?} is missing")))
             })
             .collect::<Result<_>>()?;
-        let first = parts[0];
-        let rows: usize = parts.iter().map(|p| p.shape[0]).sum();
+        let bad = || Error::format("model", format!("tensors {:?} do not stack", self.parts));
+        let first = parts.first().ok_or_else(bad)?;
+        let rows = parts.iter().try_fold(0usize, |rows, p| {
+            p.shape.first().and_then(|&r| rows.checked_add(r))
+        });
         let mut shape = first.shape.clone();
-        shape[0] = rows;
+        match (shape.first_mut(), rows) {
+            (Some(first_dim), Some(rows)) => *first_dim = rows,
+            _ => return Err(bad()),
+        }
         Ok(WeightDesc {
             name: self.name.clone(),
             dtype: first.dtype,
@@ -579,9 +602,9 @@ pub fn weight_stacks(weights: &HashMap<String, WeightDesc>) -> Vec<WeightStack> 
         descs.len() == parts.len()
             && descs.iter().all(|d| {
                 d.dtype == descs[0].dtype
+                    && !d.shape.is_empty()
                     && d.shape.len() == descs[0].shape.len()
                     && d.shape[1..] == descs[0].shape[1..]
-                    && !d.shape.is_empty()
             })
     };
     let mut stacks = Vec::new();

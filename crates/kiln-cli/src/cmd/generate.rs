@@ -18,8 +18,10 @@ use std::path::PathBuf;
 /// Generate text from a prompt.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// A GGUF file, or a Hugging Face checkpoint directory (converted on the fly).
-    /// Default: the project's own small Shakespeare model.
+    /// A GGUF file, or a Hugging Face checkpoint directory (converted once into
+    /// kiln's cache, `$KILN_CACHE_DIR/models` by default `~/.cache/kiln/models`).
+    /// Default: the project's own small Shakespeare model, models/shakespeare-tiny
+    /// of the kiln checkout kiln runs in or from.
     #[arg(short = 'm', long)]
     pub model: Option<PathBuf>,
     /// The prompt.
@@ -97,7 +99,7 @@ fn rand_seed() -> u64 {
 /// Runs `kiln generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
     let model = model_file::open(args.model.as_deref())?;
-    let file = &model.gguf;
+    let file = &model;
     let tokenizer = Tokenizer::from_gguf_metadata(file.metadata())?;
     let prompt = tokenizer.encode(&args.prompt_text()?, true, true);
     if prompt.is_empty() {
@@ -107,6 +109,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ));
     }
     let config = ModelConfig::from_gguf(file)?;
+    tokenizer.check_vocab(config.vocab)?;
     let mut decode_graph = graph_for(
         &config,
         &weight_descs(file)?,

@@ -5,7 +5,9 @@ use clap::Args;
 use kiln_core::{Error, Result};
 use kiln_gguf::output::{InputFile, OutputFile};
 use kiln_gguf::{GgufFile, TensorView, Value};
+use serde::{Serialize, Serializer};
 use serde_json::json;
+use std::borrow::Borrow;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -70,7 +72,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
             out.line(doc)?;
         }
         (Some(name), None) => print_tensor_values(&mut out, &gguf.tensor(name)?)?,
-        (None, _) if args.json => out.line(file_json(&args.file, &gguf))?,
+        (None, _) if args.json => print_file_json(&mut out, &args.file, &gguf)?,
         (None, _) => print_summary(&mut out, &args.file, &gguf)?,
     }
     out.flush()
@@ -174,7 +176,7 @@ fn abbreviate(value: &Value) -> String {
             format!("{head:?}... ({} chars)", s.chars().count())
         }
         Value::Array(a) => {
-            let shown: Vec<String> = a.items().iter().take(SHOWN_ITEMS).map(abbreviate).collect();
+            let shown: Vec<String> = a.iter().take(SHOWN_ITEMS).map(|v| abbreviate(&v)).collect();
             let more = a.len().saturating_sub(SHOWN_ITEMS);
             let tail = if more > 0 {
                 format!(", ... {more} more")
@@ -207,21 +209,36 @@ fn scalar_text(value: &Value) -> String {
     }
 }
 
-fn value_json(value: &Value) -> serde_json::Value {
-    match value {
-        Value::U8(v) => json!(v),
-        Value::I8(v) => json!(v),
-        Value::U16(v) => json!(v),
-        Value::I16(v) => json!(v),
-        Value::U32(v) => json!(v),
-        Value::I32(v) => json!(v),
-        Value::U64(v) => json!(v),
-        Value::I64(v) => json!(v),
-        Value::F32(v) => json!(v),
-        Value::F64(v) => json!(v),
-        Value::Bool(v) => json!(v),
-        Value::String(s) => json!(s),
-        Value::Array(a) => a.items().iter().map(value_json).collect(),
+/// A metadata value as JSON; an array's items are decoded and written one at a
+/// time, so that printing a large array costs no memory. Floats print as
+/// `serde_json::Value` prints them (f32 widened to f64, non-finite as null).
+struct JsonValue<V: Borrow<Value>>(V);
+
+impl<V: Borrow<Value>> Serialize for JsonValue<V> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.0.borrow() {
+            Value::U8(v) => s.serialize_u8(*v),
+            Value::I8(v) => s.serialize_i8(*v),
+            Value::U16(v) => s.serialize_u16(*v),
+            Value::I16(v) => s.serialize_i16(*v),
+            Value::U32(v) => s.serialize_u32(*v),
+            Value::I32(v) => s.serialize_i32(*v),
+            Value::U64(v) => s.serialize_u64(*v),
+            Value::I64(v) => s.serialize_i64(*v),
+            Value::F32(v) => float_json(f64::from(*v), s),
+            Value::F64(v) => float_json(*v, s),
+            Value::Bool(v) => s.serialize_bool(*v),
+            Value::String(v) => s.serialize_str(v),
+            Value::Array(a) => s.collect_seq(a.iter().map(JsonValue)),
+        }
+    }
+}
+
+fn float_json<S: Serializer>(v: f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    if v.is_finite() {
+        s.serialize_f64(v)
+    } else {
+        s.serialize_unit()
     }
 }
 
@@ -239,25 +256,55 @@ fn tensor_json(view: &TensorView<'_>) -> serde_json::Value {
 }
 
 /// The whole file as JSON: header fields, metadata entries in file order (with
-/// their GGUF type), tensors.
-fn file_json(path: &Path, gguf: &GgufFile) -> serde_json::Value {
-    let metadata: Vec<serde_json::Value> = gguf
+/// their GGUF type), tensors. Fields in alphabetical order, as a
+/// `serde_json::Value` object prints them.
+#[derive(Serialize)]
+struct FileJson<'a> {
+    alignment: u64,
+    data_offset: u64,
+    file: String,
+    file_bytes: usize,
+    kv_count: usize,
+    metadata: Vec<EntryJson<'a>>,
+    tensor_count: usize,
+    tensors: Vec<serde_json::Value>,
+    version: u32,
+}
+
+/// One metadata entry as JSON.
+#[derive(Serialize)]
+struct EntryJson<'a> {
+    key: &'a str,
+    #[serde(rename = "type")]
+    value_type: String,
+    value: JsonValue<&'a Value>,
+}
+
+/// Writes the whole file as one line of JSON (see [`FileJson`]).
+fn print_file_json(out: &mut Stdout, path: &Path, gguf: &GgufFile) -> Result<()> {
+    let metadata: Vec<EntryJson<'_>> = gguf
         .metadata()
         .iter()
-        .map(|(key, value)| json!({"key": key, "type": type_label(value), "value": value_json(value)}))
+        .map(|(key, value)| EntryJson {
+            key,
+            value_type: type_label(value),
+            value: JsonValue(value),
+        })
         .collect();
     let tensors: Vec<serde_json::Value> = gguf.tensors().map(|v| tensor_json(&v)).collect();
-    json!({
-        "file": path.display().to_string(),
-        "file_bytes": gguf.bytes().len(),
-        "version": gguf.version(),
-        "alignment": gguf.alignment(),
-        "data_offset": gguf.data_offset(),
-        "tensor_count": tensors.len(),
-        "kv_count": metadata.len(),
-        "metadata": metadata,
-        "tensors": tensors,
-    })
+    let doc = FileJson {
+        alignment: gguf.alignment(),
+        data_offset: gguf.data_offset(),
+        file: path.display().to_string(),
+        file_bytes: gguf.bytes().len(),
+        kv_count: metadata.len(),
+        metadata,
+        tensor_count: tensors.len(),
+        tensors,
+        version: gguf.version(),
+    };
+    serde_json::to_writer(&mut out.0, &doc).map_err(|e| Error::io("<stdout>", e.into()))?;
+    out.line("")
 }
 
 fn print_tensor_values(out: &mut Stdout, view: &TensorView<'_>) -> Result<()> {

@@ -21,17 +21,22 @@
 //!   ([`Vocab`]): tokens, token types, merges, special token ids, add-BOS/EOS flags
 //!   and the chat template.
 //!
+//! [`open_converted`] converts a checkpoint once into a cache directory, under a
+//! name given by a hash of its files, and reuses the file after that.
+//!
 //! Values go through [`crate::quantize`]'s write path, shared with `kiln quantize`:
 //! the source is read as f32 and stored in the output type (a tensor already in its
 //! output type and not permuted is copied), and the file is written through an
 //! [`OutputFile`] that refuses to write over any file of the checkpoint.
 
+mod cache;
 mod config;
 mod json;
 mod tensors;
 mod vocab;
 mod weights;
 
+pub use cache::{cached_name, checkpoint_hash, open_converted};
 pub use config::{Family, HfConfig, RopeScaling};
 pub(crate) use tensors::model_tensors;
 pub use tensors::permute_rope_rows;

@@ -131,18 +131,18 @@ fn array_of<T>(
     metadata: &Metadata,
     key: &str,
     expected: &str,
-    item: impl Fn(&Value) -> Option<T>,
+    item: impl Fn(Value) -> Option<T>,
 ) -> Result<Vec<T>> {
     metadata
         .get_array(key)?
-        .items()
         .iter()
         .enumerate()
         .map(|(i, v)| {
+            let found = v.value_type();
             item(v).ok_or_else(|| {
                 Error::format(
                     format!("metadata key {key:?}"),
-                    format!("item {i} is a {}, expected {expected}", v.value_type()),
+                    format!("item {i} is a {found}, expected {expected}"),
                 )
             })
         })
@@ -152,15 +152,15 @@ fn array_of<T>(
 /// The array of strings at `key` (which must be present).
 fn strings(metadata: &Metadata, key: &str) -> Result<Vec<String>> {
     array_of(metadata, key, "string", |v| match v {
-        Value::String(s) => Some(s.clone()),
+        Value::String(s) => Some(s),
         _ => None,
     })
 }
 
 /// A score: f32, or an integer (llama.cpp also accepts i32 scores).
-fn score(value: &Value) -> Option<f32> {
+fn score(value: Value) -> Option<f32> {
     match value {
-        Value::F32(s) => Some(*s),
+        Value::F32(s) => Some(s),
         other => other.as_integer().map(|i| i as f32),
     }
 }

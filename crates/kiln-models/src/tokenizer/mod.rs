@@ -439,6 +439,23 @@ impl Tokenizer {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// Checks that this tokenizer fits a model whose token embedding has `vocab`
+    /// rows: a tokenizer with more tokens would give ids the model cannot embed
+    /// (one with fewer is accepted; the ids it lacks decode to nothing).
+    pub fn check_vocab(&self, vocab: usize) -> Result<()> {
+        let n = self.vocab_size();
+        if n > vocab {
+            return Err(Error::format(
+                gguf::keys::TOKENS,
+                format!(
+                    "{n} tokens, but the model's token_embd.weight has {vocab} rows, one per \
+                     token id"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// A streaming decoder over this tokenizer (see [`StreamDecoder`]).
     pub fn stream_decoder(&self, render_special: bool) -> StreamDecoder<'_> {
         StreamDecoder::new(self, render_special)

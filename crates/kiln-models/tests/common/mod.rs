@@ -1,0 +1,272 @@
+//! Tiny models built in memory, and the path an untrusted GGUF file takes through
+//! kiln to a running model: GGUF -> configuration -> forward graphs -> tokenizer ->
+//! model on the CPU -> a prefill and a decode step.
+//!
+//! Shared by the malformed-model tests of kiln-models and kiln-cli, the seed writer
+//! `examples/write_load_seeds.rs` and the `load_model` fuzz target (which include
+//! this file by path), so that the function fuzzed is the function tested.
+
+#![allow(dead_code)] // each includer uses a different subset
+
+use kiln_core::ops::SampleParams;
+use kiln_core::{DType, Result};
+use kiln_cpu::CpuBackend;
+use kiln_gguf::{Gguf, GgufWriter, Metadata, TensorDesc};
+use kiln_models::forward::CacheSpec;
+use kiln_models::model::{graph_for, weight_descs};
+use kiln_models::tokenizer::Tokenizer;
+use kiln_models::{LoadOptions, Model, ModelConfig};
+
+/// Positions the caches of an untrusted model hold: enough for a two-token prefill
+/// and a decode step.
+pub const CONTEXT: usize = 4;
+
+/// Loads `bytes` as kiln loads a model a user gives it, and runs a prefill of two
+/// tokens and a greedy decode step on the CPU. Any malformed input must come back as
+/// an error; a panic (an index out of bounds, an overflow, an allocation without
+/// bound) is a bug. On success, checks what a caller relies on: the loaded model's
+/// configuration is the file's, the logits have one value per vocabulary entry, the
+/// chosen token is in the vocabulary, and the tokenizer's ids are too.
+pub fn load_untrusted(bytes: &[u8]) -> Result<()> {
+    let file = Gguf::from_bytes(bytes, "untrusted.gguf")?;
+    let config = ModelConfig::from_gguf(&file)?;
+    let weights = weight_descs(&file)?;
+    for n_tokens in [1, 2] {
+        let cache = CacheSpec {
+            capacity: CONTEXT,
+            dtype: DType::F32,
+        };
+        graph_for(&config, &weights, n_tokens, cache)?;
+    }
+    // The tokenizer is independent of the weights: a model whose tokenizer is
+    // malformed still goes through loading, and the other way round.
+    let tokenizer = Tokenizer::from_gguf_metadata(file.metadata())
+        .and_then(|t| t.check_vocab(config.vocab).map(|()| t));
+    if let Ok(tokenizer) = &tokenizer {
+        let ids = tokenizer.encode("ROMEO: a ab", true, true);
+        assert!(
+            ids.iter().all(|&id| (id as usize) < config.vocab),
+            "token ids {ids:?} outside the vocabulary of {}",
+            config.vocab
+        );
+        tokenizer.decode(&ids);
+        for id in 0..config.vocab.min(1 << 12) as u32 {
+            tokenizer.decode(&[id]);
+        }
+    }
+    let options = LoadOptions {
+        context: Some(CONTEXT),
+        cache_dtype: DType::F32,
+    };
+    let mut model = Model::load(CpuBackend, &file, options, &mut |_, _| {})?;
+    assert_eq!(model.config(), &config, "the loaded model's configuration");
+    let last = (config.vocab - 1) as u32;
+    let logits = model.forward(&[0, last])?;
+    assert_eq!(logits.len(), config.vocab);
+    let greedy = SampleParams {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+    };
+    let token = model.forward_sample(&[last], greedy, 0.5)?;
+    assert!((token as usize) < config.vocab, "sampled token {token}");
+    tokenizer.map(|_| ())
+}
+
+/// The shape of a tiny model: which architecture and which optional tensors.
+#[derive(Clone, Copy, Debug)]
+pub struct Tiny {
+    pub arch: &'static str,
+    pub layers: usize,
+    pub d: usize,
+    pub ff: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    /// Llama's `rope_freqs.weight`.
+    pub freq_factors: bool,
+    /// No `output.weight`: the head reuses the token embedding.
+    pub tied: bool,
+}
+
+impl Tiny {
+    /// A llama with one layer, 8-wide, 2 heads of 4 sharing one KV head, its own
+    /// output matrix and rope frequency factors.
+    pub const LLAMA: Tiny = Tiny {
+        arch: "llama",
+        layers: 1,
+        d: 8,
+        ff: 16,
+        heads: 2,
+        kv_heads: 1,
+        freq_factors: true,
+        tied: false,
+    };
+
+    /// Qwen2 (biases on q, k, v), tied embeddings, two layers.
+    pub const QWEN2: Tiny = Tiny {
+        arch: "qwen2",
+        layers: 2,
+        freq_factors: false,
+        tied: true,
+        ..Tiny::LLAMA
+    };
+
+    /// Qwen3 (per-head q and k norms).
+    pub const QWEN3: Tiny = Tiny {
+        arch: "qwen3",
+        freq_factors: false,
+        ..Tiny::LLAMA
+    };
+
+    pub fn head_dim(&self) -> usize {
+        self.d / self.heads
+    }
+
+    /// Every tensor with its row-major shape, in the order llama.cpp writes them.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, ff, hd) = (self.d, self.ff, self.head_dim());
+        let (q, kv) = (self.heads * hd, self.kv_heads * hd);
+        let vocab = TOKENS.len();
+        let mut t: Vec<(String, Vec<usize>)> = vec![("token_embd.weight".into(), vec![vocab, d])];
+        if self.freq_factors {
+            t.push(("rope_freqs.weight".into(), vec![hd / 2]));
+        }
+        for l in 0..self.layers {
+            let mut add =
+                |name: &str, shape: &[usize]| t.push((format!("blk.{l}.{name}"), shape.to_vec()));
+            add("attn_norm.weight", &[d]);
+            add("attn_q.weight", &[q, d]);
+            add("attn_k.weight", &[kv, d]);
+            add("attn_v.weight", &[kv, d]);
+            if self.arch == "qwen2" {
+                add("attn_q.bias", &[q]);
+                add("attn_k.bias", &[kv]);
+                add("attn_v.bias", &[kv]);
+            }
+            if self.arch == "qwen3" {
+                add("attn_q_norm.weight", &[hd]);
+                add("attn_k_norm.weight", &[hd]);
+            }
+            add("attn_output.weight", &[d, q]);
+            add("ffn_norm.weight", &[d]);
+            add("ffn_gate.weight", &[ff, d]);
+            add("ffn_up.weight", &[ff, d]);
+            add("ffn_down.weight", &[d, ff]);
+        }
+        t.push(("output_norm.weight".into(), vec![d]));
+        if !self.tied {
+            t.push(("output.weight".into(), vec![vocab, d]));
+        }
+        t
+    }
+
+    /// The architecture's hyperparameters and a SentencePiece tokenizer of
+    /// [`TOKENS`].
+    pub fn metadata(&self) -> Metadata {
+        let mut md = Metadata::new();
+        md.set("general.architecture", self.arch);
+        md.set("general.name", format!("tiny {}", self.arch));
+        let k = |key: &str| format!("{}.{key}", self.arch);
+        md.set(k("block_count"), self.layers as u32);
+        md.set(k("context_length"), 64u32);
+        md.set(k("embedding_length"), self.d as u32);
+        md.set(k("feed_forward_length"), self.ff as u32);
+        md.set(k("attention.head_count"), self.heads as u32);
+        md.set(k("attention.head_count_kv"), self.kv_heads as u32);
+        md.set(k("attention.layer_norm_rms_epsilon"), 1e-5f32);
+        md.set(k("rope.freq_base"), 10_000f32);
+        md.set("tokenizer.ggml.model", "llama");
+        md.set(
+            "tokenizer.ggml.tokens",
+            TOKENS.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+        );
+        let types: Vec<i32> = (0..TOKENS.len())
+            .map(|i| match i {
+                0 => 2,
+                1 | 2 => 3,
+                _ => 1,
+            })
+            .collect();
+        md.set("tokenizer.ggml.token_type", types);
+        let scores: Vec<f32> = (0..TOKENS.len()).map(|i| -(i as f32)).collect();
+        md.set("tokenizer.ggml.scores", scores);
+        md.set("tokenizer.ggml.bos_token_id", 1u32);
+        md.set("tokenizer.ggml.eos_token_id", 2u32);
+        md
+    }
+
+    /// The model's GGUF bytes, every tensor F32 with small deterministic values.
+    pub fn bytes(&self) -> Vec<u8> {
+        gguf_bytes(&self.metadata(), &self.tensors(), |_| DType::F32)
+    }
+}
+
+/// The tiny models' SentencePiece vocabulary: unknown, BOS, EOS, then pieces.
+pub const TOKENS: [&str; 12] = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "\u{2581}",
+    "a",
+    "b",
+    "\u{2581}a",
+    "ab",
+    "R",
+    "O",
+    "M",
+    ":",
+];
+
+/// A GGUF file of `metadata` and `tensors` (name, row-major shape), each stored as
+/// `dtype_of(name)`, with deterministic values: norm weights and rope frequency
+/// factors 1, others small and varied.
+pub fn gguf_bytes(
+    metadata: &Metadata,
+    tensors: &[(String, Vec<usize>)],
+    dtype_of: impl Fn(&str) -> DType,
+) -> Vec<u8> {
+    let descs: Vec<TensorDesc> = tensors
+        .iter()
+        .map(|(name, shape)| TensorDesc::new(name.clone(), dtype_of(name), shape))
+        .collect();
+    let mut w = GgufWriter::new(Vec::new(), "tiny.gguf", metadata, &descs).expect("tiny header");
+    for (i, desc) in descs.iter().enumerate() {
+        let n: usize = desc.shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|j| {
+                if desc.name.ends_with("norm.weight") || desc.name == "rope_freqs.weight" {
+                    1.0
+                } else {
+                    ((i * 31 + j * 7) % 17) as f32 / 32.0 - 0.25
+                }
+            })
+            .collect();
+        let mut bytes = vec![0u8; desc.dtype.bytes_for(n).expect("tiny tensor size")];
+        if matches!(desc.dtype, DType::I32 | DType::U32 | DType::U8) {
+            // Integer types have no quantizer: small values as their bytes.
+            bytes
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, b)| *b = (j % 5) as u8);
+        } else {
+            kiln_core::quant::quantize(desc.dtype, &values, &mut bytes).expect("tiny tensor data");
+        }
+        w.write_tensor_data(&bytes).expect("tiny tensor data");
+    }
+    w.finish().expect("tiny file")
+}
+
+/// `tiny`'s file with tensor `name` given `shape` (removed where `shape` is `None`).
+pub fn with_shape(tiny: &Tiny, name: &str, shape: Option<&[usize]>) -> Vec<u8> {
+    let tensors: Vec<(String, Vec<usize>)> = tiny
+        .tensors()
+        .into_iter()
+        .filter_map(|(n, s)| match (n == name, shape) {
+            (false, _) => Some((n, s)),
+            (true, Some(new)) => Some((n, new.to_vec())),
+            (true, None) => None,
+        })
+        .collect();
+    gguf_bytes(&tiny.metadata(), &tensors, |_| DType::F32)
+}
