@@ -88,6 +88,7 @@ pub fn generate<BE: Backend>(
     if prompt.is_empty() {
         return Err(Error::invalid("generate", "the prompt has no tokens"));
     }
+    sampler.config().check()?;
     model.reset();
     let path = SamplingPath::for_sampler(sampler);
     let mut stats = GenerationStats {

@@ -2,6 +2,7 @@
 
 use super::backend::{run_on, BackendJob};
 use super::device::DeviceArgs;
+use super::flags;
 use super::model_file;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -17,6 +18,7 @@ use std::path::PathBuf;
 
 /// Generate text from a prompt.
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct GenerateArgs {
     /// A GGUF file, or a Hugging Face checkpoint directory (converted on the fly).
     /// Default: the project's own small Shakespeare model.
@@ -28,28 +30,29 @@ pub struct GenerateArgs {
     /// Read the prompt from a file.
     #[arg(short = 'f', long)]
     pub file: Option<PathBuf>,
-    /// Tokens to generate at most.
-    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
-    pub n_predict: usize,
+    /// Tokens to generate at most; -1: until an end-of-generation token or a full
+    /// context.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128, value_parser = flags::n_predict)]
+    pub n_predict: i64,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Positions the KV cache holds (default: the model's context, at most 4096).
-    #[arg(short = 'c', long = "ctx-size")]
+    #[arg(short = 'c', long = "ctx-size", value_parser = flags::ctx_size)]
     pub context: Option<usize>,
-    /// Temperature; 0 is greedy decoding.
-    #[arg(long = "temp", default_value_t = 0.8)]
+    /// Temperature; 0 or below is greedy decoding.
+    #[arg(long = "temp", default_value_t = 0.8, value_parser = flags::temperature)]
     pub temperature: f32,
     /// Top-k sampling (0 = off).
     #[arg(long, default_value_t = 40)]
     pub top_k: usize,
-    /// Top-p (nucleus) sampling (1 = off).
-    #[arg(long, default_value_t = 0.95)]
+    /// Top-p (nucleus) sampling, in (0, 1] (1 = off).
+    #[arg(long, default_value_t = 0.95, value_parser = flags::top_p)]
     pub top_p: f32,
-    /// Min-p sampling (0 = off).
-    #[arg(long, default_value_t = 0.05)]
+    /// Min-p sampling, in [0, 1] (0 = off).
+    #[arg(long, default_value_t = 0.05, value_parser = flags::min_p)]
     pub min_p: f32,
-    /// Repetition penalty (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    /// Repetition penalty, above 0 (1 = off).
+    #[arg(long, default_value_t = 1.0, value_parser = flags::repeat_penalty)]
     pub repeat_penalty: f32,
     /// Tokens the repetition penalty looks back over.
     #[arg(long, default_value_t = 64)]
@@ -77,6 +80,12 @@ impl GenerateArgs {
             repeat_last_n: self.repeat_last_n,
             seed: self.seed.unwrap_or_else(rand_seed),
         }
+    }
+
+    /// Tokens to generate at most: `--n-predict`, or no limit for -1 and -2 (the
+    /// context's size stops generation).
+    fn max_tokens(&self) -> usize {
+        usize::try_from(self.n_predict).unwrap_or(usize::MAX)
     }
 
     fn prompt_text(&self) -> Result<String> {
@@ -198,7 +207,7 @@ impl BackendJob for GenerateJob<'_> {
         let stats = generate(
             &mut model,
             &self.prompt,
-            args.n_predict,
+            args.max_tokens(),
             &mut sampler,
             &|t| !args.ignore_eos && tokenizer.is_eog(t),
             &mut |t| {

@@ -6,6 +6,7 @@ pub mod bench_kernels;
 pub mod convert;
 pub mod device;
 pub mod doctor;
+pub mod flags;
 pub mod generate;
 pub mod inspect;
 pub mod model_file;
