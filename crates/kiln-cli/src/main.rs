@@ -1,6 +1,7 @@
 //! The `kiln` command-line engine.
 
 mod cmd;
+mod logging;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -12,6 +13,10 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Say more: debug messages, and each command's details (generate: the model,
+    /// seed and memory plan). RUST_LOG, when set, chooses the messages instead.
+    #[arg(short = 'v', long, global = true)]
+    verbose: bool,
 }
 
 /// Each subcommand lives in its own module under `cmd/`.
@@ -41,8 +46,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    logging::init(cli.verbose);
     let result: kiln_core::Result<()> = match cli.command {
-        Command::Generate(args) => cmd::generate::run(args),
+        Command::Generate(mut args) => {
+            args.verbose = cli.verbose;
+            cmd::generate::run(args)
+        }
         Command::Bench(args) => cmd::bench::run(args),
         Command::BenchKernels(args) => cmd::bench_kernels::run(args),
         Command::Synth(args) => cmd::synth::run(args),
@@ -58,6 +67,13 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`kiln inspect F | head`): nothing
+        // failed that the user needs to hear about.
+        Err(kiln_core::Error::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

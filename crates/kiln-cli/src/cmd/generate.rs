@@ -60,8 +60,9 @@ pub struct GenerateArgs {
     /// Random seed (default: a fresh one, printed with --verbose).
     #[arg(short = 's', long)]
     pub seed: Option<u64>,
-    /// Print the model's configuration, memory plan and seed to stderr.
-    #[arg(short = 'v', long)]
+    /// Print the model's configuration, memory plan and seed to stderr (set from
+    /// the global `-v, --verbose`).
+    #[arg(skip)]
     pub verbose: bool,
     /// Keep generating past end-of-generation tokens (for timing, as llama.cpp's
     /// --ignore-eos).
@@ -188,10 +189,9 @@ impl BackendJob for GenerateJob<'_> {
         let mut sampler = self.sampler;
         if args.verbose {
             eprintln!(
-                "kiln: {} on {}: {:?}",
-                self.config.arch.name(),
-                model.backend().name(),
-                self.config
+                "kiln: model: {}; running on {}",
+                self.config,
+                model.backend().name()
             );
             eprintln!(
                 "kiln: seed {}, {}",
