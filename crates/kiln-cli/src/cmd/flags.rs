@@ -83,6 +83,16 @@ pub fn ctx_size(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Warns (as llama.cpp does) when `--ctx-size` asks for more positions than the
+/// model was trained on: past those, its output degrades.
+pub fn warn_above_trained_context(context: usize, trained: usize) {
+    if context > trained {
+        tracing::warn!(
+            "--ctx-size {context} is above the {trained} positions the model was trained on; text past position {trained} is likely to degrade"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{Backend, DType, Error, Result};
 use kiln_gguf::GgufFile;
 use kiln_models::forward::CacheSpec;
-use kiln_models::generate::{generate, SamplingPath};
+use kiln_models::generate::{generate, SamplingPath, StopReason};
 use kiln_models::model::{graph_for, weight_descs};
 use kiln_models::tokenizer::Tokenizer;
 use kiln_models::{LoadOptions, Model, ModelConfig, Sampler, SamplerConfig};
@@ -166,6 +166,9 @@ impl BackendJob for GenerateJob<'_> {
                 .context_length
                 .min(LoadOptions::DEFAULT_MAX_CONTEXT)
         });
+        if args.context.is_some() {
+            flags::warn_above_trained_context(context, self.config.context_length);
+        }
         if self.prompt.len() >= context {
             return Err(Error::invalid(
                 "generate",
@@ -240,6 +243,17 @@ impl BackendJob for GenerateJob<'_> {
             stats.generation_tokens_per_s(),
             model.backend().name()
         );
+        if stats.stop == StopReason::ContextFull {
+            let trained = self.config.context_length;
+            let advice = if context < trained {
+                format!("raise --ctx-size (the model was trained on {trained}) to generate more")
+            } else {
+                format!("the model was trained on {trained}")
+            };
+            eprintln!(
+                "kiln: generation stopped because the context is full: {context} positions (--ctx-size); {advice}"
+            );
+        }
         Ok(())
     }
 }
