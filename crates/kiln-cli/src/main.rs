@@ -28,6 +28,8 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Measure each CUDA kernel family's speed at real model shapes against the copy bandwidth.
     BenchKernels(cmd::bench_kernels::BenchKernelsArgs),
+    /// Compute a model's perplexity over a text, like llama-perplexity.
+    Perplexity(cmd::perplexity::PerplexityArgs),
     /// Write a real-shaped model with random weights, for benchmarks.
     Synth(cmd::synth::SynthArgs),
     /// Print the kiln version.
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
         }
         Command::Bench(args) => cmd::bench::run(args),
         Command::BenchKernels(args) => cmd::bench_kernels::run(args),
+        Command::Perplexity(args) => cmd::perplexity::run(args),
         Command::Synth(args) => cmd::synth::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Quantize(args) => cmd::quantize::run(args),

@@ -83,6 +83,16 @@ pub fn ctx_size(s: &str) -> Result<usize, String> {
     }
 }
 
+/// `--chunks`: at least 1 window.
+pub fn chunks(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(v) if v >= 1 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a count of windows; give 1 or more, or leave the flag out for all"
+        )),
+    }
+}
+
 /// Warns (as llama.cpp does) when `--ctx-size` asks for more positions than the
 /// model was trained on: past those, its output degrades.
 pub fn warn_above_trained_context(context: usize, trained: usize) {
@@ -109,5 +119,7 @@ mod tests {
         assert!(n_predict("-3").is_err() && n_predict("x").is_err());
         assert_eq!(ctx_size("16"), Ok(16));
         assert!(ctx_size("0").is_err());
+        assert_eq!(chunks("3"), Ok(3));
+        assert!(chunks("0").is_err() && chunks("-1").is_err());
     }
 }

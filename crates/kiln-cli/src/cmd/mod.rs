@@ -10,6 +10,7 @@ pub mod flags;
 pub mod generate;
 pub mod inspect;
 pub mod model_file;
+pub mod perplexity;
 pub mod precompile;
 pub mod quantize;
 pub mod synth;
