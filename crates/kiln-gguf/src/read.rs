@@ -51,6 +51,14 @@ impl Gguf<SharedBytes> {
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        if file.metadata().is_ok_and(|m| m.is_dir()) {
+            // Mapping a directory fails with a baffling "No such device".
+            let e = std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "it is a directory, not a GGUF file",
+            );
+            return Err(Error::io(path, e));
+        }
         // SAFETY: the map is read-only and the contract above forbids changing the
         // file while it is mapped.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;

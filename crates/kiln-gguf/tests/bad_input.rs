@@ -67,6 +67,16 @@ fn empty_file_on_disk_is_a_format_error() {
 }
 
 #[test]
+fn a_directory_is_named_as_one() {
+    let dir = std::env::temp_dir();
+    let msg = Gguf::open(&dir).unwrap_err().to_string();
+    assert_mentions(
+        &msg,
+        &[dir.to_str().unwrap(), "is a directory, not a GGUF file"],
+    );
+}
+
+#[test]
 fn tensor_offset_past_the_end() {
     let msg = format_error(&one_tensor(&[8], 0, 1 << 20, 32));
     assert_mentions(&msg, &["tensor \"w\"", "offset 1048576", "past the end"]);

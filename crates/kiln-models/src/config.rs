@@ -4,6 +4,7 @@ use kiln_core::ops::{RopeParams, RopeStyle};
 use kiln_core::{Error, Result};
 use kiln_gguf::{keys, Gguf, Metadata};
 use std::collections::HashMap;
+use std::fmt;
 
 /// The architectures kiln runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -303,6 +304,45 @@ fn vocab_rows<B: AsRef<[u8]>>(file: &Gguf<B>, n_embd: usize) -> Result<usize> {
                  of embedding_length {n_embd} per token, at least one token"
             ),
         )),
+    }
+}
+
+/// One sentence: "llama, 6 layers of width 384, 6 attention heads of 64 (2 key-value
+/// heads), feed-forward 1024, vocabulary 4096, trained on 512 positions, RoPE base
+/// 10000".
+impl fmt::Display for ModelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}, {} layers of width {}, {} attention heads of {} ({} key-value heads), feed-forward {}, vocabulary {}, trained on {} positions, RoPE base {}",
+            self.arch.name(),
+            self.n_layers,
+            self.n_embd,
+            self.n_heads,
+            self.head_dim,
+            self.n_kv_heads,
+            self.n_ff,
+            self.vocab,
+            self.context_length,
+            self.rope.base,
+        )?;
+        if self.rope.freq_scale != 1.0 {
+            write!(f, " scaled by {}", 1.0 / self.rope.freq_scale)?;
+        }
+        if self.rope_freq_factors {
+            f.write_str(" with frequency factors")?;
+        }
+        let extras = [
+            (self.tied_embeddings, "tied embeddings"),
+            (self.qkv_bias, "q-k-v biases"),
+            (self.qk_norm, "q and k normalised per head"),
+        ];
+        for (on, what) in extras {
+            if on {
+                write!(f, ", {what}")?;
+            }
+        }
+        Ok(())
     }
 }
 

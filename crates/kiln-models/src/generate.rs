@@ -40,6 +40,18 @@ impl fmt::Display for SamplingPath {
     }
 }
 
+/// Why [`generate`] stopped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StopReason {
+    /// It generated the tokens it was asked for.
+    #[default]
+    MaxTokens,
+    /// It chose a token that ends generation.
+    EndOfGeneration,
+    /// The KV cache is full: no position is left for another token.
+    ContextFull,
+}
+
 /// What one generation did and how long it took.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct GenerationStats {
@@ -51,6 +63,8 @@ pub struct GenerationStats {
     pub generation_time: Duration,
     /// Where the tokens were chosen.
     pub sampling: SamplingPath,
+    /// Why generation stopped.
+    pub stop: StopReason,
 }
 
 impl GenerationStats {
@@ -69,7 +83,7 @@ impl GenerationStats {
 /// Runs `prompt` through `model` (from position 0) and samples up to `max_tokens`
 /// tokens, calling `on_token` with each. Stops early after a token for which
 /// `is_end` holds (that token is passed to `on_token` too), or when the KV cache is
-/// full.
+/// full; [`GenerationStats::stop`] says which.
 ///
 /// Where the tokens are chosen ([`SamplingPath::for_sampler`]): when the sampler's
 /// repetition penalty is off (`repeat_penalty == 1` or `repeat_last_n == 0`, the
@@ -88,6 +102,7 @@ pub fn generate<BE: Backend>(
     if prompt.is_empty() {
         return Err(Error::invalid("generate", "the prompt has no tokens"));
     }
+    sampler.config().check()?;
     model.reset();
     let path = SamplingPath::for_sampler(sampler);
     let mut stats = GenerationStats {
@@ -104,7 +119,17 @@ pub fn generate<BE: Backend>(
         history.push(token);
         stats.generated_tokens = n;
         on_token(token)?;
-        if is_end(token) || n == max_tokens || model.n_past() == model.capacity() {
+        let stop = if is_end(token) {
+            Some(StopReason::EndOfGeneration)
+        } else if n == max_tokens {
+            Some(StopReason::MaxTokens)
+        } else if model.n_past() == model.capacity() {
+            Some(StopReason::ContextFull)
+        } else {
+            None
+        };
+        if let Some(stop) = stop {
+            stats.stop = stop;
             break;
         }
         token = step(model, sampler, path, &[token], &history)?;

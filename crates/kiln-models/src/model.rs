@@ -95,6 +95,7 @@ impl<BE: Backend> Model<BE> {
                 graph_for(&config, &weights, n_tokens, cache_spec)?.with_sample(head)
             })
             .collect::<Result<Vec<_>>>()?;
+        check_vocabulary(file, &config)?;
         let total: u64 = file.tensor_infos().iter().map(|t| t.n_bytes() as u64).sum();
         let stacked: std::collections::HashSet<&str> = stacks
             .iter()
@@ -156,6 +157,13 @@ impl<BE: Backend> Model<BE> {
         ] {
             memory.insert(name.to_string(), backend.alloc(bytes)?);
         }
+        tracing::debug!(
+            "loaded {} tensors ({:.1} MiB) on {}; the KV caches hold {capacity} positions in {}",
+            file.tensor_infos().len(),
+            total as f64 / (1 << 20) as f64,
+            backend.name(),
+            options.cache_dtype
+        );
         Ok(Model {
             config,
             backend,
@@ -398,6 +406,32 @@ impl<BE: Backend> Model<BE> {
         self.n_past += t;
         Ok(())
     }
+}
+
+/// Compares the tokenizer's vocabulary (`tokenizer.ggml.tokens`, when the file has
+/// one) with the rows of the embedding table, which llama.cpp requires to be equal:
+/// more tokens than rows is an error (the tokenizer would give ids the model cannot
+/// embed); fewer is a warning (the model can choose ids that have no text).
+fn check_vocabulary<B: AsRef<[u8]>>(file: &Gguf<B>, config: &ModelConfig) -> Result<()> {
+    let key = crate::tokenizer::keys::TOKENS;
+    let Ok(tokens) = file.metadata().get_array(key) else {
+        return Ok(());
+    };
+    let (n_tokens, rows) = (tokens.len(), config.vocab);
+    if n_tokens > rows {
+        return Err(Error::format(
+            key,
+            format!(
+                "the tokenizer has {n_tokens} tokens but token_embd.weight has only {rows} rows; ids from {rows} on could not be run"
+            ),
+        ));
+    }
+    if n_tokens < rows {
+        tracing::warn!(
+            "the model's tokenizer has {n_tokens} tokens but its embedding table (token_embd.weight) has {rows} rows; ids from {n_tokens} on have no text and print nothing if generated"
+        );
+    }
+    Ok(())
 }
 
 /// A forward graph with its memory plan.

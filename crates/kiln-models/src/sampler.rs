@@ -1,6 +1,7 @@
 //! Choosing the next token from logits.
 
 use kiln_core::ops::SampleParams;
+use kiln_core::{Error, Result};
 pub use kiln_cpu::ops::argmax::argmax_row as argmax;
 use kiln_cpu::ops::sample::sample_row;
 use rand::rngs::StdRng;
@@ -40,6 +41,33 @@ impl Default for SamplerConfig {
 }
 
 impl SamplerConfig {
+    /// Checks the ranges of the settings: a finite `temperature`, `top_p` in
+    /// `(0, 1]`, `min_p` in `[0, 1]` and a finite `repeat_penalty` above 0.
+    /// [`crate::generate::generate`] calls it before any work, whichever path
+    /// samples.
+    pub fn check(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::invalid("sampler", msg));
+        if !self.temperature.is_finite() {
+            return bad(format!(
+                "temperature must be a finite number, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
+            return bad(format!(
+                "repeat_penalty must be a finite number above 0, got {}",
+                self.repeat_penalty
+            ));
+        }
+        Ok(())
+    }
+
     /// Greedy decoding, nothing else.
     pub fn greedy() -> Self {
         SamplerConfig {

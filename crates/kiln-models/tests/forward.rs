@@ -11,7 +11,8 @@ use kiln_core::{DType, Error};
 use kiln_cpu::ops::sample::sample_row;
 use kiln_cpu::CpuBackend;
 use kiln_gguf::{Gguf, GgufWriter, Metadata, TensorDesc};
-use kiln_models::generate::{generate, SamplingPath};
+use kiln_models::generate::{generate, SamplingPath, StopReason};
+use kiln_models::perplexity::{perplexity, token_nll, PerplexityOptions};
 use kiln_models::{LoadOptions, Model, Sampler, SamplerConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -430,6 +431,125 @@ fn greedy_generation_is_deterministic_and_stops_at_the_limit() {
     let first = run(&mut model);
     assert_eq!(first.len(), 12);
     assert_eq!(run(&mut model), first, "a second greedy run differs");
+}
+
+#[test]
+fn generation_says_why_it_stopped() {
+    let mut rng = seeded();
+    let s = specs()[0];
+    let bytes = gguf_bytes(&s, &random_weights(&s, &mut rng));
+    let mut model = load(&bytes, DType::F32);
+    let mut run = |max_tokens, end: u32| {
+        let mut sampler = Sampler::new(SamplerConfig::greedy());
+        let mut first = None;
+        let stats = generate(
+            &mut model,
+            &[1, 2, 3],
+            max_tokens,
+            &mut sampler,
+            &|t| t == end,
+            &mut |t| {
+                first.get_or_insert(t);
+                Ok(())
+            },
+        )
+        .unwrap();
+        (stats, first.unwrap())
+    };
+    let (stats, first) = run(4, u32::MAX);
+    assert_eq!(
+        (stats.stop, stats.generated_tokens),
+        (StopReason::MaxTokens, 4)
+    );
+    let (stats, _) = run(4, first);
+    assert_eq!(
+        (stats.stop, stats.generated_tokens),
+        (StopReason::EndOfGeneration, 1)
+    );
+    // 32 positions: the prompt's 3, then 29 generated tokens run and a 30th chosen.
+    let (stats, _) = run(100, u32::MAX);
+    assert_eq!(
+        (stats.stop, stats.generated_tokens),
+        (StopReason::ContextFull, 30)
+    );
+}
+
+#[test]
+fn perplexity_scores_the_second_half_of_each_window_as_the_f64_transformer() {
+    let mut rng = seeded();
+    for s in specs() {
+        let tensors = random_weights(&s, &mut rng);
+        let mut model = load(&gguf_bytes(&s, &tensors), DType::F32);
+        let tokens: Vec<u32> = (0..3 * 11 + 5)
+            .map(|_| rng.random_range(0..s.vocab as u32))
+            .collect();
+        let options = PerplexityOptions {
+            ctx: 11,
+            max_chunks: None,
+            bos: Some(0),
+        };
+        let mut running = Vec::new();
+        let got = perplexity(&mut model, &tokens, options, &mut |i, n, p| {
+            running.push((i, n, p.count));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(running, [(0, 3, 5), (1, 3, 10), (2, 3, 15)]);
+        // The reference: each window from BOS, scoring positions 5..=9 (predicting
+        // 6..=10) of its f64 logits.
+        let mut want = 0.0;
+        for w in tokens.chunks_exact(11).take(3) {
+            let mut window = w.to_vec();
+            window[0] = 0;
+            let logits = reference_logits(&s, &tensors, &window);
+            for j in 5..10 {
+                let l = &logits[j];
+                let max = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = max + l.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+                want += lse - l[window[j + 1] as usize];
+            }
+        }
+        let mean = got.nll_sum / 15.0;
+        assert_eq!(got.count, 15);
+        assert!(
+            (mean - want / 15.0).abs() < 1e-4,
+            "{}: mean nll {mean}, f64 transformer {}",
+            s.arch,
+            want / 15.0
+        );
+        let f32_logits: Vec<f32> = (0..4).map(|i| i as f32).collect();
+        assert!(token_nll(&f32_logits, 3) < token_nll(&f32_logits, 0));
+    }
+}
+
+#[test]
+fn perplexity_needs_a_window_that_fits() {
+    let mut rng = seeded();
+    let s = specs()[0];
+    let mut model = load(&gguf_bytes(&s, &random_weights(&s, &mut rng)), DType::F32);
+    let tokens = vec![1u32; 40];
+    let run = |model: &mut Model<CpuBackend>, ctx| {
+        let options = PerplexityOptions {
+            ctx,
+            max_chunks: None,
+            bos: None,
+        };
+        perplexity(model, &tokens, options, &mut |_, _, _| Ok(()))
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(run(&mut model, 2).contains("at least 3"));
+    assert!(run(&mut model, 64).contains("cache of 32"));
+    let short = PerplexityOptions {
+        ctx: 8,
+        max_chunks: None,
+        bos: None,
+    };
+    let err = perplexity(&mut model, &tokens[..7], short, &mut |_, _, _| Ok(()));
+    assert!(err
+        .unwrap_err()
+        .to_string()
+        .contains("fewer than one window"));
 }
 
 #[test]

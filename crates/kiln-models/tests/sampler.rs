@@ -149,3 +149,62 @@ fn only_an_active_penalty_uses_the_history() {
     assert!(!with(1.3, 0));
     assert!(!Sampler::new(SamplerConfig::default()).uses_history());
 }
+
+#[test]
+fn check_rejects_settings_out_of_range_by_name() {
+    assert!(SamplerConfig::default().check().is_ok());
+    assert!(SamplerConfig::greedy().check().is_ok());
+    let cold = SamplerConfig {
+        temperature: -1.0,
+        ..SamplerConfig::default()
+    };
+    assert!(cold.check().is_ok(), "a negative temperature is greedy");
+    let cases = [
+        (
+            "temperature",
+            SamplerConfig {
+                temperature: f32::NAN,
+                ..SamplerConfig::default()
+            },
+        ),
+        (
+            "top_p",
+            SamplerConfig {
+                top_p: 1.5,
+                ..SamplerConfig::default()
+            },
+        ),
+        (
+            "top_p",
+            SamplerConfig {
+                top_p: 0.0,
+                ..SamplerConfig::default()
+            },
+        ),
+        (
+            "min_p",
+            SamplerConfig {
+                min_p: -0.1,
+                ..SamplerConfig::default()
+            },
+        ),
+        (
+            "repeat_penalty",
+            SamplerConfig {
+                repeat_penalty: 0.0,
+                ..SamplerConfig::default()
+            },
+        ),
+        (
+            "repeat_penalty",
+            SamplerConfig {
+                repeat_penalty: f32::NAN,
+                ..SamplerConfig::default()
+            },
+        ),
+    ];
+    for (name, config) in cases {
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains(name), "{config:?}: {err}");
+    }
+}

@@ -2,13 +2,14 @@
 
 use super::backend::{run_on, BackendJob};
 use super::device::DeviceArgs;
+use super::flags;
 use super::model_file;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{Backend, DType, Error, Result};
 use kiln_gguf::GgufFile;
 use kiln_models::forward::CacheSpec;
-use kiln_models::generate::{generate, SamplingPath};
+use kiln_models::generate::{generate, SamplingPath, StopReason};
 use kiln_models::model::{graph_for, weight_descs};
 use kiln_models::tokenizer::Tokenizer;
 use kiln_models::{LoadOptions, Model, ModelConfig, Sampler, SamplerConfig};
@@ -17,6 +18,7 @@ use std::path::PathBuf;
 
 /// Generate text from a prompt.
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct GenerateArgs {
     /// A GGUF file, or a Hugging Face checkpoint directory (converted once into
     /// kiln's cache, `$KILN_CACHE_DIR/models` by default `~/.cache/kiln/models`).
@@ -30,28 +32,29 @@ pub struct GenerateArgs {
     /// Read the prompt from a file.
     #[arg(short = 'f', long)]
     pub file: Option<PathBuf>,
-    /// Tokens to generate at most.
-    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
-    pub n_predict: usize,
+    /// Tokens to generate at most; -1: until an end-of-generation token or a full
+    /// context.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128, value_parser = flags::n_predict)]
+    pub n_predict: i64,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Positions the KV cache holds (default: the model's context, at most 4096).
-    #[arg(short = 'c', long = "ctx-size")]
+    #[arg(short = 'c', long = "ctx-size", value_parser = flags::ctx_size)]
     pub context: Option<usize>,
-    /// Temperature; 0 is greedy decoding.
-    #[arg(long = "temp", default_value_t = 0.8)]
+    /// Temperature; 0 or below is greedy decoding.
+    #[arg(long = "temp", default_value_t = 0.8, value_parser = flags::temperature)]
     pub temperature: f32,
     /// Top-k sampling (0 = off).
     #[arg(long, default_value_t = 40)]
     pub top_k: usize,
-    /// Top-p (nucleus) sampling (1 = off).
-    #[arg(long, default_value_t = 0.95)]
+    /// Top-p (nucleus) sampling, in (0, 1] (1 = off).
+    #[arg(long, default_value_t = 0.95, value_parser = flags::top_p)]
     pub top_p: f32,
-    /// Min-p sampling (0 = off).
-    #[arg(long, default_value_t = 0.05)]
+    /// Min-p sampling, in [0, 1] (0 = off).
+    #[arg(long, default_value_t = 0.05, value_parser = flags::min_p)]
     pub min_p: f32,
-    /// Repetition penalty (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    /// Repetition penalty, above 0 (1 = off).
+    #[arg(long, default_value_t = 1.0, value_parser = flags::repeat_penalty)]
     pub repeat_penalty: f32,
     /// Tokens the repetition penalty looks back over.
     #[arg(long, default_value_t = 64)]
@@ -59,8 +62,9 @@ pub struct GenerateArgs {
     /// Random seed (default: a fresh one, printed with --verbose).
     #[arg(short = 's', long)]
     pub seed: Option<u64>,
-    /// Print the model's configuration, memory plan and seed to stderr.
-    #[arg(short = 'v', long)]
+    /// Print the model's configuration, memory plan and seed to stderr (set from
+    /// the global `-v, --verbose`).
+    #[arg(skip)]
     pub verbose: bool,
     /// Keep generating past end-of-generation tokens (for timing, as llama.cpp's
     /// --ignore-eos).
@@ -79,6 +83,12 @@ impl GenerateArgs {
             repeat_last_n: self.repeat_last_n,
             seed: self.seed.unwrap_or_else(rand_seed),
         }
+    }
+
+    /// Tokens to generate at most: `--n-predict`, or no limit for -1 and -2 (the
+    /// context's size stops generation).
+    fn max_tokens(&self) -> usize {
+        usize::try_from(self.n_predict).unwrap_or(usize::MAX)
     }
 
     fn prompt_text(&self) -> Result<String> {
@@ -159,6 +169,9 @@ impl BackendJob for GenerateJob<'_> {
                 .context_length
                 .min(LoadOptions::DEFAULT_MAX_CONTEXT)
         });
+        if args.context.is_some() {
+            flags::warn_above_trained_context(context, self.config.context_length);
+        }
         if self.prompt.len() >= context {
             return Err(Error::invalid(
                 "generate",
@@ -182,10 +195,9 @@ impl BackendJob for GenerateJob<'_> {
         let mut sampler = self.sampler;
         if args.verbose {
             eprintln!(
-                "kiln: {} on {}: {:?}",
-                self.config.arch.name(),
-                model.backend().name(),
-                self.config
+                "kiln: model: {}; running on {}",
+                self.config,
+                model.backend().name()
             );
             eprintln!(
                 "kiln: seed {}, {}",
@@ -201,7 +213,7 @@ impl BackendJob for GenerateJob<'_> {
         let stats = generate(
             &mut model,
             &self.prompt,
-            args.n_predict,
+            args.max_tokens(),
             &mut sampler,
             &|t| !args.ignore_eos && tokenizer.is_eog(t),
             &mut |t| {
@@ -234,6 +246,17 @@ impl BackendJob for GenerateJob<'_> {
             stats.generation_tokens_per_s(),
             model.backend().name()
         );
+        if stats.stop == StopReason::ContextFull {
+            let trained = self.config.context_length;
+            let advice = if context < trained {
+                format!("raise --ctx-size (the model was trained on {trained}) to generate more")
+            } else {
+                format!("the model was trained on {trained}")
+            };
+            eprintln!(
+                "kiln: generation stopped because the context is full: {context} positions (--ctx-size); {advice}"
+            );
+        }
         Ok(())
     }
 }

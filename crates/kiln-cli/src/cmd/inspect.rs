@@ -47,6 +47,15 @@ const SHOWN_CHARS: usize = 80;
 
 /// Runs `kiln inspect`.
 pub fn run(args: InspectArgs) -> Result<()> {
+    if args.file.is_dir() {
+        return Err(Error::invalid(
+            "kiln inspect",
+            format!(
+                "{} is a directory, not a GGUF file; a Hugging Face checkpoint directory converts to one with `kiln convert DIR OUT.gguf`",
+                args.file.display()
+            ),
+        ));
+    }
     let input = InputFile::at(&args.file)?;
     let gguf = GgufFile::open(&args.file)?;
     let mut out = Stdout::new();

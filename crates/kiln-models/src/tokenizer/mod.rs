@@ -236,25 +236,36 @@ impl Defaults {
 
 impl SpecialTokenIds {
     /// Each id of `self` that is below `n_tokens`, else the one of `defaults` if
-    /// that is (llama.cpp keeps the default when a given id is out of range).
+    /// that is (llama.cpp keeps the default when a given id is out of range, and
+    /// warns, as this does through `tracing`).
     fn resolve(&self, defaults: &SpecialTokenIds, n_tokens: usize) -> SpecialTokenIds {
-        let pick = |given: Option<TokenId>, default: Option<TokenId>| {
+        let pick = |key: &str, given: Option<TokenId>, default: Option<TokenId>| {
             let in_range = |id: &TokenId| (*id as usize) < n_tokens;
-            given.filter(in_range).or(default.filter(in_range))
+            let chosen = given.filter(in_range).or(default.filter(in_range));
+            if let Some(id) = given.filter(|id| !in_range(id)) {
+                let instead = match chosen {
+                    Some(d) => format!("using the default {d} instead"),
+                    None => "the model has no such token".to_string(),
+                };
+                tracing::warn!(
+                    "the model's {key} is {id}, but its vocabulary has only {n_tokens} tokens; {instead}"
+                );
+            }
+            chosen
         };
         SpecialTokenIds {
-            bos: pick(self.bos, defaults.bos),
-            eos: pick(self.eos, defaults.eos),
-            eot: pick(self.eot, defaults.eot),
-            eom: pick(self.eom, defaults.eom),
-            unknown: pick(self.unknown, defaults.unknown),
-            padding: pick(self.padding, defaults.padding),
-            fim_pre: pick(self.fim_pre, defaults.fim_pre),
-            fim_suf: pick(self.fim_suf, defaults.fim_suf),
-            fim_mid: pick(self.fim_mid, defaults.fim_mid),
-            fim_pad: pick(self.fim_pad, defaults.fim_pad),
-            fim_rep: pick(self.fim_rep, defaults.fim_rep),
-            fim_sep: pick(self.fim_sep, defaults.fim_sep),
+            bos: pick(keys::BOS_ID, self.bos, defaults.bos),
+            eos: pick(keys::EOS_ID, self.eos, defaults.eos),
+            eot: pick(keys::EOT_ID, self.eot, defaults.eot),
+            eom: pick(keys::EOM_ID, self.eom, defaults.eom),
+            unknown: pick(keys::UNKNOWN_ID, self.unknown, defaults.unknown),
+            padding: pick(keys::PADDING_ID, self.padding, defaults.padding),
+            fim_pre: pick(keys::FIM_PRE_ID, self.fim_pre, defaults.fim_pre),
+            fim_suf: pick(keys::FIM_SUF_ID, self.fim_suf, defaults.fim_suf),
+            fim_mid: pick(keys::FIM_MID_ID, self.fim_mid, defaults.fim_mid),
+            fim_pad: pick(keys::FIM_PAD_ID, self.fim_pad, defaults.fim_pad),
+            fim_rep: pick(keys::FIM_REP_ID, self.fim_rep, defaults.fim_rep),
+            fim_sep: pick(keys::FIM_SEP_ID, self.fim_sep, defaults.fim_sep),
         }
     }
 }
