@@ -53,8 +53,8 @@ fn chained_kernels_give_the_bits_of_plain_launches() {
         "this test needs a device with programmatic dependent launch (compute capability 9.0+)"
     );
     let mut rng = rng("chained_kernels_give_the_bits_of_plain_launches");
-    // Q4_0 runs on the resident mat-vec, Q8_0 on the packed one (both load weights
-    // before they wait), F16 on the staged one.
+    // Without a Q8_1 copy of x, Q4_0 and Q8_0 run on the packed mat-vec (it loads
+    // weights before it waits), F16 on the staged one.
     let weights: Vec<(DType, CudaBuffer)> = [DType::Q4_0, DType::Q8_0, DType::F16]
         .into_iter()
         .map(|dtype| {

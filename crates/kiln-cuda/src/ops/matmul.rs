@@ -126,9 +126,13 @@ fn packed_rows(dtype: DType, m_tier: u32) -> u32 {
 /// benchmark's shapes (docs/perf.md, "The resident mat-vec").
 fn resident_shape(dtype: DType) -> Option<(u32, u32)> {
     match dtype {
-        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q5K => {
-            Some((1024, 1))
-        }
+        DType::Q4_0
+        | DType::Q4_1
+        | DType::Q5_0
+        | DType::Q5_1
+        | DType::Q8_0
+        | DType::Q4K
+        | DType::Q5K => Some((1024, 1)),
         // More registers than 64 per thread, which its units need without spilling.
         DType::Q6K => Some((512, 1)),
         _ => None,
