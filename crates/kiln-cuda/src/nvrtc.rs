@@ -102,6 +102,10 @@ pub fn choose_target(cc: (i32, i32), supported: &[i32]) -> Result<(String, Image
 pub struct CudaKernel {
     pub key: String,
     pub function: CudaFunction,
+    /// The dynamic shared memory the function is opted in to (bytes; 0 for the
+    /// default), only ever raised, under its lock, so that threads launching it with
+    /// different sizes never lower it below another's launch.
+    pub(crate) dynamic_shared: std::sync::Mutex<u32>,
 }
 
 /// Parses a real architecture as `--arch` spells it, `sm_XY` or `sm_XYa`, into its
@@ -510,6 +514,7 @@ impl KernelCompiler for NvrtcCompiler {
         Ok(CudaKernel {
             key: key.clone(),
             function,
+            dynamic_shared: std::sync::Mutex::new(0),
         })
     }
 }

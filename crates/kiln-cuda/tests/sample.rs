@@ -640,3 +640,39 @@ fn repeated_launches_of_one_plan_stay_correct() {
         }
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn threads_launching_one_kernel_with_different_shared_memory_all_run() {
+    // The same kernel for four vocabularies, each staging a chunk of a size of its
+    // own above the default shared memory: a thread's opt-in must never drop below
+    // another's launch.
+    let vocabs = [151_936, 128_256, 100_000, 131_072];
+    for &vocab in &vocabs {
+        let plan = SampleArgs {
+            rows: 1,
+            vocab,
+            params: settings()[0],
+            logits_bytes: 4 * vocab,
+            uniform_bytes: 4,
+            out_bytes: 4,
+        }
+        .check(&SampleDevice::HOPPER)
+        .unwrap();
+        assert!(plan.config.shared_mem_bytes > 48 * 1024, "{vocab}");
+    }
+    std::thread::scope(|scope| {
+        for (i, &vocab) in vocabs.iter().enumerate() {
+            scope.spawn(move || {
+                let mut rng = rng(&format!("threads_launching_one_kernel {i}"));
+                let p = settings()[0];
+                for round in 0..40 {
+                    let x = logits(&mut rng, round % KINDS, vocab);
+                    let u = [rng.random::<f32>()];
+                    let got = gpu_with(TUNING, SampleLayout::Cluster, vocab, &x, &u, p);
+                    assert_eq!(got, reference(vocab, &x, &u, &p), "{vocab}, round {round}");
+                }
+            });
+        }
+    });
+}

@@ -75,9 +75,18 @@ pub(crate) fn config(grid: (u32, u32, u32), threads: u32, shared: u32) -> Launch
 const DEFAULT_DYNAMIC_SHARED: u32 = 47 * 1024;
 
 /// Opts `kernel` in to `config`'s dynamic shared memory when it is above the default
-/// (one driver call, made only then).
+/// and above what the kernel is already opted in to (one driver call, made only
+/// then). The opt-in only grows: a launch with less shared memory is allowed by a
+/// larger opt-in, and lowering it could fail a launch of another thread.
 pub(crate) fn allow_dynamic_shared(kernel: &CudaKernel, config: &LaunchConfig) -> Result<()> {
     if config.shared_mem_bytes <= DEFAULT_DYNAMIC_SHARED {
+        return Ok(());
+    }
+    let mut allowed = kernel
+        .dynamic_shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if config.shared_mem_bytes <= *allowed {
         return Ok(());
     }
     kernel
@@ -87,7 +96,9 @@ pub(crate) fn allow_dynamic_shared(kernel: &CudaKernel, config: &LaunchConfig) -
             // At most the device's per-block limit (228 KiB), which fits i32.
             config.shared_mem_bytes as i32,
         )
-        .map_err(|e| driver_error(&format!("{}: raising its shared memory", kernel.key), e))
+        .map_err(|e| driver_error(&format!("{}: raising its shared memory", kernel.key), e))?;
+    *allowed = config.shared_mem_bytes;
+    Ok(())
 }
 
 pub(crate) use crate::launch::launch;
