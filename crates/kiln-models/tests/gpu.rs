@@ -164,6 +164,10 @@ fn greedy_logits<BE: Backend>(
     (tokens, logits)
 }
 
+fn mean_square(v: &[f32]) -> f64 {
+    v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / v.len() as f64
+}
+
 fn nmse(got: &[f32], want: &[f32]) -> f64 {
     let err: f64 = got
         .iter()
@@ -175,7 +179,11 @@ fn nmse(got: &[f32], want: &[f32]) -> f64 {
 
 /// Decode replayed as a CUDA graph gives bit for bit the logits of the same
 /// executable launched one by one, and the CPU's greedy tokens with logits within
-/// `tolerance` (NMSE), for 64 steps after each prompt. Returns the worst NMSE.
+/// `tolerance` (NMSE), for 64 steps after each prompt. The two backends sum in other
+/// orders, so a step whose two best CPU logits lie closer than the noise between the
+/// backends' logits at that step (four times their RMS difference) may choose the other
+/// token: the comparison then ends there, since every later step has other inputs.
+/// A divergence at any other step fails. Returns the worst NMSE.
 fn assert_replay_matches(what: &str, file: &GgufFile, prompts: &[Vec<u32>], tolerance: f64) -> f64 {
     let mut cpu = load(CpuBackend, file, DType::F16);
     let mut replayed = load(cuda_replaying(true), file, DType::F16);
@@ -195,11 +203,31 @@ fn assert_replay_matches(what: &str, file: &GgufFile, prompts: &[Vec<u32>], tole
                 "{what} {prompt:?}: step {step}: replayed and eager logits differ"
             );
         }
-        assert_eq!(
-            tokens, want_tokens,
-            "{what} {prompt:?}: GPU vs CPU greedy tokens"
-        );
-        let worst = got
+        // Steps 0 ..= last have the same inputs on both backends.
+        let last = match tokens.iter().zip(&want_tokens).position(|(a, b)| a != b) {
+            None => got.len() - 1,
+            Some(step) => {
+                let (g, w) = (&got[step], &want[step]);
+                let gap = (w[want_tokens[step] as usize] - w[tokens[step] as usize]).abs() as f64;
+                let noise = 4.0 * (nmse(g, w) * mean_square(w)).sqrt();
+                assert!(
+                    gap <= noise,
+                    "{what} {prompt:?}: GPU vs CPU greedy tokens differ at step {step} \
+                     ({} against {}), where the CPU's logits of the two are {gap:.3e} \
+                     apart, more than the noise between the backends ({noise:.3e})\n\
+                     GPU {tokens:?}\nCPU {want_tokens:?}",
+                    tokens[step],
+                    want_tokens[step]
+                );
+                eprintln!(
+                    "{what} {prompt:?}: a near-tie at step {step} (gap {gap:.3e}, noise \
+                     {noise:.3e}) chose {} on the GPU and {} on the CPU",
+                    tokens[step], want_tokens[step]
+                );
+                step
+            }
+        };
+        let worst = got[..=last]
             .iter()
             .zip(&want)
             .map(|(g, w)| {
@@ -207,7 +235,10 @@ fn assert_replay_matches(what: &str, file: &GgufFile, prompts: &[Vec<u32>], tole
                 nmse(g, w)
             })
             .fold(0.0, f64::max);
-        eprintln!("{what} {prompt:?}: worst logit NMSE over 65 steps {worst:.2e}");
+        eprintln!(
+            "{what} {prompt:?}: worst logit NMSE over {} steps {worst:.2e}",
+            last + 1
+        );
         assert!(
             worst < tolerance,
             "{what} {prompt:?}: logit NMSE {worst:.2e}"
@@ -226,8 +257,9 @@ fn replayed_decode_matches_eager_and_cpu_on_the_small_model() {
     // copies of the activations; they sum in other orders, and an activation that
     // lands on a rounding boundary can round to a neighbouring 8-bit value on one side
     // (about 1e-5 of a block's scale), which later layers carry: the greedy tokens are
-    // the sharp check, the NMSE bound catches a wrong kernel (those give 1e-1 and up).
-    // Over 65 steps an f16 cache entry may round the other way too.
+    // the sharp check (up to a near-tie, assert_replay_matches), the NMSE bound
+    // catches a wrong kernel (those give 1e-1 and up). Over 65 steps an f16 cache
+    // entry may round the other way too.
     let mut measured = Vec::new();
     for (dtype, tolerance) in [
         (DType::F16, 1e-4),
