@@ -191,12 +191,14 @@ fn a_failed_conversion_leaves_no_file() {
     );
 }
 
-/// A copy of the kiln executable at `dir/kiln` (a hard link where possible).
+/// A copy of the kiln executable at `dir/kiln` (a hard link where possible), of the
+/// file itself where `kiln()` is a symbolic link, so that the copy runs as `dir/kiln`.
 fn kiln_at(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let exe = dir.join("kiln");
-    if std::fs::hard_link(kiln(), &exe).is_err() {
-        std::fs::copy(kiln(), &exe).unwrap();
+    let real = std::fs::canonicalize(kiln()).unwrap();
+    if std::fs::hard_link(&real, &exe).is_err() {
+        std::fs::copy(&real, &exe).unwrap();
     }
     exe
 }
