@@ -6,8 +6,10 @@
 #   bash scripts/device/decode_run.sh focus     # sampling, replay and attention GPU tests, whole output
 #                                               # (FOCUS="<test executables>" narrows it)
 #   bash scripts/device/decode_run.sh bench     # tg128 of the synth files, graphs on and off
+#                                               # (GRAPHS="1" for on only; REPS, default 5)
 #   bash scripts/device/decode_run.sh profile   # the per-launch profile of the 8B decode step
 #   bash scripts/device/decode_run.sh depth     # pp512 and tg128 of the 8B q4_0 at depths 0, 4k, 16k
+#   bash scripts/device/decode_run.sh depth16k  # tg128 of the 8B q4_0 at depth 16k, the target
 #   bash scripts/device/decode_run.sh sampler   # tg128 of the 8B q4_0 with the default sampler
 #   bash scripts/device/decode_run.sh kernels   # bench-kernels for q4_0, q4_k, q8_0
 #   bash scripts/device/decode_run.sh generate  # kiln generate -n 128 on the 8B q4_0, greedy and sampled
@@ -42,9 +44,9 @@ for what in "$@"; do
     bench)
       for spec in llama-3.1-8b:q4_0 llama-3.2-1b:q4_0 llama-3.1-8b:q4_k llama-3.1-8b:q8_0; do
         f=$(synth "${spec%%:*}" "${spec##*:}")
-        for graphs in 1 0; do
+        for graphs in ${GRAPHS:-1 0}; do
           echo "== $spec KILN_CUDA_GRAPHS=$graphs"
-          KILN_CUDA_GRAPHS=$graphs "$kiln" bench -m "$f" -p 0 -n 128 -r 3 --device cuda 2>/dev/null | grep -E "ceiling|tg128"
+          KILN_CUDA_GRAPHS=$graphs "$kiln" bench -m "$f" -p 0 -n 128 -r "${REPS:-5}" --device cuda 2>/dev/null | grep -E "ceiling|tg128"
         done
       done 2>&1 | tee "$out/bench.log" ;;
     profile)
@@ -53,6 +55,9 @@ for what in "$@"; do
     depth)
       f=$(synth llama-3.1-8b q4_0)
       "$kiln" bench -m "$f" -p 512 -n 128 -d 0,4096,16384 -r 3 --device cuda 2>/dev/null | tee "$out/depth.log" ;;
+    depth16k)
+      f=$(synth llama-3.1-8b q4_0)
+      "$kiln" bench -m "$f" -p 0 -n 128 -d 16384 -r "${REPS:-5}" --device cuda 2>/dev/null | grep -E "ceiling|tg128" | tee "$out/depth16k.log" ;;
     sampler)
       f=$(synth llama-3.1-8b q4_0)
       for s in greedy default; do
