@@ -465,6 +465,7 @@ impl Builder<'_> {
             v_cache,
             positions,
             out,
+            out_q8: None,
             n_tokens: t,
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
