@@ -219,9 +219,9 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
     attention_decode(const float* __restrict__ q, const typename C::storage* __restrict__ k_cache,
                      const typename C::storage* __restrict__ v_cache,
                      const int* __restrict__ positions, float* __restrict__ out,
-                     u8* __restrict__ out_q8, float* __restrict__ work, u32* __restrict__ counters, u32 n_heads,
-                     u32 n_kv_heads, u32 head_dim, u32 capacity, float scale, u32 window,
-                     float softcap, u32 split_rows) {
+                     u8* __restrict__ out_q8, float* __restrict__ work,
+                     u32* __restrict__ counters, u32 n_heads, u32 n_kv_heads, u32 head_dim,
+                     u32 capacity, float scale, u32 window, float softcap, u32 split_rows) {
     typedef typename C::storage S;
     constexpr u32 CHUNK = 8 * sizeof(S);                    // bytes of a lane's chunk
     constexpr u32 U = AD_STAGE_BYTES / (2 * 32 * CHUNK);    // rows per lane per tile
@@ -607,9 +607,9 @@ __global__ void __launch_bounds__(AP_THREADS)
     attention_prefill(const float* __restrict__ q, const typename C::storage* __restrict__ k_cache,
                       const typename C::storage* __restrict__ v_cache,
                       const int* __restrict__ positions, float* __restrict__ out,
-                      u8* __restrict__ out_q8, u32 n_tokens,
-                      u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 capacity, float scale,
-                      u32 window, float softcap, u32 heads_per_block, u32 tokens_per_block) {
+                      u8* __restrict__ out_q8, u32 n_tokens, u32 n_heads, u32 n_kv_heads,
+                      u32 head_dim, u32 capacity, float scale, u32 window, float softcap,
+                      u32 heads_per_block, u32 tokens_per_block) {
     // Launched serialized (src/ops/attention.rs), so it does not chain (common.cuh).
     extern __shared__ __align__(16) float shared[];
     const u32 ld = head_dim + 1;
