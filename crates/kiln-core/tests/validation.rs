@@ -347,6 +347,7 @@ fn attention_and_cache_checks() {
         v_cache,
         positions: pos,
         out,
+        out_q8: None,
         n_tokens: 1,
         n_heads: 6,
         n_kv_heads,
@@ -403,7 +404,51 @@ fn attention_and_cache_checks() {
         "attention",
         &["softcap"],
     );
+    // A copy of the rows of n_heads * head_dim: q8_1 of the output's size, in rows
+    // that are whole blocks.
+    let att_q8 = g.persistent("att_q8", Q8_1, &[1, 8 * 64]).unwrap();
+    let att_q8_short = g.persistent("att_q8_short", Q8_1, &[6 * 64]).unwrap();
+    let with_copy = |out_q8| Attention {
+        out_q8: Some(out_q8),
+        ..att8(v)
+    };
+    expect_invalid(
+        &mut g,
+        with_copy(out8),
+        "attention",
+        &["out_q8", "\"out8\"", "q8_1"],
+    );
+    expect_invalid(
+        &mut g,
+        with_copy(att_q8_short),
+        "attention",
+        &["out_q8", "\"att_q8_short\"", "expected 512"],
+    );
+    // Two rows of 6 * 8 = 48: the blocks of 32 would straddle rows.
+    let q48 = f32s(&mut g, "q48", &[2, 6, 8]);
+    let out48 = f32s(&mut g, "out48", &[2, 6, 8]);
+    let pos2 = g.persistent("pos2", I32, &[2]).unwrap();
+    let kv48 = g.persistent("kv48", F16, &[2, 16, 8]).unwrap();
+    let q8_96 = g.persistent("att_q8_96", Q8_1, &[96]).unwrap();
+    expect_invalid(
+        &mut g,
+        Attention {
+            q: q48,
+            k_cache: kv48,
+            v_cache: kv48,
+            positions: pos2,
+            out: out48,
+            out_q8: Some(q8_96),
+            n_tokens: 2,
+            n_kv_heads: 2,
+            head_dim: 8,
+            ..att(v, 4)
+        },
+        "attention",
+        &["out_q8", "48", "multiple of 32"],
+    );
     g.push(att8(v)).unwrap();
+    g.push(with_copy(att_q8)).unwrap();
     let bad_cache = g
         .persistent("bad_cache", DType::BF16, &[4, 16, 64])
         .unwrap();

@@ -1,5 +1,6 @@
 //! Causal grouped-query attention over F32 and F16 caches, with sliding window and
-//! soft-cap, for prefill (many queries) and decode (one), against float64.
+//! soft-cap, for prefill (many queries) and decode (one), against float64, and the
+//! output's Q8_1 copy.
 
 mod common;
 use common::*;
@@ -60,6 +61,9 @@ fn check(case: Case, dtype: DType, rng: &mut rand::rngs::StdRng, decode: bool) {
     let vc = g.p("v", dtype, &[c.n_kv, c.cap, c.hd]);
     let pos = g.p("pos", I32, &[c.n_tokens]);
     let out = g.p("out", F32, &[c.n_tokens, c.n_heads, c.hd]);
+    // Every case whose rows are whole Q8_1 blocks also writes the copy.
+    let width = c.n_heads * c.hd;
+    let out_q8 = (width % 32 == 0).then(|| g.p("out_q8", DType::Q8_1, &[c.n_tokens, width]));
     let scale = 1.0 / (c.hd as f32).sqrt();
     g.g.push(Attention {
         q,
@@ -67,6 +71,7 @@ fn check(case: Case, dtype: DType, rng: &mut rand::rngs::StdRng, decode: bool) {
         v_cache: vc,
         positions: pos,
         out,
+        out_q8,
         n_tokens: c.n_tokens,
         n_heads: c.n_heads,
         n_kv_heads: c.n_kv,
@@ -93,7 +98,9 @@ fn check(case: Case, dtype: DType, rng: &mut rand::rngs::StdRng, decode: bool) {
         (vc, vb.clone()),
         (pos, i32_bytes(&pv)),
     ];
-    let got = f32s(&run(&g.g, &inputs, &[out])[0]);
+    let outputs: Vec<_> = std::iter::once(out).chain(out_q8).collect();
+    let results = run(&g.g, &inputs, &outputs);
+    let got = f32s(&results[0]);
     let want = attention_f64(
         &qv,
         &float_values(&kb, dtype),
@@ -107,6 +114,11 @@ fn check(case: Case, dtype: DType, rng: &mut rand::rngs::StdRng, decode: bool) {
         c.n_tokens, c.n_heads, c.n_kv, c.hd, c.cap, c.window, c.softcap
     );
     assert_close(&what, &got, &want, 1e-10);
+    if out_q8.is_some() {
+        let mut q8 = vec![0u8; DType::Q8_1.bytes_for(got.len()).unwrap()];
+        kiln_core::quant::quantize(DType::Q8_1, &got, &mut q8).unwrap();
+        assert_eq!(results[1], q8, "{what}: q8 copy");
+    }
 }
 
 #[test]

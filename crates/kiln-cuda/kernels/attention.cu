@@ -9,6 +9,9 @@
 // q and out are [n_tokens, n_heads, head_dim] f32; the caches [n_kv_heads, capacity,
 // head_dim] of element type C (F32 or F16). head_dim is a multiple of 8 and at most 256.
 // A query whose position lies outside 0..capacity gets an output of zeros.
+// When out_q8 is not null, both kernels also write out rounded to Q8_1 blocks
+// (store_q8_1_block, store_q8_1_block4) into out_q8, from the f32 values they store;
+// head_dim must then be a multiple of 32, so that no block straddles two heads.
 //
 // Two kernels compute it:
 // - attention_decode (few queries): flash-decoding. Each block handles up to G query
@@ -184,6 +187,30 @@ __device__ __forceinline__ u32 decode_ticket(u32* counter) {
     return old;
 }
 
+// Stores v as element i of a run of outputs `out` and, when `q8` (the run's Q8_1 copy,
+// the run a whole number of blocks) is not null, rounds the warp's 32 values to block
+// i / 32 of it. Every lane of the warp must call it with i % 32 its lane.
+__device__ __forceinline__ void decode_store(float* out, u8* q8, u32 i, float v) {
+    out[i] = v;
+    if (q8 != nullptr) {
+        store_q8_1_block(v, q8 + i / Q8_1_BLOCK_ELEMS * Q8_1_BLOCK_BYTES);
+    }
+}
+
+// Stores v as elements 4 item .. 4 item + 3 of a run of outputs `out` where `on` and,
+// when `q8` is not null, rounds each 8 consecutive lanes' values (items 8 b .. 8 b + 7,
+// the lanes starting at a multiple of 8, all on or all off) to block b of the run's
+// Q8_1 copy. Every lane of the warp must call it.
+__device__ __forceinline__ void decode_store4(float* out, u8* q8, u32 item, float4 v, bool on) {
+    if (on) {
+        float* to = out + 4 * item;
+        to[0] = v.x, to[1] = v.y, to[2] = v.z, to[3] = v.w;
+    }
+    if (q8 != nullptr) {
+        store_q8_1_block4(v, on, q8 + item / 8 * Q8_1_BLOCK_BYTES);
+    }
+}
+
 // G: query heads per block (1, 2, 4 or 8; a group runs in chunks of G). LPR: lanes per
 // cache row (8, 16 or 32), head_dim <= 8 * LPR; lanes past head_dim / 8 hold zeros.
 // `split_rows`: the fewest rows worth a split of its own.
@@ -192,9 +219,9 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
     attention_decode(const float* __restrict__ q, const typename C::storage* __restrict__ k_cache,
                      const typename C::storage* __restrict__ v_cache,
                      const int* __restrict__ positions, float* __restrict__ out,
-                     float* __restrict__ work, u32* __restrict__ counters, u32 n_heads,
-                     u32 n_kv_heads, u32 head_dim, u32 capacity, float scale, u32 window,
-                     float softcap, u32 split_rows) {
+                     u8* __restrict__ out_q8, float* __restrict__ work,
+                     u32* __restrict__ counters, u32 n_heads, u32 n_kv_heads, u32 head_dim,
+                     u32 capacity, float scale, u32 window, float softcap, u32 split_rows) {
     typedef typename C::storage S;
     constexpr u32 CHUNK = 8 * sizeof(S);                    // bytes of a lane's chunk
     constexpr u32 U = AD_STAGE_BYTES / (2 * 32 * CHUNK);    // rows per lane per tile
@@ -222,12 +249,18 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
     const u32 nh = min(G, kvh * group + group - h0);
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     const u32 slot = lane / LPR, sub = lane % LPR;
-    float* out_t = out + ((u64)t * n_heads + h0) * head_dim;
+    // This block's outputs, nh * head_dim from out_t, and their copy (a multiple of 32
+    // values from a multiple of 32, head_dim being one) or null.
+    const u64 out_at = ((u64)t * n_heads + h0) * head_dim;
+    float* out_t = out + out_at;
+    u8* q8_t = out_q8 != nullptr ? out_q8 + out_at / Q8_1_BLOCK_ELEMS * Q8_1_BLOCK_BYTES : nullptr;
 
     const int p = positions[t];
     if (p < 0 || (u32)p >= capacity) {
         if (split == 0) {
-            for (u32 i = threadIdx.x; i < nh * head_dim; i += AD_THREADS) out_t[i] = 0.0f;
+            for (u32 i = threadIdx.x; i < nh * head_dim; i += AD_THREADS) {
+                decode_store(out_t, q8_t, i, 0.0f);
+            }
         }
         return;
     }
@@ -454,7 +487,7 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
     if (active == 1) {
         for (u32 i = threadIdx.x; i < nh * head_dim; i += AD_THREADS) {
             const u32 h = i / head_dim;
-            out_t[i] = value(h, i % head_dim) / head_sum[h];
+            decode_store(out_t, q8_t, i, value(h, i % head_dim) / head_sum[h]);
         }
         return;
     }
@@ -500,23 +533,27 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
     __syncthreads();
     // Weighted sums of 4 columns (an item) each; with fewer items than threads, `groups`
     // threads share an item (splits g, g + groups, ...) and their sums meet in the
-    // copy rings (free now), added in group order.
+    // copy rings (free now), added in group order. Item i is columns 4 i .. 4 i + 3 of
+    // out_t. The loops run whole warps (for the copy), lanes past the end idle.
     const u32 quads = head_dim / 4, items = nh * quads;
     const u32 groups = items >= AD_THREADS ? 1 : AD_THREADS / items;
     float4* sums = reinterpret_cast<float4*>(decode_shared);  // [groups][items]
-    for (u32 i = threadIdx.x; i < items * groups; i += AD_THREADS) {
+    const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const u32 lanes_used = (items * groups + 31u) & ~31u;
+    for (u32 i = threadIdx.x; i < lanes_used; i += AD_THREADS) {
+        const bool on = i < items * groups;
         const u32 g = i / items, item = i % items, h = item / quads, c = 4 * (item % quads);
         const float* vh = values + (rows_at + h * splits) * head_dim + c;
-        float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        float4 o = zero4;
         // 16 loads in flight at a time.
         constexpr u32 BATCH = 16;
-        for (u32 s0 = g; s0 < active; s0 += BATCH * groups) {
+        for (u32 s0 = g; on && s0 < active; s0 += BATCH * groups) {
             float4 v[BATCH];
 #pragma unroll
             for (u32 k = 0; k < BATCH; ++k) {
                 const u32 s = s0 + k * groups;
                 v[k] = s < active ? __ldcg(reinterpret_cast<const float4*>(vh + (u64)s * head_dim))
-                                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                                  : zero4;
             }
 #pragma unroll
             for (u32 k = 0; k < BATCH; ++k) {
@@ -529,22 +566,21 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
             }
         }
         if (groups == 1) {
-            float* to = out_t + h * head_dim + c;
-            to[0] = o.x, to[1] = o.y, to[2] = o.z, to[3] = o.w;
-        } else {
+            decode_store4(out_t, q8_t, item, o, on);
+        } else if (on) {
             sums[g * items + item] = o;
         }
     }
     if (groups > 1) {
         __syncthreads();
-        for (u32 item = threadIdx.x; item < items; item += AD_THREADS) {
-            float4 o = sums[item];
-            for (u32 g = 1; g < groups; ++g) {
+        for (u32 item = threadIdx.x; item < ((items + 31u) & ~31u); item += AD_THREADS) {
+            const bool on = item < items;
+            float4 o = on ? sums[item] : zero4;
+            for (u32 g = 1; on && g < groups; ++g) {
                 const float4 v = sums[g * items + item];
                 o.x += v.x, o.y += v.y, o.z += v.z, o.w += v.w;
             }
-            float* to = out_t + (item / quads) * head_dim + 4 * (item % quads);
-            to[0] = o.x, to[1] = o.y, to[2] = o.z, to[3] = o.w;
+            decode_store4(out_t, q8_t, item, o, on);
         }
     }
     if (threadIdx.x == 0) {
@@ -570,9 +606,10 @@ template <typename C, u32 DMAX>
 __global__ void __launch_bounds__(AP_THREADS)
     attention_prefill(const float* __restrict__ q, const typename C::storage* __restrict__ k_cache,
                       const typename C::storage* __restrict__ v_cache,
-                      const int* __restrict__ positions, float* __restrict__ out, u32 n_tokens,
-                      u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 capacity, float scale,
-                      u32 window, float softcap, u32 heads_per_block, u32 tokens_per_block) {
+                      const int* __restrict__ positions, float* __restrict__ out,
+                      u8* __restrict__ out_q8, u32 n_tokens, u32 n_heads, u32 n_kv_heads,
+                      u32 head_dim, u32 capacity, float scale, u32 window, float softcap,
+                      u32 heads_per_block, u32 tokens_per_block) {
     // Launched serialized (src/ops/attention.rs), so it does not chain (common.cuh).
     extern __shared__ __align__(16) float shared[];
     const u32 ld = head_dim + 1;
@@ -713,14 +750,33 @@ __global__ void __launch_bounds__(AP_THREADS)
         __syncthreads();
     }
 
+    // Row r's outputs start at element row_at(r) of out.
+    auto row_at = [&](u32 r) { return ((u64)token_of(r) * n_heads + head_of(r)) * head_dim; };
+    // With a copy, the rows' outputs are staged in qs (free now) for whole warps to
+    // round 32 consecutive values at a time.
     if (exists(r_out)) {
-        float* o = out + ((u64)token_of(r_out) * n_heads + head_of(r_out)) * head_dim;
+        float* o = out + row_at(r_out);
         const bool visible = row_pos[r_out] >= 0;
         const float l = row_sum[r_out];
 #pragma unroll
         for (u32 i = 0; i < DMAX / 4; ++i) {
             const u32 d = part + 4 * i;
-            if (d < head_dim) o[d] = visible ? acc[i] / l : 0.0f;
+            if (d < head_dim) {
+                const float v = visible ? acc[i] / l : 0.0f;
+                o[d] = v;
+                if (out_q8 != nullptr) qs[r_out * ld + d] = v;
+            }
+        }
+    }
+    if (out_q8 != nullptr) {
+        __syncthreads();
+        const u32 blocks = head_dim / Q8_1_BLOCK_ELEMS;
+        for (u32 b = warp; b < AP_ROWS * blocks; b += AP_THREADS / 32) {
+            const u32 r = b / blocks, c = (b % blocks) * Q8_1_BLOCK_ELEMS;
+            if (exists(r)) {
+                store_q8_1_block(qs[r * ld + c + lane],
+                                 out_q8 + (row_at(r) + c) / Q8_1_BLOCK_ELEMS * Q8_1_BLOCK_BYTES);
+            }
         }
     }
 }

@@ -378,14 +378,16 @@ impl CudaBackend {
             Op::Attention(a) => {
                 let cache = dtype(a.k_cache)?;
                 let inputs = [a.q, a.k_cache, a.v_cache, a.positions];
-                bindings.with_operands(&inputs, &[a.out], |ins, outs| {
+                bindings.with_operands(&inputs, &op.outputs(), |ins, outs| {
+                    let (out, out_q8) = with_q8_copy(outs);
                     ops::attention::attention(
                         self,
                         ins[0],
                         ins[1],
                         ins[2],
                         ins[3],
-                        outs[0],
+                        out,
+                        out_q8,
                         cache,
                         &a.into(),
                     )

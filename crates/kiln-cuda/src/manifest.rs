@@ -212,10 +212,11 @@ pub fn all_specs() -> Vec<KernelSpec> {
 
 /// Whether the CUDA backend has a kernel for `op`: its kind and the parameters the
 /// kernels are limited in (every weight, cache and float dtype the IR allows has one).
-/// The one limit: attention's head dimension ([`ops::attention::check_head_dim`]).
+/// The one limit: attention's head dimension, with or without a Q8_1 copy of its
+/// output ([`ops::attention::check_head_dim`]).
 pub fn has_kernel(op: &Op) -> bool {
     match op {
-        Op::Attention(a) => ops::attention::check_head_dim(a.head_dim).is_ok(),
+        Op::Attention(a) => ops::attention::check_head_dim(a.head_dim, a.out_q8.is_some()).is_ok(),
         _ => true,
     }
 }
@@ -267,6 +268,7 @@ pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
             v_bytes: bytes(a.v_cache)?,
             positions_bytes: bytes(a.positions)?,
             out_bytes: bytes(a.out)?,
+            out_q8_bytes: optional(a.out_q8)?,
         }
         .check()
         .map(|plan| plan.spec),

@@ -1,12 +1,13 @@
 //! Attention: the dispatch checks and kernel choice (no GPU needed) and parity of the
-//! decode and prefill kernels with kiln-cpu on the GPU.
+//! decode and prefill kernels with kiln-cpu on the GPU, with and without the Q8_1 copy
+//! of the output.
 
 mod common;
 mod kernels;
 use common::*;
 use kernels::*;
 use kiln_core::ops::Attention;
-use kiln_core::{Aliasing, DType, Graph};
+use kiln_core::{Aliasing, BufferId, DType, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::attention::{AttentionArgs, AttentionKernel, AttentionShape};
 
@@ -39,7 +40,23 @@ fn args_with(shape: AttentionShape, cache: DType) -> AttentionArgs {
         v_bytes: nkv,
         positions_bytes: shape.n_tokens * 4,
         out_bytes: nq,
+        out_q8_bytes: None,
     }
+}
+
+/// [`args_for`] with a Q8_1 copy of the output of the size it needs.
+fn args_with_copy(shape: AttentionShape) -> AttentionArgs {
+    let n = shape.n_tokens * shape.n_heads * shape.head_dim;
+    AttentionArgs {
+        out_q8_bytes: Some(DType::Q8_1.bytes_for(n).unwrap()),
+        ..args_for(shape)
+    }
+}
+
+/// Whether the CUDA kernels write a Q8_1 copy of `shape`'s output: a head dimension
+/// that is a multiple of 32.
+fn takes_copy(shape: &AttentionShape) -> bool {
+    shape.head_dim % 32 == 0
 }
 
 fn args() -> AttentionArgs {
@@ -386,6 +403,51 @@ fn a_short_value_cache_is_rejected() {
     );
 }
 
+#[test]
+fn both_kernels_take_a_q8_copy_of_the_output() {
+    for n_tokens in [1, 4, 5, 300] {
+        let shape = AttentionShape {
+            n_tokens,
+            ..shape()
+        };
+        let with = args_with_copy(shape).check().unwrap();
+        let without = args_for(shape).check().unwrap();
+        assert_eq!(with.kernel, without.kernel, "{n_tokens} tokens");
+        assert_eq!(with.spec.key, without.spec.key, "{n_tokens} tokens");
+    }
+}
+
+#[test]
+fn a_q8_copy_needs_a_head_dim_that_is_a_multiple_of_32() {
+    // 32 heads of 80: rows of whole Q8_1 blocks, but blocks that straddle heads.
+    let m = invalid(
+        args_with_copy(AttentionShape {
+            head_dim: 80,
+            ..shape()
+        })
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "attention: out_q8 is not supported by the CUDA kernels for head_dim 80: the output's q8_1 copy needs a head_dim that is a multiple of 32"
+    );
+}
+
+#[test]
+fn a_short_q8_copy_is_rejected() {
+    let m = invalid(
+        AttentionArgs {
+            out_q8_bytes: Some(4572),
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "attention: out_q8 needs 4096 q8_1 elements (4608 bytes), its buffer has 4572 bytes"
+    );
+}
+
 /// Normalised MSE allowed against the CPU: scores, softmax and values are summed in
 /// another order (online softmax over tiles and splits) and expf/tanhf differ from
 /// Rust's by an ulp or two.
@@ -398,7 +460,9 @@ struct Problem {
     positions: Vec<i32>,
 }
 
-fn compare(cuda: &kiln_cuda::CudaBackend, rng: &mut rand::rngs::StdRng, p: &Problem) {
+/// The graph of one attention problem, with a Q8_1 copy of its output when `copy` is
+/// set, and its buffers: `[q, k, v, positions, out]` and the copy.
+fn problem_graph(p: &Problem, copy: bool) -> (Graph, [BufferId; 5], Option<BufferId>) {
     let s = p.shape;
     let mut g = Graph::new();
     let qdims = [s.n_tokens, s.n_heads, s.head_dim];
@@ -408,12 +472,17 @@ fn compare(cuda: &kiln_cuda::CudaBackend, rng: &mut rand::rngs::StdRng, p: &Prob
     let v = g.persistent("v", p.cache, &cdims).unwrap();
     let pos = g.persistent("pos", DType::I32, &[s.n_tokens]).unwrap();
     let out = g.persistent("out", DType::F32, &qdims).unwrap();
+    let out_q8 = copy.then(|| {
+        g.persistent("out_q8", DType::Q8_1, &[s.n_tokens, s.n_heads * s.head_dim])
+            .unwrap()
+    });
     g.push(Attention {
         q,
         k_cache: k,
         v_cache: v,
         positions: pos,
         out,
+        out_q8,
         n_tokens: s.n_tokens,
         n_heads: s.n_heads,
         n_kv_heads: s.n_kv_heads,
@@ -424,25 +493,38 @@ fn compare(cuda: &kiln_cuda::CudaBackend, rng: &mut rand::rngs::StdRng, p: &Prob
         softcap: s.softcap,
     })
     .unwrap();
+    (g, [q, k, v, pos, out], out_q8)
+}
+
+/// Runs `p` on the GPU and the CPU (outputs poisoned) and compares the outputs; where
+/// the kernels take a copy, runs the GPU again with one and checks that the output is
+/// the same bits and the copy the CPU's Q8_1 rounding of it.
+fn compare(cuda: &kiln_cuda::CudaBackend, rng: &mut rand::rngs::StdRng, p: &Problem) {
+    let s = p.shape;
     let cache_len = s.n_kv_heads * s.capacity * s.head_dim;
-    let inputs = [
-        (
-            q,
-            f32_bytes(&uniform(rng, s.n_tokens * s.n_heads * s.head_dim, 1.0)),
-        ),
-        (k, encoded(rng, p.cache, cache_len)),
-        (v, encoded(rng, p.cache, cache_len)),
-        (pos, i32_bytes(&p.positions)),
+    let data = [
+        f32_bytes(&uniform(rng, s.n_tokens * s.n_heads * s.head_dim, 1.0)),
+        encoded(rng, p.cache, cache_len),
+        encoded(rng, p.cache, cache_len),
+        i32_bytes(&p.positions),
     ];
+    let inputs = |ids: &[BufferId; 5]| -> Vec<(BufferId, Vec<u8>)> {
+        ids.iter().copied().zip(data.iter().cloned()).collect()
+    };
+    let (g, ids, _) = problem_graph(p, false);
+    let out = ids[4];
     let kernel = args_with(s, p.cache).check().unwrap().kernel;
-    let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
-    let got = f32s(&run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
-    assert_close(
-        &format!("attention {:?} {kernel:?} cache {}", s, p.cache),
-        &got,
-        &want,
-        NMSE,
-    );
+    let want = f32s(&run_on(&CpuBackend, &g, &inputs(&ids), &[out], Aliasing::On).unwrap()[0]);
+    let got = run_on(cuda, &g, &inputs(&ids), &[out], Aliasing::On).unwrap();
+    let what = format!("attention {:?} {kernel:?} cache {}", s, p.cache);
+    assert_close(&what, &f32s(&got[0]), &want, NMSE);
+    if takes_copy(&s) {
+        let (g, ids, out_q8) = problem_graph(p, true);
+        let outputs = [ids[4], out_q8.unwrap()];
+        let both = run_on(cuda, &g, &inputs(&ids), &outputs, Aliasing::On).unwrap();
+        assert!(both[0] == got[0], "{what}: the copy changes the output");
+        assert_q8_copy(&format!("{what} with a copy"), &both[0], &both[1]);
+    }
 }
 
 fn problems(n_tokens_max: usize, rng: &mut rand::rngs::StdRng) -> Vec<Problem> {
@@ -536,39 +618,64 @@ fn prefill_attention_matches_cpu() {
 fn a_query_outside_the_cache_gets_zeros_on_the_gpu() {
     let cuda = cuda();
     let mut rng = rng("a_query_outside_the_cache_gets_zeros_on_the_gpu");
-    for n_tokens in [1, 8] {
-        let s = AttentionShape {
-            n_tokens,
-            capacity: 64,
-            ..shape()
-        };
-        let nq = n_tokens * s.n_heads * s.head_dim;
-        let cache_len = s.n_kv_heads * s.capacity * s.head_dim;
-        let q = device(cuda, &f32_bytes(&uniform(&mut rng, nq, 1.0)));
-        let k = device(cuda, &encoded(&mut rng, DType::F16, cache_len));
-        let v = device(cuda, &encoded(&mut rng, DType::F16, cache_len));
-        let mut positions = vec![5; n_tokens];
-        positions[0] = 64;
-        let pos = device(cuda, &i32_bytes(&positions));
-        let mut out = device(cuda, &poison(nq * 4));
-        kiln_cuda::ops::attention::attention(cuda, &q, &k, &v, &pos, &mut out, DType::F16, &s)
+    // One query (decode: one split, then a grid of splits) and eight (prefill); without
+    // and with a Q8_1 copy, which must then encode the zeros.
+    for (n_tokens, capacity) in [(1, 64), (1, 4096), (8, 64)] {
+        for copy in [false, true] {
+            let s = AttentionShape {
+                n_tokens,
+                capacity,
+                ..shape()
+            };
+            let nq = n_tokens * s.n_heads * s.head_dim;
+            let q8_bytes = DType::Q8_1.bytes_for(nq).unwrap();
+            let cache_len = s.n_kv_heads * s.capacity * s.head_dim;
+            let q = device(cuda, &f32_bytes(&uniform(&mut rng, nq, 1.0)));
+            let k = device(cuda, &encoded(&mut rng, DType::F16, cache_len));
+            let v = device(cuda, &encoded(&mut rng, DType::F16, cache_len));
+            let mut positions = vec![capacity as i32 - 1; n_tokens];
+            positions[0] = capacity as i32;
+            let pos = device(cuda, &i32_bytes(&positions));
+            let mut out = device(cuda, &poison(nq * 4));
+            let mut out_q8 = copy.then(|| device(cuda, &poison(q8_bytes)));
+            kiln_cuda::ops::attention::attention(
+                cuda,
+                &q,
+                &k,
+                &v,
+                &pos,
+                &mut out,
+                out_q8.as_mut(),
+                DType::F16,
+                &s,
+            )
             .unwrap();
-        let got = f32s(&host(cuda, &out, nq * 4));
-        let per_token = s.n_heads * s.head_dim;
-        assert!(
-            got[..per_token].iter().all(|&x| x == 0.0),
-            "position 64 of 64"
-        );
-        assert!(
-            got[per_token..].iter().all(|x| x.is_finite() && *x != 0.0),
-            "the other queries are computed"
-        );
+            let bytes = host(cuda, &out, nq * 4);
+            let got = f32s(&bytes);
+            let per_token = s.n_heads * s.head_dim;
+            let what = format!("position {capacity} of {capacity}, {n_tokens} queries");
+            assert!(got[..per_token].iter().all(|&x| x == 0.0), "{what}");
+            assert!(
+                got[per_token..].iter().all(|x| x.is_finite() && *x != 0.0),
+                "{what}: the other queries are computed"
+            );
+            if let Some(out_q8) = &out_q8 {
+                let q8 = host(cuda, out_q8, q8_bytes);
+                let token_bytes = DType::Q8_1.bytes_for(per_token).unwrap();
+                assert!(
+                    q8[..token_bytes].iter().all(|&b| b == 0),
+                    "{what}: the copy of zeros is zeros"
+                );
+                assert_q8_copy(&what, &bytes, &q8);
+            }
+        }
     }
 }
 
 /// One decode attention problem on the device, launched through the dispatch again
 /// and again with new positions: the same plan (its grid fixed by the capacity) at
-/// every position, as a recorded launch replays.
+/// every position, as a recorded launch replays. Where the kernels take a Q8_1 copy
+/// of the output, each check launches again with one.
 struct DecodeRig {
     shape: AttentionShape,
     cache: DType,
@@ -580,6 +687,7 @@ struct DecodeRig {
     v_dev: kiln_cuda::CudaBuffer,
     pos_dev: kiln_cuda::CudaBuffer,
     out_dev: kiln_cuda::CudaBuffer,
+    q8_dev: Option<kiln_cuda::CudaBuffer>,
 }
 
 impl DecodeRig {
@@ -600,6 +708,8 @@ impl DecodeRig {
             v_dev: device(cuda, &v),
             pos_dev: device(cuda, &i32_bytes(&vec![0; shape.n_tokens])),
             out_dev: device(cuda, &poison(nq * 4)),
+            q8_dev: takes_copy(&shape)
+                .then(|| device(cuda, &poison(DType::Q8_1.bytes_for(nq).unwrap()))),
             shape,
             cache,
             q,
@@ -615,14 +725,18 @@ impl DecodeRig {
             .unwrap()
     }
 
-    /// Launches at `positions` over a poisoned output and checks it against kiln-cpu.
-    fn check(&mut self, cuda: &kiln_cuda::CudaBackend, positions: &[i32]) {
+    /// Launches over a poisoned output (and, with `copy`, a poisoned Q8_1 copy) and
+    /// returns the output's bytes and the copy's.
+    fn launch(&mut self, cuda: &kiln_cuda::CudaBackend, copy: bool) -> (Vec<u8>, Vec<u8>) {
         use kiln_core::Backend;
         let s = self.shape;
         let nq = s.n_tokens * s.n_heads * s.head_dim;
-        cuda.upload(&mut self.pos_dev, &i32_bytes(positions))
-            .unwrap();
+        let q8_bytes = DType::Q8_1.bytes_for(nq).unwrap();
         cuda.upload(&mut self.out_dev, &poison(nq * 4)).unwrap();
+        let mut out_q8 = self.q8_dev.as_mut().filter(|_| copy);
+        if let Some(q8) = out_q8.as_deref_mut() {
+            cuda.upload(q8, &poison(q8_bytes)).unwrap();
+        }
         kiln_cuda::ops::attention::attention(
             cuda,
             &self.q_dev,
@@ -630,11 +744,29 @@ impl DecodeRig {
             &self.v_dev,
             &self.pos_dev,
             &mut self.out_dev,
+            out_q8,
             self.cache,
             &s,
         )
         .unwrap();
-        let got = f32s(&host(cuda, &self.out_dev, nq * 4));
+        let q8 = match (&self.q8_dev, copy) {
+            (Some(q8), true) => host(cuda, q8, q8_bytes),
+            _ => Vec::new(),
+        };
+        (host(cuda, &self.out_dev, nq * 4), q8)
+    }
+
+    /// Launches at `positions` and checks the output against kiln-cpu; with a copy,
+    /// launches again with it and checks that the output is the same bits and the copy
+    /// the CPU's Q8_1 rounding of it.
+    fn check(&mut self, cuda: &kiln_cuda::CudaBackend, positions: &[i32]) {
+        use kiln_core::Backend;
+        let s = self.shape;
+        let nq = s.n_tokens * s.n_heads * s.head_dim;
+        cuda.upload(&mut self.pos_dev, &i32_bytes(positions))
+            .unwrap();
+        let (bytes, _) = self.launch(cuda, false);
+        let got = f32s(&bytes);
         let mut want = vec![0f32; nq];
         kiln_cpu::ops::attention::attention(
             &self.q,
@@ -656,15 +788,16 @@ impl DecodeRig {
             },
         )
         .unwrap();
-        assert_close(
-            &format!(
-                "attention {s:?} cache {} positions {positions:?}",
-                self.cache
-            ),
-            &got,
-            &want,
-            NMSE,
+        let what = format!(
+            "attention {s:?} cache {} positions {positions:?}",
+            self.cache
         );
+        assert_close(&what, &got, &want, NMSE);
+        if self.q8_dev.is_some() {
+            let (with_copy, q8) = self.launch(cuda, true);
+            assert!(with_copy == bytes, "{what}: the copy changes the output");
+            assert_q8_copy(&what, &with_copy, &q8);
+        }
     }
 
     /// Positions where the number of splits a query uses changes (a query of `rows`
@@ -697,7 +830,10 @@ impl DecodeRig {
 
 /// Decode shapes for the replay tests, with `n_tokens` queries: capacities that are
 /// multiples of nothing, windows shorter than the capacity, groups of 1 to 40 (powers
-/// of two or not), head dims 8 to 256, F16 and F32 caches.
+/// of two or not), head dims 8 to 256, F16 and F32 caches. With a copy (head dims that
+/// are multiples of 32), the split merge's items of 4 columns fill whole warps (4
+/// heads of 128, 3 of 128), end part-way through one (3 of 96, 7 of 64) or take two
+/// threads each (1 of 256).
 fn replay_shapes(n_tokens: usize) -> Vec<(AttentionShape, DType)> {
     // (n_heads, n_kv_heads, head_dim, capacity, window, softcap)
     let shapes = [
@@ -709,6 +845,7 @@ fn replay_shapes(n_tokens: usize) -> Vec<(AttentionShape, DType)> {
         (6, 2, 200, 333, None, None),
         (10, 2, 8, 1031, Some(1000), None),
         (24, 8, 128, 3001, None, None),
+        (6, 2, 96, 2000, None, None),
     ];
     shapes
         .into_iter()

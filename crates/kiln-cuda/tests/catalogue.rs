@@ -1,7 +1,8 @@
 //! The catalogue covers the IR: every op kind with every dtype the IR allows has a
 //! CUDA kernel (`has_kernel`, which `CudaBackend::supports` answers with), its
 //! specialisation is one `kiln precompile --all` builds, and the only parameters
-//! without a kernel are attention head dimensions the kernels do not take. No GPU.
+//! without a kernel are attention head dimensions the kernels do not take (with or
+//! without a Q8_1 copy of the output). No GPU.
 
 use kiln_core::ops::{
     Argmax, Attention, Embedding, HeadNormRope, KvAppend, MatMul, Rope, RopeParams, RopeStyle,
@@ -166,6 +167,18 @@ fn sample_has_kernels_greedy_and_not() {
 }
 
 fn attention(n_tokens: usize, head_dim: usize, cache: DType, capacity: usize) -> (Graph, Op) {
+    attention_with(n_tokens, head_dim, cache, capacity, false)
+}
+
+/// An attention of 8 query heads over 2 KV heads, with a Q8_1 copy of its output when
+/// `copy` is set.
+fn attention_with(
+    n_tokens: usize,
+    head_dim: usize,
+    cache: DType,
+    capacity: usize,
+    copy: bool,
+) -> (Graph, Op) {
     let mut g = Graph::new();
     let q = g
         .persistent("q", DType::F32, &[n_tokens, 8, head_dim])
@@ -176,12 +189,17 @@ fn attention(n_tokens: usize, head_dim: usize, cache: DType, capacity: usize) ->
     let out = g
         .persistent("out", DType::F32, &[n_tokens, 8, head_dim])
         .unwrap();
+    let out_q8 = copy.then(|| {
+        g.persistent("out_q8", DType::Q8_1, &[n_tokens, 8 * head_dim])
+            .unwrap()
+    });
     let op = Attention {
         q,
         k_cache: k,
         v_cache: v,
         positions: pos,
         out,
+        out_q8,
         n_tokens,
         n_heads: 8,
         n_kv_heads: 2,
@@ -203,6 +221,30 @@ fn attention_has_kernels_for_head_dims_that_are_multiples_of_8_up_to_256() {
                 let (g, _) = attention(n_tokens, head_dim, cache, capacity);
                 assert_covered(&g);
             }
+        }
+    }
+}
+
+#[test]
+fn attention_writes_a_q8_copy_for_head_dims_that_are_multiples_of_32() {
+    for cache in [DType::F32, DType::F16] {
+        for head_dim in [32, 64, 96, 128, 160, 256] {
+            for (n_tokens, capacity) in [(1, 16), (4, 100_000), (300, 4096)] {
+                let (g, _) = attention_with(n_tokens, head_dim, cache, capacity, true);
+                assert_covered(&g);
+            }
+        }
+    }
+    // Rows of 8 heads are whole Q8_1 blocks (valid IR), but a block would straddle
+    // two heads.
+    for head_dim in [8, 80, 136] {
+        let (g, op) = attention_with(1, head_dim, DType::F16, 16, true);
+        assert!(!has_kernel(&op), "head_dim {head_dim}");
+        match spec_for_op(&op, &g) {
+            Err(kiln_core::Error::Unsupported(msg)) => {
+                assert!(msg.starts_with("cuda backend: op attention"), "{msg}")
+            }
+            other => panic!("head_dim {head_dim}: expected Unsupported, got {other:?}"),
         }
     }
 }

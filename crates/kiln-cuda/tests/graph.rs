@@ -234,6 +234,7 @@ fn unimplemented_ops_are_unsupported_before_anything_runs() {
         v_cache: v,
         positions,
         out: y,
+        out_q8: None,
         n_tokens: 1,
         n_heads: 2,
         n_kv_heads: 1,

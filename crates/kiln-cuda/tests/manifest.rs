@@ -146,6 +146,7 @@ fn ops_without_a_cuda_kernel_are_unsupported() {
         v_cache: v,
         positions,
         out,
+        out_q8: None,
         n_tokens: 1,
         n_heads: 2,
         n_kv_heads: 1,

@@ -458,13 +458,19 @@ impl Builder<'_> {
             }
             q
         };
-        let out = self.act(&format!("l{l}.attn"), c.q_dim())?;
+        // The output projection reads a Q8_1 copy of the attention's output when its
+        // weight is of a block format and each of the copy's blocks lies in one head
+        // (as the CUDA kernels need to write it).
+        let copy = self.quantized(&[format!("blk.{l}.attn_output.weight")])
+            && hd % Q8_COPY.block_size() == 0;
+        let out = self.act_with_copy(&format!("l{l}.attn"), c.q_dim(), copy)?;
         self.g.push(Attention {
             q,
             k_cache,
             v_cache,
             positions,
-            out,
+            out: out.x,
+            out_q8: out.q8,
             n_tokens: t,
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
@@ -474,7 +480,7 @@ impl Builder<'_> {
             window: None,
             softcap: None,
         })?;
-        self.linear(l, "attn_output", out.into(), d, c.q_dim(), false)
+        self.linear(l, "attn_output", out, d, c.q_dim(), false)
     }
 
     /// RoPE of `n_heads` heads of `x`, preceded by the per-head norm

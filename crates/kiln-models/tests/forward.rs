@@ -799,12 +799,6 @@ fn forward_sample_checks_its_arguments_and_keeps_the_logits() {
 #[test]
 fn decode_graphs_give_the_projections_q8_copies_written_beside_their_inputs() {
     use kiln_core::ops::{Op, Q8_COPY};
-    // Widths that are whole Q8_1 blocks: every product of a quantized weight but the
-    // attention output's (its input comes from the attention op) reads a copy.
-    let s = Spec {
-        ff: 64,
-        ..specs()[0]
-    };
     // Block-format matrices: their products read copies (float ones do not).
     let q8_0 = |name: &str| {
         let matrix = ["attn_", "ffn_", "output.weight", "token_embd"]
@@ -817,41 +811,58 @@ fn decode_graphs_give_the_projections_q8_copies_written_beside_their_inputs() {
             DType::F32
         }
     };
-    let model = load(
-        &gguf_bytes_as(&s, &random_weights(&s, &mut seeded()), q8_0),
-        DType::F32,
-    );
-    let copies = |n_tokens| {
-        let f = model.graph(n_tokens).unwrap();
-        let ops = f.graph.ops();
-        let mut read = 0;
-        for (i, op) in ops.iter().enumerate() {
-            let Op::MatMul(m) = op else { continue };
-            let Some(q8) = m.x_q8 else { continue };
-            read += 1;
-            assert_eq!(f.graph.desc(q8).unwrap().dtype, Q8_COPY);
-            // The last op before it that writes the copy also writes x.
-            let writer = ops[..i]
-                .iter()
-                .rev()
-                .find(|w| w.outputs().contains(&q8))
-                .expect("a copy has a writer");
-            assert!(
-                writer.outputs().contains(&m.x),
-                "{writer:?} writes the copy of another x"
-            );
-        }
-        read
+    // Widths that are whole Q8_1 blocks: every product of a quantized weight reads a
+    // copy, the attention output's only where heads are whole blocks (head_dim 32, not
+    // 8), as the attention op writes it.
+    let head_dim_8 = Spec {
+        ff: 64,
+        ..specs()[0]
     };
-    // The stacked q-k-v and gate-up projections and down of each layer, and the head.
-    assert_eq!(copies(1), 3 * s.layers + 1);
+    let head_dim_32 = Spec {
+        d: 64,
+        heads: 2,
+        kv: 1,
+        ..head_dim_8
+    };
+    for (s, per_layer) in [(head_dim_8, 3), (head_dim_32, 4)] {
+        let model = load(
+            &gguf_bytes_as(&s, &random_weights(&s, &mut seeded()), q8_0),
+            DType::F32,
+        );
+        let copies = |n_tokens| {
+            let f = model.graph(n_tokens).unwrap();
+            let ops = f.graph.ops();
+            let mut read = 0;
+            for (i, op) in ops.iter().enumerate() {
+                let Op::MatMul(m) = op else { continue };
+                let Some(q8) = m.x_q8 else { continue };
+                read += 1;
+                assert_eq!(f.graph.desc(q8).unwrap().dtype, Q8_COPY);
+                // The last op before it that writes the copy also writes x.
+                let writer = ops[..i]
+                    .iter()
+                    .rev()
+                    .find(|w| w.outputs().contains(&q8))
+                    .expect("a copy has a writer");
+                assert!(
+                    writer.outputs().contains(&m.x),
+                    "{writer:?} writes the copy of another x"
+                );
+            }
+            read
+        };
+        // The stacked q-k-v and gate-up projections and down of each layer (and the
+        // attention output), and the head.
+        assert_eq!(copies(1), per_layer * s.layers + 1, "{s:?}");
+        // The prefill mat-mat does not read copies, so prefill graphs have none.
+        assert_eq!(copies(3), 0, "{s:?}");
+    }
     // Float weights read none: their graphs make none.
+    let s = specs()[0];
     let float = load(
         &gguf_bytes(&s, &random_weights(&s, &mut seeded())),
         DType::F32,
     );
     let f = float.graph(1).unwrap();
     assert!(f.graph.buffers().iter().all(|b| b.dtype != Q8_COPY));
-    // The prefill mat-mat does not read copies, so prefill graphs have none.
-    assert_eq!(copies(3), 0);
 }

@@ -454,7 +454,8 @@ impl Bench<'_> {
     }
 
     /// One decode attention of a query at row `kv_len - 1` of an F16 cache of
-    /// `capacity` rows, cycling through enough cache copies to miss the L2 cache.
+    /// `capacity` rows, writing its output's Q8_1 copy as a decode graph does, cycling
+    /// through enough cache copies to miss the L2 cache.
     fn decode_attention(&mut self, kv_len: usize, capacity: usize) -> Result<Measurement> {
         let shape = decode_attention_shape(capacity);
         let cache_len = shape.n_kv_heads * shape.capacity * shape.head_dim;
@@ -472,6 +473,8 @@ impl Bench<'_> {
             .map_err(|_| Error::invalid("bench-kernels", format!("kv length {kv_len}")))?;
         let positions = self.buffers(1, &last.to_le_bytes())?;
         let mut out = self.backend.alloc(4 * nq)?;
+        // With the Q8_1 copy a decode graph has its output projection read.
+        let mut out_q8 = self.backend.alloc(DType::Q8_1.bytes_for(nq)?)?;
         let backend = self.backend;
         let seconds = self.timer.time(backend, self.reps, |i| {
             let c = i % copies;
@@ -482,6 +485,7 @@ impl Bench<'_> {
                 &values[c],
                 &positions[0],
                 &mut out,
+                Some(&mut out_q8),
                 DType::F16,
                 &shape,
             )

@@ -1,5 +1,5 @@
 use super::kv_cache::CACHE_DTYPES;
-use super::{Checker, OpSpec};
+use super::{ids, Checker, OpSpec};
 use crate::{BufferId, DType, Graph, Result};
 
 /// Causal, grouped-query attention of new queries over a KV cache.
@@ -17,6 +17,11 @@ use crate::{BufferId, DType, Graph, Result};
 /// `softcap = Some(c)`, `s_j = c * tanh(s_j / c)`. With `a = softmax_j(s_j)`,
 /// `out[t, h, :] = sum_j a_j * v_cache[g, j, :]`. Computed in f32 from the cache's
 /// values converted to f32.
+///
+/// `out_q8`, when given, is Q8_1 `[n_tokens, n_heads * head_dim]` (`n_heads * head_dim`
+/// a multiple of 32) and receives `out` rounded to it ([`super::Q8_COPY`]); for a
+/// query whose position a device backend answers with zeros, its copy encodes those
+/// zeros.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attention {
     pub q: BufferId,
@@ -24,6 +29,7 @@ pub struct Attention {
     pub v_cache: BufferId,
     pub positions: BufferId,
     pub out: BufferId,
+    pub out_q8: Option<BufferId>,
     pub n_tokens: usize,
     pub n_heads: usize,
     pub n_kv_heads: usize,
@@ -42,7 +48,7 @@ impl OpSpec for Attention {
         vec![self.q, self.k_cache, self.v_cache, self.positions]
     }
     fn outputs(&self) -> Vec<BufferId> {
-        vec![self.out]
+        ids(&[self.out], &[self.out_q8])
     }
     fn validate(&self, graph: &Graph) -> Result<()> {
         let c = Checker::new(graph, self.name());
@@ -71,6 +77,7 @@ impl OpSpec for Attention {
         let nq = c.count(&[self.n_tokens, self.n_heads, self.head_dim])?;
         c.buffer("q", self.q, &[DType::F32], nq)?;
         c.buffer("out", self.out, &[DType::F32], nq)?;
+        c.q8_copy("out_q8", self.out_q8, nq, self.n_heads * self.head_dim)?;
         c.buffer("positions", self.positions, &[DType::I32], self.n_tokens)?;
         let nkv = c.count(&[self.n_kv_heads, self.capacity, self.head_dim])?;
         let k = c.buffer("k_cache", self.k_cache, &CACHE_DTYPES, nkv)?;

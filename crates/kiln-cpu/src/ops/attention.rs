@@ -107,5 +107,6 @@ pub(crate) fn execute(op: &Attention, ins: &Inputs, outs: &mut Outputs) -> Resul
             window: op.window,
             softcap: op.softcap,
         },
-    )
+    )?;
+    super::write_q8_copy(outs, op.out, op.out_q8, n)
 }

@@ -9,13 +9,14 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use cudarc::driver::LaunchConfig;
+use kiln_core::ops::Q8_COPY;
 use kiln_core::{Backend, DType, DeviceBuffer, Error, Result};
 
 use super::common::{
     allow_dynamic_shared, cache_tag, config, grid_dim, launch, CACHE_DTYPES, MAX_GRID_X,
     MAX_GRID_YZ,
 };
-use super::{check_bytes, check_nonzero, count, to_u32};
+use super::{check_bytes, check_nonzero, check_q8_copy, count, to_u32};
 use crate::launch::KernelArgs;
 use crate::manifest::ATTENTION;
 use crate::registry::KernelSpec;
@@ -142,13 +143,23 @@ pub(crate) fn all_specs() -> Vec<KernelSpec> {
 }
 
 /// Errors unless the kernels take `head_dim`: a multiple of 8 (so that cache rows are
-/// 16-byte aligned) and at most [`MAX_HEAD_DIM`].
-pub fn check_head_dim(head_dim: usize) -> Result<()> {
+/// 16-byte aligned) and at most [`MAX_HEAD_DIM`]; with a Q8_1 copy of the output
+/// (`out_q8`), a multiple of 32, so that each of the copy's blocks lies in one head.
+pub fn check_head_dim(head_dim: usize, out_q8: bool) -> Result<()> {
     if head_dim % 8 != 0 || head_dim > MAX_HEAD_DIM {
         return Err(Error::invalid(
             OP,
             format!(
                 "head_dim {head_dim} is not supported by the CUDA kernels: it must be a multiple of 8 and at most {MAX_HEAD_DIM}"
+            ),
+        ));
+    }
+    let block = Q8_COPY.block_size();
+    if out_q8 && head_dim % block != 0 {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "out_q8 is not supported by the CUDA kernels for head_dim {head_dim}: the output's q8_1 copy needs a head_dim that is a multiple of {block}"
             ),
         ));
     }
@@ -194,6 +205,8 @@ pub struct AttentionArgs {
     pub v_bytes: usize,
     pub positions_bytes: usize,
     pub out_bytes: usize,
+    /// The size of the output's Q8_1 copy, when there is one.
+    pub out_q8_bytes: Option<usize>,
 }
 
 /// A checked attention launch.
@@ -222,8 +235,9 @@ impl AttentionArgs {
     /// Checks non-zero sizes; `n_heads` a multiple of `n_kv_heads`; a finite scale, a
     /// window > 0, a finite positive softcap; a head dimension the kernels take
     /// ([`check_head_dim`]); buffers of `n_tokens x n_heads x head_dim` F32 queries and
-    /// outputs, `n_tokens` I32 positions and two `n_kv_heads x capacity x head_dim`
-    /// caches of `cache` (F32 or F16); and grid limits. Picks the decode kernel for
+    /// outputs (and as many Q8_1 elements for the copy, when given), `n_tokens` I32
+    /// positions and two `n_kv_heads x capacity x head_dim` caches of `cache` (F32 or
+    /// F16); and grid limits. Picks the decode kernel for
     /// up to [`DECODE_MAX_TOKENS`] queries. Plans for [`DEFAULT_MULTIPROCESSORS`].
     pub fn check(&self) -> Result<AttentionPlan> {
         self.check_on(DEFAULT_MULTIPROCESSORS)
@@ -261,7 +275,7 @@ impl AttentionArgs {
                 return invalid(format!("softcap must be finite and > 0, got {cap}"));
             }
         }
-        check_head_dim(self.shape.head_dim)?;
+        check_head_dim(self.shape.head_dim, self.out_q8_bytes.is_some())?;
         cache_tag(OP, self.cache)?;
         let nq = count(
             OP,
@@ -269,6 +283,13 @@ impl AttentionArgs {
         )?;
         check_bytes(OP, "q", self.q_bytes, DType::F32, nq)?;
         check_bytes(OP, "out", self.out_bytes, DType::F32, nq)?;
+        check_q8_copy(
+            OP,
+            "out_q8",
+            self.out_q8_bytes,
+            nq,
+            self.shape.n_heads * self.shape.head_dim,
+        )?;
         check_bytes(
             OP,
             "positions",
@@ -458,9 +479,10 @@ impl Workspace {
     }
 }
 
-/// Causal grouped-query attention of `n_tokens` queries over the KV caches, as
-/// [`kiln_core::ops::Attention`] defines; a query whose position lies outside
-/// `0..capacity` gets an output of zeros.
+/// Causal grouped-query attention of `n_tokens` queries over the KV caches, and `out`
+/// rounded to Q8_1 into `out_q8` when given, as [`kiln_core::ops::Attention`] defines;
+/// a query whose position lies outside `0..capacity` gets an output of zeros (and a
+/// copy of those zeros).
 #[allow(clippy::too_many_arguments)] // the op's operands, each named
 pub fn attention(
     backend: &CudaBackend,
@@ -469,6 +491,7 @@ pub fn attention(
     v_cache: &CudaBuffer,
     positions: &CudaBuffer,
     out: &mut CudaBuffer,
+    out_q8: Option<&mut CudaBuffer>,
     cache: DType,
     shape: &AttentionShape,
 ) -> Result<()> {
@@ -480,6 +503,7 @@ pub fn attention(
         v_bytes: v_cache.bytes(),
         positions_bytes: positions.bytes(),
         out_bytes: out.bytes(),
+        out_q8_bytes: out_q8.as_ref().map(|b| b.bytes()),
     }
     .check_on(backend.multiprocessors())?;
     let kernel = backend.kernel(&plan.spec)?;
@@ -502,7 +526,8 @@ pub fn attention(
         .arg(k_cache.slice())
         .arg(v_cache.slice())
         .arg(positions.slice())
-        .arg(out.slice_mut());
+        .arg(out.slice_mut())
+        .arg(out_q8.map(|b| b.slice_mut()));
     match plan.kernel {
         AttentionKernel::Decode { .. } => {
             let (counters, partials) = match regions.as_mut() {
@@ -535,13 +560,15 @@ pub fn attention(
         }
     }
     // SAFETY: the arguments match `kiln::attention_decode<C, G, LPR>(q, k_cache,
-    // v_cache, positions, out, float* work, u32* counters, u32 n_heads, u32 n_kv_heads,
-    // u32 head_dim, u32 capacity, float scale, u32 window, float softcap,
-    // u32 split_rows)` or
-    // `kiln::attention_prefill<C, DMAX>(q, k_cache, v_cache, positions, out, u32
-    // n_tokens, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 capacity, float scale,
-    // u32 window, float softcap, u32 heads_per_block, u32 tokens_per_block)`; the
-    // buffers hold their elements (checked); the workspace holds the zeroed counters
+    // v_cache, positions, out, u8* out_q8, float* work, u32* counters, u32 n_heads,
+    // u32 n_kv_heads, u32 head_dim, u32 capacity, float scale, u32 window,
+    // float softcap, u32 split_rows)` or
+    // `kiln::attention_prefill<C, DMAX>(q, k_cache, v_cache, positions, out, u8* out_q8,
+    // u32 n_tokens, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 capacity,
+    // float scale, u32 window, float softcap, u32 heads_per_block,
+    // u32 tokens_per_block)`; the buffers hold their elements (checked); out_q8 is null
+    // or holds the output's Q8_1 blocks with head_dim a multiple of 32 (checked); the
+    // workspace holds the zeroed counters
     // and the partials of every split of the grid (the kernel uses at most those),
     // stays locked until the launch is queued and is never freed while the backend
     // lives.
