@@ -89,7 +89,37 @@ fn one_q4_k_activation_row_with_its_copy_runs_on_the_resident_kernel() {
         kernel_of(args()),
         MatMulKernel::MatVecPacked { m_tier: 1, .. }
     ));
+    // 4096 rows: blocks of 8 warps, as many registers per thread as blocks of 32.
     let plan = with_copy(args()).check().unwrap();
+    assert_eq!(
+        plan.kernel,
+        MatMulKernel::MatVecResident {
+            threads: 256,
+            min_blocks: 4,
+            aligned: true
+        }
+    );
+    assert_eq!(plan.config.block_dim, (256, 1, 1));
+    // One row per warp until the launch fits the grid to the device.
+    assert_eq!(plan.config.grid_dim, (4096 / 8, 1, 1));
+    assert_eq!(
+        plan.spec.name_expression,
+        "kiln::matvec_resident<kiln::Q4_K, true, 256, 4>"
+    );
+    // All of x rounded to 8 bits: 64 units of 64 one-byte quants, each followed by 16
+    // bytes of padding, then a scale and a scaled quant sum (two f32) for each of the
+    // 128 scale groups of 32.
+    assert_eq!(plan.config.shared_mem_bytes, 64 * (64 + 16) + 128 * 2 * 4);
+    // 8192 rows and more: blocks of 32 warps.
+    let plan = with_copy(MatMulArgs {
+        n: 8192,
+        w_bytes: 8192 * 16 * 144,
+        bias_bytes: None,
+        out_bytes: 8192 * 4,
+        ..args()
+    })
+    .check()
+    .unwrap();
     assert_eq!(
         plan.kernel,
         MatMulKernel::MatVecResident {
@@ -98,17 +128,11 @@ fn one_q4_k_activation_row_with_its_copy_runs_on_the_resident_kernel() {
             aligned: true
         }
     );
-    assert_eq!(plan.config.block_dim, (1024, 1, 1));
-    // One row per warp until the launch fits the grid to the device.
-    assert_eq!(plan.config.grid_dim, (4096 / 32, 1, 1));
+    assert_eq!(plan.config.grid_dim, (8192 / 32, 1, 1));
     assert_eq!(
         plan.spec.name_expression,
         "kiln::matvec_resident<kiln::Q4_K, true, 1024, 1>"
     );
-    // All of x rounded to 8 bits: 64 units of 64 one-byte quants, each followed by 16
-    // bytes of padding, then a scale and a scaled quant sum (two f32) for each of the
-    // 128 scale groups of 32.
-    assert_eq!(plan.config.shared_mem_bytes, 64 * (64 + 16) + 128 * 2 * 4);
 }
 
 #[test]
@@ -150,7 +174,7 @@ fn the_resident_grid_is_one_wave_of_warps_with_equal_rows() {
 
 #[test]
 fn a_q5_0_matvec_grid_gives_each_warp_one_weight_row() {
-    // 2048 rows: too few for the resident kernel.
+    // No Q8_1 copy of x: the packed kernel.
     let plan = MatMulArgs {
         weight: DType::Q5_0,
         n: 2048,
@@ -227,17 +251,28 @@ fn packed_planes_that_are_not_16_byte_aligned_use_the_unaligned_kernel() {
 }
 
 #[test]
-fn fewer_than_4096_weight_rows_run_on_the_packed_kernel() {
-    let kernel = kernel_of(MatMulArgs {
-        n: 4095,
-        out_bytes: 4095 * 4,
-        bias_bytes: None,
-        w_bytes: 4095 * 16 * 144,
-        ..args()
-    });
+fn fewer_than_1024_weight_rows_run_on_the_packed_kernel() {
+    let rows = |n: usize| {
+        kernel_of(with_copy(MatMulArgs {
+            n,
+            out_bytes: n * 4,
+            bias_bytes: None,
+            w_bytes: n * 16 * 144,
+            ..args()
+        }))
+    };
     assert!(
-        matches!(kernel, MatMulKernel::MatVecPacked { m_tier: 1, .. }),
-        "{kernel:?}"
+        matches!(rows(1023), MatMulKernel::MatVecPacked { m_tier: 1, .. }),
+        "{:?}",
+        rows(1023)
+    );
+    assert!(
+        matches!(
+            rows(1024),
+            MatMulKernel::MatVecResident { threads: 256, .. }
+        ),
+        "{:?}",
+        rows(1024)
     );
 }
 
@@ -636,6 +671,8 @@ fn matvec_matches_cpu_for_every_weight_dtype_and_row_count() {
             }
             compare(cuda, &mut rng, dtype, 1, 4096, k, false);
         }
+        // An odd number of rows in the resident kernel's small blocks (with the copy).
+        compare(cuda, &mut rng, dtype, 1, 1031, 4096, true);
         // 7 whole tiles of 2048 and a partial one: more tiles than the staged kernel
         // keeps in flight, so every shared-memory slot is reused; for the packed
         // kernel, several rounds of units per lane with a partial last one.

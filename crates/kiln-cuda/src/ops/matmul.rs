@@ -139,10 +139,29 @@ fn resident_shape(dtype: DType) -> Option<(u32, u32)> {
     }
 }
 
-/// Fewest weight rows `matvec_resident` is chosen for: with fewer, its blocks of 16
-/// or 32 warps (one row each) leave multiprocessors of an H100 idle, and
-/// `matvec_packed`'s blocks of 8 warps spread further (docs/perf.md).
-const RESIDENT_MIN_ROWS: usize = 4096;
+/// [`resident_shape`] with the same registers per thread in blocks of
+/// [`RESIDENT_SMALL_THREADS`]: for weights of fewer than [`RESIDENT_SMALL_BELOW`]
+/// rows, whose grid of large blocks leaves multiprocessors idle or unevenly loaded.
+fn resident_small_shape(dtype: DType) -> Option<(u32, u32)> {
+    resident_shape(dtype).map(|(threads, min_blocks)| {
+        (
+            RESIDENT_SMALL_THREADS,
+            min_blocks * threads / RESIDENT_SMALL_THREADS,
+        )
+    })
+}
+
+/// Threads of a small `matvec_resident` block.
+const RESIDENT_SMALL_THREADS: u32 = 256;
+
+/// Weight rows below which `matvec_resident` runs in small blocks: with one row per
+/// warp, 8192 rows fill 256 blocks of 32 warps, about two per multiprocessor of an
+/// H100 or H200; fewer rows leave some idle (2048 rows: 64 of 132) or give some twice
+/// the rows of others (6144 rows: two rows per warp in 96 blocks).
+const RESIDENT_SMALL_BELOW: usize = 8192;
+
+/// Fewest weight rows `matvec_resident` is chosen for; below, `matvec_packed`.
+const RESIDENT_MIN_ROWS: usize = 1024;
 
 /// Most dynamic shared memory `matvec_resident` is chosen with: a block fits every
 /// GPU kiln targets (sm_80 and later allow at least 99 KiB per block).
@@ -208,7 +227,8 @@ fn matvec_shared(dtype: DType, rows: u32, stages: u32) -> u32 {
 /// The mat-vec kernel for `m` activation rows of a weight of `n` rows of `k` elements in
 /// `row_bytes`: `matvec_resident` for one activation row given as a Q8_1 copy (`q8`)
 /// and a weight of the dtypes of `resident_shape`, when there are at least
-/// RESIDENT_MIN_ROWS rows and x fits RESIDENT_MAX_SHARED; else `matvec_packed` for
+/// RESIDENT_MIN_ROWS rows (in blocks of `resident_small_shape` below
+/// RESIDENT_SMALL_BELOW rows) and x fits RESIDENT_MAX_SHARED; else `matvec_packed` for
 /// packed dtypes; else the staged kernel, with 16-byte staging loads when rows are
 /// 16-byte multiples, else the block alignment.
 fn matvec_kernel(
@@ -224,7 +244,12 @@ fn matvec_kernel(
         .find(|&t| t as usize >= m)
         .unwrap_or(M_TIERS[M_TIERS.len() - 1]);
     let aligned = packing::planes_aligned(dtype, k);
-    if let Some((threads, min_blocks)) = resident_shape(dtype) {
+    let shape = if n < RESIDENT_SMALL_BELOW {
+        resident_small_shape(dtype)
+    } else {
+        resident_shape(dtype)
+    };
+    if let Some((threads, min_blocks)) = shape {
         if q8
             && m_tier == 1
             && n >= RESIDENT_MIN_ROWS
@@ -307,15 +332,18 @@ pub(crate) fn all_specs() -> Vec<KernelSpec> {
         for m_tier in M_TIERS {
             if packing::is_packed(dtype) {
                 for aligned in [true, false] {
-                    if let (1, Some((threads, min_blocks))) = (m_tier, resident_shape(dtype)) {
-                        kernels.push((
-                            dtype,
-                            MatMulKernel::MatVecResident {
-                                threads,
-                                min_blocks,
-                                aligned,
-                            },
-                        ));
+                    if m_tier == 1 {
+                        let shapes = [resident_shape(dtype), resident_small_shape(dtype)];
+                        for (threads, min_blocks) in shapes.into_iter().flatten() {
+                            kernels.push((
+                                dtype,
+                                MatMulKernel::MatVecResident {
+                                    threads,
+                                    min_blocks,
+                                    aligned,
+                                },
+                            ));
+                        }
                     }
                     kernels.push((
                         dtype,
