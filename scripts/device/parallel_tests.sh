@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root with .device staged and carried: every
 # staged test executable, GPU tests included, up to JOBS (default 6) at a time, each
-# into its own log under $OUT/tests/; prints each executable's result line, the whole
-# failure report of any that failed, and "N passed, M failed" last. The GPU is shared
+# into its own log under $OUT/tests/; prints each executable's result line, each
+# failed test's panic message, and "N passed, M failed" last. The GPU is shared
 # by the running executables: use it for the suite, not for timings.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,7 +27,7 @@ for log in "$out"/*.log; do
   f=$(grep -Eo "[0-9]+ failed" "$log" | awk '{s+=$1} END {print s+0}')
   if [ "$(cat "$out/$name.rc")" != 0 ]; then
     [ "$f" = 0 ] && f=1
-    echo "== $name failed:"; sed -n '/^failures:/,$p' "$log" | head -60
+    echo "== $name failed:"; grep -A8 "panicked at" "$log" | head -60
   fi
   pass=$((pass+p)); fail=$((fail+f))
 done

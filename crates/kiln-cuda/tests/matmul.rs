@@ -89,37 +89,7 @@ fn one_q4_k_activation_row_with_its_copy_runs_on_the_resident_kernel() {
         kernel_of(args()),
         MatMulKernel::MatVecPacked { m_tier: 1, .. }
     ));
-    // 4096 rows: blocks of 8 warps, as many registers per thread as blocks of 32.
     let plan = with_copy(args()).check().unwrap();
-    assert_eq!(
-        plan.kernel,
-        MatMulKernel::MatVecResident {
-            threads: 256,
-            min_blocks: 4,
-            aligned: true
-        }
-    );
-    assert_eq!(plan.config.block_dim, (256, 1, 1));
-    // One row per warp until the launch fits the grid to the device.
-    assert_eq!(plan.config.grid_dim, (4096 / 8, 1, 1));
-    assert_eq!(
-        plan.spec.name_expression,
-        "kiln::matvec_resident<kiln::Q4_K, true, 256, 4>"
-    );
-    // All of x rounded to 8 bits: 64 units of 64 one-byte quants, each followed by 16
-    // bytes of padding, then a scale and a scaled quant sum (two f32) for each of the
-    // 128 scale groups of 32.
-    assert_eq!(plan.config.shared_mem_bytes, 64 * (64 + 16) + 128 * 2 * 4);
-    // 8192 rows and more: blocks of 32 warps.
-    let plan = with_copy(MatMulArgs {
-        n: 8192,
-        w_bytes: 8192 * 16 * 144,
-        bias_bytes: None,
-        out_bytes: 8192 * 4,
-        ..args()
-    })
-    .check()
-    .unwrap();
     assert_eq!(
         plan.kernel,
         MatMulKernel::MatVecResident {
@@ -128,10 +98,39 @@ fn one_q4_k_activation_row_with_its_copy_runs_on_the_resident_kernel() {
             aligned: true
         }
     );
-    assert_eq!(plan.config.grid_dim, (8192 / 32, 1, 1));
+    assert_eq!(plan.config.block_dim, (1024, 1, 1));
+    // One row per warp until the launch fits the grid to the device.
+    assert_eq!(plan.config.grid_dim, (4096 / 32, 1, 1));
     assert_eq!(
         plan.spec.name_expression,
         "kiln::matvec_resident<kiln::Q4_K, true, 1024, 1>"
+    );
+    // All of x rounded to 8 bits: 64 units of 64 one-byte quants, each followed by 16
+    // bytes of padding, then a scale and a scaled quant sum (two f32) for each of the
+    // 128 scale groups of 32.
+    assert_eq!(plan.config.shared_mem_bytes, 64 * (64 + 16) + 128 * 2 * 4);
+    // Fewer than 4096 rows: blocks of 8 warps, as many registers per thread.
+    let plan = with_copy(MatMulArgs {
+        n: 2048,
+        w_bytes: 2048 * 16 * 144,
+        bias_bytes: None,
+        out_bytes: 2048 * 4,
+        ..args()
+    })
+    .check()
+    .unwrap();
+    assert_eq!(
+        plan.kernel,
+        MatMulKernel::MatVecResident {
+            threads: 256,
+            min_blocks: 4,
+            aligned: true
+        }
+    );
+    assert_eq!(plan.config.grid_dim, (2048 / 8, 1, 1));
+    assert_eq!(
+        plan.spec.name_expression,
+        "kiln::matvec_resident<kiln::Q4_K, true, 256, 4>"
     );
 }
 

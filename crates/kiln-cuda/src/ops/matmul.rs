@@ -155,10 +155,10 @@ fn resident_small_shape(dtype: DType) -> Option<(u32, u32)> {
 const RESIDENT_SMALL_THREADS: u32 = 256;
 
 /// Weight rows below which `matvec_resident` runs in small blocks: with one row per
-/// warp, 8192 rows fill 256 blocks of 32 warps, about two per multiprocessor of an
-/// H100 or H200; fewer rows leave some idle (2048 rows: 64 of 132) or give some twice
-/// the rows of others (6144 rows: two rows per warp in 96 blocks).
-const RESIDENT_SMALL_BELOW: usize = 8192;
+/// warp, fewer than 4096 rows fill fewer than 128 blocks of 32 warps and leave
+/// multiprocessors of an H100 or H200 idle (2048 rows: 64 of 132). From 4096 rows the
+/// large blocks measured faster (docs/perf.md, "Decode on the H200").
+const RESIDENT_SMALL_BELOW: usize = 4096;
 
 /// Fewest weight rows `matvec_resident` is chosen for; below, `matvec_packed`.
 const RESIDENT_MIN_ROWS: usize = 1024;
