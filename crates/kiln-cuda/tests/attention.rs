@@ -731,11 +731,12 @@ impl DecodeRig {
         use kiln_core::Backend;
         let s = self.shape;
         let nq = s.n_tokens * s.n_heads * s.head_dim;
-        let q8_bytes = DType::Q8_1.bytes_for(nq).unwrap();
+        // Only shapes that take a copy have a whole number of Q8_1 blocks.
+        let q8_bytes = || DType::Q8_1.bytes_for(nq).unwrap();
         cuda.upload(&mut self.out_dev, &poison(nq * 4)).unwrap();
         let mut out_q8 = self.q8_dev.as_mut().filter(|_| copy);
         if let Some(q8) = out_q8.as_deref_mut() {
-            cuda.upload(q8, &poison(q8_bytes)).unwrap();
+            cuda.upload(q8, &poison(q8_bytes())).unwrap();
         }
         kiln_cuda::ops::attention::attention(
             cuda,
@@ -750,7 +751,7 @@ impl DecodeRig {
         )
         .unwrap();
         let q8 = match (&self.q8_dev, copy) {
-            (Some(q8), true) => host(cuda, q8, q8_bytes),
+            (Some(q8), true) => host(cuda, q8, q8_bytes()),
             _ => Vec::new(),
         };
         (host(cuda, &self.out_dev, nq * 4), q8)
