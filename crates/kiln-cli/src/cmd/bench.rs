@@ -328,6 +328,13 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
         .map(|i| (i * 7919 % config.vocab) as u32)
         .collect();
     let sample = sample_params(args.sampler);
+    let per_depth = args
+        .n_prompt
+        .iter()
+        .chain(&args.n_gen)
+        .filter(|&&n| n > 0)
+        .count();
+    let n_tests = args.depth.len() * per_depth;
     let mut tests = Vec::new();
     let mut profiles = Vec::new();
     for &d in &args.depth {
@@ -351,6 +358,7 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
                 tokens_per_s: Stat::of(&rates),
                 rate: median(flops),
             });
+            report_progress(&tests, n_tests);
         }
         for &n in args.n_gen.iter().filter(|&&n| n > 0) {
             let mut rates = Vec::new();
@@ -375,6 +383,7 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
                 tokens_per_s: Stat::of(&rates),
                 rate: median(bandwidth),
             });
+            report_progress(&tests, n_tests);
         }
         if args.profile {
             model.truncate(d);
@@ -392,6 +401,41 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
         tests,
         profiles,
     })
+}
+
+/// A size as llama-bench prints it: GiB from 1 GiB, else MiB ("4.21 GiB", "21.02 MiB").
+fn size_text(bytes: usize) -> String {
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    if gib >= 1.0 {
+        format!("{gib:.2} GiB")
+    } else {
+        format!("{:.2} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+/// A parameter count as llama-bench prints it: billions from 1 B, else millions
+/// ("8.03 B", "11.02 M").
+fn params_text(params: usize) -> String {
+    let p = params as f64;
+    if p >= 1e9 {
+        format!("{:.2} B", p / 1e9)
+    } else {
+        format!("{:.2} M", p / 1e6)
+    }
+}
+
+/// One line on stderr as each test finishes, so that long runs show where they are:
+/// "kiln: test 2 of 6, tg128 at depth 4096: 421.7 t/s".
+fn report_progress(tests: &[TestResult], n_tests: usize) {
+    if let Some(t) = tests.last() {
+        eprintln!(
+            "kiln: test {} of {n_tests}, {} at depth {}: {:.1} t/s",
+            tests.len(),
+            t.name,
+            t.depth,
+            t.tokens_per_s.mean
+        );
+    }
 }
 
 /// Runs `tokens` into a fresh context, in prompts of at most 2048 tokens (as
@@ -519,10 +563,10 @@ pub fn print(r: &BenchReport, json: bool) {
     println!("| model | size | params | backend | test | t/s | efficiency |");
     println!("| --- | ---: | ---: | --- | --- | ---: | ---: |");
     let head = format!(
-        "| {} | {:.2} GiB | {:.2} B | {} ",
+        "| {} | {} | {} | {} ",
         r.model,
-        r.weight_bytes as f64 / (1u64 << 30) as f64,
-        r.params as f64 / 1e9,
+        size_text(r.weight_bytes),
+        params_text(r.params),
         r.backend
     );
     for t in &r.tests {
