@@ -5,9 +5,9 @@
 //! an [`Error::Format`] naming the key or tensor, never a panic or a huge allocation.
 
 use crate::tensor::{TensorInfo, TensorView};
-use crate::value::{Array, SharedBytes, Value, ValueType};
+use crate::value::{Array, Value, ValueType};
 use crate::{alignment, Metadata, GGUF_MAGIC, MAX_ARRAY_NESTING};
-use kiln_core::{DType, Error, Result};
+use kiln_core::{DType, Error, Result, SharedBytes};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::fs::File;
