@@ -72,6 +72,21 @@ impl Gguf<SharedBytes> {
         let header = Parser::new(bytes.as_ref(), &source, Some(&bytes)).parse()?;
         Ok(Gguf::assemble(bytes, source, header))
     }
+
+    /// Each tensor's info and data, in file order, the data sharing the file's bytes
+    /// (for a file from [`Gguf::open`], its memory map) instead of copying them.
+    pub fn shared_tensors(&self) -> impl ExactSizeIterator<Item = (&TensorInfo, SharedBytes)> {
+        self.tensors.iter().map(|info| {
+            // Parsing checked that data_offset + offset + n_bytes lies within the
+            // bytes, so these conversions are in range and the slice exists.
+            let start = (self.data_offset + info.offset()) as usize;
+            let data = self
+                .bytes
+                .slice(start..start + info.n_bytes())
+                .expect("parsing checked that every tensor's data lies within the file");
+            (info, data)
+        })
+    }
 }
 
 impl<B: AsRef<[u8]>> Gguf<B> {
