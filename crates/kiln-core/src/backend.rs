@@ -1,12 +1,19 @@
 //! The Backend trait, and the bindings of a graph's buffers to physical memory.
 
 use crate::planner::MemoryPlan;
-use crate::{BufferId, BufferKind, DType, Error, Graph, Op, Result};
+use crate::{BufferId, BufferKind, DType, Error, Graph, Op, Result, SharedBytes};
 
 /// A backend's buffer: device memory of a fixed size.
 pub trait DeviceBuffer {
     /// Size in bytes.
     fn bytes(&self) -> usize;
+
+    /// Whether the buffer's memory is borrowed from its owner (a weight that a
+    /// [`Backend::share_weight`] kept in a file's memory map) rather than allocated
+    /// for it. Borrowed memory is read-only. By default, never.
+    fn borrowed(&self) -> bool {
+        false
+    }
 }
 
 /// A compute backend: allocates memory, moves bytes in and out, and compiles graphs
@@ -47,6 +54,33 @@ pub trait Backend {
     ) -> Result<()> {
         let _ = (dtype, shape);
         self.upload(dst, src)
+    }
+
+    /// A weight buffer holding tensor `src` as [`Backend::upload_weight`] would upload
+    /// it into a buffer of `src.len()` bytes. By default it does just that (a copy);
+    /// a backend whose kernels read `src`'s memory directly may instead keep a share
+    /// of it (no copy; [`DeviceBuffer::borrowed`]), which keeps `src`'s owner (a
+    /// file's memory map) alive as long as the buffer. Writing such a buffer
+    /// ([`Backend::upload`], or binding it as an op's output) is an error.
+    fn share_weight(
+        &self,
+        src: &SharedBytes,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<Self::Buffer> {
+        let mut buf = self.alloc(src.as_ref().len())?;
+        self.upload_weight(&mut buf, src.as_ref(), dtype, shape)?;
+        Ok(buf)
+    }
+
+    /// Whether a model on this backend stacks the weights that read one input (the
+    /// query, key and value projections; the gate and up projections) into one
+    /// tensor at load, so that one product reads them all. Stacking copies those
+    /// weights; a backend that shares weight memory ([`Backend::share_weight`]) and
+    /// gains little from fewer products says no, and runs the unstacked graph. By
+    /// default, yes.
+    fn stacks_weights(&self) -> bool {
+        true
     }
 
     /// Copies the first `dst.len()` bytes of `src` into `dst`; errors when `dst` is

@@ -12,7 +12,9 @@ pub mod ops;
 pub use buffer::CpuBuffer;
 
 use kiln_core::backend::check_transfer;
-use kiln_core::{Backend, Bindings, BufferId, Error, Graph, LaunchProfile, Op, Result};
+use kiln_core::{
+    Backend, Bindings, BufferId, DType, Error, Graph, LaunchProfile, Op, Result, SharedBytes,
+};
 
 /// The CPU backend. Stateless: work runs on rayon's global thread pool.
 #[derive(Clone, Copy, Debug, Default)]
@@ -58,10 +60,32 @@ impl Backend for CpuBackend {
         Ok(CpuBuffer::zeroed(bytes))
     }
 
+    /// Errors when `dst` is borrowed ([`CpuBuffer::from_shared`]), read-only.
     fn upload(&self, dst: &mut CpuBuffer, src: &[u8]) -> Result<()> {
         check_transfer("cpu", "upload", src.len(), dst.bytes().len())?;
-        dst.bytes_mut()[..src.len()].copy_from_slice(src);
+        dst.bytes_mut()?[..src.len()].copy_from_slice(src);
         Ok(())
+    }
+
+    /// Borrows `src` ([`CpuBuffer::from_shared`]): the kernels read weights in the GGUF
+    /// layout, in place. Copies it when it is not aligned to [`CpuBuffer::ALIGN`]
+    /// (tensors of a GGUF file whose alignment is 8 or more, in a memory map or in a
+    /// heap buffer, always are).
+    fn share_weight(&self, src: &SharedBytes, dtype: DType, shape: &[usize]) -> Result<CpuBuffer> {
+        match CpuBuffer::from_shared(src.clone()) {
+            Some(buf) => Ok(buf),
+            None => {
+                let mut buf = self.alloc(src.as_ref().len())?;
+                self.upload_weight(&mut buf, src.as_ref(), dtype, shape)?;
+                Ok(buf)
+            }
+        }
+    }
+
+    /// No: stacking saves the CPU only a few products per layer, and unstacked
+    /// weights stay in the file's map instead of being copied.
+    fn stacks_weights(&self) -> bool {
+        false
     }
 
     fn download(&self, src: &CpuBuffer, dst: &mut [u8]) -> Result<()> {
@@ -90,12 +114,18 @@ impl Backend for CpuBackend {
                     .iter()
                     .zip(outs.iter_mut())
                     .map(|(&id, b)| {
-                        let bytes = b.bytes_mut();
-                        (id, bytes.as_mut_ptr(), bytes.len())
+                        let bytes = b.bytes_mut().map_err(|_| {
+                            let name = &graph.buffers()[id.index()].name;
+                            Error::invalid(
+                                op.name(),
+                                format!("output {name:?} is bound to a borrowed, read-only weight"),
+                            )
+                        })?;
+                        Ok((id, bytes.as_mut_ptr(), bytes.len()))
                     })
-                    .collect();
-                (inputs, outputs)
-            })?;
+                    .collect::<Result<_>>()?;
+                Ok::<_, Error>((inputs, outputs))
+            })??;
             ops.push(CompiledOp {
                 index,
                 inputs,

@@ -37,10 +37,11 @@ mod tensor;
 mod value;
 mod write;
 
+pub use kiln_core::SharedBytes;
 pub use metadata::Metadata;
 pub use read::{Gguf, GgufFile};
 pub use tensor::{TensorDesc, TensorInfo, TensorView};
-pub use value::{Array, Items, MetadataType, SharedBytes, Value, ValueType};
+pub use value::{Array, Items, MetadataType, Value, ValueType};
 pub use write::{GgufWriter, WRITE_VERSION};
 
 use kiln_core::DType;

@@ -5,9 +5,9 @@
 //! an [`Error::Format`] naming the key or tensor, never a panic or a huge allocation.
 
 use crate::tensor::{TensorInfo, TensorView};
-use crate::value::{Array, SharedBytes, Value, ValueType};
+use crate::value::{Array, Value, ValueType};
 use crate::{alignment, Metadata, GGUF_MAGIC, MAX_ARRAY_NESTING};
-use kiln_core::{DType, Error, Result};
+use kiln_core::{DType, Error, Result, SharedBytes};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::fs::File;
@@ -71,6 +71,21 @@ impl Gguf<SharedBytes> {
         let source = source.into();
         let header = Parser::new(bytes.as_ref(), &source, Some(&bytes)).parse()?;
         Ok(Gguf::assemble(bytes, source, header))
+    }
+
+    /// Each tensor's info and data, in file order, the data sharing the file's bytes
+    /// (for a file from [`Gguf::open`], its memory map) instead of copying them.
+    pub fn shared_tensors(&self) -> impl ExactSizeIterator<Item = (&TensorInfo, SharedBytes)> {
+        self.tensors.iter().map(|info| {
+            // Parsing checked that data_offset + offset + n_bytes lies within the
+            // bytes, so these conversions are in range and the slice exists.
+            let start = (self.data_offset + info.offset()) as usize;
+            let data = self
+                .bytes
+                .slice(start..start + info.n_bytes())
+                .expect("parsing checked that every tensor's data lies within the file");
+            (info, data)
+        })
     }
 }
 

@@ -1,8 +1,6 @@
 //! GGUF metadata values: the thirteen value types and typed access to them.
 
-use kiln_core::{Error, Result};
-use std::ops::Range;
-use std::sync::Arc;
+use kiln_core::{Error, Result, SharedBytes};
 
 /// The type id a GGUF file stores before each metadata value (and before the items of
 /// an array).
@@ -161,54 +159,6 @@ impl Value {
             Value::I64(v) => v.into(),
             _ => return None,
         })
-    }
-}
-
-/// Bytes shared by everything that points into them: a file's memory map or a
-/// buffer, and a range of it. Cloning one shares the bytes, never copies them.
-#[derive(Clone)]
-pub struct SharedBytes {
-    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
-    start: usize,
-    end: usize,
-}
-
-impl SharedBytes {
-    /// All of `owner`'s bytes (a memory map, a `Vec<u8>`, ...), shared from now on.
-    pub fn new(owner: impl AsRef<[u8]> + Send + Sync + 'static) -> SharedBytes {
-        let end = owner.as_ref().len();
-        SharedBytes {
-            owner: Arc::new(owner),
-            start: 0,
-            end,
-        }
-    }
-
-    /// The bytes of `range` within these, sharing them; `None` when `range` does not
-    /// lie within them.
-    pub fn slice(&self, range: Range<usize>) -> Option<SharedBytes> {
-        if range.start > range.end || range.end > self.end - self.start {
-            return None;
-        }
-        Some(SharedBytes {
-            owner: Arc::clone(&self.owner),
-            start: self.start + range.start,
-            end: self.start + range.end,
-        })
-    }
-}
-
-impl AsRef<[u8]> for SharedBytes {
-    fn as_ref(&self) -> &[u8] {
-        // `start..end` lies within the owner's bytes (checked when it was made),
-        // which cannot change behind the `Arc`.
-        &AsRef::<[u8]>::as_ref(&*self.owner)[self.start..self.end]
-    }
-}
-
-impl std::fmt::Debug for SharedBytes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SharedBytes({} bytes)", self.end - self.start)
     }
 }
 

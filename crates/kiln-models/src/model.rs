@@ -4,10 +4,10 @@ use crate::config::ModelConfig;
 use crate::forward::{self, names, CacheSpec, ForwardGraph, WeightDesc};
 use kiln_core::ops::SampleParams;
 use kiln_core::{
-    plan, Aliasing, Backend, Bindings, BufferId, BufferKind, DType, Error, Graph, LaunchProfile,
-    MemoryPlan, Result, Scratch,
+    plan, Aliasing, Backend, Bindings, BufferId, BufferKind, DType, DeviceBuffer, Error, Graph,
+    LaunchProfile, MemoryPlan, Result, Scratch,
 };
-use kiln_gguf::Gguf;
+use kiln_gguf::{Gguf, GgufFile};
 use std::collections::HashMap;
 
 /// How to load a model.
@@ -50,11 +50,15 @@ pub struct Model<BE: Backend> {
 }
 
 impl<BE: Backend> Model<BE> {
-    /// Loads every tensor of `file` into `backend` and allocates the KV caches.
-    /// `progress(done, total)` is called with bytes uploaded after each tensor.
-    pub fn load<B: AsRef<[u8]>>(
+    /// Loads every tensor of `file` into `backend` ([`Backend::share_weight`]: on a
+    /// backend that borrows weights, such as the CPU, the model keeps `file`'s bytes,
+    /// its memory map, instead of a copy) and allocates the KV caches. The weights
+    /// that read one input are stacked where the backend asks for it
+    /// ([`Backend::stacks_weights`], [`weight_stacks`]). `progress(done, total)` is
+    /// called with bytes loaded after each tensor.
+    pub fn load(
         backend: BE,
-        file: &Gguf<B>,
+        file: &GgufFile,
         options: LoadOptions,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Self> {
@@ -72,7 +76,11 @@ impl<BE: Backend> Model<BE> {
             return Err(Error::invalid("load", "context must be at least 1"));
         }
         let raw = raw_weight_descs(file);
-        let stacks = weight_stacks(&raw);
+        let stacks = if backend.stacks_weights() {
+            weight_stacks(&raw)
+        } else {
+            Vec::new()
+        };
         let mut weights = raw.clone();
         apply_stacks(&mut weights, &stacks)?;
         // Both graphs (and so every weight's shape and dtype) are checked before any
@@ -103,14 +111,12 @@ impl<BE: Backend> Model<BE> {
             .collect();
         let mut done = 0u64;
         let mut memory = HashMap::new();
-        for tensor in file.tensors() {
-            let info = tensor.info;
+        for (info, data) in file.shared_tensors() {
             if stacked.contains(info.name()) {
                 continue;
             }
-            let mut buf = backend.alloc(tensor.data.len())?;
-            backend.upload_weight(&mut buf, tensor.data, info.dtype(), info.shape())?;
-            done += tensor.data.len() as u64;
+            let buf = backend.share_weight(&data, info.dtype(), info.shape())?;
+            done += info.n_bytes() as u64;
             progress(done, total);
             memory.insert(info.name().to_string(), buf);
         }
@@ -214,6 +220,17 @@ impl<BE: Backend> Model<BE> {
         self.weights
             .values()
             .map(|w| w.dtype.bytes_for(w.shape.iter().product()).unwrap_or(0))
+            .sum()
+    }
+
+    /// Bytes of the weight tensors whose buffers borrow the file's memory
+    /// ([`DeviceBuffer::borrowed`]) instead of holding a copy.
+    pub fn borrowed_weight_bytes(&self) -> usize {
+        self.weights
+            .keys()
+            .filter_map(|name| self.memory.get(name))
+            .filter(|buf| buf.borrowed())
+            .map(DeviceBuffer::bytes)
             .sum()
     }
 
@@ -570,8 +587,9 @@ fn raw_weight_descs<B: AsRef<[u8]>>(file: &Gguf<B>) -> HashMap<String, WeightDes
         .collect()
 }
 
-/// The weights a model loaded from `file` holds, by name: the file's tensors, with
-/// the parts of each of [`weight_stacks`] replaced by their stack.
+/// The weights a model loaded from `file` on a backend that stacks weights
+/// ([`Backend::stacks_weights`]) holds, by name: the file's tensors, with the parts
+/// of each of [`weight_stacks`] replaced by their stack.
 pub fn weight_descs<B: AsRef<[u8]>>(file: &Gguf<B>) -> Result<HashMap<String, WeightDesc>> {
     let mut weights = raw_weight_descs(file);
     stack_weights(&mut weights)?;
@@ -625,7 +643,8 @@ impl WeightStack {
     }
 }
 
-/// The weights a model stacks at load, per layer `N` where every part exists with one
+/// The weights a model stacks at load on a backend that stacks weights
+/// ([`Backend::stacks_weights`]), per layer `N` where every part exists with one
 /// dtype and, for matrices, one row length: `blk.N.attn_qkv.weight` (the query, key
 /// and value projections) with `blk.N.attn_qkv.bias` where all three have biases
 /// (none stacked when only some have), and `blk.N.ffn_gate_up.weight` (the

@@ -8,7 +8,7 @@ mod common;
 use common::{gguf_bytes, load_untrusted, with_shape, Tiny, CONTEXT};
 use kiln_core::{DType, Error};
 use kiln_cpu::CpuBackend;
-use kiln_gguf::{Gguf, Metadata, Value};
+use kiln_gguf::{Gguf, Metadata, SharedBytes, Value};
 use kiln_models::tokenizer::Tokenizer;
 use kiln_models::{LoadOptions, Model, ModelConfig};
 use rand::{Rng, SeedableRng};
@@ -16,7 +16,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// `Model::load` of `bytes` on the CPU: the error's text, or a note that it loaded.
 fn load_error(bytes: &[u8]) -> std::result::Result<String, String> {
-    let file = Gguf::from_bytes(bytes, "bad.gguf").map_err(|e| format!("parse: {e}"))?;
+    let file = Gguf::from_shared(SharedBytes::new(bytes.to_vec()), "bad.gguf")
+        .map_err(|e| format!("parse: {e}"))?;
     let options = LoadOptions {
         context: Some(CONTEXT),
         cache_dtype: DType::F32,
@@ -123,7 +124,7 @@ fn out_of_range_hyperparameters_are_errors() {
 #[test]
 fn a_context_length_too_large_for_the_caches_is_an_error() {
     let bytes = llama_with("context_length", Value::U64(u64::MAX));
-    let file = Gguf::from_bytes(&bytes[..], "huge-context.gguf").unwrap();
+    let file = Gguf::from_shared(SharedBytes::new(bytes), "huge-context.gguf").unwrap();
     let options = LoadOptions {
         context: Some(usize::MAX / 2),
         cache_dtype: DType::F32,

@@ -6,11 +6,14 @@
 // The reference transformer indexes by position on purpose, to read like its formulas.
 #![allow(clippy::needless_range_loop)]
 
+mod common;
+
+use common::Stacking;
 use kiln_core::ops::SampleParams;
-use kiln_core::{DType, Error};
+use kiln_core::{Backend, DType, Error};
 use kiln_cpu::ops::sample::sample_row;
 use kiln_cpu::CpuBackend;
-use kiln_gguf::{Gguf, GgufWriter, Metadata, TensorDesc};
+use kiln_gguf::{Gguf, GgufWriter, Metadata, SharedBytes, TensorDesc};
 use kiln_models::generate::{generate, SamplingPath, StopReason};
 use kiln_models::perplexity::{perplexity, token_nll, PerplexityOptions};
 use kiln_models::{LoadOptions, Model, Sampler, SamplerConfig};
@@ -295,9 +298,13 @@ fn nmse(got: &[f32], want: &[f64]) -> f64 {
 }
 
 fn load(bytes: &[u8], cache_dtype: DType) -> Model<CpuBackend> {
-    let file = Gguf::from_bytes(bytes, "test.gguf").unwrap();
+    load_on(CpuBackend, bytes, cache_dtype)
+}
+
+fn load_on<BE: Backend>(backend: BE, bytes: &[u8], cache_dtype: DType) -> Model<BE> {
+    let file = Gguf::from_shared(SharedBytes::new(bytes.to_vec()), "test.gguf").unwrap();
     Model::load(
-        CpuBackend,
+        backend,
         &file,
         LoadOptions {
             context: Some(32),
@@ -379,7 +386,8 @@ fn stacked_and_separate_projections_match_the_f64_transformer() {
             (gguf_bytes(&s, &tensors), true),
             (gguf_bytes_as(&s, &tensors, separate), false),
         ] {
-            let mut model = load(&bytes, DType::F32);
+            // The CPU backend stacks nothing; its stacking twin runs stacked weights.
+            let mut model = load_on(Stacking, &bytes, DType::F32);
             let names: Vec<String> = model
                 .graph(1)
                 .unwrap()
@@ -568,7 +576,7 @@ fn bad_requests_are_clear_errors() {
     ));
 
     let unsupported = gguf_bytes(&Spec { arch: "mamba", ..s }, &tensors);
-    let file = Gguf::from_bytes(&unsupported[..], "m.gguf").unwrap();
+    let file = Gguf::from_shared(SharedBytes::new(unsupported), "m.gguf").unwrap();
     let err = Model::load(
         CpuBackend,
         &file,
@@ -592,7 +600,7 @@ fn bad_requests_are_clear_errors() {
         .collect();
     // Loading builds the forward graphs, so a missing tensor is an error at load.
     let bytes = gguf_bytes(&s, &missing);
-    let file = Gguf::from_bytes(&bytes[..], "missing.gguf").unwrap();
+    let file = Gguf::from_shared(SharedBytes::new(bytes), "missing.gguf").unwrap();
     let options = LoadOptions {
         context: Some(32),
         cache_dtype: DType::F32,
@@ -825,7 +833,8 @@ fn decode_graphs_give_the_projections_q8_copies_written_beside_their_inputs() {
         ..head_dim_8
     };
     for (s, per_layer) in [(head_dim_8, 3), (head_dim_32, 4)] {
-        let model = load(
+        let model = load_on(
+            Stacking,
             &gguf_bytes_as(&s, &random_weights(&s, &mut seeded()), q8_0),
             DType::F32,
         );

@@ -9,9 +9,9 @@
 #![allow(dead_code)] // each includer uses a different subset
 
 use kiln_core::ops::SampleParams;
-use kiln_core::{DType, Result};
-use kiln_cpu::CpuBackend;
-use kiln_gguf::{Gguf, GgufWriter, Metadata, TensorDesc};
+use kiln_core::{Backend, Bindings, DType, Graph, LaunchProfile, Op, Result};
+use kiln_cpu::{CpuBackend, CpuBuffer, CpuExecutable};
+use kiln_gguf::{Gguf, GgufWriter, Metadata, SharedBytes, TensorDesc};
 use kiln_models::forward::CacheSpec;
 use kiln_models::model::{graph_for, weight_descs};
 use kiln_models::tokenizer::Tokenizer;
@@ -28,7 +28,7 @@ pub const CONTEXT: usize = 4;
 /// configuration is the file's, the logits have one value per vocabulary entry, the
 /// chosen token is in the vocabulary, and the tokenizer's ids are too.
 pub fn load_untrusted(bytes: &[u8]) -> Result<()> {
-    let file = Gguf::from_bytes(bytes, "untrusted.gguf")?;
+    let file = Gguf::from_shared(SharedBytes::new(bytes.to_vec()), "untrusted.gguf")?;
     let config = ModelConfig::from_gguf(&file)?;
     let weights = weight_descs(&file)?;
     for n_tokens in [1, 2] {
@@ -269,4 +269,50 @@ pub fn with_shape(tiny: &Tiny, name: &str, shape: Option<&[usize]>) -> Vec<u8> {
         })
         .collect();
     gguf_bytes(&tiny.metadata(), &tensors, |_| DType::F32)
+}
+
+/// The CPU backend as it loads models when weights are stacked: copies of every
+/// weight, with the query, key and value (and gate and up) projections stacked.
+pub struct Stacking;
+
+impl Backend for Stacking {
+    type Buffer = CpuBuffer;
+    type Executable = CpuExecutable;
+
+    fn name(&self) -> String {
+        "cpu (stacking)".to_string()
+    }
+    fn alloc(&self, bytes: usize) -> Result<CpuBuffer> {
+        CpuBackend.alloc(bytes)
+    }
+    fn upload(&self, dst: &mut CpuBuffer, src: &[u8]) -> Result<()> {
+        CpuBackend.upload(dst, src)
+    }
+    fn download(&self, src: &CpuBuffer, dst: &mut [u8]) -> Result<()> {
+        CpuBackend.download(src, dst)
+    }
+    fn supports(&self, op: &Op) -> bool {
+        CpuBackend.supports(op)
+    }
+    fn compile(
+        &self,
+        graph: &Graph,
+        bindings: &mut Bindings<'_, CpuBuffer>,
+    ) -> Result<CpuExecutable> {
+        CpuBackend.compile(graph, bindings)
+    }
+    unsafe fn run(&self, exe: &mut CpuExecutable) -> Result<()> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { CpuBackend.run(exe) }
+    }
+    fn synchronize(&self) -> Result<()> {
+        CpuBackend.synchronize()
+    }
+    unsafe fn profile(&self, exe: &mut CpuExecutable) -> Result<Vec<LaunchProfile>> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { CpuBackend.profile(exe) }
+    }
+    fn copy(&self, src: &CpuBuffer, dst: &mut CpuBuffer) -> Result<()> {
+        CpuBackend.copy(src, dst)
+    }
 }

@@ -1,0 +1,94 @@
+//! On the CPU, a model's weights borrow the file's memory map instead of copying
+//! it, and run unstacked; the logits are bit for bit those of stacked copies.
+
+mod common;
+
+use common::{Stacking, Tiny};
+use kiln_core::{Backend, DType};
+use kiln_cpu::CpuBackend;
+use kiln_gguf::convert::HfCheckpoint;
+use kiln_gguf::{Gguf, GgufFile, SharedBytes};
+use kiln_models::{LoadOptions, Model};
+use std::path::Path;
+
+fn load<BE: Backend>(backend: BE, file: &GgufFile) -> Model<BE> {
+    let options = LoadOptions {
+        context: Some(64),
+        cache_dtype: DType::F32,
+    };
+    Model::load(backend, file, options, &mut |_, _| {}).unwrap()
+}
+
+/// The logits of a prefill of `prompt` and of eight greedy decode steps after it.
+fn logits<BE: Backend>(model: &mut Model<BE>, prompt: &[u32]) -> Vec<Vec<f32>> {
+    let mut all = vec![model.forward(prompt).unwrap()];
+    for _ in 0..8 {
+        let last = all.last().unwrap();
+        let next = (0..last.len())
+            .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+            .unwrap() as u32;
+        all.push(model.forward(&[next]).unwrap());
+    }
+    all
+}
+
+/// Loads `file` on the CPU and on [`Stacking`]: the CPU borrows every weight and
+/// its logits equal the stacked copies' bit for bit.
+fn check(label: &str, file: &GgufFile, prompt: &[u32]) {
+    let mut cpu = load(CpuBackend, file);
+    assert!(cpu.weight_bytes() > 0);
+    assert_eq!(
+        cpu.borrowed_weight_bytes(),
+        cpu.weight_bytes(),
+        "{label}: every weight borrowed"
+    );
+    let mut stacked = load(Stacking, file);
+    assert_eq!(stacked.borrowed_weight_bytes(), 0, "{label}: copies");
+    assert!(
+        stacked
+            .graph(1)
+            .unwrap()
+            .graph
+            .buffers()
+            .iter()
+            .any(|b| b.name.ends_with("attn_qkv.weight")),
+        "{label}: the reference stacks"
+    );
+    assert!(
+        !cpu.graph(1)
+            .unwrap()
+            .graph
+            .buffers()
+            .iter()
+            .any(|b| b.name.ends_with("attn_qkv.weight")),
+        "{label}: the CPU does not stack"
+    );
+    let (got, want) = (logits(&mut cpu, prompt), logits(&mut stacked, prompt));
+    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+        let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{label}: logits of step {step} differ");
+    }
+}
+
+#[test]
+fn the_small_model_borrows_its_map_and_computes_the_stacked_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/shakespeare-tiny");
+    for dtype in [DType::F32, DType::Q4_0] {
+        let out = dir.path().join(format!("tiny-{dtype}.gguf"));
+        HfCheckpoint::open(&model_dir)
+            .unwrap()
+            .write_gguf(&out, dtype, &mut |_, _| {})
+            .unwrap();
+        let file = Gguf::open(&out).unwrap();
+        check(&format!("{dtype}"), &file, &[1, 17, 42, 299, 5]);
+    }
+}
+
+#[test]
+fn tiny_models_with_biases_and_norms_compute_the_stacked_logits() {
+    for tiny in [Tiny::LLAMA, Tiny::QWEN2, Tiny::QWEN3] {
+        let file = Gguf::from_shared(SharedBytes::new(tiny.bytes()), "tiny.gguf").unwrap();
+        check(tiny.arch, &file, &[1, 3, 4]);
+    }
+}
