@@ -6,9 +6,9 @@
 // The reference transformer indexes by position on purpose, to read like its formulas.
 #![allow(clippy::needless_range_loop)]
 
+use kiln_core::ops::sample::sample_row;
 use kiln_core::ops::SampleParams;
 use kiln_core::{DType, Error};
-use kiln_cpu::ops::sample::sample_row;
 use kiln_cpu::CpuBackend;
 use kiln_gguf::{Gguf, GgufWriter, Metadata, TensorDesc};
 use kiln_models::generate::{generate, SamplingPath, StopReason};
