@@ -6,11 +6,11 @@
 
 mod common;
 use common::*;
-use kiln_core::ops::{Sample, SampleParams};
-use kiln_core::DType::{F32, I32};
-use kiln_cpu::ops::sample::{
+use kiln_core::ops::sample::{
     draw_target, exp_nonpositive, min_p_floor, sample_row, top_p_target, weight,
 };
+use kiln_core::ops::{Sample, SampleParams};
+use kiln_core::DType::{F32, I32};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -83,7 +83,7 @@ fn kept_and_weights(logits: &[f32], p: &SampleParams) -> (Vec<usize>, Vec<u64>) 
 /// The token of the definition with `u = a / 2^40` (exact for the uniforms used here).
 fn exact(logits: &[f32], u: f32, p: &SampleParams) -> usize {
     if p.temperature <= 0.0 {
-        return kiln_cpu::ops::argmax::argmax_row(logits);
+        return kiln_core::ops::argmax::argmax_row(logits);
     }
     let (kept, w) = kept_and_weights(logits, p);
     if kept.is_empty() {

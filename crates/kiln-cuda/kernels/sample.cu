@@ -43,7 +43,7 @@ namespace kiln {
 
 // ---------------------------------------------------------------- the definition
 
-// The constants of kiln_cpu::ops::sample.
+// The constants of kiln_core::ops::sample.
 constexpr float SAMPLE_LOG2_E = 1.44269502162933349609375f;  // 0x3fb8aa3b
 constexpr u32 SAMPLE_LN2_HI = 0x3f317200u;
 constexpr u32 SAMPLE_LN2_LO = 0x35bfbe8eu;

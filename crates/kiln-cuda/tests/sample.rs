@@ -8,9 +8,9 @@ mod common;
 mod kernels;
 use common::*;
 use kernels::*;
+use kiln_core::ops::sample::{exp_nonpositive, sample_row, weight};
 use kiln_core::ops::{Sample, SampleParams};
 use kiln_core::{Aliasing, DType, Graph};
-use kiln_cpu::ops::sample::{exp_nonpositive, sample_row, weight};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::sample::{
     sample_with, spec, spec_for, SampleArgs, SampleDevice, SampleLayout, SampleTuning, STRESS,

@@ -15,7 +15,8 @@
 //!   [`Array`] keeps its items encoded, in the file's memory map when the file was
 //!   opened with [`Gguf::open`], and decodes them when they are read: a large
 //!   array costs memory only for the items used.
-//! - [`keys`]: llama.cpp's metadata key conventions.
+//! - [`keys`]: llama.cpp's metadata key conventions; [`Arch`]: the architectures
+//!   kiln converts and runs, by their GGUF and Hugging Face names.
 //! - [`convert`]: Hugging Face checkpoints (llama, qwen2, qwen3) to GGUF, as
 //!   llama.cpp's converter writes them.
 //! - [`quantize`]: the tensor-type policy (which tensors become which type, with
@@ -26,8 +27,10 @@
 //!
 //! Element formats (`f16`, `q4_0`, ...) are defined in [`kiln_core::quant`].
 
+mod arch;
 pub mod byte_level;
 pub mod convert;
+pub mod keys;
 mod metadata;
 pub mod output;
 pub mod quantize;
@@ -37,6 +40,7 @@ mod tensor;
 mod value;
 mod write;
 
+pub use arch::Arch;
 pub use kiln_core::SharedBytes;
 pub use metadata::Metadata;
 pub use read::{Gguf, GgufFile};
@@ -59,22 +63,6 @@ pub const MAX_DIMS: usize = 4;
 /// array of arrays is nesting 2). Real files nest at most 2 deep; the limit bounds
 /// the parser's recursion.
 pub const MAX_ARRAY_NESTING: usize = 8;
-
-/// llama.cpp's metadata keys that kiln reads or writes.
-pub mod keys {
-    /// The model architecture (`llama`, `qwen2`, ...): string. Architecture keys
-    /// are prefixed with it (`llama.block_count`).
-    pub const ARCHITECTURE: &str = "general.architecture";
-    /// The model's name: string.
-    pub const NAME: &str = "general.name";
-    /// The alignment of tensor data in bytes, a power of two: u32.
-    pub const ALIGNMENT: &str = "general.alignment";
-    /// The file's predominant element type as llama.cpp's `llama_ftype`: u32 (see
-    /// [`crate::llama_file_type`]).
-    pub const FILE_TYPE: &str = "general.file_type";
-    /// The version of the block formats' layouts; llama.cpp writes 2: u32.
-    pub const QUANTIZATION_VERSION: &str = "general.quantization_version";
-}
 
 /// The quantization version llama.cpp writes to [`keys::QUANTIZATION_VERSION`].
 pub const QUANTIZATION_VERSION: u32 = 2;

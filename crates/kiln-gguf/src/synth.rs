@@ -13,6 +13,7 @@ use crate::byte_level::BYTE_CHARS;
 use crate::convert::{
     converted_desc, model_metadata, model_tensors, ConvertSummary, HfConfig, Vocab,
 };
+use crate::keys::tokenizer as keys;
 use crate::output::OutputFile;
 use crate::quantize::TypePolicy;
 use crate::{GgufWriter, TensorDesc};
@@ -351,10 +352,7 @@ pub fn vocab(preset: &Preset, size: usize, seed: u64) -> Vocab {
         tokens,
         token_types,
         merges,
-        special_ids: vec![
-            ("tokenizer.ggml.bos_token_id", preset.bos),
-            ("tokenizer.ggml.eos_token_id", preset.eos),
-        ],
+        special_ids: vec![(keys::BOS_ID, preset.bos), (keys::EOS_ID, preset.eos)],
         add_bos: Some(preset.add_bos),
         add_eos: Some(false),
         chat_template: None,

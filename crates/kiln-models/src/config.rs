@@ -1,56 +1,13 @@
 //! Architectures and hyperparameters from GGUF metadata.
 
-use kiln_core::ops::{RopeParams, RopeStyle};
+use kiln_core::ops::RopeParams;
 use kiln_core::{Error, Result};
-use kiln_gguf::{keys, Gguf, Metadata};
+use kiln_gguf::keys::{self, hparams};
+use kiln_gguf::{Gguf, Metadata};
+
+pub use kiln_gguf::Arch;
 use std::collections::HashMap;
 use std::fmt;
-
-/// The architectures kiln runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arch {
-    /// Llama 2, 3, 3.1, 3.2 and Mistral (GGUF `llama`): GGML-layout (normal) RoPE.
-    Llama,
-    /// Qwen2 and Qwen2.5 (`qwen2`): biases on q, k, v; NeoX RoPE.
-    Qwen2,
-    /// Qwen3 (`qwen3`): per-head RMSNorm of q and k before NeoX RoPE.
-    Qwen3,
-}
-
-impl Arch {
-    /// The GGUF `general.architecture` names kiln supports.
-    pub const SUPPORTED: [&'static str; 3] = ["llama", "qwen2", "qwen3"];
-
-    /// The architecture `name` (a `general.architecture` value) denotes.
-    pub fn from_name(name: &str) -> Result<Arch> {
-        match name {
-            "llama" => Ok(Arch::Llama),
-            "qwen2" => Ok(Arch::Qwen2),
-            "qwen3" => Ok(Arch::Qwen3),
-            other => Err(Error::Unsupported(format!(
-                "architecture {other:?}; kiln supports {}",
-                Arch::SUPPORTED.join(", ")
-            ))),
-        }
-    }
-
-    /// The GGUF name, prefix of the architecture's metadata keys.
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Llama => "llama",
-            Arch::Qwen2 => "qwen2",
-            Arch::Qwen3 => "qwen3",
-        }
-    }
-
-    /// How this architecture's GGUF q/k weights pair rotary dimensions.
-    pub fn rope_style(self) -> RopeStyle {
-        match self {
-            Arch::Llama => RopeStyle::Normal,
-            Arch::Qwen2 | Arch::Qwen3 => RopeStyle::NeoX,
-        }
-    }
-}
 
 /// The shape and hyperparameters of a decoder-only transformer.
 #[derive(Clone, Debug, PartialEq)]
@@ -90,7 +47,7 @@ impl ModelConfig {
         let md = file.metadata();
         let arch = Arch::from_name(md.get_str(keys::ARCHITECTURE)?)?;
         let has = |name: &str| file.tensor(name).is_ok();
-        let key = |k: &str| format!("{}.{k}", arch.name());
+        let key = |k: &str| arch.key(k);
         let get = |k: &str| -> Result<usize> {
             let v = md.get_u64(&key(k))?;
             usize::try_from(v)
@@ -103,31 +60,31 @@ impl ModelConfig {
                 Ok(default)
             }
         };
-        let n_embd = get("embedding_length")?;
-        let n_heads = get("attention.head_count")?;
-        if n_heads == 0 || n_embd % n_heads != 0 && !md.contains_key(&key("attention.key_length")) {
+        let n_embd = get(hparams::EMBEDDING_LENGTH)?;
+        let n_heads = get(hparams::HEAD_COUNT)?;
+        if n_heads == 0 || n_embd % n_heads != 0 && !md.contains_key(&key(hparams::KEY_LENGTH)) {
             return Err(Error::format(
-                key("attention.head_count"),
+                key(hparams::HEAD_COUNT),
                 format!("{n_heads} heads do not divide embedding_length {n_embd}"),
             ));
         }
-        let head_dim = get_or("attention.key_length", n_embd / n_heads)?;
+        let head_dim = get_or(hparams::KEY_LENGTH, n_embd / n_heads)?;
         let vocab = vocab_rows(file, n_embd)?;
         let config = ModelConfig {
             arch,
-            n_layers: get("block_count")?,
+            n_layers: get(hparams::BLOCK_COUNT)?,
             n_embd,
-            n_ff: get("feed_forward_length")?,
+            n_ff: get(hparams::FEED_FORWARD_LENGTH)?,
             n_heads,
-            n_kv_heads: get_or("attention.head_count_kv", n_heads)?,
+            n_kv_heads: get_or(hparams::HEAD_COUNT_KV, n_heads)?,
             head_dim,
             vocab,
-            context_length: get("context_length")?,
-            rms_eps: md.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
+            context_length: get(hparams::CONTEXT_LENGTH)?,
+            rms_eps: md.get_f32(&key(hparams::RMS_EPSILON))?,
             rope: RopeParams {
                 head_dim,
-                rotary_dim: get_or("rope.dimension_count", head_dim)?,
-                base: f32_or(md, &key("rope.freq_base"), 10_000.0)?,
+                rotary_dim: get_or(hparams::ROPE_DIMENSION_COUNT, head_dim)?,
+                base: f32_or(md, &key(hparams::ROPE_FREQ_BASE), 10_000.0)?,
                 freq_scale: linear_rope_scale(md, arch)?,
                 style: arch.rope_style(),
             },
@@ -358,8 +315,8 @@ fn f32_or(md: &Metadata, key: &str, default: f32) -> Result<f32> {
 /// else 1. Other scaling types that change the angles are rejected, except Llama 3's,
 /// which arrives as the `rope_freqs.weight` tensor.
 fn linear_rope_scale(md: &Metadata, arch: Arch) -> Result<f32> {
-    let type_key = format!("{}.rope.scaling.type", arch.name());
-    let factor_key = format!("{}.rope.scaling.factor", arch.name());
+    let type_key = arch.key(hparams::ROPE_SCALING_TYPE);
+    let factor_key = arch.key(hparams::ROPE_SCALING_FACTOR);
     match md.get(&type_key).map(|_| md.get_str(&type_key)).transpose()? {
         None | Some("none") => Ok(1.0),
         Some("linear") => {

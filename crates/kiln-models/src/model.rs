@@ -256,7 +256,7 @@ impl<BE: Backend> Model<BE> {
     /// backend with [`kiln_core::ops::Sample`] (settings `params`, uniform number
     /// `uniform` in `[0, 1)`) from the logits of the last one, and downloads only
     /// that token id. The result is what
-    /// [`kiln_cpu::ops::sample::sample_row`] gives for those logits, `uniform` and
+    /// [`kiln_core::ops::sample::sample_row`] gives for those logits, `uniform` and
     /// `params`; the logits stay readable with [`Model::last_logits`]. Errors on
     /// out-of-range `params` or `uniform`, and as [`Model::forward`] does.
     pub fn forward_sample(

@@ -1,9 +1,9 @@
 //! Choosing the next token from logits.
 
+pub use kiln_core::ops::argmax::argmax_row as argmax;
+use kiln_core::ops::sample::sample_row;
 use kiln_core::ops::SampleParams;
 use kiln_core::{Error, Result};
-pub use kiln_cpu::ops::argmax::argmax_row as argmax;
-use kiln_cpu::ops::sample::sample_row;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -114,7 +114,7 @@ impl Sampler {
     }
 
     /// Chooses the next token given `logits` and the tokens so far: the repetition
-    /// penalty, then [`kiln_cpu::ops::sample::sample_row`] (the definition of
+    /// penalty, then [`kiln_core::ops::sample::sample_row`] (the definition of
     /// [`kiln_core::ops::Sample`]) with the uniform number [`Sampler::next_uniform`]
     /// gives.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {

@@ -9,9 +9,9 @@
 mod common;
 
 use common::Stacking;
+use kiln_core::ops::sample::sample_row;
 use kiln_core::ops::SampleParams;
 use kiln_core::{Backend, DType, Error};
-use kiln_cpu::ops::sample::sample_row;
 use kiln_cpu::CpuBackend;
 use kiln_gguf::{Gguf, GgufWriter, Metadata, SharedBytes, TensorDesc};
 use kiln_models::generate::{generate, SamplingPath, StopReason};

@@ -6,9 +6,9 @@
 //! Ignored where there is no GPU; run with `--include-ignored` on a GPU machine,
 //! where a missing device fails the test.
 
+use kiln_core::ops::sample::sample_row;
 use kiln_core::ops::SampleParams;
 use kiln_core::{Backend, DType};
-use kiln_cpu::ops::sample::sample_row;
 use kiln_cpu::CpuBackend;
 use kiln_cuda::{CacheConfig, CudaBackend};
 use kiln_gguf::convert::HfCheckpoint;

@@ -1,7 +1,7 @@
 //! The sampler's definition: greedy, top-k, top-p, min-p, temperature, penalty, seed;
 //! its uniform numbers for sampling elsewhere.
 
-use kiln_cpu::ops::sample::sample_row;
+use kiln_core::ops::sample::sample_row;
 use kiln_models::sampler::{apply_repeat_penalty, argmax};
 use kiln_models::{Sampler, SamplerConfig};
 

@@ -77,7 +77,7 @@ fn print_summary(
         "wrote {} ({}): {} {} layers, {} tensors ({}), {} tokens",
         args.output.display(),
         HumanBytes(summary.file_bytes),
-        config.family.gguf_name(),
+        config.arch.name(),
         config.n_layers,
         summary.tensors.len(),
         counts.join(", "),

@@ -1,3 +1,6 @@
+//! [`Argmax`]: its definition, its validation, and [`argmax_row`], the definition's
+//! result for one row on the host.
+
 use super::{Checker, OpSpec};
 use crate::{BufferId, DType, Graph, Result};
 
@@ -38,4 +41,18 @@ impl OpSpec for Argmax {
         c.buffer("out", self.out, &[DType::I32], self.rows)?;
         Ok(())
     }
+}
+
+/// Index of the largest non-NaN value of `row`; the lowest such index on ties, 0
+/// when every value is NaN.
+pub fn argmax_row(row: &[f32]) -> usize {
+    let mut best = 0;
+    let mut best_value = f32::NAN;
+    for (i, &v) in row.iter().enumerate() {
+        if !v.is_nan() && (best_value.is_nan() || v > best_value) {
+            best = i;
+            best_value = v;
+        }
+    }
+    best
 }

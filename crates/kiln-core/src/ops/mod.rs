@@ -3,11 +3,14 @@
 //! Each op is a struct of buffer ids (into a [`Graph`]) and parameters by value. Its
 //! doc comment is the op's definition: what it computes, on which shapes, dtypes and
 //! layouts. The CPU backend's reference implementation of the same name follows it
-//! exactly, and every other backend is tested against that reference.
+//! exactly, and every other backend is tested against that reference. The choosing
+//! ops also define their result for one row as a host function
+//! ([`argmax::argmax_row`], [`sample::sample_row`]), which the CPU reference and the
+//! host sampler both call.
 //!
 //! All buffers are dense and row-major (last dimension fastest). Activations are F32.
 
-mod argmax;
+pub mod argmax;
 mod attention;
 mod cast;
 mod elementwise;
@@ -16,7 +19,7 @@ mod kv_cache;
 mod matmul;
 mod norm;
 mod rope;
-mod sample;
+pub mod sample;
 mod softmax;
 
 pub use argmax::Argmax;

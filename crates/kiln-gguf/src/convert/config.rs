@@ -2,64 +2,33 @@
 //! architecture metadata llama.cpp's convert_hf_to_gguf.py writes for them.
 
 use super::json::Object;
-use crate::Metadata;
+use crate::keys::hparams;
+use crate::{Arch, Metadata};
 use kiln_core::{Error, Result};
 use serde_json::{Map, Value as Json};
 
-/// The model families `kiln convert` reads, by their GGUF architecture name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
-    /// `LlamaForCausalLM`: GGUF `llama`. Its q/k projections are permuted from
-    /// rotate-half to interleaved RoPE order on conversion.
-    Llama,
-    /// `Qwen2ForCausalLM`: GGUF `qwen2` (q/k/v biases, NeoX RoPE).
-    Qwen2,
-    /// `Qwen3ForCausalLM`: GGUF `qwen3` (per-head q/k RMS norms, NeoX RoPE).
-    Qwen3,
-}
-
-impl Family {
-    /// The Hugging Face architecture class names and `model_type`s of each family.
-    const NAMES: [(Family, &'static str, &'static str); 3] = [
-        (Family::Llama, "LlamaForCausalLM", "llama"),
-        (Family::Qwen2, "Qwen2ForCausalLM", "qwen2"),
-        (Family::Qwen3, "Qwen3ForCausalLM", "qwen3"),
-    ];
-
-    /// The value of `general.architecture` and the prefix of the family's keys.
-    pub fn gguf_name(self) -> &'static str {
-        match self {
-            Family::Llama => "llama",
-            Family::Qwen2 => "qwen2",
-            Family::Qwen3 => "qwen3",
-        }
-    }
-
-    /// The family of `architectures[0]`, or of `model_type` where there is no
-    /// `architectures` list.
-    fn detect(config: Object<'_>) -> Result<Family> {
-        let architecture = match config.opt_array("architectures")? {
-            Some(list) => list.first().and_then(Json::as_str),
-            None => None,
-        };
-        let model_type = config.opt_str("model_type")?;
-        let found = match architecture {
-            Some(arch) => Family::NAMES.iter().find(|(_, class, _)| *class == arch),
-            None => Family::NAMES
-                .iter()
-                .find(|(_, _, t)| Some(*t) == model_type),
-        };
-        found.map(|(family, _, _)| *family).ok_or_else(|| {
-            let supported: Vec<&str> = Family::NAMES.iter().map(|(_, c, _)| *c).collect();
-            Error::Unsupported(format!(
-                "{}: architecture {:?} (model_type {:?}); kiln convert supports {}",
-                config.source,
-                architecture.unwrap_or("none given"),
-                model_type.unwrap_or("none given"),
-                supported.join(", ")
-            ))
-        })
-    }
+/// The architecture of `architectures[0]`, or of `model_type` where there is no
+/// `architectures` list; an error naming both and the supported classes otherwise.
+fn detect_arch(config: Object<'_>) -> Result<Arch> {
+    let class = match config.opt_array("architectures")? {
+        Some(list) => list.first().and_then(Json::as_str),
+        None => None,
+    };
+    let model_type = config.opt_str("model_type")?;
+    let found = match class {
+        Some(class) => Arch::from_hf_class(class),
+        None => model_type.and_then(Arch::from_hf_model_type),
+    };
+    found.ok_or_else(|| {
+        let supported: Vec<&str> = Arch::ALL.iter().map(|a| a.hf_class()).collect();
+        Error::Unsupported(format!(
+            "{}: architecture {:?} (model_type {:?}); kiln convert supports {}",
+            config.source,
+            class.unwrap_or("none given"),
+            model_type.unwrap_or("none given"),
+            supported.join(", ")
+        ))
+    })
 }
 
 /// How the rotary embedding's frequencies are scaled for long contexts.
@@ -91,7 +60,7 @@ pub enum RopeScaling {
 /// The hyperparameters of a checkpoint, from config.json.
 #[derive(Clone, Debug)]
 pub struct HfConfig {
-    pub family: Family,
+    pub arch: Arch,
     pub n_layers: usize,
     pub hidden: usize,
     pub n_ff: usize,
@@ -119,7 +88,7 @@ impl HfConfig {
     /// Parses config.json's object; `source` names it in errors.
     pub fn parse(map: &Map<String, Json>, source: &str) -> Result<HfConfig> {
         let c = Object::new(map, source);
-        let family = Family::detect(c)?;
+        let arch = detect_arch(c)?;
         if let Some(act) = c.opt_str("hidden_act")? {
             if act != "silu" {
                 return Err(Error::Unsupported(format!(
@@ -131,7 +100,7 @@ impl HfConfig {
         let n_heads = c.usize("num_attention_heads")?;
         let explicit_head_dim = c.opt_usize("head_dim")?;
         let config = HfConfig {
-            family,
+            arch,
             n_layers: c.usize("num_hidden_layers")?,
             hidden,
             n_ff: c.usize("intermediate_size")?,
@@ -145,9 +114,8 @@ impl HfConfig {
             rope_theta: rope_theta(c)?,
             rope_scaling: rope_scaling(c)?,
             tied_embeddings: c.opt_bool("tie_word_embeddings")?.unwrap_or(false),
-            attention_bias: family == Family::Qwen2
-                || c.opt_bool("attention_bias")?.unwrap_or(false),
-            mlp_bias: family == Family::Llama && c.opt_bool("mlp_bias")?.unwrap_or(false),
+            attention_bias: arch == Arch::Qwen2 || c.opt_bool("attention_bias")?.unwrap_or(false),
+            mlp_bias: arch == Arch::Llama && c.opt_bool("mlp_bias")?.unwrap_or(false),
         };
         config.check(c)?;
         Ok(config)
@@ -197,28 +165,27 @@ impl HfConfig {
 
     /// Writes the architecture keys (`{arch}.block_count`, ...) as llama.cpp does.
     pub fn write_metadata(&self, md: &mut Metadata) {
-        let arch = self.family.gguf_name();
-        let key = |k: &str| format!("{arch}.{k}");
+        let key = |k: &str| self.arch.key(k);
         // check() bounded every count to u32.
         let u32_of = |v: usize| v as u32;
-        md.set(key("block_count"), u32_of(self.n_layers));
-        md.set(key("context_length"), u32_of(self.context_length));
-        md.set(key("embedding_length"), u32_of(self.hidden));
-        md.set(key("feed_forward_length"), u32_of(self.n_ff));
-        md.set(key("attention.head_count"), u32_of(self.n_heads));
-        md.set(key("attention.head_count_kv"), u32_of(self.n_kv_heads));
+        md.set(key(hparams::BLOCK_COUNT), u32_of(self.n_layers));
+        md.set(key(hparams::CONTEXT_LENGTH), u32_of(self.context_length));
+        md.set(key(hparams::EMBEDDING_LENGTH), u32_of(self.hidden));
+        md.set(key(hparams::FEED_FORWARD_LENGTH), u32_of(self.n_ff));
+        md.set(key(hparams::HEAD_COUNT), u32_of(self.n_heads));
+        md.set(key(hparams::HEAD_COUNT_KV), u32_of(self.n_kv_heads));
         self.write_rope_scaling(md, &key);
         if let Some(theta) = self.rope_theta {
-            md.set(key("rope.freq_base"), theta as f32);
+            md.set(key(hparams::ROPE_FREQ_BASE), theta as f32);
         }
-        md.set(key("attention.layer_norm_rms_epsilon"), self.rms_eps as f32);
+        md.set(key(hparams::RMS_EPSILON), self.rms_eps as f32);
         if self.explicit_head_dim {
-            md.set(key("attention.key_length"), u32_of(self.head_dim));
-            md.set(key("attention.value_length"), u32_of(self.head_dim));
+            md.set(key(hparams::KEY_LENGTH), u32_of(self.head_dim));
+            md.set(key(hparams::VALUE_LENGTH), u32_of(self.head_dim));
         }
-        if self.family == Family::Llama {
-            md.set(key("vocab_size"), u32_of(self.vocab_size));
-            md.set(key("rope.dimension_count"), u32_of(self.head_dim));
+        if self.arch == Arch::Llama {
+            md.set(key(hparams::VOCAB_SIZE), u32_of(self.vocab_size));
+            md.set(key(hparams::ROPE_DIMENSION_COUNT), u32_of(self.head_dim));
         }
     }
 
@@ -226,8 +193,8 @@ impl HfConfig {
         match &self.rope_scaling {
             RopeScaling::None | RopeScaling::Llama3 { .. } => {}
             RopeScaling::Linear { factor } => {
-                md.set(key("rope.scaling.type"), "linear");
-                md.set(key("rope.scaling.factor"), *factor as f32);
+                md.set(key(hparams::ROPE_SCALING_TYPE), "linear");
+                md.set(key(hparams::ROPE_SCALING_FACTOR), *factor as f32);
             }
             RopeScaling::Yarn {
                 factor,
@@ -237,17 +204,17 @@ impl HfConfig {
                 beta_fast,
                 beta_slow,
             } => {
-                md.set(key("rope.scaling.type"), "yarn");
-                md.set(key("rope.scaling.factor"), *factor as f32);
+                md.set(key(hparams::ROPE_SCALING_TYPE), "yarn");
+                md.set(key(hparams::ROPE_SCALING_FACTOR), *factor as f32);
                 md.set(
-                    key("rope.scaling.original_context_length"),
+                    key(hparams::ROPE_SCALING_ORIGINAL_CONTEXT_LENGTH),
                     *original_context as u32,
                 );
                 let optional = [
-                    ("rope.scaling.yarn_ext_factor", ext_factor),
-                    ("rope.scaling.yarn_attn_factor", attn_factor),
-                    ("rope.scaling.yarn_beta_fast", beta_fast),
-                    ("rope.scaling.yarn_beta_slow", beta_slow),
+                    (hparams::ROPE_SCALING_YARN_EXT_FACTOR, ext_factor),
+                    (hparams::ROPE_SCALING_YARN_ATTN_FACTOR, attn_factor),
+                    (hparams::ROPE_SCALING_YARN_BETA_FAST, beta_fast),
+                    (hparams::ROPE_SCALING_YARN_BETA_SLOW, beta_slow),
                 ];
                 for (k, v) in optional {
                     if let Some(v) = v {

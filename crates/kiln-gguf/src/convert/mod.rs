@@ -37,7 +37,7 @@ mod vocab;
 mod weights;
 
 pub use cache::{cached_name, checkpoint_hash, open_converted};
-pub use config::{Family, HfConfig, RopeScaling};
+pub use config::{HfConfig, RopeScaling};
 pub(crate) use tensors::model_tensors;
 pub use tensors::permute_rope_rows;
 pub use vocab::Vocab;
@@ -273,8 +273,8 @@ pub(crate) fn model_metadata(
     file_type: u32,
 ) -> Metadata {
     let mut md = Metadata::new();
-    md.set(keys::ARCHITECTURE, config.family.gguf_name());
-    md.set("general.type", "model");
+    md.set(keys::ARCHITECTURE, config.arch.name());
+    md.set(keys::TYPE, "model");
     md.set(keys::NAME, name);
     md.set(keys::FILE_TYPE, file_type);
     config.write_metadata(&mut md);

@@ -3,8 +3,9 @@
 //! and the generated `rope_freqs.weight` (each tensor's output type is
 //! [`crate::quantize::TypePolicy`]'s).
 
-use super::config::{Family, HfConfig, RopeScaling};
+use super::config::{HfConfig, RopeScaling};
 use super::weights::Weights;
+use crate::Arch;
 use kiln_core::{Error, Result};
 
 /// Where a tensor's values come from.
@@ -61,7 +62,7 @@ pub fn plan(config: &HfConfig, weights: &Weights) -> Result<Vec<PlannedTensor>> 
                     format!(
                         "tensor {:?} is missing (config.json describes a {} model)",
                         e.hf,
-                        config.family.gguf_name()
+                        config.arch.name()
                     ),
                 ));
             }
@@ -98,7 +99,7 @@ pub fn plan(config: &HfConfig, weights: &Weights) -> Result<Vec<PlannedTensor>> 
         return Err(Error::Unsupported(format!(
             "tensor {first:?} ({} unexpected tensors in all) is not part of a {} model as kiln convert knows it",
             unexpected.len(),
-            config.family.gguf_name()
+            config.arch.name()
         )));
     }
     Ok(planned)
@@ -141,7 +142,7 @@ pub(crate) fn model_tensors(config: &HfConfig) -> Result<Vec<ModelTensor>> {
 
 fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
     let (h, q_dim, kv_dim) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
-    let permute = c.family == Family::Llama;
+    let permute = c.arch == Arch::Llama;
     let mut list = Vec::new();
     let mut add = |hf: String, gguf: String, shape: Vec<usize>, permute: bool, required: bool| {
         list.push(Expected {
@@ -159,7 +160,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
         false,
         true,
     );
-    let o_bias = c.attention_bias && c.family != Family::Qwen2;
+    let o_bias = c.attention_bias && c.arch != Arch::Qwen2;
     for i in 0..c.n_layers {
         let hf = |s: &str| format!("model.layers.{i}.{s}");
         let gg = |s: &str| format!("blk.{i}.{s}");
@@ -211,7 +212,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
             false,
             o_bias,
         );
-        if c.family == Family::Qwen3 {
+        if c.arch == Arch::Qwen3 {
             layer(
                 "self_attn.q_norm",
                 "attn_q_norm",

@@ -4,6 +4,7 @@
 //! merges, special token ids, whether BOS/EOS are added, and the chat template.
 
 use super::json::{self, Object};
+use crate::keys::tokenizer as keys;
 use crate::Metadata;
 use kiln_core::{Error, Result};
 use serde_json::{Map, Value as Json};
@@ -26,12 +27,11 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 /// The special tokens llama.cpp records: tokenizer_config.json's `{kind}_token`
 /// (or config.json's `{kind}_token_id`) and the GGUF key of its id.
 const SPECIAL_TOKENS: [(&str, &str); 5] = [
-    ("bos", "tokenizer.ggml.bos_token_id"),
-    ("eos", "tokenizer.ggml.eos_token_id"),
-    ("unk", "tokenizer.ggml.unknown_token_id"),
-    // llama.cpp's key is spelled so.
-    ("sep", "tokenizer.ggml.seperator_token_id"),
-    ("pad", "tokenizer.ggml.padding_token_id"),
+    ("bos", keys::BOS_ID),
+    ("eos", keys::EOS_ID),
+    ("unk", keys::UNKNOWN_ID),
+    ("sep", keys::SEPARATOR_ID),
+    ("pad", keys::PADDING_ID),
 ];
 
 /// A tokenizer's GGUF metadata.
@@ -105,22 +105,22 @@ impl Vocab {
 
     /// Writes the `tokenizer.*` keys in llama.cpp's order.
     pub fn write_metadata(&self, md: &mut Metadata) {
-        md.set("tokenizer.ggml.model", "gpt2");
-        md.set("tokenizer.ggml.pre", self.pre);
-        md.set("tokenizer.ggml.tokens", self.tokens.clone());
-        md.set("tokenizer.ggml.token_type", self.token_types.clone());
-        md.set("tokenizer.ggml.merges", self.merges.clone());
+        md.set(keys::MODEL, "gpt2");
+        md.set(keys::PRE, self.pre);
+        md.set(keys::TOKENS, self.tokens.clone());
+        md.set(keys::TOKEN_TYPE, self.token_types.clone());
+        md.set(keys::MERGES, self.merges.clone());
         for &(key, id) in &self.special_ids {
             md.set(key, id);
         }
         if let Some(add) = self.add_bos {
-            md.set("tokenizer.ggml.add_bos_token", add);
+            md.set(keys::ADD_BOS, add);
         }
         if let Some(add) = self.add_eos {
-            md.set("tokenizer.ggml.add_eos_token", add);
+            md.set(keys::ADD_EOS, add);
         }
         if let Some(template) = &self.chat_template {
-            md.set("tokenizer.chat_template", template.as_str());
+            md.set(keys::CHAT_TEMPLATE, template.as_str());
         }
     }
 }

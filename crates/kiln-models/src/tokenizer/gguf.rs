@@ -2,56 +2,8 @@
 
 use super::{SpecialTokenIds, TokenType, TokenizerModel, TokenizerSpec};
 use kiln_core::{Error, Result};
+use kiln_gguf::keys::tokenizer as keys;
 use kiln_gguf::{Metadata, Value};
-
-/// llama.cpp's GGUF metadata keys for the tokenizer.
-pub mod keys {
-    /// The tokenization algorithm: `gpt2` (byte-level BPE), `llama` (SentencePiece
-    /// BPE), ...: string.
-    pub const MODEL: &str = "tokenizer.ggml.model";
-    /// The pre-tokenizer of a byte-level BPE vocabulary (`llama-bpe`, `qwen2`, ...):
-    /// string.
-    pub const PRE: &str = "tokenizer.ggml.pre";
-    /// Every token's text, in id order: array of strings.
-    pub const TOKENS: &str = "tokenizer.ggml.tokens";
-    /// Every token's type (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
-    /// 6 byte): array of i32.
-    pub const TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
-    /// Every token's score (SentencePiece merge priority): array of f32.
-    pub const SCORES: &str = "tokenizer.ggml.scores";
-    /// BPE merge rules, `"left right"`, highest priority first: array of strings.
-    pub const MERGES: &str = "tokenizer.ggml.merges";
-    /// Beginning of sequence: u32.
-    pub const BOS_ID: &str = "tokenizer.ggml.bos_token_id";
-    /// End of sequence: u32.
-    pub const EOS_ID: &str = "tokenizer.ggml.eos_token_id";
-    /// End of turn: u32.
-    pub const EOT_ID: &str = "tokenizer.ggml.eot_token_id";
-    /// End of message: u32.
-    pub const EOM_ID: &str = "tokenizer.ggml.eom_token_id";
-    /// Unknown token: u32.
-    pub const UNKNOWN_ID: &str = "tokenizer.ggml.unknown_token_id";
-    /// Padding: u32.
-    pub const PADDING_ID: &str = "tokenizer.ggml.padding_token_id";
-    /// Fill-in-the-middle prefix: u32.
-    pub const FIM_PRE_ID: &str = "tokenizer.ggml.fim_pre_token_id";
-    /// Fill-in-the-middle suffix: u32.
-    pub const FIM_SUF_ID: &str = "tokenizer.ggml.fim_suf_token_id";
-    /// Fill-in-the-middle middle: u32.
-    pub const FIM_MID_ID: &str = "tokenizer.ggml.fim_mid_token_id";
-    /// Fill-in-the-middle pad: u32.
-    pub const FIM_PAD_ID: &str = "tokenizer.ggml.fim_pad_token_id";
-    /// Fill-in-the-middle repository name: u32.
-    pub const FIM_REP_ID: &str = "tokenizer.ggml.fim_rep_token_id";
-    /// Fill-in-the-middle file separator: u32.
-    pub const FIM_SEP_ID: &str = "tokenizer.ggml.fim_sep_token_id";
-    /// Whether encoding with special tokens prepends BOS: bool.
-    pub const ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
-    /// Whether encoding with special tokens appends EOS: bool.
-    pub const ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
-    /// Whether SentencePiece text gets a leading space: bool.
-    pub const ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
-}
 
 impl TokenizerSpec {
     /// The tokenizer that `metadata`'s `tokenizer.ggml.*` keys describe. Errors: a

@@ -23,7 +23,7 @@ mod spm;
 mod stream;
 mod vocab;
 
-pub use gguf::keys;
+pub use kiln_gguf::keys::tokenizer as keys;
 pub use stream::StreamDecoder;
 
 use bpe::BpeModel;
@@ -457,7 +457,7 @@ impl Tokenizer {
         let n = self.vocab_size();
         if n > vocab {
             return Err(Error::format(
-                gguf::keys::TOKENS,
+                keys::TOKENS,
                 format!(
                     "{n} tokens, but the model's token_embd.weight has {vocab} rows, one per \
                      token id"

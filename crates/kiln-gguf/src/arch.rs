@@ -1,0 +1,135 @@
+//! The model architectures kiln converts and runs, by their names in GGUF and in
+//! Hugging Face checkpoints.
+
+use kiln_core::ops::RopeStyle;
+use kiln_core::{Error, Result};
+
+/// An architecture kiln supports: a GGUF `general.architecture` value, which
+/// prefixes the architecture's hyperparameter keys ([`Arch::key`]), and the Hugging
+/// Face class and `model_type` of its checkpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Arch {
+    /// Llama 2, 3, 3.1, 3.2 and Mistral: GGUF `llama`, `LlamaForCausalLM`.
+    /// GGML-layout (normal) RoPE, so the converter permutes the checkpoint's q/k
+    /// projections from rotate-half to interleaved order.
+    Llama,
+    /// Qwen2 and Qwen2.5: GGUF `qwen2`, `Qwen2ForCausalLM`. Biases on q, k, v;
+    /// NeoX RoPE.
+    Qwen2,
+    /// Qwen3: GGUF `qwen3`, `Qwen3ForCausalLM`. Per-head RMSNorm of q and k before
+    /// NeoX RoPE.
+    Qwen3,
+}
+
+impl Arch {
+    /// Every supported architecture.
+    pub const ALL: [Arch; 3] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3];
+
+    /// The GGUF name: the value of [`crate::keys::ARCHITECTURE`] and the prefix of
+    /// the architecture's keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The Hugging Face class name (config.json's `architectures[0]`).
+    pub fn hf_class(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    /// The Hugging Face `model_type` (config.json), which for these architectures is
+    /// the GGUF name.
+    pub fn hf_model_type(self) -> &'static str {
+        self.name()
+    }
+
+    /// The architecture whose GGUF name is `name`; an [`Error::Unsupported`] naming
+    /// `name` and the supported names otherwise.
+    pub fn from_name(name: &str) -> Result<Arch> {
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.name() == name)
+            .ok_or_else(|| {
+                let supported: Vec<&str> = Arch::ALL.iter().map(|a| a.name()).collect();
+                Error::Unsupported(format!(
+                    "architecture {name:?}; kiln supports {}",
+                    supported.join(", ")
+                ))
+            })
+    }
+
+    /// The architecture whose Hugging Face class name is `class`, if any.
+    pub fn from_hf_class(class: &str) -> Option<Arch> {
+        Arch::ALL.into_iter().find(|a| a.hf_class() == class)
+    }
+
+    /// The architecture whose Hugging Face `model_type` is `model_type`, if any.
+    pub fn from_hf_model_type(model_type: &str) -> Option<Arch> {
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.hf_model_type() == model_type)
+    }
+
+    /// The GGUF key of this architecture's hyperparameter `suffix` (one of
+    /// [`crate::keys::hparams`]): `{name}.{suffix}`, e.g. `llama.block_count`.
+    pub fn key(self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.name())
+    }
+
+    /// How this architecture's GGUF q/k weights pair rotary dimensions.
+    pub fn rope_style(self) -> RopeStyle {
+        match self {
+            Arch::Llama => RopeStyle::Normal,
+            Arch::Qwen2 | Arch::Qwen3 => RopeStyle::NeoX,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for arch in Arch::ALL {
+            assert_eq!(Arch::from_name(arch.name()).unwrap(), arch);
+            assert_eq!(Arch::from_hf_class(arch.hf_class()), Some(arch));
+            assert_eq!(Arch::from_hf_model_type(arch.hf_model_type()), Some(arch));
+        }
+        let pairs: Vec<(&str, &str)> = Arch::ALL.iter().map(|a| (a.name(), a.hf_class())).collect();
+        assert_eq!(
+            pairs,
+            [
+                ("llama", "LlamaForCausalLM"),
+                ("qwen2", "Qwen2ForCausalLM"),
+                ("qwen3", "Qwen3ForCausalLM"),
+            ]
+        );
+        assert_eq!(
+            Arch::Qwen2.key(crate::keys::hparams::BLOCK_COUNT),
+            "qwen2.block_count"
+        );
+    }
+
+    #[test]
+    fn unknown_architecture_is_an_error_naming_it() {
+        let msg = Arch::from_name("gptneox").unwrap_err().to_string();
+        assert!(
+            msg.contains("\"gptneox\"") && msg.contains("llama, qwen2, qwen3"),
+            "{msg}"
+        );
+        assert!(matches!(
+            Arch::from_name("Llama"),
+            Err(Error::Unsupported(_))
+        ));
+        assert_eq!(Arch::from_hf_class("GPTNeoXForCausalLM"), None);
+        assert_eq!(Arch::from_hf_model_type("gpt_neox"), None);
+    }
+}
