@@ -211,6 +211,25 @@ pub struct SamplePlan {
 }
 
 impl SampleArgs {
+    /// The arguments of a launch over these buffers.
+    fn of(
+        logits: &CudaBuffer,
+        uniform: &CudaBuffer,
+        out: &CudaBuffer,
+        rows: usize,
+        vocab: usize,
+        params: &SampleParams,
+    ) -> Self {
+        SampleArgs {
+            rows,
+            vocab,
+            params: *params,
+            logits_bytes: logits.bytes(),
+            uniform_bytes: uniform.bytes(),
+            out_bytes: out.bytes(),
+        }
+    }
+
     /// Checks non-zero sizes, `vocab` within an I32 index, the settings' ranges (finite
     /// temperature, `top_p` in `(0, 1]`, `min_p` in `[0, 1]`), `rows x vocab` F32
     /// logits, `rows` F32 uniforms and `rows` I32 outputs; plans the launch of the
@@ -320,15 +339,11 @@ pub fn sample(
 ) -> Result<()> {
     if params.temperature <= 0.0 {
         // Step 1 of the definition, on the argmax kernel, after the same checks.
-        SampleArgs {
-            rows,
-            vocab,
-            params: *params,
-            logits_bytes: logits.bytes(),
-            uniform_bytes: uniform.bytes(),
-            out_bytes: out.bytes(),
-        }
-        .check_with(&SampleDevice::of(backend)?, TUNING, SampleLayout::Cluster)?;
+        SampleArgs::of(logits, uniform, out, rows, vocab, params).check_with(
+            &SampleDevice::of(backend)?,
+            TUNING,
+            SampleLayout::Cluster,
+        )?;
         return super::argmax::argmax(backend, logits, out, rows, vocab);
     }
     sample_with(
@@ -357,14 +372,7 @@ pub fn sample_with(
     tuning: SampleTuning,
     layout: SampleLayout,
 ) -> Result<()> {
-    let args = SampleArgs {
-        rows,
-        vocab,
-        params: *params,
-        logits_bytes: logits.bytes(),
-        uniform_bytes: uniform.bytes(),
-        out_bytes: out.bytes(),
-    };
+    let args = SampleArgs::of(logits, uniform, out, rows, vocab, params);
     let plan = args.check_with(&SampleDevice::of(backend)?, tuning, layout)?;
     let kernel = backend.kernel(&plan.spec)?;
     allow_dynamic_shared(&kernel, &plan.config)?;
