@@ -1,6 +1,6 @@
 //! Constants that the dispatch code and the kernels share, written once: kernels see
 //! them as `constants.cuh`, a header generated from this list and handed to NVRTC in
-//! memory with the others ([`crate::manifest::headers`]).
+//! memory with the others ([`crate::family::headers`]).
 
 use std::sync::OnceLock;
 

@@ -22,6 +22,7 @@ pub mod backend;
 pub mod constants;
 pub mod context;
 pub mod executable;
+pub mod family;
 pub(crate) mod launch;
 pub mod manifest;
 pub mod nvrtc;

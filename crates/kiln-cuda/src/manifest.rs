@@ -1,197 +1,27 @@
-//! The manifest: every kernel family with its embedded source, the shared headers,
-//! and every specialisation, so that precompilation can enumerate them all.
-
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+//! The manifest: every kernel family (each declared by its `ops/<family>.rs` module),
+//! the shared headers, and every specialisation, so that precompilation can enumerate
+//! them all.
 
 use kiln_core::{BufferId, Error, Graph, Op, Result};
 
+pub use crate::family::{headers, spec_derivations, Family};
 use crate::ops;
-use crate::registry::{KernelSource, KernelSpec};
-
-/// The headers written in files, which every kernel source may `#include`.
-const FILE_HEADERS: [KernelSource; 3] = [
-    KernelSource {
-        name: "common.cuh",
-        text: include_str!("../kernels/common.cuh"),
-    },
-    KernelSource {
-        name: "quant.cuh",
-        text: include_str!("../kernels/quant.cuh"),
-    },
-    KernelSource {
-        name: "reduce.cuh",
-        text: include_str!("../kernels/reduce.cuh"),
-    },
-];
-
-/// Headers every kernel source may `#include`, handed to NVRTC in memory: those
-/// written in files and `constants.cuh`, generated from [`crate::constants`].
-pub fn headers() -> &'static [KernelSource] {
-    static HEADERS: OnceLock<[KernelSource; 4]> = OnceLock::new();
-    HEADERS.get_or_init(|| {
-        let [common, quant, reduce] = FILE_HEADERS;
-        let constants = KernelSource {
-            name: "constants.cuh",
-            text: crate::constants::header(),
-        };
-        [constants, common, quant, reduce]
-    })
-}
-
-/// A kernel family: one `.cu` file, named like its op family in `kiln_core::ops`.
-#[derive(Clone, Copy, Debug)]
-pub struct Family {
-    pub name: &'static str,
-    pub source: KernelSource,
-}
-
-/// Specialisations derived by [`Family::spec`] in this process.
-static SPEC_DERIVATIONS: AtomicU64 = AtomicU64::new(0);
-
-/// How many kernel specialisations have been derived in this process (each dispatch
-/// derives its kernel's when it runs; running a compiled executable derives none).
-pub fn spec_derivations() -> u64 {
-    SPEC_DERIVATIONS.load(Ordering::Relaxed)
-}
-
-impl Family {
-    /// The specialisation of this family with canonical `key` whose entry point is
-    /// `name_expression`.
-    pub fn spec(&self, key: String, name_expression: String) -> KernelSpec {
-        SPEC_DERIVATIONS.fetch_add(1, Ordering::Relaxed);
-        KernelSpec {
-            key,
-            source: self.source,
-            headers: headers(),
-            name_expression,
-            options: Vec::new(),
-        }
-    }
-}
-
-/// [`kiln_core::ops::Cast`].
-pub const CAST: Family = Family {
-    name: "cast",
-    source: KernelSource {
-        name: "cast.cu",
-        text: include_str!("../kernels/cast.cu"),
-    },
-};
-
-/// [`kiln_core::ops::Elementwise`].
-pub const ELEMENTWISE: Family = Family {
-    name: "elementwise",
-    source: KernelSource {
-        name: "elementwise.cu",
-        text: include_str!("../kernels/elementwise.cu"),
-    },
-};
-
-/// [`kiln_core::ops::RmsNorm`] and [`kiln_core::ops::AddRmsNorm`].
-pub const NORM: Family = Family {
-    name: "norm",
-    source: KernelSource {
-        name: "norm.cu",
-        text: include_str!("../kernels/norm.cu"),
-    },
-};
-
-/// [`kiln_core::ops::Embedding`].
-pub const EMBEDDING: Family = Family {
-    name: "embedding",
-    source: KernelSource {
-        name: "embedding.cu",
-        text: include_str!("../kernels/embedding.cu"),
-    },
-};
-
-/// [`kiln_core::ops::Rope`] and [`kiln_core::ops::HeadNormRope`].
-pub const ROPE: Family = Family {
-    name: "rope",
-    source: KernelSource {
-        name: "rope.cu",
-        text: include_str!("../kernels/rope.cu"),
-    },
-};
-
-/// [`kiln_core::ops::MatMul`] with few activation rows (decode).
-pub const MATVEC: Family = Family {
-    name: "matvec",
-    source: KernelSource {
-        name: "matvec.cu",
-        text: include_str!("../kernels/matvec.cu"),
-    },
-};
-
-/// [`kiln_core::ops::MatMul`] with many activation rows (prefill), on tensor cores.
-pub const MATMUL: Family = Family {
-    name: "matmul",
-    source: KernelSource {
-        name: "matmul.cu",
-        text: include_str!("../kernels/matmul.cu"),
-    },
-};
-
-/// [`kiln_core::ops::Softmax`].
-pub const SOFTMAX: Family = Family {
-    name: "softmax",
-    source: KernelSource {
-        name: "softmax.cu",
-        text: include_str!("../kernels/softmax.cu"),
-    },
-};
-
-/// [`kiln_core::ops::KvAppend`].
-pub const KV_CACHE: Family = Family {
-    name: "kv_cache",
-    source: KernelSource {
-        name: "kv_cache.cu",
-        text: include_str!("../kernels/kv_cache.cu"),
-    },
-};
-
-/// [`kiln_core::ops::Attention`].
-pub const ATTENTION: Family = Family {
-    name: "attention",
-    source: KernelSource {
-        name: "attention.cu",
-        text: include_str!("../kernels/attention.cu"),
-    },
-};
-
-/// [`kiln_core::ops::Argmax`].
-pub const ARGMAX: Family = Family {
-    name: "argmax",
-    source: KernelSource {
-        name: "argmax.cu",
-        text: include_str!("../kernels/argmax.cu"),
-    },
-};
-
-/// [`kiln_core::ops::Sample`].
-pub const SAMPLE: Family = Family {
-    name: "sample",
-    source: KernelSource {
-        name: "sample.cu",
-        text: include_str!("../kernels/sample.cu"),
-    },
-};
+use crate::registry::KernelSpec;
 
 /// Every family.
 pub const FAMILIES: [Family; 12] = [
-    CAST,
-    ELEMENTWISE,
-    NORM,
-    EMBEDDING,
-    ROPE,
-    MATVEC,
-    MATMUL,
-    SOFTMAX,
-    KV_CACHE,
-    ATTENTION,
-    ARGMAX,
-    SAMPLE,
+    ops::cast::CAST,
+    ops::elementwise::ELEMENTWISE,
+    ops::norm::NORM,
+    ops::embedding::EMBEDDING,
+    ops::rope::ROPE,
+    ops::matmul::MATVEC,
+    ops::matmul::MATMUL,
+    ops::softmax::SOFTMAX,
+    ops::kv_cache::KV_CACHE,
+    ops::attention::ATTENTION,
+    ops::argmax::ARGMAX,
+    ops::sample::SAMPLE,
 ];
 
 /// Every specialisation of every family.

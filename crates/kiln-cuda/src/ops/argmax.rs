@@ -5,10 +5,19 @@ use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::common::{config, grid_dim, launch, MAX_GRID_X};
 use super::{check_bytes, check_nonzero, count};
+use crate::family::Family;
 use crate::launch::KernelArgs;
-use crate::manifest::ARGMAX;
-use crate::registry::KernelSpec;
+use crate::registry::{KernelSource, KernelSpec};
 use crate::{CudaBackend, CudaBuffer};
+
+/// [`kiln_core::ops::Argmax`].
+pub const ARGMAX: Family = Family {
+    name: "argmax",
+    source: KernelSource {
+        name: "argmax.cu",
+        text: include_str!("../../kernels/argmax.cu"),
+    },
+};
 
 const OP: &str = "argmax";
 

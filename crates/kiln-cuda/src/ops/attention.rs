@@ -17,10 +17,19 @@ use super::common::{
     MAX_GRID_YZ,
 };
 use super::{check_bytes, check_nonzero, check_q8_copy, count, to_u32};
+use crate::family::Family;
 use crate::launch::KernelArgs;
-use crate::manifest::ATTENTION;
-use crate::registry::KernelSpec;
+use crate::registry::{KernelSource, KernelSpec};
 use crate::{CudaBackend, CudaBuffer};
+
+/// [`kiln_core::ops::Attention`].
+pub const ATTENTION: Family = Family {
+    name: "attention",
+    source: KernelSource {
+        name: "attention.cu",
+        text: include_str!("../../kernels/attention.cu"),
+    },
+};
 
 const OP: &str = "attention";
 

@@ -4,10 +4,19 @@ use kiln_core::ops::FLOAT_DTYPES;
 use kiln_core::{DType, Result};
 
 use super::{check_buffer, check_dtype, check_nonzero, grid_1d};
+use crate::family::Family;
 use crate::launch::KernelArgs;
-use crate::manifest::CAST;
-use crate::registry::KernelSpec;
+use crate::registry::{KernelSource, KernelSpec};
 use crate::{CudaBackend, CudaBuffer};
+
+/// [`kiln_core::ops::Cast`].
+pub const CAST: Family = Family {
+    name: "cast",
+    source: KernelSource {
+        name: "cast.cu",
+        text: include_str!("../../kernels/cast.cu"),
+    },
+};
 
 /// The kernel tag of a float dtype in kernels/common.cuh.
 fn tag(dtype: DType) -> Result<&'static str> {

@@ -5,10 +5,19 @@ use kiln_core::ops::ElementwiseKind;
 use kiln_core::{DType, DeviceBuffer, Result};
 
 use super::{check_buffer, check_nonzero, check_q8_copy, grid_1d};
+use crate::family::Family;
 use crate::launch::KernelArgs;
-use crate::manifest::ELEMENTWISE;
-use crate::registry::KernelSpec;
+use crate::registry::{KernelSource, KernelSpec};
 use crate::{CudaBackend, CudaBuffer};
+
+/// [`kiln_core::ops::Elementwise`].
+pub const ELEMENTWISE: Family = Family {
+    name: "elementwise",
+    source: KernelSource {
+        name: "elementwise.cu",
+        text: include_str!("../../kernels/elementwise.cu"),
+    },
+};
 
 /// Every kind, in declaration order.
 const KINDS: [ElementwiseKind; 4] = [

@@ -6,10 +6,19 @@ use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::common::{config, grid_dim, launch, weight_tag, MAX_GRID_X, MAX_GRID_YZ};
 use super::{check_bytes, check_nonzero, check_packed, count, to_u32};
+use crate::family::Family;
 use crate::launch::KernelArgs;
-use crate::manifest::EMBEDDING;
-use crate::registry::KernelSpec;
+use crate::registry::{KernelSource, KernelSpec};
 use crate::{CudaBackend, CudaBuffer};
+
+/// [`kiln_core::ops::Embedding`].
+pub const EMBEDDING: Family = Family {
+    name: "embedding",
+    source: KernelSource {
+        name: "embedding.cu",
+        text: include_str!("../../kernels/embedding.cu"),
+    },
+};
 
 const OP: &str = "embedding";
 

@@ -5,10 +5,19 @@ use kiln_core::{DType, DeviceBuffer, Result};
 
 use super::common::{cache_tag, config, grid_dim, launch, CACHE_DTYPES, MAX_GRID_X};
 use super::{check_bytes, check_nonzero, count, to_u32};
+use crate::family::Family;
 use crate::launch::KernelArgs;
-use crate::manifest::KV_CACHE;
-use crate::registry::KernelSpec;
+use crate::registry::{KernelSource, KernelSpec};
 use crate::{CudaBackend, CudaBuffer};
+
+/// [`kiln_core::ops::KvAppend`].
+pub const KV_CACHE: Family = Family {
+    name: "kv_cache",
+    source: KernelSource {
+        name: "kv_cache.cu",
+        text: include_str!("../../kernels/kv_cache.cu"),
+    },
+};
 
 const OP: &str = "kv_append";
 

@@ -20,11 +20,29 @@ use super::{check_bytes, check_nonzero, check_packed, check_q8_copy, count, to_u
 
 use crate::constants::{MATVEC_THREADS, MM_BM, MM_BN, MM_THREADS, PACKED_PAD};
 use crate::context::driver_error;
+use crate::family::Family;
 use crate::launch::KernelArgs;
-use crate::manifest::{MATMUL, MATVEC};
 use crate::nvrtc::CudaKernel;
-use crate::registry::KernelSpec;
+use crate::registry::{KernelSource, KernelSpec};
 use crate::{packing, CudaBackend, CudaBuffer};
+
+/// [`kiln_core::ops::MatMul`] with few activation rows (decode).
+pub const MATVEC: Family = Family {
+    name: "matvec",
+    source: KernelSource {
+        name: "matvec.cu",
+        text: include_str!("../../kernels/matvec.cu"),
+    },
+};
+
+/// [`kiln_core::ops::MatMul`] with many activation rows (prefill), on tensor cores.
+pub const MATMUL: Family = Family {
+    name: "matmul",
+    source: KernelSource {
+        name: "matmul.cu",
+        text: include_str!("../../kernels/matmul.cu"),
+    },
+};
 
 const OP: &str = "matmul";
 

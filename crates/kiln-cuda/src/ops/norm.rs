@@ -6,10 +6,19 @@ use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::{check_buffer, check_nonzero, check_q8_copy, count, to_u32};
 use crate::constants::NORM_VECTORS;
+use crate::family::Family;
 use crate::launch::KernelArgs;
-use crate::manifest::NORM;
-use crate::registry::KernelSpec;
+use crate::registry::{KernelSource, KernelSpec};
 use crate::{CudaBackend, CudaBuffer};
+
+/// [`kiln_core::ops::RmsNorm`] and [`kiln_core::ops::AddRmsNorm`].
+pub const NORM: Family = Family {
+    name: "norm",
+    source: KernelSource {
+        name: "norm.cu",
+        text: include_str!("../../kernels/norm.cu"),
+    },
+};
 
 /// The specialisation with or without a weight, and with or without the fused
 /// residual add.

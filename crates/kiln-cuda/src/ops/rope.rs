@@ -7,10 +7,19 @@ use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::common::{cache_tag, config, grid_dim, launch, CACHE_DTYPES, MAX_GRID_X};
 use super::{check_bytes, check_nonzero, count, to_u32};
+use crate::family::Family;
 use crate::launch::KernelArgs;
-use crate::manifest::ROPE;
-use crate::registry::KernelSpec;
+use crate::registry::{KernelSource, KernelSpec};
 use crate::{CudaBackend, CudaBuffer};
+
+/// [`kiln_core::ops::Rope`] and [`kiln_core::ops::HeadNormRope`].
+pub const ROPE: Family = Family {
+    name: "rope",
+    source: KernelSource {
+        name: "rope.cu",
+        text: include_str!("../../kernels/rope.cu"),
+    },
+};
 
 /// Threads per block: rope has one block per token, head_norm_rope one warp per head.
 const THREADS: u32 = 128;

@@ -15,10 +15,19 @@ use kiln_core::{DType, DeviceBuffer, Error, Result};
 use super::common::{allow_dynamic_shared, config, grid_dim, launch, MAX_GRID_X};
 use super::{check_bytes, check_nonzero, count};
 use crate::context::driver_error;
+use crate::family::Family;
 use crate::launch::KernelArgs;
-use crate::manifest::SAMPLE;
-use crate::registry::KernelSpec;
+use crate::registry::{KernelSource, KernelSpec};
 use crate::{CudaBackend, CudaBuffer};
+
+/// [`kiln_core::ops::Sample`].
+pub const SAMPLE: Family = Family {
+    name: "sample",
+    source: KernelSource {
+        name: "sample.cu",
+        text: include_str!("../../kernels/sample.cu"),
+    },
+};
 
 const OP: &str = "sample";
 

@@ -5,10 +5,19 @@ use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::common::{config, grid_dim, launch, MAX_GRID_X};
 use super::{check_bytes, check_nonzero, count, to_u32};
+use crate::family::Family;
 use crate::launch::KernelArgs;
-use crate::manifest::SOFTMAX;
-use crate::registry::KernelSpec;
+use crate::registry::{KernelSource, KernelSpec};
 use crate::{CudaBackend, CudaBuffer};
+
+/// [`kiln_core::ops::Softmax`].
+pub const SOFTMAX: Family = Family {
+    name: "softmax",
+    source: KernelSource {
+        name: "softmax.cu",
+        text: include_str!("../../kernels/softmax.cu"),
+    },
+};
 
 const OP: &str = "softmax";
 
