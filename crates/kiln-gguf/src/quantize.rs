@@ -10,7 +10,6 @@
 //! converted checkpoint, as llama.cpp's converter writes it, and keeps its type in a
 //! re-quantized file, as llama-quantize copies it.
 
-use crate::convert::permute_rope_rows;
 use crate::output::{InputFile, OutputFile};
 use crate::{keys, llama_file_type, GgufFile, GgufWriter, Metadata, TensorDesc, TensorInfo};
 use kiln_core::{quant, DType, Error, Result};
@@ -399,9 +398,44 @@ impl Requantization {
     }
 }
 
+/// Reorders the rows of each head of a q or k projection from Hugging Face's
+/// rotate-half RoPE layout to GGML's interleaved one, exactly as llama.cpp's
+/// `LlamaModel.permute` does for the `llama` architecture (qwen2 and qwen3 use NeoX
+/// RoPE in GGML too and are not permuted).
+///
+/// HF rotates element `j` of a head with element `j + d/2` (d = `head_rows`); GGML's
+/// normal RoPE rotates `2j` with `2j + 1`. So within each group of `head_rows` rows,
+/// output row `2j + k` is input row `k * d/2 + j` (k in {0, 1}, j < d/2): numpy's
+/// `w.reshape(n_head, 2, d/2, -1).swapaxes(1, 2)`. `row_len` is the elements per
+/// row (1 for a bias); `src.len()` must be a multiple of `head_rows * row_len`.
+pub fn permute_rope_rows(src: &[f32], head_rows: usize, row_len: usize) -> Vec<f32> {
+    let half = head_rows / 2;
+    let mut out = Vec::with_capacity(src.len());
+    for head in src.chunks_exact(head_rows * row_len) {
+        for out_row in 0..head_rows {
+            let in_row = (out_row % 2) * half + out_row / 2;
+            out.extend_from_slice(&head[in_row * row_len..(in_row + 1) * row_len]);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn permutation_interleaves_the_two_halves_of_each_head() {
+        // Two heads of 4 rows, 2 elements a row: row r holds [10r, 10r + 1].
+        let src: Vec<f32> = (0..8)
+            .flat_map(|r| [10.0 * r as f32, 10.0 * r as f32 + 1.0])
+            .collect();
+        let out = permute_rope_rows(&src, 4, 2);
+        let rows: Vec<f32> = out.chunks(2).map(|r| r[0] / 10.0).collect();
+        // Head 0: rows 0,2,1,3; head 1: rows 4,6,5,7.
+        assert_eq!(rows, [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
+        assert_eq!(out[1], 1.0);
+    }
 
     fn policy(d: DType) -> TypePolicy {
         TypePolicy::new(d).unwrap()

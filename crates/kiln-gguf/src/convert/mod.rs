@@ -36,10 +36,10 @@ mod tensors;
 mod vocab;
 mod weights;
 
+pub use crate::quantize::permute_rope_rows;
 pub use cache::{cached_name, checkpoint_hash, open_converted};
 pub use config::{HfConfig, RopeScaling};
 pub(crate) use tensors::model_tensors;
-pub use tensors::permute_rope_rows;
 pub use vocab::Vocab;
 
 use crate::output::{InputFile, OutputFile};
