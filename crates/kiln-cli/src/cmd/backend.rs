@@ -1,7 +1,7 @@
 //! Running a job on the backend of a resolved device.
 
 use super::device::{resolve, Device, DeviceChoice};
-use kiln_core::{Backend, Error, Graph, Result};
+use kiln_core::{Backend, DType, Error, Graph, Result};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::{CacheConfig, CudaBackend};
 
@@ -10,6 +10,16 @@ pub trait BackendJob {
     type Output;
     /// Runs the job on `backend`.
     fn run<BE: Backend>(self, backend: BE) -> Result<Self::Output>;
+}
+
+/// The KV-cache element type the commands load models with on `backend`: F32 on the
+/// CPU, which computes in f32 throughout; F16 on devices.
+pub fn cache_dtype<BE: Backend>(backend: &BE) -> DType {
+    if backend.name() == "cpu" {
+        DType::F32
+    } else {
+        DType::F16
+    }
 }
 
 /// The first op of `graph` that `backend` does not implement, by name.

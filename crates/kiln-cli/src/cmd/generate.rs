@@ -1,6 +1,6 @@
 //! `kiln generate`: stream text from a model.
 
-use super::backend::{run_on, BackendJob};
+use super::backend::{cache_dtype, run_on, BackendJob};
 use super::device::DeviceArgs;
 use super::flags;
 use super::model_file;
@@ -158,12 +158,7 @@ impl BackendJob for GenerateJob<'_> {
 
     fn run<BE: Backend>(self, backend: BE) -> Result<()> {
         let args = self.args;
-        // The CPU computes in f32 throughout; device caches hold f16.
-        let cache_dtype = if backend.name() == "cpu" {
-            DType::F32
-        } else {
-            DType::F16
-        };
+        let cache_dtype = cache_dtype(&backend);
         let context = args.context.unwrap_or_else(|| {
             self.config
                 .context_length

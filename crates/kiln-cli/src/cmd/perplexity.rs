@@ -1,7 +1,7 @@
 //! `kiln perplexity`: a model's perplexity over a text file, as llama-perplexity
 //! computes it (see [`kiln_models::perplexity`]).
 
-use super::backend::{run_on, BackendJob};
+use super::backend::{cache_dtype, run_on, BackendJob};
 use super::device::DeviceArgs;
 use super::{flags, model_file};
 use clap::Args;
@@ -120,12 +120,7 @@ impl BackendJob for PerplexityJob<'_> {
     type Output = ();
 
     fn run<BE: Backend>(self, backend: BE) -> Result<()> {
-        // The CPU computes in f32 throughout; device caches hold f16.
-        let cache_dtype = if backend.name() == "cpu" {
-            DType::F32
-        } else {
-            DType::F16
-        };
+        let cache_dtype = cache_dtype(&backend);
         let mut model = Model::load(
             backend,
             self.file,
