@@ -581,52 +581,31 @@ fn repeated_launches_of_one_plan_stay_correct() {
     let mut rng = rng("repeated_launches_of_one_plan_stay_correct");
     let (rows, vocab) = (3, 128_256);
     for p in settings() {
-        let x = device(cuda, &f32_bytes(&vec![0.0; rows * vocab]));
-        let u = device(cuda, &f32_bytes(&vec![0.5; rows]));
+        let mut x = device(cuda, &f32_bytes(&vec![0.0; rows * vocab]));
+        let mut u = device(cuda, &f32_bytes(&vec![0.5; rows]));
         let mut outs: Vec<_> = (0..6)
             .map(|_| device(cuda, &i32_bytes(&vec![-7; rows])))
             .collect();
         let mut want = Vec::new();
-        let mut x = x;
-        let mut u = u;
+        let launch = |x: &kiln_cuda::CudaBuffer, u: &kiln_cuda::CudaBuffer, out: &mut _| {
+            let (l, t) = (SampleLayout::Cluster, TUNING);
+            sample_with(cuda, x, u, out, rows, vocab, &p, t, l).unwrap()
+        };
         for (i, out) in outs.iter_mut().enumerate() {
             let logits = logits(&mut rng, i % KINDS, rows * vocab);
             let uniform: Vec<f32> = (0..rows).map(|_| rng.random::<f32>()).collect();
             use kiln_core::Backend;
             cuda.upload(&mut x, &f32_bytes(&logits)).unwrap();
             cuda.upload(&mut u, &f32_bytes(&uniform)).unwrap();
-            sample_with(
-                cuda,
-                &x,
-                &u,
-                out,
-                rows,
-                vocab,
-                &p,
-                TUNING,
-                SampleLayout::Cluster,
-            )
-            .unwrap();
+            launch(&x, &u, out);
             want.push(reference(vocab, &logits, &uniform, &p));
         }
         // And the same inputs again and again, without reading back in between.
-        let again: Vec<_> = (0..4)
+        let mut again: Vec<_> = (0..4)
             .map(|_| device(cuda, &i32_bytes(&vec![-7; rows])))
             .collect();
-        let mut again = again;
         for out in again.iter_mut() {
-            sample_with(
-                cuda,
-                &x,
-                &u,
-                out,
-                rows,
-                vocab,
-                &p,
-                TUNING,
-                SampleLayout::Cluster,
-            )
-            .unwrap();
+            launch(&x, &u, out);
         }
         for (i, out) in outs.iter().enumerate() {
             assert_eq!(
