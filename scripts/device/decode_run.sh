@@ -13,6 +13,8 @@
 #   bash scripts/device/decode_run.sh sampler   # tg128 of the 8B q4_0 with the default sampler
 #   bash scripts/device/decode_run.sh kernels   # bench-kernels for q4_0, q4_k, q8_0
 #   bash scripts/device/decode_run.sh generate  # kiln generate -n 128 on the 8B q4_0, greedy and sampled
+#   bash scripts/device/decode_run.sh memcheck  # compute-sanitizer memcheck over the GPU test executables
+#                                               # (MEMCHECK="<test executables>" narrows it)
 # Logs go to $OUT when it is set (the device tool's output folder).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -73,6 +75,14 @@ for what in "$@"; do
       done 2>&1 | tee "$out/generate.log" ;;
     kernels)
       "$kiln" bench-kernels --formats q4_0,q4_k,q8_0 --device cuda 2>/dev/null | tee "$out/kernels.log" ;;
+    memcheck)
+      # Each GPU test executable under compute-sanitizer, JOBS (default 8) at a time,
+      # each bounded by MEMCHECK_TIMEOUT seconds; prints each one's error summary.
+      mkdir -p target/release target/tmp "$out/memcheck" && ln -sf "$PWD/$kiln" target/release/kiln
+      ls ${MEMCHECK:-.device/tests/*} | xargs -P "${JOBS:-8}" -I{} sh -c \
+        'KILN_REQUIRE_GPU=1 timeout "${MEMCHECK_TIMEOUT:-400}" compute-sanitizer --tool memcheck --target-processes application-only --error-exitcode 99 \
+           "$1" --include-ignored > "$2/$(basename "$1").log" 2>&1; echo "$(basename "$1") rc=$? $(grep -h "ERROR SUMMARY" "$2/$(basename "$1").log" | tail -1) $(grep -h "^test result" "$2/$(basename "$1").log" | tail -1)"' \
+        _ {} "$out/memcheck" | sort | tee "$out/memcheck.log" ;;
     *) echo "unknown: $what"; exit 2 ;;
   esac
 done
