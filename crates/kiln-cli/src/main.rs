@@ -44,6 +44,9 @@ enum Command {
     Doctor(cmd::doctor::DoctorArgs),
     /// Compile CUDA kernels into the disk cache, in parallel, or measure start-up.
     Precompile(cmd::precompile::PrecompileArgs),
+    /// Check every op at every dtype on a device against the CPU reference (on the
+    /// CPU: against float64), like llama.cpp's test-backend-ops.
+    CheckOps(cmd::check_ops::CheckOpsArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => cmd::convert::run(args),
         Command::Doctor(args) => cmd::doctor::run(args),
         Command::Precompile(args) => cmd::precompile::run(args),
+        Command::CheckOps(args) => cmd::check_ops::run(args),
         Command::Version => {
             println!("kiln {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -1,19 +1,27 @@
-//! Helpers shared by the tests of kiln's backends (a dev-dependency only): a seeded
-//! generator whose seed is printed for replay, random values, little-endian byte
-//! conversions, running one graph on any [`Backend`] with poisoned outputs, and an
-//! error measure against a reference.
+//! Helpers shared by the checks of kiln's backends: a seeded generator whose seed is
+//! printed for replay, random values, little-endian byte conversions, running one
+//! graph on any [`Backend`] with poisoned outputs, an error measure against a
+//! reference, and [`op_cases`], the table of op cases that the backends' tests and
+//! `kiln check-ops` run.
 //!
 //! The assertions panic with a message naming the case; [`run_on`] returns the
 //! backend's errors so that tests can check them.
+
+pub mod op_cases;
 
 use kiln_core::{plan, Aliasing, Backend, Bindings, BufferId, BufferKind, Graph, Scratch};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// A generator seeded from the environment variable `KILN_TEST_SEED` (a `u64`) or,
-/// when it is unset or unparsable, from the clock. The seed is printed to stderr as
-/// `"{test}: KILN_TEST_SEED={seed}"` so that a failure can be replayed.
+/// A generator seeded with [`seed`]`(test)`.
 pub fn rng(test: &str) -> StdRng {
+    StdRng::seed_from_u64(seed(test))
+}
+
+/// The seed of the environment variable `KILN_TEST_SEED` (a `u64`) or, when it is
+/// unset or unparsable, of the clock. It is printed to stderr as
+/// `"{test}: KILN_TEST_SEED={seed}"` so that a failure can be replayed.
+pub fn seed(test: &str) -> u64 {
     let seed = std::env::var("KILN_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -23,7 +31,7 @@ pub fn rng(test: &str) -> StdRng {
                 .map_or(1, |d| d.as_nanos() as u64)
         });
     eprintln!("{test}: KILN_TEST_SEED={seed}");
-    StdRng::seed_from_u64(seed)
+    seed
 }
 
 /// `n` values uniform in `[-scale, scale)`, none exactly zero (a zero draw becomes
@@ -130,31 +138,12 @@ pub fn run_on<B: Backend>(
 }
 
 /// Asserts that `got` matches the reference `want` (f32 or f64, widened to f64):
-/// equal lengths, a non-empty reference, every element of `got` finite, and a
-/// normalised mean squared error `sum (got - want)^2 / sum want^2` at most `nmse`.
-/// A reference of all zeros fails, since it tests nothing. The measured error is
-/// printed to stderr; `what` names the case in every message.
+/// [`op_cases::nmse`] (equal lengths, a non-empty reference not all zeros, every
+/// element of `got` finite) at most `nmse`. The measured error is printed to stderr;
+/// `what` names the case in every message.
 pub fn assert_close<W: Copy + Into<f64>>(what: &str, got: &[f32], want: &[W], nmse: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    assert!(!want.is_empty(), "{what}: empty reference");
-    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
-        panic!(
-            "{what}: element {i} is {} (reference {})",
-            got[i],
-            Into::<f64>::into(want[i])
-        );
-    }
-    let err: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| (f64::from(g) - Into::<f64>::into(w)).powi(2))
-        .sum();
-    let norm: f64 = want.iter().map(|&w| Into::<f64>::into(w).powi(2)).sum();
-    assert!(
-        norm > 0.0,
-        "{what}: reference is all zeros, which tests nothing"
-    );
-    let e = err / norm;
+    let want: Vec<f64> = want.iter().map(|&w| w.into()).collect();
+    let e = op_cases::nmse(got, &want).unwrap_or_else(|msg| panic!("{what}: {msg}"));
     eprintln!("{what}: nmse {e:.2e}");
     assert!(
         e <= nmse,

@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod bench;
 pub mod bench_kernels;
+pub mod check_ops;
 pub mod convert;
 pub mod device;
 pub mod doctor;
