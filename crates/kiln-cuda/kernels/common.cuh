@@ -145,31 +145,47 @@ __device__ __forceinline__ float4 q8_1_float4(const u8* q8, u64 e) {
                        d * (float)(int)(signed char)(q >> 24));
 }
 
-// Rounds float4 v, elements 4 * (lane % 8) .. + 3 of a block of 32 held by 8
-// consecutive lanes (starting at a multiple of 8), to the Q8_1 block at `block`
-// (4-byte aligned), as store_q8_1_block does. Every lane of the warp must call it
-// (the maximum and the sum are shuffles); only lanes with `store` write.
-__device__ __forceinline__ void store_q8_1_block4(float4 v, bool store, u8* block) {
+// Float4 v, elements 4 * (lane % 8) .. + 3 of a block of 32 held by 8 consecutive
+// lanes (starting at a multiple of 8), rounded to Q8_1 as store_q8_1_block does: the
+// block's scale d (before its f16 rounding) and v's 4 quants. Every lane of the warp
+// must call round_q8_1_quad (the maximum is a shuffle).
+struct Q8_1Quad {
+    float d;
+    int q0, q1, q2, q3;
+
+    // The 4 quants packed one per byte, q0 lowest.
+    __device__ __forceinline__ u32 packed() const {
+        return __byte_perm(__byte_perm((u32)q0, (u32)q1, 0x0040u),
+                           __byte_perm((u32)q2, (u32)q3, 0x0040u), 0x5410u);
+    }
+};
+
+__device__ __forceinline__ Q8_1Quad round_q8_1_quad(float4 v) {
     float amax = fmaxf(fmaxf(fmaxf(0.0f, fabsf(v.x)), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
     for (int offset = 4; offset > 0; offset >>= 1) {
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
     }
     const float d = amax / 127.0f;
     const float inv = q8_1_inverse(d);
-    const int q0 = q8_1_quant(v.x, inv), q1 = q8_1_quant(v.y, inv);
-    const int q2 = q8_1_quant(v.z, inv), q3 = q8_1_quant(v.w, inv);
-    int sum = (q0 + q1) + (q2 + q3);
+    return Q8_1Quad{d, q8_1_quant(v.x, inv), q8_1_quant(v.y, inv), q8_1_quant(v.z, inv),
+                    q8_1_quant(v.w, inv)};
+}
+
+// Rounds float4 v as round_q8_1_quad does to the Q8_1 block at `block` (4-byte
+// aligned). Every lane of the warp must call it (the maximum and the sum are
+// shuffles); only lanes with `store` write.
+__device__ __forceinline__ void store_q8_1_block4(float4 v, bool store, u8* block) {
+    const Q8_1Quad r = round_q8_1_quad(v);
+    int sum = (r.q0 + r.q1) + (r.q2 + r.q3);
     for (int offset = 4; offset > 0; offset >>= 1) {
         sum += __shfl_xor_sync(0xffffffffu, sum, offset);
     }
     if (store) {
         const u32 lane8 = threadIdx.x & 7u;
-        *reinterpret_cast<u32*>(block + 4 + 4 * lane8) =
-            __byte_perm(__byte_perm((u32)q0, (u32)q1, 0x0040u),
-                        __byte_perm((u32)q2, (u32)q3, 0x0040u), 0x5410u);
+        *reinterpret_cast<u32*>(block + 4 + 4 * lane8) = r.packed();
         if (lane8 == 0) {
             *reinterpret_cast<u32*>(block) =
-                (u32)f32_to_f16_bits(d) | ((u32)f32_to_f16_bits((float)sum * d) << 16);
+                (u32)f32_to_f16_bits(r.d) | ((u32)f32_to_f16_bits((float)sum * r.d) << 16);
         }
     }
 }

@@ -583,27 +583,118 @@ __device__ __forceinline__ int dot4_u8_s8(u32 a, u32 b, int c) {
     return r;
 }
 
-// The mat-vec of a packed weight for one activation row given rounded to Q8_1 (xq8, k /
-// 32 Q8_1 blocks), held in shared memory (ResidentImage, copy_q8_1_block), and the
-// products of each run of 4 quants with 4 rounded activations summed in integers
+// Rounds float4 o, elements e .. e + 3 of x (e a multiple of 4, held as
+// store_q8_1_block4's lanes hold a block), to Q8_1 into `image`, exactly as
+// store_q8_1_block4 then copy_q8_1_block would. Every lane of the warp must call it;
+// only lanes with `store` write.
+template <typename W>
+__device__ __forceinline__ void stage_q8_1_quad(float4 o, bool store, u32 e,
+                                                const ResidentImage<W>& image) {
+    constexpr u32 GROUP_LANES = W::GROUP_ELEMS / 4;
+    const Q8_1Quad r = round_q8_1_quad(o);
+    int sum = (r.q0 + r.q1) + (r.q2 + r.q3);
+    for (u32 offset = GROUP_LANES / 2; offset > 0; offset >>= 1) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    }
+    if (store) {
+        image.quants(e, r.packed());
+        if ((threadIdx.x & (GROUP_LANES - 1)) == 0) {
+            image.group(e, f16_bits_to_f32(f32_to_f16_bits(r.d)), sum);
+        }
+    }
+}
+
+// Stages x's Q8_1 copy (k / 32 blocks at xq8) into `image`.
+template <typename W, u32 THREADS>
+struct StageQ8Copy {
+    const u8* xq8;
+
+    __device__ __forceinline__ void operator()(u32 k, const ResidentImage<W>& image) {
+        chain_after_prior_grids(xq8);
+        for (u32 b = threadIdx.x; b < k / Q8_1_BLOCK_ELEMS; b += THREADS) {
+            copy_q8_1_block<W>(xq8 + (u64)b * Q8_1_BLOCK_BYTES, b * Q8_1_BLOCK_ELEMS, image);
+        }
+    }
+};
+
+// Stages kiln_core::ops::AddRmsNorm of one row of k elements (k a multiple of 128, at
+// most 4 * RESIDENT_NORM_VECTORS * THREADS), computed by every block, into `image`,
+// rounded to Q8_1 as norm.cu's rms_norm rounds its out_q8: v = x + residual (stored to
+// sum by block 0), out = v * (1 / sqrt(mean(v^2) + eps)) * weight.
+template <typename W, u32 THREADS>
+struct StageAddNorm {
+    const float* x;
+    const float* residual;
+    const float* weight;
+    float* sum;
+    float eps;
+
+    __device__ __forceinline__ void operator()(u32 k, const ResidentImage<W>& image) {
+        chain_after_prior_grids(x, residual, sum);
+        const u32 vectors = k / 4;
+        float4 v[RESIDENT_NORM_VECTORS];
+        float squares = 0.0f;
+#pragma unroll
+        for (u32 j = 0; j < RESIDENT_NORM_VECTORS; ++j) {
+            const u32 i = threadIdx.x + j * THREADS;
+            v[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (i < vectors) {
+                const float4 a = reinterpret_cast<const float4*>(x)[i];
+                const float4 r = reinterpret_cast<const float4*>(residual)[i];
+                v[j] = make_float4(a.x + r.x, a.y + r.y, a.z + r.z, a.w + r.w);
+            }
+        }
+#pragma unroll
+        for (u32 j = 0; j < RESIDENT_NORM_VECTORS; ++j) {
+            const u32 i = threadIdx.x + j * THREADS;
+            if (i < vectors) {
+                if (blockIdx.x == 0) {
+                    reinterpret_cast<float4*>(sum)[i] = v[j];
+                }
+                squares += v[j].x * v[j].x;
+                squares += v[j].y * v[j].y;
+                squares += v[j].z * v[j].z;
+                squares += v[j].w * v[j].w;
+            }
+        }
+        const float scale = 1.0f / sqrtf(block_sum(squares) / (float)k + eps);
+#pragma unroll
+        for (u32 j = 0; j < RESIDENT_NORM_VECTORS; ++j) {
+            const u32 i = threadIdx.x + j * THREADS;
+            if (j * THREADS >= vectors) {
+                break;  // block-uniform
+            }
+            const bool live = i < vectors;
+            const float4 w = live ? reinterpret_cast<const float4*>(weight)[i]
+                                  : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+            const float4 o = make_float4(v[j].x * scale * w.x, v[j].y * scale * w.y,
+                                         v[j].z * scale * w.z, v[j].w * scale * w.w);
+            stage_q8_1_quad<W>(o, live, 4 * i, image);
+        }
+    }
+};
+
+// The mat-vec of a packed weight for one activation row rounded to Q8_1, held in
+// shared memory (ResidentImage, written by `stage`: StageQ8Copy or StageAddNorm), and
+// the products of each run of 4 quants with 4 rounded activations summed in integers
 // (dp4a).
 // Grid: any number of blocks of THREADS; warp w of the grid's G warps owns weight rows
 // w * P .. (w + 1) * P (P = ceil(n / G)), so a grid of at most one wave gives every
 // warp the same work and no block waits on another. Dynamic shared memory:
 // k / UNIT_ELEMS * resident_unit_bytes<W>() + 8 * k / GROUP_ELEMS bytes, in
-// ResidentImage's layout. m must be 1. ALIGNED: every plane of every row starts at
-// a multiple of 16 bytes.
+// ResidentImage's layout. ALIGNED: every plane of every row starts at a multiple of
+// 16 bytes.
 //
-// Each lane issues the loads of its first units, then the block rounds x into shared
-// memory; after one barrier every warp walks its rows in steps of 32 * U units, a
+// Each lane issues the loads of its first units, then the block stages x into shared
+// memory (`stage` waits for the prior grids); after one barrier every warp walks its rows in steps of 32 * U units, a
 // lane's next units in flight while it accumulates the current ones, and writes each
 // row's sum as it finishes the row. Per scale group of a unit the lane adds
 // scale * d * sum q_w q_x + zero * d * sum q_x (weights scale * q_w + zero).
-template <typename W, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
-__global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
-    matvec_resident(const u8* __restrict__ w, const u8* __restrict__ xq8,
-                    const float* __restrict__ bias,
-                    float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
+template <typename W, bool ALIGNED, u32 THREADS, typename Stage>
+__device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage stage,
+                                                const float* __restrict__ bias,
+                                                float* __restrict__ out, u32 n, u32 k,
+                                                u64 row_bytes) {
     constexpr u32 A = ALIGNED ? 16 : 2;
     constexpr u32 U = resident_units<W>();
     constexpr u32 WARPS = THREADS / 32;
@@ -641,12 +732,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     if (row < row_end) {
         load_step(row, c0, cur);
     }
-    chain_after_prior_grids(xq8);  // the first step's weights are in flight
-
     const ResidentImage<W> image{img, units};
-    for (u32 b = threadIdx.x; b < k / Q8_1_BLOCK_ELEMS; b += THREADS) {
-        copy_q8_1_block<W>(xq8 + (u64)b * Q8_1_BLOCK_BYTES, b * Q8_1_BLOCK_ELEMS, image);
-    }
+    stage(k, image);  // the first step's weights are in flight
     __syncthreads();
 
     float acc = 0.0f;
@@ -693,6 +780,32 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         row = next_row;
         c0 = next_c0;
     }
+}
+
+// resident_matvec of x's Q8_1 copy xq8. m must be 1.
+template <typename W, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+    matvec_resident(const u8* __restrict__ w, const u8* __restrict__ xq8,
+                    const float* __restrict__ bias,
+                    float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
+    resident_matvec<W, ALIGNED, THREADS>(w, StageQ8Copy<W, THREADS>{xq8}, bias, out, n, k,
+                                         row_bytes);
+}
+
+// kiln_core::ops::AddRmsNorm of one row (F32 x, residual and weight of k elements;
+// the sum stored to `sum`) fused with the kiln_core::ops::MatMul of its Q8_1 copy:
+// resident_matvec, each block staging x with StageAddNorm instead of reading a copy.
+// The norm's f32 output and Q8_1 copy are not written.
+template <typename W, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+    matvec_resident_add_norm(const u8* __restrict__ w, const float* __restrict__ x,
+                             const float* __restrict__ residual,
+                             const float* __restrict__ norm_weight, float* __restrict__ sum,
+                             float eps, const float* __restrict__ bias,
+                             float* __restrict__ out, u32 n, u32 k, u64 row_bytes) {
+    resident_matvec<W, ALIGNED, THREADS>(
+        w, StageAddNorm<W, THREADS>{x, residual, norm_weight, sum, eps}, bias, out, n, k,
+        row_bytes);
 }
 
 }  // namespace kiln

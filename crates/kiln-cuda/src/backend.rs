@@ -56,6 +56,7 @@ pub struct CudaBackend {
     attention_workspace: ops::attention::Workspace,
     resident_warps: ops::matmul::ResidentWarps,
     programmatic_launch: AtomicBool,
+    fuse_norms: AtomicBool,
     cuda_graphs: AtomicBool,
     capture: Capture,
     compiles: AtomicU64,
@@ -74,6 +75,10 @@ pub const PROGRAMMATIC_LAUNCH_ENV: &str = "KILN_PROGRAMMATIC_LAUNCH";
 /// The environment variable that, set to `0`, turns CUDA-graph replay of executables
 /// off ([`CudaBackend::cuda_graphs`]).
 pub const CUDA_GRAPHS_ENV: &str = "KILN_CUDA_GRAPHS";
+
+/// The environment variable that, set to `0`, turns the fusion of norms into the
+/// mat-vecs that read them off ([`CudaBackend::fuse_norms`]).
+pub const FUSE_NORMS_ENV: &str = "KILN_CUDA_FUSE_NORMS";
 
 impl CudaBackend {
     /// A backend on device `ordinal` with the disk cache the environment configures
@@ -97,6 +102,7 @@ impl CudaBackend {
         let programmatic_launch = device.has_programmatic_launch()
             && std::env::var(PROGRAMMATIC_LAUNCH_ENV).map_or(true, |v| v != "0");
         let cuda_graphs = std::env::var(CUDA_GRAPHS_ENV).map_or(true, |v| v != "0");
+        let fuse_norms = std::env::var(FUSE_NORMS_ENV).map_or(true, |v| v != "0");
         let capture = Capture::new(device.context())?;
         // SAFETY: the memory is only read after a copy into it has completed.
         let staging = unsafe {
@@ -112,6 +118,7 @@ impl CudaBackend {
             attention_workspace: ops::attention::Workspace::default(),
             resident_warps: ops::matmul::ResidentWarps::default(),
             programmatic_launch: AtomicBool::new(programmatic_launch),
+            fuse_norms: AtomicBool::new(fuse_norms),
             cuda_graphs: AtomicBool::new(cuda_graphs),
             capture,
             compiles: AtomicU64::new(0),
@@ -129,6 +136,18 @@ impl CudaBackend {
     /// Turns CUDA-graph replay on or off for the runs that follow.
     pub fn set_cuda_graphs(&self, on: bool) {
         self.cuda_graphs.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether [`Backend::compile`] fuses a one-row residual add and RMSNorm into the
+    /// resident mat-vec that reads it ([`ops::norm_matvec`]). On unless
+    /// `KILN_CUDA_FUSE_NORMS=0`.
+    pub fn fuse_norms(&self) -> bool {
+        self.fuse_norms.load(Ordering::Relaxed)
+    }
+
+    /// Turns the fusion of norms on or off for the graphs compiled after.
+    pub fn set_fuse_norms(&self, on: bool) {
+        self.fuse_norms.store(on, Ordering::Relaxed);
     }
 
     /// How many graphs [`Backend::compile`] has compiled on this backend (each
@@ -407,6 +426,52 @@ impl CudaBackend {
 
 /// The outputs `outs` of an op writing `out` and optionally its Q8_1 copy `out_q8`
 /// (in that order): `out` and the copy, when there is one.
+impl CudaBackend {
+    /// Runs a pair that [`ops::norm_matvec::fusible`] found as one launch.
+    fn run_norm_matvec(
+        &self,
+        graph: &Graph,
+        norm: &kiln_core::ops::AddRmsNorm,
+        product: &kiln_core::ops::MatMul,
+        bindings: &mut Bindings<'_, CudaBuffer>,
+    ) -> Result<()> {
+        let dtype = graph.desc(product.w)?.dtype;
+        let Some(weight) = norm.weight else {
+            return Err(Error::invalid(
+                "add_rms_norm+matmul",
+                "the fused norm needs a weight",
+            ));
+        };
+        let inputs: Vec<_> = [norm.x, norm.residual, weight, product.w]
+            .into_iter()
+            .chain(product.bias)
+            .collect();
+        bindings.with_operands(&inputs, &[norm.sum, product.out], |ins, outs| {
+            let [sum, out] = outs else {
+                unreachable!("two outputs were asked for")
+            };
+            ops::norm_matvec::add_norm_matvec(
+                self,
+                ops::norm_matvec::NormOperands {
+                    x: ins[0],
+                    residual: ins[1],
+                    weight: ins[2],
+                    sum,
+                    eps: norm.eps,
+                },
+                ops::norm_matvec::ProductOperands {
+                    w: ins[3],
+                    dtype,
+                    bias: ins.get(4).copied(),
+                    out,
+                    n: product.n,
+                    k: product.k,
+                },
+            )
+        })?
+    }
+}
+
 fn with_q8_copy<'o>(
     outs: &'o mut [&mut CudaBuffer],
 ) -> (&'o mut CudaBuffer, Option<&'o mut CudaBuffer>) {
@@ -535,15 +600,38 @@ impl Backend for CudaBackend {
         bindings.check_complete(graph)?;
         self.prepare(graph)?;
         let recorder = Recorder::start()?;
-        let mut ops = Vec::with_capacity(graph.ops().len());
-        for (index, op) in graph.ops().iter().enumerate() {
+        let graph_ops = graph.ops();
+        let mut ops = Vec::with_capacity(graph_ops.len());
+        let mut index = 0;
+        while index < graph_ops.len() {
             let start = recorder.len();
-            self.run_op(graph, op, bindings)?;
+            let fused = self
+                .fuse_norms()
+                .then(|| ops::norm_matvec::fusible(graph, index))
+                .flatten();
+            let ran = match fused {
+                Some((norm, product)) => {
+                    self.run_norm_matvec(graph, norm, product, bindings)?;
+                    // The norm's launch is the product's.
+                    ops.push(OpLaunches {
+                        index,
+                        name: graph_ops[index].name(),
+                        launches: start..start,
+                    });
+                    2
+                }
+                None => {
+                    self.run_op(graph, &graph_ops[index], bindings)?;
+                    1
+                }
+            };
+            let last = index + ran - 1;
             ops.push(OpLaunches {
-                index,
-                name: op.name(),
+                index: last,
+                name: graph_ops[last].name(),
                 launches: start..recorder.len(),
             });
+            index += ran;
         }
         self.compiles.fetch_add(1, Ordering::Relaxed);
         Ok(CudaExecutable::new(recorder.finish(), ops))

@@ -37,6 +37,9 @@ shared_constants! {
     MM_BN = 64;
     /// Float4s of a row that each thread of a norm kernel holds in registers.
     NORM_VECTORS = 4;
+    /// Float4s of the row that each thread of a resident mat-vec with a fused residual
+    /// add and RMSNorm holds in registers.
+    RESIDENT_NORM_VECTORS = 8;
     /// Elements and bytes of a Q8_1 block (kiln_core's DType::Q8_1).
     Q8_1_BLOCK_ELEMS = 32;
     Q8_1_BLOCK_BYTES = 36;

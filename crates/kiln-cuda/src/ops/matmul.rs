@@ -342,6 +342,28 @@ pub fn spec(dtype: DType, kernel: MatMulKernel) -> Result<KernelSpec> {
     })
 }
 
+/// Every `matvec_resident` shape: for each dtype it runs, large and small blocks, both
+/// plane alignments.
+pub(crate) fn resident_kernels() -> Vec<(DType, MatMulKernel)> {
+    let mut kernels = Vec::new();
+    for dtype in WEIGHT_DTYPES {
+        let shapes = [resident_shape(dtype), resident_small_shape(dtype)];
+        for (threads, min_blocks) in shapes.into_iter().flatten() {
+            for aligned in [true, false] {
+                kernels.push((
+                    dtype,
+                    MatMulKernel::MatVecResident {
+                        threads,
+                        min_blocks,
+                        aligned,
+                    },
+                ));
+            }
+        }
+    }
+    kernels
+}
+
 /// Every matmul specialisation: for each weight dtype, each mat-vec tier with both
 /// staging widths (packed dtypes: both plane alignments), and the mat-mat kernel.
 pub(crate) fn all_specs() -> Vec<KernelSpec> {
@@ -349,20 +371,10 @@ pub(crate) fn all_specs() -> Vec<KernelSpec> {
     for dtype in WEIGHT_DTYPES {
         for m_tier in M_TIERS {
             if packing::is_packed(dtype) {
+                if m_tier == 1 {
+                    kernels.extend(resident_kernels().into_iter().filter(|&(d, _)| d == dtype));
+                }
                 for aligned in [true, false] {
-                    if m_tier == 1 {
-                        let shapes = [resident_shape(dtype), resident_small_shape(dtype)];
-                        for (threads, min_blocks) in shapes.into_iter().flatten() {
-                            kernels.push((
-                                dtype,
-                                MatMulKernel::MatVecResident {
-                                    threads,
-                                    min_blocks,
-                                    aligned,
-                                },
-                            ));
-                        }
-                    }
                     kernels.push((
                         dtype,
                         MatMulKernel::MatVecPacked {
@@ -407,7 +419,7 @@ pub struct ResidentWarps {
 impl ResidentWarps {
     /// Warps of `kernel` launched with `config`'s block and shared memory that the
     /// device's multiprocessors hold at once.
-    fn get(
+    pub(crate) fn get(
         &self,
         backend: &CudaBackend,
         kernel: &CudaKernel,

@@ -11,6 +11,7 @@ pub mod embedding;
 pub mod kv_cache;
 pub mod matmul;
 pub mod norm;
+pub mod norm_matvec;
 pub mod rope;
 pub mod sample;
 pub mod softmax;
