@@ -85,6 +85,9 @@ pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
             w_packed: Some((dtype(m.w)?, m.k)),
             bias_bytes: optional(m.bias)?,
             out_bytes: bytes(m.out)?,
+            // Where cuBLASLt is missing the kernels of the other path are compiled
+            // when the graph is.
+            gemm_min_rows: ops::matmul::GEMM_MIN_ROWS,
         }
         .check()
         .map(|plan| plan.spec),
