@@ -2,6 +2,7 @@
 //! into a [`LaunchRecord`] and submits it with `cuLaunchKernelEx` on the backend's
 //! stream, or, while a [`Recorder`] is active on the thread, keeps the record instead
 //! (how [`crate::CudaBackend`] compiles a graph into launch records that it replays).
+//! [`call_library`] does the same for work a library enqueues ([`LibraryCall`]).
 //!
 //! Programmatic dependent launch (compute capability 9.0 and later) lets a kernel's
 //! blocks start while the kernel before it in the stream is still finishing. Every

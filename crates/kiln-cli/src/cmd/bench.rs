@@ -654,3 +654,43 @@ impl BackendJob for BenchJob<'_> {
         bench(backend, self.args)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The costs of Llama-3.1-8B with round parameter counts.
+    fn costs() -> Costs {
+        let preset = kiln_gguf::synth::preset("llama-3.1-8b").unwrap();
+        Costs {
+            config: preset.config().unwrap(),
+            body_params: 7.0e9,
+            head_params: 0.5e9,
+            decode_weight_bytes: 0.0,
+            kv_bytes_per_position: 0.0,
+        }
+    }
+
+    #[test]
+    fn prefill_flops_count_the_output_head_for_the_last_row_only() {
+        let c = costs();
+        // Attention: QKᵀ and PV, 2 FLOPs per multiply-add, per visible (query, key)
+        // pair of each layer: 32 layers of 4096 query values.
+        let pairs = |n: f64| 2.0 * 2.0 * 32.0 * 4096.0 * n;
+        assert_eq!(
+            c.prefill_flops(1, 0),
+            2.0 * 7.0e9 + 2.0 * 0.5e9 + pairs(1.0)
+        );
+        // Each further prompt row adds its body products and its attention over the
+        // rows up to it, not another head.
+        assert_eq!(
+            c.prefill_flops(3, 0) - c.prefill_flops(2, 0),
+            2.0 * 7.0e9 + pairs(3.0)
+        );
+        // After 10 rows of context the first prompt row sees 11.
+        assert_eq!(
+            c.prefill_flops(1, 10),
+            2.0 * 7.0e9 + 2.0 * 0.5e9 + pairs(11.0)
+        );
+    }
+}

@@ -28,7 +28,7 @@ use crate::registry::{KernelSource, KernelSpec};
 use crate::{packing, CudaBackend, CudaBuffer};
 
 mod gemm;
-pub use gemm::{Gemm, WORKSPACE_BYTES};
+pub use gemm::{bf16_product, Gemm, WORKSPACE_BYTES};
 
 /// [`kiln_core::ops::MatMul`] with few activation rows (decode).
 pub const MATVEC: Family = Family {
@@ -644,7 +644,12 @@ pub fn matmul<'a>(
         w_packed: w.packed(),
         bias_bytes: bias.map(|b| b.bytes()),
         out_bytes: out.bytes(),
-        gemm_min_rows: backend.gemm_min_rows(),
+        // Asked only for a mat-mat: the first ask loads cuBLASLt.
+        gemm_min_rows: if m > MATVEC_MAX_ROWS {
+            backend.gemm_min_rows()
+        } else {
+            usize::MAX
+        },
     }
     .check()?;
     if plan.kernel == MatMulKernel::Gemm {

@@ -136,10 +136,9 @@ impl Gemm {
         }
         let [a, b, d] = layouts;
         // SAFETY: every descriptor is live and describes the product's operands.
-        let found = unsafe {
-            lt::get_matmul_algo_heuristic(handle.0, desc.0, a.0, b.0, d.0, d.0, pref.0)
-        }
-        .map_err(fail)?;
+        let found =
+            unsafe { lt::get_matmul_algo_heuristic(handle.0, desc.0, a.0, b.0, d.0, d.0, pref.0) }
+                .map_err(fail)?;
         known.insert(shape, found.algo);
         Ok(found.algo)
     }
@@ -225,24 +224,66 @@ pub(super) fn gemm(
     row_bytes: u64,
 ) -> Result<()> {
     let gemm = backend.gemm();
-    let handle = Arc::clone(gemm.handle(backend).ok_or_else(|| {
-        cuda_error("the matmul was planned for cuBLASLt, which is not available")
-    })?);
     // Held until the product is enqueued, so that no other product's scratch writes
     // come between this one's writes and its reads.
     let mut scratch = gemm.scratch(backend, 2 * n * k, 2 * m * k)?;
     let s = &mut *scratch;
-    let (workspace, w16, activations) = (
+    let (workspace, w16, x16) = (
         s.workspace.last().expect("allocated by scratch"),
         s.weights.last_mut().expect("allocated by scratch"),
         s.activations.last_mut().expect("allocated by scratch"),
     );
     dequant_bf16(backend, w, dtype, w16, n, k, row_bytes)?;
-    let a = address(backend, w16);
-    cast::cast(backend, x, DType::F32, activations, DType::BF16, m * k)?;
-    let b = address(backend, activations);
-    let d = address(backend, out);
+    cast::cast(backend, x, DType::F32, x16, DType::BF16, m * k)?;
+    let operands = [&*w16, &*x16, &*out].map(|b| address(backend, b));
     let bias = bias.map(|b| address(backend, b));
+    // SAFETY: w16 and x16 hold 2 * n * k and 2 * m * k bytes (allocated by scratch),
+    // out m x n f32 and bias n f32 (checked by the plan).
+    unsafe { product(backend, operands, bias, workspace, (m, n, k)) }
+}
+
+/// `out[m, n] = x16 · w16ᵀ` in f32 for bf16 `x16` (`m x k`) and `w16` (`n x k`) by
+/// cuBLASLt, as the cuBLASLt path computes its product: the bf16 matrix-product
+/// ceiling `kiln bench-kernels` measures the mat-mat against.
+pub fn bf16_product(
+    backend: &CudaBackend,
+    x16: &CudaBuffer,
+    w16: &CudaBuffer,
+    out: &mut CudaBuffer,
+    (m, n, k): (usize, usize, usize),
+) -> Result<()> {
+    let op = "bf16 product";
+    crate::ops::check_nonzero(op, &[("m", m), ("n", n), ("k", k)])?;
+    let elements = |a: usize, b: usize| crate::ops::count(op, &[a, b]);
+    crate::ops::check_buffer(op, "x16", x16, DType::BF16, elements(m, k)?)?;
+    crate::ops::check_buffer(op, "w16", w16, DType::BF16, elements(n, k)?)?;
+    crate::ops::check_buffer(op, "out", out, DType::F32, elements(m, n)?)?;
+    let scratch = backend.gemm().scratch(backend, 0, 0)?;
+    let workspace = scratch.workspace.last().expect("allocated by scratch");
+    let operands = [w16, x16, &*out].map(|b| address(backend, b));
+    // SAFETY: the buffers hold the operands (checked above).
+    unsafe { product(backend, operands, None, workspace, (m, n, k)) }
+}
+
+/// Enqueues (or records) D = op(A) · B (+ bias) for the device addresses `[A, B, D]`
+/// of the bf16 weight (`n x k`), the bf16 activations (`m x k`) and the f32 output
+/// (`m x n`), all row-major, and the optional f32 `bias` (`n`).
+///
+/// # Safety
+/// Each address must hold its operand, and stay allocated while the product (or a
+/// record of it) may run; `workspace` is the backend's.
+unsafe fn product(
+    backend: &CudaBackend,
+    [a, b, d]: [u64; 3],
+    bias: Option<u64>,
+    workspace: &CudaBuffer,
+    (m, n, k): (usize, usize, usize),
+) -> Result<()> {
+    let gemm = backend.gemm();
+    let handle =
+        Arc::clone(gemm.handle(backend).ok_or_else(|| {
+            cuda_error("a product was planned for cuBLASLt, which is not available")
+        })?);
     let shape = Shape {
         m,
         n,
@@ -272,10 +313,7 @@ pub(super) fn gemm(
         workspace: address(backend, workspace),
         scales: [1.0, 0.0],
     };
-    // SAFETY: the addresses are of buffers the plan checked (w: n x k of `dtype`, x: m
-    // x k f32, out: m x n f32, bias: n f32) or of scratch buffers of 2 * n * k and 2 *
-    // m * k bytes, which stay allocated while the backend lives; the workspace holds
-    // WORKSPACE_BYTES.
+    // SAFETY: the caller's contract; the workspace holds WORKSPACE_BYTES.
     unsafe { call_library(backend, Box::new(call)) }
 }
 
@@ -364,7 +402,7 @@ impl Desc {
         );
         use lt_sys::cublasLtMatmulDescAttributes_t as A;
         let transpose: i32 = 1; // CUBLAS_OP_T
-        // SAFETY: the descriptor is live; each value is the attribute's type and size.
+                                // SAFETY: the descriptor is live; each value is the attribute's type and size.
         unsafe {
             lt::set_matmul_desc_attribute(
                 desc.0,
