@@ -659,11 +659,33 @@ impl BackendJob for BenchJob<'_> {
 mod tests {
     use super::*;
 
-    /// The costs of Llama-3.1-8B with round parameter counts.
+    /// The costs of a model of Llama-3.1-8B's shape with round parameter counts.
     fn costs() -> Costs {
-        let preset = kiln_gguf::synth::preset("llama-3.1-8b").unwrap();
+        let config = ModelConfig {
+            arch: kiln_models::config::Arch::Llama,
+            n_layers: 32,
+            n_embd: 4096,
+            n_ff: 14336,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 128,
+            vocab: 128_256,
+            context_length: 8192,
+            rms_eps: 1e-5,
+            rope: kiln_core::ops::RopeParams {
+                head_dim: 128,
+                rotary_dim: 128,
+                base: 500_000.0,
+                freq_scale: 1.0,
+                style: kiln_core::ops::RopeStyle::Normal,
+            },
+            rope_freq_factors: true,
+            tied_embeddings: false,
+            qkv_bias: false,
+            qk_norm: false,
+        };
         Costs {
-            config: preset.config().unwrap(),
+            config,
             body_params: 7.0e9,
             head_params: 0.5e9,
             decode_weight_bytes: 0.0,
