@@ -51,14 +51,14 @@ pub struct Gemm {
 }
 
 /// What the algorithm of a product depends on: its sizes, whether the epilogue adds a
-/// bias, and the alignment of each operand's address.
+/// bias, and the alignment of the addresses of A, B and D.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Shape {
     m: usize,
     n: usize,
     k: usize,
     bias: bool,
-    align: [u32; 4],
+    align: [u32; 3],
 }
 
 /// Buffers of each kind, the newest (largest) last; earlier ones stay allocated.
@@ -110,7 +110,7 @@ impl Gemm {
         let pref = Pref(lt::create_matmul_pref().map_err(fail)?);
         use lt_sys::cublasLtMatmulPreferenceAttributes_t as P;
         let workspace = WORKSPACE_BYTES as u64;
-        let [a, b, d, _] = shape.align;
+        let [a, b, d] = shape.align;
         let attrs = [
             (P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, workspace),
             (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, u64::from(a)),
@@ -289,12 +289,7 @@ unsafe fn product(
         n,
         k,
         bias: bias.is_some(),
-        align: [
-            alignment(a),
-            alignment(b),
-            alignment(d),
-            bias.map_or(MAX_ALIGNMENT as u32, alignment),
-        ],
+        align: [a, b, d].map(alignment),
     };
     let desc = Desc::new(bias)?;
     let layouts = [
