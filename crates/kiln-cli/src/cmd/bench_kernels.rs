@@ -572,11 +572,25 @@ impl Bench<'_> {
                     "--matmat-paths cublaslt: cuBLASLt could not be loaded".into(),
                 ));
             }
+            let min_rows = self.backend.gemm_min_rows();
             for &m in &args.matmat_rows {
-                let x_q8 = m <= MATVEC_MAX_ROWS && dtype.is_quantized();
+                let matvec = m <= MATVEC_MAX_ROWS;
+                if matvec && path != MatMatPath::Auto {
+                    // The same mat-vec on every path.
+                    continue;
+                }
+                // What the dispatch runs (k of the shapes is a multiple of 8).
+                let runs = if matvec {
+                    "mat-vec"
+                } else if m >= min_rows {
+                    "cublaslt"
+                } else {
+                    "kernel"
+                };
+                let x_q8 = matvec && dtype.is_quantized();
                 rows.push(Measurement {
                     family: "matmat",
-                    label: format!("m {m}, {}", path.name()),
+                    label: format!("m {m}, {} ({runs})", path.name()),
                     bytes: 0,
                     flops: matmul_flops(m, n, k),
                     seconds: self.timed_matmul(dtype, &weights, m, n, k, x_q8)?,
