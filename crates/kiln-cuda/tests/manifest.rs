@@ -132,6 +132,38 @@ fn specs_for_graph_are_distinct_and_in_first_use_order() {
 }
 
 #[test]
+fn a_mat_mat_on_cublaslt_needs_the_weight_decoder_and_the_cast_of_x() {
+    use kiln_cuda::manifest::spec_for_op;
+    use kiln_cuda::ops::matmul::GEMM_MIN_ROWS;
+    let (m, n, k) = (GEMM_MIN_ROWS, 96, 256);
+    let mut g = Graph::new();
+    let x = g.persistent("x", DType::F32, &[m, k]).unwrap();
+    let w = g.persistent("w", DType::Q4_0, &[n, k]).unwrap();
+    let out = g.persistent("out", DType::F32, &[m, n]).unwrap();
+    g.push(MatMul {
+        x,
+        x_q8: None,
+        w,
+        bias: None,
+        out,
+        m,
+        n,
+        k,
+    })
+    .unwrap();
+    let keys: Vec<String> = specs_for_graph(&g)
+        .unwrap()
+        .into_iter()
+        .map(|s| s.key)
+        .collect();
+    assert_eq!(keys, ["dequant_bf16|w=q4_0", "cast|from=f32|to=bf16"]);
+    assert_eq!(
+        spec_for_op(&g.ops()[0], &g).unwrap().key,
+        "dequant_bf16|w=q4_0"
+    );
+}
+
+#[test]
 fn ops_without_a_cuda_kernel_are_unsupported() {
     // Attention with a head dimension that is not a multiple of 8: valid IR, but the
     // CUDA kernels need 16-byte aligned cache rows.

@@ -595,6 +595,18 @@ impl MatMulArgs {
     }
 }
 
+impl MatMulPlan {
+    /// Every kernel the launch runs: the plan's, and on the cuBLASLt path the cast of x
+    /// to bf16 after the weight decoder.
+    pub fn specs(&self) -> Result<Vec<KernelSpec>> {
+        let mut specs = vec![self.spec.clone()];
+        if self.kernel == MatMulKernel::Gemm {
+            specs.push(super::cast::spec(DType::F32, DType::BF16)?);
+        }
+        Ok(specs)
+    }
+}
+
 /// Whether a mat-mat of `m` rows (more than [`MATVEC_MAX_ROWS`]) reducing over `k`
 /// runs on cuBLASLt when it takes `min_rows` rows and more.
 fn gemm_takes(m: usize, k: usize, min_rows: usize) -> bool {
