@@ -1,7 +1,10 @@
 // Matrix product for prefill: out[i, j] = sum_l x[i, l] * W[j, l] (+ bias[j]) for many
-// activation rows, on tensor cores.
+// activation rows, on tensor cores, by one of two paths (src/ops/matmul.rs picks):
+// - dequant_bf16 decodes W to bf16 in scratch memory for cuBLASLt's GEMM
+//   (src/ops/matmul/gemm.rs), which multiplies it with x rounded to bf16;
+// - matmul computes the product itself (below).
 //
-// A block of 128 threads (2 x 2 warps) computes a 64 x 64 tile of out, stepping
+// matmul: a block of 128 threads (2 x 2 warps) computes a 64 x 64 tile of out, stepping
 // through k by 32: it converts a 64 x 32 tile of x from f32 to bf16 and decodes a
 // 64 x 32 tile of W (any weight format, chunks of 8 through quant.cuh) to bf16, both
 // into shared memory (rows padded to 40 elements, which makes the fragment loads
@@ -146,6 +149,29 @@ __global__ void __launch_bounds__(MM_THREADS)
                 }
             }
         }
+    }
+}
+
+// Decodes the n x k weight w (rows of row_bytes bytes, any weight format, in the layout
+// it is uploaded in; k a multiple of 8) to bf16, rounded to nearest even, row-major in
+// out: one chunk of 8 elements, one 16-byte store, per thread and step. Launched
+// serialized: stream order puts it after the product that last read out.
+template <typename W>
+__global__ void dequant_bf16(const u8* __restrict__ w, u16* __restrict__ out, u32 n, u32 k,
+                             u64 row_bytes) {
+    const u32 chunks = k / 8;
+    const u64 total = (u64)n * chunks;
+    for (u64 i = global_index(); i < total; i += grid_stride()) {
+        const u64 row = i / chunks;
+        const u32 c = (u32)(i - row * chunks);
+        float v[8];
+        decode_chunk<W>(w + row * row_bytes, 8 * c, k, v);
+        uint4 packed;
+        packed.x = pack_bf16x2(v[0], v[1]);
+        packed.y = pack_bf16x2(v[2], v[3]);
+        packed.z = pack_bf16x2(v[4], v[5]);
+        packed.w = pack_bf16x2(v[6], v[7]);
+        reinterpret_cast<uint4*>(out)[i] = packed;
     }
 }
 

@@ -1,6 +1,6 @@
 //! The CUDA backend: device buffers, transfers, and graph execution on one stream.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::result::DriverError;
@@ -55,6 +55,8 @@ pub struct CudaBackend {
     registry: KernelRegistry<NvrtcCompiler>,
     attention_workspace: ops::attention::Workspace,
     resident_warps: ops::matmul::ResidentWarps,
+    gemm: ops::matmul::Gemm,
+    gemm_min_rows: AtomicUsize,
     programmatic_launch: AtomicBool,
     fuse_norms: AtomicBool,
     cuda_graphs: AtomicBool,
@@ -80,6 +82,26 @@ pub const CUDA_GRAPHS_ENV: &str = "KILN_CUDA_GRAPHS";
 /// mat-vecs that read them off ([`CudaBackend::fuse_norms`]).
 pub const FUSE_NORMS_ENV: &str = "KILN_CUDA_FUSE_NORMS";
 
+/// The environment variable that sets the fewest activation rows of a mat-mat on
+/// cuBLASLt ([`CudaBackend::gemm_min_rows`]): a number, or `off` for never.
+pub const GEMM_MIN_ROWS_ENV: &str = "KILN_GEMM_MIN_ROWS";
+
+/// The fewest activation rows of a mat-mat on cuBLASLt that `value` of
+/// [`GEMM_MIN_ROWS_ENV`] asks for: `None` (unset) gives
+/// [`ops::matmul::GEMM_MIN_ROWS`], `off` gives `usize::MAX` (never).
+pub fn parse_gemm_min_rows(value: Option<&str>) -> Result<usize> {
+    match value.map(str::trim) {
+        None => Ok(ops::matmul::GEMM_MIN_ROWS),
+        Some("off") => Ok(usize::MAX),
+        Some(v) => v.parse().map_err(|_| {
+            Error::invalid(
+                GEMM_MIN_ROWS_ENV,
+                format!("expected a number of rows or `off`, got {v:?}"),
+            )
+        }),
+    }
+}
+
 impl CudaBackend {
     /// A backend on device `ordinal` with the disk cache the environment configures
     /// ([`CacheConfig::from_env`]).
@@ -103,6 +125,7 @@ impl CudaBackend {
             && std::env::var(PROGRAMMATIC_LAUNCH_ENV).map_or(true, |v| v != "0");
         let cuda_graphs = std::env::var(CUDA_GRAPHS_ENV).map_or(true, |v| v != "0");
         let fuse_norms = std::env::var(FUSE_NORMS_ENV).map_or(true, |v| v != "0");
+        let gemm_min_rows = parse_gemm_min_rows(std::env::var(GEMM_MIN_ROWS_ENV).ok().as_deref())?;
         let capture = Capture::new(device.context())?;
         // SAFETY: the memory is only read after a copy into it has completed.
         let staging = unsafe {
@@ -117,6 +140,8 @@ impl CudaBackend {
             registry: KernelRegistry::new(compiler, cache),
             attention_workspace: ops::attention::Workspace::default(),
             resident_warps: ops::matmul::ResidentWarps::default(),
+            gemm: ops::matmul::Gemm::default(),
+            gemm_min_rows: AtomicUsize::new(gemm_min_rows),
             programmatic_launch: AtomicBool::new(programmatic_launch),
             fuse_norms: AtomicBool::new(fuse_norms),
             cuda_graphs: AtomicBool::new(cuda_graphs),
@@ -171,6 +196,30 @@ impl CudaBackend {
         let on = on && self.device.has_programmatic_launch();
         self.programmatic_launch.store(on, Ordering::Relaxed);
         on
+    }
+
+    /// The fewest activation rows of a mat-mat that runs on cuBLASLt (bf16 copies of
+    /// the operands, [`ops::matmul::Gemm`]) rather than on kiln's mat-mat kernel:
+    /// [`ops::matmul::GEMM_MIN_ROWS`] unless [`GEMM_MIN_ROWS_ENV`] or
+    /// [`CudaBackend::set_gemm_min_rows`] says otherwise; `usize::MAX` (never) where
+    /// cuBLASLt cannot be loaded (asked on first call, with a warning).
+    pub fn gemm_min_rows(&self) -> usize {
+        let rows = self.gemm_min_rows.load(Ordering::Relaxed);
+        if rows == usize::MAX || !self.gemm.available(self) {
+            return usize::MAX;
+        }
+        rows
+    }
+
+    /// Sets the fewest activation rows of a mat-mat on cuBLASLt for the launches that
+    /// follow (`usize::MAX`: never).
+    pub fn set_gemm_min_rows(&self, rows: usize) {
+        self.gemm_min_rows.store(rows, Ordering::Relaxed);
+    }
+
+    /// cuBLASLt: its handle, algorithms, workspace and scratch memory.
+    pub(crate) fn gemm(&self) -> &ops::matmul::Gemm {
+        &self.gemm
     }
 
     /// Scratch memory of the attention kernels' split decode.

@@ -2,6 +2,7 @@
 //! into a [`LaunchRecord`] and submits it with `cuLaunchKernelEx` on the backend's
 //! stream, or, while a [`Recorder`] is active on the thread, keeps the record instead
 //! (how [`crate::CudaBackend`] compiles a graph into launch records that it replays).
+//! [`call_library`] does the same for work a library enqueues ([`LibraryCall`]).
 //!
 //! Programmatic dependent launch (compute capability 9.0 and later) lets a kernel's
 //! blocks start while the kernel before it in the stream is still finishing. Every
@@ -117,10 +118,33 @@ impl<T> KernelArg for &mut CudaViewMut<'_, T> {
     }
 }
 
-/// One kernel launch with everything it needs: the loaded kernel, its configuration
-/// and its parameter values (device addresses included). Submitting it again launches
-/// the same work on the same memory.
-pub struct LaunchRecord {
+/// Work a library enqueues on a stream in place of a kiln kernel (a cuBLASLt
+/// product), recorded and replayed as launches are. It is never launched
+/// programmatically: stream order puts it after the work before it, and the kernels
+/// after it wait for it to complete (kernels/common.cuh).
+pub(crate) trait LibraryCall: Send + Sync {
+    /// What the call computes, as a kernel's specialisation key names a launch.
+    fn key(&self) -> &str;
+
+    /// Enqueues the call on `stream`.
+    ///
+    /// # Safety
+    /// Every buffer whose address the call holds must still be allocated.
+    unsafe fn submit(&self, stream: sys::CUstream) -> Result<()>;
+}
+
+/// One launch with everything it needs: a kernel launch (the loaded kernel, its
+/// configuration and its parameter values, device addresses included) or a library
+/// call. Submitting it again launches the same work on the same memory.
+pub struct LaunchRecord(Work);
+
+enum Work {
+    Kernel(KernelLaunch),
+    Library(Box<dyn LibraryCall>),
+}
+
+/// A kernel launch.
+struct KernelLaunch {
     kernel: Arc<CudaKernel>,
     config: LaunchConfig,
     values: Box<[u64]>,
@@ -128,37 +152,52 @@ pub struct LaunchRecord {
 }
 
 impl LaunchRecord {
-    /// The kernel's specialisation key, e.g. `matvec_resident|w=q4_0|...`.
+    /// The kernel's specialisation key, e.g. `matvec_resident|w=q4_0|...`, or the
+    /// library call's.
     pub fn key(&self) -> &str {
-        &self.kernel.key
+        match &self.0 {
+            Work::Kernel(k) => &k.kernel.key,
+            Work::Library(call) => call.key(),
+        }
     }
 
-    /// The launch's grid, block and dynamic shared memory.
-    pub fn config(&self) -> LaunchConfig {
-        self.config
+    /// The kernel launch's grid, block and dynamic shared memory; `None` for a
+    /// library call.
+    pub fn config(&self) -> Option<LaunchConfig> {
+        match &self.0 {
+            Work::Kernel(k) => Some(k.config),
+            Work::Library(_) => None,
+        }
     }
 
-    /// Submits the launch on `stream`, letting it start early (programmatic dependent
-    /// launch) when `programmatic` is set and the record is not serialized; with the
-    /// `nvtx` feature, inside an NVTX range named by the kernel's key.
+    /// Submits the launch on `stream`, letting a kernel start early (programmatic
+    /// dependent launch) when `programmatic` is set and the record is not serialized;
+    /// with the `nvtx` feature, inside an NVTX range named by the key.
     ///
     /// # Safety
     /// Every buffer whose address the record holds must still be allocated.
     pub(crate) unsafe fn submit(&self, stream: sys::CUstream, programmatic: bool) -> Result<()> {
         #[cfg(feature = "nvtx")]
-        nvtx::range_push!("{}", self.kernel.key);
+        nvtx::range_push!("{}", self.key());
         // SAFETY: the caller's contract.
-        let submitted = unsafe { self.submit_plain(stream, programmatic) };
+        let submitted = unsafe {
+            match &self.0 {
+                Work::Kernel(k) => k.submit(stream, programmatic),
+                Work::Library(call) => call.submit(stream),
+            }
+        };
         #[cfg(feature = "nvtx")]
         nvtx::range_pop!();
         submitted
     }
+}
 
-    /// [`LaunchRecord::submit`] without the NVTX range.
+impl KernelLaunch {
+    /// [`LaunchRecord::submit`] for a kernel, without the NVTX range.
     ///
     /// # Safety
     /// As [`LaunchRecord::submit`].
-    unsafe fn submit_plain(&self, stream: sys::CUstream, programmatic: bool) -> Result<()> {
+    unsafe fn submit(&self, stream: sys::CUstream, programmatic: bool) -> Result<()> {
         let mut attributes = [programmatic_serialization()];
         let mut params: Vec<*mut c_void> = self
             .values
@@ -250,13 +289,32 @@ pub(crate) unsafe fn launch(
     args: &mut KernelArgs<'_>,
     config: LaunchConfig,
 ) -> Result<()> {
-    let backend = args.backend;
-    let record = LaunchRecord {
+    let record = LaunchRecord(Work::Kernel(KernelLaunch {
         kernel: Arc::clone(kernel),
         config,
         values: std::mem::take(&mut args.values).into_boxed_slice(),
         serialized: args.serialized,
-    };
+    }));
+    // SAFETY: the caller's contract.
+    unsafe { record_or_submit(args.backend, record) }
+}
+
+/// Enqueues `call` on the backend's stream; while a [`Recorder`] is active on this
+/// thread, records it instead.
+///
+/// # Safety
+/// Every buffer the call touches must be large enough for it.
+pub(crate) unsafe fn call_library(backend: &CudaBackend, call: Box<dyn LibraryCall>) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { record_or_submit(backend, LaunchRecord(Work::Library(call))) }
+}
+
+/// Keeps `record` in the active [`Recorder`] of this thread, or submits it on the
+/// backend's stream when there is none.
+///
+/// # Safety
+/// Every buffer the record addresses must be allocated and large enough for it.
+unsafe fn record_or_submit(backend: &CudaBackend, record: LaunchRecord) -> Result<()> {
     let record = match RECORDING.with(|r| match r.borrow_mut().as_mut() {
         Some(records) => {
             records.push(record);
@@ -271,7 +329,7 @@ pub(crate) unsafe fn launch(
         .device()
         .context()
         .bind_to_thread()
-        .map_err(|e| driver_error(&format!("launching {}", kernel.key), e))?;
+        .map_err(|e| driver_error(&format!("launching {}", record.key()), e))?;
     // SAFETY: the caller's contract; the buffers are borrowed for this call.
     unsafe { record.submit(backend.stream().cu_stream(), backend.programmatic_launch()) }
 }

@@ -52,9 +52,16 @@ pub fn has_kernel(op: &Op) -> bool {
     }
 }
 
-/// The specialisation that runs `op` of `graph`. Errors with
-/// [`kiln_core::Error::Unsupported`] for ops the CUDA backend does not implement.
+/// The specialisation that runs `op` of `graph` (for a matmul on the cuBLASLt path,
+/// the weight decoder; [`specs_for_graph`] adds the cast it also launches). Errors
+/// with [`kiln_core::Error::Unsupported`] for ops the CUDA backend does not implement.
 pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
+    // Never empty: every op launches a kernel.
+    Ok(specs_for_op(op, graph)?.swap_remove(0))
+}
+
+/// Every specialisation `op` of `graph` launches, [`spec_for_op`]'s first.
+fn specs_for_op(op: &Op, graph: &Graph) -> Result<Vec<KernelSpec>> {
     if !has_kernel(op) {
         return Err(Error::Unsupported(format!(
             "cuda backend: op {} with these parameters has no kernel: {op:?}",
@@ -64,7 +71,7 @@ pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
     let dtype = |id: BufferId| graph.desc(id).map(|d| d.dtype);
     let bytes = |id: BufferId| graph.desc(id).map(|d| d.bytes());
     let optional = |id: Option<BufferId>| id.map(bytes).transpose();
-    match op {
+    let spec = match op {
         Op::Cast(c) => ops::cast::spec(dtype(c.x)?, dtype(c.out)?),
         Op::Elementwise(e) => Ok(ops::elementwise::spec(e.kind)),
         Op::RmsNorm(n) => Ok(ops::norm::spec(n.weight.is_some(), false)),
@@ -74,21 +81,26 @@ pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
         Op::HeadNormRope(r) => Ok(ops::rope::spec(r.params.style, true)),
         Op::QkvRopeAppend(r) => ops::rope::qkv_spec(r.params.style, dtype(r.k_cache)?),
         Op::Glu(g) => Ok(ops::elementwise::glu_spec(g.kind)),
-        Op::MatMul(m) => ops::matmul::MatMulArgs {
-            weight: dtype(m.w)?,
-            m: m.m,
-            n: m.n,
-            k: m.k,
-            x_bytes: bytes(m.x)?,
-            x_q8_bytes: optional(m.x_q8)?,
-            w_bytes: bytes(m.w)?,
-            // A graph's weights are uploaded with upload_weight.
-            w_packed: Some((dtype(m.w)?, m.k)),
-            bias_bytes: optional(m.bias)?,
-            out_bytes: bytes(m.out)?,
+        Op::MatMul(m) => {
+            return ops::matmul::MatMulArgs {
+                weight: dtype(m.w)?,
+                m: m.m,
+                n: m.n,
+                k: m.k,
+                x_bytes: bytes(m.x)?,
+                x_q8_bytes: optional(m.x_q8)?,
+                w_bytes: bytes(m.w)?,
+                // A graph's weights are uploaded with upload_weight.
+                w_packed: Some((dtype(m.w)?, m.k)),
+                bias_bytes: optional(m.bias)?,
+                out_bytes: bytes(m.out)?,
+                // Where cuBLASLt is missing the kernels of the other path are compiled
+                // when the graph is.
+                gemm_min_rows: ops::matmul::GEMM_MIN_ROWS,
+            }
+            .check()
+            .and_then(|plan| plan.specs());
         }
-        .check()
-        .map(|plan| plan.spec),
         Op::Softmax(s) => Ok(ops::softmax::spec(s.causal_offset.is_some())),
         Op::KvAppend(k) => ops::kv_cache::spec(dtype(k.cache)?),
         Op::Attention(a) => ops::attention::AttentionArgs {
@@ -105,16 +117,18 @@ pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
         .map(|plan| plan.spec),
         Op::Argmax(_) => Ok(ops::argmax::spec()),
         Op::Sample(s) => Ok(ops::sample::spec_for(&s.params)),
-    }
+    };
+    spec.map(|s| vec![s])
 }
 
 /// The distinct specialisations `graph`'s ops need, in first-use order.
 pub fn specs_for_graph(graph: &Graph) -> Result<Vec<KernelSpec>> {
     let mut specs: Vec<KernelSpec> = Vec::new();
     for op in graph.ops() {
-        let spec = spec_for_op(op, graph)?;
-        if !specs.iter().any(|s| s.key == spec.key) {
-            specs.push(spec);
+        for spec in specs_for_op(op, graph)? {
+            if !specs.iter().any(|s| s.key == spec.key) {
+                specs.push(spec);
+            }
         }
     }
     Ok(specs)

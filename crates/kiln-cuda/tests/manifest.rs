@@ -9,11 +9,11 @@ fn every_spec_has_a_unique_canonical_key() {
     let specs = all_specs();
     assert_eq!(
         specs.len(),
-        9 + 2 * 4 + 4 + 14 + 4 + 4 + 158 + 32 + 2 + 2 + 28 + 1 + 1,
+        9 + 2 * 4 + 4 + 14 + 4 + 4 + 172 + 32 + 2 + 2 + 28 + 1 + 1,
         "cast pairs, element-wise and glu kinds, norm variants, embedding tables, rope \
          variants, qkv_rope_append (2 styles x 2 caches), matmul (8 packed dtypes x 4 mat-vec tiers x 2 plane alignments + 8 \
          resident dtypes x 2 block shapes x 2 alignments + 6 other dtypes x 4 tiers x 2 load widths + \
-         14 mat-mat), the resident mat-vecs with a fused norm (8 x 2 x 2), softmax, kv caches, \
+         14 mat-mat + 14 weight decoders of the cuBLASLt path), the resident mat-vecs with a fused norm (8 x 2 x 2), softmax, kv caches, \
          attention (2 caches x (4 group tiers x 3 lane widths decode + 2 prefill)), \
          argmax, sample"
     );
@@ -33,6 +33,7 @@ fn every_spec_has_a_unique_canonical_key() {
     assert!(keys.contains(&"glu|kind=silu_mul"));
     assert!(keys.contains(&"qkv_rope_append|style=neox|cache=f16"));
     assert!(keys.contains(&"add_rms_norm|weight=1"));
+    assert!(keys.contains(&"dequant_bf16|w=q4_k"));
 }
 
 #[test]
@@ -127,6 +128,38 @@ fn specs_for_graph_are_distinct_and_in_first_use_order() {
             "rms_norm|weight=0",
             "cast|from=f32|to=f16"
         ]
+    );
+}
+
+#[test]
+fn a_mat_mat_on_cublaslt_needs_the_weight_decoder_and_the_cast_of_x() {
+    use kiln_cuda::manifest::spec_for_op;
+    use kiln_cuda::ops::matmul::GEMM_MIN_ROWS;
+    let (m, n, k) = (GEMM_MIN_ROWS, 96, 256);
+    let mut g = Graph::new();
+    let x = g.persistent("x", DType::F32, &[m, k]).unwrap();
+    let w = g.persistent("w", DType::Q4_0, &[n, k]).unwrap();
+    let out = g.persistent("out", DType::F32, &[m, n]).unwrap();
+    g.push(MatMul {
+        x,
+        x_q8: None,
+        w,
+        bias: None,
+        out,
+        m,
+        n,
+        k,
+    })
+    .unwrap();
+    let keys: Vec<String> = specs_for_graph(&g)
+        .unwrap()
+        .into_iter()
+        .map(|s| s.key)
+        .collect();
+    assert_eq!(keys, ["dequant_bf16|w=q4_0", "cast|from=f32|to=bf16"]);
+    assert_eq!(
+        spec_for_op(&g.ops()[0], &g).unwrap().key,
+        "dequant_bf16|w=q4_0"
     );
 }
 

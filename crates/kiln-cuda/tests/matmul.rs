@@ -8,7 +8,8 @@ use kernels::*;
 use kiln_core::ops::{MatMul, Q8_COPY, WEIGHT_DTYPES};
 use kiln_core::{quant, Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
-use kiln_cuda::ops::matmul::{MatMulArgs, MatMulKernel};
+use kiln_cuda::ops::matmul::{MatMulArgs, MatMulKernel, GEMM_MIN_ROWS};
+use kiln_cuda::{CacheConfig, CudaBackend};
 
 /// A valid decode matmul: 1 x 4096 activations, a 4096 x 4096 Q4_K weight, a bias.
 fn args() -> MatMulArgs {
@@ -23,6 +24,17 @@ fn args() -> MatMulArgs {
         w_packed: Some((DType::Q4K, 4096)),
         bias_bytes: Some(4096 * 4),
         out_bytes: 4096 * 4,
+        gemm_min_rows: GEMM_MIN_ROWS,
+    }
+}
+
+/// `args` for `m` activation rows.
+fn rows(m: usize) -> MatMulArgs {
+    MatMulArgs {
+        m,
+        x_bytes: m * 4096 * 4,
+        out_bytes: m * 4096 * 4,
+        ..args()
     }
 }
 
@@ -375,12 +387,10 @@ fn rows_that_are_not_16_byte_multiples_use_the_block_alignment() {
 }
 
 #[test]
-fn more_than_eight_rows_run_on_the_tensor_core_kernel() {
+fn more_than_eight_rows_without_cublaslt_run_on_the_tensor_core_kernel() {
     let plan = MatMulArgs {
-        m: 512,
-        x_bytes: 512 * 4096 * 4,
-        out_bytes: 512 * 4096 * 4,
-        ..args()
+        gemm_min_rows: usize::MAX,
+        ..rows(512)
     }
     .check()
     .unwrap();
@@ -516,6 +526,7 @@ fn too_many_rows_for_the_grid_are_rejected() {
             w_packed: Some((DType::Q4K, 256)),
             bias_bytes: None,
             out_bytes: m * 64 * 4,
+            gemm_min_rows: usize::MAX,
             ..args()
         }
         .check(),
@@ -573,6 +584,55 @@ fn the_mat_mat_reads_no_q8_copy() {
     );
 }
 
+#[test]
+fn the_mat_mat_runs_on_cublaslt_from_its_threshold() {
+    for m in [9, 16, 32, GEMM_MIN_ROWS - 1] {
+        assert_eq!(kernel_of(rows(m)), MatMulKernel::MatMat, "m = {m}");
+    }
+    for m in [GEMM_MIN_ROWS, 128, 512, 2048] {
+        let plan = rows(m).check().unwrap();
+        assert_eq!(plan.kernel, MatMulKernel::Gemm, "m = {m}");
+        // The weight decoder: one thread per chunk of 8 elements, 256 per block.
+        assert_eq!(plan.spec.key, "dequant_bf16|w=q4_k");
+        assert_eq!(plan.config.grid_dim, (4096 * 4096 / 8 / 256, 1, 1));
+    }
+    // The threshold is the backend's: any row count above the mat-vec's.
+    let from_nine = |m| MatMulArgs {
+        gemm_min_rows: 9,
+        ..rows(m)
+    };
+    assert_eq!(kernel_of(from_nine(8)), kernel_of(rows(8)));
+    assert_eq!(kernel_of(from_nine(9)), MatMulKernel::Gemm);
+}
+
+#[test]
+fn a_reduction_that_is_not_whole_chunks_of_8_stays_on_the_kernel() {
+    let f32_rows = |k: usize| MatMulArgs {
+        weight: DType::F32,
+        m: 512,
+        k,
+        x_bytes: 512 * k * 4,
+        w_bytes: 4096 * k * 4,
+        w_packed: None,
+        out_bytes: 512 * 4096 * 4,
+        ..args()
+    };
+    assert_eq!(kernel_of(f32_rows(2093)), MatMulKernel::MatMat);
+    assert_eq!(kernel_of(f32_rows(2096)), MatMulKernel::Gemm);
+}
+
+#[test]
+fn the_gemm_threshold_comes_from_the_environment_or_its_default() {
+    use kiln_cuda::backend::parse_gemm_min_rows;
+    assert_eq!(parse_gemm_min_rows(None).unwrap(), GEMM_MIN_ROWS);
+    assert_eq!(parse_gemm_min_rows(Some("256")).unwrap(), 256);
+    assert_eq!(parse_gemm_min_rows(Some("off")).unwrap(), usize::MAX);
+    assert_eq!(
+        invalid(parse_gemm_min_rows(Some("many"))),
+        "KILN_GEMM_MIN_ROWS: expected a number of rows or `off`, got \"many\""
+    );
+}
+
 /// Normalised MSE allowed for the mat-vec kernels against the CPU's f32 results. The
 /// staged kernel's products are exact and only the order of the f32 sums differs (a
 /// tree of 8-element chunks and warps on the GPU, a sequence on the CPU). The packed
@@ -580,10 +640,26 @@ fn the_mat_mat_reads_no_q8_copy() {
 /// loses a few more bits: about 1e-11 on random inputs (CPU emulation of the kernel).
 const MATVEC_NMSE: f64 = 1e-9;
 
-/// Normalised MSE allowed for the mat-mat kernel: activations and decoded weights are
-/// rounded to bf16 (8 significant bits, relative error up to 2^-9 each) before the
-/// tensor-core products; for random inputs that gives about 5e-6.
+/// Normalised MSE allowed for both mat-mat paths (kiln's kernel and cuBLASLt), for
+/// every weight dtype: activations and decoded weights are rounded to bf16 (8
+/// significant bits, relative error up to 2^-9 each) before the tensor-core products,
+/// which are summed in f32; for random inputs that gives about 5e-6 whatever the
+/// weight format, since the weight's own quantization is the CPU reference's too.
 const MATMAT_NMSE: f64 = 5e-5;
+
+/// A CUDA backend of its own whose mat-mats of `min_rows` activation rows and more run
+/// on cuBLASLt (`usize::MAX`: none), so that choosing the path does not change the
+/// backend other tests share.
+fn backend_with_gemm_from(min_rows: usize) -> CudaBackend {
+    let b = CudaBackend::with_cache(0, CacheConfig::from_env().unwrap()).unwrap();
+    b.set_gemm_min_rows(min_rows);
+    assert_eq!(
+        b.gemm_min_rows(),
+        min_rows,
+        "cuBLASLt must load on the GPU machine (libcublasLt.so.13)"
+    );
+    b
+}
 
 /// `x` rounded to Q8_1 ([`Q8_COPY`]) by the CPU codec.
 fn q8_copy(x: &[f32]) -> Vec<u8> {
@@ -697,7 +773,8 @@ fn matvec_matches_cpu_for_every_weight_dtype_and_row_count() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn matmat_matches_cpu_for_every_weight_dtype() {
-    let cuda = cuda();
+    let backend = backend_with_gemm_from(usize::MAX);
+    let cuda = &backend;
     let mut rng = rng("matmat_matches_cpu_for_every_weight_dtype");
     for dtype in WEIGHT_DTYPES {
         for k in reductions(dtype) {
@@ -705,6 +782,106 @@ fn matmat_matches_cpu_for_every_weight_dtype() {
             compare(cuda, &mut rng, dtype, 130, 200, k, false);
         }
         compare(cuda, &mut rng, dtype, 512, 1024, 4096, false);
+    }
+}
+
+/// Reduction lengths of the cuBLASLt path per dtype: as [`reductions`], multiples of 8.
+fn gemm_reductions(dtype: DType) -> [usize; 3] {
+    if dtype.is_quantized() {
+        reductions(dtype)
+    } else {
+        [40, 4096, 2096]
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gemm_matches_cpu_for_every_weight_dtype() {
+    let backend = backend_with_gemm_from(9);
+    let mut rng = rng("gemm_matches_cpu_for_every_weight_dtype");
+    for dtype in WEIGHT_DTYPES {
+        for k in gemm_reductions(dtype) {
+            compare(&backend, &mut rng, dtype, 9, 67, k, true);
+            compare(&backend, &mut rng, dtype, 131, 201, k, false);
+            compare(&backend, &mut rng, dtype, 67, 1001, k, true);
+        }
+        compare(&backend, &mut rng, dtype, 512, 1024, 4096, true);
+    }
+    // Larger products after smaller ones: the scratch buffers grow.
+    compare(&backend, &mut rng, DType::Q4_0, 2048, 4096, 4096, false);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn a_compiled_gemm_replays_as_a_cuda_graph_over_new_inputs() {
+    use kiln_core::{plan, Backend, Bindings, Scratch};
+    let backend = backend_with_gemm_from(9);
+    let mut rng = rng("a_compiled_gemm_replays_as_a_cuda_graph_over_new_inputs");
+    let (m, n, k, dtype) = (77, 301, 512, DType::Q4K);
+    let mut g = Graph::new();
+    let x = g.persistent("x", DType::F32, &[m, k]).unwrap();
+    let w = g.persistent("w", dtype, &[n, k]).unwrap();
+    let bias = g.persistent("bias", DType::F32, &[n]).unwrap();
+    let out = g.persistent("out", DType::F32, &[m, n]).unwrap();
+    g.push(MatMul {
+        x,
+        x_q8: None,
+        w,
+        bias: Some(bias),
+        out,
+        m,
+        n,
+        k,
+    })
+    .unwrap();
+    let weight = encoded(&mut rng, dtype, n * k);
+    let bias_bytes = f32_bytes(&uniform(&mut rng, n, 1.0));
+    let memory = plan(&g, Aliasing::On);
+    let mut scratch = Scratch::new();
+    scratch.ensure(&backend, &memory).unwrap();
+    let mut bufs: Vec<_> = [x, w, bias, out]
+        .iter()
+        .map(|&id| backend.alloc(g.buffers()[id.index()].bytes()).unwrap())
+        .collect();
+    backend
+        .upload_weight(&mut bufs[1], &weight, dtype, &[n, k])
+        .unwrap();
+    backend.upload(&mut bufs[2], &bias_bytes).unwrap();
+    let mut exe = {
+        let mut b = Bindings::new(&g, &memory, &mut scratch).unwrap();
+        for (&id, buf) in [x, w, bias, out].iter().zip(bufs.iter_mut()) {
+            b.bind(&g, id, buf).unwrap();
+        }
+        backend.compile(&g, &mut b).unwrap()
+    };
+    let keys: Vec<&str> = exe.launches().iter().map(|l| l.key()).collect();
+    assert_eq!(
+        keys,
+        [
+            "dequant_bf16|w=q4_k",
+            "cast|from=f32|to=bf16",
+            "cublaslt|m=77|n=301|k=512|bias=1"
+        ]
+    );
+    backend.set_cuda_graphs(true);
+    for round in 0..3 {
+        let xv = f32_bytes(&uniform(&mut rng, m * k, 1.0));
+        backend.upload(&mut bufs[0], &xv).unwrap();
+        backend.upload(&mut bufs[3], &poison(m * n * 4)).unwrap();
+        // SAFETY: `bufs` and `scratch` outlive `exe` and are not touched while it runs.
+        unsafe { backend.run(&mut exe) }.unwrap();
+        backend.synchronize().unwrap();
+        assert!(exe.is_captured());
+        let mut got = vec![0u8; m * n * 4];
+        backend.download(&bufs[3], &mut got).unwrap();
+        let inputs = [(x, xv), (w, weight.clone()), (bias, bias_bytes.clone())];
+        let want = run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap();
+        assert_close(
+            &format!("replay {round}"),
+            &f32s(&got),
+            &f32s(&want[0]),
+            MATMAT_NMSE,
+        );
     }
 }
 

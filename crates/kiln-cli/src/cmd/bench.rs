@@ -654,3 +654,65 @@ impl BackendJob for BenchJob<'_> {
         bench(backend, self.args)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The costs of a model of Llama-3.1-8B's shape with round parameter counts.
+    fn costs() -> Costs {
+        let config = ModelConfig {
+            arch: kiln_models::config::Arch::Llama,
+            n_layers: 32,
+            n_embd: 4096,
+            n_ff: 14336,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 128,
+            vocab: 128_256,
+            context_length: 8192,
+            rms_eps: 1e-5,
+            rope: kiln_core::ops::RopeParams {
+                head_dim: 128,
+                rotary_dim: 128,
+                base: 500_000.0,
+                freq_scale: 1.0,
+                style: kiln_core::ops::RopeStyle::Normal,
+            },
+            rope_freq_factors: true,
+            tied_embeddings: false,
+            qkv_bias: false,
+            qk_norm: false,
+        };
+        Costs {
+            config,
+            body_params: 7.0e9,
+            head_params: 0.5e9,
+            decode_weight_bytes: 0.0,
+            kv_bytes_per_position: 0.0,
+        }
+    }
+
+    #[test]
+    fn prefill_flops_count_the_output_head_for_the_last_row_only() {
+        let c = costs();
+        // Attention: QKᵀ and PV, 2 FLOPs per multiply-add, per visible (query, key)
+        // pair of each layer: 32 layers of 4096 query values.
+        let pairs = |n: f64| 2.0 * 2.0 * 32.0 * 4096.0 * n;
+        assert_eq!(
+            c.prefill_flops(1, 0),
+            2.0 * 7.0e9 + 2.0 * 0.5e9 + pairs(1.0)
+        );
+        // Each further prompt row adds its body products and its attention over the
+        // rows up to it, not another head.
+        assert_eq!(
+            c.prefill_flops(3, 0) - c.prefill_flops(2, 0),
+            2.0 * 7.0e9 + pairs(3.0)
+        );
+        // After 10 rows of context the first prompt row sees 11.
+        assert_eq!(
+            c.prefill_flops(1, 10),
+            2.0 * 7.0e9 + 2.0 * 0.5e9 + pairs(11.0)
+        );
+    }
+}

@@ -11,12 +11,21 @@
 //!   query of 32 heads over 8 KV heads of dimension 128, F16 cache, at 1k to 32k rows
 //!   (the query at the cache's last row), then short queries in a longer cache (the
 //!   launch sized by the capacity, as a decode graph replays it at every position).
-//! - Prefill mat-mat: TFLOP/s at 512 activation rows.
+//! - The bf16 matrix-product ceiling: cuBLASLt's bf16 product of two 8192 x 8192
+//!   matrices in f32 ([`matmul::bf16_product`]), when the mat-mat is measured.
+//! - Mat-mat: TFLOP/s and fraction of the bf16 ceiling over a sweep of activation
+//!   rows (by default 1 to 2048: the mat-vec's rows, the batched-decode range and
+//!   prefill) at Llama-3.1-8B's products ([`MATMAT_SHAPES`]), for the formats of
+//!   `--matmat-formats`, on the path the backend picks or on each path forced
+//!   (`--matmat-paths`); products of up to 8 rows of block formats read x's Q8_1 copy,
+//!   as decode graphs give it.
 //! - Sampling (temperature, top-k, top-p, min-p and the draw): microseconds per row
 //!   and GB/s of the logits read, at 128256 and 151936 tokens, for llama.cpp's
 //!   defaults, a wide nucleus, min-p alone, temperature alone and greedy, one row and
 //!   a batch of 16. The logits (normal, scale 2) stay in the L2 cache, as they are
 //!   after the output head that writes them.
+//!
+//! `--sections` picks what runs (a mat-mat sweep alone: `--sections matmat`).
 //!
 //! Each measurement enqueues its launches behind a long copy (so the host's launch
 //! overhead is hidden), times them with CUDA events, and cycles through enough copies
@@ -31,6 +40,7 @@ use std::sync::Arc;
 use kiln_core::ops::{SampleParams, Q8_COPY};
 use kiln_core::{quant, Backend, DType, Error, Result};
 use kiln_cuda::ops::attention::AttentionShape;
+use kiln_cuda::ops::matmul::MATVEC_MAX_ROWS;
 use kiln_cuda::ops::sample::{SampleLayout, SampleTuning, TUNING};
 use kiln_cuda::ops::{attention, matmul, sample};
 use kiln_cuda::timing::EventTimer;
@@ -49,19 +59,82 @@ pub struct BenchKernelsArgs {
     /// MiB copied to measure the bandwidth ceiling.
     #[arg(long, default_value_t = 1024)]
     pub copy_mib: usize,
-    /// Weight formats of the mat-vec and mat-mat measurements, comma-separated.
+    /// What to measure, comma-separated (the copy ceiling always runs).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "matvec,attention,sample,matmat"
+    )]
+    pub sections: Vec<Section>,
+    /// Weight formats of the mat-vec measurements, comma-separated.
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "f32,f16,bf16,q4_0,q4_1,q5_0,q5_1,q8_0,q4_k,q5_k,q6_k"
     )]
     pub formats: Vec<DType>,
+    /// Weight formats of the mat-mat sweep, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "q4_0,q4_k,q8_0")]
+    pub matmat_formats: Vec<DType>,
+    /// Activation rows of the mat-mat sweep, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,2,4,8,16,32,64,128,512,2048"
+    )]
+    pub matmat_rows: Vec<usize>,
+    /// Paths of the mat-mat sweep, comma-separated: the one the backend picks, kiln's
+    /// kernel, cuBLASLt.
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub matmat_paths: Vec<MatMatPath>,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
 }
 
-/// Weight shapes `(n, k)` (output rows x row length) of the mat-vec and mat-mat
+/// The parts of `kiln bench-kernels`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    Matvec,
+    Attention,
+    Sample,
+    Matmat,
+}
+
+/// Which mat-mat runs a product of more than [`MATVEC_MAX_ROWS`] rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MatMatPath {
+    /// The backend's choice (cuBLASLt from
+    /// [`kiln_cuda::ops::matmul::GEMM_MIN_ROWS`] rows, or as `KILN_GEMM_MIN_ROWS`
+    /// says).
+    Auto,
+    /// kiln's mma.sync kernel.
+    Kernel,
+    /// cuBLASLt on bf16 copies of the operands.
+    Cublaslt,
+}
+
+impl MatMatPath {
+    /// The backend's fewest rows on cuBLASLt for this path, given its own choice
+    /// `auto`.
+    pub fn gemm_min_rows(self, auto: usize) -> usize {
+        match self {
+            Self::Auto => auto,
+            Self::Kernel => usize::MAX,
+            Self::Cublaslt => MATVEC_MAX_ROWS + 1,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Kernel => "kernel",
+            Self::Cublaslt => "cublaslt",
+        }
+    }
+}
+
+/// Weight shapes `(n, k)` (output rows x row length) of the mat-vec
 /// measurements, as the synth presets' decode graphs have them: Llama-3.1-8B's stacked
 /// q-k-v, attention output, stacked gate-up and down projections and 128256-token
 /// head, Qwen3-8B's 151936-token head, and Llama-3.2-1B's stacked q-k-v, gate-up and
@@ -124,8 +197,18 @@ pub fn sample_settings() -> [(&'static str, SampleParams); 5] {
     ]
 }
 
-/// Activation rows of the prefill mat-mat measurements.
-pub const PREFILL_ROWS: usize = 512;
+/// Weight shapes `(n, k)` of the mat-mat sweep: Llama-3.1-8B's attention output,
+/// stacked q-k-v, stacked gate-up and down projections and its output head.
+pub const MATMAT_SHAPES: [(usize, usize); 5] = [
+    (4096, 4096),
+    (6144, 4096),
+    (28672, 4096),
+    (4096, 14336),
+    (128256, 4096),
+];
+
+/// Side of the square bf16 product that measures the matrix-product ceiling.
+pub const BF16_CEILING_SIDE: usize = 8192;
 
 /// Bytes an operand set should span so that cycling through its copies defeats a
 /// 50 MB L2 cache (an H100's).
@@ -185,14 +268,26 @@ impl Measurement {
     }
 }
 
+/// The ceilings measured in the run: the copy's bytes per second, and the bf16
+/// matrix product's operations per second when it was measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Ceilings {
+    pub copy_bytes_per_s: f64,
+    pub bf16_flops_per_s: Option<f64>,
+}
+
 /// The table of one family: memory-bound ones as GB/s and fraction of the copy
-/// bandwidth, compute-bound ones as TFLOP/s.
-pub fn table(title: &str, rows: &[Measurement], copy_bytes_per_s: f64) -> String {
+/// bandwidth, compute-bound ones as TFLOP/s and fraction of the bf16 ceiling.
+pub fn table(title: &str, rows: &[Measurement], ceilings: Ceilings) -> String {
+    let copy_bytes_per_s = ceilings.copy_bytes_per_s;
     let mut out = format!("{title}\n");
     for r in rows {
         let line = if r.flops > 0.0 {
+            let of_bf16 = ceilings.bf16_flops_per_s.map_or(String::new(), |c| {
+                format!(" {:>6.1}% of bf16", 100.0 * r.flops_per_s() / c)
+            });
             format!(
-                "  {:<34} {:>9.1} us {:>8.1} TFLOP/s\n",
+                "  {:<34} {:>9.1} us {:>8.1} TFLOP/s{of_bf16}\n",
                 r.label,
                 r.seconds * 1e6,
                 r.flops_per_s() / 1e12
@@ -233,8 +328,14 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
     let copy = bench.timer.copy_bandwidth(&backend, args.reps)?;
     let chaining = device.has_programmatic_launch();
     backend.set_programmatic_launch(false);
+    let on = |s: Section| args.sections.contains(&s);
     let mut families = Vec::new();
-    for dtype in &args.formats {
+    let formats: &[DType] = if on(Section::Matvec) {
+        &args.formats
+    } else {
+        &[]
+    };
+    for dtype in formats {
         let mut rows = Vec::new();
         for (n, k) in WEIGHT_SHAPES {
             // As decode graphs launch them: products of block formats read x's copy.
@@ -257,55 +358,29 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
             rows,
         ));
     }
-    let rows = KV_LENGTHS
-        .iter()
-        .map(|&len| (len, len))
-        .chain(KV_PREFIXES)
-        .map(|(rows, capacity)| bench.decode_attention(rows, capacity))
-        .collect::<Result<Vec<_>>>()?;
-    families.push((
-        "decode attention, 32 heads over 8 KV heads of 128, f16 cache".to_string(),
-        rows,
-    ));
-    let mut rows = Vec::new();
-    for vocab in SAMPLE_VOCABS {
-        for (label, params) in sample_settings() {
-            for n in SAMPLE_ROWS {
-                rows.push(bench.sample(vocab, n, label, params, TUNING, SampleLayout::Cluster)?);
+    if on(Section::Attention) {
+        families.push(bench.decode_attentions()?);
+    }
+    if on(Section::Sample) {
+        families.push(bench.samples()?);
+    }
+    let mut bf16 = None;
+    if on(Section::Matmat) {
+        bf16 = Some(bench.bf16_ceiling()?);
+        let auto = backend.gemm_min_rows();
+        for &dtype in &args.matmat_formats {
+            for (n, k) in MATMAT_SHAPES {
+                families.push(bench.matmat_sweep(dtype, n, k, &args, auto)?);
             }
         }
+        backend.set_gemm_min_rows(auto);
     }
-    // For comparison: clusters of 16 blocks (a size the device must allow; skipped
-    // where it does not), and one block a row (devices without clusters).
-    let sixteen = SampleTuning {
-        cluster_blocks: 16,
-        ..TUNING
+    let ceilings = Ceilings {
+        copy_bytes_per_s: copy,
+        bf16_flops_per_s: bf16,
     };
-    for (label, params) in sample_settings() {
-        match bench.sample(151_936, 1, label, params, sixteen, SampleLayout::Cluster) {
-            Ok(m) => rows.push(m),
-            Err(e) => eprintln!("kiln: sampling with clusters of 16 blocks: {e}"),
-        }
-    }
-    for (label, params) in sample_settings().into_iter().take(2) {
-        rows.push(bench.sample(151_936, 1, label, params, TUNING, SampleLayout::Block)?);
-    }
-    families.push((
-        "sampling, time and GB/s of logits per row, logits in L2".to_string(),
-        rows,
-    ));
-    for dtype in &args.formats {
-        let mut rows = Vec::new();
-        for (n, k) in WEIGHT_SHAPES {
-            rows.push(bench.matmat(*dtype, PREFILL_ROWS, n, k)?);
-        }
-        families.push((
-            format!("prefill mat-mat, {PREFILL_ROWS} activation rows, {dtype} weight (n x k)"),
-            rows,
-        ));
-    }
     if args.json {
-        print_json(device.name(), copy, &families);
+        print_json(device.name(), ceilings, &families);
     } else {
         println!(
             "{} ({}): copy bandwidth (read + write) {:.1} GB/s",
@@ -313,14 +388,76 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
             backend.name(),
             copy / 1e9
         );
+        if let Some(c) = bf16 {
+            println!(
+                "bf16 matrix product ({BF16_CEILING_SIDE} cubed, cuBLASLt, f32 out) {:.1} TFLOP/s",
+                c / 1e12
+            );
+        }
         for (title, rows) in &families {
-            print!("{}", table(title, rows, copy));
+            print!("{}", table(title, rows, ceilings));
         }
     }
     Ok(())
 }
 
-fn print_json(device: &str, copy: f64, families: &[(String, Vec<Measurement>)]) {
+impl Bench<'_> {
+    /// The decode attention family.
+    fn decode_attentions(&mut self) -> Result<(String, Vec<Measurement>)> {
+        let rows = KV_LENGTHS
+            .iter()
+            .map(|&len| (len, len))
+            .chain(KV_PREFIXES)
+            .map(|(rows, capacity)| self.decode_attention(rows, capacity))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((
+            "decode attention, 32 heads over 8 KV heads of 128, f16 cache".to_string(),
+            rows,
+        ))
+    }
+
+    /// The sampling family.
+    fn samples(&mut self) -> Result<(String, Vec<Measurement>)> {
+        let bench = self;
+        let mut rows = Vec::new();
+        for vocab in SAMPLE_VOCABS {
+            for (label, params) in sample_settings() {
+                for n in SAMPLE_ROWS {
+                    rows.push(bench.sample(
+                        vocab,
+                        n,
+                        label,
+                        params,
+                        TUNING,
+                        SampleLayout::Cluster,
+                    )?);
+                }
+            }
+        }
+        // For comparison: clusters of 16 blocks (a size the device must allow; skipped
+        // where it does not), and one block a row (devices without clusters).
+        let sixteen = SampleTuning {
+            cluster_blocks: 16,
+            ..TUNING
+        };
+        for (label, params) in sample_settings() {
+            match bench.sample(151_936, 1, label, params, sixteen, SampleLayout::Cluster) {
+                Ok(m) => rows.push(m),
+                Err(e) => eprintln!("kiln: sampling with clusters of 16 blocks: {e}"),
+            }
+        }
+        for (label, params) in sample_settings().into_iter().take(2) {
+            rows.push(bench.sample(151_936, 1, label, params, TUNING, SampleLayout::Block)?);
+        }
+        Ok((
+            "sampling, time and GB/s of logits per row, logits in L2".to_string(),
+            rows,
+        ))
+    }
+}
+
+fn print_json(device: &str, ceilings: Ceilings, families: &[(String, Vec<Measurement>)]) {
+    let copy = ceilings.copy_bytes_per_s;
     let families: Vec<serde_json::Value> = families
         .iter()
         .map(|(title, rows)| {
@@ -333,6 +470,7 @@ fn print_json(device: &str, copy: f64, families: &[(String, Vec<Measurement>)]) 
                         "bytes_per_s": r.bytes_per_s(),
                         "fraction_of_copy": r.bytes_per_s() / copy,
                         "flops_per_s": r.flops_per_s(),
+                        "fraction_of_bf16": ceilings.bf16_flops_per_s.map(|c| r.flops_per_s() / c),
                     })
                 })
                 .collect();
@@ -344,6 +482,7 @@ fn print_json(device: &str, copy: f64, families: &[(String, Vec<Measurement>)]) 
         serde_json::json!({
             "device": device,
             "copy_bytes_per_s": copy,
+            "bf16_flops_per_s": ceilings.bf16_flops_per_s,
             "families": families,
         })
     );
@@ -404,34 +543,92 @@ impl Bench<'_> {
             label: format!("{n} x {k}{copy}{how}"),
             bytes: matvec_bytes(dtype, 1, n, k, x_q8)?,
             flops: 0.0,
-            seconds: self.timed_matmul(dtype, 1, n, k, x_q8)?,
+            seconds: {
+                let weight = encoded_weight(dtype, n, k)?;
+                let weights = self.weights(copies_for(weight.len()), &weight, dtype, n, k)?;
+                self.timed_matmul(dtype, &weights, 1, n, k, x_q8)?
+            },
         })
     }
 
-    fn matmat(&mut self, dtype: DType, m: usize, n: usize, k: usize) -> Result<Measurement> {
-        Ok(Measurement {
-            family: "matmat",
-            label: format!("{n} x {k}"),
-            bytes: 0,
-            flops: matmul_flops(m, n, k),
-            seconds: self.timed_matmul(dtype, m, n, k, false)?,
-        })
+    /// The mat-mat family of an `n x k` weight of `dtype`: each row count of the sweep
+    /// on each path of `args` (`auto` is the backend's own threshold).
+    fn matmat_sweep(
+        &mut self,
+        dtype: DType,
+        n: usize,
+        k: usize,
+        args: &BenchKernelsArgs,
+        auto: usize,
+    ) -> Result<(String, Vec<Measurement>)> {
+        let weight = encoded_weight(dtype, n, k)?;
+        let weights = self.weights(copies_for(weight.len()), &weight, dtype, n, k)?;
+        drop(weight);
+        let mut rows = Vec::new();
+        for &path in &args.matmat_paths {
+            self.backend.set_gemm_min_rows(path.gemm_min_rows(auto));
+            if path == MatMatPath::Cublaslt && self.backend.gemm_min_rows() == usize::MAX {
+                return Err(Error::Unsupported(
+                    "--matmat-paths cublaslt: cuBLASLt could not be loaded".into(),
+                ));
+            }
+            let min_rows = self.backend.gemm_min_rows();
+            for &m in &args.matmat_rows {
+                let matvec = m <= MATVEC_MAX_ROWS;
+                if matvec && path != MatMatPath::Auto {
+                    // The same mat-vec on every path.
+                    continue;
+                }
+                // What the dispatch runs (k of the shapes is a multiple of 8).
+                let runs = if matvec {
+                    "mat-vec"
+                } else if m >= min_rows {
+                    "cublaslt"
+                } else {
+                    "kernel"
+                };
+                let x_q8 = matvec && dtype.is_quantized();
+                rows.push(Measurement {
+                    family: "matmat",
+                    label: format!("m {m}, {} ({runs})", path.name()),
+                    bytes: 0,
+                    flops: matmul_flops(m, n, k),
+                    seconds: self.timed_matmul(dtype, &weights, m, n, k, x_q8)?,
+                });
+            }
+        }
+        Ok((format!("mat-mat, {dtype} weight {n} x {k}"), rows))
     }
 
-    /// Seconds of one matmul of `m` rows over an `n x k` weight of `dtype`, given x's
-    /// Q8_1 copy when `x_q8`, cycling through enough weight copies to miss the L2
-    /// cache.
+    /// Operations per second of cuBLASLt's bf16 product of two
+    /// [`BF16_CEILING_SIDE`]-square matrices, f32 out.
+    fn bf16_ceiling(&mut self) -> Result<f64> {
+        let side = BF16_CEILING_SIDE;
+        let mut values = vec![0u8; DType::BF16.bytes_for(side * side)?];
+        quant::quantize(DType::BF16, &f32_values(side * side), &mut values)?;
+        let operands = self.buffers(2, &values)?;
+        drop(values);
+        let mut out = self.backend.alloc(4 * side * side)?;
+        let backend = self.backend;
+        let shape = (side, side, side);
+        let seconds = self.timer.time(backend, self.reps, |_| {
+            matmul::bf16_product(backend, &operands[0], &operands[1], &mut out, shape)
+        })?;
+        Ok(matmul_flops(side, side, side) / seconds)
+    }
+
+    /// Seconds of one matmul of `m` rows over the `n x k` weights of `dtype` in
+    /// `weights` (enough copies to miss the L2 cache, cycled through), given x's Q8_1
+    /// copy when `x_q8`.
     fn timed_matmul(
         &mut self,
         dtype: DType,
+        weights: &[CudaBuffer],
         m: usize,
         n: usize,
         k: usize,
         x_q8: bool,
     ) -> Result<f64> {
-        let weight = encoded_weight(dtype, n, k)?;
-        let weights = self.weights(copies_for(weight.len()), &weight, dtype, n, k)?;
-        drop(weight);
         let x_bytes = f32_pattern(m * k);
         let x = self.buffers(1, &x_bytes)?;
         let copy = if x_q8 {
@@ -664,7 +861,11 @@ mod tests {
             seconds: 0.001,
         };
         assert_eq!(mv.bytes_per_s(), 1.5e12);
-        let t = table("mat-vec", std::slice::from_ref(&mv), copy);
+        let ceilings = Ceilings {
+            copy_bytes_per_s: copy,
+            bf16_flops_per_s: None,
+        };
+        let t = table("mat-vec", std::slice::from_ref(&mv), ceilings);
         assert!(
             t.contains("1500.0 GB/s") && t.contains("50.0% of copy"),
             "{t}"
@@ -675,7 +876,14 @@ mod tests {
             ..mv
         };
         assert!((mm.flops_per_s() - 171.8e12).abs() < 0.1e12);
-        assert!(table("mat-mat", &[mm], copy).contains("171.8 TFLOP/s"));
+        let t = table("mat-mat", std::slice::from_ref(&mm), ceilings);
+        assert!(t.contains("171.8 TFLOP/s") && !t.contains("of bf16"), "{t}");
+        let with_bf16 = Ceilings {
+            bf16_flops_per_s: Some(790e12),
+            ..ceilings
+        };
+        let t = table("mat-mat", &[mm], with_bf16);
+        assert!(t.contains("171.8 TFLOP/s   21.7% of bf16"), "{t}");
     }
 
     /// The (rows, row length) of every matrix a model of synth preset `name` holds,

@@ -1,6 +1,7 @@
 //! Dispatch for [`kiln_core::ops::MatMul`]: the mat-vec kernels (kernels/matvec.cu)
-//! for up to [`MATVEC_MAX_ROWS`] activation rows (decode), the tensor-core mat-mat
-//! kernel (kernels/matmul.cu) above (prefill).
+//! for up to [`MATVEC_MAX_ROWS`] activation rows (decode); above (prefill), cuBLASLt on
+//! bf16 copies of the operands ([`gemm`]) from [`GEMM_MIN_ROWS`] rows where the library
+//! is present, else kiln's tensor-core mat-mat kernel (kernels/matmul.cu).
 //!
 //! Weights of the dtypes of [`packing::packed_planes`] must be in the planes layout
 //! ([`kiln_core::Backend::upload_weight`]); their mat-vec is `matvec_resident` (one
@@ -26,6 +27,9 @@ use crate::nvrtc::CudaKernel;
 use crate::registry::{KernelSource, KernelSpec};
 use crate::{packing, CudaBackend, CudaBuffer};
 
+mod gemm;
+pub use gemm::{bf16_product, Gemm, WORKSPACE_BYTES};
+
 /// [`kiln_core::ops::MatMul`] with few activation rows (decode).
 pub const MATVEC: Family = Family {
     name: "matvec",
@@ -48,6 +52,16 @@ const OP: &str = "matmul";
 
 /// The most activation rows the mat-vec kernels take; more run on the mat-mat kernel.
 pub const MATVEC_MAX_ROWS: usize = 8;
+
+/// Fewest activation rows for which the mat-mat runs on cuBLASLt ([`gemm`]) rather
+/// than on kiln's kernel, by default ([`CudaBackend::gemm_min_rows`]). Below it,
+/// decoding the whole weight to bf16 (2 bytes per element written and read again)
+/// costs more than the faster product saves (docs/perf.md, "Prefill mat-mat").
+pub const GEMM_MIN_ROWS: usize = 64;
+
+/// The reduction length of a cuBLASLt product is a multiple of this (whole 16-byte
+/// chunks of bf16 per row, which the weight decoder writes).
+const GEMM_K_MULTIPLE: usize = 8;
 
 /// Activation-row counts the mat-vec kernels are compiled for: `m` rows run on the
 /// smallest tier that holds them.
@@ -93,8 +107,11 @@ pub enum MatMulKernel {
         min_blocks: u32,
         aligned: bool,
     },
-    /// kernels/matmul.cu.
+    /// kernels/matmul.cu's `matmul`.
     MatMat,
+    /// cuBLASLt on bf16 copies of the operands ([`gemm`]); the kernel is
+    /// kernels/matmul.cu's `dequant_bf16`, which writes the weight's copy.
+    Gemm,
 }
 
 /// Elements of a `matvec_packed` unit of a packed dtype, the units a lane loads per
@@ -339,6 +356,10 @@ pub fn spec(dtype: DType, kernel: MatMulKernel) -> Result<KernelSpec> {
         MatMulKernel::MatMat => {
             MATMUL.spec(format!("matmat|w={dtype}"), format!("kiln::matmul<{tag}>"))
         }
+        MatMulKernel::Gemm => MATMUL.spec(
+            format!("dequant_bf16|w={dtype}"),
+            format!("kiln::dequant_bf16<{tag}>"),
+        ),
     })
 }
 
@@ -365,7 +386,8 @@ pub(crate) fn resident_kernels() -> Vec<(DType, MatMulKernel)> {
 }
 
 /// Every matmul specialisation: for each weight dtype, each mat-vec tier with both
-/// staging widths (packed dtypes: both plane alignments), and the mat-mat kernel.
+/// staging widths (packed dtypes: both plane alignments), the mat-mat kernel and the
+/// weight decoder of the cuBLASLt path.
 pub(crate) fn all_specs() -> Vec<KernelSpec> {
     let mut kernels = Vec::new();
     for dtype in WEIGHT_DTYPES {
@@ -401,6 +423,7 @@ pub(crate) fn all_specs() -> Vec<KernelSpec> {
             }
         }
         kernels.push((dtype, MatMulKernel::MatMat));
+        kernels.push((dtype, MatMulKernel::Gemm));
     }
     // Every weight dtype has a tag.
     kernels
@@ -462,6 +485,9 @@ pub struct MatMulArgs {
     pub w_packed: Option<(DType, usize)>,
     pub bias_bytes: Option<usize>,
     pub out_bytes: usize,
+    /// Fewest activation rows the cuBLASLt path takes (`usize::MAX`: never), as
+    /// [`CudaBackend::gemm_min_rows`] gives it.
+    pub gemm_min_rows: usize,
 }
 
 /// A checked matmul launch.
@@ -480,8 +506,9 @@ impl MatMulArgs {
     /// Checks non-zero sizes; a weight dtype of [`WEIGHT_DTYPES`] whose blocks divide
     /// `k`; buffers of `m x k` F32 activations (and their optional Q8_1 copy, `k` a
     /// multiple of 32), `n x k` weights, the optional `n` F32 bias and `m x n` F32
-    /// outputs; and grid limits. Picks the mat-vec kernel for
-    /// `m <= 8`, the mat-mat kernel above.
+    /// outputs; and grid limits. Picks the mat-vec kernel for `m <= 8`; above, the
+    /// cuBLASLt path from `gemm_min_rows` rows when `k` is a multiple of 8, else the
+    /// mat-mat kernel.
     pub fn check(&self) -> Result<MatMulPlan> {
         check_nonzero(OP, &[("m", self.m), ("n", self.n), ("k", self.k)])?;
         weight_tag(OP, self.weight)?;
@@ -538,7 +565,9 @@ impl MatMulArgs {
                     // At most RESIDENT_MAX_SHARED.
                     resident_shared(self.weight, self.k) as u32,
                 ),
-                MatMulKernel::MatMat => unreachable!("matvec_kernel returns a mat-vec kernel"),
+                MatMulKernel::MatMat | MatMulKernel::Gemm => {
+                    unreachable!("matvec_kernel returns a mat-vec kernel")
+                }
             };
             let blocks = grid_dim(
                 OP,
@@ -557,9 +586,14 @@ impl MatMulArgs {
                     ),
                 ));
             }
-            let x = grid_dim(OP, "n", self.n.div_ceil(MM_BN as usize), MAX_GRID_X)?;
-            let y = grid_dim(OP, "m", self.m.div_ceil(MM_BM as usize), MAX_GRID_YZ)?;
-            (MatMulKernel::MatMat, config((x, y, 1), MM_THREADS, 0))
+            if gemm_takes(self.m, self.k, self.gemm_min_rows) {
+                // The weight decoder's launch: one thread per chunk of 8 elements.
+                (MatMulKernel::Gemm, super::grid_1d(self.n * self.k / 8))
+            } else {
+                let x = grid_dim(OP, "n", self.n.div_ceil(MM_BN as usize), MAX_GRID_X)?;
+                let y = grid_dim(OP, "m", self.m.div_ceil(MM_BM as usize), MAX_GRID_YZ)?;
+                (MatMulKernel::MatMat, config((x, y, 1), MM_THREADS, 0))
+            }
         };
         Ok(MatMulPlan {
             kernel,
@@ -571,6 +605,24 @@ impl MatMulArgs {
             row_bytes: row_bytes as u64,
         })
     }
+}
+
+impl MatMulPlan {
+    /// Every kernel the launch runs: the plan's, and on the cuBLASLt path the cast of x
+    /// to bf16 after the weight decoder.
+    pub fn specs(&self) -> Result<Vec<KernelSpec>> {
+        let mut specs = vec![self.spec.clone()];
+        if self.kernel == MatMulKernel::Gemm {
+            specs.push(super::cast::spec(DType::F32, DType::BF16)?);
+        }
+        Ok(specs)
+    }
+}
+
+/// Whether a mat-mat of `m` rows (more than [`MATVEC_MAX_ROWS`]) reducing over `k`
+/// runs on cuBLASLt when it takes `min_rows` rows and more.
+fn gemm_takes(m: usize, k: usize, min_rows: usize) -> bool {
+    m >= min_rows && k % GEMM_K_MULTIPLE == 0
 }
 
 /// The activations of a matmul: `x`, F32, and optionally its Q8_1 copy `x_q8`
@@ -590,8 +642,8 @@ impl<'a> From<&'a CudaBuffer> for Activations<'a> {
 
 /// `out = x · wᵀ (+ bias)` for `m x k` F32 activations and an `n x k` weight of
 /// `dtype`, as [`kiln_core::ops::MatMul`] defines: with a Q8_1 copy `x_q8` (mat-vec
-/// only) the product reads the copy. The mat-mat kernel (`m > 8`) multiplies
-/// bf16-rounded operands on tensor cores, accumulating in f32.
+/// only) the product reads the copy. The mat-mat (`m > 8`, cuBLASLt or kiln's kernel)
+/// multiplies bf16-rounded operands on tensor cores, accumulating in f32.
 #[allow(clippy::too_many_arguments)] // the op's operands and shape, each named
 pub fn matmul<'a>(
     backend: &CudaBackend,
@@ -616,8 +668,17 @@ pub fn matmul<'a>(
         w_packed: w.packed(),
         bias_bytes: bias.map(|b| b.bytes()),
         out_bytes: out.bytes(),
+        // Asked only for a mat-mat: the first ask loads cuBLASLt.
+        gemm_min_rows: if m > MATVEC_MAX_ROWS {
+            backend.gemm_min_rows()
+        } else {
+            usize::MAX
+        },
     }
     .check()?;
+    if plan.kernel == MatMulKernel::Gemm {
+        return gemm::gemm(backend, x, w, dtype, bias, out, (m, n, k), plan.row_bytes);
+    }
     let kernel = backend.kernel(&plan.spec)?;
     allow_dynamic_shared(&kernel, &plan.config)?;
     let mut launch_config = plan.config;

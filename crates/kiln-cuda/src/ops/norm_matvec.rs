@@ -77,6 +77,8 @@ fn product_args(graph: &Graph, mm: &MatMul) -> Result<MatMulArgs> {
         w_packed: Some((w, mm.k)),
         bias_bytes: mm.bias.map(bytes).transpose()?,
         out_bytes: bytes(mm.out)?,
+        // One row is a mat-vec, never a product on cuBLASLt.
+        gemm_min_rows: usize::MAX,
     })
 }
 
@@ -161,6 +163,7 @@ pub fn add_norm_matvec(
         w_packed: w.packed(),
         bias_bytes: bias.map(|b| b.bytes()),
         out_bytes: out.bytes(),
+        gemm_min_rows: usize::MAX,
     }
     .check()?;
     check_norm(&plan, &norm, k)?;
