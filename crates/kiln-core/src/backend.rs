@@ -341,6 +341,14 @@ impl<'a, B: DeviceBuffer> Bindings<'a, B> {
         result
     }
 
+    /// Whether `a` and `b` are bound to the same memory (false when either is unbound).
+    pub fn shares_memory(&self, a: BufferId, b: BufferId) -> bool {
+        match (self.slot(a), self.slot(b)) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => false,
+        }
+    }
+
     /// Shared access to `id`'s memory (for reading results inside a backend).
     pub fn get(&self, id: BufferId) -> Result<&B> {
         let p = self.slot(id)?;

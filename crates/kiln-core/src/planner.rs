@@ -64,16 +64,27 @@ impl MemoryPlan {
     }
 }
 
-/// Computes every transient buffer's live range over `graph`'s op order.
+/// Computes every transient buffer's live range over `graph`'s op order: from the
+/// first op that uses it to the last, extended through the following op when that op
+/// reads an output of the one that used it (a backend may run such a pair as one
+/// launch, which must not find one operand in another's memory).
 pub fn live_ranges(graph: &Graph) -> Vec<Option<LiveRange>> {
     let mut live: Vec<Option<LiveRange>> = vec![None; graph.buffers().len()];
-    for (i, op) in graph.ops().iter().enumerate() {
-        for id in op.inputs().into_iter().chain(op.outputs()) {
+    let ops = graph.ops();
+    for (i, op) in ops.iter().enumerate() {
+        // A backend may run an op in one launch with the next op when that one reads
+        // its output (a fused pair): the pair's operands then live through both.
+        let outputs = op.outputs();
+        let fusible_with_next = ops
+            .get(i + 1)
+            .is_some_and(|next| next.inputs().iter().any(|id| outputs.contains(id)));
+        let last = if fusible_with_next { i + 1 } else { i };
+        for id in op.inputs().into_iter().chain(outputs) {
             if graph.buffers()[id.index()].kind != BufferKind::Transient {
                 continue;
             }
-            let r = live[id.index()].get_or_insert(LiveRange { first: i, last: i });
-            r.last = i;
+            let r = live[id.index()].get_or_insert(LiveRange { first: i, last });
+            r.last = r.last.max(last);
         }
     }
     live

@@ -657,7 +657,10 @@ impl Backend for CudaBackend {
             let fused = self
                 .fuse_norms()
                 .then(|| ops::norm_matvec::fusible(graph, index))
-                .flatten();
+                .flatten()
+                .filter(|&(norm, product)| {
+                    ops::norm_matvec::operands_apart(norm, product, bindings)
+                });
             let ran = match fused {
                 Some((norm, product)) => {
                     self.run_norm_matvec(graph, norm, product, bindings)?;

@@ -160,7 +160,17 @@ fn launches(cuda: &kiln_cuda::CudaBackend, p: &Pair, fuse: bool) -> Vec<String> 
         .collect();
     let mut bufs: Vec<_> = ids
         .iter()
-        .map(|&id| cuda.alloc(p.graph.buffers()[id.index()].bytes()).unwrap())
+        .map(|&id| {
+            let desc = &p.graph.buffers()[id.index()];
+            let mut buf = cuda.alloc(desc.bytes()).unwrap();
+            if id == p.w {
+                // Quantized weights are uploaded in the layout their kernels read.
+                let bytes = vec![0u8; desc.bytes()];
+                cuda.upload_weight(&mut buf, &bytes, desc.dtype, &desc.shape)
+                    .unwrap();
+            }
+            buf
+        })
         .collect();
     let mut b = Bindings::new(&p.graph, &memory, &mut scratch).unwrap();
     for (&id, buf) in ids.iter().zip(bufs.iter_mut()) {

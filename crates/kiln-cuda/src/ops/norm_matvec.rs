@@ -11,7 +11,7 @@
 //! alone) is fused.
 
 use kiln_core::ops::{AddRmsNorm, MatMul};
-use kiln_core::{BufferKind, DType, DeviceBuffer, Error, Graph, Op, Result};
+use kiln_core::{Bindings, BufferKind, DType, DeviceBuffer, Error, Graph, Op, Result};
 
 use super::common::{allow_dynamic_shared, launch, weight_tag};
 use super::matmul::{resident_blocks, MatMulArgs, MatMulKernel, MatMulPlan, MATVEC};
@@ -59,6 +59,25 @@ pub fn fusible(graph: &Graph, index: usize) -> Option<(&AddRmsNorm, &MatMul)> {
         return None;
     };
     (mm.k / 4 <= (RESIDENT_NORM_VECTORS * threads) as usize).then_some((norm, mm))
+}
+
+/// Whether the fused launch's outputs (the norm's `sum`, the product's `out`) are in
+/// memory of their own, apart from each other and from every input: the planner keeps
+/// a pair's operands live through both ops, but bindings made otherwise may not.
+pub fn operands_apart<B: kiln_core::DeviceBuffer>(
+    norm: &AddRmsNorm,
+    product: &MatMul,
+    bindings: &Bindings<'_, B>,
+) -> bool {
+    let inputs = [norm.x, norm.residual, product.w]
+        .into_iter()
+        .chain(norm.weight)
+        .chain(product.bias);
+    let outputs = [norm.sum, product.out];
+    !bindings.shares_memory(norm.sum, product.out)
+        && inputs
+            .flat_map(|i| outputs.map(|o| (i, o)))
+            .all(|(i, o)| !bindings.shares_memory(i, o))
 }
 
 /// The product's arguments as its dispatch checks them, weights uploaded with
