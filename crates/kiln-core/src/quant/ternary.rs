@@ -78,7 +78,7 @@ impl BlockCodec for Tq1_0 {
                     t *= 3;
                 }
                 // ceil(256 t / 243): at most 255 for t <= 242.
-                block[first + i] = ((t * 256 + 242) / 243) as u8;
+                block[first + i] = (t * 256).div_ceil(243) as u8;
             }
         }
         write_f16(block, TQ1_D_AT, d);
