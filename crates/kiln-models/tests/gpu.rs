@@ -266,6 +266,8 @@ fn replayed_decode_matches_eager_and_cpu_on_the_small_model() {
         (DType::Q8_0, 1e-3),
         (DType::Q4_0, 1e-3),
         (DType::Q4K, 1e-3),
+        (DType::Q1_0, 1e-3),
+        (DType::TQ2_0, 1e-3),
     ] {
         let file = tiny(dir.path(), dtype);
         let worst = assert_replay_matches(&format!("{dtype}"), &file, &prompts, tolerance);

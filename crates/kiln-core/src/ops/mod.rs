@@ -115,7 +115,7 @@ impl Op {
 pub const FLOAT_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Weight dtypes [`MatMul`] and [`Embedding`] accept.
-pub const WEIGHT_DTYPES: [DType; 14] = [
+pub const WEIGHT_DTYPES: [DType; 19] = [
     DType::F32,
     DType::F16,
     DType::BF16,
@@ -130,6 +130,11 @@ pub const WEIGHT_DTYPES: [DType; 14] = [
     DType::Q5K,
     DType::Q6K,
     DType::IQ4NL,
+    DType::Q1_0,
+    DType::Q2_0,
+    DType::TQ1_0,
+    DType::TQ2_0,
+    DType::MXFP4,
 ];
 
 /// The dtype of an activation's 8-bit copy: an op that writes F32 activations may also
