@@ -401,6 +401,9 @@ impl CudaBackend {
                     ops::sample::sample(self, ins[0], ins[1], outs[0], s.rows, s.vocab, &s.params)
                 })?
             }
+            Op::MoeRouter(_) | Op::MoeMatMul(_) | Op::MoeCombine(_) => {
+                Err(manifest::moe_unsupported(op))?
+            }
         }
     }
 }

@@ -42,11 +42,14 @@ pub fn all_specs() -> Vec<KernelSpec> {
 
 /// Whether the CUDA backend has a kernel for `op`: its kind and the parameters the
 /// kernels are limited in (every weight, cache and float dtype the IR allows has one).
-/// The one limit: attention's head dimension, with or without a Q8_1 copy of its
-/// output ([`ops::attention::check_head_dim`]).
+/// The limits: attention's head dimension, with or without a Q8_1 copy of its
+/// output ([`ops::attention::check_head_dim`]); the mixture-of-experts ops
+/// ([`kiln_core::ops::MoeRouter`], [`kiln_core::ops::MoeMatMul`],
+/// [`kiln_core::ops::MoeCombine`]) have no kernel yet.
 pub fn has_kernel(op: &Op) -> bool {
     match op {
         Op::Attention(a) => ops::attention::check_head_dim(a.head_dim, a.out_q8.is_some()).is_ok(),
+        Op::MoeRouter(_) | Op::MoeMatMul(_) | Op::MoeCombine(_) => false,
         _ => true,
     }
 }
@@ -104,7 +107,16 @@ pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
         .map(|plan| plan.spec),
         Op::Argmax(_) => Ok(ops::argmax::spec()),
         Op::Sample(s) => Ok(ops::sample::spec_for(&s.params)),
+        Op::MoeRouter(_) | Op::MoeMatMul(_) | Op::MoeCombine(_) => Err(moe_unsupported(op)),
     }
+}
+
+/// The error for a mixture-of-experts op, which has no CUDA kernel yet.
+pub(crate) fn moe_unsupported(op: &Op) -> Error {
+    Error::Unsupported(format!(
+        "cuda backend: op {} (mixture of experts) has no kernel yet; run this model with --device cpu",
+        op.name()
+    ))
 }
 
 /// The distinct specialisations `graph`'s ops need, in first-use order.
