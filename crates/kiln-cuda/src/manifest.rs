@@ -58,10 +58,13 @@ pub fn has_kernel(op: &Op) -> bool {
 /// [`kiln_core::Error::Unsupported`] for ops the CUDA backend does not implement.
 pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
     if !has_kernel(op) {
-        return Err(Error::Unsupported(format!(
-            "cuda backend: op {} with these parameters has no kernel: {op:?}",
-            op.name()
-        )));
+        return Err(match op {
+            Op::MoeRouter(_) | Op::MoeMatMul(_) | Op::MoeCombine(_) => moe_unsupported(op),
+            _ => Error::Unsupported(format!(
+                "cuda backend: op {} with these parameters has no kernel: {op:?}",
+                op.name()
+            )),
+        });
     }
     let dtype = |id: BufferId| graph.desc(id).map(|d| d.dtype);
     let bytes = |id: BufferId| graph.desc(id).map(|d| d.bytes());

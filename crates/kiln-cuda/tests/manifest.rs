@@ -1,6 +1,9 @@
 //! The kernel manifest and the no-driver path. Runs without a GPU.
 
-use kiln_core::ops::{Attention, Cast, Elementwise, ElementwiseKind, MatMul, RmsNorm};
+use kiln_core::ops::{
+    Attention, Cast, Elementwise, ElementwiseKind, Gating, MatMul, MoeCombine, MoeMatMul,
+    MoeRouter, RmsNorm,
+};
 use kiln_core::{DType, Error, Graph};
 use kiln_cuda::manifest::{all_specs, headers, specs_for_graph, FAMILIES};
 
@@ -220,5 +223,65 @@ fn has_kernel_agrees_with_spec_for_op() {
             "{}",
             op.name()
         );
+    }
+}
+
+#[test]
+fn mixture_of_experts_ops_are_unsupported_with_a_clear_error() {
+    let mut g = Graph::new();
+    let logits = g.persistent("logits", DType::F32, &[2, 4]).unwrap();
+    let ids = g.persistent("ids", DType::I32, &[2, 2]).unwrap();
+    let weights = g.persistent("weights", DType::F32, &[2, 2]).unwrap();
+    let x = g.persistent("x", DType::F32, &[2, 32]).unwrap();
+    let w = g.persistent("w", DType::Q4_0, &[4, 3, 32]).unwrap();
+    let y = g.persistent("y", DType::F32, &[2, 2, 3]).unwrap();
+    let out = g.persistent("out", DType::F32, &[2, 3]).unwrap();
+    g.push(MoeRouter {
+        logits,
+        ids,
+        weights,
+        m: 2,
+        n_expert: 4,
+        k: 2,
+        gating: Gating::Softmax,
+        normalize: true,
+    })
+    .unwrap();
+    g.push(MoeMatMul {
+        x,
+        ids,
+        w,
+        out: y,
+        m: 2,
+        k: 2,
+        n_expert: 4,
+        rows: 3,
+        cols: 32,
+        per_slot: false,
+    })
+    .unwrap();
+    g.push(MoeCombine {
+        y,
+        weights,
+        residual: None,
+        shared: None,
+        shared_gate: None,
+        out,
+        m: 2,
+        k: 2,
+        n: 3,
+    })
+    .unwrap();
+    for op in g.ops() {
+        assert!(!kiln_cuda::manifest::has_kernel(op), "{}", op.name());
+        match kiln_cuda::manifest::spec_for_op(op, &g) {
+            Err(Error::Unsupported(msg)) => assert!(
+                msg.contains("cuda backend")
+                    && msg.contains(op.name())
+                    && msg.contains("--device cpu"),
+                "{msg}"
+            ),
+            other => panic!("{}: expected Unsupported, got {other:?}", op.name()),
+        }
     }
 }
