@@ -9,7 +9,7 @@ use crate::ops;
 use crate::registry::KernelSpec;
 
 /// Every family.
-pub const FAMILIES: [Family; 12] = [
+pub const FAMILIES: [Family; 13] = [
     ops::cast::CAST,
     ops::elementwise::ELEMENTWISE,
     ops::norm::NORM,
@@ -22,6 +22,7 @@ pub const FAMILIES: [Family; 12] = [
     ops::attention::ATTENTION,
     ops::argmax::ARGMAX,
     ops::sample::SAMPLE,
+    ops::moe::MOE,
 ];
 
 /// Every specialisation of every family.
@@ -37,19 +38,21 @@ pub fn all_specs() -> Vec<KernelSpec> {
     specs.extend(ops::attention::all_specs());
     specs.push(ops::argmax::spec());
     specs.push(ops::sample::spec());
+    specs.extend(ops::moe::all_specs());
     specs
 }
 
 /// Whether the CUDA backend has a kernel for `op`: its kind and the parameters the
 /// kernels are limited in (every weight, cache and float dtype the IR allows has one).
 /// The limits: attention's head dimension, with or without a Q8_1 copy of its
-/// output ([`ops::attention::check_head_dim`]); the mixture-of-experts ops
-/// ([`kiln_core::ops::MoeRouter`], [`kiln_core::ops::MoeMatMul`],
-/// [`kiln_core::ops::MoeCombine`]) have no kernel yet.
+/// output ([`ops::attention::check_head_dim`]); the router's expert count
+/// ([`ops::moe::MAX_EXPERTS`]); the expert-routed product
+/// ([`kiln_core::ops::MoeMatMul`]) has no kernel yet.
 pub fn has_kernel(op: &Op) -> bool {
     match op {
         Op::Attention(a) => ops::attention::check_head_dim(a.head_dim, a.out_q8.is_some()).is_ok(),
-        Op::MoeRouter(_) | Op::MoeMatMul(_) | Op::MoeCombine(_) => false,
+        Op::MoeRouter(r) => r.n_expert <= ops::moe::MAX_EXPERTS,
+        Op::MoeMatMul(_) => false,
         _ => true,
     }
 }
@@ -59,7 +62,7 @@ pub fn has_kernel(op: &Op) -> bool {
 pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
     if !has_kernel(op) {
         return Err(match op {
-            Op::MoeRouter(_) | Op::MoeMatMul(_) | Op::MoeCombine(_) => moe_unsupported(op),
+            Op::MoeRouter(_) | Op::MoeMatMul(_) => moe_unsupported(op),
             _ => Error::Unsupported(format!(
                 "cuda backend: op {} with these parameters has no kernel: {op:?}",
                 op.name()
@@ -110,14 +113,18 @@ pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
         .map(|plan| plan.spec),
         Op::Argmax(_) => Ok(ops::argmax::spec()),
         Op::Sample(s) => Ok(ops::sample::spec_for(&s.params)),
-        Op::MoeRouter(_) | Op::MoeMatMul(_) | Op::MoeCombine(_) => Err(moe_unsupported(op)),
+        Op::MoeRouter(r) => Ok(ops::moe::router_spec(r.gating)),
+        Op::MoeCombine(_) => Ok(ops::moe::combine_spec()),
+        Op::MoeMatMul(_) => Err(moe_unsupported(op)),
     }
 }
 
-/// The error for a mixture-of-experts op, which has no CUDA kernel yet.
+/// The error for a mixture-of-experts op without a CUDA kernel (the expert-routed
+/// product; a router of more than [`ops::moe::MAX_EXPERTS`] experts).
 pub(crate) fn moe_unsupported(op: &Op) -> Error {
     Error::Unsupported(format!(
-        "cuda backend: op {} (mixture of experts) has no kernel yet; run this model with --device cpu",
+        "cuda backend: op {} (mixture of experts) has no kernel for these parameters yet; \
+         run this model with --device cpu",
         op.name()
     ))
 }
