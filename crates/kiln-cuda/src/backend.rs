@@ -469,6 +469,27 @@ impl CudaBackend {
                     ops::sample::sample(self, ins[0], ins[1], outs[0], s.rows, s.vocab, &s.params)
                 })?
             }
+            Op::MoeRouter(r) => {
+                bindings.with_operands(&[r.logits], &[r.ids, r.weights], |ins, outs| {
+                    let [ids, weights] = outs else {
+                        unreachable!("moe_router has two outputs")
+                    };
+                    ops::moe::moe_router(self, ins[0], ids, weights, r)
+                })?
+            }
+            Op::MoeCombine(c) => bindings.with_operands(&op.inputs(), &[c.out], |ins, outs| {
+                let mut rest = ins[2..].iter().copied();
+                let mut next = |present: bool| if present { rest.next() } else { None };
+                let combine = ops::moe::CombineInputs {
+                    y: ins[0],
+                    weights: ins[1],
+                    residual: next(c.residual.is_some()),
+                    shared: next(c.shared.is_some()),
+                    shared_gate: next(c.shared_gate.is_some()),
+                };
+                ops::moe::moe_combine(self, combine, outs[0], c.m, c.k, c.n)
+            })?,
+            Op::MoeMatMul(_) => Err(manifest::moe_unsupported(op))?,
         }
     }
 }

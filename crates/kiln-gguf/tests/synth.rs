@@ -7,11 +7,13 @@ use kiln_gguf::Gguf;
 
 /// Tensor and parameter counts of the real models' GGUF files and Hugging Face
 /// checkpoints (parameters exclude llama.cpp's generated `rope_freqs.weight`).
-const REAL: [(&str, usize, u64); 4] = [
+const REAL: [(&str, usize, u64); 6] = [
     ("llama-3.2-1b", 147, 1_235_814_400),
     ("llama-3.1-8b", 292, 8_030_261_248),
     ("qwen2.5-0.5b", 290, 494_032_768),
     ("qwen3-8b", 399, 8_190_735_360),
+    ("qwen3-30b-a3b", 579, 30_532_122_624),
+    ("qwen3-235b-a22b", 1131, 235_093_634_560),
 ];
 
 #[test]

@@ -517,7 +517,8 @@ fn profile<BE: Backend>(
 
 /// Bytes an op of a decode step reads and writes: its operands, except that a KV
 /// cache counts only the rows it touches (all `kv_rows` for attention, one per token
-/// for an append).
+/// for an append), and an expert-routed product only the experts it can choose (at
+/// most `m * k` of them).
 fn op_bytes(op: &Op, graph: &Graph, kv_rows: usize, costs: &Costs) -> usize {
     let is_cache = |id: &kiln_core::BufferId| {
         let name = &graph.buffers()[id.index()].name;
@@ -547,7 +548,14 @@ fn op_bytes(op: &Op, graph: &Graph, kv_rows: usize, costs: &Costs) -> usize {
         Op::Embedding(e) => Some(bytes(&e.table) / e.vocab.max(1) * e.n_tokens + bytes(&e.out)),
         _ => None,
     };
-    embedding_rows.unwrap_or(plain + caches * rows * per_layer_position)
+    let unread_experts = match op {
+        Op::MoeMatMul(mm) => {
+            let chosen = (mm.m * mm.k).min(mm.n_expert);
+            bytes(&mm.w) / mm.n_expert * (mm.n_expert - chosen)
+        }
+        _ => 0,
+    };
+    embedding_rows.unwrap_or(plain + caches * rows * per_layer_position - unread_experts)
 }
 
 /// Prints `r` as llama-bench-like tables (or JSON with `json`).

@@ -17,6 +17,7 @@ mod elementwise;
 mod embedding;
 mod kv_cache;
 mod matmul;
+mod moe;
 mod norm;
 mod rope;
 pub mod sample;
@@ -29,6 +30,7 @@ pub use elementwise::{Elementwise, ElementwiseKind, Glu};
 pub use embedding::Embedding;
 pub use kv_cache::{KvAppend, CACHE_DTYPES};
 pub use matmul::MatMul;
+pub use moe::{Gating, MoeCombine, MoeMatMul, MoeRouter};
 pub use norm::{AddRmsNorm, RmsNorm};
 pub use rope::{HeadNormRope, QkNorm, QkvRopeAppend, Rope, RopeParams, RopeStyle};
 pub use sample::{Sample, SampleParams};
@@ -90,6 +92,9 @@ op_enum!(
     Argmax,
     Cast,
     Sample,
+    MoeRouter,
+    MoeMatMul,
+    MoeCombine,
 );
 
 impl Op {
@@ -114,7 +119,7 @@ impl Op {
 /// Float dtypes an op may take as a weight or cast operand.
 pub const FLOAT_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
-/// Weight dtypes [`MatMul`] and [`Embedding`] accept.
+/// Weight dtypes [`MatMul`], [`MoeMatMul`] and [`Embedding`] accept.
 pub const WEIGHT_DTYPES: [DType; 19] = [
     DType::F32,
     DType::F16,

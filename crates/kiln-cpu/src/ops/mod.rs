@@ -9,6 +9,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod kv_cache;
 pub mod matmul;
+pub mod moe;
 pub mod norm;
 pub mod rope;
 pub mod sample;
@@ -36,6 +37,9 @@ pub(crate) fn execute(op: &Op, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
         Op::Argmax(op) => argmax::execute(op, ins, outs),
         Op::Cast(op) => cast::execute(op, ins, outs),
         Op::Sample(op) => sample::execute(op, ins, outs),
+        Op::MoeRouter(op) => moe::execute_router(op, ins, outs),
+        Op::MoeMatMul(op) => moe::execute_matmul(op, ins, outs),
+        Op::MoeCombine(op) => moe::execute_combine(op, ins, outs),
     }
 }
 

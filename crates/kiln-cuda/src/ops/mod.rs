@@ -10,6 +10,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod kv_cache;
 pub mod matmul;
+pub mod moe;
 pub mod norm;
 pub mod norm_matvec;
 pub mod rope;
