@@ -401,6 +401,9 @@ impl CudaBackend {
                     ops::sample::sample(self, ins[0], ins[1], outs[0], s.rows, s.vocab, &s.params)
                 })?
             }
+            Op::CausalConv1d(_) | Op::GatedDeltaNet(_) | Op::GatedRmsNorm(_) | Op::L2Norm(_) => {
+                return Err(manifest::unsupported(op))
+            }
         }
     }
 }
