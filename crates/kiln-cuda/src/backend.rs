@@ -402,7 +402,7 @@ impl CudaBackend {
                 })?
             }
             Op::CausalConv1d(_) | Op::GatedDeltaNet(_) | Op::GatedRmsNorm(_) | Op::L2Norm(_) => {
-                return Err(manifest::unsupported(op))
+                Err(manifest::unsupported(op))
             }
         }
     }
