@@ -14,9 +14,10 @@ Output: one safetensors file of float32 tensors, named `<case>.<tensor>`:
 - `conv.{x, weight, out, state}`: x [T, C], weight [C, K], out [T, C] (the first
   T_PROMPT tokens through causal_conv1d_fn, the rest one by one through
   causal_conv1d_update), state [C, K - 1] after the last token;
-- `<form>_<T>.{qkv, a, b, a_log, dt_bias, state_in, out, state_out}` for the delta
+- `<form>_<T>.{qkv, a, b, ssm_a, dt_bias, state_in, out, state_out}` for the delta
   rule: qkv [T, 2 Hk Dk + Hv Dv] (queries, keys, values of each token, as kiln's op
-  reads them), a and b [T, Hv], state_in and state_out [Hv, Dk, Dv], out [T, Hv, Dv];
+  reads them), a and b [T, Hv], ssm_a = -exp(A_log) and dt_bias [Hv], state_in and
+  state_out [Hv, Dk, Dv], out [T, Hv, Dv];
 - `gated_norm.{x, z, weight, out}` and `l2.{x, out}`.
 
 Usage:
@@ -81,7 +82,8 @@ def delta_case(gen: torch.Generator, form: str, n: int, with_state: bool) -> dic
         "qkv": qkv,
         "a": a[0],
         "b": b[0],
-        "a_log": a_log,
+        # As GGUF's ssm_a stores it (llama.cpp's converter writes -exp(A_log)).
+        "ssm_a": -torch.exp(a_log),
         "dt_bias": dt_bias,
         "state_in": state[0],
         "out": out[0],

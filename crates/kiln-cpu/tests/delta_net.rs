@@ -142,7 +142,7 @@ struct Case {
     qkv: Vec<f32>,
     a: Vec<f32>,
     b: Vec<f32>,
-    a_log: Vec<f32>,
+    ssm_a: Vec<f32>,
     dt_bias: Vec<f32>,
     state: Vec<f32>,
 }
@@ -153,7 +153,7 @@ const EPS: f32 = 1e-6;
 type Form = fn(&DeltaNetInputs, &mut [f32], &mut [f32]);
 
 impl Case {
-    /// Decay rates `exp(a_log)` drawn in `0..max_rate`, as the models initialise them.
+    /// Decay rates `-ssm_a` drawn in `0..max_rate`, as the models initialise them.
     fn new(rng: &mut StdRng, heads: DeltaNetHeads, n: usize, max_rate: f32) -> Self {
         let nv = heads.n_v_heads;
         let rates = uniform(rng, nv, max_rate);
@@ -163,7 +163,7 @@ impl Case {
             qkv: randn(rng, n * heads.qkv_width(), 1.0),
             a: randn(rng, n * nv, 1.0),
             b: randn(rng, n * nv, 1.5),
-            a_log: rates.iter().map(|r| r.abs().ln()).collect(),
+            ssm_a: rates.iter().map(|r| -r.abs()).collect(),
             dt_bias: uniform(rng, nv, 1.0),
             state: randn(rng, heads.state_elements(), 0.5),
         }
@@ -177,7 +177,7 @@ impl Case {
             qkv: self.qkv[range.start * w..range.end * w].to_vec(),
             a: self.a[range.start * nv..range.end * nv].to_vec(),
             b: self.b[range.start * nv..range.end * nv].to_vec(),
-            a_log: self.a_log.clone(),
+            ssm_a: self.ssm_a.clone(),
             dt_bias: self.dt_bias.clone(),
             state: self.state.clone(),
         }
@@ -188,7 +188,7 @@ impl Case {
             qkv: &self.qkv,
             a: &self.a,
             b: &self.b,
-            a_log: &self.a_log,
+            ssm_a: &self.ssm_a,
             dt_bias: &self.dt_bias,
             heads: self.heads,
             eps: EPS,
@@ -224,7 +224,7 @@ impl Case {
                 let v0 = 2 * n_k_heads * d_k + h * d_v;
                 let v = &row[v0..v0 + d_v];
                 let x = self.a[t * n_v_heads + h] as f64 + self.dt_bias[h] as f64;
-                let g = -(self.a_log[h] as f64).exp() * x.exp().ln_1p();
+                let g = self.ssm_a[h] as f64 * x.exp().ln_1p();
                 let beta = 1.0 / (1.0 + (-(self.b[t * n_v_heads + h] as f64)).exp());
                 s.iter_mut().for_each(|x| *x *= g.exp());
                 for j in 0..d_v {
@@ -250,7 +250,7 @@ impl Case {
         let qkv = g.p("qkv", F32, &[self.n, h.qkv_width()]);
         let a = g.p("a", F32, &[self.n, h.n_v_heads]);
         let b = g.p("b", F32, &[self.n, h.n_v_heads]);
-        let a_log = g.p("a_log", F32, &[h.n_v_heads]);
+        let ssm_a = g.p("ssm_a", F32, &[h.n_v_heads]);
         let dt_bias = g.p("dt_bias", F32, &[h.n_v_heads]);
         let state = g.p("state", F32, &[h.n_v_heads, h.d_k, h.d_v]);
         let out = g.p("out", F32, &[self.n, h.n_v_heads, h.d_v]);
@@ -258,7 +258,7 @@ impl Case {
             qkv,
             a,
             b,
-            a_log,
+            ssm_a,
             dt_bias,
             state,
             out,
@@ -273,7 +273,7 @@ impl Case {
                 (qkv, f32_bytes(&self.qkv)),
                 (a, f32_bytes(&self.a)),
                 (b, f32_bytes(&self.b)),
-                (a_log, f32_bytes(&self.a_log)),
+                (ssm_a, f32_bytes(&self.ssm_a)),
                 (dt_bias, f32_bytes(&self.dt_bias)),
                 (state, f32_bytes(&self.state)),
             ],
@@ -556,7 +556,7 @@ fn gated_delta_net_rejects_invalid_arguments() {
     let a = g.p("a", F32, &[5, 6]);
     let b = g.p("b", F32, &[5, 6]);
     let short_b = g.p("short_b", F32, &[5, 5]);
-    let a_log = g.p("a_log", F32, &[6]);
+    let ssm_a = g.p("ssm_a", F32, &[6]);
     let dt_bias = g.p("dt_bias", F32, &[6]);
     let state = g.p("state", F32, &[6, 4, 3]);
     let wrong_state = g.p("wrong_state", F32, &[6, 3, 3]);
@@ -566,7 +566,7 @@ fn gated_delta_net_rejects_invalid_arguments() {
         qkv,
         a,
         b,
-        a_log,
+        ssm_a,
         dt_bias,
         state,
         out,
@@ -609,7 +609,7 @@ fn gated_delta_net_rejects_invalid_arguments() {
     );
     expect_invalid(
         &mut g,
-        with(&|o| o.a_log = a),
+        with(&|o| o.ssm_a = a),
         name,
         &["\"a\"", "expected 6"],
     );

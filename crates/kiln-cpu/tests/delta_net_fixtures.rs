@@ -59,17 +59,17 @@ fn gated_delta_net_matches_transformers() {
             g.p("qkv", F32, &[n, HEADS.qkv_width()]),
             g.p("a", F32, &[n, HEADS.n_v_heads]),
             g.p("b", F32, &[n, HEADS.n_v_heads]),
-            g.p("a_log", F32, &[HEADS.n_v_heads]),
+            g.p("ssm_a", F32, &[HEADS.n_v_heads]),
             g.p("dt_bias", F32, &[HEADS.n_v_heads]),
             g.p("state", F32, &[HEADS.n_v_heads, HEADS.d_k, HEADS.d_v]),
         ];
         let out = g.p("out", F32, &[n, HEADS.n_v_heads, HEADS.d_v]);
-        let [qkv_id, a, b, a_log, dt_bias, state] = ids;
+        let [qkv_id, a, b, ssm_a, dt_bias, state] = ids;
         g.g.push(GatedDeltaNet {
             qkv: qkv_id,
             a,
             b,
-            a_log,
+            ssm_a,
             dt_bias,
             state,
             out,
@@ -81,7 +81,7 @@ fn gated_delta_net_matches_transformers() {
         let mut inputs = vec![(qkv_id, f32_bytes(&qkv))];
         for (id, name) in ids[1..]
             .iter()
-            .zip(["a", "b", "a_log", "dt_bias", "state_in"])
+            .zip(["a", "b", "ssm_a", "dt_bias", "state_in"])
         {
             inputs.push((*id, f32_bytes(&fx.values(&format!("{case}.{name}")))));
         }

@@ -9,7 +9,7 @@ use crate::ops;
 use crate::registry::KernelSpec;
 
 /// Every family.
-pub const FAMILIES: [Family; 12] = [
+pub const FAMILIES: [Family; 13] = [
     ops::cast::CAST,
     ops::elementwise::ELEMENTWISE,
     ops::norm::NORM,
@@ -22,6 +22,7 @@ pub const FAMILIES: [Family; 12] = [
     ops::attention::ATTENTION,
     ops::argmax::ARGMAX,
     ops::sample::SAMPLE,
+    ops::delta_net::DELTA_NET,
 ];
 
 /// Every specialisation of every family.
@@ -37,6 +38,7 @@ pub fn all_specs() -> Vec<KernelSpec> {
     specs.extend(ops::attention::all_specs());
     specs.push(ops::argmax::spec());
     specs.push(ops::sample::spec());
+    specs.extend(ops::delta_net::all_specs());
     specs
 }
 
@@ -44,29 +46,21 @@ pub fn all_specs() -> Vec<KernelSpec> {
 /// kernels are limited in (every weight, cache and float dtype the IR allows has one).
 /// The one limit: attention's head dimension, with or without a Q8_1 copy of its
 /// output ([`ops::attention::check_head_dim`]).
-/// The linear-attention ops ([`kiln_core::ops::GatedDeltaNet`] and its companions) have
-/// no kernel yet.
 pub fn has_kernel(op: &Op) -> bool {
     match op {
         Op::Attention(a) => ops::attention::check_head_dim(a.head_dim, a.out_q8.is_some()).is_ok(),
-        Op::CausalConv1d(_) | Op::GatedDeltaNet(_) | Op::GatedRmsNorm(_) | Op::L2Norm(_) => false,
         _ => true,
     }
-}
-
-/// The error for an op [`has_kernel`] rejects.
-pub(crate) fn unsupported(op: &Op) -> Error {
-    Error::Unsupported(format!(
-        "cuda backend: op {} with these parameters has no kernel: {op:?}",
-        op.name()
-    ))
 }
 
 /// The specialisation that runs `op` of `graph`. Errors with
 /// [`kiln_core::Error::Unsupported`] for ops the CUDA backend does not implement.
 pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
     if !has_kernel(op) {
-        return Err(unsupported(op));
+        return Err(Error::Unsupported(format!(
+            "cuda backend: op {} with these parameters has no kernel: {op:?}",
+            op.name()
+        )));
     }
     let dtype = |id: BufferId| graph.desc(id).map(|d| d.dtype);
     let bytes = |id: BufferId| graph.desc(id).map(|d| d.bytes());
@@ -112,9 +106,10 @@ pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
         .map(|plan| plan.spec),
         Op::Argmax(_) => Ok(ops::argmax::spec()),
         Op::Sample(s) => Ok(ops::sample::spec_for(&s.params)),
-        Op::CausalConv1d(_) | Op::GatedDeltaNet(_) | Op::GatedRmsNorm(_) | Op::L2Norm(_) => {
-            Err(unsupported(op))
-        }
+        Op::CausalConv1d(_) => Ok(ops::delta_net::conv_spec()),
+        Op::GatedDeltaNet(_) => Ok(ops::delta_net::delta_spec()),
+        Op::GatedRmsNorm(_) => Ok(ops::delta_net::norm_spec(true)),
+        Op::L2Norm(_) => Ok(ops::delta_net::norm_spec(false)),
     }
 }
 

@@ -9,13 +9,13 @@ fn every_spec_has_a_unique_canonical_key() {
     let specs = all_specs();
     assert_eq!(
         specs.len(),
-        9 + 2 * 4 + 4 + 14 + 4 + 4 + 158 + 2 + 2 + 28 + 1 + 1,
+        9 + 2 * 4 + 4 + 14 + 4 + 4 + 158 + 2 + 2 + 28 + 1 + 1 + 4,
         "cast pairs, element-wise and glu kinds, norm variants, embedding tables, rope \
          variants, qkv_rope_append (2 styles x 2 caches), matmul (8 packed dtypes x 4 mat-vec tiers x 2 plane alignments + 8 \
          resident dtypes x 2 block shapes x 2 alignments + 6 other dtypes x 4 tiers x 2 load widths + \
          14 mat-mat), softmax, kv caches, \
          attention (2 caches x (4 group tiers x 3 lane widths decode + 2 prefill)), \
-         argmax, sample"
+         argmax, sample, delta net (conv, recurrent delta rule, gated RMSNorm, L2 norm)"
     );
     let mut keys: Vec<&str> = specs.iter().map(|s| s.key.as_str()).collect();
     keys.sort();

@@ -148,14 +148,15 @@ impl DeltaNetHeads {
 ///   `n_k_heads` query heads of `d_k`, then `n_k_heads` key heads of `d_k`, then
 ///   `n_v_heads` value heads of `d_v` (the output of [`CausalConv1d`]).
 /// - `a`, `b`: F32 `[n_tokens, n_v_heads]`, the gate and strength projections.
-/// - `a_log`, `dt_bias`: F32 `[n_v_heads]`, the layer's decay parameters.
+/// - `ssm_a`, `dt_bias`: F32 `[n_v_heads]`, the layer's decay rate `-exp(A_log)`
+///   (negative, as GGUF's `ssm_a` stores it) and its time-step bias.
 /// - `state`: F32 `[n_v_heads, d_k, d_v]`, persistent, read and written (zeros for a
 ///   new sequence).
 /// - `out`: F32 `[n_tokens, n_v_heads, d_v]`.
 ///
 /// For each value head `h` (query/key head `h / group`) and token `t` in order:
 /// `q = l2(q_t) / sqrt(d_k)`, `k = l2(k_t)` with `l2` as [`L2Norm`] defines it with
-/// `eps`; `g = -exp(a_log[h]) * softplus(a[t, h] + dt_bias[h])` with
+/// `eps`; `g = ssm_a[h] * softplus(a[t, h] + dt_bias[h])` with
 /// `softplus(x) = ln(1 + exp(x))` (`x` itself above 20); `beta = sigmoid(b[t, h])`.
 /// Then `S = exp(g) S`, `d = beta (v_t - S^T k)`, `S = S + k d^T`, and
 /// `out[t, h, :] = S^T q`, where `S` is `state[h]` (`d_k x d_v`). All in f32.
@@ -167,7 +168,7 @@ pub struct GatedDeltaNet {
     pub qkv: BufferId,
     pub a: BufferId,
     pub b: BufferId,
-    pub a_log: BufferId,
+    pub ssm_a: BufferId,
     pub dt_bias: BufferId,
     pub state: BufferId,
     pub out: BufferId,
@@ -181,7 +182,7 @@ impl OpSpec for GatedDeltaNet {
         "gated_delta_net"
     }
     fn inputs(&self) -> Vec<BufferId> {
-        vec![self.qkv, self.a, self.b, self.a_log, self.dt_bias]
+        vec![self.qkv, self.a, self.b, self.ssm_a, self.dt_bias]
     }
     fn outputs(&self) -> Vec<BufferId> {
         vec![self.out, self.state]
@@ -202,7 +203,7 @@ impl OpSpec for GatedDeltaNet {
         let gates = c.count(&[t, h.n_v_heads])?;
         c.buffer("a", self.a, &[DType::F32], gates)?;
         c.buffer("b", self.b, &[DType::F32], gates)?;
-        c.buffer("a_log", self.a_log, &[DType::F32], h.n_v_heads)?;
+        c.buffer("ssm_a", self.ssm_a, &[DType::F32], h.n_v_heads)?;
         c.buffer("dt_bias", self.dt_bias, &[DType::F32], h.n_v_heads)?;
         c.buffer(
             "out",

@@ -76,7 +76,7 @@ pub struct DeltaNetInputs<'a> {
     pub qkv: &'a [f32],
     pub a: &'a [f32],
     pub b: &'a [f32],
-    pub a_log: &'a [f32],
+    pub ssm_a: &'a [f32],
     pub dt_bias: &'a [f32],
     pub heads: DeltaNetHeads,
     pub eps: f32,
@@ -137,7 +137,7 @@ impl DeltaNetInputs<'_> {
             l2_norm_row(k, &mut s.k[t * d_k..(t + 1) * d_k], self.eps);
             s.v.extend_from_slice(&row[v0..v0 + d_v]);
             let a = self.a[t * n_v_heads + h] + self.dt_bias[h];
-            s.g.push(-self.a_log[h].exp() * softplus(a));
+            s.g.push(self.ssm_a[h] * softplus(a));
             s.beta
                 .push(1.0 / (1.0 + (-self.b[t * n_v_heads + h]).exp()));
         }
@@ -337,7 +337,7 @@ pub(crate) fn execute_gated_delta_net(
         qkv: ins.view(op.qkv, t * h.qkv_width()),
         a: ins.view(op.a, t * h.n_v_heads),
         b: ins.view(op.b, t * h.n_v_heads),
-        a_log: ins.view(op.a_log, h.n_v_heads),
+        ssm_a: ins.view(op.ssm_a, h.n_v_heads),
         dt_bias: ins.view(op.dt_bias, h.n_v_heads),
         heads: h,
         eps: op.eps,
