@@ -490,6 +490,43 @@ impl CudaBackend {
                 ops::moe::moe_combine(self, combine, outs[0], c.m, c.k, c.n)
             })?,
             Op::MoeMatMul(_) => Err(manifest::moe_unsupported(op))?,
+            Op::CausalConv1d(c) => {
+                bindings.with_operands(&[c.x, c.weight], &op.outputs(), |ins, outs| {
+                    let [out, state] = outs else {
+                        unreachable!("causal_conv1d has two outputs")
+                    };
+                    ops::delta_net::causal_conv1d(
+                        self, ins[0], ins[1], state, out, c.n_tokens, c.channels, c.kernel,
+                    )
+                })?
+            }
+            Op::GatedDeltaNet(d) => {
+                bindings.with_operands(&op.inputs(), &op.outputs(), |ins, outs| {
+                    let [out, state] = outs else {
+                        unreachable!("gated_delta_net has two outputs")
+                    };
+                    let operands = ops::delta_net::DeltaNetOperands {
+                        qkv: ins[0],
+                        a: ins[1],
+                        b: ins[2],
+                        ssm_a: ins[3],
+                        dt_bias: ins[4],
+                    };
+                    ops::delta_net::gated_delta_net(
+                        self, operands, state, out, d.n_tokens, d.heads, d.eps,
+                    )
+                })?
+            }
+            Op::GatedRmsNorm(n) => {
+                bindings.with_operands(&op.inputs(), &[n.out], |ins, outs| {
+                    ops::delta_net::gated_rms_norm(
+                        self, ins[0], ins[1], ins[2], outs[0], n.rows, n.dim, n.eps,
+                    )
+                })?
+            }
+            Op::L2Norm(n) => bindings.with_operands(&[n.x], &[n.out], |ins, outs| {
+                ops::delta_net::l2_norm(self, ins[0], outs[0], n.rows, n.dim, n.eps)
+            })?,
         }
     }
 }

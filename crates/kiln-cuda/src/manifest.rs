@@ -9,7 +9,7 @@ use crate::ops;
 use crate::registry::KernelSpec;
 
 /// Every family.
-pub const FAMILIES: [Family; 13] = [
+pub const FAMILIES: [Family; 14] = [
     ops::cast::CAST,
     ops::elementwise::ELEMENTWISE,
     ops::norm::NORM,
@@ -23,6 +23,7 @@ pub const FAMILIES: [Family; 13] = [
     ops::argmax::ARGMAX,
     ops::sample::SAMPLE,
     ops::moe::MOE,
+    ops::delta_net::DELTA_NET,
 ];
 
 /// Every specialisation of every family.
@@ -40,6 +41,7 @@ pub fn all_specs() -> Vec<KernelSpec> {
     specs.push(ops::argmax::spec());
     specs.push(ops::sample::spec());
     specs.extend(ops::moe::all_specs());
+    specs.extend(ops::delta_net::all_specs());
     specs
 }
 
@@ -129,6 +131,10 @@ fn specs_for_op(op: &Op, graph: &Graph) -> Result<Vec<KernelSpec>> {
         Op::MoeRouter(r) => Ok(ops::moe::router_spec(r.gating)),
         Op::MoeCombine(_) => Ok(ops::moe::combine_spec()),
         Op::MoeMatMul(_) => Err(moe_unsupported(op)),
+        Op::CausalConv1d(_) => Ok(ops::delta_net::conv_spec()),
+        Op::GatedDeltaNet(_) => Ok(ops::delta_net::delta_spec()),
+        Op::GatedRmsNorm(_) => Ok(ops::delta_net::norm_spec(true)),
+        Op::L2Norm(_) => Ok(ops::delta_net::norm_spec(false)),
     };
     spec.map(|s| vec![s])
 }

@@ -13,6 +13,7 @@
 pub mod argmax;
 mod attention;
 mod cast;
+mod delta_net;
 mod elementwise;
 mod embedding;
 mod kv_cache;
@@ -26,6 +27,9 @@ mod softmax;
 pub use argmax::Argmax;
 pub use attention::Attention;
 pub use cast::Cast;
+pub use delta_net::{
+    CausalConv1d, DeltaNetHeads, GatedDeltaNet, GatedRmsNorm, L2Norm, DELTA_NET_CHUNK,
+};
 pub use elementwise::{Elementwise, ElementwiseKind, Glu};
 pub use embedding::Embedding;
 pub use kv_cache::{KvAppend, CACHE_DTYPES};
@@ -95,6 +99,10 @@ op_enum!(
     MoeRouter,
     MoeMatMul,
     MoeCombine,
+    CausalConv1d,
+    GatedDeltaNet,
+    GatedRmsNorm,
+    L2Norm,
 );
 
 impl Op {

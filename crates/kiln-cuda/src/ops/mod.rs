@@ -6,6 +6,7 @@ pub mod argmax;
 pub mod attention;
 pub mod cast;
 mod common;
+pub mod delta_net;
 pub mod elementwise;
 pub mod embedding;
 pub mod kv_cache;
