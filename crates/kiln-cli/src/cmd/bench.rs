@@ -698,6 +698,7 @@ mod tests {
             tied_embeddings: false,
             qkv_bias: false,
             qk_norm: false,
+            moe: None,
         };
         Costs {
             config,
