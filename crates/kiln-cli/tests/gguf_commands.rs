@@ -384,3 +384,58 @@ fn quantize_refuses_bad_types_and_overwriting_its_input() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown dtype"));
 }
+
+#[test]
+fn quantize_to_low_bit_types_writes_their_blocks_and_fallbacks() {
+    // (type, file type, the type of each tensor of the test model in order): rows
+    // of 64 and 32 elements are not whole tq2_0 blocks (256) and fall back to
+    // q4_0 as llama-quantize does; q1_0 (128) has no fallback type, so they go to
+    // f16; rows of 48 are f16 either way.
+    let cases = [
+        (
+            "tq2_0",
+            37,
+            [
+                DType::Q4_0,
+                DType::F32,
+                DType::Q4_0,
+                DType::F32,
+                DType::F16,
+                DType::TQ2_0,
+                DType::Q4_0,
+            ],
+        ),
+        (
+            "q1_0",
+            40,
+            [
+                DType::F16,
+                DType::F32,
+                DType::F16,
+                DType::F32,
+                DType::F16,
+                DType::Q1_0,
+                DType::F16,
+            ],
+        ),
+    ];
+    for (name, file_type, types) in cases {
+        let input = model(&format!("quantize_{name}_in.gguf"));
+        let (g, _) = quantize(&input, &format!("quantize_{name}_out.gguf"), name);
+        for ((desc, vals), want) in model_tensors().iter().zip(types) {
+            let t = g.tensor(&desc.name).unwrap();
+            assert_eq!(t.info.dtype(), want, "{name}: {}", desc.name);
+            if want == DType::TQ2_0 || want == DType::Q1_0 {
+                // The stored blocks are the library quantizer's, on the input values.
+                let mut expected = vec![0u8; want.bytes_for(vals.len()).unwrap()];
+                kiln_core::quant::quantize(want, vals, &mut expected).unwrap();
+                assert_eq!(t.data, expected.as_slice(), "{name}: {}", desc.name);
+            }
+        }
+        assert_eq!(
+            g.metadata().get_u32(keys::FILE_TYPE).unwrap(),
+            file_type,
+            "{name}"
+        );
+    }
+}

@@ -7,7 +7,8 @@
 //!                                              (default 256 x 4096, seed 42)
 //! quant_error measure FILE COLS [BYTES_DIR]    print the table; with BYTES_DIR, read
 //!                                              BYTES_DIR/<format>.bin (the same matrix
-//!                                              quantized by another implementation),
+//!                                              quantized by another implementation;
+//!                                              formats without a file print "-"),
 //!                                              count the blocks identical to kiln's and
 //!                                              measure their error with kiln's decoder
 //! ```
@@ -77,8 +78,9 @@ fn measure(file: &Path, cols: usize, other: Option<&Path>) -> AnyResult<()> {
             "| {dtype} | {bits:.4} | {:.6} |",
             relative_rmse(dtype, &x, &q)?
         );
-        if let Some(dir) = other {
-            let theirs = std::fs::read(dir.join(format!("{dtype}.bin")))?;
+        let theirs_path = other.map(|dir| dir.join(format!("{dtype}.bin")));
+        if let Some(path) = theirs_path.filter(|p| p.exists()) {
+            let theirs = std::fs::read(path)?;
             if theirs.len() != q.len() {
                 return Err(
                     format!("{dtype}: {} bytes, expected {}", theirs.len(), q.len()).into(),
@@ -92,6 +94,8 @@ fn measure(file: &Path, cols: usize, other: Option<&Path>) -> AnyResult<()> {
                 .count();
             let err = relative_rmse(dtype, &x, &theirs)?;
             print!(" {same}/{} | {err:.6} |", q.len() / block);
+        } else if other.is_some() {
+            print!(" - | - |");
         }
         println!();
     }

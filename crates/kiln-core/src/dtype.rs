@@ -29,6 +29,11 @@ pub enum DType {
     Q6K,
     Q8K,
     IQ4NL,
+    Q1_0,
+    Q2_0,
+    TQ1_0,
+    TQ2_0,
+    MXFP4,
 }
 
 /// Elements per super-block of the k-quant formats.
@@ -36,7 +41,7 @@ pub const QK_K: usize = 256;
 
 impl DType {
     /// Every dtype, in declaration order.
-    pub const ALL: [DType; 19] = [
+    pub const ALL: [DType; 24] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -56,6 +61,11 @@ impl DType {
         DType::Q6K,
         DType::Q8K,
         DType::IQ4NL,
+        DType::Q1_0,
+        DType::Q2_0,
+        DType::TQ1_0,
+        DType::TQ2_0,
+        DType::MXFP4,
     ];
 
     /// The GGML block formats, in declaration order.
@@ -73,8 +83,18 @@ impl DType {
             | DType::Q5_1
             | DType::Q8_0
             | DType::Q8_1
-            | DType::IQ4NL => 32,
-            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::Q8K => QK_K,
+            | DType::IQ4NL
+            | DType::MXFP4 => 32,
+            DType::Q2_0 => 64,
+            DType::Q1_0 => 128,
+            DType::Q2K
+            | DType::Q3K
+            | DType::Q4K
+            | DType::Q5K
+            | DType::Q6K
+            | DType::Q8K
+            | DType::TQ1_0
+            | DType::TQ2_0 => QK_K,
         }
     }
 
@@ -97,6 +117,11 @@ impl DType {
             DType::Q6K => QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
             DType::Q8K => 4 + QK_K + 2 * QK_K / 16,
             DType::IQ4NL => 2 + 16,
+            DType::Q1_0 => 2 + 128 / 8,
+            DType::Q2_0 => 2 + 64 / 4,
+            DType::TQ1_0 => (QK_K - 4 * QK_K / 64) / 5 + QK_K / 64 + 2,
+            DType::TQ2_0 => QK_K / 4 + 2,
+            DType::MXFP4 => 1 + 32 / 2,
         }
     }
 
@@ -130,6 +155,11 @@ impl DType {
             DType::IQ4NL => 20,
             DType::I32 => 26,
             DType::BF16 => 30,
+            DType::TQ1_0 => 34,
+            DType::TQ2_0 => 35,
+            DType::MXFP4 => 39,
+            DType::Q1_0 => 41,
+            DType::Q2_0 => 42,
             DType::U32 | DType::U8 => return None,
         })
     }
@@ -163,6 +193,11 @@ impl DType {
             DType::Q6K => "q6_k",
             DType::Q8K => "q8_k",
             DType::IQ4NL => "iq4_nl",
+            DType::Q1_0 => "q1_0",
+            DType::Q2_0 => "q2_0",
+            DType::TQ1_0 => "tq1_0",
+            DType::TQ2_0 => "tq2_0",
+            DType::MXFP4 => "mxfp4",
         }
     }
 
@@ -236,6 +271,11 @@ mod tests {
             (DType::Q6K, 256, 210),
             (DType::Q8K, 256, 292),
             (DType::IQ4NL, 32, 18),
+            (DType::Q1_0, 128, 18),
+            (DType::Q2_0, 64, 18),
+            (DType::TQ1_0, 256, 54),
+            (DType::TQ2_0, 256, 66),
+            (DType::MXFP4, 32, 17),
         ];
         assert_eq!(DType::block_formats().count(), expected.len());
         for (d, bs, bytes) in expected {
@@ -254,6 +294,12 @@ mod tests {
         }
         assert_eq!(DType::from_gguf_type_id(12), Some(DType::Q4K));
         assert_eq!(DType::from_gguf_type_id(30), Some(DType::BF16));
+        assert_eq!(DType::from_gguf_type_id(34), Some(DType::TQ1_0));
+        assert_eq!(DType::from_gguf_type_id(35), Some(DType::TQ2_0));
+        assert_eq!(DType::from_gguf_type_id(39), Some(DType::MXFP4));
+        assert_eq!(DType::from_gguf_type_id(41), Some(DType::Q1_0));
+        assert_eq!(DType::from_gguf_type_id(42), Some(DType::Q2_0));
+        assert_eq!(DType::from_gguf_type_id(40), None, "40 is NVFP4");
         assert_eq!(
             DType::from_gguf_type_id(4),
             None,

@@ -391,3 +391,158 @@ fn q4_1_quantizer_golden() {
     expected.extend((0..16u8).map(|j| j | (j << 4)));
     assert_eq!(encode(DType::Q4_1, &x), expected);
 }
+
+/// Q1_0: `{ f16 d; u8 qs[16] }`, bit `j % 8` of `qs[j / 8]` is element `j`'s sign
+/// bit; `x = +d` where set, `-d` where clear.
+#[test]
+fn q1_0_golden() {
+    let d = 0.375f32;
+    let bits = pattern(128, 2);
+    let mut block = f16_le(d).to_vec();
+    for byte in bits.chunks(8) {
+        block.push(byte.iter().enumerate().map(|(i, &b)| (b << i) as u8).sum());
+    }
+    let expected: Vec<f32> = bits.iter().map(|&b| if b == 1 { d } else { -d }).collect();
+    assert_same(DType::Q1_0, &decode(DType::Q1_0, &block), &expected);
+}
+
+/// Q2_0: `{ f16 d; u8 qs[16] }`, bits `2 (j % 4)` of `qs[j / 4]` hold element `j`'s
+/// code `q`; `x = (q - 1) d`: 00, 01, 10, 11 mean -d, 0, +d, +2d.
+#[test]
+fn q2_0_golden() {
+    let d = -1.25f32;
+    let q = pattern(64, 4);
+    let mut block = f16_le(d).to_vec();
+    for byte in q.chunks(4) {
+        block.push(
+            byte.iter()
+                .enumerate()
+                .map(|(i, &q)| (q << (2 * i)) as u8)
+                .sum(),
+        );
+    }
+    let level = [-1.0f32, 0.0, 1.0, 2.0];
+    let expected: Vec<f32> = q.iter().map(|&q| level[q as usize] * d).collect();
+    assert_same(DType::Q2_0, &decode(DType::Q2_0, &block), &expected);
+}
+
+/// TQ2_0: `{ u8 qs[64]; f16 d }`; elements in the order of ggml's
+/// `dequantize_row_tq2_0`: for each half `j` of `qs` (bytes 0-31, 32-63), for each
+/// bit pair `l`, the 32 bytes `m` of that half: `x = (((qs[j + m] >> 2 l) & 3) - 1) d`.
+#[test]
+fn tq2_0_golden() {
+    let d = 0.0625f32;
+    let qs: Vec<u8> = pattern(64, 64)
+        .iter()
+        .map(|&v| (v * 4 + v / 16) as u8)
+        .collect();
+    let block = [qs.clone(), f16_le(d).to_vec()].concat();
+    let mut expected = Vec::new();
+    for j in [0, 32] {
+        for l in 0..4 {
+            for m in 0..32 {
+                let q = (qs[j + m] >> (2 * l)) & 3;
+                expected.push((f32::from(q) - 1.0) * d);
+            }
+        }
+    }
+    assert_same(DType::TQ2_0, &decode(DType::TQ2_0, &block), &expected);
+}
+
+/// The trits of a TQ1_0 byte, most significant first: trit `n` of byte `b` is
+/// `((b * 3^n mod 256) * 3) >> 8` (ggml's base-3 fixed-point packing).
+fn tq1_trits(b: u8) -> [u8; 5] {
+    std::array::from_fn(|n| {
+        let q = b.wrapping_mul(3u8.pow(n as u32));
+        ((u16::from(q) * 3) >> 8) as u8
+    })
+}
+
+/// TQ1_0's byte packing, worked by hand: trits (2, 1, 0, 2, 1) are
+/// T = 2*81 + 1*27 + 0*9 + 2*3 + 1 = 196, stored as ceil(196 * 256 / 243) = 207;
+/// (0, 0, 0, 0, 0) as 0; (2, 2, 2, 2, 2) = 242 as 255; (1, 0, 0, 0, 0) = 81 as 86.
+#[test]
+fn tq1_0_trit_packing_by_hand() {
+    assert_eq!(tq1_trits(207), [2, 1, 0, 2, 1]);
+    assert_eq!(tq1_trits(0), [0, 0, 0, 0, 0]);
+    assert_eq!(tq1_trits(255), [2, 2, 2, 2, 2]);
+    assert_eq!(tq1_trits(86), [1, 0, 0, 0, 0]);
+    // The quantizer writes exactly these bytes for these trits: each 5-trit group
+    // below is one byte of the first 32 (elements m, m + 32, ..., m + 128).
+    let d = 2.0f32;
+    let mut x = vec![0.0f32; 256];
+    let groups: [(usize, [u8; 5]); 4] = [
+        (0, [2, 1, 0, 2, 1]),
+        (5, [0; 5]),
+        (31, [2; 5]),
+        (7, [1, 0, 0, 0, 0]),
+    ];
+    for (m, trits) in groups {
+        for (n, &t) in trits.iter().enumerate() {
+            x[m + 32 * n] = (f32::from(t) - 1.0) * d;
+        }
+    }
+    let mut block = vec![0u8; 54];
+    quant::quantize(DType::TQ1_0, &x, &mut block).unwrap();
+    assert_eq!((block[0], block[5], block[31], block[7]), (207, 0, 255, 86));
+    assert_eq!(&block[52..54], &f16_le(d));
+}
+
+/// TQ1_0: `{ u8 qs[48]; u8 qh[4]; f16 d }`; elements in the order of ggml's
+/// `dequantize_row_tq1_0`: trit `n` of `qs[m]`, `m` < 32, for n in 0..5 then m;
+/// then trit `n` of `qs[32 + m]`, `m` < 16; then trits 0..4 of `qh[j]`, n outer.
+/// `x = (t - 1) d`.
+#[test]
+fn tq1_0_golden() {
+    let d = -0.5f32;
+    // Every byte value 0..=255 once over the first 48 + 4 bytes would be too many;
+    // a shuffled spread over 0..=255 in steps of 5 covers the trit patterns.
+    let bytes: Vec<u8> = pattern(52, 52).iter().map(|&v| (v * 5) as u8).collect();
+    let (qs, qh) = bytes.split_at(48);
+    let block = [bytes.clone(), f16_le(d).to_vec()].concat();
+    let value = |t: u8| (f32::from(t) - 1.0) * d;
+    let mut expected = Vec::new();
+    for n in 0..5 {
+        expected.extend(qs[..32].iter().map(|&b| value(tq1_trits(b)[n])));
+    }
+    for n in 0..5 {
+        expected.extend(qs[32..].iter().map(|&b| value(tq1_trits(b)[n])));
+    }
+    for n in 0..4 {
+        expected.extend(qh.iter().map(|&b| value(tq1_trits(b)[n])));
+    }
+    assert_same(DType::TQ1_0, &decode(DType::TQ1_0, &block), &expected);
+}
+
+/// MXFP4: `{ u8 e; u8 qs[16] }`, code `c[j]` in the low nibble and `c[j + 16]` in
+/// the high nibble of `qs[j]`; `x = E2M1(c) * 2^(e - 127)`, with E2M1 from the OCP
+/// MX spec: sign bit 3, then 2 exponent bits and 1 mantissa bit, magnitudes 0, 0.5,
+/// 1, 1.5, 2, 3, 4, 6. Code 8 (-0) decodes as +0, as ggml's integer table has it.
+#[test]
+fn mxfp4_golden() {
+    const E2M1: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+    let e2m1 = |c: u32| {
+        let m = E2M1[(c & 7) as usize];
+        if c & 8 != 0 && m != 0.0 {
+            -m
+        } else {
+            m
+        }
+    };
+    let c = pattern(32, 16);
+    let mut bytes = Vec::new();
+    let mut expected = Vec::new();
+    // e = 130 (x 8), 127 (x 1), 1 and 0 (the f32 subnormals 2^-126, 2^-127: the
+    // largest level 6 * 2^-127 stays exact).
+    for (e, scale) in [
+        (130u8, 8.0f32),
+        (127, 1.0),
+        (1, 2f32.powi(-126)),
+        (0, 2f32.powi(-127)),
+    ] {
+        bytes.push(e);
+        bytes.extend((0..16).map(|j| (c[j] | (c[j + 16] << 4)) as u8));
+        expected.extend(c.iter().map(|&c| e2m1(c) * scale));
+    }
+    assert_same(DType::MXFP4, &decode(DType::MXFP4, &bytes), &expected);
+}

@@ -290,6 +290,24 @@ impl Outputs<'_, '_> {
         }
     }
 
+    /// The first `na` elements of the first output and the first `nb` of the second,
+    /// in declared order, writable (ops with at least two outputs).
+    pub(crate) fn pair_sized<T: bytemuck::Pod>(
+        &mut self,
+        na: usize,
+        nb: usize,
+    ) -> (&mut [T], &mut [T]) {
+        let size = std::mem::size_of::<T>();
+        match &mut self.bufs[..] {
+            [a, b, ..] => (
+                bytemuck::cast_slice_mut(&mut a[..na * size]),
+                bytemuck::cast_slice_mut(&mut b[..nb * size]),
+            ),
+            // Only ops declaring at least two outputs call this.
+            _ => unreachable!("pair_sized() is called by ops with two or more outputs"),
+        }
+    }
+
     /// All bytes of the first three outputs, in declared order (ops with at least
     /// three outputs).
     pub(crate) fn three(&mut self) -> (&mut [u8], &mut [u8], &mut [u8]) {

@@ -21,9 +21,15 @@
 //   past that exit at once). Warps stream rows through cp.async rings with an online
 //   softmax each; with several splits, the last block of a (query, head group) to finish
 //   (an atomic ticket) merges the splits' partial results and resets its counter to 0.
-// - attention_prefill (many queries): a block holds 32 (query, head) rows of one KV head
-//   and walks their union of visible rows in tiles of 16 staged in shared memory, with
-//   an online softmax per row. CUDA cores, f32; tensor cores are a later step.
+// - attention_flash (many queries, F16 cache): FlashAttention-2 on tensor cores. A block
+//   holds FA_ROWS (query, head) rows of one KV head, each warp 16 of them, and walks
+//   their union of visible rows in tiles staged in shared memory by cp.async (two
+//   stages); mma.sync m16n8k16 computes the scores and the weighted values with f16
+//   operands and f32 sums, the online softmax runs in registers. Queries are scaled and
+//   rounded to f16, and so are the softmax weights before they multiply V.
+// - attention_prefill (many queries, F32 cache): a block holds 32 (query, head) rows of
+//   one KV head and walks their union of visible rows in tiles of 16 staged in shared
+//   memory, with an online softmax per row. CUDA cores, f32.
 #include "reduce.cuh"
 
 namespace kiln {
@@ -775,6 +781,374 @@ __global__ void __launch_bounds__(AP_THREADS)
             const u32 r = b / blocks, c = (b % blocks) * Q8_1_BLOCK_ELEMS;
             if (exists(r)) {
                 store_q8_1_block(qs[r * ld + c + lane],
+                                 out_q8 + (row_at(r) + c) / Q8_1_BLOCK_ELEMS * Q8_1_BLOCK_BYTES);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// attention_flash
+//
+// Grid (ceil(n_tokens / tokens_per_block), n_kv_heads * ceil(group / heads_per_block)),
+// FA_THREADS threads, dynamic shared memory flash_shared_bytes(DH). Row r of a block
+// (r < FA_ROWS) is token r / heads_per_block, head r % heads_per_block of its chunk of
+// the group, as in attention_prefill; warp w owns rows 16 w .. 16 w + 15, the rows of
+// its mma tiles. Blocks take their tokens in reverse order (the last tokens, which see
+// the most rows, start first).
+//
+// The block walks the rows [lo, hi] its queries see (the union of their visible ranges)
+// in tiles of BC rows: K and V tiles land in shared memory (f16, rows padded by FA_PAD
+// elements so that ldmatrix is free of bank conflicts) through a two-stage cp.async
+// ring. A warp skips a tile none of its rows sees and masks only a tile that some of
+// its rows see in part. Per tile and warp: S = Q K^T (m16n8k16, f32 sums), soft-capped
+// and masked, in base 2; the running max and sum per row; O = O * alpha + P V with P
+// rounded to f16 in the A fragments, V through ldmatrix.trans.
+//
+// Queries are multiplied by scale (and by log2(e) without a soft-cap) before they are
+// rounded to f16; with a soft-cap, s = softcap * tanh(dot / softcap) * log2(e). DH is
+// 64, 128 or 256 and at least head_dim; columns past head_dim are zeros in Q, K and V,
+// so they add nothing. For DH <= 128 each warp holds its Q fragments in registers and
+// the Q tile shares its shared memory with the K and V stages; for DH = 256 Q stays in
+// shared memory and its fragments are loaded at each step.
+//
+// Cache rows that no query of the block sees are zeros in the tiles (never read), so
+// that a non-finite value there cannot reach an output through a zero weight: rows past
+// hi, and, when the visible ranges of the block leave gaps (windows, scattered
+// positions), the rows in the gaps.
+
+constexpr u32 FA_THREADS = FA_WARPS * 32;
+constexpr u32 FA_ROWS = FA_WARPS * 16;
+constexpr u32 FA_STAGES = 2;
+constexpr int FA_NO_ROW = 0x7fffffff;  // the first visible row of a row without a query
+
+// Cache rows per tile for head dimension DH.
+__host__ __device__ constexpr u32 flash_tile_rows(u32 dh) {
+    return dh <= 128 ? FA_TILE_ROWS : FA_TILE_ROWS_WIDE;
+}
+
+// Elements of a shared row of Q, K or V.
+__host__ __device__ constexpr u32 flash_stride(u32 dh) { return dh + FA_PAD; }
+
+// Dynamic shared memory of attention_flash<C, DH> in bytes: the K and V stages and, for
+// DH > 128, the Q tile after them (for DH <= 128 Q uses the stages' memory first).
+__host__ __device__ constexpr u32 flash_shared_bytes(u32 dh) {
+    return ((dh <= 128 ? 0u : FA_ROWS) + 2 * FA_STAGES * flash_tile_rows(dh)) * flash_stride(dh) *
+           2;
+}
+
+// Operand types of the tensor-core products: the cache's element type C.
+template <typename C>
+struct FlashOps;
+
+template <>
+struct FlashOps<F16> {
+    // Two f32 as two f16 (round to nearest even) in one word, the first in the low half.
+    static __device__ __forceinline__ u32 pack(float lo, float hi) {
+        u32 r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    // d += a * b for one m16n8k16 tile (a row-major, b column-major; PTX fragments).
+    static __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory; lane l gives the address of
+// row l % 8 of matrix l / 8 (ldmatrix), `trans` transposes each.
+template <bool TRANS>
+__device__ __forceinline__ void flash_ldmatrix(u32 (&r)[4], const u16* at) {
+    const u32 a = (u32)__cvta_generic_to_shared(at);
+    if constexpr (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    }
+}
+
+template <typename C, u32 DH>
+__global__ void __launch_bounds__(FA_THREADS, 2)
+    attention_flash(const float* __restrict__ q, const typename C::storage* __restrict__ k_cache,
+                    const typename C::storage* __restrict__ v_cache,
+                    const int* __restrict__ positions, float* __restrict__ out,
+                    u8* __restrict__ out_q8, u32 n_tokens, u32 n_heads, u32 n_kv_heads,
+                    u32 head_dim, u32 capacity, float scale, u32 window, float softcap,
+                    u32 heads_per_block, u32 tokens_per_block) {
+    // Launched serialized (src/ops/attention.rs), so it does not chain (common.cuh).
+    typedef FlashOps<C> Ops;
+    constexpr u32 BC = flash_tile_rows(DH);
+    constexpr u32 LD = flash_stride(DH);
+    constexpr u32 OLD = DH + 4;          // floats of a row of the staged outputs
+    constexpr bool QREG = DH <= 128;     // Q fragments in registers
+    constexpr u32 NT = BC / 8;           // score tiles (n = 8) per warp and tile
+    constexpr u32 DT = DH / 8;           // output tiles (n = 8) per warp
+    constexpr u32 KQ = DH / 16;          // k steps of Q K^T
+    static_assert(DH % 16 == 0 && BC % 16 == 0 && FA_ROWS <= FA_THREADS, "attention_flash shape");
+    static_assert(FA_ROWS * OLD * 4 <= flash_shared_bytes(DH), "outputs fit the stages");
+    static_assert(!QREG || FA_ROWS <= 2 * FA_STAGES * BC, "Q fits the stages");
+
+    extern __shared__ __align__(16) u8 flash_shared[];
+    u16* stages = reinterpret_cast<u16*>(flash_shared);
+    u16* qs = QREG ? stages : stages + 2 * FA_STAGES * BC * LD;
+    __shared__ int row_pos[FA_ROWS], row_first[FA_ROWS];
+    __shared__ int block_lo, block_hi;
+    __shared__ bool block_gaps;
+
+    const u32 group = n_heads / n_kv_heads;
+    const u32 chunks = (group + heads_per_block - 1) / heads_per_block;
+    const u32 kvh = blockIdx.y / chunks;
+    const u32 h0 = kvh * group + (blockIdx.y % chunks) * heads_per_block;
+    const u32 nh = min(heads_per_block, kvh * group + group - h0);
+    const u32 t0 = (gridDim.x - 1 - blockIdx.x) * tokens_per_block;
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    auto token_of = [&](u32 r) { return t0 + r / heads_per_block; };
+    auto exists = [&](u32 r) {
+        return r / heads_per_block < tokens_per_block && r % heads_per_block < nh &&
+               token_of(r) < n_tokens;
+    };
+    // Row r's outputs (and query) start at element row_at(r) of out (and q).
+    auto row_at = [&](u32 r) {
+        return ((u64)token_of(r) * n_heads + h0 + r % heads_per_block) * head_dim;
+    };
+
+    // Each row's position (-1: no query, or one outside the cache) and first visible row.
+    if (threadIdx.x < FA_ROWS) {
+        const u32 r = threadIdx.x;
+        int p = exists(r) ? positions[token_of(r)] : -1;
+        if (p >= 0 && (u32)p >= capacity) p = -1;
+        row_pos[r] = p;
+        row_first[r] = p >= 0 ? (int)first_visible((u32)p, window) : FA_NO_ROW;
+    }
+    // The queries, scaled, as f16.
+    const float q_scale = softcap > 0.0f ? scale : scale * AD_LOG2E;
+    for (u32 i = threadIdx.x; i < FA_ROWS * (DH / 4); i += FA_THREADS) {
+        const u32 r = i / (DH / 4), d = 4 * (i % (DH / 4));
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (exists(r) && d < head_dim) v = *reinterpret_cast<const float4*>(q + row_at(r) + d);
+        *reinterpret_cast<uint2*>(qs + r * LD + d) =
+            make_uint2(Ops::pack(v.x * q_scale, v.y * q_scale), Ops::pack(v.z * q_scale, v.w * q_scale));
+    }
+    __syncthreads();
+    // The block's range of rows, and whether the visible ranges leave gaps in it: the
+    // union of the ranges is one run iff the row before each range's start (other than
+    // the lowest) lies in some range.
+    if (warp == 0) {
+        int lo = FA_NO_ROW, hi = -1;
+        for (u32 r = lane; r < FA_ROWS; r += 32) {
+            lo = min(lo, row_first[r]);
+            hi = max(hi, row_pos[r]);
+        }
+        lo = __reduce_min_sync(0xffffffffu, lo);
+        hi = __reduce_max_sync(0xffffffffu, hi);
+        bool gap = false;
+        for (u32 r = lane; window != 0 && r < FA_ROWS; r += 32) {
+            const int before = row_first[r] - 1;
+            if (row_pos[r] >= 0 && before >= lo) {
+                bool covered = false;
+                for (u32 o = 0; o < FA_ROWS; ++o) {
+                    covered |= row_first[o] <= before && before <= row_pos[o];
+                }
+                gap |= !covered;
+            }
+        }
+        gap = __any_sync(0xffffffffu, gap);
+        if (lane == 0) {
+            block_lo = lo;
+            block_hi = hi;
+            block_gaps = gap;
+        }
+    }
+
+    // This thread's two rows (of its fragments) and its warp's bounds: rows some of the
+    // warp's queries see, and rows all of them see.
+    const u32 ra = warp * 16 + (lane >> 2), rb = ra + 8, quad = lane & 3u;
+    const int pos_a = row_pos[ra], pos_b = row_pos[rb];
+    const int first_a = row_first[ra], first_b = row_first[rb];
+    const int warp_lo = __reduce_min_sync(0xffffffffu, min(first_a, first_b));
+    const int warp_hi = __reduce_max_sync(0xffffffffu, max(pos_a, pos_b));
+    const int all_lo = __reduce_max_sync(0xffffffffu, max(first_a, first_b));
+    const int all_hi = __reduce_min_sync(0xffffffffu, min(pos_a, pos_b));
+
+    u32 qf[QREG ? KQ : 1][4];
+    // The A fragment of the warp's queries, columns 16 kk .. 16 kk + 15.
+    auto q_fragment = [&](u32 kk, u32 (&a)[4]) {
+        flash_ldmatrix<false>(a, qs + (warp * 16 + (lane & 7u) + ((lane >> 3) & 1u) * 8) * LD +
+                                     16 * kk + (lane >> 4) * 8);
+    };
+    if constexpr (QREG) {
+#pragma unroll
+        for (u32 kk = 0; kk < KQ; ++kk) q_fragment(kk, qf[kk]);
+    }
+    __syncthreads();  // Q read (QREG: its memory is the stages'), the range written
+
+    const int lo = block_lo, hi = block_hi;
+    const bool gaps = block_gaps;
+    const typename C::storage* k_head = k_cache + (u64)kvh * capacity * head_dim;
+    const typename C::storage* v_head = v_cache + (u64)kvh * capacity * head_dim;
+    // Whether some query of the block sees cache row j (only asked when there are gaps).
+    auto seen = [&](int j) {
+        bool any = false;
+        for (u32 r = 0; r < FA_ROWS; ++r) any |= row_first[r] <= j && j <= row_pos[r];
+        return any;
+    };
+    // Issues the copies of the tile at cache row kv0 into stage `stage`.
+    auto issue = [&](int kv0, u32 stage) {
+        u16* ks = stages + 2 * stage * BC * LD;
+        u16* vs = ks + BC * LD;
+        for (u32 i = threadIdx.x; i < BC * (DH / 8); i += FA_THREADS) {
+            const u32 jj = i / (DH / 8), c = 8 * (i % (DH / 8));
+            const int j = kv0 + (int)jj;
+            const bool valid = j <= hi && c < head_dim && (!gaps || seen(j));
+            const u64 at = valid ? (u64)j * head_dim + c : 0;
+            decode_copy16(reinterpret_cast<u8*>(ks + jj * LD + c), k_head + at, valid);
+            decode_copy16(reinterpret_cast<u8*>(vs + jj * LD + c), v_head + at, valid);
+        }
+        decode_commit();
+    };
+
+    float o[DT][4];
+#pragma unroll
+    for (u32 t = 0; t < DT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
+    const float cap_log2e = softcap * AD_LOG2E;
+
+    const int tiles = hi >= lo ? (hi - lo) / (int)BC + 1 : 0;
+    if (tiles > 0) issue(lo, 0);
+    for (int it = 0; it < tiles; ++it) {
+        const int kv0 = lo + it * (int)BC;
+        if (it + 1 < tiles) {
+            issue(kv0 + (int)BC, (it + 1) & 1);
+            decode_wait<1>();
+        } else {
+            decode_wait<0>();
+        }
+        __syncthreads();
+        const u16* ks = stages + 2 * (it & 1) * BC * LD;
+        const u16* vs = ks + BC * LD;
+        if (kv0 <= warp_hi && kv0 + (int)BC - 1 >= warp_lo) {
+            // S = Q K^T.
+            float s[NT][4];
+#pragma unroll
+            for (u32 t = 0; t < NT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;
+#pragma unroll
+            for (u32 kk = 0; kk < KQ; ++kk) {
+                u32 a[4];
+                if constexpr (QREG) {
+#pragma unroll
+                    for (u32 e = 0; e < 4; ++e) a[e] = qf[kk][e];
+                } else {
+                    q_fragment(kk, a);
+                }
+#pragma unroll
+                for (u32 jn = 0; jn < NT / 2; ++jn) {
+                    u32 b[4];
+                    flash_ldmatrix<false>(b, ks + (16 * jn + (lane >> 4) * 8 + (lane & 7u)) * LD +
+                                                 16 * kk + ((lane >> 3) & 1u) * 8);
+                    Ops::mma(s[2 * jn], a, b[0], b[1]);
+                    Ops::mma(s[2 * jn + 1], a, b[2], b[3]);
+                }
+            }
+            // Scores in base 2, soft-capped, masked where the tile is not seen whole.
+            const bool whole = kv0 >= all_lo && kv0 + (int)BC - 1 <= all_hi;
+            float mx[2] = {m[0], m[1]};
+#pragma unroll
+            for (u32 t = 0; t < NT; ++t) {
+#pragma unroll
+                for (u32 e = 0; e < 4; ++e) {
+                    float x = s[t][e];
+                    if (softcap > 0.0f) x = cap_log2e * tanhf(x / softcap);
+                    if (!whole) {
+                        const int j = kv0 + (int)(8 * t + 2 * quad + (e & 1u));
+                        const int p = e < 2 ? pos_a : pos_b, f = e < 2 ? first_a : first_b;
+                        if (j < f || j > p) x = neg_inf();
+                    }
+                    s[t][e] = x;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                }
+            }
+            float alpha[2], base[2];
+#pragma unroll
+            for (u32 i = 0; i < 2; ++i) {
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                // With nothing seen yet (max -inf), weights and alpha are 0.
+                base[i] = mx[i] == neg_inf() ? 0.0f : mx[i];
+                alpha[i] = decode_exp2(m[i] - base[i]);
+                m[i] = mx[i];
+                l[i] *= alpha[i];
+            }
+#pragma unroll
+            for (u32 t = 0; t < NT; ++t) {
+#pragma unroll
+                for (u32 e = 0; e < 4; ++e) {
+                    s[t][e] = decode_exp2(s[t][e] - base[e >> 1]);
+                    l[e >> 1] += s[t][e];
+                }
+            }
+#pragma unroll
+            for (u32 t = 0; t < DT; ++t) {
+                o[t][0] *= alpha[0], o[t][1] *= alpha[0];
+                o[t][2] *= alpha[1], o[t][3] *= alpha[1];
+            }
+            // O += P V, P (the C fragments of S) as A fragments.
+#pragma unroll
+            for (u32 kk = 0; kk < BC / 16; ++kk) {
+                const u32 a[4] = {Ops::pack(s[2 * kk][0], s[2 * kk][1]),
+                                  Ops::pack(s[2 * kk][2], s[2 * kk][3]),
+                                  Ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  Ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+                for (u32 dn = 0; dn < DT / 2; ++dn) {
+                    u32 b[4];
+                    flash_ldmatrix<true>(b, vs + (16 * kk + ((lane >> 3) & 1u) * 8 + (lane & 7u)) * LD +
+                                                16 * dn + (lane >> 4) * 8);
+                    Ops::mma(o[2 * dn], a, b[0], b[1]);
+                    Ops::mma(o[2 * dn + 1], a, b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();  // the stage is free for the copies of tile it + 2
+    }
+
+    // Normalise (rows that see nothing get zeros) and stage the outputs as f32 in the
+    // shared memory (free now), for whole rows to be stored and rounded.
+    float inv[2];
+#pragma unroll
+    for (u32 i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+        inv[i] = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    }
+    float* os = reinterpret_cast<float*>(flash_shared);
+#pragma unroll
+    for (u32 t = 0; t < DT; ++t) {
+        const u32 d = 8 * t + 2 * quad;
+        *reinterpret_cast<float2*>(os + ra * OLD + d) = make_float2(o[t][0] * inv[0], o[t][1] * inv[0]);
+        *reinterpret_cast<float2*>(os + rb * OLD + d) = make_float2(o[t][2] * inv[1], o[t][3] * inv[1]);
+    }
+    __syncthreads();
+    for (u32 i = threadIdx.x; i < FA_ROWS * (DH / 4); i += FA_THREADS) {
+        const u32 r = i / (DH / 4), d = 4 * (i % (DH / 4));
+        if (exists(r) && d < head_dim) {
+            *reinterpret_cast<float4*>(out + row_at(r) + d) =
+                *reinterpret_cast<const float4*>(os + r * OLD + d);
+        }
+    }
+    if (out_q8 != nullptr) {
+        const u32 blocks = head_dim / Q8_1_BLOCK_ELEMS;
+        for (u32 b = warp; b < FA_ROWS * blocks; b += FA_WARPS) {
+            const u32 r = b / blocks, c = (b % blocks) * Q8_1_BLOCK_ELEMS;
+            if (exists(r)) {
+                store_q8_1_block(os[r * OLD + c + lane],
                                  out_q8 + (row_at(r) + c) / Q8_1_BLOCK_ELEMS * Q8_1_BLOCK_BYTES);
             }
         }

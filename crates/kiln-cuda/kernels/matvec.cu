@@ -131,10 +131,12 @@ __device__ __forceinline__ void dot_chunk(const u8* row, u32 e, u32 len, const f
 }
 
 // Copies LOAD bytes from global `from` to shared `to` (both LOAD-aligned) without
-// waiting: cp.async for 4, 8 and 16 bytes (16 bypassing L1), a plain copy for 2.
+// waiting: cp.async for 4, 8 and 16 bytes (16 bypassing L1), a plain copy for 1 and 2.
 template <u32 LOAD>
 __device__ __forceinline__ void copy_async(u8* to, const u8* from) {
-    if constexpr (LOAD == 2) {
+    if constexpr (LOAD == 1) {
+        *to = *from;
+    } else if constexpr (LOAD == 2) {
         *reinterpret_cast<u16*>(to) = *reinterpret_cast<const u16*>(from);
     } else {
         const u32 shared = (u32)__cvta_generic_to_shared(to);

@@ -644,6 +644,141 @@ struct Q6_K : Quantized<Q6_K> {
     }
 };
 
+// The 1- and 2-bit and ternary formats store quants q with value d * (q - 1): the
+// quants8 of each is q per byte with BIAS 1, so the kernels' integer path multiplies
+// them without decoding to floats.
+
+// Bits 2i .. 2i + 1 of `bits` (i < 8) as byte i of a u64.
+__device__ __forceinline__ u64 spread_crumbs8(u32 bits) {
+    u64 u = 0;
+#pragma unroll
+    for (u32 i = 0; i < 8; ++i) {
+        u |= (u64)((bits >> (2 * i)) & 3u) << (8 * i);
+    }
+    return u;
+}
+
+// Q1_0: d (f16) at 0, qs[16] at 2: bit j % 8 of qs[j / 8] is element j's sign bit b.
+// Value: +d where b is set, -d where clear, i.e. d * (2b - 1): quants 2b, BIAS 1.
+struct Q1_0 : Quantized<Q1_0> {
+    static constexpr bool PACKED = false;
+    static constexpr u32 BLOCK_ELEMS = 128;
+    static constexpr u32 BLOCK_BYTES = 18;
+    static constexpr bool AFFINE = false;
+    static constexpr int BIAS = 1;
+
+    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
+        return {spread_bits8(b[2 + c]) << 1, load_f16(b, 0), 0.0f};
+    }
+};
+
+// Q2_0: d (f16) at 0, qs[16] at 2: bits 2 (j % 4) .. + 1 of qs[j / 4] hold element j's
+// code q. Value: d * (q - 1).
+struct Q2_0 : Quantized<Q2_0> {
+    static constexpr bool PACKED = false;
+    static constexpr u32 BLOCK_ELEMS = 64;
+    static constexpr u32 BLOCK_BYTES = 18;
+    static constexpr bool AFFINE = false;
+    static constexpr int BIAS = 1;
+
+    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
+        const u32 bits = (u32)b[2 + 2 * c] | ((u32)b[3 + 2 * c] << 8);
+        return {spread_crumbs8(bits), load_f16(b, 0), 0.0f};
+    }
+};
+
+// TQ2_0: qs[64] at 0, d (f16) at 64. Element e = 128 h + 32 l + m (h < 2, l < 4,
+// m < 32) is the code q in bits 2l .. 2l + 1 of qs[32 h + m]. Value: d * (q - 1).
+struct TQ2_0 : Quantized<TQ2_0> {
+    static constexpr bool PACKED = false;
+    static constexpr u32 BLOCK_ELEMS = 256;
+    static constexpr u32 BLOCK_BYTES = 66;
+    static constexpr bool AFFINE = false;
+    static constexpr int BIAS = 1;
+
+    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
+        const u32 e = 8 * c, h = e / 128, l = (e % 128) / 32, m = e % 32;
+        const u64 qs = load_u64<field_align(BLOCK_BYTES, 8)>(b + 32 * h + m);
+        return {(qs >> (2 * l)) & 0x0303030303030303ull, load_f16(b, 64), 0.0f};
+    }
+};
+
+// TQ1_0: qs[48] at 0, qh[4] at 48, d (f16) at 52. Trit n (0 .. 4, most significant
+// first) of a byte y is ((y * 3^n mod 256) * 3) >> 8. Trit n of qs[m] is element
+// 32 n + m for m < 32, 160 + 16 n + (m - 32) for m >= 32; trit n (< 4) of qh[j] is
+// element 240 + 4 n + j. Value: d * (t - 1).
+struct TQ1_0 : Quantized<TQ1_0> {
+    static constexpr bool PACKED = false;
+    static constexpr u32 BLOCK_ELEMS = 256;
+    static constexpr u32 BLOCK_BYTES = 54;
+    static constexpr bool AFFINE = false;
+    static constexpr int BIAS = 1;
+
+    static __device__ __forceinline__ u32 trit(u32 y, u32 n) {
+        const u32 p = n == 0 ? 1u : n == 1 ? 3u : n == 2 ? 9u : n == 3 ? 27u : 81u;
+        return (((y * p) & 0xffu) * 3u) >> 8;
+    }
+
+    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
+        u64 u = 0;
+        if (c < 30) {
+            // Chunks 0 .. 19: trit c / 4 of qs[8 (c % 4) ..]; 20 .. 29: trit (c - 20) / 2
+            // of qs[32 + 8 (c % 2) ..].
+            const u32 n = c < 20 ? c / 4 : (c - 20) / 2;
+            const u32 from = c < 20 ? 8 * (c % 4) : 32 + 8 * (c % 2);
+#pragma unroll
+            for (u32 i = 0; i < 8; ++i) {
+                u |= (u64)trit(b[from + i], n) << (8 * i);
+            }
+        } else {
+            // Chunks 30, 31: trits 2 (c - 30) and 2 (c - 30) + 1 of qh[0 .. 4].
+#pragma unroll
+            for (u32 i = 0; i < 8; ++i) {
+                u |= (u64)trit(b[48 + i % 4], 2 * (c - 30) + i / 4) << (8 * i);
+            }
+        }
+        return {u, load_f16(b, 52), 0.0f};
+    }
+};
+
+// MXFP4: e (E8M0) at 0, qs[16] at 1 as Q4_0's nibbles, each an E2M1 code c. Value:
+// kiln_core::quant::MXFP4_LEVELS[c] * 2^(e - 128) (the levels are twice E2M1's
+// values): quants MXFP4_LEVELS[c] + 12, BIAS 12, scale 2^(e - 128).
+struct MXFP4 : Quantized<MXFP4> {
+    static constexpr bool PACKED = false;
+    static constexpr u32 BLOCK_ELEMS = 32;
+    static constexpr u32 BLOCK_BYTES = 17;
+    static constexpr bool AFFINE = false;
+    static constexpr int BIAS = 12;
+
+    // MXFP4_LEVELS[c] + 12 without a memory lookup: four per word.
+    static __device__ __forceinline__ u32 quant(u32 c) {
+        // 12 13 14 15 | 16 18 20 24 | 12 11 10 9 | 8 6 4 0
+        const u32 words[4] = {0x0f0e0d0cu, 0x18141210u, 0x090a0b0cu, 0x00040608u};
+        u32 w = words[0];
+        w = c >= 4 ? words[1] : w;
+        w = c >= 8 ? words[2] : w;
+        w = c >= 12 ? words[3] : w;
+        return (w >> (8 * (c & 3))) & 0xffu;
+    }
+
+    // 2^(e - 128), as kiln_core::quant::e8m0_half: f32 subnormals for e < 2.
+    static __device__ __forceinline__ float scale(u32 e) {
+        return __uint_as_float(e < 2 ? 0x00200000u << e : (e - 1) << 23);
+    }
+
+    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
+        const u64 qs = load_u64<1>(b + 1 + 8 * (c & 1));
+        const u32 shift = 4 * (c >> 1);
+        u64 u = 0;
+#pragma unroll
+        for (u32 i = 0; i < 8; ++i) {
+            u |= (u64)quant((byte_of(qs, (int)i) >> shift) & 0xfu) << (8 * i);
+        }
+        return {u, scale(b[0]), 0.0f};
+    }
+};
+
 // Decodes the chunk of 8 elements starting at element e (a multiple of 8) of a row of
 // `len` elements starting at `row` (for packed formats, a row in the planes layout).
 // Elements at or past `len` (only possible for the dense formats) decode to 0.

@@ -469,6 +469,64 @@ impl CudaBackend {
                     ops::sample::sample(self, ins[0], ins[1], outs[0], s.rows, s.vocab, &s.params)
                 })?
             }
+            Op::MoeRouter(r) => {
+                bindings.with_operands(&[r.logits], &[r.ids, r.weights], |ins, outs| {
+                    let [ids, weights] = outs else {
+                        unreachable!("moe_router has two outputs")
+                    };
+                    ops::moe::moe_router(self, ins[0], ids, weights, r)
+                })?
+            }
+            Op::MoeCombine(c) => bindings.with_operands(&op.inputs(), &[c.out], |ins, outs| {
+                let mut rest = ins[2..].iter().copied();
+                let mut next = |present: bool| if present { rest.next() } else { None };
+                let combine = ops::moe::CombineInputs {
+                    y: ins[0],
+                    weights: ins[1],
+                    residual: next(c.residual.is_some()),
+                    shared: next(c.shared.is_some()),
+                    shared_gate: next(c.shared_gate.is_some()),
+                };
+                ops::moe::moe_combine(self, combine, outs[0], c.m, c.k, c.n)
+            })?,
+            Op::MoeMatMul(_) => Err(manifest::moe_unsupported(op))?,
+            Op::CausalConv1d(c) => {
+                bindings.with_operands(&[c.x, c.weight], &op.outputs(), |ins, outs| {
+                    let [out, state] = outs else {
+                        unreachable!("causal_conv1d has two outputs")
+                    };
+                    ops::delta_net::causal_conv1d(
+                        self, ins[0], ins[1], state, out, c.n_tokens, c.channels, c.kernel,
+                    )
+                })?
+            }
+            Op::GatedDeltaNet(d) => {
+                bindings.with_operands(&op.inputs(), &op.outputs(), |ins, outs| {
+                    let [out, state] = outs else {
+                        unreachable!("gated_delta_net has two outputs")
+                    };
+                    let operands = ops::delta_net::DeltaNetOperands {
+                        qkv: ins[0],
+                        a: ins[1],
+                        b: ins[2],
+                        ssm_a: ins[3],
+                        dt_bias: ins[4],
+                    };
+                    ops::delta_net::gated_delta_net(
+                        self, operands, state, out, d.n_tokens, d.heads, d.eps,
+                    )
+                })?
+            }
+            Op::GatedRmsNorm(n) => {
+                bindings.with_operands(&op.inputs(), &[n.out], |ins, outs| {
+                    ops::delta_net::gated_rms_norm(
+                        self, ins[0], ins[1], ins[2], outs[0], n.rows, n.dim, n.eps,
+                    )
+                })?
+            }
+            Op::L2Norm(n) => bindings.with_operands(&[n.x], &[n.out], |ins, outs| {
+                ops::delta_net::l2_norm(self, ins[0], outs[0], n.rows, n.dim, n.eps)
+            })?,
         }
     }
 }

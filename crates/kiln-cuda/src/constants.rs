@@ -35,6 +35,13 @@ shared_constants! {
     MM_THREADS = 128;
     MM_BM = 64;
     MM_BN = 64;
+    /// Warps per block of the flash-attention kernel (16 query rows each), cache rows
+    /// per K and V tile for head dimensions up to 128 and for 256, and elements of
+    /// padding after each row of a shared tile.
+    FA_WARPS = 4;
+    FA_TILE_ROWS = 64;
+    FA_TILE_ROWS_WIDE = 32;
+    FA_PAD = 8;
     /// Float4s of a row that each thread of a norm kernel holds in registers.
     NORM_VECTORS = 4;
     /// Float4s of the row that each thread of a resident mat-vec with a fused residual

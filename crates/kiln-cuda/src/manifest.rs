@@ -9,7 +9,7 @@ use crate::ops;
 use crate::registry::KernelSpec;
 
 /// Every family.
-pub const FAMILIES: [Family; 12] = [
+pub const FAMILIES: [Family; 14] = [
     ops::cast::CAST,
     ops::elementwise::ELEMENTWISE,
     ops::norm::NORM,
@@ -22,6 +22,8 @@ pub const FAMILIES: [Family; 12] = [
     ops::attention::ATTENTION,
     ops::argmax::ARGMAX,
     ops::sample::SAMPLE,
+    ops::moe::MOE,
+    ops::delta_net::DELTA_NET,
 ];
 
 /// Every specialisation of every family.
@@ -38,16 +40,22 @@ pub fn all_specs() -> Vec<KernelSpec> {
     specs.extend(ops::attention::all_specs());
     specs.push(ops::argmax::spec());
     specs.push(ops::sample::spec());
+    specs.extend(ops::moe::all_specs());
+    specs.extend(ops::delta_net::all_specs());
     specs
 }
 
 /// Whether the CUDA backend has a kernel for `op`: its kind and the parameters the
 /// kernels are limited in (every weight, cache and float dtype the IR allows has one).
-/// The one limit: attention's head dimension, with or without a Q8_1 copy of its
-/// output ([`ops::attention::check_head_dim`]).
+/// The limits: attention's head dimension, with or without a Q8_1 copy of its
+/// output ([`ops::attention::check_head_dim`]); the router's expert count
+/// ([`ops::moe::MAX_EXPERTS`]); the expert-routed product
+/// ([`kiln_core::ops::MoeMatMul`]) has no kernel yet.
 pub fn has_kernel(op: &Op) -> bool {
     match op {
         Op::Attention(a) => ops::attention::check_head_dim(a.head_dim, a.out_q8.is_some()).is_ok(),
+        Op::MoeRouter(r) => r.n_expert <= ops::moe::MAX_EXPERTS,
+        Op::MoeMatMul(_) => false,
         _ => true,
     }
 }
@@ -63,10 +71,13 @@ pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
 /// Every specialisation `op` of `graph` launches, [`spec_for_op`]'s first.
 fn specs_for_op(op: &Op, graph: &Graph) -> Result<Vec<KernelSpec>> {
     if !has_kernel(op) {
-        return Err(Error::Unsupported(format!(
-            "cuda backend: op {} with these parameters has no kernel: {op:?}",
-            op.name()
-        )));
+        return Err(match op {
+            Op::MoeRouter(_) | Op::MoeMatMul(_) => moe_unsupported(op),
+            _ => Error::Unsupported(format!(
+                "cuda backend: op {} with these parameters has no kernel: {op:?}",
+                op.name()
+            )),
+        });
     }
     let dtype = |id: BufferId| graph.desc(id).map(|d| d.dtype);
     let bytes = |id: BufferId| graph.desc(id).map(|d| d.bytes());
@@ -117,8 +128,25 @@ fn specs_for_op(op: &Op, graph: &Graph) -> Result<Vec<KernelSpec>> {
         .map(|plan| plan.spec),
         Op::Argmax(_) => Ok(ops::argmax::spec()),
         Op::Sample(s) => Ok(ops::sample::spec_for(&s.params)),
+        Op::MoeRouter(r) => Ok(ops::moe::router_spec(r.gating)),
+        Op::MoeCombine(_) => Ok(ops::moe::combine_spec()),
+        Op::MoeMatMul(_) => Err(moe_unsupported(op)),
+        Op::CausalConv1d(_) => Ok(ops::delta_net::conv_spec()),
+        Op::GatedDeltaNet(_) => Ok(ops::delta_net::delta_spec()),
+        Op::GatedRmsNorm(_) => Ok(ops::delta_net::norm_spec(true)),
+        Op::L2Norm(_) => Ok(ops::delta_net::norm_spec(false)),
     };
     spec.map(|s| vec![s])
+}
+
+/// The error for a mixture-of-experts op without a CUDA kernel (the expert-routed
+/// product; a router of more than [`ops::moe::MAX_EXPERTS`] experts).
+pub(crate) fn moe_unsupported(op: &Op) -> Error {
+    Error::Unsupported(format!(
+        "cuda backend: op {} (mixture of experts) has no kernel for these parameters yet; \
+         run this model with --device cpu",
+        op.name()
+    ))
 }
 
 /// The distinct specialisations `graph`'s ops need, in first-use order.

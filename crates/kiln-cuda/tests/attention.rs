@@ -1,6 +1,6 @@
 //! Attention: the dispatch checks and kernel choice (no GPU needed) and parity of the
-//! decode and prefill kernels with kiln-cpu on the GPU, with and without the Q8_1 copy
-//! of the output.
+//! decode, flash and prefill kernels with kiln-cpu on the GPU, with and without the
+//! Q8_1 copy of the output.
 
 mod common;
 mod kernels;
@@ -9,7 +9,9 @@ use kernels::*;
 use kiln_core::ops::Attention;
 use kiln_core::{Aliasing, BufferId, DType, Graph};
 use kiln_cpu::CpuBackend;
-use kiln_cuda::ops::attention::{AttentionArgs, AttentionKernel, AttentionShape};
+use kiln_cuda::ops::attention::{
+    flash_shared_bytes, AttentionArgs, AttentionKernel, AttentionShape,
+};
 
 /// One decode query of 32 heads over an F16 cache of 8 KV heads x 4096 x 128.
 fn shape() -> AttentionShape {
@@ -191,11 +193,88 @@ fn large_groups_run_in_chunks_of_eight_heads() {
 }
 
 #[test]
-fn many_queries_run_the_prefill_kernel() {
+fn many_queries_over_an_f16_cache_run_the_flash_kernel() {
     let plan = args_for(AttentionShape {
         n_tokens: 512,
         ..shape()
     })
+    .check()
+    .unwrap();
+    assert_eq!(plan.kernel, AttentionKernel::Flash { head_dim: 128 });
+    // 4 heads per KV head: 16 tokens per block of 64 rows (4 warps of 16).
+    assert_eq!(plan.config.grid_dim, (32, 8, 1));
+    assert_eq!(plan.config.block_dim, (128, 1, 1));
+    assert_eq!(plan.workspace_bytes, 0);
+    // Two stages of 64-row K and V tiles, rows of 128 + 8 f16 (Q shares them).
+    assert_eq!(plan.config.shared_mem_bytes, 2 * 2 * 64 * 136 * 2);
+    assert_eq!(
+        plan.spec.name_expression,
+        "kiln::attention_flash<kiln::F16, 128>"
+    );
+}
+
+#[test]
+fn the_flash_kernel_runs_on_the_smallest_head_dim_that_holds_the_heads() {
+    for (head_dim, compiled) in [
+        (8, 64),
+        (64, 64),
+        (80, 128),
+        (128, 128),
+        (136, 256),
+        (256, 256),
+    ] {
+        let plan = args_for(AttentionShape {
+            n_tokens: 5,
+            head_dim,
+            ..shape()
+        })
+        .check()
+        .unwrap();
+        assert_eq!(
+            plan.kernel,
+            AttentionKernel::Flash { head_dim: compiled },
+            "{head_dim}"
+        );
+        assert_eq!(plan.config.shared_mem_bytes, flash_shared_bytes(compiled));
+    }
+    // 64: two stages of 64-row tiles of 72; 256: 32-row tiles of 264, then 64 query rows.
+    assert_eq!(flash_shared_bytes(64), 4 * 64 * 72 * 2);
+    assert_eq!(flash_shared_bytes(256), (4 * 32 + 64) * 264 * 2);
+}
+
+#[test]
+fn flash_blocks_hold_64_rows_of_one_kv_head() {
+    // (n_heads, n_kv_heads, grid): groups of 1, 8 and 5 (12 tokens, 60 rows), 40 (one token
+    // per block), 80 (chunks of 64 heads, then 16).
+    for (n_heads, n_kv_heads, grid) in [
+        (8, 8, (16, 8, 1)),
+        (32, 4, (125, 4, 1)),
+        (40, 8, (84, 8, 1)),
+        (40, 1, (1000, 1, 1)),
+        (80, 1, (1000, 2, 1)),
+    ] {
+        let plan = args_for(AttentionShape {
+            n_tokens: 1000,
+            n_heads,
+            n_kv_heads,
+            capacity: 1000,
+            ..shape()
+        })
+        .check()
+        .unwrap();
+        assert_eq!(plan.config.grid_dim, grid, "{n_heads} / {n_kv_heads}");
+    }
+}
+
+#[test]
+fn many_queries_over_an_f32_cache_run_the_prefill_kernel() {
+    let plan = args_with(
+        AttentionShape {
+            n_tokens: 512,
+            ..shape()
+        },
+        DType::F32,
+    )
     .check()
     .unwrap();
     assert_eq!(plan.kernel, AttentionKernel::Prefill { max_head_dim: 128 });
@@ -453,6 +532,11 @@ fn a_short_q8_copy_is_rejected() {
 /// Rust's by an ulp or two.
 const NMSE: f64 = 1e-9;
 
+/// Normalised MSE allowed for the flash kernel (F16 cache): its tensor-core operands
+/// round the scaled queries and the softmax weights to f16 (relative error up to 2^-11
+/// each, an NMSE near 1e-7 on these inputs), then sum in f32; 1e-5 leaves a margin.
+const FLASH_NMSE: f64 = 1e-5;
+
 /// One attention problem: shape, cache dtype, and each query's position.
 struct Problem {
     shape: AttentionShape,
@@ -502,10 +586,24 @@ fn problem_graph(p: &Problem, copy: bool) -> (Graph, [BufferId; 5], Option<Buffe
 fn compare(cuda: &kiln_cuda::CudaBackend, rng: &mut rand::rngs::StdRng, p: &Problem) {
     let s = p.shape;
     let cache_len = s.n_kv_heads * s.capacity * s.head_dim;
+    let k = encoded(rng, p.cache, cache_len);
+    let v = encoded(rng, p.cache, cache_len);
+    compare_caches(cuda, rng, p, k, v);
+}
+
+/// [`compare`] over the given caches (bytes of `p.cache`).
+fn compare_caches(
+    cuda: &kiln_cuda::CudaBackend,
+    rng: &mut rand::rngs::StdRng,
+    p: &Problem,
+    k: Vec<u8>,
+    v: Vec<u8>,
+) {
+    let s = p.shape;
     let data = [
         f32_bytes(&uniform(rng, s.n_tokens * s.n_heads * s.head_dim, 1.0)),
-        encoded(rng, p.cache, cache_len),
-        encoded(rng, p.cache, cache_len),
+        k,
+        v,
         i32_bytes(&p.positions),
     ];
     let inputs = |ids: &[BufferId; 5]| -> Vec<(BufferId, Vec<u8>)> {
@@ -517,7 +615,11 @@ fn compare(cuda: &kiln_cuda::CudaBackend, rng: &mut rand::rngs::StdRng, p: &Prob
     let want = f32s(&run_on(&CpuBackend, &g, &inputs(&ids), &[out], Aliasing::On).unwrap()[0]);
     let got = run_on(cuda, &g, &inputs(&ids), &[out], Aliasing::On).unwrap();
     let what = format!("attention {:?} {kernel:?} cache {}", s, p.cache);
-    assert_close(&what, &f32s(&got[0]), &want, NMSE);
+    let nmse = match kernel {
+        AttentionKernel::Flash { .. } => FLASH_NMSE,
+        _ => NMSE,
+    };
+    assert_close(&what, &f32s(&got[0]), &want, nmse);
     if takes_copy(&s) {
         let (g, ids, out_q8) = problem_graph(p, true);
         let outputs = [ids[4], out_q8.unwrap()];
@@ -611,6 +713,110 @@ fn prefill_attention_matches_cpu() {
             positions,
         },
     );
+}
+
+/// A prompt chunk: `n_tokens` queries at consecutive positions `n_past ..` over a cache
+/// of `n_past + n_tokens + 3` rows (rows past the last query are never seen).
+fn chunk(
+    n_tokens: usize,
+    n_past: usize,
+    heads: (usize, usize),
+    head_dim: usize,
+    window: Option<usize>,
+    softcap: Option<f32>,
+) -> Problem {
+    Problem {
+        shape: AttentionShape {
+            n_tokens,
+            n_heads: heads.0,
+            n_kv_heads: heads.1,
+            head_dim,
+            capacity: n_past + n_tokens + 3,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            window,
+            softcap,
+        },
+        cache: DType::F16,
+        positions: (n_past..n_past + n_tokens).map(|p| p as i32).collect(),
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn flash_attention_matches_cpu() {
+    let cuda = cuda();
+    let mut rng = rng("flash_attention_matches_cpu");
+    // Chunks of a prompt: fewer tokens than a warp's 16 rows, one past a block or a
+    // tile, odd lengths, after a cache already holding n_past rows; head dims 64, 128,
+    // 256 and ones the kernel pads (80, 96); groups of 1, 4, 8 and 5; windows and
+    // soft-caps.
+    let cases = [
+        (5, 0, (32, 8), 128, None, None),
+        (15, 7, (8, 8), 64, None, None),
+        (17, 0, (32, 4), 128, None, None),
+        (65, 100, (32, 8), 128, None, None),
+        (129, 33, (16, 16), 256, None, Some(30.0)),
+        (1000, 0, (32, 8), 128, None, None),
+        (1000, 517, (8, 1), 64, None, None),
+        (333, 0, (16, 2), 256, Some(100), None),
+        (200, 1000, (40, 8), 128, Some(64), Some(50.0)),
+        (77, 3, (12, 2), 80, None, None),
+        (130, 64, (6, 2), 96, Some(4096), None),
+    ];
+    for (n_tokens, n_past, heads, head_dim, window, softcap) in cases {
+        let p = chunk(n_tokens, n_past, heads, head_dim, window, softcap);
+        assert!(
+            matches!(
+                args_with(p.shape, p.cache).check().unwrap().kernel,
+                AttentionKernel::Flash { .. }
+            ),
+            "{:?}",
+            p.shape
+        );
+        compare(cuda, &mut rng, &p);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn flash_attention_ignores_cache_rows_no_query_sees() {
+    let cuda = cuda();
+    let mut rng = rng("flash_attention_ignores_cache_rows_no_query_sees");
+    // Two runs of 4 queries far apart with a window of 50: the rows between the runs'
+    // windows, and the rows past the last query, hold NaN, which a query that read
+    // them (even with weight 0) would return.
+    let (n_heads, n_kv_heads, head_dim, capacity) = (8, 2, 128, 1200);
+    let positions = vec![100, 101, 102, 103, 900, 901, 902, 903];
+    let p = Problem {
+        shape: AttentionShape {
+            n_tokens: positions.len(),
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            capacity,
+            scale: 0.1,
+            window: Some(50),
+            softcap: None,
+        },
+        cache: DType::F16,
+        positions,
+    };
+    let cache_len = n_kv_heads * capacity * head_dim;
+    let nan = |bytes: &mut Vec<u8>| {
+        for g in 0..n_kv_heads {
+            for row in (104..851).chain(904..capacity) {
+                let at = (g * capacity + row) * head_dim * 2;
+                for e in bytes[at..at + head_dim * 2].chunks_exact_mut(2) {
+                    e.copy_from_slice(&0x7e00u16.to_le_bytes());
+                }
+            }
+        }
+    };
+    let mut k = encoded(&mut rng, DType::F16, cache_len);
+    let mut v = encoded(&mut rng, DType::F16, cache_len);
+    nan(&mut k);
+    nan(&mut v);
+    compare_caches(cuda, &mut rng, &p, k, v);
 }
 
 #[test]

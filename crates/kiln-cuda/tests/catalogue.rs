@@ -1,12 +1,13 @@
 //! The catalogue covers the IR: every op kind with every dtype the IR allows has a
 //! CUDA kernel (`has_kernel`, which `CudaBackend::supports` answers with), its
-//! specialisation is one `kiln precompile --all` builds, and the only parameters
-//! without a kernel are attention head dimensions the kernels do not take (with or
-//! without a Q8_1 copy of the output). No GPU.
+//! specialisation is one `kiln precompile --all` builds (the Gated DeltaNet ops
+//! included), and the only parameters without a kernel are attention head dimensions
+//! the kernels do not take (with or without a Q8_1 copy of the output). No GPU.
 
 use kiln_core::ops::{
-    Argmax, Attention, Embedding, HeadNormRope, KvAppend, MatMul, Rope, RopeParams, RopeStyle,
-    Sample, SampleParams, Softmax, WEIGHT_DTYPES,
+    Argmax, Attention, CausalConv1d, DeltaNetHeads, Embedding, GatedDeltaNet, GatedRmsNorm,
+    HeadNormRope, KvAppend, L2Norm, MatMul, Rope, RopeParams, RopeStyle, Sample, SampleParams,
+    Softmax, WEIGHT_DTYPES,
 };
 use kiln_core::{DType, Graph, Op};
 use kiln_cuda::manifest::{all_specs, has_kernel, spec_for_op};
@@ -261,4 +262,79 @@ fn attention_with_other_head_dims_has_no_kernel() {
             other => panic!("head_dim {head_dim}: expected Unsupported, got {other:?}"),
         }
     }
+}
+
+#[test]
+fn delta_net_ops_have_kernels() {
+    let heads = DeltaNetHeads {
+        n_k_heads: 2,
+        n_v_heads: 4,
+        d_k: 8,
+        d_v: 6,
+    };
+    let width = heads.qkv_width();
+    let mut g = Graph::new();
+    let mut p = |name: &str, shape: &[usize]| g.persistent(name, DType::F32, shape).unwrap();
+    let (x, w, conv_state, qkv) = (
+        p("x", &[3, width]),
+        p("w", &[width, 4]),
+        p("conv_state", &[width, 3]),
+        p("qkv", &[3, width]),
+    );
+    let (a, b, ssm_a, dt_bias) = (
+        p("a", &[3, 4]),
+        p("b", &[3, 4]),
+        p("ssm_a", &[4]),
+        p("dt_bias", &[4]),
+    );
+    let (state, out, z, nw, normed, l2) = (
+        p("state", &[4, 8, 6]),
+        p("out", &[3, 4, 6]),
+        p("z", &[12, 6]),
+        p("nw", &[6]),
+        p("normed", &[12, 6]),
+        p("l2", &[12, 6]),
+    );
+    g.push(CausalConv1d {
+        x,
+        weight: w,
+        state: conv_state,
+        out: qkv,
+        n_tokens: 3,
+        channels: width,
+        kernel: 4,
+    })
+    .unwrap();
+    g.push(GatedDeltaNet {
+        qkv,
+        a,
+        b,
+        ssm_a,
+        dt_bias,
+        state,
+        out,
+        n_tokens: 3,
+        heads,
+        eps: 1e-6,
+    })
+    .unwrap();
+    g.push(GatedRmsNorm {
+        x: out,
+        z,
+        weight: nw,
+        out: normed,
+        rows: 12,
+        dim: 6,
+        eps: 1e-6,
+    })
+    .unwrap();
+    g.push(L2Norm {
+        x: out,
+        out: l2,
+        rows: 12,
+        dim: 6,
+        eps: 1e-6,
+    })
+    .unwrap();
+    assert_covered(&g);
 }

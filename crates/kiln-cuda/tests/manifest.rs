@@ -1,6 +1,9 @@
 //! The kernel manifest and the no-driver path. Runs without a GPU.
 
-use kiln_core::ops::{Attention, Cast, Elementwise, ElementwiseKind, MatMul, RmsNorm};
+use kiln_core::ops::{
+    Attention, Cast, Elementwise, ElementwiseKind, Gating, MatMul, MoeCombine, MoeMatMul,
+    MoeRouter, RmsNorm,
+};
 use kiln_core::{DType, Error, Graph};
 use kiln_cuda::manifest::{all_specs, headers, specs_for_graph, FAMILIES};
 
@@ -9,13 +12,15 @@ fn every_spec_has_a_unique_canonical_key() {
     let specs = all_specs();
     assert_eq!(
         specs.len(),
-        9 + 2 * 4 + 4 + 14 + 4 + 4 + 172 + 32 + 2 + 2 + 28 + 1 + 1,
+        9 + 2 * 4 + 4 + 19 + 4 + 4 + 222 + 32 + 2 + 2 + 28 + 3 + 1 + 1 + 3 + 4,
         "cast pairs, element-wise and glu kinds, norm variants, embedding tables, rope \
          variants, qkv_rope_append (2 styles x 2 caches), matmul (8 packed dtypes x 4 mat-vec tiers x 2 plane alignments + 8 \
-         resident dtypes x 2 block shapes x 2 alignments + 6 other dtypes x 4 tiers x 2 load widths + \
-         14 mat-mat + 14 weight decoders of the cuBLASLt path), the resident mat-vecs with a fused norm (8 x 2 x 2), softmax, kv caches, \
+         resident dtypes x 2 block shapes x 2 alignments + 11 other dtypes x 4 tiers x 2 load widths + \
+         19 mat-mat + 19 weight decoders of the cuBLASLt path), the resident mat-vecs with a fused norm (8 x 2 x 2), softmax, kv caches, \
          attention (2 caches x (4 group tiers x 3 lane widths decode + 2 prefill)), \
-         argmax, sample"
+         flash attention (F16 cache x 3 head dims), \
+         argmax, sample, moe (2 router gatings, combine), \
+         delta net (conv, recurrent delta rule, gated RMSNorm, L2 norm)"
     );
     let mut keys: Vec<&str> = specs.iter().map(|s| s.key.as_str()).collect();
     keys.sort();
@@ -253,5 +258,68 @@ fn has_kernel_agrees_with_spec_for_op() {
             "{}",
             op.name()
         );
+    }
+}
+
+#[test]
+fn the_expert_routed_product_is_unsupported_with_a_clear_error() {
+    let mut g = Graph::new();
+    let logits = g.persistent("logits", DType::F32, &[2, 4]).unwrap();
+    let ids = g.persistent("ids", DType::I32, &[2, 2]).unwrap();
+    let weights = g.persistent("weights", DType::F32, &[2, 2]).unwrap();
+    let x = g.persistent("x", DType::F32, &[2, 32]).unwrap();
+    let w = g.persistent("w", DType::Q4_0, &[4, 3, 32]).unwrap();
+    let y = g.persistent("y", DType::F32, &[2, 2, 3]).unwrap();
+    let out = g.persistent("out", DType::F32, &[2, 3]).unwrap();
+    g.push(MoeRouter {
+        logits,
+        ids,
+        weights,
+        m: 2,
+        n_expert: 4,
+        k: 2,
+        gating: Gating::Softmax,
+        normalize: true,
+    })
+    .unwrap();
+    g.push(MoeMatMul {
+        x,
+        ids,
+        w,
+        out: y,
+        m: 2,
+        k: 2,
+        n_expert: 4,
+        rows: 3,
+        cols: 32,
+        per_slot: false,
+    })
+    .unwrap();
+    g.push(MoeCombine {
+        y,
+        weights,
+        residual: None,
+        shared: None,
+        shared_gate: None,
+        out,
+        m: 2,
+        k: 2,
+        n: 3,
+    })
+    .unwrap();
+    // The router and the combine have kernels; the expert-routed product not yet.
+    for op in g.ops() {
+        let has = kiln_cuda::manifest::has_kernel(op);
+        assert_eq!(has, op.name() != "moe_matmul", "{}", op.name());
+        match kiln_cuda::manifest::spec_for_op(op, &g) {
+            Ok(_) if has => {}
+            Err(Error::Unsupported(msg)) if !has => assert!(
+                msg.contains("cuda backend")
+                    && msg.contains(op.name())
+                    && msg.contains("--device cpu"),
+                "{msg}"
+            ),
+            other => panic!("{}: has_kernel {has}, spec_for_op {other:?}", op.name()),
+        }
     }
 }

@@ -19,11 +19,26 @@ pub enum Arch {
     /// Qwen3: GGUF `qwen3`, `Qwen3ForCausalLM`. Per-head RMSNorm of q and k before
     /// NeoX RoPE.
     Qwen3,
+    /// Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): GGUF `qwen2moe`,
+    /// `Qwen2MoeForCausalLM`. Qwen2's attention; every layer's feed-forward is a
+    /// mixture of experts (softmax router, top-k weights not renormalised by
+    /// default) plus a shared expert scaled by a sigmoid gate.
+    Qwen2Moe,
+    /// Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): GGUF `qwen3moe`,
+    /// `Qwen3MoeForCausalLM`. Qwen3's attention; every layer's feed-forward is a
+    /// mixture of experts (softmax router, top-k weights renormalised to sum 1).
+    Qwen3Moe,
 }
 
 impl Arch {
     /// Every supported architecture.
-    pub const ALL: [Arch; 3] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3];
+    pub const ALL: [Arch; 5] = [
+        Arch::Llama,
+        Arch::Qwen2,
+        Arch::Qwen3,
+        Arch::Qwen2Moe,
+        Arch::Qwen3Moe,
+    ];
 
     /// The GGUF name: the value of [`crate::keys::ARCHITECTURE`] and the prefix of
     /// the architecture's keys.
@@ -32,6 +47,8 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Qwen2Moe => "qwen2moe",
+            Arch::Qwen3Moe => "qwen3moe",
         }
     }
 
@@ -41,13 +58,42 @@ impl Arch {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
         }
     }
 
-    /// The Hugging Face `model_type` (config.json), which for these architectures is
-    /// the GGUF name.
+    /// The Hugging Face `model_type` (config.json): the GGUF name, except for the
+    /// mixtures of experts (`qwen2_moe`, `qwen3_moe`).
     pub fn hf_model_type(self) -> &'static str {
-        self.name()
+        match self {
+            Arch::Qwen2Moe => "qwen2_moe",
+            Arch::Qwen3Moe => "qwen3_moe",
+            other => other.name(),
+        }
+    }
+
+    /// Whether every layer's feed-forward is a mixture of experts.
+    pub fn is_moe(self) -> bool {
+        matches!(self, Arch::Qwen2Moe | Arch::Qwen3Moe)
+    }
+
+    /// Whether the architecture's attention has biases on q, k and v (the Qwen2
+    /// family's).
+    pub fn has_qkv_bias(self) -> bool {
+        matches!(self, Arch::Qwen2 | Arch::Qwen2Moe)
+    }
+
+    /// Whether q and k are RMS-normalised per head before RoPE (the Qwen3 family).
+    pub fn has_qk_norm(self) -> bool {
+        matches!(self, Arch::Qwen3 | Arch::Qwen3Moe)
+    }
+
+    /// Whether a mixture of experts renormalises its top-k weights to sum 1 when the
+    /// file does not say ([`crate::keys::hparams::EXPERT_WEIGHTS_NORM`]): as llama.cpp
+    /// runs them, Qwen3-MoE does and Qwen2-MoE does not.
+    pub fn default_expert_weights_norm(self) -> bool {
+        self == Arch::Qwen3Moe
     }
 
     /// The architecture whose GGUF name is `name`; an [`Error::Unsupported`] naming
@@ -87,7 +133,7 @@ impl Arch {
     pub fn rope_style(self) -> RopeStyle {
         match self {
             Arch::Llama => RopeStyle::Normal,
-            Arch::Qwen2 | Arch::Qwen3 => RopeStyle::NeoX,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe => RopeStyle::NeoX,
         }
     }
 }
@@ -110,6 +156,8 @@ mod tests {
                 ("llama", "LlamaForCausalLM"),
                 ("qwen2", "Qwen2ForCausalLM"),
                 ("qwen3", "Qwen3ForCausalLM"),
+                ("qwen2moe", "Qwen2MoeForCausalLM"),
+                ("qwen3moe", "Qwen3MoeForCausalLM"),
             ]
         );
         assert_eq!(
@@ -122,7 +170,7 @@ mod tests {
     fn unknown_architecture_is_an_error_naming_it() {
         let msg = Arch::from_name("gptneox").unwrap_err().to_string();
         assert!(
-            msg.contains("\"gptneox\"") && msg.contains("llama, qwen2, qwen3"),
+            msg.contains("\"gptneox\"") && msg.contains("llama, qwen2, qwen3, qwen2moe, qwen3moe"),
             "{msg}"
         );
         assert!(matches!(

@@ -56,6 +56,20 @@ pub mod hparams {
     pub const ROPE_SCALING_YARN_BETA_FAST: &str = "rope.scaling.yarn_beta_fast";
     /// YaRN's low-frequency correction bound: f32.
     pub const ROPE_SCALING_YARN_BETA_SLOW: &str = "rope.scaling.yarn_beta_slow";
+    /// The number of experts of a mixture-of-experts layer: u32.
+    pub const EXPERT_COUNT: &str = "expert_count";
+    /// The number of experts each token is routed to (top-k): u32.
+    pub const EXPERT_USED_COUNT: &str = "expert_used_count";
+    /// The hidden width of one expert's feed-forward; llama.cpp takes
+    /// `feed_forward_length / expert_used_count` when absent: u32.
+    pub const EXPERT_FEED_FORWARD_LENGTH: &str = "expert_feed_forward_length";
+    /// The hidden width of the shared expert; llama.cpp takes `feed_forward_length`
+    /// when absent: u32.
+    pub const EXPERT_SHARED_FEED_FORWARD_LENGTH: &str = "expert_shared_feed_forward_length";
+    /// Whether the top-k expert weights are renormalised to sum 1; the
+    /// architecture's default when absent ([`crate::Arch::default_expert_weights_norm`]):
+    /// bool.
+    pub const EXPERT_WEIGHTS_NORM: &str = "expert_weights_norm";
 }
 
 /// The tokenizer's keys (`tokenizer.ggml.*` and the chat template).

@@ -69,7 +69,8 @@ pub const QUANTIZATION_VERSION: u32 = 2;
 
 /// llama.cpp's `llama_ftype` for a file whose weight matrices are `dtype` (the
 /// "mostly" types, 1-D tensors staying f32; for k-quants, the `_S` variant, which
-/// uses the type throughout). `None` where llama.cpp has no file type for `dtype`.
+/// uses the type throughout; for MXFP4, `MOSTLY_MXFP4_MOE`). `None` where llama.cpp
+/// has no file type for `dtype`.
 pub const fn llama_file_type(dtype: DType) -> Option<u32> {
     Some(match dtype {
         DType::F32 => 0,
@@ -86,6 +87,11 @@ pub const fn llama_file_type(dtype: DType) -> Option<u32> {
         DType::Q6K => 18,
         DType::IQ4NL => 25,
         DType::BF16 => 32,
+        DType::TQ1_0 => 36,
+        DType::TQ2_0 => 37,
+        DType::MXFP4 => 38,
+        DType::Q1_0 => 40,
+        DType::Q2_0 => 41,
         DType::I32 | DType::U32 | DType::U8 | DType::Q8_1 | DType::Q8K => return None,
     })
 }

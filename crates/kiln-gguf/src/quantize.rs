@@ -95,6 +95,7 @@ impl TypePolicy {
         }
         let fallback = match self.requested {
             DType::Q2K | DType::Q3K => DType::IQ4NL,
+            DType::Q2_0 | DType::TQ1_0 | DType::TQ2_0 => DType::Q4_0,
             DType::Q4K => DType::Q5_0,
             DType::Q5K => DType::Q5_1,
             DType::Q6K => DType::Q8_0,
@@ -472,6 +473,13 @@ mod tests {
             (DType::Q6K, 384, DType::Q8_0),
             (DType::Q3K, 384, DType::IQ4NL),
             (DType::Q2K, 384, DType::IQ4NL),
+            (DType::TQ2_0, 384, DType::Q4_0),
+            (DType::TQ1_0, 384, DType::Q4_0),
+            (DType::TQ1_0, 48, DType::F16),
+            (DType::Q2_0, 96, DType::Q4_0),
+            (DType::Q1_0, 384, DType::Q1_0),
+            (DType::Q1_0, 320, DType::F16),
+            (DType::MXFP4, 48, DType::F16),
             (DType::Q4_0, 48, DType::F16),
             (DType::Q8_0, 64, DType::Q8_0),
             (DType::BF16, 48, DType::BF16),
@@ -534,6 +542,17 @@ mod tests {
         assert_eq!(q4k.file_type(&all_fell_back), 8, "Q5_0 holds the most");
         assert_eq!(q4k.file_type(std::slice::from_ref(&norm)), 14);
         assert_eq!(policy(DType::Q8_0).file_type(&[]), 7);
+        // llama.h's LLAMA_FTYPE_MOSTLY_{TQ1_0, TQ2_0, MXFP4_MOE, Q1_0, Q2_0}.
+        let low_bit = [
+            (DType::TQ1_0, 36),
+            (DType::TQ2_0, 37),
+            (DType::MXFP4, 38),
+            (DType::Q1_0, 40),
+            (DType::Q2_0, 41),
+        ];
+        for (dtype, ftype) in low_bit {
+            assert_eq!(policy(dtype).file_type(&[]), ftype, "{dtype}");
+        }
     }
 
     #[test]

@@ -61,7 +61,7 @@ const QWEN_NAMED: &[(u32, &str)] = &[
 ];
 
 /// The presets `kiln synth` knows.
-pub const PRESETS: [Preset; 4] = [
+pub const PRESETS: [Preset; 6] = [
     Preset {
         name: "llama-3.2-1b",
         config_json: r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
@@ -113,6 +113,40 @@ pub const PRESETS: [Preset; 4] = [
         config_json: r#"{"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096,
             "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
             "head_dim": 128, "max_position_embeddings": 40960, "rms_norm_eps": 1e-06, "rope_theta": 1000000,
+            "attention_bias": false, "tie_word_embeddings": false, "vocab_size": 151936,
+            "bos_token_id": 151643, "eos_token_id": 151645}"#,
+        pre: "qwen2",
+        n_normal: 151643,
+        control_end: 151665,
+        named: QWEN_NAMED,
+        bos: 151643,
+        eos: 151645,
+        add_bos: false,
+    },
+    Preset {
+        name: "qwen3-30b-a3b",
+        config_json: r#"{"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+            "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+            "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+            "max_position_embeddings": 40960, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+            "attention_bias": false, "tie_word_embeddings": false, "vocab_size": 151936,
+            "bos_token_id": 151643, "eos_token_id": 151645}"#,
+        pre: "qwen2",
+        n_normal: 151643,
+        control_end: 151665,
+        named: QWEN_NAMED,
+        bos: 151643,
+        eos: 151645,
+        add_bos: false,
+    },
+    Preset {
+        name: "qwen3-235b-a22b",
+        config_json: r#"{"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 4096,
+            "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_experts": 128, "num_experts_per_tok": 8,
+            "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "num_hidden_layers": 94, "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128,
+            "max_position_embeddings": 40960, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
             "attention_bias": false, "tie_word_embeddings": false, "vocab_size": 151936,
             "bos_token_id": 151643, "eos_token_id": 151645}"#,
         pre: "qwen2",

@@ -240,3 +240,49 @@ fn rewriting_a_parsed_file_reproduces_its_bytes() {
     let g = Gguf::from_bytes(&bytes[..], "sample").unwrap();
     assert_eq!(common::rewrite(&g), bytes);
 }
+
+#[test]
+fn low_bit_tensors_read_back_with_their_type_ids_and_bytes() {
+    // One 2-row tensor of each 1- and 2-bit format and MXFP4: the type id in the
+    // tensor info is ggml's, and the data comes back byte for byte.
+    let formats = [
+        (DType::Q1_0, 41u32),
+        (DType::Q2_0, 42),
+        (DType::TQ1_0, 34),
+        (DType::TQ2_0, 35),
+        (DType::MXFP4, 39),
+    ];
+    let descs: Vec<TensorDesc> = formats
+        .iter()
+        .map(|&(d, _)| TensorDesc::new(d.name(), d, &[2, 2 * d.block_size()]))
+        .collect();
+    let mut w = GgufWriter::new(Vec::new(), "mem", &Metadata::new(), &descs).unwrap();
+    for (i, &(d, _)) in formats.iter().enumerate() {
+        w.write_tensor_data(&pattern_bytes(4 * d.block_bytes(), i as u8))
+            .unwrap();
+    }
+    let bytes = w.finish().unwrap();
+    let g = Gguf::from_bytes(&bytes[..], "mem").unwrap();
+    for (i, &(d, id)) in formats.iter().enumerate() {
+        assert_eq!(d.gguf_type_id(), Some(id));
+        let t = g.tensor(d.name()).unwrap();
+        assert_eq!(t.info.dtype(), d);
+        assert_eq!(
+            t.data,
+            pattern_bytes(4 * d.block_bytes(), i as u8).as_slice()
+        );
+        // The type id is stored where GGUF puts it: after the name, the dimension
+        // count and the dimensions.
+        let mut info = Vec::new();
+        info.extend((d.name().len() as u64).to_le_bytes());
+        info.extend(d.name().as_bytes());
+        info.extend(2u32.to_le_bytes());
+        info.extend((2 * d.block_size() as u64).to_le_bytes());
+        info.extend(2u64.to_le_bytes());
+        info.extend(id.to_le_bytes());
+        assert!(
+            bytes.windows(info.len()).any(|w| w == info.as_slice()),
+            "{d}: tensor info with type id {id} not found"
+        );
+    }
+}

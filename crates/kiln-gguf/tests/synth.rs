@@ -7,11 +7,13 @@ use kiln_gguf::Gguf;
 
 /// Tensor and parameter counts of the real models' GGUF files and Hugging Face
 /// checkpoints (parameters exclude llama.cpp's generated `rope_freqs.weight`).
-const REAL: [(&str, usize, u64); 4] = [
+const REAL: [(&str, usize, u64); 6] = [
     ("llama-3.2-1b", 147, 1_235_814_400),
     ("llama-3.1-8b", 292, 8_030_261_248),
     ("qwen2.5-0.5b", 290, 494_032_768),
     ("qwen3-8b", 399, 8_190_735_360),
+    ("qwen3-30b-a3b", 579, 30_532_122_624),
+    ("qwen3-235b-a22b", 1131, 235_093_634_560),
 ];
 
 #[test]
@@ -138,4 +140,57 @@ fn vocabulary_tokens_are_unique_and_merges_make_tokens() {
         (v.token_types[599], v.token_types[620], v.token_types[680]),
         (1, 3, 5)
     );
+}
+
+#[test]
+fn qwen3_8b_in_the_low_bit_types_has_every_weight_matrix_in_the_type() {
+    // qwen3-8b's rows (4096, 12288 and 1024 wide) are whole blocks of every format,
+    // so no matrix falls back; norms stay f32. In q1_0 the file's tensors take
+    // 8,190,735,360 / 128 * 18 bytes plus the f32 norms: 1.07 GiB, the size of the
+    // llama.cpp file the issue times.
+    let config = synth::preset("qwen3-8b").unwrap().config().unwrap();
+    for dtype in [
+        DType::Q1_0,
+        DType::Q2_0,
+        DType::TQ1_0,
+        DType::TQ2_0,
+        DType::MXFP4,
+    ] {
+        let descs = synth::describe(&config, dtype).unwrap();
+        let mut bytes = 0u64;
+        for d in &descs {
+            let want = if d.shape.len() >= 2 {
+                dtype
+            } else {
+                DType::F32
+            };
+            assert_eq!(d.dtype, want, "{dtype}: {}", d.name);
+            bytes += d.dtype.bytes_for(d.shape.iter().product()).unwrap() as u64;
+        }
+        if dtype == DType::Q1_0 {
+            let gib = bytes as f64 / (1u64 << 30) as f64;
+            assert!(
+                (1.06..1.08).contains(&gib),
+                "q1_0 tensors take {gib:.3} GiB"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_tiny_preset_in_mxfp4_and_q1_0_reads_back_in_its_types() {
+    // Rows of 64 and 96 are whole MXFP4 blocks (32); q1_0's (128) fit neither, so
+    // its matrices fall back to f16, as kiln convert types them.
+    let dir = tempfile::tempdir().unwrap();
+    for (dtype, want) in [(DType::MXFP4, DType::MXFP4), (DType::Q1_0, DType::F16)] {
+        let bytes = write_tiny(dtype, 3, dir.path());
+        let file = Gguf::from_bytes(&bytes[..], "tiny").unwrap();
+        let down = file.tensor("blk.1.ffn_down.weight").unwrap();
+        assert_eq!(down.info.dtype(), want, "{dtype}");
+        let w = down.to_f32().unwrap();
+        assert!(w.iter().all(|v| v.is_finite()), "{dtype}");
+        // ffn_down's values are N(0, 1/96): its quantized copy has about that spread.
+        let std = (w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32).sqrt();
+        assert!((std - 0.102).abs() < 0.02, "{dtype}: std {std}");
+    }
 }

@@ -35,6 +35,89 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// Whether q and k are RMS-normalized per head before RoPE (Qwen3).
     pub qk_norm: bool,
+    /// The mixture of experts that replaces every layer's feed-forward (qwen2moe,
+    /// qwen3moe).
+    pub moe: Option<MoeConfig>,
+}
+
+/// The shape of a mixture-of-experts feed-forward: a softmax router over `n_expert`
+/// experts (`blk.N.ffn_gate_inp.weight`, `[n_expert, n_embd]`), the top
+/// `n_expert_used` of them per token, each a SwiGLU of hidden width `n_ff_exp`
+/// (stacked in `blk.N.ffn_{gate,up,down}_exps.weight`), and an optional shared
+/// expert of width `n_ff_shexp` scaled by the sigmoid of its one-row gate
+/// (`blk.N.ffn_{gate,up,down}_shexp.weight`, `blk.N.ffn_gate_inp_shexp.weight`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    pub n_expert: usize,
+    pub n_expert_used: usize,
+    pub n_ff_exp: usize,
+    pub n_ff_shexp: Option<usize>,
+    /// Whether the chosen experts' weights are renormalised to sum 1.
+    pub norm_weights: bool,
+}
+
+impl MoeConfig {
+    /// Reads `arch`'s expert keys as llama.cpp does: `expert_feed_forward_length`
+    /// defaults to `n_ff / expert_used_count`, `expert_shared_feed_forward_length`
+    /// (where the file has a shared expert, `has_shared`) to `n_ff`.
+    fn from_metadata(
+        md: &Metadata,
+        arch: Arch,
+        n_ff: usize,
+        has_shared: bool,
+    ) -> Result<MoeConfig> {
+        let key = |k: &str| arch.key(k);
+        let get = |k: &str| -> Result<Option<usize>> {
+            if !md.contains_key(&key(k)) {
+                return Ok(None);
+            }
+            let v = md.get_u64(&key(k))?;
+            usize::try_from(v)
+                .map(Some)
+                .map_err(|_| Error::format(key(k), format!("{v} does not fit in usize")))
+        };
+        let required = |k: &str| get(k)?.ok_or_else(|| Error::format(key(k), "missing"));
+        let n_expert_used = required(hparams::EXPERT_USED_COUNT)?;
+        Ok(MoeConfig {
+            n_expert: required(hparams::EXPERT_COUNT)?,
+            n_expert_used,
+            n_ff_exp: match get(hparams::EXPERT_FEED_FORWARD_LENGTH)? {
+                Some(n) => n,
+                None => n_ff.checked_div(n_expert_used).unwrap_or(0),
+            },
+            n_ff_shexp: if has_shared {
+                Some(get(hparams::EXPERT_SHARED_FEED_FORWARD_LENGTH)?.unwrap_or(n_ff))
+            } else {
+                None
+            },
+            norm_weights: match md.get(&key(hparams::EXPERT_WEIGHTS_NORM)) {
+                Some(_) => md.get_bool(&key(hparams::EXPERT_WEIGHTS_NORM))?,
+                None => arch.default_expert_weights_norm(),
+            },
+        })
+    }
+
+    /// Checks the counts: at least one expert chosen, no more than there are,
+    /// non-zero widths, and sizes computed from them that fit in `usize`.
+    fn check(&self, n_embd: usize) -> std::result::Result<(), String> {
+        let (e, k) = (self.n_expert, self.n_expert_used);
+        if e == 0 || k == 0 || k > e || i32::try_from(e).is_err() {
+            return Err(format!(
+                "expert_used_count {k} must be in 1..=expert_count {e} (and expert_count fit i32)"
+            ));
+        }
+        if self.n_ff_exp == 0 || self.n_ff_shexp == Some(0) {
+            return Err("the experts' feed-forward widths must be > 0".into());
+        }
+        let width = self.n_ff_exp.max(self.n_ff_shexp.unwrap_or(0)).max(n_embd);
+        if e.checked_mul(width)
+            .and_then(|v| v.checked_mul(n_embd))
+            .is_none()
+        {
+            return Err(format!("{e} experts of {width} x {n_embd}: sizes overflow"));
+        }
+        Ok(())
+    }
 }
 
 impl ModelConfig {
@@ -70,11 +153,18 @@ impl ModelConfig {
         }
         let head_dim = get_or(hparams::KEY_LENGTH, n_embd / n_heads)?;
         let vocab = vocab_rows(file, n_embd)?;
+        let n_ff = get(hparams::FEED_FORWARD_LENGTH)?;
+        let moe = if arch.is_moe() {
+            let shared = has("blk.0.ffn_gate_inp_shexp.weight");
+            Some(MoeConfig::from_metadata(md, arch, n_ff, shared)?)
+        } else {
+            None
+        };
         let config = ModelConfig {
             arch,
             n_layers: get(hparams::BLOCK_COUNT)?,
             n_embd,
-            n_ff: get(hparams::FEED_FORWARD_LENGTH)?,
+            n_ff,
             n_heads,
             n_kv_heads: get_or(hparams::HEAD_COUNT_KV, n_heads)?,
             head_dim,
@@ -92,6 +182,7 @@ impl ModelConfig {
             tied_embeddings: !has("output.weight"),
             qkv_bias: has("blk.0.attn_q.bias"),
             qk_norm: has("blk.0.attn_q_norm.weight"),
+            moe,
         };
         config.check()?;
         let shapes: HashMap<&str, &[usize]> = file
@@ -155,13 +246,27 @@ impl ModelConfig {
         }
         add("attn_output.weight", vec![d, q]);
         add("ffn_norm.weight", vec![d]);
-        if has(&name("ffn_gate_up.weight")) {
+        if let Some(moe) = &self.moe {
+            let (e, ff) = (moe.n_expert, moe.n_ff_exp);
+            add("ffn_gate_inp.weight", vec![e, d]);
+            add("ffn_gate_exps.weight", vec![e, ff, d]);
+            add("ffn_down_exps.weight", vec![e, d, ff]);
+            add("ffn_up_exps.weight", vec![e, ff, d]);
+            if let Some(ff) = moe.n_ff_shexp {
+                add("ffn_gate_inp_shexp.weight", vec![d]);
+                add("ffn_gate_shexp.weight", vec![ff, d]);
+                add("ffn_up_shexp.weight", vec![ff, d]);
+                add("ffn_down_shexp.weight", vec![d, ff]);
+            }
+        } else if has(&name("ffn_gate_up.weight")) {
             add("ffn_gate_up.weight", vec![ff.saturating_mul(2), d]);
         } else {
             add("ffn_gate.weight", vec![ff, d]);
             add("ffn_up.weight", vec![ff, d]);
         }
-        add("ffn_down.weight", vec![d, ff]);
+        if self.moe.is_none() {
+            add("ffn_down.weight", vec![d, ff]);
+        }
         out
     }
 
@@ -234,6 +339,9 @@ impl ModelConfig {
                 self.rope.rotary_dim, self.head_dim
             ));
         }
+        if let Some(moe) = &self.moe {
+            moe.check(self.n_embd).or_else(bad)?;
+        }
         Ok(())
     }
 
@@ -288,6 +396,16 @@ impl fmt::Display for ModelConfig {
         }
         if self.rope_freq_factors {
             f.write_str(" with frequency factors")?;
+        }
+        if let Some(moe) = &self.moe {
+            write!(
+                f,
+                ", {} of {} experts of feed-forward {} per token",
+                moe.n_expert_used, moe.n_expert, moe.n_ff_exp
+            )?;
+            if let Some(ff) = moe.n_ff_shexp {
+                write!(f, " and a shared expert of {ff}")?;
+            }
         }
         let extras = [
             (self.tied_embeddings, "tied embeddings"),

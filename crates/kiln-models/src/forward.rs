@@ -12,11 +12,18 @@
 //! `blk.N.ffn_gate_up.weight`, [`crate::model::weight_stacks`]), one product computes
 //! the queries, keys and values ([`QkvRopeAppend`] then rotates and appends them) and
 //! one the gate and up projections ([`Glu`] then gates them).
+//!
+//! A mixture-of-experts layer ([`MoeConfig`]) routes each token to its experts
+//! ([`MoeRouter`] over the logits of `blk.N.ffn_gate_inp.weight`), runs the chosen
+//! experts' SwiGLU with [`MoeMatMul`]s over the stacked `blk.N.ffn_*_exps.weight`, the
+//! shared expert (where there is one) with ordinary products, and sums them with
+//! [`MoeCombine`].
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, MoeConfig};
 use kiln_core::ops::{
-    AddRmsNorm, Attention, Elementwise, ElementwiseKind, Embedding, Glu, HeadNormRope, KvAppend,
-    MatMul, QkNorm, QkvRopeAppend, RmsNorm, Rope, Sample, SampleParams, Q8_COPY,
+    AddRmsNorm, Attention, Elementwise, ElementwiseKind, Embedding, Gating, Glu, HeadNormRope,
+    KvAppend, MatMul, MoeCombine, MoeMatMul, MoeRouter, QkNorm, QkvRopeAppend, RmsNorm, Rope,
+    Sample, SampleParams, Q8_COPY,
 };
 use kiln_core::{BufferId, DType, Error, Graph, Result};
 
@@ -178,7 +185,14 @@ pub fn build(
         )?;
         let attn = b.attention(l, normed, positions, freq_factors, cache)?;
         let ffn_copy = b.quantized(
-            &["ffn_gate_up", "ffn_gate", "ffn_up"].map(|w| format!("blk.{l}.{w}.weight")),
+            &[
+                "ffn_gate_up",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_gate_shexp",
+                "ffn_up_shexp",
+            ]
+            .map(|w| format!("blk.{l}.{w}.weight")),
         );
         let (r, normed) = b.residual_norm(
             r,
@@ -188,7 +202,10 @@ pub fn build(
             ffn_copy,
         )?;
         resid = r;
-        branch = Some(b.feed_forward(l, normed)?);
+        branch = Some(match &config.moe {
+            Some(moe) => b.moe_feed_forward(l, normed, moe)?,
+            None => b.feed_forward(l, normed)?,
+        });
     }
     // One token: the head reads the final norm (and its Q8_1 copy). Several: one
     // gathered row of it.
@@ -553,5 +570,128 @@ impl Builder<'_> {
             })?;
         }
         self.linear(l, "ffn_down", act, d, ff, false)
+    }
+    /// Mixture-of-experts feed-forward of layer `l`: router logits (a product with
+    /// `ffn_gate_inp`), the top-k choice, the chosen experts'
+    /// `down(silu(gate(x)) * up(x))`, the shared expert's (scaled by the sigmoid of
+    /// `ffn_gate_inp_shexp · x`) where the model has one, and their weighted sum.
+    fn moe_feed_forward(&mut self, l: usize, x: Act, moe: &MoeConfig) -> Result<BufferId> {
+        let (d, t) = (self.c.n_embd, self.t);
+        let (e, k, ff) = (moe.n_expert, moe.n_expert_used, moe.n_ff_exp);
+        let logits = self.linear(l, "ffn_gate_inp", x, e, d, false)?;
+        let ids = self
+            .g
+            .transient(format!("l{l}.moe_ids"), DType::I32, &[t, k])?;
+        let weights = self
+            .g
+            .transient(format!("l{l}.moe_weights"), DType::F32, &[t, k])?;
+        self.g.push(MoeRouter {
+            logits,
+            ids,
+            weights,
+            m: t,
+            n_expert: e,
+            k,
+            gating: Gating::Softmax,
+            normalize: moe.norm_weights,
+        })?;
+        let gate = self.experts(l, "ffn_gate_exps", x.x, ids, moe, [ff, d], false)?;
+        let up = self.experts(l, "ffn_up_exps", x.x, ids, moe, [ff, d], false)?;
+        let act = self
+            .g
+            .transient(format!("l{l}.moe_act"), DType::F32, &[t, k, ff])?;
+        self.g.push(Elementwise {
+            kind: ElementwiseKind::SiluMul,
+            a: gate,
+            b: up,
+            out: act,
+            out_q8: None,
+            len: t * k * ff,
+        })?;
+        let y = self.experts(l, "ffn_down_exps", act, ids, moe, [d, ff], true)?;
+        let (shared, shared_gate) = match moe.n_ff_shexp {
+            Some(sff) => {
+                let shared = self.shared_expert(l, x, sff)?;
+                let w = self.w(&format!("blk.{l}.ffn_gate_inp_shexp.weight"), &[d])?;
+                let gate = self.act(&format!("l{l}.shexp_gate"), 1)?;
+                self.g.push(MatMul {
+                    x: x.x,
+                    x_q8: None,
+                    w,
+                    bias: None,
+                    out: gate,
+                    m: t,
+                    n: 1,
+                    k: d,
+                })?;
+                (Some(shared), Some(gate))
+            }
+            None => (None, None),
+        };
+        let out = self.act(&format!("l{l}.moe_out"), d)?;
+        self.g.push(MoeCombine {
+            y,
+            weights,
+            residual: None,
+            shared,
+            shared_gate,
+            out,
+            m: t,
+            k,
+            n: d,
+        })?;
+        Ok(out)
+    }
+
+    /// The chosen experts' products with `blk.{l}.{name}.weight` (`[n_expert, rows,
+    /// cols]`): F32 `[n_tokens, k, rows]`.
+    #[allow(clippy::too_many_arguments)]
+    fn experts(
+        &mut self,
+        l: usize,
+        name: &str,
+        x: BufferId,
+        ids: BufferId,
+        moe: &MoeConfig,
+        [rows, cols]: [usize; 2],
+        per_slot: bool,
+    ) -> Result<BufferId> {
+        let (e, k) = (moe.n_expert, moe.n_expert_used);
+        let w = self.w(&format!("blk.{l}.{name}.weight"), &[e, rows, cols])?;
+        let out = self
+            .g
+            .transient(format!("l{l}.{name}"), DType::F32, &[self.t, k, rows])?;
+        self.g.push(MoeMatMul {
+            x,
+            ids,
+            w,
+            out,
+            m: self.t,
+            k,
+            n_expert: e,
+            rows,
+            cols,
+            per_slot,
+        })?;
+        Ok(out)
+    }
+
+    /// The shared expert of layer `l`, a SwiGLU of width `ff` over the `_shexp`
+    /// weights (unscaled).
+    fn shared_expert(&mut self, l: usize, x: Act, ff: usize) -> Result<BufferId> {
+        let d = self.c.n_embd;
+        let gate = self.linear(l, "ffn_gate_shexp", x, ff, d, false)?;
+        let up = self.linear(l, "ffn_up_shexp", x, ff, d, false)?;
+        let copy = self.quantized(&[format!("blk.{l}.ffn_down_shexp.weight")]);
+        let act = self.act_with_copy(&format!("l{l}.shexp_act"), ff, copy)?;
+        self.g.push(Elementwise {
+            kind: ElementwiseKind::SiluMul,
+            a: gate,
+            b: up,
+            out: act.x,
+            out_q8: act.q8,
+            len: self.t * ff,
+        })?;
+        self.linear(l, "ffn_down_shexp", act, d, ff, false)
     }
 }

@@ -1,4 +1,5 @@
-//! The generation loop: prefill the prompt in one pass, then decode token by token.
+//! The generation loop: prefill the prompt (in the model's prefill chunks), then
+//! decode token by token.
 
 use crate::model::Model;
 use crate::sampler::Sampler;

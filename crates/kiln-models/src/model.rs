@@ -26,7 +26,9 @@ impl LoadOptions {
 }
 
 /// Memory a forward pass used: persistent (weights, caches, inputs, outputs) and
-/// scratch, with and without aliasing of transient buffers.
+/// scratch, with and without aliasing of transient buffers. A prompt that runs in
+/// chunks ([`Model::set_prefill_chunk`]) reports its largest chunk's graph, of
+/// `n_tokens` tokens: the scratch every chunk runs in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlanSummary {
     pub n_tokens: usize,
@@ -46,8 +48,13 @@ pub struct Model<BE: Backend> {
     decode: DecodeSteps<BE>,
     cache: CacheSpec,
     n_past: usize,
+    prefill_chunk: usize,
     last_plan: Option<PlanSummary>,
 }
+
+/// Tokens per forward graph of a prompt by default ([`Model::set_prefill_chunk`]),
+/// as llama.cpp's default micro-batch (`-ub 512`).
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 impl<BE: Backend> Model<BE> {
     /// Loads every tensor of `file` into `backend` ([`Backend::share_weight`]: on a
@@ -179,6 +186,7 @@ impl<BE: Backend> Model<BE> {
             decode: DecodeSteps::default(),
             cache,
             n_past: 0,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
             last_plan: None,
         })
     }
@@ -239,14 +247,35 @@ impl<BE: Backend> Model<BE> {
         self.last_plan
     }
 
+    /// Tokens per forward graph ([`DEFAULT_PREFILL_CHUNK`] unless set): a forward pass
+    /// of more tokens runs them in chunks of this many, in order, each appending its
+    /// keys and values to the caches before the next attends to them, so that the
+    /// scratch memory of a prompt of any length is that of one chunk.
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
+    }
+
+    /// Sets [`Model::prefill_chunk`]; errors on 0.
+    pub fn set_prefill_chunk(&mut self, tokens: usize) -> Result<()> {
+        if tokens == 0 {
+            return Err(Error::invalid(
+                "set_prefill_chunk",
+                "a prefill chunk must hold at least 1 token",
+            ));
+        }
+        self.prefill_chunk = tokens;
+        Ok(())
+    }
+
     /// Builds the forward graph for `n_tokens` tokens (as [`Model::forward`] runs it).
     pub fn graph(&self, n_tokens: usize) -> Result<ForwardGraph> {
         graph_for(&self.config, &self.weights, n_tokens, self.cache)
     }
 
     /// Runs `tokens` at the next positions, appending them to the KV caches, and
-    /// returns the logits (`vocab` values) of the last one. All of them go through
-    /// one graph: a whole prompt is prefilled in one pass.
+    /// returns the logits (`vocab` values) of the last one. They go through one graph
+    /// per chunk of [`Model::prefill_chunk`] tokens; the result equals one pass over
+    /// all of them up to the order of floating-point sums.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.step(tokens, None)?;
         self.last_logits()
@@ -371,13 +400,40 @@ impl<BE: Backend> Model<BE> {
         Ok(())
     }
 
-    /// Runs `tokens` at the next positions through the forward graph, which ends
-    /// with a sampling head when `sample` gives its settings and uniform number.
-    /// Several tokens run as one graph built, checked and executed for them; one
-    /// token runs an executable compiled once per head and kept, with only its inputs
-    /// uploaded. Returns when the work is enqueued (a download waits for it).
+    /// Runs `tokens` at the next positions in chunks of [`Model::prefill_chunk`]
+    /// ([`Model::step_chunk`]), the last one with the sampling head when `sample`
+    /// gives its settings and uniform number. Records the largest chunk's plan. On an
+    /// error no position is consumed. Returns when the work is enqueued.
     fn step(&mut self, tokens: &[u32], sample: Option<(SampleParams, f32)>) -> Result<()> {
         self.check_step(tokens)?;
+        let start = self.n_past;
+        let n_chunks = tokens.len().div_ceil(self.prefill_chunk);
+        let mut largest: Option<PlanSummary> = None;
+        for (i, chunk) in tokens.chunks(self.prefill_chunk).enumerate() {
+            let head = if i + 1 == n_chunks { sample } else { None };
+            match self.step_chunk(chunk, head) {
+                // The first chunk is the largest.
+                Ok(plan) => largest = largest.or(Some(plan)),
+                Err(e) => {
+                    self.n_past = start;
+                    return Err(e);
+                }
+            }
+        }
+        self.last_plan = largest;
+        Ok(())
+    }
+
+    /// Runs one chunk of `tokens` at the next positions through the forward graph,
+    /// which ends with a sampling head when `sample` is given, and consumes their
+    /// positions. Several tokens run as one graph built, checked and executed for
+    /// them; one token runs an executable compiled once per head and kept, with only
+    /// its inputs uploaded. Returns the graph's memory use.
+    fn step_chunk(
+        &mut self,
+        tokens: &[u32],
+        sample: Option<(SampleParams, f32)>,
+    ) -> Result<PlanSummary> {
         let t = tokens.len();
         let params = sample.map(|(p, _)| p);
         for (name, bytes) in step_inputs(tokens, self.n_past, sample.map(|(_, u)| u)) {
@@ -414,14 +470,13 @@ impl<BE: Backend> Model<BE> {
             )?;
             planned.plan
         };
-        self.last_plan = Some(PlanSummary {
+        self.n_past += t;
+        Ok(PlanSummary {
             n_tokens: t,
             persistent_bytes: memory_plan.persistent_bytes,
             peak_bytes: memory_plan.peak_bytes(),
             peak_bytes_unaliased: memory_plan.peak_bytes_unaliased(),
-        });
-        self.n_past += t;
-        Ok(())
+        })
     }
 }
 

@@ -266,6 +266,8 @@ fn replayed_decode_matches_eager_and_cpu_on_the_small_model() {
         (DType::Q8_0, 1e-3),
         (DType::Q4_0, 1e-3),
         (DType::Q4K, 1e-3),
+        (DType::Q1_0, 1e-3),
+        (DType::TQ2_0, 1e-3),
     ] {
         let file = tiny(dir.path(), dtype);
         let worst = assert_replay_matches(&format!("{dtype}"), &file, &prompts, tolerance);
@@ -301,6 +303,51 @@ fn greedy<BE: Backend>(model: &mut Model<BE>, prompt: &[u32]) -> Vec<u32> {
     })
     .expect("generation runs");
     out
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn chunked_prefill_on_the_gpu_matches_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_f16(dir.path());
+    let mut cpu = load(CpuBackend, &file, DType::F16);
+    let mut whole = load(cuda(), &file, DType::F16);
+    let mut chunked = load(cuda(), &file, DType::F16);
+    chunked.set_prefill_chunk(48).unwrap();
+    // Text (the fixture prompts, repeated) of one chunk, one chunk + 1 (a last chunk
+    // that runs the decode graph) and several chunks and a part; 64 greedy tokens follow
+    // within the 256 positions of the cache.
+    let text: Vec<u32> = prompts().concat();
+    for n in [48, 49, 4 * 48 - 5] {
+        let prompt: Vec<u32> = text.iter().copied().cycle().take(n).collect();
+        cpu.reset();
+        whole.reset();
+        chunked.reset();
+        let want = cpu.forward(&prompt).unwrap();
+        let one = whole.forward(&prompt).unwrap();
+        let got = chunked.forward(&prompt).unwrap();
+        assert!(
+            got.iter().all(|v| v.is_finite()),
+            "{n} tokens: non-finite logits"
+        );
+        // As gpu_logits_and_greedy_tokens_match_the_cpu: other sum orders, f16
+        // tensor-core operands.
+        assert!(
+            nmse(&got, &want) < 1e-5,
+            "{n} tokens: NMSE {:.2e} vs the CPU",
+            nmse(&got, &want)
+        );
+        assert!(
+            nmse(&got, &one) < 1e-5,
+            "{n} tokens: NMSE {:.2e} vs one graph",
+            nmse(&got, &one)
+        );
+        assert_eq!(
+            greedy(&mut chunked, &prompt),
+            greedy(&mut cpu, &prompt),
+            "{n} tokens: greedy tokens"
+        );
+    }
 }
 
 #[test]

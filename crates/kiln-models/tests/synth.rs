@@ -30,6 +30,18 @@ fn tiny(family: &str) -> Preset {
             "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1, "max_position_embeddings": 256,
             "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "tie_word_embeddings": true, "vocab_size": 800}"#
         }
+        "qwen2moe" => {
+            r#"{"architectures": ["Qwen2MoeForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+            "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, "num_experts": 6,
+            "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 256, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "vocab_size": 800}"#
+        }
+        "qwen3moe" => {
+            r#"{"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "intermediate_size": 96, "head_dim": 32,
+            "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 3, "norm_topk_prob": true,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 256, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "vocab_size": 800}"#
+        }
         _ => {
             r#"{"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 96, "head_dim": 32,
             "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
@@ -50,7 +62,7 @@ fn tiny(family: &str) -> Preset {
 #[test]
 fn synthetic_models_load_tokenize_and_run() {
     let dir = tempfile::tempdir().unwrap();
-    for family in ["llama", "qwen2", "qwen3"] {
+    for family in ["llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe"] {
         let preset = tiny(family);
         let out = dir.path().join(format!("{family}.gguf"));
         let config = preset.config().unwrap();

@@ -3,7 +3,8 @@
 //! run: a driver device-to-device copy for generation (weight and KV-cache bytes read
 //! per token), and achieved TFLOP/s (the FLOPs computed) for prompt processing.
 //!
-//! - `pp N`: N prompt tokens in one pass, after `d` tokens of context (not timed).
+//! - `pp N`: N prompt tokens in one forward pass (in chunks of `--ubatch-size`), after
+//!   `d` tokens of context (not timed).
 //! - `tg N`: N tokens generated one at a time after `d` tokens of context, each step
 //!   choosing its token on the device (greedy, as `kiln generate --temp 0`; with
 //!   `--sampler default`, llama.cpp's default sampler settings) and downloading only
@@ -13,9 +14,11 @@
 
 use super::backend::{run_on, BackendJob};
 use super::device::DeviceArgs;
+use super::flags;
 use kiln_core::ops::SampleParams;
 use kiln_core::{Backend, DType, Error, Graph, LaunchProfile, Op, Result};
 use kiln_gguf::Gguf;
+use kiln_models::model::DEFAULT_PREFILL_CHUNK;
 use kiln_models::{LoadOptions, Model, ModelConfig, SamplerConfig};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -36,7 +39,7 @@ pub struct BenchArgs {
     /// The GGUF model file.
     #[arg(short = 'm', long = "model")]
     pub model: PathBuf,
-    /// Prompt tokens processed in one pass (pp tests), comma-separated; 0 skips.
+    /// Prompt tokens processed in one forward pass (pp tests), comma-separated; 0 skips.
     #[arg(
         short = 'p',
         long = "n-prompt",
@@ -77,6 +80,11 @@ pub struct BenchArgs {
     pub json: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// Tokens per forward graph of a prompt (llama.cpp's `-ub`): a longer prompt runs
+    /// in chunks of this many against the KV cache, in the scratch memory of one chunk.
+    #[arg(long = "ubatch-size", visible_alias = "ubatch", value_name = "N",
+          default_value_t = DEFAULT_PREFILL_CHUNK, value_parser = flags::ubatch_size)]
+    pub ubatch: usize,
     /// MiB of the device-to-device copy that measures the bandwidth ceiling (default:
     /// 1024 on a GPU, 64 on the CPU).
     #[arg(long)]
@@ -291,6 +299,7 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
         args.model.display()
     );
     let mut model = Model::load(backend, &file, options, &mut |_, _| {})?;
+    model.set_prefill_chunk(args.ubatch)?;
     let config = model.config().clone();
     let params: usize = file.tensor_infos().iter().map(|t| t.n_elements()).sum();
     let head_params = (config.vocab * config.n_embd) as f64;
@@ -438,17 +447,15 @@ fn report_progress(tests: &[TestResult], n_tests: usize) {
     }
 }
 
-/// Runs `tokens` into a fresh context, in prompts of at most 2048 tokens (as
-/// llama-bench's default batch), so that tests start at depth `tokens.len()`.
+/// Runs `tokens` into a fresh context (in the model's prefill chunks), so that tests
+/// start at depth `tokens.len()`.
 fn fill_context<BE: Backend>(model: &mut Model<BE>, tokens: &[u32]) -> Result<()> {
     model.reset();
-    if !tokens.is_empty() {
-        eprintln!("kiln: filling {} positions of context", tokens.len());
+    if tokens.is_empty() {
+        return Ok(());
     }
-    for chunk in tokens.chunks(2048) {
-        model.forward(chunk)?;
-    }
-    Ok(())
+    eprintln!("kiln: filling {} positions of context", tokens.len());
+    model.forward(tokens).map(drop)
 }
 
 /// The profile of one decode step at depth `d` (warmed up by a few steps first).
@@ -510,7 +517,8 @@ fn profile<BE: Backend>(
 
 /// Bytes an op of a decode step reads and writes: its operands, except that a KV
 /// cache counts only the rows it touches (all `kv_rows` for attention, one per token
-/// for an append).
+/// for an append), and an expert-routed product only the experts it can choose (at
+/// most `m * k` of them).
 fn op_bytes(op: &Op, graph: &Graph, kv_rows: usize, costs: &Costs) -> usize {
     let is_cache = |id: &kiln_core::BufferId| {
         let name = &graph.buffers()[id.index()].name;
@@ -540,7 +548,14 @@ fn op_bytes(op: &Op, graph: &Graph, kv_rows: usize, costs: &Costs) -> usize {
         Op::Embedding(e) => Some(bytes(&e.table) / e.vocab.max(1) * e.n_tokens + bytes(&e.out)),
         _ => None,
     };
-    embedding_rows.unwrap_or(plain + caches * rows * per_layer_position)
+    let unread_experts = match op {
+        Op::MoeMatMul(mm) => {
+            let chosen = (mm.m * mm.k).min(mm.n_expert);
+            bytes(&mm.w) / mm.n_expert * (mm.n_expert - chosen)
+        }
+        _ => 0,
+    };
+    embedding_rows.unwrap_or(plain + caches * rows * per_layer_position - unread_experts)
 }
 
 /// Prints `r` as llama-bench-like tables (or JSON with `json`).
@@ -683,6 +698,7 @@ mod tests {
             tied_embeddings: false,
             qkv_bias: false,
             qk_norm: false,
+            moe: None,
         };
         Costs {
             config,

@@ -173,6 +173,26 @@ pub fn decode_attention_shape(kv_len: usize) -> AttentionShape {
     }
 }
 
+/// Prompt lengths of the prefill attention measurements.
+pub const PREFILL_ATTENTION_TOKENS: [usize; 3] = [512, 4096, 16384];
+
+/// The prefill attention problem: a prompt of `n_tokens` at positions 0.. over an F16
+/// cache of as many rows, with the decode problem's heads (Llama 3.1 8B's).
+pub fn prefill_attention_shape(n_tokens: usize) -> AttentionShape {
+    AttentionShape {
+        n_tokens,
+        ..decode_attention_shape(n_tokens)
+    }
+}
+
+/// Floating-point operations of a causal attention, counted as is usual: two products
+/// (2 flops per multiply-add) of `n_tokens`^2 / 2 (query, row) pairs of `head_dim` per
+/// query head.
+pub fn prefill_attention_flops(s: &AttentionShape) -> f64 {
+    let t = s.n_tokens as f64;
+    4.0 * t * t / 2.0 * (s.head_dim * s.n_heads) as f64
+}
+
 /// Vocabularies of the sampling measurements (Llama 3's and Qwen 2's).
 pub const SAMPLE_VOCABS: [usize; 2] = [128_256, 151_936];
 
@@ -360,6 +380,7 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
     }
     if on(Section::Attention) {
         families.push(bench.decode_attentions()?);
+        families.push(bench.prefill_attentions()?);
     }
     if on(Section::Sample) {
         families.push(bench.samples()?);
@@ -451,6 +472,18 @@ impl Bench<'_> {
         }
         Ok((
             "sampling, time and GB/s of logits per row, logits in L2".to_string(),
+            rows,
+        ))
+    }
+
+    /// The prefill attention family, one measurement per prompt length.
+    fn prefill_attentions(&mut self) -> Result<(String, Vec<Measurement>)> {
+        let rows = PREFILL_ATTENTION_TOKENS
+            .iter()
+            .map(|&t| self.prefill_attention(t))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((
+            "prefill attention, causal, 32 heads over 8 KV heads of 128, f16 cache".to_string(),
             rows,
         ))
     }
@@ -701,6 +734,45 @@ impl Bench<'_> {
         })
     }
 
+    /// One causal attention of a prompt of `n_tokens` (positions 0..) over an F16 cache
+    /// holding its rows, writing its output's Q8_1 copy as a prefill graph does.
+    fn prefill_attention(&mut self, n_tokens: usize) -> Result<Measurement> {
+        let shape = prefill_attention_shape(n_tokens);
+        let cache_len = shape.n_kv_heads * shape.capacity * shape.head_dim;
+        let mut cache = vec![0u8; DType::F16.bytes_for(cache_len)?];
+        quant::quantize(DType::F16, &f32_values(cache_len), &mut cache)?;
+        let keys = self.buffers(1, &cache)?;
+        let values = self.buffers(1, &cache)?;
+        drop(cache);
+        let nq = n_tokens * shape.n_heads * shape.head_dim;
+        let q = self.buffers(1, &f32_pattern(nq))?;
+        let positions: Vec<u8> = (0..n_tokens as i32).flat_map(i32::to_le_bytes).collect();
+        let positions = self.buffers(1, &positions)?;
+        let mut out = self.backend.alloc(4 * nq)?;
+        let mut out_q8 = self.backend.alloc(DType::Q8_1.bytes_for(nq)?)?;
+        let backend = self.backend;
+        let seconds = self.timer.time(backend, self.reps, |_| {
+            attention::attention(
+                backend,
+                &q[0],
+                &keys[0],
+                &values[0],
+                &positions[0],
+                &mut out,
+                Some(&mut out_q8),
+                DType::F16,
+                &shape,
+            )
+        })?;
+        Ok(Measurement {
+            family: "attention_prefill",
+            label: format!("{n_tokens} tokens"),
+            bytes: 0,
+            flops: prefill_attention_flops(&shape),
+            seconds,
+        })
+    }
+
     /// Sampling `rows` rows of `vocab` logits with `params` (labelled `label`) by the
     /// kernel of `tuning` and `layout`: the time per row and the logit bytes of one row.
     fn sample(
@@ -823,6 +895,20 @@ mod tests {
         assert_eq!(
             attention_bytes(&s, 16),
             2 * 8 * 16 * 128 * 2 + 2 * 4 * 32 * 128
+        );
+    }
+
+    #[test]
+    fn prefill_attention_counts_the_causal_half() {
+        let s = prefill_attention_shape(4096);
+        assert_eq!(
+            (s.n_tokens, s.capacity, s.n_heads, s.n_kv_heads),
+            (4096, 4096, 32, 8)
+        );
+        // 32 heads x 2 products x 2 flops x 4096^2 / 2 pairs x 128.
+        assert_eq!(
+            prefill_attention_flops(&s),
+            32.0 * 4.0 * 8_388_608.0 * 128.0
         );
     }
 

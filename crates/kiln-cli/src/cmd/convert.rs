@@ -30,7 +30,8 @@ pub struct ConvertArgs {
     /// The GGUF file to write.
     pub output: PathBuf,
     /// The type of the weight matrices: f32, f16, bf16, q4_0, q4_1, q5_0, q5_1,
-    /// q8_0, q2_k, q3_k, q4_k, q5_k, q6_k or iq4_nl. Default: bf16 for a bf16
+    /// q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, q1_0, q2_0, tq1_0, tq2_0 or
+    /// mxfp4. Default: bf16 for a bf16
     /// checkpoint, else f16.
     #[arg(long = "type", value_name = "TYPE")]
     pub dtype: Option<DType>,

@@ -93,6 +93,16 @@ pub fn chunks(s: &str) -> Result<usize, String> {
     }
 }
 
+/// `--ubatch-size`: at least 1 token per prefill chunk.
+pub fn ubatch_size(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(v) if v >= 1 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a count of tokens; a prefill chunk holds 1 or more"
+        )),
+    }
+}
+
 /// Warns (as llama.cpp does) when `--ctx-size` asks for more positions than the
 /// model was trained on: past those, its output degrades.
 pub fn warn_above_trained_context(context: usize, trained: usize) {
@@ -121,5 +131,7 @@ mod tests {
         assert!(ctx_size("0").is_err());
         assert_eq!(chunks("3"), Ok(3));
         assert!(chunks("0").is_err() && chunks("-1").is_err());
+        assert_eq!(ubatch_size("512"), Ok(512));
+        assert!(ubatch_size("0").is_err() && ubatch_size("x").is_err());
     }
 }

@@ -10,6 +10,7 @@ use kiln_core::{Backend, DType, Error, Result};
 use kiln_gguf::GgufFile;
 use kiln_models::forward::CacheSpec;
 use kiln_models::generate::{generate, SamplingPath, StopReason};
+use kiln_models::model::DEFAULT_PREFILL_CHUNK;
 use kiln_models::model::{graph_for, weight_descs};
 use kiln_models::tokenizer::Tokenizer;
 use kiln_models::{LoadOptions, Model, ModelConfig, Sampler, SamplerConfig};
@@ -41,6 +42,11 @@ pub struct GenerateArgs {
     /// Positions the KV cache holds (default: the model's context, at most 4096).
     #[arg(short = 'c', long = "ctx-size", value_parser = flags::ctx_size)]
     pub context: Option<usize>,
+    /// Tokens per forward graph of a prompt (llama.cpp's `-ub`): a longer prompt runs
+    /// in chunks of this many against the KV cache, in the scratch memory of one chunk.
+    #[arg(long = "ubatch-size", visible_alias = "ubatch", value_name = "N",
+          default_value_t = DEFAULT_PREFILL_CHUNK, value_parser = flags::ubatch_size)]
+    pub ubatch: usize,
     /// Temperature; 0 or below is greedy decoding.
     #[arg(long = "temp", default_value_t = 0.8, value_parser = flags::temperature)]
     pub temperature: f32,
@@ -186,6 +192,7 @@ impl BackendJob for GenerateJob<'_> {
             },
             &mut |done, _| bar.set_position(done),
         )?;
+        model.set_prefill_chunk(args.ubatch)?;
         bar.finish_and_clear();
         let mut sampler = self.sampler;
         if args.verbose {

@@ -8,6 +8,7 @@ use clap::Args;
 use kiln_core::{Backend, DType, Error, Result};
 use kiln_gguf::GgufFile;
 use kiln_models::forward::CacheSpec;
+use kiln_models::model::DEFAULT_PREFILL_CHUNK;
 use kiln_models::model::{graph_for, weight_descs};
 use kiln_models::perplexity::{perplexity, PerplexityOptions};
 use kiln_models::tokenizer::Tokenizer;
@@ -40,6 +41,11 @@ pub struct PerplexityArgs {
     /// Windows to score at most (default: every whole window of the text).
     #[arg(long, value_name = "N", value_parser = flags::chunks)]
     pub chunks: Option<usize>,
+    /// Tokens per forward graph of a prompt (llama.cpp's `-ub`): a longer prompt runs
+    /// in chunks of this many against the KV cache, in the scratch memory of one chunk.
+    #[arg(long = "ubatch-size", visible_alias = "ubatch", value_name = "N",
+          default_value_t = DEFAULT_PREFILL_CHUNK, value_parser = flags::ubatch_size)]
+    pub ubatch: usize,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -106,6 +112,7 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         file,
         tokens,
         options,
+        ubatch: args.ubatch,
     };
     run_on(args.device.device, &graph.graph, job)
 }
@@ -114,6 +121,7 @@ struct PerplexityJob<'a> {
     file: &'a GgufFile,
     tokens: Vec<u32>,
     options: PerplexityOptions,
+    ubatch: usize,
 }
 
 impl BackendJob for PerplexityJob<'_> {
@@ -130,6 +138,7 @@ impl BackendJob for PerplexityJob<'_> {
             },
             &mut |_, _| {},
         )?;
+        model.set_prefill_chunk(self.ubatch)?;
         let backend_name = model.backend().name();
         let mut out = std::io::stdout().lock();
         let start = Instant::now();

@@ -14,9 +14,10 @@ use std::path::PathBuf;
 Tensors get the types `kiln convert --type TYPE` gives them, as llama-quantize
 does: a weight matrix (two or more dimensions, a name ending in \"weight\", not a
 norm or router) becomes TYPE, or where its rows are not a whole number of TYPE's
-blocks (256 elements for k-quants, 32 for the other block formats) the type
-llama-quantize falls back to (q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0,
-q2_k/q3_k -> iq4_nl, else f16). Every other tensor (norms, biases, 1-D tensors)
+blocks (256 elements for k-quants and ternary types, 128 for q1_0, 64 for q2_0,
+32 for the other block formats) the type llama-quantize falls back to
+(q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0, q2_k/q3_k -> iq4_nl,
+tq1_0/tq2_0/q2_0 -> q4_0, else f16). Every other tensor (norms, biases, 1-D tensors)
 is copied unchanged. Metadata is copied, with general.file_type set to
 llama.cpp's file type for TYPE and general.quantization_version to 2.
 
@@ -29,7 +30,8 @@ pub struct QuantizeArgs {
     /// The GGUF file to write.
     pub output: PathBuf,
     /// The type of the weight matrices in the output: f32, f16, bf16, q4_0, q4_1,
-    /// q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k or iq4_nl.
+    /// q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, q1_0, q2_0, tq1_0,
+    /// tq2_0 or mxfp4.
     #[arg(long = "type", value_name = "TYPE")]
     pub dtype: DType,
 }

@@ -13,10 +13,12 @@
 pub mod argmax;
 mod attention;
 mod cast;
+mod delta_net;
 mod elementwise;
 mod embedding;
 mod kv_cache;
 mod matmul;
+mod moe;
 mod norm;
 mod rope;
 pub mod sample;
@@ -25,10 +27,14 @@ mod softmax;
 pub use argmax::Argmax;
 pub use attention::Attention;
 pub use cast::Cast;
+pub use delta_net::{
+    CausalConv1d, DeltaNetHeads, GatedDeltaNet, GatedRmsNorm, L2Norm, DELTA_NET_CHUNK,
+};
 pub use elementwise::{Elementwise, ElementwiseKind, Glu};
 pub use embedding::Embedding;
 pub use kv_cache::{KvAppend, CACHE_DTYPES};
 pub use matmul::MatMul;
+pub use moe::{Gating, MoeCombine, MoeMatMul, MoeRouter};
 pub use norm::{AddRmsNorm, RmsNorm};
 pub use rope::{HeadNormRope, QkNorm, QkvRopeAppend, Rope, RopeParams, RopeStyle};
 pub use sample::{Sample, SampleParams};
@@ -90,6 +96,13 @@ op_enum!(
     Argmax,
     Cast,
     Sample,
+    MoeRouter,
+    MoeMatMul,
+    MoeCombine,
+    CausalConv1d,
+    GatedDeltaNet,
+    GatedRmsNorm,
+    L2Norm,
 );
 
 impl Op {
@@ -114,8 +127,8 @@ impl Op {
 /// Float dtypes an op may take as a weight or cast operand.
 pub const FLOAT_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
-/// Weight dtypes [`MatMul`] and [`Embedding`] accept.
-pub const WEIGHT_DTYPES: [DType; 14] = [
+/// Weight dtypes [`MatMul`], [`MoeMatMul`] and [`Embedding`] accept.
+pub const WEIGHT_DTYPES: [DType; 19] = [
     DType::F32,
     DType::F16,
     DType::BF16,
@@ -130,6 +143,11 @@ pub const WEIGHT_DTYPES: [DType; 14] = [
     DType::Q5K,
     DType::Q6K,
     DType::IQ4NL,
+    DType::Q1_0,
+    DType::Q2_0,
+    DType::TQ1_0,
+    DType::TQ2_0,
+    DType::MXFP4,
 ];
 
 /// The dtype of an activation's 8-bit copy: an op that writes F32 activations may also

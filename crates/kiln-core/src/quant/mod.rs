@@ -9,7 +9,11 @@
 //!
 //! - `legacy.rs`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1 (32-element blocks);
 //! - `kquants/`: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K (256-element super-blocks);
-//! - `iq4_nl.rs`: IQ4_NL (32-element blocks, non-linear levels).
+//! - `iq4_nl.rs`: IQ4_NL (32-element blocks, non-linear levels);
+//! - `lowbit.rs`: Q1_0 (128-element blocks of signs) and Q2_0 (64-element blocks of
+//!   four levels);
+//! - `ternary.rs`: TQ1_0 and TQ2_0 (256-element blocks of trits);
+//! - `mxfp4.rs`: MXFP4 (32 E2M1 values with an E8M0 exponent).
 //!
 //! Each block struct's doc comment gives its byte layout and the value of each
 //! element.
@@ -19,11 +23,15 @@ mod float;
 mod iq4_nl;
 mod kquants;
 mod legacy;
+mod lowbit;
+mod mxfp4;
+mod ternary;
 
 use crate::{DType, Error, Result};
 use block::{decode_blocks, encode_blocks};
 
 pub use iq4_nl::IQ4_NL_LEVELS;
+pub use mxfp4::{e8m0_half, MXFP4_LEVELS};
 
 /// Converts `dst.len()` elements stored as `dtype` in `src` to f32.
 ///
@@ -46,6 +54,11 @@ pub fn dequantize(dtype: DType, src: &[u8], dst: &mut [f32]) -> Result<()> {
         DType::Q6K => decode_blocks::<kquants::Q6K>(src, dst),
         DType::Q8K => decode_blocks::<kquants::Q8K>(src, dst),
         DType::IQ4NL => decode_blocks::<iq4_nl::Iq4Nl>(src, dst),
+        DType::Q1_0 => decode_blocks::<lowbit::Q1_0>(src, dst),
+        DType::Q2_0 => decode_blocks::<lowbit::Q2_0>(src, dst),
+        DType::TQ1_0 => decode_blocks::<ternary::Tq1_0>(src, dst),
+        DType::TQ2_0 => decode_blocks::<ternary::Tq2_0>(src, dst),
+        DType::MXFP4 => decode_blocks::<mxfp4::Mxfp4>(src, dst),
         DType::I32 | DType::U32 | DType::U8 => {
             return Err(Error::Unsupported(format!("dequantization of {dtype}")))
         }
@@ -78,6 +91,11 @@ pub fn quantize(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<()> {
         DType::Q6K => encode_blocks::<kquants::Q6K>(src, dst),
         DType::Q8K => encode_blocks::<kquants::Q8K>(src, dst),
         DType::IQ4NL => encode_blocks::<iq4_nl::Iq4Nl>(src, dst),
+        DType::Q1_0 => encode_blocks::<lowbit::Q1_0>(src, dst),
+        DType::Q2_0 => encode_blocks::<lowbit::Q2_0>(src, dst),
+        DType::TQ1_0 => encode_blocks::<ternary::Tq1_0>(src, dst),
+        DType::TQ2_0 => encode_blocks::<ternary::Tq2_0>(src, dst),
+        DType::MXFP4 => encode_blocks::<mxfp4::Mxfp4>(src, dst),
         DType::I32 | DType::U32 | DType::U8 => {
             return Err(Error::Unsupported(format!("quantization to {dtype}")))
         }

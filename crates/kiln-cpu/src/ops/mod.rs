@@ -5,10 +5,12 @@
 pub mod argmax;
 pub mod attention;
 pub mod cast;
+pub mod delta_net;
 pub mod elementwise;
 pub mod embedding;
 pub mod kv_cache;
 pub mod matmul;
+pub mod moe;
 pub mod norm;
 pub mod rope;
 pub mod sample;
@@ -36,6 +38,13 @@ pub(crate) fn execute(op: &Op, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
         Op::Argmax(op) => argmax::execute(op, ins, outs),
         Op::Cast(op) => cast::execute(op, ins, outs),
         Op::Sample(op) => sample::execute(op, ins, outs),
+        Op::MoeRouter(op) => moe::execute_router(op, ins, outs),
+        Op::MoeMatMul(op) => moe::execute_matmul(op, ins, outs),
+        Op::MoeCombine(op) => moe::execute_combine(op, ins, outs),
+        Op::CausalConv1d(op) => delta_net::execute_causal_conv1d(op, ins, outs),
+        Op::GatedDeltaNet(op) => delta_net::execute_gated_delta_net(op, ins, outs),
+        Op::GatedRmsNorm(op) => delta_net::execute_gated_rms_norm(op, ins, outs),
+        Op::L2Norm(op) => delta_net::execute_l2_norm(op, ins, outs),
     }
 }
 

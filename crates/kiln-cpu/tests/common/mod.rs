@@ -57,13 +57,27 @@ pub fn float_bytes(values: &[f32], dtype: DType) -> Vec<u8> {
 /// scaled normal values; block formats hold random bytes in which every byte at an odd
 /// offset is forced into `0x20..0x3c` with a random sign bit, so that every 16-bit
 /// scale field (ggml places them at even offsets of even-sized blocks) is a finite
-/// value of magnitude about 2^-7..1, and every 32-bit one likewise finite.
+/// value of magnitude about 2^-7..1, and every 32-bit one likewise finite. MXFP4's
+/// 17-byte blocks instead get random codes and an E8M0 exponent byte in `118..134`
+/// (scales 2^-10..2^6).
 pub fn random_weight(rng: &mut StdRng, dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
     if dtype.is_float() {
         return float_bytes(&randn(rng, rows * cols, 0.5), dtype);
     }
-    assert_eq!(dtype.block_bytes() % 2, 0, "{dtype}: odd block size");
     let n = dtype.bytes_for(rows * cols).expect("whole blocks");
+    if dtype == DType::MXFP4 {
+        return (0..n)
+            .map(|i| {
+                let b: u8 = rng.random();
+                if i % dtype.block_bytes() == 0 {
+                    118 + b % 16
+                } else {
+                    b
+                }
+            })
+            .collect();
+    }
+    assert_eq!(dtype.block_bytes() % 2, 0, "{dtype}: odd block size");
     (0..n)
         .map(|i| {
             let b: u8 = rng.random();

@@ -1,5 +1,6 @@
 //! Dispatch for [`kiln_core::ops::Attention`] (kernels/attention.cu): flash-decoding
-//! for up to [`DECODE_MAX_TOKENS`] queries, the tiled prefill kernel above.
+//! for up to [`DECODE_MAX_TOKENS`] queries; above that, flash attention on tensor cores
+//! over an F16 cache ([`FLASH_CACHES`]), the f32 tiled prefill kernel over an F32 cache.
 //!
 //! The decode launch depends only on the shape (its grid on the capacity, not on the
 //! positions, which live on the device), so one launch record serves every position:
@@ -17,6 +18,7 @@ use super::common::{
     MAX_GRID_YZ,
 };
 use super::{check_bytes, check_nonzero, check_q8_copy, count, to_u32};
+use crate::constants::{FA_PAD, FA_TILE_ROWS, FA_TILE_ROWS_WIDE, FA_WARPS};
 use crate::family::Family;
 use crate::launch::KernelArgs;
 use crate::registry::{KernelSource, KernelSpec};
@@ -38,6 +40,17 @@ pub const DECODE_MAX_TOKENS: usize = 4;
 
 /// The largest head dimension the kernels take (kernels/attention.cu's MAX_HEAD_DIM).
 pub const MAX_HEAD_DIM: usize = 256;
+
+/// The cache dtypes the flash kernel reads: its tensor-core operands are of the
+/// cache's type (queries and softmax weights rounded to it).
+pub const FLASH_CACHES: [DType; 1] = [DType::F16];
+
+/// The head dimensions the flash kernel is compiled for: a head dimension runs on the
+/// smallest that holds it, its columns past the head dimension zeros.
+const FLASH_HEAD_DIMS: [u32; 3] = [64, 128, 256];
+
+/// (query, head) rows per flash block: 16 per warp.
+const FLASH_ROWS: usize = 16 * FA_WARPS as usize;
 
 /// Query heads per KV head (group) the decode kernel is compiled for: a group runs
 /// on the smallest tier that holds it, or in chunks of the largest.
@@ -111,6 +124,8 @@ pub enum AttentionKernel {
     Decode { group: u32, lanes: u32, splits: u32 },
     /// attention_prefill for head dimensions up to `max_head_dim`.
     Prefill { max_head_dim: u32 },
+    /// attention_flash for head dimensions up to `head_dim` (64, 128 or 256).
+    Flash { head_dim: u32 },
 }
 
 /// The specialisation of `kernel` (its runtime `splits` aside) for caches of `cache`.
@@ -124,6 +139,10 @@ pub fn spec(cache: DType, kernel: AttentionKernel) -> Result<KernelSpec> {
         AttentionKernel::Prefill { max_head_dim } => ATTENTION.spec(
             format!("attention_prefill|cache={cache}|max_head_dim={max_head_dim}"),
             format!("kiln::attention_prefill<{tag}, {max_head_dim}>"),
+        ),
+        AttentionKernel::Flash { head_dim } => ATTENTION.spec(
+            format!("attention_flash|cache={cache}|head_dim={head_dim}"),
+            format!("kiln::attention_flash<{tag}, {head_dim}>"),
         ),
     })
 }
@@ -143,9 +162,15 @@ pub(crate) fn all_specs() -> Vec<KernelSpec> {
     for max_head_dim in [128, 256] {
         kernels.push(AttentionKernel::Prefill { max_head_dim });
     }
+    let flash = FLASH_HEAD_DIMS.map(|head_dim| AttentionKernel::Flash { head_dim });
     CACHE_DTYPES
         .iter()
         .flat_map(|&c| kernels.iter().map(move |&k| (c, k)))
+        .chain(
+            FLASH_CACHES
+                .iter()
+                .flat_map(|&c| flash.iter().map(move |&k| (c, k))),
+        )
         // Every cache dtype has a tag.
         .filter_map(|(c, k)| spec(c, k).ok())
         .collect()
@@ -246,8 +271,9 @@ impl AttentionArgs {
     /// ([`check_head_dim`]); buffers of `n_tokens x n_heads x head_dim` F32 queries and
     /// outputs (and as many Q8_1 elements for the copy, when given), `n_tokens` I32
     /// positions and two `n_kv_heads x capacity x head_dim` caches of `cache` (F32 or
-    /// F16); and grid limits. Picks the decode kernel for
-    /// up to [`DECODE_MAX_TOKENS`] queries. Plans for [`DEFAULT_MULTIPROCESSORS`].
+    /// F16); and grid limits. Picks the decode kernel for up to [`DECODE_MAX_TOKENS`]
+    /// queries, above that the flash kernel over a cache of [`FLASH_CACHES`] and the
+    /// f32 prefill kernel over another. Plans for [`DEFAULT_MULTIPROCESSORS`].
     pub fn check(&self) -> Result<AttentionPlan> {
         self.check_on(DEFAULT_MULTIPROCESSORS)
     }
@@ -319,6 +345,8 @@ impl AttentionArgs {
         let capacity = to_u32(OP, "capacity", self.shape.capacity)?;
         let launch = if self.shape.n_tokens <= DECODE_MAX_TOKENS {
             self.decode_launch(multiprocessors)?
+        } else if FLASH_CACHES.contains(&self.cache) {
+            self.flash_launch()?
         } else {
             self.prefill_launch()?
         };
@@ -405,12 +433,14 @@ impl AttentionArgs {
         })
     }
 
-    /// The prefill kernel's launch: 32 (query, head) rows per block.
-    fn prefill_launch(&self) -> Result<KernelLaunch> {
+    /// The grid of a kernel whose blocks hold `rows` (query, head) rows of one KV head:
+    /// as many heads of a group as fit (the group in chunks of `rows` when larger), and
+    /// as many tokens as fill the rest. Returns the grid, heads and tokens per block.
+    fn row_blocks(&self, rows: usize) -> Result<((u32, u32, u32), usize, usize)> {
         let group = self.shape.n_heads / self.shape.n_kv_heads;
-        let heads_per_block = group.min(PREFILL_ROWS);
-        let tokens_per_block = PREFILL_ROWS / heads_per_block;
-        let rows = count(
+        let heads_per_block = group.min(rows);
+        let tokens_per_block = rows / heads_per_block;
+        let chunks = count(
             OP,
             &[self.shape.n_kv_heads, group.div_ceil(heads_per_block)],
         )?;
@@ -421,9 +451,15 @@ impl AttentionArgs {
                 self.shape.n_tokens.div_ceil(tokens_per_block),
                 MAX_GRID_X,
             )?,
-            grid_dim(OP, "n_kv_heads * head groups", rows, MAX_GRID_YZ)?,
+            grid_dim(OP, "n_kv_heads * head groups", chunks, MAX_GRID_YZ)?,
             1,
         );
+        Ok((grid, heads_per_block, tokens_per_block))
+    }
+
+    /// The prefill kernel's launch: 32 (query, head) rows per block.
+    fn prefill_launch(&self) -> Result<KernelLaunch> {
+        let (grid, heads_per_block, tokens_per_block) = self.row_blocks(PREFILL_ROWS)?;
         let kernel = AttentionKernel::Prefill {
             max_head_dim: if self.shape.head_dim <= 128 { 128 } else { 256 },
         };
@@ -435,6 +471,26 @@ impl AttentionArgs {
             workspace_bytes: 0,
             split_rows: 0,
             // Both at most PREFILL_ROWS.
+            heads_per_block: heads_per_block as u32,
+            tokens_per_block: tokens_per_block as u32,
+        })
+    }
+
+    /// The flash kernel's launch: [`FLASH_ROWS`] (query, head) rows per block, compiled
+    /// for the smallest of [`FLASH_HEAD_DIMS`] that holds the head dimension.
+    fn flash_launch(&self) -> Result<KernelLaunch> {
+        let (grid, heads_per_block, tokens_per_block) = self.row_blocks(FLASH_ROWS)?;
+        let head_dim = FLASH_HEAD_DIMS
+            .into_iter()
+            .find(|&d| d as usize >= self.shape.head_dim)
+            // check_head_dim: at most 256.
+            .unwrap_or(FLASH_HEAD_DIMS[FLASH_HEAD_DIMS.len() - 1]);
+        Ok(KernelLaunch {
+            kernel: AttentionKernel::Flash { head_dim },
+            config: config(grid, 32 * FA_WARPS, flash_shared_bytes(head_dim)),
+            workspace_bytes: 0,
+            split_rows: 0,
+            // Both at most FLASH_ROWS.
             heads_per_block: heads_per_block as u32,
             tokens_per_block: tokens_per_block as u32,
         })
@@ -456,6 +512,29 @@ struct KernelLaunch {
 /// prefill_shared_floats): query rows, K and V tiles with rows padded by one, scores.
 fn prefill_shared_bytes(head_dim: usize) -> usize {
     ((PREFILL_ROWS + 2 * PREFILL_TILE) * (head_dim + 1) + PREFILL_ROWS * (PREFILL_TILE + 1)) * 4
+}
+
+/// Cache rows per K and V tile of the flash kernel for head dimension `head_dim` (a
+/// compiled one) (kernels/attention.cu's flash_tile_rows).
+pub fn flash_tile_rows(head_dim: u32) -> u32 {
+    if head_dim <= 128 {
+        FA_TILE_ROWS
+    } else {
+        FA_TILE_ROWS_WIDE
+    }
+}
+
+/// Dynamic shared memory of the flash kernel for a compiled head dimension
+/// (kernels/attention.cu's flash_shared_bytes): two stages of K and V tiles, rows
+/// padded by [`FA_PAD`] f16 elements, and for head dimensions above 128 the queries
+/// after them (below, the queries use the stages' memory before the first tile).
+pub fn flash_shared_bytes(head_dim: u32) -> u32 {
+    let q_rows = if head_dim <= 128 {
+        0
+    } else {
+        FLASH_ROWS as u32
+    };
+    (q_rows + 2 * 2 * flash_tile_rows(head_dim)) * (head_dim + FA_PAD) * 2
 }
 
 /// Device scratch memory for the decode kernel's partial results: a counter region,
@@ -554,7 +633,7 @@ pub fn attention(
                 .arg(&plan.softcap)
                 .arg(&plan.split_rows);
         }
-        AttentionKernel::Prefill { .. } => {
+        AttentionKernel::Prefill { .. } | AttentionKernel::Flash { .. } => {
             args.arg(&plan.n_tokens)
                 .arg(&plan.n_heads)
                 .arg(&plan.n_kv_heads)
@@ -572,7 +651,8 @@ pub fn attention(
     // v_cache, positions, out, u8* out_q8, float* work, u32* counters, u32 n_heads,
     // u32 n_kv_heads, u32 head_dim, u32 capacity, float scale, u32 window,
     // float softcap, u32 split_rows)` or
-    // `kiln::attention_prefill<C, DMAX>(q, k_cache, v_cache, positions, out, u8* out_q8,
+    // `kiln::attention_prefill<C, DMAX>` or `kiln::attention_flash<C, DH>(q, k_cache,
+    // v_cache, positions, out, u8* out_q8,
     // u32 n_tokens, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 capacity,
     // float scale, u32 window, float softcap, u32 heads_per_block,
     // u32 tokens_per_block)`; the buffers hold their elements (checked); out_q8 is null

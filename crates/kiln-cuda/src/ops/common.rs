@@ -26,6 +26,11 @@ pub(crate) fn weight_tag(op: &str, dtype: DType) -> Result<&'static str> {
         DType::Q4K => "kiln::Q4_K",
         DType::Q5K => "kiln::Q5_K",
         DType::Q6K => "kiln::Q6_K",
+        DType::Q1_0 => "kiln::Q1_0",
+        DType::Q2_0 => "kiln::Q2_0",
+        DType::TQ1_0 => "kiln::TQ1_0",
+        DType::TQ2_0 => "kiln::TQ2_0",
+        DType::MXFP4 => "kiln::MXFP4",
         _ => "kiln::IQ4_NL",
     })
 }

@@ -1,4 +1,5 @@
-//! config.json: the hyperparameters of a llama, qwen2 or qwen3 checkpoint, and the
+//! config.json: the hyperparameters of a llama, qwen2, qwen3, qwen2moe or qwen3moe
+//! checkpoint, and the
 //! architecture metadata llama.cpp's convert_hf_to_gguf.py writes for them.
 
 use super::json::Object;
@@ -82,6 +83,96 @@ pub struct HfConfig {
     pub attention_bias: bool,
     /// Biases on the feed-forward projections (llama's `mlp_bias`).
     pub mlp_bias: bool,
+    /// The mixture of experts of every layer (qwen2moe, qwen3moe).
+    pub moe: Option<HfMoe>,
+}
+
+/// The mixture-of-experts hyperparameters of a checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HfMoe {
+    /// `num_experts` (`num_local_experts` as transformers 5 writes it).
+    pub n_expert: usize,
+    /// `num_experts_per_tok`: the top k.
+    pub n_expert_used: usize,
+    /// `moe_intermediate_size`: one expert's hidden width.
+    pub n_ff_exp: usize,
+    /// `shared_expert_intermediate_size` (qwen2moe): the shared expert's hidden width.
+    pub n_ff_shexp: Option<usize>,
+    /// `norm_topk_prob`: whether the top-k weights are renormalised; the
+    /// architecture's default where absent.
+    pub norm_topk_prob: bool,
+}
+
+impl HfMoe {
+    fn parse(c: Object<'_>, arch: Arch) -> Result<HfMoe> {
+        let n_expert = match c.opt_usize("num_experts")? {
+            Some(n) => n,
+            None => c.usize("num_local_experts")?,
+        };
+        if !c.opt_array("mlp_only_layers")?.is_none_or(Vec::is_empty)
+            || c.opt_usize("decoder_sparse_step")?.is_some_and(|s| s != 1)
+        {
+            return Err(Error::Unsupported(format!(
+                "{}: dense layers among the experts' (mlp_only_layers, decoder_sparse_step);                  kiln convert supports a mixture of experts in every layer",
+                c.source
+            )));
+        }
+        let moe = HfMoe {
+            n_expert,
+            n_expert_used: c.usize("num_experts_per_tok")?,
+            n_ff_exp: c.usize("moe_intermediate_size")?,
+            n_ff_shexp: match arch {
+                Arch::Qwen2Moe => Some(c.usize("shared_expert_intermediate_size")?),
+                _ => None,
+            },
+            norm_topk_prob: c
+                .opt_bool("norm_topk_prob")?
+                .unwrap_or(arch.default_expert_weights_norm()),
+        };
+        let sizes = [
+            ("num_experts", moe.n_expert),
+            ("num_experts_per_tok", moe.n_expert_used),
+            ("moe_intermediate_size", moe.n_ff_exp),
+            (
+                "shared_expert_intermediate_size",
+                moe.n_ff_shexp.unwrap_or(1),
+            ),
+        ];
+        for (key, value) in sizes {
+            if value == 0 || u32::try_from(value).is_err() {
+                return Err(c.error(key, format!("{value} is not in 1..=u32::MAX")));
+            }
+        }
+        if moe.n_expert_used > moe.n_expert {
+            return Err(c.error(
+                "num_experts_per_tok",
+                format!(
+                    "{} experts per token exceed the {} experts",
+                    moe.n_expert_used, moe.n_expert
+                ),
+            ));
+        }
+        Ok(moe)
+    }
+
+    /// Writes the `{arch}.expert_*` keys as llama.cpp's converter does, and
+    /// `expert_weights_norm` where it differs from the architecture's default.
+    fn write_metadata(&self, md: &mut Metadata, arch: Arch) {
+        let key = |k: &str| arch.key(k);
+        // parse() bounded every count to u32.
+        md.set(key(hparams::EXPERT_COUNT), self.n_expert as u32);
+        md.set(key(hparams::EXPERT_USED_COUNT), self.n_expert_used as u32);
+        md.set(
+            key(hparams::EXPERT_FEED_FORWARD_LENGTH),
+            self.n_ff_exp as u32,
+        );
+        if let Some(n) = self.n_ff_shexp {
+            md.set(key(hparams::EXPERT_SHARED_FEED_FORWARD_LENGTH), n as u32);
+        }
+        if self.norm_topk_prob != arch.default_expert_weights_norm() {
+            md.set(key(hparams::EXPERT_WEIGHTS_NORM), self.norm_topk_prob);
+        }
+    }
 }
 
 impl HfConfig {
@@ -114,8 +205,13 @@ impl HfConfig {
             rope_theta: rope_theta(c)?,
             rope_scaling: rope_scaling(c)?,
             tied_embeddings: c.opt_bool("tie_word_embeddings")?.unwrap_or(false),
-            attention_bias: arch == Arch::Qwen2 || c.opt_bool("attention_bias")?.unwrap_or(false),
+            attention_bias: arch.has_qkv_bias() || c.opt_bool("attention_bias")?.unwrap_or(false),
             mlp_bias: arch == Arch::Llama && c.opt_bool("mlp_bias")?.unwrap_or(false),
+            moe: if arch.is_moe() {
+                Some(HfMoe::parse(c, arch)?)
+            } else {
+                None
+            },
         };
         config.check(c)?;
         Ok(config)
@@ -182,6 +278,9 @@ impl HfConfig {
         if self.explicit_head_dim {
             md.set(key(hparams::KEY_LENGTH), u32_of(self.head_dim));
             md.set(key(hparams::VALUE_LENGTH), u32_of(self.head_dim));
+        }
+        if let Some(moe) = &self.moe {
+            moe.write_metadata(md, self.arch);
         }
         if self.arch == Arch::Llama {
             md.set(key(hparams::VOCAB_SIZE), u32_of(self.vocab_size));

@@ -38,7 +38,7 @@ mod weights;
 
 pub use crate::quantize::permute_rope_rows;
 pub use cache::{cached_name, checkpoint_hash, open_converted};
-pub use config::{HfConfig, RopeScaling};
+pub use config::{HfConfig, HfMoe, RopeScaling};
 pub(crate) use tensors::model_tensors;
 pub use vocab::Vocab;
 
@@ -160,8 +160,24 @@ impl HfCheckpoint {
     pub fn source_bytes(&self) -> u64 {
         self.tensors
             .iter()
-            .map(|t| self.source_bytes_of(t).len() as u64)
+            .map(|t| match &t.source {
+                Source::Stacked(parts) => self.parts_bytes(parts).iter().map(|b| b.len()).sum(),
+                _ => self.source_bytes_of(t).len(),
+            } as u64)
             .sum()
+    }
+
+    /// The bytes of the checkpoint tensors `parts`, in order.
+    fn parts_bytes(&self, parts: &[String]) -> Vec<&[u8]> {
+        parts
+            .iter()
+            .map(|name| {
+                self.weights
+                    .get(name)
+                    .map(|t| self.weights.bytes(t))
+                    .unwrap_or_default()
+            })
+            .collect()
     }
 
     /// The GGUF metadata of a file whose weight matrices are `dtype`; an error if
@@ -217,15 +233,28 @@ impl HfCheckpoint {
         let descs = self.descs(&policy);
         let metadata = self.metadata_of(&policy, &descs);
         let output = OutputFile::create("kiln convert", out, &self.inputs)?;
+        // Stacked tensors are assembled in memory (their parts are not contiguous in
+        // the checkpoint's files).
+        let stacked: Vec<Option<Vec<u8>>> = self
+            .tensors
+            .iter()
+            .map(|t| match &t.source {
+                Source::Stacked(parts) => Some(self.parts_bytes(parts).concat()),
+                _ => None,
+            })
+            .collect();
         let sources = self
             .tensors
             .iter()
-            .map(|t| {
+            .zip(&stacked)
+            .map(|(t, stacked)| {
                 Ok(TensorSource {
                     name: &t.name,
                     shape: &t.shape,
                     dtype: self.source_dtype(t)?,
-                    data: self.source_bytes_of(t),
+                    data: stacked
+                        .as_deref()
+                        .unwrap_or_else(|| self.source_bytes_of(t)),
                     permute_head_rows: t.permute_head_rows,
                 })
             })
@@ -237,7 +266,8 @@ impl HfCheckpoint {
         })
     }
 
-    /// The source bytes of `tensor` (f32 little-endian for generated tensors).
+    /// The source bytes of `tensor` (f32 little-endian for generated tensors; none for
+    /// stacked tensors, which [`HfCheckpoint::write_gguf`] assembles).
     fn source_bytes_of<'a>(&'a self, tensor: &'a PlannedTensor) -> &'a [u8] {
         match &tensor.source {
             Source::Checkpoint(name) => self
@@ -245,20 +275,28 @@ impl HfCheckpoint {
                 .get(name)
                 .map(|t| self.weights.bytes(t))
                 .unwrap_or_default(),
+            Source::Stacked(_) => &[],
             Source::Generated(f32_le) => f32_le,
         }
     }
 
+    /// The dtype of `tensor`'s source (of its first part when stacked: the plan
+    /// checked that the parts agree).
     fn source_dtype(&self, tensor: &PlannedTensor) -> Result<DType> {
-        match &tensor.source {
-            Source::Checkpoint(name) => match self.weights.get(name) {
+        let first = match &tensor.source {
+            Source::Checkpoint(name) => Some(name),
+            Source::Stacked(parts) => parts.first(),
+            Source::Generated(_) => None,
+        };
+        match first {
+            Some(name) => match self.weights.get(name) {
                 Some(t) => t.kiln_dtype(name),
                 None => Err(Error::format(
                     "checkpoint",
                     format!("tensor {name:?} vanished"),
                 )),
             },
-            Source::Generated(_) => Ok(DType::F32),
+            None => Ok(DType::F32),
         }
     }
 }

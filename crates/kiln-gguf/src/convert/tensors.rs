@@ -1,6 +1,7 @@
 //! Which tensors a converted file holds: llama.cpp's names for the checkpoint's
 //! tensors, their expected shapes, the q/k permutation of the `llama` architecture,
-//! and the generated `rope_freqs.weight` (each tensor's output type is
+//! the experts' tensors stacked into one per projection, and the generated
+//! `rope_freqs.weight` (each tensor's output type is
 //! [`crate::quantize::TypePolicy`]'s).
 
 use super::config::{HfConfig, RopeScaling};
@@ -13,6 +14,9 @@ use kiln_core::{Error, Result};
 pub enum Source {
     /// The checkpoint tensor of this name.
     Checkpoint(String),
+    /// The checkpoint tensors of these names (of equal shape and dtype), one after
+    /// another: the experts' `[rows, cols]` weights as one `[n_expert, rows, cols]`.
+    Stacked(Vec<String>),
     /// Values computed by the converter, as little-endian f32 bytes.
     Generated(Vec<u8>),
 }
@@ -30,13 +34,29 @@ pub struct PlannedTensor {
     pub permute_head_rows: Option<usize>,
 }
 
-/// A tensor the checkpoint must (or may) hold.
+/// A tensor the checkpoint must (or may) hold: one checkpoint tensor, or several
+/// stacked along a new first dimension (`shape[0]` of them, each of `shape[1..]`).
 struct Expected {
-    hf: String,
+    hf: Vec<String>,
     gguf: String,
     shape: Vec<usize>,
     permute: bool,
     required: bool,
+}
+
+impl Expected {
+    /// The checkpoint's shape of each part: the stacked shape less its first
+    /// dimension, or the shape of the one tensor. llama.cpp stores the shared
+    /// expert's gate, a `[1, hidden]` linear layer in the checkpoint, as `[hidden]`.
+    fn part_shape(&self) -> Vec<usize> {
+        if self.hf.len() > 1 {
+            self.shape[1..].to_vec()
+        } else if self.gguf.ends_with("ffn_gate_inp_shexp.weight") {
+            [&[1][..], &self.shape].concat()
+        } else {
+            self.shape.clone()
+        }
+    }
 }
 
 /// Checkpoint tensors that carry nothing a GGUF file needs (RoPE tables that older
@@ -55,33 +75,49 @@ pub fn plan(config: &HfConfig, weights: &Weights) -> Result<Vec<PlannedTensor>> 
     let expected = expected_tensors(config);
     let mut planned = Vec::with_capacity(expected.len() + 1);
     for e in &expected {
-        let Some(tensor) = weights.get(&e.hf) else {
-            if e.required {
+        if !e.required && weights.get(&e.hf[0]).is_none() {
+            continue;
+        }
+        let part_shape = e.part_shape();
+        let mut dtypes = Vec::with_capacity(e.hf.len());
+        for hf in &e.hf {
+            let Some(tensor) = weights.get(hf) else {
                 return Err(Error::format(
                     "checkpoint",
                     format!(
-                        "tensor {:?} is missing (config.json describes a {} model)",
-                        e.hf,
+                        "tensor {hf:?} is missing (config.json describes a {} model)",
                         config.arch.name()
                     ),
                 ));
+            };
+            if tensor.shape != part_shape {
+                return Err(Error::format(
+                    format!("tensor {hf:?}"),
+                    format!(
+                        "shape {:?}, but config.json implies {part_shape:?}",
+                        tensor.shape
+                    ),
+                ));
             }
-            continue;
-        };
-        if tensor.shape != e.shape {
+            dtypes.push(tensor.kiln_dtype(hf)?);
+        }
+        if let Some(i) = dtypes.iter().position(|&d| d != dtypes[0]) {
             return Err(Error::format(
-                format!("tensor {:?}", e.hf),
+                format!("tensor {:?}", e.hf[i]),
                 format!(
-                    "shape {:?}, but config.json implies {:?}",
-                    tensor.shape, e.shape
+                    "dtype {}, but {:?}, stacked with it into {}, is {}",
+                    dtypes[i], e.hf[0], e.gguf, dtypes[0]
                 ),
             ));
         }
-        tensor.kiln_dtype(&e.hf)?;
+        let source = match e.hf.as_slice() {
+            [one] => Source::Checkpoint(one.clone()),
+            parts => Source::Stacked(parts.to_vec()),
+        };
         planned.push(PlannedTensor {
             name: e.gguf.clone(),
             shape: e.shape.clone(),
-            source: Source::Checkpoint(e.hf.clone()),
+            source,
             permute_head_rows: e.permute.then_some(config.head_dim),
         });
         if e.gguf == "token_embd.weight" {
@@ -92,7 +128,7 @@ pub fn plan(config: &HfConfig, weights: &Weights) -> Result<Vec<PlannedTensor>> 
     }
     let mut unexpected: Vec<&str> = weights
         .names()
-        .filter(|n| !is_ignored(n) && !expected.iter().any(|e| e.hf == *n))
+        .filter(|n| !is_ignored(n) && !expected.iter().any(|e| e.hf.iter().any(|h| h == n)))
         .collect();
     unexpected.sort_unstable();
     if let Some(first) = unexpected.first() {
@@ -140,70 +176,87 @@ pub(crate) fn model_tensors(config: &HfConfig) -> Result<Vec<ModelTensor>> {
     Ok(list)
 }
 
+/// The tensors a checkpoint of `c` holds, in llama.cpp's write order.
 fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
     let (h, q_dim, kv_dim) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
     let permute = c.arch == Arch::Llama;
     let mut list = Vec::new();
-    let mut add = |hf: String, gguf: String, shape: Vec<usize>, permute: bool, required: bool| {
-        list.push(Expected {
-            hf,
-            gguf,
-            shape,
-            permute,
-            required,
-        })
-    };
+    let mut add =
+        |hf: Vec<String>, gguf: String, shape: Vec<usize>, permute: bool, required: bool| {
+            list.push(Expected {
+                hf,
+                gguf,
+                shape,
+                permute,
+                required,
+            })
+        };
     add(
-        "model.embed_tokens.weight".into(),
+        vec!["model.embed_tokens.weight".into()],
         "token_embd.weight".into(),
         vec![c.vocab_size, h],
         false,
         true,
     );
-    let o_bias = c.attention_bias && c.arch != Arch::Qwen2;
+    let o_bias = c.attention_bias && !c.arch.has_qkv_bias();
     for i in 0..c.n_layers {
         let hf = |s: &str| format!("model.layers.{i}.{s}");
         let gg = |s: &str| format!("blk.{i}.{s}");
-        let mut layer =
-            |hf_name: &str, gguf_name: &str, shape: Vec<usize>, permute: bool, bias: bool| {
+        // A weight (`[rows, ..]`) and its optional bias (`[rows]`); with `experts`,
+        // the tensors of experts `0..experts` (`{e}` in `hf_name`) stacked.
+        let mut layer = |hf_name: &str,
+                         gguf_name: &str,
+                         shape: Vec<usize>,
+                         permute: bool,
+                         bias: bool,
+                         experts: Option<usize>| {
+            let weight = |e: usize| hf(&format!("{hf_name}.weight").replace("{e}", &e.to_string()));
+            let (names, stacked_shape) = match experts {
+                Some(n) => ((0..n).map(weight).collect(), [&[n][..], &shape].concat()),
+                None => (vec![weight(0)], shape.clone()),
+            };
+            add(
+                names,
+                gg(&format!("{gguf_name}.weight")),
+                stacked_shape,
+                permute,
+                true,
+            );
+            if bias {
                 add(
-                    hf(&format!("{hf_name}.weight")),
-                    gg(&format!("{gguf_name}.weight")),
-                    shape.clone(),
+                    vec![hf(&format!("{hf_name}.bias"))],
+                    gg(&format!("{gguf_name}.bias")),
+                    vec![shape[0]],
                     permute,
                     true,
                 );
-                if bias {
-                    add(
-                        hf(&format!("{hf_name}.bias")),
-                        gg(&format!("{gguf_name}.bias")),
-                        vec![shape[0]],
-                        permute,
-                        true,
-                    );
-                }
-            };
-        layer("input_layernorm", "attn_norm", vec![h], false, false);
+            }
+        };
+        layer("input_layernorm", "attn_norm", vec![h], false, false, None);
+        let bias = c.attention_bias;
         layer(
             "self_attn.q_proj",
             "attn_q",
             vec![q_dim, h],
             permute,
-            c.attention_bias,
+            bias,
+            None,
         );
         layer(
             "self_attn.k_proj",
             "attn_k",
             vec![kv_dim, h],
             permute,
-            c.attention_bias,
+            bias,
+            None,
         );
         layer(
             "self_attn.v_proj",
             "attn_v",
             vec![kv_dim, h],
             false,
-            c.attention_bias,
+            bias,
+            None,
         );
         layer(
             "self_attn.o_proj",
@@ -211,21 +264,25 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
             vec![h, q_dim],
             false,
             o_bias,
+            None,
         );
-        if c.arch == Arch::Qwen3 {
+        if c.arch.has_qk_norm() {
+            let hd = c.head_dim;
             layer(
                 "self_attn.q_norm",
                 "attn_q_norm",
-                vec![c.head_dim],
+                vec![hd],
                 false,
                 false,
+                None,
             );
             layer(
                 "self_attn.k_norm",
                 "attn_k_norm",
-                vec![c.head_dim],
+                vec![hd],
                 false,
                 false,
+                None,
             );
         }
         layer(
@@ -234,32 +291,93 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
             vec![h],
             false,
             false,
+            None,
+        );
+        let Some(moe) = &c.moe else {
+            let (ff, b) = (c.n_ff, c.mlp_bias);
+            layer("mlp.gate_proj", "ffn_gate", vec![ff, h], false, b, None);
+            layer("mlp.up_proj", "ffn_up", vec![ff, h], false, b, None);
+            layer("mlp.down_proj", "ffn_down", vec![h, ff], false, b, None);
+            continue;
+        };
+        let (n, ff) = (Some(moe.n_expert), moe.n_ff_exp);
+        layer(
+            "mlp.gate",
+            "ffn_gate_inp",
+            vec![moe.n_expert, h],
+            false,
+            false,
+            None,
         );
         layer(
-            "mlp.gate_proj",
-            "ffn_gate",
-            vec![c.n_ff, h],
+            "mlp.experts.{e}.gate_proj",
+            "ffn_gate_exps",
+            vec![ff, h],
             false,
-            c.mlp_bias,
+            false,
+            n,
         );
-        layer("mlp.up_proj", "ffn_up", vec![c.n_ff, h], false, c.mlp_bias);
         layer(
-            "mlp.down_proj",
-            "ffn_down",
-            vec![h, c.n_ff],
+            "mlp.experts.{e}.down_proj",
+            "ffn_down_exps",
+            vec![h, ff],
             false,
-            c.mlp_bias,
+            false,
+            n,
         );
+        layer(
+            "mlp.experts.{e}.up_proj",
+            "ffn_up_exps",
+            vec![ff, h],
+            false,
+            false,
+            n,
+        );
+        if let Some(ff) = moe.n_ff_shexp {
+            // A `[1, hidden]` linear layer, a `[hidden]` vector in llama.cpp's files.
+            layer(
+                "mlp.shared_expert_gate",
+                "ffn_gate_inp_shexp",
+                vec![h],
+                false,
+                false,
+                None,
+            );
+            layer(
+                "mlp.shared_expert.gate_proj",
+                "ffn_gate_shexp",
+                vec![ff, h],
+                false,
+                false,
+                None,
+            );
+            layer(
+                "mlp.shared_expert.up_proj",
+                "ffn_up_shexp",
+                vec![ff, h],
+                false,
+                false,
+                None,
+            );
+            layer(
+                "mlp.shared_expert.down_proj",
+                "ffn_down_shexp",
+                vec![h, ff],
+                false,
+                false,
+                None,
+            );
+        }
     }
     add(
-        "model.norm.weight".into(),
+        vec!["model.norm.weight".into()],
         "output_norm.weight".into(),
         vec![h],
         false,
         true,
     );
     add(
-        "lm_head.weight".into(),
+        vec!["lm_head.weight".into()],
         "output.weight".into(),
         vec![c.vocab_size, h],
         false,

@@ -1,0 +1,137 @@
+// Mixture of experts: the router's top-k choice and the weighted combine of the
+// experts' outputs (kiln_core::ops::MoeRouter, MoeCombine).
+//
+// moe_router: one block per token. The token's n_expert probabilities (softmax over
+// its logits, or each logit's sigmoid) go to shared memory; then k rounds each pick
+// the largest untaken probability with one block-wide maximum of 64-bit keys,
+// (order of the value) << 32 | ~expert, so that ties go to the lower expert and NaN
+// (order 0) comes after every number. Thread 0 writes the pick and, with `normalize`,
+// divides the k weights by their sum taken in pick order, as the CPU reference does.
+//
+// moe_combine: one thread per output element, summing in the definition's order:
+// residual, slots 0..k, the shared expert times the sigmoid of its gate.
+#include "reduce.cuh"
+
+namespace kiln {
+
+// The rank of probability p of `expert`: larger keys are picked first.
+__device__ __forceinline__ u64 moe_key(float p, u32 expert) {
+    if (isnan(p)) {
+        return (u64)(~expert);
+    }
+    const u32 bits = __float_as_uint(p == 0.0f ? 0.0f : p);
+    const u32 order = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+    return ((u64)order << 32) | (u64)(~expert);
+}
+
+__device__ __forceinline__ u64 max_key(u64 a, u64 b) { return a > b ? a : b; }
+
+// The largest of every thread's `key`; every thread gets it. `scratch` holds 32 keys
+// of shared memory; the trailing barrier makes it free for the next call.
+__device__ __forceinline__ u64 block_max_key(u64 key, u64* scratch) {
+    const u32 lane = threadIdx.x & 31u;
+    const u32 warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        key = max_key(key, __shfl_xor_sync(0xffffffffu, key, offset));
+    }
+    if (lane == 0) {
+        scratch[warp] = key;
+    }
+    __syncthreads();
+    u64 r = lane < (blockDim.x >> 5) ? scratch[lane] : 0;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        r = max_key(r, __shfl_xor_sync(0xffffffffu, r, offset));
+    }
+    __syncthreads();
+    return r;
+}
+
+// ids and weights: [tokens, k]. Dynamic shared memory: n_expert floats, then
+// n_expert flags.
+template <bool Sigmoid>
+__global__ void moe_router(const float* __restrict__ logits, int* __restrict__ ids,
+                           float* __restrict__ weights, u32 n_expert, u32 k, u32 normalize) {
+    chain_after_prior_grids(logits);
+    extern __shared__ float probs[];
+    u8* taken = reinterpret_cast<u8*>(probs + n_expert);
+    __shared__ float scratch[32];
+    __shared__ u64 key_scratch[32];
+    const float* l = logits + (u64)blockIdx.x * n_expert;
+    if (Sigmoid) {
+        for (u32 e = threadIdx.x; e < n_expert; e += blockDim.x) {
+            probs[e] = 1.0f / (1.0f + expf(-l[e]));
+            taken[e] = 0;
+        }
+    } else {
+        float mx = neg_inf();
+        for (u32 e = threadIdx.x; e < n_expert; e += blockDim.x) {
+            mx = fmaxf(mx, l[e]);
+        }
+        mx = block_reduce<MaxOp>(mx, scratch);
+        float sum = 0.0f;
+        for (u32 e = threadIdx.x; e < n_expert; e += blockDim.x) {
+            const float v = expf(l[e] - mx);
+            probs[e] = v;
+            taken[e] = 0;
+            sum += v;
+        }
+        sum = block_reduce<SumOp>(sum, scratch);
+        for (u32 e = threadIdx.x; e < n_expert; e += blockDim.x) {
+            probs[e] = probs[e] / sum;
+        }
+    }
+    __syncthreads();
+    int* row_ids = ids + (u64)blockIdx.x * k;
+    float* row_weights = weights + (u64)blockIdx.x * k;
+    for (u32 j = 0; j < k; ++j) {
+        u64 best = 0;
+        for (u32 e = threadIdx.x; e < n_expert; e += blockDim.x) {
+            if (!taken[e]) {
+                best = max_key(best, moe_key(probs[e], e));
+            }
+        }
+        best = block_max_key(best, key_scratch);
+        if (threadIdx.x == 0) {
+            const u32 e = ~(u32)best;
+            row_ids[j] = (int)e;
+            row_weights[j] = probs[e];
+            taken[e] = 1;
+        }
+        __syncthreads();
+    }
+    if (normalize && threadIdx.x == 0) {
+        float sum = 0.0f;
+        for (u32 j = 0; j < k; ++j) {
+            sum += row_weights[j];
+        }
+        for (u32 j = 0; j < k; ++j) {
+            row_weights[j] = row_weights[j] / sum;
+        }
+    }
+}
+
+// out[t, i] = residual[t, i] + sum_j weights[t, j] * y[t, j, i]
+//             + sigmoid(shared_gate[t]) * shared[t, i]; absent operands are null.
+__global__ void moe_combine(const float* __restrict__ y, const float* __restrict__ weights,
+                            const float* __restrict__ residual, const float* __restrict__ shared,
+                            const float* __restrict__ shared_gate, float* __restrict__ out,
+                            u64 len, u32 k, u32 n) {
+    chain_after_prior_grids(y, weights, residual, shared, shared_gate);
+    for (u64 idx = global_index(); idx < len; idx += grid_stride()) {
+        const u64 t = idx / n;
+        const u64 i = idx % n;
+        float v = residual ? residual[idx] : 0.0f;
+        for (u32 j = 0; j < k; ++j) {
+            v += weights[t * k + j] * y[(t * k + j) * n + i];
+        }
+        if (shared) {
+            const float g = shared_gate ? 1.0f / (1.0f + expf(-shared_gate[t])) : 1.0f;
+            v += g * shared[idx];
+        }
+        out[idx] = v;
+    }
+}
+
+}  // namespace kiln
