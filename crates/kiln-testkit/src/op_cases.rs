@@ -1059,7 +1059,15 @@ fn attention_cases(cases: &mut Vec<OpCase>) {
             let label = format!(
                 "{kind} cache={cache} tokens={n_tokens} heads={n_heads}/{n_kv_heads} head_dim={head_dim} window={window:?} softcap={softcap:?}"
             );
-            cases.push(OpCase::new("attention", label, (1e-10, 1e-9), move |rng| {
+            // Several queries over an F16 cache run the CUDA flash kernel, which rounds
+            // the scaled queries and the softmax weights to f16 (docs/kernels.md):
+            // an NMSE near 1e-7, against 1e-9 for the f32 kernels.
+            let device = if kind == "prefill" && cache == DType::F16 {
+                1e-5
+            } else {
+                1e-9
+            };
+            cases.push(OpCase::new("attention", label, (1e-10, device), move |rng| {
                 attention(rng, cache, shape)
             }));
         }
