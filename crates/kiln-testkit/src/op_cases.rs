@@ -1067,9 +1067,12 @@ fn attention_cases(cases: &mut Vec<OpCase>) {
             } else {
                 1e-9
             };
-            cases.push(OpCase::new("attention", label, (1e-10, device), move |rng| {
-                attention(rng, cache, shape)
-            }));
+            cases.push(OpCase::new(
+                "attention",
+                label,
+                (1e-10, device),
+                move |rng| attention(rng, cache, shape),
+            ));
         }
     }
 }
