@@ -1,7 +1,8 @@
 //! `kiln check-ops`: a line per case and a summary, the `--ops` filter and its
 //! validation, `--list`, and a device that does not open. The comparison's failures
 //! are tested in `kiln_testkit::op_cases` (wrong values, indices and Q8_1 copies fail)
-//! and in the command's unit tests (a failed case makes the command fail).
+//! and in the command's unit tests (a failed case makes the command fail; an
+//! unsupported one is counted apart).
 
 mod common;
 use common::{kiln, kiln_err, kiln_ok, texts};
@@ -24,10 +25,11 @@ fn cpu_passes_every_case_with_a_line_each_and_a_summary() {
         "{stdout}"
     );
     assert!(
-        stdout
-            .lines()
-            .last()
-            .is_some_and(|l| l == format!("{} passed, 0 failed", cases.len())),
+        stdout.lines().last().is_some_and(|l| l
+            == format!(
+                "{} passed, 0 failed, 0 unsupported on this device",
+                cases.len()
+            )),
         "{stdout}"
     );
 }
@@ -57,7 +59,10 @@ fn ops_filters_the_cases() {
     );
     assert!(stdout.contains("seed 9"), "{stdout}");
     assert!(
-        stdout.ends_with(&format!("{} passed, 0 failed\n", lines.len())),
+        stdout.ends_with(&format!(
+            "{} passed, 0 failed, 0 unsupported on this device\n",
+            lines.len()
+        )),
         "{stdout}"
     );
 }

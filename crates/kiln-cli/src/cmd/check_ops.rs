@@ -1,7 +1,9 @@
 //! `kiln check-ops`: every case of the op table (`kiln_testkit::op_cases`) on one
 //! backend, like llama.cpp's test-backend-ops. On the CPU each case is compared with
 //! its float64 oracle; on a CUDA device with the CPU reference. One line per case,
-//! a summary, and an error (exit status 1) when any case fails.
+//! a summary, and an error (exit status 1) when any case fails. A case whose op the
+//! device does not implement is reported as unsupported and counted on its own: not
+//! a pass, and not a failure.
 
 use std::io::Write;
 
@@ -9,7 +11,7 @@ use kiln_core::{Error, Result};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::{CacheConfig, CudaBackend};
 use kiln_testkit::op_cases::{
-    check_against_oracle, check_against_reference, op_cases, op_names, OpCase, Report,
+    check_against_oracle, check_against_reference, op_cases, op_names, OpCase, Outcome, Report,
 };
 
 use super::device::{resolve, Device, DeviceArgs};
@@ -98,24 +100,44 @@ pub fn run(args: CheckOpsArgs) -> Result<()> {
     }
 }
 
-/// Runs `check` on each case, printing a line per case as it finishes; returns the
-/// number that failed.
-fn run_cases(cases: &[OpCase], check: impl Fn(&OpCase) -> Report) -> usize {
-    let mut failed = 0;
+/// How many cases failed, and how many the device does not implement.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Tally {
+    failed: usize,
+    unsupported: usize,
+}
+
+/// Runs `check` on each case, printing a line per case as it finishes (`ok`, `FAIL`
+/// or `n/a` for an op the device does not implement); returns the tally.
+fn run_cases(cases: &[OpCase], check: impl Fn(&OpCase) -> Report) -> Tally {
+    let mut tally = Tally::default();
     for case in cases {
         let report = check(case);
-        let verdict = if report.passed { "ok  " } else { "FAIL" };
-        failed += usize::from(!report.passed);
+        let verdict = match report.outcome {
+            Outcome::Passed => "ok  ",
+            Outcome::Failed => "FAIL",
+            Outcome::Unsupported => "n/a ",
+        };
+        tally.failed += usize::from(report.outcome == Outcome::Failed);
+        tally.unsupported += usize::from(report.outcome == Outcome::Unsupported);
         println!("{verdict} {}: {}", case.name(), report.detail);
         // A line per case as it finishes, even into a pipe.
         let _ = std::io::stdout().flush();
     }
-    failed
+    tally
 }
 
-/// Prints the summary; an error when any case failed.
-fn summarize(backend: &'static str, cases: &[OpCase], seed: u64, failed: usize) -> Result<()> {
-    println!("{} passed, {failed} failed", cases.len() - failed);
+/// Prints the summary; an error when any case failed (unsupported ones are counted,
+/// not failed).
+fn summarize(backend: &'static str, cases: &[OpCase], seed: u64, tally: Tally) -> Result<()> {
+    let Tally {
+        failed,
+        unsupported,
+    } = tally;
+    println!(
+        "{} passed, {failed} failed, {unsupported} unsupported on this device",
+        cases.len() - failed - unsupported
+    );
     if failed == 0 {
         Ok(())
     } else {
@@ -155,8 +177,15 @@ mod tests {
     #[test]
     fn any_failure_is_an_error_naming_the_count_and_seed() {
         let cases = selected(&["softmax".to_string()]);
-        assert!(summarize("cpu", &cases, 7, 0).is_ok());
-        let e = summarize("cpu", &cases, 7, 2).unwrap_err().to_string();
+        let tally = |failed, unsupported| Tally {
+            failed,
+            unsupported,
+        };
+        assert!(summarize("cpu", &cases, 7, tally(0, 0)).is_ok());
+        assert!(summarize("cpu", &cases, 7, tally(0, 1)).is_ok());
+        let e = summarize("cpu", &cases, 7, tally(2, 1))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains(&format!("2 of {} op cases failed", cases.len())),
             "{e}"
@@ -165,12 +194,22 @@ mod tests {
     }
 
     #[test]
-    fn a_failing_check_is_counted() {
+    fn failing_and_unsupported_checks_are_counted_apart() {
         let cases = selected(&["argmax".to_string()]);
-        let failed = run_cases(&cases, |c| Report {
-            passed: !c.label.starts_with("1x1"),
+        let tally = run_cases(&cases, |c| Report {
+            outcome: match &c.label[..3] {
+                "1x1" => Outcome::Failed,
+                "3x1" => Outcome::Unsupported,
+                _ => Outcome::Passed,
+            },
             detail: "wrong".to_string(),
         });
-        assert_eq!(failed, 1);
+        assert_eq!(
+            tally,
+            Tally {
+                failed: 1,
+                unsupported: 1
+            }
+        );
     }
 }

@@ -18,6 +18,14 @@ pub enum ElementwiseKind {
 }
 
 impl ElementwiseKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [ElementwiseKind; 4] = [
+        ElementwiseKind::Add,
+        ElementwiseKind::Mul,
+        ElementwiseKind::SiluMul,
+        ElementwiseKind::GeluMul,
+    ];
+
     /// Short name, also the kernel specialisation's label.
     pub fn name(self) -> &'static str {
         match self {

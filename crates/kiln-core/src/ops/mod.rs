@@ -65,9 +65,20 @@ macro_rules! op_enum {
         }
 
         impl Op {
+            /// The name of every variant, in declaration order (`Embedding`, `RmsNorm`,
+            /// ...): what a check that must cover every op compares itself with.
+            pub const VARIANTS: &'static [&'static str] = &[$(stringify!($variant)),*];
+
             fn spec(&self) -> &dyn OpSpec {
                 match self {
                     $(Op::$variant(op) => op,)*
+                }
+            }
+
+            /// The name of this op's variant, one of [`Op::VARIANTS`].
+            pub fn variant(&self) -> &'static str {
+                match self {
+                    $(Op::$variant(_) => stringify!($variant),)*
                 }
             }
         }
