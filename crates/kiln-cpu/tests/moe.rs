@@ -8,27 +8,7 @@ use kiln_core::DType::{F32, I32};
 use kiln_core::{Aliasing, Error};
 use kiln_cpu::CpuBackend;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::Rng;
-
-/// `m` rows of `n_expert` logits in -6..6 that are distinct and well apart (a
-/// shuffled ladder plus noise of a quarter rung), so that the top-k order is
-/// unambiguous in f32, under the sigmoid too.
-fn ladder_logits(rng: &mut StdRng, m: usize, n_expert: usize) -> Vec<f32> {
-    let rung = (12.0 / n_expert as f32).min(0.4);
-    (0..m)
-        .flat_map(|_| {
-            let mut rungs: Vec<usize> = (0..n_expert).collect();
-            rungs.shuffle(rng);
-            let noise = uniform(rng, n_expert, rung / 4.0);
-            rungs
-                .into_iter()
-                .zip(noise)
-                .map(|(r, e)| (r as f32 - n_expert as f32 / 2.0) * rung + e)
-                .collect::<Vec<f32>>()
-        })
-        .collect()
-}
 
 /// The f64 oracle of one token's routing: (experts, weights).
 fn route_f64(logits: &[f32], k: usize, gating: Gating, normalize: bool) -> (Vec<i32>, Vec<f64>) {

@@ -9,7 +9,6 @@ use kiln_core::ops::{Gating, MoeCombine, MoeRouter};
 use kiln_core::{Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::moe::{CombineArgs, RouterArgs, MAX_EXPERTS};
-use rand::seq::SliceRandom;
 
 fn router() -> RouterArgs {
     RouterArgs {
@@ -139,24 +138,6 @@ fn combine_arguments_are_checked() {
     assert!(m.starts_with("moe_combine: shared_gate needs 2 f32"), "{m}");
     let m = invalid(CombineArgs { n: 0, ..combine() }.check());
     assert_eq!(m, "moe_combine: n must be > 0, got 0");
-}
-
-/// `m` rows of `n_expert` distinct logits in -6..6 at least a rung apart (shuffled),
-/// plus noise of a quarter rung: the top-k order is unambiguous in f32.
-fn ladder_logits(rng: &mut rand::rngs::StdRng, m: usize, n_expert: usize) -> Vec<f32> {
-    let rung = (12.0 / n_expert as f32).min(0.4);
-    (0..m)
-        .flat_map(|_| {
-            let mut rungs: Vec<usize> = (0..n_expert).collect();
-            rungs.shuffle(rng);
-            let noise = uniform(rng, n_expert, rung / 4.0);
-            rungs
-                .into_iter()
-                .zip(noise)
-                .map(|(r, e)| (r as f32 - n_expert as f32 / 2.0) * rung + e)
-                .collect::<Vec<f32>>()
-        })
-        .collect()
 }
 
 #[test]

@@ -34,6 +34,26 @@ pub fn seed(test: &str) -> u64 {
     seed
 }
 
+/// `m` rows of `n` logits in -6..6 that are distinct and well apart: a shuffled
+/// ladder of rungs of at most 0.4 plus noise of a quarter rung, so that the order of
+/// every row (a router's top-k) is unambiguous in f32, under a sigmoid too.
+pub fn ladder_logits(rng: &mut StdRng, m: usize, n: usize) -> Vec<f32> {
+    use rand::seq::SliceRandom;
+    let rung = (12.0 / n as f32).min(0.4);
+    (0..m)
+        .flat_map(|_| {
+            let mut rungs: Vec<usize> = (0..n).collect();
+            rungs.shuffle(rng);
+            let noise = uniform(rng, n, rung / 4.0);
+            rungs
+                .into_iter()
+                .zip(noise)
+                .map(|(r, e)| (r as f32 - n as f32 / 2.0) * rung + e)
+                .collect::<Vec<f32>>()
+        })
+        .collect()
+}
+
 /// `n` values uniform in `[-scale, scale)`, none exactly zero (a zero draw becomes
 /// `scale / 2`), so that no element of an input is trivially zero.
 pub fn uniform(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
