@@ -3,12 +3,14 @@
 //! implementation independent of kiln) computed in float32
 //! (models/shakespeare-tiny/fixtures.json, made by scripts/make_fixtures.py).
 
+mod common;
+use common::greedy_tokens;
 use kiln_core::DType;
 use kiln_cpu::CpuBackend;
 use kiln_gguf::convert::HfCheckpoint;
 use kiln_gguf::Gguf;
 use kiln_models::tokenizer::Tokenizer;
-use kiln_models::{LoadOptions, Model, Sampler, SamplerConfig};
+use kiln_models::{LoadOptions, Model};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -123,20 +125,7 @@ fn f16_gguf_matches_transformers_logits_tokens_and_greedy_text() {
             f.greedy_min_margin > 1e-3,
             "fixture margin too small to compare"
         );
-        let mut sampler = Sampler::new(SamplerConfig::greedy());
-        let mut out = Vec::new();
-        kiln_models::generate::generate(
-            &mut model,
-            &f.input_ids,
-            f.greedy.len(),
-            &mut sampler,
-            &|_| false,
-            &mut |t| {
-                out.push(t);
-                Ok(())
-            },
-        )
-        .unwrap();
+        let out = greedy_tokens(&mut model, &f.input_ids, f.greedy.len());
         assert_eq!(out, f.greedy, "{:?}: greedy tokens", f.text);
     }
 }

@@ -6,6 +6,8 @@
 //! Ignored where there is no GPU; run with `--include-ignored` on a GPU machine,
 //! where a missing device fails the test.
 
+mod common;
+use common::greedy_tokens;
 use kiln_core::ops::sample::sample_row;
 use kiln_core::ops::SampleParams;
 use kiln_core::{Backend, DType};
@@ -13,8 +15,7 @@ use kiln_cpu::CpuBackend;
 use kiln_cuda::{CacheConfig, CudaBackend};
 use kiln_gguf::convert::HfCheckpoint;
 use kiln_gguf::{Gguf, GgufFile};
-use kiln_models::generate::generate;
-use kiln_models::{LoadOptions, Model, Sampler, SamplerConfig};
+use kiln_models::{LoadOptions, Model};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -294,17 +295,6 @@ fn load<BE: Backend>(backend: BE, file: &GgufFile, cache_dtype: DType) -> Model<
     Model::load(backend, file, options, &mut |_, _| {}).expect("model loads")
 }
 
-fn greedy<BE: Backend>(model: &mut Model<BE>, prompt: &[u32]) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut sampler = Sampler::new(SamplerConfig::greedy());
-    generate(model, prompt, 64, &mut sampler, &|_| false, &mut |t| {
-        out.push(t);
-        Ok(())
-    })
-    .expect("generation runs");
-    out
-}
-
 #[test]
 #[ignore = "needs a CUDA device"]
 fn chunked_prefill_on_the_gpu_matches_the_cpu() {
@@ -343,8 +333,8 @@ fn chunked_prefill_on_the_gpu_matches_the_cpu() {
             nmse(&got, &one)
         );
         assert_eq!(
-            greedy(&mut chunked, &prompt),
-            greedy(&mut cpu, &prompt),
+            greedy_tokens(&mut chunked, &prompt, 64),
+            greedy_tokens(&mut cpu, &prompt, 64),
             "{n} tokens: greedy tokens"
         );
     }
@@ -377,8 +367,8 @@ fn gpu_logits_and_greedy_tokens_match_the_cpu() {
             err / norm
         );
         assert_eq!(
-            greedy(&mut gpu, &prompt),
-            greedy(&mut cpu, &prompt),
+            greedy_tokens(&mut gpu, &prompt, 64),
+            greedy_tokens(&mut cpu, &prompt, 64),
             "prompt {prompt:?}: greedy tokens"
         );
     }

@@ -2,12 +2,13 @@
 //! CPU: every token is a vocabulary id and greedy decoding is deterministic. (The
 //! text may be poor: the model is tiny and these formats lose much of it.)
 
+mod common;
+use common::greedy_tokens;
 use kiln_core::DType;
 use kiln_cpu::CpuBackend;
 use kiln_gguf::convert::HfCheckpoint;
 use kiln_gguf::Gguf;
-use kiln_models::generate::generate;
-use kiln_models::{LoadOptions, Model, Sampler, SamplerConfig};
+use kiln_models::{LoadOptions, Model};
 use std::path::Path;
 
 /// Tokens to generate after the prompt.
@@ -15,14 +16,7 @@ const STEPS: usize = 24;
 
 fn greedy(model: &mut Model<CpuBackend>, prompt: &[u32]) -> Vec<u32> {
     model.reset();
-    let mut out = Vec::new();
-    let mut sampler = Sampler::new(SamplerConfig::greedy());
-    generate(model, prompt, STEPS, &mut sampler, &|_| false, &mut |t| {
-        out.push(t);
-        Ok(())
-    })
-    .expect("generation runs");
-    out
+    greedy_tokens(model, prompt, STEPS)
 }
 
 #[test]

@@ -7,7 +7,7 @@ use kiln_core::DType;
 use kiln_cpu::CpuBackend;
 use kiln_gguf::convert::HfCheckpoint;
 use kiln_gguf::{Arch, Gguf};
-use kiln_models::{LoadOptions, Model, Sampler, SamplerConfig};
+use kiln_models::{LoadOptions, Model};
 mod common;
 
 use serde_json::Value;
@@ -98,20 +98,7 @@ fn matches_transformers(name: &str, arch: Arch) {
         let e = nmse(&logits, &f.last_logits);
         eprintln!("{name} {:?}: logits NMSE {e:.2e}", f.input_ids);
         assert!(e < 1e-10, "{name} {:?}: logits NMSE {e:.2e}", f.input_ids);
-        let mut sampler = Sampler::new(SamplerConfig::greedy());
-        let mut out = Vec::new();
-        kiln_models::generate::generate(
-            &mut model,
-            &f.input_ids,
-            f.greedy.len(),
-            &mut sampler,
-            &|_| false,
-            &mut |t| {
-                out.push(t);
-                Ok(())
-            },
-        )
-        .unwrap();
+        let out = common::greedy_tokens(&mut model, &f.input_ids, f.greedy.len());
         assert_eq!(out, f.greedy, "{name} {:?}: greedy tokens", f.input_ids);
     }
 }

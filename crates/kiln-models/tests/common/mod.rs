@@ -15,7 +15,7 @@ use kiln_gguf::{Gguf, GgufWriter, Metadata, SharedBytes, TensorDesc};
 use kiln_models::forward::CacheSpec;
 use kiln_models::model::{graph_for, weight_descs};
 use kiln_models::tokenizer::Tokenizer;
-use kiln_models::{LoadOptions, Model, ModelConfig};
+use kiln_models::{LoadOptions, Model, ModelConfig, Sampler, SamplerConfig};
 
 /// Positions the caches of an untrusted model hold: enough for a two-token prefill
 /// and a decode step.
@@ -315,4 +315,17 @@ impl Backend for Stacking {
     fn copy(&self, src: &CpuBuffer, dst: &mut CpuBuffer) -> Result<()> {
         CpuBackend.copy(src, dst)
     }
+}
+
+/// The `n` tokens greedy generation ([`kiln_models::generate::generate`]) continues
+/// `prompt` with on `model`, from the model's current position.
+pub fn greedy_tokens<BE: Backend>(model: &mut Model<BE>, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut sampler = Sampler::new(SamplerConfig::greedy());
+    kiln_models::generate::generate(model, prompt, n, &mut sampler, &|_| false, &mut |t| {
+        out.push(t);
+        Ok(())
+    })
+    .expect("generation runs");
+    out
 }
