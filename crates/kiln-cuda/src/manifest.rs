@@ -93,24 +93,11 @@ fn specs_for_op(op: &Op, graph: &Graph) -> Result<Vec<KernelSpec>> {
         Op::QkvRopeAppend(r) => ops::rope::qkv_spec(r.params.style, dtype(r.k_cache)?),
         Op::Glu(g) => Ok(ops::elementwise::glu_spec(g.kind)),
         Op::MatMul(m) => {
-            return ops::matmul::MatMulArgs {
-                weight: dtype(m.w)?,
-                m: m.m,
-                n: m.n,
-                k: m.k,
-                x_bytes: bytes(m.x)?,
-                x_q8_bytes: optional(m.x_q8)?,
-                w_bytes: bytes(m.w)?,
-                // A graph's weights are uploaded with upload_weight.
-                w_packed: Some((dtype(m.w)?, m.k)),
-                bias_bytes: optional(m.bias)?,
-                out_bytes: bytes(m.out)?,
-                // Where cuBLASLt is missing the kernels of the other path are compiled
-                // when the graph is.
-                gemm_min_rows: ops::matmul::GEMM_MIN_ROWS,
-            }
-            .check()
-            .and_then(|plan| plan.specs());
+            // Where cuBLASLt is missing the kernels of the other path are compiled when
+            // the graph is.
+            return ops::matmul::MatMulArgs::of_op(graph, m, ops::matmul::GEMM_MIN_ROWS)?
+                .check()
+                .and_then(|plan| plan.specs());
         }
         Op::Softmax(s) => Ok(ops::softmax::spec(s.causal_offset.is_some())),
         Op::KvAppend(k) => ops::kv_cache::spec(dtype(k.cache)?),

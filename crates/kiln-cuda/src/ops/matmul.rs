@@ -503,6 +503,30 @@ pub struct MatMulPlan {
 }
 
 impl MatMulArgs {
+    /// The arguments of `op` in `graph`, its weight uploaded with `upload_weight` (as
+    /// a graph's weights are), on cuBLASLt from `gemm_min_rows` rows.
+    pub fn of_op(
+        graph: &kiln_core::Graph,
+        op: &kiln_core::ops::MatMul,
+        gemm_min_rows: usize,
+    ) -> Result<Self> {
+        let bytes = |id| graph.desc(id).map(|d| d.bytes());
+        let weight = graph.desc(op.w)?.dtype;
+        Ok(Self {
+            weight,
+            m: op.m,
+            n: op.n,
+            k: op.k,
+            x_bytes: bytes(op.x)?,
+            x_q8_bytes: op.x_q8.map(bytes).transpose()?,
+            w_bytes: bytes(op.w)?,
+            w_packed: Some((weight, op.k)),
+            bias_bytes: op.bias.map(bytes).transpose()?,
+            out_bytes: bytes(op.out)?,
+            gemm_min_rows,
+        })
+    }
+
     /// Checks non-zero sizes; a weight dtype of [`WEIGHT_DTYPES`] whose blocks divide
     /// `k`; buffers of `m x k` F32 activations (and their optional Q8_1 copy, `k` a
     /// multiple of 32), `n x k` weights, the optional `n` F32 bias and `m x n` F32

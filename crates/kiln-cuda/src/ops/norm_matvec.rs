@@ -54,7 +54,11 @@ pub fn fusible(graph: &Graph, index: usize) -> Option<(&AddRmsNorm, &MatMul)> {
     if !transient(norm.out) || !transient(out_q8) || read_elsewhere {
         return None;
     }
-    let plan = product_args(graph, mm).ok()?.check().ok()?;
+    // One row is a mat-vec, never a product on cuBLASLt.
+    let plan = MatMulArgs::of_op(graph, mm, usize::MAX)
+        .ok()?
+        .check()
+        .ok()?;
     let MatMulKernel::MatVecResident { threads, .. } = plan.kernel else {
         return None;
     };
@@ -78,27 +82,6 @@ pub fn operands_apart<B: kiln_core::DeviceBuffer>(
         && inputs
             .flat_map(|i| outputs.map(|o| (i, o)))
             .all(|(i, o)| !bindings.shares_memory(i, o))
-}
-
-/// The product's arguments as its dispatch checks them, weights uploaded with
-/// `upload_weight`.
-fn product_args(graph: &Graph, mm: &MatMul) -> Result<MatMulArgs> {
-    let bytes = |id| graph.desc(id).map(|d| d.bytes());
-    let w = graph.desc(mm.w)?.dtype;
-    Ok(MatMulArgs {
-        weight: w,
-        m: mm.m,
-        n: mm.n,
-        k: mm.k,
-        x_bytes: bytes(mm.x)?,
-        x_q8_bytes: mm.x_q8.map(bytes).transpose()?,
-        w_bytes: bytes(mm.w)?,
-        w_packed: Some((w, mm.k)),
-        bias_bytes: mm.bias.map(bytes).transpose()?,
-        out_bytes: bytes(mm.out)?,
-        // One row is a mat-vec, never a product on cuBLASLt.
-        gemm_min_rows: usize::MAX,
-    })
 }
 
 /// The fused kernel of a resident mat-vec plan's shape for weights of `dtype`.
