@@ -13,6 +13,9 @@
 #   bash scripts/device/decode_run.sh sampler   # tg128 of the 8B q4_0 with the default sampler
 #   bash scripts/device/decode_run.sh kernels   # bench-kernels for q4_0, q4_k, q8_0
 #   bash scripts/device/decode_run.sh generate  # kiln generate -n 128 on the 8B q4_0, greedy and sampled
+#   bash scripts/device/decode_run.sh moe       # pp512/tg128 of the qwen3-30b-a3b synth files (TYPES, default
+#                                               # "q4_0 q4_k"), bench-kernels' expert-routed mat-vecs,
+#                                               # and kiln generate on the q4_0 file
 #   bash scripts/device/decode_run.sh memcheck  # compute-sanitizer memcheck over the GPU test executables
 #                                               # (MEMCHECK="<test executables>" narrows it)
 # Logs go to $OUT when it is set (the device tool's output folder).
@@ -75,6 +78,15 @@ for what in "$@"; do
       done 2>&1 | tee "$out/generate.log" ;;
     kernels)
       "$kiln" bench-kernels --formats q4_0,q4_k,q8_0 --device cuda 2>/dev/null | tee "$out/kernels.log" ;;
+    moe)
+      for t in ${TYPES:-q4_0 q4_k}; do
+        f=$(synth qwen3-30b-a3b "$t")
+        echo "== qwen3-30b-a3b $t"
+        "$kiln" bench -m "$f" -p 512 -n 128 -r "${REPS:-3}" --device cuda 2>/dev/null | grep -E "ceiling|pp512|tg128"
+      done 2>&1 | tee "$out/moe.log"
+      "$kiln" bench-kernels --sections moe --device cuda 2>/dev/null | tee -a "$out/moe.log"
+      f=$(synth qwen3-30b-a3b q4_0)
+      "$kiln" generate -m "$f" -p "Once upon a time" -n 64 --ignore-eos --temp 0 --device cuda 2>&1 >/dev/null | grep "kiln: prompt" | tee -a "$out/moe.log" ;;
     memcheck)
       # Each GPU test executable under compute-sanitizer, JOBS (default 8) at a time,
       # each bounded by MEMCHECK_TIMEOUT seconds; prints each one's error summary.

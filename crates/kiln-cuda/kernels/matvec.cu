@@ -158,13 +158,13 @@ __device__ __forceinline__ void wait_copies() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
 }
 
-// Dynamic shared memory: STAGES slots of ROWS * TILE_BYTES bytes (the launch's size).
+// The staged mat-vec of block blockIdx.x, after the wait for prior grids. Dynamic
+// shared memory: STAGES slots of ROWS * TILE_BYTES bytes (the launch's size).
 template <typename W, u32 M, u32 ROWS, u32 LOAD, u32 STAGES>
-__global__ void __launch_bounds__(MATVEC_THREADS)
-    matvec(const u8* __restrict__ w, const float* __restrict__ x, const u8* __restrict__ xq8,
-           const float* __restrict__ bias, float* __restrict__ out, u32 m, u32 n, u32 k,
-           u64 row_bytes) {
-    chain_after_prior_grids(x, xq8);
+__device__ __forceinline__ void matvec_block(const u8* __restrict__ w, const float* x,
+                                             const u8* xq8, const float* __restrict__ bias,
+                                             float* __restrict__ out, u32 m, u32 n, u32 k,
+                                             u64 row_bytes) {
     constexpr u32 TILE_BYTES = MATVEC_TILE_ELEMS / W::BLOCK_ELEMS * W::BLOCK_BYTES;
     constexpr u32 UNITS_PER_ROW = TILE_BYTES / LOAD;
     constexpr u32 UNITS = ROWS * UNITS_PER_ROW;
@@ -290,6 +290,15 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
             out[(u64)i * n + row] = bias ? s + bias[row] : s;
         }
     }
+}
+
+template <typename W, u32 M, u32 ROWS, u32 LOAD, u32 STAGES>
+__global__ void __launch_bounds__(MATVEC_THREADS)
+    matvec(const u8* __restrict__ w, const float* __restrict__ x, const u8* __restrict__ xq8,
+           const float* __restrict__ bias, float* __restrict__ out, u32 m, u32 n, u32 k,
+           u64 row_bytes) {
+    chain_after_prior_grids(x, xq8);
+    matvec_block<W, M, ROWS, LOAD, STAGES>(w, x, xq8, bias, out, m, n, k, row_bytes);
 }
 
 // Units of W a lane of matvec_packed loads per round for M activation rows: fewer
@@ -420,11 +429,13 @@ __host__ __device__ constexpr u32 packed_groups() {
     return 32 * packed_units<W, M>() * W::UNIT_ELEMS / W::GROUP_ELEMS;
 }
 
+// The packed mat-vec of block blockIdx.x, after the wait for prior grids.
 template <typename W, u32 M, u32 R, bool ALIGNED>
-__global__ void __launch_bounds__(MATVEC_THREADS)
-    matvec_packed(const u8* __restrict__ w, const float* __restrict__ x,
-                  const u8* __restrict__ xq8, const float* __restrict__ bias,
-                  float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
+__device__ __forceinline__ void matvec_packed_block(const u8* __restrict__ w, const float* x,
+                                                    const u8* xq8,
+                                                    const float* __restrict__ bias,
+                                                    float* __restrict__ out, u32 m, u32 n,
+                                                    u32 k, u64 row_bytes) {
     constexpr u32 A = ALIGNED ? 16 : 2;
     constexpr u32 U = packed_units<W, M>();
     constexpr u32 ROUND = 32 * U * W::UNIT_ELEMS;  // elements of k per round
@@ -434,7 +445,6 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
     constexpr u32 STAGED = M * ROUND / 4 / MATVEC_THREADS;  // float4s per thread per round
     extern __shared__ __align__(16) float xs[];
     float* sums = xs + M * STRIDE;
-    chain_after_prior_grids(x, xq8);
 
     const u32 lane = threadIdx.x & 31u;
     const u32 row0 = (blockIdx.x * (MATVEC_THREADS / 32) + threadIdx.x / 32) * R;
@@ -508,6 +518,83 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
     }
 }
 
+template <typename W, u32 M, u32 R, bool ALIGNED>
+__global__ void __launch_bounds__(MATVEC_THREADS)
+    matvec_packed(const u8* __restrict__ w, const float* __restrict__ x,
+                  const u8* __restrict__ xq8, const float* __restrict__ bias,
+                  float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
+    chain_after_prior_grids(x, xq8);
+    matvec_packed_block<W, M, R, ALIGNED>(w, x, xq8, bias, out, m, n, k, row_bytes);
+}
+
+// The operands of slot blockIdx.y of an expert-routed mat-vec (kiln_core::ops::MoeMatMul):
+// the stacked weight's [rows, cols] slice of expert ids[s] (experts' rows follow each
+// other, each in the layout it was uploaded in), the slot's activation row (x row s
+// when per_slot, else its token's row s / k) and its output row s. `w` is null for an
+// id outside 0..n_expert.
+struct RoutedSlot {
+    const u8* w;
+    const float* x;
+    float* out;
+};
+
+__device__ __forceinline__ RoutedSlot routed_slot(const u8* w, const int* ids, const float* x,
+                                                  float* out, u32 k, u32 per_slot,
+                                                  u32 n_expert, u32 rows, u32 cols,
+                                                  u64 row_bytes) {
+    const u32 s = blockIdx.y;
+    const int id = ids[s];
+    const bool valid = id >= 0 && (u32)id < n_expert;
+    return {valid ? w + (u64)id * rows * row_bytes : nullptr,
+            x + (u64)(per_slot ? s : s / k) * cols, out + (u64)s * rows};
+}
+
+// Writes NaN to rows first .. first + count (those below `rows`) of `out`.
+__device__ __forceinline__ void poison_rows(float* out, u32 first, u32 count, u32 rows) {
+    for (u32 r = threadIdx.x; r < count; r += blockDim.x) {
+        if (first + r < rows) {
+            out[first + r] = __int_as_float(0x7fffffff);
+        }
+    }
+}
+
+// Expert-routed mat-vec: grid (blocks of matvec's grid for `rows` weight rows, m * k
+// slots); block (bx, s) computes block bx of slot s's product as matvec does for one
+// activation row (routed_slot). An expert id out of range gives NaN rows.
+template <typename W, u32 ROWS, u32 LOAD, u32 STAGES>
+__global__ void __launch_bounds__(MATVEC_THREADS)
+    moe_matvec(const u8* __restrict__ w, const int* __restrict__ ids,
+               const float* __restrict__ x, float* __restrict__ out, u32 k, u32 per_slot,
+               u32 n_expert, u32 rows, u32 cols, u64 row_bytes) {
+    chain_after_prior_grids(x, ids);
+    const RoutedSlot slot = routed_slot(w, ids, x, out, k, per_slot, n_expert, rows, cols,
+                                        row_bytes);
+    if (slot.w == nullptr) {
+        poison_rows(slot.out, blockIdx.x * ROWS, ROWS, rows);
+        return;
+    }
+    matvec_block<W, 1, ROWS, LOAD, STAGES>(slot.w, slot.x, nullptr, nullptr, slot.out, 1, rows,
+                                           cols, row_bytes);
+}
+
+// moe_matvec for weights in the planes layout, as matvec_packed computes one activation
+// row (grid: matvec_packed's blocks for `rows` weight rows, m * k slots).
+template <typename W, u32 R, bool ALIGNED>
+__global__ void __launch_bounds__(MATVEC_THREADS)
+    moe_matvec_packed(const u8* __restrict__ w, const int* __restrict__ ids,
+                      const float* __restrict__ x, float* __restrict__ out, u32 k,
+                      u32 per_slot, u32 n_expert, u32 rows, u32 cols, u64 row_bytes) {
+    chain_after_prior_grids(x, ids);
+    const RoutedSlot slot = routed_slot(w, ids, x, out, k, per_slot, n_expert, rows, cols,
+                                        row_bytes);
+    if (slot.w == nullptr) {
+        constexpr u32 BLOCK_ROWS = R * MATVEC_THREADS / 32;
+        poison_rows(slot.out, blockIdx.x * BLOCK_ROWS, BLOCK_ROWS, rows);
+        return;
+    }
+    matvec_packed_block<W, 1, R, ALIGNED>(slot.w, slot.x, nullptr, nullptr, slot.out, 1, rows,
+                                          cols, row_bytes);
+}
 
 // Units of W a lane of matvec_resident loads per step: the next step's units are in
 // flight while these are used.

@@ -489,7 +489,12 @@ impl CudaBackend {
                 };
                 ops::moe::moe_combine(self, combine, outs[0], c.m, c.k, c.n)
             })?,
-            Op::MoeMatMul(_) => Err(manifest::moe_unsupported(op))?,
+            Op::MoeMatMul(m) => {
+                let w = dtype(m.w)?;
+                bindings.with_operands(&[m.x, m.ids, m.w], &[m.out], |ins, outs| {
+                    ops::moe::moe_matmul(self, ins[0], ins[1], ins[2], w, outs[0], m)
+                })?
+            }
             Op::CausalConv1d(c) => {
                 bindings.with_operands(&[c.x, c.weight], &op.outputs(), |ins, outs| {
                     let [out, state] = outs else {

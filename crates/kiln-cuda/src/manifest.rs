@@ -49,13 +49,11 @@ pub fn all_specs() -> Vec<KernelSpec> {
 /// kernels are limited in (every weight, cache and float dtype the IR allows has one).
 /// The limits: attention's head dimension, with or without a Q8_1 copy of its
 /// output ([`ops::attention::check_head_dim`]); the router's expert count
-/// ([`ops::moe::MAX_EXPERTS`]); the expert-routed product
-/// ([`kiln_core::ops::MoeMatMul`]) has no kernel yet.
+/// ([`ops::moe::MAX_EXPERTS`]).
 pub fn has_kernel(op: &Op) -> bool {
     match op {
         Op::Attention(a) => ops::attention::check_head_dim(a.head_dim, a.out_q8.is_some()).is_ok(),
         Op::MoeRouter(r) => r.n_expert <= ops::moe::MAX_EXPERTS,
-        Op::MoeMatMul(_) => false,
         _ => true,
     }
 }
@@ -72,7 +70,7 @@ pub fn spec_for_op(op: &Op, graph: &Graph) -> Result<KernelSpec> {
 fn specs_for_op(op: &Op, graph: &Graph) -> Result<Vec<KernelSpec>> {
     if !has_kernel(op) {
         return Err(match op {
-            Op::MoeRouter(_) | Op::MoeMatMul(_) => moe_unsupported(op),
+            Op::MoeRouter(_) => moe_unsupported(op),
             _ => Error::Unsupported(format!(
                 "cuda backend: op {} with these parameters has no kernel: {op:?}",
                 op.name()
@@ -117,7 +115,9 @@ fn specs_for_op(op: &Op, graph: &Graph) -> Result<Vec<KernelSpec>> {
         Op::Sample(s) => Ok(ops::sample::spec_for(&s.params)),
         Op::MoeRouter(r) => Ok(ops::moe::router_spec(r.gating)),
         Op::MoeCombine(_) => Ok(ops::moe::combine_spec()),
-        Op::MoeMatMul(_) => Err(moe_unsupported(op)),
+        Op::MoeMatMul(m) => ops::moe::MoeMatMulArgs::of_op(graph, m)?
+            .check()
+            .map(|plan| plan.spec),
         Op::CausalConv1d(_) => Ok(ops::delta_net::conv_spec()),
         Op::GatedDeltaNet(_) => Ok(ops::delta_net::delta_spec()),
         Op::GatedRmsNorm(_) => Ok(ops::delta_net::norm_spec(true)),
@@ -126,13 +126,13 @@ fn specs_for_op(op: &Op, graph: &Graph) -> Result<Vec<KernelSpec>> {
     spec.map(|s| vec![s])
 }
 
-/// The error for a mixture-of-experts op without a CUDA kernel (the expert-routed
-/// product; a router of more than [`ops::moe::MAX_EXPERTS`] experts).
-pub(crate) fn moe_unsupported(op: &Op) -> Error {
+/// The error for a router of more than [`ops::moe::MAX_EXPERTS`] experts.
+fn moe_unsupported(op: &Op) -> Error {
     Error::Unsupported(format!(
-        "cuda backend: op {} (mixture of experts) has no kernel for these parameters yet; \
-         run this model with --device cpu",
-        op.name()
+        "cuda backend: op {} has more experts than the kernel's {}; run this model with \
+         --device cpu",
+        op.name(),
+        ops::moe::MAX_EXPERTS
     ))
 }
 

@@ -12,14 +12,15 @@ fn every_spec_has_a_unique_canonical_key() {
     let specs = all_specs();
     assert_eq!(
         specs.len(),
-        9 + 2 * 4 + 4 + 19 + 4 + 4 + 222 + 32 + 2 + 2 + 28 + 3 + 1 + 1 + 3 + 4,
+        9 + 2 * 4 + 4 + 19 + 4 + 4 + 222 + 32 + 2 + 2 + 28 + 3 + 1 + 1 + 3 + 8 * 2 + 11 * 2 + 4,
         "cast pairs, element-wise and glu kinds, norm variants, embedding tables, rope \
          variants, qkv_rope_append (2 styles x 2 caches), matmul (8 packed dtypes x 4 mat-vec tiers x 2 plane alignments + 8 \
          resident dtypes x 2 block shapes x 2 alignments + 11 other dtypes x 4 tiers x 2 load widths + \
          19 mat-mat + 19 weight decoders of the cuBLASLt path), the resident mat-vecs with a fused norm (8 x 2 x 2), softmax, kv caches, \
          attention (2 caches x (4 group tiers x 3 lane widths decode + 2 prefill)), \
          flash attention (F16 cache x 3 head dims), \
-         argmax, sample, moe (2 router gatings, combine), \
+         argmax, sample, moe (2 router gatings, combine, the one-row mat-vecs routed: \
+         8 packed dtypes x 2 alignments + 11 other dtypes x 2 load widths), \
          delta net (conv, recurrent delta rule, gated RMSNorm, L2 norm)"
     );
     let mut keys: Vec<&str> = specs.iter().map(|s| s.key.as_str()).collect();
@@ -262,7 +263,7 @@ fn has_kernel_agrees_with_spec_for_op() {
 }
 
 #[test]
-fn the_expert_routed_product_is_unsupported_with_a_clear_error() {
+fn the_mixture_of_experts_ops_have_kernels_and_a_router_beyond_its_limit_does_not() {
     let mut g = Graph::new();
     let logits = g.persistent("logits", DType::F32, &[2, 4]).unwrap();
     let ids = g.persistent("ids", DType::I32, &[2, 2]).unwrap();
@@ -307,19 +308,41 @@ fn the_expert_routed_product_is_unsupported_with_a_clear_error() {
         n: 3,
     })
     .unwrap();
-    // The router and the combine have kernels; the expert-routed product not yet.
-    for op in g.ops() {
-        let has = kiln_cuda::manifest::has_kernel(op);
-        assert_eq!(has, op.name() != "moe_matmul", "{}", op.name());
-        match kiln_cuda::manifest::spec_for_op(op, &g) {
-            Ok(_) if has => {}
-            Err(Error::Unsupported(msg)) if !has => assert!(
-                msg.contains("cuda backend")
-                    && msg.contains(op.name())
-                    && msg.contains("--device cpu"),
-                "{msg}"
-            ),
-            other => panic!("{}: has_kernel {has}, spec_for_op {other:?}", op.name()),
-        }
+    let specs: Vec<String> = g
+        .ops()
+        .iter()
+        .map(|op| {
+            assert!(kiln_cuda::manifest::has_kernel(op), "{}", op.name());
+            kiln_cuda::manifest::spec_for_op(op, &g).unwrap().key
+        })
+        .collect();
+    assert_eq!(
+        specs,
+        [
+            "moe_router|gating=softmax",
+            "moe_matvec_packed|w=q4_0|rows=1|aligned=0",
+            "moe_combine|x=f32"
+        ]
+    );
+    let router = MoeRouter {
+        logits,
+        ids,
+        weights,
+        m: 2,
+        n_expert: kiln_cuda::ops::moe::MAX_EXPERTS + 1,
+        k: 2,
+        gating: Gating::Softmax,
+        normalize: true,
+    };
+    let op = kiln_core::Op::MoeRouter(router);
+    assert!(!kiln_cuda::manifest::has_kernel(&op));
+    match kiln_cuda::manifest::spec_for_op(&op, &g) {
+        Err(Error::Unsupported(msg)) => assert!(
+            msg.contains("cuda backend")
+                && msg.contains("moe_router")
+                && msg.contains("--device cpu"),
+            "{msg}"
+        ),
+        other => panic!("expected Unsupported, got {other:?}"),
     }
 }

@@ -1,14 +1,16 @@
-//! The mixture-of-experts router and combine: the dispatch checks (no GPU needed) and
-//! parity with kiln-cpu on the GPU.
+//! The mixture-of-experts router, expert-routed product and combine: the dispatch
+//! checks (no GPU needed) and parity with kiln-cpu on the GPU.
 
 mod common;
 mod kernels;
 use common::*;
 use kernels::*;
-use kiln_core::ops::{Gating, MoeCombine, MoeRouter};
+use kiln_core::ops::{Gating, MoeCombine, MoeMatMul, MoeRouter};
 use kiln_core::{Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
-use kiln_cuda::ops::moe::{CombineArgs, RouterArgs, MAX_EXPERTS};
+use kiln_cuda::ops::matmul::MatMulKernel;
+use kiln_cuda::ops::moe::{CombineArgs, MoeMatMulArgs, RouterArgs, MAX_EXPERTS};
+use rand::Rng;
 
 fn router() -> RouterArgs {
     RouterArgs {
@@ -260,6 +262,275 @@ fn moe_combine_matches_cpu() {
             );
             // Fused multiply-adds and expf round differently from the CPU by ulps.
             assert_close(&what, &got, &want, 1e-12);
+        }
+    }
+}
+
+/// Qwen3-30B-A3B's gate projection for one decode token: 8 of 128 experts of 768 x 2048.
+fn routed() -> MoeMatMulArgs {
+    MoeMatMulArgs {
+        weight: DType::Q4_0,
+        m: 1,
+        k: 8,
+        n_expert: 128,
+        rows: 768,
+        cols: 2048,
+        per_slot: false,
+        x_bytes: 2048 * 4,
+        ids_bytes: 8 * 4,
+        w_bytes: 128 * 768 * 2048 / 32 * 18,
+        w_packed: Some((DType::Q4_0, 2048)),
+        out_bytes: 8 * 768 * 4,
+    }
+}
+
+#[test]
+fn a_routed_product_runs_the_one_row_mat_vec_per_slot() {
+    let plan = routed().check().unwrap();
+    // Packed Q4_0: matvec_packed's blocks of 8 warps of one row each, one grid row
+    // per slot.
+    assert_eq!(
+        plan.kernel,
+        MatMulKernel::MatVecPacked {
+            m_tier: 1,
+            rows: 1,
+            aligned: true
+        }
+    );
+    assert_eq!(plan.spec.key, "moe_matvec_packed|w=q4_0|rows=1|aligned=1");
+    assert_eq!(
+        plan.spec.name_expression,
+        "kiln::moe_matvec_packed<kiln::Q4_0, 1, true>"
+    );
+    assert_eq!(plan.config.grid_dim, (96, 8, 1));
+    // The down projection of a 3-token prompt chunk: per-slot inputs, staged F16.
+    let plan = MoeMatMulArgs {
+        weight: DType::F16,
+        m: 3,
+        rows: 2048,
+        cols: 768,
+        per_slot: true,
+        x_bytes: 3 * 8 * 768 * 4,
+        ids_bytes: 3 * 8 * 4,
+        w_bytes: 128 * 2048 * 768 * 2,
+        w_packed: None,
+        out_bytes: 3 * 8 * 2048 * 4,
+        ..routed()
+    }
+    .check()
+    .unwrap();
+    assert!(
+        plan.spec.key.starts_with("moe_matvec|w=f16|"),
+        "{}",
+        plan.spec.key
+    );
+    assert_eq!(plan.config.grid_dim.1, 24);
+}
+
+#[test]
+fn routed_product_arguments_out_of_range_are_rejected() {
+    let m = invalid(MoeMatMulArgs { k: 129, ..routed() }.check());
+    assert_eq!(
+        m,
+        "moe_matmul: k = 129 experts per token exceeds n_expert = 128"
+    );
+    let m = invalid(
+        MoeMatMulArgs {
+            rows: 0,
+            ..routed()
+        }
+        .check(),
+    );
+    assert_eq!(m, "moe_matmul: rows must be > 0, got 0");
+    let m = invalid(
+        MoeMatMulArgs {
+            cols: 2047,
+            ..routed()
+        }
+        .check(),
+    );
+    assert!(
+        m.contains("cols 2047 is not a multiple of q4_0's block size 32"),
+        "{m}"
+    );
+    // One expert's bytes short.
+    let m = invalid(
+        MoeMatMulArgs {
+            w_bytes: 127 * 768 * 2048 / 32 * 18,
+            ..routed()
+        }
+        .check(),
+    );
+    assert!(m.starts_with("moe_matmul: w"), "{m}");
+    let m = invalid(
+        MoeMatMulArgs {
+            ids_bytes: 28,
+            ..routed()
+        }
+        .check(),
+    );
+    assert!(m.starts_with("moe_matmul: ids"), "{m}");
+    // Per-slot inputs need a row per slot.
+    let m = invalid(
+        MoeMatMulArgs {
+            per_slot: true,
+            ..routed()
+        }
+        .check(),
+    );
+    assert!(m.starts_with("moe_matmul: x"), "{m}");
+    let m = invalid(
+        MoeMatMulArgs {
+            out_bytes: 4,
+            ..routed()
+        }
+        .check(),
+    );
+    assert!(m.starts_with("moe_matmul: out"), "{m}");
+    // A packed dtype uploaded as plain bytes.
+    let m = invalid(
+        MoeMatMulArgs {
+            w_packed: None,
+            ..routed()
+        }
+        .check(),
+    );
+    assert!(m.contains("upload_weight"), "{m}");
+    // More slots than a grid has rows.
+    let m = invalid(
+        MoeMatMulArgs {
+            m: 9000,
+            ids_bytes: 9000 * 8 * 4,
+            x_bytes: 9000 * 2048 * 4,
+            out_bytes: 9000 * 8 * 768 * 4,
+            ..routed()
+        }
+        .check(),
+    );
+    assert!(m.contains("m * k"), "{m}");
+}
+
+/// Random expert ids for `m` tokens of `k` distinct experts each (as a router picks),
+/// so that some experts get many tokens and some none.
+fn expert_ids(rng: &mut rand::rngs::StdRng, m: usize, k: usize, n_expert: usize) -> Vec<i32> {
+    let mut ids = Vec::with_capacity(m * k);
+    for _ in 0..m {
+        let mut chosen: Vec<i32> = Vec::with_capacity(k);
+        while chosen.len() < k {
+            // Skewed towards the low experts: several tokens share them.
+            let e = rng
+                .random_range(0..n_expert)
+                .min(rng.random_range(0..n_expert)) as i32;
+            if !chosen.contains(&e) {
+                chosen.push(e);
+            }
+        }
+        ids.extend(chosen);
+    }
+    ids
+}
+
+/// A graph of one expert-routed product and its random inputs.
+fn routed_case(
+    rng: &mut rand::rngs::StdRng,
+    dtype: DType,
+    (m, k, n_expert, rows, cols): (usize, usize, usize, usize, usize),
+    per_slot: bool,
+    ids: Option<Vec<i32>>,
+) -> (
+    Graph,
+    Vec<(kiln_core::BufferId, Vec<u8>)>,
+    kiln_core::BufferId,
+) {
+    let mut g = Graph::new();
+    let x_rows = if per_slot { m * k } else { m };
+    let x = g.persistent("x", DType::F32, &[x_rows, cols]).unwrap();
+    let ids_buf = g.persistent("ids", DType::I32, &[m, k]).unwrap();
+    let w = g.persistent("w", dtype, &[n_expert, rows, cols]).unwrap();
+    let out = g.persistent("out", DType::F32, &[m, k, rows]).unwrap();
+    g.push(MoeMatMul {
+        x,
+        ids: ids_buf,
+        w,
+        out,
+        m,
+        k,
+        n_expert,
+        rows,
+        cols,
+        per_slot,
+    })
+    .unwrap();
+    let ids = ids.unwrap_or_else(|| expert_ids(rng, m, k, n_expert));
+    let inputs = vec![
+        (x, f32_bytes(&uniform(rng, x_rows * cols, 1.0))),
+        (ids_buf, i32_bytes(&ids)),
+        (w, encoded(rng, dtype, n_expert * rows * cols)),
+    ];
+    (g, inputs, out)
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn moe_matmul_matches_cpu() {
+    let cuda = cuda();
+    let mut rng = rng("moe_matmul_matches_cpu");
+    // (m, k, n_expert, rows, cols): odd row and expert counts, tokens that leave
+    // experts empty, in every weight dtype; then a decode token of Qwen3-30B-A3B's
+    // expert shapes (gate/up and down; 16 of its 128 experts) in the formats it is
+    // benchmarked in.
+    let small = [(3, 2, 5, 37, 256), (7, 3, 9, 129, 512), (2, 1, 1, 5, 256)];
+    let large = [(1, 8, 16, 768, 2048), (1, 8, 16, 2048, 768)];
+    let cases = kiln_core::ops::WEIGHT_DTYPES
+        .into_iter()
+        .flat_map(|d| small.map(|s| (d, s)))
+        .chain(
+            [DType::F16, DType::Q4_0, DType::Q4K]
+                .into_iter()
+                .flat_map(|d| large.map(|s| (d, s))),
+        );
+    for (dtype, shape) in cases {
+        for per_slot in [false, true] {
+            let (g, inputs, out) = routed_case(&mut rng, dtype, shape, per_slot, None);
+            let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
+            let got = f32s(&run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
+            let what =
+                format!("moe_matmul {dtype} (m, k, E, rows, cols) {shape:?} per_slot={per_slot}");
+            // The dense mat-vec's tolerance: the same f32 sums in another order.
+            assert_close(&what, &got, &want, 1e-9);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn moe_matmul_gives_nan_rows_for_an_expert_id_out_of_range() {
+    let cuda = cuda();
+    let mut rng = rng("moe_matmul_gives_nan_rows_for_an_expert_id_out_of_range");
+    let (m, k, n_expert, rows, cols) = (2, 2, 4, 70, 64);
+    for dtype in [DType::Q4_0, DType::F16] {
+        let ids = vec![1, 4, -1, 3];
+        let (g, inputs, out) = routed_case(
+            &mut rng,
+            dtype,
+            (m, k, n_expert, rows, cols),
+            false,
+            Some(ids),
+        );
+        // The CPU reference refuses the ids; the device marks the slots' rows.
+        let e = run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap_err();
+        assert!(
+            e.to_string().contains("token 0 slot 1 chose expert 4"),
+            "{e}"
+        );
+        let got = f32s(&run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
+        for (slot, row) in got.chunks(rows).enumerate() {
+            let bad = slot == 1 || slot == 2;
+            assert!(
+                row.iter().all(|v| v.is_nan() == bad),
+                "{dtype} slot {slot}: {:?}",
+                &row[..4]
+            );
         }
     }
 }

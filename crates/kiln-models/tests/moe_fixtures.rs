@@ -1,7 +1,9 @@
 //! Tiny random-weight Qwen3-MoE and Qwen2-MoE checkpoints, converted to GGUF by kiln
 //! and run on the CPU backend, against the logits and greedy tokens that
 //! transformers' Qwen3MoeForCausalLM and Qwen2MoeForCausalLM computed in float32
-//! (tests/fixtures/{qwen3moe,qwen2moe}-tiny, made by scripts/make_moe_fixtures.py).
+//! (tests/fixtures/{qwen3moe,qwen2moe}-tiny, made by scripts/make_moe_fixtures.py);
+//! on the CUDA backend (ignored without a GPU) against the same logits and the CPU's
+//! greedy tokens.
 
 use kiln_core::DType;
 use kiln_cpu::CpuBackend;
@@ -58,6 +60,17 @@ fn fixtures(name: &str) -> Vec<Fixture> {
 
 /// Converts checkpoint `name` to a GGUF of `dtype` in `dir` and loads it on the CPU.
 fn converted(name: &str, dtype: DType, dir: &Path) -> Model<CpuBackend> {
+    converted_on(CpuBackend, name, dtype, dir)
+}
+
+/// Converts checkpoint `name` to a GGUF of `dtype` in `dir` and loads it on `backend`
+/// with an F32 cache of 64 positions.
+fn converted_on<BE: kiln_core::Backend>(
+    backend: BE,
+    name: &str,
+    dtype: DType,
+    dir: &Path,
+) -> Model<BE> {
     let out = dir.join(format!("{name}-{dtype}.gguf"));
     HfCheckpoint::open(model_dir(name))
         .unwrap()
@@ -68,7 +81,7 @@ fn converted(name: &str, dtype: DType, dir: &Path) -> Model<CpuBackend> {
         context: Some(64),
         cache_dtype: DType::F32,
     };
-    Model::load(CpuBackend, &file, options, &mut |_, _| {}).unwrap()
+    Model::load(backend, &file, options, &mut |_, _| {}).unwrap()
 }
 
 fn nmse(got: &[f32], want: &[f64]) -> f64 {
@@ -125,6 +138,67 @@ fn q8_0_moe_logits_stay_close() {
         eprintln!("{name} q8_0: logits NMSE {e:.2e}");
         assert!(e < 1e-3, "{name} q8_0: logits NMSE {e:.2e}");
     }
+}
+
+/// The CUDA backend of device 0; panics (fails the test) where there is none.
+fn cuda() -> kiln_cuda::CudaBackend {
+    kiln_cuda::CacheConfig::from_env()
+        .and_then(|cache| kiln_cuda::CudaBackend::with_cache(0, cache))
+        .unwrap_or_else(|e| panic!("this test needs a CUDA device: {e}"))
+}
+
+/// On the GPU, checkpoint `name` in F32: with prompts in chunks of 8 tokens every
+/// product is an f32 mat-vec, so the logits agree with transformers' to f32 summation
+/// order and the 32 greedy tokens after each prompt equal the CPU's; in one chunk the
+/// dense products take bf16 operands (the mat-mat), which the logits show within
+/// bf16 rounding.
+fn gpu_matches_transformers_and_cpu(name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cpu = converted(name, DType::F32, dir.path());
+    let mut gpu = converted_on(cuda(), name, DType::F32, dir.path());
+    for f in fixtures(name) {
+        for (chunk, tolerance) in [(8, 1e-9), (512, 1e-4)] {
+            gpu.set_prefill_chunk(chunk).unwrap();
+            gpu.reset();
+            let e = nmse(&gpu.forward(&f.input_ids).unwrap(), &f.last_logits);
+            eprintln!(
+                "{name} {:?} chunk {chunk}: GPU logits NMSE {e:.2e}",
+                f.input_ids
+            );
+            assert!(
+                e < tolerance,
+                "{name} {:?} chunk {chunk}: NMSE {e:.2e}",
+                f.input_ids
+            );
+        }
+        gpu.set_prefill_chunk(8).unwrap();
+        gpu.reset();
+        cpu.reset();
+        let want = common::greedy_tokens(&mut cpu, &f.input_ids, 32);
+        let got = common::greedy_tokens(&mut gpu, &f.input_ids, 32);
+        assert_eq!(
+            got, want,
+            "{name} {:?}: greedy tokens GPU vs CPU",
+            f.input_ids
+        );
+        assert_eq!(
+            &want[..f.greedy.len()],
+            f.greedy,
+            "{name}: the CPU's tokens"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn qwen3moe_on_the_gpu_matches_transformers_and_the_cpu() {
+    gpu_matches_transformers_and_cpu("qwen3moe-tiny");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn qwen2moe_on_the_gpu_matches_transformers_and_the_cpu() {
+    gpu_matches_transformers_and_cpu("qwen2moe-tiny");
 }
 
 /// A copy of checkpoint `name` in a temporary directory with config.json's `key` set

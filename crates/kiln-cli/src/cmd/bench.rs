@@ -222,6 +222,16 @@ impl Costs {
     }
 }
 
+/// The fraction of a tensor of `shape` one token reads: `n_expert_used / n_expert` of
+/// a mixture-of-experts model's stacked experts (its 3-dimensional tensors, one
+/// matrix per expert), all of every other tensor.
+fn token_share(shape: &[usize], moe: Option<&kiln_models::config::MoeConfig>) -> f64 {
+    match moe {
+        Some(m) if shape.len() == 3 => m.n_expert_used as f64 / m.n_expert as f64,
+        _ => 1.0,
+    }
+}
+
 /// The dtype holding most of the weight bytes, for the model column.
 fn main_type<B: AsRef<[u8]>>(file: &Gguf<B>) -> DType {
     let mut by_type: BTreeMap<&str, (usize, DType)> = BTreeMap::new();
@@ -303,28 +313,29 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
     let config = model.config().clone();
     let params: usize = file.tensor_infos().iter().map(|t| t.n_elements()).sum();
     let head_params = (config.vocab * config.n_embd) as f64;
+    let share = |t: &kiln_gguf::TensorInfo| token_share(t.shape(), config.moe.as_ref());
     let body_params = file
         .tensor_infos()
         .iter()
         .filter(|t| {
-            t.shape().len() == 2 && !matches!(t.name(), "token_embd.weight" | "output.weight")
+            t.shape().len() >= 2 && !matches!(t.name(), "token_embd.weight" | "output.weight")
         })
-        .map(|t| t.n_elements() as f64)
+        .map(|t| t.n_elements() as f64 * share(t))
         .sum::<f64>();
-    let embd_bytes = file.tensor("token_embd.weight")?.info.n_bytes();
-    let decode_weight_bytes = model.weight_bytes()
-        - if config.tied_embeddings {
-            0
-        } else {
-            embd_bytes
-        };
+    // An untied embedding table is read one row per token.
+    let decode_weight_bytes = file
+        .tensor_infos()
+        .iter()
+        .filter(|t| config.tied_embeddings || t.name() != "token_embd.weight")
+        .map(|t| t.n_bytes() as f64 * share(t))
+        .sum::<f64>();
     let kv_bytes_per_position =
         2.0 * config.n_layers as f64 * args.cache_type.bytes_for(config.kv_dim())? as f64;
     let costs = Costs {
         config: config.clone(),
         body_params,
         head_params,
-        decode_weight_bytes: decode_weight_bytes as f64,
+        decode_weight_bytes,
         kv_bytes_per_position,
     };
     let model_name = format!(
@@ -673,6 +684,20 @@ impl BackendJob for BenchJob<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_reads_its_experts_share_of_the_stacked_experts_only() {
+        let moe = kiln_models::config::MoeConfig {
+            n_expert: 128,
+            n_expert_used: 8,
+            n_ff_exp: 768,
+            n_ff_shexp: None,
+            norm_weights: true,
+        };
+        assert_eq!(token_share(&[128, 768, 2048], Some(&moe)), 0.0625);
+        assert_eq!(token_share(&[2048, 128], Some(&moe)), 1.0);
+        assert_eq!(token_share(&[4, 768, 2048], None), 1.0);
+    }
 
     /// The costs of a model of Llama-3.1-8B's shape with round parameter counts.
     fn costs() -> Costs {

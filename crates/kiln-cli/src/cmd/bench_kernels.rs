@@ -19,6 +19,10 @@
 //!   `--matmat-formats`, on the path the backend picks or on each path forced
 //!   (`--matmat-paths`); products of up to 8 rows of block formats read x's Q8_1 copy,
 //!   as decode graphs give it.
+//! - Expert-routed mat-vec: GB/s of the bytes one decode token's product reads and
+//!   writes (its 8 experts' rows of 128 stacked, ids, input, output) at Qwen3-30B-A3B's
+//!   expert shapes ([`MOE_SHAPES`]), for the formats of `--moe-formats`; each launch
+//!   takes the next 8 experts, so that they come from memory, not the L2 cache.
 //! - Sampling (temperature, top-k, top-p, min-p and the draw): microseconds per row
 //!   and GB/s of the logits read, at 128256 and 151936 tokens, for llama.cpp's
 //!   defaults, a wide nucleus, min-p alone, temperature alone and greedy, one row and
@@ -63,7 +67,7 @@ pub struct BenchKernelsArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "matvec,attention,sample,matmat"
+        default_value = "matvec,attention,sample,matmat,moe"
     )]
     pub sections: Vec<Section>,
     /// Weight formats of the mat-vec measurements, comma-separated.
@@ -87,6 +91,9 @@ pub struct BenchKernelsArgs {
     /// kernel, cuBLASLt.
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     pub matmat_paths: Vec<MatMatPath>,
+    /// Weight formats of the expert-routed mat-vec measurements, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "q4_0,q4_k,q8_0")]
+    pub moe_formats: Vec<DType>,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
@@ -99,6 +106,7 @@ pub enum Section {
     Attention,
     Sample,
     Matmat,
+    Moe,
 }
 
 /// Which mat-mat runs a product of more than [`MATVEC_MAX_ROWS`] rows.
@@ -150,6 +158,25 @@ pub const WEIGHT_SHAPES: [(usize, usize); 9] = [
     (16384, 2048),
     (2048, 8192),
 ];
+
+/// Expert shapes `(rows, cols)` of the expert-routed mat-vec measurements:
+/// Qwen3-30B-A3B's gate (and up) and down projections per expert.
+pub const MOE_SHAPES: [(usize, usize); 2] = [(768, 2048), (2048, 768)];
+
+/// Experts of the expert-routed mat-vec measurements, and the experts a token uses.
+pub const MOE_EXPERTS: usize = 128;
+pub const MOE_USED: usize = 8;
+
+/// Bytes one decode token's expert-routed mat-vec moves: the rows of its `MOE_USED`
+/// experts (`rows x cols` of `dtype` each), its ids, its input (one row, or one per
+/// slot for the down projection: `per_slot`) and its f32 outputs.
+pub fn moe_matvec_bytes(dtype: DType, rows: usize, cols: usize, per_slot: bool) -> Result<usize> {
+    let x_rows = if per_slot { MOE_USED } else { 1 };
+    Ok(MOE_USED * rows * dtype.bytes_for(cols)?
+        + 4 * MOE_USED
+        + 4 * x_rows * cols
+        + 4 * MOE_USED * rows)
+}
 
 /// Rows of the decode attention measurements.
 pub const KV_LENGTHS: [usize; 4] = [1024, 4096, 16384, 32768];
@@ -378,6 +405,11 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
             rows,
         ));
     }
+    if on(Section::Moe) {
+        for &dtype in &args.moe_formats {
+            families.push(bench.moe_matvecs(dtype)?);
+        }
+    }
     if on(Section::Attention) {
         families.push(bench.decode_attentions()?);
         families.push(bench.prefill_attentions()?);
@@ -582,6 +614,63 @@ impl Bench<'_> {
                 self.timed_matmul(dtype, &weights, 1, n, k, x_q8)?
             },
         })
+    }
+
+    /// The expert-routed mat-vec family of `dtype`: one decode token's `MOE_USED` of
+    /// `MOE_EXPERTS` stacked experts at each of [`MOE_SHAPES`], each launch choosing
+    /// the next set of experts, so that the sets cycle through every expert's rows
+    /// (more than the L2 cache holds).
+    fn moe_matvecs(&mut self, dtype: DType) -> Result<(String, Vec<Measurement>)> {
+        let mut rows = Vec::new();
+        for (n, k) in MOE_SHAPES {
+            // The down projection (more rows than columns) reads each slot's input.
+            let per_slot = n > k;
+            let weight = encoded_weight(dtype, MOE_EXPERTS * n, k)?;
+            let mut w = self.backend.alloc(weight.len())?;
+            self.backend
+                .upload_weight(&mut w, &weight, dtype, &[MOE_EXPERTS, n, k])?;
+            drop(weight);
+            let sets: Vec<CudaBuffer> = (0..MOE_EXPERTS / MOE_USED)
+                .map(|set| {
+                    let ids: Vec<u8> = (set * MOE_USED..(set + 1) * MOE_USED)
+                        .flat_map(|e| (e as i32).to_le_bytes())
+                        .collect();
+                    self.buffers(1, &ids).map(|mut b| b.remove(0))
+                })
+                .collect::<Result<_>>()?;
+            let x_rows = if per_slot { MOE_USED } else { 1 };
+            let x = self.buffers(1, &f32_pattern(x_rows * k))?;
+            let mut out = self.backend.alloc(4 * MOE_USED * n)?;
+            // The op's buffer ids are not read by the dispatch.
+            let op = kiln_core::ops::MoeMatMul {
+                x: kiln_core::BufferId(0),
+                ids: kiln_core::BufferId(1),
+                w: kiln_core::BufferId(2),
+                out: kiln_core::BufferId(3),
+                m: 1,
+                k: MOE_USED,
+                n_expert: MOE_EXPERTS,
+                rows: n,
+                cols: k,
+                per_slot,
+            };
+            let backend = self.backend;
+            let seconds = self.timer.time(backend, self.reps, |i| {
+                let ids = &sets[i % sets.len()];
+                kiln_cuda::ops::moe::moe_matmul(backend, &x[0], ids, &w, dtype, &mut out, &op)
+            })?;
+            rows.push(Measurement {
+                family: "moe_matvec",
+                label: format!("{MOE_USED} of {MOE_EXPERTS} x ({n} x {k})"),
+                bytes: moe_matvec_bytes(dtype, n, k, per_slot)?,
+                flops: 0.0,
+                seconds,
+            });
+        }
+        Ok((
+            format!("expert-routed mat-vec, 1 token, {dtype} experts (rows x cols each)"),
+            rows,
+        ))
     }
 
     /// The mat-mat family of an `n x k` weight of `dtype`: each row count of the sweep
@@ -881,6 +970,21 @@ mod tests {
             4096 * 16 * 144 + 128 * 36 + 4096 * 4
         );
         assert!(matvec_bytes(DType::Q4K, 1, 4096, 100, false).is_err());
+    }
+
+    #[test]
+    fn moe_matvec_bytes_count_the_used_experts_only() {
+        // 8 experts x 768 rows x 64 Q4_0 blocks of 18 bytes, 8 ids, one input row of
+        // 2048 f32, 8 x 768 f32 outputs.
+        assert_eq!(
+            moe_matvec_bytes(DType::Q4_0, 768, 2048, false).unwrap(),
+            7_077_888 + 32 + 8192 + 24_576
+        );
+        // The down projection reads one input row per slot.
+        assert_eq!(
+            moe_matvec_bytes(DType::Q4_0, 2048, 768, true).unwrap(),
+            8 * 2048 * 24 * 18 + 32 + 8 * 768 * 4 + 8 * 2048 * 4
+        );
     }
 
     #[test]

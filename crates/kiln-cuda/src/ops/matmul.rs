@@ -266,7 +266,7 @@ fn matvec_shared(dtype: DType, rows: u32, stages: u32) -> u32 {
 /// RESIDENT_SMALL_BELOW rows) and x fits RESIDENT_MAX_SHARED; else `matvec_packed` for
 /// packed dtypes; else the staged kernel, with 16-byte staging loads when rows are
 /// 16-byte multiples, else the block alignment.
-fn matvec_kernel(
+pub(crate) fn matvec_kernel(
     dtype: DType,
     m: usize,
     n: usize,
@@ -316,6 +316,31 @@ fn matvec_kernel(
         load,
         stages: matvec_stages(dtype, rows),
     }
+}
+
+/// Threads, weight rows and dynamic shared memory of a block of the mat-vec `kernel`
+/// over rows of `k` elements of `dtype` (`matvec_resident`: one row per warp, the grid
+/// then fitted to the device); `None` for the mat-mat kernels.
+pub(crate) fn matvec_block_shape(
+    dtype: DType,
+    kernel: MatMulKernel,
+    k: usize,
+) -> Option<(u32, u32, u32)> {
+    Some(match kernel {
+        MatMulKernel::MatVec { rows, stages, .. } => {
+            (MATVEC_THREADS, rows, matvec_shared(dtype, rows, stages))
+        }
+        MatMulKernel::MatVecPacked { m_tier, rows, .. } => (
+            MATVEC_THREADS,
+            rows * MATVEC_THREADS / 32,
+            packed_shared(dtype, m_tier),
+        ),
+        // At most RESIDENT_MAX_SHARED where matvec_kernel picks it.
+        MatMulKernel::MatVecResident { threads, .. } => {
+            (threads, threads / 32, resident_shared(dtype, k) as u32)
+        }
+        MatMulKernel::MatMat | MatMulKernel::Gemm => return None,
+    })
 }
 
 /// The specialisation of `kernel` for weights of `dtype`.
@@ -385,42 +410,47 @@ pub(crate) fn resident_kernels() -> Vec<(DType, MatMulKernel)> {
     kernels
 }
 
-/// Every matmul specialisation: for each weight dtype, each mat-vec tier with both
-/// staging widths (packed dtypes: both plane alignments), the mat-mat kernel and the
-/// weight decoder of the cuBLASLt path.
+/// The `matvec_packed` (packed dtypes: both plane alignments) or staged mat-vec
+/// kernels (both staging widths) of `dtype` for `m_tier` activation rows.
+pub(crate) fn streaming_kernels(dtype: DType, m_tier: u32) -> Vec<MatMulKernel> {
+    if packing::is_packed(dtype) {
+        return [true, false]
+            .map(|aligned| MatMulKernel::MatVecPacked {
+                m_tier,
+                rows: packed_rows(dtype, m_tier),
+                aligned,
+            })
+            .to_vec();
+    }
+    let rows = matvec_rows(dtype, m_tier);
+    let stages = matvec_stages(dtype, rows);
+    let mut kernels = Vec::new();
+    for load in [16, block_alignment(dtype)] {
+        let k = MatMulKernel::MatVec {
+            m_tier,
+            rows,
+            load,
+            stages,
+        };
+        if !kernels.contains(&k) {
+            kernels.push(k);
+        }
+    }
+    kernels
+}
+
+/// Every matmul specialisation: for each weight dtype, each mat-vec tier (and the
+/// resident kernels), the mat-mat kernel and the weight decoder of the cuBLASLt path.
 pub(crate) fn all_specs() -> Vec<KernelSpec> {
     let mut kernels = Vec::new();
     for dtype in WEIGHT_DTYPES {
+        kernels.extend(resident_kernels().into_iter().filter(|&(d, _)| d == dtype));
         for m_tier in M_TIERS {
-            if packing::is_packed(dtype) {
-                if m_tier == 1 {
-                    kernels.extend(resident_kernels().into_iter().filter(|&(d, _)| d == dtype));
-                }
-                for aligned in [true, false] {
-                    kernels.push((
-                        dtype,
-                        MatMulKernel::MatVecPacked {
-                            m_tier,
-                            rows: packed_rows(dtype, m_tier),
-                            aligned,
-                        },
-                    ));
-                }
-                continue;
-            }
-            let rows = matvec_rows(dtype, m_tier);
-            let stages = matvec_stages(dtype, rows);
-            for load in [16, block_alignment(dtype)] {
-                let k = MatMulKernel::MatVec {
-                    m_tier,
-                    rows,
-                    load,
-                    stages,
-                };
-                if !kernels.contains(&(dtype, k)) {
-                    kernels.push((dtype, k));
-                }
-            }
+            kernels.extend(
+                streaming_kernels(dtype, m_tier)
+                    .into_iter()
+                    .map(|k| (dtype, k)),
+            );
         }
         kernels.push((dtype, MatMulKernel::MatMat));
         kernels.push((dtype, MatMulKernel::Gemm));
@@ -571,28 +601,10 @@ impl MatMulArgs {
         let (kernel, launch_config) = if self.m <= MATVEC_MAX_ROWS {
             let q8 = self.x_q8_bytes.is_some();
             let kernel = matvec_kernel(self.weight, self.m, self.n, self.k, row_bytes, q8);
-            let (threads, rows_per_block, shared) = match kernel {
-                MatMulKernel::MatVec { rows, stages, .. } => (
-                    MATVEC_THREADS,
-                    rows,
-                    matvec_shared(self.weight, rows, stages),
-                ),
-                MatMulKernel::MatVecPacked { m_tier, rows, .. } => (
-                    MATVEC_THREADS,
-                    rows * MATVEC_THREADS / 32,
-                    packed_shared(self.weight, m_tier),
-                ),
-                // One row per warp; `matmul` fits the grid to the device.
-                MatMulKernel::MatVecResident { threads, .. } => (
-                    threads,
-                    threads / 32,
-                    // At most RESIDENT_MAX_SHARED.
-                    resident_shared(self.weight, self.k) as u32,
-                ),
-                MatMulKernel::MatMat | MatMulKernel::Gemm => {
-                    unreachable!("matvec_kernel returns a mat-vec kernel")
-                }
-            };
+            let (threads, rows_per_block, shared) = matvec_block_shape(self.weight, kernel, self.k)
+                .ok_or_else(|| {
+                    Error::invalid(OP, "the mat-vec choice returned a mat-mat kernel")
+                })?;
             let blocks = grid_dim(
                 OP,
                 "n",

@@ -1,12 +1,17 @@
 //! Dispatch for [`kiln_core::ops::MoeRouter`] and [`kiln_core::ops::MoeCombine`]
-//! (kernels/moe.cu). [`kiln_core::ops::MoeMatMul`] has no kernel yet.
+//! (kernels/moe.cu) and [`kiln_core::ops::MoeMatMul`], whose expert-routed mat-vec
+//! kernels are the mat-vec kernels' routed forms (kernels/matvec.cu's `moe_matvec` and
+//! `moe_matvec_packed`).
 
 use cudarc::driver::LaunchConfig;
 use kiln_core::ops::Gating;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
-use super::common::{config, grid_dim, launch, MAX_GRID_X};
-use super::{check_bytes, check_nonzero, count, grid_1d, to_u32};
+use super::common::{
+    allow_dynamic_shared, config, grid_dim, launch, weight_tag, MAX_GRID_X, MAX_GRID_YZ,
+};
+use super::matmul::{self, MatMulKernel, MATVEC};
+use super::{check_bytes, check_nonzero, check_packed, count, grid_1d, to_u32};
 use crate::family::Family;
 use crate::launch::KernelArgs;
 use crate::registry::{KernelSource, KernelSpec};
@@ -51,13 +56,53 @@ pub fn combine_spec() -> KernelSpec {
     )
 }
 
-/// Every specialisation of the family.
+/// The expert-routed form of the one-row mat-vec `kernel` (`MatVec` or
+/// `MatVecPacked` of tier 1) for weights of `dtype`.
+pub fn matmul_spec(dtype: DType, kernel: MatMulKernel) -> Result<KernelSpec> {
+    let tag = weight_tag(MATMUL_OP, dtype)?;
+    match kernel {
+        MatMulKernel::MatVec {
+            m_tier: 1,
+            rows,
+            load,
+            stages,
+        } => Ok(MATVEC.spec(
+            format!("moe_matvec|w={dtype}|rows={rows}|load={load}|stages={stages}"),
+            format!("kiln::moe_matvec<{tag}, {rows}, {load}, {stages}>"),
+        )),
+        MatMulKernel::MatVecPacked {
+            m_tier: 1,
+            rows,
+            aligned,
+        } => Ok(MATVEC.spec(
+            format!(
+                "moe_matvec_packed|w={dtype}|rows={rows}|aligned={}",
+                u8::from(aligned)
+            ),
+            format!("kiln::moe_matvec_packed<{tag}, {rows}, {aligned}>"),
+        )),
+        other => Err(Error::invalid(
+            MATMUL_OP,
+            format!("no expert-routed form of the kernel {other:?}"),
+        )),
+    }
+}
+
+/// Every specialisation of the family, and the expert-routed mat-vecs of every weight
+/// dtype.
 pub(crate) fn all_specs() -> Vec<KernelSpec> {
-    vec![
+    let mut specs = vec![
         router_spec(Gating::Softmax),
         router_spec(Gating::Sigmoid),
         combine_spec(),
-    ]
+    ];
+    for dtype in kiln_core::ops::WEIGHT_DTYPES {
+        for kernel in matmul::streaming_kernels(dtype, 1) {
+            // Every weight dtype has a tag and every tier-1 kernel a routed form.
+            specs.extend(matmul_spec(dtype, kernel).ok());
+        }
+    }
+    specs
 }
 
 /// Errors unless `k <= n_expert <= MAX_EXPERTS`.
@@ -271,5 +316,198 @@ pub fn moe_combine(
     // weights, const float* residual, const float* shared, const float* shared_gate,
     // float* out, u64 len, u32 k, u32 n)`; every present buffer holds its elements
     // (checked), absent ones are null, and the grid strides over the m * n outputs.
+    unsafe { launch(&kernel, &mut args, plan.config) }
+}
+
+const MATMUL_OP: &str = "moe_matmul";
+
+/// An expert-routed product's shape, weight dtype and operand sizes in bytes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MoeMatMulArgs {
+    pub weight: DType,
+    pub m: usize,
+    pub k: usize,
+    pub n_expert: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub per_slot: bool,
+    pub x_bytes: usize,
+    pub ids_bytes: usize,
+    pub w_bytes: usize,
+    /// The dtype and row length the weight buffer was packed for
+    /// ([`CudaBuffer::packed`]); packed dtypes need `Some((weight, cols))`.
+    pub w_packed: Option<(DType, usize)>,
+    pub out_bytes: usize,
+}
+
+/// A checked expert-routed product launch.
+#[derive(Clone, Debug)]
+pub struct MoeMatMulPlan {
+    pub kernel: MatMulKernel,
+    pub spec: KernelSpec,
+    pub config: LaunchConfig,
+    k: u32,
+    per_slot: u32,
+    n_expert: u32,
+    rows: u32,
+    cols: u32,
+    row_bytes: u64,
+}
+
+impl MoeMatMulArgs {
+    /// The arguments of `op` in `graph`, its weight uploaded with `upload_weight`.
+    pub fn of_op(graph: &kiln_core::Graph, op: &kiln_core::ops::MoeMatMul) -> Result<Self> {
+        let bytes = |id| graph.desc(id).map(|d| d.bytes());
+        let weight = graph.desc(op.w)?.dtype;
+        Ok(Self {
+            weight,
+            m: op.m,
+            k: op.k,
+            n_expert: op.n_expert,
+            rows: op.rows,
+            cols: op.cols,
+            per_slot: op.per_slot,
+            x_bytes: bytes(op.x)?,
+            ids_bytes: bytes(op.ids)?,
+            w_bytes: bytes(op.w)?,
+            w_packed: Some((weight, op.cols)),
+            out_bytes: bytes(op.out)?,
+        })
+    }
+
+    /// Checks non-zero sizes, `k <= n_expert`, a weight dtype whose blocks divide
+    /// `cols`, and buffers of `[n_expert, rows, cols]` weights (in the planes layout for
+    /// packed dtypes), `[m, k]` I32 ids, F32 `x` of `[m, k, cols]` (`per_slot`) or
+    /// `[m, cols]` and F32 `out` of `[m, k, rows]`; `m * k` slots within the grid. Picks
+    /// the one-row mat-vec the dense product of `rows` rows would run, routed.
+    pub fn check(&self) -> Result<MoeMatMulPlan> {
+        const OP: &str = MATMUL_OP;
+        check_nonzero(
+            OP,
+            &[
+                ("m", self.m),
+                ("k", self.k),
+                ("n_expert", self.n_expert),
+                ("rows", self.rows),
+                ("cols", self.cols),
+            ],
+        )?;
+        if self.k > self.n_expert {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "k = {} experts per token exceeds n_expert = {}",
+                    self.k, self.n_expert
+                ),
+            ));
+        }
+        weight_tag(OP, self.weight)?;
+        let bs = self.weight.block_size();
+        if self.cols % bs != 0 {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "cols {} is not a multiple of {}'s block size {bs}",
+                    self.cols, self.weight
+                ),
+            ));
+        }
+        let weight_elements = count(OP, &[self.n_expert, self.rows, self.cols])?;
+        check_bytes(OP, "w", self.w_bytes, self.weight, weight_elements)?;
+        check_packed(OP, "w", self.weight, self.cols, self.w_packed)?;
+        let slots = count(OP, &[self.m, self.k])?;
+        check_bytes(OP, "ids", self.ids_bytes, DType::I32, slots)?;
+        let x_rows = if self.per_slot { slots } else { self.m };
+        check_bytes(
+            OP,
+            "x",
+            self.x_bytes,
+            DType::F32,
+            count(OP, &[x_rows, self.cols])?,
+        )?;
+        check_bytes(
+            OP,
+            "out",
+            self.out_bytes,
+            DType::F32,
+            count(OP, &[slots, self.rows])?,
+        )?;
+        let row_bytes = self.weight.bytes_for(self.cols)?;
+        let kernel = matmul::matvec_kernel(self.weight, 1, self.rows, self.cols, row_bytes, false);
+        let (threads, rows_per_block, shared) =
+            matmul::matvec_block_shape(self.weight, kernel, self.cols).ok_or_else(|| {
+                Error::invalid(OP, "the mat-vec choice returned a mat-mat kernel")
+            })?;
+        let blocks = grid_dim(
+            OP,
+            "rows",
+            self.rows.div_ceil(rows_per_block as usize),
+            MAX_GRID_X,
+        )?;
+        let slot_blocks = grid_dim(OP, "m * k", slots, MAX_GRID_YZ)?;
+        Ok(MoeMatMulPlan {
+            kernel,
+            spec: matmul_spec(self.weight, kernel)?,
+            config: config((blocks, slot_blocks, 1), threads, shared),
+            k: to_u32(OP, "k", self.k)?,
+            per_slot: u32::from(self.per_slot),
+            n_expert: to_u32(OP, "n_expert", self.n_expert)?,
+            rows: to_u32(OP, "rows", self.rows)?,
+            cols: to_u32(OP, "cols", self.cols)?,
+            row_bytes: row_bytes as u64,
+        })
+    }
+}
+
+/// The expert-routed product of [`kiln_core::ops::MoeMatMul`] `op` (its buffer ids are
+/// not read) into `out`, for weights `w` of `dtype` stacked `[n_expert, rows, cols]`.
+/// Each slot's product is the one-row mat-vec of its expert's slice, in f32; a slot
+/// whose expert id is outside `0..n_expert` gets NaN outputs (the device cannot stop
+/// the graph; the CPU reference returns an error).
+pub fn moe_matmul(
+    backend: &CudaBackend,
+    x: &CudaBuffer,
+    ids: &CudaBuffer,
+    w: &CudaBuffer,
+    dtype: DType,
+    out: &mut CudaBuffer,
+    op: &kiln_core::ops::MoeMatMul,
+) -> Result<()> {
+    let plan = MoeMatMulArgs {
+        weight: dtype,
+        m: op.m,
+        k: op.k,
+        n_expert: op.n_expert,
+        rows: op.rows,
+        cols: op.cols,
+        per_slot: op.per_slot,
+        x_bytes: x.bytes(),
+        ids_bytes: ids.bytes(),
+        w_bytes: w.bytes(),
+        w_packed: w.packed(),
+        out_bytes: out.bytes(),
+    }
+    .check()?;
+    let kernel = backend.kernel(&plan.spec)?;
+    allow_dynamic_shared(&kernel, &plan.config)?;
+    let mut args = KernelArgs::new(backend);
+    args.arg(w.slice())
+        .arg(ids.slice())
+        .arg(x.slice())
+        .arg(out.slice_mut())
+        .arg(&plan.k)
+        .arg(&plan.per_slot)
+        .arg(&plan.n_expert)
+        .arg(&plan.rows)
+        .arg(&plan.cols)
+        .arg(&plan.row_bytes);
+    // SAFETY: the arguments match `kiln::moe_matvec<W, ROWS, LOAD, STAGES>` and
+    // `kiln::moe_matvec_packed<W, R, ALIGNED>`: (const u8* w, const int* ids, const
+    // float* x, float* out, u32 k, u32 per_slot, u32 n_expert, u32 rows, u32 cols, u64
+    // row_bytes). w holds n_expert * rows rows of row_bytes (checked, packed as the
+    // kernel reads them), ids m * k ids, x the slots' or tokens' rows of cols, out m * k
+    // rows of `rows`; grid y is the m * k slots, grid x and the shared memory the
+    // mat-vec's for `rows` rows; a kernel reads a weight slice only for an id in
+    // 0..n_expert.
     unsafe { launch(&kernel, &mut args, plan.config) }
 }
