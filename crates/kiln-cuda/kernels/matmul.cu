@@ -41,17 +41,19 @@ __device__ __forceinline__ u32 word_at(const u16* tile, u32 r, u32 c) {
     return *reinterpret_cast<const u32*>(tile + r * MM_STRIDE + c);
 }
 
-// Launched serialized (src/ops/matmul.rs), so it does not chain (common.cuh): stream
-// order alone puts it after the kernels before it, and x keeps its read-only loads.
+// The 64 x 64 output tile of block column blockIdx.x: x_rows[r] is the row of x that
+// tile row r reads and out_rows[r] the row of out it writes (-1: none; rows of x and
+// out are k and n elements long), both in shared memory.
 template <typename W>
-__global__ void __launch_bounds__(MM_THREADS)
-    matmul(const u8* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
-           float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
+__device__ __forceinline__ void matmul_tile(const u8* __restrict__ w,
+                                            const float* __restrict__ x,
+                                            const float* __restrict__ bias,
+                                            float* __restrict__ out, const int* x_rows,
+                                            const int* out_rows, u32 n, u32 k, u64 row_bytes) {
     __shared__ __align__(16) u16 xs[MM_BM * MM_STRIDE];
     __shared__ __align__(16) u16 ws[MM_BN * MM_STRIDE];
 
     const u32 n0 = blockIdx.x * MM_BN;
-    const u32 m0 = blockIdx.y * MM_BM;
     const u32 lane = threadIdx.x & 31u;
     const u32 warp = threadIdx.x >> 5;
     const u32 wm = (warp >> 1) * 32;  // the warp's rows within the block tile
@@ -75,9 +77,10 @@ __global__ void __launch_bounds__(MM_THREADS)
             const u32 idx = i * MM_THREADS + threadIdx.x;
             const u32 r = idx / (MM_BK / 4);
             const u32 c = (idx % (MM_BK / 4)) * 4;
-            const u32 row = m0 + r, col = k0 + c;
+            const int row = x_rows[r];
+            const u32 col = k0 + c;
             float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (row < m) {
+            if (row >= 0) {
                 const float* xr = x + (u64)row * k + col;
                 if (x_vector && col + 4 <= k) {
                     const float4 f = *reinterpret_cast<const float4*>(xr);
@@ -142,14 +145,68 @@ __global__ void __launch_bounds__(MM_THREADS)
         for (u32 j = 0; j < 4; ++j) {
 #pragma unroll
             for (u32 c = 0; c < 4; ++c) {
-                const u32 row = m0 + wm + 16 * i + g + (c >= 2 ? 8 : 0);
+                const int row = out_rows[wm + 16 * i + g + (c >= 2 ? 8 : 0)];
                 const u32 col = n0 + wn + 8 * j + 2 * q + (c & 1);
-                if (row < m && col < n) {
+                if (row >= 0 && col < n) {
                     out[(u64)row * n + col] = bias ? acc[i][j][c] + bias[col] : acc[i][j][c];
                 }
             }
         }
     }
+}
+
+// Launched serialized (src/ops/matmul.rs), so it does not chain (common.cuh): stream
+// order alone puts it after the kernels before it, and x keeps its read-only loads.
+// Block (bx, by) computes rows 64 by .. of out, columns 64 bx ..
+template <typename W>
+__global__ void __launch_bounds__(MM_THREADS)
+    matmul(const u8* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
+           float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
+    __shared__ int rows[MM_BM];
+    if (threadIdx.x < MM_BM) {
+        const u32 row = blockIdx.y * MM_BM + threadIdx.x;
+        rows[threadIdx.x] = row < m ? (int)row : -1;
+    }
+    __syncthreads();
+    matmul_tile<W>(w, x, bias, out, rows, rows, n, k, row_bytes);
+}
+
+// The expert-routed mat-mat (kiln_core::ops::MoeMatMul) for many tokens, in two
+// launches, both serialized:
+//
+// moe_group (one block of MOE_GROUP_THREADS): sorts the m * k slots by expert into
+// `order` (counts per expert, their prefix sums, then each slot placed with an atomic
+// cursor; the order within an expert does not change any output, as every output row
+// is computed alone) and cuts each expert's run into tiles of at most MM_BM slots:
+// tile t is tiles[3t .. 3t + 3) = (expert, first index in order, slots), and the
+// tiles past the last have expert -1. A slot whose id is outside 0..n_expert joins no
+// tile; its `rows` outputs are set to NaN here.
+//
+// moe_matmul: block (bx, t) computes columns 64 bx .. of tile t's slots as matmul does,
+// with the weight slice of the tile's expert: tile row r is slot s = order[first + r],
+// reading x row s (per_slot) or s / k (its token) and writing out row s.
+template <typename W>
+__global__ void __launch_bounds__(MM_THREADS)
+    moe_matmul(const u8* __restrict__ w, const int* __restrict__ order,
+               const int* __restrict__ tiles, const float* __restrict__ x,
+               float* __restrict__ out, u32 k, u32 per_slot, u32 rows, u32 cols,
+               u64 row_bytes) {
+    const int* tile = tiles + 3 * blockIdx.y;
+    const int expert = tile[0];
+    if (expert < 0) {
+        return;  // past the last tile: the whole block
+    }
+    __shared__ int x_rows[MM_BM];
+    __shared__ int out_rows[MM_BM];
+    if (threadIdx.x < MM_BM) {
+        const int r = (int)threadIdx.x;
+        const int slot = r < tile[2] ? order[tile[1] + r] : -1;
+        out_rows[r] = slot;
+        x_rows[r] = slot < 0 ? -1 : (per_slot ? slot : slot / (int)k);
+    }
+    __syncthreads();
+    matmul_tile<W>(w + (u64)expert * rows * row_bytes, x, nullptr, out, x_rows, out_rows, rows,
+                   cols, row_bytes);
 }
 
 // Decodes the n x k weight w (rows of row_bytes bytes, any weight format, in the layout

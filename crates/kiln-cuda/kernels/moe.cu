@@ -10,6 +10,9 @@
 //
 // moe_combine: one thread per output element, summing in the definition's order:
 // residual, slots 0..k, the shared expert times the sigmoid of its gate.
+//
+// moe_group: the first launch of the expert-routed mat-mat (described with its
+// second, moe_matmul, in matmul.cu).
 #include "reduce.cuh"
 
 namespace kiln {
@@ -131,6 +134,106 @@ __global__ void moe_combine(const float* __restrict__ y, const float* __restrict
             v += g * shared[idx];
         }
         out[idx] = v;
+    }
+}
+
+// The exclusive prefix sums over the block's threads of two counts (one pair per
+// thread, in thread order), and the totals; `scratch` holds 2 x 32 ints of shared
+// memory; the trailing barrier makes it free again.
+__device__ __forceinline__ void block_exclusive_scan2(int& a, int& b, int& total_a, int& total_b,
+                                                      int (*scratch)[32]) {
+    const u32 lane = threadIdx.x & 31u;
+    const u32 warp = threadIdx.x >> 5;
+    int ia = a, ib = b;  // inclusive within the warp
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const int ua = __shfl_up_sync(0xffffffffu, ia, offset);
+        const int ub = __shfl_up_sync(0xffffffffu, ib, offset);
+        if ((int)lane >= offset) {
+            ia += ua;
+            ib += ub;
+        }
+    }
+    if (lane == 31) {
+        scratch[0][warp] = ia;
+        scratch[1][warp] = ib;
+    }
+    __syncthreads();
+    const u32 warps = blockDim.x >> 5;
+    int before_a = 0, before_b = 0;
+    total_a = 0;
+    total_b = 0;
+    for (u32 w = 0; w < warps; ++w) {
+        if (w < warp) {
+            before_a += scratch[0][w];
+            before_b += scratch[1][w];
+        }
+        total_a += scratch[0][w];
+        total_b += scratch[1][w];
+    }
+    a = before_a + ia - a;
+    b = before_b + ib - b;
+    __syncthreads();
+}
+
+// Launched serialized, one block of MOE_GROUP_THREADS with 8 * n_expert bytes of
+// dynamic shared memory. ids: the m * k = `slots` expert ids; order: `slots` ints;
+// tiles: 3 * max_tiles ints, max_tiles at least the tiles needed (the dispatch's bound);
+// out: the product's [slots, rows] output, whose rows of invalid ids get NaN.
+__global__ void __launch_bounds__(MOE_GROUP_THREADS)
+    moe_group(const int* __restrict__ ids, int* __restrict__ order, int* __restrict__ tiles,
+              float* __restrict__ out, u32 slots, u32 n_expert, u32 rows, u32 max_tiles) {
+    extern __shared__ int counts[];  // n_expert counts (then cursors), n_expert offsets
+    int* offsets = counts + n_expert;
+    __shared__ int scratch[2][32];
+    for (u32 e = threadIdx.x; e < n_expert; e += blockDim.x) {
+        counts[e] = 0;
+    }
+    __syncthreads();
+    for (u32 s = threadIdx.x; s < slots; s += blockDim.x) {
+        const int id = ids[s];
+        if (id >= 0 && (u32)id < n_expert) {
+            atomicAdd(&counts[id], 1);
+        }
+    }
+    __syncthreads();
+    // Each thread takes a run of consecutive experts.
+    const u32 per = (n_expert + blockDim.x - 1) / blockDim.x;
+    const u32 e0 = min(threadIdx.x * per, n_expert), e1 = min(e0 + per, n_expert);
+    int first = 0, tile = 0;
+    for (u32 e = e0; e < e1; ++e) {
+        first += counts[e];
+        tile += (counts[e] + (int)MM_BM - 1) / (int)MM_BM;
+    }
+    int total_slots, total_tiles;
+    block_exclusive_scan2(first, tile, total_slots, total_tiles, scratch);
+    for (u32 e = e0; e < e1; ++e) {
+        const int c = counts[e];
+        offsets[e] = first;
+        for (int j = 0; j < c; j += (int)MM_BM, ++tile) {
+            tiles[3 * tile] = (int)e;
+            tiles[3 * tile + 1] = first + j;
+            tiles[3 * tile + 2] = min((int)MM_BM, c - j);
+        }
+        first += c;
+    }
+    for (u32 t = (u32)total_tiles + threadIdx.x; t < max_tiles; t += blockDim.x) {
+        tiles[3 * t] = -1;
+    }
+    __syncthreads();
+    for (u32 e = threadIdx.x; e < n_expert; e += blockDim.x) {
+        counts[e] = 0;
+    }
+    __syncthreads();
+    for (u32 s = threadIdx.x; s < slots; s += blockDim.x) {
+        const int id = ids[s];
+        if (id >= 0 && (u32)id < n_expert) {
+            order[offsets[id] + atomicAdd(&counts[id], 1)] = (int)s;
+        } else {
+            for (u32 r = 0; r < rows; ++r) {
+                out[(u64)s * rows + r] = __int_as_float(0x7fffffff);
+            }
+        }
     }
 }
 

@@ -57,6 +57,7 @@ pub struct CudaBackend {
     resident_warps: ops::matmul::ResidentWarps,
     gemm: ops::matmul::Gemm,
     gemm_min_rows: AtomicUsize,
+    moe_routing: ops::moe::Routing,
     programmatic_launch: AtomicBool,
     fuse_norms: AtomicBool,
     cuda_graphs: AtomicBool,
@@ -142,6 +143,7 @@ impl CudaBackend {
             resident_warps: ops::matmul::ResidentWarps::default(),
             gemm: ops::matmul::Gemm::default(),
             gemm_min_rows: AtomicUsize::new(gemm_min_rows),
+            moe_routing: ops::moe::Routing::default(),
             programmatic_launch: AtomicBool::new(programmatic_launch),
             fuse_norms: AtomicBool::new(fuse_norms),
             cuda_graphs: AtomicBool::new(cuda_graphs),
@@ -233,6 +235,11 @@ impl CudaBackend {
     }
 
     /// How many warps of each resident mat-vec launch shape fit the device at once.
+    /// The grouped expert-routed mat-mat's scratch lists.
+    pub(crate) fn moe_routing(&self) -> &ops::moe::Routing {
+        &self.moe_routing
+    }
+
     pub(crate) fn resident_warps(&self) -> &ops::matmul::ResidentWarps {
         &self.resident_warps
     }

@@ -35,6 +35,8 @@ shared_constants! {
     MM_THREADS = 128;
     MM_BM = 64;
     MM_BN = 64;
+    /// Threads of the one block that groups an expert-routed mat-mat's slots by expert.
+    MOE_GROUP_THREADS = 1024;
     /// Warps per block of the flash-attention kernel (16 query rows each), cache rows
     /// per K and V tile for head dimensions up to 128 and for 256, and elements of
     /// padding after each row of a shared tile.

@@ -115,9 +115,11 @@ fn specs_for_op(op: &Op, graph: &Graph) -> Result<Vec<KernelSpec>> {
         Op::Sample(s) => Ok(ops::sample::spec_for(&s.params)),
         Op::MoeRouter(r) => Ok(ops::moe::router_spec(r.gating)),
         Op::MoeCombine(_) => Ok(ops::moe::combine_spec()),
-        Op::MoeMatMul(m) => ops::moe::MoeMatMulArgs::of_op(graph, m)?
-            .check()
-            .map(|plan| plan.spec),
+        Op::MoeMatMul(m) => {
+            return ops::moe::MoeMatMulArgs::of_op(graph, m)?
+                .check()
+                .map(|plan| plan.specs());
+        }
         Op::CausalConv1d(_) => Ok(ops::delta_net::conv_spec()),
         Op::GatedDeltaNet(_) => Ok(ops::delta_net::delta_spec()),
         Op::GatedRmsNorm(_) => Ok(ops::delta_net::norm_spec(true)),

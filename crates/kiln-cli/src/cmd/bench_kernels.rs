@@ -19,10 +19,12 @@
 //!   `--matmat-formats`, on the path the backend picks or on each path forced
 //!   (`--matmat-paths`); products of up to 8 rows of block formats read x's Q8_1 copy,
 //!   as decode graphs give it.
-//! - Expert-routed mat-vec: GB/s of the bytes one decode token's product reads and
-//!   writes (its 8 experts' rows of 128 stacked, ids, input, output) at Qwen3-30B-A3B's
-//!   expert shapes ([`MOE_SHAPES`]), for the formats of `--moe-formats`; each launch
-//!   takes the next 8 experts, so that they come from memory, not the L2 cache.
+//! - Expert-routed products at Qwen3-30B-A3B's expert shapes ([`MOE_SHAPES`]), for the
+//!   formats of `--moe-formats`: one decode token (GB/s of the bytes it reads and
+//!   writes: its 8 experts' rows of 128 stacked, ids, input, output; each launch takes
+//!   the next 8 experts, so that they come from memory, not the L2 cache) and a
+//!   512-token prompt chunk spread evenly over the experts (TFLOP/s of its 8 experts'
+//!   products per token).
 //! - Sampling (temperature, top-k, top-p, min-p and the draw): microseconds per row
 //!   and GB/s of the logits read, at 128256 and 151936 tokens, for llama.cpp's
 //!   defaults, a wide nucleus, min-p alone, temperature alone and greedy, one row and
@@ -166,6 +168,9 @@ pub const MOE_SHAPES: [(usize, usize); 2] = [(768, 2048), (2048, 768)];
 /// Experts of the expert-routed mat-vec measurements, and the experts a token uses.
 pub const MOE_EXPERTS: usize = 128;
 pub const MOE_USED: usize = 8;
+
+/// Tokens of the expert-routed mat-mat measurement (a prompt chunk).
+pub const MOE_PROMPT_TOKENS: usize = 512;
 
 /// Bytes one decode token's expert-routed mat-vec moves: the rows of its `MOE_USED`
 /// experts (`rows x cols` of `dtype` each), its ids, its input (one row, or one per
@@ -630,47 +635,81 @@ impl Bench<'_> {
             self.backend
                 .upload_weight(&mut w, &weight, dtype, &[MOE_EXPERTS, n, k])?;
             drop(weight);
-            let sets: Vec<CudaBuffer> = (0..MOE_EXPERTS / MOE_USED)
-                .map(|set| {
-                    let ids: Vec<u8> = (set * MOE_USED..(set + 1) * MOE_USED)
-                        .flat_map(|e| (e as i32).to_le_bytes())
-                        .collect();
-                    self.buffers(1, &ids).map(|mut b| b.remove(0))
-                })
-                .collect::<Result<_>>()?;
-            let x_rows = if per_slot { MOE_USED } else { 1 };
-            let x = self.buffers(1, &f32_pattern(x_rows * k))?;
-            let mut out = self.backend.alloc(4 * MOE_USED * n)?;
-            // The op's buffer ids are not read by the dispatch.
-            let op = kiln_core::ops::MoeMatMul {
-                x: kiln_core::BufferId(0),
-                ids: kiln_core::BufferId(1),
-                w: kiln_core::BufferId(2),
-                out: kiln_core::BufferId(3),
-                m: 1,
-                k: MOE_USED,
-                n_expert: MOE_EXPERTS,
-                rows: n,
-                cols: k,
-                per_slot,
-            };
-            let backend = self.backend;
-            let seconds = self.timer.time(backend, self.reps, |i| {
-                let ids = &sets[i % sets.len()];
-                kiln_cuda::ops::moe::moe_matmul(backend, &x[0], ids, &w, dtype, &mut out, &op)
-            })?;
-            rows.push(Measurement {
-                family: "moe_matvec",
-                label: format!("{MOE_USED} of {MOE_EXPERTS} x ({n} x {k})"),
-                bytes: moe_matvec_bytes(dtype, n, k, per_slot)?,
-                flops: 0.0,
-                seconds,
-            });
+            for m in [1, MOE_PROMPT_TOKENS] {
+                let seconds = self.timed_moe_matmul(dtype, &w, m, n, k, per_slot)?;
+                let slots = m * MOE_USED;
+                rows.push(if m == 1 {
+                    Measurement {
+                        family: "moe_matvec",
+                        label: format!("{MOE_USED} of {MOE_EXPERTS} x ({n} x {k})"),
+                        bytes: moe_matvec_bytes(dtype, n, k, per_slot)?,
+                        flops: 0.0,
+                        seconds,
+                    }
+                } else {
+                    Measurement {
+                        family: "moe_matmat",
+                        label: format!("{m} tokens, {MOE_USED} of {MOE_EXPERTS} x ({n} x {k})"),
+                        bytes: 0,
+                        flops: matmul_flops(slots, n, k),
+                        seconds,
+                    }
+                });
+            }
         }
         Ok((
-            format!("expert-routed mat-vec, 1 token, {dtype} experts (rows x cols each)"),
+            format!("expert-routed products, {dtype} experts (rows x cols each)"),
             rows,
         ))
+    }
+
+    /// Seconds of one expert-routed product of `m` tokens over `weight` (`MOE_EXPERTS`
+    /// stacked `n x k` experts of `dtype`): each launch's tokens take the next
+    /// `MOE_USED` experts (token t of launch i: experts (i + t) * MOE_USED ..), so that
+    /// one token's experts cycle through every expert's rows and a prompt's tokens
+    /// spread evenly over the experts.
+    fn timed_moe_matmul(
+        &mut self,
+        dtype: DType,
+        weight: &CudaBuffer,
+        m: usize,
+        n: usize,
+        k: usize,
+        per_slot: bool,
+    ) -> Result<f64> {
+        let sets = MOE_EXPERTS / MOE_USED;
+        let ids: Vec<CudaBuffer> = (0..sets)
+            .map(|set| {
+                let ids: Vec<u8> = (0..m)
+                    .flat_map(|t| {
+                        let first = (set + t) % sets * MOE_USED;
+                        (first..first + MOE_USED).flat_map(|e| (e as i32).to_le_bytes())
+                    })
+                    .collect();
+                self.buffers(1, &ids).map(|mut b| b.remove(0))
+            })
+            .collect::<Result<_>>()?;
+        let x_rows = if per_slot { m * MOE_USED } else { m };
+        let x = self.buffers(1, &f32_pattern(x_rows * k))?;
+        let mut out = self.backend.alloc(4 * m * MOE_USED * n)?;
+        // The op's buffer ids are not read by the dispatch.
+        let op = kiln_core::ops::MoeMatMul {
+            x: kiln_core::BufferId(0),
+            ids: kiln_core::BufferId(1),
+            w: kiln_core::BufferId(2),
+            out: kiln_core::BufferId(3),
+            m,
+            k: MOE_USED,
+            n_expert: MOE_EXPERTS,
+            rows: n,
+            cols: k,
+            per_slot,
+        };
+        let backend = self.backend;
+        self.timer.time(backend, self.reps, |i| {
+            let ids = &ids[i % ids.len()];
+            kiln_cuda::ops::moe::moe_matmul(backend, &x[0], ids, weight, dtype, &mut out, &op)
+        })
     }
 
     /// The mat-mat family of an `n x k` weight of `dtype`: each row count of the sweep

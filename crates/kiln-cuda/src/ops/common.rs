@@ -107,3 +107,28 @@ pub(crate) fn allow_dynamic_shared(kernel: &CudaKernel, config: &LaunchConfig) -
 }
 
 pub(crate) use crate::launch::launch;
+
+/// Errors when `backend`'s stream is being captured into a CUDA graph, in which the
+/// allocation of `bytes` of scratch memory that `what` of `op` needs cannot happen.
+pub(crate) fn check_not_capturing(
+    backend: &crate::CudaBackend,
+    op: &str,
+    what: &str,
+    bytes: usize,
+) -> Result<()> {
+    let status = backend
+        .stream()
+        .capture_status()
+        .map_err(|e| driver_error("asking whether the stream is being captured", e))?;
+    if status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "{what} needs {bytes} bytes of scratch memory, which cannot be allocated \
+                 while the stream is captured into a CUDA graph; run the product once before \
+                 capturing"
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -1,17 +1,23 @@
 //! Dispatch for [`kiln_core::ops::MoeRouter`] and [`kiln_core::ops::MoeCombine`]
-//! (kernels/moe.cu) and [`kiln_core::ops::MoeMatMul`], whose expert-routed mat-vec
-//! kernels are the mat-vec kernels' routed forms (kernels/matvec.cu's `moe_matvec` and
-//! `moe_matvec_packed`).
+//! (kernels/moe.cu) and [`kiln_core::ops::MoeMatMul`]: for up to
+//! [`matmul::MATVEC_MAX_ROWS`] tokens the mat-vec kernels' routed forms
+//! (kernels/matvec.cu's `moe_matvec` and `moe_matvec_packed`, one slot per grid row),
+//! for more a grouped mat-mat on tensor cores (kernels/moe.cu's `moe_group` sorts the
+//! slots by expert, kernels/matmul.cu's `moe_matmul` multiplies each expert's tiles).
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use cudarc::driver::LaunchConfig;
 use kiln_core::ops::Gating;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
+use super::common::check_not_capturing;
 use super::common::{
     allow_dynamic_shared, config, grid_dim, launch, weight_tag, MAX_GRID_X, MAX_GRID_YZ,
 };
-use super::matmul::{self, MatMulKernel, MATVEC};
+use super::matmul::{self, MatMulKernel, MATMUL, MATVEC};
 use super::{check_bytes, check_nonzero, check_packed, count, grid_1d, to_u32};
+use crate::constants::{MM_BM, MM_BN, MM_THREADS, MOE_GROUP_THREADS};
 use crate::family::Family;
 use crate::launch::KernelArgs;
 use crate::registry::{KernelSource, KernelSpec};
@@ -88,19 +94,38 @@ pub fn matmul_spec(dtype: DType, kernel: MatMulKernel) -> Result<KernelSpec> {
     }
 }
 
-/// Every specialisation of the family, and the expert-routed mat-vecs of every weight
-/// dtype.
+/// The grouping launch of the grouped expert-routed mat-mat.
+pub fn group_spec() -> KernelSpec {
+    MOE.spec(
+        "moe_group|ids=i32".to_string(),
+        "kiln::moe_group".to_string(),
+    )
+}
+
+/// The grouped expert-routed mat-mat for weights of `dtype`.
+pub fn grouped_spec(dtype: DType) -> Result<KernelSpec> {
+    let tag = weight_tag(MATMUL_OP, dtype)?;
+    Ok(MATMUL.spec(
+        format!("moe_matmul|w={dtype}"),
+        format!("kiln::moe_matmul<{tag}>"),
+    ))
+}
+
+/// Every specialisation of the family, and the expert-routed mat-vecs and grouped
+/// mat-mats of every weight dtype.
 pub(crate) fn all_specs() -> Vec<KernelSpec> {
     let mut specs = vec![
         router_spec(Gating::Softmax),
         router_spec(Gating::Sigmoid),
         combine_spec(),
+        group_spec(),
     ];
     for dtype in kiln_core::ops::WEIGHT_DTYPES {
         for kernel in matmul::streaming_kernels(dtype, 1) {
             // Every weight dtype has a tag and every tier-1 kernel a routed form.
             specs.extend(matmul_spec(dtype, kernel).ok());
         }
+        specs.extend(grouped_spec(dtype).ok());
     }
     specs
 }
@@ -340,12 +365,28 @@ pub struct MoeMatMulArgs {
     pub out_bytes: usize,
 }
 
-/// A checked expert-routed product launch.
+/// Most experts the grouped mat-mat takes: two ints each fill at most 32 KiB of
+/// shared memory in its grouping launch. Above, every token count runs the mat-vec.
+pub const GROUP_MAX_EXPERTS: usize = 4096;
+
+/// Which kernels run an expert-routed product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoeMatMulKernel {
+    /// The routed form of this one-row mat-vec, one slot per grid row.
+    MatVec(MatMulKernel),
+    /// `moe_group`, then `moe_matmul` over at most `max_tiles` tiles of slots.
+    Grouped { max_tiles: u32 },
+}
+
+/// A checked expert-routed product launch: for the grouped mat-mat, `spec` and
+/// `config` are `moe_matmul`'s and `group` holds `moe_group`'s.
 #[derive(Clone, Debug)]
 pub struct MoeMatMulPlan {
-    pub kernel: MatMulKernel,
+    pub kernel: MoeMatMulKernel,
     pub spec: KernelSpec,
     pub config: LaunchConfig,
+    pub group: Option<(KernelSpec, LaunchConfig)>,
+    slots: u32,
     k: u32,
     per_slot: u32,
     n_expert: u32,
@@ -433,6 +474,40 @@ impl MoeMatMulArgs {
             count(OP, &[slots, self.rows])?,
         )?;
         let row_bytes = self.weight.bytes_for(self.cols)?;
+        let common = |kernel, spec, config, group| -> Result<MoeMatMulPlan> {
+            Ok(MoeMatMulPlan {
+                kernel,
+                spec,
+                config,
+                group,
+                slots: to_u32(OP, "m * k", slots)?,
+                k: to_u32(OP, "k", self.k)?,
+                per_slot: u32::from(self.per_slot),
+                n_expert: to_u32(OP, "n_expert", self.n_expert)?,
+                rows: to_u32(OP, "rows", self.rows)?,
+                cols: to_u32(OP, "cols", self.cols)?,
+                row_bytes: row_bytes as u64,
+            })
+        };
+        if self.m > matmul::MATVEC_MAX_ROWS && self.n_expert <= GROUP_MAX_EXPERTS {
+            // Each expert's run of slots needs ceil(count / MM_BM) tiles: at most one
+            // partial tile per expert that has slots.
+            let max_tiles = slots.div_ceil(MM_BM as usize) + self.n_expert.min(slots);
+            let tiles = grid_dim(OP, "tiles of slots", max_tiles, MAX_GRID_YZ)?;
+            let blocks = grid_dim(OP, "rows", self.rows.div_ceil(MM_BN as usize), MAX_GRID_X)?;
+            // At most 8 * GROUP_MAX_EXPERTS bytes.
+            let group_shared = (8 * self.n_expert) as u32;
+            let group = (
+                group_spec(),
+                config((1, 1, 1), MOE_GROUP_THREADS, group_shared),
+            );
+            return common(
+                MoeMatMulKernel::Grouped { max_tiles: tiles },
+                grouped_spec(self.weight)?,
+                config((blocks, tiles, 1), MM_THREADS, 0),
+                Some(group),
+            );
+        }
         let kernel = matmul::matvec_kernel(self.weight, 1, self.rows, self.cols, row_bytes, false);
         let (threads, rows_per_block, shared) =
             matmul::matvec_block_shape(self.weight, kernel, self.cols).ok_or_else(|| {
@@ -445,17 +520,64 @@ impl MoeMatMulArgs {
             MAX_GRID_X,
         )?;
         let slot_blocks = grid_dim(OP, "m * k", slots, MAX_GRID_YZ)?;
-        Ok(MoeMatMulPlan {
-            kernel,
-            spec: matmul_spec(self.weight, kernel)?,
-            config: config((blocks, slot_blocks, 1), threads, shared),
-            k: to_u32(OP, "k", self.k)?,
-            per_slot: u32::from(self.per_slot),
-            n_expert: to_u32(OP, "n_expert", self.n_expert)?,
-            rows: to_u32(OP, "rows", self.rows)?,
-            cols: to_u32(OP, "cols", self.cols)?,
-            row_bytes: row_bytes as u64,
-        })
+        common(
+            MoeMatMulKernel::MatVec(kernel),
+            matmul_spec(self.weight, kernel)?,
+            config((blocks, slot_blocks, 1), threads, shared),
+            None,
+        )
+    }
+}
+
+impl MoeMatMulPlan {
+    /// Every kernel the product launches, in order.
+    pub fn specs(&self) -> Vec<KernelSpec> {
+        let group = self.group.iter().map(|(spec, _)| spec.clone());
+        group.chain([self.spec.clone()]).collect()
+    }
+}
+
+/// The grouped mat-mat's scratch memory: the slots in expert order and the tile table,
+/// the newest (largest) of each last; earlier ones stay allocated for the executables
+/// recorded with them.
+#[derive(Default)]
+pub(crate) struct Routing {
+    lists: Mutex<RoutingLists>,
+}
+
+/// The routing lists of [`Routing`].
+#[derive(Default)]
+pub(crate) struct RoutingLists {
+    order: Vec<CudaBuffer>,
+    tiles: Vec<CudaBuffer>,
+}
+
+impl Routing {
+    /// The lists, locked for the caller, holding at least `order_bytes` and
+    /// `tiles_bytes` (allocated where missing; never while a graph is captured).
+    fn lists(
+        &self,
+        backend: &CudaBackend,
+        order_bytes: usize,
+        tiles_bytes: usize,
+    ) -> Result<MutexGuard<'_, RoutingLists>> {
+        let mut held = self.lists.lock().unwrap_or_else(PoisonError::into_inner);
+        let lists = &mut *held;
+        for (list, bytes) in [
+            (&mut lists.order, order_bytes),
+            (&mut lists.tiles, tiles_bytes),
+        ] {
+            if list.last().map_or(0, |b| b.bytes()) < bytes {
+                check_not_capturing(
+                    backend,
+                    MATMUL_OP,
+                    "the grouped expert-routed mat-mat",
+                    bytes,
+                )?;
+                list.push(kiln_core::Backend::alloc(backend, bytes)?);
+            }
+        }
+        Ok(held)
     }
 }
 
@@ -488,6 +610,9 @@ pub fn moe_matmul(
         out_bytes: out.bytes(),
     }
     .check()?;
+    if let MoeMatMulKernel::Grouped { max_tiles } = plan.kernel {
+        return grouped(backend, &plan, max_tiles, x, ids, w, out);
+    }
     let kernel = backend.kernel(&plan.spec)?;
     allow_dynamic_shared(&kernel, &plan.config)?;
     let mut args = KernelArgs::new(backend);
@@ -509,5 +634,71 @@ pub fn moe_matmul(
     // rows of `rows`; grid y is the m * k slots, grid x and the shared memory the
     // mat-vec's for `rows` rows; a kernel reads a weight slice only for an id in
     // 0..n_expert.
+    unsafe { launch(&kernel, &mut args, plan.config) }
+}
+
+/// The grouped mat-mat of a checked `plan`: `moe_group` into the backend's routing
+/// lists, then `moe_matmul` over the tiles.
+#[allow(clippy::too_many_arguments)] // the plan and the op's operands, each named
+fn grouped(
+    backend: &CudaBackend,
+    plan: &MoeMatMulPlan,
+    max_tiles: u32,
+    x: &CudaBuffer,
+    ids: &CudaBuffer,
+    w: &CudaBuffer,
+    out: &mut CudaBuffer,
+) -> Result<()> {
+    let Some((group_spec, group_config)) = &plan.group else {
+        return Err(Error::invalid(
+            MATMUL_OP,
+            "a grouped plan without its grouping launch",
+        ));
+    };
+    let mut lists =
+        backend
+            .moe_routing()
+            .lists(backend, 4 * plan.slots as usize, 12 * max_tiles as usize)?;
+    let lists = &mut *lists;
+    let (order, tiles) = (
+        lists.order.last_mut().expect("allocated by lists"),
+        lists.tiles.last_mut().expect("allocated by lists"),
+    );
+    let group = backend.kernel(group_spec)?;
+    let mut args = KernelArgs::new(backend);
+    args.arg(ids.slice())
+        .arg(order.slice_mut())
+        .arg(tiles.slice_mut())
+        .arg(out.slice_mut())
+        .arg(&plan.slots)
+        .arg(&plan.n_expert)
+        .arg(&plan.rows)
+        .arg(&max_tiles)
+        .serialized();
+    // SAFETY: the arguments match `kiln::moe_group(const int* ids, int* order, int*
+    // tiles, float* out, u32 slots, u32 n_expert, u32 rows, u32 max_tiles)`: ids holds
+    // `slots` ids and out `slots` rows of `rows` (checked), order `slots` ints and tiles
+    // 3 * max_tiles (allocated above), max_tiles bounds the tiles the slots can need;
+    // one block with 8 * n_expert bytes of dynamic shared memory (at most 32 KiB).
+    unsafe { launch(&group, &mut args, *group_config) }?;
+    let kernel = backend.kernel(&plan.spec)?;
+    let mut args = KernelArgs::new(backend);
+    args.arg(w.slice())
+        .arg(order.slice())
+        .arg(tiles.slice())
+        .arg(x.slice())
+        .arg(out.slice_mut())
+        .arg(&plan.k)
+        .arg(&plan.per_slot)
+        .arg(&plan.rows)
+        .arg(&plan.cols)
+        .arg(&plan.row_bytes)
+        .serialized();
+    // SAFETY: the arguments match `kiln::moe_matmul<W>(const u8* w, const int* order,
+    // const int* tiles, const float* x, float* out, u32 k, u32 per_slot, u32 rows, u32
+    // cols, u64 row_bytes)`: moe_group, before it in stream order, wrote every tile of
+    // the grid (an expert in 0..n_expert and a run of order, or -1) and the slots of
+    // order, each below m * k; w holds n_expert * rows rows of row_bytes, x the slots'
+    // or tokens' rows of cols, out m * k rows of `rows` (checked).
     unsafe { launch(&kernel, &mut args, plan.config) }
 }

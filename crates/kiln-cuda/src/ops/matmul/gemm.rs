@@ -27,11 +27,12 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys as lt_sys;
 use cudarc::driver::{sys, DevicePtr};
-use kiln_core::{DType, DeviceBuffer, Error, Result};
+use kiln_core::{DType, DeviceBuffer, Result};
 
 use super::{spec, MatMulKernel};
 use crate::context::{cuda_error, driver_error};
 use crate::launch::{call_library, KernelArgs, LibraryCall};
+use crate::ops::common::check_not_capturing;
 use crate::ops::{cast, grid_1d};
 use crate::{CudaBackend, CudaBuffer};
 
@@ -160,7 +161,7 @@ impl Gemm {
             (&mut s.activations, x_bytes),
         ] {
             if list.last().map_or(0, |b| b.bytes()) < bytes {
-                check_not_capturing(backend, bytes)?;
+                check_not_capturing(backend, "matmul", "the cuBLASLt mat-mat", bytes)?;
                 list.push(backend_alloc(backend, bytes)?);
             }
         }
@@ -171,26 +172,6 @@ impl Gemm {
 /// Allocates `bytes` of device memory on `backend`.
 fn backend_alloc(backend: &CudaBackend, bytes: usize) -> Result<CudaBuffer> {
     kiln_core::Backend::alloc(backend, bytes)
-}
-
-/// Errors when the backend's stream is being captured into a CUDA graph, in which an
-/// allocation of scratch memory (`bytes`) cannot happen.
-fn check_not_capturing(backend: &CudaBackend, bytes: usize) -> Result<()> {
-    let status = backend
-        .stream()
-        .capture_status()
-        .map_err(|e| driver_error("asking whether the stream is being captured", e))?;
-    if status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
-        return Err(Error::invalid(
-            "matmul",
-            format!(
-                "the cuBLASLt mat-mat needs {bytes} bytes of scratch memory, which cannot be \
-                 allocated while the stream is captured into a CUDA graph; run the product \
-                 once before capturing"
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// The largest power of two dividing `address`, at most [`MAX_ALIGNMENT`].
