@@ -1,14 +1,15 @@
 //! The server's counters, in the Prometheus (OpenMetrics) text format of `GET /metrics`.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::fmt::Write;
 
-/// How a generation request ended.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+/// How a generation request ended: the `outcome` label of `kiln_requests_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Outcome {
     /// It generated its answer (end of generation, stop string, length).
     Finished,
@@ -20,6 +21,25 @@ pub enum Outcome {
     QueueFull,
     /// It was malformed or out of range (4xx).
     Invalid,
+}
+
+impl Outcome {
+    /// The label's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Finished => "finished",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Failed => "failed",
+            Outcome::QueueFull => "queue_full",
+            Outcome::Invalid => "invalid",
+        }
+    }
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        encoder.write_str(self.as_str())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
