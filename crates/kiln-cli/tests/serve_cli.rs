@@ -57,7 +57,11 @@ fn runtime() -> tokio::runtime::Runtime {
 fn serves_the_greedy_text_of_kiln_generate_on_localhost() {
     let model = small_model("serve_cli-small.gguf");
     let served = serve(&["-m", model]);
-    assert!(served.base.starts_with("http://127.0.0.1:"), "{}", served.base);
+    assert!(
+        served.base.starts_with("http://127.0.0.1:"),
+        "{}",
+        served.base
+    );
     let (generated, _) = kiln_ok(&[
         "generate", "-m", model, "-p", "ROMEO:", "-n", "12", "--temp", "0", "--device", "cpu",
     ]);

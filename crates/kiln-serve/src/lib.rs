@@ -8,6 +8,7 @@
 //! - [`scheduler`]: continuous batching on a thread of its own that owns the engine;
 //! - [`stop`]: stop strings over streamed text;
 //! - [`metrics`]: the counters of `GET /metrics`;
+//! - [`error`]: error responses with the OpenAI API's body;
 //! - [`server`]: the routes and handlers (axum), streaming as server-sent events.
 
 pub mod api;

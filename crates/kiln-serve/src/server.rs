@@ -9,6 +9,7 @@ use crate::error::ApiError;
 use crate::metrics::Outcome;
 use crate::scheduler::{Event, Finish, GenerationRequest, SubmitError, Submitter};
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -148,8 +149,11 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     })
 }
 
-async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    let prepared = parse::<CompletionRequest>(&body).and_then(|req| {
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let prepared = parse::<CompletionRequest>(body).and_then(|req| {
         state.check_model(req.model.as_deref())?;
         Ok(Prepared {
             prompt: state.completion_prompt(req.prompt)?,
@@ -162,8 +166,11 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
     state.answer(prepared).await
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    let prepared = parse::<ChatRequest>(&body).and_then(|req| {
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let prepared = parse::<ChatRequest>(body).and_then(|req| {
         state.check_model(req.model.as_deref())?;
         Ok(Prepared {
             prompt: state.chat_prompt(&req)?,
@@ -176,8 +183,14 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
     state.answer(prepared).await
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
+/// The JSON body of a request, whatever its content type; a body that cannot be read
+/// (larger than axum's limit of 2 MB) keeps its status, with an OpenAI error body.
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError {
+        status: e.status(),
+        ..ApiError::invalid(e.body_text())
+    })?;
+    serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))
 }
 

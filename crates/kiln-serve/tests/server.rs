@@ -180,7 +180,24 @@ fn reference(
     prompt: &[u32],
     max_tokens: usize,
 ) -> (Vec<u32>, String) {
-    let mut sampler = Sampler::new(SamplerConfig::greedy());
+    reference_sampled(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens,
+        SamplerConfig::greedy(),
+    )
+}
+
+/// What the library's generation loop produces for `prompt` with `sampler`.
+fn reference_sampled(
+    model: &mut Model<CpuBackend>,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: SamplerConfig,
+) -> (Vec<u32>, String) {
+    let mut sampler = Sampler::new(sampler);
     let mut tokens = Vec::new();
     generate(
         model,
@@ -301,24 +318,43 @@ async fn chat_renders_chatml_for_the_small_model_whole_and_streamed() {
     assert!(chunks.iter().all(|c| c.get("usage").is_none()));
 }
 
+/// The settings of request `i` of the concurrency test: greedy for even `i`, else
+/// sampled at temperature 0.9 with seed `i` (the other settings the server's
+/// defaults, llama-server's).
+fn concurrent_settings(i: usize) -> (Value, SamplerConfig) {
+    if i % 2 == 0 {
+        (json!({ "temperature": 0 }), SamplerConfig::greedy())
+    } else {
+        let sampler = SamplerConfig {
+            temperature: 0.9,
+            seed: i as u64,
+            ..SamplerConfig::default()
+        };
+        (json!({ "temperature": 0.9, "seed": i }), sampler)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_greedy_request_returns_the_same_tokens_among_63_others() {
+async fn a_request_returns_the_same_tokens_among_63_others() {
     let server = Arc::new(start(DEFAULTS).await);
     let prompts: Vec<String> = (0..64)
         .map(|i| format!("{} {i}:", ["ROMEO", "JULIET", "KING", "NURSE"][i % 4]))
         .collect();
-    let requests = prompts.iter().map(|p| {
+    let requests = prompts.iter().enumerate().map(|(i, p)| {
         let server = server.clone();
-        let body = json!({ "prompt": p, "max_tokens": 4, "temperature": 0, "seed": 7 });
+        let mut body = concurrent_settings(i).0;
+        body["prompt"] = json!(p);
+        body["max_tokens"] = json!(4);
         tokio::spawn(async move { server.post_json("/v1/completions", &body).await })
     });
     let results = join_all(requests).await;
     let file = Gguf::open(model_path()).unwrap();
     let mut model = load(&file);
-    for (prompt, result) in prompts.iter().zip(results) {
+    for (i, (prompt, result)) in prompts.iter().zip(results).enumerate() {
         let body = result.unwrap();
         let ids = server.tokenizer.encode(prompt, true, true);
-        let (tokens, text) = reference(&mut model, &server.tokenizer, &ids, 4);
+        let sampler = concurrent_settings(i).1;
+        let (tokens, text) = reference_sampled(&mut model, &server.tokenizer, &ids, 4, sampler);
         assert_eq!(body["choices"][0]["text"], text.as_str(), "{prompt}");
         assert_eq!(body["usage"]["completion_tokens"], tokens.len(), "{prompt}");
     }
@@ -343,6 +379,25 @@ async fn a_client_that_leaves_mid_stream_frees_its_slot() {
     assert_eq!(server.metric("kiln_active_sequences").await, 0.0);
     // Far fewer than 400 tokens were generated.
     assert!(server.metric("kiln_generated_tokens_total").await < 300.0);
+    assert_eq!(
+        server
+            .metric("kiln_requests_total{outcome=\"finished\"}")
+            .await,
+        0.0
+    );
+    // A client that gives up waiting for a whole response cancels it too.
+    let gave_up = server
+        .client
+        .post(format!("{}/v1/completions", server.base))
+        .json(&json!({ "prompt": "ROMEO:", "max_tokens": 400 }))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gave_up.unwrap_err().is_timeout());
+    server
+        .wait_for_metric("kiln_requests_total{outcome=\"cancelled\"}", 2.0)
+        .await;
+    assert_eq!(server.metric("kiln_active_sequences").await, 0.0);
     // The slot serves the next request.
     let body = server
         .post_json(
@@ -430,6 +485,15 @@ async fn bad_requests_get_openai_error_bodies() {
         .await
         .unwrap();
     expect_error(nowhere, StatusCode::NOT_FOUND).await;
+
+    let huge = server
+        .client
+        .post(format!("{}/v1/completions", server.base))
+        .body(vec![b' '; 3 << 20])
+        .send()
+        .await
+        .unwrap();
+    expect_error(huge, StatusCode::PAYLOAD_TOO_LARGE).await;
 
     // None of it hurt the server.
     let health = server

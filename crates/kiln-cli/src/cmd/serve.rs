@@ -31,7 +31,7 @@ pub struct ServeArgs {
     pub port: u16,
     /// Sequences to run at once (llama-server's -np). The engine of this build runs
     /// one sequence at a time: further requests wait in the queue for its slot.
-    #[arg(long, visible_alias = "np", default_value_t = 1, value_parser = flags::ubatch_size)]
+    #[arg(long, visible_alias = "np", default_value_t = 1, value_parser = flags::parallel)]
     pub parallel: usize,
     /// Positions the KV cache of a sequence holds (default: the model's context, at
     /// most 4096); a prompt must be shorter.
@@ -51,7 +51,7 @@ pub struct ServeArgs {
     #[arg(short = 'n', long = "n-predict", default_value_t = -1, value_parser = flags::n_predict)]
     pub n_predict: i64,
     /// Requests that may wait for a slot; more are answered 503.
-    #[arg(long, default_value_t = 256, value_parser = flags::ubatch_size)]
+    #[arg(long, default_value_t = 256, value_parser = flags::queue)]
     pub queue: usize,
     /// The model's name in the API (default: the model file's or directory's name).
     #[arg(long)]
