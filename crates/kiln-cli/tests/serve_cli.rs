@@ -22,13 +22,18 @@ impl Drop for Served {
 
 /// Starts `kiln serve ARGS --port 0` and reads the address it prints.
 fn serve(args: &[&str]) -> Served {
-    let mut child = kiln_command(&["serve", "--port", "0", "--device", "cpu"])
+    let child = kiln_command(&["serve", "--port", "0", "--device", "cpu"])
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("kiln serve starts");
-    let stderr = child.stderr.take().unwrap();
+    // Killed and waited for on every path from here, by Drop.
+    let mut served = Served {
+        child,
+        base: String::new(),
+    };
+    let stderr = served.child.stderr.take().unwrap();
     let mut said = String::new();
     for line in BufReader::new(stderr).lines() {
         let line = line.unwrap();
@@ -36,10 +41,8 @@ fn serve(args: &[&str]) -> Served {
         said.push('\n');
         if let Some(rest) = line.split("on http://").nth(1) {
             let address = rest.split_whitespace().next().unwrap();
-            return Served {
-                child,
-                base: format!("http://{address}"),
-            };
+            served.base = format!("http://{address}");
+            return served;
         }
     }
     panic!("kiln serve ended without serving: {said}");

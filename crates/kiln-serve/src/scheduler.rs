@@ -328,7 +328,7 @@ impl Sequence<'_> {
                 return Some(FinishReason::Stop);
             }
         }
-        // The sampled token has no position left to run at once the slot is full.
+        // In a full slot the sampled token has no position to run at: it is the last.
         if self.generated() >= self.max_tokens || self.fed >= capacity {
             if self.flush() {
                 return Some(FinishReason::Stop);
