@@ -58,7 +58,8 @@ pub struct ServeArgs {
     pub alias: Option<String>,
 }
 
-/// Runs `kiln serve` until interrupted (Ctrl-C).
+/// Runs `kiln serve` until interrupted: a first Ctrl-C stops taking connections and
+/// waits for the open ones, a second quits at once.
 pub fn run(args: ServeArgs) -> Result<()> {
     let path = match &args.model {
         Some(path) => path.clone(),
@@ -143,6 +144,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         );
         kiln_serve::serve(listener, app, async {
             let _ = tokio::signal::ctrl_c().await;
+            eprintln!("kiln: stopping once the open requests are answered; Ctrl-C again quits now");
+            tokio::spawn(async {
+                let _ = tokio::signal::ctrl_c().await;
+                std::process::exit(130);
+            });
         })
         .await
     });
