@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt (default model: the project's own small model).
     Generate(cmd::generate::GenerateArgs),
+    /// Serve a model over HTTP with OpenAI's API (completions, chat, streaming).
+    Serve(cmd::serve::ServeArgs),
     /// Measure prompt-processing and generation speed, like llama-bench.
     Bench(cmd::bench::BenchArgs),
     /// Measure each CUDA kernel family's speed at real model shapes against the copy bandwidth.
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
             args.verbose = cli.verbose;
             cmd::generate::run(args)
         }
+        Command::Serve(args) => cmd::serve::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::BenchKernels(args) => cmd::bench_kernels::run(args),
         Command::Perplexity(args) => cmd::perplexity::run(args),

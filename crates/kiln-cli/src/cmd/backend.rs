@@ -8,8 +8,9 @@ use kiln_cuda::{CacheConfig, CudaBackend};
 /// Work that runs on any backend (a generic closure, which Rust closures cannot be).
 pub trait BackendJob {
     type Output;
-    /// Runs the job on `backend`.
-    fn run<BE: Backend>(self, backend: BE) -> Result<Self::Output>;
+    /// Runs the job on `backend` (a backend type owns its state, so a job may keep
+    /// it, as `kiln serve` keeps its model, in a boxed trait object).
+    fn run<BE: Backend + 'static>(self, backend: BE) -> Result<Self::Output>;
 }
 
 /// The KV-cache element type the commands load models with on `backend`: F32 on the

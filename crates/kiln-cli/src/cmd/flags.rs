@@ -103,6 +103,24 @@ pub fn ubatch_size(s: &str) -> Result<usize, String> {
     }
 }
 
+/// `--parallel`: at least 1 sequence at once.
+pub fn parallel(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(v) if v >= 1 => Ok(v),
+        _ => Err(format!("{s:?} is not a count of sequences; give 1 or more")),
+    }
+}
+
+/// `--queue`: at least 1 waiting request.
+pub fn queue(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(v) if v >= 1 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a count of requests; at least 1 may wait for a slot"
+        )),
+    }
+}
+
 /// Warns (as llama.cpp does) when `--ctx-size` asks for more positions than the
 /// model was trained on: past those, its output degrades.
 pub fn warn_above_trained_context(context: usize, trained: usize) {
@@ -133,5 +151,9 @@ mod tests {
         assert!(chunks("0").is_err() && chunks("-1").is_err());
         assert_eq!(ubatch_size("512"), Ok(512));
         assert!(ubatch_size("0").is_err() && ubatch_size("x").is_err());
+        assert_eq!(parallel("4"), Ok(4));
+        assert!(parallel("0").is_err() && parallel("-1").is_err());
+        assert_eq!(queue("1"), Ok(1));
+        assert!(queue("0").is_err() && queue("many").is_err());
     }
 }

@@ -263,7 +263,8 @@ impl BackendJob for GenerateJob<'_> {
     }
 }
 
-fn load_bar(file: &GgufFile) -> ProgressBar {
+/// A progress bar over the bytes of `file`'s tensors, hidden for small models.
+pub fn load_bar(file: &GgufFile) -> ProgressBar {
     let total: u64 = file.tensor_infos().iter().map(|t| t.n_bytes() as u64).sum();
     // Small models load in a blink; a bar would only flicker.
     if total < 256 << 20 {

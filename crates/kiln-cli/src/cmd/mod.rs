@@ -14,4 +14,5 @@ pub mod model_file;
 pub mod perplexity;
 pub mod precompile;
 pub mod quantize;
+pub mod serve;
 pub mod synth;

@@ -1,0 +1,155 @@
+//! What the scheduler runs: a model with KV-cache slots, one sequence per slot, and
+//! a forward pass over rows of several slots at once.
+
+use kiln_core::{Backend, Error, Result};
+use kiln_models::Model;
+
+/// One token of a batched forward pass: `token` runs at the next position of `slot`.
+/// Rows of one slot run at consecutive positions, in row order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchRow {
+    pub slot: usize,
+    pub token: u32,
+    /// Whether [`Engine::forward_batch`] returns this row's logits.
+    pub logits: bool,
+}
+
+/// A model with `slots()` KV-cache slots, each holding one sequence.
+pub trait Engine {
+    /// Number of slots.
+    fn slots(&self) -> usize;
+    /// Positions each slot holds.
+    fn capacity(&self) -> usize;
+    /// Logits per row.
+    fn vocab(&self) -> usize;
+    /// Positions filled in `slot` (0 for a slot that does not exist).
+    fn slot_len(&self, slot: usize) -> usize;
+    /// Empties `slot`, so that its next row runs at position 0.
+    fn clear_slot(&mut self, slot: usize);
+    /// Runs every row at its slot's next position and returns the logits of the rows
+    /// with `logits: true`, in row order, [`Engine::vocab`] values each. Errors and
+    /// changes nothing on a slot that does not exist, a slot that would overflow its
+    /// capacity, or an empty batch.
+    fn forward_batch(&mut self, rows: &[BatchRow]) -> Result<Vec<f32>>;
+}
+
+impl<E: Engine + ?Sized> Engine for Box<E> {
+    fn slots(&self) -> usize {
+        (**self).slots()
+    }
+
+    fn capacity(&self) -> usize {
+        (**self).capacity()
+    }
+
+    fn vocab(&self) -> usize {
+        (**self).vocab()
+    }
+
+    fn slot_len(&self, slot: usize) -> usize {
+        (**self).slot_len(slot)
+    }
+
+    fn clear_slot(&mut self, slot: usize) {
+        (**self).clear_slot(slot)
+    }
+
+    fn forward_batch(&mut self, rows: &[BatchRow]) -> Result<Vec<f32>> {
+        (**self).forward_batch(rows)
+    }
+}
+
+/// Today's [`Model`] as an [`Engine`] of one slot (slot 0): its KV cache.
+pub struct ModelEngine<BE: Backend> {
+    model: Model<BE>,
+}
+
+impl<BE: Backend> ModelEngine<BE> {
+    /// The engine over `model`, whose cache it empties.
+    pub fn new(mut model: Model<BE>) -> Self {
+        model.reset();
+        ModelEngine { model }
+    }
+}
+
+impl<BE: Backend> Engine for ModelEngine<BE> {
+    fn slots(&self) -> usize {
+        1
+    }
+
+    fn capacity(&self) -> usize {
+        self.model.capacity()
+    }
+
+    fn vocab(&self) -> usize {
+        self.model.config().vocab
+    }
+
+    fn slot_len(&self, slot: usize) -> usize {
+        if slot == 0 {
+            self.model.n_past()
+        } else {
+            0
+        }
+    }
+
+    fn clear_slot(&mut self, slot: usize) {
+        if slot == 0 {
+            self.model.reset();
+        }
+    }
+
+    /// Runs the rows through [`Model::forward`] in runs that end at each row whose
+    /// logits are wanted (and a last run for trailing rows).
+    fn forward_batch(&mut self, rows: &[BatchRow]) -> Result<Vec<f32>> {
+        check_rows(self, rows)?;
+        let mut out = Vec::new();
+        let mut tokens = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            tokens.push(row.token);
+            if row.logits || i + 1 == rows.len() {
+                let logits = self.model.forward(&tokens)?;
+                if row.logits {
+                    out.extend(logits);
+                }
+                tokens.clear();
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Checks `rows` against `engine`'s slots and capacity: not empty, every slot in
+/// range, no slot past its capacity after the rows.
+pub fn check_rows<E: Engine + ?Sized>(engine: &E, rows: &[BatchRow]) -> Result<()> {
+    if rows.is_empty() {
+        return Err(Error::invalid("forward_batch", "the batch has no rows"));
+    }
+    let mut added = vec![0usize; engine.slots()];
+    for row in rows {
+        let n = added.get_mut(row.slot).ok_or_else(|| {
+            Error::invalid(
+                "forward_batch",
+                format!(
+                    "slot {} does not exist; there are {}",
+                    row.slot,
+                    engine.slots()
+                ),
+            )
+        })?;
+        *n += 1;
+    }
+    for (slot, n) in added.into_iter().enumerate() {
+        let len = engine.slot_len(slot);
+        if len + n > engine.capacity() {
+            return Err(Error::invalid(
+                "forward_batch",
+                format!(
+                    "slot {slot} holds {len} positions; {n} more pass its capacity {}",
+                    engine.capacity()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! A mock engine with deterministic logits and a hand-built tokenizer, for tests of
+//! the scheduler and the server that need no model.
+
+#![allow(dead_code)] // each test binary uses some of these
+
+use kiln_core::{Error, Result};
+use kiln_models::tokenizer::{
+    SpecialTokenIds, TokenType, Tokenizer, TokenizerModel, TokenizerSpec,
+};
+use kiln_serve::engine::check_rows;
+use kiln_serve::{BatchRow, Engine};
+use std::sync::mpsc::{Receiver, Sender};
+
+pub const BOS: u32 = 0;
+pub const EOS: u32 = 1;
+/// The first letter token: `a` is 2, `z` is 27.
+pub const A: u32 = 2;
+/// `Ġ`, a space.
+pub const SPACE: u32 = 28;
+/// The two byte-level pieces of "é" (bytes C3 A9).
+pub const E_ACUTE_1: u32 = 29;
+pub const E_ACUTE_2: u32 = 30;
+pub const VOCAB: usize = 31;
+
+/// A byte-level BPE vocabulary: `<s>`, `</s>`, the letters a to z, a space and the
+/// two bytes of "é"; no merges, so each character is a token.
+pub fn tokenizer() -> Tokenizer {
+    let mut tokens = vec!["<s>".to_string(), "</s>".to_string()];
+    tokens.extend(('a'..='z').map(String::from));
+    tokens.extend(["Ġ", "Ã", "©"].map(String::from));
+    let mut types = vec![TokenType::Normal; tokens.len()];
+    types[..2].fill(TokenType::Control);
+    Tokenizer::from_spec(TokenizerSpec {
+        token_types: Some(types),
+        special_ids: SpecialTokenIds {
+            bos: Some(BOS),
+            eos: Some(EOS),
+            ..SpecialTokenIds::default()
+        },
+        add_bos: Some(true),
+        ..TokenizerSpec::new(
+            TokenizerModel::ByteLevelBpe {
+                pre: Some("gpt-2".into()),
+            },
+            tokens,
+        )
+    })
+    .expect("the test vocabulary is valid")
+}
+
+/// The letter token of `c`.
+pub fn letter(c: char) -> u32 {
+    A + (c as u32 - 'a' as u32)
+}
+
+/// The mock's default rule: the next token is a letter determined by the whole
+/// history of the slot, so that tokens of one sequence routed into another's slot
+/// change what follows.
+pub fn hash_rule(history: &[u32]) -> u32 {
+    let h = history
+        .iter()
+        .fold(17u64, |h, &t| h.wrapping_mul(31).wrapping_add(u64::from(t)));
+    A + (h % 26) as u32
+}
+
+/// `n` tokens of `rule` after `prompt`, computed directly (what a sequence generates
+/// alone, greedily, with no stop).
+pub fn continuation(rule: fn(&[u32]) -> u32, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut history = prompt.to_vec();
+    for _ in 0..n {
+        let next = rule(&history);
+        history.push(next);
+    }
+    history.split_off(prompt.len())
+}
+
+/// A model whose logits are one-hot on `rule(history of the slot)`. Every call's rows
+/// go to `log`; with a `gate`, each call first waits for a message on it.
+pub struct MockEngine {
+    pub slots: Vec<Vec<u32>>,
+    pub capacity: usize,
+    pub rule: fn(&[u32]) -> u32,
+    pub log: Sender<Vec<BatchRow>>,
+    pub gate: Option<Receiver<()>>,
+}
+
+impl MockEngine {
+    pub fn new(slots: usize, capacity: usize, log: Sender<Vec<BatchRow>>) -> Self {
+        MockEngine {
+            slots: vec![Vec::new(); slots],
+            capacity,
+            rule: hash_rule,
+            log,
+            gate: None,
+        }
+    }
+}
+
+impl Engine for MockEngine {
+    fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn vocab(&self) -> usize {
+        VOCAB
+    }
+
+    fn slot_len(&self, slot: usize) -> usize {
+        self.slots.get(slot).map_or(0, Vec::len)
+    }
+
+    fn clear_slot(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.clear();
+        }
+    }
+
+    fn forward_batch(&mut self, rows: &[BatchRow]) -> Result<Vec<f32>> {
+        check_rows(self, rows)?;
+        let _ = self.log.send(rows.to_vec());
+        if let Some(gate) = &self.gate {
+            gate.recv()
+                .map_err(|_| Error::invalid("mock", "the test closed the gate"))?;
+        }
+        let mut out = Vec::new();
+        for row in rows {
+            self.slots[row.slot].push(row.token);
+            if row.logits {
+                let next = (self.rule)(&self.slots[row.slot]);
+                out.extend((0..VOCAB as u32).map(|t| if t == next { 1.0 } else { -1.0 }));
+            }
+        }
+        Ok(out)
+    }
+}
