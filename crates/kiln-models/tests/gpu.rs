@@ -291,6 +291,7 @@ fn load<BE: Backend>(backend: BE, file: &GgufFile, cache_dtype: DType) -> Model<
     let options = LoadOptions {
         context: Some(256),
         cache_dtype,
+        slots: 1,
     };
     Model::load(backend, file, options, &mut |_, _| {}).expect("model loads")
 }

@@ -67,6 +67,7 @@ fn converted(name: &str, dtype: DType, dir: &Path) -> Model<CpuBackend> {
     let options = LoadOptions {
         context: Some(64),
         cache_dtype: DType::F32,
+        slots: 1,
     };
     Model::load(CpuBackend, &file, options, &mut |_, _| {}).unwrap()
 }
@@ -204,6 +205,7 @@ fn load_error(edit: impl FnOnce(&mut kiln_gguf::Metadata), keep: impl Fn(&str) -
     let options = LoadOptions {
         context: Some(16),
         cache_dtype: DType::F32,
+        slots: 1,
     };
     match Model::load(CpuBackend, &file, options, &mut |_, _| {}) {
         Ok(_) => panic!("the edited model loads"),

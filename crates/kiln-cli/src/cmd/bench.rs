@@ -293,6 +293,7 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
     let options = LoadOptions {
         context: Some(context),
         cache_dtype: args.cache_type,
+        slots: 1,
     };
     eprintln!(
         "kiln: loading {} ({context} positions)",
@@ -649,6 +650,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let cache = kiln_models::forward::CacheSpec {
         capacity: 1,
         dtype: args.cache_type,
+        slots: 1,
     };
     let weights = kiln_models::model::weight_descs(&file)?;
     let graph = kiln_models::model::graph_for(&config, &weights, 1, cache)?

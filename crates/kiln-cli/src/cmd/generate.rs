@@ -133,6 +133,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         CacheSpec {
             capacity: 1,
             dtype: DType::F16,
+            slots: 1,
         },
     )?;
     let sampler = Sampler::new(args.sampler());
@@ -189,6 +190,7 @@ impl BackendJob for GenerateJob<'_> {
             LoadOptions {
                 context: Some(context),
                 cache_dtype,
+                slots: 1,
             },
             &mut |done, _| bar.set_position(done),
         )?;

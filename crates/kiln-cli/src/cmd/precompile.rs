@@ -139,7 +139,16 @@ fn model_specs(path: &Path) -> Result<Vec<KernelSpec>> {
     let mut missing = BTreeSet::new();
     for n_tokens in [1, 2] {
         for dtype in [DType::F32, DType::F16] {
-            let fwd = forward::build(&config, &weight, n_tokens, CacheSpec { capacity, dtype })?;
+            let fwd = forward::build(
+                &config,
+                &weight,
+                n_tokens,
+                CacheSpec {
+                    capacity,
+                    dtype,
+                    slots: 1,
+                },
+            )?;
             for op in fwd.graph.ops() {
                 match spec_for_op(op, &fwd.graph) {
                     Ok(spec) if !specs.iter().any(|s| s.key == spec.key) => specs.push(spec),

@@ -35,6 +35,7 @@ pub fn load_untrusted(bytes: &[u8]) -> Result<()> {
         let cache = CacheSpec {
             capacity: CONTEXT,
             dtype: DType::F32,
+            slots: 1,
         };
         graph_for(&config, &weights, n_tokens, cache)?;
     }
@@ -57,6 +58,7 @@ pub fn load_untrusted(bytes: &[u8]) -> Result<()> {
     let options = LoadOptions {
         context: Some(CONTEXT),
         cache_dtype: DType::F32,
+        slots: 1,
     };
     let mut model = Model::load(CpuBackend, &file, options, &mut |_, _| {})?;
     assert_eq!(model.config(), &config, "the loaded model's configuration");
