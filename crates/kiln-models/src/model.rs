@@ -290,6 +290,17 @@ impl<BE: Backend> Model<BE> {
         }
     }
 
+    /// Bytes of the KV caches of every layer: [`Model::slots`] slots of
+    /// [`Model::capacity`] positions (and the padding slot of batched steps where
+    /// there are several).
+    pub fn kv_cache_bytes(&self) -> usize {
+        (0..self.config.n_layers)
+            .flat_map(|l| [names::k_cache(l), names::v_cache(l)])
+            .filter_map(|name| self.memory.get(&name))
+            .map(DeviceBuffer::bytes)
+            .sum()
+    }
+
     /// Bytes of all weight tensors.
     pub fn weight_bytes(&self) -> usize {
         self.weights

@@ -234,6 +234,12 @@ impl BackendJob for GenerateJob<'_> {
         }
         writeln!(out).map_err(stdout_error)?;
         if args.verbose {
+            eprintln!(
+                "kiln: KV caches: {} slot(s) of {} positions, {} B",
+                model.slots(),
+                model.capacity(),
+                model.kv_cache_bytes()
+            );
             if let Some(p) = model.last_plan() {
                 eprintln!(
                     "kiln: memory plan ({} tokens): persistent {} B, peak {} B with aliasing, {} B without",
