@@ -198,6 +198,7 @@ fn build_graph(
         g: Graph::new(),
         c: config,
         t: n_tokens,
+        copy_rows: if batch.is_some() { BATCH_COPY_ROWS } else { 1 },
         weight,
     };
     let token_ids = b.g.persistent(names::TOKEN_IDS, DType::I32, &[n_tokens])?;
@@ -346,10 +347,18 @@ impl From<BufferId> for Act {
     }
 }
 
+/// The most rows of a batched graph whose block-format products read Q8_1 copies of
+/// their activations, as a one-token graph's do: the rows a device's mat-vec takes
+/// (kiln-cuda's `MATVEC_MAX_ROWS`), so that a sequence's decode tokens are computed
+/// the same way alone and in a batch of up to this many.
+pub const BATCH_COPY_ROWS: usize = 8;
+
 struct Builder<'a> {
     g: Graph,
     c: &'a ModelConfig,
     t: usize,
+    /// The most rows for which activations get Q8_1 copies ([`Builder::act_with_copy`]).
+    copy_rows: usize,
     weight: &'a dyn Fn(&str) -> Result<WeightDesc>,
 }
 
@@ -388,12 +397,12 @@ impl Builder<'_> {
     }
 
     /// A transient F32 activation of `[n_tokens, width]` and, for a decode graph (one
-    /// token) when `copy` is set and the width allows it, a Q8_1 copy for the
-    /// mat-vecs that read it ([`kiln_core::ops::Q8_COPY`]; the prefill mat-mat does
-    /// not read one).
+    /// token, or a batched graph of up to [`BATCH_COPY_ROWS`]) when `copy` is set and
+    /// the width allows it, a Q8_1 copy for the mat-vecs that read it
+    /// ([`kiln_core::ops::Q8_COPY`]; the prefill mat-mat does not read one).
     fn act_with_copy(&mut self, name: &str, width: usize, copy: bool) -> Result<Act> {
         let x = self.act(name, width)?;
-        let q8 = if copy && self.t == 1 && width % Q8_COPY.block_size() == 0 {
+        let q8 = if copy && self.t <= self.copy_rows && width % Q8_COPY.block_size() == 0 {
             Some(
                 self.g
                     .transient(format!("{name}.q8"), Q8_COPY, &[self.t, width])?,

@@ -783,8 +783,8 @@ fn qkv_rope_append(
         Oracle::Values(q),
     );
     let shape = [n_slots, n_kv_heads, capacity, hd];
-    let k_cache = cache_output(&mut b, rng, "k_cache", cache, shape, &k, &pos, &slot_ids);
-    let v_cache = cache_output(&mut b, rng, "v_cache", cache, shape, &v, &pos, &slot_ids);
+    let k_cache = cache_output(&mut b, rng, "k_cache", cache, shape, &k, (&pos, &slot_ids));
+    let v_cache = cache_output(&mut b, rng, "v_cache", cache, shape, &v, (&pos, &slot_ids));
     b.finish(QkvRopeAppend {
         qkv,
         positions,
@@ -819,8 +819,8 @@ fn slot_positions(
 
 /// A cache buffer of `dtype` and `shape` (`[n_slots, n_kv_heads, capacity,
 /// head_dim]`) that starts with random rows and must end with `rows` (`[n_tokens,
-/// n_kv_heads, head_dim]`, in f64) at `positions` of slots `slots`, the later token
-/// winning, and every other row unchanged.
+/// n_kv_heads, head_dim]`, in f64) at the tokens' `(positions, slots)`, the later
+/// token winning, and every other row unchanged.
 fn cache_output(
     b: &mut Build,
     rng: &mut StdRng,
@@ -828,8 +828,7 @@ fn cache_output(
     dtype: DType,
     shape: [usize; 4],
     rows: &[f64],
-    positions: &[i32],
-    slots: &[i32],
+    (positions, slots): (&[i32], &[i32]),
 ) -> BufferId {
     let [n_slots, n_kv_heads, capacity, hd] = shape;
     let len = n_slots * n_kv_heads * capacity * hd;
@@ -1081,7 +1080,7 @@ fn kv_cases(cases: &mut Vec<OpCase>) {
                 let shape = [n_slots, n_kv_heads, capacity, head_dim];
                 let rows = wide(&sv);
                 let cache =
-                    cache_output(&mut b, rng, "cache", cache, shape, &rows, &pos, &slot_ids);
+                    cache_output(&mut b, rng, "cache", cache, shape, &rows, (&pos, &slot_ids));
                 b.finish(KvAppend {
                     src,
                     positions,
