@@ -186,6 +186,14 @@ impl<BE: Backend> Model<BE> {
         for fg in &graphs {
             backend.prepare(&fg.graph)?;
         }
+        // A model of several slots runs batched steps: their kernels (mat-vecs of
+        // several rows, mat-mats) are made ready too.
+        if options.slots > 1 {
+            for rows in BATCH_BUCKETS {
+                let planned = planned_batch_graph(&config, &weights, rows, rows, cache_spec)?;
+                backend.prepare(&planned.fg.graph)?;
+            }
+        }
         let cache = cache_spec;
         let cache_bytes = config
             .kv_dim()
@@ -893,13 +901,7 @@ fn planned_batch_graph(
     n_logits: usize,
     cache: CacheSpec,
 ) -> Result<Planned> {
-    let weight = |name: &str| {
-        weights
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::format("model", format!("tensor {name:?} is missing")))
-    };
-    let fg = forward::build_batch(config, &weight, n_tokens, n_logits, cache)?;
+    let fg = forward::build_batch(config, &lookup(weights), n_tokens, n_logits, cache)?;
     let plan = plan(&fg.graph, Aliasing::On);
     Ok(Planned { fg, plan })
 }
@@ -1052,13 +1054,17 @@ pub fn graph_for(
     n_tokens: usize,
     cache: CacheSpec,
 ) -> Result<ForwardGraph> {
-    let weight = |name: &str| {
+    forward::build(config, &lookup(weights), n_tokens, cache)
+}
+
+/// The description of each of `weights` by name; a missing one is an error naming it.
+fn lookup(weights: &HashMap<String, WeightDesc>) -> impl Fn(&str) -> Result<WeightDesc> + '_ {
+    |name: &str| {
         weights
             .get(name)
             .cloned()
             .ok_or_else(|| Error::format("model", format!("tensor {name:?} is missing")))
-    };
-    forward::build(config, &weight, n_tokens, cache)
+    }
 }
 
 /// Bindings of `fg`'s transient buffers to `scratch` (sized for `memory_plan`) and of
