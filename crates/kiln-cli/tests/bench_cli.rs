@@ -115,7 +115,10 @@ fn bench_batch_prints_a_row_per_batch_size() {
         assert!(total > 0.0 && stream > 0.0, "{cells:?}");
         // B streams share the total (both printed to 0.1).
         let b: f64 = b.parse().unwrap();
-        assert!((total - b * stream).abs() <= 0.05 * (b + 1.0) + 1e-9, "{cells:?}");
+        assert!(
+            (total - b * stream).abs() <= 0.05 * (b + 1.0) + 1e-9,
+            "{cells:?}"
+        );
     }
     assert!(stderr.contains("kiln: batch 3:"), "{stderr}");
 }
