@@ -73,3 +73,52 @@ fn bench_json_reports_every_test() {
     assert_eq!(report["backend"], "cpu");
     assert_eq!(report["copy_bytes"], 8 << 20);
 }
+
+#[test]
+fn bench_batch_prints_a_row_per_batch_size() {
+    let args = [
+        "bench",
+        "-m",
+        model(),
+        "--batch",
+        "1,3",
+        "-p",
+        "5",
+        "-n",
+        "3",
+        "-r",
+        "1",
+        "--device",
+        "cpu",
+        "--copy-mib",
+        "8",
+    ];
+    let (stdout, stderr) = kiln_ok(&args);
+    assert!(
+        stdout.contains(
+            "| model | backend | B | prompt | gen | prompt time | total t/s | t/s per stream |"
+        ),
+        "{stdout}"
+    );
+    // Without pp and tg tests, no table of them.
+    assert!(!stdout.contains("| test |"), "{stdout}");
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| llama "))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    for (cells, b) in rows.iter().zip(["1", "3"]) {
+        assert_eq!(&cells[2..6], ["cpu", b, "5", "3"], "{cells:?}");
+        let total: f64 = cells[7].parse().unwrap();
+        let stream: f64 = cells[8].parse().unwrap();
+        assert!(total > 0.0 && stream > 0.0, "{cells:?}");
+        // B streams share the total (both printed to 0.1).
+        let b: f64 = b.parse().unwrap();
+        assert!(
+            (total - b * stream).abs() <= 0.05 * (b + 1.0) + 1e-9,
+            "{cells:?}"
+        );
+    }
+    assert!(stderr.contains("kiln: batch 3:"), "{stderr}");
+}

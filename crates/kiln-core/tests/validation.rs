@@ -346,6 +346,7 @@ fn attention_and_cache_checks() {
         k_cache: k,
         v_cache,
         positions: pos,
+        slots: None,
         out,
         out_q8: None,
         n_tokens: 1,
@@ -353,6 +354,7 @@ fn attention_and_cache_checks() {
         n_kv_heads,
         head_dim: 64,
         capacity: 16,
+        n_slots: 1,
         scale: 0.125,
         window: None,
         softcap: None,
@@ -456,11 +458,13 @@ fn attention_and_cache_checks() {
     let append = KvAppend {
         src,
         positions: pos,
+        slots: None,
         cache: bad_cache,
         n_tokens: 1,
         n_kv_heads: 4,
         head_dim: 64,
         capacity: 16,
+        n_slots: 1,
     };
     expect_invalid(&mut g, append, "kv_append", &["\"bad_cache\"", "bf16"]);
 }

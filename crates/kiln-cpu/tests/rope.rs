@@ -206,6 +206,7 @@ fn qkv_rope_append_matches_f64() {
             g.g.push(QkvRopeAppend {
                 qkv,
                 positions: pos,
+                slots: None,
                 freq_factors: ff,
                 norm,
                 q_out,
@@ -215,6 +216,7 @@ fn qkv_rope_append_matches_f64() {
                 n_heads: nh,
                 n_kv_heads: nkv,
                 capacity: cap,
+                n_slots: 1,
                 params: p,
             })
             .unwrap();

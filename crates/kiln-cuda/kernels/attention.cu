@@ -6,9 +6,11 @@
 //   s_j = scale * dot(q, k_j), then softcap * tanh(s_j / softcap) with a softcap;
 //   out = sum_j softmax(s)_j v_j, all in f32 from the cache's values converted to f32.
 //
-// q and out are [n_tokens, n_heads, head_dim] f32; the caches [n_kv_heads, capacity,
-// head_dim] of element type C (F32 or F16). head_dim is a multiple of 8 and at most 256.
-// A query whose position lies outside 0..capacity gets an output of zeros.
+// q and out are [n_tokens, n_heads, head_dim] f32; the caches [n_slots, n_kv_heads,
+// capacity, head_dim] of element type C (F32 or F16), query t reading slot
+// token_slot(slots, t) only. head_dim is a multiple of 8 and at most 256. A query whose
+// position lies outside 0..capacity, or whose slot outside 0..n_slots, gets an output
+// of zeros.
 // When out_q8 is not null, both kernels also write out rounded to Q8_1 blocks
 // (store_q8_1_block, store_q8_1_block4) into out_q8, from the f32 values they store;
 // head_dim must then be a multiple of 32, so that no block straddles two heads.
@@ -30,6 +32,14 @@
 // - attention_prefill (many queries, F32 cache): a block holds 32 (query, head) rows of
 //   one KV head and walks their union of visible rows in tiles of 16 staged in shared
 //   memory, with an online softmax per row. CUDA cores, f32.
+//
+// The flash and prefill kernels number the rows of all slots of one KV head as one
+// sequence, "virtual rows": row j of slot s is s * capacity + j (virtual_row_at gives
+// its element offset), so that a query's visible rows are one range of them and a block
+// whose queries lie in several slots walks the union of their ranges, jumping over the
+// virtual rows none of them sees (next_seen).
+//
+// slots is written only by the host, never by an earlier kernel (see token_slot).
 #include "reduce.cuh"
 
 namespace kiln {
@@ -39,6 +49,14 @@ constexpr u32 MAX_HEAD_DIM = 256;
 // The first cache row a query at position pos sees.
 __device__ __forceinline__ u32 first_visible(u32 pos, u32 window) {
     return (window != 0 && pos + 1 > window) ? pos + 1 - window : 0;
+}
+
+// The element offset in a cache of column 0 of virtual row `row` (slot row / capacity,
+// row row % capacity) of KV head kvh.
+__device__ __forceinline__ u64 virtual_row_at(u32 row, u32 kvh, u32 n_kv_heads, u32 capacity,
+                                              u32 head_dim) {
+    const u32 slot = row / capacity;
+    return (((u64)slot * n_kv_heads + kvh) * capacity + (row - slot * capacity)) * head_dim;
 }
 
 // A raw dot product turned into a score: scaled, then soft-capped when softcap > 0.
@@ -224,10 +242,11 @@ template <typename C, u32 G, u32 LPR>
 __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
     attention_decode(const float* __restrict__ q, const typename C::storage* __restrict__ k_cache,
                      const typename C::storage* __restrict__ v_cache,
-                     const int* __restrict__ positions, float* __restrict__ out,
-                     u8* __restrict__ out_q8, float* __restrict__ work,
+                     const int* __restrict__ positions, const int* slots,
+                     float* __restrict__ out, u8* __restrict__ out_q8, float* __restrict__ work,
                      u32* __restrict__ counters, u32 n_heads, u32 n_kv_heads, u32 head_dim,
-                     u32 capacity, float scale, u32 window, float softcap, u32 split_rows) {
+                     u32 capacity, u32 n_slots, float scale, u32 window, float softcap,
+                     u32 split_rows) {
     typedef typename C::storage S;
     constexpr u32 CHUNK = 8 * sizeof(S);                    // bytes of a lane's chunk
     constexpr u32 U = AD_STAGE_BYTES / (2 * 32 * CHUNK);    // rows per lane per tile
@@ -262,7 +281,8 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
     u8* q8_t = out_q8 != nullptr ? out_q8 + out_at / Q8_1_BLOCK_ELEMS * Q8_1_BLOCK_BYTES : nullptr;
 
     const int p = positions[t];
-    if (p < 0 || (u32)p >= capacity) {
+    const int kv_slot = token_slot(slots, t, n_slots);
+    if (p < 0 || (u32)p >= capacity || kv_slot < 0) {
         if (split == 0) {
             for (u32 i = threadIdx.x; i < nh * head_dim; i += AD_THREADS) {
                 decode_store(out_t, q8_t, i, 0.0f);
@@ -289,7 +309,9 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
     u8* ring = decode_shared + warp * AD_STAGES * AD_STAGE_BYTES + lane * 16;
     const bool lane_on = sub < head_dim / 8;
     const int lane_rows = (int)(end - begin) - (int)(warp * T + slot);
-    const u64 lane_at = ((u64)kvh * capacity + begin + warp * T + slot) * head_dim + 8 * sub;
+    const u64 lane_at =
+        (((u64)kv_slot * n_kv_heads + kvh) * capacity + begin + warp * T + slot) * head_dim +
+        8 * sub;
     const u32 pass_step = RPW * head_dim;
     const u64 tile_step = (u64)AD_WARPS * T * head_dim;
     // Issues the copies of this warp's tile `s` (if it has one) as one group.
@@ -612,10 +634,11 @@ template <typename C, u32 DMAX>
 __global__ void __launch_bounds__(AP_THREADS)
     attention_prefill(const float* __restrict__ q, const typename C::storage* __restrict__ k_cache,
                       const typename C::storage* __restrict__ v_cache,
-                      const int* __restrict__ positions, float* __restrict__ out,
-                      u8* __restrict__ out_q8, u32 n_tokens, u32 n_heads, u32 n_kv_heads,
-                      u32 head_dim, u32 capacity, float scale, u32 window, float softcap,
-                      u32 heads_per_block, u32 tokens_per_block) {
+                      const int* __restrict__ positions, const int* slots,
+                      float* __restrict__ out, u8* __restrict__ out_q8, u32 n_tokens,
+                      u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 capacity, u32 n_slots,
+                      float scale, u32 window, float softcap, u32 heads_per_block,
+                      u32 tokens_per_block) {
     // Launched serialized (src/ops/attention.rs), so it does not chain (common.cuh).
     extern __shared__ __align__(16) float shared[];
     const u32 ld = head_dim + 1;
@@ -645,14 +668,18 @@ __global__ void __launch_bounds__(AP_THREADS)
                token_of(r) < n_tokens;
     };
 
+    // Each row's last and first visible rows, virtual (-1 and ~0: none).
     if (warp == 0) {
         const u32 r = lane;
         int p = -1;
         if (exists(r)) {
             p = positions[token_of(r)];
-            if (p >= 0 && (u32)p >= capacity) p = -1;
+            const int slot = token_slot(slots, token_of(r), n_slots);
+            p = p >= 0 && (u32)p < capacity && slot >= 0 ? slot * (int)capacity + p : -1;
         }
-        const u32 first = p >= 0 ? first_visible((u32)p, window) : 0xffffffffu;
+        const u32 first = p >= 0 ? (u32)p - (u32)p % capacity +
+                                       first_visible((u32)p % capacity, window)
+                                 : 0xffffffffu;
         row_pos[r] = p;
         row_first[r] = first;
         row_max[r] = neg_inf();
@@ -677,18 +704,25 @@ __global__ void __launch_bounds__(AP_THREADS)
 #pragma unroll
     for (u32 i = 0; i < DMAX / 4; ++i) acc[i] = 0.0f;
 
-    const typename C::storage* k_head = k_cache + (u64)kvh * capacity * head_dim;
-    const typename C::storage* v_head = v_cache + (u64)kvh * capacity * head_dim;
     const u32 lo = range_lo, hi = range_hi;
-    for (u32 kv0 = lo; any_row && kv0 <= hi; kv0 += AP_TILE) {
+    constexpr u32 NONE = 0xffffffffu;
+    // The first virtual row at or after `from` that some row of the block sees (NONE).
+    auto next_seen = [&](u32 from) {
+        u32 next = NONE;
+        for (u32 r = 0; any_row && r < AP_ROWS; ++r) {
+            if (row_pos[r] >= 0 && (u32)row_pos[r] >= from) next = min(next, max(row_first[r], from));
+        }
+        return next;
+    };
+    for (u32 kv0 = next_seen(lo); kv0 != NONE; kv0 = next_seen(kv0 + AP_TILE)) {
         // Stage the tile's K and V rows as f32 (zeros past hi).
         for (u32 i = threadIdx.x; i < AP_TILE * (head_dim / 8); i += AP_THREADS) {
             const u32 jj = i / (head_dim / 8), d = (i % (head_dim / 8)) * 8;
             float kv[8], vv[8];
             if (kv0 + jj <= hi) {
-                const u64 at = (u64)(kv0 + jj) * head_dim + d;
-                load8<C>(k_head + at, kv);
-                load8<C>(v_head + at, vv);
+                const u64 at = virtual_row_at(kv0 + jj, kvh, n_kv_heads, capacity, head_dim) + d;
+                load8<C>(k_cache + at, kv);
+                load8<C>(v_cache + at, vv);
             } else {
 #pragma unroll
                 for (u32 e = 0; e < 8; ++e) kv[e] = vv[e] = 0.0f;
@@ -879,10 +913,11 @@ template <typename C, u32 DH>
 __global__ void __launch_bounds__(FA_THREADS, 2)
     attention_flash(const float* __restrict__ q, const typename C::storage* __restrict__ k_cache,
                     const typename C::storage* __restrict__ v_cache,
-                    const int* __restrict__ positions, float* __restrict__ out,
-                    u8* __restrict__ out_q8, u32 n_tokens, u32 n_heads, u32 n_kv_heads,
-                    u32 head_dim, u32 capacity, float scale, u32 window, float softcap,
-                    u32 heads_per_block, u32 tokens_per_block) {
+                    const int* __restrict__ positions, const int* slots,
+                    float* __restrict__ out, u8* __restrict__ out_q8, u32 n_tokens,
+                    u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 capacity, u32 n_slots,
+                    float scale, u32 window, float softcap, u32 heads_per_block,
+                    u32 tokens_per_block) {
     // Launched serialized (src/ops/attention.rs), so it does not chain (common.cuh).
     typedef FlashOps<C> Ops;
     constexpr u32 BC = flash_tile_rows(DH);
@@ -920,13 +955,16 @@ __global__ void __launch_bounds__(FA_THREADS, 2)
         return ((u64)token_of(r) * n_heads + h0 + r % heads_per_block) * head_dim;
     };
 
-    // Each row's position (-1: no query, or one outside the cache) and first visible row.
+    // Each row's virtual position (-1: no query, or one outside the cache) and first
+    // visible virtual row.
     if (threadIdx.x < FA_ROWS) {
         const u32 r = threadIdx.x;
         int p = exists(r) ? positions[token_of(r)] : -1;
-        if (p >= 0 && (u32)p >= capacity) p = -1;
-        row_pos[r] = p;
-        row_first[r] = p >= 0 ? (int)first_visible((u32)p, window) : FA_NO_ROW;
+        const int slot = exists(r) ? token_slot(slots, token_of(r), n_slots) : -1;
+        if (p >= 0 && ((u32)p >= capacity || slot < 0)) p = -1;
+        const int base = p >= 0 ? slot * (int)capacity : 0;
+        row_pos[r] = p >= 0 ? base + p : -1;
+        row_first[r] = p >= 0 ? base + (int)first_visible((u32)p, window) : FA_NO_ROW;
     }
     // The queries, scaled, as f16.
     const float q_scale = softcap > 0.0f ? scale : scale * AD_LOG2E;
@@ -950,7 +988,7 @@ __global__ void __launch_bounds__(FA_THREADS, 2)
         lo = __reduce_min_sync(0xffffffffu, lo);
         hi = __reduce_max_sync(0xffffffffu, hi);
         bool gap = false;
-        for (u32 r = lane; window != 0 && r < FA_ROWS; r += 32) {
+        for (u32 r = lane; (window != 0 || slots != nullptr) && r < FA_ROWS; r += 32) {
             const int before = row_first[r] - 1;
             if (row_pos[r] >= 0 && before >= lo) {
                 bool covered = false;
@@ -992,13 +1030,22 @@ __global__ void __launch_bounds__(FA_THREADS, 2)
 
     const int lo = block_lo, hi = block_hi;
     const bool gaps = block_gaps;
-    const typename C::storage* k_head = k_cache + (u64)kvh * capacity * head_dim;
-    const typename C::storage* v_head = v_cache + (u64)kvh * capacity * head_dim;
-    // Whether some query of the block sees cache row j (only asked when there are gaps).
+    // Whether some query of the block sees virtual row j (only asked when there are
+    // gaps).
     auto seen = [&](int j) {
         bool any = false;
         for (u32 r = 0; r < FA_ROWS; ++r) any |= row_first[r] <= j && j <= row_pos[r];
         return any;
+    };
+    // The first virtual row at or after `from` that some query of the block sees
+    // (FA_NO_ROW: none); without gaps, `from` itself up to hi.
+    auto next_seen = [&](int from) {
+        if (!gaps) return from <= hi ? from : FA_NO_ROW;
+        int next = FA_NO_ROW;
+        for (u32 r = 0; r < FA_ROWS; ++r) {
+            if (row_pos[r] >= from) next = min(next, max(row_first[r], from));
+        }
+        return next;
     };
     // Issues the copies of the tile at cache row kv0 into stage `stage`.
     auto issue = [&](int kv0, u32 stage) {
@@ -1008,9 +1055,10 @@ __global__ void __launch_bounds__(FA_THREADS, 2)
             const u32 jj = i / (DH / 8), c = 8 * (i % (DH / 8));
             const int j = kv0 + (int)jj;
             const bool valid = j <= hi && c < head_dim && (!gaps || seen(j));
-            const u64 at = valid ? (u64)j * head_dim + c : 0;
-            decode_copy16(reinterpret_cast<u8*>(ks + jj * LD + c), k_head + at, valid);
-            decode_copy16(reinterpret_cast<u8*>(vs + jj * LD + c), v_head + at, valid);
+            const u64 at =
+                valid ? virtual_row_at((u32)j, kvh, n_kv_heads, capacity, head_dim) + c : 0;
+            decode_copy16(reinterpret_cast<u8*>(ks + jj * LD + c), k_cache + at, valid);
+            decode_copy16(reinterpret_cast<u8*>(vs + jj * LD + c), v_cache + at, valid);
         }
         decode_commit();
     };
@@ -1021,12 +1069,13 @@ __global__ void __launch_bounds__(FA_THREADS, 2)
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
     const float cap_log2e = softcap * AD_LOG2E;
 
-    const int tiles = hi >= lo ? (hi - lo) / (int)BC + 1 : 0;
-    if (tiles > 0) issue(lo, 0);
-    for (int it = 0; it < tiles; ++it) {
-        const int kv0 = lo + it * (int)BC;
-        if (it + 1 < tiles) {
-            issue(kv0 + (int)BC, (it + 1) & 1);
+    // Tiles start at the first seen row and then at the first seen row past each tile.
+    int kv0 = hi >= lo ? next_seen(lo) : FA_NO_ROW;
+    if (kv0 != FA_NO_ROW) issue(kv0, 0);
+    for (int it = 0; kv0 != FA_NO_ROW; ++it) {
+        const int next = next_seen(kv0 + (int)BC);
+        if (next != FA_NO_ROW) {
+            issue(next, (it + 1) & 1);
             decode_wait<1>();
         } else {
             decode_wait<0>();
@@ -1117,6 +1166,7 @@ __global__ void __launch_bounds__(FA_THREADS, 2)
             }
         }
         __syncthreads();  // the stage is free for the copies of tile it + 2
+        kv0 = next;
     }
 
     // Normalise (rows that see nothing get zeros) and stage the outputs as f32 in the

@@ -235,4 +235,16 @@ __device__ __forceinline__ void chain_after_prior_grids(Pointers&... inputs) {
 #endif
 }
 
+// The cache slot of token t (kiln_core::ops::KvAppend defines slots): slots[t], or 0
+// for every token when slots is null; -1 for a slot outside 0..n_slots, which the
+// cache ops skip as they skip a position out of range. Call it after
+// chain_after_prior_grids (slots is not __restrict__, so its loads stay after the wait).
+__device__ __forceinline__ int token_slot(const int* slots, u32 t, u32 n_slots) {
+    if (slots == nullptr) {
+        return 0;
+    }
+    const int s = slots[t];
+    return s >= 0 && (u32)s < n_slots ? s : -1;
+}
+
 }  // namespace kiln

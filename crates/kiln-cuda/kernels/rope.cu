@@ -121,13 +121,14 @@ __global__ void head_norm_rope(const float* __restrict__ x, const float* __restr
     }
 }
 
-// Whether a later token of the call than t has position pos (its row wins, as
-// kv_append defines). Every lane of the warp must call it.
-__device__ __forceinline__ bool shadowed_by_later(const int* positions, u32 t, u32 n_tokens,
-                                                  int pos) {
+// Whether a later token of the call than t has slot `slot` and position pos (its row
+// wins, as kv_append defines). Every lane of the warp must call it.
+__device__ __forceinline__ bool shadowed_by_later(const int* positions, const int* slots,
+                                                  u32 n_slots, u32 t, u32 n_tokens, int pos,
+                                                  int slot) {
     bool later = false;
     for (u32 u = t + 1 + (threadIdx.x & 31u); u < n_tokens; u += 32) {
-        later |= positions[u] == pos;
+        later |= positions[u] == pos && token_slot(slots, u, n_slots) == slot;
     }
     return __any_sync(0xffffffffu, later);
 }
@@ -136,17 +137,20 @@ __device__ __forceinline__ bool shadowed_by_later(const int* positions, u32 t, u
 // query heads, key heads, value heads. One warp per head of one token: a query head
 // is normalized (with q_weight, when not null) and rotated into q_out; a key head
 // likewise (k_weight) into row positions[t] of k_cache; a value head is copied into
-// v_cache. Cache rows are stored as C (F32, or F16 rounded to nearest even); a
-// position outside 0..capacity, or repeated by a later token, writes no cache row.
+// v_cache. The caches are [n_slots, n_kv_heads, capacity, head_dim] and token t writes
+// slot token_slot(slots, t). Cache rows are stored as C (F32, or F16 rounded to nearest
+// even); a position outside 0..capacity, a slot outside 0..n_slots, or a (slot,
+// position) repeated by a later token writes no cache row.
 template <bool NeoX, typename C>
 __global__ void qkv_rope_append(const float* __restrict__ qkv, const int* __restrict__ positions,
-                                const float* __restrict__ freq_factors,
+                                const int* slots, const float* __restrict__ freq_factors,
                                 const float* __restrict__ q_weight,
                                 const float* __restrict__ k_weight, float* __restrict__ q_out,
                                 typename C::storage* __restrict__ k_cache,
                                 typename C::storage* __restrict__ v_cache, u32 n_tokens,
                                 u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 rotary_dim,
-                                float base, float freq_scale, float eps, u32 capacity) {
+                                float base, float freq_scale, float eps, u32 capacity,
+                                u32 n_slots) {
     chain_after_prior_grids(qkv, positions);
     const RopeArgs r = {positions, freq_factors, n_heads, head_dim, rotary_dim, base,
                         freq_scale};
@@ -159,13 +163,17 @@ __global__ void qkv_rope_append(const float* __restrict__ qkv, const int* __rest
     const u32 t = (u32)(head_index / heads);
     const u32 h = (u32)(head_index - (u64)t * heads);
     const int pos = positions[t];
+    const int slot = token_slot(slots, t, n_slots);
     const float* xh = qkv + head_index * head_dim;
     const bool is_q = h < n_heads;
     const bool writes_cache =
-        !is_q && pos >= 0 && (u32)pos < capacity && !shadowed_by_later(positions, t, n_tokens, pos);
+        !is_q && pos >= 0 && (u32)pos < capacity && slot >= 0 &&
+        !shadowed_by_later(positions, slots, n_slots, t, n_tokens, pos, slot);
+    // The first row of this token's slot, of KV head 0, in either cache.
+    const u64 slot_row = (u64)(slot < 0 ? 0 : slot) * n_kv_heads * capacity;
     if (h >= n_heads + n_kv_heads) {
         if (writes_cache) {
-            const u64 row = (u64)(h - n_heads - n_kv_heads) * capacity + (u32)pos;
+            const u64 row = slot_row + (u64)(h - n_heads - n_kv_heads) * capacity + (u32)pos;
             typename C::storage* dst = v_cache + row * head_dim;
             for (u32 i = lane; i < head_dim; i += 32) {
                 dst[i] = C::store(xh[i]);
@@ -191,7 +199,7 @@ __global__ void qkv_rope_append(const float* __restrict__ qkv, const int* __rest
         if (is_q) {
             q_out[((u64)t * n_heads + h) * head_dim + i] = v;
         } else {
-            const u64 row = (u64)(h - n_heads) * capacity + (u32)pos;
+            const u64 row = slot_row + (u64)(h - n_heads) * capacity + (u32)pos;
             k_cache[row * head_dim + i] = C::store(v);
         }
     };

@@ -374,12 +374,15 @@ impl CudaBackend {
                     .map_or([None, None], |n| [Some(n.q_weight), Some(n.k_weight)]);
                 let inputs: Vec<_> = [r.qkv, r.positions]
                     .into_iter()
+                    .chain(r.slots)
                     .chain(r.freq_factors)
                     .chain(norm.into_iter().flatten())
                     .collect();
                 bindings.with_operands(&inputs, &op.outputs(), |ins, outs| {
-                    let ff = r.freq_factors.map(|_| ins[2]);
-                    let at = 2 + usize::from(r.freq_factors.is_some());
+                    let slots = r.slots.map(|_| ins[2]);
+                    let at = 2 + usize::from(r.slots.is_some());
+                    let ff = r.freq_factors.map(|_| ins[at]);
+                    let at = at + usize::from(r.freq_factors.is_some());
                     let norm = r.norm.map(|n| ops::rope::QkNormWeights {
                         q_weight: ins[at],
                         k_weight: ins[at + 1],
@@ -393,6 +396,10 @@ impl CudaBackend {
                         v,
                         dtype: cache,
                         capacity: r.capacity,
+                        slots: ops::CacheSlots {
+                            ids: slots,
+                            n_slots: r.n_slots,
+                        },
                     };
                     ops::rope::qkv_rope_append(
                         self,
@@ -436,11 +443,16 @@ impl CudaBackend {
             })?,
             Op::KvAppend(k) => {
                 let cache = dtype(k.cache)?;
-                bindings.with_operands(&[k.src, k.positions], &[k.cache], |ins, outs| {
+                bindings.with_operands(&op.inputs(), &[k.cache], |ins, outs| {
+                    let slots = ops::CacheSlots {
+                        ids: k.slots.map(|_| ins[2]),
+                        n_slots: k.n_slots,
+                    };
                     ops::kv_cache::kv_append(
                         self,
                         ins[0],
                         ins[1],
+                        slots,
                         outs[0],
                         cache,
                         k.n_tokens,
@@ -452,8 +464,7 @@ impl CudaBackend {
             }
             Op::Attention(a) => {
                 let cache = dtype(a.k_cache)?;
-                let inputs = [a.q, a.k_cache, a.v_cache, a.positions];
-                bindings.with_operands(&inputs, &op.outputs(), |ins, outs| {
+                bindings.with_operands(&op.inputs(), &op.outputs(), |ins, outs| {
                     let (out, out_q8) = with_q8_copy(outs);
                     ops::attention::attention(
                         self,
@@ -461,6 +472,7 @@ impl CudaBackend {
                         ins[1],
                         ins[2],
                         ins[3],
+                        a.slots.map(|_| ins[4]),
                         out,
                         out_q8,
                         cache,

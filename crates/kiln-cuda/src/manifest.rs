@@ -106,6 +106,7 @@ fn specs_for_op(op: &Op, graph: &Graph) -> Result<Vec<KernelSpec>> {
             k_bytes: bytes(a.k_cache)?,
             v_bytes: bytes(a.v_cache)?,
             positions_bytes: bytes(a.positions)?,
+            slots_bytes: optional(a.slots)?,
             out_bytes: bytes(a.out)?,
             out_q8_bytes: optional(a.out_q8)?,
         }

@@ -21,6 +21,7 @@ fn shape() -> AttentionShape {
         n_kv_heads: 8,
         head_dim: 128,
         capacity: 4096,
+        n_slots: 1,
         scale: 0.088,
         window: None,
         softcap: None,
@@ -33,7 +34,11 @@ fn args_for(shape: AttentionShape) -> AttentionArgs {
 
 fn args_with(shape: AttentionShape, cache: DType) -> AttentionArgs {
     let nq = shape.n_tokens * shape.n_heads * shape.head_dim * 4;
-    let nkv = shape.n_kv_heads * shape.capacity * shape.head_dim * cache.bytes_for(1).unwrap();
+    let nkv = shape.n_slots
+        * shape.n_kv_heads
+        * shape.capacity
+        * shape.head_dim
+        * cache.bytes_for(1).unwrap();
     AttentionArgs {
         shape,
         cache,
@@ -41,6 +46,7 @@ fn args_with(shape: AttentionShape, cache: DType) -> AttentionArgs {
         k_bytes: nkv,
         v_bytes: nkv,
         positions_bytes: shape.n_tokens * 4,
+        slots_bytes: None,
         out_bytes: nq,
         out_q8_bytes: None,
     }
@@ -98,6 +104,7 @@ fn the_decode_grid_is_sized_by_the_capacity_and_the_device() {
     for (capacity, splits) in [(128, 1), (129, 2), (1000, 8), (6272, 49), (1 << 20, 49)] {
         let plan = args_for(AttentionShape {
             capacity,
+            n_slots: 1,
             ..shape()
         })
         .check()
@@ -156,6 +163,7 @@ fn decode_lanes_and_split_rows_follow_the_head_dim_and_cache() {
 fn a_small_cache_is_not_split_and_needs_no_workspace() {
     let plan = args_for(AttentionShape {
         capacity: 64,
+        n_slots: 1,
         ..shape()
     })
     .check()
@@ -258,6 +266,7 @@ fn flash_blocks_hold_64_rows_of_one_kv_head() {
             n_heads,
             n_kv_heads,
             capacity: 1000,
+            n_slots: 1,
             ..shape()
         })
         .check()
@@ -322,6 +331,7 @@ fn zero_kv_heads_are_rejected() {
 fn a_zero_capacity_is_rejected() {
     let m = rejected(AttentionShape {
         capacity: 0,
+        n_slots: 1,
         ..shape()
     });
     assert_eq!(m, "attention: capacity must be > 0, got 0");
@@ -442,6 +452,7 @@ fn short_positions_are_rejected() {
     let m = invalid(
         AttentionArgs {
             positions_bytes: 0,
+            slots_bytes: None,
             ..args()
         }
         .check(),
@@ -537,24 +548,33 @@ const NMSE: f64 = 1e-9;
 /// each, an NMSE near 1e-7 on these inputs), then sum in f32; 1e-5 leaves a margin.
 const FLASH_NMSE: f64 = 1e-5;
 
-/// One attention problem: shape, cache dtype, and each query's position.
+/// One attention problem: shape, cache dtype, each query's position and (over caches
+/// of several slots) its slot.
 struct Problem {
     shape: AttentionShape,
     cache: DType,
     positions: Vec<i32>,
+    slots: Option<Vec<i32>>,
 }
 
 /// The graph of one attention problem, with a Q8_1 copy of its output when `copy` is
-/// set, and its buffers: `[q, k, v, positions, out]` and the copy.
-fn problem_graph(p: &Problem, copy: bool) -> (Graph, [BufferId; 5], Option<BufferId>) {
+/// set, and its buffers: `[q, k, v, positions, out]`, the copy and the slot ids.
+fn problem_graph(
+    p: &Problem,
+    copy: bool,
+) -> (Graph, [BufferId; 5], Option<BufferId>, Option<BufferId>) {
     let s = p.shape;
     let mut g = Graph::new();
     let qdims = [s.n_tokens, s.n_heads, s.head_dim];
-    let cdims = [s.n_kv_heads, s.capacity, s.head_dim];
+    let cdims = [s.n_slots, s.n_kv_heads, s.capacity, s.head_dim];
     let q = g.persistent("q", DType::F32, &qdims).unwrap();
     let k = g.persistent("k", p.cache, &cdims).unwrap();
     let v = g.persistent("v", p.cache, &cdims).unwrap();
     let pos = g.persistent("pos", DType::I32, &[s.n_tokens]).unwrap();
+    let slots = p
+        .slots
+        .as_ref()
+        .map(|_| g.persistent("slots", DType::I32, &[s.n_tokens]).unwrap());
     let out = g.persistent("out", DType::F32, &qdims).unwrap();
     let out_q8 = copy.then(|| {
         g.persistent("out_q8", DType::Q8_1, &[s.n_tokens, s.n_heads * s.head_dim])
@@ -565,6 +585,7 @@ fn problem_graph(p: &Problem, copy: bool) -> (Graph, [BufferId; 5], Option<Buffe
         k_cache: k,
         v_cache: v,
         positions: pos,
+        slots,
         out,
         out_q8,
         n_tokens: s.n_tokens,
@@ -572,12 +593,13 @@ fn problem_graph(p: &Problem, copy: bool) -> (Graph, [BufferId; 5], Option<Buffe
         n_kv_heads: s.n_kv_heads,
         head_dim: s.head_dim,
         capacity: s.capacity,
+        n_slots: s.n_slots,
         scale: s.scale,
         window: s.window,
         softcap: s.softcap,
     })
     .unwrap();
-    (g, [q, k, v, pos, out], out_q8)
+    (g, [q, k, v, pos, out], out_q8, slots)
 }
 
 /// Runs `p` on the GPU and the CPU (outputs poisoned) and compares the outputs; where
@@ -585,7 +607,7 @@ fn problem_graph(p: &Problem, copy: bool) -> (Graph, [BufferId; 5], Option<Buffe
 /// the same bits and the copy the CPU's Q8_1 rounding of it.
 fn compare(cuda: &kiln_cuda::CudaBackend, rng: &mut rand::rngs::StdRng, p: &Problem) {
     let s = p.shape;
-    let cache_len = s.n_kv_heads * s.capacity * s.head_dim;
+    let cache_len = s.n_slots * s.n_kv_heads * s.capacity * s.head_dim;
     let k = encoded(rng, p.cache, cache_len);
     let v = encoded(rng, p.cache, cache_len);
     compare_caches(cuda, rng, p, k, v);
@@ -606,24 +628,39 @@ fn compare_caches(
         v,
         i32_bytes(&p.positions),
     ];
-    let inputs = |ids: &[BufferId; 5]| -> Vec<(BufferId, Vec<u8>)> {
-        ids.iter().copied().zip(data.iter().cloned()).collect()
+    let slot_bytes = p.slots.as_ref().map(|ids| i32_bytes(ids));
+    let inputs = |ids: &[BufferId; 5], slots: Option<BufferId>| -> Vec<(BufferId, Vec<u8>)> {
+        ids.iter()
+            .copied()
+            .zip(data.iter().cloned())
+            .chain(slots.zip(slot_bytes.clone()))
+            .collect()
     };
-    let (g, ids, _) = problem_graph(p, false);
+    let (g, ids, _, slots) = problem_graph(p, false);
     let out = ids[4];
-    let kernel = args_with(s, p.cache).check().unwrap().kernel;
-    let want = f32s(&run_on(&CpuBackend, &g, &inputs(&ids), &[out], Aliasing::On).unwrap()[0]);
-    let got = run_on(cuda, &g, &inputs(&ids), &[out], Aliasing::On).unwrap();
-    let what = format!("attention {:?} {kernel:?} cache {}", s, p.cache);
+    let kernel = AttentionArgs {
+        slots_bytes: slot_bytes.as_ref().map(Vec::len),
+        ..args_with(s, p.cache)
+    }
+    .check()
+    .unwrap()
+    .kernel;
+    let want =
+        f32s(&run_on(&CpuBackend, &g, &inputs(&ids, slots), &[out], Aliasing::On).unwrap()[0]);
+    let got = run_on(cuda, &g, &inputs(&ids, slots), &[out], Aliasing::On).unwrap();
+    let what = format!(
+        "attention {:?} {kernel:?} cache {} slots {:?}",
+        s, p.cache, p.slots
+    );
     let nmse = match kernel {
         AttentionKernel::Flash { .. } => FLASH_NMSE,
         _ => NMSE,
     };
     assert_close(&what, &f32s(&got[0]), &want, nmse);
     if takes_copy(&s) {
-        let (g, ids, out_q8) = problem_graph(p, true);
+        let (g, ids, out_q8, slots) = problem_graph(p, true);
         let outputs = [ids[4], out_q8.unwrap()];
-        let both = run_on(cuda, &g, &inputs(&ids), &outputs, Aliasing::On).unwrap();
+        let both = run_on(cuda, &g, &inputs(&ids, slots), &outputs, Aliasing::On).unwrap();
         assert!(both[0] == got[0], "{what}: the copy changes the output");
         assert_q8_copy(&format!("{what} with a copy"), &both[0], &both[1]);
     }
@@ -663,12 +700,14 @@ fn problems(n_tokens_max: usize, rng: &mut rand::rngs::StdRng) -> Vec<Problem> {
                         n_kv_heads,
                         head_dim,
                         capacity,
+                        n_slots: 1,
                         scale: 1.0 / (head_dim as f32).sqrt(),
                         window,
                         softcap,
                     },
                     cache,
                     positions,
+                    slots: None,
                 });
             }
         }
@@ -701,6 +740,7 @@ fn prefill_attention_matches_cpu() {
     let shape = AttentionShape {
         n_tokens: 512,
         capacity: 1024,
+        n_slots: 1,
         ..shape()
     };
     let positions = (0..512).collect();
@@ -711,6 +751,7 @@ fn prefill_attention_matches_cpu() {
             shape,
             cache: DType::F16,
             positions,
+            slots: None,
         },
     );
 }
@@ -732,12 +773,14 @@ fn chunk(
             n_kv_heads: heads.1,
             head_dim,
             capacity: n_past + n_tokens + 3,
+            n_slots: 1,
             scale: 1.0 / (head_dim as f32).sqrt(),
             window,
             softcap,
         },
         cache: DType::F16,
         positions: (n_past..n_past + n_tokens).map(|p| p as i32).collect(),
+        slots: None,
     }
 }
 
@@ -794,12 +837,14 @@ fn flash_attention_ignores_cache_rows_no_query_sees() {
             n_kv_heads,
             head_dim,
             capacity,
+            n_slots: 1,
             scale: 0.1,
             window: Some(50),
             softcap: None,
         },
         cache: DType::F16,
         positions,
+        slots: None,
     };
     let cache_len = n_kv_heads * capacity * head_dim;
     let nan = |bytes: &mut Vec<u8>| {
@@ -831,6 +876,7 @@ fn a_query_outside_the_cache_gets_zeros_on_the_gpu() {
             let s = AttentionShape {
                 n_tokens,
                 capacity,
+                n_slots: 1,
                 ..shape()
             };
             let nq = n_tokens * s.n_heads * s.head_dim;
@@ -850,6 +896,7 @@ fn a_query_outside_the_cache_gets_zeros_on_the_gpu() {
                 &k,
                 &v,
                 &pos,
+                None,
                 &mut out,
                 out_q8.as_mut(),
                 DType::F16,
@@ -950,6 +997,7 @@ impl DecodeRig {
             &self.k_dev,
             &self.v_dev,
             &self.pos_dev,
+            None,
             &mut self.out_dev,
             out_q8,
             self.cache,
@@ -981,12 +1029,14 @@ impl DecodeRig {
             &self.v,
             self.cache,
             positions,
+            None,
             &mut want,
             &kiln_cpu::ops::attention::AttentionParams {
                 n_heads: s.n_heads,
                 cache: kiln_cpu::ops::kv_cache::CacheShape {
                     n_kv_heads: s.n_kv_heads,
                     capacity: s.capacity,
+                    n_slots: 1,
                     head_dim: s.head_dim,
                 },
                 scale: s.scale,
@@ -1065,6 +1115,7 @@ fn replay_shapes(n_tokens: usize) -> Vec<(AttentionShape, DType)> {
                     n_kv_heads,
                     head_dim,
                     capacity,
+                    n_slots: 1,
                     scale: 1.0 / (head_dim as f32).sqrt(),
                     window,
                     softcap,
@@ -1128,5 +1179,137 @@ fn decode_queries_at_different_positions_share_one_launch() {
             positions[n_tokens - 1] = shape.capacity as i32 - 1;
             rig.check(cuda, &positions);
         }
+    }
+}
+
+/// Queries of a batched step over `n_slots` slots: a prompt chunk of `chunk`
+/// consecutive positions of one slot, then one decode query of each other slot (each
+/// at its own length, some at the cache's last row), then random (slot, position)
+/// queries up to `n_tokens`.
+fn batch_queries(
+    rng: &mut rand::rngs::StdRng,
+    n_tokens: usize,
+    chunk: usize,
+    n_slots: usize,
+    capacity: usize,
+) -> (Vec<i32>, Vec<i32>) {
+    use rand::Rng;
+    let (mut positions, mut slots) = (Vec::new(), Vec::new());
+    let prompt_slot = rng.random_range(0..n_slots as i32);
+    let start = rng.random_range(0..=capacity - chunk) as i32;
+    for p in start..start + chunk as i32 {
+        positions.push(p);
+        slots.push(prompt_slot);
+    }
+    for s in (0..n_slots as i32).filter(|&s| s != prompt_slot) {
+        if positions.len() < n_tokens {
+            let last = capacity as i32 - 1;
+            positions.push(if s % 3 == 0 {
+                last
+            } else {
+                rng.random_range(0..=last)
+            });
+            slots.push(s);
+        }
+    }
+    while positions.len() < n_tokens {
+        positions.push(rng.random_range(0..capacity as i32));
+        slots.push(rng.random_range(0..n_slots as i32));
+    }
+    (positions, slots)
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn attention_over_slots_matches_cpu() {
+    let cuda = cuda();
+    let mut rng = rng("attention_over_slots_matches_cpu");
+    // (n_heads, n_kv_heads, head_dim, capacity, window, softcap, n_slots)
+    let shapes = [
+        (32, 8, 128, 300, None, None, 5),
+        (12, 2, 80, 200, Some(64), Some(50.0), 17),
+        (8, 4, 112, 17, None, None, 3),
+        (16, 16, 256, 129, None, Some(30.0), 4),
+    ];
+    for cache in [DType::F16, DType::F32] {
+        for &(n_heads, n_kv_heads, head_dim, capacity, window, softcap, n_slots) in &shapes {
+            // The decode kernel (up to 64 queries with slots), then the flash (F16) or
+            // prefill (F32) kernel.
+            for (n_tokens, chunk) in [(1, 1), (5, 1), (37, 9), (64, 17), (150, 100)] {
+                let chunk = chunk.min(capacity);
+                let (positions, slots) =
+                    batch_queries(&mut rng, n_tokens, chunk, n_slots, capacity);
+                let p = Problem {
+                    shape: AttentionShape {
+                        n_tokens,
+                        n_heads,
+                        n_kv_heads,
+                        head_dim,
+                        capacity,
+                        n_slots,
+                        scale: 1.0 / (head_dim as f32).sqrt(),
+                        window,
+                        softcap,
+                    },
+                    cache,
+                    positions,
+                    slots: Some(slots),
+                };
+                compare(cuda, &mut rng, &p);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn queries_of_slots_outside_the_cache_get_zeros_on_the_gpu() {
+    let cuda = cuda();
+    let mut rng = rng("queries_of_slots_outside_the_cache_get_zeros_on_the_gpu");
+    for (cache, n_tokens) in [(DType::F16, 3), (DType::F16, 70), (DType::F32, 70)] {
+        let shape = AttentionShape {
+            n_tokens,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 64,
+            capacity: 32,
+            n_slots: 2,
+            scale: 0.125,
+            window: None,
+            softcap: None,
+        };
+        let mut slots = vec![1; n_tokens];
+        slots[1] = 2;
+        slots[2] = -1;
+        let p = Problem {
+            shape,
+            cache,
+            positions: (0..n_tokens as i32).map(|t| t % 32).collect(),
+            slots: Some(slots),
+        };
+        let (g, ids, _, slot_id) = problem_graph(&p, false);
+        let n = shape.n_tokens * shape.n_heads * shape.head_dim;
+        let cache_len = 2 * shape.n_kv_heads * shape.capacity * shape.head_dim;
+        let inputs = vec![
+            (ids[0], f32_bytes(&uniform(&mut rng, n, 1.0))),
+            (ids[1], encoded(&mut rng, cache, cache_len)),
+            (ids[2], encoded(&mut rng, cache, cache_len)),
+            (ids[3], i32_bytes(&p.positions)),
+            (slot_id.unwrap(), i32_bytes(p.slots.as_ref().unwrap())),
+        ];
+        let got = f32s(&run_on(cuda, &g, &inputs, &[ids[4]], Aliasing::On).unwrap()[0]);
+        let per_token = shape.n_heads * shape.head_dim;
+        for t in [1, 2] {
+            assert!(
+                got[t * per_token..(t + 1) * per_token]
+                    .iter()
+                    .all(|&x| x == 0.0),
+                "{cache} {n_tokens} tokens: token {t} of a slot outside the cache"
+            );
+        }
+        assert!(
+            got[..per_token].iter().any(|&x| x != 0.0),
+            "{cache}: token 0 is in the cache"
+        );
     }
 }

@@ -129,11 +129,13 @@ fn rope_softmax_argmax_and_kv_cache_ops_have_kernels() {
             g.push(KvAppend {
                 src: normed,
                 positions: pos,
+                slots: None,
                 cache: kv,
                 n_tokens: 3,
                 n_kv_heads: 2,
                 head_dim: 64,
                 capacity: 10,
+                n_slots: 1,
             })
             .unwrap();
             assert_covered(&g);
@@ -199,6 +201,7 @@ fn attention_with(
         k_cache: k,
         v_cache: v,
         positions: pos,
+        slots: None,
         out,
         out_q8,
         n_tokens,
@@ -206,6 +209,7 @@ fn attention_with(
         n_kv_heads: 2,
         head_dim,
         capacity,
+        n_slots: 1,
         scale: 0.1,
         window: Some(100),
         softcap: Some(30.0),

@@ -406,11 +406,13 @@ fn qkv_args() -> QkvRopeArgs {
         n_heads: 4,
         n_kv_heads: 2,
         capacity: 9,
+        n_slots: 1,
         params: params(),
         cache: DType::F16,
         norm: Some((1e-6, 128 * 4, 128 * 4)),
         qkv_bytes: 2 * 8 * 128 * 4,
         positions_bytes: 2 * 4,
+        slots_bytes: None,
         freq_factors_bytes: None,
         q_out_bytes: 2 * 4 * 128 * 4,
         k_cache_bytes: 2 * 9 * 128 * 2,
@@ -489,7 +491,11 @@ fn qkv_rope_append_matches_cpu() {
         (37, 4, 2, 64, 64, 64),
         (3, 2, 1, 6, 4, 7),
     ];
-    for (t, nh, nkv, hd, rot, cap) in shapes {
+    // One slot, and three with slot ids (the tokens of several sequences).
+    let cases = [1, 3]
+        .into_iter()
+        .flat_map(|n_slots| shapes.iter().map(move |&shape| (n_slots, shape)));
+    for (n_slots, (t, nh, nkv, hd, rot, cap)) in cases {
         for style in [RopeStyle::Normal, RopeStyle::NeoX] {
             for (with_norm, with_ff, cache) in [
                 (false, true, DType::F32),
@@ -516,11 +522,13 @@ fn qkv_rope_append_matches_cpu() {
                     eps: 1e-6,
                 });
                 let q_out = buf("q_out", DType::F32, &[t, nh, hd]);
-                let k_cache = buf("k", cache, &[nkv, cap, hd]);
-                let v_cache = buf("v", cache, &[nkv, cap, hd]);
+                let slots = (n_slots > 1).then(|| buf("slots", DType::I32, &[t]));
+                let k_cache = buf("k", cache, &[n_slots, nkv, cap, hd]);
+                let v_cache = buf("v", cache, &[n_slots, nkv, cap, hd]);
                 g.push(QkvRopeAppend {
                     qkv,
                     positions: pos,
+                    slots,
                     freq_factors: ff,
                     norm,
                     q_out,
@@ -530,6 +538,7 @@ fn qkv_rope_append_matches_cpu() {
                     n_heads: nh,
                     n_kv_heads: nkv,
                     capacity: cap,
+                    n_slots,
                     params: p,
                 })
                 .unwrap();
@@ -538,16 +547,21 @@ fn qkv_rope_append_matches_cpu() {
                 let mut positions: Vec<i32> = (0..t)
                     .map(|_| rand::Rng::random_range(&mut rng, 0..cap as i32))
                     .collect();
+                let mut slot_ids: Vec<i32> = (0..t)
+                    .map(|_| rand::Rng::random_range(&mut rng, 0..n_slots as i32))
+                    .collect();
                 if t > 1 {
                     positions[t - 1] = positions[0];
+                    slot_ids[t - 1] = slot_ids[0];
                 }
-                let cache_bytes = cache.bytes_for(nkv * cap * hd).unwrap();
+                let cache_len = n_slots * nkv * cap * hd;
+                let cache_bytes = cache.bytes_for(cache_len).unwrap();
                 let old: Vec<u8> = match cache {
-                    DType::F16 => uniform(&mut rng, nkv * cap * hd, 1.0)
+                    DType::F16 => uniform(&mut rng, cache_len, 1.0)
                         .iter()
                         .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
                         .collect(),
-                    _ => f32_bytes(&uniform(&mut rng, nkv * cap * hd, 1.0)),
+                    _ => f32_bytes(&uniform(&mut rng, cache_len, 1.0)),
                 };
                 let mut inputs = vec![
                     (qkv, f32_bytes(&uniform(&mut rng, t * heads * hd, 2.0))),
@@ -555,6 +569,9 @@ fn qkv_rope_append_matches_cpu() {
                     (k_cache, old.clone()),
                     (v_cache, old),
                 ];
+                if let Some(slots) = slots {
+                    inputs.push((slots, i32_bytes(&slot_ids)));
+                }
                 if let Some(ff) = ff {
                     let f: Vec<f32> = uniform(&mut rng, rot / 2, 4.0)
                         .iter()
@@ -570,7 +587,7 @@ fn qkv_rope_append_matches_cpu() {
                 let want = run_on(&CpuBackend, &g, &inputs, &outs, Aliasing::On).unwrap();
                 let got = run_on(cuda, &g, &inputs, &outs, Aliasing::On).unwrap();
                 let what = format!(
-                    "qkv_rope_append {style:?} t={t} {nh}/{nkv}x{hd} rot={rot} cap={cap} norm={with_norm} ff={with_ff} {cache}"
+                    "qkv_rope_append {style:?} t={t} {nh}/{nkv}x{hd} rot={rot} cap={cap} slots={n_slots} norm={with_norm} ff={with_ff} {cache}"
                 );
                 assert_close(&format!("{what} q"), &f32s(&got[0]), &f32s(&want[0]), NMSE);
                 let values = |b: &[u8]| -> Vec<f32> {

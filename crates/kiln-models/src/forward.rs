@@ -8,6 +8,11 @@
 //! [`ForwardGraph::with_sample`] appends a [`Sample`] op that chooses the next token
 //! on the device from those logits.
 //!
+//! [`build_batch`] builds the graph of a batched step: each token carries the slot of
+//! the KV caches it belongs to ([`names::SLOTS`]), so one graph advances several
+//! sequences, and the logits of the rows [`names::LOGIT_ROWS`] lists are projected
+//! ([`names::BATCH_LOGITS`]).
+//!
 //! Where the model holds stacked weights (`blk.N.attn_qkv.weight`,
 //! `blk.N.ffn_gate_up.weight`, [`crate::model::weight_stacks`]), one product computes
 //! the queries, keys and values ([`QkvRopeAppend`] then rotates and appends them) and
@@ -38,6 +43,13 @@ pub mod names {
     pub const LAST_ROW: &str = "input.last_row";
     /// F32 `[1, vocab]`: the logits of the last token.
     pub const LOGITS: &str = "output.logits";
+    /// I32 `[n_tokens]`: each token's cache slot, in a batched graph.
+    pub const SLOTS: &str = "input.slots";
+    /// I32 `[n_logits]`: the rows whose logits a batched graph projects, in order.
+    pub const LOGIT_ROWS: &str = "input.logit_rows";
+    /// F32 `[n_logits, vocab]`: a batched graph's logits, one row per
+    /// [`LOGIT_ROWS`] entry.
+    pub const BATCH_LOGITS: &str = "output.batch_logits";
     /// F32 `[1]`: the uniform number in `[0, 1)` of the sampling head's draw.
     pub const UNIFORM: &str = "input.uniform";
     /// I32 `[1]`: the token the sampling head chose.
@@ -70,7 +82,14 @@ pub struct ForwardGraph {
     pub n_tokens: usize,
     pub token_ids: BufferId,
     pub positions: BufferId,
+    /// The tokens' cache slots ([`names::SLOTS`]) of a batched graph; none (every
+    /// token in slot 0) otherwise.
+    pub slots: Option<BufferId>,
+    /// The rows whose logits are projected: [`names::LAST_ROW`] (`[1]`), or for a
+    /// batched graph [`names::LOGIT_ROWS`] (`[n_logits]`).
     pub last_row: BufferId,
+    /// [`names::LOGITS`] (`[1, vocab]`), or for a batched graph
+    /// [`names::BATCH_LOGITS`] (`[n_logits, vocab]`).
     pub logits: BufferId,
     /// The sampling head, when [`ForwardGraph::with_sample`] added one.
     pub sample: Option<SampleHead>,
@@ -102,8 +121,14 @@ impl ForwardGraph {
         let g = &mut self.graph;
         let uniform = g.persistent(names::UNIFORM, DType::F32, &[1])?;
         let token = g.persistent(names::TOKEN, DType::I32, &[1])?;
-        // The logits are `[1, vocab]`: one row.
-        let vocab = g.desc(self.logits)?.shape.iter().product();
+        let shape = &g.desc(self.logits)?.shape;
+        if shape[0] != 1 {
+            return Err(Error::invalid(
+                "forward graph",
+                "a sample op needs a graph with one row of logits",
+            ));
+        }
+        let vocab = shape[1];
         g.push(Sample {
             logits: self.logits,
             uniform,
@@ -121,13 +146,16 @@ impl ForwardGraph {
     }
 }
 
-/// Sizes of the KV caches a graph appends to.
+/// Sizes of the KV caches a graph appends to: `[slots, n_kv_heads, capacity,
+/// head_dim]` per layer.
 #[derive(Clone, Copy, Debug)]
 pub struct CacheSpec {
-    /// Positions each layer's cache holds.
+    /// Positions each slot of each layer's cache holds.
     pub capacity: usize,
     /// F32 or F16.
     pub dtype: DType,
+    /// Sequences (slots) each cache holds.
+    pub slots: usize,
 }
 
 /// Builds the forward graph for `n_tokens` new tokens.
@@ -141,17 +169,55 @@ pub fn build(
     n_tokens: usize,
     cache: CacheSpec,
 ) -> Result<ForwardGraph> {
+    build_graph(config, weight, n_tokens, cache, None)
+}
+
+/// Builds the graph of a batched step of `n_tokens` tokens, each in the cache slot
+/// [`names::SLOTS`] gives (rows of one slot at the positions [`names::POSITIONS`]
+/// gives), that projects the logits of the `n_logits` rows [`names::LOGIT_ROWS`]
+/// lists into [`names::BATCH_LOGITS`]. Weights as [`build`].
+pub fn build_batch(
+    config: &ModelConfig,
+    weight: &dyn Fn(&str) -> Result<WeightDesc>,
+    n_tokens: usize,
+    n_logits: usize,
+    cache: CacheSpec,
+) -> Result<ForwardGraph> {
+    build_graph(config, weight, n_tokens, cache, Some(n_logits))
+}
+
+/// [`build`], or with `batch` (its number of logits rows) [`build_batch`].
+fn build_graph(
+    config: &ModelConfig,
+    weight: &dyn Fn(&str) -> Result<WeightDesc>,
+    n_tokens: usize,
+    cache: CacheSpec,
+    batch: Option<usize>,
+) -> Result<ForwardGraph> {
     let mut b = Builder {
         g: Graph::new(),
         c: config,
         t: n_tokens,
+        copy_rows: if batch.is_some() { BATCH_COPY_ROWS } else { 1 },
         weight,
     };
     let token_ids = b.g.persistent(names::TOKEN_IDS, DType::I32, &[n_tokens])?;
     let positions = b.g.persistent(names::POSITIONS, DType::I32, &[n_tokens])?;
-    let last_row = b.g.persistent(names::LAST_ROW, DType::I32, &[1])?;
-    let logits =
-        b.g.persistent(names::LOGITS, DType::F32, &[1, config.vocab])?;
+    let (slots, last_row, logits, n_logits) = match batch {
+        Some(n_logits) => (
+            Some(b.g.persistent(names::SLOTS, DType::I32, &[n_tokens])?),
+            b.g.persistent(names::LOGIT_ROWS, DType::I32, &[n_logits])?,
+            b.g.persistent(names::BATCH_LOGITS, DType::F32, &[n_logits, config.vocab])?,
+            n_logits,
+        ),
+        None => (
+            None,
+            b.g.persistent(names::LAST_ROW, DType::I32, &[1])?,
+            b.g.persistent(names::LOGITS, DType::F32, &[1, config.vocab])?,
+            1,
+        ),
+    };
+    let kv = KvSlots { cache, slots };
     let (d, t) = (config.n_embd, n_tokens);
 
     let embd = b.w("token_embd.weight", &[config.vocab, d])?;
@@ -183,7 +249,7 @@ pub fn build(
             &format!("l{l}.attn"),
             attn_copy,
         )?;
-        let attn = b.attention(l, normed, positions, freq_factors, cache)?;
+        let attn = b.attention(l, normed, positions, freq_factors, kv)?;
         let ffn_copy = b.quantized(
             &[
                 "ffn_gate_up",
@@ -207,8 +273,8 @@ pub fn build(
             None => b.feed_forward(l, normed)?,
         });
     }
-    // One token: the head reads the final norm (and its Q8_1 copy). Several: one
-    // gathered row of it.
+    // One token: the head reads the final norm (and its Q8_1 copy). Several: the
+    // gathered rows of it (the last, or a batch's listed rows).
     let head = if config.tied_embeddings {
         "token_embd.weight"
     } else {
@@ -216,15 +282,15 @@ pub fn build(
     };
     let head_copy = b.quantized(&[head.to_string()]);
     let (_, normed) = b.residual_norm(resid, branch, "output_norm.weight", "out", head_copy)?;
-    let last = if t == 1 {
+    let last = if t == 1 && n_logits == 1 {
         normed
     } else {
-        let last = b.g.transient("last_hidden", DType::F32, &[1, d])?;
+        let last = b.g.transient("last_hidden", DType::F32, &[n_logits, d])?;
         b.g.push(Embedding {
             table: normed.x,
             ids: last_row,
             out: last,
-            n_tokens: 1,
+            n_tokens: n_logits,
             vocab: t,
             dim: d,
         })?;
@@ -244,7 +310,7 @@ pub fn build(
         w: out_w,
         bias: None,
         out: logits,
-        m: 1,
+        m: n_logits,
         n: config.vocab,
         k: d,
     })?;
@@ -253,10 +319,18 @@ pub fn build(
         n_tokens,
         token_ids,
         positions,
+        slots,
         last_row,
         logits,
         sample: None,
     })
+}
+
+/// The KV caches' sizes and the tokens' slots ([`ForwardGraph::slots`]).
+#[derive(Clone, Copy)]
+struct KvSlots {
+    cache: CacheSpec,
+    slots: Option<BufferId>,
 }
 
 /// An F32 activation and its optional Q8_1 copy.
@@ -273,10 +347,18 @@ impl From<BufferId> for Act {
     }
 }
 
+/// The most rows of a batched graph whose block-format products read Q8_1 copies of
+/// their activations, as a one-token graph's do: the rows a device's mat-vec takes
+/// (kiln-cuda's `MATVEC_MAX_ROWS`), so that a sequence's decode tokens are computed
+/// the same way alone and in a batch of up to this many.
+pub const BATCH_COPY_ROWS: usize = 8;
+
 struct Builder<'a> {
     g: Graph,
     c: &'a ModelConfig,
     t: usize,
+    /// The most rows for which activations get Q8_1 copies ([`Builder::act_with_copy`]).
+    copy_rows: usize,
     weight: &'a dyn Fn(&str) -> Result<WeightDesc>,
 }
 
@@ -315,12 +397,12 @@ impl Builder<'_> {
     }
 
     /// A transient F32 activation of `[n_tokens, width]` and, for a decode graph (one
-    /// token) when `copy` is set and the width allows it, a Q8_1 copy for the
-    /// mat-vecs that read it ([`kiln_core::ops::Q8_COPY`]; the prefill mat-mat does
-    /// not read one).
+    /// token, or a batched graph of up to [`BATCH_COPY_ROWS`]) when `copy` is set and
+    /// the width allows it, a Q8_1 copy for the mat-vecs that read it
+    /// ([`kiln_core::ops::Q8_COPY`]; the prefill mat-mat does not read one).
     fn act_with_copy(&mut self, name: &str, width: usize, copy: bool) -> Result<Act> {
         let x = self.act(name, width)?;
-        let q8 = if copy && self.t == 1 && width % Q8_COPY.block_size() == 0 {
+        let q8 = if copy && self.t <= self.copy_rows && width % Q8_COPY.block_size() == 0 {
             Some(
                 self.g
                     .transient(format!("{name}.q8"), Q8_COPY, &[self.t, width])?,
@@ -421,11 +503,12 @@ impl Builder<'_> {
         x: Act,
         positions: BufferId,
         freq_factors: Option<BufferId>,
-        cache: CacheSpec,
+        kv: KvSlots,
     ) -> Result<BufferId> {
         let c = self.c;
         let (d, t, hd) = (c.n_embd, self.t, c.head_dim);
-        let shape = [c.n_kv_heads, cache.capacity, hd];
+        let (cache, slots) = (kv.cache, kv.slots);
+        let shape = [cache.slots, c.n_kv_heads, cache.capacity, hd];
         let k_cache = self.g.persistent(names::k_cache(l), cache.dtype, &shape)?;
         let v_cache = self.g.persistent(names::v_cache(l), cache.dtype, &shape)?;
         let q = if self.has(&format!("blk.{l}.attn_qkv.weight")) {
@@ -444,6 +527,7 @@ impl Builder<'_> {
             self.g.push(QkvRopeAppend {
                 qkv,
                 positions,
+                slots,
                 freq_factors,
                 norm,
                 q_out,
@@ -453,6 +537,7 @@ impl Builder<'_> {
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,
                 capacity: cache.capacity,
+                n_slots: cache.slots,
                 params: c.rope,
             })?;
             q_out
@@ -466,11 +551,13 @@ impl Builder<'_> {
                 self.g.push(KvAppend {
                     src,
                     positions,
+                    slots,
                     cache: cache_buf,
                     n_tokens: t,
                     n_kv_heads: c.n_kv_heads,
                     head_dim: hd,
                     capacity: cache.capacity,
+                    n_slots: cache.slots,
                 })?;
             }
             q
@@ -486,6 +573,7 @@ impl Builder<'_> {
             k_cache,
             v_cache,
             positions,
+            slots,
             out: out.x,
             out_q8: out.q8,
             n_tokens: t,
@@ -493,6 +581,7 @@ impl Builder<'_> {
             n_kv_heads: c.n_kv_heads,
             head_dim: hd,
             capacity: cache.capacity,
+            n_slots: cache.slots,
             scale: 1.0 / (hd as f32).sqrt(),
             window: None,
             softcap: None,

@@ -19,5 +19,5 @@ pub mod sampler;
 pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig};
-pub use model::{LoadOptions, Model};
+pub use model::{BatchRow, LoadOptions, Model};
 pub use sampler::{Sampler, SamplerConfig};

@@ -18,12 +18,41 @@ pub struct LoadOptions {
     pub context: Option<usize>,
     /// Element type of the KV caches: F32 or F16.
     pub cache_dtype: DType,
+    /// Sequences the KV caches hold at once ([`Model::forward_batch`]), each of
+    /// `context` positions: the caches' memory is `slots` times a single sequence's
+    /// (plus one slot that a batched step's padding rows write when `slots > 1`).
+    pub slots: usize,
 }
 
 impl LoadOptions {
     /// The largest cache [`LoadOptions::context`] `None` allocates.
     pub const DEFAULT_MAX_CONTEXT: usize = 4096;
 }
+
+impl Default for LoadOptions {
+    /// The model's context (capped), F16 caches, one slot.
+    fn default() -> Self {
+        Self {
+            context: None,
+            cache_dtype: DType::F16,
+            slots: 1,
+        }
+    }
+}
+
+/// One token of a batched step ([`Model::forward_batch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchRow {
+    /// The sequence (cache slot) the token continues.
+    pub slot: usize,
+    pub token: u32,
+    /// Whether the step returns this row's logits.
+    pub logits: bool,
+}
+
+/// Row counts of the executables a batched step runs ([`Model::forward_batch`]): a
+/// step of `n` rows runs on the smallest that holds `n`, its other rows padding.
+pub const BATCH_BUCKETS: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
 
 /// Memory a forward pass used: persistent (weights, caches, inputs, outputs) and
 /// scratch, with and without aliasing of transient buffers. A prompt that runs in
@@ -46,8 +75,13 @@ pub struct Model<BE: Backend> {
     memory: HashMap<String, BE::Buffer>,
     scratch: Scratch<BE::Buffer>,
     decode: DecodeSteps<BE>,
+    /// Batched-step executables by row count ([`BATCH_BUCKETS`]).
+    batch_steps: HashMap<usize, Compiled<BE>>,
     cache: CacheSpec,
-    n_past: usize,
+    /// Tokens in each sequence slot's cache (slot 0: [`Model::n_past`]).
+    slot_lens: Vec<usize>,
+    /// Rows the token, position and slot inputs hold.
+    input_rows: usize,
     prefill_chunk: usize,
     last_plan: Option<PlanSummary>,
 }
@@ -82,6 +116,15 @@ impl<BE: Backend> Model<BE> {
         if capacity == 0 {
             return Err(Error::invalid("load", "context must be at least 1"));
         }
+        if options.slots == 0 {
+            return Err(Error::invalid("load", "slots must be at least 1"));
+        }
+        // Several slots get one more, which padding rows of batched steps write.
+        let cache_slots = if options.slots > 1 {
+            options.slots + 1
+        } else {
+            1
+        };
         let raw = raw_weight_descs(file);
         let stacks = if backend.stacks_weights() {
             weight_stacks(&raw)
@@ -96,6 +139,7 @@ impl<BE: Backend> Model<BE> {
         let cache_spec = CacheSpec {
             capacity,
             dtype: options.cache_dtype,
+            slots: cache_slots,
         };
         let graphs = [(1, 0.0), (2, 0.8)]
             .into_iter()
@@ -142,17 +186,23 @@ impl<BE: Backend> Model<BE> {
         for fg in &graphs {
             backend.prepare(&fg.graph)?;
         }
-        let cache = CacheSpec {
-            capacity,
-            dtype: options.cache_dtype,
-        };
+        // A model of several slots runs batched steps: their kernels (mat-vecs of
+        // several rows, mat-mats) are made ready too.
+        if options.slots > 1 {
+            for rows in BATCH_BUCKETS {
+                let planned = planned_batch_graph(&config, &weights, rows, rows, cache_spec)?;
+                backend.prepare(&planned.fg.graph)?;
+            }
+        }
+        let cache = cache_spec;
         let cache_bytes = config
             .kv_dim()
             .checked_mul(capacity)
+            .and_then(|n| n.checked_mul(cache_slots))
             .ok_or_else(|| {
                 Error::invalid(
                     "load",
-                    format!("KV caches of {capacity} positions overflow"),
+                    format!("KV caches of {cache_slots} x {capacity} positions overflow"),
                 )
             })
             .and_then(|n| cache.dtype.bytes_for(n))?;
@@ -160,9 +210,12 @@ impl<BE: Backend> Model<BE> {
             memory.insert(names::k_cache(l), backend.alloc(cache_bytes)?);
             memory.insert(names::v_cache(l), backend.alloc(cache_bytes)?);
         }
+        // Token, position and slot inputs: a chunk of a prompt (at most the capacity)
+        // or of a batched step (at most the capacity or the largest bucket).
+        let input_rows = capacity.max(BATCH_BUCKETS[BATCH_BUCKETS.len() - 1]);
         for (name, bytes) in [
-            (names::TOKEN_IDS, capacity * 4),
-            (names::POSITIONS, capacity * 4),
+            (names::TOKEN_IDS, input_rows * 4),
+            (names::POSITIONS, input_rows * 4),
             (names::LAST_ROW, 4),
             (names::LOGITS, config.vocab * 4),
             (names::UNIFORM, 4),
@@ -171,10 +224,11 @@ impl<BE: Backend> Model<BE> {
             memory.insert(name.to_string(), backend.alloc(bytes)?);
         }
         tracing::debug!(
-            "loaded {} tensors ({:.1} MiB) on {}; the KV caches hold {capacity} positions in {}",
+            "loaded {} tensors ({:.1} MiB) on {}; the KV caches hold {} x {capacity} positions in {}",
             file.tensor_infos().len(),
             total as f64 / (1 << 20) as f64,
             backend.name(),
+            options.slots,
             options.cache_dtype
         );
         Ok(Model {
@@ -184,8 +238,10 @@ impl<BE: Backend> Model<BE> {
             memory,
             scratch: Scratch::new(),
             decode: DecodeSteps::default(),
+            batch_steps: HashMap::new(),
             cache,
-            n_past: 0,
+            slot_lens: vec![0; options.slots],
+            input_rows,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             last_plan: None,
         })
@@ -206,21 +262,51 @@ impl<BE: Backend> Model<BE> {
         self.cache.capacity
     }
 
-    /// Positions already in the caches: the next token's position.
+    /// Positions already in slot 0's caches: the next token's position for
+    /// [`Model::forward`].
     pub fn n_past(&self) -> usize {
-        self.n_past
+        self.slot_lens[0]
     }
 
-    /// Forgets the cached positions, so that the next forward pass starts a new
+    /// Forgets slot 0's cached positions, so that the next forward pass starts a new
     /// sequence at position 0.
     pub fn reset(&mut self) {
-        self.n_past = 0;
+        self.slot_lens[0] = 0;
     }
 
-    /// Forgets the cached positions from `n_past` on (keeps all when there are
+    /// Forgets slot 0's cached positions from `n_past` on (keeps all when there are
     /// fewer), so that the next forward pass continues at position `n_past`.
     pub fn truncate(&mut self, n_past: usize) {
-        self.n_past = self.n_past.min(n_past);
+        self.slot_lens[0] = self.slot_lens[0].min(n_past);
+    }
+
+    /// Sequences the caches hold ([`LoadOptions::slots`]).
+    pub fn slots(&self) -> usize {
+        self.slot_lens.len()
+    }
+
+    /// Tokens already in `slot`'s cache (0 for a slot out of range).
+    pub fn slot_len(&self, slot: usize) -> usize {
+        self.slot_lens.get(slot).copied().unwrap_or(0)
+    }
+
+    /// Forgets `slot`'s tokens (its cache memory is reused by the next sequence);
+    /// does nothing for a slot out of range.
+    pub fn clear_slot(&mut self, slot: usize) {
+        if let Some(len) = self.slot_lens.get_mut(slot) {
+            *len = 0;
+        }
+    }
+
+    /// Bytes of the KV caches of every layer: [`Model::slots`] slots of
+    /// [`Model::capacity`] positions (and the padding slot of batched steps where
+    /// there are several).
+    pub fn kv_cache_bytes(&self) -> usize {
+        (0..self.config.n_layers)
+            .flat_map(|l| [names::k_cache(l), names::v_cache(l)])
+            .filter_map(|name| self.memory.get(&name))
+            .map(DeviceBuffer::bytes)
+            .sum()
     }
 
     /// Bytes of all weight tensors.
@@ -319,6 +405,188 @@ impl<BE: Backend> Model<BE> {
             })
     }
 
+    /// Runs every row at its slot's next position (rows of one slot in order take
+    /// consecutive positions; a batch may mix one prompt chunk of one slot with single
+    /// decode tokens of others) and returns the logits of the rows with `logits: true`,
+    /// in row order, `vocab` values each. Errors (and changes nothing) on a slot out of
+    /// range, a token outside the vocabulary, a slot whose cache would overflow, or an
+    /// empty batch.
+    ///
+    /// Rows run in chunks of at most [`Model::prefill_chunk`] rows (and 64 logits
+    /// rows). A chunk of up to 64 rows runs an executable compiled once per row count
+    /// of [`BATCH_BUCKETS`] and kept (on CUDA, a replayed CUDA graph): the chunk's rows
+    /// are padded to the bucket with rows in the extra slot of a model of several
+    /// slots, which no sequence reads (a one-slot model compiles one per row count
+    /// instead). A larger chunk runs a graph built and executed for it, as a prompt
+    /// chunk of [`Model::forward`] does. Each chunk projects the logits of its
+    /// requested rows only (a bucket's: of its rows).
+    pub fn forward_batch(&mut self, rows: &[BatchRow]) -> Result<Vec<f32>> {
+        let positions = self.check_batch(rows)?;
+        self.ensure_batch_buffers()?;
+        let max_logits = BATCH_BUCKETS[BATCH_BUCKETS.len() - 1];
+        let limit = self.prefill_chunk.min(self.input_rows);
+        let mut logits = Vec::new();
+        let mut at = 0;
+        while at < rows.len() {
+            let (mut end, mut wanted) = (at, 0);
+            while end < rows.len() && end - at < limit && (wanted < max_logits || !rows[end].logits)
+            {
+                wanted += usize::from(rows[end].logits);
+                end += 1;
+            }
+            self.batch_chunk(&rows[at..end], &positions[at..end], &mut logits)?;
+            at = end;
+        }
+        // Positions are consumed once every chunk ran: an error leaves them as they were.
+        for row in rows {
+            self.slot_lens[row.slot] += 1;
+        }
+        Ok(logits)
+    }
+
+    /// Each row's position, after checking that the batch can run.
+    fn check_batch(&self, rows: &[BatchRow]) -> Result<Vec<usize>> {
+        const OP: &str = "forward_batch";
+        if rows.is_empty() {
+            return Err(Error::invalid(OP, "no rows"));
+        }
+        let mut next = self.slot_lens.clone();
+        let mut positions = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            let Some(pos) = next.get_mut(row.slot) else {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "row {i} is in slot {}, outside the model's 0..{}",
+                        row.slot,
+                        self.slots()
+                    ),
+                ));
+            };
+            if *pos >= self.cache.capacity {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "context full: slot {} holds {} positions and the batch adds more than the cache's {} hold",
+                        row.slot, self.slot_lens[row.slot], self.cache.capacity
+                    ),
+                ));
+            }
+            if row.token as usize >= self.config.vocab {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "row {i}: token id {} is outside the vocabulary 0..{}",
+                        row.token, self.config.vocab
+                    ),
+                ));
+            }
+            positions.push(*pos);
+            *pos += 1;
+        }
+        Ok(positions)
+    }
+
+    /// Allocates the inputs and output only batched steps use, once.
+    fn ensure_batch_buffers(&mut self) -> Result<()> {
+        let max_logits = BATCH_BUCKETS[BATCH_BUCKETS.len() - 1];
+        for (name, bytes) in [
+            (names::SLOTS, self.input_rows * 4),
+            (names::LOGIT_ROWS, max_logits * 4),
+            (names::BATCH_LOGITS, max_logits * self.config.vocab * 4),
+        ] {
+            if !self.memory.contains_key(name) {
+                let buf = self.backend.alloc(bytes)?;
+                self.memory.insert(name.to_string(), buf);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one chunk of a batch (`rows` at `positions`, at most 64 of them wanting
+    /// logits) and appends the requested rows' logits to `logits`.
+    fn batch_chunk(
+        &mut self,
+        rows: &[BatchRow],
+        positions: &[usize],
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        let n = rows.len();
+        let wanted: Vec<usize> = (0..n).filter(|&i| rows[i].logits).collect();
+        let largest = BATCH_BUCKETS[BATCH_BUCKETS.len() - 1];
+        // The padding slot, on a model of several slots.
+        let pad_slot = (self.cache.slots > self.slots()).then_some(self.cache.slots - 1);
+        let (n_rows, n_logits) = if n > largest {
+            (n, wanted.len().max(1))
+        } else {
+            let bucket = match pad_slot {
+                Some(_) => *BATCH_BUCKETS.iter().find(|&&b| b >= n).unwrap_or(&largest),
+                None => n,
+            };
+            (bucket, bucket)
+        };
+        let pad = n_rows - n;
+        let tokens = rows.iter().map(|r| r.token as usize);
+        let slots = rows.iter().map(|r| r.slot);
+        let mut logit_rows = wanted.clone();
+        logit_rows.resize(n_logits, 0);
+        let pad_slot = pad_slot.unwrap_or(0);
+        for (name, bytes) in [
+            (
+                names::TOKEN_IDS,
+                i32_bytes(tokens.chain(std::iter::repeat_n(0, pad))),
+            ),
+            (
+                names::POSITIONS,
+                i32_bytes(positions.iter().copied().chain(std::iter::repeat_n(0, pad))),
+            ),
+            (
+                names::SLOTS,
+                i32_bytes(slots.chain(std::iter::repeat_n(pad_slot, pad))),
+            ),
+            (names::LOGIT_ROWS, i32_bytes(logit_rows.into_iter())),
+        ] {
+            let buf = self
+                .memory
+                .get_mut(name)
+                .expect("batch buffers are allocated before a batch");
+            self.backend.upload(buf, &bytes)?;
+        }
+        let (config, weights, cache) = (&self.config, &self.weights, self.cache);
+        if n > largest {
+            let planned = planned_batch_graph(config, weights, n_rows, n_logits, cache)?;
+            self.scratch.ensure(&self.backend, &planned.plan)?;
+            execute(
+                &self.backend,
+                &planned.fg,
+                &planned.plan,
+                &mut self.scratch,
+                &mut self.memory,
+            )?;
+        } else {
+            let compiled = match self.batch_steps.entry(n_rows) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(Compiled::new(
+                    &self.backend,
+                    planned_batch_graph(config, weights, n_rows, n_logits, cache)?,
+                    &mut self.memory,
+                )?),
+            };
+            // SAFETY: as in `step_chunk`: the executable's memory is the model's own.
+            unsafe { self.backend.run(&mut compiled.exe) }?;
+        }
+        let vocab = self.config.vocab;
+        let mut bytes = vec![0u8; wanted.len() * vocab * 4];
+        self.backend
+            .download(self.buffer(names::BATCH_LOGITS), &mut bytes)?;
+        logits.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+        Ok(())
+    }
+
     /// The logits (`vocab` values) of the last token of the last forward step, by
     /// [`Model::forward`] or [`Model::forward_sample`]. Errors before the first step.
     pub fn last_logits(&self) -> Result<Vec<f32>> {
@@ -345,7 +613,7 @@ impl<BE: Backend> Model<BE> {
     ) -> Result<(Vec<LaunchProfile>, Graph)> {
         self.check_step(&[token])?;
         let uniform = sample.map(|_| 0.5);
-        for (name, bytes) in step_inputs(&[token], self.n_past, uniform) {
+        for (name, bytes) in step_inputs(&[token], self.slot_lens[0], uniform) {
             let buf = self
                 .memory
                 .get_mut(name)
@@ -379,12 +647,12 @@ impl<BE: Backend> Model<BE> {
         if t == 0 {
             return Err(Error::invalid("forward", "no tokens"));
         }
-        if self.n_past + t > self.cache.capacity {
+        if self.slot_lens[0] + t > self.cache.capacity {
             return Err(Error::invalid(
                 "forward",
                 format!(
                     "context full: {} cached + {t} new positions exceed the cache's {}",
-                    self.n_past, self.cache.capacity
+                    self.slot_lens[0], self.cache.capacity
                 ),
             ));
         }
@@ -406,7 +674,7 @@ impl<BE: Backend> Model<BE> {
     /// error no position is consumed. Returns when the work is enqueued.
     fn step(&mut self, tokens: &[u32], sample: Option<(SampleParams, f32)>) -> Result<()> {
         self.check_step(tokens)?;
-        let start = self.n_past;
+        let start = self.slot_lens[0];
         let n_chunks = tokens.len().div_ceil(self.prefill_chunk);
         let mut largest: Option<PlanSummary> = None;
         for (i, chunk) in tokens.chunks(self.prefill_chunk).enumerate() {
@@ -415,7 +683,7 @@ impl<BE: Backend> Model<BE> {
                 // The first chunk is the largest.
                 Ok(plan) => largest = largest.or(Some(plan)),
                 Err(e) => {
-                    self.n_past = start;
+                    self.slot_lens[0] = start;
                     return Err(e);
                 }
             }
@@ -436,7 +704,7 @@ impl<BE: Backend> Model<BE> {
     ) -> Result<PlanSummary> {
         let t = tokens.len();
         let params = sample.map(|(p, _)| p);
-        for (name, bytes) in step_inputs(tokens, self.n_past, sample.map(|(_, u)| u)) {
+        for (name, bytes) in step_inputs(tokens, self.slot_lens[0], sample.map(|(_, u)| u)) {
             let buf = self
                 .memory
                 .get_mut(name)
@@ -470,7 +738,7 @@ impl<BE: Backend> Model<BE> {
             )?;
             planned.plan
         };
-        self.n_past += t;
+        self.slot_lens[0] += t;
         Ok(PlanSummary {
             n_tokens: t,
             persistent_bytes: memory_plan.persistent_bytes,
@@ -624,6 +892,20 @@ fn planned_graph(
     Ok(Planned { fg, plan })
 }
 
+/// The batched-step graph of `n_tokens` rows projecting `n_logits` rows' logits
+/// ([`forward::build_batch`]), and its memory plan.
+fn planned_batch_graph(
+    config: &ModelConfig,
+    weights: &HashMap<String, WeightDesc>,
+    n_tokens: usize,
+    n_logits: usize,
+    cache: CacheSpec,
+) -> Result<Planned> {
+    let fg = forward::build_batch(config, &lookup(weights), n_tokens, n_logits, cache)?;
+    let plan = plan(&fg.graph, Aliasing::On);
+    Ok(Planned { fg, plan })
+}
+
 /// The dtype and shape of every tensor of `file`, by name.
 fn raw_weight_descs<B: AsRef<[u8]>>(file: &Gguf<B>) -> HashMap<String, WeightDesc> {
     file.tensor_infos()
@@ -772,13 +1054,17 @@ pub fn graph_for(
     n_tokens: usize,
     cache: CacheSpec,
 ) -> Result<ForwardGraph> {
-    let weight = |name: &str| {
+    forward::build(config, &lookup(weights), n_tokens, cache)
+}
+
+/// The description of each of `weights` by name; a missing one is an error naming it.
+fn lookup(weights: &HashMap<String, WeightDesc>) -> impl Fn(&str) -> Result<WeightDesc> + '_ {
+    |name: &str| {
         weights
             .get(name)
             .cloned()
             .ok_or_else(|| Error::format("model", format!("tensor {name:?} is missing")))
-    };
-    forward::build(config, &weight, n_tokens, cache)
+    }
 }
 
 /// Bindings of `fg`'s transient buffers to `scratch` (sized for `memory_plan`) and of

@@ -21,6 +21,7 @@ fn load_error(bytes: &[u8]) -> std::result::Result<String, String> {
     let options = LoadOptions {
         context: Some(CONTEXT),
         cache_dtype: DType::F32,
+        slots: 1,
     };
     match Model::load(CpuBackend, &file, options, &mut |_, _| {}) {
         Ok(_) => Err("the model loaded".into()),
@@ -128,6 +129,7 @@ fn a_context_length_too_large_for_the_caches_is_an_error() {
     let options = LoadOptions {
         context: Some(usize::MAX / 2),
         cache_dtype: DType::F32,
+        slots: 1,
     };
     let result = no_panic(|| Model::load(CpuBackend, &file, options, &mut |_, _| {}).err());
     let err = result

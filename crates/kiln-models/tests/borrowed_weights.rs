@@ -15,6 +15,7 @@ fn load<BE: Backend>(backend: BE, file: &GgufFile) -> Model<BE> {
     let options = LoadOptions {
         context: Some(64),
         cache_dtype: DType::F32,
+        slots: 1,
     };
     Model::load(backend, file, options, &mut |_, _| {}).unwrap()
 }

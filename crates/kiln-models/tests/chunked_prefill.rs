@@ -31,6 +31,7 @@ fn load(file: &GgufFile, chunk: usize) -> Model<CpuBackend> {
     let options = LoadOptions {
         context: Some(512),
         cache_dtype: DType::F16,
+        slots: 1,
     };
     let mut model = Model::load(CpuBackend, file, options, &mut |_, _| {}).unwrap();
     model.set_prefill_chunk(chunk).unwrap();

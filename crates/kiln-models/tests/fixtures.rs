@@ -70,6 +70,7 @@ fn converted(dtype: DType, dir: &Path) -> (Model<CpuBackend>, Tokenizer) {
     let options = LoadOptions {
         context: Some(256),
         cache_dtype: DType::F32,
+        slots: 1,
     };
     (
         Model::load(CpuBackend, &file, options, &mut |_, _| {}).unwrap(),

@@ -309,6 +309,7 @@ fn load_on<BE: Backend>(backend: BE, bytes: &[u8], cache_dtype: DType) -> Model<
         LoadOptions {
             context: Some(32),
             cache_dtype,
+            slots: 1,
         },
         &mut |_, _| {},
     )
@@ -583,6 +584,7 @@ fn bad_requests_are_clear_errors() {
         LoadOptions {
             context: None,
             cache_dtype: DType::F32,
+            slots: 1,
         },
         &mut |_, _| {},
     )
@@ -604,6 +606,7 @@ fn bad_requests_are_clear_errors() {
     let options = LoadOptions {
         context: Some(32),
         cache_dtype: DType::F32,
+        slots: 1,
     };
     let err = Model::load(CpuBackend, &file, options, &mut |_, _| {})
         .err()

@@ -2,12 +2,13 @@
 //! tolerance and 64 identical greedy tokens for every fixture prompt; decode replayed
 //! as a CUDA graph against the same executable launched one by one and against the
 //! CPU, in several weight formats and on a qwen3-shaped model; the token the device's
-//! sample op chooses against the CPU reference applied to the same logits.
+//! sample op chooses against the CPU reference applied to the same logits; batched
+//! steps over 4 and 16 sequence slots against the CPU's.
 //! Ignored where there is no GPU; run with `--include-ignored` on a GPU machine,
 //! where a missing device fails the test.
 
 mod common;
-use common::greedy_tokens;
+use common::{batched_greedy, greedy_tokens, Sequence};
 use kiln_core::ops::sample::sample_row;
 use kiln_core::ops::SampleParams;
 use kiln_core::{Backend, DType};
@@ -291,6 +292,7 @@ fn load<BE: Backend>(backend: BE, file: &GgufFile, cache_dtype: DType) -> Model<
     let options = LoadOptions {
         context: Some(256),
         cache_dtype,
+        slots: 1,
     };
     Model::load(backend, file, options, &mut |_, _| {}).expect("model loads")
 }
@@ -415,6 +417,52 @@ fn gpu_sample_op_chooses_the_reference_token_of_its_logits() {
                 );
                 tokens = vec![token];
             }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn batched_greedy_tokens_on_the_gpu_match_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_f16(dir.path());
+    let text: Vec<u32> = prompts().concat();
+    for slots in [4, 16] {
+        // `slots` sequences start over the first three steps with prompts of 1 to 40
+        // tokens; the first half leave after 12 tokens and as many join at step 16
+        // (in their slots); each sequence runs for up to 32 steps.
+        let sequences: Vec<Sequence> = (0..slots + slots / 2)
+            .map(|i| {
+                let len = 1 + (i * 13) % 40;
+                let start = (i * 29) % (text.len() - len);
+                let (join, tokens) = match i {
+                    i if i < slots / 2 => (i % 3, 12),
+                    i if i < slots => (i % 3, 32 - i % 3),
+                    _ => (16, 16),
+                };
+                Sequence {
+                    prompt: text[start..start + len].to_vec(),
+                    join,
+                    tokens,
+                }
+            })
+            .collect();
+        let options = LoadOptions {
+            context: Some(96),
+            cache_dtype: DType::F16,
+            slots,
+        };
+        let mut cpu = Model::load(CpuBackend, &file, options, &mut |_, _| {}).unwrap();
+        let mut gpu = Model::load(cuda(), &file, options, &mut |_, _| {}).unwrap();
+        let want = batched_greedy(&mut cpu, &sequences);
+        let got = batched_greedy(&mut gpu, &sequences);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g,
+                w,
+                "{slots} slots: sequence {i} (prompt of {})",
+                sequences[i].prompt.len()
+            );
         }
     }
 }

@@ -41,6 +41,7 @@ fn decode_steps_after_the_first_validate_derive_and_look_up_nothing() {
     let options = LoadOptions {
         context: Some(128),
         cache_dtype: DType::F16,
+        slots: 1,
     };
     let mut model = Model::load(cuda, &file, options, &mut |_, _| {}).unwrap();
     let params = SampleParams {

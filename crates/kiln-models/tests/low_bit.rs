@@ -41,6 +41,7 @@ fn the_small_model_in_q1_0_and_tq2_0_generates_on_the_cpu() {
         let options = LoadOptions {
             context: Some(128),
             cache_dtype: DType::F16,
+            slots: 1,
         };
         let mut model = Model::load(CpuBackend, &file, options, &mut |_, _| {}).unwrap();
         let vocab = model.config().vocab as u32;

@@ -80,6 +80,7 @@ fn converted_on<BE: kiln_core::Backend>(
     let options = LoadOptions {
         context: Some(64),
         cache_dtype: DType::F32,
+        slots: 1,
     };
     Model::load(backend, &file, options, &mut |_, _| {}).unwrap()
 }
@@ -278,6 +279,7 @@ fn load_error(edit: impl FnOnce(&mut kiln_gguf::Metadata), keep: impl Fn(&str) -
     let options = LoadOptions {
         context: Some(16),
         cache_dtype: DType::F32,
+        slots: 1,
     };
     match Model::load(CpuBackend, &file, options, &mut |_, _| {}) {
         Ok(_) => panic!("the edited model loads"),

@@ -89,6 +89,7 @@ fn synthetic_models_load_tokenize_and_run() {
         let options = LoadOptions {
             context: Some(32),
             cache_dtype: DType::F32,
+            slots: 1,
         };
         let mut model = Model::load(CpuBackend, &file, options, &mut |_, _| {}).unwrap();
         let logits = model.forward(&ids).unwrap();

@@ -707,17 +707,27 @@ fn rope_cases(cases: &mut Vec<OpCase>) {
             },
         ));
     }
-    for (cache, norm) in [(DType::F32, false), (DType::F16, true), (DType::F16, false)] {
+    for (cache, norm, n_slots) in [
+        (DType::F32, false, 1),
+        (DType::F16, true, 1),
+        (DType::F16, false, 1),
+        (DType::F16, true, 3),
+    ] {
         let rope = ROPES[1];
         let params = rope_params(rope);
-        let label = format!("cache={cache} qk_norm={norm} {}", rope_label(rope));
+        let slots = if n_slots > 1 {
+            format!(" slots={n_slots}")
+        } else {
+            String::new()
+        };
+        let label = format!("cache={cache} qk_norm={norm} {}{slots}", rope_label(rope));
         let tol = if cache == DType::F16 {
             (1e-6, 1e-6)
         } else {
             ROPE_NMSE
         };
         cases.push(OpCase::new("qkv_rope_append", label, tol, move |rng| {
-            qkv_rope_append(rng, cache, norm, params, rope.3)
+            qkv_rope_append(rng, cache, norm, params, rope.3, n_slots)
         }));
     }
 }
@@ -728,15 +738,18 @@ fn qkv_rope_append(
     norm: bool,
     params: RopeParams,
     with_ff: bool,
+    n_slots: usize,
 ) -> Instance {
-    let (n_tokens, n_heads, n_kv_heads, capacity) = (3, 4, 2, 9);
+    let (n_tokens, n_heads, n_kv_heads, capacity) = (3 * n_slots, 4, 2, 9);
     let hd = params.head_dim;
     let heads = n_heads + 2 * n_kv_heads;
     let mut b = Build::new();
     let qkvv = uniform(rng, n_tokens * heads * hd, 2.0);
-    let pos = distinct_positions(rng, n_tokens, capacity);
+    let (pos, slot_ids) = slot_positions(rng, n_tokens, capacity, n_slots);
     let qkv = b.f32_input("qkv", &[n_tokens, heads, hd], &qkvv);
     let positions = b.input("positions", DType::I32, &[n_tokens], i32_bytes(&pos));
+    let slots =
+        (n_slots > 1).then(|| b.input("slots", DType::I32, &[n_tokens], i32_bytes(&slot_ids)));
     let (ff, ffv) = freq_factors(&mut b, rng, with_ff, params.rotary_dim);
     let eps = 1e-6f32;
     let (qw, kw) = (uniform(rng, hd, 1.5), uniform(rng, hd, 1.5));
@@ -769,12 +782,13 @@ fn qkv_rope_append(
         &[n_tokens, n_heads, hd],
         Oracle::Values(q),
     );
-    let shape = [n_kv_heads, capacity, hd];
-    let k_cache = cache_output(&mut b, rng, "k_cache", cache, shape, &k, &pos);
-    let v_cache = cache_output(&mut b, rng, "v_cache", cache, shape, &v, &pos);
+    let shape = [n_slots, n_kv_heads, capacity, hd];
+    let k_cache = cache_output(&mut b, rng, "k_cache", cache, shape, &k, (&pos, &slot_ids));
+    let v_cache = cache_output(&mut b, rng, "v_cache", cache, shape, &v, (&pos, &slot_ids));
     b.finish(QkvRopeAppend {
         qkv,
         positions,
+        slots,
         freq_factors: ff,
         norm: qk_norm,
         q_out,
@@ -784,28 +798,45 @@ fn qkv_rope_append(
         n_heads,
         n_kv_heads,
         capacity,
+        n_slots,
         params,
     })
 }
 
-/// A cache buffer of `dtype` and `shape` (`[n_kv_heads, capacity, head_dim]`) that
-/// starts with random rows and must end with `rows` (`[n_tokens, n_kv_heads,
-/// head_dim]`, in f64) at `positions`, the later token winning, and every other row
-/// unchanged.
+/// Distinct (slot, position) pairs of `n_tokens` tokens over `n_slots` slots of
+/// `capacity` positions, in random order: the positions, then the slots.
+fn slot_positions(
+    rng: &mut StdRng,
+    n_tokens: usize,
+    capacity: usize,
+    n_slots: usize,
+) -> (Vec<i32>, Vec<i32>) {
+    let cells = distinct_positions(rng, n_tokens, n_slots * capacity);
+    let pos = cells.iter().map(|&c| c % capacity as i32).collect();
+    let slots = cells.iter().map(|&c| c / capacity as i32).collect();
+    (pos, slots)
+}
+
+/// A cache buffer of `dtype` and `shape` (`[n_slots, n_kv_heads, capacity,
+/// head_dim]`) that starts with random rows and must end with `rows` (`[n_tokens,
+/// n_kv_heads, head_dim]`, in f64) at the tokens' `(positions, slots)`, the later
+/// token winning, and every other row unchanged.
 fn cache_output(
     b: &mut Build,
     rng: &mut StdRng,
     role: &'static str,
     dtype: DType,
-    shape: [usize; 3],
+    shape: [usize; 4],
     rows: &[f64],
-    positions: &[i32],
+    (positions, slots): (&[i32], &[i32]),
 ) -> BufferId {
-    let [n_kv_heads, capacity, hd] = shape;
-    let (bytes, mut want) = encode(dtype, &uniform(rng, n_kv_heads * capacity * hd, 1.0));
-    for (t, &p) in positions.iter().enumerate() {
+    let [n_slots, n_kv_heads, capacity, hd] = shape;
+    let len = n_slots * n_kv_heads * capacity * hd;
+    let (bytes, mut want) = encode(dtype, &uniform(rng, len, 1.0));
+    for (t, (&p, &s)) in positions.iter().zip(slots).enumerate() {
         for h in 0..n_kv_heads {
-            want[(h * capacity + p as usize) * hd..][..hd]
+            let head = s as usize * n_kv_heads + h;
+            want[(head * capacity + p as usize) * hd..][..hd]
                 .copy_from_slice(&rows[(t * n_kv_heads + h) * hd..][..hd]);
         }
     }
@@ -1018,10 +1049,15 @@ fn softmax_cases(cases: &mut Vec<OpCase>) {
 
 fn kv_cases(cases: &mut Vec<OpCase>) {
     for cache in [DType::F32, DType::F16] {
-        for repeat in [false, true] {
-            let (n_tokens, n_kv_heads, head_dim, capacity) = (3, 2, 67, 9);
+        for (repeat, n_slots) in [(false, 1), (true, 1), (false, 3), (true, 4)] {
+            let (n_tokens, n_kv_heads, head_dim, capacity) = (3 * n_slots, 2, 67, 9);
+            let slots = if n_slots > 1 {
+                format!(" slots={n_slots}")
+            } else {
+                String::new()
+            };
             let label = format!(
-                "cache={cache} tokens={n_tokens} kv_heads={n_kv_heads} head_dim={head_dim} capacity={capacity} repeated_position={repeat}"
+                "cache={cache} tokens={n_tokens} kv_heads={n_kv_heads} head_dim={head_dim} capacity={capacity} repeated_position={repeat}{slots}"
             );
             // F16 rows are compared with the unrounded f64 rows.
             let tol = if cache == DType::F16 {
@@ -1032,51 +1068,82 @@ fn kv_cases(cases: &mut Vec<OpCase>) {
             cases.push(OpCase::new("kv_append", label, tol, move |rng| {
                 let mut b = Build::new();
                 let sv = uniform(rng, n_tokens * n_kv_heads * head_dim, 2.0);
-                let mut pos = distinct_positions(rng, n_tokens, capacity);
+                let (mut pos, mut slot_ids) = slot_positions(rng, n_tokens, capacity, n_slots);
                 if repeat {
                     pos[n_tokens - 1] = pos[0];
+                    slot_ids[n_tokens - 1] = slot_ids[0];
                 }
                 let src = b.f32_input("src", &[n_tokens, n_kv_heads, head_dim], &sv);
                 let positions = b.input("positions", DType::I32, &[n_tokens], i32_bytes(&pos));
-                let shape = [n_kv_heads, capacity, head_dim];
-                let cache = cache_output(&mut b, rng, "cache", cache, shape, &wide(&sv), &pos);
+                let slots = (n_slots > 1)
+                    .then(|| b.input("slots", DType::I32, &[n_tokens], i32_bytes(&slot_ids)));
+                let shape = [n_slots, n_kv_heads, capacity, head_dim];
+                let rows = wide(&sv);
+                let cache =
+                    cache_output(&mut b, rng, "cache", cache, shape, &rows, (&pos, &slot_ids));
                 b.finish(KvAppend {
                     src,
                     positions,
+                    slots,
                     cache,
                     n_tokens,
                     n_kv_heads,
                     head_dim,
                     capacity,
+                    n_slots,
                 })
             }));
         }
     }
 }
 
-/// Attention settings: (tokens, heads, kv heads, head_dim, window, softcap).
-type AttentionShape = (usize, usize, usize, usize, Option<usize>, Option<f32>);
+/// Attention settings: (tokens, heads, kv heads, head_dim, window, softcap, slots).
+/// With several slots, each query has a random slot and position (a batched step of
+/// several sequences).
+type AttentionShape = (
+    usize,
+    usize,
+    usize,
+    usize,
+    Option<usize>,
+    Option<f32>,
+    usize,
+);
 
-const ATTENTIONS: [AttentionShape; 5] = [
-    (1, 4, 4, 64, None, None),
-    (1, 8, 2, 128, None, None),
-    (7, 4, 2, 64, None, None),
-    (5, 6, 2, 40, Some(4), None),
-    (6, 4, 1, 64, Some(3), Some(20.0)),
+const ATTENTIONS: [AttentionShape; 8] = [
+    (1, 4, 4, 64, None, None, 1),
+    (1, 8, 2, 128, None, None, 1),
+    (7, 4, 2, 64, None, None, 1),
+    (5, 6, 2, 40, Some(4), None, 1),
+    (6, 4, 1, 64, Some(3), Some(20.0), 1),
+    (5, 4, 2, 64, None, None, 3),
+    (9, 6, 2, 40, Some(4), Some(20.0), 4),
+    (70, 4, 2, 64, None, None, 5),
 ];
 
 fn attention_cases(cases: &mut Vec<OpCase>) {
     for cache in [DType::F32, DType::F16] {
         for shape in ATTENTIONS {
-            let (n_tokens, n_heads, n_kv_heads, head_dim, window, softcap) = shape;
-            let kind = if n_tokens == 1 { "decode" } else { "prefill" };
+            let (n_tokens, n_heads, n_kv_heads, head_dim, window, softcap, n_slots) = shape;
+            let kind = match (n_tokens, n_slots) {
+                (1, _) => "decode",
+                (_, 1) => "prefill",
+                _ => "batch",
+            };
+            let slots = if n_slots > 1 {
+                format!(" slots={n_slots}")
+            } else {
+                String::new()
+            };
             let label = format!(
-                "{kind} cache={cache} tokens={n_tokens} heads={n_heads}/{n_kv_heads} head_dim={head_dim} window={window:?} softcap={softcap:?}"
+                "{kind} cache={cache} tokens={n_tokens} heads={n_heads}/{n_kv_heads} head_dim={head_dim} window={window:?} softcap={softcap:?}{slots}"
             );
-            // Several queries over an F16 cache run the CUDA flash kernel, which rounds
-            // the scaled queries and the softmax weights to f16 (docs/kernels.md):
-            // an NMSE near 1e-7, against 1e-9 for the f32 kernels.
-            let device = if kind == "prefill" && cache == DType::F16 {
+            // Several queries over an F16 cache run the CUDA flash kernel (above 4
+            // queries, or above 64 with slot ids), which rounds the scaled queries and
+            // the softmax weights to f16 (docs/kernels.md): an NMSE near 1e-7, against
+            // 1e-9 for the f32 kernels.
+            let flash = n_tokens > if n_slots > 1 { 64 } else { 4 };
+            let device = if flash && cache == DType::F16 {
                 1e-5
             } else {
                 1e-9
@@ -1092,25 +1159,42 @@ fn attention_cases(cases: &mut Vec<OpCase>) {
 }
 
 fn attention(rng: &mut StdRng, cache: DType, shape: AttentionShape) -> Instance {
-    let (n_tokens, n_heads, n_kv_heads, hd, window, softcap) = shape;
-    let capacity = n_tokens + 11;
+    let (n_tokens, n_heads, n_kv_heads, hd, window, softcap, n_slots) = shape;
+    let capacity = if n_slots > 1 { 23 } else { n_tokens + 11 };
     let scale = 1.0 / (hd as f32).sqrt();
     let mut b = Build::new();
     let qv = uniform(rng, n_tokens * n_heads * hd, 2.0);
-    let first = rng.random_range(0..=capacity - n_tokens) as i32;
-    let pos: Vec<i32> = (first..first + n_tokens as i32).collect();
+    let first = rng.random_range(0..=capacity.saturating_sub(n_tokens)) as i32;
+    let (pos, slot_ids): (Vec<i32>, Vec<i32>) = if n_slots > 1 {
+        (0..n_tokens)
+            .map(|_| {
+                (
+                    rng.random_range(0..capacity as i32),
+                    rng.random_range(0..n_slots as i32),
+                )
+            })
+            .unzip()
+    } else {
+        (
+            (first..first + n_tokens as i32).collect(),
+            vec![0; n_tokens],
+        )
+    };
     let q = b.f32_input("q", &[n_tokens, n_heads, hd], &qv);
-    let kv_shape = [n_kv_heads, capacity, hd];
-    let kv_len = n_kv_heads * capacity * hd;
+    let kv_shape = [n_slots, n_kv_heads, capacity, hd];
+    let kv_len = n_slots * n_kv_heads * capacity * hd;
     let (k_cache, kv) = b.encoded_input("k_cache", cache, &kv_shape, &uniform(rng, kv_len, 2.0));
     let (v_cache, vv) = b.encoded_input("v_cache", cache, &kv_shape, &uniform(rng, kv_len, 1.0));
     let positions = b.input("positions", DType::I32, &[n_tokens], i32_bytes(&pos));
+    let slots =
+        (n_slots > 1).then(|| b.input("slots", DType::I32, &[n_tokens], i32_bytes(&slot_ids)));
     let group = n_heads / n_kv_heads;
     let mut want = vec![0f64; n_tokens * n_heads * hd];
     for t in 0..n_tokens {
         let p = pos[t] as usize;
         for h in 0..n_heads {
-            let g = h / group;
+            // KV head g of the query's slot, as one of n_slots * n_kv_heads.
+            let g = slot_ids[t] as usize * n_kv_heads + h / group;
             let qh = &qv[(t * n_heads + h) * hd..][..hd];
             let s: Vec<Option<f64>> = (0..capacity)
                 .map(|j| {
@@ -1144,6 +1228,7 @@ fn attention(rng: &mut StdRng, cache: DType, shape: AttentionShape) -> Instance 
         k_cache,
         v_cache,
         positions,
+        slots,
         out,
         out_q8,
         n_tokens,
@@ -1151,6 +1236,7 @@ fn attention(rng: &mut StdRng, cache: DType, shape: AttentionShape) -> Instance 
         n_kv_heads,
         head_dim: hd,
         capacity,
+        n_slots,
         scale,
         window,
         softcap,

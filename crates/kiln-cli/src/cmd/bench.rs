@@ -11,6 +11,12 @@
 //!   its id.
 //! - `--profile`: the device time of each launch of one decode step at each depth,
 //!   by op kind and by kernel, with the GB/s each op moves.
+//! - `--batch B,...`: batched decode instead of the tests above. For each B, B
+//!   sequences (one cache slot each) run their `-p` prompt tokens in one batched
+//!   step (timed: the prompt processing), then generate `-n` tokens together in `-n`
+//!   timed batched steps of one token per sequence, each sequence's next token the
+//!   argmax of its logits downloaded to the host ([`Model::forward_batch`]). Reports
+//!   the total and per-stream generated tokens/s of those steps.
 
 use super::backend::{run_on, BackendJob};
 use super::device::DeviceArgs;
@@ -89,6 +95,11 @@ pub struct BenchArgs {
     /// 1024 on a GPU, 64 on the CPU).
     #[arg(long)]
     pub copy_mib: Option<usize>,
+    /// Batched decode instead of the pp and tg tests: for each comma-separated count
+    /// B, B sequences each run a `-p` token prompt, then generate `-n` tokens
+    /// together (the first values of `-p` and `-n`; `-d` is not used).
+    #[arg(long, value_delimiter = ',', value_name = "B")]
+    pub batch: Vec<usize>,
 }
 
 /// Mean, sample standard deviation and median.
@@ -155,6 +166,21 @@ pub struct TestResult {
     pub rate: f64,
 }
 
+/// One batched-decode test (`--batch`): `batch` sequences of `n_prompt` prompt tokens
+/// each generating `n_gen` tokens together.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BatchResult {
+    pub batch: usize,
+    pub n_prompt: usize,
+    pub n_gen: usize,
+    /// Seconds of the batched step that runs every prompt.
+    pub prompt_seconds: Stat,
+    /// Generated tokens per second over all sequences.
+    pub total_tokens_per_s: Stat,
+    /// Generated tokens per second of one sequence.
+    pub stream_tokens_per_s: Stat,
+}
+
 /// The time of one op kind or kernel in a profiled decode step.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ProfileRow {
@@ -186,6 +212,7 @@ pub struct BenchReport {
     pub sampler: String,
     pub tests: Vec<TestResult>,
     pub profiles: Vec<Profile>,
+    pub batches: Vec<BatchResult>,
 }
 
 /// What the tests need to know of the model: its shape and the bytes a decode step
@@ -299,10 +326,26 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
         .copied()
         .max()
         .unwrap_or(0);
-    let context = (depth_max + longest).max(1);
+    let batch_max = args.batch.iter().copied().max().unwrap_or(0);
+    let (batch_prompt, batch_gen) = (
+        args.n_prompt.first().copied().unwrap_or(0),
+        args.n_gen.first().copied().unwrap_or(0),
+    );
+    if !args.batch.is_empty() && (args.batch.contains(&0) || batch_gen == 0) {
+        return Err(Error::invalid(
+            "bench",
+            "--batch needs counts of at least 1 and -n of at least 1",
+        ));
+    }
+    let context = if args.batch.is_empty() {
+        (depth_max + longest).max(1)
+    } else {
+        batch_prompt.max(1) + batch_gen
+    };
     let options = LoadOptions {
         context: Some(context),
         cache_dtype: args.cache_type,
+        slots: batch_max.max(1),
     };
     eprintln!(
         "kiln: loading {} ({context} positions)",
@@ -357,7 +400,28 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
     let n_tests = args.depth.len() * per_depth;
     let mut tests = Vec::new();
     let mut profiles = Vec::new();
-    for &d in &args.depth {
+    let mut batches = Vec::new();
+    for &b in &args.batch {
+        let result = batched(
+            &mut model,
+            &tokens,
+            b,
+            batch_prompt,
+            batch_gen,
+            args.repetitions,
+        )?;
+        eprintln!(
+            "kiln: batch {b}: {:.1} t/s generated in all, {:.1} t/s per stream",
+            result.total_tokens_per_s.median, result.stream_tokens_per_s.median
+        );
+        batches.push(result);
+    }
+    let depths: &[usize] = if args.batch.is_empty() {
+        &args.depth
+    } else {
+        &[]
+    };
+    for &d in depths {
         fill_context(&mut model, &tokens[..d])?;
         for &p in args.n_prompt.iter().filter(|&&p| p > 0) {
             let mut rates = Vec::new();
@@ -420,6 +484,70 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
         sampler: format!("{:?}", args.sampler).to_lowercase(),
         tests,
         profiles,
+        batches,
+    })
+}
+
+/// One `--batch` test: `b` sequences in slots `0..b`, each a prompt of `p` tokens (a
+/// window of `tokens` of its own), then `n` greedy tokens, over `reps` timed
+/// repetitions after a warm-up.
+fn batched<BE: Backend>(
+    model: &mut Model<BE>,
+    tokens: &[u32],
+    b: usize,
+    p: usize,
+    n: usize,
+    reps: usize,
+) -> Result<BatchResult> {
+    use kiln_models::BatchRow;
+    let vocab = model.config().vocab;
+    let (mut prompt_secs, mut totals, mut streams) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..=reps {
+        for slot in 0..b {
+            model.clear_slot(slot);
+        }
+        // Every prompt in one batched step (in the model's chunks); a one-token prompt
+        // of each sequence's first token where p is 0.
+        let prompt = p.max(1);
+        let rows: Vec<BatchRow> = (0..b)
+            .flat_map(|slot| {
+                (0..prompt).map(move |i| BatchRow {
+                    slot,
+                    token: tokens[(slot * 31 + i) % tokens.len()],
+                    logits: i + 1 == prompt,
+                })
+            })
+            .collect();
+        let t = Instant::now();
+        let mut logits = model.forward_batch(&rows)?;
+        let prompt_time = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for _ in 0..n {
+            let rows: Vec<BatchRow> = logits
+                .chunks_exact(vocab)
+                .enumerate()
+                .map(|(slot, l)| BatchRow {
+                    slot,
+                    token: kiln_models::sampler::argmax(l) as u32,
+                    logits: true,
+                })
+                .collect();
+            logits = model.forward_batch(&rows)?;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        if rep > 0 {
+            prompt_secs.push(prompt_time);
+            totals.push((b * n) as f64 / secs);
+            streams.push(n as f64 / secs);
+        }
+    }
+    Ok(BatchResult {
+        batch: b,
+        n_prompt: p,
+        n_gen: n,
+        prompt_seconds: Stat::of(&prompt_secs),
+        total_tokens_per_s: Stat::of(&totals),
+        stream_tokens_per_s: Stat::of(&streams),
     })
 }
 
@@ -581,13 +709,15 @@ pub fn print(r: &BenchReport, json: bool) {
         r.backend,
         r.copy_bytes_per_s / 1e9
     );
-    println!(
-        "tg tests sample with the {} sampler on the device",
-        r.sampler
-    );
-    println!();
-    println!("| model | size | params | backend | test | t/s | efficiency |");
-    println!("| --- | ---: | ---: | --- | --- | ---: | ---: |");
+    if !r.tests.is_empty() {
+        println!(
+            "tg tests sample with the {} sampler on the device",
+            r.sampler
+        );
+        println!();
+        println!("| model | size | params | backend | test | t/s | efficiency |");
+        println!("| --- | ---: | ---: | --- | --- | ---: | ---: |");
+    }
     let head = format!(
         "| {} | {} | {} | {} ",
         r.model,
@@ -618,6 +748,28 @@ pub fn print(r: &BenchReport, json: bool) {
             "{head}| {test} | {:.2} ± {:.2} | {efficiency} |",
             t.tokens_per_s.mean, t.tokens_per_s.std
         );
+    }
+    if !r.batches.is_empty() {
+        println!();
+        println!("batched decode: B sequences, each a prompt then generated tokens, one step per token for all (medians)");
+        println!();
+        println!(
+            "| model | backend | B | prompt | gen | prompt time | total t/s | t/s per stream |"
+        );
+        println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for b in &r.batches {
+            println!(
+                "| {} | {} | {} | {} | {} | {:.3} s | {:.1} | {:.1} |",
+                r.model,
+                r.backend,
+                b.batch,
+                b.n_prompt,
+                b.n_gen,
+                b.prompt_seconds.median,
+                b.total_tokens_per_s.median,
+                b.stream_tokens_per_s.median
+            );
+        }
     }
     for p in &r.profiles {
         println!();
@@ -660,6 +812,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let cache = kiln_models::forward::CacheSpec {
         capacity: 1,
         dtype: args.cache_type,
+        slots: 1,
     };
     let weights = kiln_models::model::weight_descs(&file)?;
     let graph = kiln_models::model::graph_for(&config, &weights, 1, cache)?

@@ -133,6 +133,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         CacheSpec {
             capacity: 1,
             dtype: DType::F16,
+            slots: 1,
         },
     )?;
     let sampler = Sampler::new(args.sampler());
@@ -189,6 +190,7 @@ impl BackendJob for GenerateJob<'_> {
             LoadOptions {
                 context: Some(context),
                 cache_dtype,
+                slots: 1,
             },
             &mut |done, _| bar.set_position(done),
         )?;
@@ -232,6 +234,12 @@ impl BackendJob for GenerateJob<'_> {
         }
         writeln!(out).map_err(stdout_error)?;
         if args.verbose {
+            eprintln!(
+                "kiln: KV caches: {} slot(s) of {} positions, {} B",
+                model.slots(),
+                model.capacity(),
+                model.kv_cache_bytes()
+            );
             if let Some(p) = model.last_plan() {
                 eprintln!(
                     "kiln: memory plan ({} tokens): persistent {} B, peak {} B with aliasing, {} B without",

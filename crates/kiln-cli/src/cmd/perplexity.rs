@@ -106,6 +106,7 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         CacheSpec {
             capacity: options.ctx,
             dtype: DType::F16,
+            slots: 1,
         },
     )?;
     let job = PerplexityJob {
@@ -135,6 +136,7 @@ impl BackendJob for PerplexityJob<'_> {
             LoadOptions {
                 context: Some(self.options.ctx),
                 cache_dtype,
+                slots: 1,
             },
             &mut |_, _| {},
         )?;

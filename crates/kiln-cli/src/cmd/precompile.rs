@@ -15,7 +15,7 @@ use kiln_cuda::registry::{CacheMode, KernelCompiler, KernelRegistry};
 use kiln_cuda::{startup, CacheConfig, CudaDevice, KernelSpec};
 use kiln_gguf::Gguf;
 use kiln_models::forward::{self, CacheSpec};
-use kiln_models::model::weight_descs;
+use kiln_models::model::{weight_descs, BATCH_BUCKETS};
 use kiln_models::{LoadOptions, ModelConfig};
 
 use super::device::{resolve, Device, DeviceArgs};
@@ -137,9 +137,24 @@ fn model_specs(path: &Path) -> Result<Vec<KernelSpec>> {
         .clamp(2, LoadOptions::DEFAULT_MAX_CONTEXT);
     let mut specs: Vec<KernelSpec> = Vec::new();
     let mut missing = BTreeSet::new();
-    for n_tokens in [1, 2] {
+    // The one-sequence graphs of one and two tokens, and the batched steps' graphs of
+    // every bucket (their mat-vecs of several rows and mat-mats).
+    let sizes = [1, 2]
+        .into_iter()
+        .map(|n| (n, false))
+        .chain(BATCH_BUCKETS.into_iter().map(|n| (n, true)));
+    for (n_tokens, batch) in sizes {
         for dtype in [DType::F32, DType::F16] {
-            let fwd = forward::build(&config, &weight, n_tokens, CacheSpec { capacity, dtype })?;
+            let cache = CacheSpec {
+                capacity,
+                dtype,
+                slots: if batch { 2 } else { 1 },
+            };
+            let fwd = if batch {
+                forward::build_batch(&config, &weight, n_tokens, n_tokens, cache)?
+            } else {
+                forward::build(&config, &weight, n_tokens, cache)?
+            };
             for op in fwd.graph.ops() {
                 match spec_for_op(op, &fwd.graph) {
                     Ok(spec) if !specs.iter().any(|s| s.key == spec.key) => specs.push(spec),

@@ -1,27 +1,58 @@
-use super::{Checker, OpSpec};
+use super::{ids, Checker, OpSpec};
 use crate::{BufferId, DType, Graph, Result};
 
 /// Dtypes a KV cache may hold.
 pub const CACHE_DTYPES: [DType; 2] = [DType::F32, DType::F16];
 
-/// Writes new key (or value) rows into a cache at the tokens' positions.
+/// Checks a cache-reading or -writing op's sequence slots: `n_slots > 0` and, when
+/// given, an I32 `[n_tokens]` slot buffer.
+pub(crate) fn check_slots(
+    c: &Checker,
+    slots: Option<BufferId>,
+    n_slots: usize,
+    n_tokens: usize,
+) -> Result<()> {
+    c.nonzero(&[("n_slots", n_slots)])?;
+    c.ensure(i32::try_from(n_slots).is_ok(), || {
+        format!("n_slots {n_slots} does not fit an I32 slot id")
+    })?;
+    c.optional("slots", slots, &[DType::I32], n_tokens)
+}
+
+/// Writes new key (or value) rows into a cache at the tokens' slots and positions.
+///
+/// A KV cache holds `n_slots` sequences (slots), each of `capacity` positions:
+/// `[n_slots, n_kv_heads, capacity, head_dim]`, slot-major (one slot is the layout
+/// `[n_kv_heads, capacity, head_dim]`). Every op that reads or writes a cache
+/// ([`KvAppend`], [`super::QkvRopeAppend`], [`super::Attention`]) takes each token's
+/// slot from the same `slots` operand:
+///
+/// - `slots`: optional I32 `[n_tokens]`, token `t`'s slot `s_t`, each in `0..n_slots`;
+///   absent, every token is in slot 0. The CPU reference rejects a slot outside that
+///   range with `InvalidArgument` naming the token; device backends skip the token as
+///   they skip a position out of range.
+///
+/// This op:
 ///
 /// - `src`: F32 `[n_tokens, n_kv_heads, head_dim]`.
 /// - `positions`: I32 `[n_tokens]`, each in `0..capacity`. The CPU reference rejects a
 ///   position outside that range with `InvalidArgument`; device backends skip it.
-/// - `cache`: `[n_kv_heads, capacity, head_dim]`, F32 or F16 (rounded to nearest).
+/// - `cache`: `[n_slots, n_kv_heads, capacity, head_dim]`, F32 or F16 (rounded to
+///   nearest).
 ///
-/// `cache[h, positions[t], :] = src[t, h, :]`; every other cache row is unchanged.
-/// When two tokens share a position, the later token's row is the one kept.
+/// `cache[s_t, h, positions[t], :] = src[t, h, :]`; every other cache row is unchanged.
+/// When two tokens share a slot and a position, the later token's row is the one kept.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KvAppend {
     pub src: BufferId,
     pub positions: BufferId,
+    pub slots: Option<BufferId>,
     pub cache: BufferId,
     pub n_tokens: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub capacity: usize,
+    pub n_slots: usize,
 }
 
 impl OpSpec for KvAppend {
@@ -29,7 +60,7 @@ impl OpSpec for KvAppend {
         "kv_append"
     }
     fn inputs(&self) -> Vec<BufferId> {
-        vec![self.src, self.positions]
+        ids(&[self.src, self.positions], &[self.slots])
     }
     fn outputs(&self) -> Vec<BufferId> {
         vec![self.cache]
@@ -49,11 +80,12 @@ impl OpSpec for KvAppend {
             c.count(&[self.n_tokens, self.n_kv_heads, self.head_dim])?,
         )?;
         c.buffer("positions", self.positions, &[DType::I32], self.n_tokens)?;
+        check_slots(&c, self.slots, self.n_slots, self.n_tokens)?;
         c.buffer(
             "cache",
             self.cache,
             &CACHE_DTYPES,
-            c.count(&[self.n_kv_heads, self.capacity, self.head_dim])?,
+            c.count(&[self.n_slots, self.n_kv_heads, self.capacity, self.head_dim])?,
         )?;
         Ok(())
     }

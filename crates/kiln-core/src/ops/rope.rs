@@ -182,21 +182,24 @@ pub struct QkNorm {
 /// - `qkv`: F32 `[n_tokens, n_heads + 2 * n_kv_heads, head_dim]`: per token, its
 ///   `n_heads` query heads, then `n_kv_heads` key heads, then `n_kv_heads` value heads.
 /// - `positions`: I32 `[n_tokens]`; `freq_factors`: optional F32 `[rotary_dim / 2]`.
+/// - `slots`: optional I32 `[n_tokens]`, each token's cache slot ([`super::KvAppend`]
+///   defines slots).
 /// - `norm`: optional [`QkNorm`].
 /// - `q_out`: F32 `[n_tokens, n_heads, head_dim]`.
-/// - `k_cache`, `v_cache`: `[n_kv_heads, capacity, head_dim]`, F32 or F16 (both the
-///   same dtype).
+/// - `k_cache`, `v_cache`: `[n_slots, n_kv_heads, capacity, head_dim]`, F32 or F16
+///   (both the same dtype).
 ///
 /// It computes what these ops compute in sequence: [`Rope`] (or [`HeadNormRope`]
 /// with `norm`'s query weight) of the query heads into `q_out`; the same of the key
 /// heads (with `norm`'s key weight); [`super::KvAppend`] of the rotated keys into
-/// `k_cache` and of the value heads, unchanged, into `v_cache` (positions outside
-/// `0..capacity` as `KvAppend` defines). Nothing is rounded before the caches' own
+/// `k_cache` and of the value heads, unchanged, into `v_cache`, at each token's slot
+/// and position (slots and positions out of range as `KvAppend` defines). Nothing is rounded before the caches' own
 /// rounding.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QkvRopeAppend {
     pub qkv: BufferId,
     pub positions: BufferId,
+    pub slots: Option<BufferId>,
     pub freq_factors: Option<BufferId>,
     pub norm: Option<QkNorm>,
     pub q_out: BufferId,
@@ -206,6 +209,7 @@ pub struct QkvRopeAppend {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub capacity: usize,
+    pub n_slots: usize,
     pub params: RopeParams,
 }
 
@@ -219,7 +223,7 @@ impl OpSpec for QkvRopeAppend {
             .map_or([None, None], |n| [Some(n.q_weight), Some(n.k_weight)]);
         ids(
             &[self.qkv, self.positions],
-            &[self.freq_factors, norm[0], norm[1]],
+            &[self.slots, self.freq_factors, norm[0], norm[1]],
         )
     }
     fn outputs(&self) -> Vec<BufferId> {
@@ -246,6 +250,7 @@ impl OpSpec for QkvRopeAppend {
             c.count(&[self.n_tokens, heads, hd])?,
         )?;
         c.buffer("positions", self.positions, &[DType::I32], self.n_tokens)?;
+        super::kv_cache::check_slots(&c, self.slots, self.n_slots, self.n_tokens)?;
         c.optional(
             "freq_factors",
             self.freq_factors,
@@ -265,7 +270,7 @@ impl OpSpec for QkvRopeAppend {
             &[DType::F32],
             c.count(&[self.n_tokens, self.n_heads, hd])?,
         )?;
-        let cache = c.count(&[self.n_kv_heads, self.capacity, hd])?;
+        let cache = c.count(&[self.n_slots, self.n_kv_heads, self.capacity, hd])?;
         let k = c.buffer("k_cache", self.k_cache, &super::CACHE_DTYPES, cache)?;
         let v = c.buffer("v_cache", self.v_cache, &super::CACHE_DTYPES, cache)?;
         c.ensure(k.dtype == v.dtype, || {

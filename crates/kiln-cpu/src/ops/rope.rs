@@ -127,11 +127,13 @@ pub(crate) fn execute_head_norm_rope(
 /// [`kiln_core::ops::QkvRopeAppend`]: rotates the query heads of `qkv` into `q_out`
 /// (per-head normalized first with `norm`'s query weight and eps, when given), the key
 /// heads likewise (key weight), and appends the rotated keys and the values to the
-/// caches as [`super::kv_cache::kv_append`] does.
+/// caches at the tokens' slots (slot 0 without `slots`) and positions, as
+/// [`super::kv_cache::kv_append`] does.
 #[allow(clippy::too_many_arguments)]
 pub fn qkv_rope_append(
     qkv: &[f32],
     positions: &[i32],
+    slots: Option<&[i32]>,
     freq_factors: Option<&[f32]>,
     norm: Option<(&[f32], &[f32], f32)>,
     q_out: &mut [f32],
@@ -146,6 +148,8 @@ pub fn qkv_rope_append(
     let n_kv = shape.n_kv_heads;
     let per_token = (n_heads + 2 * n_kv) * hd;
     let n_tokens = positions.len();
+    super::kv_cache::check_positions("qkv_rope_append", positions, shape.capacity)?;
+    super::kv_cache::token_slots("qkv_rope_append", slots, n_tokens, shape.n_slots)?;
     let split = |from: usize, heads: usize| -> Vec<f32> {
         qkv.chunks_exact(per_token)
             .flat_map(|t| t[from * hd..(from + heads) * hd].iter().copied())
@@ -185,8 +189,8 @@ pub fn qkv_rope_append(
             rope(&k, positions, freq_factors, &mut k_rot, n_kv, params);
         }
     }
-    super::kv_cache::kv_append(&k_rot, positions, k_cache, cache_dtype, shape)?;
-    super::kv_cache::kv_append(&v, positions, v_cache, cache_dtype, shape)
+    super::kv_cache::kv_append(&k_rot, positions, slots, k_cache, cache_dtype, shape)?;
+    super::kv_cache::kv_append(&v, positions, slots, v_cache, cache_dtype, shape)
 }
 
 pub(crate) fn execute_qkv_rope_append(
@@ -196,12 +200,13 @@ pub(crate) fn execute_qkv_rope_append(
 ) -> Result<()> {
     let hd = op.params.head_dim;
     let shape = super::kv_cache::CacheShape {
+        n_slots: op.n_slots,
         n_kv_heads: op.n_kv_heads,
         capacity: op.capacity,
         head_dim: hd,
     };
     let dtype = ins.dtype(op.k_cache);
-    let cache_bytes = dtype.bytes_for(op.n_kv_heads * op.capacity * hd)?;
+    let cache_bytes = dtype.bytes_for(shape.elements())?;
     let qkv = ins.view::<f32>(op.qkv, op.n_tokens * (op.n_heads + 2 * op.n_kv_heads) * hd);
     let positions = ins.view::<i32>(op.positions, op.n_tokens);
     let ff = op
@@ -218,6 +223,7 @@ pub(crate) fn execute_qkv_rope_append(
     qkv_rope_append(
         qkv,
         positions,
+        op.slots.map(|s| ins.view(s, op.n_tokens)),
         ff,
         norm,
         bytemuck::cast_slice_mut(&mut q_out[..op.n_tokens * op.n_heads * hd * 4]),

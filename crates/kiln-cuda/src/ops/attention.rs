@@ -1,6 +1,8 @@
 //! Dispatch for [`kiln_core::ops::Attention`] (kernels/attention.cu): flash-decoding
-//! for up to [`DECODE_MAX_TOKENS`] queries; above that, flash attention on tensor cores
-//! over an F16 cache ([`FLASH_CACHES`]), the f32 tiled prefill kernel over an F32 cache.
+//! for up to [`DECODE_MAX_TOKENS`] queries (up to [`DECODE_MAX_SLOT_TOKENS`] when the
+//! queries carry cache slots, where each is likely a different sequence's); above that,
+//! flash attention on tensor cores over an F16 cache ([`FLASH_CACHES`]), the f32 tiled
+//! prefill kernel over an F32 cache.
 //!
 //! The decode launch depends only on the shape (its grid on the capacity, not on the
 //! positions, which live on the device), so one launch record serves every position:
@@ -37,6 +39,12 @@ const OP: &str = "attention";
 
 /// The most queries the decode kernel takes; more run on the prefill kernel.
 pub const DECODE_MAX_TOKENS: usize = 4;
+
+/// The most queries with slot ids the decode kernel takes. A batched decode step's
+/// queries each read their own sequence's rows, which the decode kernel's grid (one
+/// block row per query) spreads over the device; the flash and prefill kernels, whose
+/// blocks hold the queries of several tokens, would walk several sequences per block.
+pub const DECODE_MAX_SLOT_TOKENS: usize = 64;
 
 /// The largest head dimension the kernels take (kernels/attention.cu's MAX_HEAD_DIM).
 pub const MAX_HEAD_DIM: usize = 256;
@@ -209,6 +217,7 @@ pub struct AttentionShape {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub capacity: usize,
+    pub n_slots: usize,
     pub scale: f32,
     pub window: Option<usize>,
     pub softcap: Option<f32>,
@@ -222,6 +231,7 @@ impl From<&kiln_core::ops::Attention> for AttentionShape {
             n_kv_heads: a.n_kv_heads,
             head_dim: a.head_dim,
             capacity: a.capacity,
+            n_slots: a.n_slots,
             scale: a.scale,
             window: a.window,
             softcap: a.softcap,
@@ -238,6 +248,8 @@ pub struct AttentionArgs {
     pub k_bytes: usize,
     pub v_bytes: usize,
     pub positions_bytes: usize,
+    /// The size of the slot ids, when there are some.
+    pub slots_bytes: Option<usize>,
     pub out_bytes: usize,
     /// The size of the output's Q8_1 copy, when there is one.
     pub out_q8_bytes: Option<usize>,
@@ -259,6 +271,7 @@ pub struct AttentionPlan {
     n_kv_heads: u32,
     head_dim: u32,
     capacity: u32,
+    n_slots: u32,
     window: u32,
     softcap: f32,
     heads_per_block: u32,
@@ -270,10 +283,11 @@ impl AttentionArgs {
     /// window > 0, a finite positive softcap; a head dimension the kernels take
     /// ([`check_head_dim`]); buffers of `n_tokens x n_heads x head_dim` F32 queries and
     /// outputs (and as many Q8_1 elements for the copy, when given), `n_tokens` I32
-    /// positions and two `n_kv_heads x capacity x head_dim` caches of `cache` (F32 or
-    /// F16); and grid limits. Picks the decode kernel for up to [`DECODE_MAX_TOKENS`]
-    /// queries, above that the flash kernel over a cache of [`FLASH_CACHES`] and the
-    /// f32 prefill kernel over another. Plans for [`DEFAULT_MULTIPROCESSORS`].
+    /// positions, the slots ([`super::check_slots`]) and two `n_slots x n_kv_heads x
+    /// capacity x head_dim` caches of `cache` (F32 or F16); and grid limits. Picks the
+    /// decode kernel for up to [`DECODE_MAX_TOKENS`] queries ([`DECODE_MAX_SLOT_TOKENS`]
+    /// with slot ids), above that the flash kernel over a cache of [`FLASH_CACHES`] and
+    /// the f32 prefill kernel over another. Plans for [`DEFAULT_MULTIPROCESSORS`].
     pub fn check(&self) -> Result<AttentionPlan> {
         self.check_on(DEFAULT_MULTIPROCESSORS)
     }
@@ -332,9 +346,17 @@ impl AttentionArgs {
             DType::I32,
             self.shape.n_tokens,
         )?;
+        let n_slots = super::check_slots(
+            OP,
+            self.slots_bytes,
+            self.shape.n_tokens,
+            self.shape.n_slots,
+            self.shape.capacity,
+        )?;
         let nkv = count(
             OP,
             &[
+                self.shape.n_slots,
                 self.shape.n_kv_heads,
                 self.shape.capacity,
                 self.shape.head_dim,
@@ -343,7 +365,12 @@ impl AttentionArgs {
         check_bytes(OP, "k_cache", self.k_bytes, self.cache, nkv)?;
         check_bytes(OP, "v_cache", self.v_bytes, self.cache, nkv)?;
         let capacity = to_u32(OP, "capacity", self.shape.capacity)?;
-        let launch = if self.shape.n_tokens <= DECODE_MAX_TOKENS {
+        let decode_max = if self.slots_bytes.is_some() {
+            DECODE_MAX_SLOT_TOKENS
+        } else {
+            DECODE_MAX_TOKENS
+        };
+        let launch = if self.shape.n_tokens <= decode_max {
             self.decode_launch(multiprocessors)?
         } else if FLASH_CACHES.contains(&self.cache) {
             self.flash_launch()?
@@ -361,6 +388,7 @@ impl AttentionArgs {
             n_kv_heads: to_u32(OP, "n_kv_heads", self.shape.n_kv_heads)?,
             head_dim: self.shape.head_dim as u32,
             capacity,
+            n_slots,
             // A window of at least the capacity hides nothing.
             window: self
                 .shape
@@ -419,7 +447,7 @@ impl AttentionArgs {
             // At most MAX_SPLITS.
             splits: splits as u32,
         };
-        // n_tokens is at most DECODE_MAX_TOKENS; the shared memory at most 72 KiB.
+        // n_tokens is at most DECODE_MAX_SLOT_TOKENS; the shared memory at most 72 KiB.
         let grid = (splits as u32, rows_y, self.shape.n_tokens as u32);
         let shared = decode_shared_bytes(tier, lanes) as u32;
         Ok(KernelLaunch {
@@ -569,8 +597,10 @@ impl Workspace {
 
 /// Causal grouped-query attention of `n_tokens` queries over the KV caches, and `out`
 /// rounded to Q8_1 into `out_q8` when given, as [`kiln_core::ops::Attention`] defines;
-/// a query whose position lies outside `0..capacity` gets an output of zeros (and a
-/// copy of those zeros).
+/// a query whose position lies outside `0..capacity`, or whose slot outside
+/// `0..n_slots`, gets an output of zeros (and a copy of those zeros). `slots` holds
+/// the queries' slot ids (or none: every query in slot 0); `shape.n_slots` counts the
+/// caches' slots.
 #[allow(clippy::too_many_arguments)] // the op's operands, each named
 pub fn attention(
     backend: &CudaBackend,
@@ -578,6 +608,7 @@ pub fn attention(
     k_cache: &CudaBuffer,
     v_cache: &CudaBuffer,
     positions: &CudaBuffer,
+    slots: Option<&CudaBuffer>,
     out: &mut CudaBuffer,
     out_q8: Option<&mut CudaBuffer>,
     cache: DType,
@@ -590,6 +621,7 @@ pub fn attention(
         k_bytes: k_cache.bytes(),
         v_bytes: v_cache.bytes(),
         positions_bytes: positions.bytes(),
+        slots_bytes: slots.map(|s| s.bytes()),
         out_bytes: out.bytes(),
         out_q8_bytes: out_q8.as_ref().map(|b| b.bytes()),
     }
@@ -614,6 +646,7 @@ pub fn attention(
         .arg(k_cache.slice())
         .arg(v_cache.slice())
         .arg(positions.slice())
+        .arg(slots.map(|s| s.slice()))
         .arg(out.slice_mut())
         .arg(out_q8.map(|b| b.slice_mut()));
     match plan.kernel {
@@ -628,6 +661,7 @@ pub fn attention(
                 .arg(&plan.n_kv_heads)
                 .arg(&plan.head_dim)
                 .arg(&plan.capacity)
+                .arg(&plan.n_slots)
                 .arg(&shape.scale)
                 .arg(&plan.window)
                 .arg(&plan.softcap)
@@ -639,6 +673,7 @@ pub fn attention(
                 .arg(&plan.n_kv_heads)
                 .arg(&plan.head_dim)
                 .arg(&plan.capacity)
+                .arg(&plan.n_slots)
                 .arg(&shape.scale)
                 .arg(&plan.window)
                 .arg(&plan.softcap)
@@ -648,14 +683,15 @@ pub fn attention(
         }
     }
     // SAFETY: the arguments match `kiln::attention_decode<C, G, LPR>(q, k_cache,
-    // v_cache, positions, out, u8* out_q8, float* work, u32* counters, u32 n_heads,
-    // u32 n_kv_heads, u32 head_dim, u32 capacity, float scale, u32 window,
-    // float softcap, u32 split_rows)` or
+    // v_cache, positions, const int* slots, out, u8* out_q8, float* work, u32*
+    // counters, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 capacity, u32 n_slots,
+    // float scale, u32 window, float softcap, u32 split_rows)` or
     // `kiln::attention_prefill<C, DMAX>` or `kiln::attention_flash<C, DH>(q, k_cache,
-    // v_cache, positions, out, u8* out_q8,
-    // u32 n_tokens, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 capacity,
-    // float scale, u32 window, float softcap, u32 heads_per_block,
-    // u32 tokens_per_block)`; the buffers hold their elements (checked); out_q8 is null
+    // v_cache, positions, const int* slots, out, u8* out_q8, u32 n_tokens, u32
+    // n_heads, u32 n_kv_heads, u32 head_dim, u32 capacity, u32 n_slots, float scale,
+    // u32 window, float softcap, u32 heads_per_block, u32 tokens_per_block)`; the
+    // buffers hold their elements (checked); slots is null or holds n_tokens ids,
+    // every row of every slot numbered by an i32 (checked); out_q8 is null
     // or holds the output's Q8_1 blocks with head_dim a multiple of 32 (checked); the
     // workspace holds the zeroed counters
     // and the partials of every split of the grid (the kernel uses at most those),

@@ -4,7 +4,7 @@ use cudarc::driver::LaunchConfig;
 use kiln_core::{DType, DeviceBuffer, Result};
 
 use super::common::{cache_tag, config, grid_dim, launch, CACHE_DTYPES, MAX_GRID_X};
-use super::{check_bytes, check_nonzero, count, to_u32};
+use super::{check_bytes, check_nonzero, check_slots, count, to_u32, CacheSlots};
 use crate::family::Family;
 use crate::launch::KernelArgs;
 use crate::registry::{KernelSource, KernelSpec};
@@ -46,8 +46,11 @@ pub struct KvAppendArgs {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub capacity: usize,
+    pub n_slots: usize,
     pub src_bytes: usize,
     pub positions_bytes: usize,
+    /// The size of the slot ids, when there are some.
+    pub slots_bytes: Option<usize>,
     pub cache_bytes: usize,
 }
 
@@ -60,12 +63,13 @@ pub struct KvAppendPlan {
     n_kv_heads: u32,
     head_dim: u32,
     capacity: u32,
+    n_slots: u32,
 }
 
 impl KvAppendArgs {
     /// Checks non-zero sizes, a cache dtype of F32 or F16, `n_tokens x n_kv_heads x
-    /// head_dim` F32 rows, `n_tokens` I32 positions and an `n_kv_heads x capacity x
-    /// head_dim` cache.
+    /// head_dim` F32 rows, `n_tokens` I32 positions, the slots ([`check_slots`]) and an
+    /// `n_slots x n_kv_heads x capacity x head_dim` cache.
     pub fn check(&self) -> Result<KvAppendPlan> {
         check_nonzero(
             OP,
@@ -92,12 +96,19 @@ impl KvAppendArgs {
             DType::I32,
             self.n_tokens,
         )?;
+        let n_slots = check_slots(
+            OP,
+            self.slots_bytes,
+            self.n_tokens,
+            self.n_slots,
+            self.capacity,
+        )?;
         check_bytes(
             OP,
             "cache",
             self.cache_bytes,
             self.cache,
-            count(OP, &[per_token, self.capacity])?,
+            count(OP, &[self.n_slots, per_token, self.capacity])?,
         )?;
         to_u32(OP, "n_kv_heads * head_dim", per_token)?;
         let tokens = grid_dim(OP, "n_tokens", self.n_tokens, MAX_GRID_X)?;
@@ -108,17 +119,20 @@ impl KvAppendArgs {
             n_kv_heads: to_u32(OP, "n_kv_heads", self.n_kv_heads)?,
             head_dim: to_u32(OP, "head_dim", self.head_dim)?,
             capacity: to_u32(OP, "capacity", self.capacity)?,
+            n_slots,
         })
     }
 }
 
-/// `cache[h, positions[t], :] = src[t, h, :]` for `n_tokens` tokens, as
-/// [`kiln_core::ops::KvAppend`] defines; a position outside `0..capacity` is skipped.
+/// `cache[slots[t], h, positions[t], :] = src[t, h, :]` for `n_tokens` tokens, as
+/// [`kiln_core::ops::KvAppend`] defines; a position outside `0..capacity` or a slot
+/// outside `0..n_slots` is skipped.
 #[allow(clippy::too_many_arguments)] // the op's operands and shape, each named
 pub fn kv_append(
     backend: &CudaBackend,
     src: &CudaBuffer,
     positions: &CudaBuffer,
+    slots: CacheSlots<'_>,
     cache: &mut CudaBuffer,
     dtype: DType,
     n_tokens: usize,
@@ -132,8 +146,10 @@ pub fn kv_append(
         n_kv_heads,
         head_dim,
         capacity,
+        n_slots: slots.n_slots,
         src_bytes: src.bytes(),
         positions_bytes: positions.bytes(),
+        slots_bytes: slots.ids.map(|s| s.bytes()),
         cache_bytes: cache.bytes(),
     }
     .check()?;
@@ -141,14 +157,17 @@ pub fn kv_append(
     let mut args = KernelArgs::new(backend);
     args.arg(src.slice())
         .arg(positions.slice())
+        .arg(slots.ids.map(|s| s.slice()))
         .arg(cache.slice_mut())
         .arg(&plan.n_tokens)
         .arg(&plan.n_kv_heads)
         .arg(&plan.head_dim)
-        .arg(&plan.capacity);
+        .arg(&plan.capacity)
+        .arg(&plan.n_slots);
     // SAFETY: the arguments match `kiln::kv_append<C>(const float* src, const int*
-    // positions, C::storage* cache, u32 n_tokens, u32 n_kv_heads, u32 head_dim, u32
-    // capacity)`; the buffers hold their elements (checked) and the kernel writes only
-    // rows at positions in 0..capacity.
+    // positions, const int* slots, C::storage* cache, u32 n_tokens, u32 n_kv_heads,
+    // u32 head_dim, u32 capacity, u32 n_slots)`; the buffers hold their elements
+    // (checked), slots is null or holds n_tokens ids, and the kernel writes only rows
+    // at slots in 0..n_slots and positions in 0..capacity.
     unsafe { launch(&kernel, &mut args, plan.config) }
 }

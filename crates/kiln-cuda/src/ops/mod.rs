@@ -149,6 +149,50 @@ pub(crate) fn check_packed(
     ))
 }
 
+/// A cache op's sequence slots ([`kiln_core::ops::KvAppend`] defines them): the
+/// optional I32 `[n_tokens]` slot of each token and the cache's slot count.
+#[derive(Clone, Copy)]
+pub struct CacheSlots<'a> {
+    pub ids: Option<&'a crate::CudaBuffer>,
+    pub n_slots: usize,
+}
+
+impl CacheSlots<'_> {
+    /// Every token in slot 0 of a one-slot cache.
+    pub const ONE: CacheSlots<'static> = CacheSlots {
+        ids: None,
+        n_slots: 1,
+    };
+}
+
+/// Checks a cache op's slots: `n_slots > 0`, every row of every slot numbered by an
+/// `i32` (the attention kernels' virtual rows, `slot * capacity + row`), and, when
+/// given (`slots_bytes`), `n_tokens` I32 slot ids. Returns `n_slots` as the kernels
+/// take it.
+pub(crate) fn check_slots(
+    op: &str,
+    slots_bytes: Option<usize>,
+    n_tokens: usize,
+    n_slots: usize,
+    capacity: usize,
+) -> Result<u32> {
+    check_nonzero(op, &[("n_slots", n_slots)])?;
+    let rows = count(op, &[n_slots, capacity])?;
+    if i32::try_from(rows).is_err() {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "n_slots {n_slots} x capacity {capacity} rows exceed {}",
+                i32::MAX
+            ),
+        ));
+    }
+    if let Some(bytes) = slots_bytes {
+        check_bytes(op, "slots", bytes, DType::I32, n_tokens)?;
+    }
+    to_u32(op, "n_slots", n_slots)
+}
+
 /// The product of `dims`, or an error naming `op` when it overflows.
 pub(crate) fn count(op: &str, dims: &[usize]) -> Result<usize> {
     dims.iter()

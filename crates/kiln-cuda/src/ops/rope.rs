@@ -311,12 +311,15 @@ pub struct QkvRopeArgs {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub capacity: usize,
+    pub n_slots: usize,
     pub params: RopeParams,
     pub cache: DType,
     /// The norm's epsilon and the byte sizes of its query and key weights.
     pub norm: Option<(f32, usize, usize)>,
     pub qkv_bytes: usize,
     pub positions_bytes: usize,
+    /// The size of the slot ids, when there are some.
+    pub slots_bytes: Option<usize>,
     pub freq_factors_bytes: Option<usize>,
     pub q_out_bytes: usize,
     pub k_cache_bytes: usize,
@@ -334,14 +337,16 @@ pub struct QkvRopePlan {
     head_dim: u32,
     rotary_dim: u32,
     capacity: u32,
+    n_slots: u32,
 }
 
 impl QkvRopeArgs {
     /// Checks non-zero sizes, the rotary parameters (as [`RopeArgs::check`]), an F32 or
     /// F16 cache, and buffers of `n_tokens x (n_heads + 2 n_kv_heads) x head_dim` F32
     /// projections, `n_tokens` I32 positions, the optional frequency factors and norm
-    /// weights (`head_dim` F32 each), `n_tokens x n_heads x head_dim` F32 queries out
-    /// and two `n_kv_heads x capacity x head_dim` caches.
+    /// weights (`head_dim` F32 each), `n_tokens x n_heads x head_dim` F32 queries out,
+    /// the slots ([`super::check_slots`]) and two `n_slots x n_kv_heads x capacity x
+    /// head_dim` caches.
     pub fn check(&self) -> Result<QkvRopePlan> {
         let op = QKV_OP;
         let p = &self.params;
@@ -389,7 +394,17 @@ impl QkvRopeArgs {
             DType::F32,
             count(op, &[self.n_tokens, self.n_heads, p.head_dim])?,
         )?;
-        let cache = count(op, &[self.n_kv_heads, self.capacity, p.head_dim])?;
+        let n_slots = super::check_slots(
+            op,
+            self.slots_bytes,
+            self.n_tokens,
+            self.n_slots,
+            self.capacity,
+        )?;
+        let cache = count(
+            op,
+            &[self.n_slots, self.n_kv_heads, self.capacity, p.head_dim],
+        )?;
         check_bytes(op, "k_cache", self.k_cache_bytes, self.cache, cache)?;
         check_bytes(op, "v_cache", self.v_cache_bytes, self.cache, cache)?;
         to_u32(op, "n_tokens * heads", token_heads)?;
@@ -409,6 +424,7 @@ impl QkvRopeArgs {
             head_dim: to_u32(op, "head_dim", p.head_dim)?,
             rotary_dim: to_u32(op, "rotary_dim", p.rotary_dim)?,
             capacity: to_u32(op, "capacity", self.capacity)?,
+            n_slots,
         })
     }
 }
@@ -421,12 +437,13 @@ pub struct QkNormWeights<'a> {
     pub eps: f32,
 }
 
-/// The caches a qkv_rope_append writes, and their dtype.
+/// The caches a qkv_rope_append writes, their dtype, capacity and the tokens' slots.
 pub struct KvCaches<'a> {
     pub k: &'a mut CudaBuffer,
     pub v: &'a mut CudaBuffer,
     pub dtype: DType,
     pub capacity: usize,
+    pub slots: super::CacheSlots<'a>,
 }
 
 /// Splits each token's fused projection `qkv` into heads, rotates (and with `norm`
@@ -451,11 +468,13 @@ pub fn qkv_rope_append(
         n_heads,
         n_kv_heads,
         capacity: caches.capacity,
+        n_slots: caches.slots.n_slots,
         params: *params,
         cache: caches.dtype,
         norm: norm.map(|n| (n.eps, n.q_weight.bytes(), n.k_weight.bytes())),
         qkv_bytes: qkv.bytes(),
         positions_bytes: positions.bytes(),
+        slots_bytes: caches.slots.ids.map(|s| s.bytes()),
         freq_factors_bytes: freq_factors.map(|f| f.bytes()),
         q_out_bytes: q_out.bytes(),
         k_cache_bytes: caches.k.bytes(),
@@ -467,6 +486,7 @@ pub fn qkv_rope_append(
     let mut args = KernelArgs::new(backend);
     args.arg(qkv.slice())
         .arg(positions.slice())
+        .arg(caches.slots.ids.map(|s| s.slice()))
         .arg(freq_factors.map(|f| f.slice()))
         .arg(norm.map(|n| n.q_weight.slice()))
         .arg(norm.map(|n| n.k_weight.slice()))
@@ -481,12 +501,14 @@ pub fn qkv_rope_append(
         .arg(&params.base)
         .arg(&params.freq_scale)
         .arg(&eps)
-        .arg(&plan.capacity);
+        .arg(&plan.capacity)
+        .arg(&plan.n_slots);
     // SAFETY: the arguments match `kiln::qkv_rope_append<NeoX, C>(const float* qkv,
-    // const int* positions, const float* freq_factors, const float* q_weight, const
-    // float* k_weight, float* q_out, C* k_cache, C* v_cache, u32 n_tokens, u32 n_heads,
-    // u32 n_kv_heads, u32 head_dim, u32 rotary_dim, float base, float freq_scale, float
-    // eps, u32 capacity)`; the buffers hold their elements (checked); the optional ones
-    // are null or hold rotary_dim / 2 and head_dim values.
+    // const int* positions, const int* slots, const float* freq_factors, const float*
+    // q_weight, const float* k_weight, float* q_out, C* k_cache, C* v_cache, u32
+    // n_tokens, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 rotary_dim, float base,
+    // float freq_scale, float eps, u32 capacity, u32 n_slots)`; the buffers hold their
+    // elements (checked); the optional ones are null or hold n_tokens slot ids,
+    // rotary_dim / 2 and head_dim values.
     unsafe { launch(&kernel, &mut args, plan.config) }
 }

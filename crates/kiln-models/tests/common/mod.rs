@@ -35,6 +35,7 @@ pub fn load_untrusted(bytes: &[u8]) -> Result<()> {
         let cache = CacheSpec {
             capacity: CONTEXT,
             dtype: DType::F32,
+            slots: 1,
         };
         graph_for(&config, &weights, n_tokens, cache)?;
     }
@@ -57,6 +58,7 @@ pub fn load_untrusted(bytes: &[u8]) -> Result<()> {
     let options = LoadOptions {
         context: Some(CONTEXT),
         cache_dtype: DType::F32,
+        slots: 1,
     };
     let mut model = Model::load(CpuBackend, &file, options, &mut |_, _| {})?;
     assert_eq!(model.config(), &config, "the loaded model's configuration");
@@ -327,5 +329,89 @@ pub fn greedy_tokens<BE: Backend>(model: &mut Model<BE>, prompt: &[u32], n: usiz
         Ok(())
     })
     .expect("generation runs");
+    out
+}
+
+/// A sequence of a batched-generation scenario ([`batched_greedy`]): its prompt, the
+/// step at which it joins the batch, and how many tokens it generates before it
+/// leaves (its slot freed for a later sequence).
+#[derive(Clone, Debug)]
+pub struct Sequence {
+    pub prompt: Vec<u32>,
+    pub join: usize,
+    pub tokens: usize,
+}
+
+/// Greedy generation of every sequence of `sequences` on `model` through
+/// [`Model::forward_batch`], one step at a time: a joining sequence takes the lowest
+/// free slot and runs its whole prompt in that step (logits of its last row only),
+/// placed among the single decode tokens of the sequences already running; a sequence
+/// that has its tokens leaves and its slot is cleared. Returns each sequence's tokens.
+pub fn batched_greedy<BE: Backend>(model: &mut Model<BE>, sequences: &[Sequence]) -> Vec<Vec<u32>> {
+    use kiln_models::BatchRow;
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); sequences.len()];
+    let mut slot_of: Vec<Option<usize>> = vec![None; sequences.len()];
+    let mut free: Vec<usize> = (0..model.slots()).rev().collect();
+    let mut step = 0;
+    while out.iter().zip(sequences).any(|(o, s)| o.len() < s.tokens) {
+        let mut rows = Vec::new();
+        let mut owners = Vec::new();
+        for (i, s) in sequences.iter().enumerate() {
+            if out[i].len() >= s.tokens {
+                continue;
+            }
+            match slot_of[i] {
+                Some(slot) => {
+                    let token = *out[i].last().expect("a running sequence has a token");
+                    rows.push(BatchRow {
+                        slot,
+                        token,
+                        logits: true,
+                    });
+                    owners.push(i);
+                }
+                None if s.join <= step => {
+                    let slot = free.pop().expect("a free slot for a joining sequence");
+                    slot_of[i] = Some(slot);
+                    assert_eq!(model.slot_len(slot), 0, "a free slot is empty");
+                    // The prompt goes in the middle of the rows so far (which may split
+                    // an earlier prompt: only each slot's own rows must stay in order).
+                    let at = rows.len() / 2;
+                    let owner_at = rows[..at].iter().filter(|r| r.logits).count();
+                    let n = s.prompt.len();
+                    for (j, &token) in s.prompt.iter().enumerate().rev() {
+                        let logits = j + 1 == n;
+                        rows.insert(
+                            at,
+                            BatchRow {
+                                slot,
+                                token,
+                                logits,
+                            },
+                        );
+                    }
+                    owners.insert(owner_at, i);
+                }
+                None => {}
+            }
+        }
+        assert!(!rows.is_empty(), "step {step}: nothing to run");
+        let logits = model.forward_batch(&rows).expect("batched step runs");
+        let vocab = model.config().vocab;
+        assert_eq!(
+            logits.len(),
+            owners.len() * vocab,
+            "step {step}: one row of logits per sequence"
+        );
+        for (&i, row) in owners.iter().zip(logits.chunks_exact(vocab)) {
+            out[i].push(kiln_models::sampler::argmax(row) as u32);
+            if out[i].len() == sequences[i].tokens {
+                let slot = slot_of[i].expect("a finished sequence had a slot");
+                model.clear_slot(slot);
+                free.push(slot);
+            }
+        }
+        step += 1;
+    }
     out
 }
