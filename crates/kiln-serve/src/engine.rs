@@ -4,15 +4,7 @@
 use kiln_core::{Backend, Error, Result};
 use kiln_models::Model;
 
-/// One token of a batched forward pass: `token` runs at the next position of `slot`.
-/// Rows of one slot run at consecutive positions, in row order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BatchRow {
-    pub slot: usize,
-    pub token: u32,
-    /// Whether [`Engine::forward_batch`] returns this row's logits.
-    pub logits: bool,
-}
+pub use kiln_models::BatchRow;
 
 /// A model with `slots()` KV-cache slots, each holding one sequence.
 pub trait Engine {
@@ -59,22 +51,25 @@ impl<E: Engine + ?Sized> Engine for Box<E> {
     }
 }
 
-/// Today's [`Model`] as an [`Engine`] of one slot (slot 0): its KV cache.
+/// A [`Model`] as an [`Engine`]: its KV-cache slots ([`kiln_models::LoadOptions::slots`])
+/// and its batched forward pass ([`Model::forward_batch`]).
 pub struct ModelEngine<BE: Backend> {
     model: Model<BE>,
 }
 
 impl<BE: Backend> ModelEngine<BE> {
-    /// The engine over `model`, whose cache it empties.
+    /// The engine over `model`, whose slots it empties.
     pub fn new(mut model: Model<BE>) -> Self {
-        model.reset();
+        for slot in 0..model.slots() {
+            model.clear_slot(slot);
+        }
         ModelEngine { model }
     }
 }
 
 impl<BE: Backend> Engine for ModelEngine<BE> {
     fn slots(&self) -> usize {
-        1
+        self.model.slots()
     }
 
     fn capacity(&self) -> usize {
@@ -86,36 +81,15 @@ impl<BE: Backend> Engine for ModelEngine<BE> {
     }
 
     fn slot_len(&self, slot: usize) -> usize {
-        if slot == 0 {
-            self.model.n_past()
-        } else {
-            0
-        }
+        self.model.slot_len(slot)
     }
 
     fn clear_slot(&mut self, slot: usize) {
-        if slot == 0 {
-            self.model.reset();
-        }
+        self.model.clear_slot(slot)
     }
 
-    /// Runs the rows through [`Model::forward`] in runs that end at each row whose
-    /// logits are wanted (and a last run for trailing rows).
     fn forward_batch(&mut self, rows: &[BatchRow]) -> Result<Vec<f32>> {
-        check_rows(self, rows)?;
-        let mut out = Vec::new();
-        let mut tokens = Vec::new();
-        for (i, row) in rows.iter().enumerate() {
-            tokens.push(row.token);
-            if row.logits || i + 1 == rows.len() {
-                let logits = self.model.forward(&tokens)?;
-                if row.logits {
-                    out.extend(logits);
-                }
-                tokens.clear();
-            }
-        }
-        Ok(out)
+        self.model.forward_batch(rows)
     }
 }
 

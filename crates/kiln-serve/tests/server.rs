@@ -22,6 +22,8 @@ use tokio::sync::oneshot;
 
 /// Positions per sequence: the small model's trained context.
 const CONTEXT: usize = 512;
+/// Sequences a step advances together: concurrent requests share batched steps.
+const SLOTS: usize = 4;
 const MODEL_ID: &str = "shakespeare-tiny";
 
 /// The small model converted to GGUF once per test binary.
@@ -43,6 +45,7 @@ fn load(file: &GgufFile) -> Model<CpuBackend> {
     let options = LoadOptions {
         context: Some(CONTEXT),
         cache_dtype: DType::F32,
+        slots: SLOTS,
     };
     Model::load(CpuBackend, file, options, &mut |_, _| {}).unwrap()
 }
@@ -361,6 +364,15 @@ async fn a_request_returns_the_same_tokens_among_63_others() {
     server
         .wait_for_metric("kiln_requests_total{outcome=\"finished\"}", 64.0)
         .await;
+    // The requests shared steps: more than one sequence per step on average.
+    let (sequences, steps) = (
+        server.metric("kiln_batch_size_sum").await,
+        server.metric("kiln_batch_size_count").await,
+    );
+    assert!(
+        sequences > 1.5 * steps,
+        "{sequences} sequences in {steps} steps"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

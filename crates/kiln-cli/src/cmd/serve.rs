@@ -29,8 +29,9 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port, printed at start).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Sequences to run at once (llama-server's -np). The engine of this build runs
-    /// one sequence at a time: further requests wait in the queue for its slot.
+    /// Sequences to run at once (llama-server's -np): KV-cache slots of `-c` positions
+    /// each, advanced together by each batched step; further requests wait in the
+    /// queue for a slot.
     #[arg(long, visible_alias = "np", default_value_t = 1, value_parser = flags::parallel)]
     pub parallel: usize,
     /// Positions the KV cache of a sequence holds (default: the model's context, at
@@ -80,12 +81,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.context.is_some() {
         flags::warn_above_trained_context(context, config.context_length);
     }
-    if args.parallel > 1 {
-        eprintln!(
-            "kiln: --parallel {}: this build's engine runs one sequence at a time; other requests wait in the queue",
-            args.parallel
-        );
-    }
     let graph = graph_for(
         &config,
         &weight_descs(&file)?,
@@ -93,15 +88,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
         CacheSpec {
             capacity: 1,
             dtype: DType::F16,
+            slots: 1,
         },
     )?;
     let device = args.device.device;
     let ubatch = args.ubatch;
+    let slots = args.parallel;
     let (scheduler, submitter) = Scheduler::spawn(
         move || {
             let job = LoadJob {
                 file: &file,
                 context,
+                slots,
                 ubatch,
             };
             run_on(device, &graph.graph, job)
@@ -161,6 +159,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
 struct LoadJob<'a> {
     file: &'a GgufFile,
     context: usize,
+    slots: usize,
     ubatch: usize,
 }
 
@@ -176,6 +175,7 @@ impl BackendJob for LoadJob<'_> {
             LoadOptions {
                 context: Some(self.context),
                 cache_dtype,
+                slots: self.slots,
             },
             &mut |done, _| bar.set_position(done),
         )?;
