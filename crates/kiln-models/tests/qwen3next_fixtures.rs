@@ -1,0 +1,263 @@
+//! A tiny random-weight Qwen3-Next checkpoint, converted to GGUF by kiln and run on
+//! the CPU backend (and, on a GPU machine, the CUDA backend), against the logits that
+//! transformers' Qwen3NextForCausalLM computed in float32 for prompts of 1, 7 and 200
+//! tokens and 16 greedy tokens fed back through its cache
+//! (tests/fixtures/qwen3next-tiny, made by scripts/make_qwen3next_fixtures.py); a
+//! prompt run in chunks against the same prompt token by token; the recurrent state's
+//! reset and truncation rules.
+
+mod common;
+use kiln_core::{Backend, DType};
+use kiln_cpu::CpuBackend;
+use kiln_gguf::convert::HfCheckpoint;
+use kiln_gguf::{Arch, Gguf, GgufFile};
+use kiln_models::{LoadOptions, Model};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3next-tiny")
+}
+
+struct Fixture {
+    input_ids: Vec<u32>,
+    /// After the prompt, then after each greedy token.
+    logits: Vec<Vec<f64>>,
+    greedy: Vec<u32>,
+    greedy_min_margin: f64,
+    router_min_margin: f64,
+}
+
+fn fixtures() -> Vec<Fixture> {
+    let text = std::fs::read_to_string(model_dir().join("fixtures.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let ids = |x: &Value| -> Vec<u32> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let floats = |x: &Value| -> Vec<f64> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_f64().unwrap())
+            .collect()
+    };
+    v["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| Fixture {
+            input_ids: ids(&p["input_ids"]),
+            logits: p["logits"].as_array().unwrap().iter().map(floats).collect(),
+            greedy: ids(&p["greedy_ids"]),
+            greedy_min_margin: p["greedy_min_margin"].as_f64().unwrap(),
+            router_min_margin: p["router_min_margin"].as_f64().unwrap(),
+        })
+        .collect()
+}
+
+/// The checkpoint converted to a GGUF of `dtype` in `dir`.
+fn converted(dtype: DType, dir: &Path) -> GgufFile {
+    let out = dir.join(format!("qwen3next-{dtype}.gguf"));
+    HfCheckpoint::open(model_dir())
+        .unwrap()
+        .write_gguf(&out, dtype, &mut |_, _| {})
+        .unwrap();
+    Gguf::open(&out).unwrap()
+}
+
+/// Positions for the longest prompt and its decode steps.
+const CONTEXT: usize = 256;
+
+fn load<BE: Backend>(backend: BE, file: &GgufFile) -> Model<BE> {
+    let options = LoadOptions {
+        context: Some(CONTEXT),
+        cache_dtype: DType::F32,
+    };
+    Model::load(backend, file, options, &mut |_, _| {}).unwrap()
+}
+
+fn nmse(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|v| v.is_finite()), "non-finite logits");
+    let e: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (f64::from(g) - w).powi(2))
+        .sum();
+    e / want.iter().map(|w| w * w).sum::<f64>()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Runs every fixture's prompt from a reset model, then feeds its greedy tokens back
+/// one at a time; each row of logits within `max_nmse` of transformers', and each
+/// greedy token the argmax of the logits before it.
+fn check_fixtures<BE: Backend>(model: &mut Model<BE>, max_nmse: f64, what: &str) {
+    assert_eq!(model.config().arch, Arch::Qwen3Next);
+    for f in fixtures() {
+        // Margins far above f32 rounding (~1e-6 here), so that no expert choice or
+        // greedy token may honestly differ.
+        assert!(f.router_min_margin > 1e-3 && f.greedy_min_margin > 1e-2);
+        model.reset();
+        let n = f.input_ids.len();
+        let mut logits = model.forward(&f.input_ids).unwrap();
+        for (step, want) in f.logits.iter().enumerate() {
+            let e = nmse(&logits, want);
+            assert!(
+                e < max_nmse,
+                "{what}, prompt of {n}, step {step}: logits NMSE {e:.2e}"
+            );
+            if step == 0 {
+                eprintln!("{what}, prompt of {n}: logits NMSE {e:.2e}");
+            }
+            if let Some(&next) = f.greedy.get(step) {
+                assert_eq!(argmax(&logits), next, "{what}, prompt of {n}, step {step}");
+                logits = model.forward(&[next]).unwrap();
+            }
+        }
+        assert_eq!(model.n_past(), n + f.greedy.len());
+    }
+}
+
+/// The f32 conversion keeps the checkpoint's weights exactly: the logits of every
+/// prompt (the chunkwise delta rule over 200 tokens included) and of every decode
+/// step (the recurrent form, the carried convolution and delta-rule states, the KV
+/// cache) agree with transformers to f32 summation order.
+#[test]
+fn qwen3next_matches_transformers_logits_through_prompt_and_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = load(CpuBackend, &converted(DType::F32, dir.path()));
+    let lin = model.config().linear.clone().expect("a hybrid model");
+    assert_eq!(lin.full_attention_interval, 4);
+    assert_eq!(model.config().rope.rotary_dim, 4);
+    check_fixtures(&mut model, 1e-10, "cpu f32");
+}
+
+/// A prompt run in chunks of 7 tokens, and token by token, leaves the same recurrent
+/// states and caches as one pass: the logits after the prompt and after each of four
+/// more tokens agree.
+#[test]
+fn a_prompt_in_chunks_leaves_the_state_of_one_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = converted(DType::F32, dir.path());
+    let f = &fixtures()[2];
+    let prompt = &f.input_ids[..100];
+    let tail = &f.greedy[..4];
+    let run = |chunk: Option<usize>| -> Vec<Vec<f32>> {
+        let mut model = load(CpuBackend, &file);
+        let mut rows = Vec::new();
+        match chunk {
+            Some(c) => {
+                model.set_prefill_chunk(c).unwrap();
+                rows.push(model.forward(prompt).unwrap());
+            }
+            None => {
+                for &t in prompt {
+                    rows.push(model.forward(&[t]).unwrap());
+                }
+                rows.drain(..rows.len() - 1);
+            }
+        }
+        for &t in tail {
+            rows.push(model.forward(&[t]).unwrap());
+        }
+        rows
+    };
+    let whole = run(Some(512));
+    for (label, other) in [("chunks of 7", run(Some(7))), ("token by token", run(None))] {
+        for (i, (a, b)) in whole.iter().zip(&other).enumerate() {
+            let want: Vec<f64> = a.iter().map(|&v| f64::from(v)).collect();
+            let e = nmse(b, &want);
+            assert!(e < 1e-10, "{label}, row {i}: NMSE {e:.2e} against one pass");
+        }
+    }
+}
+
+/// Resetting starts a new sequence with zeroed states: the same prompt gives the same
+/// logits again. Truncation of the recurrent state is possible only to 0 or to the
+/// current length (or beyond); anything between is an error that changes nothing.
+#[test]
+fn recurrent_state_resets_and_refuses_partial_truncation() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = load(CpuBackend, &converted(DType::F32, dir.path()));
+    // Three linear-attention layers of a convolution state [128, 3] and a delta-rule
+    // state [4, 16, 16], in f32.
+    assert_eq!(model.recurrent_state_bytes(), 3 * (128 * 3 + 4 * 16 * 16) * 4);
+    let prompt = &fixtures()[1].input_ids;
+    let first = model.forward(prompt).unwrap();
+    let err = model.truncate(3).unwrap_err().to_string();
+    assert!(
+        err.contains("cannot be truncated to 3") && err.contains("qwen3next"),
+        "{err}"
+    );
+    assert_eq!(model.n_past(), prompt.len());
+    model.truncate(prompt.len()).unwrap();
+    model.truncate(prompt.len() + 5).unwrap();
+    assert_eq!(model.n_past(), prompt.len());
+    // The state now holds the prompt: running it again continues the sequence.
+    let continued = model.forward(prompt).unwrap();
+    assert!(nmse(&continued, &first.iter().map(|&v| f64::from(v)).collect::<Vec<_>>()) > 1e-6);
+    model.truncate(0).unwrap();
+    assert_eq!(model.n_past(), 0);
+    let again = model.forward(prompt).unwrap();
+    assert_eq!(again, first, "a reset model repeats its first pass");
+}
+
+/// With Q8_0 weight matrices (their products reading Q8_1 copies of the
+/// activations), the logits stay close to the float32 reference: about 2e-3 here,
+/// where a width of 64 leaves two blocks per row.
+#[test]
+fn q8_0_qwen3next_logits_stay_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = load(CpuBackend, &converted(DType::Q8_0, dir.path()));
+    let f = &fixtures()[1];
+    let e = nmse(&model.forward(&f.input_ids).unwrap(), &f.logits[0]);
+    eprintln!("qwen3next q8_0: logits NMSE {e:.2e}");
+    assert!(e < 1e-2, "qwen3next q8_0: logits NMSE {e:.2e}");
+}
+
+/// The CUDA backend of device 0; panics (fails the test) where there is none.
+fn cuda() -> kiln_cuda::CudaBackend {
+    kiln_cuda::CacheConfig::from_env()
+        .and_then(|cache| kiln_cuda::CudaBackend::with_cache(0, cache))
+        .unwrap_or_else(|e| panic!("this test needs a CUDA device: {e}"))
+}
+
+/// The fixtures on the GPU: prompts through the recurrent delta-rule kernel (CUDA has
+/// no chunkwise kernel), decode through the replayed graph.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn qwen3next_on_cuda_matches_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = load(cuda(), &converted(DType::F32, dir.path()));
+    check_fixtures(&mut model, 1e-8, "cuda f32");
+}
+
+/// 32 greedy tokens on the GPU equal the CPU's, from each fixture prompt.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn qwen3next_greedy_tokens_on_cuda_equal_the_cpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = converted(DType::F32, dir.path());
+    let mut gpu = load(cuda(), &file);
+    let mut cpu = load(CpuBackend, &file);
+    for f in fixtures() {
+        gpu.reset();
+        cpu.reset();
+        let want = common::greedy_tokens(&mut cpu, &f.input_ids, 32);
+        let got = common::greedy_tokens(&mut gpu, &f.input_ids, 32);
+        assert_eq!(got, want, "prompt of {}", f.input_ids.len());
+    }
+}
