@@ -261,3 +261,114 @@ fn qwen3next_greedy_tokens_on_cuda_equal_the_cpus() {
         assert_eq!(got, want, "prompt of {}", f.input_ids.len());
     }
 }
+
+/// The f32 tensor `name` of the checkpoint's model.safetensors, read from its header
+/// (a little-endian u64 length, then JSON with each tensor's dtype, shape and offsets).
+fn checkpoint_tensor(name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(model_dir().join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let t = &header[name];
+    assert_eq!(t["dtype"], "F32", "{name}");
+    let shape = t["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect();
+    let [start, end] = [0, 1].map(|i| t["data_offsets"][i].as_u64().unwrap() as usize + 8 + n);
+    let values = bytes[start..end]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    (shape, values)
+}
+
+/// kiln convert writes what llama.cpp's converter writes for Qwen3-Next: its keys,
+/// the zero-centred norms plus one (not the gated norm), `ssm_a = -exp(A_log)`, the
+/// convolution without its middle axis, and `in_proj_qkvz` (per key head q, k, v, z)
+/// as `attn_qkv` (all q, all k, all v) and `attn_gate` (all z).
+#[test]
+fn conversion_writes_llama_cpp_tensors_and_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = converted(DType::F32, dir.path());
+    let md = file.metadata();
+    for (key, want) in [
+        ("ssm.conv_kernel", 4),
+        ("ssm.state_size", 16),
+        ("ssm.group_count", 2),
+        ("ssm.time_step_rank", 4),
+        ("ssm.inner_size", 64),
+        ("full_attention_interval", 4),
+        ("rope.dimension_count", 4),
+        ("attention.key_length", 16),
+        ("expert_feed_forward_length", 16),
+        ("expert_shared_feed_forward_length", 32),
+    ] {
+        assert_eq!(md.get_u64(&format!("qwen3next.{key}")).unwrap(), want, "{key}");
+    }
+    let gguf = |name: &str| {
+        let t = file.tensor(name).unwrap();
+        (t.info.shape().to_vec(), t.to_f32().unwrap())
+    };
+    let close = |got: &[f32], want: &[f64], what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (g, w) in got.iter().zip(want) {
+            assert!((f64::from(*g) - w).abs() <= 1e-6 * w.abs().max(1.0), "{what}: {g} vs {w}");
+        }
+    };
+    let (_, a_log) = checkpoint_tensor("model.layers.1.linear_attn.A_log");
+    let want: Vec<f64> = a_log.iter().map(|&v| -f64::from(v).exp()).collect();
+    close(&gguf("blk.1.ssm_a").1, &want, "ssm_a");
+    for (hf, gg) in [
+        ("model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight"),
+        ("model.layers.3.self_attn.q_norm.weight", "blk.3.attn_q_norm.weight"),
+        ("model.layers.2.post_attention_layernorm.weight", "blk.2.post_attention_norm.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+    ] {
+        let want: Vec<f64> = checkpoint_tensor(hf).1.iter().map(|&v| 1.0 + f64::from(v)).collect();
+        close(&gguf(gg).1, &want, gg);
+    }
+    let (_, norm) = checkpoint_tensor("model.layers.0.linear_attn.norm.weight");
+    assert_eq!(gguf("blk.0.ssm_norm.weight").1, norm);
+    let (shape, conv) = gguf("blk.0.ssm_conv1d.weight");
+    assert_eq!(shape, [128, 4]);
+    assert_eq!(conv, checkpoint_tensor("model.layers.0.linear_attn.conv1d.weight").1);
+    // Per key head 96 rows: q 0..16, k 16..32, v 32..64, z 64..96.
+    let (qkvz_shape, qkvz) = checkpoint_tensor("model.layers.2.linear_attn.in_proj_qkvz.weight");
+    assert_eq!(qkvz_shape, [192, 64]);
+    let row = |m: &[f32], r: usize| m[r * 64..(r + 1) * 64].to_vec();
+    let (qkv_shape, qkv) = gguf("blk.2.attn_qkv.weight");
+    let (gate_shape, gate) = gguf("blk.2.attn_gate.weight");
+    assert_eq!((qkv_shape, gate_shape), (vec![128, 64], vec![64, 64]));
+    for (got, hf_row) in [(0, 0), (16, 96), (32, 16), (48, 112), (64, 32), (95, 63), (96, 128), (127, 159)] {
+        assert_eq!(row(&qkv, got), row(&qkvz, hf_row), "attn_qkv row {got}");
+    }
+    for (got, hf_row) in [(0, 64), (31, 95), (32, 160), (63, 191)] {
+        assert_eq!(row(&gate, got), row(&qkvz, hf_row), "attn_gate row {got}");
+    }
+    let (ba_shape, ba) = gguf("blk.2.ssm_ba.weight");
+    assert_eq!(ba_shape, [8, 64]);
+    assert_eq!(ba, checkpoint_tensor("model.layers.2.linear_attn.in_proj_ba.weight").1);
+}
+
+/// A checkpoint whose layers are not one full-attention layer in every
+/// `full_attention_interval` is refused, naming layer_types.
+#[test]
+fn an_irregular_layer_pattern_is_a_conversion_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["model.safetensors", "tokenizer.json", "config.json"] {
+        std::fs::copy(model_dir().join(file), dir.path().join(file)).unwrap();
+    }
+    let path = dir.path().join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["layer_types"] =
+        serde_json::json!(["linear_attention", "full_attention", "linear_attention", "full_attention"]);
+    config["full_attention_interval"] = 4.into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    let e = HfCheckpoint::open(dir.path()).err().expect("an irregular pattern converts");
+    assert!(
+        matches!(e, kiln_core::Error::Unsupported(_)) && e.to_string().contains("layer_types"),
+        "{e}"
+    );
+}
