@@ -16,9 +16,7 @@ const SIZES: [usize; 7] = [1, 7, 1023, 4096, 4097, 65536, 1_000_003];
 fn tolerance(kind: ElementwiseKind) -> f64 {
     match kind {
         ElementwiseKind::Add | ElementwiseKind::Mul => 0.0,
-        ElementwiseKind::SiluMul | ElementwiseKind::GeluMul | ElementwiseKind::SigmoidMul => {
-            1e-12
-        }
+        ElementwiseKind::SiluMul | ElementwiseKind::GeluMul | ElementwiseKind::SigmoidMul => 1e-12,
     }
 }
 

@@ -197,7 +197,8 @@ mod tests {
     fn unknown_architecture_is_an_error_naming_it() {
         let msg = Arch::from_name("gptneox").unwrap_err().to_string();
         assert!(
-            msg.contains("\"gptneox\"") && msg.contains("llama, qwen2, qwen3, qwen2moe, qwen3moe, qwen3next"),
+            msg.contains("\"gptneox\"")
+                && msg.contains("llama, qwen2, qwen3, qwen2moe, qwen3moe, qwen3next"),
             "{msg}"
         );
         assert!(matches!(

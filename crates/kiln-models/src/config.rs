@@ -115,8 +115,7 @@ impl LinearAttentionConfig {
                 self.full_attention_interval, self.conv_kernel
             ));
         }
-        if [h.n_k_heads, h.n_v_heads, h.d_k, h.d_v].contains(&0) || h.n_v_heads % h.n_k_heads != 0
-        {
+        if [h.n_k_heads, h.n_v_heads, h.d_k, h.d_v].contains(&0) || h.n_v_heads % h.n_k_heads != 0 {
             return Err(format!(
                 "ssm.group_count {} must divide ssm.time_step_rank {}, heads of {} and {} > 0",
                 h.n_k_heads, h.n_v_heads, h.d_k, h.d_v
@@ -128,7 +127,11 @@ impl LinearAttentionConfig {
             .and_then(|k| k.checked_mul(2))
             .zip(h.n_v_heads.checked_mul(h.d_v))
             .and_then(|(k, v)| k.checked_add(v)?.checked_mul(self.conv_kernel))
-            .zip(h.n_v_heads.checked_mul(h.d_k).and_then(|s| s.checked_mul(h.d_v)));
+            .zip(
+                h.n_v_heads
+                    .checked_mul(h.d_k)
+                    .and_then(|s| s.checked_mul(h.d_v)),
+            );
         if sizes.is_none() {
             return Err("the linear attention's sizes overflow".into());
         }

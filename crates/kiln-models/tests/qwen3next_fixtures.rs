@@ -194,7 +194,10 @@ fn recurrent_state_resets_and_refuses_partial_truncation() {
     let mut model = load(CpuBackend, &converted(DType::F32, dir.path()));
     // Three linear-attention layers of a convolution state [128, 3] and a delta-rule
     // state [4, 16, 16], in f32.
-    assert_eq!(model.recurrent_state_bytes(), 3 * (128 * 3 + 4 * 16 * 16) * 4);
+    assert_eq!(
+        model.recurrent_state_bytes(),
+        3 * (128 * 3 + 4 * 16 * 16) * 4
+    );
     let prompt = &fixtures()[1].input_ids;
     let first = model.forward(prompt).unwrap();
     let err = model.truncate(3).unwrap_err().to_string();
@@ -208,7 +211,12 @@ fn recurrent_state_resets_and_refuses_partial_truncation() {
     assert_eq!(model.n_past(), prompt.len());
     // The state now holds the prompt: running it again continues the sequence.
     let continued = model.forward(prompt).unwrap();
-    assert!(nmse(&continued, &first.iter().map(|&v| f64::from(v)).collect::<Vec<_>>()) > 1e-6);
+    assert!(
+        nmse(
+            &continued,
+            &first.iter().map(|&v| f64::from(v)).collect::<Vec<_>>()
+        ) > 1e-6
+    );
     model.truncate(0).unwrap();
     assert_eq!(model.n_past(), 0);
     let again = model.forward(prompt).unwrap();
@@ -305,7 +313,11 @@ fn conversion_writes_llama_cpp_tensors_and_keys() {
         ("expert_feed_forward_length", 16),
         ("expert_shared_feed_forward_length", 32),
     ] {
-        assert_eq!(md.get_u64(&format!("qwen3next.{key}")).unwrap(), want, "{key}");
+        assert_eq!(
+            md.get_u64(&format!("qwen3next.{key}")).unwrap(),
+            want,
+            "{key}"
+        );
     }
     let gguf = |name: &str| {
         let t = file.tensor(name).unwrap();
@@ -314,26 +326,45 @@ fn conversion_writes_llama_cpp_tensors_and_keys() {
     let close = |got: &[f32], want: &[f64], what: &str| {
         assert_eq!(got.len(), want.len(), "{what}");
         for (g, w) in got.iter().zip(want) {
-            assert!((f64::from(*g) - w).abs() <= 1e-6 * w.abs().max(1.0), "{what}: {g} vs {w}");
+            assert!(
+                (f64::from(*g) - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "{what}: {g} vs {w}"
+            );
         }
     };
     let (_, a_log) = checkpoint_tensor("model.layers.1.linear_attn.A_log");
     let want: Vec<f64> = a_log.iter().map(|&v| -f64::from(v).exp()).collect();
     close(&gguf("blk.1.ssm_a").1, &want, "ssm_a");
     for (hf, gg) in [
-        ("model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight"),
-        ("model.layers.3.self_attn.q_norm.weight", "blk.3.attn_q_norm.weight"),
-        ("model.layers.2.post_attention_layernorm.weight", "blk.2.post_attention_norm.weight"),
+        (
+            "model.layers.0.input_layernorm.weight",
+            "blk.0.attn_norm.weight",
+        ),
+        (
+            "model.layers.3.self_attn.q_norm.weight",
+            "blk.3.attn_q_norm.weight",
+        ),
+        (
+            "model.layers.2.post_attention_layernorm.weight",
+            "blk.2.post_attention_norm.weight",
+        ),
         ("model.norm.weight", "output_norm.weight"),
     ] {
-        let want: Vec<f64> = checkpoint_tensor(hf).1.iter().map(|&v| 1.0 + f64::from(v)).collect();
+        let want: Vec<f64> = checkpoint_tensor(hf)
+            .1
+            .iter()
+            .map(|&v| 1.0 + f64::from(v))
+            .collect();
         close(&gguf(gg).1, &want, gg);
     }
     let (_, norm) = checkpoint_tensor("model.layers.0.linear_attn.norm.weight");
     assert_eq!(gguf("blk.0.ssm_norm.weight").1, norm);
     let (shape, conv) = gguf("blk.0.ssm_conv1d.weight");
     assert_eq!(shape, [128, 4]);
-    assert_eq!(conv, checkpoint_tensor("model.layers.0.linear_attn.conv1d.weight").1);
+    assert_eq!(
+        conv,
+        checkpoint_tensor("model.layers.0.linear_attn.conv1d.weight").1
+    );
     // Per key head 96 rows: q 0..16, k 16..32, v 32..64, z 64..96.
     let (qkvz_shape, qkvz) = checkpoint_tensor("model.layers.2.linear_attn.in_proj_qkvz.weight");
     assert_eq!(qkvz_shape, [192, 64]);
@@ -341,7 +372,16 @@ fn conversion_writes_llama_cpp_tensors_and_keys() {
     let (qkv_shape, qkv) = gguf("blk.2.attn_qkv.weight");
     let (gate_shape, gate) = gguf("blk.2.attn_gate.weight");
     assert_eq!((qkv_shape, gate_shape), (vec![128, 64], vec![64, 64]));
-    for (got, hf_row) in [(0, 0), (16, 96), (32, 16), (48, 112), (64, 32), (95, 63), (96, 128), (127, 159)] {
+    for (got, hf_row) in [
+        (0, 0),
+        (16, 96),
+        (32, 16),
+        (48, 112),
+        (64, 32),
+        (95, 63),
+        (96, 128),
+        (127, 159),
+    ] {
         assert_eq!(row(&qkv, got), row(&qkvz, hf_row), "attn_qkv row {got}");
     }
     for (got, hf_row) in [(0, 64), (31, 95), (32, 160), (63, 191)] {
@@ -349,7 +389,10 @@ fn conversion_writes_llama_cpp_tensors_and_keys() {
     }
     let (ba_shape, ba) = gguf("blk.2.ssm_ba.weight");
     assert_eq!(ba_shape, [8, 64]);
-    assert_eq!(ba, checkpoint_tensor("model.layers.2.linear_attn.in_proj_ba.weight").1);
+    assert_eq!(
+        ba,
+        checkpoint_tensor("model.layers.2.linear_attn.in_proj_ba.weight").1
+    );
 }
 
 /// A checkpoint whose layers are not one full-attention layer in every
@@ -362,11 +405,17 @@ fn an_irregular_layer_pattern_is_a_conversion_error() {
     }
     let path = dir.path().join("config.json");
     let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    config["layer_types"] =
-        serde_json::json!(["linear_attention", "full_attention", "linear_attention", "full_attention"]);
+    config["layer_types"] = serde_json::json!([
+        "linear_attention",
+        "full_attention",
+        "linear_attention",
+        "full_attention"
+    ]);
     config["full_attention_interval"] = 4.into();
     std::fs::write(&path, config.to_string()).unwrap();
-    let e = HfCheckpoint::open(dir.path()).err().expect("an irregular pattern converts");
+    let e = HfCheckpoint::open(dir.path())
+        .err()
+        .expect("an irregular pattern converts");
     assert!(
         matches!(e, kiln_core::Error::Unsupported(_)) && e.to_string().contains("layer_types"),
         "{e}"

@@ -72,7 +72,14 @@ fn tiny(family: &str) -> Preset {
 #[test]
 fn synthetic_models_load_tokenize_and_run() {
     let dir = tempfile::tempdir().unwrap();
-    for family in ["llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "qwen3next"] {
+    for family in [
+        "llama",
+        "qwen2",
+        "qwen3",
+        "qwen2moe",
+        "qwen3moe",
+        "qwen3next",
+    ] {
         let preset = tiny(family);
         let out = dir.path().join(format!("{family}.gguf"));
         let config = preset.config().unwrap();

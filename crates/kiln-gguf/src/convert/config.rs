@@ -446,7 +446,10 @@ impl HfConfig {
             md.set(key(hparams::ROPE_DIMENSION_COUNT), u32_of(self.head_dim));
         }
         if self.arch == Arch::Qwen3Next {
-            md.set(key(hparams::ROPE_DIMENSION_COUNT), u32_of(self.rotary_dim()));
+            md.set(
+                key(hparams::ROPE_DIMENSION_COUNT),
+                u32_of(self.rotary_dim()),
+            );
         }
     }
 

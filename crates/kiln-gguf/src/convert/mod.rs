@@ -1,5 +1,5 @@
-//! Conversion of Hugging Face checkpoints of the llama, qwen2 and qwen3 families to
-//! GGUF, with the metadata, tensor names and tokenizer section that llama.cpp's
+//! Conversion of Hugging Face checkpoints of the llama, qwen2 and qwen3 families (their
+//! mixtures of experts and Qwen3-Next included) to GGUF, with the metadata, tensor names and tokenizer section that llama.cpp's
 //! `convert_hf_to_gguf.py` writes, so other GGUF engines run the result too.
 //!
 //! A checkpoint directory holds `config.json`, `model.safetensors` (or
@@ -15,6 +15,11 @@
 //!   Face's rotate-half RoPE layout to GGML's interleaved layout, exactly as
 //!   llama.cpp's `LlamaModel.permute` does ([`permute_rope_rows`]); qwen2 and qwen3
 //!   use NeoX RoPE in GGML and are copied unpermuted.
+//! - Qwen3-Next's tensors change as llama.cpp's `Qwen3NextModel` changes them
+//!   (`Transform`): zero-centred norm weights are stored plus one (not the
+//!   linear attention's gated norm), `A_log` as `ssm_a = -exp(A_log)`, the
+//!   convolution without its middle axis, and `in_proj_qkvz` (per key head its q, k,
+//!   v, z rows) as `attn_qkv` (every head's q, then k, then v) and `attn_gate` (z).
 //! - Llama 3.1's rope scaling becomes a `rope_freqs.weight` tensor as llama.cpp
 //!   computes it; linear and YaRN scaling become `{arch}.rope.scaling.*` keys.
 //! - The tokenizer becomes `tokenizer.ggml.*` keys with model `gpt2`
@@ -162,7 +167,9 @@ impl HfCheckpoint {
             .iter()
             .map(|t| match &t.source {
                 Source::Stacked(parts) => self.parts_bytes(parts).iter().map(|b| b.len()).sum(),
-                Source::Transformed(name, _) => self.parts_bytes(std::slice::from_ref(name))[0].len(),
+                Source::Transformed(name, _) => {
+                    self.parts_bytes(std::slice::from_ref(name))[0].len()
+                }
                 _ => self.source_bytes_of(t).len(),
             } as u64)
             .sum()

@@ -210,18 +210,18 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
                shape: Vec<usize>,
                permute: bool,
                required: bool| {
-            list.push(Expected {
-                hf,
-                gguf,
-                shape,
-                permute,
-                required,
-                hf_shape: None,
-                transform: None,
-            })
-        };
+        list.push(Expected {
+            hf,
+            gguf,
+            shape,
+            permute,
+            required,
+            hf_shape: None,
+            transform: None,
+        })
+    };
     add(
-&mut list,
+        &mut list,
         vec!["model.embed_tokens.weight".into()],
         "token_embd.weight".into(),
         vec![c.vocab_size, h],
@@ -251,7 +251,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
                 None => (vec![weight(0)], shape.clone()),
             };
             add(
-&mut list,
+                &mut list,
                 names,
                 gg(&format!("{gguf_name}.weight")),
                 stacked_shape,
@@ -260,7 +260,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
             );
             if bias {
                 add(
-&mut list,
+                    &mut list,
                     vec![hf(&format!("{hf_name}.bias"))],
                     gg(&format!("{gguf_name}.bias")),
                     vec![shape[0]],
@@ -409,7 +409,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
         }
     }
     add(
-&mut list,
+        &mut list,
         vec!["model.norm.weight".into()],
         "output_norm.weight".into(),
         vec![h],
@@ -422,7 +422,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
         }
     }
     add(
-&mut list,
+        &mut list,
         vec!["lm_head.weight".into()],
         "output.weight".into(),
         vec![c.vocab_size, h],
@@ -443,7 +443,11 @@ fn next_attention(c: &HfConfig, i: usize, list: &mut Vec<Expected>) {
         return;
     };
     let h = c.hidden;
-    let mut add = |hf: &str, gguf: &str, shape: Vec<usize>, hf_shape: Option<Vec<usize>>, t: Option<Transform>| {
+    let mut add = |hf: &str,
+                   gguf: &str,
+                   shape: Vec<usize>,
+                   hf_shape: Option<Vec<usize>>,
+                   t: Option<Transform>| {
         list.push(Expected {
             hf: vec![format!("model.layers.{i}.{hf}")],
             gguf: format!("blk.{i}.{gguf}"),
@@ -454,7 +458,13 @@ fn next_attention(c: &HfConfig, i: usize, list: &mut Vec<Expected>) {
             transform: t,
         })
     };
-    add("input_layernorm.weight", "attn_norm.weight", vec![h], None, Some(Transform::AddOne));
+    add(
+        "input_layernorm.weight",
+        "attn_norm.weight",
+        vec![h],
+        None,
+        Some(Transform::AddOne),
+    );
     if lin.is_linear(i) {
         let (dk, dv, r) = (lin.d_k, lin.d_v, lin.n_v_heads / lin.n_k_heads);
         // Rows of one key head's block: q (dk), k (dk), v (r dv), z (r dv).
@@ -481,7 +491,13 @@ fn next_attention(c: &HfConfig, i: usize, list: &mut Vec<Expected>) {
             qkvz_shape,
             Some(Transform::Rows(z)),
         );
-        add("linear_attn.in_proj_ba.weight", "ssm_ba.weight", vec![2 * lin.n_v_heads, h], None, None);
+        add(
+            "linear_attn.in_proj_ba.weight",
+            "ssm_ba.weight",
+            vec![2 * lin.n_v_heads, h],
+            None,
+            None,
+        );
         add(
             "linear_attn.conv1d.weight",
             "ssm_conv1d.weight",
@@ -489,19 +505,83 @@ fn next_attention(c: &HfConfig, i: usize, list: &mut Vec<Expected>) {
             Some(vec![lin.conv_dim(), 1, lin.conv_kernel]),
             None,
         );
-        add("linear_attn.dt_bias", "ssm_dt.bias", vec![lin.n_v_heads], None, None);
-        add("linear_attn.A_log", "ssm_a", vec![lin.n_v_heads], None, Some(Transform::NegExp));
-        add("linear_attn.norm.weight", "ssm_norm.weight", vec![dv], None, None);
-        add("linear_attn.out_proj.weight", "ssm_out.weight", vec![h, lin.value_dim()], None, None);
+        add(
+            "linear_attn.dt_bias",
+            "ssm_dt.bias",
+            vec![lin.n_v_heads],
+            None,
+            None,
+        );
+        add(
+            "linear_attn.A_log",
+            "ssm_a",
+            vec![lin.n_v_heads],
+            None,
+            Some(Transform::NegExp),
+        );
+        add(
+            "linear_attn.norm.weight",
+            "ssm_norm.weight",
+            vec![dv],
+            None,
+            None,
+        );
+        add(
+            "linear_attn.out_proj.weight",
+            "ssm_out.weight",
+            vec![h, lin.value_dim()],
+            None,
+            None,
+        );
     } else {
-        let (q_dim, kv_dim, hd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.head_dim);
+        let (q_dim, kv_dim, hd) = (
+            c.n_heads * c.head_dim,
+            c.n_kv_heads * c.head_dim,
+            c.head_dim,
+        );
         // Each head's query rows, then its gate's.
-        add("self_attn.q_proj.weight", "attn_q.weight", vec![2 * q_dim, h], None, None);
-        add("self_attn.k_proj.weight", "attn_k.weight", vec![kv_dim, h], None, None);
-        add("self_attn.v_proj.weight", "attn_v.weight", vec![kv_dim, h], None, None);
-        add("self_attn.o_proj.weight", "attn_output.weight", vec![h, q_dim], None, None);
-        add("self_attn.q_norm.weight", "attn_q_norm.weight", vec![hd], None, Some(Transform::AddOne));
-        add("self_attn.k_norm.weight", "attn_k_norm.weight", vec![hd], None, Some(Transform::AddOne));
+        add(
+            "self_attn.q_proj.weight",
+            "attn_q.weight",
+            vec![2 * q_dim, h],
+            None,
+            None,
+        );
+        add(
+            "self_attn.k_proj.weight",
+            "attn_k.weight",
+            vec![kv_dim, h],
+            None,
+            None,
+        );
+        add(
+            "self_attn.v_proj.weight",
+            "attn_v.weight",
+            vec![kv_dim, h],
+            None,
+            None,
+        );
+        add(
+            "self_attn.o_proj.weight",
+            "attn_output.weight",
+            vec![h, q_dim],
+            None,
+            None,
+        );
+        add(
+            "self_attn.q_norm.weight",
+            "attn_q_norm.weight",
+            vec![hd],
+            None,
+            Some(Transform::AddOne),
+        );
+        add(
+            "self_attn.k_norm.weight",
+            "attn_k_norm.weight",
+            vec![hd],
+            None,
+            Some(Transform::AddOne),
+        );
     }
     add(
         "post_attention_layernorm.weight",

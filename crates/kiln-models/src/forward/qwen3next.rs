@@ -57,12 +57,11 @@ fn linear_attention(
         &format!("blk.{l}.ssm_conv1d.weight"),
         &[width, lin.conv_kernel],
     )?;
-    let conv_state =
-        b.g.persistent(
-            names::conv_state(l),
-            DType::F32,
-            &[width, lin.conv_kernel - 1],
-        )?;
+    let conv_state = b.g.persistent(
+        names::conv_state(l),
+        DType::F32,
+        &[width, lin.conv_kernel - 1],
+    )?;
     let conv = b.act(&format!("l{l}.conv"), width)?;
     b.g.push(CausalConv1d {
         x: qkv,
