@@ -6,7 +6,6 @@
 //! prompt run in chunks against the same prompt token by token; the recurrent state's
 //! reset and truncation rules.
 
-mod common;
 use kiln_core::{Backend, DType};
 use kiln_cpu::CpuBackend;
 use kiln_gguf::convert::HfCheckpoint;
@@ -243,17 +242,42 @@ fn cuda() -> kiln_cuda::CudaBackend {
         .unwrap_or_else(|e| panic!("this test needs a CUDA device: {e}"))
 }
 
-/// The fixtures on the GPU: prompts through the recurrent delta-rule kernel (CUDA has
-/// no chunkwise kernel), decode through the replayed graph.
+/// The fixtures on the GPU: prompts through the recurrent delta-rule kernel token by
+/// token (CUDA has no chunkwise kernel), prompt products of 64 rows and more over bf16
+/// copies (cuBLASLt), decode through the replayed graph. The greedy tokens equal the
+/// fixture's (their margins, above 0.02, far exceed the bf16 noise).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn qwen3next_on_cuda_matches_transformers() {
     let dir = tempfile::tempdir().unwrap();
     let mut model = load(cuda(), &converted(DType::F32, dir.path()));
-    check_fixtures(&mut model, 1e-8, "cuda f32");
+    check_fixtures(&mut model, 1e-4, "cuda f32");
 }
 
-/// 32 greedy tokens on the GPU equal the CPU's, from each fixture prompt.
+/// The logits of `n` greedy steps after `prompt` (the prompt's, then after each
+/// token), and the tokens.
+fn greedy_logits<BE: Backend>(
+    model: &mut Model<BE>,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    model.reset();
+    let mut logits = vec![model.forward(prompt).unwrap()];
+    let mut tokens = Vec::new();
+    for _ in 0..n {
+        let next = argmax(logits.last().unwrap());
+        tokens.push(next);
+        logits.push(model.forward(&[next]).unwrap());
+    }
+    logits.pop();
+    (tokens, logits)
+}
+
+/// 32 greedy tokens on the GPU equal the CPU's from each fixture prompt, with logits
+/// within NMSE 1e-4. The backends sum in other orders: a step whose two best CPU
+/// logits lie closer than four times the RMS difference of the two backends' logits
+/// may choose the other token, and the comparison ends there; any other divergence
+/// fails.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn qwen3next_greedy_tokens_on_cuda_equal_the_cpus() {
@@ -262,11 +286,33 @@ fn qwen3next_greedy_tokens_on_cuda_equal_the_cpus() {
     let mut gpu = load(cuda(), &file);
     let mut cpu = load(CpuBackend, &file);
     for f in fixtures() {
-        gpu.reset();
-        cpu.reset();
-        let want = common::greedy_tokens(&mut cpu, &f.input_ids, 32);
-        let got = common::greedy_tokens(&mut gpu, &f.input_ids, 32);
-        assert_eq!(got, want, "prompt of {}", f.input_ids.len());
+        let n = f.input_ids.len();
+        let (want_tokens, want) = greedy_logits(&mut cpu, &f.input_ids, 32);
+        let (tokens, got) = greedy_logits(&mut gpu, &f.input_ids, 32);
+        for step in 0..32 {
+            let w: Vec<f64> = want[step].iter().map(|&v| f64::from(v)).collect();
+            let e = nmse(&got[step], &w);
+            assert!(
+                e < 1e-4,
+                "prompt of {n}, step {step}: GPU vs CPU logits NMSE {e:.2e}"
+            );
+            if tokens[step] != want_tokens[step] {
+                let gap = f64::from(
+                    (want[step][want_tokens[step] as usize] - want[step][tokens[step] as usize])
+                        .abs(),
+                );
+                let mean_square = w.iter().map(|v| v * v).sum::<f64>() / w.len() as f64;
+                let noise = 4.0 * (e * mean_square).sqrt();
+                assert!(
+                    gap <= noise,
+                    "prompt of {n}: GPU and CPU greedy tokens differ at step {step} ({} against {}) with a CPU gap {gap:.3e} above the noise {noise:.3e}",
+                    tokens[step],
+                    want_tokens[step]
+                );
+                eprintln!("prompt of {n}: a near-tie at step {step} (gap {gap:.3e})");
+                break;
+            }
+        }
     }
 }
 
