@@ -1,4 +1,4 @@
-//! Add, Mul, SiLU·mul and GELU·mul against float64 formulas, element-wise and as a
+//! Add, Mul, SiLU·mul, GELU·mul and sigmoid·mul against float64 formulas, element-wise and as a
 //! gated linear unit over the two halves of each row.
 
 mod common;
@@ -17,18 +17,14 @@ fn reference(kind: ElementwiseKind, a: f64, b: f64) -> f64 {
             let u = (2.0 / std::f64::consts::PI).sqrt() * (a + 0.044715 * a.powi(3));
             a / (1.0 + (-2.0 * u).exp()) * b
         }
+        ElementwiseKind::SigmoidMul => b / (1.0 + (-a).exp()),
     }
 }
 
 #[test]
 fn elementwise_kinds_match_f64() {
     let mut rng = rng("elementwise");
-    let kinds = [
-        ElementwiseKind::Add,
-        ElementwiseKind::Mul,
-        ElementwiseKind::SiluMul,
-        ElementwiseKind::GeluMul,
-    ];
+    let kinds = ElementwiseKind::ALL;
     for kind in kinds {
         for len in [1, 7, 4097, 100_003] {
             let mut g = G::new();

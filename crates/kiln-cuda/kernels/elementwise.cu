@@ -31,6 +31,13 @@ struct GeluMul {
     }
 };
 
+// sigmoid(a) * b, sigmoid(a) = 1 / (1 + exp(-a)): a gate a on b.
+struct SigmoidMul {
+    static __device__ __forceinline__ float apply(float a, float b) {
+        return b / (1.0f + expf(-a));
+    }
+};
+
 template <typename F>
 __global__ void elementwise(const float* __restrict__ a, const float* __restrict__ b,
                             float* __restrict__ out, u8* __restrict__ out_q8, u64 len) {

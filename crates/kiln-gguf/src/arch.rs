@@ -28,16 +28,26 @@ pub enum Arch {
     /// `Qwen3MoeForCausalLM`. Qwen3's attention; every layer's feed-forward is a
     /// mixture of experts (softmax router, top-k weights renormalised to sum 1).
     Qwen3Moe,
+    /// Qwen3-Next (Qwen3-Next-80B-A3B): GGUF `qwen3next`, `Qwen3NextForCausalLM`. A
+    /// hybrid: in every `full_attention_interval` layers one is gated full attention
+    /// (a query projection that also yields a sigmoid gate of the output, q/k norm,
+    /// partial NeoX RoPE), the others Gated DeltaNet linear attention with a
+    /// recurrent state; every feed-forward is a mixture of experts (top-k weights
+    /// renormalised) with a sigmoid-gated shared expert. Its RMSNorm weights are
+    /// zero-centred in the checkpoint (the model multiplies by `1 + w`); GGUF stores
+    /// `1 + w`.
+    Qwen3Next,
 }
 
 impl Arch {
     /// Every supported architecture.
-    pub const ALL: [Arch; 5] = [
+    pub const ALL: [Arch; 6] = [
         Arch::Llama,
         Arch::Qwen2,
         Arch::Qwen3,
         Arch::Qwen2Moe,
         Arch::Qwen3Moe,
+        Arch::Qwen3Next,
     ];
 
     /// The GGUF name: the value of [`crate::keys::ARCHITECTURE`] and the prefix of
@@ -49,6 +59,7 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Qwen2Moe => "qwen2moe",
             Arch::Qwen3Moe => "qwen3moe",
+            Arch::Qwen3Next => "qwen3next",
         }
     }
 
@@ -60,22 +71,35 @@ impl Arch {
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
             Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Arch::Qwen3Next => "Qwen3NextForCausalLM",
         }
     }
 
     /// The Hugging Face `model_type` (config.json): the GGUF name, except for the
-    /// mixtures of experts (`qwen2_moe`, `qwen3_moe`).
+    /// mixtures of experts (`qwen2_moe`, `qwen3_moe`) and Qwen3-Next (`qwen3_next`).
     pub fn hf_model_type(self) -> &'static str {
         match self {
             Arch::Qwen2Moe => "qwen2_moe",
             Arch::Qwen3Moe => "qwen3_moe",
+            Arch::Qwen3Next => "qwen3_next",
             other => other.name(),
         }
     }
 
     /// Whether every layer's feed-forward is a mixture of experts.
     pub fn is_moe(self) -> bool {
-        matches!(self, Arch::Qwen2Moe | Arch::Qwen3Moe)
+        matches!(self, Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Qwen3Next)
+    }
+
+    /// Whether the mixture of experts has a shared expert scaled by a sigmoid gate.
+    pub fn has_shared_expert(self) -> bool {
+        matches!(self, Arch::Qwen2Moe | Arch::Qwen3Next)
+    }
+
+    /// Whether some layers are Gated DeltaNet linear attention with a recurrent
+    /// state (a hybrid model: Qwen3-Next).
+    pub fn is_hybrid(self) -> bool {
+        self == Arch::Qwen3Next
     }
 
     /// Whether the architecture's attention has biases on q, k and v (the Qwen2
@@ -86,14 +110,14 @@ impl Arch {
 
     /// Whether q and k are RMS-normalised per head before RoPE (the Qwen3 family).
     pub fn has_qk_norm(self) -> bool {
-        matches!(self, Arch::Qwen3 | Arch::Qwen3Moe)
+        matches!(self, Arch::Qwen3 | Arch::Qwen3Moe | Arch::Qwen3Next)
     }
 
     /// Whether a mixture of experts renormalises its top-k weights to sum 1 when the
     /// file does not say ([`crate::keys::hparams::EXPERT_WEIGHTS_NORM`]): as llama.cpp
-    /// runs them, Qwen3-MoE does and Qwen2-MoE does not.
+    /// runs them, Qwen3-MoE and Qwen3-Next do and Qwen2-MoE does not.
     pub fn default_expert_weights_norm(self) -> bool {
-        self == Arch::Qwen3Moe
+        matches!(self, Arch::Qwen3Moe | Arch::Qwen3Next)
     }
 
     /// The architecture whose GGUF name is `name`; an [`Error::Unsupported`] naming
@@ -133,7 +157,9 @@ impl Arch {
     pub fn rope_style(self) -> RopeStyle {
         match self {
             Arch::Llama => RopeStyle::Normal,
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe => RopeStyle::NeoX,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Qwen3Next => {
+                RopeStyle::NeoX
+            }
         }
     }
 }
@@ -158,6 +184,7 @@ mod tests {
                 ("qwen3", "Qwen3ForCausalLM"),
                 ("qwen2moe", "Qwen2MoeForCausalLM"),
                 ("qwen3moe", "Qwen3MoeForCausalLM"),
+                ("qwen3next", "Qwen3NextForCausalLM"),
             ]
         );
         assert_eq!(
@@ -170,7 +197,8 @@ mod tests {
     fn unknown_architecture_is_an_error_naming_it() {
         let msg = Arch::from_name("gptneox").unwrap_err().to_string();
         assert!(
-            msg.contains("\"gptneox\"") && msg.contains("llama, qwen2, qwen3, qwen2moe, qwen3moe"),
+            msg.contains("\"gptneox\"")
+                && msg.contains("llama, qwen2, qwen3, qwen2moe, qwen3moe, qwen3next"),
             "{msg}"
         );
         assert!(matches!(

@@ -70,6 +70,22 @@ pub mod hparams {
     /// architecture's default when absent ([`crate::Arch::default_expert_weights_norm`]):
     /// bool.
     pub const EXPERT_WEIGHTS_NORM: &str = "expert_weights_norm";
+    /// Taps of a linear-attention layer's causal convolution: u32.
+    pub const SSM_CONV_KERNEL: &str = "ssm.conv_kernel";
+    /// Elements of a linear-attention layer's value heads together
+    /// (`n_v_heads * d_v`): u32.
+    pub const SSM_INNER_SIZE: &str = "ssm.inner_size";
+    /// Elements of one query/key (and, in Qwen3-Next, value) head of a linear-attention
+    /// layer: u32.
+    pub const SSM_STATE_SIZE: &str = "ssm.state_size";
+    /// A linear-attention layer's value heads: u32.
+    pub const SSM_TIME_STEP_RANK: &str = "ssm.time_step_rank";
+    /// A linear-attention layer's query/key heads: u32.
+    pub const SSM_GROUP_COUNT: &str = "ssm.group_count";
+    /// Every this many layers one is full attention (layers `i` with
+    /// `(i + 1) % interval == 0`), the others linear attention; llama.cpp takes 4 when
+    /// absent: u32.
+    pub const FULL_ATTENTION_INTERVAL: &str = "full_attention_interval";
 }
 
 /// The tokenizer's keys (`tokenizer.ggml.*` and the chat template).

@@ -5,7 +5,8 @@
 //! architecture metadata. Weights are drawn from seeded normal distributions scaled
 //! so that activations stay finite through every layer: matrices `N(0, 1/row_len)`,
 //! the token embedding `N(0, 1/hidden)`, norms `1 + N(0, 0.02²)`, biases
-//! `N(0, 0.02²)`. The tokenizer section is a valid byte-level BPE vocabulary of the
+//! `N(0, 0.02²)`, a linear-attention layer's decay rates `ssm_a` `-1 + N(0, 0.1²)`
+//! (negative: its state decays). The tokenizer section is a valid byte-level BPE vocabulary of the
 //! real size: GPT-2's 256 byte characters, then tokens made by random merges, then
 //! the real model's special tokens at their real ids.
 
@@ -61,7 +62,7 @@ const QWEN_NAMED: &[(u32, &str)] = &[
 ];
 
 /// The presets `kiln synth` knows.
-pub const PRESETS: [Preset; 6] = [
+pub const PRESETS: [Preset; 7] = [
     Preset {
         name: "llama-3.2-1b",
         config_json: r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
@@ -147,6 +148,26 @@ pub const PRESETS: [Preset; 6] = [
             "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [],
             "num_hidden_layers": 94, "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128,
             "max_position_embeddings": 40960, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+            "attention_bias": false, "tie_word_embeddings": false, "vocab_size": 151936,
+            "bos_token_id": 151643, "eos_token_id": 151645}"#,
+        pre: "qwen2",
+        n_normal: 151643,
+        control_end: 151665,
+        named: QWEN_NAMED,
+        bos: 151643,
+        eos: 151645,
+        add_bos: false,
+    },
+    Preset {
+        name: "qwen3-next-80b-a3b",
+        config_json: r#"{"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "hidden_size": 2048,
+            "intermediate_size": 5120, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,
+            "num_experts": 512, "num_experts_per_tok": 10, "norm_topk_prob": true, "decoder_sparse_step": 1,
+            "mlp_only_layers": [], "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 2,
+            "head_dim": 256, "partial_rotary_factor": 0.25, "full_attention_interval": 4,
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+            "linear_num_key_heads": 16, "linear_num_value_heads": 32, "hidden_act": "silu",
+            "max_position_embeddings": 262144, "rms_norm_eps": 1e-06, "rope_theta": 10000000,
             "attention_bias": false, "tie_word_embeddings": false, "vocab_size": 151936,
             "bos_token_id": 151643, "eos_token_id": 151645}"#,
         pre: "qwen2",
@@ -316,6 +337,11 @@ impl Draw {
             Draw {
                 offset: 1.0,
                 scale: 0.02,
+            }
+        } else if name.ends_with(".ssm_a") {
+            Draw {
+                offset: -1.0,
+                scale: 0.1,
             }
         } else if name.ends_with(".bias") {
             Draw {

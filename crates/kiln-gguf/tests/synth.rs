@@ -7,13 +7,16 @@ use kiln_gguf::Gguf;
 
 /// Tensor and parameter counts of the real models' GGUF files and Hugging Face
 /// checkpoints (parameters exclude llama.cpp's generated `rope_freqs.weight`).
-const REAL: [(&str, usize, u64); 6] = [
+const REAL: [(&str, usize, u64); 7] = [
     ("llama-3.2-1b", 147, 1_235_814_400),
     ("llama-3.1-8b", 292, 8_030_261_248),
     ("qwen2.5-0.5b", 290, 494_032_768),
     ("qwen3-8b", 399, 8_190_735_360),
     ("qwen3-30b-a3b", 579, 30_532_122_624),
     ("qwen3-235b-a22b", 1131, 235_093_634_560),
+    // 36 linear-attention layers of 18 tensors, 12 full-attention layers of 16; the
+    // checkpoint's multi-token-prediction layer is not converted (as llama.cpp).
+    ("qwen3-next-80b-a3b", 843, 79_674_391_296),
 ];
 
 #[test]

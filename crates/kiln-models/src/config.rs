@@ -1,6 +1,6 @@
 //! Architectures and hyperparameters from GGUF metadata.
 
-use kiln_core::ops::RopeParams;
+use kiln_core::ops::{DeltaNetHeads, RopeParams};
 use kiln_core::{Error, Result};
 use kiln_gguf::keys::{self, hparams};
 use kiln_gguf::{Gguf, Metadata};
@@ -36,8 +36,107 @@ pub struct ModelConfig {
     /// Whether q and k are RMS-normalized per head before RoPE (Qwen3).
     pub qk_norm: bool,
     /// The mixture of experts that replaces every layer's feed-forward (qwen2moe,
-    /// qwen3moe).
+    /// qwen3moe, qwen3next).
     pub moe: Option<MoeConfig>,
+    /// The Gated DeltaNet linear attention of a hybrid model's other layers
+    /// (qwen3next); its full-attention layers gate their output.
+    pub linear: Option<LinearAttentionConfig>,
+}
+
+/// The linear-attention layers of a hybrid model (Qwen3-Next): one layer in every
+/// `full_attention_interval` is full attention (layers `l` with
+/// `(l + 1) % full_attention_interval == 0`), the others Gated DeltaNet: the fused
+/// q/k/v projection `blk.N.attn_qkv.weight` (`[qkv_width, n_embd]`), its causal
+/// convolution `blk.N.ssm_conv1d.weight` (`[qkv_width, conv_kernel]`), the output gate
+/// `blk.N.attn_gate.weight` (`[n_v_heads d_v, n_embd]`), the gate and strength
+/// projections `blk.N.ssm_ba.weight` (`[2 n_v_heads, n_embd]`, per query/key head its
+/// value heads' `b` rows then their `a` rows), `blk.N.ssm_a` and `blk.N.ssm_dt.bias`
+/// (`[n_v_heads]`), the gated norm `blk.N.ssm_norm.weight` (`[d_v]`) and the output
+/// projection `blk.N.ssm_out.weight` (`[n_embd, n_v_heads d_v]`). Each such layer
+/// carries a convolution state and a delta-rule state per sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearAttentionConfig {
+    pub conv_kernel: usize,
+    pub heads: DeltaNetHeads,
+    pub full_attention_interval: usize,
+}
+
+impl LinearAttentionConfig {
+    /// Reads `arch`'s `ssm.*` keys and `full_attention_interval` (4 when absent) as
+    /// llama.cpp does; value heads are `ssm.inner_size / ssm.time_step_rank` wide.
+    fn from_metadata(md: &Metadata, arch: Arch) -> Result<LinearAttentionConfig> {
+        let key = |k: &str| arch.key(k);
+        let get = |k: &str| -> Result<usize> {
+            let v = md.get_u64(&key(k))?;
+            usize::try_from(v)
+                .map_err(|_| Error::format(key(k), format!("{v} does not fit in usize")))
+        };
+        let n_v_heads = get(hparams::SSM_TIME_STEP_RANK)?;
+        let inner = get(hparams::SSM_INNER_SIZE)?;
+        if n_v_heads == 0 || inner % n_v_heads != 0 {
+            return Err(Error::format(
+                key(hparams::SSM_INNER_SIZE),
+                format!("{inner} is not a multiple of ssm.time_step_rank {n_v_heads}"),
+            ));
+        }
+        let interval = if md.contains_key(&key(hparams::FULL_ATTENTION_INTERVAL)) {
+            get(hparams::FULL_ATTENTION_INTERVAL)?
+        } else {
+            4
+        };
+        Ok(LinearAttentionConfig {
+            conv_kernel: get(hparams::SSM_CONV_KERNEL)?,
+            heads: DeltaNetHeads {
+                n_k_heads: get(hparams::SSM_GROUP_COUNT)?,
+                n_v_heads,
+                d_k: get(hparams::SSM_STATE_SIZE)?,
+                d_v: inner / n_v_heads,
+            },
+            full_attention_interval: interval,
+        })
+    }
+
+    /// Whether layer `l` is linear attention (else full attention).
+    pub fn is_linear(&self, l: usize) -> bool {
+        (l + 1) % self.full_attention_interval != 0
+    }
+
+    /// Elements of a linear-attention layer's convolution state,
+    /// `[qkv_width, conv_kernel - 1]`.
+    pub fn conv_state_elements(&self) -> usize {
+        self.heads.qkv_width() * (self.conv_kernel - 1)
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        let h = &self.heads;
+        if self.full_attention_interval == 0 || self.conv_kernel < 2 {
+            return Err(format!(
+                "full_attention_interval {} must be > 0 and ssm.conv_kernel {} >= 2",
+                self.full_attention_interval, self.conv_kernel
+            ));
+        }
+        if [h.n_k_heads, h.n_v_heads, h.d_k, h.d_v].contains(&0) || h.n_v_heads % h.n_k_heads != 0 {
+            return Err(format!(
+                "ssm.group_count {} must divide ssm.time_step_rank {}, heads of {} and {} > 0",
+                h.n_k_heads, h.n_v_heads, h.d_k, h.d_v
+            ));
+        }
+        let sizes = h
+            .n_k_heads
+            .checked_mul(h.d_k)
+            .and_then(|k| k.checked_mul(2))
+            .zip(h.n_v_heads.checked_mul(h.d_v))
+            .and_then(|(k, v)| k.checked_add(v)?.checked_mul(self.conv_kernel))
+            .zip(
+                h.n_v_heads
+                    .checked_mul(h.d_k)
+                    .and_then(|s| s.checked_mul(h.d_v)),
+            );
+        if sizes.is_none() {
+            return Err("the linear attention's sizes overflow".into());
+        }
+        Ok(())
+    }
 }
 
 /// The shape of a mixture-of-experts feed-forward: a softmax router over `n_expert`
@@ -160,6 +259,16 @@ impl ModelConfig {
         } else {
             None
         };
+        let linear = if arch.is_hybrid() {
+            Some(LinearAttentionConfig::from_metadata(md, arch)?)
+        } else {
+            None
+        };
+        // A hybrid model's layer 0 is linear attention: its first full-attention
+        // layer tells whether q and k are normalised per head.
+        let first_attention = linear
+            .as_ref()
+            .map_or(0, |lin| lin.full_attention_interval - 1);
         let config = ModelConfig {
             arch,
             n_layers: get(hparams::BLOCK_COUNT)?,
@@ -181,8 +290,9 @@ impl ModelConfig {
             rope_freq_factors: has("rope_freqs.weight"),
             tied_embeddings: !has("output.weight"),
             qkv_bias: has("blk.0.attn_q.bias"),
-            qk_norm: has("blk.0.attn_q_norm.weight"),
+            qk_norm: has(&format!("blk.{first_attention}.attn_q_norm.weight")),
             moe,
+            linear,
         };
         config.check()?;
         let shapes: HashMap<&str, &[usize]> = file
@@ -227,6 +337,31 @@ impl ModelConfig {
         let mut out = Vec::new();
         let mut add = |n: &str, shape: Vec<usize>| out.push((name(n), shape));
         add("attn_norm.weight", vec![d]);
+        if let Some(lin) = &self.linear {
+            let h = &lin.heads;
+            if lin.is_linear(l) {
+                let (width, value) = (h.qkv_width(), h.n_v_heads.saturating_mul(h.d_v));
+                add("attn_qkv.weight", vec![width, d]);
+                add("attn_gate.weight", vec![value, d]);
+                add("ssm_ba.weight", vec![h.n_v_heads.saturating_mul(2), d]);
+                add("ssm_conv1d.weight", vec![width, lin.conv_kernel]);
+                add("ssm_dt.bias", vec![h.n_v_heads]);
+                add("ssm_a", vec![h.n_v_heads]);
+                add("ssm_norm.weight", vec![h.d_v]);
+                add("ssm_out.weight", vec![d, value]);
+            } else {
+                // Each head's query, then its output gate.
+                add("attn_q.weight", vec![q.saturating_mul(2), d]);
+                add("attn_k.weight", vec![kv, d]);
+                add("attn_v.weight", vec![kv, d]);
+                add("attn_output.weight", vec![d, q]);
+                add("attn_q_norm.weight", vec![hd]);
+                add("attn_k_norm.weight", vec![hd]);
+            }
+            add("post_attention_norm.weight", vec![d]);
+            self.add_moe(&mut add, d);
+            return out;
+        }
         let projections: Vec<(&str, usize)> = if has(&name("attn_qkv.weight")) {
             vec![("attn_qkv", q.saturating_add(kv.saturating_mul(2)))]
         } else {
@@ -246,18 +381,8 @@ impl ModelConfig {
         }
         add("attn_output.weight", vec![d, q]);
         add("ffn_norm.weight", vec![d]);
-        if let Some(moe) = &self.moe {
-            let (e, ff) = (moe.n_expert, moe.n_ff_exp);
-            add("ffn_gate_inp.weight", vec![e, d]);
-            add("ffn_gate_exps.weight", vec![e, ff, d]);
-            add("ffn_down_exps.weight", vec![e, d, ff]);
-            add("ffn_up_exps.weight", vec![e, ff, d]);
-            if let Some(ff) = moe.n_ff_shexp {
-                add("ffn_gate_inp_shexp.weight", vec![d]);
-                add("ffn_gate_shexp.weight", vec![ff, d]);
-                add("ffn_up_shexp.weight", vec![ff, d]);
-                add("ffn_down_shexp.weight", vec![d, ff]);
-            }
+        if self.moe.is_some() {
+            self.add_moe(&mut add, d);
         } else if has(&name("ffn_gate_up.weight")) {
             add("ffn_gate_up.weight", vec![ff.saturating_mul(2), d]);
         } else {
@@ -268,6 +393,40 @@ impl ModelConfig {
             add("ffn_down.weight", vec![d, ff]);
         }
         out
+    }
+
+    /// The mixture of experts' tensors of a layer, added by `add(name, shape)`.
+    fn add_moe(&self, add: &mut dyn FnMut(&str, Vec<usize>), d: usize) {
+        let Some(moe) = &self.moe else {
+            return;
+        };
+        let (e, ff) = (moe.n_expert, moe.n_ff_exp);
+        add("ffn_gate_inp.weight", vec![e, d]);
+        add("ffn_gate_exps.weight", vec![e, ff, d]);
+        add("ffn_down_exps.weight", vec![e, d, ff]);
+        add("ffn_up_exps.weight", vec![e, ff, d]);
+        if let Some(ff) = moe.n_ff_shexp {
+            add("ffn_gate_inp_shexp.weight", vec![d]);
+            add("ffn_gate_shexp.weight", vec![ff, d]);
+            add("ffn_up_shexp.weight", vec![ff, d]);
+            add("ffn_down_shexp.weight", vec![d, ff]);
+        }
+    }
+
+    /// Whether layer `l` is full attention with a KV cache (every layer but a hybrid
+    /// model's linear-attention layers).
+    pub fn has_kv_cache(&self, l: usize) -> bool {
+        self.linear.as_ref().is_none_or(|lin| !lin.is_linear(l))
+    }
+
+    /// The norm before layer `l`'s feed-forward: `ffn_norm`, or Qwen3-Next's
+    /// `post_attention_norm`.
+    pub fn ffn_norm(&self) -> &'static str {
+        if self.linear.is_some() {
+            "post_attention_norm"
+        } else {
+            "ffn_norm"
+        }
     }
 
     /// Checks every tensor the model reads ([`ModelConfig::tensor_shapes`]) against
@@ -342,6 +501,9 @@ impl ModelConfig {
         if let Some(moe) = &self.moe {
             moe.check(self.n_embd).or_else(bad)?;
         }
+        if let Some(lin) = &self.linear {
+            lin.check().or_else(bad)?;
+        }
         Ok(())
     }
 
@@ -406,6 +568,14 @@ impl fmt::Display for ModelConfig {
             if let Some(ff) = moe.n_ff_shexp {
                 write!(f, " and a shared expert of {ff}")?;
             }
+        }
+        if let Some(lin) = &self.linear {
+            let h = &lin.heads;
+            write!(
+                f,
+                ", Gated DeltaNet linear attention in {} of every {} layers ({} key heads of {}, {} value heads of {}, convolution of {})",
+                lin.full_attention_interval - 1, lin.full_attention_interval, h.n_k_heads, h.d_k, h.n_v_heads, h.d_v, lin.conv_kernel
+            )?;
         }
         let extras = [
             (self.tied_embeddings, "tied embeddings"),

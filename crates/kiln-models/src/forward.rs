@@ -23,6 +23,12 @@
 //! experts' SwiGLU with [`MoeMatMul`]s over the stacked `blk.N.ffn_*_exps.weight`, the
 //! shared expert (where there is one) with ordinary products, and sums them with
 //! [`MoeCombine`].
+//!
+//! A hybrid model's layers (Qwen3-Next: [`crate::config::LinearAttentionConfig`]) are
+//! built by the [`qwen3next`] module: Gated DeltaNet linear attention over a
+//! per-sequence recurrent state, and full attention with a sigmoid-gated output.
+
+mod qwen3next;
 
 use crate::config::{ModelConfig, MoeConfig};
 use kiln_core::ops::{
@@ -63,6 +69,18 @@ pub mod names {
     /// The value cache of layer `l`.
     pub fn v_cache(l: usize) -> String {
         format!("cache.v.{l}")
+    }
+
+    /// The causal convolution's state of linear-attention layer `l`: F32
+    /// `[qkv_width, conv_kernel - 1]`.
+    pub fn conv_state(l: usize) -> String {
+        format!("state.conv.{l}")
+    }
+
+    /// The delta rule's recurrent state of linear-attention layer `l`: F32
+    /// `[n_v_heads, d_k, d_v]`.
+    pub fn delta_state(l: usize) -> String {
+        format!("state.delta.{l}")
     }
 }
 
@@ -240,7 +258,8 @@ fn build_graph(
     let (mut resid, mut branch) = (x, None);
     for l in 0..config.n_layers {
         let attn_copy = b.quantized(
-            &["attn_qkv", "attn_q", "attn_k", "attn_v"].map(|w| format!("blk.{l}.{w}.weight")),
+            &["attn_qkv", "attn_q", "attn_q.q", "attn_k", "attn_v"]
+                .map(|w| format!("blk.{l}.{w}.weight")),
         );
         let (r, normed) = b.residual_norm(
             resid,
@@ -249,7 +268,10 @@ fn build_graph(
             &format!("l{l}.attn"),
             attn_copy,
         )?;
-        let attn = b.attention(l, normed, positions, freq_factors, kv)?;
+        let attn = match &config.linear {
+            Some(lin) => qwen3next::mixer(&mut b, l, lin, normed, positions, kv)?,
+            None => b.attention(l, normed, positions, freq_factors, kv)?,
+        };
         let ffn_copy = b.quantized(
             &[
                 "ffn_gate_up",
@@ -263,7 +285,7 @@ fn build_graph(
         let (r, normed) = b.residual_norm(
             r,
             Some(attn),
-            &format!("blk.{l}.ffn_norm.weight"),
+            &format!("blk.{l}.{}.weight", config.ffn_norm()),
             &format!("l{l}.ffn"),
             ffn_copy,
         )?;
@@ -328,7 +350,7 @@ fn build_graph(
 
 /// The KV caches' sizes and the tokens' slots ([`ForwardGraph::slots`]).
 #[derive(Clone, Copy)]
-struct KvSlots {
+pub(crate) struct KvSlots {
     cache: CacheSpec,
     slots: Option<BufferId>,
 }

@@ -1,4 +1,5 @@
-//! A model on a backend: weights, KV caches, and the forward pass over them.
+//! A model on a backend: weights, KV caches (and a hybrid model's recurrent states),
+//! and the forward pass over them.
 
 use crate::config::ModelConfig;
 use crate::forward::{self, names, CacheSpec, ForwardGraph, WeightDesc};
@@ -8,7 +9,8 @@ use kiln_core::{
     LaunchProfile, MemoryPlan, Result, Scratch,
 };
 use kiln_gguf::{Gguf, GgufFile};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 
 /// How to load a model.
 #[derive(Clone, Copy, Debug)]
@@ -84,6 +86,9 @@ pub struct Model<BE: Backend> {
     input_rows: usize,
     prefill_chunk: usize,
     last_plan: Option<PlanSummary>,
+    /// The recurrent states of a hybrid model's linear-attention layers (name,
+    /// bytes): one sequence's, zeroed when a sequence starts at position 0.
+    recurrent: Vec<(String, usize)>,
 }
 
 /// Tokens per forward graph of a prompt by default ([`Model::set_prefill_chunk`]),
@@ -119,13 +124,23 @@ impl<BE: Backend> Model<BE> {
         if options.slots == 0 {
             return Err(Error::invalid("load", "slots must be at least 1"));
         }
+        if config.linear.is_some() && options.slots > 1 {
+            return Err(Error::Unsupported(format!(
+                "{} keeps the recurrent state of one sequence; load it with one slot, not {}",
+                config.arch.name(),
+                options.slots
+            )));
+        }
         // Several slots get one more, which padding rows of batched steps write.
         let cache_slots = if options.slots > 1 {
             options.slots + 1
         } else {
             1
         };
-        let raw = raw_weight_descs(file);
+        let mut raw = raw_weight_descs(file);
+        let splits = weight_splits(&config);
+        let split_sources: HashSet<String> = splits.iter().map(|s| s.source.clone()).collect();
+        apply_splits(&mut raw, &splits)?;
         let stacks = if backend.stacks_weights() {
             weight_stacks(&raw)
         } else {
@@ -163,7 +178,7 @@ impl<BE: Backend> Model<BE> {
         let mut done = 0u64;
         let mut memory = HashMap::new();
         for (info, data) in file.shared_tensors() {
-            if stacked.contains(info.name()) {
+            if stacked.contains(info.name()) || split_sources.contains(info.name()) {
                 continue;
             }
             let buf = backend.share_weight(&data, info.dtype(), info.shape())?;
@@ -182,6 +197,15 @@ impl<BE: Backend> Model<BE> {
             done += bytes.len() as u64;
             progress(done, total);
             memory.insert(stack.name.clone(), buf);
+        }
+        for split in &splits {
+            let desc = &raw[&split.name];
+            let bytes = split.bytes(file)?;
+            let mut buf = backend.alloc(bytes.len())?;
+            backend.upload_weight(&mut buf, &bytes, desc.dtype, &desc.shape)?;
+            done += bytes.len() as u64;
+            progress(done, total);
+            memory.insert(split.name.clone(), buf);
         }
         for fg in &graphs {
             backend.prepare(&fg.graph)?;
@@ -206,13 +230,19 @@ impl<BE: Backend> Model<BE> {
                 )
             })
             .and_then(|n| cache.dtype.bytes_for(n))?;
-        for l in 0..config.n_layers {
+        for l in (0..config.n_layers).filter(|&l| config.has_kv_cache(l)) {
             memory.insert(names::k_cache(l), backend.alloc(cache_bytes)?);
             memory.insert(names::v_cache(l), backend.alloc(cache_bytes)?);
         }
         // Token, position and slot inputs: a chunk of a prompt (at most the capacity)
         // or of a batched step (at most the capacity or the largest bucket).
         let input_rows = capacity.max(BATCH_BUCKETS[BATCH_BUCKETS.len() - 1]);
+        let recurrent = recurrent_states(&config);
+        for (name, bytes) in &recurrent {
+            let mut buf = backend.alloc(*bytes)?;
+            backend.upload(&mut buf, &vec![0u8; *bytes])?;
+            memory.insert(name.clone(), buf);
+        }
         for (name, bytes) in [
             (names::TOKEN_IDS, input_rows * 4),
             (names::POSITIONS, input_rows * 4),
@@ -244,6 +274,7 @@ impl<BE: Backend> Model<BE> {
             input_rows,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             last_plan: None,
+            recurrent,
         })
     }
 
@@ -269,15 +300,31 @@ impl<BE: Backend> Model<BE> {
     }
 
     /// Forgets slot 0's cached positions, so that the next forward pass starts a new
-    /// sequence at position 0.
+    /// sequence at position 0 (with zeroed recurrent states, on a hybrid model).
     pub fn reset(&mut self) {
         self.slot_lens[0] = 0;
     }
 
     /// Forgets slot 0's cached positions from `n_past` on (keeps all when there are
     /// fewer), so that the next forward pass continues at position `n_past`.
-    pub fn truncate(&mut self, n_past: usize) {
+    ///
+    /// A hybrid model's recurrent states hold the whole sequence so far and cannot be
+    /// rewound: there `n_past` must be 0 (a reset) or at least the current length;
+    /// anything else is an error and changes nothing.
+    pub fn truncate(&mut self, n_past: usize) -> Result<()> {
+        if !self.recurrent.is_empty() && n_past != 0 && n_past < self.slot_lens[0] {
+            return Err(Error::invalid(
+                "truncate",
+                format!(
+                    "a {} model's recurrent state holds all {} positions and cannot be truncated to {n_past}: only to 0 (a reset) or to {} and more",
+                    self.config.arch.name(),
+                    self.slot_lens[0],
+                    self.slot_lens[0]
+                ),
+            ));
+        }
         self.slot_lens[0] = self.slot_lens[0].min(n_past);
+        Ok(())
     }
 
     /// Sequences the caches hold ([`LoadOptions::slots`]).
@@ -307,6 +354,24 @@ impl<BE: Backend> Model<BE> {
             .filter_map(|name| self.memory.get(&name))
             .map(DeviceBuffer::bytes)
             .sum()
+    }
+
+    /// Bytes of the recurrent states (a hybrid model's convolution and delta-rule
+    /// states, one sequence's; 0 for other models).
+    pub fn recurrent_state_bytes(&self) -> usize {
+        self.recurrent.iter().map(|(_, bytes)| bytes).sum()
+    }
+
+    /// Zeroes the recurrent states: a sequence starts from none.
+    fn zero_recurrent_states(&mut self) -> Result<()> {
+        for (name, bytes) in &self.recurrent {
+            let buf = self
+                .memory
+                .get_mut(name)
+                .expect("recurrent states are allocated at load");
+            self.backend.upload(buf, &vec![0u8; *bytes])?;
+        }
+        Ok(())
     }
 
     /// Bytes of all weight tensors.
@@ -421,6 +486,12 @@ impl<BE: Backend> Model<BE> {
     /// chunk of [`Model::forward`] does. Each chunk projects the logits of its
     /// requested rows only (a bucket's: of its rows).
     pub fn forward_batch(&mut self, rows: &[BatchRow]) -> Result<Vec<f32>> {
+        if !self.recurrent.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "batched steps of {} (its recurrent state holds one sequence); use Model::forward",
+                self.config.arch.name()
+            )));
+        }
         let positions = self.check_batch(rows)?;
         self.ensure_batch_buffers()?;
         let max_logits = BATCH_BUCKETS[BATCH_BUCKETS.len() - 1];
@@ -605,7 +676,9 @@ impl<BE: Backend> Model<BE> {
     /// Runs one decode step of `token` at the next position as [`Model::forward`]
     /// (with `sample`, [`Model::forward_sample`] with uniform 0.5) does, but with each
     /// launch timed alone ([`Backend::profile`]); the position is not consumed. Returns
-    /// the launches' times and the step's graph (for the operands of each op).
+    /// the launches' times and the step's graph (for the operands of each op). On a
+    /// hybrid model the run advances the recurrent states, which cannot be rewound:
+    /// the sequence is forgotten (as [`Model::reset`]).
     pub fn profile_decode(
         &mut self,
         token: u32,
@@ -630,7 +703,11 @@ impl<BE: Backend> Model<BE> {
             )
         })?;
         // SAFETY: as in `step`; profile waits for its run.
-        let times = unsafe { self.backend.profile(&mut compiled.exe) }?;
+        let times = unsafe { self.backend.profile(&mut compiled.exe) };
+        if !self.recurrent.is_empty() {
+            self.slot_lens[0] = 0;
+        }
+        let times = times?;
         Ok((times, compiled.planned.fg.graph.clone()))
     }
 
@@ -671,9 +748,15 @@ impl<BE: Backend> Model<BE> {
     /// Runs `tokens` at the next positions in chunks of [`Model::prefill_chunk`]
     /// ([`Model::step_chunk`]), the last one with the sampling head when `sample`
     /// gives its settings and uniform number. Records the largest chunk's plan. On an
-    /// error no position is consumed. Returns when the work is enqueued.
+    /// error no position is consumed; on a hybrid model, whose recurrent states a
+    /// failed step may have advanced, the sequence is forgotten (as [`Model::reset`]).
+    /// A step at position 0 first zeroes the recurrent states. Returns when the work
+    /// is enqueued.
     fn step(&mut self, tokens: &[u32], sample: Option<(SampleParams, f32)>) -> Result<()> {
         self.check_step(tokens)?;
+        if self.slot_lens[0] == 0 {
+            self.zero_recurrent_states()?;
+        }
         let start = self.slot_lens[0];
         let n_chunks = tokens.len().div_ceil(self.prefill_chunk);
         let mut largest: Option<PlanSummary> = None;
@@ -683,7 +766,7 @@ impl<BE: Backend> Model<BE> {
                 // The first chunk is the largest.
                 Ok(plan) => largest = largest.or(Some(plan)),
                 Err(e) => {
-                    self.slot_lens[0] = start;
+                    self.slot_lens[0] = if self.recurrent.is_empty() { start } else { 0 };
                     return Err(e);
                 }
             }
@@ -928,7 +1011,9 @@ fn raw_weight_descs<B: AsRef<[u8]>>(file: &Gguf<B>) -> HashMap<String, WeightDes
 /// ([`Backend::stacks_weights`]) holds, by name: the file's tensors, with the parts
 /// of each of [`weight_stacks`] replaced by their stack.
 pub fn weight_descs<B: AsRef<[u8]>>(file: &Gguf<B>) -> Result<HashMap<String, WeightDesc>> {
+    let config = ModelConfig::from_gguf(file)?;
     let mut weights = raw_weight_descs(file);
+    apply_splits(&mut weights, &weight_splits(&config))?;
     stack_weights(&mut weights)?;
     Ok(weights)
 }
@@ -1033,6 +1118,133 @@ pub fn weight_stacks(weights: &HashMap<String, WeightDesc>) -> Vec<WeightStack> 
         }
     }
     stacks
+}
+
+/// A weight a model builds at load, on every backend, from row ranges of one file
+/// tensor, so that a product computes only what one consumer reads: Qwen3-Next's
+/// interleaved projections ([`weight_splits`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeightSplit {
+    /// The derived weight's name.
+    pub name: String,
+    /// The file tensor whose rows it takes.
+    pub source: String,
+    /// The source's rows, in order.
+    pub rows: Vec<Range<usize>>,
+}
+
+impl WeightSplit {
+    /// The derived weight's dtype and shape: the source's, with the rows taken.
+    fn desc(&self, raw: &HashMap<String, WeightDesc>) -> Result<WeightDesc> {
+        let src = raw.get(&self.source).ok_or_else(|| {
+            Error::format("model", format!("tensor {:?} is missing", self.source))
+        })?;
+        let n_rows = src.shape.first().copied().unwrap_or(0);
+        if self.rows.iter().any(|r| r.start > r.end || r.end > n_rows) {
+            return Err(Error::format(
+                format!("tensor {:?}", self.source),
+                format!("{n_rows} rows, too few for {:?}", self.rows),
+            ));
+        }
+        let mut shape = src.shape.clone();
+        shape[0] = self.rows.iter().map(ExactSizeIterator::len).sum();
+        Ok(WeightDesc {
+            name: self.name.clone(),
+            dtype: src.dtype,
+            shape,
+        })
+    }
+
+    /// The derived weight's bytes: its rows of the source, whose rows are whole
+    /// blocks of its dtype.
+    fn bytes<B: AsRef<[u8]>>(&self, file: &Gguf<B>) -> Result<Vec<u8>> {
+        let tensor = file.tensor(&self.source)?;
+        let info = tensor.info;
+        let n_rows = info.shape().first().copied().unwrap_or(1).max(1);
+        let row_bytes = tensor.data.len() / n_rows;
+        let mut out = Vec::new();
+        for r in &self.rows {
+            let part = tensor
+                .data
+                .get(r.start * row_bytes..r.end * row_bytes)
+                .ok_or_else(|| {
+                    Error::format(
+                        format!("tensor {:?}", self.source),
+                        format!("rows {r:?} are outside its {n_rows}"),
+                    )
+                })?;
+            out.extend_from_slice(part);
+        }
+        Ok(out)
+    }
+}
+
+/// The weights every model of `config` derives at load ([`WeightSplit`]): for each
+/// Qwen3-Next full-attention layer, `blk.N.attn_q.weight` (per head its query rows,
+/// then its gate rows) as `blk.N.attn_q.q.weight` and `blk.N.attn_q.gate.weight`; for
+/// each linear-attention layer, `blk.N.ssm_ba.weight` (per query/key head its value
+/// heads' `b` rows, then their `a` rows) as `blk.N.ssm_ba.b.weight` and
+/// `blk.N.ssm_ba.a.weight`. None for other architectures.
+pub fn weight_splits(config: &ModelConfig) -> Vec<WeightSplit> {
+    let Some(lin) = &config.linear else {
+        return Vec::new();
+    };
+    // `groups` groups of rows, each `parts` runs of `len` rows: part `p` of each.
+    let split = |l: usize, source: &str, groups: usize, len: usize, parts: [&str; 2]| {
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(p, part)| WeightSplit {
+                name: format!("blk.{l}.{source}.{part}.weight"),
+                source: format!("blk.{l}.{source}.weight"),
+                rows: (0..groups)
+                    .map(|g| (2 * g + p) * len..(2 * g + p + 1) * len)
+                    .collect(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let h = &lin.heads;
+    (0..config.n_layers)
+        .flat_map(|l| {
+            if lin.is_linear(l) {
+                split(l, "ssm_ba", h.n_k_heads, h.group(), ["b", "a"])
+            } else {
+                split(l, "attn_q", config.n_heads, config.head_dim, ["q", "gate"])
+            }
+        })
+        .collect()
+}
+
+/// Replaces the source of each of `splits` in `weights` by the derived weights.
+fn apply_splits(weights: &mut HashMap<String, WeightDesc>, splits: &[WeightSplit]) -> Result<()> {
+    let descs = splits
+        .iter()
+        .map(|s| s.desc(weights))
+        .collect::<Result<Vec<_>>>()?;
+    for split in splits {
+        weights.remove(&split.source);
+    }
+    for desc in descs {
+        weights.insert(desc.name.clone(), desc);
+    }
+    Ok(())
+}
+
+/// The recurrent states of a model of `config`, by name with their bytes: a hybrid
+/// model's convolution and delta-rule states of each linear-attention layer.
+fn recurrent_states(config: &ModelConfig) -> Vec<(String, usize)> {
+    let Some(lin) = &config.linear else {
+        return Vec::new();
+    };
+    (0..config.n_layers)
+        .filter(|&l| lin.is_linear(l))
+        .flat_map(|l| {
+            [
+                (names::conv_state(l), lin.conv_state_elements() * 4),
+                (names::delta_state(l), lin.heads.state_elements() * 4),
+            ]
+        })
+        .collect()
 }
 
 /// Replaces the parts of each of `stacks` in `weights` by the stack.

@@ -42,6 +42,16 @@ fn tiny(family: &str) -> Preset {
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "max_position_embeddings": 256, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "vocab_size": 800}"#
         }
+        "qwen3next" => {
+            r#"{"architectures": ["Qwen3NextForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+            "head_dim": 32, "partial_rotary_factor": 0.25, "full_attention_interval": 4,
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 32, "linear_value_head_dim": 32,
+            "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+            "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, "num_experts": 8,
+            "num_experts_per_tok": 2, "norm_topk_prob": true, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000000, "vocab_size": 800}"#
+        }
         _ => {
             r#"{"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 96, "head_dim": 32,
             "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
@@ -62,7 +72,14 @@ fn tiny(family: &str) -> Preset {
 #[test]
 fn synthetic_models_load_tokenize_and_run() {
     let dir = tempfile::tempdir().unwrap();
-    for family in ["llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe"] {
+    for family in [
+        "llama",
+        "qwen2",
+        "qwen3",
+        "qwen2moe",
+        "qwen3moe",
+        "qwen3next",
+    ] {
         let preset = tiny(family);
         let out = dir.path().join(format!("{family}.gguf"));
         let config = preset.config().unwrap();

@@ -922,6 +922,7 @@ fn elementwise_f64(kind: ElementwiseKind, a: f64, b: f64) -> f64 {
             let c = (2.0 / std::f64::consts::PI).sqrt();
             0.5 * a * (1.0 + (c * (a + 0.044715 * a * a * a)).tanh()) * b
         }
+        ElementwiseKind::SigmoidMul => b / (1.0 + (-a).exp()),
     }
 }
 
@@ -931,7 +932,9 @@ fn elementwise_f64(kind: ElementwiseKind, a: f64, b: f64) -> f64 {
 fn elementwise_nmse(kind: ElementwiseKind) -> (f64, f64) {
     match kind {
         ElementwiseKind::Add | ElementwiseKind::Mul => (1e-11, 0.0),
-        ElementwiseKind::SiluMul | ElementwiseKind::GeluMul => (1e-11, 1e-12),
+        ElementwiseKind::SiluMul | ElementwiseKind::GeluMul | ElementwiseKind::SigmoidMul => {
+            (1e-11, 1e-12)
+        }
     }
 }
 

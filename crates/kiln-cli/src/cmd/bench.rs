@@ -427,7 +427,7 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
             let mut rates = Vec::new();
             let mut flops = Vec::new();
             for rep in 0..=args.repetitions {
-                model.truncate(d);
+                model.truncate(d)?;
                 let t = Instant::now();
                 model.forward(&tokens[d..d + p])?;
                 let secs = t.elapsed().as_secs_f64();
@@ -448,7 +448,7 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
             let mut rates = Vec::new();
             let mut bandwidth = Vec::new();
             for rep in 0..=args.repetitions {
-                model.truncate(d);
+                model.truncate(d)?;
                 let t = Instant::now();
                 let mut token = tokens[d];
                 for i in 0..n {
@@ -470,7 +470,7 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
             report_progress(&tests, n_tests);
         }
         if args.profile {
-            model.truncate(d);
+            model.truncate(d)?;
             profiles.push(profile(&mut model, &tokens, d, sample, &costs)?);
         }
     }
@@ -608,7 +608,7 @@ fn profile<BE: Backend>(
     for &t in &tokens[d..d + 2] {
         model.forward_sample(&[t], sample, 0.5)?;
     }
-    model.truncate(d);
+    model.truncate(d)?;
     let (times, graph) = model.profile_decode(tokens[d], Some(sample))?;
     let kv_rows = d + 1;
     let mut by_op: BTreeMap<&str, ProfileRow> = BTreeMap::new();
@@ -877,6 +877,7 @@ mod tests {
             qkv_bias: false,
             qk_norm: false,
             moe: None,
+            linear: None,
         };
         Costs {
             config,

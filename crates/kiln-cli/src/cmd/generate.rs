@@ -246,6 +246,12 @@ impl BackendJob for GenerateJob<'_> {
                     p.n_tokens, p.persistent_bytes, p.peak_bytes, p.peak_bytes_unaliased
                 );
             }
+            let recurrent = model.recurrent_state_bytes();
+            if recurrent > 0 {
+                eprintln!(
+                    "kiln: recurrent states (convolution and delta rule of the linear-attention layers, one sequence, in the persistent memory): {recurrent} B"
+                );
+            }
         }
         eprintln!(
             "kiln: prompt {} tokens, first token after {:.1} ms, {:.1} tokens/s; generated {} tokens, {:.1} tokens/s ({})",

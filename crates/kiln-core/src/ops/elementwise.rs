@@ -15,15 +15,20 @@ pub enum ElementwiseKind {
     /// evaluated as the equal `a / (1 + exp(-2 sqrt(2/pi) (a + 0.044715 a^3)))` so that
     /// f32 keeps its precision for negative `a`.
     GeluMul,
+    /// `sigmoid(a) * b`, with `sigmoid(a) = 1 / (1 + exp(-a))`: a gate on `b` (the
+    /// sigmoid-gated attention output of Qwen3-Next, `attn * sigmoid(gate)`, with the
+    /// gate as `a`).
+    SigmoidMul,
 }
 
 impl ElementwiseKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ElementwiseKind; 4] = [
+    pub const ALL: [ElementwiseKind; 5] = [
         ElementwiseKind::Add,
         ElementwiseKind::Mul,
         ElementwiseKind::SiluMul,
         ElementwiseKind::GeluMul,
+        ElementwiseKind::SigmoidMul,
     ];
 
     /// Short name, also the kernel specialisation's label.
@@ -33,6 +38,7 @@ impl ElementwiseKind {
             ElementwiseKind::Mul => "mul",
             ElementwiseKind::SiluMul => "silu_mul",
             ElementwiseKind::GeluMul => "gelu_mul",
+            ElementwiseKind::SigmoidMul => "sigmoid_mul",
         }
     }
 }

@@ -26,6 +26,7 @@ pub fn apply(kind: ElementwiseKind, a: f32, b: f32) -> f32 {
         ElementwiseKind::Mul => a * b,
         ElementwiseKind::SiluMul => silu(a) * b,
         ElementwiseKind::GeluMul => gelu(a) * b,
+        ElementwiseKind::SigmoidMul => b / (1.0 + (-a).exp()),
     }
 }
 

@@ -20,12 +20,7 @@ pub const ELEMENTWISE: Family = Family {
 };
 
 /// Every kind, in declaration order.
-const KINDS: [ElementwiseKind; 4] = [
-    ElementwiseKind::Add,
-    ElementwiseKind::Mul,
-    ElementwiseKind::SiluMul,
-    ElementwiseKind::GeluMul,
-];
+const KINDS: [ElementwiseKind; 5] = ElementwiseKind::ALL;
 
 /// The functor of `kind` in kernels/elementwise.cu.
 fn functor(kind: ElementwiseKind) -> &'static str {
@@ -34,6 +29,7 @@ fn functor(kind: ElementwiseKind) -> &'static str {
         ElementwiseKind::Mul => "kiln::Mul",
         ElementwiseKind::SiluMul => "kiln::SiluMul",
         ElementwiseKind::GeluMul => "kiln::GeluMul",
+        ElementwiseKind::SigmoidMul => "kiln::SigmoidMul",
     }
 }
 

@@ -1,5 +1,5 @@
-//! config.json: the hyperparameters of a llama, qwen2, qwen3, qwen2moe or qwen3moe
-//! checkpoint, and the
+//! config.json: the hyperparameters of a llama, qwen2, qwen3, qwen2moe, qwen3moe or
+//! qwen3next checkpoint, and the
 //! architecture metadata llama.cpp's convert_hf_to_gguf.py writes for them.
 
 use super::json::Object;
@@ -83,8 +83,137 @@ pub struct HfConfig {
     pub attention_bias: bool,
     /// Biases on the feed-forward projections (llama's `mlp_bias`).
     pub mlp_bias: bool,
-    /// The mixture of experts of every layer (qwen2moe, qwen3moe).
+    /// The mixture of experts of every layer (qwen2moe, qwen3moe, qwen3next).
     pub moe: Option<HfMoe>,
+    /// The linear-attention layers of a hybrid model (qwen3next).
+    pub linear: Option<HfLinearAttention>,
+    /// `partial_rotary_factor` (qwen3next; in `rope_parameters` for transformers 5):
+    /// the fraction of each head RoPE rotates, where the checkpoint gives one.
+    pub partial_rotary_factor: Option<f64>,
+}
+
+/// The Gated DeltaNet linear attention of a hybrid checkpoint (Qwen3-Next).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HfLinearAttention {
+    /// `linear_conv_kernel_dim`: taps of the causal convolution.
+    pub conv_kernel: usize,
+    /// `linear_num_key_heads`.
+    pub n_k_heads: usize,
+    /// `linear_num_value_heads`: a multiple of `n_k_heads`.
+    pub n_v_heads: usize,
+    /// `linear_key_head_dim`.
+    pub d_k: usize,
+    /// `linear_value_head_dim`.
+    pub d_v: usize,
+    /// One layer in every `full_attention_interval` is full attention (layers `i`
+    /// with `(i + 1) % interval == 0`): `full_attention_interval`, or the period of
+    /// `layer_types` (transformers 5), else 4.
+    pub full_attention_interval: usize,
+}
+
+impl HfLinearAttention {
+    fn parse(c: Object<'_>, n_layers: usize) -> Result<HfLinearAttention> {
+        let interval = match c.opt_usize("full_attention_interval")? {
+            Some(n) => n,
+            None => match c.opt_array("layer_types")? {
+                Some(types) => {
+                    let full = |t: &Json| t.as_str() == Some("full_attention");
+                    types.iter().position(full).map_or(n_layers + 1, |i| i + 1)
+                }
+                None => 4,
+            },
+        };
+        if interval == 0 {
+            return Err(c.error("full_attention_interval", "0 is not an interval"));
+        }
+        if let Some(types) = c.opt_array("layer_types")? {
+            let periodic = types.len() == n_layers
+                && types.iter().enumerate().all(|(i, t)| {
+                    let want = if (i + 1) % interval == 0 {
+                        "full_attention"
+                    } else {
+                        "linear_attention"
+                    };
+                    t.as_str() == Some(want)
+                });
+            if !periodic {
+                return Err(Error::Unsupported(format!(
+                    "{}: layer_types is not one full-attention layer in every {interval} \
+                     (the pattern llama.cpp's qwen3next files describe)",
+                    c.source
+                )));
+            }
+        }
+        let linear = HfLinearAttention {
+            conv_kernel: c.usize("linear_conv_kernel_dim")?,
+            n_k_heads: c.usize("linear_num_key_heads")?,
+            n_v_heads: c.usize("linear_num_value_heads")?,
+            d_k: c.usize("linear_key_head_dim")?,
+            d_v: c.usize("linear_value_head_dim")?,
+            full_attention_interval: interval,
+        };
+        let sizes = [
+            ("linear_conv_kernel_dim", linear.conv_kernel),
+            ("linear_num_key_heads", linear.n_k_heads),
+            ("linear_num_value_heads", linear.n_v_heads),
+            ("linear_key_head_dim", linear.d_k),
+            ("linear_value_head_dim", linear.d_v),
+        ];
+        for (key, value) in sizes {
+            if value == 0 || u32::try_from(value).is_err() {
+                return Err(c.error(key, format!("{value} is not in 1..=u32::MAX")));
+            }
+        }
+        if linear.conv_kernel < 2 {
+            return Err(c.error("linear_conv_kernel_dim", "a convolution needs >= 2 taps"));
+        }
+        if linear.n_v_heads % linear.n_k_heads != 0 {
+            return Err(c.error(
+                "linear_num_value_heads",
+                format!(
+                    "{} value heads are not a multiple of {} key heads",
+                    linear.n_v_heads, linear.n_k_heads
+                ),
+            ));
+        }
+        // The sizes below fit: each factor is at most u32::MAX and usize is 64 bits
+        // wherever kiln converts models this large.
+        Ok(linear)
+    }
+
+    /// Whether layer `l` is linear attention (else full attention).
+    pub fn is_linear(&self, l: usize) -> bool {
+        (l + 1) % self.full_attention_interval != 0
+    }
+
+    /// Elements of the query and key heads together (`n_k_heads * d_k`).
+    pub fn key_dim(&self) -> usize {
+        self.n_k_heads * self.d_k
+    }
+
+    /// Elements of the value heads together (`n_v_heads * d_v`).
+    pub fn value_dim(&self) -> usize {
+        self.n_v_heads * self.d_v
+    }
+
+    /// Channels of the causal convolution: the fused q, k, v row.
+    pub fn conv_dim(&self) -> usize {
+        2 * self.key_dim() + self.value_dim()
+    }
+
+    fn write_metadata(&self, md: &mut Metadata, arch: Arch) {
+        let key = |k: &str| arch.key(k);
+        // parse() bounded every count to u32.
+        md.set(key(hparams::SSM_CONV_KERNEL), self.conv_kernel as u32);
+        md.set(key(hparams::SSM_STATE_SIZE), self.d_k as u32);
+        md.set(key(hparams::SSM_GROUP_COUNT), self.n_k_heads as u32);
+        md.set(key(hparams::SSM_TIME_STEP_RANK), self.n_v_heads as u32);
+        md.set(key(hparams::SSM_INNER_SIZE), self.value_dim() as u32);
+        md.set(
+            key(hparams::FULL_ATTENTION_INTERVAL),
+            self.full_attention_interval as u32,
+        );
+    }
 }
 
 /// The mixture-of-experts hyperparameters of a checkpoint.
@@ -121,9 +250,10 @@ impl HfMoe {
             n_expert,
             n_expert_used: c.usize("num_experts_per_tok")?,
             n_ff_exp: c.usize("moe_intermediate_size")?,
-            n_ff_shexp: match arch {
-                Arch::Qwen2Moe => Some(c.usize("shared_expert_intermediate_size")?),
-                _ => None,
+            n_ff_shexp: if arch.has_shared_expert() {
+                Some(c.usize("shared_expert_intermediate_size")?)
+            } else {
+                None
             },
             norm_topk_prob: c
                 .opt_bool("norm_topk_prob")?
@@ -190,9 +320,10 @@ impl HfConfig {
         let hidden = c.usize("hidden_size")?;
         let n_heads = c.usize("num_attention_heads")?;
         let explicit_head_dim = c.opt_usize("head_dim")?;
+        let n_layers = c.usize("num_hidden_layers")?;
         let config = HfConfig {
             arch,
-            n_layers: c.usize("num_hidden_layers")?,
+            n_layers,
             hidden,
             n_ff: c.usize("intermediate_size")?,
             n_heads,
@@ -212,6 +343,12 @@ impl HfConfig {
             } else {
                 None
             },
+            linear: if arch.is_hybrid() {
+                Some(HfLinearAttention::parse(c, n_layers)?)
+            } else {
+                None
+            },
+            partial_rotary_factor: partial_rotary_factor(c, arch)?,
         };
         config.check(c)?;
         Ok(config)
@@ -250,6 +387,15 @@ impl HfConfig {
                 ),
             ));
         }
+        if self.rotary_dim() % 2 != 0 || self.rotary_dim() > self.head_dim {
+            return Err(c.error(
+                "partial_rotary_factor",
+                format!(
+                    "{:?} of a head of {} is not an even number of rotated dimensions",
+                    self.partial_rotary_factor, self.head_dim
+                ),
+            ));
+        }
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
             return Err(c.error(
                 "head_dim",
@@ -257,6 +403,16 @@ impl HfConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Dimensions of each head RoPE rotates: the head's width, scaled by
+    /// `partial_rotary_factor` (rounded down, as llama.cpp's converter does) where the
+    /// checkpoint gives one.
+    pub fn rotary_dim(&self) -> usize {
+        match self.partial_rotary_factor {
+            Some(f) => (self.head_dim as f64 * f) as usize,
+            None => self.head_dim,
+        }
     }
 
     /// Writes the architecture keys (`{arch}.block_count`, ...) as llama.cpp does.
@@ -282,9 +438,18 @@ impl HfConfig {
         if let Some(moe) = &self.moe {
             moe.write_metadata(md, self.arch);
         }
+        if let Some(linear) = &self.linear {
+            linear.write_metadata(md, self.arch);
+        }
         if self.arch == Arch::Llama {
             md.set(key(hparams::VOCAB_SIZE), u32_of(self.vocab_size));
             md.set(key(hparams::ROPE_DIMENSION_COUNT), u32_of(self.head_dim));
+        }
+        if self.arch == Arch::Qwen3Next {
+            md.set(
+                key(hparams::ROPE_DIMENSION_COUNT),
+                u32_of(self.rotary_dim()),
+            );
         }
     }
 
@@ -342,6 +507,28 @@ fn rope_theta(c: Object<'_>) -> Result<Option<f64>> {
         Some((rope, _)) => rope.opt_f64("rope_theta"),
         None => Ok(None),
     }
+}
+
+/// Qwen3-Next's `partial_rotary_factor`, at the top level or in the rope parameters
+/// object, 0.25 where neither gives one (as transformers and llama.cpp's converter
+/// take it); `None` for the other architectures, which rotate whole heads.
+fn partial_rotary_factor(c: Object<'_>, arch: Arch) -> Result<Option<f64>> {
+    if arch != Arch::Qwen3Next {
+        return Ok(None);
+    }
+    let key = "partial_rotary_factor";
+    let given = match c.opt_f64(key)? {
+        Some(f) => Some(f),
+        None => match rope_object(c)? {
+            Some((rope, _)) => rope.opt_f64(key)?,
+            None => None,
+        },
+    };
+    let f = given.unwrap_or(0.25);
+    if !(f > 0.0 && f <= 1.0) {
+        return Err(c.error(key, format!("{f} is not in (0, 1]")));
+    }
+    Ok(Some(f))
 }
 
 fn rope_scaling(c: Object<'_>) -> Result<RopeScaling> {

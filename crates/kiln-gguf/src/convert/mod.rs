@@ -1,5 +1,5 @@
-//! Conversion of Hugging Face checkpoints of the llama, qwen2 and qwen3 families to
-//! GGUF, with the metadata, tensor names and tokenizer section that llama.cpp's
+//! Conversion of Hugging Face checkpoints of the llama, qwen2 and qwen3 families (their
+//! mixtures of experts and Qwen3-Next included) to GGUF, with the metadata, tensor names and tokenizer section that llama.cpp's
 //! `convert_hf_to_gguf.py` writes, so other GGUF engines run the result too.
 //!
 //! A checkpoint directory holds `config.json`, `model.safetensors` (or
@@ -15,6 +15,11 @@
 //!   Face's rotate-half RoPE layout to GGML's interleaved layout, exactly as
 //!   llama.cpp's `LlamaModel.permute` does ([`permute_rope_rows`]); qwen2 and qwen3
 //!   use NeoX RoPE in GGML and are copied unpermuted.
+//! - Qwen3-Next's tensors change as llama.cpp's `Qwen3NextModel` changes them
+//!   (`Transform`): zero-centred norm weights are stored plus one (not the
+//!   linear attention's gated norm), `A_log` as `ssm_a = -exp(A_log)`, the
+//!   convolution without its middle axis, and `in_proj_qkvz` (per key head its q, k,
+//!   v, z rows) as `attn_qkv` (every head's q, then k, then v) and `attn_gate` (z).
 //! - Llama 3.1's rope scaling becomes a `rope_freqs.weight` tensor as llama.cpp
 //!   computes it; linear and YaRN scaling become `{arch}.rope.scaling.*` keys.
 //! - The tokenizer becomes `tokenizer.ggml.*` keys with model `gpt2`
@@ -47,7 +52,7 @@ use crate::quantize::{write_model, TensorSource, TypePolicy};
 use crate::{keys, Metadata, TensorDesc};
 use kiln_core::{DType, Error, Result};
 use std::path::Path;
-use tensors::{PlannedTensor, Source};
+use tensors::{PlannedTensor, Source, Transform};
 use weights::Weights;
 
 /// The files of a checkpoint directory that a conversion reads besides the
@@ -162,6 +167,9 @@ impl HfCheckpoint {
             .iter()
             .map(|t| match &t.source {
                 Source::Stacked(parts) => self.parts_bytes(parts).iter().map(|b| b.len()).sum(),
+                Source::Transformed(name, _) => {
+                    self.parts_bytes(std::slice::from_ref(name))[0].len()
+                }
                 _ => self.source_bytes_of(t).len(),
             } as u64)
             .sum()
@@ -233,16 +241,19 @@ impl HfCheckpoint {
         let descs = self.descs(&policy);
         let metadata = self.metadata_of(&policy, &descs);
         let output = OutputFile::create("kiln convert", out, &self.inputs)?;
-        // Stacked tensors are assembled in memory (their parts are not contiguous in
-        // the checkpoint's files).
+        // Stacked and transformed tensors are assembled in memory (their parts are not
+        // contiguous in the checkpoint's files, or their values change).
         let stacked: Vec<Option<Vec<u8>>> = self
             .tensors
             .iter()
             .map(|t| match &t.source {
-                Source::Stacked(parts) => Some(self.parts_bytes(parts).concat()),
-                _ => None,
+                Source::Stacked(parts) => Ok(Some(self.parts_bytes(parts).concat())),
+                Source::Transformed(name, transform) => {
+                    self.transformed_bytes(t, name, transform).map(Some)
+                }
+                _ => Ok(None),
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let sources = self
             .tensors
             .iter()
@@ -266,8 +277,49 @@ impl HfCheckpoint {
         })
     }
 
+    /// The values of checkpoint tensor `name` with `transform` applied, in the
+    /// checkpoint's dtype (as llama.cpp's converter computes them in the tensor's
+    /// torch dtype), for the output tensor `tensor`.
+    fn transformed_bytes(
+        &self,
+        tensor: &PlannedTensor,
+        name: &str,
+        transform: &Transform,
+    ) -> Result<Vec<u8>> {
+        let src = self.parts_bytes(std::slice::from_ref(&name.to_string()))[0];
+        let dtype = self.source_dtype(tensor)?;
+        let map = |f: fn(f32) -> f32| -> Result<Vec<u8>> {
+            let n = src.len() / dtype.bytes_for(1)?;
+            let mut values = vec![0f32; n];
+            kiln_core::quant::dequantize(dtype, src, &mut values)?;
+            values.iter_mut().for_each(|v| *v = f(*v));
+            let mut out = vec![0u8; src.len()];
+            kiln_core::quant::quantize(dtype, &values, &mut out)?;
+            Ok(out)
+        };
+        match transform {
+            Transform::AddOne => map(|v| 1.0 + v),
+            Transform::NegExp => map(|v| -v.exp()),
+            Transform::Rows(rows) => {
+                let cols = tensor.shape.last().copied().unwrap_or(1);
+                let row_bytes = dtype.bytes_for(cols)?;
+                let mut out = Vec::with_capacity(rows.len() * row_bytes);
+                for &r in rows {
+                    let row = src.get(r * row_bytes..(r + 1) * row_bytes).ok_or_else(|| {
+                        Error::format(
+                            format!("tensor {name:?}"),
+                            format!("row {r} is outside its {} bytes", src.len()),
+                        )
+                    })?;
+                    out.extend_from_slice(row);
+                }
+                Ok(out)
+            }
+        }
+    }
+
     /// The source bytes of `tensor` (f32 little-endian for generated tensors; none for
-    /// stacked tensors, which [`HfCheckpoint::write_gguf`] assembles).
+    /// stacked and transformed tensors, which [`HfCheckpoint::write_gguf`] assembles).
     fn source_bytes_of<'a>(&'a self, tensor: &'a PlannedTensor) -> &'a [u8] {
         match &tensor.source {
             Source::Checkpoint(name) => self
@@ -275,7 +327,7 @@ impl HfCheckpoint {
                 .get(name)
                 .map(|t| self.weights.bytes(t))
                 .unwrap_or_default(),
-            Source::Stacked(_) => &[],
+            Source::Stacked(_) | Source::Transformed(..) => &[],
             Source::Generated(f32_le) => f32_le,
         }
     }
@@ -286,6 +338,7 @@ impl HfCheckpoint {
         let first = match &tensor.source {
             Source::Checkpoint(name) => Some(name),
             Source::Stacked(parts) => parts.first(),
+            Source::Transformed(name, _) => Some(name),
             Source::Generated(_) => None,
         };
         match first {

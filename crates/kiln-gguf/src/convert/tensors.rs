@@ -19,6 +19,23 @@ pub enum Source {
     Stacked(Vec<String>),
     /// Values computed by the converter, as little-endian f32 bytes.
     Generated(Vec<u8>),
+    /// The checkpoint tensor of this name, transformed as llama.cpp's converter does.
+    Transformed(String, Transform),
+}
+
+/// A change llama.cpp's converter makes to a checkpoint tensor's values.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Transform {
+    /// `1 + x`, rounded to the checkpoint's dtype: a zero-centred RMSNorm weight (the
+    /// model multiplies by `1 + w`) as the multiplier itself (Qwen3-Next).
+    AddOne,
+    /// `-exp(x)`, rounded to the checkpoint's dtype: a linear-attention layer's
+    /// `A_log` as its decay rate `ssm_a` (Qwen3-Next).
+    NegExp,
+    /// These rows of the checkpoint's `[rows, cols]` tensor, in this order, bytes
+    /// unchanged: Qwen3-Next's `in_proj_qkvz`, whose rows come per key head
+    /// (`q, k, v, z` of each), as the fused `q, k, v` of all heads or the `z` of all.
+    Rows(Vec<usize>),
 }
 
 /// One tensor of the output file.
@@ -42,6 +59,9 @@ struct Expected {
     shape: Vec<usize>,
     permute: bool,
     required: bool,
+    /// The checkpoint tensor's shape where it is not the output's (nor stacked).
+    hf_shape: Option<Vec<usize>>,
+    transform: Option<Transform>,
 }
 
 impl Expected {
@@ -49,7 +69,9 @@ impl Expected {
     /// dimension, or the shape of the one tensor. llama.cpp stores the shared
     /// expert's gate, a `[1, hidden]` linear layer in the checkpoint, as `[hidden]`.
     fn part_shape(&self) -> Vec<usize> {
-        if self.hf.len() > 1 {
+        if let Some(shape) = &self.hf_shape {
+            shape.clone()
+        } else if self.hf.len() > 1 {
             self.shape[1..].to_vec()
         } else if self.gguf.ends_with("ffn_gate_inp_shexp.weight") {
             [&[1][..], &self.shape].concat()
@@ -110,9 +132,10 @@ pub fn plan(config: &HfConfig, weights: &Weights) -> Result<Vec<PlannedTensor>> 
                 ),
             ));
         }
-        let source = match e.hf.as_slice() {
-            [one] => Source::Checkpoint(one.clone()),
-            parts => Source::Stacked(parts.to_vec()),
+        let source = match (e.hf.as_slice(), &e.transform) {
+            ([one], Some(t)) => Source::Transformed(one.clone(), t.clone()),
+            ([one], None) => Source::Checkpoint(one.clone()),
+            (parts, _) => Source::Stacked(parts.to_vec()),
         };
         planned.push(PlannedTensor {
             name: e.gguf.clone(),
@@ -181,17 +204,24 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
     let (h, q_dim, kv_dim) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
     let permute = c.arch == Arch::Llama;
     let mut list = Vec::new();
-    let mut add =
-        |hf: Vec<String>, gguf: String, shape: Vec<usize>, permute: bool, required: bool| {
-            list.push(Expected {
-                hf,
-                gguf,
-                shape,
-                permute,
-                required,
-            })
-        };
+    let add = |list: &mut Vec<Expected>,
+               hf: Vec<String>,
+               gguf: String,
+               shape: Vec<usize>,
+               permute: bool,
+               required: bool| {
+        list.push(Expected {
+            hf,
+            gguf,
+            shape,
+            permute,
+            required,
+            hf_shape: None,
+            transform: None,
+        })
+    };
     add(
+        &mut list,
         vec!["model.embed_tokens.weight".into()],
         "token_embd.weight".into(),
         vec![c.vocab_size, h],
@@ -202,6 +232,11 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
     for i in 0..c.n_layers {
         let hf = |s: &str| format!("model.layers.{i}.{s}");
         let gg = |s: &str| format!("blk.{i}.{s}");
+        if c.arch == Arch::Qwen3Next {
+            // Its own norms, projections and (in linear-attention layers)
+            // transforms; the mixture of experts below is qwen2moe's.
+            next_attention(c, i, &mut list);
+        }
         // A weight (`[rows, ..]`) and its optional bias (`[rows]`); with `experts`,
         // the tensors of experts `0..experts` (`{e}` in `hf_name`) stacked.
         let mut layer = |hf_name: &str,
@@ -216,6 +251,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
                 None => (vec![weight(0)], shape.clone()),
             };
             add(
+                &mut list,
                 names,
                 gg(&format!("{gguf_name}.weight")),
                 stacked_shape,
@@ -224,6 +260,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
             );
             if bias {
                 add(
+                    &mut list,
                     vec![hf(&format!("{hf_name}.bias"))],
                     gg(&format!("{gguf_name}.bias")),
                     vec![shape[0]],
@@ -232,67 +269,69 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
                 );
             }
         };
-        layer("input_layernorm", "attn_norm", vec![h], false, false, None);
-        let bias = c.attention_bias;
-        layer(
-            "self_attn.q_proj",
-            "attn_q",
-            vec![q_dim, h],
-            permute,
-            bias,
-            None,
-        );
-        layer(
-            "self_attn.k_proj",
-            "attn_k",
-            vec![kv_dim, h],
-            permute,
-            bias,
-            None,
-        );
-        layer(
-            "self_attn.v_proj",
-            "attn_v",
-            vec![kv_dim, h],
-            false,
-            bias,
-            None,
-        );
-        layer(
-            "self_attn.o_proj",
-            "attn_output",
-            vec![h, q_dim],
-            false,
-            o_bias,
-            None,
-        );
-        if c.arch.has_qk_norm() {
-            let hd = c.head_dim;
+        if c.arch != Arch::Qwen3Next {
+            layer("input_layernorm", "attn_norm", vec![h], false, false, None);
+            let bias = c.attention_bias;
             layer(
-                "self_attn.q_norm",
-                "attn_q_norm",
-                vec![hd],
-                false,
-                false,
+                "self_attn.q_proj",
+                "attn_q",
+                vec![q_dim, h],
+                permute,
+                bias,
                 None,
             );
             layer(
-                "self_attn.k_norm",
-                "attn_k_norm",
-                vec![hd],
+                "self_attn.k_proj",
+                "attn_k",
+                vec![kv_dim, h],
+                permute,
+                bias,
+                None,
+            );
+            layer(
+                "self_attn.v_proj",
+                "attn_v",
+                vec![kv_dim, h],
+                false,
+                bias,
+                None,
+            );
+            layer(
+                "self_attn.o_proj",
+                "attn_output",
+                vec![h, q_dim],
+                false,
+                o_bias,
+                None,
+            );
+            if c.arch.has_qk_norm() {
+                let hd = c.head_dim;
+                layer(
+                    "self_attn.q_norm",
+                    "attn_q_norm",
+                    vec![hd],
+                    false,
+                    false,
+                    None,
+                );
+                layer(
+                    "self_attn.k_norm",
+                    "attn_k_norm",
+                    vec![hd],
+                    false,
+                    false,
+                    None,
+                );
+            }
+            layer(
+                "post_attention_layernorm",
+                "ffn_norm",
+                vec![h],
                 false,
                 false,
                 None,
             );
         }
-        layer(
-            "post_attention_layernorm",
-            "ffn_norm",
-            vec![h],
-            false,
-            false,
-            None,
-        );
         let Some(moe) = &c.moe else {
             let (ff, b) = (c.n_ff, c.mlp_bias);
             layer("mlp.gate_proj", "ffn_gate", vec![ff, h], false, b, None);
@@ -370,13 +409,20 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
         }
     }
     add(
+        &mut list,
         vec!["model.norm.weight".into()],
         "output_norm.weight".into(),
         vec![h],
         false,
         true,
     );
+    if c.arch == Arch::Qwen3Next {
+        if let Some(norm) = list.last_mut() {
+            norm.transform = Some(Transform::AddOne);
+        }
+    }
     add(
+        &mut list,
         vec!["lm_head.weight".into()],
         "output.weight".into(),
         vec![c.vocab_size, h],
@@ -384,6 +430,166 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
         !c.tied_embeddings,
     );
     list
+}
+
+/// The attention tensors of Qwen3-Next's layer `i` and its norms (the checkpoint's
+/// zero-centred norm weights stored plus one), as llama.cpp's converter writes them:
+/// gated full attention (`attn_q` holds each head's query and then its gate) or
+/// Gated DeltaNet linear attention (`in_proj_qkvz` split into the fused `attn_qkv`
+/// and the output gate `attn_gate`, `in_proj_ba` kept as `ssm_ba`, the
+/// convolution's middle axis dropped, `A_log` as `ssm_a = -exp(A_log)`).
+fn next_attention(c: &HfConfig, i: usize, list: &mut Vec<Expected>) {
+    let Some(lin) = &c.linear else {
+        return;
+    };
+    let h = c.hidden;
+    let mut add = |hf: &str,
+                   gguf: &str,
+                   shape: Vec<usize>,
+                   hf_shape: Option<Vec<usize>>,
+                   t: Option<Transform>| {
+        list.push(Expected {
+            hf: vec![format!("model.layers.{i}.{hf}")],
+            gguf: format!("blk.{i}.{gguf}"),
+            shape,
+            permute: false,
+            required: true,
+            hf_shape,
+            transform: t,
+        })
+    };
+    add(
+        "input_layernorm.weight",
+        "attn_norm.weight",
+        vec![h],
+        None,
+        Some(Transform::AddOne),
+    );
+    if lin.is_linear(i) {
+        let (dk, dv, r) = (lin.d_k, lin.d_v, lin.n_v_heads / lin.n_k_heads);
+        // Rows of one key head's block: q (dk), k (dk), v (r dv), z (r dv).
+        let block = 2 * dk + 2 * r * dv;
+        let rows = |offset: usize, len: usize| -> Vec<usize> {
+            (0..lin.n_k_heads)
+                .flat_map(|g| (0..len).map(move |j| g * block + offset + j))
+                .collect()
+        };
+        let qkv = [rows(0, dk), rows(dk, dk), rows(2 * dk, r * dv)].concat();
+        let z = rows(2 * dk + r * dv, r * dv);
+        let qkvz_shape = Some(vec![lin.n_k_heads * block, h]);
+        add(
+            "linear_attn.in_proj_qkvz.weight",
+            "attn_qkv.weight",
+            vec![lin.conv_dim(), h],
+            qkvz_shape.clone(),
+            Some(Transform::Rows(qkv)),
+        );
+        add(
+            "linear_attn.in_proj_qkvz.weight",
+            "attn_gate.weight",
+            vec![lin.value_dim(), h],
+            qkvz_shape,
+            Some(Transform::Rows(z)),
+        );
+        add(
+            "linear_attn.in_proj_ba.weight",
+            "ssm_ba.weight",
+            vec![2 * lin.n_v_heads, h],
+            None,
+            None,
+        );
+        add(
+            "linear_attn.conv1d.weight",
+            "ssm_conv1d.weight",
+            vec![lin.conv_dim(), lin.conv_kernel],
+            Some(vec![lin.conv_dim(), 1, lin.conv_kernel]),
+            None,
+        );
+        add(
+            "linear_attn.dt_bias",
+            "ssm_dt.bias",
+            vec![lin.n_v_heads],
+            None,
+            None,
+        );
+        add(
+            "linear_attn.A_log",
+            "ssm_a",
+            vec![lin.n_v_heads],
+            None,
+            Some(Transform::NegExp),
+        );
+        add(
+            "linear_attn.norm.weight",
+            "ssm_norm.weight",
+            vec![dv],
+            None,
+            None,
+        );
+        add(
+            "linear_attn.out_proj.weight",
+            "ssm_out.weight",
+            vec![h, lin.value_dim()],
+            None,
+            None,
+        );
+    } else {
+        let (q_dim, kv_dim, hd) = (
+            c.n_heads * c.head_dim,
+            c.n_kv_heads * c.head_dim,
+            c.head_dim,
+        );
+        // Each head's query rows, then its gate's.
+        add(
+            "self_attn.q_proj.weight",
+            "attn_q.weight",
+            vec![2 * q_dim, h],
+            None,
+            None,
+        );
+        add(
+            "self_attn.k_proj.weight",
+            "attn_k.weight",
+            vec![kv_dim, h],
+            None,
+            None,
+        );
+        add(
+            "self_attn.v_proj.weight",
+            "attn_v.weight",
+            vec![kv_dim, h],
+            None,
+            None,
+        );
+        add(
+            "self_attn.o_proj.weight",
+            "attn_output.weight",
+            vec![h, q_dim],
+            None,
+            None,
+        );
+        add(
+            "self_attn.q_norm.weight",
+            "attn_q_norm.weight",
+            vec![hd],
+            None,
+            Some(Transform::AddOne),
+        );
+        add(
+            "self_attn.k_norm.weight",
+            "attn_k_norm.weight",
+            vec![hd],
+            None,
+            Some(Transform::AddOne),
+        );
+    }
+    add(
+        "post_attention_layernorm.weight",
+        "post_attention_norm.weight",
+        vec![h],
+        None,
+        Some(Transform::AddOne),
+    );
 }
 
 /// Llama 3.1's rope scaling as the `rope_freqs.weight` tensor: one factor per
