@@ -42,10 +42,14 @@ fn model_path() -> &'static Path {
 }
 
 fn load(file: &GgufFile) -> Model<CpuBackend> {
+    load_slots(file, SLOTS)
+}
+
+fn load_slots(file: &GgufFile, slots: usize) -> Model<CpuBackend> {
     let options = LoadOptions {
         context: Some(CONTEXT),
         cache_dtype: DType::F32,
-        slots: SLOTS,
+        slots,
     };
     Model::load(CpuBackend, file, options, &mut |_, _| {}).unwrap()
 }
@@ -68,11 +72,13 @@ impl Drop for TestServer {
 struct Options {
     queue: usize,
     api_key: Option<&'static str>,
+    slots: usize,
 }
 
 const DEFAULTS: Options = Options {
     queue: 64,
     api_key: None,
+    slots: SLOTS,
 };
 
 async fn start(options: Options) -> TestServer {
@@ -81,7 +87,7 @@ async fn start(options: Options) -> TestServer {
     let tokenizer = Arc::new(Tokenizer::from_gguf_metadata(file.metadata()).unwrap());
     let chat_template = ChatTemplate::from_gguf(file.metadata(), &tokenizer).unwrap();
     let (_scheduler, submitter) = Scheduler::spawn(
-        move || Ok(ModelEngine::new(load(&file))),
+        move || Ok(ModelEngine::new(load_slots(&file, options.slots))),
         tokenizer.clone(),
         SchedulerOptions {
             queue: options.queue,
@@ -498,8 +504,10 @@ async fn bad_requests_get_openai_error_bodies() {
         .unwrap();
     expect_error(nowhere, StatusCode::NOT_FOUND).await;
 
-    let huge = server
-        .client
+    // On a client of its own: the server answers before reading the body and closes
+    // that connection, which a pooled client could otherwise reuse for the next
+    // request.
+    let huge = reqwest::Client::new()
         .post(format!("{}/v1/completions", server.base))
         .body(vec![b' '; 3 << 20])
         .send()
@@ -560,9 +568,11 @@ async fn the_api_key_guards_the_v1_endpoints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_gets_503() {
+    // One slot, held by a long request, and a queue of one.
     let server = Arc::new(
         start(Options {
             queue: 1,
+            slots: 1,
             ..DEFAULTS
         })
         .await,
