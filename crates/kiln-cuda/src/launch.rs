@@ -16,7 +16,9 @@ use std::cell::RefCell;
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaSlice, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{
+    sys, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig,
+};
 use kiln_core::{Error, Result};
 
 use crate::context::driver_error;
@@ -92,6 +94,14 @@ impl<A: KernelArg> KernelArg for Option<A> {
             Some(value) => value.push_to(args),
             None => args.push(0),
         }
+    }
+}
+
+impl<T> KernelArg for &CudaView<'_, T> {
+    fn push_to(self, args: &mut KernelArgs<'_>) {
+        // As for a whole slice: the guard does nothing when dropped.
+        let (address, _guard) = self.device_ptr(args.backend.stream());
+        args.push(address);
     }
 }
 

@@ -580,15 +580,24 @@ fn the_mat_mat_reads_no_q8_copy() {
     );
     assert_eq!(
         msg,
-        "matmul: x_q8 is read by the mat-vec kernels of up to 8 rows; the mat-mat of 9 rows takes none"
+        "matmul: x_q8 is read by the mat-vec kernels of up to 8 rows; the product of 9 rows takes none"
     );
 }
 
 #[test]
-fn the_mat_mat_runs_on_cublaslt_from_its_threshold() {
+fn up_to_63_rows_run_the_eight_row_mat_vec_per_group_then_cublaslt_from_its_threshold() {
     for m in [9, 16, 32, GEMM_MIN_ROWS - 1] {
-        assert_eq!(kernel_of(rows(m)), MatMulKernel::MatMat, "m = {m}");
+        let plan = rows(m).check().unwrap();
+        assert_eq!(plan.kernel, kernel_of(rows(8)), "m = {m}");
+        assert_eq!(plan.row_groups as usize, m.div_ceil(8), "m = {m}");
     }
+    assert_eq!(rows(8).check().unwrap().row_groups, 1);
+    // Without cuBLASLt, from 64 rows the tensor-core kernel.
+    let no_gemm = MatMulArgs {
+        gemm_min_rows: usize::MAX,
+        ..rows(GEMM_MIN_ROWS)
+    };
+    assert_eq!(kernel_of(no_gemm), MatMulKernel::MatMat);
     for m in [GEMM_MIN_ROWS, 128, 512, 2048] {
         let plan = rows(m).check().unwrap();
         assert_eq!(plan.kernel, MatMulKernel::Gemm, "m = {m}");
@@ -779,6 +788,8 @@ fn matmat_matches_cpu_for_every_weight_dtype() {
     for dtype in WEIGHT_DTYPES {
         for k in reductions(dtype) {
             compare(cuda, &mut rng, dtype, 9, 67, k, true);
+            // Below 64 rows: the eight-row mat-vec per group, the last one partial.
+            compare(cuda, &mut rng, dtype, 37, 67, k, false);
             compare(cuda, &mut rng, dtype, 130, 200, k, false);
         }
         compare(cuda, &mut rng, dtype, 512, 1024, 4096, false);

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use kiln_core::ops::WEIGHT_DTYPES;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
@@ -52,6 +52,13 @@ const OP: &str = "matmul";
 
 /// The most activation rows the mat-vec kernels take; more run on the mat-mat kernel.
 pub const MATVEC_MAX_ROWS: usize = 8;
+
+/// Activation rows below which a product of more than [`MATVEC_MAX_ROWS`] rows (and
+/// below the cuBLASLt threshold) runs as the mat-vec of [`MATVEC_MAX_ROWS`] rows once
+/// per group of that many rows: it reads the weight once per group, which costs less
+/// than kiln's mat-mat tile at these row counts (a batched decode step of 9 to 63
+/// sequences, the last chunk of a prompt).
+pub const MATVEC_GROUPS_BELOW: usize = 64;
 
 /// Fewest activation rows for which the mat-mat runs on cuBLASLt ([`gemm`]) rather
 /// than on kiln's kernel, by default ([`CudaBackend::gemm_min_rows`]). Below it,
@@ -526,6 +533,9 @@ pub struct MatMulPlan {
     pub kernel: MatMulKernel,
     pub spec: KernelSpec,
     pub config: LaunchConfig,
+    /// Launches of the mat-vec kernel, one per group of up to [`MATVEC_MAX_ROWS`]
+    /// activation rows (1 for every other kernel).
+    pub row_groups: u32,
     m: u32,
     n: u32,
     k: u32,
@@ -598,9 +608,27 @@ impl MatMulArgs {
             count(OP, &[self.m, self.n])?,
         )?;
         let row_bytes = self.weight.bytes_for(self.k)?;
-        let (kernel, launch_config) = if self.m <= MATVEC_MAX_ROWS {
+        let grouped = self.m > MATVEC_MAX_ROWS
+            && self.m < MATVEC_GROUPS_BELOW
+            && !gemm_takes(self.m, self.k, self.gemm_min_rows);
+        if grouped && self.x_q8_bytes.is_some() {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "x_q8 is read by the mat-vec kernels of up to {MATVEC_MAX_ROWS} rows; the product of {} rows takes none",
+                    self.m
+                ),
+            ));
+        }
+        let row_groups = if grouped {
+            self.m.div_ceil(MATVEC_MAX_ROWS)
+        } else {
+            1
+        };
+        let (kernel, launch_config) = if self.m <= MATVEC_MAX_ROWS || grouped {
             let q8 = self.x_q8_bytes.is_some();
-            let kernel = matvec_kernel(self.weight, self.m, self.n, self.k, row_bytes, q8);
+            let rows = self.m.min(MATVEC_MAX_ROWS);
+            let kernel = matvec_kernel(self.weight, rows, self.n, self.k, row_bytes, q8);
             let (threads, rows_per_block, shared) = matvec_block_shape(self.weight, kernel, self.k)
                 .ok_or_else(|| {
                     Error::invalid(OP, "the mat-vec choice returned a mat-mat kernel")
@@ -635,6 +663,7 @@ impl MatMulArgs {
             kernel,
             spec: spec(self.weight, kernel)?,
             config: launch_config,
+            row_groups: to_u32(OP, "m", row_groups)?,
             m: to_u32(OP, "m", self.m)?,
             n: to_u32(OP, "n", self.n)?,
             k: to_u32(OP, "k", self.k)?,
@@ -725,6 +754,9 @@ pub fn matmul<'a>(
         // At most the plan's blocks (one row per warp), which fit the grid.
         launch_config.grid_dim.0 = resident_blocks(n, warps, threads / 32) as u32;
     }
+    if plan.row_groups > 1 {
+        return row_groups(backend, &kernel, &plan, x, w, bias, out);
+    }
     let mut args = KernelArgs::new(backend);
     args.arg(w.slice());
     match plan.kernel {
@@ -750,4 +782,44 @@ pub fn matmul<'a>(
     // the plan picks only with a copy) or holds m * k / 32 Q8_1 blocks; bias is null
     // or holds n values; the mat-vec tier holds m rows.
     unsafe { launch(&kernel, &mut args, launch_config) }
+}
+
+/// The mat-vec `kernel` of a checked `plan` launched once per group of up to
+/// [`MATVEC_MAX_ROWS`] rows of x (f32, no Q8_1 copy), each writing its rows of out.
+fn row_groups(
+    backend: &CudaBackend,
+    kernel: &std::sync::Arc<CudaKernel>,
+    plan: &MatMulPlan,
+    x: &CudaBuffer,
+    w: &CudaBuffer,
+    bias: Option<&CudaBuffer>,
+    out: &mut CudaBuffer,
+) -> Result<()> {
+    let (m, n, k) = (plan.m as usize, plan.n as usize, plan.k as usize);
+    for group in 0..plan.row_groups as usize {
+        let first = group * MATVEC_MAX_ROWS;
+        let rows = (m - first).min(MATVEC_MAX_ROWS);
+        let x_rows = x.slice().slice(4 * first * k..4 * (first + rows) * k);
+        let mut out_rows = out
+            .slice_mut()
+            .slice_mut(4 * first * n..4 * (first + rows) * n);
+        let rows = rows as u32;
+        let mut args = KernelArgs::new(backend);
+        args.arg(w.slice())
+            .arg(&x_rows)
+            .arg(None::<&CudaSlice<u8>>)
+            .arg(bias.map(|b| b.slice()))
+            .arg(&mut out_rows)
+            .arg(&rows)
+            .arg(&plan.n)
+            .arg(&plan.k)
+            .arg(&plan.row_bytes);
+        // SAFETY: as for `matmul`'s mat-vec launch: `kernel` is the plan's
+        // `kiln::matvec<W, 8, ..>` or `kiln::matvec_packed<W, 8, ..>` (const u8* w, const
+        // float* x, const u8* xq8, const float* bias, float* out, u32 m, u32 n, u32 k, u64
+        // row_bytes); x's view holds this group's `rows` rows of k f32 and out's its rows
+        // of n (the plan checked m x k and m x n), xq8 is null, bias null or n values.
+        unsafe { launch(kernel, &mut args, plan.config) }?;
+    }
+    Ok(())
 }
