@@ -530,9 +530,7 @@ impl Builder<'_> {
         let c = self.c;
         let (d, t, hd) = (c.n_embd, self.t, c.head_dim);
         let (cache, slots) = (kv.cache, kv.slots);
-        let shape = [cache.slots, c.n_kv_heads, cache.capacity, hd];
-        let k_cache = self.g.persistent(names::k_cache(l), cache.dtype, &shape)?;
-        let v_cache = self.g.persistent(names::v_cache(l), cache.dtype, &shape)?;
+        let [k_cache, v_cache] = self.kv_caches(l, kv)?;
         let q = if self.has(&format!("blk.{l}.attn_qkv.weight")) {
             let n = c.q_dim() + 2 * c.kv_dim();
             let qkv = self.linear(l, "attn_qkv", x, n, d, c.qkv_bias)?;
@@ -569,19 +567,7 @@ impl Builder<'_> {
             let v = self.linear(l, "attn_v", x, c.kv_dim(), d, c.qkv_bias)?;
             let q = self.rope(l, "q", q, c.n_heads, positions, freq_factors)?;
             let k = self.rope(l, "k", k, c.n_kv_heads, positions, freq_factors)?;
-            for (src, cache_buf) in [(k, k_cache), (v, v_cache)] {
-                self.g.push(KvAppend {
-                    src,
-                    positions,
-                    slots,
-                    cache: cache_buf,
-                    n_tokens: t,
-                    n_kv_heads: c.n_kv_heads,
-                    head_dim: hd,
-                    capacity: cache.capacity,
-                    n_slots: cache.slots,
-                })?;
-            }
+            self.append_kv([k, v], [k_cache, v_cache], positions, kv)?;
             q
         };
         // The output projection reads a Q8_1 copy of the attention's output when its
@@ -590,25 +576,77 @@ impl Builder<'_> {
         let copy = self.quantized(&[format!("blk.{l}.attn_output.weight")])
             && hd % Q8_COPY.block_size() == 0;
         let out = self.act_with_copy(&format!("l{l}.attn"), c.q_dim(), copy)?;
+        self.attend(q, [k_cache, v_cache], positions, kv, out)?;
+        self.linear(l, "attn_output", out, d, c.q_dim(), false)
+    }
+
+    /// Layer `l`'s K and V caches, `[slots, n_kv_heads, capacity, head_dim]` each.
+    fn kv_caches(&mut self, l: usize, kv: KvSlots) -> Result<[BufferId; 2]> {
+        let (c, cache) = (self.c, kv.cache);
+        let shape = [cache.slots, c.n_kv_heads, cache.capacity, c.head_dim];
+        Ok([
+            self.g.persistent(names::k_cache(l), cache.dtype, &shape)?,
+            self.g.persistent(names::v_cache(l), cache.dtype, &shape)?,
+        ])
+    }
+
+    /// Appends each token's keys and values (`[k, v]`, `[t, kv_dim]` each) to `caches`
+    /// at its position and slot.
+    fn append_kv(
+        &mut self,
+        rows: [BufferId; 2],
+        caches: [BufferId; 2],
+        positions: BufferId,
+        kv: KvSlots,
+    ) -> Result<()> {
+        let c = self.c;
+        for (src, cache) in rows.into_iter().zip(caches) {
+            self.g.push(KvAppend {
+                src,
+                positions,
+                slots: kv.slots,
+                cache,
+                n_tokens: self.t,
+                n_kv_heads: c.n_kv_heads,
+                head_dim: c.head_dim,
+                capacity: kv.cache.capacity,
+                n_slots: kv.cache.slots,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Causal attention of the queries `q` (`[t, q_dim]`) over `caches` at each
+    /// token's position and slot, scaled by `1 / sqrt(head_dim)`, into `out` (and its
+    /// Q8_1 copy where it has one).
+    fn attend(
+        &mut self,
+        q: BufferId,
+        [k_cache, v_cache]: [BufferId; 2],
+        positions: BufferId,
+        kv: KvSlots,
+        out: Act,
+    ) -> Result<()> {
+        let c = self.c;
         self.g.push(Attention {
             q,
             k_cache,
             v_cache,
             positions,
-            slots,
+            slots: kv.slots,
             out: out.x,
             out_q8: out.q8,
-            n_tokens: t,
+            n_tokens: self.t,
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
-            head_dim: hd,
-            capacity: cache.capacity,
-            n_slots: cache.slots,
-            scale: 1.0 / (hd as f32).sqrt(),
+            head_dim: c.head_dim,
+            capacity: kv.cache.capacity,
+            n_slots: kv.cache.slots,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
             window: None,
             softcap: None,
         })?;
-        self.linear(l, "attn_output", out, d, c.q_dim(), false)
+        Ok(())
     }
 
     /// RoPE of `n_heads` heads of `x`, preceded by the per-head norm

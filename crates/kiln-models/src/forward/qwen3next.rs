@@ -14,8 +14,7 @@
 use super::{names, Act, Builder, KvSlots};
 use crate::config::LinearAttentionConfig;
 use kiln_core::ops::{
-    Attention, CausalConv1d, Elementwise, ElementwiseKind, GatedDeltaNet, GatedRmsNorm, KvAppend,
-    Q8_COPY,
+    CausalConv1d, Elementwise, ElementwiseKind, GatedDeltaNet, GatedRmsNorm, Q8_COPY,
 };
 use kiln_core::{BufferId, DType, Result};
 
@@ -117,49 +116,17 @@ fn gated_attention(
     kv: KvSlots,
 ) -> Result<BufferId> {
     let c = b.c;
-    let (d, t, hd) = (c.n_embd, b.t, c.head_dim);
-    let (cache, slots) = (kv.cache, kv.slots);
-    let shape = [cache.slots, c.n_kv_heads, cache.capacity, hd];
-    let k_cache = b.g.persistent(names::k_cache(l), cache.dtype, &shape)?;
-    let v_cache = b.g.persistent(names::v_cache(l), cache.dtype, &shape)?;
+    let (d, t) = (c.n_embd, b.t);
+    let caches = b.kv_caches(l, kv)?;
     let q = b.linear(l, "attn_q.q", x, c.q_dim(), d, false)?;
     let gate = b.linear(l, "attn_q.gate", x, c.q_dim(), d, false)?;
     let k = b.linear(l, "attn_k", x, c.kv_dim(), d, false)?;
     let v = b.linear(l, "attn_v", x, c.kv_dim(), d, false)?;
     let q = b.rope(l, "q", q, c.n_heads, positions, None)?;
     let k = b.rope(l, "k", k, c.n_kv_heads, positions, None)?;
-    for (src, cache_buf) in [(k, k_cache), (v, v_cache)] {
-        b.g.push(KvAppend {
-            src,
-            positions,
-            slots,
-            cache: cache_buf,
-            n_tokens: t,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: hd,
-            capacity: cache.capacity,
-            n_slots: cache.slots,
-        })?;
-    }
+    b.append_kv([k, v], caches, positions, kv)?;
     let attn = b.act(&format!("l{l}.attn"), c.q_dim())?;
-    b.g.push(Attention {
-        q,
-        k_cache,
-        v_cache,
-        positions,
-        slots,
-        out: attn,
-        out_q8: None,
-        n_tokens: t,
-        n_heads: c.n_heads,
-        n_kv_heads: c.n_kv_heads,
-        head_dim: hd,
-        capacity: cache.capacity,
-        n_slots: cache.slots,
-        scale: 1.0 / (hd as f32).sqrt(),
-        window: None,
-        softcap: None,
-    })?;
+    b.attend(q, caches, positions, kv, Act::from(attn))?;
     // The output projection reads the gated output's Q8_1 copy where its weight is of
     // a block format.
     let copy = b.quantized(&[format!("blk.{l}.attn_output.weight")])
