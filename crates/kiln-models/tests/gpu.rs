@@ -8,12 +8,14 @@
 //! where a missing device fails the test.
 
 mod common;
+mod device;
 use common::{batched_greedy, greedy_tokens, Sequence};
+use device::cuda;
 use kiln_core::ops::sample::sample_row;
 use kiln_core::ops::SampleParams;
 use kiln_core::{Backend, DType};
 use kiln_cpu::CpuBackend;
-use kiln_cuda::{CacheConfig, CudaBackend};
+use kiln_cuda::CudaBackend;
 use kiln_gguf::convert::HfCheckpoint;
 use kiln_gguf::{Gguf, GgufFile};
 use kiln_models::{LoadOptions, Model};
@@ -42,13 +44,6 @@ fn prompts() -> Vec<Vec<u32>> {
                 .collect()
         })
         .collect()
-}
-
-/// The CUDA backend of device 0; panics (fails the test) where there is none.
-fn cuda() -> CudaBackend {
-    CacheConfig::from_env()
-        .and_then(|cache| CudaBackend::with_cache(0, cache))
-        .unwrap_or_else(|e| panic!("this test needs a CUDA device: {e}"))
 }
 
 /// The small model converted to an F16 GGUF in `dir`.

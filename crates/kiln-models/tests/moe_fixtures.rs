@@ -11,6 +11,8 @@ use kiln_gguf::convert::HfCheckpoint;
 use kiln_gguf::{Arch, Gguf};
 use kiln_models::{LoadOptions, Model};
 mod common;
+mod device;
+use device::cuda;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -139,13 +141,6 @@ fn q8_0_moe_logits_stay_close() {
         eprintln!("{name} q8_0: logits NMSE {e:.2e}");
         assert!(e < 1e-3, "{name} q8_0: logits NMSE {e:.2e}");
     }
-}
-
-/// The CUDA backend of device 0; panics (fails the test) where there is none.
-fn cuda() -> kiln_cuda::CudaBackend {
-    kiln_cuda::CacheConfig::from_env()
-        .and_then(|cache| kiln_cuda::CudaBackend::with_cache(0, cache))
-        .unwrap_or_else(|e| panic!("this test needs a CUDA device: {e}"))
 }
 
 /// On the GPU, checkpoint `name` in F32: with prompts in chunks of 8 tokens every

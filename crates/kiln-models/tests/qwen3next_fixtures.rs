@@ -6,6 +6,8 @@
 //! prompt run in chunks against the same prompt token by token; the recurrent state's
 //! reset and truncation rules.
 
+mod device;
+use device::cuda;
 use kiln_core::{Backend, DType};
 use kiln_cpu::CpuBackend;
 use kiln_gguf::convert::HfCheckpoint;
@@ -283,13 +285,6 @@ fn q8_0_qwen3next_logits_stay_close() {
     let e = nmse(&model.forward(&f.input_ids).unwrap(), &f.logits[0]);
     eprintln!("qwen3next q8_0: logits NMSE {e:.2e}");
     assert!(e < 1e-2, "qwen3next q8_0: logits NMSE {e:.2e}");
-}
-
-/// The CUDA backend of device 0; panics (fails the test) where there is none.
-fn cuda() -> kiln_cuda::CudaBackend {
-    kiln_cuda::CacheConfig::from_env()
-        .and_then(|cache| kiln_cuda::CudaBackend::with_cache(0, cache))
-        .unwrap_or_else(|e| panic!("this test needs a CUDA device: {e}"))
 }
 
 /// The fixtures on the GPU: prompts through the recurrent delta-rule kernel token by
