@@ -611,7 +611,7 @@ impl MatMulArgs {
         let grouped = self.m > MATVEC_MAX_ROWS
             && self.m < MATVEC_GROUPS_BELOW
             && !gemm_takes(self.m, self.k, self.gemm_min_rows);
-        if grouped && self.x_q8_bytes.is_some() {
+        if self.m > MATVEC_MAX_ROWS && self.x_q8_bytes.is_some() {
             return Err(Error::invalid(
                 OP,
                 format!(
@@ -640,24 +640,13 @@ impl MatMulArgs {
                 MAX_GRID_X,
             )?;
             (kernel, config((blocks, 1, 1), threads, shared))
+        } else if gemm_takes(self.m, self.k, self.gemm_min_rows) {
+            // The weight decoder's launch: one thread per chunk of 8 elements.
+            (MatMulKernel::Gemm, super::grid_1d(self.n * self.k / 8))
         } else {
-            if self.x_q8_bytes.is_some() {
-                return Err(Error::invalid(
-                    OP,
-                    format!(
-                        "x_q8 is read by the mat-vec kernels of up to {MATVEC_MAX_ROWS} rows; the mat-mat of {} rows takes none",
-                        self.m
-                    ),
-                ));
-            }
-            if gemm_takes(self.m, self.k, self.gemm_min_rows) {
-                // The weight decoder's launch: one thread per chunk of 8 elements.
-                (MatMulKernel::Gemm, super::grid_1d(self.n * self.k / 8))
-            } else {
-                let x = grid_dim(OP, "n", self.n.div_ceil(MM_BN as usize), MAX_GRID_X)?;
-                let y = grid_dim(OP, "m", self.m.div_ceil(MM_BM as usize), MAX_GRID_YZ)?;
-                (MatMulKernel::MatMat, config((x, y, 1), MM_THREADS, 0))
-            }
+            let x = grid_dim(OP, "n", self.n.div_ceil(MM_BN as usize), MAX_GRID_X)?;
+            let y = grid_dim(OP, "m", self.m.div_ceil(MM_BM as usize), MAX_GRID_YZ)?;
+            (MatMulKernel::MatMat, config((x, y, 1), MM_THREADS, 0))
         };
         Ok(MatMulPlan {
             kernel,
