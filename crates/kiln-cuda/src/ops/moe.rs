@@ -130,14 +130,20 @@ pub(crate) fn all_specs() -> Vec<KernelSpec> {
     specs
 }
 
-/// Errors unless `k <= n_expert <= MAX_EXPERTS`.
-fn check_experts(op: &str, k: usize, n_expert: usize) -> Result<()> {
+/// Errors unless `k <= n_expert`.
+fn check_k(op: &str, k: usize, n_expert: usize) -> Result<()> {
     if k > n_expert {
         return Err(Error::invalid(
             op,
             format!("k = {k} experts per token exceeds n_expert = {n_expert}"),
         ));
     }
+    Ok(())
+}
+
+/// Errors unless `k <= n_expert <= MAX_EXPERTS`.
+fn check_experts(op: &str, k: usize, n_expert: usize) -> Result<()> {
+    check_k(op, k, n_expert)?;
     if n_expert > MAX_EXPERTS {
         return Err(Error::invalid(
             op,
@@ -433,15 +439,7 @@ impl MoeMatMulArgs {
                 ("cols", self.cols),
             ],
         )?;
-        if self.k > self.n_expert {
-            return Err(Error::invalid(
-                OP,
-                format!(
-                    "k = {} experts per token exceeds n_expert = {}",
-                    self.k, self.n_expert
-                ),
-            ));
-        }
+        check_k(OP, self.k, self.n_expert)?;
         weight_tag(OP, self.weight)?;
         let bs = self.weight.block_size();
         if self.cols % bs != 0 {
