@@ -8,20 +8,13 @@ mod common;
 use common::*;
 use kiln_core::DType;
 use kiln_cpu::CpuBackend;
-use kiln_gguf::convert::HfCheckpoint;
-use kiln_gguf::{Gguf, GgufFile};
+use kiln_gguf::GgufFile;
 use kiln_models::{BatchRow, LoadOptions, Model};
 use std::path::Path;
 
 /// The small model converted to an F32 GGUF in `dir`.
 fn tiny(dir: &Path) -> GgufFile {
-    let model_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/shakespeare-tiny");
-    let path = dir.join("tiny-f32.gguf");
-    HfCheckpoint::open(model_dir)
-        .unwrap()
-        .write_gguf(&path, DType::F32, &mut |_, _| {})
-        .unwrap();
-    Gguf::open(&path).unwrap()
+    common::small_model_gguf(dir, DType::F32)
 }
 
 fn load(file: &GgufFile, slots: usize) -> Model<CpuBackend> {

@@ -6,10 +6,8 @@ mod common;
 use common::{Stacking, Tiny};
 use kiln_core::{Backend, DType};
 use kiln_cpu::CpuBackend;
-use kiln_gguf::convert::HfCheckpoint;
 use kiln_gguf::{Gguf, GgufFile, SharedBytes};
 use kiln_models::{LoadOptions, Model};
-use std::path::Path;
 
 fn load<BE: Backend>(backend: BE, file: &GgufFile) -> Model<BE> {
     let options = LoadOptions {
@@ -74,14 +72,8 @@ fn check(label: &str, file: &GgufFile, prompt: &[u32]) {
 #[test]
 fn the_small_model_borrows_its_map_and_computes_the_stacked_logits() {
     let dir = tempfile::tempdir().unwrap();
-    let model_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/shakespeare-tiny");
     for dtype in [DType::F32, DType::Q4_0] {
-        let out = dir.path().join(format!("tiny-{dtype}.gguf"));
-        HfCheckpoint::open(&model_dir)
-            .unwrap()
-            .write_gguf(&out, dtype, &mut |_, _| {})
-            .unwrap();
-        let file = Gguf::open(&out).unwrap();
+        let file = common::small_model_gguf(dir.path(), dtype);
         check(&format!("{dtype}"), &file, &[1, 17, 42, 299, 5]);
     }
 }

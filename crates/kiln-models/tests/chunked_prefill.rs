@@ -3,10 +3,11 @@
 //! tokens of the same prompt run in one graph, at one chunk, one chunk + 1 and several
 //! chunks; its scratch memory is that of one chunk whatever the prompt's length.
 
+mod common;
+
 use kiln_core::DType;
 use kiln_cpu::CpuBackend;
-use kiln_gguf::convert::HfCheckpoint;
-use kiln_gguf::{Gguf, GgufFile};
+use kiln_gguf::GgufFile;
 use kiln_models::model::DEFAULT_PREFILL_CHUNK;
 use kiln_models::sampler::argmax;
 use kiln_models::{LoadOptions, Model};
@@ -18,13 +19,7 @@ const CHUNK: usize = 64;
 
 /// The small model converted to an F32 GGUF in `dir`.
 fn tiny(dir: &Path) -> GgufFile {
-    let model_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/shakespeare-tiny");
-    let path = dir.join("tiny-f32.gguf");
-    HfCheckpoint::open(model_dir)
-        .unwrap()
-        .write_gguf(&path, DType::F32, &mut |_, _| {})
-        .unwrap();
-    Gguf::open(&path).unwrap()
+    common::small_model_gguf(dir, DType::F32)
 }
 
 fn load(file: &GgufFile, chunk: usize) -> Model<CpuBackend> {

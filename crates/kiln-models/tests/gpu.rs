@@ -16,7 +16,6 @@ use kiln_core::ops::SampleParams;
 use kiln_core::{Backend, DType};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::CudaBackend;
-use kiln_gguf::convert::HfCheckpoint;
 use kiln_gguf::{Gguf, GgufFile};
 use kiln_models::{LoadOptions, Model};
 use rand::rngs::StdRng;
@@ -53,12 +52,7 @@ fn tiny_f16(dir: &Path) -> GgufFile {
 
 /// The small model converted to a GGUF of `dtype` in `dir`.
 fn tiny(dir: &Path, dtype: DType) -> GgufFile {
-    let path = dir.join(format!("tiny-{dtype}.gguf"));
-    HfCheckpoint::open(model_dir())
-        .unwrap()
-        .write_gguf(&path, dtype, &mut |_, _| {})
-        .unwrap();
-    Gguf::open(&path).unwrap()
+    common::small_model_gguf(dir, dtype)
 }
 
 /// A random qwen3-shaped model (per-head q/k norms, NeoX rotation, tied embeddings)

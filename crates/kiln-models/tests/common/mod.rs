@@ -415,3 +415,16 @@ pub fn batched_greedy<BE: Backend>(model: &mut Model<BE>, sequences: &[Sequence]
     }
     out
 }
+
+/// The project's small model (`models/shakespeare-tiny`) converted by kiln to a GGUF
+/// of `dtype` in `dir`, opened.
+pub fn small_model_gguf(dir: &std::path::Path, dtype: DType) -> kiln_gguf::GgufFile {
+    let model_dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/shakespeare-tiny");
+    let path = dir.join(format!("tiny-{dtype}.gguf"));
+    kiln_gguf::convert::HfCheckpoint::open(model_dir)
+        .expect("the small model's checkpoint opens")
+        .write_gguf(&path, dtype, &mut |_, _| {})
+        .expect("the small model converts");
+    Gguf::open(&path).expect("the converted small model opens")
+}
