@@ -582,6 +582,45 @@ impl<BE: Backend> Model<BE> {
         positions: &[usize],
         logits: &mut Vec<f32>,
     ) -> Result<()> {
+        let (n_rows, n_logits) = self.upload_batch_chunk(rows, positions)?;
+        if rows.len() > BATCH_BUCKETS[BATCH_BUCKETS.len() - 1] {
+            let (config, weights, cache) = (&self.config, &self.weights, self.cache);
+            let planned = planned_batch_graph(config, weights, n_rows, n_logits, cache)?;
+            self.scratch.ensure(&self.backend, &planned.plan)?;
+            execute(
+                &self.backend,
+                &planned.fg,
+                &planned.plan,
+                &mut self.scratch,
+                &mut self.memory,
+            )?;
+        } else {
+            self.ensure_batch_step(n_rows)?;
+            let compiled = self.batch_steps.get_mut(&n_rows).expect("compiled above");
+            // SAFETY: as in `step_chunk`: the executable's memory is the model's own.
+            unsafe { self.backend.run(&mut compiled.exe) }?;
+        }
+        let vocab = self.config.vocab;
+        let wanted = rows.iter().filter(|r| r.logits).count();
+        let mut bytes = vec![0u8; wanted * vocab * 4];
+        self.backend
+            .download(self.buffer(names::BATCH_LOGITS), &mut bytes)?;
+        logits.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+        Ok(())
+    }
+
+    /// Uploads the inputs of one chunk of a batch (`rows` at `positions`): token ids,
+    /// positions and slots, padded to the chunk's bucket, and the indices of the rows
+    /// wanting logits. Returns the graph's row and logits-row counts.
+    fn upload_batch_chunk(
+        &mut self,
+        rows: &[BatchRow],
+        positions: &[usize],
+    ) -> Result<(usize, usize)> {
         let n = rows.len();
         let wanted: Vec<usize> = (0..n).filter(|&i| rows[i].logits).collect();
         let largest = BATCH_BUCKETS[BATCH_BUCKETS.len() - 1];
@@ -599,7 +638,7 @@ impl<BE: Backend> Model<BE> {
         let pad = n_rows - n;
         let tokens = rows.iter().map(|r| r.token as usize);
         let slots = rows.iter().map(|r| r.slot);
-        let mut logit_rows = wanted.clone();
+        let mut logit_rows = wanted;
         logit_rows.resize(n_logits, 0);
         let pad_slot = pad_slot.unwrap_or(0);
         for (name, bytes) in [
@@ -623,39 +662,51 @@ impl<BE: Backend> Model<BE> {
                 .expect("batch buffers are allocated before a batch");
             self.backend.upload(buf, &bytes)?;
         }
-        let (config, weights, cache) = (&self.config, &self.weights, self.cache);
-        if n > largest {
-            let planned = planned_batch_graph(config, weights, n_rows, n_logits, cache)?;
-            self.scratch.ensure(&self.backend, &planned.plan)?;
-            execute(
-                &self.backend,
-                &planned.fg,
-                &planned.plan,
-                &mut self.scratch,
-                &mut self.memory,
-            )?;
-        } else {
-            let compiled = match self.batch_steps.entry(n_rows) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(Compiled::new(
-                    &self.backend,
-                    planned_batch_graph(config, weights, n_rows, n_logits, cache)?,
-                    &mut self.memory,
-                )?),
-            };
-            // SAFETY: as in `step_chunk`: the executable's memory is the model's own.
-            unsafe { self.backend.run(&mut compiled.exe) }?;
+        Ok((n_rows, n_logits))
+    }
+
+    /// Compiles the batched-step executable of `n_rows` rows (a bucket's) unless it
+    /// was.
+    fn ensure_batch_step(&mut self, n_rows: usize) -> Result<()> {
+        if !self.batch_steps.contains_key(&n_rows) {
+            let planned =
+                planned_batch_graph(&self.config, &self.weights, n_rows, n_rows, self.cache)?;
+            let compiled = Compiled::new(&self.backend, planned, &mut self.memory)?;
+            self.batch_steps.insert(n_rows, compiled);
         }
-        let vocab = self.config.vocab;
-        let mut bytes = vec![0u8; wanted.len() * vocab * 4];
-        self.backend
-            .download(self.buffer(names::BATCH_LOGITS), &mut bytes)?;
-        logits.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        );
         Ok(())
+    }
+
+    /// Runs one batched step of `rows` (at most 64, checked as
+    /// [`Model::forward_batch`] checks them) as [`Model::forward_batch`] does, but with
+    /// each launch timed alone ([`Backend::profile`]); no position is consumed (the
+    /// rows' keys and values are written where the next step of their slots writes
+    /// again). Returns the launches' times and the step's graph.
+    pub fn profile_batch(&mut self, rows: &[BatchRow]) -> Result<(Vec<LaunchProfile>, Graph)> {
+        let largest = BATCH_BUCKETS[BATCH_BUCKETS.len() - 1];
+        if rows.len() > largest {
+            return Err(Error::invalid(
+                "profile_batch",
+                format!(
+                    "a profiled step holds at most {largest} rows, got {}",
+                    rows.len()
+                ),
+            ));
+        }
+        if !self.recurrent.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "batched steps of {} (its recurrent state holds one sequence)",
+                self.config.arch.name()
+            )));
+        }
+        let positions = self.check_batch(rows)?;
+        self.ensure_batch_buffers()?;
+        let (n_rows, _) = self.upload_batch_chunk(rows, &positions)?;
+        self.ensure_batch_step(n_rows)?;
+        let compiled = self.batch_steps.get_mut(&n_rows).expect("compiled above");
+        // SAFETY: as in `step_chunk`; profile waits for its run.
+        let times = unsafe { self.backend.profile(&mut compiled.exe) }?;
+        Ok((times, compiled.planned.fg.graph.clone()))
     }
 
     /// The logits (`vocab` values) of the last token of the last forward step, by

@@ -9,14 +9,16 @@
 //!   choosing its token on the device (greedy, as `kiln generate --temp 0`; with
 //!   `--sampler default`, llama.cpp's default sampler settings) and downloading only
 //!   its id.
-//! - `--profile`: the device time of each launch of one decode step at each depth,
-//!   by op kind and by kernel, with the GB/s each op moves.
+//! - `--profile`: the device time of each launch of one decode step at each depth
+//!   (with `--batch`: of one batched step of each B at depth `-p`), by op kind and by
+//!   kernel, with the GB/s each op moves.
 //! - `--batch B,...`: batched decode instead of the tests above. For each B, B
 //!   sequences (one cache slot each) run their `-p` prompt tokens in one batched
 //!   step (timed: the prompt processing), then generate `-n` tokens together in `-n`
 //!   timed batched steps of one token per sequence, each sequence's next token the
 //!   argmax of its logits downloaded to the host ([`Model::forward_batch`]). Reports
-//!   the total and per-stream generated tokens/s of those steps.
+//!   the total and per-stream generated tokens/s of those steps, and the host's share
+//!   of a step spent on the argmax.
 
 use super::backend::{run_on, BackendJob};
 use super::device::DeviceArgs;
@@ -78,7 +80,8 @@ pub struct BenchArgs {
     /// How generation tests choose each token.
     #[arg(long, value_enum, default_value = "greedy")]
     pub sampler: BenchSampler,
-    /// Also print the per-launch profile of one decode step at each depth.
+    /// Also print the per-launch profile of one decode step at each depth (with
+    /// `--batch`, of one batched step of each B).
     #[arg(long)]
     pub profile: bool,
     /// Print one JSON object instead of tables.
@@ -179,6 +182,9 @@ pub struct BatchResult {
     pub total_tokens_per_s: Stat,
     /// Generated tokens per second of one sequence.
     pub stream_tokens_per_s: Stat,
+    /// Seconds per step spent choosing the next tokens on the host (the argmax of
+    /// every sequence's downloaded logits), a part of the step's time.
+    pub argmax_seconds: Stat,
 }
 
 /// The time of one op kind or kernel in a profiled decode step.
@@ -193,6 +199,8 @@ pub struct ProfileRow {
 /// The profile of one decode step at a depth.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Profile {
+    /// Sequences in the step, one token each (1 but for `--batch`).
+    pub rows: usize,
     pub depth: usize,
     pub seconds: f64,
     pub by_op: Vec<ProfileRow>,
@@ -410,6 +418,9 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
             batch_gen,
             args.repetitions,
         )?;
+        if args.profile {
+            profiles.push(profile_batch(&mut model, &tokens, b, batch_prompt, &costs)?);
+        }
         eprintln!(
             "kiln: batch {b}: {:.1} t/s generated in all, {:.1} t/s per stream",
             result.total_tokens_per_s.median, result.stream_tokens_per_s.median
@@ -501,7 +512,8 @@ fn batched<BE: Backend>(
 ) -> Result<BatchResult> {
     use kiln_models::BatchRow;
     let vocab = model.config().vocab;
-    let (mut prompt_secs, mut totals, mut streams) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut prompt_secs, mut totals, mut streams, mut argmaxes) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 0..=reps {
         for slot in 0..b {
             model.clear_slot(slot);
@@ -522,7 +534,9 @@ fn batched<BE: Backend>(
         let mut logits = model.forward_batch(&rows)?;
         let prompt_time = t.elapsed().as_secs_f64();
         let t = Instant::now();
+        let mut argmax_secs = 0.0;
         for _ in 0..n {
+            let choosing = Instant::now();
             let rows: Vec<BatchRow> = logits
                 .chunks_exact(vocab)
                 .enumerate()
@@ -532,10 +546,12 @@ fn batched<BE: Backend>(
                     logits: true,
                 })
                 .collect();
+            argmax_secs += choosing.elapsed().as_secs_f64();
             logits = model.forward_batch(&rows)?;
         }
         let secs = t.elapsed().as_secs_f64();
         if rep > 0 {
+            argmaxes.push(argmax_secs / n as f64);
             prompt_secs.push(prompt_time);
             totals.push((b * n) as f64 / secs);
             streams.push(n as f64 / secs);
@@ -548,6 +564,7 @@ fn batched<BE: Backend>(
         prompt_seconds: Stat::of(&prompt_secs),
         total_tokens_per_s: Stat::of(&totals),
         stream_tokens_per_s: Stat::of(&streams),
+        argmax_seconds: Stat::of(&argmaxes),
     })
 }
 
@@ -610,7 +627,48 @@ fn profile<BE: Backend>(
     }
     model.truncate(d)?;
     let (times, graph) = model.profile_decode(tokens[d], Some(sample))?;
-    let kv_rows = d + 1;
+    Ok(summarize(&times, &graph, 1, d, costs))
+}
+
+/// The profile of one batched step of `b` sequences (slots `0..b`), each at depth `p`
+/// after a prompt of `p` tokens (and warmed up by two steps at depths `p`, `p + 1`).
+fn profile_batch<BE: Backend>(
+    model: &mut Model<BE>,
+    tokens: &[u32],
+    b: usize,
+    p: usize,
+    costs: &Costs,
+) -> Result<Profile> {
+    use kiln_models::BatchRow;
+    let rows = |depth: usize, logits: bool| -> Vec<BatchRow> {
+        (0..b)
+            .map(|slot| BatchRow {
+                slot,
+                token: tokens[(slot * 31 + depth) % tokens.len()],
+                logits,
+            })
+            .collect()
+    };
+    for slot in 0..b {
+        model.clear_slot(slot);
+    }
+    for depth in 0..p {
+        model.forward_batch(&rows(depth, depth + 1 == p))?;
+    }
+    let (times, graph) = model.profile_batch(&rows(p, true))?;
+    Ok(summarize(&times, &graph, b, p, costs))
+}
+
+/// A profile's tables from the launch times of one step of `rows` sequences at depth
+/// `d` and its graph.
+fn summarize(
+    times: &[LaunchProfile],
+    graph: &Graph,
+    rows: usize,
+    d: usize,
+    costs: &Costs,
+) -> Profile {
+    let kv_rows = rows * (d + 1);
     let mut by_op: BTreeMap<&str, ProfileRow> = BTreeMap::new();
     let mut by_kernel: BTreeMap<String, ProfileRow> = BTreeMap::new();
     let ops = graph.ops();
@@ -620,14 +678,14 @@ fn profile<BE: Backend>(
         op,
         key,
         seconds,
-    } in &times
+    } in times
     {
         // An op's bytes count once, with its first launch.
         let bytes = if counted[*op_index] {
             0.0
         } else {
             counted[*op_index] = true;
-            op_bytes(&ops[*op_index], &graph, kv_rows, costs) as f64
+            op_bytes(&ops[*op_index], graph, kv_rows, costs) as f64
         };
         for row in [
             by_op.entry(op).or_default(),
@@ -646,12 +704,13 @@ fn profile<BE: Backend>(
         rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
         rows
     };
-    Ok(Profile {
+    Profile {
+        rows,
         depth: d,
         seconds: times.iter().map(|t| t.seconds).sum(),
         by_op: finish(by_op.into_iter().map(|(k, v)| (k.to_string(), v)).collect()),
         by_kernel: finish(by_kernel.into_iter().collect()),
-    })
+    }
 }
 
 /// Bytes an op of a decode step reads and writes: its operands, except that a KV
@@ -754,12 +813,12 @@ pub fn print(r: &BenchReport, json: bool) {
         println!("batched decode: B sequences, each a prompt then generated tokens, one step per token for all (medians)");
         println!();
         println!(
-            "| model | backend | B | prompt | gen | prompt time | total t/s | t/s per stream |"
+            "| model | backend | B | prompt | gen | prompt time | total t/s | t/s per stream | host argmax per step |"
         );
-        println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
         for b in &r.batches {
             println!(
-                "| {} | {} | {} | {} | {} | {:.3} s | {:.1} | {:.1} |",
+                "| {} | {} | {} | {} | {} | {:.3} s | {:.1} | {:.1} | {:.2} ms |",
                 r.model,
                 r.backend,
                 b.batch,
@@ -767,14 +826,20 @@ pub fn print(r: &BenchReport, json: bool) {
                 b.n_gen,
                 b.prompt_seconds.median,
                 b.total_tokens_per_s.median,
-                b.stream_tokens_per_s.median
+                b.stream_tokens_per_s.median,
+                b.argmax_seconds.median * 1e3
             );
         }
     }
     for p in &r.profiles {
         println!();
+        let step = if p.rows > 1 {
+            format!("batched decode step of {} sequences", p.rows)
+        } else {
+            "decode step".to_string()
+        };
         println!(
-            "profile of one decode step at depth {}: {:.1} us of device time, launches timed one by one",
+            "profile of one {step} at depth {}: {:.1} us of device time, launches timed one by one",
             p.depth,
             p.seconds * 1e6
         );
