@@ -247,4 +247,32 @@ __device__ __forceinline__ int token_slot(const int* slots, u32 t, u32 n_slots) 
     return s >= 0 && (u32)s < n_slots ? s : -1;
 }
 
+// Copies LOAD bytes from global `from` to shared `to` (both LOAD-aligned) without
+// waiting: cp.async for 4, 8 and 16 bytes (16 bypassing L1), a plain copy for 1 and 2.
+template <u32 LOAD>
+__device__ __forceinline__ void copy_async(u8* to, const u8* from) {
+    if constexpr (LOAD == 1) {
+        *to = *from;
+    } else if constexpr (LOAD == 2) {
+        *reinterpret_cast<u16*>(to) = *reinterpret_cast<const u16*>(from);
+    } else {
+        const u32 shared = (u32)__cvta_generic_to_shared(to);
+        if constexpr (LOAD == 16) {
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared), "l"(from));
+        } else {
+            asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(shared), "l"(from),
+                         "n"(LOAD));
+        }
+    }
+}
+
+// Closes the group of this thread's copies issued since the last commit.
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most PENDING of this thread's committed groups are in flight.
+template <u32 PENDING>
+__device__ __forceinline__ void wait_copies() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
 }  // namespace kiln

@@ -11,6 +11,10 @@
 // conflict-free); then each warp computes its 32 x 32 part with
 // mma.sync.m16n8k16 (bf16 inputs, f32 accumulation). Products are therefore of
 // bf16-rounded operands, summed in f32.
+//
+// matmul_q8 multiplies x's Q8_1 copy (kiln_core::ops::Q8_COPY) with a packed weight
+// whose scale groups are 32 elements (quant.cuh's units) on tensor cores in 8-bit
+// integers; see its comment below.
 #include "quant.cuh"
 
 namespace kiln {
@@ -229,6 +233,259 @@ __global__ void dequant_bf16(const u8* __restrict__ w, u16* __restrict__ out, u3
         packed.z = pack_bf16x2(v[4], v[5]);
         packed.w = pack_bf16x2(v[6], v[7]);
         reinterpret_cast<uint4*>(out)[i] = packed;
+    }
+}
+
+// d = a b for one m16n8k32 tile of signed bytes: a row-major 16x32, b column-major
+// 32x8, d 16x8 s32, in the fragment layouts of the PTX ISA (register i of a holds row
+// g (+8 for odd i), columns 4q .. 4q + 3 (+16 for i >= 2); register j of b holds rows
+// 4q .. 4q + 3 (+16 for j = 1) of column g; d as mma_bf16_16816's).
+__device__ __forceinline__ void mma_s8_16832(int (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};\n"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
+}
+
+// Run r of unit t as 4 signed bytes: the quants less W::BIAS (which then needs no
+// zero term), or, for W::BIAS = 0, the quants themselves (all below 128).
+template <typename W>
+__device__ __forceinline__ u32 signed_run(const typename W::Unit& t, u32 r) {
+    const u32 q = W::run(t, r);
+    if constexpr (W::BIAS != 0) {
+        return __vsub4(q, (u32)W::BIAS * 0x01010101u);
+    } else {
+        return q;
+    }
+}
+
+// Q8_1 blocks of x per tile of matmul_q8, and the words of one token's tile in shared
+// memory: per block its (d, s) word and 8 words of quants, then 4 words of padding,
+// which put the 8 tokens a B fragment reads 12 banks apart (conflict-free).
+constexpr u32 MQ_KB = MQ_KT / Q8_1_BLOCK_ELEMS;
+constexpr u32 MQ_BLOCK_WORDS = Q8_1_BLOCK_BYTES / 4;
+constexpr u32 MQ_ROW_WORDS = MQ_KB * MQ_BLOCK_WORDS + 4;
+
+// Weight blocks per tile of matmul_q8, and the bytes of one weight row's tile in shared
+// memory: the tile's blocks in the planes layout (plane p at MQ_TB * plane_start(p),
+// whatever the blocks of a last, partial tile), padded to 4 words more than a multiple
+// of 8, so that 8 rows' 16-byte loads of one unit touch distinct banks.
+template <typename W>
+__host__ __device__ constexpr u32 mq_tile_blocks() {
+    return MQ_KT / W::BLOCK_ELEMS;
+}
+template <typename W>
+__host__ __device__ constexpr u32 mq_weight_stride() {
+    constexpr u32 words = mq_tile_blocks<W>() * W::BLOCK_BYTES / 4;
+    return 4 * (words + (12 - words % 8) % 8);
+}
+
+// Copies blocks tb0 .. tb0 + tbs (a tile) of weight rows row_first .. + MQ_BN (rows past
+// n repeat row n - 1) from the planes layout (rows of nb blocks) into the tile `ws`, in
+// LOAD-byte pieces (16: cp.async, for whole tiles of 16-byte aligned planes).
+template <typename W, u32 LOAD>
+__device__ __forceinline__ void stage_weight_tile(u8* ws, const u8* __restrict__ w, u32 n,
+                                                  u32 row_first, u64 row_bytes, u32 nb, u32 tb0,
+                                                  u32 tbs) {
+    constexpr u32 TB = mq_tile_blocks<W>();
+    constexpr u32 STRIDE = mq_weight_stride<W>();
+#pragma unroll
+    for (u32 p = 0; p < W::PLANES; ++p) {
+        const u32 per_row = tbs * W::PLANE_LEN[p] / LOAD;
+        const u64 from = (u64)nb * plane_start<W>(p) + (u64)tb0 * W::PLANE_LEN[p];
+        for (u32 i = threadIdx.x; i < MQ_BN * per_row; i += MQ_WARPS * 32) {
+            const u32 r = i / per_row;
+            const u32 c = (i - r * per_row) * LOAD;
+            const u8* row = w + (u64)min(row_first + r, n - 1) * row_bytes;
+            copy_async<LOAD>(ws + r * STRIDE + TB * plane_start<W>(p) + c, row + from + c);
+        }
+    }
+}
+
+// Dynamic shared memory of matmul_q8<W, NT>: two x tiles, the x blocks' scales and
+// sums, two weight tiles (ops/matmul.rs's q8_shared_bytes computes the same).
+template <typename W, u32 NT>
+__host__ __device__ constexpr u32 mq_shared_bytes() {
+    return 2 * 8 * NT * MQ_ROW_WORDS * 4 + 8 * NT * MQ_KB * 8 + 2 * MQ_BN * mq_weight_stride<W>();
+}
+
+// matmul_q8: out = x_q8 · Wᵀ (+ bias) for m rows of x's Q8_1 copy and a weight in the
+// planes layout whose scale groups are 32 elements, on tensor cores in 8-bit integers.
+// A block of MQ_WARPS warps owns weight rows MQ_BN bx .. (warp w rows 16 w .. 16 w + 15
+// of them) and tokens 8 NT by .. + 8 NT - 1, over tiles z T .. (z + 1) T of k
+// (T = tiles_per_split, z = bz; each tile MQ_KT elements).
+// - Each tile of x (raw Q8_1 blocks of the block's tokens) and of the block's weight
+//   rows is copied to shared memory with cp.async, the next tile's copies in flight
+//   while one is multiplied; then each (token, block) of x gets its scale d (the f16
+//   widened) and d times the sum of its quants, as f32 (tokens past m: zeros).
+// - Per scale group, one mma.sync.m16n8k32 per 8 tokens gives every (row, token)
+//   integer dot product of the group's quants exactly (A: the weight's runs as signed
+//   bytes, run 8h + q in register 0 / 1 and 8h + 4 + q in 2 / 3, which are elements
+//   4q .. and 16 + 4q .. of the group, as quant.cuh's runs of a group are in element
+//   order; B: the same elements of x's quants). The f32 accumulator adds
+//   scale * d * dot (+ zero * d * sum for affine formats): the terms of the definition's
+//   sum of x_q8 values times weight values, summed in another order.
+// - With gridDim.z == 1 the block writes out (+ bias); else its partial sums go to
+//   work[bz][m][n] and matmul_q8_reduce adds the splits in order.
+template <typename W, u32 NT, bool ALIGNED>
+__global__ void __launch_bounds__(MQ_WARPS * 32)
+    matmul_q8(const u8* __restrict__ w, const u8* __restrict__ xq8, const float* __restrict__ bias,
+              float* __restrict__ out, float* __restrict__ work, u32 m, u32 n, u32 k,
+              u64 row_bytes, u32 tiles_per_split) {
+    static_assert(W::PACKED && W::GROUP_ELEMS == 32, "packed formats of 32-element groups");
+    static_assert(MQ_KT % W::BLOCK_ELEMS == 0 && W::BLOCK_ELEMS % W::UNIT_ELEMS == 0,
+                  "whole blocks per tile, whole units per block");
+    static_assert(W::BIAS != 0 || W::SMALL_QUANTS, "quants fit signed bytes");
+    constexpr u32 MT = 8 * NT;
+    constexpr u32 THREADS = MQ_WARPS * 32;
+    constexpr u32 GROUPS = W::UNIT_ELEMS / 32;
+    constexpr u32 TB = mq_tile_blocks<W>();
+    constexpr u32 W_STRIDE = mq_weight_stride<W>();
+    extern __shared__ __align__(16) u8 mq_shared[];
+    u32* xs = reinterpret_cast<u32*>(mq_shared);                   // [2][MT * MQ_ROW_WORDS]
+    float2* xd = reinterpret_cast<float2*>(xs + 2 * MT * MQ_ROW_WORDS);  // [MT * MQ_KB]
+    u8* ws = reinterpret_cast<u8*>(xd + MT * MQ_KB);               // [2][MQ_BN * W_STRIDE]
+
+    const u32 lane = threadIdx.x & 31u;
+    const u32 warp = threadIdx.x >> 5;
+    const u32 g = lane >> 2;
+    const u32 q = lane & 3u;
+    const u32 m0 = blockIdx.y * MT;
+    const u32 n0 = blockIdx.x * MQ_BN;
+    const u32 row0 = n0 + 16 * warp + g;
+    const u32 nb = k / W::BLOCK_ELEMS;
+    const u32 k_blocks = k / Q8_1_BLOCK_ELEMS;
+    const u32 n_tiles = (k + MQ_KT - 1) / MQ_KT;
+    const u32 first = blockIdx.z * tiles_per_split;
+    const u32 last = min(first + tiles_per_split, n_tiles);
+
+    auto stage = [&](u32 tile, u32 buf) {
+        const u32 kb0 = tile * MQ_KB;
+        const u32 words = min(MQ_KB, k_blocks - kb0) * MQ_BLOCK_WORDS;
+        u32* x_tile = xs + buf * MT * MQ_ROW_WORDS;
+        for (u32 i = threadIdx.x; i < MT * words; i += THREADS) {
+            const u32 t = i / words;
+            const u32 j = i - t * words;
+            if (m0 + t < m) {
+                copy_async<4>(reinterpret_cast<u8*>(x_tile + t * MQ_ROW_WORDS + j),
+                              xq8 + ((u64)(m0 + t) * k_blocks + kb0) * Q8_1_BLOCK_BYTES + 4 * j);
+            }
+        }
+        const u32 tb0 = tile * TB;
+        const u32 tbs = min(TB, nb - tb0);
+        u8* w_tile = ws + buf * MQ_BN * W_STRIDE;
+        if (ALIGNED && tbs == TB) {
+            stage_weight_tile<W, 16>(w_tile, w, n, n0, row_bytes, nb, tb0, tbs);
+        } else {
+            stage_weight_tile<W, 2>(w_tile, w, n, n0, row_bytes, nb, tb0, tbs);
+        }
+        commit_copies();
+    };
+
+    float acc[NT][4];
+#pragma unroll
+    for (u32 j = 0; j < NT; ++j)
+#pragma unroll
+        for (u32 c = 0; c < 4; ++c) acc[j][c] = 0.0f;
+
+    if (first < last) {
+        stage(first, 0);
+    }
+    for (u32 tile = first; tile < last; ++tile) {
+        const u32 buf = (tile - first) & 1u;
+        const u32 blocks = min(MQ_KB, k_blocks - tile * MQ_KB);
+        if (tile + 1 < last) {
+            stage(tile + 1, buf ^ 1u);
+            wait_copies<1>();
+        } else {
+            wait_copies<0>();
+        }
+        __syncthreads();
+        const u32* x_tile = xs + buf * MT * MQ_ROW_WORDS;
+        for (u32 i = threadIdx.x; i < MT * blocks; i += THREADS) {
+            const u32 t = i / blocks;
+            const u32 b = i - t * blocks;
+            const u32* block = x_tile + t * MQ_ROW_WORDS + b * MQ_BLOCK_WORDS;
+            float2 v = make_float2(0.0f, 0.0f);
+            if (m0 + t < m) {
+                int sum = 0;
+#pragma unroll
+                for (u32 j = 1; j < MQ_BLOCK_WORDS; ++j) sum = __dp4a((int)block[j], 0x01010101, sum);
+                v.x = f16_bits_to_f32((u16)(block[0] & 0xffffu));
+                v.y = v.x * (float)sum;
+            }
+            xd[t * MQ_KB + b] = v;
+        }
+        __syncthreads();
+        const u8* w_tile = ws + buf * MQ_BN * W_STRIDE;
+        const u8* w_lo = w_tile + (16 * warp + g) * W_STRIDE;
+        const u8* w_hi = w_lo + 8 * W_STRIDE;
+        const u32 units = blocks * Q8_1_BLOCK_ELEMS / W::UNIT_ELEMS;
+        for (u32 u = 0; u < units; ++u) {
+            const typename W::Unit lo = W::template load_unit<16>(w_lo, TB, u);
+            const typename W::Unit hi = W::template load_unit<16>(w_hi, TB, u);
+#pragma unroll
+            for (u32 h = 0; h < GROUPS; ++h) {
+                const u32 a[4] = {signed_run<W>(lo, 8 * h + q), signed_run<W>(hi, 8 * h + q),
+                                  signed_run<W>(lo, 8 * h + 4 + q), signed_run<W>(hi, 8 * h + 4 + q)};
+                float scale[2], zero[2];
+                W::group(lo, h, scale[0], zero[0]);
+                W::group(hi, h, scale[1], zero[1]);
+                // This group's x block within the tile.
+                const u32 b = (u * W::UNIT_ELEMS + 32 * h) / Q8_1_BLOCK_ELEMS;
+#pragma unroll
+                for (u32 j = 0; j < NT; ++j) {
+                    const u32* xrow = x_tile + (8 * j + g) * MQ_ROW_WORDS + b * MQ_BLOCK_WORDS + 1;
+                    const u32 bq[2] = {xrow[q], xrow[4 + q]};
+                    int dot[4];
+                    mma_s8_16832(dot, a, bq);
+#pragma unroll
+                    for (u32 c = 0; c < 4; ++c) {
+                        const float2 x = xd[(8 * j + 2 * q + (c & 1)) * MQ_KB + b];
+                        const u32 r = c >> 1;
+                        float v = fmaf(scale[r] * x.x, (float)dot[c], acc[j][c]);
+                        if constexpr (W::AFFINE) {
+                            v = fmaf(zero[r], x.y, v);
+                        }
+                        acc[j][c] = v;
+                    }
+                }
+            }
+        }
+        __syncthreads();  // before the next copies reuse this tile's buffers
+    }
+
+    // Accumulator c of token tile j holds weight row row0 (+8 for c >= 2), token
+    // m0 + 8j + 2q + (c & 1).
+#pragma unroll
+    for (u32 j = 0; j < NT; ++j) {
+#pragma unroll
+        for (u32 c = 0; c < 4; ++c) {
+            const u32 row = row0 + (c >= 2 ? 8 : 0);
+            const u32 token = m0 + 8 * j + 2 * q + (c & 1);
+            if (row < n && token < m) {
+                if (gridDim.z == 1) {
+                    out[(u64)token * n + row] = bias ? acc[j][c] + bias[row] : acc[j][c];
+                } else {
+                    work[((u64)blockIdx.z * m + token) * n + row] = acc[j][c];
+                }
+            }
+        }
+    }
+}
+
+// out[i] = sum over s < splits of work[s][i] (in order) + bias[i % n], for the m x n
+// outputs of a matmul_q8 split over k.
+__global__ void matmul_q8_reduce(const float* __restrict__ work, const float* __restrict__ bias,
+                                 float* __restrict__ out, u32 m, u32 n, u32 splits) {
+    const u64 total = (u64)m * n;
+    for (u64 i = global_index(); i < total; i += grid_stride()) {
+        float v = 0.0f;
+        for (u32 s = 0; s < splits; ++s) {
+            v += work[(u64)s * total + i];
+        }
+        out[i] = bias ? v + bias[i % n] : v;
     }
 }
 

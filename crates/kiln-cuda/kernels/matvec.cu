@@ -130,34 +130,6 @@ __device__ __forceinline__ void dot_chunk(const u8* row, u32 e, u32 len, const f
     }
 }
 
-// Copies LOAD bytes from global `from` to shared `to` (both LOAD-aligned) without
-// waiting: cp.async for 4, 8 and 16 bytes (16 bypassing L1), a plain copy for 1 and 2.
-template <u32 LOAD>
-__device__ __forceinline__ void copy_async(u8* to, const u8* from) {
-    if constexpr (LOAD == 1) {
-        *to = *from;
-    } else if constexpr (LOAD == 2) {
-        *reinterpret_cast<u16*>(to) = *reinterpret_cast<const u16*>(from);
-    } else {
-        const u32 shared = (u32)__cvta_generic_to_shared(to);
-        if constexpr (LOAD == 16) {
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared), "l"(from));
-        } else {
-            asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(shared), "l"(from),
-                         "n"(LOAD));
-        }
-    }
-}
-
-// Closes the group of this thread's copies issued since the last commit.
-__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::); }
-
-// Waits until at most PENDING of this thread's committed groups are in flight.
-template <u32 PENDING>
-__device__ __forceinline__ void wait_copies() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
-}
-
 // The staged mat-vec of block blockIdx.x, after the wait for prior grids. Dynamic
 // shared memory: STAGES slots of ROWS * TILE_BYTES bytes (the launch's size).
 template <typename W, u32 M, u32 ROWS, u32 LOAD, u32 STAGES>

@@ -53,7 +53,8 @@ pub struct CudaBackend {
     device: Arc<CudaDevice>,
     multiprocessors: u32,
     registry: KernelRegistry<NvrtcCompiler>,
-    attention_workspace: ops::attention::Workspace,
+    attention_workspace: ops::common::Workspace,
+    matmul_workspace: ops::common::Workspace,
     resident_warps: ops::matmul::ResidentWarps,
     gemm: ops::matmul::Gemm,
     gemm_min_rows: AtomicUsize,
@@ -139,7 +140,8 @@ impl CudaBackend {
             device,
             multiprocessors,
             registry: KernelRegistry::new(compiler, cache),
-            attention_workspace: ops::attention::Workspace::default(),
+            attention_workspace: ops::common::Workspace::default(),
+            matmul_workspace: ops::common::Workspace::default(),
             resident_warps: ops::matmul::ResidentWarps::default(),
             gemm: ops::matmul::Gemm::default(),
             gemm_min_rows: AtomicUsize::new(gemm_min_rows),
@@ -225,8 +227,13 @@ impl CudaBackend {
     }
 
     /// Scratch memory of the attention kernels' split decode.
-    pub(crate) fn attention_workspace(&self) -> &ops::attention::Workspace {
+    pub(crate) fn attention_workspace(&self) -> &ops::common::Workspace {
         &self.attention_workspace
+    }
+
+    /// The split mat-mat's partial sums ([`ops::matmul`]).
+    pub(crate) fn matmul_workspace(&self) -> &ops::common::Workspace {
+        &self.matmul_workspace
     }
 
     /// The device.

@@ -568,20 +568,79 @@ fn the_q8_copy_of_x_must_hold_whole_blocks_of_every_row() {
 }
 
 #[test]
-fn the_mat_mat_reads_no_q8_copy() {
-    let msg = invalid(
+fn products_of_two_rows_and_more_with_a_copy_run_on_the_8_bit_tensor_core_kernel() {
+    for (m, m_tier, tiles) in [
+        (2, 8, 1),
+        (8, 8, 1),
+        (9, 16, 1),
+        (33, 64, 1),
+        (64, 64, 1),
+        (130, 64, 3),
+    ] {
+        let plan = with_copy(rows(m)).check().unwrap();
+        assert_eq!(
+            plan.kernel,
+            MatMulKernel::MatMatQ8 {
+                m_tier,
+                aligned: true
+            },
+            "m = {m}"
+        );
+        assert_eq!(
+            plan.spec.key,
+            format!("matmul_q8|w=q4_k|m={m_tier}|aligned=1")
+        );
+        // 64 weight rows per block; the splits of k are the launch's (the device's).
+        assert_eq!(plan.config.grid_dim, (4096 / 64, tiles, 1), "m = {m}");
+        assert_eq!(plan.config.block_dim, (128, 1, 1));
+        // Two tiles of x (76 words per row) and their scales; two tiles of 64 Q4_K
+        // rows of one 144-byte block.
+        let x_bytes = 2 * m_tier * 76 * 4 + m_tier * 8 * 8;
+        assert_eq!(plan.config.shared_mem_bytes, x_bytes + 2 * 64 * 144);
+        assert_eq!(plan.row_groups, 1);
+        let keys: Vec<_> = plan.specs().unwrap().into_iter().map(|s| s.key).collect();
+        assert_eq!(keys[1], "matmul_q8_reduce|out=f32");
+    }
+    // One row keeps the resident mat-vec.
+    assert!(matches!(
+        kernel_of(with_copy(rows(1))),
+        MatMulKernel::MatVecResident { .. }
+    ));
+}
+
+#[test]
+fn a_copy_of_rows_of_a_format_without_the_8_bit_kernel_runs_as_mat_vecs_of_the_copy() {
+    let q6_k = |m: usize| {
         with_copy(MatMulArgs {
-            m: 9,
-            x_bytes: 9 * 4096 * 4,
-            out_bytes: 9 * 4096 * 4,
-            ..args()
+            weight: DType::Q6K,
+            w_bytes: 4096 * 16 * 210,
+            w_packed: Some((DType::Q6K, 4096)),
+            ..rows(m)
         })
-        .check(),
-    );
-    assert_eq!(
-        msg,
-        "matmul: x_q8 is read by the mat-vec kernels of up to 8 rows; the product of 9 rows takes none"
-    );
+    };
+    for m in [9, 64, 100] {
+        let plan = q6_k(m).check().unwrap();
+        assert!(
+            matches!(plan.kernel, MatMulKernel::MatVecPacked { m_tier: 8, .. }),
+            "m = {m}: {:?}",
+            plan.kernel
+        );
+        assert_eq!(plan.row_groups as usize, m.div_ceil(8), "m = {m}");
+    }
+}
+
+#[test]
+fn the_8_bit_kernel_splits_k_until_the_grid_has_two_blocks_per_multiprocessor() {
+    use kiln_cuda::ops::matmul::q8_splits;
+    // 64 blocks of 64 rows on 132 multiprocessors: 5 splits wanted, 16 tiles of 256
+    // elements of k, so 4 tiles per split and 4 splits.
+    assert_eq!(q8_splits(4096, 16, 16, 4096, 132), (4, 4));
+    // 448 blocks need none.
+    assert_eq!(q8_splits(28672, 16, 16, 4096, 132), (1, 16));
+    // At most 8 splits, and one per tile of k.
+    assert_eq!(q8_splits(64, 8, 8, 14336, 132), (8, 7));
+    assert_eq!(q8_splits(64, 8, 8, 96, 132), (1, 1));
+    assert_eq!(q8_splits(64, 8, 8, 512, 132), (2, 1));
 }
 
 #[test]
@@ -678,8 +737,9 @@ fn q8_copy(x: &[f32]) -> Vec<u8> {
 }
 
 /// Runs out = x · wᵀ (+ bias) on both backends and compares. Where k is a multiple of
-/// 32 and the product is a mat-vec, it compares again with x's Q8_1 copy given as
-/// `x_q8`, which both backends then multiply instead of x.
+/// 32 it compares again with x's Q8_1 copy given as `x_q8`, which both backends then
+/// multiply instead of x (on the GPU: the mat-vecs, or from 2 rows the 8-bit
+/// tensor-core kernel, whose integer products are exact, so the mat-vec's bound holds).
 #[allow(clippy::too_many_arguments)]
 fn compare(
     cuda: &kiln_cuda::CudaBackend,
@@ -717,7 +777,7 @@ fn compare(
     let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
     let got = f32s(&run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
     assert_close(&label, &got, &want, nmse);
-    if k % Q8_COPY.block_size() == 0 && m <= 8 {
+    if k % Q8_COPY.block_size() == 0 {
         let mut g = without_op;
         let x_q8 = g.persistent("x_q8", Q8_COPY, &[m, k]).unwrap();
         g.push(MatMul {
@@ -793,6 +853,8 @@ fn matmat_matches_cpu_for_every_weight_dtype() {
             compare(cuda, &mut rng, dtype, 130, 200, k, false);
         }
         compare(cuda, &mut rng, dtype, 512, 1024, 4096, false);
+        // With the copy: 64 rows over 3000 weight rows (47 blocks, k split 6 ways).
+        compare(cuda, &mut rng, dtype, 64, 3000, 4096, true);
     }
 }
 

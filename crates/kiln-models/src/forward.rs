@@ -370,10 +370,10 @@ impl From<BufferId> for Act {
 }
 
 /// The most rows of a batched graph whose block-format products read Q8_1 copies of
-/// their activations, as a one-token graph's do: the rows a device's mat-vec takes
-/// (kiln-cuda's `MATVEC_MAX_ROWS`), so that a sequence's decode tokens are computed
-/// the same way alone and in a batch of up to this many.
-pub const BATCH_COPY_ROWS: usize = 8;
+/// their activations, as a one-token graph's do: every bucket of a batched decode step
+/// (kiln-cuda multiplies them with 8-bit integers on tensor cores), so that a
+/// sequence's decode tokens are computed the same way alone and in a batch.
+pub const BATCH_COPY_ROWS: usize = 64;
 
 struct Builder<'a> {
     g: Graph,

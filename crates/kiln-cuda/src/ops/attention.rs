@@ -9,11 +9,9 @@
 //! the kernel derives from each query's position how many of the grid's splits it
 //! needs, and its workspace stays at one address for the backend's lifetime.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
-
 use cudarc::driver::LaunchConfig;
 use kiln_core::ops::Q8_COPY;
-use kiln_core::{Backend, DType, DeviceBuffer, Error, Result};
+use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::common::{
     allow_dynamic_shared, cache_tag, config, grid_dim, launch, CACHE_DTYPES, MAX_GRID_X,
@@ -563,36 +561,6 @@ pub fn flash_shared_bytes(head_dim: u32) -> u32 {
         FLASH_ROWS as u32
     };
     (q_rows + 2 * 2 * flash_tile_rows(head_dim)) * (head_dim + FA_PAD) * 2
-}
-
-/// Device scratch memory for the decode kernel's partial results: a counter region,
-/// zero between launches (each launch's last blocks reset the counters they used),
-/// then the partials. A launch record holds the address of the buffer it was given, so
-/// no buffer is ever freed or replaced while the backend lives: when a launch needs
-/// more than the newest buffer holds, a larger one is added (at least twice the size,
-/// so there are few) and handed out from then on. Launches on the backend's one stream
-/// take their turns, so they share the newest buffer.
-#[derive(Default)]
-pub struct Workspace {
-    buffers: Mutex<Vec<CudaBuffer>>,
-}
-
-impl Workspace {
-    /// The workspace buffers, locked while the caller holds the guard; the last one
-    /// holds at least `bytes` bytes. A new buffer is zeroed.
-    fn at_least(
-        &self,
-        backend: &CudaBackend,
-        bytes: usize,
-    ) -> Result<MutexGuard<'_, Vec<CudaBuffer>>> {
-        // Every state of the list is valid, so a poisoned lock is recovered.
-        let mut held = self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
-        let newest = held.last().map_or(0, |b| b.bytes());
-        if newest < bytes {
-            held.push(backend.alloc(bytes.max(2 * newest))?);
-        }
-        Ok(held)
-    }
 }
 
 /// Causal grouped-query attention of `n_tokens` queries over the KV caches, and `out`

@@ -1,13 +1,16 @@
 //! Helpers shared by the dispatch modules of the kernel catalogue: the kernel tags of
 //! weight and cache dtypes, grid limits, dynamic shared memory, and the launch itself.
 
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
 use cudarc::driver::{sys, LaunchConfig};
 use kiln_core::ops::WEIGHT_DTYPES;
-use kiln_core::{DType, Error, Result};
+use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::check_dtype;
 use crate::context::driver_error;
 use crate::nvrtc::CudaKernel;
+use crate::{CudaBackend, CudaBuffer};
 
 /// The decoder of a weight dtype in kernels/quant.cuh.
 pub(crate) fn weight_tag(op: &str, dtype: DType) -> Result<&'static str> {
@@ -131,4 +134,34 @@ pub(crate) fn check_not_capturing(
         ));
     }
     Ok(())
+}
+
+/// Device scratch memory a kernel keeps partial results in between the launches of
+/// one op (the decode attention's counters and partials, the split mat-mat's partial
+/// sums). A launch record holds the address of the buffer it was given, so no buffer
+/// is ever freed or replaced while the backend lives: when a launch needs more than
+/// the newest buffer holds, a larger one is added (at least twice the size, so there
+/// are few) and handed out from then on. Launches on the backend's one stream take
+/// their turns, so they share the newest buffer.
+#[derive(Default)]
+pub struct Workspace {
+    buffers: Mutex<Vec<CudaBuffer>>,
+}
+
+impl Workspace {
+    /// The workspace buffers, locked while the caller holds the guard; the last one
+    /// holds at least `bytes` bytes. A new buffer is zeroed.
+    pub(crate) fn at_least(
+        &self,
+        backend: &CudaBackend,
+        bytes: usize,
+    ) -> Result<MutexGuard<'_, Vec<CudaBuffer>>> {
+        // Every state of the list is valid, so a poisoned lock is recovered.
+        let mut held = self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
+        let newest = held.last().map_or(0, |b| b.bytes());
+        if newest < bytes {
+            held.push(kiln_core::Backend::alloc(backend, bytes.max(2 * newest))?);
+        }
+        Ok(held)
+    }
 }

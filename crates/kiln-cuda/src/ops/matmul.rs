@@ -1,7 +1,11 @@
 //! Dispatch for [`kiln_core::ops::MatMul`]: the mat-vec kernels (kernels/matvec.cu)
 //! for up to [`MATVEC_MAX_ROWS`] activation rows (decode); above (prefill), cuBLASLt on
 //! bf16 copies of the operands ([`gemm`]) from [`GEMM_MIN_ROWS`] rows where the library
-//! is present, else kiln's tensor-core mat-mat kernel (kernels/matmul.cu).
+//! is present, else kiln's tensor-core mat-mat kernel (kernels/matmul.cu). A product
+//! of at least 2 rows given x's Q8_1 copy (a batched decode step) runs on the 8-bit
+//! tensor-core kernel `matmul_q8` where the weight's format has one
+//! ([`q8_tensor_cores`]), else as mat-vecs of the copy, [`MATVEC_MAX_ROWS`] rows at a
+//! time.
 //!
 //! Weights of the dtypes of [`packing::packed_planes`] must be in the planes layout
 //! ([`kiln_core::Backend::upload_weight`]); their mat-vec is `matvec_resident` (one
@@ -10,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::LaunchConfig;
 use kiln_core::ops::WEIGHT_DTYPES;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
@@ -19,7 +23,9 @@ use super::common::{
 };
 use super::{check_bytes, check_nonzero, check_packed, check_q8_copy, count, to_u32};
 
-use crate::constants::{MATVEC_THREADS, MM_BM, MM_BN, MM_THREADS, PACKED_PAD};
+use crate::constants::{
+    MATVEC_THREADS, MM_BM, MM_BN, MM_THREADS, MQ_BN, MQ_KT, MQ_WARPS, PACKED_PAD,
+};
 use crate::context::driver_error;
 use crate::family::Family;
 use crate::launch::KernelArgs;
@@ -74,6 +80,46 @@ const GEMM_K_MULTIPLE: usize = 8;
 /// smallest tier that holds them.
 const M_TIERS: [u32; 4] = [1, 2, 4, 8];
 
+/// Activation rows per tile of `matmul_q8`: a product of m rows runs on the smallest
+/// tier that holds them (above the largest, in several tiles of it).
+const Q8_M_TIERS: [u32; 4] = [8, 16, 32, 64];
+
+/// Most splits of k of one `matmul_q8` launch.
+const Q8_MAX_SPLITS: usize = 8;
+
+/// Whether `matmul_q8` takes weights of `dtype`: the packed formats whose scale groups
+/// are 32 elements (one 8-bit tensor-core product of k = 32 per group).
+pub fn q8_tensor_cores(dtype: DType) -> bool {
+    packing::is_packed(dtype) && packed_unit(dtype).2 == 32
+}
+
+/// Dynamic shared memory of `matmul_q8` for weights of `dtype` and tiles of `m_tier`
+/// activation rows (kernels/matmul.cu's mq_shared_bytes): two tiles of x's Q8_1
+/// blocks (9 words per block, 4 words of padding per row), the f32 scale and sum of
+/// each of one tile's blocks, and two tiles of the block's weight rows (each row's
+/// bytes padded to 4 words more than a multiple of 8 words).
+fn q8_shared_bytes(dtype: DType, m_tier: u32) -> u32 {
+    let blocks_x = MQ_KT / 32;
+    let row_words = blocks_x * 9 + 4;
+    let words = MQ_KT / dtype.block_size() as u32 * dtype.block_bytes() as u32 / 4;
+    let weight_stride = 4 * (words + (12 - words % 8) % 8);
+    2 * m_tier * row_words * 4 + m_tier * blocks_x * 8 + 2 * MQ_BN * weight_stride
+}
+
+/// Splits of k for `matmul_q8` over `n` weight rows and `m` activation rows in tiles
+/// of `m_tier`, reducing over `k`, on a device of `multiprocessors`: enough that the
+/// grid has about two blocks per multiprocessor, at most [`Q8_MAX_SPLITS`] and one
+/// per tile of k. Returns the splits and the tiles of k each takes.
+pub fn q8_splits(n: usize, m: usize, m_tier: u32, k: usize, multiprocessors: u32) -> (u32, u32) {
+    let blocks = n.div_ceil(MQ_BN as usize) * m.div_ceil(m_tier as usize);
+    let tiles = k.div_ceil(MQ_KT as usize);
+    let wanted = (2 * multiprocessors as usize)
+        .div_ceil(blocks)
+        .clamp(1, Q8_MAX_SPLITS.min(tiles));
+    let per_split = tiles.div_ceil(wanted);
+    (tiles.div_ceil(per_split) as u32, per_split as u32)
+}
+
 /// Elements of each weight row a mat-vec block stages per tile.
 const MATVEC_TILE_ELEMS: usize = crate::constants::MATVEC_TILE_ELEMS as usize;
 
@@ -116,6 +162,9 @@ pub enum MatMulKernel {
     },
     /// kernels/matmul.cu's `matmul`.
     MatMat,
+    /// kernels/matmul.cu's `matmul_q8` for tiles of `m_tier` activation rows (of
+    /// [`Q8_M_TIERS`]) given as their Q8_1 copy; `aligned` as for `MatVecPacked`.
+    MatMatQ8 { m_tier: u32, aligned: bool },
     /// cuBLASLt on bf16 copies of the operands ([`gemm`]); the kernel is
     /// kernels/matmul.cu's `dequant_bf16`, which writes the weight's copy.
     Gemm,
@@ -346,7 +395,7 @@ pub(crate) fn matvec_block_shape(
         MatMulKernel::MatVecResident { threads, .. } => {
             (threads, threads / 32, resident_shared(dtype, k) as u32)
         }
-        MatMulKernel::MatMat | MatMulKernel::Gemm => return None,
+        MatMulKernel::MatMat | MatMulKernel::MatMatQ8 { .. } | MatMulKernel::Gemm => return None,
     })
 }
 
@@ -388,6 +437,13 @@ pub fn spec(dtype: DType, kernel: MatMulKernel) -> Result<KernelSpec> {
         MatMulKernel::MatMat => {
             MATMUL.spec(format!("matmat|w={dtype}"), format!("kiln::matmul<{tag}>"))
         }
+        MatMulKernel::MatMatQ8 { m_tier, aligned } => MATMUL.spec(
+            format!(
+                "matmul_q8|w={dtype}|m={m_tier}|aligned={}",
+                u8::from(aligned)
+            ),
+            format!("kiln::matmul_q8<{tag}, {}, {aligned}>", m_tier / 8),
+        ),
         MatMulKernel::Gemm => MATMUL.spec(
             format!("dequant_bf16|w={dtype}"),
             format!("kiln::dequant_bf16<{tag}>"),
@@ -461,12 +517,29 @@ pub(crate) fn all_specs() -> Vec<KernelSpec> {
         }
         kernels.push((dtype, MatMulKernel::MatMat));
         kernels.push((dtype, MatMulKernel::Gemm));
+        if q8_tensor_cores(dtype) {
+            for m_tier in Q8_M_TIERS {
+                for aligned in [true, false] {
+                    kernels.push((dtype, MatMulKernel::MatMatQ8 { m_tier, aligned }));
+                }
+            }
+        }
     }
     // Every weight dtype has a tag.
-    kernels
+    let mut specs: Vec<KernelSpec> = kernels
         .into_iter()
         .filter_map(|(d, k)| spec(d, k).ok())
-        .collect()
+        .collect();
+    specs.push(q8_reduce_spec());
+    specs
+}
+
+/// The kernel that adds the partial sums of a `matmul_q8` split over k.
+fn q8_reduce_spec() -> KernelSpec {
+    MATMUL.spec(
+        "matmul_q8_reduce|out=f32".into(),
+        "kiln::matmul_q8_reduce".into(),
+    )
 }
 
 /// Warps of `matvec_resident` that fit the device at once, per kernel and shared
@@ -608,25 +681,34 @@ impl MatMulArgs {
             count(OP, &[self.m, self.n])?,
         )?;
         let row_bytes = self.weight.bytes_for(self.k)?;
-        let grouped = self.m > MATVEC_MAX_ROWS
-            && self.m < MATVEC_GROUPS_BELOW
-            && !gemm_takes(self.m, self.k, self.gemm_min_rows);
-        if self.m > MATVEC_MAX_ROWS && self.x_q8_bytes.is_some() {
-            return Err(Error::invalid(
-                OP,
-                format!(
-                    "x_q8 is read by the mat-vec kernels of up to {MATVEC_MAX_ROWS} rows; the product of {} rows takes none",
-                    self.m
-                ),
-            ));
-        }
+        let q8 = self.x_q8_bytes.is_some();
+        let q8_mma = q8 && self.m >= 2 && q8_tensor_cores(self.weight);
+        // With x's copy, a product of more rows than a mat-vec takes runs as mat-vecs
+        // of the copy where matmul_q8 does not take the weight: the copy's values
+        // are the definition's operands.
+        let grouped = !q8_mma
+            && self.m > MATVEC_MAX_ROWS
+            && (q8
+                || self.m < MATVEC_GROUPS_BELOW && !gemm_takes(self.m, self.k, self.gemm_min_rows));
         let row_groups = if grouped {
             self.m.div_ceil(MATVEC_MAX_ROWS)
         } else {
             1
         };
-        let (kernel, launch_config) = if self.m <= MATVEC_MAX_ROWS || grouped {
-            let q8 = self.x_q8_bytes.is_some();
+        let (kernel, launch_config) = if q8_mma {
+            let m_tier = Q8_M_TIERS
+                .into_iter()
+                .find(|&t| t as usize >= self.m)
+                .unwrap_or(Q8_M_TIERS[Q8_M_TIERS.len() - 1]);
+            let x = grid_dim(OP, "n", self.n.div_ceil(MQ_BN as usize), MAX_GRID_X)?;
+            let y = grid_dim(OP, "m", self.m.div_ceil(m_tier as usize), MAX_GRID_YZ)?;
+            let kernel = MatMulKernel::MatMatQ8 {
+                m_tier,
+                aligned: packing::planes_aligned(self.weight, self.k),
+            };
+            let shared = q8_shared_bytes(self.weight, m_tier);
+            (kernel, config((x, y, 1), MQ_WARPS * 32, shared))
+        } else if self.m <= MATVEC_MAX_ROWS || grouped {
             let rows = self.m.min(MATVEC_MAX_ROWS);
             let kernel = matvec_kernel(self.weight, rows, self.n, self.k, row_bytes, q8);
             let (threads, rows_per_block, shared) = matvec_block_shape(self.weight, kernel, self.k)
@@ -662,12 +744,14 @@ impl MatMulArgs {
 }
 
 impl MatMulPlan {
-    /// Every kernel the launch runs: the plan's, and on the cuBLASLt path the cast of x
-    /// to bf16 after the weight decoder.
+    /// Every kernel the launch may run: the plan's, on the cuBLASLt path the cast of x
+    /// to bf16 after the weight decoder, and after `matmul_q8` the sum of its splits.
     pub fn specs(&self) -> Result<Vec<KernelSpec>> {
         let mut specs = vec![self.spec.clone()];
-        if self.kernel == MatMulKernel::Gemm {
-            specs.push(super::cast::spec(DType::F32, DType::BF16)?);
+        match self.kernel {
+            MatMulKernel::Gemm => specs.push(super::cast::spec(DType::F32, DType::BF16)?),
+            MatMulKernel::MatMatQ8 { .. } => specs.push(q8_reduce_spec()),
+            _ => {}
         }
         Ok(specs)
     }
@@ -744,7 +828,11 @@ pub fn matmul<'a>(
         launch_config.grid_dim.0 = resident_blocks(n, warps, threads / 32) as u32;
     }
     if plan.row_groups > 1 {
-        return row_groups(backend, &kernel, &plan, x, w, bias, out);
+        return row_groups(backend, &kernel, &plan, x, x_q8, w, bias, out);
+    }
+    if let MatMulKernel::MatMatQ8 { m_tier, .. } = plan.kernel {
+        let x_q8 = x_q8.ok_or_else(|| Error::invalid(OP, "matmul_q8 reads x's Q8_1 copy"))?;
+        return matmul_q8(backend, &kernel, &plan, m_tier, x_q8, w, bias, out);
     }
     let mut args = KernelArgs::new(backend);
     args.arg(w.slice());
@@ -774,21 +862,27 @@ pub fn matmul<'a>(
 }
 
 /// The mat-vec `kernel` of a checked `plan` launched once per group of up to
-/// [`MATVEC_MAX_ROWS`] rows of x (f32, no Q8_1 copy), each writing its rows of out.
+/// [`MATVEC_MAX_ROWS`] rows of x (and of its Q8_1 copy, when given), each writing its
+/// rows of out.
+#[allow(clippy::too_many_arguments)] // the op's operands, each named
 fn row_groups(
     backend: &CudaBackend,
     kernel: &std::sync::Arc<CudaKernel>,
     plan: &MatMulPlan,
     x: &CudaBuffer,
+    x_q8: Option<&CudaBuffer>,
     w: &CudaBuffer,
     bias: Option<&CudaBuffer>,
     out: &mut CudaBuffer,
 ) -> Result<()> {
     let (m, n, k) = (plan.m as usize, plan.n as usize, plan.k as usize);
+    // Bytes of one row of the copy (the plan checked whole blocks).
+    let q8_row = k / 32 * DType::Q8_1.block_bytes();
     for group in 0..plan.row_groups as usize {
         let first = group * MATVEC_MAX_ROWS;
         let rows = (m - first).min(MATVEC_MAX_ROWS);
         let x_rows = x.slice().slice(4 * first * k..4 * (first + rows) * k);
+        let q8_rows = x_q8.map(|q| q.slice().slice(q8_row * first..q8_row * (first + rows)));
         let mut out_rows = out
             .slice_mut()
             .slice_mut(4 * first * n..4 * (first + rows) * n);
@@ -796,7 +890,7 @@ fn row_groups(
         let mut args = KernelArgs::new(backend);
         args.arg(w.slice())
             .arg(&x_rows)
-            .arg(None::<&CudaSlice<u8>>)
+            .arg(q8_rows.as_ref())
             .arg(bias.map(|b| b.slice()))
             .arg(&mut out_rows)
             .arg(&rows)
@@ -806,9 +900,76 @@ fn row_groups(
         // SAFETY: as for `matmul`'s mat-vec launch: `kernel` is the plan's
         // `kiln::matvec<W, 8, ..>` or `kiln::matvec_packed<W, 8, ..>` (const u8* w, const
         // float* x, const u8* xq8, const float* bias, float* out, u32 m, u32 n, u32 k, u64
-        // row_bytes); x's view holds this group's `rows` rows of k f32 and out's its rows
-        // of n (the plan checked m x k and m x n), xq8 is null, bias null or n values.
+        // row_bytes); x's view holds this group's `rows` rows of k f32, xq8's (null or)
+        // their Q8_1 blocks and out's their rows of n (the plan checked m x k, the copy
+        // and m x n), bias null or n values.
         unsafe { launch(kernel, &mut args, plan.config) }?;
     }
     Ok(())
+}
+
+/// `matmul_q8` of a checked `plan` (tiles of `m_tier` rows): split over k as
+/// [`q8_splits`] says for the device, its partial sums in the backend's workspace
+/// added by `matmul_q8_reduce`.
+#[allow(clippy::too_many_arguments)] // the op's operands, each named
+fn matmul_q8(
+    backend: &CudaBackend,
+    kernel: &std::sync::Arc<CudaKernel>,
+    plan: &MatMulPlan,
+    m_tier: u32,
+    x_q8: &CudaBuffer,
+    w: &CudaBuffer,
+    bias: Option<&CudaBuffer>,
+    out: &mut CudaBuffer,
+) -> Result<()> {
+    let (m, n, k) = (plan.m as usize, plan.n as usize, plan.k as usize);
+    let (splits, per_split) = q8_splits(n, m, m_tier, k, backend.multiprocessors());
+    let mut launch_config = plan.config;
+    launch_config.grid_dim.2 = splits;
+    let outputs = count(OP, &[m, n])?;
+    let mut workspace = if splits > 1 {
+        Some(
+            backend
+                .matmul_workspace()
+                .at_least(backend, 4 * outputs * splits as usize)?,
+        )
+    } else {
+        None
+    };
+    let work = workspace.as_mut().and_then(|held| held.last_mut());
+    let mut args = KernelArgs::new(backend);
+    args.arg(w.slice())
+        .arg(x_q8.slice())
+        .arg(bias.map(|b| b.slice()))
+        .arg(out.slice_mut())
+        .arg(work.map(|b| b.slice_mut()))
+        .arg(&plan.m)
+        .arg(&plan.n)
+        .arg(&plan.k)
+        .arg(&plan.row_bytes)
+        .arg(&per_split);
+    args.serialized();
+    // SAFETY: the arguments match `kiln::matmul_q8<W, NT, ALIGNED>` (const u8* w, const
+    // u8* xq8, const float* bias, float* out, float* work, u32 m, u32 n, u32 k, u64
+    // row_bytes, u32 tiles_per_split): the plan checked w (n rows of row_bytes), x's
+    // copy (m x k / 32 Q8_1 blocks), bias (null or n) and out (m x n); work is null
+    // for one split, else holds splits x m x n f32; the grid's z is the splits.
+    unsafe { launch(kernel, &mut args, launch_config) }?;
+    let Some(held) = workspace.as_mut() else {
+        return Ok(());
+    };
+    let work = held.last_mut().expect("the workspace holds a buffer");
+    let reduce = backend.kernel(&q8_reduce_spec())?;
+    let mut args = KernelArgs::new(backend);
+    args.arg(work.slice())
+        .arg(bias.map(|b| b.slice()))
+        .arg(out.slice_mut())
+        .arg(&plan.m)
+        .arg(&plan.n)
+        .arg(&splits);
+    args.serialized();
+    // SAFETY: `kiln::matmul_q8_reduce` (const float* work, const float* bias, float*
+    // out, u32 m, u32 n, u32 splits): work holds the splits' m x n partial sums just
+    // written, bias null or n values, out m x n.
+    unsafe { launch(&reduce, &mut args, super::grid_1d(outputs)) }
 }

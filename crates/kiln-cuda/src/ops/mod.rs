@@ -5,7 +5,7 @@
 pub mod argmax;
 pub mod attention;
 pub mod cast;
-mod common;
+pub(crate) mod common;
 pub mod delta_net;
 pub mod elementwise;
 pub mod embedding;
