@@ -91,6 +91,7 @@ impl LinearAttentionConfig {
                 n_v_heads,
                 d_k: get(hparams::SSM_STATE_SIZE)?,
                 d_v: inner / n_v_heads,
+                layout: kiln_core::ops::HeadLayout::Grouped,
             },
             full_attention_interval: interval,
         })
