@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 use kiln_core::ops::{
-    CausalConv1d, DeltaNetHeads, GatedDeltaNet, GatedRmsNorm, L2Norm, DELTA_NET_CHUNK,
+    CausalConv1d, DeltaNetHeads, GatedDeltaNet, GatedRmsNorm, HeadLayout, L2Norm, DELTA_NET_CHUNK,
 };
 use kiln_core::DType::{F16, F32};
 use kiln_core::{Error, Graph, Op};
@@ -202,6 +202,7 @@ impl Case {
             n_v_heads,
             d_k,
             d_v,
+            layout,
         } = self.heads;
         let w = self.heads.qkv_width();
         let l2 = |x: &[f32]| -> Vec<f64> {
@@ -212,7 +213,10 @@ impl Case {
         let mut state: Vec<f64> = self.state.iter().map(|&v| v as f64).collect();
         let mut out = vec![0f64; self.n * n_v_heads * d_v];
         for h in 0..n_v_heads {
-            let kh = h * n_k_heads / n_v_heads;
+            let kh = match layout {
+                HeadLayout::Grouped => h * n_k_heads / n_v_heads,
+                HeadLayout::Tiled => h % n_k_heads,
+            };
             let s = &mut state[h * d_k * d_v..(h + 1) * d_k * d_v];
             for t in 0..self.n {
                 let row = &self.qkv[t * w..(t + 1) * w];
@@ -289,6 +293,7 @@ fn heads(n_k_heads: usize, n_v_heads: usize, d_k: usize, d_v: usize) -> DeltaNet
         n_v_heads,
         d_k,
         d_v,
+        layout: HeadLayout::Grouped,
     }
 }
 
@@ -309,10 +314,15 @@ const TOKENS: [usize; 6] = [1, 7, 63, 64, 65, 200];
 fn gated_delta_net_matches_f64_recurrent_and_chunkwise() {
     let mut rng = rng("gated_delta_net");
     assert_eq!(DELTA_NET_CHUNK, 64);
-    for (nk, nv, dk, dv) in HEADS {
+    let layouts = [HeadLayout::Grouped, HeadLayout::Tiled];
+    for ((nk, nv, dk, dv), layout) in HEADS.into_iter().flat_map(|h| layouts.map(|l| (h, l))) {
         for n in TOKENS {
-            let case = Case::new(&mut rng, heads(nk, nv, dk, dv), n, 4.0);
-            let what = format!("heads {nk}/{nv} d {dk}x{dv} n={n}");
+            let heads = DeltaNetHeads {
+                layout,
+                ..heads(nk, nv, dk, dv)
+            };
+            let case = Case::new(&mut rng, heads, n, 4.0);
+            let what = format!("heads {nk}/{nv} {layout:?} d {dk}x{dv} n={n}");
             let (want, want_state) = case.f64();
             let (out, state) = case.run();
             assert_close(&format!("{what}: op out"), &out, &want, 1e-9);

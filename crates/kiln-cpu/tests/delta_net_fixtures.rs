@@ -7,7 +7,9 @@
 
 mod common;
 use common::*;
-use kiln_core::ops::{CausalConv1d, DeltaNetHeads, GatedDeltaNet, GatedRmsNorm, L2Norm};
+use kiln_core::ops::{
+    CausalConv1d, DeltaNetHeads, GatedDeltaNet, GatedRmsNorm, HeadLayout, L2Norm,
+};
 use kiln_core::DType::F32;
 use safetensors::SafeTensors;
 
@@ -17,6 +19,7 @@ const HEADS: DeltaNetHeads = DeltaNetHeads {
     n_v_heads: 4,
     d_k: 16,
     d_v: 12,
+    layout: HeadLayout::Grouped,
 };
 const KERNEL: usize = 4;
 const EPS: f32 = 1e-6;

@@ -38,7 +38,8 @@ __global__ void causal_conv1d(const float* __restrict__ x, const float* __restri
 }
 
 // One block per (value head h, tile of blockDim.x value columns), tokens in order. The
-// block normalizes the token's query and key head (h / group) into shared memory
+// block normalizes the token's query and key head (h % n_k_heads when tiled, else
+// h / group: kiln_core::ops::HeadLayout) into shared memory
 // (`qk`: 2 * d_k floats); thread j then updates column j of the head's state
 // S (d_k x d_v, row-major at state + h * d_k * d_v):
 // S = exp(g) S, d = beta (v_j - S[:, j] . k), S[:, j] += k d, out = S[:, j] . q.
@@ -47,14 +48,14 @@ __global__ void gated_delta_net(const float* __restrict__ qkv, const float* __re
                                 const float* __restrict__ b, const float* __restrict__ ssm_a,
                                 const float* __restrict__ dt_bias, float* __restrict__ state,
                                 float* __restrict__ out, u32 n_tokens, u32 n_k_heads,
-                                u32 n_v_heads, u32 d_k, u32 d_v, float eps) {
+                                u32 n_v_heads, u32 d_k, u32 d_v, u32 tiled, float eps) {
     chain_after_prior_grids(qkv, a, b, state);
     extern __shared__ float qk[];
     __shared__ float scratch[32];
     float* q = qk;
     float* k = qk + d_k;
     const u32 h = blockIdx.x;
-    const u32 kh = h / (n_v_heads / n_k_heads);
+    const u32 kh = tiled ? h % n_k_heads : h / (n_v_heads / n_k_heads);
     const u32 j = blockIdx.y * blockDim.x + threadIdx.x;
     const u64 width = 2ull * n_k_heads * d_k + (u64)n_v_heads * d_v;
     float* s = state + (u64)h * d_k * d_v + j;

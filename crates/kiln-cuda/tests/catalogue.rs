@@ -6,8 +6,8 @@
 
 use kiln_core::ops::{
     Argmax, Attention, CausalConv1d, DeltaNetHeads, Embedding, GatedDeltaNet, GatedRmsNorm,
-    HeadNormRope, KvAppend, L2Norm, MatMul, Rope, RopeParams, RopeStyle, Sample, SampleParams,
-    Softmax, WEIGHT_DTYPES,
+    HeadLayout, HeadNormRope, KvAppend, L2Norm, MatMul, Rope, RopeParams, RopeStyle, Sample,
+    SampleParams, Softmax, WEIGHT_DTYPES,
 };
 use kiln_core::{DType, Graph, Op};
 use kiln_cuda::manifest::{all_specs, has_kernel, spec_for_op};
@@ -275,6 +275,7 @@ fn delta_net_ops_have_kernels() {
         n_v_heads: 4,
         d_k: 8,
         d_v: 6,
+        layout: HeadLayout::Tiled,
     };
     let width = heads.qkv_width();
     let mut g = Graph::new();

@@ -5,7 +5,9 @@
 
 mod common;
 use common::*;
-use kiln_core::ops::{CausalConv1d, DeltaNetHeads, GatedDeltaNet, GatedRmsNorm, L2Norm};
+use kiln_core::ops::{
+    CausalConv1d, DeltaNetHeads, GatedDeltaNet, GatedRmsNorm, HeadLayout, L2Norm,
+};
 use kiln_core::{Aliasing, BufferId, DType::F32, Graph};
 use kiln_cpu::CpuBackend;
 
@@ -67,8 +69,9 @@ fn causal_conv1d_matches_cpu() {
 #[ignore = "needs a CUDA device"]
 fn gated_delta_net_matches_cpu() {
     let mut rng = rng("gated_delta_net_matches_cpu");
-    // (n_k_heads, n_v_heads, d_k, d_v, tokens): odd sizes, grouped heads, more value
-    // columns than a block's threads, Qwen3-Next's heads (16 / 32 of 128).
+    // (n_k_heads, n_v_heads, d_k, d_v, tokens): odd sizes, several value heads per key
+    // head, more value columns than a block's threads, Qwen3-Next's heads (16 / 32 of
+    // 128) and Qwen3.5-27B's (16 / 48); each with grouped and with tiled value heads.
     let cases: &[(usize, usize, usize, usize, &[usize])] = &[
         (1, 1, 3, 5, &[1, 7, 65]),
         (2, 6, 7, 5, &[1, 63, 64, 200]),
@@ -76,13 +79,16 @@ fn gated_delta_net_matches_cpu() {
         (1, 2, 33, 17, &[1, 7]),
         (2, 4, 128, 200, &[1, 7]),
         (16, 32, 128, 128, &[1, 7, 65]),
+        (16, 48, 128, 128, &[1, 7]),
     ];
-    for &(nk, nv, dk, dv, tokens) in cases {
+    let layouts = [HeadLayout::Grouped, HeadLayout::Tiled];
+    for (&(nk, nv, dk, dv, tokens), layout) in cases.iter().flat_map(|c| layouts.map(|l| (c, l))) {
         let heads = DeltaNetHeads {
             n_k_heads: nk,
             n_v_heads: nv,
             d_k: dk,
             d_v: dv,
+            layout,
         };
         for &n in tokens {
             let mut g = Graph::new();
@@ -126,7 +132,7 @@ fn gated_delta_net_matches_cpu() {
                 ),
             ];
             let (cpu, gpu) = both(&g, &inputs, &[out, state]);
-            let what = format!("delta heads {nk}/{nv} d {dk}x{dv} n={n}");
+            let what = format!("delta heads {nk}/{nv} {layout:?} d {dk}x{dv} n={n}");
             assert_close(&format!("{what}: out"), &gpu[0], &cpu[0], 1e-9);
             assert_close(&format!("{what}: state"), &gpu[1], &cpu[1], 1e-9);
         }

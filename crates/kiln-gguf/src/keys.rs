@@ -24,7 +24,9 @@ pub mod hparams {
     pub const CONTEXT_LENGTH: &str = "context_length";
     /// The width of the residual stream: u32.
     pub const EMBEDDING_LENGTH: &str = "embedding_length";
-    /// The hidden width of the feed-forward block: u32.
+    /// The hidden width of the feed-forward block; a mixture of experts' file may lack
+    /// it (llama.cpp writes it only where the checkpoint has `intermediate_size`, which
+    /// Qwen3.5-MoE's lack): u32.
     pub const FEED_FORWARD_LENGTH: &str = "feed_forward_length";
     /// The number of attention (query) heads: u32.
     pub const HEAD_COUNT: &str = "attention.head_count";
@@ -42,6 +44,10 @@ pub mod hparams {
     pub const ROPE_FREQ_BASE: &str = "rope.freq_base";
     /// The rotated dimensions of a head; the head width when absent: u32.
     pub const ROPE_DIMENSION_COUNT: &str = "rope.dimension_count";
+    /// A multi-section rotary embedding's rotated pairs per section (temporal, height,
+    /// width, extra), interleaved: array of 4 i32. Qwen3.5's files have it (llama.cpp
+    /// requires it); for text every section rotates by the token's position.
+    pub const ROPE_DIMENSION_SECTIONS: &str = "rope.dimension_sections";
     /// How RoPE positions are scaled (`none`, `linear`, `yarn`): string.
     pub const ROPE_SCALING_TYPE: &str = "rope.scaling.type";
     /// The RoPE scaling factor: f32.
@@ -75,13 +81,17 @@ pub mod hparams {
     /// Elements of a linear-attention layer's value heads together
     /// (`n_v_heads * d_v`): u32.
     pub const SSM_INNER_SIZE: &str = "ssm.inner_size";
-    /// Elements of one query/key (and, in Qwen3-Next, value) head of a linear-attention
-    /// layer: u32.
+    /// Elements of one query/key (and, in Qwen3-Next and Qwen3.5, value) head of a
+    /// linear-attention layer: u32.
     pub const SSM_STATE_SIZE: &str = "ssm.state_size";
     /// A linear-attention layer's value heads: u32.
     pub const SSM_TIME_STEP_RANK: &str = "ssm.time_step_rank";
     /// A linear-attention layer's query/key heads: u32.
     pub const SSM_GROUP_COUNT: &str = "ssm.group_count";
+    /// Multi-token-prediction layers stored after the model's own layers and counted
+    /// in `block_count` (llama.cpp's Qwen3.5 files may carry the checkpoint's one);
+    /// 0 when absent: u32.
+    pub const NEXTN_PREDICT_LAYERS: &str = "nextn_predict_layers";
     /// Every this many layers one is full attention (layers `i` with
     /// `(i + 1) % interval == 0`), the others linear attention; llama.cpp takes 4 when
     /// absent: u32.

@@ -61,8 +61,17 @@ const QWEN_NAMED: &[(u32, &str)] = &[
     (151645, "<|im_end|>"),
 ];
 
-/// The presets `kiln synth` knows.
-pub const PRESETS: [Preset; 7] = [
+/// Qwen3.5's special tokens (ids 248044 to 248076 are control tokens).
+const QWEN35_NAMED: &[(u32, &str)] = &[
+    (248044, "<|endoftext|>"),
+    (248045, "<|im_start|>"),
+    (248046, "<|im_end|>"),
+];
+
+/// The presets `kiln synth` knows. The Qwen3.5 ones are the published checkpoints'
+/// config.json (multimodal: the text model's hyperparameters in `text_config`; kiln
+/// makes the text model).
+pub const PRESETS: [Preset; 10] = [
     Preset {
         name: "llama-3.2-1b",
         config_json: r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
@@ -176,6 +185,71 @@ pub const PRESETS: [Preset; 7] = [
         named: QWEN_NAMED,
         bos: 151643,
         eos: 151645,
+        add_bos: false,
+    },
+    Preset {
+        name: "qwen3.5-27b",
+        config_json: r#"{"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
+            "tie_word_embeddings": false, "text_config": {"model_type": "qwen3_5_text", "hidden_size": 5120,
+            "intermediate_size": 17408, "num_hidden_layers": 64, "num_attention_heads": 24,
+            "num_key_value_heads": 4, "head_dim": 256, "full_attention_interval": 4,
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+            "linear_num_key_heads": 16, "linear_num_value_heads": 48, "hidden_act": "silu",
+            "attention_bias": false, "max_position_embeddings": 262144, "rms_norm_eps": 1e-06,
+            "rope_parameters": {"mrope_interleaved": true, "mrope_section": [11, 11, 10],
+                "partial_rotary_factor": 0.25, "rope_theta": 10000000, "rope_type": "default"},
+            "tie_word_embeddings": false, "vocab_size": 248320, "eos_token_id": 248044,
+            "mtp_num_hidden_layers": 1}}"#,
+        pre: "qwen35",
+        n_normal: 248044,
+        control_end: 248077,
+        named: QWEN35_NAMED,
+        bos: 248044,
+        eos: 248046,
+        add_bos: false,
+    },
+    Preset {
+        name: "qwen3.5-35b-a3b",
+        config_json: r#"{"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
+            "tie_word_embeddings": false, "text_config": {"model_type": "qwen3_5_moe_text", "hidden_size": 2048,
+            "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "num_experts": 256,
+            "num_experts_per_tok": 8, "num_hidden_layers": 40, "num_attention_heads": 16,
+            "num_key_value_heads": 2, "head_dim": 256, "full_attention_interval": 4,
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+            "linear_num_key_heads": 16, "linear_num_value_heads": 32, "hidden_act": "silu",
+            "attention_bias": false, "max_position_embeddings": 262144, "rms_norm_eps": 1e-06,
+            "rope_parameters": {"mrope_interleaved": true, "mrope_section": [11, 11, 10],
+                "partial_rotary_factor": 0.25, "rope_theta": 10000000, "rope_type": "default"},
+            "tie_word_embeddings": false, "vocab_size": 248320, "eos_token_id": 248044,
+            "mtp_num_hidden_layers": 1}}"#,
+        pre: "qwen35",
+        n_normal: 248044,
+        control_end: 248077,
+        named: QWEN35_NAMED,
+        bos: 248044,
+        eos: 248046,
+        add_bos: false,
+    },
+    Preset {
+        name: "qwen3.5-397b-a17b",
+        config_json: r#"{"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
+            "tie_word_embeddings": false, "text_config": {"model_type": "qwen3_5_moe_text", "hidden_size": 4096,
+            "moe_intermediate_size": 1024, "shared_expert_intermediate_size": 1024, "num_experts": 512,
+            "num_experts_per_tok": 10, "num_hidden_layers": 60, "num_attention_heads": 32,
+            "num_key_value_heads": 2, "head_dim": 256, "full_attention_interval": 4,
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+            "linear_num_key_heads": 16, "linear_num_value_heads": 64, "hidden_act": "silu",
+            "attention_bias": false, "max_position_embeddings": 262144, "rms_norm_eps": 1e-06,
+            "rope_parameters": {"mrope_interleaved": true, "mrope_section": [11, 11, 10],
+                "partial_rotary_factor": 0.25, "rope_theta": 10000000, "rope_type": "default"},
+            "tie_word_embeddings": false, "vocab_size": 248320, "eos_token_id": 248044,
+            "mtp_num_hidden_layers": 1}}"#,
+        pre: "qwen35",
+        n_normal: 248044,
+        control_end: 248077,
+        named: QWEN35_NAMED,
+        bos: 248044,
+        eos: 248046,
         add_bos: false,
     },
 ];

@@ -6,8 +6,12 @@ use kiln_gguf::synth::{self, Preset, SynthOptions, PRESETS};
 use kiln_gguf::Gguf;
 
 /// Tensor and parameter counts of the real models' GGUF files and Hugging Face
-/// checkpoints (parameters exclude llama.cpp's generated `rope_freqs.weight`).
-const REAL: [(&str, usize, u64); 7] = [
+/// checkpoints (parameters exclude llama.cpp's generated `rope_freqs.weight`). The
+/// Qwen3.5 counts are of the text model (no vision tower, no multi-token-prediction
+/// layer), counted by transformers 5.25 (Qwen3_5ForCausalLM and
+/// Qwen3_5MoeForCausalLM of the text configs on the meta device; GGUF has one tensor
+/// per checkpoint tensor but two for a layer's stacked `gate_up_proj`).
+const REAL: [(&str, usize, u64); 10] = [
     ("llama-3.2-1b", 147, 1_235_814_400),
     ("llama-3.1-8b", 292, 8_030_261_248),
     ("qwen2.5-0.5b", 290, 494_032_768),
@@ -17,6 +21,10 @@ const REAL: [(&str, usize, u64); 7] = [
     // 36 linear-attention layers of 18 tensors, 12 full-attention layers of 16; the
     // checkpoint's multi-token-prediction layer is not converted (as llama.cpp).
     ("qwen3-next-80b-a3b", 843, 79_674_391_296),
+    // 48 linear-attention layers of 14 tensors, 16 full-attention layers of 11.
+    ("qwen3.5-27b", 851, 26_895_998_464),
+    ("qwen3.5-35b-a3b", 733, 34_660_610_688),
+    ("qwen3.5-397b-a17b", 1098, 396_346_350_336),
 ];
 
 #[test]

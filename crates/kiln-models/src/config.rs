@@ -36,34 +36,41 @@ pub struct ModelConfig {
     /// Whether q and k are RMS-normalized per head before RoPE (Qwen3).
     pub qk_norm: bool,
     /// The mixture of experts that replaces every layer's feed-forward (qwen2moe,
-    /// qwen3moe, qwen3next).
+    /// qwen3moe, qwen3next, qwen35moe).
     pub moe: Option<MoeConfig>,
     /// The Gated DeltaNet linear attention of a hybrid model's other layers
-    /// (qwen3next); its full-attention layers gate their output.
+    /// (qwen3next, qwen35, qwen35moe); its full-attention layers gate their output.
     pub linear: Option<LinearAttentionConfig>,
 }
 
-/// The linear-attention layers of a hybrid model (Qwen3-Next): one layer in every
-/// `full_attention_interval` is full attention (layers `l` with
+/// The linear-attention layers of a hybrid model (Qwen3-Next, Qwen3.5): one layer in
+/// every `full_attention_interval` is full attention (layers `l` with
 /// `(l + 1) % full_attention_interval == 0`), the others Gated DeltaNet: the fused
 /// q/k/v projection `blk.N.attn_qkv.weight` (`[qkv_width, n_embd]`), its causal
 /// convolution `blk.N.ssm_conv1d.weight` (`[qkv_width, conv_kernel]`), the output gate
 /// `blk.N.attn_gate.weight` (`[n_v_heads d_v, n_embd]`), the gate and strength
-/// projections `blk.N.ssm_ba.weight` (`[2 n_v_heads, n_embd]`, per query/key head its
-/// value heads' `b` rows then their `a` rows), `blk.N.ssm_a` and `blk.N.ssm_dt.bias`
-/// (`[n_v_heads]`), the gated norm `blk.N.ssm_norm.weight` (`[d_v]`) and the output
-/// projection `blk.N.ssm_out.weight` (`[n_embd, n_v_heads d_v]`). Each such layer
-/// carries a convolution state and a delta-rule state per sequence.
+/// projections (Qwen3-Next: `blk.N.ssm_ba.weight`, `[2 n_v_heads, n_embd]`, per
+/// query/key head its value heads' `b` rows then their `a` rows; Qwen3.5:
+/// `blk.N.ssm_beta.weight` and `blk.N.ssm_alpha.weight`, `[n_v_heads, n_embd]` each),
+/// `blk.N.ssm_a` and `blk.N.ssm_dt.bias` (`[n_v_heads]`), the gated norm
+/// `blk.N.ssm_norm.weight` (`[d_v]`) and the output projection `blk.N.ssm_out.weight`
+/// (`[n_embd, n_v_heads d_v]`). Every per-value-head row, element and column is in the
+/// order of [`DeltaNetHeads::layout`] (Qwen3.5's tiled). Each such layer carries a
+/// convolution state and a delta-rule state per sequence.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LinearAttentionConfig {
     pub conv_kernel: usize,
     pub heads: DeltaNetHeads,
     pub full_attention_interval: usize,
+    /// Whether the gate and strength projections are one `ssm_ba` tensor
+    /// ([`Arch::fuses_beta_alpha`]).
+    pub fused_beta_alpha: bool,
 }
 
 impl LinearAttentionConfig {
     /// Reads `arch`'s `ssm.*` keys and `full_attention_interval` (4 when absent) as
-    /// llama.cpp does; value heads are `ssm.inner_size / ssm.time_step_rank` wide.
+    /// llama.cpp does; value heads are `ssm.inner_size / ssm.time_step_rank` wide and
+    /// ordered as [`Arch::value_head_layout`] says.
     fn from_metadata(md: &Metadata, arch: Arch) -> Result<LinearAttentionConfig> {
         let key = |k: &str| arch.key(k);
         let get = |k: &str| -> Result<usize> {
@@ -91,8 +98,10 @@ impl LinearAttentionConfig {
                 n_v_heads,
                 d_k: get(hparams::SSM_STATE_SIZE)?,
                 d_v: inner / n_v_heads,
+                layout: arch.value_head_layout(),
             },
             full_attention_interval: interval,
+            fused_beta_alpha: arch.fuses_beta_alpha(),
         })
     }
 
@@ -252,7 +261,24 @@ impl ModelConfig {
         }
         let head_dim = get_or(hparams::KEY_LENGTH, n_embd / n_heads)?;
         let vocab = vocab_rows(file, n_embd)?;
-        let n_ff = get(hparams::FEED_FORWARD_LENGTH)?;
+        // A mixture of experts' file may lack feed_forward_length (Qwen3.5-MoE's): the
+        // experts' width stands in for it.
+        let n_ff = if arch.is_moe() && !md.contains_key(&key(hparams::FEED_FORWARD_LENGTH)) {
+            get(hparams::EXPERT_FEED_FORWARD_LENGTH)?
+        } else {
+            get(hparams::FEED_FORWARD_LENGTH)?
+        };
+        // Multi-token-prediction layers stored after the model's (llama.cpp's Qwen3.5
+        // files may carry them) count in block_count; kiln runs the model's own.
+        let block_count = get(hparams::BLOCK_COUNT)?;
+        let nextn = get_or(hparams::NEXTN_PREDICT_LAYERS, 0)?;
+        if nextn > 0 && nextn >= block_count {
+            return Err(Error::format(
+                key(hparams::NEXTN_PREDICT_LAYERS),
+                format!("{nextn} of block_count {block_count} leave the model no layer"),
+            ));
+        }
+        let n_layers = block_count - nextn;
         let moe = if arch.is_moe() {
             let shared = has("blk.0.ffn_gate_inp_shexp.weight");
             Some(MoeConfig::from_metadata(md, arch, n_ff, shared)?)
@@ -271,7 +297,7 @@ impl ModelConfig {
             .map_or(0, |lin| lin.full_attention_interval - 1);
         let config = ModelConfig {
             arch,
-            n_layers: get(hparams::BLOCK_COUNT)?,
+            n_layers,
             n_embd,
             n_ff,
             n_heads,
@@ -328,7 +354,7 @@ impl ModelConfig {
 
     /// The tensors of layer `l`, as [`ModelConfig::tensor_shapes`] lists them.
     fn layer_shapes(&self, l: usize, has: &dyn Fn(&str) -> bool) -> Vec<(String, Vec<usize>)> {
-        let (d, hd, ff) = (self.n_embd, self.head_dim, self.n_ff);
+        let (d, hd) = (self.n_embd, self.head_dim);
         // Saturating: a configuration that [`ModelConfig::check`] would reject gets
         // shapes no tensor has, not an overflow.
         let q = self.n_heads.saturating_mul(hd);
@@ -343,7 +369,12 @@ impl ModelConfig {
                 let (width, value) = (h.qkv_width(), h.n_v_heads.saturating_mul(h.d_v));
                 add("attn_qkv.weight", vec![width, d]);
                 add("attn_gate.weight", vec![value, d]);
-                add("ssm_ba.weight", vec![h.n_v_heads.saturating_mul(2), d]);
+                if lin.fused_beta_alpha {
+                    add("ssm_ba.weight", vec![h.n_v_heads.saturating_mul(2), d]);
+                } else {
+                    add("ssm_beta.weight", vec![h.n_v_heads, d]);
+                    add("ssm_alpha.weight", vec![h.n_v_heads, d]);
+                }
                 add("ssm_conv1d.weight", vec![width, lin.conv_kernel]);
                 add("ssm_dt.bias", vec![h.n_v_heads]);
                 add("ssm_a", vec![h.n_v_heads]);
@@ -359,7 +390,7 @@ impl ModelConfig {
                 add("attn_k_norm.weight", vec![hd]);
             }
             add("post_attention_norm.weight", vec![d]);
-            self.add_moe(&mut add, d);
+            self.add_feed_forward(&mut add, has, l);
             return out;
         }
         let projections: Vec<(&str, usize)> = if has(&name("attn_qkv.weight")) {
@@ -381,23 +412,28 @@ impl ModelConfig {
         }
         add("attn_output.weight", vec![d, q]);
         add("ffn_norm.weight", vec![d]);
-        if self.moe.is_some() {
-            self.add_moe(&mut add, d);
-        } else if has(&name("ffn_gate_up.weight")) {
-            add("ffn_gate_up.weight", vec![ff.saturating_mul(2), d]);
-        } else {
-            add("ffn_gate.weight", vec![ff, d]);
-            add("ffn_up.weight", vec![ff, d]);
-        }
-        if self.moe.is_none() {
-            add("ffn_down.weight", vec![d, ff]);
-        }
+        self.add_feed_forward(&mut add, has, l);
         out
     }
 
-    /// The mixture of experts' tensors of a layer, added by `add(name, shape)`.
-    fn add_moe(&self, add: &mut dyn FnMut(&str, Vec<usize>), d: usize) {
+    /// The feed-forward tensors of layer `l`, added by `add(name, shape)`: the
+    /// mixture of experts', or the SwiGLU's (with the stacked `ffn_gate_up` where
+    /// `has` says the model holds it).
+    fn add_feed_forward(
+        &self,
+        add: &mut dyn FnMut(&str, Vec<usize>),
+        has: &dyn Fn(&str) -> bool,
+        l: usize,
+    ) {
+        let (d, ff) = (self.n_embd, self.n_ff);
         let Some(moe) = &self.moe else {
+            if has(&format!("blk.{l}.ffn_gate_up.weight")) {
+                add("ffn_gate_up.weight", vec![ff.saturating_mul(2), d]);
+            } else {
+                add("ffn_gate.weight", vec![ff, d]);
+                add("ffn_up.weight", vec![ff, d]);
+            }
+            add("ffn_down.weight", vec![d, ff]);
             return;
         };
         let (e, ff) = (moe.n_expert, moe.n_ff_exp);
@@ -419,7 +455,7 @@ impl ModelConfig {
         self.linear.as_ref().is_none_or(|lin| !lin.is_linear(l))
     }
 
-    /// The norm before layer `l`'s feed-forward: `ffn_norm`, or Qwen3-Next's
+    /// The norm before layer `l`'s feed-forward: `ffn_norm`, or a hybrid model's
     /// `post_attention_norm`.
     pub fn ffn_norm(&self) -> &'static str {
         if self.linear.is_some() {

@@ -24,11 +24,12 @@
 //! shared expert (where there is one) with ordinary products, and sums them with
 //! [`MoeCombine`].
 //!
-//! A hybrid model's layers (Qwen3-Next: [`crate::config::LinearAttentionConfig`]) are
-//! built by the [`qwen3next`] module: Gated DeltaNet linear attention over a
-//! per-sequence recurrent state, and full attention with a sigmoid-gated output.
+//! A hybrid model's layers (Qwen3-Next, Qwen3.5:
+//! [`crate::config::LinearAttentionConfig`]) are built by the [`hybrid`] module: Gated
+//! DeltaNet linear attention over a per-sequence recurrent state, and full attention
+//! with a sigmoid-gated output.
 
-mod qwen3next;
+mod hybrid;
 
 use crate::config::{ModelConfig, MoeConfig};
 use kiln_core::ops::{
@@ -269,7 +270,7 @@ fn build_graph(
             attn_copy,
         )?;
         let attn = match &config.linear {
-            Some(lin) => qwen3next::mixer(&mut b, l, lin, normed, positions, kv)?,
+            Some(lin) => hybrid::mixer(&mut b, l, lin, normed, positions, kv)?,
             None => b.attention(l, normed, positions, freq_factors, kv)?,
         };
         let ffn_copy = b.quantized(

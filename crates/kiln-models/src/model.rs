@@ -1172,7 +1172,7 @@ pub fn weight_stacks(weights: &HashMap<String, WeightDesc>) -> Vec<WeightStack> 
 }
 
 /// A weight a model builds at load, on every backend, from row ranges of one file
-/// tensor, so that a product computes only what one consumer reads: Qwen3-Next's
+/// tensor, so that a product computes only what one consumer reads: the hybrid models'
 /// interleaved projections ([`weight_splits`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WeightSplit {
@@ -1231,11 +1231,12 @@ impl WeightSplit {
 }
 
 /// The weights every model of `config` derives at load ([`WeightSplit`]): for each
-/// Qwen3-Next full-attention layer, `blk.N.attn_q.weight` (per head its query rows,
-/// then its gate rows) as `blk.N.attn_q.q.weight` and `blk.N.attn_q.gate.weight`; for
-/// each linear-attention layer, `blk.N.ssm_ba.weight` (per query/key head its value
-/// heads' `b` rows, then their `a` rows) as `blk.N.ssm_ba.b.weight` and
-/// `blk.N.ssm_ba.a.weight`. None for other architectures.
+/// full-attention layer of a hybrid model (Qwen3-Next, Qwen3.5), `blk.N.attn_q.weight`
+/// (per head its query rows, then its gate rows) as `blk.N.attn_q.q.weight` and
+/// `blk.N.attn_q.gate.weight`; for each Qwen3-Next linear-attention layer,
+/// `blk.N.ssm_ba.weight` (per query/key head its value heads' `b` rows, then their
+/// `a` rows) as `blk.N.ssm_ba.b.weight` and `blk.N.ssm_ba.a.weight`. None for other
+/// architectures.
 pub fn weight_splits(config: &ModelConfig) -> Vec<WeightSplit> {
     let Some(lin) = &config.linear else {
         return Vec::new();
@@ -1257,10 +1258,12 @@ pub fn weight_splits(config: &ModelConfig) -> Vec<WeightSplit> {
     let h = &lin.heads;
     (0..config.n_layers)
         .flat_map(|l| {
-            if lin.is_linear(l) {
+            if !lin.is_linear(l) {
+                split(l, "attn_q", config.n_heads, config.head_dim, ["q", "gate"])
+            } else if lin.fused_beta_alpha {
                 split(l, "ssm_ba", h.n_k_heads, h.group(), ["b", "a"])
             } else {
-                split(l, "attn_q", config.n_heads, config.head_dim, ["q", "gate"])
+                Vec::new()
             }
         })
         .collect()

@@ -7,130 +7,31 @@
 //! reset and truncation rules.
 
 mod device;
+mod hybrid;
 use device::cuda;
+use hybrid::{
+    check_chunked_prompt, checkpoint_tensor, fixtures, gguf_tensor, greedy_tokens_agree, load,
+    model_dir, nmse, CONTEXT,
+};
 use kiln_core::{Backend, DType};
 use kiln_cpu::CpuBackend;
 use kiln_gguf::convert::HfCheckpoint;
-use kiln_gguf::{Arch, Gguf, GgufFile};
+use kiln_gguf::{Arch, GgufFile};
 use kiln_models::{LoadOptions, Model};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3next-tiny")
-}
+/// The fixture checkpoint.
+const NAME: &str = "qwen3next-tiny";
 
-struct Fixture {
-    input_ids: Vec<u32>,
-    /// After the prompt, then after each greedy token.
-    logits: Vec<Vec<f64>>,
-    greedy: Vec<u32>,
-    greedy_min_margin: f64,
-    router_min_margin: f64,
-}
-
-fn fixtures() -> Vec<Fixture> {
-    let text = std::fs::read_to_string(model_dir().join("fixtures.json")).unwrap();
-    let v: Value = serde_json::from_str(&text).unwrap();
-    let ids = |x: &Value| -> Vec<u32> {
-        x.as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let floats = |x: &Value| -> Vec<f64> {
-        x.as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f.as_f64().unwrap())
-            .collect()
-    };
-    v["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| Fixture {
-            input_ids: ids(&p["input_ids"]),
-            logits: p["logits"].as_array().unwrap().iter().map(floats).collect(),
-            greedy: ids(&p["greedy_ids"]),
-            greedy_min_margin: p["greedy_min_margin"].as_f64().unwrap(),
-            router_min_margin: p["router_min_margin"].as_f64().unwrap(),
-        })
-        .collect()
-}
-
-/// The checkpoint converted to a GGUF of `dtype` in `dir`.
-fn converted(dtype: DType, dir: &Path) -> GgufFile {
-    let out = dir.join(format!("qwen3next-{dtype}.gguf"));
-    HfCheckpoint::open(model_dir())
-        .unwrap()
-        .write_gguf(&out, dtype, &mut |_, _| {})
-        .unwrap();
-    Gguf::open(&out).unwrap()
-}
-
-/// Positions for the longest prompt and its decode steps.
-const CONTEXT: usize = 256;
-
-fn load<BE: Backend>(backend: BE, file: &GgufFile) -> Model<BE> {
-    let options = LoadOptions {
-        context: Some(CONTEXT),
-        cache_dtype: DType::F32,
-        slots: 1,
-    };
-    Model::load(backend, file, options, &mut |_, _| {}).unwrap()
-}
-
-fn nmse(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    assert!(got.iter().all(|v| v.is_finite()), "non-finite logits");
-    let e: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| (f64::from(g) - w).powi(2))
-        .sum();
-    e / want.iter().map(|w| w * w).sum::<f64>()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-/// Runs every fixture's prompt from a reset model, then feeds its greedy tokens back
-/// one at a time; each row of logits within `max_nmse` of transformers', and each
-/// greedy token the argmax of the logits before it.
+/// The fixtures, checked on `model` as [`hybrid::check_fixtures`] does.
 fn check_fixtures<BE: Backend>(model: &mut Model<BE>, max_nmse: f64, what: &str) {
     assert_eq!(model.config().arch, Arch::Qwen3Next);
-    for f in fixtures() {
-        // Margins far above f32 rounding (~1e-6 here), so that no expert choice or
-        // greedy token may honestly differ.
-        assert!(f.router_min_margin > 1e-3 && f.greedy_min_margin > 1e-2);
-        model.reset();
-        let n = f.input_ids.len();
-        let mut logits = model.forward(&f.input_ids).unwrap();
-        for (step, want) in f.logits.iter().enumerate() {
-            let e = nmse(&logits, want);
-            assert!(
-                e < max_nmse,
-                "{what}, prompt of {n}, step {step}: logits NMSE {e:.2e}"
-            );
-            if step == 0 {
-                eprintln!("{what}, prompt of {n}: logits NMSE {e:.2e}");
-            }
-            if let Some(&next) = f.greedy.get(step) {
-                assert_eq!(argmax(&logits), next, "{what}, prompt of {n}, step {step}");
-                logits = model.forward(&[next]).unwrap();
-            }
-        }
-        assert_eq!(model.n_past(), n + f.greedy.len());
-    }
+    hybrid::check_fixtures(model, NAME, max_nmse, what);
+}
+
+fn converted(dtype: DType, dir: &Path) -> GgufFile {
+    hybrid::converted(NAME, dtype, dir)
 }
 
 /// The f32 conversion keeps the checkpoint's weights exactly: the logits of every
@@ -147,54 +48,11 @@ fn qwen3next_matches_transformers_logits_through_prompt_and_decode() {
     check_fixtures(&mut model, 1e-10, "cpu f32");
 }
 
-/// Runs the first 100 tokens of the 200-token prompt on `backend` in one pass, in
-/// chunks of 7 and token by token, then four more tokens after each: the logits after
-/// the prompt and after each more token (which read the recurrent states and caches
-/// the prompt left) agree within `max_nmse`.
-fn check_chunked_prompt<BE: Backend>(backend: impl Fn() -> BE, max_nmse: f64, what: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = converted(DType::F32, dir.path());
-    let f = &fixtures()[2];
-    let prompt = &f.input_ids[..100];
-    let tail = &f.greedy[..4];
-    let run = |chunk: Option<usize>| -> Vec<Vec<f32>> {
-        let mut model = load(backend(), &file);
-        let mut rows = Vec::new();
-        match chunk {
-            Some(c) => {
-                model.set_prefill_chunk(c).unwrap();
-                rows.push(model.forward(prompt).unwrap());
-            }
-            None => {
-                for &t in prompt {
-                    rows.push(model.forward(&[t]).unwrap());
-                }
-                rows.drain(..rows.len() - 1);
-            }
-        }
-        for &t in tail {
-            rows.push(model.forward(&[t]).unwrap());
-        }
-        rows
-    };
-    let whole = run(Some(512));
-    for (label, other) in [("chunks of 7", run(Some(7))), ("token by token", run(None))] {
-        for (i, (a, b)) in whole.iter().zip(&other).enumerate() {
-            let want: Vec<f64> = a.iter().map(|&v| f64::from(v)).collect();
-            let e = nmse(b, &want);
-            assert!(
-                e < max_nmse,
-                "{what}, {label}, row {i}: NMSE {e:.2e} against one pass"
-            );
-        }
-    }
-}
-
 /// On the CPU a prompt in chunks of 7 tokens, or token by token, leaves the state of
 /// one pass (the chunkwise and the recurrent delta rule agree to f32 rounding).
 #[test]
 fn a_prompt_in_chunks_leaves_the_state_of_one_pass() {
-    check_chunked_prompt(|| CpuBackend, 1e-10, "cpu");
+    check_chunked_prompt(NAME, || CpuBackend, 1e-10, "cpu");
 }
 
 /// On the GPU likewise, within the rounding of the one pass's products to bf16
@@ -203,7 +61,7 @@ fn a_prompt_in_chunks_leaves_the_state_of_one_pass() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn a_prompt_in_chunks_on_cuda_leaves_the_state_of_one_pass() {
-    check_chunked_prompt(cuda, 1e-3, "cuda");
+    check_chunked_prompt(NAME, cuda, 1e-3, "cuda");
 }
 
 /// Resetting starts a new sequence with zeroed states: the same prompt gives the same
@@ -219,7 +77,7 @@ fn recurrent_state_resets_and_refuses_partial_truncation() {
         model.recurrent_state_bytes(),
         3 * (128 * 3 + 4 * 16 * 16) * 4
     );
-    let prompt = &fixtures()[1].input_ids;
+    let prompt = &fixtures(NAME)[1].input_ids;
     let first = model.forward(prompt).unwrap();
     let err = model.truncate(3).unwrap_err().to_string();
     assert!(
@@ -244,9 +102,6 @@ fn recurrent_state_resets_and_refuses_partial_truncation() {
     assert_eq!(again, first, "a reset model repeats its first pass");
 }
 
-/// With Q8_0 weight matrices (their products reading Q8_1 copies of the
-/// activations), the logits stay close to the float32 reference: about 2e-3 here,
-/// where a width of 64 leaves two blocks per row.
 /// The recurrent state holds one sequence: several slots and batched steps are
 /// refused with an Unsupported error naming the architecture.
 #[test]
@@ -277,11 +132,14 @@ fn several_slots_and_batched_steps_are_refused() {
     assert_eq!(model.n_past(), 0);
 }
 
+/// With Q8_0 weight matrices (their products reading Q8_1 copies of the
+/// activations), the logits stay close to the float32 reference: about 2e-3 here,
+/// where a width of 64 leaves two blocks per row.
 #[test]
 fn q8_0_qwen3next_logits_stay_close() {
     let dir = tempfile::tempdir().unwrap();
     let mut model = load(CpuBackend, &converted(DType::Q8_0, dir.path()));
-    let f = &fixtures()[1];
+    let f = &fixtures(NAME)[1];
     let e = nmse(&model.forward(&f.input_ids).unwrap(), &f.logits[0]);
     eprintln!("qwen3next q8_0: logits NMSE {e:.2e}");
     assert!(e < 1e-2, "qwen3next q8_0: logits NMSE {e:.2e}");
@@ -309,25 +167,6 @@ fn qwen3next_on_cuda_matches_transformers() {
     }
 }
 
-/// The logits of `n` greedy steps after `prompt` (the prompt's, then after each
-/// token), and the tokens.
-fn greedy_logits<BE: Backend>(
-    model: &mut Model<BE>,
-    prompt: &[u32],
-    n: usize,
-) -> (Vec<u32>, Vec<Vec<f32>>) {
-    model.reset();
-    let mut logits = vec![model.forward(prompt).unwrap()];
-    let mut tokens = Vec::new();
-    for _ in 0..n {
-        let next = argmax(logits.last().unwrap());
-        tokens.push(next);
-        logits.push(model.forward(&[next]).unwrap());
-    }
-    logits.pop();
-    (tokens, logits)
-}
-
 /// 32 greedy tokens on the GPU equal the CPU's from each fixture prompt, for F32 and
 /// Q8_0 weights, prompts in chunks of 8 (f32 mat-vecs), with logits within NMSE 1e-6
 /// (1e-3 for Q8_0, whose products read activations rounded to 8 bits on the GPU).
@@ -344,69 +183,8 @@ fn qwen3next_greedy_tokens_on_cuda_equal_the_cpus() {
         let mut gpu = load(cuda(), &file);
         gpu.set_prefill_chunk(8).unwrap();
         let mut cpu = load(CpuBackend, &file);
-        greedy_tokens_agree(&mut gpu, &mut cpu, tolerance, &format!("{dtype}"));
+        greedy_tokens_agree(NAME, &mut gpu, &mut cpu, tolerance, &format!("{dtype}"));
     }
-}
-
-/// The greedy comparison of [`qwen3next_greedy_tokens_on_cuda_equal_the_cpus`] for
-/// one file, logits within NMSE `tolerance`.
-fn greedy_tokens_agree<G: Backend, C: Backend>(
-    gpu: &mut Model<G>,
-    cpu: &mut Model<C>,
-    tolerance: f64,
-    what: &str,
-) {
-    for f in fixtures() {
-        let n = f.input_ids.len();
-        let (want_tokens, want) = greedy_logits(cpu, &f.input_ids, 32);
-        let (tokens, got) = greedy_logits(gpu, &f.input_ids, 32);
-        for step in 0..32 {
-            let w: Vec<f64> = want[step].iter().map(|&v| f64::from(v)).collect();
-            let e = nmse(&got[step], &w);
-            assert!(
-                e < tolerance,
-                "{what}, prompt of {n}, step {step}: GPU vs CPU logits NMSE {e:.2e}"
-            );
-            if tokens[step] != want_tokens[step] {
-                let gap = f64::from(
-                    (want[step][want_tokens[step] as usize] - want[step][tokens[step] as usize])
-                        .abs(),
-                );
-                let mean_square = w.iter().map(|v| v * v).sum::<f64>() / w.len() as f64;
-                let noise = 4.0 * (e * mean_square).sqrt();
-                assert!(
-                    gap <= noise,
-                    "{what}, prompt of {n}: GPU and CPU greedy tokens differ at step {step} ({} against {}) with a CPU gap {gap:.3e} above the noise {noise:.3e}",
-                    tokens[step],
-                    want_tokens[step]
-                );
-                eprintln!("{what}, prompt of {n}: a near-tie at step {step} (gap {gap:.3e})");
-                break;
-            }
-        }
-    }
-}
-
-/// The f32 tensor `name` of the checkpoint's model.safetensors, read from its header
-/// (a little-endian u64 length, then JSON with each tensor's dtype, shape and offsets).
-fn checkpoint_tensor(name: &str) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(model_dir().join("model.safetensors")).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let t = &header[name];
-    assert_eq!(t["dtype"], "F32", "{name}");
-    let shape = t["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_u64().unwrap() as usize)
-        .collect();
-    let [start, end] = [0, 1].map(|i| t["data_offsets"][i].as_u64().unwrap() as usize + 8 + n);
-    let values = bytes[start..end]
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
-    (shape, values)
 }
 
 /// kiln convert writes what llama.cpp's converter writes for Qwen3-Next: its keys,
@@ -436,10 +214,7 @@ fn conversion_writes_llama_cpp_tensors_and_keys() {
             "{key}"
         );
     }
-    let gguf = |name: &str| {
-        let t = file.tensor(name).unwrap();
-        (t.info.shape().to_vec(), t.to_f32().unwrap())
-    };
+    let gguf = |name: &str| gguf_tensor(&file, name);
     let close = |got: &[f32], want: &[f64], what: &str| {
         assert_eq!(got.len(), want.len(), "{what}");
         for (g, w) in got.iter().zip(want) {
@@ -449,7 +224,7 @@ fn conversion_writes_llama_cpp_tensors_and_keys() {
             );
         }
     };
-    let (_, a_log) = checkpoint_tensor("model.layers.1.linear_attn.A_log");
+    let (_, a_log) = checkpoint_tensor(NAME, "model.layers.1.linear_attn.A_log");
     let want: Vec<f64> = a_log.iter().map(|&v| -f64::from(v).exp()).collect();
     close(&gguf("blk.1.ssm_a").1, &want, "ssm_a");
     for (hf, gg) in [
@@ -467,23 +242,24 @@ fn conversion_writes_llama_cpp_tensors_and_keys() {
         ),
         ("model.norm.weight", "output_norm.weight"),
     ] {
-        let want: Vec<f64> = checkpoint_tensor(hf)
+        let want: Vec<f64> = checkpoint_tensor(NAME, hf)
             .1
             .iter()
             .map(|&v| 1.0 + f64::from(v))
             .collect();
         close(&gguf(gg).1, &want, gg);
     }
-    let (_, norm) = checkpoint_tensor("model.layers.0.linear_attn.norm.weight");
+    let (_, norm) = checkpoint_tensor(NAME, "model.layers.0.linear_attn.norm.weight");
     assert_eq!(gguf("blk.0.ssm_norm.weight").1, norm);
     let (shape, conv) = gguf("blk.0.ssm_conv1d.weight");
     assert_eq!(shape, [128, 4]);
     assert_eq!(
         conv,
-        checkpoint_tensor("model.layers.0.linear_attn.conv1d.weight").1
+        checkpoint_tensor(NAME, "model.layers.0.linear_attn.conv1d.weight").1
     );
     // Per key head 96 rows: q 0..16, k 16..32, v 32..64, z 64..96.
-    let (qkvz_shape, qkvz) = checkpoint_tensor("model.layers.2.linear_attn.in_proj_qkvz.weight");
+    let (qkvz_shape, qkvz) =
+        checkpoint_tensor(NAME, "model.layers.2.linear_attn.in_proj_qkvz.weight");
     assert_eq!(qkvz_shape, [192, 64]);
     let row = |m: &[f32], r: usize| m[r * 64..(r + 1) * 64].to_vec();
     let (qkv_shape, qkv) = gguf("blk.2.attn_qkv.weight");
@@ -508,7 +284,7 @@ fn conversion_writes_llama_cpp_tensors_and_keys() {
     assert_eq!(ba_shape, [8, 64]);
     assert_eq!(
         ba,
-        checkpoint_tensor("model.layers.2.linear_attn.in_proj_ba.weight").1
+        checkpoint_tensor(NAME, "model.layers.2.linear_attn.in_proj_ba.weight").1
     );
 }
 
@@ -518,7 +294,7 @@ fn conversion_writes_llama_cpp_tensors_and_keys() {
 fn an_irregular_layer_pattern_is_a_conversion_error() {
     let dir = tempfile::tempdir().unwrap();
     for file in ["model.safetensors", "tokenizer.json", "config.json"] {
-        std::fs::copy(model_dir().join(file), dir.path().join(file)).unwrap();
+        std::fs::copy(model_dir(NAME).join(file), dir.path().join(file)).unwrap();
     }
     let path = dir.path().join("config.json");
     let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();

@@ -11,10 +11,10 @@ use kiln_models::{LoadOptions, Model};
 
 /// Small configs of each family, with the vocabulary conventions of a real preset.
 fn tiny(family: &str) -> Preset {
-    let real = synth::preset(if family == "llama" {
-        "llama-3.1-8b"
-    } else {
-        "qwen3-8b"
+    let real = synth::preset(match family {
+        "llama" => "llama-3.1-8b",
+        "qwen35" | "qwen35moe" => "qwen3.5-27b",
+        _ => "qwen3-8b",
     })
     .unwrap();
     let config_json = match family {
@@ -52,6 +52,28 @@ fn tiny(family: &str) -> Preset {
             "num_attention_heads": 4, "num_key_value_heads": 2,
             "max_position_embeddings": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000000, "vocab_size": 800}"#
         }
+        // The multimodal layout of Qwen3.5's published configs; the MoE one without
+        // intermediate_size, as theirs.
+        "qwen35" => {
+            r#"{"architectures": ["Qwen3_5ForConditionalGeneration"], "text_config": {
+            "hidden_size": 64, "intermediate_size": 96, "head_dim": 32, "full_attention_interval": 4,
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 32, "linear_value_head_dim": 32,
+            "linear_num_key_heads": 2, "linear_num_value_heads": 6, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+            "rms_norm_eps": 1e-06, "vocab_size": 800, "tie_word_embeddings": true,
+            "rope_parameters": {"rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                "mrope_section": [11, 11, 10]}}}"#
+        }
+        "qwen35moe" => {
+            r#"{"architectures": ["Qwen3_5MoeForConditionalGeneration"], "text_config": {
+            "hidden_size": 64, "head_dim": 32, "full_attention_interval": 4,
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 32, "linear_value_head_dim": 32,
+            "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+            "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, "num_experts": 8,
+            "num_experts_per_tok": 2, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-06,
+            "vocab_size": 800, "rope_parameters": {"rope_theta": 10000000}}}"#
+        }
         _ => {
             r#"{"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 96, "head_dim": 32,
             "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
@@ -79,6 +101,8 @@ fn synthetic_models_load_tokenize_and_run() {
         "qwen2moe",
         "qwen3moe",
         "qwen3next",
+        "qwen35",
+        "qwen35moe",
     ] {
         let preset = tiny(family);
         let out = dir.path().join(format!("{family}.gguf"));

@@ -28,9 +28,9 @@
 use kiln_core::ops::sample::{sample_row, SampleParams};
 use kiln_core::ops::{
     AddRmsNorm, Argmax, Attention, Cast, CausalConv1d, DeltaNetHeads, Elementwise, ElementwiseKind,
-    Embedding, GatedDeltaNet, GatedRmsNorm, Gating, Glu, HeadNormRope, KvAppend, L2Norm, MatMul,
-    MoeCombine, MoeMatMul, MoeRouter, QkNorm, QkvRopeAppend, RmsNorm, Rope, RopeParams, RopeStyle,
-    Sample, Softmax, FLOAT_DTYPES, Q8_COPY, WEIGHT_DTYPES,
+    Embedding, GatedDeltaNet, GatedRmsNorm, Gating, Glu, HeadLayout, HeadNormRope, KvAppend,
+    L2Norm, MatMul, MoeCombine, MoeMatMul, MoeRouter, QkNorm, QkvRopeAppend, RmsNorm, Rope,
+    RopeParams, RopeStyle, Sample, Softmax, FLOAT_DTYPES, Q8_COPY, WEIGHT_DTYPES,
 };
 use kiln_core::{quant, Aliasing, Backend, BufferId, DType, Graph, Op};
 use rand::rngs::StdRng;
@@ -1567,17 +1567,20 @@ fn delta_net_cases(cases: &mut Vec<OpCase>) {
     // 70 tokens: more than one chunk of the chunkwise form. The recurrence's f32
     // rounding grows with the tokens (an NMSE near 2e-13 at 70 against f64); the GPU
     // test holds the device to 1e-9.
-    let heads = DeltaNetHeads {
-        n_k_heads: 2,
-        n_v_heads: 4,
-        d_k: 13,
-        d_v: 11,
-    };
-    for n_tokens in [1, 5, 70] {
-        let h = heads;
+    // Value heads grouped by query/key head (Qwen3-Next's files) and tiled across them
+    // (Qwen3.5's).
+    let layouts = [HeadLayout::Grouped, HeadLayout::Tiled];
+    for (layout, n_tokens) in layouts.into_iter().flat_map(|l| [1, 5, 70].map(|n| (l, n))) {
+        let h = DeltaNetHeads {
+            n_k_heads: 2,
+            n_v_heads: 4,
+            d_k: 13,
+            d_v: 11,
+            layout,
+        };
         let label = format!(
-            "tokens={n_tokens} heads={}/{} d_k={} d_v={}",
-            h.n_k_heads, h.n_v_heads, h.d_k, h.d_v
+            "tokens={n_tokens} heads={}/{} {:?} d_k={} d_v={}",
+            h.n_k_heads, h.n_v_heads, h.layout, h.d_k, h.d_v
         );
         cases.push(OpCase::new(
             "gated_delta_net",
@@ -1714,7 +1717,10 @@ fn gated_delta_net(rng: &mut StdRng, n_tokens: usize, h: DeltaNetHeads) -> Insta
     for t in 0..n_tokens {
         let row = wide(&qkvv[t * width..][..width]);
         for hv in 0..nv {
-            let hk = hv / h.group();
+            let hk = match h.layout {
+                HeadLayout::Grouped => hv / (nv / nk),
+                HeadLayout::Tiled => hv % nk,
+            };
             let q = l2_norm_f64(&row[hk * dk..][..dk], dk, eps.into());
             let q: Vec<f64> = q.iter().map(|v| v / (dk as f64).sqrt()).collect();
             let k = l2_norm_f64(&row[(nk + hk) * dk..][..dk], dk, eps.into());

@@ -90,6 +90,19 @@ impl OpSpec for CausalConv1d {
     }
 }
 
+/// Which query/key head each value head of a [`GatedDeltaNet`] reads, when there are
+/// more value heads than query/key heads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadLayout {
+    /// Value head `h` reads query/key head `h / group`: each query/key head's value
+    /// heads are consecutive (transformers' order; Qwen3-Next's GGUF files).
+    Grouped,
+    /// Value head `h` reads query/key head `h % n_k_heads`: the value heads cycle
+    /// through the query/key heads (Qwen3.5's GGUF files, whose converter reorders the
+    /// checkpoint's grouped value heads so).
+    Tiled,
+}
+
 /// The head counts and sizes of a [`GatedDeltaNet`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeltaNetHeads {
@@ -101,6 +114,8 @@ pub struct DeltaNetHeads {
     pub d_k: usize,
     /// Elements of a value head.
     pub d_v: usize,
+    /// Which query/key head each value head reads.
+    pub layout: HeadLayout,
 }
 
 impl DeltaNetHeads {
@@ -109,10 +124,18 @@ impl DeltaNetHeads {
         2 * self.n_k_heads * self.d_k + self.n_v_heads * self.d_v
     }
 
-    /// Value heads per query/key head: value head `h` reads query and key head
-    /// `h / group()`.
+    /// Value heads per query/key head.
     pub fn group(&self) -> usize {
         self.n_v_heads / self.n_k_heads
+    }
+
+    /// The query/key head value head `h` reads, as [`DeltaNetHeads::layout`] says:
+    /// `h / group()` or `h % n_k_heads`.
+    pub fn key_head(&self, h: usize) -> usize {
+        match self.layout {
+            HeadLayout::Grouped => h / self.group(),
+            HeadLayout::Tiled => h % self.n_k_heads,
+        }
     }
 
     /// Elements of the state: `n_v_heads d_k d_v`.
@@ -154,7 +177,8 @@ impl DeltaNetHeads {
 ///   new sequence).
 /// - `out`: F32 `[n_tokens, n_v_heads, d_v]`.
 ///
-/// For each value head `h` (query/key head `h / group`) and token `t` in order:
+/// For each value head `h` (query/key head [`DeltaNetHeads::key_head`]`(h)`) and token
+/// `t` in order:
 /// `q = l2(q_t) / sqrt(d_k)`, `k = l2(k_t)` with `l2` as [`L2Norm`] defines it with
 /// `eps`; `g = ssm_a[h] * softplus(a[t, h] + dt_bias[h])` with
 /// `softplus(x) = ln(1 + exp(x))` (`x` itself above 20); `beta = sigmoid(b[t, h])`.

@@ -28,7 +28,7 @@ pub use argmax::Argmax;
 pub use attention::Attention;
 pub use cast::Cast;
 pub use delta_net::{
-    CausalConv1d, DeltaNetHeads, GatedDeltaNet, GatedRmsNorm, L2Norm, DELTA_NET_CHUNK,
+    CausalConv1d, DeltaNetHeads, GatedDeltaNet, GatedRmsNorm, HeadLayout, L2Norm, DELTA_NET_CHUNK,
 };
 pub use elementwise::{Elementwise, ElementwiseKind, Glu};
 pub use embedding::Embedding;

@@ -113,9 +113,10 @@ impl DeltaNetInputs<'_> {
             n_v_heads,
             d_k,
             d_v,
+            ..
         } = self.heads;
         let n = self.n_tokens();
-        let kh = h / self.heads.group();
+        let kh = self.heads.key_head(h);
         let width = self.heads.qkv_width();
         let scale = 1.0 / (d_k as f32).sqrt();
         let mut s = HeadSeq {

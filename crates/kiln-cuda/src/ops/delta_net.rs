@@ -3,7 +3,7 @@
 //! (kernels/delta_net.cu). The delta rule runs token by token (the recurrent form)
 //! for a prompt as for one token.
 
-use kiln_core::ops::DeltaNetHeads;
+use kiln_core::ops::{DeltaNetHeads, HeadLayout};
 use kiln_core::{DType, Error, Result};
 
 use super::common::{config, grid_dim, launch, MAX_GRID_X, MAX_GRID_YZ};
@@ -161,6 +161,7 @@ pub fn gated_delta_net(
         n_v_heads,
         d_k,
         d_v,
+        layout,
     } = heads;
     check_nonzero(
         OP,
@@ -216,6 +217,7 @@ pub fn gated_delta_net(
         to_u32(OP, "n_v_heads", n_v_heads)?,
         to_u32(OP, "d_k", d_k)?,
         to_u32(OP, "d_v", d_v)?,
+        u32::from(layout == HeadLayout::Tiled),
     ];
     let spec = delta_spec();
     let k = backend.kernel(&spec)?;
@@ -235,7 +237,8 @@ pub fn gated_delta_net(
     let shared = (2 * d_k * std::mem::size_of::<f32>()) as u32;
     // SAFETY: the arguments match `kiln::gated_delta_net(const float* qkv, const float*
     // a, const float* b, const float* ssm_a, const float* dt_bias, float* state, float*
-    // out, u32 n_tokens, u32 n_k_heads, u32 n_v_heads, u32 d_k, u32 d_v, float eps)`;
+    // out, u32 n_tokens, u32 n_k_heads, u32 n_v_heads, u32 d_k, u32 d_v, u32 tiled, float
+    // eps)`;
     // the buffers hold their elements (checked) and the launch gives the kernel its
     // 2 * d_k floats of shared memory.
     unsafe {

@@ -1,24 +1,32 @@
-//! config.json: the hyperparameters of a llama, qwen2, qwen3, qwen2moe, qwen3moe or
-//! qwen3next checkpoint, and the
-//! architecture metadata llama.cpp's convert_hf_to_gguf.py writes for them.
+//! config.json: the hyperparameters of a llama, qwen2, qwen3, qwen2moe, qwen3moe,
+//! qwen3next, qwen35 or qwen35moe checkpoint, and the architecture metadata llama.cpp's
+//! convert_hf_to_gguf.py writes for them.
 
 use super::json::Object;
 use crate::keys::hparams;
 use crate::{Arch, Metadata};
+use kiln_core::ops::HeadLayout;
 use kiln_core::{Error, Result};
 use serde_json::{Map, Value as Json};
 
-/// The architecture of `architectures[0]`, or of `model_type` where there is no
-/// `architectures` list; an error naming both and the supported classes otherwise.
+/// The architecture of `architectures[0]`, or of `model_type` (a multimodal
+/// checkpoint's `text_config.model_type`) where there is no `architectures` list; an
+/// error naming both and the supported classes otherwise.
 fn detect_arch(config: Object<'_>) -> Result<Arch> {
     let class = match config.opt_array("architectures")? {
         Some(list) => list.first().and_then(Json::as_str),
         None => None,
     };
     let model_type = config.opt_str("model_type")?;
+    let text_model_type = match config.opt_object("text_config")? {
+        Some(text) => Object::new(text, config.source).opt_str("model_type")?,
+        None => None,
+    };
     let found = match class {
         Some(class) => Arch::from_hf_class(class),
-        None => model_type.and_then(Arch::from_hf_model_type),
+        None => model_type
+            .and_then(Arch::from_hf_model_type)
+            .or_else(|| text_model_type.and_then(Arch::from_hf_model_type)),
     };
     found.ok_or_else(|| {
         let supported: Vec<&str> = Arch::ALL.iter().map(|a| a.hf_class()).collect();
@@ -58,13 +66,28 @@ pub enum RopeScaling {
     },
 }
 
-/// The hyperparameters of a checkpoint, from config.json.
+/// config.json's object of the text model's hyperparameters: its `text_config`
+/// where a checkpoint of a multimodal class nests them there
+/// ([`Arch::hf_multimodal_class`]: Qwen3.5's published checkpoints), else config.json
+/// itself.
+pub(crate) fn text_config(map: &Map<String, Json>, arch: Arch) -> &Map<String, Json> {
+    match map.get("text_config") {
+        Some(Json::Object(text)) if arch.hf_multimodal_class().is_some() => text,
+        _ => map,
+    }
+}
+
+/// The hyperparameters of a checkpoint, from config.json (a multimodal checkpoint's
+/// `text_config`: kiln converts the text model only).
 #[derive(Clone, Debug)]
 pub struct HfConfig {
     pub arch: Arch,
     pub n_layers: usize,
     pub hidden: usize,
-    pub n_ff: usize,
+    /// `intermediate_size`, the dense feed-forward's hidden width: required for a
+    /// dense model, absent from some mixtures of experts (Qwen3.5-MoE), for which
+    /// llama.cpp then writes no `feed_forward_length`.
+    pub n_ff: Option<usize>,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     /// The width of one attention head: `head_dim`, else `hidden / n_heads`.
@@ -83,16 +106,22 @@ pub struct HfConfig {
     pub attention_bias: bool,
     /// Biases on the feed-forward projections (llama's `mlp_bias`).
     pub mlp_bias: bool,
-    /// The mixture of experts of every layer (qwen2moe, qwen3moe, qwen3next).
+    /// The mixture of experts of every layer (qwen2moe, qwen3moe, qwen3next,
+    /// qwen35moe).
     pub moe: Option<HfMoe>,
-    /// The linear-attention layers of a hybrid model (qwen3next).
+    /// The linear-attention layers of a hybrid model (qwen3next, qwen35, qwen35moe).
     pub linear: Option<HfLinearAttention>,
-    /// `partial_rotary_factor` (qwen3next; in `rope_parameters` for transformers 5):
-    /// the fraction of each head RoPE rotates, where the checkpoint gives one.
+    /// `partial_rotary_factor` (the hybrid models; in `rope_parameters` for
+    /// transformers 5): the fraction of each head RoPE rotates.
     pub partial_rotary_factor: Option<f64>,
+    /// Qwen3.5's multi-section rotary embedding: `rope_parameters.mrope_section`
+    /// (temporal, height and width pairs; `[11, 11, 10]` where absent, as transformers
+    /// and llama.cpp's converter take it), padded with a 0 to llama.cpp's four
+    /// sections.
+    pub rope_sections: Option<[i32; 4]>,
 }
 
-/// The Gated DeltaNet linear attention of a hybrid checkpoint (Qwen3-Next).
+/// The Gated DeltaNet linear attention of a hybrid checkpoint (Qwen3-Next, Qwen3.5).
 #[derive(Clone, Debug, PartialEq)]
 pub struct HfLinearAttention {
     /// `linear_conv_kernel_dim`: taps of the causal convolution.
@@ -109,10 +138,13 @@ pub struct HfLinearAttention {
     /// with `(i + 1) % interval == 0`): `full_attention_interval`, or the period of
     /// `layer_types` (transformers 5), else 4.
     pub full_attention_interval: usize,
+    /// How GGUF orders the value heads ([`Arch::value_head_layout`]); the checkpoint
+    /// groups them by query/key head.
+    pub layout: HeadLayout,
 }
 
 impl HfLinearAttention {
-    fn parse(c: Object<'_>, n_layers: usize) -> Result<HfLinearAttention> {
+    fn parse(c: Object<'_>, n_layers: usize, arch: Arch) -> Result<HfLinearAttention> {
         let interval = match c.opt_usize("full_attention_interval")? {
             Some(n) => n,
             None => match c.opt_array("layer_types")? {
@@ -139,8 +171,9 @@ impl HfLinearAttention {
             if !periodic {
                 return Err(Error::Unsupported(format!(
                     "{}: layer_types is not one full-attention layer in every {interval} \
-                     (the pattern llama.cpp's qwen3next files describe)",
-                    c.source
+                     (the pattern llama.cpp's {} files describe)",
+                    c.source,
+                    arch.name()
                 )));
             }
         }
@@ -151,6 +184,7 @@ impl HfLinearAttention {
             d_k: c.usize("linear_key_head_dim")?,
             d_v: c.usize("linear_value_head_dim")?,
             full_attention_interval: interval,
+            layout: arch.value_head_layout(),
         };
         let sizes = [
             ("linear_conv_kernel_dim", linear.conv_kernel),
@@ -199,6 +233,28 @@ impl HfLinearAttention {
     /// Channels of the causal convolution: the fused q, k, v row.
     pub fn conv_dim(&self) -> usize {
         2 * self.key_dim() + self.value_dim()
+    }
+
+    /// For each value head in GGUF's order, its index among the checkpoint's value
+    /// heads (grouped by query/key head: head `g r + j` is query/key head `g`'s `j`-th
+    /// of `r`). Tiled, GGUF's head `j n_k_heads + g` is the checkpoint's `g r + j`.
+    pub fn value_heads(&self) -> Vec<usize> {
+        let (n_k, r) = (self.n_k_heads, self.n_v_heads / self.n_k_heads);
+        match self.layout {
+            HeadLayout::Grouped => (0..self.n_v_heads).collect(),
+            HeadLayout::Tiled => (0..r)
+                .flat_map(|j| (0..n_k).map(move |g| g * r + j))
+                .collect(),
+        }
+    }
+
+    /// The indices of GGUF's value-head elements in the checkpoint's value elements,
+    /// `len` per head ([`HfLinearAttention::value_heads`]).
+    pub fn value_elements(&self, len: usize) -> Vec<usize> {
+        self.value_heads()
+            .into_iter()
+            .flat_map(|h| h * len..(h + 1) * len)
+            .collect()
     }
 
     fn write_metadata(&self, md: &mut Metadata, arch: Arch) {
@@ -255,9 +311,10 @@ impl HfMoe {
             } else {
                 None
             },
-            norm_topk_prob: c
-                .opt_bool("norm_topk_prob")?
-                .unwrap_or(arch.default_expert_weights_norm()),
+            // Qwen3.5-MoE's router renormalises whatever config.json says.
+            norm_topk_prob: arch == Arch::Qwen35Moe
+                || c.opt_bool("norm_topk_prob")?
+                    .unwrap_or(arch.default_expert_weights_norm()),
         };
         let sizes = [
             ("num_experts", moe.n_expert),
@@ -308,8 +365,15 @@ impl HfMoe {
 impl HfConfig {
     /// Parses config.json's object; `source` names it in errors.
     pub fn parse(map: &Map<String, Json>, source: &str) -> Result<HfConfig> {
-        let c = Object::new(map, source);
-        let arch = detect_arch(c)?;
+        let top = Object::new(map, source);
+        let arch = detect_arch(top)?;
+        let text_map = text_config(map, arch);
+        let text_source = format!("{source} text_config");
+        let c = if std::ptr::eq(text_map, map) {
+            top
+        } else {
+            Object::new(text_map, &text_source)
+        };
         if let Some(act) = c.opt_str("hidden_act")? {
             if act != "silu" {
                 return Err(Error::Unsupported(format!(
@@ -325,7 +389,11 @@ impl HfConfig {
             arch,
             n_layers,
             hidden,
-            n_ff: c.usize("intermediate_size")?,
+            n_ff: if arch.is_moe() {
+                c.opt_usize("intermediate_size")?
+            } else {
+                Some(c.usize("intermediate_size")?)
+            },
             n_heads,
             n_kv_heads: c.opt_usize("num_key_value_heads")?.unwrap_or(n_heads),
             head_dim: explicit_head_dim.unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
@@ -335,7 +403,10 @@ impl HfConfig {
             rms_eps: c.f64("rms_norm_eps")?,
             rope_theta: rope_theta(c)?,
             rope_scaling: rope_scaling(c)?,
-            tied_embeddings: c.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            tied_embeddings: match c.opt_bool("tie_word_embeddings")? {
+                Some(tied) => tied,
+                None => top.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            },
             attention_bias: arch.has_qkv_bias() || c.opt_bool("attention_bias")?.unwrap_or(false),
             mlp_bias: arch == Arch::Llama && c.opt_bool("mlp_bias")?.unwrap_or(false),
             moe: if arch.is_moe() {
@@ -344,11 +415,12 @@ impl HfConfig {
                 None
             },
             linear: if arch.is_hybrid() {
-                Some(HfLinearAttention::parse(c, n_layers)?)
+                Some(HfLinearAttention::parse(c, n_layers, arch)?)
             } else {
                 None
             },
             partial_rotary_factor: partial_rotary_factor(c, arch)?,
+            rope_sections: rope_sections(c, arch)?,
         };
         config.check(c)?;
         Ok(config)
@@ -358,7 +430,7 @@ impl HfConfig {
         let sizes = [
             ("num_hidden_layers", self.n_layers),
             ("hidden_size", self.hidden),
-            ("intermediate_size", self.n_ff),
+            ("intermediate_size", self.n_ff.unwrap_or(1)),
             ("num_attention_heads", self.n_heads),
             ("num_key_value_heads", self.n_kv_heads),
             ("vocab_size", self.vocab_size),
@@ -423,7 +495,9 @@ impl HfConfig {
         md.set(key(hparams::BLOCK_COUNT), u32_of(self.n_layers));
         md.set(key(hparams::CONTEXT_LENGTH), u32_of(self.context_length));
         md.set(key(hparams::EMBEDDING_LENGTH), u32_of(self.hidden));
-        md.set(key(hparams::FEED_FORWARD_LENGTH), u32_of(self.n_ff));
+        if let Some(n_ff) = self.n_ff {
+            md.set(key(hparams::FEED_FORWARD_LENGTH), u32_of(n_ff));
+        }
         md.set(key(hparams::HEAD_COUNT), u32_of(self.n_heads));
         md.set(key(hparams::HEAD_COUNT_KV), u32_of(self.n_kv_heads));
         self.write_rope_scaling(md, &key);
@@ -445,11 +519,14 @@ impl HfConfig {
             md.set(key(hparams::VOCAB_SIZE), u32_of(self.vocab_size));
             md.set(key(hparams::ROPE_DIMENSION_COUNT), u32_of(self.head_dim));
         }
-        if self.arch == Arch::Qwen3Next {
+        if self.arch.is_hybrid() {
             md.set(
                 key(hparams::ROPE_DIMENSION_COUNT),
                 u32_of(self.rotary_dim()),
             );
+        }
+        if let Some(sections) = self.rope_sections {
+            md.set(key(hparams::ROPE_DIMENSION_SECTIONS), sections.to_vec());
         }
     }
 
@@ -509,11 +586,12 @@ fn rope_theta(c: Object<'_>) -> Result<Option<f64>> {
     }
 }
 
-/// Qwen3-Next's `partial_rotary_factor`, at the top level or in the rope parameters
-/// object, 0.25 where neither gives one (as transformers and llama.cpp's converter
-/// take it); `None` for the other architectures, which rotate whole heads.
+/// A hybrid model's `partial_rotary_factor` (Qwen3-Next, Qwen3.5), at the top level or
+/// in the rope parameters object, 0.25 where neither gives one (as transformers and
+/// llama.cpp's converter take it); `None` for the other architectures, which rotate
+/// whole heads.
 fn partial_rotary_factor(c: Object<'_>, arch: Arch) -> Result<Option<f64>> {
-    if arch != Arch::Qwen3Next {
+    if !arch.is_hybrid() {
         return Ok(None);
     }
     let key = "partial_rotary_factor";
@@ -529,6 +607,36 @@ fn partial_rotary_factor(c: Object<'_>, arch: Arch) -> Result<Option<f64>> {
         return Err(c.error(key, format!("{f} is not in (0, 1]")));
     }
     Ok(Some(f))
+}
+
+/// Qwen3.5's `mrope_section` from the rope parameters object (`[11, 11, 10]` where
+/// absent), as llama.cpp's four sections; `None` for the other architectures.
+fn rope_sections(c: Object<'_>, arch: Arch) -> Result<Option<[i32; 4]>> {
+    if !matches!(arch, Arch::Qwen35 | Arch::Qwen35Moe) {
+        return Ok(None);
+    }
+    let key = "mrope_section";
+    let given = match rope_object(c)? {
+        Some((rope, _)) => rope.opt_array(key)?.map(|list| (rope, list)),
+        None => None,
+    };
+    let Some((rope, list)) = given else {
+        return Ok(Some([11, 11, 10, 0]));
+    };
+    let sections: Option<Vec<i32>> = list
+        .iter()
+        .map(|v| v.as_u64().and_then(|n| i32::try_from(n).ok()))
+        .collect();
+    match sections.as_deref() {
+        Some(&[t, h, w]) => Ok(Some([t, h, w, 0])),
+        _ => Err(rope.error(
+            key,
+            format!(
+                "expected three section sizes, found {}",
+                super::json::describe(&Json::Array(list.clone()))
+            ),
+        )),
+    }
 }
 
 fn rope_scaling(c: Object<'_>) -> Result<RopeScaling> {

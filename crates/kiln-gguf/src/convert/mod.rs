@@ -1,6 +1,7 @@
 //! Conversion of Hugging Face checkpoints of the llama, qwen2 and qwen3 families (their
-//! mixtures of experts and Qwen3-Next included) to GGUF, with the metadata, tensor names and tokenizer section that llama.cpp's
-//! `convert_hf_to_gguf.py` writes, so other GGUF engines run the result too.
+//! mixtures of experts, Qwen3-Next and Qwen3.5 included) to GGUF, with the metadata,
+//! tensor names and tokenizer section that llama.cpp's `convert_hf_to_gguf.py` writes,
+//! so other GGUF engines run the result too.
 //!
 //! A checkpoint directory holds `config.json`, `model.safetensors` (or
 //! `model.safetensors.index.json` and its shards) in f32, f16 or bf16, and a
@@ -15,11 +16,15 @@
 //!   Face's rotate-half RoPE layout to GGML's interleaved layout, exactly as
 //!   llama.cpp's `LlamaModel.permute` does ([`permute_rope_rows`]); qwen2 and qwen3
 //!   use NeoX RoPE in GGML and are copied unpermuted.
-//! - Qwen3-Next's tensors change as llama.cpp's `Qwen3NextModel` changes them
-//!   (`Transform`): zero-centred norm weights are stored plus one (not the
-//!   linear attention's gated norm), `A_log` as `ssm_a = -exp(A_log)`, the
-//!   convolution without its middle axis, and `in_proj_qkvz` (per key head its q, k,
-//!   v, z rows) as `attn_qkv` (every head's q, then k, then v) and `attn_gate` (z).
+//! - Qwen3-Next's and Qwen3.5's tensors change as llama.cpp's `Qwen3NextModel` and
+//!   `Qwen3_5TextModel` change them (`Transform`): zero-centred norm weights are stored
+//!   plus one (not the linear attention's gated norm), `A_log` as
+//!   `ssm_a = -exp(A_log)`, the convolution without its middle axis; Qwen3-Next's
+//!   `in_proj_qkvz` (per key head its q, k, v, z rows) as `attn_qkv` (every head's q,
+//!   then k, then v) and `attn_gate` (z); Qwen3.5's value heads (rows of `in_proj_qkv`,
+//!   `in_proj_z`, `in_proj_b`, `in_proj_a` and the convolution, elements of `A_log` and
+//!   `dt_bias`, columns of `out_proj`) from grouped by key head to tiled across the
+//!   key heads. A multimodal Qwen3.5 checkpoint converts to its text model.
 //! - Llama 3.1's rope scaling becomes a `rope_freqs.weight` tensor as llama.cpp
 //!   computes it; linear and YaRN scaling become `{arch}.rope.scaling.*` keys.
 //! - The tokenizer becomes `tokenizer.ggml.*` keys with model `gpt2`
@@ -115,7 +120,11 @@ impl HfCheckpoint {
         let config = HfConfig::parse(&raw_config, &config_path.display().to_string())?;
         let weights = Weights::open(dir)?;
         let tensors = tensors::plan(&config, &weights)?;
-        let vocab = Vocab::load(dir, &raw_config, config.vocab_size)?;
+        let vocab = Vocab::load(
+            dir,
+            config::text_config(&raw_config, config.arch),
+            config.vocab_size,
+        )?;
         let name = dir
             .canonicalize()
             .ok()
@@ -277,45 +286,77 @@ impl HfCheckpoint {
         })
     }
 
-    /// The values of checkpoint tensor `name` with `transform` applied, in the
-    /// checkpoint's dtype (as llama.cpp's converter computes them in the tensor's
+    /// The values of checkpoint tensor `name` with `transforms` applied in order, in
+    /// the checkpoint's dtype (as llama.cpp's converter computes them in the tensor's
     /// torch dtype), for the output tensor `tensor`.
     fn transformed_bytes(
         &self,
         tensor: &PlannedTensor,
         name: &str,
-        transform: &Transform,
+        transforms: &[Transform],
     ) -> Result<Vec<u8>> {
-        let src = self.parts_bytes(std::slice::from_ref(&name.to_string()))[0];
+        let mut bytes = self.parts_bytes(std::slice::from_ref(&name.to_string()))[0].to_vec();
         let dtype = self.source_dtype(tensor)?;
-        let map = |f: fn(f32) -> f32| -> Result<Vec<u8>> {
-            let n = src.len() / dtype.bytes_for(1)?;
-            let mut values = vec![0f32; n];
-            kiln_core::quant::dequantize(dtype, src, &mut values)?;
-            values.iter_mut().for_each(|v| *v = f(*v));
-            let mut out = vec![0u8; src.len()];
-            kiln_core::quant::quantize(dtype, &values, &mut out)?;
-            Ok(out)
-        };
-        match transform {
-            Transform::AddOne => map(|v| 1.0 + v),
-            Transform::NegExp => map(|v| -v.exp()),
-            Transform::Rows(rows) => {
-                let cols = tensor.shape.last().copied().unwrap_or(1);
-                let row_bytes = dtype.bytes_for(cols)?;
-                let mut out = Vec::with_capacity(rows.len() * row_bytes);
-                for &r in rows {
-                    let row = src.get(r * row_bytes..(r + 1) * row_bytes).ok_or_else(|| {
-                        Error::format(
-                            format!("tensor {name:?}"),
-                            format!("row {r} is outside its {} bytes", src.len()),
-                        )
-                    })?;
-                    out.extend_from_slice(row);
-                }
+        let elements: usize = tensor.shape.iter().product();
+        let bad = |msg: String| Error::format(format!("tensor {name:?}"), msg);
+        for transform in transforms {
+            let map = |src: &[u8], f: fn(f32) -> f32| -> Result<Vec<u8>> {
+                let n = src.len() / dtype.bytes_for(1)?;
+                let mut values = vec![0f32; n];
+                kiln_core::quant::dequantize(dtype, src, &mut values)?;
+                values.iter_mut().for_each(|v| *v = f(*v));
+                let mut out = vec![0u8; src.len()];
+                kiln_core::quant::quantize(dtype, &values, &mut out)?;
                 Ok(out)
-            }
+            };
+            bytes = match transform {
+                Transform::AddOne => map(&bytes, |v| 1.0 + v)?,
+                Transform::NegExp => map(&bytes, |v| -v.exp())?,
+                Transform::Rows(rows) => {
+                    if rows.is_empty() || elements % rows.len() != 0 {
+                        return Err(bad(format!(
+                            "{elements} elements are not {} rows",
+                            rows.len()
+                        )));
+                    }
+                    let row_bytes = dtype.bytes_for(elements / rows.len())?;
+                    let mut out = Vec::with_capacity(rows.len() * row_bytes);
+                    for &r in rows {
+                        let row =
+                            bytes
+                                .get(r * row_bytes..(r + 1) * row_bytes)
+                                .ok_or_else(|| {
+                                    bad(format!("row {r} is outside its {} bytes", bytes.len()))
+                                })?;
+                        out.extend_from_slice(row);
+                    }
+                    out
+                }
+                Transform::Columns(cols) => {
+                    let element = dtype.bytes_for(1)?;
+                    let row_bytes = cols.len() * element;
+                    if cols.is_empty() || bytes.len() % row_bytes != 0 {
+                        return Err(bad(format!(
+                            "{} bytes are not rows of {} columns",
+                            bytes.len(),
+                            cols.len()
+                        )));
+                    }
+                    let mut out = Vec::with_capacity(bytes.len());
+                    for row in bytes.chunks_exact(row_bytes) {
+                        for &c in cols {
+                            let value =
+                                row.get(c * element..(c + 1) * element).ok_or_else(|| {
+                                    bad(format!("column {c} is outside its {} columns", cols.len()))
+                                })?;
+                            out.extend_from_slice(value);
+                        }
+                    }
+                    out
+                }
+            };
         }
+        Ok(bytes)
     }
 
     /// The source bytes of `tensor` (f32 little-endian for generated tensors; none for

@@ -3,8 +3,15 @@
 //! the experts' tensors stacked into one per projection, and the generated
 //! `rope_freqs.weight` (each tensor's output type is
 //! [`crate::quantize::TypePolicy`]'s).
+//!
+//! A checkpoint holds the text model under `model.`, or under
+//! `model.language_model.` where it is a multimodal one (Qwen3.5's published
+//! checkpoints, whose vision tower `model.visual.*` kiln does not convert); a mixture
+//! of experts holds one tensor per expert and projection, or (Qwen3.5-MoE's published
+//! checkpoints) each layer's experts stacked in `mlp.experts.gate_up_proj` and
+//! `mlp.experts.down_proj` ([`Layout`]).
 
-use super::config::{HfConfig, RopeScaling};
+use super::config::{HfConfig, HfMoe, RopeScaling};
 use super::weights::Weights;
 use crate::Arch;
 use kiln_core::{Error, Result};
@@ -19,23 +26,32 @@ pub enum Source {
     Stacked(Vec<String>),
     /// Values computed by the converter, as little-endian f32 bytes.
     Generated(Vec<u8>),
-    /// The checkpoint tensor of this name, transformed as llama.cpp's converter does.
-    Transformed(String, Transform),
+    /// The checkpoint tensor of this name, transformed as llama.cpp's converter does
+    /// (the transforms applied in order).
+    Transformed(String, Vec<Transform>),
 }
 
 /// A change llama.cpp's converter makes to a checkpoint tensor's values.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Transform {
     /// `1 + x`, rounded to the checkpoint's dtype: a zero-centred RMSNorm weight (the
-    /// model multiplies by `1 + w`) as the multiplier itself (Qwen3-Next).
+    /// model multiplies by `1 + w`) as the multiplier itself (Qwen3-Next, Qwen3.5).
     AddOne,
     /// `-exp(x)`, rounded to the checkpoint's dtype: a linear-attention layer's
-    /// `A_log` as its decay rate `ssm_a` (Qwen3-Next).
+    /// `A_log` as its decay rate `ssm_a` (Qwen3-Next, Qwen3.5).
     NegExp,
-    /// These rows of the checkpoint's `[rows, cols]` tensor, in this order, bytes
-    /// unchanged: Qwen3-Next's `in_proj_qkvz`, whose rows come per key head
-    /// (`q, k, v, z` of each), as the fused `q, k, v` of all heads or the `z` of all.
+    /// The output's rows (`rows.len()` equal parts of it) are these rows of the tensor
+    /// (its elements in parts of the same length), in this order, bytes unchanged:
+    /// Qwen3-Next's `in_proj_qkvz`, whose rows come per key head (`q, k, v, z` of
+    /// each), as the fused `q, k, v` of all heads or the `z` of all; Qwen3.5's
+    /// value heads, grouped by key head in the checkpoint, tiled
+    /// ([`super::config::HfLinearAttention::value_heads`]); each expert's gate or up
+    /// rows of a stacked `gate_up_proj`.
     Rows(Vec<usize>),
+    /// Each row's elements (`cols.len()` of them) are these elements of the tensor's
+    /// row, in this order, bytes unchanged: Qwen3.5's `out_proj`, whose columns are
+    /// its value heads, tiled.
+    Columns(Vec<usize>),
 }
 
 /// One tensor of the output file.
@@ -61,7 +77,8 @@ struct Expected {
     required: bool,
     /// The checkpoint tensor's shape where it is not the output's (nor stacked).
     hf_shape: Option<Vec<usize>>,
-    transform: Option<Transform>,
+    /// What llama.cpp's converter does to the one checkpoint tensor's values, in order.
+    transform: Vec<Transform>,
 }
 
 impl Expected {
@@ -81,10 +98,57 @@ impl Expected {
     }
 }
 
-/// Checkpoint tensors that carry nothing a GGUF file needs (RoPE tables that older
-/// checkpoints saved).
-fn is_ignored(hf_name: &str) -> bool {
+/// Where a checkpoint's tensors are, as their names show ([`Layout::of`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Layout {
+    /// The text model's prefix: `model.`, or `model.language_model.` in a multimodal
+    /// checkpoint (whose `lm_head.weight` is at the top).
+    prefix: &'static str,
+    /// Whether each layer's experts are stacked: `mlp.experts.gate_up_proj`
+    /// (`[n_expert, 2 n_ff_exp, hidden]`, each expert's gate rows then its up rows) and
+    /// `mlp.experts.down_proj` (`[n_expert, hidden, n_ff_exp]`), rather than
+    /// `mlp.experts.{e}.{gate,up,down}_proj.weight`.
+    stacked_experts: bool,
+}
+
+impl Layout {
+    /// A text model's checkpoint with a tensor per expert, as transformers saves one.
+    pub(crate) const PLAIN: Layout = Layout {
+        prefix: "model.",
+        stacked_experts: false,
+    };
+
+    /// The layout of the checkpoint `weights`: multimodal where it has
+    /// `model.language_model.embed_tokens.weight`, with stacked experts where its first
+    /// layer has `mlp.experts.gate_up_proj`.
+    pub(crate) fn of(weights: &Weights) -> Layout {
+        let multimodal = "model.language_model.";
+        let prefix = if weights
+            .get(&format!("{multimodal}embed_tokens.weight"))
+            .is_some()
+        {
+            multimodal
+        } else {
+            Layout::PLAIN.prefix
+        };
+        let stacked_experts = weights
+            .get(&format!("{prefix}layers.0.mlp.experts.gate_up_proj"))
+            .is_some();
+        Layout {
+            prefix,
+            stacked_experts,
+        }
+    }
+}
+
+/// Checkpoint tensors that carry nothing the GGUF file of `arch`'s text model needs:
+/// RoPE tables that older checkpoints saved, a hybrid model's multi-token-prediction
+/// layer `mtp.*` (which kiln does not run) and a multimodal checkpoint's vision tower
+/// `model.visual.*`.
+fn is_ignored(arch: Arch, hf_name: &str) -> bool {
     hf_name.ends_with(".rotary_emb.inv_freq")
+        || arch.is_hybrid() && hf_name.starts_with("mtp.")
+        || arch.hf_multimodal_class().is_some() && hf_name.starts_with("model.visual.")
 }
 
 /// The output tensors, in write order: `token_embd`, `rope_freqs` (Llama 3 rope
@@ -94,7 +158,7 @@ fn is_ignored(hf_name: &str) -> bool {
 /// config.json implies, or the checkpoint holds a tensor the architecture does not
 /// have.
 pub fn plan(config: &HfConfig, weights: &Weights) -> Result<Vec<PlannedTensor>> {
-    let expected = expected_tensors(config);
+    let expected = expected_tensors(config, Layout::of(weights));
     let mut planned = Vec::with_capacity(expected.len() + 1);
     for e in &expected {
         if !e.required && weights.get(&e.hf[0]).is_none() {
@@ -132,10 +196,10 @@ pub fn plan(config: &HfConfig, weights: &Weights) -> Result<Vec<PlannedTensor>> 
                 ),
             ));
         }
-        let source = match (e.hf.as_slice(), &e.transform) {
-            ([one], Some(t)) => Source::Transformed(one.clone(), t.clone()),
-            ([one], None) => Source::Checkpoint(one.clone()),
-            (parts, _) => Source::Stacked(parts.to_vec()),
+        let source = match e.hf.as_slice() {
+            [one] if e.transform.is_empty() => Source::Checkpoint(one.clone()),
+            [one] => Source::Transformed(one.clone(), e.transform.clone()),
+            parts => Source::Stacked(parts.to_vec()),
         };
         planned.push(PlannedTensor {
             name: e.gguf.clone(),
@@ -151,7 +215,9 @@ pub fn plan(config: &HfConfig, weights: &Weights) -> Result<Vec<PlannedTensor>> 
     }
     let mut unexpected: Vec<&str> = weights
         .names()
-        .filter(|n| !is_ignored(n) && !expected.iter().any(|e| e.hf.iter().any(|h| h == n)))
+        .filter(|n| {
+            !is_ignored(config.arch, n) && !expected.iter().any(|e| e.hf.iter().any(|h| h == n))
+        })
         .collect();
     unexpected.sort_unstable();
     if let Some(first) = unexpected.first() {
@@ -176,7 +242,10 @@ pub(crate) struct ModelTensor {
 /// them from a complete checkpoint (`rope_freqs.weight` after `token_embd.weight`).
 pub(crate) fn model_tensors(config: &HfConfig) -> Result<Vec<ModelTensor>> {
     let mut list = Vec::new();
-    for e in expected_tensors(config).into_iter().filter(|e| e.required) {
+    for e in expected_tensors(config, Layout::PLAIN)
+        .into_iter()
+        .filter(|e| e.required)
+    {
         let is_embedding = e.gguf == "token_embd.weight";
         list.push(ModelTensor {
             name: e.gguf,
@@ -199,8 +268,9 @@ pub(crate) fn model_tensors(config: &HfConfig) -> Result<Vec<ModelTensor>> {
     Ok(list)
 }
 
-/// The tensors a checkpoint of `c` holds, in llama.cpp's write order.
-fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
+/// The tensors a checkpoint of `c` laid out as `layout` holds, in llama.cpp's write
+/// order.
+fn expected_tensors(c: &HfConfig, layout: Layout) -> Vec<Expected> {
     let (h, q_dim, kv_dim) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
     let permute = c.arch == Arch::Llama;
     let mut list = Vec::new();
@@ -217,12 +287,13 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
             permute,
             required,
             hf_shape: None,
-            transform: None,
+            transform: Vec::new(),
         })
     };
+    let prefix = layout.prefix;
     add(
         &mut list,
-        vec!["model.embed_tokens.weight".into()],
+        vec![format!("{prefix}embed_tokens.weight")],
         "token_embd.weight".into(),
         vec![c.vocab_size, h],
         false,
@@ -230,28 +301,29 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
     );
     let o_bias = c.attention_bias && !c.arch.has_qkv_bias();
     for i in 0..c.n_layers {
-        let hf = |s: &str| format!("model.layers.{i}.{s}");
+        let hf = |s: &str| format!("{prefix}layers.{i}.{s}");
         let gg = |s: &str| format!("blk.{i}.{s}");
-        if c.arch == Arch::Qwen3Next {
+        if c.arch.is_hybrid() {
             // Its own norms, projections and (in linear-attention layers)
-            // transforms; the mixture of experts below is qwen2moe's.
-            next_attention(c, i, &mut list);
+            // transforms; the feed-forward below is llama's or qwen2moe's.
+            hybrid_mixer(c, i, prefix, &mut list);
         }
         // A weight (`[rows, ..]`) and its optional bias (`[rows]`); with `experts`,
         // the tensors of experts `0..experts` (`{e}` in `hf_name`) stacked.
-        let mut layer = |hf_name: &str,
-                         gguf_name: &str,
-                         shape: Vec<usize>,
-                         permute: bool,
-                         bias: bool,
-                         experts: Option<usize>| {
+        let layer = |list: &mut Vec<Expected>,
+                     hf_name: &str,
+                     gguf_name: &str,
+                     shape: Vec<usize>,
+                     permute: bool,
+                     bias: bool,
+                     experts: Option<usize>| {
             let weight = |e: usize| hf(&format!("{hf_name}.weight").replace("{e}", &e.to_string()));
             let (names, stacked_shape) = match experts {
                 Some(n) => ((0..n).map(weight).collect(), [&[n][..], &shape].concat()),
                 None => (vec![weight(0)], shape.clone()),
             };
             add(
-                &mut list,
+                list,
                 names,
                 gg(&format!("{gguf_name}.weight")),
                 stacked_shape,
@@ -260,7 +332,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
             );
             if bias {
                 add(
-                    &mut list,
+                    list,
                     vec![hf(&format!("{hf_name}.bias"))],
                     gg(&format!("{gguf_name}.bias")),
                     vec![shape[0]],
@@ -269,10 +341,19 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
                 );
             }
         };
-        if c.arch != Arch::Qwen3Next {
-            layer("input_layernorm", "attn_norm", vec![h], false, false, None);
+        if !c.arch.is_hybrid() {
+            layer(
+                &mut list,
+                "input_layernorm",
+                "attn_norm",
+                vec![h],
+                false,
+                false,
+                None,
+            );
             let bias = c.attention_bias;
             layer(
+                &mut list,
                 "self_attn.q_proj",
                 "attn_q",
                 vec![q_dim, h],
@@ -281,6 +362,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
                 None,
             );
             layer(
+                &mut list,
                 "self_attn.k_proj",
                 "attn_k",
                 vec![kv_dim, h],
@@ -289,6 +371,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
                 None,
             );
             layer(
+                &mut list,
                 "self_attn.v_proj",
                 "attn_v",
                 vec![kv_dim, h],
@@ -297,6 +380,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
                 None,
             );
             layer(
+                &mut list,
                 "self_attn.o_proj",
                 "attn_output",
                 vec![h, q_dim],
@@ -307,6 +391,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
             if c.arch.has_qk_norm() {
                 let hd = c.head_dim;
                 layer(
+                    &mut list,
                     "self_attn.q_norm",
                     "attn_q_norm",
                     vec![hd],
@@ -315,6 +400,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
                     None,
                 );
                 layer(
+                    &mut list,
                     "self_attn.k_norm",
                     "attn_k_norm",
                     vec![hd],
@@ -324,6 +410,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
                 );
             }
             layer(
+                &mut list,
                 "post_attention_layernorm",
                 "ffn_norm",
                 vec![h],
@@ -333,14 +420,42 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
             );
         }
         let Some(moe) = &c.moe else {
-            let (ff, b) = (c.n_ff, c.mlp_bias);
-            layer("mlp.gate_proj", "ffn_gate", vec![ff, h], false, b, None);
-            layer("mlp.up_proj", "ffn_up", vec![ff, h], false, b, None);
-            layer("mlp.down_proj", "ffn_down", vec![h, ff], false, b, None);
+            // A dense model's config has intermediate_size (HfConfig::parse).
+            if let Some(ff) = c.n_ff {
+                let b = c.mlp_bias;
+                layer(
+                    &mut list,
+                    "mlp.gate_proj",
+                    "ffn_gate",
+                    vec![ff, h],
+                    false,
+                    b,
+                    None,
+                );
+                layer(
+                    &mut list,
+                    "mlp.up_proj",
+                    "ffn_up",
+                    vec![ff, h],
+                    false,
+                    b,
+                    None,
+                );
+                layer(
+                    &mut list,
+                    "mlp.down_proj",
+                    "ffn_down",
+                    vec![h, ff],
+                    false,
+                    b,
+                    None,
+                );
+            }
             continue;
         };
         let (n, ff) = (Some(moe.n_expert), moe.n_ff_exp);
         layer(
+            &mut list,
             "mlp.gate",
             "ffn_gate_inp",
             vec![moe.n_expert, h],
@@ -348,33 +463,41 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
             false,
             None,
         );
-        layer(
-            "mlp.experts.{e}.gate_proj",
-            "ffn_gate_exps",
-            vec![ff, h],
-            false,
-            false,
-            n,
-        );
-        layer(
-            "mlp.experts.{e}.down_proj",
-            "ffn_down_exps",
-            vec![h, ff],
-            false,
-            false,
-            n,
-        );
-        layer(
-            "mlp.experts.{e}.up_proj",
-            "ffn_up_exps",
-            vec![ff, h],
-            false,
-            false,
-            n,
-        );
+        if layout.stacked_experts {
+            stacked_experts(moe, h, &hf, &gg, &mut list);
+        } else {
+            layer(
+                &mut list,
+                "mlp.experts.{e}.gate_proj",
+                "ffn_gate_exps",
+                vec![ff, h],
+                false,
+                false,
+                n,
+            );
+            layer(
+                &mut list,
+                "mlp.experts.{e}.down_proj",
+                "ffn_down_exps",
+                vec![h, ff],
+                false,
+                false,
+                n,
+            );
+            layer(
+                &mut list,
+                "mlp.experts.{e}.up_proj",
+                "ffn_up_exps",
+                vec![ff, h],
+                false,
+                false,
+                n,
+            );
+        }
         if let Some(ff) = moe.n_ff_shexp {
             // A `[1, hidden]` linear layer, a `[hidden]` vector in llama.cpp's files.
             layer(
+                &mut list,
                 "mlp.shared_expert_gate",
                 "ffn_gate_inp_shexp",
                 vec![h],
@@ -383,6 +506,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
                 None,
             );
             layer(
+                &mut list,
                 "mlp.shared_expert.gate_proj",
                 "ffn_gate_shexp",
                 vec![ff, h],
@@ -391,6 +515,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
                 None,
             );
             layer(
+                &mut list,
                 "mlp.shared_expert.up_proj",
                 "ffn_up_shexp",
                 vec![ff, h],
@@ -399,6 +524,7 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
                 None,
             );
             layer(
+                &mut list,
                 "mlp.shared_expert.down_proj",
                 "ffn_down_shexp",
                 vec![h, ff],
@@ -410,15 +536,15 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
     }
     add(
         &mut list,
-        vec!["model.norm.weight".into()],
+        vec![format!("{prefix}norm.weight")],
         "output_norm.weight".into(),
         vec![h],
         false,
         true,
     );
-    if c.arch == Arch::Qwen3Next {
+    if c.arch.is_hybrid() {
         if let Some(norm) = list.last_mut() {
-            norm.transform = Some(Transform::AddOne);
+            norm.transform = vec![Transform::AddOne];
         }
     }
     add(
@@ -432,13 +558,70 @@ fn expected_tensors(c: &HfConfig) -> Vec<Expected> {
     list
 }
 
-/// The attention tensors of Qwen3-Next's layer `i` and its norms (the checkpoint's
-/// zero-centred norm weights stored plus one), as llama.cpp's converter writes them:
-/// gated full attention (`attn_q` holds each head's query and then its gate) or
-/// Gated DeltaNet linear attention (`in_proj_qkvz` split into the fused `attn_qkv`
-/// and the output gate `attn_gate`, `in_proj_ba` kept as `ssm_ba`, the
-/// convolution's middle axis dropped, `A_log` as `ssm_a = -exp(A_log)`).
-fn next_attention(c: &HfConfig, i: usize, list: &mut Vec<Expected>) {
+/// The stacked experts of a layer (`hf(name)`, `gg(name)` its checkpoint and GGUF
+/// names): `mlp.experts.gate_up_proj` split into `ffn_gate_exps` and `ffn_up_exps`,
+/// `mlp.experts.down_proj` as `ffn_down_exps`.
+fn stacked_experts(
+    moe: &HfMoe,
+    h: usize,
+    hf: &dyn Fn(&str) -> String,
+    gg: &dyn Fn(&str) -> String,
+    list: &mut Vec<Expected>,
+) {
+    let (e, ff) = (moe.n_expert, moe.n_ff_exp);
+    // Expert x's rows `offset..offset + ff` of its 2 ff.
+    let half = |offset: usize| -> Vec<usize> {
+        (0..e)
+            .flat_map(|x| x * 2 * ff + offset..x * 2 * ff + offset + ff)
+            .collect()
+    };
+    let gate_up = hf("mlp.experts.gate_up_proj");
+    let parts = [
+        ("ffn_gate_exps", vec![e, ff, h], Some(0)),
+        ("ffn_down_exps", vec![e, h, ff], None),
+        ("ffn_up_exps", vec![e, ff, h], Some(ff)),
+    ];
+    for (name, shape, offset) in parts {
+        let (source, hf_shape, transform) = match offset {
+            Some(offset) => (
+                gate_up.clone(),
+                Some(vec![e, 2 * ff, h]),
+                vec![Transform::Rows(half(offset))],
+            ),
+            None => (hf("mlp.experts.down_proj"), None, Vec::new()),
+        };
+        list.push(Expected {
+            hf: vec![source],
+            gguf: gg(&format!("{name}.weight")),
+            shape,
+            permute: false,
+            required: true,
+            hf_shape,
+            transform,
+        });
+    }
+}
+
+/// `[transform(order)]` ([`Transform::Rows`] or [`Transform::Columns`]), or nothing
+/// where `order` keeps everything in place.
+fn reorder(order: Vec<usize>, transform: fn(Vec<usize>) -> Transform) -> Vec<Transform> {
+    if order.iter().enumerate().all(|(i, &o)| i == o) {
+        Vec::new()
+    } else {
+        vec![transform(order)]
+    }
+}
+
+/// The token mixer of a hybrid model's layer `i` (checkpoint names under `prefix`)
+/// and its norms (the checkpoint's zero-centred norm weights stored plus one), as
+/// llama.cpp's converter writes them: gated full attention (`attn_q` holds each head's
+/// query and then its gate) or Gated DeltaNet linear attention, the convolution
+/// without its middle axis and `A_log` as `ssm_a = -exp(A_log)`. Qwen3-Next's
+/// `in_proj_qkvz` becomes the fused `attn_qkv` and the output gate `attn_gate`, its
+/// `in_proj_ba` is kept as `ssm_ba`; Qwen3.5's separate projections become `attn_qkv`,
+/// `attn_gate`, `ssm_beta` and `ssm_alpha`, with every per-value-head row, element
+/// and (in `out_proj`) column tiled ([`HfLinearAttention::value_heads`]).
+fn hybrid_mixer(c: &HfConfig, i: usize, prefix: &str, list: &mut Vec<Expected>) {
     let Some(lin) = &c.linear else {
         return;
     };
@@ -447,15 +630,15 @@ fn next_attention(c: &HfConfig, i: usize, list: &mut Vec<Expected>) {
                    gguf: &str,
                    shape: Vec<usize>,
                    hf_shape: Option<Vec<usize>>,
-                   t: Option<Transform>| {
+                   transform: Vec<Transform>| {
         list.push(Expected {
-            hf: vec![format!("model.layers.{i}.{hf}")],
+            hf: vec![format!("{prefix}layers.{i}.{hf}")],
             gguf: format!("blk.{i}.{gguf}"),
             shape,
             permute: false,
             required: true,
             hf_shape,
-            transform: t,
+            transform,
         })
     };
     add(
@@ -463,10 +646,12 @@ fn next_attention(c: &HfConfig, i: usize, list: &mut Vec<Expected>) {
         "attn_norm.weight",
         vec![h],
         None,
-        Some(Transform::AddOne),
+        vec![Transform::AddOne],
     );
-    if lin.is_linear(i) {
-        let (dk, dv, r) = (lin.d_k, lin.d_v, lin.n_v_heads / lin.n_k_heads);
+    let (dv, nv) = (lin.d_v, lin.n_v_heads);
+    let conv_shape = Some(vec![lin.conv_dim(), 1, lin.conv_kernel]);
+    if lin.is_linear(i) && c.arch.fuses_beta_alpha() {
+        let (dk, r) = (lin.d_k, nv / lin.n_k_heads);
         // Rows of one key head's block: q (dk), k (dk), v (r dv), z (r dv).
         let block = 2 * dk + 2 * r * dv;
         let rows = |offset: usize, len: usize| -> Vec<usize> {
@@ -482,56 +667,110 @@ fn next_attention(c: &HfConfig, i: usize, list: &mut Vec<Expected>) {
             "attn_qkv.weight",
             vec![lin.conv_dim(), h],
             qkvz_shape.clone(),
-            Some(Transform::Rows(qkv)),
+            vec![Transform::Rows(qkv)],
         );
         add(
             "linear_attn.in_proj_qkvz.weight",
             "attn_gate.weight",
             vec![lin.value_dim(), h],
             qkvz_shape,
-            Some(Transform::Rows(z)),
+            vec![Transform::Rows(z)],
         );
         add(
             "linear_attn.in_proj_ba.weight",
             "ssm_ba.weight",
-            vec![2 * lin.n_v_heads, h],
+            vec![2 * nv, h],
             None,
-            None,
+            Vec::new(),
         );
         add(
             "linear_attn.conv1d.weight",
             "ssm_conv1d.weight",
             vec![lin.conv_dim(), lin.conv_kernel],
-            Some(vec![lin.conv_dim(), 1, lin.conv_kernel]),
-            None,
+            conv_shape,
+            Vec::new(),
         );
         add(
             "linear_attn.dt_bias",
             "ssm_dt.bias",
-            vec![lin.n_v_heads],
+            vec![nv],
             None,
-            None,
+            Vec::new(),
         );
         add(
             "linear_attn.A_log",
             "ssm_a",
-            vec![lin.n_v_heads],
+            vec![nv],
             None,
-            Some(Transform::NegExp),
+            vec![Transform::NegExp],
         );
+    } else if lin.is_linear(i) {
+        // The q and k channels in place, then the value heads in GGUF's order.
+        let qk = 2 * lin.key_dim();
+        let channels: Vec<usize> = (0..qk)
+            .chain(lin.value_elements(dv).into_iter().map(|v| qk + v))
+            .collect();
+        let per_head = lin.value_elements(1);
+        add(
+            "linear_attn.in_proj_qkv.weight",
+            "attn_qkv.weight",
+            vec![lin.conv_dim(), h],
+            None,
+            reorder(channels.clone(), Transform::Rows),
+        );
+        add(
+            "linear_attn.in_proj_z.weight",
+            "attn_gate.weight",
+            vec![lin.value_dim(), h],
+            None,
+            reorder(lin.value_elements(dv), Transform::Rows),
+        );
+        add(
+            "linear_attn.in_proj_b.weight",
+            "ssm_beta.weight",
+            vec![nv, h],
+            None,
+            reorder(per_head.clone(), Transform::Rows),
+        );
+        add(
+            "linear_attn.in_proj_a.weight",
+            "ssm_alpha.weight",
+            vec![nv, h],
+            None,
+            reorder(per_head.clone(), Transform::Rows),
+        );
+        add(
+            "linear_attn.conv1d.weight",
+            "ssm_conv1d.weight",
+            vec![lin.conv_dim(), lin.conv_kernel],
+            conv_shape,
+            reorder(channels, Transform::Rows),
+        );
+        add(
+            "linear_attn.dt_bias",
+            "ssm_dt.bias",
+            vec![nv],
+            None,
+            reorder(per_head.clone(), Transform::Rows),
+        );
+        let mut decay = reorder(per_head, Transform::Rows);
+        decay.push(Transform::NegExp);
+        add("linear_attn.A_log", "ssm_a", vec![nv], None, decay);
+    }
+    if lin.is_linear(i) {
         add(
             "linear_attn.norm.weight",
             "ssm_norm.weight",
             vec![dv],
             None,
-            None,
+            Vec::new(),
         );
         add(
             "linear_attn.out_proj.weight",
             "ssm_out.weight",
             vec![h, lin.value_dim()],
             None,
-            None,
+            reorder(lin.value_elements(dv), Transform::Columns),
         );
     } else {
         let (q_dim, kv_dim, hd) = (
@@ -545,42 +784,42 @@ fn next_attention(c: &HfConfig, i: usize, list: &mut Vec<Expected>) {
             "attn_q.weight",
             vec![2 * q_dim, h],
             None,
-            None,
+            Vec::new(),
         );
         add(
             "self_attn.k_proj.weight",
             "attn_k.weight",
             vec![kv_dim, h],
             None,
-            None,
+            Vec::new(),
         );
         add(
             "self_attn.v_proj.weight",
             "attn_v.weight",
             vec![kv_dim, h],
             None,
-            None,
+            Vec::new(),
         );
         add(
             "self_attn.o_proj.weight",
             "attn_output.weight",
             vec![h, q_dim],
             None,
-            None,
+            Vec::new(),
         );
         add(
             "self_attn.q_norm.weight",
             "attn_q_norm.weight",
             vec![hd],
             None,
-            Some(Transform::AddOne),
+            vec![Transform::AddOne],
         );
         add(
             "self_attn.k_norm.weight",
             "attn_k_norm.weight",
             vec![hd],
             None,
-            Some(Transform::AddOne),
+            vec![Transform::AddOne],
         );
     }
     add(
@@ -588,7 +827,7 @@ fn next_attention(c: &HfConfig, i: usize, list: &mut Vec<Expected>) {
         "post_attention_norm.weight",
         vec![h],
         None,
-        Some(Transform::AddOne),
+        vec![Transform::AddOne],
     );
 }
 

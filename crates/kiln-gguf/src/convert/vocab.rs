@@ -23,6 +23,9 @@ mod token_type {
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// The split regex of Qwen2's and Qwen3's tokenizer.json (pre-tokenizer `qwen2`).
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The split regex of Qwen3.5's tokenizer.json (pre-tokenizer `qwen35`): Qwen2's with
+/// combining marks (`\p{M}`) joining letters.
+const QWEN35_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The special tokens llama.cpp records: tokenizer_config.json's `{kind}_token`
 /// (or config.json's `{kind}_token_id`) and the GGUF key of its id.
@@ -147,13 +150,13 @@ fn check_byte_level_bpe(tokenizer: Object<'_>, model: Object<'_>) -> Result<()> 
 }
 
 /// llama.cpp's name for the tokenizer's pre-tokenizer: `gpt-2` for GPT-2's
-/// ByteLevel split, `llama-bpe` and `qwen2` for the Llama 3 and Qwen2 split regexes
-/// followed by a ByteLevel mapping.
+/// ByteLevel split, `llama-bpe`, `qwen2` and `qwen35` for the Llama 3, Qwen2 and
+/// Qwen3.5 split regexes followed by a ByteLevel mapping.
 fn pre_tokenizer_name(tokenizer: Object<'_>) -> Result<&'static str> {
     let unsupported = |what: String| {
         Error::Unsupported(format!(
             "{}: pre_tokenizer {what}; kiln convert recognises GPT-2's ByteLevel split and the \
-             Llama 3 and Qwen2 split regexes",
+             Llama 3, Qwen2 and Qwen3.5 split regexes",
             tokenizer.source
         ))
     };
@@ -181,6 +184,7 @@ fn pre_tokenizer_name(tokenizer: Object<'_>) -> Result<&'static str> {
             match regex {
                 Some(LLAMA3_SPLIT) => Ok("llama-bpe"),
                 Some(QWEN2_SPLIT) => Ok("qwen2"),
+                Some(QWEN35_SPLIT) => Ok("qwen35"),
                 Some(other) => Err(unsupported(format!("splits by the regex {other:?}"))),
                 None => Err(unsupported(
                     "is a sequence other than a regex split and a ByteLevel mapping".into(),

@@ -1,12 +1,22 @@
-//! Qwen3-Next's token mixers: Gated DeltaNet linear attention, and full attention
-//! whose output a sigmoid gate scales.
+//! The token mixers of the hybrid models (Qwen3-Next, Qwen3.5): Gated DeltaNet linear
+//! attention, and full attention whose output a sigmoid gate scales. Both models'
+//! layers compute the same; their files differ in how the linear attention's gate
+//! and strength projections are stored and in the order of its value heads
+//! ([`LinearAttentionConfig`]).
 //!
-//! Both read weights a model derives at load from the file's
+//! They read weights a model derives at load from the file's
 //! ([`crate::model::weight_splits`]): `blk.N.attn_q.weight` holds each head's query
 //! rows and then its gate rows, split into `blk.N.attn_q.q.weight` and
-//! `blk.N.attn_q.gate.weight`; `blk.N.ssm_ba.weight` holds, per query/key head, its
-//! value heads' `b` rows and then their `a` rows, split into `blk.N.ssm_ba.b.weight`
-//! and `blk.N.ssm_ba.a.weight`. So every projection is one plain product.
+//! `blk.N.attn_q.gate.weight`; Qwen3-Next's `blk.N.ssm_ba.weight` holds, per query/key
+//! head, its value heads' `b` rows and then their `a` rows, split into
+//! `blk.N.ssm_ba.b.weight` and `blk.N.ssm_ba.a.weight` (Qwen3.5's files hold them
+//! apart, as `blk.N.ssm_beta.weight` and `blk.N.ssm_alpha.weight`). So every
+//! projection is one plain product.
+//!
+//! The full-attention layers' rotary embedding is partial NeoX RoPE at each token's
+//! position. Qwen3.5's is multi-section (`rope.dimension_sections`: the rotated pairs
+//! interleave temporal, height and width positions); text gives every section the
+//! token's position, which makes it this one, and text is all kiln runs.
 //!
 //! A linear-attention layer's states ([`names::conv_state`], [`names::delta_state`])
 //! are persistent buffers of one sequence, read and advanced by every graph.
@@ -37,8 +47,9 @@ pub(super) fn mixer(
 
 /// `ssm_out(gated_rms_norm(delta_rule(conv(attn_qkv · x)), attn_gate · x))`: the
 /// fused q/k/v projection through the causal convolution (with its state), the gated
-/// delta rule over each value head (with its state, gates from `ssm_ba`), the norm
-/// of each value head gated by SiLU of `attn_gate · x`, and the output projection.
+/// delta rule over each value head (with its state, gates from the `b` and `a`
+/// projections), the norm of each value head gated by SiLU of `attn_gate · x`, and
+/// the output projection.
 fn linear_attention(
     b: &mut Builder,
     l: usize,
@@ -50,8 +61,13 @@ fn linear_attention(
     let (width, value) = (h.qkv_width(), h.n_v_heads * h.d_v);
     let qkv = b.linear(l, "attn_qkv", x, width, d, false)?;
     let z = b.linear(l, "attn_gate", x, value, d, false)?;
-    let beta = b.linear(l, "ssm_ba.b", x, h.n_v_heads, d, false)?;
-    let alpha = b.linear(l, "ssm_ba.a", x, h.n_v_heads, d, false)?;
+    let [beta, alpha] = if lin.fused_beta_alpha {
+        ["ssm_ba.b", "ssm_ba.a"]
+    } else {
+        ["ssm_beta", "ssm_alpha"]
+    };
+    let beta = b.linear(l, beta, x, h.n_v_heads, d, false)?;
+    let alpha = b.linear(l, alpha, x, h.n_v_heads, d, false)?;
     let weight = b.w(
         &format!("blk.{l}.ssm_conv1d.weight"),
         &[width, lin.conv_kernel],
