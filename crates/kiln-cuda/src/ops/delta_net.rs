@@ -168,11 +168,13 @@ pub enum DeltaNetKernel {
 }
 
 /// The fewest tokens the chunkwise kernel runs; fewer run on the recurrent kernel.
-/// The recurrent kernel's time grows with every token, the chunkwise kernel's with
-/// every chunk of 64: at Qwen3-Next's heads on an H200 (`kiln bench-kernels
-/// --sections delta-net`, docs/perf.md) the chunkwise kernel is the faster from this
-/// many tokens.
-pub const CHUNK_MIN_TOKENS: usize = 16;
+/// The recurrent kernel's time grows with every token (about 7 us each at
+/// Qwen3-Next's heads on an H200), the chunkwise kernel's with every chunk of 64
+/// (about 31 us, nearly all of it for a chunk of 2 tokens as for one of 64): 3 tokens
+/// take 27 us on the recurrent kernel, 4 tokens 33 us against the chunkwise kernel's
+/// 31, 8 tokens 61 against 31 (`kiln bench-kernels --sections delta-net`,
+/// docs/perf.md).
+pub const CHUNK_MIN_TOKENS: usize = 4;
 
 /// Key head sizes the chunkwise kernel is compiled for: a key head runs on the
 /// smallest that holds it, its elements past `d_k` zeros.
