@@ -49,6 +49,15 @@ shared_constants! {
     FA_TILE_ROWS = 64;
     FA_TILE_ROWS_WIDE = 32;
     FA_PAD = 8;
+    /// The chunkwise gated delta rule: tokens per chunk (kiln_core's DELTA_NET_CHUNK),
+    /// value columns of the state per block, warps per block, and floats of padding
+    /// after each shared row of key-dimension or chunk length and after each row of
+    /// value columns.
+    DN_CHUNK = 64;
+    DN_COLS = 32;
+    DN_WARPS = 8;
+    DN_PAD = 4;
+    DN_COL_PAD = 8;
     /// Float4s of a row that each thread of a norm kernel holds in registers.
     NORM_VECTORS = 4;
     /// Float4s of the row that each thread of a resident mat-vec with a fused residual
@@ -74,6 +83,11 @@ mod tests {
     fn the_q8_1_block_is_kiln_core_s() {
         assert_eq!(Q8_1_BLOCK_ELEMS as usize, DType::Q8_1.block_size());
         assert_eq!(Q8_1_BLOCK_BYTES as usize, DType::Q8_1.block_bytes());
+    }
+
+    #[test]
+    fn the_delta_rule_chunk_is_kiln_core_s() {
+        assert_eq!(DN_CHUNK as usize, kiln_core::ops::DELTA_NET_CHUNK);
     }
 
     #[test]

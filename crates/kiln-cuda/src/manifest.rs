@@ -122,7 +122,9 @@ fn specs_for_op(op: &Op, graph: &Graph) -> Result<Vec<KernelSpec>> {
                 .map(|plan| plan.specs());
         }
         Op::CausalConv1d(_) => Ok(ops::delta_net::conv_spec()),
-        Op::GatedDeltaNet(_) => Ok(ops::delta_net::delta_spec()),
+        Op::GatedDeltaNet(d) => ops::delta_net::DeltaNetArgs::of_op(d, graph)?
+            .check()
+            .map(|plan| plan.spec),
         Op::GatedRmsNorm(_) => Ok(ops::delta_net::norm_spec(true)),
         Op::L2Norm(_) => Ok(ops::delta_net::norm_spec(false)),
     };

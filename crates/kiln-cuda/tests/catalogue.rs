@@ -1,7 +1,7 @@
 //! The catalogue covers the IR: every op kind with every dtype the IR allows has a
 //! CUDA kernel (`has_kernel`, which `CudaBackend::supports` answers with), its
 //! specialisation is one `kiln precompile --all` builds (the Gated DeltaNet ops
-//! included), and the only parameters without a kernel are attention head dimensions
+//! included, the delta rule's recurrent and chunkwise kernels both), and the only parameters without a kernel are attention head dimensions
 //! the kernels do not take (with or without a Q8_1 copy of the output). No GPU.
 
 use kiln_core::ops::{
@@ -323,6 +323,38 @@ fn delta_net_ops_have_kernels() {
         eps: 1e-6,
     })
     .unwrap();
+    // A prompt long enough for the chunkwise kernel, at each key-head size it is
+    // compiled for and between them, and a key head too long for it.
+    for (n, d_k) in [
+        (209, 8),
+        (209, 64),
+        (100, 128),
+        (100, 129),
+        (64, 256),
+        (64, 300),
+    ] {
+        let h = DeltaNetHeads { d_k, ..heads };
+        let mut p = |name: &str, shape: &[usize]| {
+            g.persistent(format!("{name}.{d_k}"), DType::F32, shape)
+                .unwrap()
+        };
+        let op = GatedDeltaNet {
+            qkv: p("qkv", &[n, h.qkv_width()]),
+            a: p("a", &[n, 4]),
+            b: p("b", &[n, 4]),
+            ssm_a: p("ssm_a", &[4]),
+            dt_bias: p("dt_bias", &[4]),
+            state: p("state", &[4, d_k, 6]),
+            out: p("out", &[n, 4, 6]),
+            n_tokens: n,
+            heads: h,
+            eps: 1e-6,
+        };
+        let form = if d_k <= 256 { "chunkwise" } else { "recurrent" };
+        let key = spec_for_op(&Op::GatedDeltaNet(op.clone()), &g).unwrap().key;
+        assert!(key.contains(form), "d_k {d_k}: {key}");
+        g.push(op).unwrap();
+    }
     g.push(GatedRmsNorm {
         x: out,
         z,

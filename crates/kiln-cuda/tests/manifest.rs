@@ -12,7 +12,7 @@ fn every_spec_has_a_unique_canonical_key() {
     let specs = all_specs();
     assert_eq!(
         specs.len(),
-        9 + 2 * 5 + 4 + 19 + 4 + 4 + 222 + 7 * 4 * 2 + 1 + 32 + 2 + 2 + 28 + 3 + 1 + 1 + 3 + 8 * 2 + 11 * 2 + 1 + 19 + 4,
+        9 + 2 * 5 + 4 + 19 + 4 + 4 + 222 + 7 * 4 * 2 + 1 + 32 + 2 + 2 + 28 + 3 + 1 + 1 + 3 + 8 * 2 + 11 * 2 + 1 + 19 + 7,
         "cast pairs, element-wise and glu kinds, norm variants, embedding tables, rope \
          variants, qkv_rope_append (2 styles x 2 caches), matmul (8 packed dtypes x 4 mat-vec tiers x 2 plane alignments + 8 \
          resident dtypes x 2 block shapes x 2 alignments + 11 other dtypes x 4 tiers x 2 load widths + \
@@ -23,7 +23,8 @@ fn every_spec_has_a_unique_canonical_key() {
          argmax, sample, moe (2 router gatings, combine, the one-row mat-vecs routed: \
          8 packed dtypes x 2 alignments + 11 other dtypes x 2 load widths, the grouping \
          launch and 19 grouped mat-mats), \
-         delta net (conv, recurrent delta rule, gated RMSNorm, L2 norm)"
+         delta net (conv, recurrent delta rule, chunkwise delta rule x 3 key head sizes, \
+         gated RMSNorm, L2 norm)"
     );
     let mut keys: Vec<&str> = specs.iter().map(|s| s.key.as_str()).collect();
     keys.sort();

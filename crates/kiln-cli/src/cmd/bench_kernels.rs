@@ -30,6 +30,13 @@
 //!   defaults, a wide nucleus, min-p alone, temperature alone and greedy, one row and
 //!   a batch of 16. The logits (normal, scale 2) stay in the L2 cache, as they are
 //!   after the output head that writes them.
+//! - The gated delta rule at Qwen3-Next's linear-attention heads ([`DELTA_NET_HEADS`]):
+//!   one decode token (GB/s of the state read and written plus the token's inputs and
+//!   output, [`delta_net_decode_bytes`]; each launch takes the next of enough state
+//!   copies to miss the L2 cache), and prompts of [`DELTA_NET_PROMPTS`] tokens on the
+//!   chunkwise kernel (TFLOP/s of the chunkwise algorithm's products,
+//!   [`delta_net_chunk_flops`], and tokens/s) beside the recurrent kernel (its own
+//!   products, [`delta_net_recurrent_flops`], and tokens/s).
 //!
 //! `--sections` picks what runs (a mat-mat sweep alone: `--sections matmat`).
 //!
@@ -43,12 +50,13 @@
 
 use std::sync::Arc;
 
-use kiln_core::ops::{SampleParams, Q8_COPY};
+use kiln_core::ops::{DeltaNetHeads, SampleParams, Q8_COPY};
 use kiln_core::{quant, Backend, DType, Error, Result};
 use kiln_cuda::ops::attention::AttentionShape;
+use kiln_cuda::ops::delta_net::{DeltaNetForm, DeltaNetOperands};
 use kiln_cuda::ops::matmul::MATVEC_MAX_ROWS;
 use kiln_cuda::ops::sample::{SampleLayout, SampleTuning, TUNING};
-use kiln_cuda::ops::{attention, matmul, sample};
+use kiln_cuda::ops::{attention, delta_net, matmul, sample};
 use kiln_cuda::timing::EventTimer;
 use kiln_cuda::{CacheConfig, CudaBackend, CudaBuffer};
 
@@ -69,7 +77,7 @@ pub struct BenchKernelsArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "matvec,attention,sample,matmat,moe"
+        default_value = "matvec,attention,sample,matmat,moe,delta-net"
     )]
     pub sections: Vec<Section>,
     /// Weight formats of the mat-vec measurements, comma-separated.
@@ -109,6 +117,7 @@ pub enum Section {
     Sample,
     Matmat,
     Moe,
+    DeltaNet,
 }
 
 /// Which mat-mat runs a product of more than [`MATVEC_MAX_ROWS`] rows.
@@ -224,6 +233,62 @@ pub fn prefill_attention_shape(n_tokens: usize) -> AttentionShape {
 pub fn prefill_attention_flops(s: &AttentionShape) -> f64 {
     let t = s.n_tokens as f64;
     4.0 * t * t / 2.0 * (s.head_dim * s.n_heads) as f64
+}
+
+/// The delta-rule heads of the measurements: Qwen3-Next's linear-attention layers, 16
+/// query/key heads and 32 value heads of 128.
+pub const DELTA_NET_HEADS: DeltaNetHeads = DeltaNetHeads {
+    n_k_heads: 16,
+    n_v_heads: 32,
+    d_k: 128,
+    d_v: 128,
+    layout: kiln_core::ops::HeadLayout::Grouped,
+};
+
+/// Prompt lengths of the delta-rule measurements: around the chunkwise kernel's
+/// threshold ([`kiln_cuda::ops::delta_net::CHUNK_MIN_TOKENS`]), a chunk, a prompt chunk
+/// and a long prompt.
+pub const DELTA_NET_PROMPTS: [usize; 7] = [2, 4, 8, 16, 64, 512, 4096];
+
+/// Bytes one decode token of the delta rule moves: the state read and written
+/// (`n_v_heads x d_k x d_v` f32 each way), the token's q/k/v row, its gates `a` and `b`,
+/// the layer's `ssm_a` and `dt_bias`, and its output (all f32).
+pub fn delta_net_decode_bytes(h: &DeltaNetHeads) -> usize {
+    4 * (2 * h.state_elements() + h.qkv_width() + 4 * h.n_v_heads + h.n_v_heads * h.d_v)
+}
+
+/// Floating-point operations of the chunkwise delta rule over `n_tokens` tokens: the
+/// products the algorithm needs, 2 flops per multiply-add, per value head and chunk
+/// of `c` tokens (`DELTA_NET_CHUNK` = 64, the last one shorter):
+/// - the decay-weighted key products `k_t . k_s` (`s < t`) and query-key products
+///   `q_t . k_s` (`s <= t`): `c (c - 1) / 2 + c (c + 1) / 2 = c^2` pairs of `d_k`;
+/// - the triangular solve applied to the value corrections (`c (c - 1) / 2` pairs) and
+///   the intra-chunk output `P u` (`c (c + 1) / 2` pairs): `c^2` pairs of `d_v`;
+/// - the incoming state's `Q S` and `K S` and the state update `K^T u`: `3 c d_k d_v`;
+///
+/// in all `2 (c^2 (d_k + d_v) + 3 c d_k d_v)` per chunk and value head. The kernel's
+/// extra work (the inverse of the solve, the zero halves of its tiles, the three
+/// TF32 products of each 3xTF32 product) is not counted.
+pub fn delta_net_chunk_flops(n_tokens: usize, h: &DeltaNetHeads) -> f64 {
+    let chunk = kiln_core::ops::DELTA_NET_CHUNK;
+    let (dk, dv) = (h.d_k as f64, h.d_v as f64);
+    let per_chunk = |c: f64| 2.0 * (c * c * (dk + dv) + 3.0 * c * dk * dv);
+    let full = (n_tokens / chunk) as f64 * per_chunk(chunk as f64);
+    let rest = n_tokens % chunk;
+    let last = if rest > 0 {
+        per_chunk(rest as f64)
+    } else {
+        0.0
+    };
+    h.n_v_heads as f64 * (full + last)
+}
+
+/// Floating-point operations of the recurrent delta rule over `n_tokens` tokens: per
+/// token and value head three products of the state (`S^T k`, the update `k d^T` and
+/// `S^T q`), `d_k x d_v` multiply-adds each: `6 d_k d_v` (the decay's scaling of the
+/// state is not counted).
+pub fn delta_net_recurrent_flops(n_tokens: usize, h: &DeltaNetHeads) -> f64 {
+    6.0 * n_tokens as f64 * (h.n_v_heads * h.d_k * h.d_v) as f64
 }
 
 /// Vocabularies of the sampling measurements (Llama 3's and Qwen 2's).
@@ -423,6 +488,9 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
     if on(Section::Sample) {
         families.push(bench.samples()?);
     }
+    if on(Section::DeltaNet) {
+        families.push(bench.delta_nets()?);
+    }
     let mut bf16 = None;
     if on(Section::Matmat) {
         bf16 = Some(bench.bf16_ceiling()?);
@@ -510,6 +578,25 @@ impl Bench<'_> {
         }
         Ok((
             "sampling, time and GB/s of logits per row, logits in L2".to_string(),
+            rows,
+        ))
+    }
+
+    /// The delta-rule family: one decode token, then each prompt length of
+    /// [`DELTA_NET_PROMPTS`] on the chunkwise and on the recurrent kernel.
+    fn delta_nets(&mut self) -> Result<(String, Vec<Measurement>)> {
+        let mut rows = vec![self.delta_net(1, DeltaNetForm::Auto)?];
+        for n in DELTA_NET_PROMPTS {
+            for form in [DeltaNetForm::Chunkwise, DeltaNetForm::Recurrent] {
+                rows.push(self.delta_net(n, form)?);
+            }
+        }
+        let h = DELTA_NET_HEADS;
+        Ok((
+            format!(
+                "gated delta rule, {} key heads and {} value heads of {} x {}",
+                h.n_k_heads, h.n_v_heads, h.d_k, h.d_v
+            ),
             rows,
         ))
     }
@@ -904,6 +991,70 @@ impl Bench<'_> {
         })
     }
 
+    /// The delta rule over `n_tokens` tokens at [`DELTA_NET_HEADS`] in `form`. One
+    /// token is a decode step (bytes moved), cycling through enough state copies to
+    /// miss the L2 cache; a prompt counts operations ([`delta_net_chunk_flops`] or
+    /// [`delta_net_recurrent_flops`]) and is labelled with its tokens per second.
+    fn delta_net(&mut self, n_tokens: usize, form: DeltaNetForm) -> Result<Measurement> {
+        let h = DELTA_NET_HEADS;
+        let nv = h.n_v_heads;
+        let qkv = self.buffers(1, &f32_pattern(n_tokens * h.qkv_width()))?;
+        let gates = self.buffers(2, &f32_pattern(n_tokens * nv))?;
+        // Decay rates -exp(A_log) between -1 and 0, and time-step biases.
+        let rates: Vec<u8> = f32_values(nv)
+            .iter()
+            .flat_map(|v| (-v.abs()).to_le_bytes())
+            .collect();
+        let ssm_a = self.buffers(1, &rates)?;
+        let dt_bias = self.buffers(1, &f32_pattern(nv))?;
+        let state_bytes = f32_pattern(h.state_elements());
+        let copies = if n_tokens == 1 {
+            copies_for(state_bytes.len())
+        } else {
+            1
+        };
+        let mut states = self.buffers(copies, &state_bytes)?;
+        let mut out = self.backend.alloc(4 * n_tokens * nv * h.d_v)?;
+        let backend = self.backend;
+        let seconds = self.timer.time(backend, self.reps, |i| {
+            let operands = DeltaNetOperands {
+                qkv: &qkv[0],
+                a: &gates[0],
+                b: &gates[1],
+                ssm_a: &ssm_a[0],
+                dt_bias: &dt_bias[0],
+            };
+            let state = &mut states[i % copies];
+            delta_net::gated_delta_net_with(
+                backend, operands, state, &mut out, n_tokens, h, 1e-6, form,
+            )
+        })?;
+        if n_tokens == 1 {
+            return Ok(Measurement {
+                family: "delta_net",
+                label: "decode, 1 token".to_string(),
+                bytes: delta_net_decode_bytes(&h),
+                flops: 0.0,
+                seconds,
+            });
+        }
+        let (name, flops) = if form == DeltaNetForm::Recurrent {
+            ("recurrent", delta_net_recurrent_flops(n_tokens, &h))
+        } else {
+            ("chunkwise", delta_net_chunk_flops(n_tokens, &h))
+        };
+        Ok(Measurement {
+            family: "delta_net_prompt",
+            label: format!(
+                "{n_tokens} tokens, {name}, {:.2} M tokens/s",
+                n_tokens as f64 / seconds / 1e6
+            ),
+            bytes: 0,
+            flops,
+            seconds,
+        })
+    }
+
     /// Sampling `rows` rows of `vocab` logits with `params` (labelled `label`) by the
     /// kernel of `tuning` and `layout`: the time per row and the logit bytes of one row.
     fn sample(
@@ -1055,6 +1206,34 @@ mod tests {
         assert_eq!(
             prefill_attention_flops(&s),
             32.0 * 4.0 * 8_388_608.0 * 128.0
+        );
+    }
+
+    #[test]
+    fn delta_net_decode_bytes_count_the_state_both_ways_and_the_token() {
+        let h = DELTA_NET_HEADS;
+        // The state, 32 x 128 x 128 f32 read and written; the q/k/v row of 2 x 16 x 128
+        // + 32 x 128 floats; a, b, ssm_a, dt_bias of 32 each; 32 x 128 outputs.
+        assert_eq!(
+            delta_net_decode_bytes(&h),
+            2 * (2 << 20) + 4 * 8192 + 4 * 4 * 32 + 4 * 4096
+        );
+    }
+
+    #[test]
+    fn delta_net_flops_count_the_chunkwise_products_by_chunk() {
+        let h = DELTA_NET_HEADS;
+        // One full chunk per head: c^2 (d_k + d_v) = 64^2 x 256 and 3 c d_k d_v =
+        // 3 x 64 x 128^2 multiply-adds, 2 flops each, for 32 value heads.
+        let chunk = 2.0 * (4096.0 * 256.0 + 3.0 * 64.0 * 16384.0);
+        assert_eq!(delta_net_chunk_flops(64, &h), 32.0 * chunk);
+        assert_eq!(delta_net_chunk_flops(4096, &h), 64.0 * 32.0 * chunk);
+        // A remainder of one token: 1 pair of each, 3 d_k d_v.
+        let one = 2.0 * (256.0 + 3.0 * 16384.0);
+        assert_eq!(delta_net_chunk_flops(65, &h), 32.0 * (chunk + one));
+        assert_eq!(
+            delta_net_recurrent_flops(4096, &h),
+            6.0 * 4096.0 * 32.0 * 16384.0
         );
     }
 

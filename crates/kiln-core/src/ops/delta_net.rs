@@ -186,7 +186,9 @@ impl DeltaNetHeads {
 /// `out[t, h, :] = S^T q`, where `S` is `state[h]` (`d_k x d_v`). All in f32.
 ///
 /// A backend may compute a prompt chunkwise (chunks of [`DELTA_NET_CHUNK`]): the same
-/// result up to f32 rounding. A prompt run in pieces, state carried, equals one run.
+/// result up to rounding, in f32 or in products whose terms are within about 2^-20
+/// of exact (the CUDA backend's 3xTF32 tensor-core products). A prompt run in pieces,
+/// state carried, equals one run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GatedDeltaNet {
     pub qkv: BufferId,
