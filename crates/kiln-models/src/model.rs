@@ -600,16 +600,22 @@ impl<BE: Backend> Model<BE> {
             // SAFETY: as in `step_chunk`: the executable's memory is the model's own.
             unsafe { self.backend.run(&mut compiled.exe) }?;
         }
-        let vocab = self.config.vocab;
         let wanted = rows.iter().filter(|r| r.logits).count();
-        let mut bytes = vec![0u8; wanted * vocab * 4];
+        let start = logits.len();
+        logits.resize(start + wanted * self.config.vocab, 0.0);
+        self.download_f32(names::BATCH_LOGITS, &mut logits[start..])
+    }
+
+    /// Downloads the first `out.len()` f32 values of model buffer `name` into `out`,
+    /// straight into its memory (the device's little-endian f32 are the host's).
+    fn download_f32(&self, name: &str, out: &mut [f32]) -> Result<()> {
         self.backend
-            .download(self.buffer(names::BATCH_LOGITS), &mut bytes)?;
-        logits.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        );
+            .download(self.buffer(name), bytemuck::cast_slice_mut(out))?;
+        if cfg!(target_endian = "big") {
+            for v in out.iter_mut() {
+                *v = f32::from_bits(u32::from_le(v.to_bits()));
+            }
+        }
         Ok(())
     }
 
@@ -715,13 +721,9 @@ impl<BE: Backend> Model<BE> {
         if self.last_plan.is_none() {
             return Err(Error::invalid("last_logits", "no forward step has run yet"));
         }
-        let mut bytes = vec![0u8; self.config.vocab * 4];
-        self.backend
-            .download(self.buffer(names::LOGITS), &mut bytes)?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+        let mut logits = vec![0.0; self.config.vocab];
+        self.download_f32(names::LOGITS, &mut logits)?;
+        Ok(logits)
     }
 
     /// Runs one decode step of `token` at the next position as [`Model::forward`]

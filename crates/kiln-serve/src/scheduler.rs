@@ -19,6 +19,7 @@ use crate::stop::StopMatcher;
 use kiln_core::{Error, Result};
 use kiln_models::tokenizer::{StreamDecoder, TokenId, Tokenizer};
 use kiln_models::{Sampler, SamplerConfig};
+use rayon::prelude::*;
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -449,16 +450,24 @@ fn run<E: Engine>(
                 continue;
             }
         };
+        // The logits rows go to the sequences that asked for them, in order; each samples
+        // with its own seeded sampler, all of them at once on the host's cores.
         let mut next_logits = logits.chunks_exact(vocab.max(1));
+        let row_of: Vec<Option<&[f32]>> = active
+            .iter()
+            .map(|seq| seq.wants_logits.then(|| next_logits.next()).flatten())
+            .collect();
+        let sampled: Vec<Option<u32>> = active
+            .par_iter_mut()
+            .zip(row_of)
+            .map(|(seq, row)| row.map(|row| seq.sampler.sample(row, &seq.tokens)))
+            .collect();
+        let mut sampled = sampled.into_iter();
         active.retain_mut(|seq| {
             seq.fed += seq.rows;
-            if !seq.wants_logits {
-                return true;
-            }
-            let Some(row) = next_logits.next() else {
+            let Some(token) = sampled.next().flatten() else {
                 return true;
             };
-            let token = seq.sampler.sample(row, &seq.tokens);
             metrics.generated_tokens.inc();
             match seq.accept(token, tokenizer, capacity) {
                 None => true,

@@ -16,7 +16,8 @@
 //!   sequences (one cache slot each) run their `-p` prompt tokens in one batched
 //!   step (timed: the prompt processing), then generate `-n` tokens together in `-n`
 //!   timed batched steps of one token per sequence, each sequence's next token the
-//!   argmax of its logits downloaded to the host ([`Model::forward_batch`]). Reports
+//!   argmax of its logits downloaded to the host ([`Model::forward_batch`]; the rows'
+//!   argmaxes run in parallel on the host's cores). Reports
 //!   the total and per-stream generated tokens/s of those steps, and the host's share
 //!   of a step spent on the argmax.
 
@@ -28,6 +29,7 @@ use kiln_core::{Backend, DType, Error, Graph, LaunchProfile, Op, Result};
 use kiln_gguf::Gguf;
 use kiln_models::model::DEFAULT_PREFILL_CHUNK;
 use kiln_models::{LoadOptions, Model, ModelConfig, SamplerConfig};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -538,7 +540,7 @@ fn batched<BE: Backend>(
         for _ in 0..n {
             let choosing = Instant::now();
             let rows: Vec<BatchRow> = logits
-                .chunks_exact(vocab)
+                .par_chunks_exact(vocab)
                 .enumerate()
                 .map(|(slot, l)| BatchRow {
                     slot,
