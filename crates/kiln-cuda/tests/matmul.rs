@@ -568,9 +568,9 @@ fn the_q8_copy_of_x_must_hold_whole_blocks_of_every_row() {
 }
 
 #[test]
-fn products_of_two_rows_and_more_with_a_copy_run_on_the_8_bit_tensor_core_kernel() {
+fn products_of_three_rows_and_more_with_a_copy_run_on_the_8_bit_tensor_core_kernel() {
     for (m, m_tier, tiles) in [
-        (2, 8, 1),
+        (3, 8, 1),
         (8, 8, 1),
         (9, 16, 1),
         (33, 64, 1),
@@ -601,10 +601,14 @@ fn products_of_two_rows_and_more_with_a_copy_run_on_the_8_bit_tensor_core_kernel
         let keys: Vec<_> = plan.specs().unwrap().into_iter().map(|s| s.key).collect();
         assert_eq!(keys[1], "matmul_q8_reduce|out=f32");
     }
-    // One row keeps the resident mat-vec.
+    // One row keeps the resident mat-vec, two the packed one.
     assert!(matches!(
         kernel_of(with_copy(rows(1))),
         MatMulKernel::MatVecResident { .. }
+    ));
+    assert!(matches!(
+        kernel_of(with_copy(rows(2))),
+        MatMulKernel::MatVecPacked { m_tier: 2, .. }
     ));
 }
 
@@ -738,7 +742,7 @@ fn q8_copy(x: &[f32]) -> Vec<u8> {
 
 /// Runs out = x · wᵀ (+ bias) on both backends and compares. Where k is a multiple of
 /// 32 it compares again with x's Q8_1 copy given as `x_q8`, which both backends then
-/// multiply instead of x (on the GPU: the mat-vecs, or from 2 rows the 8-bit
+/// multiply instead of x (on the GPU: the mat-vecs, or from 3 rows the 8-bit
 /// tensor-core kernel, whose integer products are exact, so the mat-vec's bound holds).
 #[allow(clippy::too_many_arguments)]
 fn compare(

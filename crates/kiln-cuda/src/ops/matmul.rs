@@ -2,7 +2,7 @@
 //! for up to [`MATVEC_MAX_ROWS`] activation rows (decode); above (prefill), cuBLASLt on
 //! bf16 copies of the operands ([`gemm`]) from [`GEMM_MIN_ROWS`] rows where the library
 //! is present, else kiln's tensor-core mat-mat kernel (kernels/matmul.cu). A product
-//! of at least 2 rows given x's Q8_1 copy (a batched decode step) runs on the 8-bit
+//! of at least [`Q8_MIN_ROWS`] rows given x's Q8_1 copy (a batched decode step) runs on the 8-bit
 //! tensor-core kernel `matmul_q8` where the weight's format has one
 //! ([`q8_tensor_cores`]), else as mat-vecs of the copy, [`MATVEC_MAX_ROWS`] rows at a
 //! time.
@@ -83,6 +83,13 @@ const M_TIERS: [u32; 4] = [1, 2, 4, 8];
 /// Activation rows per tile of `matmul_q8`: a product of m rows runs on the smallest
 /// tier that holds them (above the largest, in several tiles of it).
 const Q8_M_TIERS: [u32; 4] = [8, 16, 32, 64];
+
+/// Fewest activation rows (given their Q8_1 copy) that run on `matmul_q8`. The packed
+/// mat-vec's cost grows with the rows (one f32 FMA per weight element and row): on the
+/// H200 an 8B step's products took 6.9 ms on it at 4 rows and 5.6 ms on `matmul_q8` at
+/// 2 (docs/perf.md, "Batched decode"), so 2 rows stay on the mat-vec (about half its
+/// 4-row time, not measured).
+pub const Q8_MIN_ROWS: usize = 3;
 
 /// Most splits of k of one `matmul_q8` launch.
 const Q8_MAX_SPLITS: usize = 8;
@@ -682,7 +689,7 @@ impl MatMulArgs {
         )?;
         let row_bytes = self.weight.bytes_for(self.k)?;
         let q8 = self.x_q8_bytes.is_some();
-        let q8_mma = q8 && self.m >= 2 && q8_tensor_cores(self.weight);
+        let q8_mma = q8 && self.m >= Q8_MIN_ROWS && q8_tensor_cores(self.weight);
         // With x's copy, a product of more rows than a mat-vec takes runs as mat-vecs
         // of the copy where matmul_q8 does not take the weight: the copy's values
         // are the definition's operands.
