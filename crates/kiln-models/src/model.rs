@@ -137,7 +137,7 @@ impl<BE: Backend> Model<BE> {
         } else {
             1
         };
-        let mut raw = raw_weight_descs(file);
+        let mut raw = raw_weight_descs(file, config.n_layers);
         let splits = weight_splits(&config);
         let split_sources: HashSet<String> = splits.iter().map(|s| s.source.clone()).collect();
         apply_splits(&mut raw, &splits)?;
@@ -170,7 +170,12 @@ impl<BE: Backend> Model<BE> {
             })
             .collect::<Result<Vec<_>>>()?;
         check_vocabulary(file, &config)?;
-        let total: u64 = file.tensor_infos().iter().map(|t| t.n_bytes() as u64).sum();
+        let total: u64 = file
+            .tensor_infos()
+            .iter()
+            .filter(|t| raw.contains_key(t.name()) || split_sources.contains(t.name()))
+            .map(|t| t.n_bytes() as u64)
+            .sum();
         let stacked: std::collections::HashSet<&str> = stacks
             .iter()
             .flat_map(|s| s.parts.iter().map(String::as_str))
@@ -178,7 +183,10 @@ impl<BE: Backend> Model<BE> {
         let mut done = 0u64;
         let mut memory = HashMap::new();
         for (info, data) in file.shared_tensors() {
-            if stacked.contains(info.name()) || split_sources.contains(info.name()) {
+            if stacked.contains(info.name())
+                || split_sources.contains(info.name())
+                || !raw.contains_key(info.name())
+            {
                 continue;
             }
             let buf = backend.share_weight(&data, info.dtype(), info.shape())?;
@@ -1042,10 +1050,24 @@ fn planned_batch_graph(
     Ok(Planned { fg, plan })
 }
 
+/// Whether tensor `name` belongs to a block past the model's `n_layers` (a
+/// multi-token-prediction layer a file may carry after them, which no graph reads and
+/// a model does not load).
+fn beyond_layers(name: &str, n_layers: usize) -> bool {
+    name.strip_prefix("blk.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|block| block.parse::<usize>().ok())
+        .is_some_and(|block| block >= n_layers)
+}
+
 /// The dtype and shape of every tensor of `file`, by name.
-fn raw_weight_descs<B: AsRef<[u8]>>(file: &Gguf<B>) -> HashMap<String, WeightDesc> {
+fn raw_weight_descs<B: AsRef<[u8]>>(
+    file: &Gguf<B>,
+    n_layers: usize,
+) -> HashMap<String, WeightDesc> {
     file.tensor_infos()
         .iter()
+        .filter(|t| !beyond_layers(t.name(), n_layers))
         .map(|t| {
             let name = t.name().to_string();
             (
@@ -1065,7 +1087,7 @@ fn raw_weight_descs<B: AsRef<[u8]>>(file: &Gguf<B>) -> HashMap<String, WeightDes
 /// of each of [`weight_stacks`] replaced by their stack.
 pub fn weight_descs<B: AsRef<[u8]>>(file: &Gguf<B>) -> Result<HashMap<String, WeightDesc>> {
     let config = ModelConfig::from_gguf(file)?;
-    let mut weights = raw_weight_descs(file);
+    let mut weights = raw_weight_descs(file, config.n_layers);
     apply_splits(&mut weights, &weight_splits(&config))?;
     stack_weights(&mut weights)?;
     Ok(weights)

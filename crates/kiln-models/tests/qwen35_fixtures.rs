@@ -378,8 +378,8 @@ fn load_error(file: &GgufFile) -> String {
 
 /// llama.cpp's converter may keep Qwen3.5's multi-token-prediction layer: a block
 /// after the model's own (`block_count` one more, `nextn_predict_layers` 1, its
-/// `blk.4.nextn.*` and attention tensors). kiln runs the model's own layers and gives
-/// the same logits; a file claiming every block for prediction layers is an error
+/// `blk.4.nextn.*` and attention tensors). kiln runs the model's own layers, holds
+/// none of the extra block's tensors, and gives the same logits; a file claiming every block for prediction layers is an error
 /// naming the key.
 #[test]
 fn a_multi_token_prediction_layer_in_the_file_is_left_out() {
@@ -405,6 +405,8 @@ fn a_multi_token_prediction_layer_in_the_file_is_left_out() {
     let mut plain = load(CpuBackend, &file);
     let mut model = load(CpuBackend, &with_mtp);
     assert_eq!(model.config().n_layers, 4);
+    // The prediction layer's tensors are not loaded.
+    assert_eq!(model.weight_bytes(), plain.weight_bytes());
     let logits = model.forward(&prompt.input_ids).unwrap();
     assert_eq!(logits, plain.forward(&prompt.input_ids).unwrap());
     assert!(nmse(&logits, &prompt.logits[0]) < 1e-10);
