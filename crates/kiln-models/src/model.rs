@@ -183,10 +183,9 @@ impl<BE: Backend> Model<BE> {
         let mut done = 0u64;
         let mut memory = HashMap::new();
         for (info, data) in file.shared_tensors() {
-            if stacked.contains(info.name())
-                || split_sources.contains(info.name())
-                || !raw.contains_key(info.name())
-            {
+            // Split sources and blocks past the layers are not weights; stacked parts
+            // are uploaded as their stack.
+            if stacked.contains(info.name()) || !raw.contains_key(info.name()) {
                 continue;
             }
             let buf = backend.share_weight(&data, info.dtype(), info.shape())?;
@@ -494,12 +493,6 @@ impl<BE: Backend> Model<BE> {
     /// chunk of [`Model::forward`] does. Each chunk projects the logits of its
     /// requested rows only (a bucket's: of its rows).
     pub fn forward_batch(&mut self, rows: &[BatchRow]) -> Result<Vec<f32>> {
-        if !self.recurrent.is_empty() {
-            return Err(Error::Unsupported(format!(
-                "batched steps of {} (its recurrent state holds one sequence); use Model::forward",
-                self.config.arch.name()
-            )));
-        }
         let positions = self.check_batch(rows)?;
         self.ensure_batch_buffers()?;
         let max_logits = BATCH_BUCKETS[BATCH_BUCKETS.len() - 1];
@@ -523,9 +516,16 @@ impl<BE: Backend> Model<BE> {
         Ok(logits)
     }
 
-    /// Each row's position, after checking that the batch can run.
+    /// Each row's position, after checking that the batch can run (a hybrid model's
+    /// recurrent state holds one sequence: it runs no batched step).
     fn check_batch(&self, rows: &[BatchRow]) -> Result<Vec<usize>> {
         const OP: &str = "forward_batch";
+        if !self.recurrent.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "batched steps of {} (its recurrent state holds one sequence); use Model::forward",
+                self.config.arch.name()
+            )));
+        }
         if rows.is_empty() {
             return Err(Error::invalid(OP, "no rows"));
         }
@@ -706,12 +706,6 @@ impl<BE: Backend> Model<BE> {
                     rows.len()
                 ),
             ));
-        }
-        if !self.recurrent.is_empty() {
-            return Err(Error::Unsupported(format!(
-                "batched steps of {} (its recurrent state holds one sequence)",
-                self.config.arch.name()
-            )));
         }
         let positions = self.check_batch(rows)?;
         self.ensure_batch_buffers()?;

@@ -501,6 +501,21 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
     })
 }
 
+/// The rows of one batched step running `b` prompts of `p` tokens: slot `s` takes
+/// `p` tokens of `tokens` from position `31 s` on (wrapping), its last row wanting
+/// logits.
+fn prompt_rows(tokens: &[u32], b: usize, p: usize) -> Vec<kiln_models::BatchRow> {
+    (0..b)
+        .flat_map(|slot| {
+            (0..p).map(move |i| kiln_models::BatchRow {
+                slot,
+                token: tokens[(slot * 31 + i) % tokens.len()],
+                logits: i + 1 == p,
+            })
+        })
+        .collect()
+}
+
 /// One `--batch` test: `b` sequences in slots `0..b`, each a prompt of `p` tokens (a
 /// window of `tokens` of its own), then `n` greedy tokens, over `reps` timed
 /// repetitions after a warm-up.
@@ -522,16 +537,7 @@ fn batched<BE: Backend>(
         }
         // Every prompt in one batched step (in the model's chunks); a one-token prompt
         // of each sequence's first token where p is 0.
-        let prompt = p.max(1);
-        let rows: Vec<BatchRow> = (0..b)
-            .flat_map(|slot| {
-                (0..prompt).map(move |i| BatchRow {
-                    slot,
-                    token: tokens[(slot * 31 + i) % tokens.len()],
-                    logits: i + 1 == prompt,
-                })
-            })
-            .collect();
+        let rows = prompt_rows(tokens, b, p.max(1));
         let t = Instant::now();
         let mut logits = model.forward_batch(&rows)?;
         let prompt_time = t.elapsed().as_secs_f64();
@@ -633,7 +639,7 @@ fn profile<BE: Backend>(
 }
 
 /// The profile of one batched step of `b` sequences (slots `0..b`), each at depth `p`
-/// after a prompt of `p` tokens (and warmed up by two steps at depths `p`, `p + 1`).
+/// after its prompt of `p` tokens (run as [`batched`] runs it).
 fn profile_batch<BE: Backend>(
     model: &mut Model<BE>,
     tokens: &[u32],
@@ -642,22 +648,20 @@ fn profile_batch<BE: Backend>(
     costs: &Costs,
 ) -> Result<Profile> {
     use kiln_models::BatchRow;
-    let rows = |depth: usize, logits: bool| -> Vec<BatchRow> {
-        (0..b)
-            .map(|slot| BatchRow {
-                slot,
-                token: tokens[(slot * 31 + depth) % tokens.len()],
-                logits,
-            })
-            .collect()
-    };
     for slot in 0..b {
         model.clear_slot(slot);
     }
-    for depth in 0..p {
-        model.forward_batch(&rows(depth, depth + 1 == p))?;
+    if p > 0 {
+        model.forward_batch(&prompt_rows(tokens, b, p))?;
     }
-    let (times, graph) = model.profile_batch(&rows(p, true))?;
+    let step: Vec<BatchRow> = (0..b)
+        .map(|slot| BatchRow {
+            slot,
+            token: tokens[(slot * 31 + p) % tokens.len()],
+            logits: true,
+        })
+        .collect();
+    let (times, graph) = model.profile_batch(&step)?;
     Ok(summarize(&times, &graph, b, p, costs))
 }
 

@@ -24,7 +24,8 @@ use super::common::{
 use super::{check_bytes, check_nonzero, check_packed, check_q8_copy, count, to_u32};
 
 use crate::constants::{
-    MATVEC_THREADS, MM_BM, MM_BN, MM_THREADS, MQ_BN, MQ_KT, MQ_WARPS, PACKED_PAD,
+    MATVEC_THREADS, MM_BM, MM_BN, MM_THREADS, MQ_BN, MQ_KT, MQ_WARPS, PACKED_PAD, Q8_1_BLOCK_BYTES,
+    Q8_1_BLOCK_ELEMS,
 };
 use crate::context::driver_error;
 use crate::family::Family;
@@ -106,8 +107,8 @@ pub fn q8_tensor_cores(dtype: DType) -> bool {
 /// each of one tile's blocks, and two tiles of the block's weight rows (each row's
 /// bytes padded to 4 words more than a multiple of 8 words).
 fn q8_shared_bytes(dtype: DType, m_tier: u32) -> u32 {
-    let blocks_x = MQ_KT / 32;
-    let row_words = blocks_x * 9 + 4;
+    let blocks_x = MQ_KT / Q8_1_BLOCK_ELEMS;
+    let row_words = blocks_x * (Q8_1_BLOCK_BYTES / 4) + 4;
     let words = MQ_KT / dtype.block_size() as u32 * dtype.block_bytes() as u32 / 4;
     let weight_stride = 4 * (words + (12 - words % 8) % 8);
     2 * m_tier * row_words * 4 + m_tier * blocks_x * 8 + 2 * MQ_BN * weight_stride
@@ -884,7 +885,7 @@ fn row_groups(
 ) -> Result<()> {
     let (m, n, k) = (plan.m as usize, plan.n as usize, plan.k as usize);
     // Bytes of one row of the copy (the plan checked whole blocks).
-    let q8_row = k / 32 * DType::Q8_1.block_bytes();
+    let q8_row = k / Q8_1_BLOCK_ELEMS as usize * Q8_1_BLOCK_BYTES as usize;
     for group in 0..plan.row_groups as usize {
         let first = group * MATVEC_MAX_ROWS;
         let rows = (m - first).min(MATVEC_MAX_ROWS);
