@@ -110,6 +110,18 @@ __device__ __forceinline__ int q8_1_quant(float v, float inv) {
     return __float2int_rz(roundf(v * inv));
 }
 
+// The first word of a Q8_1 block of scale d whose quants sum to `sum`: d as f16, then
+// s = d * sum as f16.
+__device__ __forceinline__ u32 q8_1_scales(float d, int sum) {
+    return (u32)f32_to_f16_bits(d) | ((u32)f32_to_f16_bits((float)sum * d) << 16);
+}
+
+// Quants q0 .. q3 packed one per byte, q0 lowest.
+__device__ __forceinline__ u32 q8_1_pack4(int q0, int q1, int q2, int q3) {
+    return __byte_perm(__byte_perm((u32)q0, (u32)q1, 0x0040u),
+                       __byte_perm((u32)q2, (u32)q3, 0x0040u), 0x5410u);
+}
+
 // Rounds the 32 values of a warp, lane i holding element i of the block, to the Q8_1
 // block at `block` (4-byte aligned). Every lane of the warp must call it. As on the
 // CPU, NaN values do not enter the maximum and round to 0.
@@ -127,8 +139,7 @@ __device__ __forceinline__ void store_q8_1_block(float v, u8* block) {
     }
     block[4 + lane] = (u8)q;
     if (lane == 0) {
-        const u32 ds = (u32)f32_to_f16_bits(d) | ((u32)f32_to_f16_bits((float)sum * d) << 16);
-        *reinterpret_cast<u32*>(block) = ds;
+        *reinterpret_cast<u32*>(block) = q8_1_scales(d, sum);
     }
 }
 
@@ -154,10 +165,7 @@ struct Q8_1Quad {
     int q0, q1, q2, q3;
 
     // The 4 quants packed one per byte, q0 lowest.
-    __device__ __forceinline__ u32 packed() const {
-        return __byte_perm(__byte_perm((u32)q0, (u32)q1, 0x0040u),
-                           __byte_perm((u32)q2, (u32)q3, 0x0040u), 0x5410u);
-    }
+    __device__ __forceinline__ u32 packed() const { return q8_1_pack4(q0, q1, q2, q3); }
 };
 
 __device__ __forceinline__ Q8_1Quad round_q8_1_quad(float4 v) {
@@ -184,8 +192,7 @@ __device__ __forceinline__ void store_q8_1_block4(float4 v, bool store, u8* bloc
         const u32 lane8 = threadIdx.x & 7u;
         *reinterpret_cast<u32*>(block + 4 + 4 * lane8) = r.packed();
         if (lane8 == 0) {
-            *reinterpret_cast<u32*>(block) =
-                (u32)f32_to_f16_bits(r.d) | ((u32)f32_to_f16_bits((float)sum * r.d) << 16);
+            *reinterpret_cast<u32*>(block) = q8_1_scales(r.d, sum);
         }
     }
 }
