@@ -324,6 +324,38 @@ fn q8_copies_are_q8_1_in_whole_blocks_of_the_right_size() {
 }
 
 #[test]
+fn an_embedding_copy_needs_rows_of_whole_q8_1_blocks() {
+    let mut g = Graph::new();
+    let ids = g.persistent("ids", I32, &[2]).unwrap();
+    let embedding = |g: &mut Graph, dim: usize, copy_elements: usize| {
+        let table = g
+            .persistent(format!("table{dim}"), F32, &[10, dim])
+            .unwrap();
+        let out = f32s(g, &format!("out{dim}"), &[2, dim]);
+        let q8 = g
+            .persistent(format!("q8_{dim}_{copy_elements}"), Q8_1, &[copy_elements])
+            .unwrap();
+        Embedding {
+            table,
+            ids,
+            out,
+            out_q8: Some(q8),
+            n_tokens: 2,
+            vocab: 10,
+            dim,
+        }
+    };
+    // 96 elements in rows of 48: the blocks of 32 would straddle rows.
+    let op = embedding(&mut g, 48, 96);
+    expect_invalid(&mut g, op, "embedding", &["out_q8", "48", "multiple of 32"]);
+    let op = embedding(&mut g, 64, 64);
+    expect_invalid(&mut g, op, "embedding", &["out_q8", "expected 128"]);
+    let op = embedding(&mut g, 64, 128);
+    assert_eq!(Op::from(op.clone()).outputs(), [op.out, op.out_q8.unwrap()]);
+    g.push(op).unwrap();
+}
+
+#[test]
 fn block_formats_need_whole_blocks() {
     let mut g = Graph::new();
     let err = g.persistent("w", Q4K, &[4, 100]).unwrap_err();

@@ -197,6 +197,43 @@ __device__ __forceinline__ void store_q8_1_block4(float4 v, bool store, u8* bloc
     }
 }
 
+// Rounds the 8 values v, elements 8 * (lane % 4) .. + 7 of a block of 32 held by 4
+// consecutive lanes (starting at a multiple of 4), to the Q8_1 block at `block` (4-byte
+// aligned) as store_q8_1_block does. Every lane of the warp must call it (the maximum
+// and the sum are shuffles within each 4 lanes); only lanes with `store` write, and a
+// block's 4 lanes must agree on it.
+__device__ __forceinline__ void store_q8_1_block8(const float (&v)[8], bool store, u8* block) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        amax = fmaxf(amax, fabsf(v[i]));
+    }
+    for (int offset = 2; offset > 0; offset >>= 1) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+    }
+    const float d = amax / 127.0f;
+    const float inv = q8_1_inverse(d);
+    int q[8];
+    int sum = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        q[i] = q8_1_quant(v[i], inv);
+        sum += q[i];
+    }
+    for (int offset = 2; offset > 0; offset >>= 1) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    }
+    if (store) {
+        const u32 lane4 = threadIdx.x & 3u;
+        u32* quants = reinterpret_cast<u32*>(block + 4 + 8 * lane4);
+        quants[0] = q8_1_pack4(q[0], q[1], q[2], q[3]);
+        quants[1] = q8_1_pack4(q[4], q[5], q[6], q[7]);
+        if (lane4 == 0) {
+            *reinterpret_cast<u32*>(block) = q8_1_scales(d, sum);
+        }
+    }
+}
+
 // Index of this thread in a one-dimensional grid, and the grid's stride.
 __device__ __forceinline__ u64 global_index() {
     return (u64)blockIdx.x * blockDim.x + threadIdx.x;

@@ -340,9 +340,10 @@ impl CudaBackend {
             }
             Op::Embedding(e) => {
                 let table = dtype(e.table)?;
-                bindings.with_operands(&[e.table, e.ids], &[e.out], |ins, outs| {
+                bindings.with_operands(&[e.table, e.ids], &op.outputs(), |ins, outs| {
+                    let (out, out_q8) = with_q8_copy(outs);
                     ops::embedding::embedding(
-                        self, ins[0], table, ins[1], outs[0], e.n_tokens, e.vocab, e.dim,
+                        self, ins[0], table, ins[1], out, out_q8, e.n_tokens, e.vocab, e.dim,
                     )
                 })?
             }

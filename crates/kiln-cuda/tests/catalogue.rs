@@ -39,6 +39,7 @@ fn embedding_and_matmul_have_kernels_for_every_weight_dtype_and_row_count() {
                 table,
                 ids,
                 out: rows,
+                out_q8: None,
                 n_tokens: 2,
                 vocab: 9,
                 dim: k,

@@ -1,10 +1,11 @@
-//! Embedding: the dispatch checks (no GPU needed) and parity with kiln-cpu on the GPU.
+//! Embedding: the dispatch checks (no GPU needed) and parity with kiln-cpu on the GPU,
+//! with its Q8_1 copy of `out`.
 
 mod common;
 mod kernels;
 use common::*;
 use kernels::*;
-use kiln_core::ops::{Embedding, WEIGHT_DTYPES};
+use kiln_core::ops::{Embedding, Q8_COPY, WEIGHT_DTYPES};
 use kiln_core::{Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::embedding::EmbeddingArgs;
@@ -20,6 +21,7 @@ fn args() -> EmbeddingArgs {
         table_packed: Some((DType::Q4_0, 64)),
         ids_bytes: 3 * 4,
         out_bytes: 3 * 64 * 4,
+        out_q8_bytes: None,
     }
 }
 
@@ -143,6 +145,48 @@ fn a_short_output_is_rejected() {
     );
 }
 
+#[test]
+fn a_copy_of_rows_that_are_not_whole_q8_1_blocks_is_rejected() {
+    let m = invalid(
+        EmbeddingArgs {
+            table: DType::F32,
+            dim: 48,
+            table_bytes: 10 * 48 * 4,
+            table_packed: None,
+            out_bytes: 3 * 48 * 4,
+            out_q8_bytes: Some(3 * 48 / 32 * 36),
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "embedding: out_q8: rows of 48 elements cannot be rounded to q8_1, which needs a \
+         multiple of 32"
+    );
+}
+
+#[test]
+fn a_short_copy_is_rejected() {
+    let m = invalid(
+        EmbeddingArgs {
+            out_q8_bytes: Some(6 * 36 - 1),
+            ..args()
+        }
+        .check(),
+    );
+    assert_eq!(
+        m,
+        "embedding: out_q8 needs 192 q8_1 elements (216 bytes), its buffer has 215 bytes"
+    );
+    assert!(EmbeddingArgs {
+        out_q8_bytes: Some(6 * 36),
+        ..args()
+    }
+    .check()
+    .is_ok());
+}
+
 /// Row lengths per dtype: one block (odd for the dense formats), and a round width.
 fn dims(dtype: DType) -> [usize; 2] {
     if dtype.is_quantized() {
@@ -169,6 +213,7 @@ fn embedding_matches_cpu_exactly_for_every_weight_dtype() {
                 table,
                 ids: id_buf,
                 out,
+                out_q8: None,
                 n_tokens,
                 vocab,
                 dim,
@@ -197,18 +242,22 @@ fn an_id_outside_the_vocabulary_gives_a_zero_row_on_the_gpu() {
     let table = device_weight(cuda, &table_bytes, DType::Q6K, &[vocab, dim]);
     let id_buf = device(cuda, &i32_bytes(&ids));
     let mut out = device(cuda, &poison(3 * dim * 4));
+    let q8_bytes = Q8_COPY.bytes_for(3 * dim).unwrap();
+    let mut q8 = device(cuda, &poison(q8_bytes));
     kiln_cuda::ops::embedding::embedding(
         cuda,
         &table,
         DType::Q6K,
         &id_buf,
         &mut out,
+        Some(&mut q8),
         3,
         vocab,
         dim,
     )
     .unwrap();
     let bytes = host(cuda, &out, 3 * dim * 4);
+    assert_q8_copy("zero rows", &bytes, &host(cuda, &q8, q8_bytes));
     let got = f32s(&bytes);
     let mut row = vec![0f32; dim];
     kiln_cpu::ops::embedding::embedding(&table_bytes, DType::Q6K, &[2], &mut row, vocab, dim)
@@ -218,4 +267,50 @@ fn an_id_outside_the_vocabulary_gives_a_zero_row_on_the_gpu() {
         got[dim..].iter().all(|&v| v == 0.0),
         "ids 4 and -1 give zeros"
     );
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_q8_1_copy_matches_cpu_exactly() {
+    let cuda = cuda();
+    let mut rng = rng("the_q8_1_copy_matches_cpu_exactly");
+    // Rows of one Q8_1 block (fewer threads than a warp), of a warp and a half, of
+    // several thread blocks; F32 and quantized tables; an odd number of tokens.
+    for (dtype, dim) in [
+        (DType::F32, 32),
+        (DType::F32, 4096),
+        (DType::Q8_0, 96),
+        (DType::Q4_0, 384),
+        (DType::Q4K, 768),
+        (DType::Q6K, 4096),
+    ] {
+        let (vocab, ids) = (1001, [1000, 0, 7, 999, 7]);
+        let n_tokens = ids.len();
+        let mut g = Graph::new();
+        let table = g.persistent("table", dtype, &[vocab, dim]).unwrap();
+        let id_buf = g.persistent("ids", DType::I32, &[n_tokens]).unwrap();
+        let out = g.persistent("out", DType::F32, &[n_tokens, dim]).unwrap();
+        let q8 = g.persistent("q8", Q8_COPY, &[n_tokens, dim]).unwrap();
+        g.push(Embedding {
+            table,
+            ids: id_buf,
+            out,
+            out_q8: Some(q8),
+            n_tokens,
+            vocab,
+            dim,
+        })
+        .unwrap();
+        let inputs = [
+            (table, encoded(&mut rng, dtype, vocab * dim)),
+            (id_buf, i32_bytes(&ids)),
+        ];
+        let want = run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap();
+        let got = run_on(cuda, &g, &inputs, &[out, q8], Aliasing::On).unwrap();
+        let what = format!("embedding {dtype} dim {dim}");
+        // The rows are exact (as without a copy), and the copy the CPU rounding of
+        // them: the CPU's bytes.
+        assert_eq!(got[0], want[0], "{what}: out");
+        assert_q8_copy(&what, &got[0], &got[1]);
+    }
 }

@@ -452,9 +452,20 @@ fn row_len(dtype: DType) -> usize {
 }
 
 fn embedding_cases(cases: &mut Vec<OpCase>) {
-    for dtype in WEIGHT_DTYPES {
-        let (vocab, dim, n_tokens) = (11, row_len(dtype), 5);
-        let label = format!("{dtype} vocab={vocab} dim={dim} tokens={n_tokens}");
+    // Every weight dtype at a row of a few blocks, then rows of whole Q8_1 blocks with
+    // their copy: a row shorter than a warp's chunks, a row of several thread blocks,
+    // and quantized tables.
+    let plain = WEIGHT_DTYPES.map(|dtype| (dtype, row_len(dtype), 5, false));
+    let copied = [
+        (DType::F32, 32, 1, true),
+        (DType::F32, 4096, 3, true),
+        (DType::Q4_0, 96, 7, true),
+        (DType::Q4K, 768, 5, true),
+    ];
+    for (dtype, dim, n_tokens, copy) in plain.into_iter().chain(copied) {
+        let vocab = 11;
+        let with = if copy { " out_q8" } else { "" };
+        let label = format!("{dtype} vocab={vocab} dim={dim} tokens={n_tokens}{with}");
         // Gathering copies decoded rows: exact.
         cases.push(OpCase::new("embedding", label, (0.0, 0.0), move |rng| {
             let mut b = Build::new();
@@ -469,10 +480,12 @@ fn embedding_cases(cases: &mut Vec<OpCase>) {
                 .flat_map(|&t| decoded[t as usize * dim..][..dim].to_vec())
                 .collect();
             let out = b.output("out", DType::F32, &[n_tokens, dim], Oracle::Values(want));
+            let out_q8 = b.q8_copy(copy, &[n_tokens, dim]);
             b.finish(Embedding {
                 table,
                 ids,
                 out,
+                out_q8,
                 n_tokens,
                 vocab,
                 dim,

@@ -749,7 +749,11 @@ fn op_bytes(op: &Op, graph: &Graph, kv_rows: usize, costs: &Costs) -> usize {
     };
     let embedding_rows = match op {
         // An embedding reads one row of its table per token, not the table.
-        Op::Embedding(e) => Some(bytes(&e.table) / e.vocab.max(1) * e.n_tokens + bytes(&e.out)),
+        Op::Embedding(e) => Some(
+            bytes(&e.table) / e.vocab.max(1) * e.n_tokens
+                + bytes(&e.out)
+                + e.out_q8.as_ref().map_or(0, bytes),
+        ),
         _ => None,
     };
     let unread_experts = match op {

@@ -1,4 +1,4 @@
-use super::{Checker, OpSpec};
+use super::{ids, Checker, OpSpec};
 use crate::{BufferId, DType, Graph, Result};
 
 /// Gathers rows of a (possibly quantized) matrix.
@@ -11,11 +11,15 @@ use crate::{BufferId, DType, Graph, Result};
 ///   outside that range with `InvalidArgument`; device backends write a zero row for
 ///   it rather than read out of bounds.
 /// - `out`: F32 `[n_tokens, dim]`.
+/// - `out_q8`: when given, Q8_1 `[n_tokens, dim]` (`dim` a multiple of 32) and receives
+///   `out` rounded to it ([`super::Q8_COPY`]): the copy a quantized mat-vec over the
+///   gathered rows reads.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Embedding {
     pub table: BufferId,
     pub ids: BufferId,
     pub out: BufferId,
+    pub out_q8: Option<BufferId>,
     pub n_tokens: usize,
     pub vocab: usize,
     pub dim: usize,
@@ -29,7 +33,7 @@ impl OpSpec for Embedding {
         vec![self.table, self.ids]
     }
     fn outputs(&self) -> Vec<BufferId> {
-        vec![self.out]
+        ids(&[self.out], &[self.out_q8])
     }
     fn validate(&self, graph: &Graph) -> Result<()> {
         let c = Checker::new(graph, self.name());
@@ -40,12 +44,8 @@ impl OpSpec for Embedding {
         ])?;
         c.weight("table", self.table, self.vocab, self.dim)?;
         c.buffer("ids", self.ids, &[DType::I32], self.n_tokens)?;
-        c.buffer(
-            "out",
-            self.out,
-            &[DType::F32],
-            c.count(&[self.n_tokens, self.dim])?,
-        )?;
-        Ok(())
+        let n = c.count(&[self.n_tokens, self.dim])?;
+        c.buffer("out", self.out, &[DType::F32], n)?;
+        c.q8_copy("out_q8", self.out_q8, n, self.dim)
     }
 }

@@ -1,4 +1,5 @@
-//! Reference for [`kiln_core::ops::Embedding`].
+//! Reference for [`kiln_core::ops::Embedding`]; its optional Q8_1 copy of `out` is
+//! [`super::write_q8_copy`].
 
 use crate::{Inputs, Outputs};
 use kiln_core::ops::Embedding;
@@ -35,6 +36,8 @@ pub(crate) fn execute(op: &Embedding, ins: &Inputs, outs: &mut Outputs) -> Resul
     let dtype = ins.dtype(op.table);
     let table = &ins.bytes(op.table)[..dtype.bytes_for(op.vocab * op.dim)?];
     let ids = ins.view::<i32>(op.ids, op.n_tokens);
-    let out = outs.view_mut::<f32>(op.out, op.n_tokens * op.dim);
-    embedding(table, dtype, ids, out, op.vocab, op.dim)
+    let n = op.n_tokens * op.dim;
+    let out = outs.view_mut::<f32>(op.out, n);
+    embedding(table, dtype, ids, out, op.vocab, op.dim)?;
+    super::write_q8_copy(outs, op.out, op.out_q8, n)
 }

@@ -5,7 +5,7 @@ use kiln_core::ops::WEIGHT_DTYPES;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::common::{config, grid_dim, launch, weight_tag, MAX_GRID_X, MAX_GRID_YZ};
-use super::{check_bytes, check_nonzero, check_packed, count, to_u32};
+use super::{check_bytes, check_nonzero, check_packed, check_q8_copy, count, to_u32};
 use crate::family::Family;
 use crate::launch::KernelArgs;
 use crate::registry::{KernelSource, KernelSpec};
@@ -22,7 +22,8 @@ pub const EMBEDDING: Family = Family {
 
 const OP: &str = "embedding";
 
-/// Threads per block; each decodes 8 elements of a row.
+/// Threads per block (whole warps, which the Q8_1 copy needs); each decodes 8
+/// elements of a row.
 const THREADS: u32 = 128;
 
 /// The specialisation gathering rows of a `table` dtype (any of
@@ -54,6 +55,9 @@ pub struct EmbeddingArgs {
     pub table_packed: Option<(DType, usize)>,
     pub ids_bytes: usize,
     pub out_bytes: usize,
+    /// The size of the Q8_1 copy of `out` ([`kiln_core::ops::Q8_COPY`]), when there is
+    /// one.
+    pub out_q8_bytes: Option<usize>,
 }
 
 /// A checked embedding launch.
@@ -69,7 +73,8 @@ pub struct EmbeddingPlan {
 impl EmbeddingArgs {
     /// Checks every argument against the kernel's contract: non-zero sizes, a weight
     /// dtype whose blocks divide `dim`, buffers holding `vocab x dim` table elements,
-    /// `n_tokens` I32 ids and `n_tokens x dim` F32 outputs, and grid limits.
+    /// `n_tokens` I32 ids and `n_tokens x dim` F32 outputs, a Q8_1 copy (when given)
+    /// of `n_tokens x dim` elements with `dim` a multiple of 32, and grid limits.
     pub fn check(&self) -> Result<EmbeddingPlan> {
         check_nonzero(
             OP,
@@ -101,6 +106,7 @@ impl EmbeddingArgs {
         check_bytes(OP, "ids", self.ids_bytes, DType::I32, self.n_tokens)?;
         let out = count(OP, &[self.n_tokens, self.dim])?;
         check_bytes(OP, "out", self.out_bytes, DType::F32, out)?;
+        check_q8_copy(OP, "out_q8", self.out_q8_bytes, out, self.dim)?;
         let tokens = grid_dim(OP, "n_tokens", self.n_tokens, MAX_GRID_X)?;
         let chunks = self.dim.div_ceil(8).div_ceil(THREADS as usize);
         let chunks = grid_dim(OP, "a row", chunks, MAX_GRID_YZ)?;
@@ -114,8 +120,9 @@ impl EmbeddingArgs {
     }
 }
 
-/// `out[t, :] = dequantize(table[ids[t], :])` for `n_tokens` ids, as
-/// [`kiln_core::ops::Embedding`] defines; an id outside `0..vocab` gives a zero row.
+/// `out[t, :] = dequantize(table[ids[t], :])` for `n_tokens` ids, and `out` rounded
+/// to Q8_1 into `out_q8` when given, as [`kiln_core::ops::Embedding`] defines; an id
+/// outside `0..vocab` gives a zero row.
 #[allow(clippy::too_many_arguments)] // the op's operands and shape, each named
 pub fn embedding(
     backend: &CudaBackend,
@@ -123,6 +130,7 @@ pub fn embedding(
     dtype: DType,
     ids: &CudaBuffer,
     out: &mut CudaBuffer,
+    out_q8: Option<&mut CudaBuffer>,
     n_tokens: usize,
     vocab: usize,
     dim: usize,
@@ -136,6 +144,7 @@ pub fn embedding(
         table_packed: table.packed(),
         ids_bytes: ids.bytes(),
         out_bytes: out.bytes(),
+        out_q8_bytes: out_q8.as_ref().map(|q| q.bytes()),
     }
     .check()?;
     let kernel = backend.kernel(&plan.spec)?;
@@ -143,12 +152,14 @@ pub fn embedding(
     args.arg(table.slice())
         .arg(ids.slice())
         .arg(out.slice_mut())
+        .arg(out_q8.map(|q| q.slice_mut()))
         .arg(&plan.vocab)
         .arg(&plan.dim)
         .arg(&plan.row_bytes);
     // SAFETY: the arguments match `kiln::embedding<W>(const u8* table, const int* ids,
-    // float* out, u32 vocab, u32 dim, u64 row_bytes)`; the buffers hold the table,
-    // the ids and the output (checked), and the kernel reads table rows only for ids
-    // in 0..vocab.
+    // float* out, u8* out_q8, u32 vocab, u32 dim, u64 row_bytes)`; the buffers hold the
+    // table, the ids and the output, out_q8 is null or holds n_tokens * dim / 32 Q8_1
+    // blocks with dim a multiple of 32 (checked), and the kernel reads table rows only
+    // for ids in 0..vocab.
     unsafe { launch(&kernel, &mut args, plan.config) }
 }
