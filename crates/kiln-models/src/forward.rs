@@ -298,28 +298,36 @@ fn build_graph(
         });
     }
     // One token: the head reads the final norm (and its Q8_1 copy). Several: the
-    // gathered rows of it (the last, or a batch's listed rows).
+    // gathered rows of it (the last, or a batch's listed rows), and the gather writes
+    // the copy the norm would have.
     let head = if config.tied_embeddings {
         "token_embd.weight"
     } else {
         "output.weight"
     };
     let head_copy = b.quantized(&[head.to_string()]);
-    let (_, normed) = b.residual_norm(resid, branch, "output_norm.weight", "out", head_copy)?;
-    let last = if t == 1 && n_logits == 1 {
-        normed
-    } else {
-        let last = b.g.transient("last_hidden", DType::F32, &[n_logits, d])?;
+    let gather = t > 1 || n_logits > 1;
+    let (_, normed) = b.residual_norm(
+        resid,
+        branch,
+        "output_norm.weight",
+        "out",
+        head_copy && !gather,
+    )?;
+    let last = if gather {
+        let last = b.rows_with_copy("last_hidden", n_logits, d, head_copy)?;
         b.g.push(Embedding {
             table: normed.x,
             ids: last_row,
-            out: last,
-            out_q8: None,
+            out: last.x,
+            out_q8: last.q8,
             n_tokens: n_logits,
             vocab: t,
             dim: d,
         })?;
-        Act::from(last)
+        last
+    } else {
+        normed
     };
     let out_w = if config.tied_embeddings {
         embd
@@ -426,11 +434,17 @@ impl Builder<'_> {
     /// the width allows it, a Q8_1 copy for the mat-vecs that read it
     /// ([`kiln_core::ops::Q8_COPY`]; the prefill mat-mat does not read one).
     fn act_with_copy(&mut self, name: &str, width: usize, copy: bool) -> Result<Act> {
-        let x = self.act(name, width)?;
+        self.rows_with_copy(name, self.t, width, copy)
+    }
+
+    /// As [`Builder::act_with_copy`], for an activation of `rows` rows (the copy still
+    /// decided by the graph's number of tokens).
+    fn rows_with_copy(&mut self, name: &str, rows: usize, width: usize, copy: bool) -> Result<Act> {
+        let x = self.g.transient(name, DType::F32, &[rows, width])?;
         let q8 = if copy && self.t <= self.copy_rows && width % Q8_COPY.block_size() == 0 {
             Some(
                 self.g
-                    .transient(format!("{name}.q8"), Q8_COPY, &[self.t, width])?,
+                    .transient(format!("{name}.q8"), Q8_COPY, &[rows, width])?,
             )
         } else {
             None

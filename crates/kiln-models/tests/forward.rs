@@ -810,6 +810,9 @@ fn forward_sample_checks_its_arguments_and_keeps_the_logits() {
 #[test]
 fn decode_graphs_give_the_projections_q8_copies_written_beside_their_inputs() {
     use kiln_core::ops::{Op, Q8_COPY};
+    use kiln_models::forward::{build_batch, CacheSpec, ForwardGraph, BATCH_COPY_ROWS};
+    use kiln_models::model::weight_descs;
+    use kiln_models::ModelConfig;
     // Block-format matrices: their products read copies (float ones do not).
     let q8_0 = |name: &str| {
         let matrix = ["attn_", "ffn_", "output.weight", "token_embd"]
@@ -835,39 +838,73 @@ fn decode_graphs_give_the_projections_q8_copies_written_beside_their_inputs() {
         kv: 1,
         ..head_dim_8
     };
-    for (s, per_layer) in [(head_dim_8, 3), (head_dim_32, 4)] {
-        let model = load_on(
-            Stacking,
-            &gguf_bytes_as(&s, &random_weights(&s, &mut seeded()), q8_0),
-            DType::F32,
-        );
-        let copies = |n_tokens| {
-            let f = model.graph(n_tokens).unwrap();
-            let ops = f.graph.ops();
-            let mut read = 0;
-            for (i, op) in ops.iter().enumerate() {
-                let Op::MatMul(m) = op else { continue };
-                let Some(q8) = m.x_q8 else { continue };
-                read += 1;
-                assert_eq!(f.graph.desc(q8).unwrap().dtype, Q8_COPY);
-                // The last op before it that writes the copy also writes x.
-                let writer = ops[..i]
-                    .iter()
-                    .rev()
-                    .find(|w| w.outputs().contains(&q8))
-                    .expect("a copy has a writer");
-                assert!(
-                    writer.outputs().contains(&m.x),
-                    "{writer:?} writes the copy of another x"
-                );
+    // The copies the products of `f` read, each written beside the x it rounds, and
+    // the op that writes the head's copy; a graph makes no copy it does not read.
+    let copies = |f: &ForwardGraph| {
+        let ops = f.graph.ops();
+        let mut read = 0;
+        let mut head = None;
+        for (i, op) in ops.iter().enumerate() {
+            let Op::MatMul(m) = op else { continue };
+            let Some(q8) = m.x_q8 else { continue };
+            read += 1;
+            assert_eq!(f.graph.desc(q8).unwrap().dtype, Q8_COPY);
+            // The last op before it that writes the copy also writes x.
+            let writer = ops[..i]
+                .iter()
+                .rev()
+                .find(|w| w.outputs().contains(&q8))
+                .expect("a copy has a writer");
+            assert!(
+                writer.outputs().contains(&m.x),
+                "{writer:?} writes the copy of another x"
+            );
+            if m.out == f.logits {
+                head = Some(writer.variant());
             }
-            read
-        };
+        }
+        let made = f.graph.buffers().iter().filter(|b| b.dtype == Q8_COPY);
+        assert_eq!(made.count(), read, "copies made that no product reads");
+        (read, head)
+    };
+    for (s, per_layer) in [(head_dim_8, 3), (head_dim_32, 4)] {
+        let bytes = gguf_bytes_as(&s, &random_weights(&s, &mut seeded()), q8_0);
+        let model = load_on(Stacking, &bytes, DType::F32);
         // The stacked q-k-v and gate-up projections and down of each layer (and the
-        // attention output), and the head.
-        assert_eq!(copies(1), per_layer * s.layers + 1, "{s:?}");
+        // attention output), and the head, which reads the final norm's copy.
+        let decode = per_layer * s.layers + 1;
+        let graph = |n_tokens| model.graph(n_tokens).unwrap();
+        assert_eq!(copies(&graph(1)), (decode, Some("AddRmsNorm")), "{s:?}");
         // The prefill mat-mat does not read copies, so prefill graphs have none.
-        assert_eq!(copies(3), 0, "{s:?}");
+        assert_eq!(copies(&graph(3)), (0, None), "{s:?}");
+
+        // Batched steps of up to BATCH_COPY_ROWS tokens read them as a token does; the
+        // head reads the copy of the rows it gathers.
+        let file = Gguf::from_shared(SharedBytes::new(bytes), "test.gguf").unwrap();
+        let config = ModelConfig::from_gguf(&file).unwrap();
+        let weights = weight_descs(&file).unwrap();
+        let weight = |name: &str| {
+            weights
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::format("test", format!("no tensor {name}")))
+        };
+        let cache = CacheSpec {
+            capacity: 96,
+            dtype: DType::F32,
+            slots: 2,
+        };
+        let batch =
+            |n_tokens, n_logits| build_batch(&config, &weight, n_tokens, n_logits, cache).unwrap();
+        assert_eq!(copies(&batch(1, 1)), (decode, Some("AddRmsNorm")), "{s:?}");
+        for (n_tokens, n_logits) in [(3, 2), (5, 1), (BATCH_COPY_ROWS, 7)] {
+            assert_eq!(
+                copies(&batch(n_tokens, n_logits)),
+                (decode, Some("Embedding")),
+                "{s:?}: {n_tokens} tokens, {n_logits} logits"
+            );
+        }
+        assert_eq!(copies(&batch(BATCH_COPY_ROWS + 1, 3)), (0, None), "{s:?}");
     }
     // Float weights read none: their graphs make none.
     let s = specs()[0];
