@@ -236,16 +236,24 @@ __global__ void dequant_bf16(const u8* __restrict__ w, u16* __restrict__ out, u3
     }
 }
 
-// d = a b for one m16n8k32 tile of signed bytes: a row-major 16x32, b column-major
-// 32x8, d 16x8 s32, in the fragment layouts of the PTX ISA (register i of a holds row
-// g (+8 for odd i), columns 4q .. 4q + 3 (+16 for i >= 2); register j of b holds rows
-// 4q .. 4q + 3 (+16 for j = 1) of column g; d as mma_bf16_16816's).
+// The integer dot products of matmul_q8 become f32 without a conversion instruction
+// (I2F issues at a sixteenth of the FMA rate on sm_90): the product starts from
+// MQ_MAGIC, the bits of the f32 1.5 * 2^23, so that the integer sum MQ_MAGIC + dot,
+// read as f32, is 1.5 * 2^23 + dot exactly for |dot| < 2^22 (a group's dot is at most
+// 32 * 128 * 128 = 2^19 in magnitude); subtracting MQ_MAGIC_F leaves dot.
+constexpr u32 MQ_MAGIC = 0x4B400000u;
+constexpr float MQ_MAGIC_F = 12582912.0f;
+
+// d = MQ_MAGIC + a b for one m16n8k32 tile of signed bytes: a row-major 16x32, b
+// column-major 32x8, d 16x8 s32, in the fragment layouts of the PTX ISA (register i of
+// a holds row g (+8 for odd i), columns 4q .. 4q + 3 (+16 for i >= 2); register j of b
+// holds rows 4q .. 4q + 3 (+16 for j = 1) of column g; d as mma_bf16_16816's).
 __device__ __forceinline__ void mma_s8_16832(int (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
     asm volatile(
         "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};\n"
         : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(MQ_MAGIC));
 }
 
 // Run r of unit t as 4 signed bytes: the quants less W::BIAS (which then needs no
@@ -262,7 +270,8 @@ __device__ __forceinline__ u32 signed_run(const typename W::Unit& t, u32 r) {
 
 // Q8_1 blocks of x per tile of matmul_q8, and the words of one token's tile in shared
 // memory: per block its (d, s) word and 8 words of quants, then 4 words of padding,
-// which put the 8 tokens a B fragment reads 12 banks apart (conflict-free).
+// which put the 8 tokens a B fragment reads 12 banks apart (conflict-free) and keep
+// each token's tile at a multiple of 16 bytes.
 constexpr u32 MQ_KB = MQ_KT / Q8_1_BLOCK_ELEMS;
 constexpr u32 MQ_BLOCK_WORDS = Q8_1_BLOCK_BYTES / 4;
 constexpr u32 MQ_ROW_WORDS = MQ_KB * MQ_BLOCK_WORDS + 4;
@@ -312,20 +321,23 @@ __host__ __device__ constexpr u32 mq_shared_bytes() {
 
 // matmul_q8: out = x_q8 · Wᵀ (+ bias) for m rows of x's Q8_1 copy and a weight in the
 // planes layout whose scale groups are 32 elements, on tensor cores in 8-bit integers.
-// A block of MQ_WARPS warps owns weight rows MQ_BN bx .. (warp w rows 16 w .. 16 w + 15
-// of them) and tokens 8 NT by .. + 8 NT - 1, over tiles z T .. (z + 1) T of k
-// (T = tiles_per_split, z = bz; each tile MQ_KT elements).
-// - Each tile of x (raw Q8_1 blocks of the block's tokens) and of the block's weight
-//   rows is copied to shared memory with cp.async, the next tile's copies in flight
-//   while one is multiplied; then each (token, block) of x gets its scale d (the f16
-//   widened) and d times the sum of its quants, as f32 (tokens past m: zeros).
-// - Per scale group, one mma.sync.m16n8k32 per 8 tokens gives every (row, token)
-//   integer dot product of the group's quants exactly (A: the weight's runs as signed
-//   bytes, run 8h + q in register 0 / 1 and 8h + 4 + q in 2 / 3, which are elements
-//   4q .. and 16 + 4q .. of the group, as quant.cuh's runs of a group are in element
-//   order; B: the same elements of x's quants). The f32 accumulator adds
-//   scale * d * dot (+ zero * d * sum for affine formats): the terms of the definition's
-//   sum of x_q8 values times weight values, summed in another order.
+// A block of MQ_WARPS warps owns weight rows MQ_BN bx .. (warp w the MQ_ROW_TILES tiles
+// of 16 rows from 16 MQ_ROW_TILES w) and tokens 8 NT by .. + 8 NT - 1, over tiles
+// z T .. (z + 1) T of k (T = tiles_per_split, z = bz; each tile MQ_KT elements).
+// - Each tile of x (raw Q8_1 blocks of the block's tokens; 16-byte copies when every
+//   token's tile starts at a multiple of 16 bytes, k a multiple of 128) and of the
+//   block's weight rows is copied to shared memory with cp.async, the next tile's
+//   copies in flight while one is multiplied; then each (token, block) of x gets its
+//   scale d (the f16 widened) and, for affine formats, d times the sum of its quants,
+//   as f32 (tokens past m: zeros).
+// - Per scale group, one mma.sync.m16n8k32 per 8 tokens and row tile gives every (row,
+//   token) integer dot product of the group's quants exactly (A: the weight's runs as
+//   signed bytes, run 8h + q in register 0 / 1 and 8h + 4 + q in 2 / 3, which are
+//   elements 4q .. and 16 + 4q .. of the group, as quant.cuh's runs of a group are in
+//   element order; B: the same elements of x's quants, read once for the warp's row
+//   tiles). The f32 accumulator adds scale * d * dot (+ zero * d * sum for affine
+//   formats): the terms of the definition's sum of x_q8 values times weight values,
+//   summed in another order.
 // - With gridDim.z == 1 the block writes out (+ bias); else its partial sums go to
 //   work[bz][m][n] and matmul_q8_reduce adds the splits in order.
 template <typename W, u32 NT, bool ALIGNED>
@@ -338,10 +350,12 @@ __global__ void __launch_bounds__(MQ_WARPS * 32)
                   "whole blocks per tile, whole units per block");
     static_assert(W::BIAS != 0 || W::SMALL_QUANTS, "quants fit signed bytes");
     constexpr u32 MT = 8 * NT;
+    constexpr u32 RT = MQ_ROW_TILES;
     constexpr u32 THREADS = MQ_WARPS * 32;
     constexpr u32 GROUPS = W::UNIT_ELEMS / 32;
     constexpr u32 TB = mq_tile_blocks<W>();
     constexpr u32 W_STRIDE = mq_weight_stride<W>();
+    constexpr u32 X_CHUNKS = MQ_KB * Q8_1_BLOCK_BYTES / 16;  // 16-byte pieces of a token's tile
     extern __shared__ __align__(16) u8 mq_shared[];
     u32* xs = reinterpret_cast<u32*>(mq_shared);                   // [2][MT * MQ_ROW_WORDS]
     float2* xd = reinterpret_cast<float2*>(xs + 2 * MT * MQ_ROW_WORDS);  // [MT * MQ_KB]
@@ -353,23 +367,38 @@ __global__ void __launch_bounds__(MQ_WARPS * 32)
     const u32 q = lane & 3u;
     const u32 m0 = blockIdx.y * MT;
     const u32 n0 = blockIdx.x * MQ_BN;
-    const u32 row0 = n0 + 16 * warp + g;
     const u32 nb = k / W::BLOCK_ELEMS;
     const u32 k_blocks = k / Q8_1_BLOCK_ELEMS;
     const u32 n_tiles = (k + MQ_KT - 1) / MQ_KT;
     const u32 first = blockIdx.z * tiles_per_split;
     const u32 last = min(first + tiles_per_split, n_tiles);
+    const bool x_wide = k_blocks % 4 == 0 && (reinterpret_cast<u64>(xq8) & 15u) == 0;
 
     auto stage = [&](u32 tile, u32 buf) {
         const u32 kb0 = tile * MQ_KB;
-        const u32 words = min(MQ_KB, k_blocks - kb0) * MQ_BLOCK_WORDS;
+        const u32 blocks = min(MQ_KB, k_blocks - kb0);
         u32* x_tile = xs + buf * MT * MQ_ROW_WORDS;
-        for (u32 i = threadIdx.x; i < MT * words; i += THREADS) {
-            const u32 t = i / words;
-            const u32 j = i - t * words;
-            if (m0 + t < m) {
-                copy_async<4>(reinterpret_cast<u8*>(x_tile + t * MQ_ROW_WORDS + j),
-                              xq8 + ((u64)(m0 + t) * k_blocks + kb0) * Q8_1_BLOCK_BYTES + 4 * j);
+        const u8* x_from = xq8 + ((u64)m0 * k_blocks + kb0) * Q8_1_BLOCK_BYTES;
+        const u64 x_row = (u64)k_blocks * Q8_1_BLOCK_BYTES;
+        if (x_wide) {
+            const u32 chunks = blocks * X_CHUNKS / MQ_KB;
+            for (u32 i = threadIdx.x; i < MT * chunks; i += THREADS) {
+                const u32 t = i / chunks;
+                const u32 c = i - t * chunks;
+                if (m0 + t < m) {
+                    copy_async<16>(reinterpret_cast<u8*>(x_tile + t * MQ_ROW_WORDS) + 16 * c,
+                                   x_from + t * x_row + 16 * c);
+                }
+            }
+        } else {
+            const u32 words = blocks * MQ_BLOCK_WORDS;
+            for (u32 i = threadIdx.x; i < MT * words; i += THREADS) {
+                const u32 t = i / words;
+                const u32 j = i - t * words;
+                if (m0 + t < m) {
+                    copy_async<4>(reinterpret_cast<u8*>(x_tile + t * MQ_ROW_WORDS + j),
+                                  x_from + t * x_row + 4 * j);
+                }
             }
         }
         const u32 tb0 = tile * TB;
@@ -383,11 +412,13 @@ __global__ void __launch_bounds__(MQ_WARPS * 32)
         commit_copies();
     };
 
-    float acc[NT][4];
+    float acc[RT][NT][4];
 #pragma unroll
-    for (u32 j = 0; j < NT; ++j)
+    for (u32 i = 0; i < RT; ++i)
 #pragma unroll
-        for (u32 c = 0; c < 4; ++c) acc[j][c] = 0.0f;
+        for (u32 j = 0; j < NT; ++j)
+#pragma unroll
+            for (u32 c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
 
     if (first < last) {
         stage(first, 0);
@@ -409,46 +440,62 @@ __global__ void __launch_bounds__(MQ_WARPS * 32)
             const u32* block = x_tile + t * MQ_ROW_WORDS + b * MQ_BLOCK_WORDS;
             float2 v = make_float2(0.0f, 0.0f);
             if (m0 + t < m) {
-                int sum = 0;
-#pragma unroll
-                for (u32 j = 1; j < MQ_BLOCK_WORDS; ++j) sum = __dp4a((int)block[j], 0x01010101, sum);
                 v.x = f16_bits_to_f32((u16)(block[0] & 0xffffu));
-                v.y = v.x * (float)sum;
+                if constexpr (W::AFFINE) {
+                    int sum = 0;
+#pragma unroll
+                    for (u32 j = 1; j < MQ_BLOCK_WORDS; ++j) sum = __dp4a((int)block[j], 0x01010101, sum);
+                    v.y = v.x * (float)sum;
+                }
             }
             xd[t * MQ_KB + b] = v;
         }
         __syncthreads();
-        const u8* w_tile = ws + buf * MQ_BN * W_STRIDE;
-        const u8* w_lo = w_tile + (16 * warp + g) * W_STRIDE;
-        const u8* w_hi = w_lo + 8 * W_STRIDE;
+        const u8* w_tile = ws + buf * MQ_BN * W_STRIDE + (16 * RT * warp + g) * W_STRIDE;
         const u32 units = blocks * Q8_1_BLOCK_ELEMS / W::UNIT_ELEMS;
         for (u32 u = 0; u < units; ++u) {
-            const typename W::Unit lo = W::template load_unit<16>(w_lo, TB, u);
-            const typename W::Unit hi = W::template load_unit<16>(w_hi, TB, u);
+            typename W::Unit lo[RT], hi[RT];
+#pragma unroll
+            for (u32 i = 0; i < RT; ++i) {
+                lo[i] = W::template load_unit<16>(w_tile + 16 * i * W_STRIDE, TB, u);
+                hi[i] = W::template load_unit<16>(w_tile + (16 * i + 8) * W_STRIDE, TB, u);
+            }
 #pragma unroll
             for (u32 h = 0; h < GROUPS; ++h) {
-                const u32 a[4] = {signed_run<W>(lo, 8 * h + q), signed_run<W>(hi, 8 * h + q),
-                                  signed_run<W>(lo, 8 * h + 4 + q), signed_run<W>(hi, 8 * h + 4 + q)};
-                float scale[2], zero[2];
-                W::group(lo, h, scale[0], zero[0]);
-                W::group(hi, h, scale[1], zero[1]);
+                u32 a[RT][4];
+                float scale[RT][2], zero[RT][2];
+#pragma unroll
+                for (u32 i = 0; i < RT; ++i) {
+                    a[i][0] = signed_run<W>(lo[i], 8 * h + q);
+                    a[i][1] = signed_run<W>(hi[i], 8 * h + q);
+                    a[i][2] = signed_run<W>(lo[i], 8 * h + 4 + q);
+                    a[i][3] = signed_run<W>(hi[i], 8 * h + 4 + q);
+                    W::group(lo[i], h, scale[i][0], zero[i][0]);
+                    W::group(hi[i], h, scale[i][1], zero[i][1]);
+                }
                 // This group's x block within the tile.
                 const u32 b = (u * W::UNIT_ELEMS + 32 * h) / Q8_1_BLOCK_ELEMS;
 #pragma unroll
                 for (u32 j = 0; j < NT; ++j) {
                     const u32* xrow = x_tile + (8 * j + g) * MQ_ROW_WORDS + b * MQ_BLOCK_WORDS + 1;
                     const u32 bq[2] = {xrow[q], xrow[4 + q]};
-                    int dot[4];
-                    mma_s8_16832(dot, a, bq);
+                    const float2 xv[2] = {xd[(8 * j + 2 * q) * MQ_KB + b],
+                                          xd[(8 * j + 2 * q + 1) * MQ_KB + b]};
 #pragma unroll
-                    for (u32 c = 0; c < 4; ++c) {
-                        const float2 x = xd[(8 * j + 2 * q + (c & 1)) * MQ_KB + b];
-                        const u32 r = c >> 1;
-                        float v = fmaf(scale[r] * x.x, (float)dot[c], acc[j][c]);
-                        if constexpr (W::AFFINE) {
-                            v = fmaf(zero[r], x.y, v);
+                    for (u32 i = 0; i < RT; ++i) {
+                        int dot[4];
+                        mma_s8_16832(dot, a[i], bq);
+#pragma unroll
+                        for (u32 c = 0; c < 4; ++c) {
+                            const float2 x = xv[c & 1];
+                            const u32 r = c >> 1;
+                            const float d = __int_as_float(dot[c]) - MQ_MAGIC_F;
+                            float v = fmaf(scale[i][r] * x.x, d, acc[i][j][c]);
+                            if constexpr (W::AFFINE) {
+                                v = fmaf(zero[i][r], x.y, v);
+                            }
+                            acc[i][j][c] = v;
                         }
-                        acc[j][c] = v;
                     }
                 }
             }
@@ -456,19 +503,22 @@ __global__ void __launch_bounds__(MQ_WARPS * 32)
         __syncthreads();  // before the next copies reuse this tile's buffers
     }
 
-    // Accumulator c of token tile j holds weight row row0 (+8 for c >= 2), token
-    // m0 + 8j + 2q + (c & 1).
+    // Accumulator c of row tile i and token tile j holds weight row
+    // n0 + 16 (RT warp + i) + g (+8 for c >= 2), token m0 + 8j + 2q + (c & 1).
 #pragma unroll
-    for (u32 j = 0; j < NT; ++j) {
+    for (u32 i = 0; i < RT; ++i) {
 #pragma unroll
-        for (u32 c = 0; c < 4; ++c) {
-            const u32 row = row0 + (c >= 2 ? 8 : 0);
-            const u32 token = m0 + 8 * j + 2 * q + (c & 1);
-            if (row < n && token < m) {
-                if (gridDim.z == 1) {
-                    out[(u64)token * n + row] = bias ? acc[j][c] + bias[row] : acc[j][c];
-                } else {
-                    work[((u64)blockIdx.z * m + token) * n + row] = acc[j][c];
+        for (u32 j = 0; j < NT; ++j) {
+#pragma unroll
+            for (u32 c = 0; c < 4; ++c) {
+                const u32 row = n0 + 16 * (RT * warp + i) + g + (c >= 2 ? 8 : 0);
+                const u32 token = m0 + 8 * j + 2 * q + (c & 1);
+                if (row < n && token < m) {
+                    if (gridDim.z == 1) {
+                        out[(u64)token * n + row] = bias ? acc[i][j][c] + bias[row] : acc[i][j][c];
+                    } else {
+                        work[((u64)blockIdx.z * m + token) * n + row] = acc[i][j][c];
+                    }
                 }
             }
         }

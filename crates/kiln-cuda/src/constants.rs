@@ -35,10 +35,12 @@ shared_constants! {
     MM_THREADS = 128;
     MM_BM = 64;
     MM_BN = 64;
-    /// Warps per block of the 8-bit tensor-core product (16 weight rows each), the
-    /// weight rows of its block, and the elements of k its x tiles hold.
+    /// The 8-bit tensor-core product: warps per block, tiles of 16 weight rows per
+    /// warp (each x fragment read from shared memory feeds one product per tile), the
+    /// weight rows of a block, and the elements of k its tiles hold.
     MQ_WARPS = 4;
-    MQ_BN = 16 * MQ_WARPS;
+    MQ_ROW_TILES = 2;
+    MQ_BN = 16 * MQ_ROW_TILES * MQ_WARPS;
     MQ_KT = 256;
     /// Threads of the one block that groups an expert-routed mat-mat's slots by expert.
     MOE_GROUP_THREADS = 1024;

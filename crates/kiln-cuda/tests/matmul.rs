@@ -590,13 +590,14 @@ fn products_of_three_rows_and_more_with_a_copy_run_on_the_8_bit_tensor_core_kern
             plan.spec.key,
             format!("matmul_q8|w=q4_k|m={m_tier}|aligned=1")
         );
-        // 64 weight rows per block; the splits of k are the launch's (the device's).
-        assert_eq!(plan.config.grid_dim, (4096 / 64, tiles, 1), "m = {m}");
+        // 128 weight rows per block (4 warps of two 16-row tiles); the splits of k are
+        // the launch's (the device's).
+        assert_eq!(plan.config.grid_dim, (4096 / 128, tiles, 1), "m = {m}");
         assert_eq!(plan.config.block_dim, (128, 1, 1));
-        // Two tiles of x (76 words per row) and their scales; two tiles of 64 Q4_K
+        // Two tiles of x (76 words per row) and their scales; two tiles of 128 Q4_K
         // rows of one 144-byte block.
         let x_bytes = 2 * m_tier * 76 * 4 + m_tier * 8 * 8;
-        assert_eq!(plan.config.shared_mem_bytes, x_bytes + 2 * 64 * 144);
+        assert_eq!(plan.config.shared_mem_bytes, x_bytes + 2 * 128 * 144);
         assert_eq!(plan.row_groups, 1);
         let keys: Vec<_> = plan.specs().unwrap().into_iter().map(|s| s.key).collect();
         assert_eq!(keys[1], "matmul_q8_reduce|out=f32");
@@ -636,11 +637,13 @@ fn a_copy_of_rows_of_a_format_without_the_8_bit_kernel_runs_as_mat_vecs_of_the_c
 #[test]
 fn the_8_bit_kernel_splits_k_until_the_grid_has_two_blocks_per_multiprocessor() {
     use kiln_cuda::ops::matmul::q8_splits;
-    // 64 blocks of 64 rows on 132 multiprocessors: 5 splits wanted, 16 tiles of 256
-    // elements of k, so 4 tiles per split and 4 splits.
-    assert_eq!(q8_splits(4096, 16, 16, 4096, 132), (4, 4));
-    // 448 blocks need none.
-    assert_eq!(q8_splits(28672, 16, 16, 4096, 132), (1, 16));
+    // 48 blocks of 128 rows on 132 multiprocessors: 6 splits wanted, 16 tiles of 256
+    // elements of k, so 3 tiles per split and 6 splits.
+    assert_eq!(q8_splits(6144, 16, 16, 4096, 132), (6, 3));
+    // 224 blocks: 2 splits of 8 tiles.
+    assert_eq!(q8_splits(28672, 16, 16, 4096, 132), (2, 8));
+    // 1002 blocks need none.
+    assert_eq!(q8_splits(128256, 16, 16, 4096, 132), (1, 16));
     // At most 8 splits, and one per tile of k.
     assert_eq!(q8_splits(64, 8, 8, 14336, 132), (8, 7));
     assert_eq!(q8_splits(64, 8, 8, 96, 132), (1, 1));
@@ -852,12 +855,14 @@ fn matmat_matches_cpu_for_every_weight_dtype() {
     for dtype in WEIGHT_DTYPES {
         for k in reductions(dtype) {
             compare(cuda, &mut rng, dtype, 9, 67, k, true);
+            // A block of 128 weight rows, most past n, over 20 rows of x.
+            compare(cuda, &mut rng, dtype, 20, 67, k, true);
             // Below 64 rows: the eight-row mat-vec per group, the last one partial.
             compare(cuda, &mut rng, dtype, 37, 67, k, false);
             compare(cuda, &mut rng, dtype, 130, 200, k, false);
         }
         compare(cuda, &mut rng, dtype, 512, 1024, 4096, false);
-        // With the copy: 64 rows over 3000 weight rows (47 blocks, k split 6 ways).
+        // With the copy: 64 rows over 3000 weight rows (24 blocks, k split 8 ways).
         compare(cuda, &mut rng, dtype, 64, 3000, 4096, true);
     }
 }
