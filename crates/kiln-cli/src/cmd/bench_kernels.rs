@@ -17,8 +17,9 @@
 //!   rows (by default 1 to 2048: the mat-vec's rows, the batched-decode range and
 //!   prefill) at Llama-3.1-8B's products ([`MATMAT_SHAPES`]), for the formats of
 //!   `--matmat-formats`, on the path the backend picks or on each path forced
-//!   (`--matmat-paths`); products of up to 8 rows of block formats read x's Q8_1 copy,
-//!   as decode graphs give it.
+//!   (`--matmat-paths`). Products of block formats of up to [`BATCH_COPY_ROWS`] rows
+//!   read x's Q8_1 copy, as decode graphs and batched steps give it, and are shown as
+//!   GB/s of the bytes they read and write.
 //! - Expert-routed products at Qwen3-30B-A3B's expert shapes ([`MOE_SHAPES`]), for the
 //!   formats of `--moe-formats`: one decode token (GB/s of the bytes it reads and
 //!   writes: its 8 experts' rows of 128 stacked, ids, input, output; each launch takes
@@ -59,6 +60,7 @@ use kiln_cuda::ops::sample::{SampleLayout, SampleTuning, TUNING};
 use kiln_cuda::ops::{attention, delta_net, matmul, sample};
 use kiln_cuda::timing::EventTimer;
 use kiln_cuda::{CacheConfig, CudaBackend, CudaBuffer};
+use kiln_models::forward::BATCH_COPY_ROWS;
 
 use super::device::{resolve, Device, DeviceArgs};
 
@@ -828,21 +830,31 @@ impl Bench<'_> {
                     // The same mat-vec on every path.
                     continue;
                 }
+                // Block formats get x's Q8_1 copy up to the rows of a batched decode
+                // step, which gives one; those products are memory-bound (GB/s).
+                let x_q8 = dtype.is_quantized() && m <= BATCH_COPY_ROWS;
                 // What the dispatch runs (k of the shapes is a multiple of 8).
-                let runs = if matvec {
+                let runs = if x_q8 && m >= matmul::Q8_MIN_ROWS && matmul::q8_tensor_cores(dtype) {
+                    "matmul_q8"
+                } else if matvec || x_q8 {
                     "mat-vec"
                 } else if m >= min_rows {
                     "cublaslt"
                 } else {
                     "kernel"
                 };
-                let x_q8 = matvec && dtype.is_quantized();
+                let seconds = self.timed_matmul(dtype, &weights, m, n, k, x_q8)?;
+                let (bytes, flops) = if x_q8 {
+                    (matvec_bytes(dtype, m, n, k, true)?, 0.0)
+                } else {
+                    (0, matmul_flops(m, n, k))
+                };
                 rows.push(Measurement {
                     family: "matmat",
                     label: format!("m {m}, {} ({runs})", path.name()),
-                    bytes: 0,
-                    flops: matmul_flops(m, n, k),
-                    seconds: self.timed_matmul(dtype, &weights, m, n, k, x_q8)?,
+                    bytes,
+                    flops,
+                    seconds,
                 });
             }
         }
