@@ -563,8 +563,6 @@ impl CudaBackend {
     }
 }
 
-/// The outputs `outs` of an op writing `out` and optionally its Q8_1 copy `out_q8`
-/// (in that order): `out` and the copy, when there is one.
 impl CudaBackend {
     /// Runs a pair that [`ops::norm_matvec::fusible`] found as one launch.
     fn run_norm_matvec(
@@ -611,6 +609,8 @@ impl CudaBackend {
     }
 }
 
+/// The outputs `outs` of an op writing `out` and optionally its Q8_1 copy `out_q8`
+/// (in that order): `out` and the copy, when there is one.
 fn with_q8_copy<'o>(
     outs: &'o mut [&mut CudaBuffer],
 ) -> (&'o mut CudaBuffer, Option<&'o mut CudaBuffer>) {
