@@ -834,7 +834,7 @@ impl Bench<'_> {
                 // step, which gives one; those products are memory-bound (GB/s).
                 let x_q8 = dtype.is_quantized() && m <= BATCH_COPY_ROWS;
                 // What the dispatch runs (k of the shapes is a multiple of 8).
-                let runs = if x_q8 && m >= matmul::Q8_MIN_ROWS && matmul::q8_tensor_cores(dtype) {
+                let runs = if x_q8 && matmul::q8_takes(dtype, m) {
                     "matmul_q8"
                 } else if matvec || x_q8 {
                     "mat-vec"

@@ -101,6 +101,12 @@ pub fn q8_tensor_cores(dtype: DType) -> bool {
     packing::is_packed(dtype) && packed_unit(dtype).2 == 32
 }
 
+/// Whether a product of `m` activation rows over a weight of `dtype`, given x's Q8_1
+/// copy, runs on `matmul_q8`.
+pub fn q8_takes(dtype: DType, m: usize) -> bool {
+    m >= Q8_MIN_ROWS && q8_tensor_cores(dtype)
+}
+
 /// Dynamic shared memory of `matmul_q8` for weights of `dtype` and tiles of `m_tier`
 /// activation rows (kernels/matmul.cu's mq_shared_bytes): two tiles of x's Q8_1
 /// blocks (9 words per block, 4 words of padding per row), the f32 scale and sum of
@@ -690,7 +696,7 @@ impl MatMulArgs {
         )?;
         let row_bytes = self.weight.bytes_for(self.k)?;
         let q8 = self.x_q8_bytes.is_some();
-        let q8_mma = q8 && self.m >= Q8_MIN_ROWS && q8_tensor_cores(self.weight);
+        let q8_mma = q8 && q8_takes(self.weight, self.m);
         // With x's copy, a product of more rows than a mat-vec takes runs as mat-vecs
         // of the copy where matmul_q8 does not take the weight: the copy's values
         // are the definition's operands.
