@@ -334,12 +334,10 @@ fn build_graph(
     } else {
         b.w("output.weight", &[config.vocab, d])?
     };
-    let head_q8 = last
-        .q8
-        .filter(|_| b.g.desc(out_w).is_ok_and(|d| d.dtype.is_quantized()));
+    // The copy exists only for a quantized head (`head_copy`).
     b.g.push(MatMul {
         x: last.x,
-        x_q8: head_q8,
+        x_q8: last.q8,
         w: out_w,
         bias: None,
         out: logits,
