@@ -6,7 +6,7 @@ mod kernels;
 use common::*;
 use kernels::*;
 use kiln_core::ops::{Embedding, Q8_COPY, WEIGHT_DTYPES};
-use kiln_core::{Aliasing, DType, Graph};
+use kiln_core::{Aliasing, BufferId, DType, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::embedding::EmbeddingArgs;
 
@@ -187,6 +187,43 @@ fn a_short_copy_is_rejected() {
     .is_ok());
 }
 
+/// A graph's inputs: each buffer and its bytes.
+type Inputs = Vec<(BufferId, Vec<u8>)>;
+
+/// A gather of ids 1000, 0, 7, 999, 7 (an odd count, one repeated) from a random
+/// 1001-row table of `dtype` and rows of `dim`, with the Q8_1 copy of its output when
+/// `copy`: the graph, its inputs, and its outputs (`out`, then the copy).
+fn gather(
+    rng: &mut rand::rngs::StdRng,
+    dtype: DType,
+    dim: usize,
+    copy: bool,
+) -> (Graph, Inputs, Vec<BufferId>) {
+    let (vocab, ids) = (1001, [1000, 0, 7, 999, 7]);
+    let n_tokens = ids.len();
+    let mut g = Graph::new();
+    let table = g.persistent("table", dtype, &[vocab, dim]).unwrap();
+    let id_buf = g.persistent("ids", DType::I32, &[n_tokens]).unwrap();
+    let out = g.persistent("out", DType::F32, &[n_tokens, dim]).unwrap();
+    let out_q8 = copy.then(|| g.persistent("q8", Q8_COPY, &[n_tokens, dim]).unwrap());
+    g.push(Embedding {
+        table,
+        ids: id_buf,
+        out,
+        out_q8,
+        n_tokens,
+        vocab,
+        dim,
+    })
+    .unwrap();
+    let inputs = vec![
+        (table, encoded(rng, dtype, vocab * dim)),
+        (id_buf, i32_bytes(&ids)),
+    ];
+    let outs = std::iter::once(out).chain(out_q8).collect();
+    (g, inputs, outs)
+}
+
 /// Row lengths per dtype: one block (odd for the dense formats), and a round width.
 fn dims(dtype: DType) -> [usize; 2] {
     if dtype.is_quantized() {
@@ -203,28 +240,9 @@ fn embedding_matches_cpu_exactly_for_every_weight_dtype() {
     let mut rng = rng("embedding_matches_cpu_exactly_for_every_weight_dtype");
     for dtype in WEIGHT_DTYPES {
         for dim in dims(dtype) {
-            let (vocab, ids) = (1001, [1000, 0, 7, 999, 7]);
-            let n_tokens = ids.len();
-            let mut g = Graph::new();
-            let table = g.persistent("table", dtype, &[vocab, dim]).unwrap();
-            let id_buf = g.persistent("ids", DType::I32, &[n_tokens]).unwrap();
-            let out = g.persistent("out", DType::F32, &[n_tokens, dim]).unwrap();
-            g.push(Embedding {
-                table,
-                ids: id_buf,
-                out,
-                out_q8: None,
-                n_tokens,
-                vocab,
-                dim,
-            })
-            .unwrap();
-            let inputs = [
-                (table, encoded(&mut rng, dtype, vocab * dim)),
-                (id_buf, i32_bytes(&ids)),
-            ];
-            let want = run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap();
-            let got = run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap();
+            let (g, inputs, outs) = gather(&mut rng, dtype, dim, false);
+            let want = run_on(&CpuBackend, &g, &inputs, &outs, Aliasing::On).unwrap();
+            let got = run_on(cuda, &g, &inputs, &outs, Aliasing::On).unwrap();
             // Both sides decode with the same f32 operations: no tolerance.
             assert_eq!(got, want, "embedding {dtype} dim {dim}");
         }
@@ -284,29 +302,9 @@ fn the_q8_1_copy_matches_cpu_exactly() {
         (DType::Q4K, 768),
         (DType::Q6K, 4096),
     ] {
-        let (vocab, ids) = (1001, [1000, 0, 7, 999, 7]);
-        let n_tokens = ids.len();
-        let mut g = Graph::new();
-        let table = g.persistent("table", dtype, &[vocab, dim]).unwrap();
-        let id_buf = g.persistent("ids", DType::I32, &[n_tokens]).unwrap();
-        let out = g.persistent("out", DType::F32, &[n_tokens, dim]).unwrap();
-        let q8 = g.persistent("q8", Q8_COPY, &[n_tokens, dim]).unwrap();
-        g.push(Embedding {
-            table,
-            ids: id_buf,
-            out,
-            out_q8: Some(q8),
-            n_tokens,
-            vocab,
-            dim,
-        })
-        .unwrap();
-        let inputs = [
-            (table, encoded(&mut rng, dtype, vocab * dim)),
-            (id_buf, i32_bytes(&ids)),
-        ];
-        let want = run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap();
-        let got = run_on(cuda, &g, &inputs, &[out, q8], Aliasing::On).unwrap();
+        let (g, inputs, outs) = gather(&mut rng, dtype, dim, true);
+        let want = run_on(&CpuBackend, &g, &inputs, &outs[..1], Aliasing::On).unwrap();
+        let got = run_on(cuda, &g, &inputs, &outs, Aliasing::On).unwrap();
         let what = format!("embedding {dtype} dim {dim}");
         // The rows are exact (as without a copy), and the copy the CPU rounding of
         // them: the CPU's bytes.
