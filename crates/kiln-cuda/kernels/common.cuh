@@ -97,40 +97,6 @@ __device__ __forceinline__ float block_sum(float v) {
     return partial[0];
 }
 
-// The binary element-wise functions of kiln_core::ops::ElementwiseKind, as functors
-// F::apply(a, b) in f32 (elementwise.cu's kernels; matvec.cu's gated-unit staging).
-struct Add {
-    static __device__ __forceinline__ float apply(float a, float b) { return a + b; }
-};
-
-struct Mul {
-    static __device__ __forceinline__ float apply(float a, float b) { return a * b; }
-};
-
-// silu(a) * b, silu(a) = a / (1 + exp(-a)).
-struct SiluMul {
-    static __device__ __forceinline__ float apply(float a, float b) {
-        return a / (1.0f + expf(-a)) * b;
-    }
-};
-
-// gelu(a) * b with the tanh approximation of gelu, evaluated as a * sigmoid(2u)
-// (equal to 0.5 a (1 + tanh(u)), without its cancellation for negative a).
-struct GeluMul {
-    static __device__ __forceinline__ float apply(float a, float b) {
-        const float sqrt_2_over_pi = 0.7978845608028654f;
-        const float inner = sqrt_2_over_pi * (a + 0.044715f * a * a * a);
-        return a / (1.0f + expf(-2.0f * inner)) * b;
-    }
-};
-
-// sigmoid(a) * b, sigmoid(a) = 1 / (1 + exp(-a)): a gate a on b.
-struct SigmoidMul {
-    static __device__ __forceinline__ float apply(float a, float b) {
-        return b / (1.0f + expf(-a));
-    }
-};
-
 // Activations rounded to Q8_1 (kiln_core::ops::Q8_COPY; the CPU definition is
 // kiln_core::quant's Q8_1 encoding). Per block of 32 values v: d = max |v| / 127,
 // q = v * (1 / d) rounded half away from zero (0 where d = 0), stored as 36 bytes:

@@ -61,7 +61,6 @@ pub struct CudaBackend {
     moe_routing: ops::moe::Routing,
     programmatic_launch: AtomicBool,
     fuse_norms: AtomicBool,
-    fuse_glu: AtomicBool,
     cuda_graphs: AtomicBool,
     capture: Capture,
     compiles: AtomicU64,
@@ -84,10 +83,6 @@ pub const CUDA_GRAPHS_ENV: &str = "KILN_CUDA_GRAPHS";
 /// The environment variable that, set to `0`, turns the fusion of norms into the
 /// mat-vecs that read them off ([`CudaBackend::fuse_norms`]).
 pub const FUSE_NORMS_ENV: &str = "KILN_CUDA_FUSE_NORMS";
-
-/// The environment variable that, set to `0`, turns the fusion of gated units into
-/// the mat-vecs that read them off ([`CudaBackend::fuse_glu`]).
-pub const FUSE_GLU_ENV: &str = "KILN_CUDA_FUSE_GLU";
 
 /// The environment variable that sets the fewest activation rows of a mat-mat on
 /// cuBLASLt ([`CudaBackend::gemm_min_rows`]): a number, or `off` for never.
@@ -132,7 +127,6 @@ impl CudaBackend {
             && std::env::var(PROGRAMMATIC_LAUNCH_ENV).map_or(true, |v| v != "0");
         let cuda_graphs = std::env::var(CUDA_GRAPHS_ENV).map_or(true, |v| v != "0");
         let fuse_norms = std::env::var(FUSE_NORMS_ENV).map_or(true, |v| v != "0");
-        let fuse_glu = std::env::var(FUSE_GLU_ENV).map_or(true, |v| v != "0");
         let gemm_min_rows = parse_gemm_min_rows(std::env::var(GEMM_MIN_ROWS_ENV).ok().as_deref())?;
         let capture = Capture::new(device.context())?;
         // SAFETY: the memory is only read after a copy into it has completed.
@@ -154,7 +148,6 @@ impl CudaBackend {
             moe_routing: ops::moe::Routing::default(),
             programmatic_launch: AtomicBool::new(programmatic_launch),
             fuse_norms: AtomicBool::new(fuse_norms),
-            fuse_glu: AtomicBool::new(fuse_glu),
             cuda_graphs: AtomicBool::new(cuda_graphs),
             capture,
             compiles: AtomicU64::new(0),
@@ -175,7 +168,7 @@ impl CudaBackend {
     }
 
     /// Whether [`Backend::compile`] fuses a one-row residual add and RMSNorm into the
-    /// resident mat-vec that reads it ([`ops::fused_matvec`]). On unless
+    /// resident mat-vec that reads it ([`ops::norm_matvec`]). On unless
     /// `KILN_CUDA_FUSE_NORMS=0`.
     pub fn fuse_norms(&self) -> bool {
         self.fuse_norms.load(Ordering::Relaxed)
@@ -184,26 +177,6 @@ impl CudaBackend {
     /// Turns the fusion of norms on or off for the graphs compiled after.
     pub fn set_fuse_norms(&self, on: bool) {
         self.fuse_norms.store(on, Ordering::Relaxed);
-    }
-
-    /// Whether [`Backend::compile`] fuses a one-row gated unit ([`kiln_core::ops::Glu`])
-    /// into the resident mat-vec that reads it ([`ops::fused_matvec`]). On unless
-    /// `KILN_CUDA_FUSE_GLU=0`.
-    pub fn fuse_glu(&self) -> bool {
-        self.fuse_glu.load(Ordering::Relaxed)
-    }
-
-    /// Turns the fusion of gated units on or off for the graphs compiled after.
-    pub fn set_fuse_glu(&self, on: bool) {
-        self.fuse_glu.store(on, Ordering::Relaxed);
-    }
-
-    /// Whether the switch for fusions of `prologue`'s kind is on.
-    fn fuses(&self, prologue: ops::fused_matvec::Prologue<'_>) -> bool {
-        match prologue {
-            ops::fused_matvec::Prologue::AddNorm(_) => self.fuse_norms(),
-            ops::fused_matvec::Prologue::Glu(_) => self.fuse_glu(),
-        }
     }
 
     /// How many graphs [`Backend::compile`] has compiled on this backend (each
@@ -591,49 +564,43 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
-    /// Runs a pair that [`ops::fused_matvec::fusible`] found as one launch.
-    fn run_fused_matvec(
+    /// Runs a pair that [`ops::norm_matvec::fusible`] found as one launch.
+    fn run_norm_matvec(
         &self,
         graph: &Graph,
-        prologue: ops::fused_matvec::Prologue<'_>,
+        norm: &kiln_core::ops::AddRmsNorm,
         product: &kiln_core::ops::MatMul,
         bindings: &mut Bindings<'_, CudaBuffer>,
     ) -> Result<()> {
-        use ops::fused_matvec::{ProductOperands, Prologue, PrologueOperands};
         let dtype = graph.desc(product.w)?.dtype;
-        let first: Vec<_> = prologue.inputs();
-        let inputs: Vec<_> = first
-            .iter()
-            .copied()
-            .chain([product.w])
+        let Some(weight) = norm.weight else {
+            return Err(Error::invalid(
+                "add_rms_norm+matmul",
+                "the fused norm needs a weight",
+            ));
+        };
+        let inputs: Vec<_> = [norm.x, norm.residual, weight, product.w]
+            .into_iter()
             .chain(product.bias)
             .collect();
-        let outputs: Vec<_> = prologue.writes().into_iter().chain([product.out]).collect();
-        bindings.with_operands(&inputs, &outputs, |ins, outs| {
-            let (w, bias) = (ins[first.len()], ins.get(first.len() + 1).copied());
-            let (writes, out) = outs.split_at_mut(outs.len() - 1);
-            let operands = match (prologue, writes) {
-                (Prologue::AddNorm(norm), [sum]) => PrologueOperands::AddNorm {
+        bindings.with_operands(&inputs, &[norm.sum, product.out], |ins, outs| {
+            let [sum, out] = outs else {
+                unreachable!("two outputs were asked for")
+            };
+            ops::norm_matvec::add_norm_matvec(
+                self,
+                ops::norm_matvec::NormOperands {
                     x: ins[0],
                     residual: ins[1],
                     weight: ins[2],
                     sum,
                     eps: norm.eps,
                 },
-                (Prologue::Glu(glu), []) => PrologueOperands::Glu {
-                    kind: glu.kind,
-                    x: ins[0],
-                },
-                _ => unreachable!("the outputs are the prologue's writes, then the product's"),
-            };
-            ops::fused_matvec::fused_matvec(
-                self,
-                operands,
-                ProductOperands {
-                    w,
+                ops::norm_matvec::ProductOperands {
+                    w: ins[3],
                     dtype,
-                    bias,
-                    out: out[0],
+                    bias: ins.get(4).copied(),
+                    out,
                     n: product.n,
                     k: product.k,
                 },
@@ -777,14 +744,17 @@ impl Backend for CudaBackend {
         let mut index = 0;
         while index < graph_ops.len() {
             let start = recorder.len();
-            let fused = ops::fused_matvec::fusible(graph, index).filter(|&(prologue, product)| {
-                self.fuses(prologue)
-                    && ops::fused_matvec::operands_apart(prologue, product, bindings)
-            });
+            let fused = self
+                .fuse_norms()
+                .then(|| ops::norm_matvec::fusible(graph, index))
+                .flatten()
+                .filter(|&(norm, product)| {
+                    ops::norm_matvec::operands_apart(norm, product, bindings)
+                });
             let ran = match fused {
-                Some((prologue, product)) => {
-                    self.run_fused_matvec(graph, prologue, product, bindings)?;
-                    // The prologue's launch is the product's.
+                Some((norm, product)) => {
+                    self.run_norm_matvec(graph, norm, product, bindings)?;
+                    // The norm's launch is the product's.
                     ops.push(OpLaunches {
                         index,
                         name: graph_ops[index].name(),

@@ -23,7 +23,7 @@ pub const ELEMENTWISE: Family = Family {
 const KINDS: [ElementwiseKind; 5] = ElementwiseKind::ALL;
 
 /// The functor of `kind` in kernels/elementwise.cu.
-pub(crate) fn functor(kind: ElementwiseKind) -> &'static str {
+fn functor(kind: ElementwiseKind) -> &'static str {
     match kind {
         ElementwiseKind::Add => "kiln::Add",
         ElementwiseKind::Mul => "kiln::Mul",
