@@ -10,8 +10,8 @@ use std::path::PathBuf;
 /// tokenizer layout of a real model, for benchmarks.
 #[derive(Args, Debug)]
 pub struct SynthArgs {
-    /// The model to imitate: llama-3.2-1b, llama-3.1-8b, qwen2.5-0.5b, qwen3-8b.
-    #[arg(long)]
+    /// The model to imitate (its shapes from the published configuration).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(synth::PRESETS.map(|p| p.name)))]
     pub preset: String,
     /// Type of the weight matrices (norms and biases stay f32): q4_0, q4_k, q6_k, q8_0, f16, bf16, ...
     #[arg(long = "type", default_value = "q4_0")]
