@@ -11,7 +11,7 @@
 //! [`build_batch`] builds the graph of a batched step: each token carries the slot of
 //! the KV caches it belongs to ([`names::SLOTS`]), so one graph advances several
 //! sequences, and the logits of the rows [`names::LOGIT_ROWS`] lists are projected
-//! ([`names::BATCH_LOGITS`]).
+//! ([`names::BATCH_LOGITS`]) and each row's argmax taken ([`names::BATCH_TOKENS`]).
 //!
 //! Where the model holds stacked weights (`blk.N.attn_qkv.weight`,
 //! `blk.N.ffn_gate_up.weight`, [`crate::model::weight_stacks`]), one product computes
@@ -33,9 +33,9 @@ mod hybrid;
 
 use crate::config::{ModelConfig, MoeConfig};
 use kiln_core::ops::{
-    AddRmsNorm, Attention, Elementwise, ElementwiseKind, Embedding, Gating, Glu, HeadNormRope,
-    KvAppend, MatMul, MoeCombine, MoeMatMul, MoeRouter, QkNorm, QkvRopeAppend, RmsNorm, Rope,
-    Sample, SampleParams, Q8_COPY,
+    AddRmsNorm, Argmax, Attention, Elementwise, ElementwiseKind, Embedding, Gating, Glu,
+    HeadNormRope, KvAppend, MatMul, MoeCombine, MoeMatMul, MoeRouter, QkNorm, QkvRopeAppend,
+    RmsNorm, Rope, Sample, SampleParams, Q8_COPY,
 };
 use kiln_core::{BufferId, DType, Error, Graph, Result};
 
@@ -57,6 +57,9 @@ pub mod names {
     /// F32 `[n_logits, vocab]`: a batched graph's logits, one row per
     /// [`LOGIT_ROWS`] entry.
     pub const BATCH_LOGITS: &str = "output.batch_logits";
+    /// I32 `[n_logits]`: a batched graph's greedy tokens, the argmax of each
+    /// [`BATCH_LOGITS`] row (lowest index on ties, [`kiln_core::ops::Argmax`]).
+    pub const BATCH_TOKENS: &str = "output.batch_tokens";
     /// F32 `[1]`: the uniform number in `[0, 1)` of the sampling head's draw.
     pub const UNIFORM: &str = "input.uniform";
     /// I32 `[1]`: the token the sampling head chose.
@@ -110,6 +113,9 @@ pub struct ForwardGraph {
     /// [`names::LOGITS`] (`[1, vocab]`), or for a batched graph
     /// [`names::BATCH_LOGITS`] (`[n_logits, vocab]`).
     pub logits: BufferId,
+    /// [`names::BATCH_TOKENS`] (`[n_logits]`), the argmax of each logits row, of a
+    /// batched graph; none otherwise.
+    pub batch_tokens: Option<BufferId>,
     /// The sampling head, when [`ForwardGraph::with_sample`] added one.
     pub sample: Option<SampleHead>,
 }
@@ -194,7 +200,8 @@ pub fn build(
 /// Builds the graph of a batched step of `n_tokens` tokens, each in the cache slot
 /// [`names::SLOTS`] gives (rows of one slot at the positions [`names::POSITIONS`]
 /// gives), that projects the logits of the `n_logits` rows [`names::LOGIT_ROWS`]
-/// lists into [`names::BATCH_LOGITS`]. Weights as [`build`].
+/// lists into [`names::BATCH_LOGITS`] and writes the argmax of each of those rows to
+/// [`names::BATCH_TOKENS`]. Weights as [`build`].
 pub fn build_batch(
     config: &ModelConfig,
     weight: &dyn Fn(&str) -> Result<WeightDesc>,
@@ -345,6 +352,20 @@ fn build_graph(
         n: config.vocab,
         k: d,
     })?;
+    let batch_tokens = match batch {
+        Some(_) => {
+            let tokens =
+                b.g.persistent(names::BATCH_TOKENS, DType::I32, &[n_logits])?;
+            b.g.push(Argmax {
+                x: logits,
+                out: tokens,
+                rows: n_logits,
+                cols: config.vocab,
+            })?;
+            Some(tokens)
+        }
+        None => None,
+    };
     Ok(ForwardGraph {
         graph: b.g,
         n_tokens,
@@ -353,6 +374,7 @@ fn build_graph(
         slots,
         last_row,
         logits,
+        batch_tokens,
         sample: None,
     })
 }

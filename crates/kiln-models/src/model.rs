@@ -566,13 +566,14 @@ impl<BE: Backend> Model<BE> {
         Ok(positions)
     }
 
-    /// Allocates the inputs and output only batched steps use, once.
+    /// Allocates the inputs and outputs only batched steps use, once.
     fn ensure_batch_buffers(&mut self) -> Result<()> {
         let max_logits = BATCH_BUCKETS[BATCH_BUCKETS.len() - 1];
         for (name, bytes) in [
             (names::SLOTS, self.input_rows * 4),
             (names::LOGIT_ROWS, max_logits * 4),
             (names::BATCH_LOGITS, max_logits * self.config.vocab * 4),
+            (names::BATCH_TOKENS, max_logits * 4),
         ] {
             if !self.memory.contains_key(name) {
                 let buf = self.backend.alloc(bytes)?;
