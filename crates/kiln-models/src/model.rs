@@ -42,13 +42,15 @@ impl Default for LoadOptions {
     }
 }
 
-/// One token of a batched step ([`Model::forward_batch`]).
+/// One token of a batched step ([`Model::forward_batch`],
+/// [`Model::forward_batch_greedy`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchRow {
     /// The sequence (cache slot) the token continues.
     pub slot: usize,
     pub token: u32,
-    /// Whether the step returns this row's logits.
+    /// Whether the step returns this row's logits ([`Model::forward_batch`]), or its
+    /// greedy token ([`Model::forward_batch_greedy`]).
     pub logits: bool,
 }
 
@@ -459,22 +461,33 @@ impl<BE: Backend> Model<BE> {
             ));
         }
         self.step(tokens, Some((params, uniform)))?;
-        let mut bytes = [0u8; 4];
-        self.backend
-            .download(self.buffer(names::TOKEN), &mut bytes)?;
-        let id = i32::from_le_bytes(bytes);
-        u32::try_from(id)
-            .ok()
-            .filter(|&id| (id as usize) < self.config.vocab)
-            .ok_or_else(|| {
-                Error::format(
-                    format!("{} on {}", names::TOKEN, self.backend.name()),
-                    format!(
-                        "token id {id} is outside the vocabulary 0..{}",
-                        self.config.vocab
-                    ),
-                )
-            })
+        let mut ids = [0];
+        self.download_token_ids(names::TOKEN, &mut ids)?;
+        Ok(ids[0])
+    }
+
+    /// Downloads the first `out.len()` token ids (I32) of model buffer `name` into
+    /// `out`; errors, naming the buffer and the backend, on an id outside the
+    /// vocabulary.
+    fn download_token_ids(&self, name: &str, out: &mut [u32]) -> Result<()> {
+        let mut bytes = vec![0u8; out.len() * 4];
+        self.backend.download(self.buffer(name), &mut bytes)?;
+        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            let id = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            *o = u32::try_from(id)
+                .ok()
+                .filter(|&id| (id as usize) < self.config.vocab)
+                .ok_or_else(|| {
+                    Error::format(
+                        format!("{name} on {}", self.backend.name()),
+                        format!(
+                            "token id {id} is outside the vocabulary 0..{}",
+                            self.config.vocab
+                        ),
+                    )
+                })?;
+        }
+        Ok(())
     }
 
     /// Runs every row at its slot's next position (rows of one slot in order take
@@ -491,13 +504,50 @@ impl<BE: Backend> Model<BE> {
     /// slots, which no sequence reads (a one-slot model compiles one per row count
     /// instead). A larger chunk runs a graph built and executed for it, as a prompt
     /// chunk of [`Model::forward`] does. Each chunk projects the logits of its
-    /// requested rows only (a bucket's: of its rows).
+    /// requested rows only (a bucket's: of its rows), and takes the argmax of each on
+    /// the backend too, which [`Model::forward_batch_greedy`] downloads instead of the
+    /// logits.
     pub fn forward_batch(&mut self, rows: &[BatchRow]) -> Result<Vec<f32>> {
-        let positions = self.check_batch(rows)?;
+        let mut logits = Vec::new();
+        self.run_batch("forward_batch", rows, |model, wanted| {
+            let start = logits.len();
+            logits.resize(start + wanted * model.config.vocab, 0.0);
+            model.download_f32(names::BATCH_LOGITS, &mut logits[start..])
+        })?;
+        Ok(logits)
+    }
+
+    /// Runs `rows` as [`Model::forward_batch`] does (the same checks, chunks and
+    /// executables) and returns the greedy token of each row with `logits: true`, in
+    /// row order: the argmax of its logits, lowest index on ties
+    /// ([`kiln_core::ops::Argmax`]; [`crate::sampler::argmax`] of the row
+    /// [`Model::forward_batch`] returns), chosen on the backend, so that only the
+    /// token ids are downloaded (4 bytes per row, not `vocab` f32s). Errors as
+    /// [`Model::forward_batch`] does, and on an id outside the vocabulary.
+    pub fn forward_batch_greedy(&mut self, rows: &[BatchRow]) -> Result<Vec<u32>> {
+        let mut tokens = Vec::new();
+        self.run_batch("forward_batch_greedy", rows, |model, wanted| {
+            let start = tokens.len();
+            tokens.resize(start + wanted, 0);
+            model.download_token_ids(names::BATCH_TOKENS, &mut tokens[start..])
+        })?;
+        Ok(tokens)
+    }
+
+    /// Checks `rows` (errors name `op`) and runs them in chunks
+    /// ([`Model::forward_batch`]); after each chunk, `take(model, wanted)` downloads
+    /// the results of its `wanted` rows with `logits: true`. Consumes the rows'
+    /// positions once every chunk ran and was taken.
+    fn run_batch(
+        &mut self,
+        op: &str,
+        rows: &[BatchRow],
+        mut take: impl FnMut(&Self, usize) -> Result<()>,
+    ) -> Result<()> {
+        let positions = self.check_batch(op, rows)?;
         self.ensure_batch_buffers()?;
         let max_logits = BATCH_BUCKETS[BATCH_BUCKETS.len() - 1];
         let limit = self.prefill_chunk.min(self.input_rows);
-        let mut logits = Vec::new();
         let mut at = 0;
         while at < rows.len() {
             let (mut end, mut wanted) = (at, 0);
@@ -506,20 +556,20 @@ impl<BE: Backend> Model<BE> {
                 wanted += usize::from(rows[end].logits);
                 end += 1;
             }
-            self.batch_chunk(&rows[at..end], &positions[at..end], &mut logits)?;
+            self.batch_chunk(&rows[at..end], &positions[at..end])?;
+            take(self, wanted)?;
             at = end;
         }
         // Positions are consumed once every chunk ran: an error leaves them as they were.
         for row in rows {
             self.slot_lens[row.slot] += 1;
         }
-        Ok(logits)
+        Ok(())
     }
 
     /// Each row's position, after checking that the batch can run (a hybrid model's
-    /// recurrent state holds one sequence: it runs no batched step).
-    fn check_batch(&self, rows: &[BatchRow]) -> Result<Vec<usize>> {
-        const OP: &str = "forward_batch";
+    /// recurrent state holds one sequence: it runs no batched step); errors name `op`.
+    fn check_batch(&self, op: &str, rows: &[BatchRow]) -> Result<Vec<usize>> {
         if !self.recurrent.is_empty() {
             return Err(Error::Unsupported(format!(
                 "batched steps of {} (its recurrent state holds one sequence); use Model::forward",
@@ -527,14 +577,14 @@ impl<BE: Backend> Model<BE> {
             )));
         }
         if rows.is_empty() {
-            return Err(Error::invalid(OP, "no rows"));
+            return Err(Error::invalid(op, "no rows"));
         }
         let mut next = self.slot_lens.clone();
         let mut positions = Vec::with_capacity(rows.len());
         for (i, row) in rows.iter().enumerate() {
             let Some(pos) = next.get_mut(row.slot) else {
                 return Err(Error::invalid(
-                    OP,
+                    op,
                     format!(
                         "row {i} is in slot {}, outside the model's 0..{}",
                         row.slot,
@@ -544,7 +594,7 @@ impl<BE: Backend> Model<BE> {
             };
             if *pos >= self.cache.capacity {
                 return Err(Error::invalid(
-                    OP,
+                    op,
                     format!(
                         "context full: slot {} holds {} positions and the batch adds more than the cache's {} hold",
                         row.slot, self.slot_lens[row.slot], self.cache.capacity
@@ -553,7 +603,7 @@ impl<BE: Backend> Model<BE> {
             }
             if row.token as usize >= self.config.vocab {
                 return Err(Error::invalid(
-                    OP,
+                    op,
                     format!(
                         "row {i}: token id {} is outside the vocabulary 0..{}",
                         row.token, self.config.vocab
@@ -584,13 +634,9 @@ impl<BE: Backend> Model<BE> {
     }
 
     /// Runs one chunk of a batch (`rows` at `positions`, at most 64 of them wanting
-    /// logits) and appends the requested rows' logits to `logits`.
-    fn batch_chunk(
-        &mut self,
-        rows: &[BatchRow],
-        positions: &[usize],
-        logits: &mut Vec<f32>,
-    ) -> Result<()> {
+    /// logits), leaving the requested rows' logits and greedy tokens first in
+    /// [`names::BATCH_LOGITS`] and [`names::BATCH_TOKENS`].
+    fn batch_chunk(&mut self, rows: &[BatchRow], positions: &[usize]) -> Result<()> {
         let (n_rows, n_logits) = self.upload_batch_chunk(rows, positions)?;
         if rows.len() > BATCH_BUCKETS[BATCH_BUCKETS.len() - 1] {
             let (config, weights, cache) = (&self.config, &self.weights, self.cache);
@@ -609,10 +655,7 @@ impl<BE: Backend> Model<BE> {
             // SAFETY: as in `step_chunk`: the executable's memory is the model's own.
             unsafe { self.backend.run(&mut compiled.exe) }?;
         }
-        let wanted = rows.iter().filter(|r| r.logits).count();
-        let start = logits.len();
-        logits.resize(start + wanted * self.config.vocab, 0.0);
-        self.download_f32(names::BATCH_LOGITS, &mut logits[start..])
+        Ok(())
     }
 
     /// Downloads the first `out.len()` f32 values of model buffer `name` into `out`,
@@ -708,7 +751,7 @@ impl<BE: Backend> Model<BE> {
                 ),
             ));
         }
-        let positions = self.check_batch(rows)?;
+        let positions = self.check_batch("profile_batch", rows)?;
         self.ensure_batch_buffers()?;
         let (n_rows, _) = self.upload_batch_chunk(rows, &positions)?;
         self.ensure_batch_step(n_rows)?;
@@ -767,11 +810,12 @@ impl<BE: Backend> Model<BE> {
         Ok((times, compiled.planned.fg.graph.clone()))
     }
 
-    /// The model memory buffer `name`, one of those [`Model::load`] allocates.
+    /// The model memory buffer `name`, one of those [`Model::load`] allocates, or of
+    /// the batched steps' once one ran ([`Model::ensure_batch_buffers`]).
     fn buffer(&self, name: &str) -> &BE::Buffer {
         self.memory
             .get(name)
-            .expect("inputs and outputs are allocated at load")
+            .expect("inputs and outputs are allocated before they are read")
     }
 
     /// Checks that `tokens` can run at the next positions.

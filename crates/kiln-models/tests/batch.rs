@@ -2,13 +2,17 @@
 //! (`Model::forward_batch`): each sequence's greedy tokens are those it gets alone,
 //! while others of different prompt lengths share every step (joining mid-way,
 //! leaving and their slots reused); the rows' logits are those of one-sequence
-//! forward passes; bad batches are errors that change nothing.
+//! forward passes; the greedy tokens chosen on the backend
+//! (`Model::forward_batch_greedy`) are the argmax of those logits; bad batches, and
+//! token ids outside the vocabulary from the backend, are errors that change nothing.
 
 mod common;
 use common::*;
-use kiln_core::DType;
-use kiln_cpu::CpuBackend;
+use kiln_core::ops::Op;
+use kiln_core::{Backend, Bindings, DType, Graph, LaunchProfile, Result};
+use kiln_cpu::{CpuBackend, CpuBuffer, CpuExecutable};
 use kiln_gguf::GgufFile;
+use kiln_models::forward::names;
 use kiln_models::{BatchRow, LoadOptions, Model};
 use std::path::Path;
 
@@ -18,12 +22,16 @@ fn tiny(dir: &Path) -> GgufFile {
 }
 
 fn load(file: &GgufFile, slots: usize) -> Model<CpuBackend> {
+    load_on(CpuBackend, file, slots)
+}
+
+fn load_on<BE: Backend>(backend: BE, file: &GgufFile, slots: usize) -> Model<BE> {
     let options = LoadOptions {
         context: Some(96),
         cache_dtype: DType::F16,
         slots,
     };
-    Model::load(CpuBackend, file, options, &mut |_, _| {}).unwrap()
+    Model::load(backend, file, options, &mut |_, _| {}).unwrap()
 }
 
 /// Token ids of the vocabulary, varied and deterministic.
@@ -167,9 +175,22 @@ fn bad_batches_are_errors_that_change_nothing() {
         (&full, "context full: slot 1"),
     ];
     for (rows, want) in cases {
-        let err = model.forward_batch(rows).unwrap_err().to_string();
-        assert!(err.contains(want), "{err}");
-        assert_eq!((model.slot_len(0), model.slot_len(1)), (1, 1), "{want}");
+        for op in ["forward_batch", "forward_batch_greedy"] {
+            let result = match op {
+                "forward_batch" => model.forward_batch(rows).map(drop),
+                _ => model.forward_batch_greedy(rows).map(drop),
+            };
+            let err = result.unwrap_err().to_string();
+            assert!(
+                err.contains(want) && err.contains(&format!("to {op}:")),
+                "{err}"
+            );
+            assert_eq!(
+                (model.slot_len(0), model.slot_len(1)),
+                (1, 1),
+                "{op}: {want}"
+            );
+        }
     }
     // The model is still usable: its next step is that of a model that never erred.
     let got = model.forward_batch(&[row(1, 30), row(0, 40)]).unwrap();
@@ -182,4 +203,85 @@ fn bad_batches_are_errors_that_change_nothing() {
     let fill: Vec<BatchRow> = (0..room).map(|i| row(1, i + 3)).collect();
     model.forward_batch(&fill).unwrap();
     assert_eq!(model.slot_len(1), 96);
+}
+
+#[test]
+fn greedy_batches_return_the_argmax_of_their_logits_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny(dir.path());
+    assert_greedy_batches_take_the_argmax(&mut load(&file, 3), &mut load(&file, 3));
+}
+
+/// The CPU backend with every download's bytes set to 0x7F: token ids of
+/// 2139062143, past any vocabulary.
+struct OutOfRangeIds;
+
+impl Backend for OutOfRangeIds {
+    type Buffer = CpuBuffer;
+    type Executable = CpuExecutable;
+
+    fn name(&self) -> String {
+        "cpu (ids out of range)".to_string()
+    }
+    fn alloc(&self, bytes: usize) -> Result<CpuBuffer> {
+        CpuBackend.alloc(bytes)
+    }
+    fn upload(&self, dst: &mut CpuBuffer, src: &[u8]) -> Result<()> {
+        CpuBackend.upload(dst, src)
+    }
+    fn download(&self, src: &CpuBuffer, dst: &mut [u8]) -> Result<()> {
+        CpuBackend.download(src, dst)?;
+        dst.fill(0x7F);
+        Ok(())
+    }
+    fn supports(&self, op: &Op) -> bool {
+        CpuBackend.supports(op)
+    }
+    fn compile(
+        &self,
+        graph: &Graph,
+        bindings: &mut Bindings<'_, CpuBuffer>,
+    ) -> Result<CpuExecutable> {
+        CpuBackend.compile(graph, bindings)
+    }
+    unsafe fn run(&self, exe: &mut CpuExecutable) -> Result<()> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { CpuBackend.run(exe) }
+    }
+    fn synchronize(&self) -> Result<()> {
+        CpuBackend.synchronize()
+    }
+    unsafe fn profile(&self, exe: &mut CpuExecutable) -> Result<Vec<LaunchProfile>> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { CpuBackend.profile(exe) }
+    }
+    fn copy(&self, src: &CpuBuffer, dst: &mut CpuBuffer) -> Result<()> {
+        CpuBackend.copy(src, dst)
+    }
+}
+
+#[test]
+fn greedy_ids_outside_the_vocabulary_are_errors_that_consume_no_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny(dir.path());
+    let mut model = load_on(OutOfRangeIds, &file, 2);
+    let row = |slot, token, logits| BatchRow {
+        slot,
+        token,
+        logits,
+    };
+    // 70 rows: the graph built for them; then a bucket's executable.
+    let long: Vec<BatchRow> = (0..70).map(|i| row(1, i + 3, i == 69)).collect();
+    for rows in [&[row(0, 10, true), row(1, 20, false)][..], &long] {
+        let err = model.forward_batch_greedy(rows).unwrap_err().to_string();
+        assert!(
+            err.contains(names::BATCH_TOKENS) && err.contains("token id 2139062143 is outside"),
+            "{err}"
+        );
+        assert_eq!((model.slot_len(0), model.slot_len(1)), (0, 0));
+    }
+    // A step without logits rows downloads no id.
+    let none = model.forward_batch_greedy(&[row(0, 10, false)]).unwrap();
+    assert!(none.is_empty());
+    assert_eq!((model.slot_len(0), model.slot_len(1)), (1, 0));
 }

@@ -3,13 +3,14 @@
 //! as a CUDA graph against the same executable launched one by one and against the
 //! CPU, in several weight formats and on a qwen3-shaped model; the token the device's
 //! sample op chooses against the CPU reference applied to the same logits; batched
-//! steps over 4 and 16 sequence slots against the CPU's.
+//! steps over 4 and 16 sequence slots against the CPU's; the greedy tokens batched
+//! steps choose on the device against the host's argmax of their logits.
 //! Ignored where there is no GPU; run with `--include-ignored` on a GPU machine,
 //! where a missing device fails the test.
 
 mod common;
 mod device;
-use common::{batched_greedy, greedy_tokens, Sequence};
+use common::{assert_greedy_batches_take_the_argmax, batched_greedy, greedy_tokens, Sequence};
 use device::cuda;
 use kiln_core::ops::sample::sample_row;
 use kiln_core::ops::SampleParams;
@@ -455,4 +456,18 @@ fn batched_greedy_tokens_on_the_gpu_match_the_cpu() {
             );
         }
     }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn batched_greedy_tokens_chosen_on_the_gpu_are_the_argmax_of_its_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_f16(dir.path());
+    let options = LoadOptions {
+        context: Some(96),
+        cache_dtype: DType::F16,
+        slots: 3,
+    };
+    let load = || Model::load(cuda(), &file, options, &mut |_, _| {}).unwrap();
+    assert_greedy_batches_take_the_argmax(&mut load(), &mut load());
 }

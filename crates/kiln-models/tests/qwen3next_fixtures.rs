@@ -129,6 +129,8 @@ fn several_slots_and_batched_steps_are_refused() {
     };
     let e = model.forward_batch(&[row]).unwrap_err();
     assert!(matches!(e, kiln_core::Error::Unsupported(_)), "{e}");
+    let e = model.forward_batch_greedy(&[row]).unwrap_err();
+    assert!(matches!(e, kiln_core::Error::Unsupported(_)), "{e}");
     assert_eq!(model.n_past(), 0);
 }
 

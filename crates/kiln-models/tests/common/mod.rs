@@ -416,6 +416,113 @@ pub fn batched_greedy<BE: Backend>(model: &mut Model<BE>, sequences: &[Sequence]
     out
 }
 
+/// Runs the same batched steps on two fresh models loaded alike from one file (3
+/// slots or more, of 96 positions or more): on `greedy` through
+/// [`Model::forward_batch_greedy`], on `logits` through [`Model::forward_batch`], and
+/// asserts that each step's tokens are the host's argmax of its logits rows
+/// ([`kiln_models::sampler::argmax`]) and that both models' slots advance alike. The
+/// steps: three prompts (5, 3 and 1 tokens) in one bucket; decode steps of all slots,
+/// in three orders; a new prompt of 6 rows in slot 1 between decode rows; a new prompt
+/// of 70 rows in slot 2 (logits at every tenth) around slot 1's decode row, 72 rows in
+/// all, which run the graph built for them, not a bucket's; a new prompt of 70 rows in
+/// slot 1 that all want logits between decode rows (two chunks: 64 logits rows, then
+/// 8); a last decode step. Each decode row runs its slot's latest greedy token.
+pub fn assert_greedy_batches_take_the_argmax<BE: Backend>(
+    greedy: &mut Model<BE>,
+    logits: &mut Model<BE>,
+) {
+    use kiln_models::BatchRow;
+    let vocab = logits.config().vocab;
+    let tokens = |seed: u32, n: usize| -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (seed * 977 + i * 131 + 7) % vocab as u32)
+            .collect()
+    };
+    let prompt = |slot: usize, tokens: Vec<u32>, wants: fn(usize, usize) -> bool| {
+        let n = tokens.len();
+        tokens
+            .into_iter()
+            .enumerate()
+            .map(move |(i, token)| BatchRow {
+                slot,
+                token,
+                logits: wants(i, n),
+            })
+    };
+    let last_only: fn(usize, usize) -> bool = |i, n| i + 1 == n;
+    // Each slot's latest greedy token, which its next decode row runs.
+    let mut latest = [0u32; 3];
+    let decode = |latest: &[u32; 3], slot: usize| BatchRow {
+        slot,
+        token: latest[slot],
+        logits: true,
+    };
+    let mut step =
+        |rows: Vec<BatchRow>, cleared: Option<usize>, latest: &mut [u32; 3], what: &str| {
+            if let Some(slot) = cleared {
+                greedy.clear_slot(slot);
+                logits.clear_slot(slot);
+            }
+            let got = greedy
+                .forward_batch_greedy(&rows)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let want: Vec<u32> = logits
+                .forward_batch(&rows)
+                .unwrap_or_else(|e| panic!("{what}: {e}"))
+                .chunks_exact(vocab)
+                .map(|row| kiln_models::sampler::argmax(row) as u32)
+                .collect();
+            assert_eq!(
+                want.len(),
+                rows.iter().filter(|r| r.logits).count(),
+                "{what}: logits rows"
+            );
+            assert_eq!(got, want, "{what}: greedy tokens");
+            for slot in 0..3 {
+                assert_eq!(greedy.slot_len(slot), logits.slot_len(slot), "{what}");
+            }
+            for (row, token) in rows.iter().filter(|r| r.logits).zip(got) {
+                latest[row.slot] = token;
+            }
+        };
+    let rows: Vec<BatchRow> = prompt(0, tokens(1, 5), last_only)
+        .chain(prompt(1, tokens(2, 3), last_only))
+        .chain(prompt(2, tokens(3, 1), last_only))
+        .collect();
+    step(rows, None, &mut latest, "prompts of 5, 3 and 1 tokens");
+    for (i, order) in [[0, 1, 2], [2, 0, 1], [1, 2, 0]].into_iter().enumerate() {
+        let rows = order.iter().map(|&s| decode(&latest, s)).collect();
+        step(rows, None, &mut latest, &format!("decode step {i}"));
+    }
+    // Slot 1 starts again: its prompt's rows between the other slots' decode rows.
+    let rows: Vec<BatchRow> = std::iter::once(decode(&latest, 0))
+        .chain(prompt(1, tokens(4, 6), last_only))
+        .chain(std::iter::once(decode(&latest, 2)))
+        .collect();
+    step(
+        rows,
+        Some(1),
+        &mut latest,
+        "a prompt of 6 rows between decode rows",
+    );
+    let mut rows: Vec<BatchRow> = std::iter::once(decode(&latest, 0))
+        .chain(prompt(2, tokens(5, 70), |i, _| i % 10 == 9))
+        .collect();
+    rows.insert(30, decode(&latest, 1));
+    step(rows, Some(2), &mut latest, "72 rows, 9 of them logits rows");
+    let rows: Vec<BatchRow> = std::iter::once(decode(&latest, 0))
+        .chain(prompt(1, tokens(6, 70), |_, _| true))
+        .chain(std::iter::once(decode(&latest, 2)))
+        .collect();
+    step(rows, Some(1), &mut latest, "72 logits rows");
+    let rows = (0..3).map(|s| decode(&latest, s)).collect();
+    step(rows, None, &mut latest, "the last decode step");
+    assert_eq!(
+        (0..3).map(|s| greedy.slot_len(s)).collect::<Vec<_>>(),
+        [12, 71, 72]
+    );
+}
+
 /// The project's small model (`models/shakespeare-tiny`) converted by kiln to a GGUF
 /// of `dtype` in `dir`, opened.
 pub fn small_model_gguf(dir: &std::path::Path, dtype: DType) -> kiln_gguf::GgufFile {
