@@ -16,10 +16,9 @@
 //!   sequences (one cache slot each) run their `-p` prompt tokens in one batched
 //!   step (timed: the prompt processing), then generate `-n` tokens together in `-n`
 //!   timed batched steps of one token per sequence, each sequence's next token the
-//!   argmax of its logits downloaded to the host ([`Model::forward_batch`]; the rows'
-//!   argmaxes run in parallel on the host's cores). Reports
-//!   the total and per-stream generated tokens/s of those steps, and the host's share
-//!   of a step spent on the argmax.
+//!   argmax of its logits, taken on the device, which downloads only the token ids
+//!   ([`Model::forward_batch_greedy`]). Reports the total and per-stream generated
+//!   tokens/s of those steps.
 
 use super::backend::{run_on, BackendJob};
 use super::device::DeviceArgs;
@@ -29,7 +28,6 @@ use kiln_core::{Backend, DType, Error, Graph, LaunchProfile, Op, Result};
 use kiln_gguf::Gguf;
 use kiln_models::model::DEFAULT_PREFILL_CHUNK;
 use kiln_models::{LoadOptions, Model, ModelConfig, SamplerConfig};
-use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -184,9 +182,6 @@ pub struct BatchResult {
     pub total_tokens_per_s: Stat,
     /// Generated tokens per second of one sequence.
     pub stream_tokens_per_s: Stat,
-    /// Seconds per step spent choosing the next tokens on the host (the argmax of
-    /// every sequence's downloaded logits), a part of the step's time.
-    pub argmax_seconds: Stat,
 }
 
 /// The time of one op kind or kernel in a profiled decode step.
@@ -517,8 +512,8 @@ fn prompt_rows(tokens: &[u32], b: usize, p: usize) -> Vec<kiln_models::BatchRow>
 }
 
 /// One `--batch` test: `b` sequences in slots `0..b`, each a prompt of `p` tokens (a
-/// window of `tokens` of its own), then `n` greedy tokens, over `reps` timed
-/// repetitions after a warm-up.
+/// window of `tokens` of its own), then `n` greedy tokens chosen on the device
+/// ([`Model::forward_batch_greedy`]), over `reps` timed repetitions after a warm-up.
 fn batched<BE: Backend>(
     model: &mut Model<BE>,
     tokens: &[u32],
@@ -528,9 +523,7 @@ fn batched<BE: Backend>(
     reps: usize,
 ) -> Result<BatchResult> {
     use kiln_models::BatchRow;
-    let vocab = model.config().vocab;
-    let (mut prompt_secs, mut totals, mut streams, mut argmaxes) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut prompt_secs, mut totals, mut streams) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..=reps {
         for slot in 0..b {
             model.clear_slot(slot);
@@ -539,27 +532,24 @@ fn batched<BE: Backend>(
         // of each sequence's first token where p is 0.
         let rows = prompt_rows(tokens, b, p.max(1));
         let t = Instant::now();
-        let mut logits = model.forward_batch(&rows)?;
+        // Each slot's greedy token, in slot order.
+        let mut next = model.forward_batch_greedy(&rows)?;
         let prompt_time = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let mut argmax_secs = 0.0;
         for _ in 0..n {
-            let choosing = Instant::now();
-            let rows: Vec<BatchRow> = logits
-                .par_chunks_exact(vocab)
+            let rows: Vec<BatchRow> = next
+                .iter()
                 .enumerate()
-                .map(|(slot, l)| BatchRow {
+                .map(|(slot, &token)| BatchRow {
                     slot,
-                    token: kiln_models::sampler::argmax(l) as u32,
+                    token,
                     logits: true,
                 })
                 .collect();
-            argmax_secs += choosing.elapsed().as_secs_f64();
-            logits = model.forward_batch(&rows)?;
+            next = model.forward_batch_greedy(&rows)?;
         }
         let secs = t.elapsed().as_secs_f64();
         if rep > 0 {
-            argmaxes.push(argmax_secs / n as f64);
             prompt_secs.push(prompt_time);
             totals.push((b * n) as f64 / secs);
             streams.push(n as f64 / secs);
@@ -572,7 +562,6 @@ fn batched<BE: Backend>(
         prompt_seconds: Stat::of(&prompt_secs),
         total_tokens_per_s: Stat::of(&totals),
         stream_tokens_per_s: Stat::of(&streams),
-        argmax_seconds: Stat::of(&argmaxes),
     })
 }
 
@@ -823,12 +812,12 @@ pub fn print(r: &BenchReport, json: bool) {
         println!("batched decode: B sequences, each a prompt then generated tokens, one step per token for all (medians)");
         println!();
         println!(
-            "| model | backend | B | prompt | gen | prompt time | total t/s | t/s per stream | host argmax per step |"
+            "| model | backend | B | prompt | gen | prompt time | total t/s | t/s per stream |"
         );
-        println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
         for b in &r.batches {
             println!(
-                "| {} | {} | {} | {} | {} | {:.3} s | {:.1} | {:.1} | {:.2} ms |",
+                "| {} | {} | {} | {} | {} | {:.3} s | {:.1} | {:.1} |",
                 r.model,
                 r.backend,
                 b.batch,
@@ -836,8 +825,7 @@ pub fn print(r: &BenchReport, json: bool) {
                 b.n_gen,
                 b.prompt_seconds.median,
                 b.total_tokens_per_s.median,
-                b.stream_tokens_per_s.median,
-                b.argmax_seconds.median * 1e3
+                b.stream_tokens_per_s.median
             );
         }
     }
