@@ -147,6 +147,15 @@ impl Sampler {
         penalty_applies(self.config.repeat_penalty, self.config.repeat_last_n)
     }
 
+    /// Whether the choice is the argmax of the logits as they come: `temperature <= 0`
+    /// and no repetition penalty ([`Sampler::uses_history`]). Then
+    /// [`Sampler::sample`] is [`argmax`] of its logits and draws no number, so that a
+    /// caller may take the argmax elsewhere instead (on a device:
+    /// [`crate::Model::forward_batch_greedy`]).
+    pub fn is_greedy(&self) -> bool {
+        self.config.temperature <= 0.0 && !self.uses_history()
+    }
+
     /// The settings of [`kiln_core::ops::Sample`] this sampler uses.
     pub fn params(&self) -> SampleParams {
         SampleParams {

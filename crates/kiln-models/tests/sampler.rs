@@ -151,6 +151,35 @@ fn only_an_active_penalty_uses_the_history() {
 }
 
 #[test]
+fn a_greedy_sampler_takes_the_argmax_of_the_logits_as_they_come() {
+    let sampler = |temperature, repeat_penalty| {
+        Sampler::new(SamplerConfig {
+            repeat_penalty,
+            repeat_last_n: 64,
+            ..plain(temperature)
+        })
+    };
+    assert!(Sampler::new(SamplerConfig::greedy()).is_greedy());
+    assert!(sampler(-1.0, 1.0).is_greedy());
+    assert!(
+        !sampler(0.0, 1.1).is_greedy(),
+        "a penalty changes the logits"
+    );
+    assert!(!sampler(0.8, 1.0).is_greedy());
+    assert!(!Sampler::new(SamplerConfig::default()).is_greedy());
+    // Whatever the history, a greedy sampler chooses the argmax (and a penalised one
+    // may not: the history's token 3 loses to token 0).
+    let logits = [1.9f32, -0.5, 0.3, 2.0, 2.0];
+    let history = [3, 4, 3];
+    assert_eq!(
+        sampler(0.0, 1.0).sample(&logits, &history),
+        argmax(&logits) as u32
+    );
+    assert_eq!(argmax(&logits), 3);
+    assert_eq!(sampler(0.0, 1.1).sample(&logits, &history), 0);
+}
+
+#[test]
 fn check_rejects_settings_out_of_range_by_name() {
     assert!(SamplerConfig::default().check().is_ok());
     assert!(SamplerConfig::greedy().check().is_ok());
