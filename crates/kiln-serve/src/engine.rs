@@ -23,6 +23,11 @@ pub trait Engine {
     /// changes nothing on a slot that does not exist, a slot that would overflow its
     /// capacity, or an empty batch.
     fn forward_batch(&mut self, rows: &[BatchRow]) -> Result<Vec<f32>>;
+    /// Runs `rows` as [`Engine::forward_batch`] does and returns the greedy token of
+    /// each row with `logits: true`, in row order: the argmax of the logits
+    /// [`Engine::forward_batch`] would return for it, lowest index on ties
+    /// ([`kiln_models::sampler::argmax`]). Errors as [`Engine::forward_batch`] does.
+    fn forward_batch_greedy(&mut self, rows: &[BatchRow]) -> Result<Vec<u32>>;
 }
 
 impl<E: Engine + ?Sized> Engine for Box<E> {
@@ -49,10 +54,16 @@ impl<E: Engine + ?Sized> Engine for Box<E> {
     fn forward_batch(&mut self, rows: &[BatchRow]) -> Result<Vec<f32>> {
         (**self).forward_batch(rows)
     }
+
+    fn forward_batch_greedy(&mut self, rows: &[BatchRow]) -> Result<Vec<u32>> {
+        (**self).forward_batch_greedy(rows)
+    }
 }
 
 /// A [`Model`] as an [`Engine`]: its KV-cache slots ([`kiln_models::LoadOptions::slots`])
-/// and its batched forward pass ([`Model::forward_batch`]).
+/// and its batched forward pass ([`Model::forward_batch`]), whose greedy tokens it
+/// chooses on the model's backend ([`Model::forward_batch_greedy`]: only their ids
+/// are downloaded).
 pub struct ModelEngine<BE: Backend> {
     model: Model<BE>,
 }
@@ -90,6 +101,10 @@ impl<BE: Backend> Engine for ModelEngine<BE> {
 
     fn forward_batch(&mut self, rows: &[BatchRow]) -> Result<Vec<f32>> {
         self.model.forward_batch(rows)
+    }
+
+    fn forward_batch_greedy(&mut self, rows: &[BatchRow]) -> Result<Vec<u32>> {
+        self.model.forward_batch_greedy(rows)
     }
 }
 

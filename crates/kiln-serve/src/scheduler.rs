@@ -3,11 +3,15 @@
 //!
 //! Each step: sequences whose client went away are cancelled and their slots freed;
 //! waiting requests are admitted into free slots; every active sequence adds rows to
-//! one [`Engine::forward_batch`] (its next prompt chunk, or its last sampled token);
-//! each sequence whose logits came back samples its next token with its own seeded
-//! [`Sampler`], turns it into text (whole UTF-8 characters, stop strings held back
-//! while they may still match) and sends that to its client; finished sequences free
-//! their slots at once.
+//! one step of the engine (its next prompt chunk, or its last sampled token); each
+//! sequence that takes a token in the step gets it, turns it into text (whole UTF-8
+//! characters, stop strings held back while they may still match) and sends that to
+//! its client; finished sequences free their slots at once. When every sequence
+//! taking a token is greedy ([`Sampler::is_greedy`]), the engine chooses the tokens
+//! ([`Engine::forward_batch_greedy`]: a model does so on its device, downloading only
+//! the ids); otherwise the step returns the logits ([`Engine::forward_batch`]) and
+//! each of those sequences samples its token with its own seeded [`Sampler`]. Either
+//! way a sequence gets the token its sampler gives.
 //!
 //! A sequence's prompt runs in chunks of [`SchedulerOptions::ubatch`] tokens whatever
 //! else runs in the step, so its rows, and so its tokens, do not depend on the other
@@ -420,21 +424,26 @@ fn run<E: Engine>(
             });
         }
         let rows = plan_rows(&mut active, options.ubatch);
+        let greedy = active
+            .iter()
+            .filter(|s| s.wants_logits)
+            .all(|s| s.sampler.is_greedy());
         let start = Instant::now();
-        let result = engine.forward_batch(&rows);
+        let result = if greedy {
+            engine.forward_batch_greedy(&rows).map(StepOutput::Tokens)
+        } else {
+            engine.forward_batch(&rows).map(StepOutput::Logits)
+        };
         metrics.step_seconds.observe(start.elapsed().as_secs_f64());
         metrics
             .batch_size
             .observe(active.iter().filter(|s| s.rows > 0).count() as f64);
-        let logits = match result {
-            Ok(logits) if logits.len() == vocab * rows.iter().filter(|r| r.logits).count() => {
-                logits
-            }
-            result => {
-                let msg = match result {
-                    Err(e) => e.to_string(),
-                    Ok(l) => format!("the engine returned {} logits for the step", l.len()),
-                };
+        let chosen = result
+            .map_err(|e| e.to_string())
+            .and_then(|output| next_tokens(&mut active, output, vocab));
+        let sampled = match chosen {
+            Ok(sampled) => sampled,
+            Err(msg) => {
                 tracing::error!("forward step failed: {msg}");
                 active.retain(|seq| {
                     if seq.rows == 0 {
@@ -450,18 +459,6 @@ fn run<E: Engine>(
                 continue;
             }
         };
-        // The logits rows go to the sequences that asked for them, in order; each samples
-        // with its own seeded sampler, all of them at once on the host's cores.
-        let mut next_logits = logits.chunks_exact(vocab.max(1));
-        let row_of: Vec<Option<&[f32]>> = active
-            .iter()
-            .map(|seq| seq.wants_logits.then(|| next_logits.next()).flatten())
-            .collect();
-        let sampled: Vec<Option<u32>> = active
-            .par_iter_mut()
-            .zip(row_of)
-            .map(|(seq, row)| row.map(|row| seq.sampler.sample(row, &seq.tokens)))
-            .collect();
         let mut sampled = sampled.into_iter();
         active.retain_mut(|seq| {
             seq.fed += seq.rows;
@@ -480,6 +477,56 @@ fn run<E: Engine>(
                 }
             }
         });
+    }
+}
+
+/// What one step of the engine returns for the rows wanting logits, in row order.
+enum StepOutput {
+    /// Their greedy tokens ([`Engine::forward_batch_greedy`]).
+    Tokens(Vec<TokenId>),
+    /// Their logits ([`Engine::forward_batch`]), `vocab` values each.
+    Logits(Vec<f32>),
+}
+
+/// The next token of each sequence of `active` (in its order; `None` for those that
+/// take none this step) from `output`, whose rows go to the sequences that want
+/// logits, in order: a greedy token as it is, a logits row sampled with the
+/// sequence's seeded sampler (all of them at once on the host's cores). Errors when
+/// `output` does not have one row per such sequence.
+fn next_tokens(
+    active: &mut [Sequence<'_>],
+    output: StepOutput,
+    vocab: usize,
+) -> std::result::Result<Vec<Option<TokenId>>, String> {
+    let wanted = active.iter().filter(|s| s.wants_logits).count();
+    match output {
+        StepOutput::Tokens(tokens) if tokens.len() == wanted => {
+            let mut tokens = tokens.into_iter();
+            Ok(active
+                .iter()
+                .map(|seq| seq.wants_logits.then(|| tokens.next()).flatten())
+                .collect())
+        }
+        StepOutput::Logits(logits) if logits.len() == vocab * wanted => {
+            let mut rows = logits.chunks_exact(vocab.max(1));
+            let row_of: Vec<Option<&[f32]>> = active
+                .iter()
+                .map(|seq| seq.wants_logits.then(|| rows.next()).flatten())
+                .collect();
+            Ok(active
+                .par_iter_mut()
+                .zip(row_of)
+                .map(|(seq, row)| row.map(|row| seq.sampler.sample(row, &seq.tokens)))
+                .collect())
+        }
+        StepOutput::Tokens(tokens) => Err(format!(
+            "the engine returned {} tokens for the step's {wanted} sequences",
+            tokens.len()
+        )),
+        StepOutput::Logits(logits) => Err(format!(
+            "the engine returned {} logits for the step",
+            logits.len()
+        )),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The scheduler over a mock engine: admission into slots, interleaving, prompt
-//! chunks, cancellation, stop strings, end of generation, UTF-8, the context limit,
-//! a full queue and a failing engine. Expected tokens come from the mock's rule
+//! chunks, greedy steps' tokens from the engine, cancellation, stop strings, end of
+//! generation, UTF-8, the context limit, a full queue and a failing engine. Expected tokens come from the mock's rule
 //! applied directly ([`common::continuation`]), never from the scheduler.
 
 mod common;
@@ -122,6 +122,59 @@ fn sequences_share_steps_and_each_gets_what_it_gets_alone() {
     let alone: usize = jobs.iter().map(|(_, n)| n).sum();
     assert!(steps.len() < alone, "{} steps, {alone} alone", steps.len());
     assert_eq!(submitter.metrics().requests(Outcome::Finished), 5);
+}
+
+#[test]
+fn steps_of_greedy_sequences_only_take_their_tokens_from_the_engine() {
+    let (mut engine, calls, permits) = gated(2, 64);
+    let (greedy_log, greedy_calls) = channel();
+    engine.greedy_log = Some(greedy_log);
+    let (_scheduler, submitter) = spawn(engine, 4, 512);
+    // A greedy sequence runs alone, then beside one that samples (temperature 0.8,
+    // top-k 1: the rule's token too), then, once that one is done, beside a greedy one
+    // with a repetition penalty, then alone again.
+    let sampled = SamplerConfig {
+        temperature: 0.8,
+        top_k: 1,
+        ..SamplerConfig::greedy()
+    };
+    let penalised = SamplerConfig {
+        repeat_penalty: 1.5,
+        ..SamplerConfig::greedy()
+    };
+    let with = |sampler, p: &str, n| GenerationRequest {
+        sampler,
+        ..greedy(prompt(p), n)
+    };
+    let mut jobs = vec![(
+        prompt("a"),
+        6,
+        submitter.submit(greedy(prompt("a"), 6)).unwrap(),
+    )];
+    calls.recv().unwrap();
+    jobs.push((
+        prompt("b"),
+        2,
+        submitter.submit(with(sampled, "b", 2)).unwrap(),
+    ));
+    permits.send(()).unwrap();
+    calls.recv().unwrap();
+    permits.send(()).unwrap();
+    // The step that ends the second sequence.
+    calls.recv().unwrap();
+    jobs.push((
+        prompt("c"),
+        1,
+        submitter.submit(with(penalised, "c", 1)).unwrap(),
+    ));
+    open(&permits);
+    for (p, n, events) in jobs {
+        let (pieces, finish) = collect(events);
+        assert_eq!(pieces.concat(), text(&continuation(hash_rule, &p, n)));
+        assert_eq!(finish.completion_tokens, n);
+    }
+    let greedy_steps: Vec<bool> = greedy_calls.try_iter().collect();
+    assert_eq!(greedy_steps, [true, false, false, false, true, true]);
 }
 
 #[test]

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses some of these
 
 use kiln_core::{Error, Result};
+use kiln_models::sampler::argmax;
 use kiln_models::tokenizer::{
     SpecialTokenIds, TokenType, Tokenizer, TokenizerModel, TokenizerSpec,
 };
@@ -74,13 +75,16 @@ pub fn continuation(rule: fn(&[u32]) -> u32, prompt: &[u32], n: usize) -> Vec<u3
     history.split_off(prompt.len())
 }
 
-/// A model whose logits are one-hot on `rule(history of the slot)`. Every call's rows
-/// go to `log`; with a `gate`, each call first waits for a message on it.
+/// A model whose logits are one-hot on `rule(history of the slot)`, and whose greedy
+/// tokens are their argmax. Every call's rows go to `log`, and with a `greedy_log`,
+/// whether the call was [`Engine::forward_batch_greedy`]; with a `gate`, each call
+/// first waits for a message on it.
 pub struct MockEngine {
     pub slots: Vec<Vec<u32>>,
     pub capacity: usize,
     pub rule: fn(&[u32]) -> u32,
     pub log: Sender<Vec<BatchRow>>,
+    pub greedy_log: Option<Sender<bool>>,
     pub gate: Option<Receiver<()>>,
 }
 
@@ -91,8 +95,32 @@ impl MockEngine {
             capacity,
             rule: hash_rule,
             log,
+            greedy_log: None,
             gate: None,
         }
+    }
+
+    /// Runs `rows` (a call of [`Engine::forward_batch_greedy`] when `greedy`) and
+    /// returns the logits of those that want them.
+    fn step(&mut self, rows: &[BatchRow], greedy: bool) -> Result<Vec<f32>> {
+        check_rows(self, rows)?;
+        let _ = self.log.send(rows.to_vec());
+        if let Some(greedy_log) = &self.greedy_log {
+            let _ = greedy_log.send(greedy);
+        }
+        if let Some(gate) = &self.gate {
+            gate.recv()
+                .map_err(|_| Error::invalid("mock", "the test closed the gate"))?;
+        }
+        let mut out = Vec::new();
+        for row in rows {
+            self.slots[row.slot].push(row.token);
+            if row.logits {
+                let next = (self.rule)(&self.slots[row.slot]);
+                out.extend((0..VOCAB as u32).map(|t| if t == next { 1.0 } else { -1.0 }));
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -120,20 +148,14 @@ impl Engine for MockEngine {
     }
 
     fn forward_batch(&mut self, rows: &[BatchRow]) -> Result<Vec<f32>> {
-        check_rows(self, rows)?;
-        let _ = self.log.send(rows.to_vec());
-        if let Some(gate) = &self.gate {
-            gate.recv()
-                .map_err(|_| Error::invalid("mock", "the test closed the gate"))?;
-        }
-        let mut out = Vec::new();
-        for row in rows {
-            self.slots[row.slot].push(row.token);
-            if row.logits {
-                let next = (self.rule)(&self.slots[row.slot]);
-                out.extend((0..VOCAB as u32).map(|t| if t == next { 1.0 } else { -1.0 }));
-            }
-        }
-        Ok(out)
+        self.step(rows, false)
+    }
+
+    fn forward_batch_greedy(&mut self, rows: &[BatchRow]) -> Result<Vec<u32>> {
+        let logits = self.step(rows, true)?;
+        Ok(logits
+            .chunks_exact(VOCAB)
+            .map(|row| argmax(row) as u32)
+            .collect())
     }
 }
