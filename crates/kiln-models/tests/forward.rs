@@ -905,6 +905,20 @@ fn decode_graphs_give_the_projections_q8_copies_written_beside_their_inputs() {
             );
         }
         assert_eq!(copies(&batch(BATCH_COPY_ROWS + 1, 3)), (0, None), "{s:?}");
+        // A batched graph ends with the argmax of its logits rows; a one-sequence graph
+        // has none.
+        let f = batch(5, 3);
+        let Some(Op::Argmax(a)) = f.graph.ops().last() else {
+            panic!(
+                "{s:?}: a batched graph ends with {:?}",
+                f.graph.ops().last()
+            );
+        };
+        assert_eq!(
+            (a.x, Some(a.out), a.rows, a.cols),
+            (f.logits, f.batch_tokens, 3, config.vocab)
+        );
+        assert_eq!(graph(1).batch_tokens, None);
     }
     // Float weights read none: their graphs make none.
     let s = specs()[0];
