@@ -4,7 +4,7 @@
 //!   `/v1/chat/completions` and `/v1/models`, and the error body;
 //! - [`chat`]: chat messages to a prompt with the model's own Jinja chat template;
 //! - [`engine`]: what the scheduler runs, a model with KV-cache slots, and
-//!   [`engine::ModelEngine`], today's one-slot [`kiln_models::Model`] as one;
+//!   [`engine::ModelEngine`], a [`kiln_models::Model`] of several slots as one;
 //! - [`scheduler`]: continuous batching on a thread of its own that owns the engine;
 //! - [`stop`]: stop strings over streamed text;
 //! - [`metrics`]: the counters of `GET /metrics`;
