@@ -9,14 +9,19 @@ use kiln_cpu::CpuBackend;
 
 const SIZES: [usize; 7] = [1, 7, 1023, 4096, 4097, 65536, 1_000_003];
 
-/// Normalised MSE allowed against the CPU's f32 results. Add and mul round the same
-/// single operation on both sides: exact. silu and gelu go through expf and tanhf,
-/// whose CUDA and Rust results differ by a few ulp (about 1e-7 relative); so does
-/// sigmoid's expf.
+/// Normalised MSE allowed against the CPU's f32 results, for gates drawn from
+/// [-6, 6). Add and mul round the same single operation on both sides: exact. silu and
+/// sigmoid take expf of -a, exact, whose CUDA and Rust results differ by a few ulp
+/// (at most about 4e-7 relative: NMSE below 1e-12). gelu takes exp(-2u) of a computed
+/// argument, u = sqrt(2/pi) (a + 0.044715 a^3), which the GPU contracts into fused
+/// multiply-adds and the CPU does not: an ulp of u, |2u| up to 25 here, moves the
+/// result by up to 25 ulp relative (about 3e-6), and with one element (len 1) that is
+/// the whole NMSE (seen on the H200: 3.3e-12 to 4.0e-12 in 5 of 50 runs).
 fn tolerance(kind: ElementwiseKind) -> f64 {
     match kind {
         ElementwiseKind::Add | ElementwiseKind::Mul => 0.0,
-        ElementwiseKind::SiluMul | ElementwiseKind::GeluMul | ElementwiseKind::SigmoidMul => 1e-12,
+        ElementwiseKind::SiluMul | ElementwiseKind::SigmoidMul => 1e-12,
+        ElementwiseKind::GeluMul => 1e-10,
     }
 }
 
