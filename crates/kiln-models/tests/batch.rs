@@ -8,9 +8,8 @@
 
 mod common;
 use common::*;
-use kiln_core::ops::Op;
-use kiln_core::{Backend, Bindings, DType, Graph, LaunchProfile, Result};
-use kiln_cpu::{CpuBackend, CpuBuffer, CpuExecutable};
+use kiln_core::{Backend, DType};
+use kiln_cpu::CpuBackend;
 use kiln_gguf::GgufFile;
 use kiln_models::forward::names;
 use kiln_models::{BatchRow, LoadOptions, Model};
@@ -212,59 +211,15 @@ fn greedy_batches_return_the_argmax_of_their_logits_rows() {
     assert_greedy_batches_take_the_argmax(&mut load(&file, 3), &mut load(&file, 3));
 }
 
-/// The CPU backend with every download's bytes set to 0x7F: token ids of
-/// 2139062143, past any vocabulary.
-struct OutOfRangeIds;
-
-impl Backend for OutOfRangeIds {
-    type Buffer = CpuBuffer;
-    type Executable = CpuExecutable;
-
-    fn name(&self) -> String {
-        "cpu (ids out of range)".to_string()
-    }
-    fn alloc(&self, bytes: usize) -> Result<CpuBuffer> {
-        CpuBackend.alloc(bytes)
-    }
-    fn upload(&self, dst: &mut CpuBuffer, src: &[u8]) -> Result<()> {
-        CpuBackend.upload(dst, src)
-    }
-    fn download(&self, src: &CpuBuffer, dst: &mut [u8]) -> Result<()> {
-        CpuBackend.download(src, dst)?;
-        dst.fill(0x7F);
-        Ok(())
-    }
-    fn supports(&self, op: &Op) -> bool {
-        CpuBackend.supports(op)
-    }
-    fn compile(
-        &self,
-        graph: &Graph,
-        bindings: &mut Bindings<'_, CpuBuffer>,
-    ) -> Result<CpuExecutable> {
-        CpuBackend.compile(graph, bindings)
-    }
-    unsafe fn run(&self, exe: &mut CpuExecutable) -> Result<()> {
-        // SAFETY: the caller's contract, passed on.
-        unsafe { CpuBackend.run(exe) }
-    }
-    fn synchronize(&self) -> Result<()> {
-        CpuBackend.synchronize()
-    }
-    unsafe fn profile(&self, exe: &mut CpuExecutable) -> Result<Vec<LaunchProfile>> {
-        // SAFETY: the caller's contract, passed on.
-        unsafe { CpuBackend.profile(exe) }
-    }
-    fn copy(&self, src: &CpuBuffer, dst: &mut CpuBuffer) -> Result<()> {
-        CpuBackend.copy(src, dst)
-    }
-}
-
 #[test]
 fn greedy_ids_outside_the_vocabulary_are_errors_that_consume_no_position() {
     let dir = tempfile::tempdir().unwrap();
     let file = tiny(dir.path());
-    let mut model = load_on(OutOfRangeIds, &file, 2);
+    // Every download's bytes 0x7F: token ids of 2139062143, past any vocabulary.
+    let ids_out_of_range = Stacking {
+        download_fill: Some(0x7F),
+    };
+    let mut model = load_on(ids_out_of_range, &file, 2);
     let row = |slot, token, logits| BatchRow {
         slot,
         token,

@@ -41,7 +41,7 @@ fn check(label: &str, file: &GgufFile, prompt: &[u32]) {
         cpu.weight_bytes(),
         "{label}: every weight borrowed"
     );
-    let mut stacked = load(Stacking, file);
+    let mut stacked = load(Stacking::default(), file);
     assert_eq!(stacked.borrowed_weight_bytes(), 0, "{label}: copies");
     assert!(
         stacked

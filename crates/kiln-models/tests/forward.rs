@@ -388,7 +388,7 @@ fn stacked_and_separate_projections_match_the_f64_transformer() {
             (gguf_bytes_as(&s, &tensors, separate), false),
         ] {
             // The CPU backend stacks nothing; its stacking twin runs stacked weights.
-            let mut model = load_on(Stacking, &bytes, DType::F32);
+            let mut model = load_on(Stacking::default(), &bytes, DType::F32);
             let names: Vec<String> = model
                 .graph(1)
                 .unwrap()
@@ -869,7 +869,7 @@ fn decode_graphs_give_the_projections_q8_copies_written_beside_their_inputs() {
     };
     for (s, per_layer) in [(head_dim_8, 3), (head_dim_32, 4)] {
         let bytes = gguf_bytes_as(&s, &random_weights(&s, &mut seeded()), q8_0);
-        let model = load_on(Stacking, &bytes, DType::F32);
+        let model = load_on(Stacking::default(), &bytes, DType::F32);
         // The stacked q-k-v and gate-up projections and down of each layer (and the
         // attention output), and the head, which reads the final norm's copy.
         let decode = per_layer * s.layers + 1;

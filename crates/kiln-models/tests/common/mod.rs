@@ -274,15 +274,22 @@ pub fn with_shape(tiny: &Tiny, name: &str, shape: Option<&[usize]>) -> Vec<u8> {
 }
 
 /// The CPU backend as it loads models when weights are stacked: copies of every
-/// weight, with the query, key and value (and gate and up) projections stacked.
-pub struct Stacking;
+/// weight, with the query, key and value (and gate and up) projections stacked; with
+/// `download_fill`, every byte a download returns is overwritten with it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stacking {
+    pub download_fill: Option<u8>,
+}
 
 impl Backend for Stacking {
     type Buffer = CpuBuffer;
     type Executable = CpuExecutable;
 
     fn name(&self) -> String {
-        "cpu (stacking)".to_string()
+        match self.download_fill {
+            Some(byte) => format!("cpu (stacking, downloads of {byte:#04x})"),
+            None => "cpu (stacking)".to_string(),
+        }
     }
     fn alloc(&self, bytes: usize) -> Result<CpuBuffer> {
         CpuBackend.alloc(bytes)
@@ -291,7 +298,11 @@ impl Backend for Stacking {
         CpuBackend.upload(dst, src)
     }
     fn download(&self, src: &CpuBuffer, dst: &mut [u8]) -> Result<()> {
-        CpuBackend.download(src, dst)
+        CpuBackend.download(src, dst)?;
+        if let Some(byte) = self.download_fill {
+            dst.fill(byte);
+        }
+        Ok(())
     }
     fn supports(&self, op: &Op) -> bool {
         CpuBackend.supports(op)
