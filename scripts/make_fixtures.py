@@ -30,10 +30,11 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from transformers import AutoTokenizer, LlamaForCausalLM
+
+from fixture_checkpoints import f32_list
 
 N_GREEDY = 64
 N_TOP = 20
@@ -46,11 +47,6 @@ PROMPTS = [
     # Outside the corpus's alphabet: digits, non-ASCII letters and punctuation.
     "Caf\u00e9 \u2014 3.14159 \u00bfd\u00f3nde? \u201cquoted\u201d \u20ac42 \u2603",
 ]
-
-
-def f32_list(values: torch.Tensor) -> list[float]:
-    """Each float32 as the shortest decimal that reads back as the same float32."""
-    return [float(np.format_float_positional(v, unique=True, trim="-")) for v in values.numpy()]
 
 
 @torch.no_grad()

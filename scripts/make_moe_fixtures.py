@@ -31,20 +31,19 @@ Usage:
 """
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-import transformers
 from transformers import (
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
+
+from fixture_checkpoints import RouterMargins, f32_list, save_checkpoint, write_fixtures
 
 N_GREEDY = 16
 N_TOP = 20
@@ -84,34 +83,6 @@ MODELS = {
 }
 
 
-def byte_chars() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 byte values, in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-def tokenizer_json() -> dict:
-    return {
-        "version": "1.0",
-        "added_tokens": [],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                          "use_regex": True},
-        "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                    "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "byte_fallback": False,
-                  "vocab": {c: i for i, c in enumerate(byte_chars())}, "merges": []},
-    }
-
-
 @torch.no_grad()
 def init_weights(model: torch.nn.Module) -> None:
     for name, p in model.named_parameters():
@@ -123,27 +94,6 @@ def init_weights(model: torch.nn.Module) -> None:
             fan_in = p.shape[-1]
             scale = 2.0 if name.endswith("mlp.gate.weight") else 1.0
             p.copy_(torch.randn_like(p) * scale / math.sqrt(fan_in))
-
-
-def f32_list(values: torch.Tensor) -> list[float]:
-    """Each float32 as the shortest decimal that reads back as the same float32."""
-    return [float(np.format_float_positional(v, unique=True, trim="-")) for v in values.numpy()]
-
-
-class RouterMargins:
-    """Records the smallest gap between the k-th and (k+1)-th router logit."""
-
-    def __init__(self, model: torch.nn.Module, k: int):
-        self.k, self.min = k, math.inf
-        for name, module in model.named_modules():
-            if name.endswith("mlp.gate"):
-                module.register_forward_hook(self.hook)
-
-    def hook(self, module, inputs, output):
-        x = inputs[0].reshape(-1, inputs[0].shape[-1])
-        logits = torch.nn.functional.linear(x, module.weight)
-        top = torch.topk(logits, self.k + 1, dim=-1).values
-        self.min = min(self.min, (top[:, self.k - 1] - top[:, self.k]).min().item())
 
 
 @torch.no_grad()
@@ -178,23 +128,9 @@ def make(name: str, out_dir: Path, seed: int) -> None:
     margins = RouterMargins(model, config.num_experts_per_tok)
     prompts = [reference(model, margins, p) for p in PROMPTS]
     target = out_dir / name
-    target.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(target, safe_serialization=True)
-    (target / "generation_config.json").unlink(missing_ok=True)
-    with open(target / "tokenizer.json", "w") as f:
-        json.dump(tokenizer_json(), f, ensure_ascii=False)
-    fixtures = {
-        "model": name,
-        "implementation": f"transformers {transformers.__version__} {cls.__name__}, "
-        f"torch {torch.__version__}, cpu, seed {seed}",
-        "dtype": "float32",
-        "vocab_size": config.vocab_size,
-        "n_greedy": N_GREEDY,
-        "prompts": prompts,
-    }
-    with open(target / "fixtures.json", "w") as f:
-        json.dump(fixtures, f, separators=(",", ":"))
-        f.write("\n")
+    save_checkpoint(model, target)
+    write_fixtures(target, name, cls, seed, config.vocab_size,
+                   {"n_greedy": N_GREEDY, "prompts": prompts})
     for p in prompts:
         print(f"{name}: {len(p['input_ids'])} ids -> {p['greedy_ids']}, greedy margin "
               f"{p['greedy_min_margin']:.3f}, router margin {p['router_min_margin']:.4f}")

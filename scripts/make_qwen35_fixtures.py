@@ -49,7 +49,6 @@ import sys
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 from transformers import (
     Qwen3_5ForCausalLM,
@@ -58,15 +57,8 @@ from transformers import (
     Qwen3_5TextConfig,
 )
 
-from make_qwen3next_fixtures import (
-    N_DECODE,
-    VOCAB,
-    PROMPT_LENGTHS,
-    RouterMargins,
-    init_weights,
-    reference,
-    tokenizer_json,
-)
+from fixture_checkpoints import RouterMargins, save_checkpoint, write_fixtures
+from make_qwen3next_fixtures import N_DECODE, PROMPT_LENGTHS, VOCAB, init_weights, reference
 
 
 def common() -> dict:
@@ -186,26 +178,12 @@ def make(name: str, cls, cfg, seed: int, out_dir: Path, published: bool) -> None
         if math.isinf(r["router_min_margin"]):
             r["router_min_margin"] = None
     target = out_dir / name
-    target.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(target, safe_serialization=True)
-    (target / "generation_config.json").unlink(missing_ok=True)
+    save_checkpoint(model, target)
     if published:
         published_layout(model, target, seed + 2)
         check_reload(model, target, prompts[1])
-    with open(target / "tokenizer.json", "w") as f:
-        json.dump(tokenizer_json(), f, ensure_ascii=False)
-    fixtures = {
-        "model": name,
-        "implementation": f"transformers {transformers.__version__} {cls.__name__}, "
-        f"torch {torch.__version__}, cpu, seed {seed}",
-        "dtype": "float32",
-        "vocab_size": cfg.vocab_size,
-        "n_decode": N_DECODE,
-        "prompts": results,
-    }
-    with open(target / "fixtures.json", "w") as f:
-        json.dump(fixtures, f, separators=(",", ":"))
-        f.write("\n")
+    write_fixtures(target, name, cls, seed, cfg.vocab_size,
+                   {"n_decode": N_DECODE, "prompts": results})
     for r in results:
         print(f"{name}: {len(r['input_ids'])} ids -> {r['greedy_ids']}, greedy margin "
               f"{r['greedy_min_margin']:.4f}, router margin {r['router_min_margin']}")

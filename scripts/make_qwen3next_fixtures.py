@@ -38,15 +38,14 @@ Usage:
 """
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-import transformers
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+from fixture_checkpoints import RouterMargins, f32_list, save_checkpoint, write_fixtures
 
 NAME = "qwen3next-tiny"
 N_DECODE = 16
@@ -84,34 +83,6 @@ def config() -> Qwen3NextConfig:
     )
 
 
-def byte_chars() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 byte values, in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-def tokenizer_json() -> dict:
-    return {
-        "version": "1.0",
-        "added_tokens": [],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                          "use_regex": True},
-        "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                    "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "byte_fallback": False,
-                  "vocab": {c: i for i, c in enumerate(byte_chars())}, "merges": []},
-    }
-
-
 @torch.no_grad()
 def init_weights(model: torch.nn.Module) -> None:
     for name, p in model.named_parameters():
@@ -131,27 +102,6 @@ def init_weights(model: torch.nn.Module) -> None:
             fan_in = p.shape[-1]
             scale = 4.0 if name.endswith("mlp.gate.weight") else 1.0
             p.copy_(torch.randn_like(p) * scale / math.sqrt(fan_in))
-
-
-def f32_list(values: torch.Tensor) -> list[float]:
-    """Each float32 as the shortest decimal that reads back as the same float32."""
-    return [float(np.format_float_positional(v, unique=True, trim="-")) for v in values.numpy()]
-
-
-class RouterMargins:
-    """Records the smallest gap between the k-th and (k+1)-th router logit."""
-
-    def __init__(self, model: torch.nn.Module, k: int):
-        self.k, self.min = k, math.inf
-        for name, module in model.named_modules():
-            if name.endswith("mlp.gate"):
-                module.register_forward_hook(self.hook)
-
-    def hook(self, module, inputs, output):
-        x = inputs[0].reshape(-1, inputs[0].shape[-1])
-        logits = torch.nn.functional.linear(x, module.weight)
-        top = torch.topk(logits, self.k + 1, dim=-1).values
-        self.min = min(self.min, (top[:, self.k - 1] - top[:, self.k]).min().item())
 
 
 @torch.no_grad()
@@ -196,23 +146,9 @@ def main() -> int:
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
     results = [reference(model, margins, p) for p in prompts]
     target = args.out_dir / NAME
-    target.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(target, safe_serialization=True)
-    (target / "generation_config.json").unlink(missing_ok=True)
-    with open(target / "tokenizer.json", "w") as f:
-        json.dump(tokenizer_json(), f, ensure_ascii=False)
-    fixtures = {
-        "model": NAME,
-        "implementation": f"transformers {transformers.__version__} Qwen3NextForCausalLM, "
-        f"torch {torch.__version__}, cpu, seed {args.seed}",
-        "dtype": "float32",
-        "vocab_size": cfg.vocab_size,
-        "n_decode": N_DECODE,
-        "prompts": results,
-    }
-    with open(target / "fixtures.json", "w") as f:
-        json.dump(fixtures, f, separators=(",", ":"))
-        f.write("\n")
+    save_checkpoint(model, target)
+    write_fixtures(target, NAME, Qwen3NextForCausalLM, args.seed, cfg.vocab_size,
+                   {"n_decode": N_DECODE, "prompts": results})
     for r in results:
         print(f"{NAME}: {len(r['input_ids'])} ids -> {r['greedy_ids']}, greedy margin "
               f"{r['greedy_min_margin']:.4f}, router margin {r['router_min_margin']:.4f}")
