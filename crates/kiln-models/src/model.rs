@@ -641,14 +641,7 @@ impl<BE: Backend> Model<BE> {
         if rows.len() > BATCH_BUCKETS[BATCH_BUCKETS.len() - 1] {
             let (config, weights, cache) = (&self.config, &self.weights, self.cache);
             let planned = planned_batch_graph(config, weights, n_rows, n_logits, cache)?;
-            self.scratch.ensure(&self.backend, &planned.plan)?;
-            execute(
-                &self.backend,
-                &planned.fg,
-                &planned.plan,
-                &mut self.scratch,
-                &mut self.memory,
-            )?;
+            execute(&self.backend, &planned, &mut self.scratch, &mut self.memory)?;
         } else {
             self.ensure_batch_step(n_rows)?;
             let compiled = self.batch_steps.get_mut(&n_rows).expect("compiled above");
@@ -911,14 +904,7 @@ impl<BE: Backend> Model<BE> {
             compiled.planned.plan.clone()
         } else {
             let planned = planned_graph(config, weights, t, cache, params)?;
-            self.scratch.ensure(&self.backend, &planned.plan)?;
-            execute(
-                &self.backend,
-                &planned.fg,
-                &planned.plan,
-                &mut self.scratch,
-                &mut self.memory,
-            )?;
+            execute(&self.backend, &planned, &mut self.scratch, &mut self.memory)?;
             planned.plan
         };
         self.slot_lens[0] += t;
@@ -1421,14 +1407,15 @@ fn bind<'a, B: kiln_core::DeviceBuffer>(
     Ok(bindings)
 }
 
-/// Binds `fg` to the model memory and `scratch` and executes it once.
+/// Grows `scratch` to `planned`'s memory plan, binds its graph to the model memory and
+/// the scratch, and executes it once.
 fn execute<BE: Backend>(
     backend: &BE,
-    fg: &ForwardGraph,
-    memory_plan: &MemoryPlan,
+    planned: &Planned,
     scratch: &mut Scratch<BE::Buffer>,
     memory: &mut HashMap<String, BE::Buffer>,
 ) -> Result<()> {
-    let mut bindings = bind(fg, memory_plan, scratch, memory)?;
-    backend.execute(&fg.graph, &mut bindings)
+    scratch.ensure(backend, &planned.plan)?;
+    let mut bindings = bind(&planned.fg, &planned.plan, scratch, memory)?;
+    backend.execute(&planned.fg.graph, &mut bindings)
 }
