@@ -1,6 +1,7 @@
 //! The scheduler over a mock engine: admission into slots, interleaving, prompt
 //! chunks, greedy steps' tokens from the engine, cancellation, stop strings, end of
-//! generation, UTF-8, the context limit, a full queue and a failing engine. Expected tokens come from the mock's rule
+//! generation, UTF-8, the context limit, a full queue, a failing engine and one that
+//! returns the wrong number of rows. Expected tokens come from the mock's rule
 //! applied directly ([`common::continuation`]), never from the scheduler.
 
 mod common;
@@ -354,4 +355,39 @@ fn an_engine_error_fails_its_sequences_and_the_scheduler_goes_on() {
     assert_eq!(submitter.metrics().requests(Outcome::Failed), 1);
     drop(submitter);
     scheduler.join();
+}
+
+#[test]
+fn an_engine_returning_the_wrong_number_of_rows_fails_the_step() {
+    let sampled = SamplerConfig {
+        temperature: 0.8,
+        ..SamplerConfig::greedy()
+    };
+    for (sampler, want) in [
+        (
+            SamplerConfig::greedy(),
+            "returned 2 tokens for the step's 1 sequences",
+        ),
+        (
+            sampled,
+            &*format!("returned {} logits for the step", 2 * VOCAB),
+        ),
+    ] {
+        let (log, _calls) = channel();
+        let mut engine = MockEngine::new(1, 64, log);
+        engine.extra_row = true;
+        let (scheduler, submitter) = spawn(engine, 4, 512);
+        let request = GenerationRequest {
+            sampler,
+            ..greedy(prompt("ab"), 4)
+        };
+        let mut events = submitter.submit(request).unwrap();
+        match events.blocking_recv() {
+            Some(Event::Error(msg)) => assert!(msg.contains(want), "{msg}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        assert_eq!(submitter.metrics().requests(Outcome::Failed), 1);
+        drop(submitter);
+        scheduler.join();
+    }
 }

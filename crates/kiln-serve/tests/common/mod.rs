@@ -78,7 +78,8 @@ pub fn continuation(rule: fn(&[u32]) -> u32, prompt: &[u32], n: usize) -> Vec<u3
 /// A model whose logits are one-hot on `rule(history of the slot)`, and whose greedy
 /// tokens are their argmax. Every call's rows go to `log`, and with a `greedy_log`,
 /// whether the call was [`Engine::forward_batch_greedy`]; with a `gate`, each call
-/// first waits for a message on it.
+/// first waits for a message on it. With `extra_row`, every step returns one row of
+/// results more than its rows want (an engine that breaks its contract).
 pub struct MockEngine {
     pub slots: Vec<Vec<u32>>,
     pub capacity: usize,
@@ -86,6 +87,7 @@ pub struct MockEngine {
     pub log: Sender<Vec<BatchRow>>,
     pub greedy_log: Option<Sender<bool>>,
     pub gate: Option<Receiver<()>>,
+    pub extra_row: bool,
 }
 
 impl MockEngine {
@@ -97,6 +99,7 @@ impl MockEngine {
             log,
             greedy_log: None,
             gate: None,
+            extra_row: false,
         }
     }
 
@@ -119,6 +122,9 @@ impl MockEngine {
                 let next = (self.rule)(&self.slots[row.slot]);
                 out.extend((0..VOCAB as u32).map(|t| if t == next { 1.0 } else { -1.0 }));
             }
+        }
+        if self.extra_row {
+            out.extend(std::iter::repeat_n(0.0, VOCAB));
         }
         Ok(out)
     }
