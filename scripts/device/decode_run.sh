@@ -16,6 +16,9 @@
 #   bash scripts/device/decode_run.sh moe       # pp512/tg128 of the qwen3-30b-a3b synth files (TYPES, default
 #                                               # "q4_0 q4_k"), bench-kernels' expert-routed mat-vecs,
 #                                               # and kiln generate on the q4_0 file
+#   bash scripts/device/decode_run.sh deltanet  # bench-kernels' gated delta rule and its GPU tests
+#   bash scripts/device/decode_run.sh hybrid    # pp512, pp4096 and tg128 of the qwen3-next-80b-a3b synth
+#                                               # file (TYPES, default "q4_k"), and kiln generate on it
 #   bash scripts/device/decode_run.sh memcheck  # compute-sanitizer memcheck over the GPU test executables
 #                                               # (MEMCHECK="<test executables>" narrows it)
 # Logs go to $OUT when it is set (the device tool's output folder).
@@ -26,7 +29,7 @@ mkdir -p "$out"
 export KILN_CACHE_DIR=${KILN_CACHE_DIR:-$PWD/.device/kcache}
 bash .device/unpack || exit 1
 kiln=.device/bin/kiln
-models=/tmp/kiln-models
+models=${MODELS:-/tmp/kiln-models}
 mkdir -p "$models"
 synth() { # preset type
   local f="$models/$1-$2.gguf"
@@ -87,6 +90,16 @@ for what in "$@"; do
       "$kiln" bench-kernels --sections moe --device cuda 2>/dev/null | tee -a "$out/moe.log"
       f=$(synth qwen3-30b-a3b q4_0)
       "$kiln" generate -m "$f" -p "Once upon a time" -n 64 --ignore-eos --temp 0 --device cuda 2>&1 >/dev/null | grep "kiln: prompt" | tee -a "$out/moe.log" ;;
+    deltanet)
+      "$kiln" bench-kernels --sections delta-net --reps "${REPS:-5}" --device cuda 2>/dev/null | tee "$out/deltanet.log"
+      for t in .device/tests/delta_net-*; do KILN_REQUIRE_GPU=1 "$t" --include-ignored 2>&1 | grep -E "^test |test result|panicked"; done | tee -a "$out/deltanet.log" ;;
+    hybrid)
+      for t in ${TYPES:-q4_k}; do
+        f=$(synth qwen3-next-80b-a3b "$t")
+        echo "== qwen3-next-80b-a3b $t"
+        "$kiln" bench -m "$f" -p 512,4096 -n 128 -r "${REPS:-2}" --device cuda 2>/dev/null | grep -E "ceiling|model|pp|tg"
+        "$kiln" generate -m "$f" -p "Once upon a time" -n 64 --ignore-eos --temp 0 --device cuda 2>&1 >/dev/null | grep "kiln: prompt"
+      done 2>&1 | tee "$out/hybrid.log" ;;
     memcheck)
       # Each GPU test executable under compute-sanitizer, JOBS (default 8) at a time,
       # each bounded by MEMCHECK_TIMEOUT seconds; prints each one's error summary.

@@ -38,28 +38,45 @@ __global__ void causal_conv1d(const float* __restrict__ x, const float* __restri
     }
 }
 
-// One block per (value head h, tile of blockDim.x value columns), tokens in order. The
-// block normalizes the token's query and key head (h % n_k_heads when tiled, else
-// h / group: kiln_core::ops::HeadLayout) into shared memory
-// (`qk`: 2 * d_k floats); thread j then updates column j of the head's state
-// S (d_k x d_v, row-major at state + h * d_k * d_v):
-// S = exp(g) S, d = beta (v_j - S[:, j] . k), S[:, j] += k d, out = S[:, j] . q.
-// blockDim.x is a multiple of 32.
-__global__ void gated_delta_net(const float* __restrict__ qkv, const float* __restrict__ a,
-                                const float* __restrict__ b, const float* __restrict__ ssm_a,
-                                const float* __restrict__ dt_bias, float* __restrict__ state,
-                                float* __restrict__ out, u32 n_tokens, u32 n_k_heads,
-                                u32 n_v_heads, u32 d_k, u32 d_v, u32 tiled, float eps) {
+// One block per (value head h, tile of 32 value columns) of DN_REC_WARPS warps, tokens
+// in order. Lane l of warp w owns column j = 32 blockIdx.y + l of the head's state S
+// (d_k x d_v, row-major at state + h * d_k * d_v) at rows i = w + DN_REC_WARPS r: the
+// first DN_REC_ROWS of them stay in registers from the first token to the last (read
+// once, written once), any further ones (d_k > DN_REC_WARPS * DN_REC_ROWS) are read and
+// written in global memory each token. Per token the block normalizes the token's
+// query and key head (h % n_k_heads when tiled, else h / group:
+// kiln_core::ops::HeadLayout) into shared memory (`qk`: 2 * d_k floats), then per
+// column S = exp(g) S, d = beta (v_j - S[:, j] . k), S[:, j] += k d, out = S[:, j] . q;
+// each dot product is summed by every warp over its rows, then over the warps in order.
+__global__ void __launch_bounds__(32 * DN_REC_WARPS)
+    gated_delta_net(const float* __restrict__ qkv, const float* __restrict__ a,
+                    const float* __restrict__ b, const float* __restrict__ ssm_a,
+                    const float* __restrict__ dt_bias, float* __restrict__ state,
+                    float* __restrict__ out, u32 n_tokens, u32 n_k_heads, u32 n_v_heads,
+                    u32 d_k, u32 d_v, u32 tiled, float eps) {
     chain_after_prior_grids(qkv, a, b, state);
     extern __shared__ float qk[];
     __shared__ float scratch[32];
+    __shared__ float kv_part[DN_REC_WARPS][32];
+    __shared__ float out_part[DN_REC_WARPS][32];
     float* q = qk;
     float* k = qk + d_k;
+    const u32 lane = threadIdx.x & 31u;
+    const u32 warp = threadIdx.x >> 5;
     const u32 h = blockIdx.x;
     const u32 kh = tiled ? h % n_k_heads : h / (n_v_heads / n_k_heads);
-    const u32 j = blockIdx.y * blockDim.x + threadIdx.x;
+    const u32 j = blockIdx.y * 32u + lane;
+    const bool owns_column = j < d_v;
     const u64 width = 2ull * n_k_heads * d_k + (u64)n_v_heads * d_v;
     float* s = state + (u64)h * d_k * d_v + j;
+    // The held rows' loads go out first, before the token's inputs are read.
+    float held[DN_REC_ROWS];
+#pragma unroll
+    for (u32 r = 0; r < DN_REC_ROWS; ++r) {
+        const u32 i = warp + DN_REC_WARPS * r;
+        held[r] = owns_column && i < d_k ? s[(u64)i * d_v] : 0.0f;
+    }
+    const u32 first_unheld = DN_REC_WARPS * DN_REC_ROWS + warp;
     const float rate = ssm_a[h];
     const float q_scale = 1.0f / sqrtf((float)d_k);
     for (u32 t = 0; t < n_tokens; ++t) {
@@ -81,27 +98,67 @@ __global__ void gated_delta_net(const float* __restrict__ qkv, const float* __re
             k[i] *= k_inv;
         }
         __syncthreads();
-        if (j < d_v) {
-            const u64 gate = (u64)t * n_v_heads + h;
-            const float x = a[gate] + dt_bias[h];
-            const float softplus = x > 20.0f ? x : log1pf(expf(x));
-            const float decay = expf(rate * softplus);
-            const float beta = 1.0f / (1.0f + expf(-b[gate]));
-            float kv = 0.0f;
-            for (u32 i = 0; i < d_k; ++i) {
+        const u64 gate = (u64)t * n_v_heads + h;
+        const float x = a[gate] + dt_bias[h];
+        const float softplus = x > 20.0f ? x : log1pf(expf(x));
+        const float decay = expf(rate * softplus);
+        const float beta = 1.0f / (1.0f + expf(-b[gate]));
+        float kv = 0.0f;
+#pragma unroll
+        for (u32 r = 0; r < DN_REC_ROWS; ++r) {
+            const u32 i = warp + DN_REC_WARPS * r;
+            if (i < d_k) {
+                kv += held[r] * k[i];
+            }
+        }
+        if (owns_column) {
+            for (u32 i = first_unheld; i < d_k; i += DN_REC_WARPS) {
                 kv += s[(u64)i * d_v] * k[i];
             }
-            const float v = row[2ull * n_k_heads * d_k + (u64)h * d_v + j];
-            const float d = beta * (v - decay * kv);
-            float o = 0.0f;
-            for (u32 i = 0; i < d_k; ++i) {
+        }
+        kv_part[warp][lane] = kv;
+        __syncthreads();
+        kv = 0.0f;
+#pragma unroll
+        for (u32 w = 0; w < DN_REC_WARPS; ++w) {
+            kv += kv_part[w][lane];
+        }
+        const float v = owns_column ? row[2ull * n_k_heads * d_k + (u64)h * d_v + j] : 0.0f;
+        const float d = beta * (v - decay * kv);
+        float o = 0.0f;
+#pragma unroll
+        for (u32 r = 0; r < DN_REC_ROWS; ++r) {
+            const u32 i = warp + DN_REC_WARPS * r;
+            if (i < d_k) {
+                held[r] = decay * held[r] + k[i] * d;
+                o += held[r] * q[i];
+            }
+        }
+        if (owns_column) {
+            for (u32 i = first_unheld; i < d_k; i += DN_REC_WARPS) {
                 const float si = decay * s[(u64)i * d_v] + k[i] * d;
                 s[(u64)i * d_v] = si;
                 o += si * q[i];
             }
-            out[((u64)t * n_v_heads + h) * d_v + j] = o;
         }
+        out_part[warp][lane] = o;
+        // Every thread is done with this token's q, k and kv_part.
         __syncthreads();
+        if (warp == 0 && owns_column) {
+            o = 0.0f;
+#pragma unroll
+            for (u32 w = 0; w < DN_REC_WARPS; ++w) {
+                o += out_part[w][lane];
+            }
+            out[gate * d_v + j] = o;
+        }
+    }
+#pragma unroll
+    for (u32 r = 0; r < DN_REC_ROWS; ++r) {
+        const u32 i = warp + DN_REC_WARPS * r;
+        if (owns_column && i < d_k) {
+            s[(u64)i * d_v] = held[r];
+        }
     }
 }
 

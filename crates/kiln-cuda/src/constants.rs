@@ -60,6 +60,11 @@ shared_constants! {
     DN_WARPS = 8;
     DN_PAD = 4;
     DN_COL_PAD = 8;
+    /// The recurrent gated delta rule: warps per block (each block takes 32 value
+    /// columns of a head), and rows of the state that each thread holds in registers
+    /// (its warp's rows of the key dimension, every DN_REC_WARPS-th).
+    DN_REC_WARPS = 8;
+    DN_REC_ROWS = 16;
     /// Float4s of a row that each thread of a norm kernel holds in registers.
     NORM_VECTORS = 4;
     /// Float4s of the row that each thread of a resident mat-vec with a fused residual

@@ -428,7 +428,9 @@ fn decode_and_short_prompts_run_recurrently_and_prompts_chunkwise() {
     for n in [1, 2, CHUNK_MIN_TOKENS - 1] {
         let plan = qwen(n).check().unwrap();
         assert_eq!(plan.kernel, DeltaNetKernel::Recurrent, "n={n}");
-        assert_eq!(plan.config.grid_dim, (32, 1, 1));
+        // One block per (value head, 32 value columns), of 8 warps.
+        assert_eq!(plan.config.grid_dim, (32, 4, 1));
+        assert_eq!(plan.config.block_dim, (256, 1, 1));
         assert_eq!(plan.spec.key, "gated_delta_net|form=recurrent");
     }
     for n in [CHUNK_MIN_TOKENS, 64, 4096] {

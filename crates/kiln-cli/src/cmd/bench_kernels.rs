@@ -34,17 +34,17 @@
 //! - The gated delta rule at Qwen3-Next's linear-attention heads ([`DELTA_NET_HEADS`]):
 //!   one decode token (GB/s of the state read and written plus the token's inputs and
 //!   output, [`delta_net_decode_bytes`]; each launch takes the next of enough state
-//!   copies to miss the L2 cache), and prompts of [`DELTA_NET_PROMPTS`] tokens on the
-//!   chunkwise kernel (TFLOP/s of the chunkwise algorithm's products,
-//!   [`delta_net_chunk_flops`], and tokens/s) beside the recurrent kernel (its own
-//!   products, [`delta_net_recurrent_flops`], and tokens/s).
+//!   copies to miss the L2 cache; plain and "chained"), and prompts of
+//!   [`DELTA_NET_PROMPTS`] tokens on the chunkwise kernel (TFLOP/s of the chunkwise
+//!   algorithm's products, [`delta_net_chunk_flops`], and tokens/s) beside the
+//!   recurrent kernel (its own products, [`delta_net_recurrent_flops`], and tokens/s).
 //!
 //! `--sections` picks what runs (a mat-mat sweep alone: `--sections matmat`).
 //!
 //! Each measurement enqueues its launches behind a long copy (so the host's launch
 //! overhead is hidden), times them with CUDA events, and cycles through enough copies
 //! of its operands that they cannot stay in the L2 cache between launches. Launches
-//! are plain (each kernel starts after the one before it ends), except the mat-vec
+//! are plain (each kernel starts after the one before it ends), except the mat-vec and delta-rule
 //! rows labelled "chained" on devices with programmatic dependent launch: there each
 //! launch may start while the one before it finishes, as the kernels of a decode
 //! step do.
@@ -491,7 +491,7 @@ pub fn run(args: BenchKernelsArgs) -> Result<()> {
         families.push(bench.samples()?);
     }
     if on(Section::DeltaNet) {
-        families.push(bench.delta_nets()?);
+        families.push(bench.delta_nets(chaining)?);
     }
     let mut bf16 = None;
     if on(Section::Matmat) {
@@ -584,10 +584,19 @@ impl Bench<'_> {
         ))
     }
 
-    /// The delta-rule family: one decode token, then each prompt length of
-    /// [`DELTA_NET_PROMPTS`] on the chunkwise and on the recurrent kernel.
-    fn delta_nets(&mut self) -> Result<(String, Vec<Measurement>)> {
+    /// The delta-rule family: one decode token (also chained, with programmatic
+    /// dependent launch, as a decode graph runs it, when `chaining`), then each prompt
+    /// length of [`DELTA_NET_PROMPTS`] on the chunkwise and on the recurrent kernel.
+    fn delta_nets(&mut self, chaining: bool) -> Result<(String, Vec<Measurement>)> {
         let mut rows = vec![self.delta_net(1, DeltaNetForm::Auto)?];
+        if chaining {
+            self.backend.set_programmatic_launch(true);
+            let chained = self.delta_net(1, DeltaNetForm::Auto);
+            self.backend.set_programmatic_launch(false);
+            let mut chained = chained?;
+            chained.label.push_str(", chained");
+            rows.push(chained);
+        }
         for n in DELTA_NET_PROMPTS {
             for form in [DeltaNetForm::Chunkwise, DeltaNetForm::Recurrent] {
                 rows.push(self.delta_net(n, form)?);

@@ -10,7 +10,7 @@ use kiln_core::{DType, DeviceBuffer, Error, Graph, Result};
 
 use super::common::{allow_dynamic_shared, config, grid_dim, launch, MAX_GRID_X, MAX_GRID_YZ};
 use super::{check_buffer, check_bytes, check_nonzero, count, to_u32};
-use crate::constants::{DN_CHUNK, DN_COLS, DN_COL_PAD, DN_PAD, DN_WARPS};
+use crate::constants::{DN_CHUNK, DN_COLS, DN_COL_PAD, DN_PAD, DN_REC_WARPS, DN_WARPS};
 use crate::family::Family;
 use crate::launch::KernelArgs;
 use crate::registry::{KernelSource, KernelSpec};
@@ -158,8 +158,10 @@ pub enum DeltaNetForm {
 /// The kernel that runs a gated delta rule, and its compile-time shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeltaNetKernel {
-    /// `gated_delta_net`: one block per (value head, 128 value columns), tokens in
-    /// order.
+    /// `gated_delta_net`: one block per (value head, 32 value columns) of
+    /// [`DN_REC_WARPS`] warps, tokens in order, the block's state columns held in
+    /// registers (up to [`crate::constants::DN_REC_ROWS`] rows a thread) from the
+    /// first token to the last.
     Recurrent,
     /// `gated_delta_net_chunk<d_k>`: one block per (value head, [`DN_COLS`] value
     /// columns), chunks of [`DN_CHUNK`] tokens in order, for key heads of up to `d_k`
@@ -168,13 +170,13 @@ pub enum DeltaNetKernel {
 }
 
 /// The fewest tokens the chunkwise kernel runs; fewer run on the recurrent kernel.
-/// The recurrent kernel's time grows with every token (about 7 us each at
-/// Qwen3-Next's heads on an H200), the chunkwise kernel's with every chunk of 64
-/// (about 31 us, nearly all of it for a chunk of 2 tokens as for one of 64): 3 tokens
-/// take 27 us on the recurrent kernel, 4 tokens 33 us against the chunkwise kernel's
-/// 31, 8 tokens 61 against 31 (`kiln bench-kernels --sections delta-net`,
-/// docs/perf.md).
-pub const CHUNK_MIN_TOKENS: usize = 4;
+/// The recurrent kernel's time grows with every token (about 1.9 us each at
+/// Qwen3-Next's heads on an H200, after 6 us for the first), the chunkwise kernel's
+/// with every chunk of 64 (about 31 us, nearly all of it for a chunk of 2 tokens as
+/// for one of 64): 8 tokens take 18.5 us on the recurrent kernel against the chunkwise
+/// kernel's 32.0, 16 tokens 33.3 against 32.1 (`kiln bench-kernels --sections
+/// delta-net`, docs/perf.md).
+pub const CHUNK_MIN_TOKENS: usize = 16;
 
 /// Key head sizes the chunkwise kernel is compiled for: a key head runs on the
 /// smallest that holds it, its elements past `d_k` zeros.
@@ -361,13 +363,13 @@ impl DeltaNetArgs {
                 config((heads_grid, tiles, 1), 32 * DN_WARPS, shared),
             )
         } else {
-            let tiles = grid_dim(OP, "d_v", d_v.div_ceil(THREADS as usize), MAX_GRID_YZ)?;
+            let tiles = grid_dim(OP, "d_v", d_v.div_ceil(32), MAX_GRID_YZ)?;
             // At most 2 * MAX_D_K floats (32 KiB), within the default dynamic shared
             // memory.
             let shared = (2 * d_k * std::mem::size_of::<f32>()) as u32;
             (
                 DeltaNetKernel::Recurrent,
-                config((heads_grid, tiles, 1), THREADS, shared),
+                config((heads_grid, tiles, 1), 32 * DN_REC_WARPS, shared),
             )
         };
         Ok(DeltaNetPlan {
@@ -407,7 +409,9 @@ pub fn gated_delta_net(
 
 /// [`gated_delta_net`] in the given `form`.
 ///
-/// The recurrent kernel is exact f32 arithmetic in the definition's order. The
+/// The recurrent kernel is f32 arithmetic in the definition's order but for its dot
+/// products over the key dimension, each summed in [`DN_REC_WARPS`] interleaved
+/// parts that are then added in order. The
 /// chunkwise kernel computes the same rule in chunks of [`DN_CHUNK`] tokens as
 /// kiln-cpu's chunkwise form does (f32, its products on tensor cores in 3xTF32:
 /// operands split into two TF32 parts, f32 accumulation, within a few f32 roundings
