@@ -417,8 +417,9 @@ impl ModelConfig {
     }
 
     /// The feed-forward tensors of layer `l`, added by `add(name, shape)`: the
-    /// mixture of experts', or the SwiGLU's (with the stacked `ffn_gate_up` where
-    /// `has` says the model holds it).
+    /// mixture of experts', or the SwiGLU's; with the stacked `ffn_gate_up`,
+    /// `ffn_gate_up_exps` and `ffn_gate_up_shexp` where `has` says the model holds
+    /// them.
     fn add_feed_forward(
         &self,
         add: &mut dyn FnMut(&str, Vec<usize>),
@@ -438,13 +439,21 @@ impl ModelConfig {
         };
         let (e, ff) = (moe.n_expert, moe.n_ff_exp);
         add("ffn_gate_inp.weight", vec![e, d]);
-        add("ffn_gate_exps.weight", vec![e, ff, d]);
+        if has(&format!("blk.{l}.ffn_gate_up_exps.weight")) {
+            add("ffn_gate_up_exps.weight", vec![e, ff.saturating_mul(2), d]);
+        } else {
+            add("ffn_gate_exps.weight", vec![e, ff, d]);
+            add("ffn_up_exps.weight", vec![e, ff, d]);
+        }
         add("ffn_down_exps.weight", vec![e, d, ff]);
-        add("ffn_up_exps.weight", vec![e, ff, d]);
         if let Some(ff) = moe.n_ff_shexp {
             add("ffn_gate_inp_shexp.weight", vec![d]);
-            add("ffn_gate_shexp.weight", vec![ff, d]);
-            add("ffn_up_shexp.weight", vec![ff, d]);
+            if has(&format!("blk.{l}.ffn_gate_up_shexp.weight")) {
+                add("ffn_gate_up_shexp.weight", vec![ff.saturating_mul(2), d]);
+            } else {
+                add("ffn_gate_shexp.weight", vec![ff, d]);
+                add("ffn_up_shexp.weight", vec![ff, d]);
+            }
             add("ffn_down_shexp.weight", vec![d, ff]);
         }
     }

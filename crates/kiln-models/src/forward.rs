@@ -14,9 +14,11 @@
 //! ([`names::BATCH_LOGITS`]) and each row's argmax taken ([`names::BATCH_TOKENS`]).
 //!
 //! Where the model holds stacked weights (`blk.N.attn_qkv.weight`,
-//! `blk.N.ffn_gate_up.weight`, [`crate::model::weight_stacks`]), one product computes
-//! the queries, keys and values ([`QkvRopeAppend`] then rotates and appends them) and
-//! one the gate and up projections ([`Glu`] then gates them).
+//! `blk.N.ffn_gate_up.weight`, `blk.N.ffn_gate_up_exps.weight`,
+//! `blk.N.ffn_gate_up_shexp.weight`: [`crate::model::weight_stacks`]), one product
+//! computes the queries, keys and values ([`QkvRopeAppend`] then rotates and appends
+//! them) and one the gate and up projections of a feed-forward, of the chosen experts
+//! or of the shared expert ([`Glu`] then gates them).
 //!
 //! A mixture-of-experts layer ([`MoeConfig`]) routes each token to its experts
 //! ([`MoeRouter`] over the logits of `blk.N.ffn_gate_inp.weight`), runs the chosen
@@ -286,6 +288,7 @@ fn build_graph(
                 "ffn_gate_up",
                 "ffn_gate",
                 "ffn_up",
+                "ffn_gate_up_shexp",
                 "ffn_gate_shexp",
                 "ffn_up_shexp",
             ]
@@ -781,19 +784,31 @@ impl Builder<'_> {
             gating: Gating::Softmax,
             normalize: moe.norm_weights,
         })?;
-        let gate = self.experts(l, "ffn_gate_exps", x.x, ids, moe, [ff, d], false)?;
-        let up = self.experts(l, "ffn_up_exps", x.x, ids, moe, [ff, d], false)?;
         let act = self
             .g
             .transient(format!("l{l}.moe_act"), DType::F32, &[t, k, ff])?;
-        self.g.push(Elementwise {
-            kind: ElementwiseKind::SiluMul,
-            a: gate,
-            b: up,
-            out: act,
-            out_q8: None,
-            len: t * k * ff,
-        })?;
+        if self.has(&format!("blk.{l}.ffn_gate_up_exps.weight")) {
+            let gate_up = self.experts(l, "ffn_gate_up_exps", x.x, ids, moe, [2 * ff, d], false)?;
+            self.g.push(Glu {
+                kind: ElementwiseKind::SiluMul,
+                x: gate_up,
+                out: act,
+                out_q8: None,
+                rows: t * k,
+                n: ff,
+            })?;
+        } else {
+            let gate = self.experts(l, "ffn_gate_exps", x.x, ids, moe, [ff, d], false)?;
+            let up = self.experts(l, "ffn_up_exps", x.x, ids, moe, [ff, d], false)?;
+            self.g.push(Elementwise {
+                kind: ElementwiseKind::SiluMul,
+                a: gate,
+                b: up,
+                out: act,
+                out_q8: None,
+                len: t * k * ff,
+            })?;
+        }
         let y = self.experts(l, "ffn_down_exps", act, ids, moe, [d, ff], true)?;
         let (shared, shared_gate) = match moe.n_ff_shexp {
             Some(sff) => {
@@ -863,21 +878,34 @@ impl Builder<'_> {
     }
 
     /// The shared expert of layer `l`, a SwiGLU of width `ff` over the `_shexp`
-    /// weights (unscaled).
+    /// weights (unscaled); with the stacked `ffn_gate_up_shexp`, one product and one
+    /// [`Glu`].
     fn shared_expert(&mut self, l: usize, x: Act, ff: usize) -> Result<BufferId> {
         let d = self.c.n_embd;
-        let gate = self.linear(l, "ffn_gate_shexp", x, ff, d, false)?;
-        let up = self.linear(l, "ffn_up_shexp", x, ff, d, false)?;
         let copy = self.quantized(&[format!("blk.{l}.ffn_down_shexp.weight")]);
         let act = self.act_with_copy(&format!("l{l}.shexp_act"), ff, copy)?;
-        self.g.push(Elementwise {
-            kind: ElementwiseKind::SiluMul,
-            a: gate,
-            b: up,
-            out: act.x,
-            out_q8: act.q8,
-            len: self.t * ff,
-        })?;
+        if self.has(&format!("blk.{l}.ffn_gate_up_shexp.weight")) {
+            let gate_up = self.linear(l, "ffn_gate_up_shexp", x, 2 * ff, d, false)?;
+            self.g.push(Glu {
+                kind: ElementwiseKind::SiluMul,
+                x: gate_up,
+                out: act.x,
+                out_q8: act.q8,
+                rows: self.t,
+                n: ff,
+            })?;
+        } else {
+            let gate = self.linear(l, "ffn_gate_shexp", x, ff, d, false)?;
+            let up = self.linear(l, "ffn_up_shexp", x, ff, d, false)?;
+            self.g.push(Elementwise {
+                kind: ElementwiseKind::SiluMul,
+                a: gate,
+                b: up,
+                out: act.x,
+                out_q8: act.q8,
+                len: self.t * ff,
+            })?;
+        }
         self.linear(l, "ffn_down_shexp", act, d, ff, false)
     }
 }

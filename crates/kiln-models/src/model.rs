@@ -197,10 +197,7 @@ impl<BE: Backend> Model<BE> {
         }
         for stack in &stacks {
             let desc = stack.desc(&raw)?;
-            let mut bytes = Vec::new();
-            for part in &stack.parts {
-                bytes.extend_from_slice(file.tensor(part)?.data);
-            }
+            let bytes = stack.bytes(file)?;
             let mut buf = backend.alloc(bytes.len())?;
             backend.upload_weight(&mut buf, &bytes, desc.dtype, &desc.shape)?;
             done += bytes.len() as u64;
@@ -1126,7 +1123,10 @@ pub fn stack_weights(weights: &mut HashMap<String, WeightDesc>) -> Result<()> {
 }
 
 /// A weight a model builds at load by stacking the rows of several tensors of one
-/// dtype and row length, so that one product reads them all.
+/// dtype and shape but for their row counts, so that one product reads them all. The
+/// rows are those of each tensor's matrices (its last two dimensions): for each index
+/// of the leading dimensions (an expert of `[n_expert, rows, cols]` tensors), the
+/// parts' rows of that matrix one after another.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WeightStack {
     /// The stacked weight's name.
@@ -1136,7 +1136,8 @@ pub struct WeightStack {
 }
 
 impl WeightStack {
-    /// The stacked weight's dtype and shape: its parts' rows one after another.
+    /// The stacked weight's dtype and shape: its parts' rows one after another in
+    /// each matrix.
     fn desc(&self, weights: &HashMap<String, WeightDesc>) -> Result<WeightDesc> {
         let parts: Vec<&WeightDesc> = self
             .parts
@@ -1149,13 +1150,14 @@ impl WeightStack {
             .collect::<Result<_>>()?;
         let bad = || Error::format("model", format!("tensors {:?} do not stack", self.parts));
         let first = parts.first().ok_or_else(bad)?;
+        let axis = rows_axis(&first.shape).ok_or_else(bad)?;
         let rows = parts.iter().try_fold(0usize, |rows, p| {
-            p.shape.first().and_then(|&r| rows.checked_add(r))
+            p.shape.get(axis).and_then(|&r| rows.checked_add(r))
         });
         let mut shape = first.shape.clone();
-        match (shape.first_mut(), rows) {
-            (Some(first_dim), Some(rows)) => *first_dim = rows,
-            _ => return Err(bad()),
+        match rows {
+            Some(rows) => shape[axis] = rows,
+            None => return Err(bad()),
         }
         Ok(WeightDesc {
             name: self.name.clone(),
@@ -1163,23 +1165,69 @@ impl WeightStack {
             shape,
         })
     }
+
+    /// The stacked weight's bytes, from `file`'s tensors: for each matrix, each part's
+    /// rows of it in turn.
+    fn bytes<B: AsRef<[u8]>>(&self, file: &Gguf<B>) -> Result<Vec<u8>> {
+        let tensors = self
+            .parts
+            .iter()
+            .map(|p| file.tensor(p))
+            .collect::<Result<Vec<_>>>()?;
+        let matrices = |shape: &[usize]| -> usize {
+            rows_axis(shape).map_or(1, |axis| shape[..axis].iter().product())
+        };
+        let n = tensors.first().map_or(1, |t| matrices(t.info.shape()));
+        if n == 0
+            || tensors
+                .iter()
+                .any(|t| matrices(t.info.shape()) != n || t.data.len() % n != 0)
+        {
+            return Err(Error::format(
+                "model",
+                format!("tensors {:?} do not stack", self.parts),
+            ));
+        }
+        let mut out = Vec::with_capacity(tensors.iter().map(|t| t.data.len()).sum());
+        for m in 0..n {
+            for t in &tensors {
+                let size = t.data.len() / n;
+                out.extend_from_slice(&t.data[m * size..(m + 1) * size]);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The dimension of `shape` that counts a matrix's rows: the second last (the only
+/// one of a vector).
+fn rows_axis(shape: &[usize]) -> Option<usize> {
+    match shape.len() {
+        0 => None,
+        1 => Some(0),
+        n => Some(n - 2),
+    }
 }
 
 /// The weights a model stacks at load on a backend that stacks weights
 /// ([`Backend::stacks_weights`]), per layer `N` where every part exists with one
 /// dtype and, for matrices, one row length: `blk.N.attn_qkv.weight` (the query, key
 /// and value projections) with `blk.N.attn_qkv.bias` where all three have biases
-/// (none stacked when only some have), and `blk.N.ffn_gate_up.weight` (the
-/// feed-forward gate, then up). The forward graph uses a stack where there is one.
+/// (none stacked when only some have), `blk.N.ffn_gate_up.weight` (the feed-forward
+/// gate, then up), and for a mixture of experts `blk.N.ffn_gate_up_exps.weight` (each
+/// expert's gate rows, then its up rows) and `blk.N.ffn_gate_up_shexp.weight` (the
+/// shared expert's gate, then up). The forward graph uses a stack where there is one.
 pub fn weight_stacks(weights: &HashMap<String, WeightDesc>) -> Vec<WeightStack> {
     let stackable = |parts: &[String]| {
         let descs: Vec<&WeightDesc> = parts.iter().filter_map(|p| weights.get(p)).collect();
         descs.len() == parts.len()
             && descs.iter().all(|d| {
+                let (shape, first) = (&d.shape, &descs[0].shape);
                 d.dtype == descs[0].dtype
-                    && !d.shape.is_empty()
-                    && d.shape.len() == descs[0].shape.len()
-                    && d.shape[1..] == descs[0].shape[1..]
+                    && shape.len() == first.len()
+                    && rows_axis(shape).is_some_and(|axis| {
+                        shape[..axis] == first[..axis] && shape[axis + 1..] == first[axis + 1..]
+                    })
             })
     };
     let mut stacks = Vec::new();
@@ -1209,12 +1257,18 @@ pub fn weight_stacks(weights: &HashMap<String, WeightDesc>) -> Vec<WeightStack> 
                 });
             }
         }
-        let gate_up = names("weight", &["ffn_gate", "ffn_up"]);
-        if stackable(&gate_up) {
-            stacks.push(WeightStack {
-                name: format!("{prefix}ffn_gate_up.weight"),
-                parts: gate_up,
-            });
+        for (stack, gate, up) in [
+            ("ffn_gate_up", "ffn_gate", "ffn_up"),
+            ("ffn_gate_up_exps", "ffn_gate_exps", "ffn_up_exps"),
+            ("ffn_gate_up_shexp", "ffn_gate_shexp", "ffn_up_shexp"),
+        ] {
+            let parts = names("weight", &[gate, up]);
+            if stackable(&parts) {
+                stacks.push(WeightStack {
+                    name: format!("{prefix}{stack}.weight"),
+                    parts,
+                });
+            }
         }
     }
     stacks
