@@ -40,7 +40,8 @@ enum Command {
     Inspect(cmd::inspect::InspectArgs),
     /// Re-quantize the weight matrices of a GGUF file.
     Quantize(cmd::quantize::QuantizeArgs),
-    /// Convert a Hugging Face checkpoint (llama, qwen2, qwen3) to GGUF.
+    /// Convert a Hugging Face checkpoint (llama, qwen2, qwen3, qwen2moe, qwen3moe,
+    /// qwen3next, Qwen3.5) to GGUF.
     Convert(cmd::convert::ConvertArgs),
     /// Show the device, driver, NVRTC and kernel cache, and check a kernel on the device.
     Doctor(cmd::doctor::DoctorArgs),

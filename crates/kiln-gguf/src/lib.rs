@@ -17,8 +17,8 @@
 //!   array costs memory only for the items used.
 //! - [`keys`]: llama.cpp's metadata key conventions; [`Arch`]: the architectures
 //!   kiln converts and runs, by their GGUF and Hugging Face names.
-//! - [`convert`]: Hugging Face checkpoints (llama, qwen2, qwen3) to GGUF, as
-//!   llama.cpp's converter writes them.
+//! - [`convert`]: Hugging Face checkpoints (llama, qwen2, qwen3, their MoE forms,
+//!   qwen3next, Qwen3.5) to GGUF, as llama.cpp's converter writes them.
 //! - [`quantize`]: the tensor-type policy (which tensors become which type, with
 //!   llama-quantize's fallbacks) and the one dequantize-quantize write path that
 //!   `convert` and re-quantization of GGUF files share.

@@ -1,5 +1,5 @@
 //! `kiln convert HF_DIR OUT.gguf [--type TYPE]`: converts a Hugging Face checkpoint
-//! (llama, qwen2, qwen3) to GGUF.
+//! (llama, qwen2, qwen3, qwen2moe, qwen3moe, qwen3next, Qwen3.5) to GGUF.
 
 use clap::Args;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
-/// Convert a Hugging Face checkpoint (llama, qwen2, qwen3) to GGUF.
+/// Convert a Hugging Face checkpoint (llama, qwen2, qwen3, qwen2moe, qwen3moe,
+/// qwen3next, Qwen3.5) to GGUF.
 #[derive(Args, Debug)]
 #[command(after_help = "\
 HF_DIR holds config.json, model.safetensors (or model.safetensors.index.json and
