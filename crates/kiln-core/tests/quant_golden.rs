@@ -546,3 +546,61 @@ fn mxfp4_golden() {
     }
     assert_same(DType::MXFP4, &decode(DType::MXFP4, &bytes), &expected);
 }
+
+/// A 64 x 512 matrix of the kinds of rows the searched quantizers meet, from a fixed
+/// seed: Gaussian, Gaussian with x100 outliers, constant, zeros, tiny (1e-3), all
+/// positive, all negative, small integers, half zeros and growing variance.
+fn mixed_rows() -> Vec<f32> {
+    use rand::Rng;
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let (rows, cols) = (64, 512);
+    let mut x = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        for c in 0..cols {
+            let g: f32 = rng.sample::<f32, _>(rand_distr::StandardNormal);
+            x.push(match r % 10 {
+                0 => g,
+                1 if c % 37 == 0 => 100.0 * g,
+                1 => g,
+                2 => 0.75,
+                3 => 0.0,
+                4 => 1e-3 * g,
+                5 => g.abs(),
+                6 => -g.abs(),
+                7 => (3.0 * g).round(),
+                8 if c % 2 == 0 => 0.0,
+                8 => g,
+                _ => g * (1.0 + c as f32 / 64.0),
+            });
+        }
+    }
+    x
+}
+
+/// FNV-1a over `bytes`.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The searched encoders (the k-quants and IQ4_NL) write the bytes they wrote when
+/// their output was last checked byte for byte against ggml's unfused reference
+/// quantizers (docs/quantization.md): the digests of their encodings of
+/// [`mixed_rows`] were taken from that code, so a change in a search (its order of
+/// sums, its rounding) shows here.
+#[test]
+fn searched_encodings_are_unchanged() {
+    let x = mixed_rows();
+    for (dtype, digest) in [
+        (DType::Q2K, 0xfb80_dfeb_b073_d951),
+        (DType::Q4K, 0x9689_dbf8_6a8f_9972),
+        (DType::Q5K, 0xbc8e_9d71_fa6a_9e76),
+        (DType::Q3K, 0xb996_58c2_34ba_6335),
+        (DType::Q6K, 0x60e0_f3c1_3f29_52e0),
+        (DType::IQ4NL, 0x6d7f_f2cb_82dd_c5b5),
+    ] {
+        let bytes = encode(dtype, &x);
+        assert_eq!(fnv1a(&bytes), digest, "{dtype}: {:#018x}", fnv1a(&bytes));
+    }
+}
