@@ -61,19 +61,12 @@ impl BlockCodec for Q2K {
             absolute_error: true,
         };
         let mut levels = [0u8; QK_K];
-        let mut scratch = [0u8; 16];
-        let mut weights = [0f32; 16];
-        let mut scales = [0f32; GROUPS];
-        let mut offsets = [0f32; GROUPS];
+        let weights: [f32; QK_K] = std::array::from_fn(|i| x[i].abs());
+        let (scales, offsets) =
+            affine_scale_search::<GROUPS, 16>(x, &weights, &search, &mut levels);
         let mut max_scale = 0.0f32;
         let mut max_offset = 0.0f32;
         for g in 0..GROUPS {
-            let xg = &x[16 * g..16 * g + 16];
-            for (w, v) in weights.iter_mut().zip(xg) {
-                *w = v.abs();
-            }
-            let lg = &mut levels[16 * g..16 * g + 16];
-            (scales[g], offsets[g]) = affine_scale_search(xg, &weights, &search, lg, &mut scratch);
             if scales[g] > max_scale {
                 max_scale = scales[g];
             }

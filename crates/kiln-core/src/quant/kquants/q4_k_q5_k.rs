@@ -150,22 +150,19 @@ impl<const BITS: u32> BlockCodec for AffineGroups<BITS> {
     /// recomputed with the quantized values.
     fn encode(x: &[f32], block: &mut [u8]) {
         let mut levels = [0u8; QK_K];
-        let mut scratch = [0u8; 32];
-        let mut weights = [0f32; 32];
-        let mut scales = [0f32; GROUPS];
-        let mut offsets = [0f32; GROUPS];
+        let mut weights = [0f32; QK_K];
+        for (xg, wg) in x.chunks_exact(32).zip(weights.chunks_exact_mut(32)) {
+            let sum_x2 = xg.iter().fold(0.0f32, |s, v| s + v * v);
+            let rms = (sum_x2 / 32.0).sqrt();
+            for (w, v) in wg.iter_mut().zip(xg) {
+                *w = rms + v.abs();
+            }
+        }
+        let (scales, offsets) =
+            affine_scale_search::<GROUPS, 32>(x, &weights, &Self::SEARCH, &mut levels);
         let mut max_scale = 0.0f32;
         let mut max_offset = 0.0f32;
         for g in 0..GROUPS {
-            let xg = &x[32 * g..32 * g + 32];
-            let sum_x2 = xg.iter().fold(0.0f32, |s, v| s + v * v);
-            let rms = (sum_x2 / 32.0).sqrt();
-            for (w, v) in weights.iter_mut().zip(xg) {
-                *w = rms + v.abs();
-            }
-            let lg = &mut levels[32 * g..32 * g + 32];
-            (scales[g], offsets[g]) =
-                affine_scale_search(xg, &weights, &Self::SEARCH, lg, &mut scratch);
             if scales[g] > max_scale {
                 max_scale = scales[g];
             }

@@ -125,44 +125,65 @@ pub(super) struct AffineSearch {
     pub absolute_error: bool,
 }
 
-/// ggml's `make_qkx2_quants` (Q2_K, Q4_K, Q5_K).
+/// ggml's `make_qkx2_quants` (Q2_K, Q4_K, Q5_K), for `G` groups of `N` values at
+/// once: group `g` is `x[g N..(g + 1) N]`, weighted by `weights[g N..(g + 1) N]`; its
+/// levels go to `levels[g N..(g + 1) N]` and its `(scale, offset)` to element `g` of
+/// the result.
 ///
-/// Finds `scale >= 0`, `offset >= 0` and levels `l[i]` in `0..=nmax` such that
-/// `x[i] ~ scale * l[i] - offset`, minimising `sum weights[i] * err(i)` (squared
-/// or absolute error). Starts from the range `[min(x, 0), max(x)]`; for each
-/// candidate inverse scale it rounds to levels and solves weighted least squares for
-/// scale and offset (offset clamped to be >= 0), keeping the best. Writes the levels
-/// and returns `(scale, offset)`; `(0, -min)` with all levels 0 for a constant input.
-/// `scratch` is as long as `x`.
-pub(super) fn affine_scale_search(
+/// Per group: finds `scale >= 0`, `offset >= 0` and levels `l[i]` in `0..=nmax` such
+/// that `x[i] ~ scale * l[i] - offset`, minimising `sum weights[i] * err(i)` (squared
+/// or absolute error). Starts from the range `[min(x, 0), max(x)]`; for each candidate
+/// inverse scale it rounds to levels and solves weighted least squares for scale and
+/// offset (offset clamped to be >= 0), keeping the best, whose offset the next
+/// candidates start from. `(0, -min)` with all levels 0 for a constant group.
+///
+/// Each group is computed exactly as ggml computes it alone, every sum over its values
+/// in order; the groups are the lanes of each step, so that they run side by side (a
+/// lone group's search waits on the latency of its running sums).
+pub(super) fn affine_scale_search<const G: usize, const N: usize>(
     x: &[f32],
     weights: &[f32],
     search: &AffineSearch,
     levels: &mut [u8],
-    scratch: &mut [u8],
-) -> (f32, f32) {
+) -> ([f32; G], [f32; G]) {
+    // Element i of every group side by side.
+    let mut xt = [[0f32; G]; N];
+    let mut wt = [[0f32; G]; N];
+    for g in 0..G {
+        for i in 0..N {
+            xt[i][g] = x[g * N + i];
+            wt[i][g] = weights[g * N + i];
+        }
+    }
     let nmax = search.nmax;
-    let mut min = x[0];
-    let mut max = x[0];
-    let mut sum_w = weights[0];
-    let mut sum_x = sum_w * x[0];
-    for (&v, &w) in x.iter().zip(weights).skip(1) {
-        if v < min {
-            min = v;
+    let mut min = xt[0];
+    let mut max = xt[0];
+    let mut sum_w = wt[0];
+    let mut sum_x = [0f32; G];
+    for g in 0..G {
+        sum_x[g] = sum_w[g] * xt[0][g];
+    }
+    for i in 1..N {
+        for g in 0..G {
+            let (v, w) = (xt[i][g], wt[i][g]);
+            if v < min[g] {
+                min[g] = v;
+            }
+            if v > max[g] {
+                max[g] = v;
+            }
+            sum_w[g] += w;
+            sum_x[g] += w * v;
         }
-        if v > max {
-            max = v;
+    }
+    let mut constant = [false; G];
+    for g in 0..G {
+        if min[g] > 0.0 {
+            min[g] = 0.0;
         }
-        sum_w += w;
-        sum_x += w * v;
+        constant[g] = max[g] == min[g];
     }
-    if min > 0.0 {
-        min = 0.0;
-    }
-    if max == min {
-        levels.fill(0);
-        return (0.0, -min);
-    }
+    let first_min = min;
     let error_of = |diff: f32| {
         if search.absolute_error {
             diff.abs()
@@ -171,46 +192,93 @@ pub(super) fn affine_scale_search(
         }
     };
 
-    let iscale = nmax as f32 / (max - min);
-    let mut scale = 1.0 / iscale;
-    let mut best_error = 0.0f32;
-    for ((out, &v), &w) in levels.iter_mut().zip(x).zip(weights) {
-        let l = nearest_int(iscale * (v - min)).clamp(0, nmax);
-        *out = l as u8;
-        best_error += w * error_of(scale * l as f32 + min - v);
+    let mut iscale = [0f32; G];
+    let mut scale = [0f32; G];
+    for g in 0..G {
+        iscale[g] = nmax as f32 / (max[g] - min[g]);
+        scale[g] = 1.0 / iscale[g];
     }
+    let mut best = [[0u8; G]; N];
+    let mut best_error = [0f32; G];
+    for i in 0..N {
+        for g in 0..G {
+            let l = nearest_level(iscale[g] * (xt[i][g] - min[g]), nmax);
+            best[i][g] = l;
+            best_error[g] += wt[i][g] * error_of(scale[g] * f32::from(l) + min[g] - xt[i][g]);
+        }
+    }
+    let mut candidate = [[0u8; G]; N];
     for step in 0..=search.steps {
-        let iscale = (search.rmin + search.rdelta * step as f32 + nmax as f32) / (max - min);
-        let mut sum_l = 0.0f32;
-        let mut sum_l2 = 0.0f32;
-        let mut sum_xl = 0.0f32;
-        for ((out, &v), &w) in scratch.iter_mut().zip(x).zip(weights) {
-            let l = nearest_int(iscale * (v - min)).clamp(0, nmax);
-            *out = l as u8;
-            let l = l as f32;
-            sum_l += w * l;
-            sum_l2 += w * l * l;
-            sum_xl += w * l * v;
+        for g in 0..G {
+            iscale[g] =
+                (search.rmin + search.rdelta * step as f32 + nmax as f32) / (max[g] - min[g]);
         }
-        let det = sum_w * sum_l2 - sum_l * sum_l;
-        if det > 0.0 {
-            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
-            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
-            if this_min > 0.0 {
-                this_min = 0.0;
-                this_scale = sum_xl / sum_l2;
+        let mut sum_l = [0f32; G];
+        let mut sum_l2 = [0f32; G];
+        let mut sum_xl = [0f32; G];
+        for i in 0..N {
+            for g in 0..G {
+                let (v, w) = (xt[i][g], wt[i][g]);
+                let l = nearest_level(iscale[g] * (v - min[g]), nmax);
+                candidate[i][g] = l;
+                let l = f32::from(l);
+                sum_l[g] += w * l;
+                sum_l2[g] += w * l * l;
+                sum_xl[g] += w * l * v;
             }
-            let mut error = 0.0f32;
-            for ((&l, &v), &w) in scratch.iter().zip(x).zip(weights) {
-                error += w * error_of(this_scale * f32::from(l) + this_min - v);
+        }
+        let mut det = [0f32; G];
+        let mut this_scale = [0f32; G];
+        let mut this_min = [0f32; G];
+        for g in 0..G {
+            det[g] = sum_w[g] * sum_l2[g] - sum_l[g] * sum_l[g];
+            this_scale[g] = (sum_w[g] * sum_xl[g] - sum_x[g] * sum_l[g]) / det[g];
+            this_min[g] = (sum_l2[g] * sum_x[g] - sum_l[g] * sum_xl[g]) / det[g];
+            if this_min[g] > 0.0 {
+                this_min[g] = 0.0;
+                this_scale[g] = sum_xl[g] / sum_l2[g];
             }
-            if error < best_error {
-                levels.copy_from_slice(scratch);
-                best_error = error;
-                scale = this_scale;
-                min = this_min;
+        }
+        let mut error = [0f32; G];
+        for i in 0..N {
+            for g in 0..G {
+                let l = f32::from(candidate[i][g]);
+                error[g] += wt[i][g] * error_of(this_scale[g] * l + this_min[g] - xt[i][g]);
+            }
+        }
+        for g in 0..G {
+            if det[g] > 0.0 && error[g] < best_error[g] {
+                for (b, c) in best.iter_mut().zip(&candidate) {
+                    b[g] = c[g];
+                }
+                best_error[g] = error[g];
+                scale[g] = this_scale[g];
+                min[g] = this_min[g];
             }
         }
     }
-    (scale, -min)
+    let mut scales = [0f32; G];
+    let mut offsets = [0f32; G];
+    for g in 0..G {
+        (scales[g], offsets[g]) = if constant[g] {
+            (0.0, -first_min[g])
+        } else {
+            (scale[g], -min[g])
+        };
+        for i in 0..N {
+            levels[g * N + i] = if constant[g] { 0 } else { best[i][g] };
+        }
+    }
+    (scales, offsets)
+}
+
+/// `nearest_int(t).clamp(0, nmax)` as a level, for every f32 `t` (NaN gives 0) and
+/// `nmax < 2^21`: `t` is first brought into `[-1, nmax + 1]`, which changes no
+/// result, and there `nearest_int`'s rounding is one addition and one subtraction
+/// (`block::nearest_int`), with no branch to keep the lanes of a search apart.
+#[inline]
+fn nearest_level(t: f32, nmax: i32) -> u8 {
+    const MAGIC: f32 = 12_582_912.0;
+    let t = t.max(-1.0).min(nmax as f32 + 1.0);
+    (((t + MAGIC) - MAGIC) as i32).clamp(0, nmax) as u8
 }
