@@ -730,14 +730,21 @@ impl Builder<'_> {
         Ok(out)
     }
 
-    /// SwiGLU feed-forward of layer `l`: `down(silu(gate(x)) * up(x))`; with the
-    /// stacked `ffn_gate_up` weight, one product and one [`Glu`].
+    /// SwiGLU feed-forward of layer `l`: `down(silu(gate(x)) * up(x))` over the
+    /// `ffn_*` weights ([`Builder::swiglu`]).
     fn feed_forward(&mut self, l: usize, x: Act) -> Result<BufferId> {
-        let (d, ff) = (self.c.n_embd, self.c.n_ff);
-        let copy = self.quantized(&[format!("blk.{l}.ffn_down.weight")]);
-        let act = self.act_with_copy(&format!("l{l}.ffn_act"), ff, copy)?;
-        if self.has(&format!("blk.{l}.ffn_gate_up.weight")) {
-            let gate_up = self.linear(l, "ffn_gate_up", x, 2 * ff, d, false)?;
+        self.swiglu(l, x, self.c.n_ff, "", "ffn_act")
+    }
+
+    /// `down(silu(gate(x)) * up(x))` of width `ff` over layer `l`'s weights
+    /// `ffn_{gate,up,down}{suffix}`, its activation buffer named `l{l}.{act}`; with the
+    /// stacked `ffn_gate_up{suffix}`, one product and one [`Glu`].
+    fn swiglu(&mut self, l: usize, x: Act, ff: usize, suffix: &str, act: &str) -> Result<BufferId> {
+        let d = self.c.n_embd;
+        let copy = self.quantized(&[format!("blk.{l}.ffn_down{suffix}.weight")]);
+        let act = self.act_with_copy(&format!("l{l}.{act}"), ff, copy)?;
+        if self.has(&format!("blk.{l}.ffn_gate_up{suffix}.weight")) {
+            let gate_up = self.linear(l, &format!("ffn_gate_up{suffix}"), x, 2 * ff, d, false)?;
             self.g.push(Glu {
                 kind: ElementwiseKind::SiluMul,
                 x: gate_up,
@@ -747,8 +754,8 @@ impl Builder<'_> {
                 n: ff,
             })?;
         } else {
-            let gate = self.linear(l, "ffn_gate", x, ff, d, false)?;
-            let up = self.linear(l, "ffn_up", x, ff, d, false)?;
+            let gate = self.linear(l, &format!("ffn_gate{suffix}"), x, ff, d, false)?;
+            let up = self.linear(l, &format!("ffn_up{suffix}"), x, ff, d, false)?;
             self.g.push(Elementwise {
                 kind: ElementwiseKind::SiluMul,
                 a: gate,
@@ -758,8 +765,9 @@ impl Builder<'_> {
                 len: self.t * ff,
             })?;
         }
-        self.linear(l, "ffn_down", act, d, ff, false)
+        self.linear(l, &format!("ffn_down{suffix}"), act, d, ff, false)
     }
+
     /// Mixture-of-experts feed-forward of layer `l`: router logits (a product with
     /// `ffn_gate_inp`), the top-k choice, the chosen experts'
     /// `down(silu(gate(x)) * up(x))`, the shared expert's (scaled by the sigmoid of
@@ -812,7 +820,8 @@ impl Builder<'_> {
         let y = self.experts(l, "ffn_down_exps", act, ids, moe, [d, ff], true)?;
         let (shared, shared_gate) = match moe.n_ff_shexp {
             Some(sff) => {
-                let shared = self.shared_expert(l, x, sff)?;
+                // The shared expert (unscaled here).
+                let shared = self.swiglu(l, x, sff, "_shexp", "shexp_act")?;
                 let w = self.w(&format!("blk.{l}.ffn_gate_inp_shexp.weight"), &[d])?;
                 let gate = self.act(&format!("l{l}.shexp_gate"), 1)?;
                 self.g.push(MatMul {
@@ -875,37 +884,5 @@ impl Builder<'_> {
             per_slot,
         })?;
         Ok(out)
-    }
-
-    /// The shared expert of layer `l`, a SwiGLU of width `ff` over the `_shexp`
-    /// weights (unscaled); with the stacked `ffn_gate_up_shexp`, one product and one
-    /// [`Glu`].
-    fn shared_expert(&mut self, l: usize, x: Act, ff: usize) -> Result<BufferId> {
-        let d = self.c.n_embd;
-        let copy = self.quantized(&[format!("blk.{l}.ffn_down_shexp.weight")]);
-        let act = self.act_with_copy(&format!("l{l}.shexp_act"), ff, copy)?;
-        if self.has(&format!("blk.{l}.ffn_gate_up_shexp.weight")) {
-            let gate_up = self.linear(l, "ffn_gate_up_shexp", x, 2 * ff, d, false)?;
-            self.g.push(Glu {
-                kind: ElementwiseKind::SiluMul,
-                x: gate_up,
-                out: act.x,
-                out_q8: act.q8,
-                rows: self.t,
-                n: ff,
-            })?;
-        } else {
-            let gate = self.linear(l, "ffn_gate_shexp", x, ff, d, false)?;
-            let up = self.linear(l, "ffn_up_shexp", x, ff, d, false)?;
-            self.g.push(Elementwise {
-                kind: ElementwiseKind::SiluMul,
-                a: gate,
-                b: up,
-                out: act.x,
-                out_q8: act.q8,
-                len: self.t * ff,
-            })?;
-        }
-        self.linear(l, "ffn_down_shexp", act, d, ff, false)
     }
 }
