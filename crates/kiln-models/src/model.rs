@@ -504,8 +504,20 @@ impl<BE: Backend> Model<BE> {
     /// requested rows only (a bucket's: of its rows), and takes the argmax of each on
     /// the backend too, which [`Model::forward_batch_greedy`] downloads instead of the
     /// logits.
+    ///
+    /// A hybrid model (one slot: its recurrent state holds one sequence) runs the rows
+    /// in order through [`Model::forward`]'s path instead, in pieces that end at each
+    /// row with `logits: true`; an error after the checks resets its sequence, as
+    /// [`Model::forward`]'s does.
     pub fn forward_batch(&mut self, rows: &[BatchRow]) -> Result<Vec<f32>> {
         let mut logits = Vec::new();
+        if !self.recurrent.is_empty() {
+            self.forward_rows_in_order("forward_batch", rows, |model| {
+                logits.extend(model.last_logits()?);
+                Ok(())
+            })?;
+            return Ok(logits);
+        }
         self.run_batch("forward_batch", rows, |model, wanted| {
             let start = logits.len();
             logits.resize(start + wanted * model.config.vocab, 0.0);
@@ -521,8 +533,18 @@ impl<BE: Backend> Model<BE> {
     /// [`Model::forward_batch`] returns), chosen on the backend, so that only the
     /// token ids are downloaded (4 bytes per row, not `vocab` f32s). Errors as
     /// [`Model::forward_batch`] does, and on an id outside the vocabulary.
+    ///
+    /// A hybrid model runs the rows as its [`Model::forward_batch`] does and takes each
+    /// argmax on the host, from the downloaded logits.
     pub fn forward_batch_greedy(&mut self, rows: &[BatchRow]) -> Result<Vec<u32>> {
         let mut tokens = Vec::new();
+        if !self.recurrent.is_empty() {
+            self.forward_rows_in_order("forward_batch_greedy", rows, |model| {
+                tokens.push(crate::sampler::argmax(&model.last_logits()?) as u32);
+                Ok(())
+            })?;
+            return Ok(tokens);
+        }
         self.run_batch("forward_batch_greedy", rows, |model, wanted| {
             let start = tokens.len();
             tokens.resize(start + wanted, 0);
@@ -564,15 +586,36 @@ impl<BE: Backend> Model<BE> {
         Ok(())
     }
 
-    /// Each row's position, after checking that the batch can run (a hybrid model's
-    /// recurrent state holds one sequence: it runs no batched step); errors name `op`.
-    fn check_batch(&self, op: &str, rows: &[BatchRow]) -> Result<Vec<usize>> {
-        if !self.recurrent.is_empty() {
-            return Err(Error::Unsupported(format!(
-                "batched steps of {} (its recurrent state holds one sequence); use Model::forward",
-                self.config.arch.name()
-            )));
+    /// The batch of a hybrid model, whose one slot's rows run in order through
+    /// [`Model::forward`]'s path: in pieces that end at each row with `logits: true`,
+    /// after each of which `take(model)` reads that row's results from
+    /// [`Model::last_logits`], and a last piece for any rows after them. The checks of
+    /// [`Model::forward_batch`] come first, and their errors change nothing; an error
+    /// of a piece resets the sequence, as [`Model::forward`]'s does (the recurrent
+    /// state cannot be rewound).
+    fn forward_rows_in_order(
+        &mut self,
+        op: &str,
+        rows: &[BatchRow],
+        mut take: impl FnMut(&Self) -> Result<()>,
+    ) -> Result<()> {
+        self.check_batch(op, rows)?;
+        let mut start = 0;
+        for (i, row) in rows.iter().enumerate() {
+            if row.logits || i + 1 == rows.len() {
+                let tokens: Vec<u32> = rows[start..=i].iter().map(|r| r.token).collect();
+                self.step(&tokens, None)?;
+                if row.logits {
+                    take(self)?;
+                }
+                start = i + 1;
+            }
         }
+        Ok(())
+    }
+
+    /// Each row's position, after checking that the batch can run; errors name `op`.
+    fn check_batch(&self, op: &str, rows: &[BatchRow]) -> Result<Vec<usize>> {
         if rows.is_empty() {
             return Err(Error::invalid(op, "no rows"));
         }

@@ -102,10 +102,12 @@ fn recurrent_state_resets_and_refuses_partial_truncation() {
     assert_eq!(again, first, "a reset model repeats its first pass");
 }
 
-/// The recurrent state holds one sequence: several slots and batched steps are
-/// refused with an Unsupported error naming the architecture.
+/// The recurrent state holds one sequence: several slots are refused with an
+/// Unsupported error naming the architecture, and the one slot's batched steps run in
+/// order through the one-sequence path: their logits and greedy tokens are those of
+/// `Model::forward` over the same tokens, pieces ending at each row that asks.
 #[test]
-fn several_slots_and_batched_steps_are_refused() {
+fn several_slots_are_refused_and_batched_steps_run_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let file = converted(DType::F32, dir.path());
     let options = LoadOptions {
@@ -121,17 +123,70 @@ fn several_slots_and_batched_steps_are_refused() {
         e.to_string().contains("qwen3next") && e.to_string().contains("one slot"),
         "{e}"
     );
-    let mut model = load(CpuBackend, &file);
-    let row = kiln_models::BatchRow {
+
+    let row = |token: u32, logits: bool| kiln_models::BatchRow {
         slot: 0,
-        token: 1,
-        logits: true,
+        token,
+        logits,
     };
-    let e = model.forward_batch(&[row]).unwrap_err();
-    assert!(matches!(e, kiln_core::Error::Unsupported(_)), "{e}");
-    let e = model.forward_batch_greedy(&[row]).unwrap_err();
-    assert!(matches!(e, kiln_core::Error::Unsupported(_)), "{e}");
-    assert_eq!(model.n_past(), 0);
+    let mut batched = load(CpuBackend, &file);
+    let mut reference = load(CpuBackend, &file);
+    let vocab = batched.config().vocab;
+    // Checks first: nothing runs, no position is consumed.
+    for bad in [
+        vec![],
+        vec![
+            row(1, true),
+            kiln_models::BatchRow {
+                slot: 1,
+                token: 2,
+                logits: true,
+            },
+        ],
+        vec![row(1, false), row(vocab as u32, true)],
+    ] {
+        assert!(batched.forward_batch(&bad).is_err(), "{bad:?}");
+        assert!(batched.forward_batch_greedy(&bad).is_err(), "{bad:?}");
+        assert_eq!(batched.n_past(), 0);
+    }
+
+    // A prompt whose last row asks for logits, then a decode row.
+    let prompt = [3u32, 17, 5, 42, 8, 1, 99];
+    let rows: Vec<_> = prompt
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| row(t, i + 1 == prompt.len()))
+        .collect();
+    let got = batched.forward_batch(&rows).unwrap();
+    assert_eq!(got, reference.forward(&prompt).unwrap());
+    let next = kiln_models::sampler::argmax(&got) as u32;
+    assert_eq!(
+        batched.forward_batch(&[row(next, true)]).unwrap(),
+        reference.forward(&[next]).unwrap()
+    );
+    // Rows asking in the middle and a last piece that asks for nothing.
+    let rows = [
+        row(7, false),
+        row(11, true),
+        row(2, true),
+        row(13, false),
+        row(6, true),
+        row(4, false),
+    ];
+    let tokens = batched.forward_batch_greedy(&rows).unwrap();
+    let mut want = Vec::new();
+    for piece in [&[7u32, 11][..], &[2], &[13, 6]] {
+        want.push(kiln_models::sampler::argmax(&reference.forward(piece).unwrap()) as u32);
+    }
+    reference.forward(&[4]).unwrap();
+    assert_eq!(tokens, want);
+    assert_eq!(batched.n_past(), prompt.len() + 1 + rows.len());
+    assert_eq!(batched.n_past(), reference.n_past());
+    // The states agree after all of it.
+    assert_eq!(
+        batched.forward(&[9]).unwrap(),
+        reference.forward(&[9]).unwrap()
+    );
 }
 
 /// With Q8_0 weight matrices (their products reading Q8_1 copies of the
