@@ -198,16 +198,17 @@ pub(super) fn affine_scale_search<const G: usize, const N: usize>(
         iscale[g] = nmax as f32 / (max[g] - min[g]);
         scale[g] = 1.0 / iscale[g];
     }
-    let mut best = [[0u8; G]; N];
+    // Levels as f32 (small integers, exact).
+    let mut best = [[0f32; G]; N];
     let mut best_error = [0f32; G];
     for i in 0..N {
         for g in 0..G {
             let l = nearest_level(iscale[g] * (xt[i][g] - min[g]), nmax);
             best[i][g] = l;
-            best_error[g] += wt[i][g] * error_of(scale[g] * f32::from(l) + min[g] - xt[i][g]);
+            best_error[g] += wt[i][g] * error_of(scale[g] * l + min[g] - xt[i][g]);
         }
     }
-    let mut candidate = [[0u8; G]; N];
+    let mut candidate = [[0f32; G]; N];
     for step in 0..=search.steps {
         for g in 0..G {
             iscale[g] =
@@ -221,7 +222,6 @@ pub(super) fn affine_scale_search<const G: usize, const N: usize>(
                 let (v, w) = (xt[i][g], wt[i][g]);
                 let l = nearest_level(iscale[g] * (v - min[g]), nmax);
                 candidate[i][g] = l;
-                let l = f32::from(l);
                 sum_l[g] += w * l;
                 sum_l2[g] += w * l * l;
                 sum_xl[g] += w * l * v;
@@ -242,7 +242,7 @@ pub(super) fn affine_scale_search<const G: usize, const N: usize>(
         let mut error = [0f32; G];
         for i in 0..N {
             for g in 0..G {
-                let l = f32::from(candidate[i][g]);
+                let l = candidate[i][g];
                 error[g] += wt[i][g] * error_of(this_scale[g] * l + this_min[g] - xt[i][g]);
             }
         }
@@ -266,19 +266,29 @@ pub(super) fn affine_scale_search<const G: usize, const N: usize>(
             (scale[g], -min[g])
         };
         for i in 0..N {
-            levels[g * N + i] = if constant[g] { 0 } else { best[i][g] };
+            levels[g * N + i] = if constant[g] { 0 } else { best[i][g] as u8 };
         }
     }
     (scales, offsets)
 }
 
-/// `nearest_int(t).clamp(0, nmax)` as a level, for every f32 `t` (NaN gives 0) and
-/// `nmax < 2^21`: `t` is first brought into `[-1, nmax + 1]`, which changes no
+/// `nearest_int(t).clamp(0, nmax)` as an f32 level, for every f32 `t` (NaN gives 0)
+/// and `nmax < 2^21`: `t` is first brought into `[-1, nmax + 1]`, which changes no
 /// result, and there `nearest_int`'s rounding is one addition and one subtraction
-/// (`block::nearest_int`), with no branch to keep the lanes of a search apart.
+/// (`block::nearest_int`); the clamps are single compare-and-selects, so the lanes of
+/// a search need no branch and no integer conversion.
 #[inline]
-fn nearest_level(t: f32, nmax: i32) -> u8 {
+fn nearest_level(t: f32, nmax: i32) -> f32 {
     const MAGIC: f32 = 12_582_912.0;
-    let t = t.max(-1.0).min(nmax as f32 + 1.0);
-    (((t + MAGIC) - MAGIC) as i32).clamp(0, nmax) as u8
+    let top = nmax as f32;
+    // `a > b ? a : b` and `a < b ? a : b`: a NaN `t` becomes -1, then level 0.
+    let t = if t > -1.0 { t } else { -1.0 };
+    let t = if t < top + 1.0 { t } else { top + 1.0 };
+    let r = (t + MAGIC) - MAGIC;
+    let r = if r > 0.0 { r } else { 0.0 };
+    if r < top {
+        r
+    } else {
+        top
+    }
 }
