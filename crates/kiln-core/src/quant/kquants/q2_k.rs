@@ -1,6 +1,6 @@
 //! Q2_K: 2-bit quants with a 4-bit scale and a 4-bit offset per 16 elements.
 
-use super::search::{affine_scale_search, AffineSearch};
+use super::search::{affine_scale_search, nearest_level, AffineSearch};
 use super::{pack_2bit, two_bit_group, QK_K};
 use crate::quant::block::{nearest_int, read_f16, write_f16, BlockCodec};
 use crate::DType;
@@ -107,7 +107,7 @@ impl BlockCodec for Q2K {
             let ml = dmin * f32::from(sc >> 4);
             let xg = &x[16 * g..16 * g + 16];
             for (l, &v) in levels[16 * g..16 * g + 16].iter_mut().zip(xg) {
-                *l = nearest_int((v + ml) / dl).clamp(0, 3) as u8;
+                *l = nearest_level((v + ml) / dl, 3) as u8;
             }
         }
         pack_2bit(&levels, &mut block[QS_AT..D_AT]);

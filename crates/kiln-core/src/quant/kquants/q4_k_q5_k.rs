@@ -1,7 +1,7 @@
 //! Q4_K and Q5_K: 4- or 5-bit unsigned quants with a 6-bit scale and a 6-bit offset
 //! per 32 elements. The two formats differ only in the fifth bit plane.
 
-use super::search::{affine_scale_search, AffineSearch};
+use super::search::{affine_scale_search, nearest_level, AffineSearch};
 use super::QK_K;
 use crate::quant::block::{nearest_int, read_f16, write_f16, BlockCodec};
 use crate::DType;
@@ -198,7 +198,7 @@ impl<const BITS: u32> BlockCodec for AffineGroups<BITS> {
             let ml = dmin * f32::from(qoffsets[g]);
             let xg = &x[32 * g..32 * g + 32];
             for (l, &v) in levels[32 * g..32 * g + 32].iter_mut().zip(xg) {
-                *l = nearest_int((v + ml) / dl).clamp(0, nmax) as u8;
+                *l = nearest_level((v + ml) / dl, nmax) as u8;
             }
         }
         Self::pack_levels(&levels, block);

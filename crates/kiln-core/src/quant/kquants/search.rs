@@ -278,7 +278,7 @@ pub(super) fn affine_scale_search<const G: usize, const N: usize>(
 /// (`block::nearest_int`); the clamps are single compare-and-selects, so the lanes of
 /// a search need no branch and no integer conversion.
 #[inline]
-fn nearest_level(t: f32, nmax: i32) -> f32 {
+pub(super) fn nearest_level(t: f32, nmax: i32) -> f32 {
     const MAGIC: f32 = 12_582_912.0;
     let top = nmax as f32;
     // `a > b ? a : b` and `a < b ? a : b`: a NaN `t` becomes -1, then level 0.
