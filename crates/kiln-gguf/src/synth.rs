@@ -357,7 +357,10 @@ pub fn write(
 /// Rows generated (and quantized) per batch: about 4M elements.
 const BATCH_ELEMENTS: usize = 1 << 22;
 
-fn write_tensor<W: std::io::Write>(
+/// Writes one tensor: `fixed` bytes as they are, else random rows of `desc` drawn and
+/// encoded in parallel in batches of about [`BATCH_ELEMENTS`], each batch written
+/// while the next one is drawn; `progress` gets the elements of each batch written.
+fn write_tensor<W: std::io::Write + Send>(
     writer: &mut GgufWriter<W>,
     fixed: Option<&[u8]>,
     desc: &TensorDesc,
@@ -375,26 +378,45 @@ fn write_tensor<W: std::io::Write>(
     let draw = Draw::for_tensor(&desc.name, row_len, hidden);
     let rows_per_batch = (BATCH_ELEMENTS / row_len).max(1);
     let row_bytes = desc.dtype.bytes_for(row_len)?;
-    let mut out = Vec::new();
+    // The batch drawn last, written while the next is drawn, and its element count.
+    let mut pending: Option<(Vec<u8>, u64)> = None;
+    let mut spare = Vec::new();
     for first in (0..rows).step_by(rows_per_batch) {
         let n = rows_per_batch.min(rows - first);
+        let mut out = std::mem::take(&mut spare);
         out.resize(n * row_bytes, 0u8);
-        out.par_chunks_mut(row_bytes)
-            .enumerate()
-            .try_for_each_init(
-                || vec![0f32; row_len],
-                |values, (i, dst)| {
-                    let row = (first + i) as u64;
-                    let mut rng =
-                        SmallRng::seed_from_u64(seed ^ row.wrapping_mul(0xD1B5_4A32_D192_ED03));
-                    for v in values.iter_mut() {
-                        *v = draw.sample(&mut rng);
-                    }
-                    quant::quantize(desc.dtype, values, dst)
-                },
-            )?;
-        writer.write_tensor_data(&out)?;
-        progress((n * row_len) as u64);
+        let (written, drawn) = rayon::join(
+            || match pending.take() {
+                Some((bytes, count)) => writer
+                    .write_tensor_data(&bytes)
+                    .map(|()| Some((bytes, count))),
+                None => Ok(None),
+            },
+            || {
+                out.par_chunks_mut(row_bytes).enumerate().try_for_each_init(
+                    || vec![0f32; row_len],
+                    |values, (i, dst)| {
+                        let row = (first + i) as u64;
+                        let mut rng =
+                            SmallRng::seed_from_u64(seed ^ row.wrapping_mul(0xD1B5_4A32_D192_ED03));
+                        for v in values.iter_mut() {
+                            *v = draw.sample(&mut rng);
+                        }
+                        quant::quantize(desc.dtype, values, dst)
+                    },
+                )
+            },
+        );
+        drawn?;
+        if let Some((bytes, count)) = written? {
+            progress(count);
+            spare = bytes;
+        }
+        pending = Some((out, (n * row_len) as u64));
+    }
+    if let Some((bytes, count)) = pending {
+        writer.write_tensor_data(&bytes)?;
+        progress(count);
     }
     Ok(())
 }
