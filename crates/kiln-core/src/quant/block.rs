@@ -56,20 +56,45 @@ pub(super) fn write_f16(bytes: &mut [u8], at: usize, value: f32) -> f32 {
     half.to_f32()
 }
 
+/// `x` rounded to an integer, ties to even, for |x| < 2^22: `x + 1.5 * 2^23` lies in
+/// [2^23, 2^24), where f32 steps by 1, so the addition itself rounds and the
+/// subtraction is exact. The same value as `round_ties_even` in two instructions,
+/// where that is a libm call on x86-64 without SSE4.1.
+#[inline(always)]
+fn round_small(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
+}
+
 /// Rounds to the nearest integer, ties to even: ggml's `nearest_int`, which is exact
-/// for |x| < 2^22 (the range its quantizers use). Out-of-range values saturate.
-///
-/// In that range `x + 1.5 * 2^23` lies in [2^23, 2^24), where f32 steps by 1, so the
-/// addition itself rounds x to an integer, ties to even, and the subtraction is exact:
-/// the same value as `round_ties_even` in a few instructions, where that is a libm
-/// call on x86-64 without SSE4.1 (most of the time of the k-quant scale searches).
+/// for |x| < 2^22 (the range its quantizers use, where [`round_small`] does it).
+/// Out-of-range values saturate.
 #[inline]
 pub(super) fn nearest_int(x: f32) -> i32 {
-    const MAGIC: f32 = 12_582_912.0;
     if x.abs() < 4_194_304.0 {
-        ((x + MAGIC) - MAGIC) as i32
+        round_small(x) as i32
     } else {
         x.round_ties_even() as i32
+    }
+}
+
+/// `nearest_int(t).clamp(0, nmax)` as an f32 level, for every f32 `t` (NaN gives 0)
+/// and `nmax < 2^21`: `t` is first brought into `[-1, nmax + 1]`, which changes no
+/// result, and there [`round_small`] rounds it; the clamps are single
+/// compare-and-selects, so a loop over lanes needs no branch and no integer
+/// conversion.
+#[inline]
+pub(super) fn nearest_level(t: f32, nmax: i32) -> f32 {
+    let top = nmax as f32;
+    // `a > b ? a : b` and `a < b ? a : b`: a NaN `t` becomes -1, then level 0.
+    let t = if t > -1.0 { t } else { -1.0 };
+    let t = if t < top + 1.0 { t } else { top + 1.0 };
+    let r = round_small(t);
+    let r = if r > 0.0 { r } else { 0.0 };
+    if r < top {
+        r
+    } else {
+        top
     }
 }
 

@@ -1,8 +1,8 @@
 //! Q2_K: 2-bit quants with a 4-bit scale and a 4-bit offset per 16 elements.
 
-use super::search::{affine_scale_search, nearest_level, AffineSearch};
+use super::search::{affine_scale_search, AffineSearch};
 use super::{pack_2bit, two_bit_group, QK_K};
-use crate::quant::block::{nearest_int, read_f16, write_f16, BlockCodec};
+use crate::quant::block::{nearest_int, nearest_level, read_f16, write_f16, BlockCodec};
 use crate::DType;
 
 /// Q2_K: 256 elements in 16 groups of 16, 84 bytes.

@@ -1,9 +1,9 @@
 //! Q4_K and Q5_K: 4- or 5-bit unsigned quants with a 6-bit scale and a 6-bit offset
 //! per 32 elements. The two formats differ only in the fifth bit plane.
 
-use super::search::{affine_scale_search, nearest_level, AffineSearch};
+use super::search::{affine_scale_search, AffineSearch};
 use super::QK_K;
-use crate::quant::block::{nearest_int, read_f16, write_f16, BlockCodec};
+use crate::quant::block::{nearest_int, nearest_level, read_f16, write_f16, BlockCodec};
 use crate::DType;
 
 /// Q4_K (`BITS` = 4, 144 bytes) and Q5_K (`BITS` = 5, 176 bytes): 256 elements in 8

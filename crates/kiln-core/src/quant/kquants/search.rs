@@ -6,7 +6,7 @@
 //! operation by operation (same order, f32 throughout), so that kiln writes the same
 //! bytes as ggml for the same input.
 
-use crate::quant::block::{nearest_int, signed_absmax, GROUP_MAX_EPS};
+use crate::quant::block::{nearest_int, nearest_level, signed_absmax, GROUP_MAX_EPS};
 
 /// ggml's `make_qx_quants` with `rmse_type = 1` and no importance weights (Q6_K).
 ///
@@ -270,25 +270,4 @@ pub(super) fn affine_scale_search<const G: usize, const N: usize>(
         }
     }
     (scales, offsets)
-}
-
-/// `nearest_int(t).clamp(0, nmax)` as an f32 level, for every f32 `t` (NaN gives 0)
-/// and `nmax < 2^21`: `t` is first brought into `[-1, nmax + 1]`, which changes no
-/// result, and there `nearest_int`'s rounding is one addition and one subtraction
-/// (`block::nearest_int`); the clamps are single compare-and-selects, so the lanes of
-/// a search need no branch and no integer conversion.
-#[inline]
-pub(super) fn nearest_level(t: f32, nmax: i32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    let top = nmax as f32;
-    // `a > b ? a : b` and `a < b ? a : b`: a NaN `t` becomes -1, then level 0.
-    let t = if t > -1.0 { t } else { -1.0 };
-    let t = if t < top + 1.0 { t } else { top + 1.0 };
-    let r = (t + MAGIC) - MAGIC;
-    let r = if r > 0.0 { r } else { 0.0 };
-    if r < top {
-        r
-    } else {
-        top
-    }
 }
