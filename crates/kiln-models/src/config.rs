@@ -417,9 +417,8 @@ impl ModelConfig {
     }
 
     /// The feed-forward tensors of layer `l`, added by `add(name, shape)`: the
-    /// mixture of experts', or the SwiGLU's; with the stacked `ffn_gate_up`,
-    /// `ffn_gate_up_exps` and `ffn_gate_up_shexp` where `has` says the model holds
-    /// them.
+    /// mixture of experts', or the SwiGLU's; each gate and up pair stacked where `has`
+    /// says the model holds the stack ([`add_gate_up`]).
     fn add_feed_forward(
         &self,
         add: &mut dyn FnMut(&str, Vec<usize>),
@@ -428,32 +427,17 @@ impl ModelConfig {
     ) {
         let (d, ff) = (self.n_embd, self.n_ff);
         let Some(moe) = &self.moe else {
-            if has(&format!("blk.{l}.ffn_gate_up.weight")) {
-                add("ffn_gate_up.weight", vec![ff.saturating_mul(2), d]);
-            } else {
-                add("ffn_gate.weight", vec![ff, d]);
-                add("ffn_up.weight", vec![ff, d]);
-            }
+            add_gate_up(add, has, l, "", &[], ff, d);
             add("ffn_down.weight", vec![d, ff]);
             return;
         };
         let (e, ff) = (moe.n_expert, moe.n_ff_exp);
         add("ffn_gate_inp.weight", vec![e, d]);
-        if has(&format!("blk.{l}.ffn_gate_up_exps.weight")) {
-            add("ffn_gate_up_exps.weight", vec![e, ff.saturating_mul(2), d]);
-        } else {
-            add("ffn_gate_exps.weight", vec![e, ff, d]);
-            add("ffn_up_exps.weight", vec![e, ff, d]);
-        }
+        add_gate_up(add, has, l, "_exps", &[e], ff, d);
         add("ffn_down_exps.weight", vec![e, d, ff]);
         if let Some(ff) = moe.n_ff_shexp {
             add("ffn_gate_inp_shexp.weight", vec![d]);
-            if has(&format!("blk.{l}.ffn_gate_up_shexp.weight")) {
-                add("ffn_gate_up_shexp.weight", vec![ff.saturating_mul(2), d]);
-            } else {
-                add("ffn_gate_shexp.weight", vec![ff, d]);
-                add("ffn_up_shexp.weight", vec![ff, d]);
-            }
+            add_gate_up(add, has, l, "_shexp", &[], ff, d);
             add("ffn_down_shexp.weight", vec![d, ff]);
         }
     }
@@ -663,5 +647,31 @@ fn linear_rope_scale(md: &Metadata, arch: Arch) -> Result<f32> {
         Some(other) => Err(Error::Unsupported(format!(
             "rope scaling type {other:?} ({type_key}); kiln supports none and linear, and Llama 3's frequency factors"
         ))),
+    }
+}
+
+/// Adds, through `add(name, shape)`, the gate and up weights of layer `l`'s
+/// feed-forward `suffix` (`""`, `"_exps"` or `"_shexp"`): `ffn_gate{suffix}` and
+/// `ffn_up{suffix}` of shape `lead + [ff, d]`, or, where `has` says the model holds
+/// it, their stack `ffn_gate_up{suffix}` (`lead + [2 ff, d]`,
+/// `crate::model::weight_stacks`).
+fn add_gate_up(
+    add: &mut dyn FnMut(&str, Vec<usize>),
+    has: &dyn Fn(&str) -> bool,
+    l: usize,
+    suffix: &str,
+    lead: &[usize],
+    ff: usize,
+    d: usize,
+) {
+    let shape = |rows: usize| [lead, &[rows, d]].concat();
+    if has(&format!("blk.{l}.ffn_gate_up{suffix}.weight")) {
+        add(
+            &format!("ffn_gate_up{suffix}.weight"),
+            shape(ff.saturating_mul(2)),
+        );
+    } else {
+        add(&format!("ffn_gate{suffix}.weight"), shape(ff));
+        add(&format!("ffn_up{suffix}.weight"), shape(ff));
     }
 }

@@ -409,6 +409,13 @@ impl From<BufferId> for Act {
 /// sequence's decode tokens are computed the same way alone and in a batch.
 pub const BATCH_COPY_ROWS: usize = 64;
 
+/// The gate and up projections of a SwiGLU: one stacked product whose rows hold the
+/// gate then the up values, or two products.
+enum GateUp {
+    Stacked(BufferId),
+    Separate { gate: BufferId, up: BufferId },
+}
+
 struct Builder<'a> {
     g: Graph,
     c: &'a ModelConfig,
@@ -743,29 +750,48 @@ impl Builder<'_> {
         let d = self.c.n_embd;
         let copy = self.quantized(&[format!("blk.{l}.ffn_down{suffix}.weight")]);
         let act = self.act_with_copy(&format!("l{l}.{act}"), ff, copy)?;
-        if self.has(&format!("blk.{l}.ffn_gate_up{suffix}.weight")) {
-            let gate_up = self.linear(l, &format!("ffn_gate_up{suffix}"), x, 2 * ff, d, false)?;
-            self.g.push(Glu {
-                kind: ElementwiseKind::SiluMul,
-                x: gate_up,
-                out: act.x,
-                out_q8: act.q8,
-                rows: self.t,
-                n: ff,
-            })?;
+        let products = if self.has(&format!("blk.{l}.ffn_gate_up{suffix}.weight")) {
+            GateUp::Stacked(self.linear(l, &format!("ffn_gate_up{suffix}"), x, 2 * ff, d, false)?)
         } else {
-            let gate = self.linear(l, &format!("ffn_gate{suffix}"), x, ff, d, false)?;
-            let up = self.linear(l, &format!("ffn_up{suffix}"), x, ff, d, false)?;
-            self.g.push(Elementwise {
-                kind: ElementwiseKind::SiluMul,
+            GateUp::Separate {
+                gate: self.linear(l, &format!("ffn_gate{suffix}"), x, ff, d, false)?,
+                up: self.linear(l, &format!("ffn_up{suffix}"), x, ff, d, false)?,
+            }
+        };
+        self.silu_gate(products, act.x, act.q8, self.t, ff)?;
+        self.linear(l, &format!("ffn_down{suffix}"), act, d, ff, false)
+    }
+
+    /// `out` (with its Q8_1 copy `out_q8` where given) = `silu(gate) * up` over `rows`
+    /// rows of width `ff`: [`Glu`] over the two halves of each row of a stacked
+    /// gate-up product, or [`Elementwise`] over separate gate and up products.
+    fn silu_gate(
+        &mut self,
+        products: GateUp,
+        out: BufferId,
+        out_q8: Option<BufferId>,
+        rows: usize,
+        ff: usize,
+    ) -> Result<()> {
+        let kind = ElementwiseKind::SiluMul;
+        match products {
+            GateUp::Stacked(x) => self.g.push(Glu {
+                kind,
+                x,
+                out,
+                out_q8,
+                rows,
+                n: ff,
+            }),
+            GateUp::Separate { gate, up } => self.g.push(Elementwise {
+                kind,
                 a: gate,
                 b: up,
-                out: act.x,
-                out_q8: act.q8,
-                len: self.t * ff,
-            })?;
+                out,
+                out_q8,
+                len: rows * ff,
+            }),
         }
-        self.linear(l, &format!("ffn_down{suffix}"), act, d, ff, false)
     }
 
     /// Mixture-of-experts feed-forward of layer `l`: router logits (a product with
@@ -795,28 +821,23 @@ impl Builder<'_> {
         let act = self
             .g
             .transient(format!("l{l}.moe_act"), DType::F32, &[t, k, ff])?;
-        if self.has(&format!("blk.{l}.ffn_gate_up_exps.weight")) {
-            let gate_up = self.experts(l, "ffn_gate_up_exps", x.x, ids, moe, [2 * ff, d], false)?;
-            self.g.push(Glu {
-                kind: ElementwiseKind::SiluMul,
-                x: gate_up,
-                out: act,
-                out_q8: None,
-                rows: t * k,
-                n: ff,
-            })?;
+        let products = if self.has(&format!("blk.{l}.ffn_gate_up_exps.weight")) {
+            GateUp::Stacked(self.experts(
+                l,
+                "ffn_gate_up_exps",
+                x.x,
+                ids,
+                moe,
+                [2 * ff, d],
+                false,
+            )?)
         } else {
-            let gate = self.experts(l, "ffn_gate_exps", x.x, ids, moe, [ff, d], false)?;
-            let up = self.experts(l, "ffn_up_exps", x.x, ids, moe, [ff, d], false)?;
-            self.g.push(Elementwise {
-                kind: ElementwiseKind::SiluMul,
-                a: gate,
-                b: up,
-                out: act,
-                out_q8: None,
-                len: t * k * ff,
-            })?;
-        }
+            GateUp::Separate {
+                gate: self.experts(l, "ffn_gate_exps", x.x, ids, moe, [ff, d], false)?,
+                up: self.experts(l, "ffn_up_exps", x.x, ids, moe, [ff, d], false)?,
+            }
+        };
+        self.silu_gate(products, act, None, t * k, ff)?;
         let y = self.experts(l, "ffn_down_exps", act, ids, moe, [d, ff], true)?;
         let (shared, shared_gate) = match moe.n_ff_shexp {
             Some(sff) => {

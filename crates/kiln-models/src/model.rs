@@ -1300,15 +1300,13 @@ pub fn weight_stacks(weights: &HashMap<String, WeightDesc>) -> Vec<WeightStack> 
                 });
             }
         }
-        for (stack, gate, up) in [
-            ("ffn_gate_up", "ffn_gate", "ffn_up"),
-            ("ffn_gate_up_exps", "ffn_gate_exps", "ffn_up_exps"),
-            ("ffn_gate_up_shexp", "ffn_gate_shexp", "ffn_up_shexp"),
-        ] {
-            let parts = names("weight", &[gate, up]);
+        // The dense feed-forward's, the experts' and the shared expert's.
+        for suffix in ["", "_exps", "_shexp"] {
+            let (gate, up) = (format!("ffn_gate{suffix}"), format!("ffn_up{suffix}"));
+            let parts = names("weight", &[&gate, &up]);
             if stackable(&parts) {
                 stacks.push(WeightStack {
-                    name: format!("{prefix}{stack}.weight"),
+                    name: format!("{prefix}ffn_gate_up{suffix}.weight"),
                     parts,
                 });
             }
