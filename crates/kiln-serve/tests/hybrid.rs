@@ -3,13 +3,14 @@
 //! request gets what the library's own generation loop gives for the same prompt,
 //! greedy and sampled, and again after the slot is reused.
 
+mod common;
+
 use kiln_core::DType;
 use kiln_cpu::CpuBackend;
 use kiln_gguf::convert::HfCheckpoint;
 use kiln_gguf::{Gguf, GgufFile};
-use kiln_models::generate::generate;
 use kiln_models::tokenizer::Tokenizer;
-use kiln_models::{LoadOptions, Model, Sampler, SamplerConfig};
+use kiln_models::{LoadOptions, Model, SamplerConfig};
 use kiln_serve::scheduler::Event;
 use kiln_serve::{GenerationRequest, ModelEngine, Scheduler, SchedulerOptions};
 use std::path::{Path, PathBuf};
@@ -34,39 +35,6 @@ fn load(file: &GgufFile) -> Model<CpuBackend> {
         slots: 1,
     };
     Model::load(CpuBackend, file, options, &mut |_, _| {}).unwrap()
-}
-
-/// The tokens the library's generation loop gives for `prompt` with `config`.
-fn reference(
-    file: &GgufFile,
-    tokenizer: &Tokenizer,
-    prompt: &[u32],
-    n: usize,
-    config: SamplerConfig,
-) -> Vec<u32> {
-    let mut model = load(file);
-    let mut sampler = Sampler::new(config);
-    let mut tokens = Vec::new();
-    generate(
-        &mut model,
-        prompt,
-        n,
-        &mut sampler,
-        &|t| tokenizer.is_eog(t),
-        &mut |t| {
-            tokens.push(t);
-            Ok(())
-        },
-    )
-    .unwrap();
-    tokens
-}
-
-fn text(tokenizer: &Tokenizer, tokens: &[u32]) -> String {
-    let mut decoder = tokenizer.stream_decoder(false);
-    let mut text: String = tokens.iter().filter_map(|&t| decoder.push(t)).collect();
-    text.extend(decoder.flush());
-    text
 }
 
 #[test]
@@ -96,7 +64,7 @@ fn a_hybrid_models_requests_get_the_librarys_generation() {
     // Greedy twice (the second reuses the slot, whose state must start from zero),
     // then sampled.
     for config in [SamplerConfig::greedy(), SamplerConfig::greedy(), sampled] {
-        let want = reference(&file, &tokenizer, &prompt, n, config);
+        let (want, want_text) = common::generated(&mut load(&file), &tokenizer, &prompt, n, config);
         let mut events = submitter
             .submit(GenerationRequest {
                 prompt: prompt.clone(),
@@ -113,12 +81,7 @@ fn a_hybrid_models_requests_get_the_librarys_generation() {
                 Event::Error(e) => panic!("{config:?}: the sequence failed: {e}"),
             }
         };
-        let generated: Vec<u32> = want
-            .iter()
-            .copied()
-            .filter(|&t| !tokenizer.is_eog(t))
-            .collect();
-        assert_eq!(pieces, text(&tokenizer, &generated), "{config:?}");
+        assert_eq!(pieces, want_text, "{config:?}");
         assert_eq!(finish.prompt_tokens, prompt.len(), "{config:?}");
         assert_eq!(finish.completion_tokens, want.len(), "{config:?}");
     }

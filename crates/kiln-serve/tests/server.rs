@@ -3,14 +3,15 @@
 //! greedy generation; 64 concurrent clients; a client that leaves mid-stream; bad
 //! requests; the API key; a full queue.
 
+mod common;
+
 use futures_util::future::join_all;
 use kiln_core::DType;
 use kiln_cpu::CpuBackend;
 use kiln_gguf::convert::HfCheckpoint;
 use kiln_gguf::{Gguf, GgufFile};
-use kiln_models::generate::generate;
 use kiln_models::tokenizer::Tokenizer;
-use kiln_models::{LoadOptions, Model, Sampler, SamplerConfig};
+use kiln_models::{LoadOptions, Model, SamplerConfig};
 use kiln_serve::api::ErrorBody;
 use kiln_serve::{ChatTemplate, ModelEngine, Scheduler, SchedulerOptions, ServerConfig};
 use reqwest::StatusCode;
@@ -189,41 +190,13 @@ fn reference(
     prompt: &[u32],
     max_tokens: usize,
 ) -> (Vec<u32>, String) {
-    reference_sampled(
+    common::generated(
         model,
         tokenizer,
         prompt,
         max_tokens,
         SamplerConfig::greedy(),
     )
-}
-
-/// What the library's generation loop produces for `prompt` with `sampler`.
-fn reference_sampled(
-    model: &mut Model<CpuBackend>,
-    tokenizer: &Tokenizer,
-    prompt: &[u32],
-    max_tokens: usize,
-    sampler: SamplerConfig,
-) -> (Vec<u32>, String) {
-    let mut sampler = Sampler::new(sampler);
-    let mut tokens = Vec::new();
-    generate(
-        model,
-        prompt,
-        max_tokens,
-        &mut sampler,
-        &|t| tokenizer.is_eog(t),
-        &mut |t| {
-            tokens.push(t);
-            Ok(())
-        },
-    )
-    .unwrap();
-    let mut decoder = tokenizer.stream_decoder(false);
-    let mut text: String = tokens.iter().filter_map(|&t| decoder.push(t)).collect();
-    text.extend(decoder.flush());
-    (tokens, text)
 }
 
 fn finish_reason(tokenizer: &Tokenizer, tokens: &[u32], max_tokens: usize) -> &'static str {
@@ -363,7 +336,7 @@ async fn a_request_returns_the_same_tokens_among_63_others() {
         let body = result.unwrap();
         let ids = server.tokenizer.encode(prompt, true, true);
         let sampler = concurrent_settings(i).1;
-        let (tokens, text) = reference_sampled(&mut model, &server.tokenizer, &ids, 4, sampler);
+        let (tokens, text) = common::generated(&mut model, &server.tokenizer, &ids, 4, sampler);
         assert_eq!(body["choices"][0]["text"], text.as_str(), "{prompt}");
         assert_eq!(body["usage"]["completion_tokens"], tokens.len(), "{prompt}");
     }

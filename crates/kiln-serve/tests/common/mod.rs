@@ -1,13 +1,17 @@
 //! A mock engine with deterministic logits and a hand-built tokenizer, for tests of
-//! the scheduler and the server that need no model.
+//! the scheduler and the server that need no model; and the library's own generation
+//! loop over a model, which tests of a real engine compare against.
 
 #![allow(dead_code)] // each test binary uses some of these
 
 use kiln_core::{Error, Result};
+use kiln_cpu::CpuBackend;
+use kiln_models::generate::generate;
 use kiln_models::sampler::argmax;
 use kiln_models::tokenizer::{
     SpecialTokenIds, TokenType, Tokenizer, TokenizerModel, TokenizerSpec,
 };
+use kiln_models::{Model, Sampler, SamplerConfig};
 use kiln_serve::engine::check_rows;
 use kiln_serve::{BatchRow, Engine};
 use std::sync::mpsc::{Receiver, Sender};
@@ -164,4 +168,33 @@ impl Engine for MockEngine {
             .map(|row| argmax(row) as u32)
             .collect())
     }
+}
+
+/// What the library's own generation loop produces for `prompt` with `sampler` on
+/// `model`: the tokens (an end-of-generation token included) and their text.
+pub fn generated(
+    model: &mut Model<CpuBackend>,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: SamplerConfig,
+) -> (Vec<u32>, String) {
+    let mut sampler = Sampler::new(sampler);
+    let mut tokens = Vec::new();
+    generate(
+        model,
+        prompt,
+        max_tokens,
+        &mut sampler,
+        &|t| tokenizer.is_eog(t),
+        &mut |t| {
+            tokens.push(t);
+            Ok(())
+        },
+    )
+    .unwrap();
+    let mut decoder = tokenizer.stream_decoder(false);
+    let mut text: String = tokens.iter().filter_map(|&t| decoder.push(t)).collect();
+    text.extend(decoder.flush());
+    (tokens, text)
 }
