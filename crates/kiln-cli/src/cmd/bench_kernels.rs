@@ -44,10 +44,10 @@
 //! Each measurement enqueues its launches behind a long copy (so the host's launch
 //! overhead is hidden), times them with CUDA events, and cycles through enough copies
 //! of its operands that they cannot stay in the L2 cache between launches. Launches
-//! are plain (each kernel starts after the one before it ends), except the mat-vec and delta-rule
-//! rows labelled "chained" on devices with programmatic dependent launch: there each
-//! launch may start while the one before it finishes, as the kernels of a decode
-//! step do.
+//! are plain (each kernel starts after the one before it ends), except the mat-vec
+//! and delta-rule rows labelled "chained" on devices with programmatic dependent
+//! launch: there each launch may start while the one before it finishes, as the
+//! kernels of a decode step do.
 
 use std::sync::Arc;
 

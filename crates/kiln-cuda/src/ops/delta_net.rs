@@ -410,13 +410,12 @@ pub fn gated_delta_net(
 /// [`gated_delta_net`] in the given `form`.
 ///
 /// The recurrent kernel is f32 arithmetic in the definition's order but for its dot
-/// products over the key dimension, each summed in [`DN_REC_WARPS`] interleaved
-/// parts that are then added in order. The
-/// chunkwise kernel computes the same rule in chunks of [`DN_CHUNK`] tokens as
-/// kiln-cpu's chunkwise form does (f32, its products on tensor cores in 3xTF32:
-/// operands split into two TF32 parts, f32 accumulation, within a few f32 roundings
-/// of an f32 product); its results differ from the recurrence by f32 rounding, as the
-/// CPU's chunkwise form does.
+/// products over the key dimension, each summed in [`DN_REC_WARPS`] interleaved parts
+/// that are then added in order. The chunkwise kernel computes the same rule in chunks
+/// of [`DN_CHUNK`] tokens as kiln-cpu's chunkwise form does (f32, its products on
+/// tensor cores in 3xTF32: operands split into two TF32 parts, f32 accumulation,
+/// within a few f32 roundings of an f32 product); its results differ from the
+/// recurrence by f32 rounding, as the CPU's chunkwise form does.
 #[allow(clippy::too_many_arguments)] // the op's operands and shape, each named
 pub fn gated_delta_net_with(
     backend: &CudaBackend,
