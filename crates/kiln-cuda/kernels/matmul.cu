@@ -290,25 +290,37 @@ __host__ __device__ constexpr u32 mq_weight_stride() {
     return 4 * (words + (12 - words % 8) % 8);
 }
 
+// Bytes per copy of plane P of a whole weight tile when the planes allow LOAD-byte
+// copies: at most LOAD, and dividing the tile's entries of the plane (Q1_0's tile has
+// 4 bytes of scales), so every piece stays aligned.
+template <typename W, u32 LOAD, u32 P>
+__host__ __device__ constexpr u32 mq_plane_piece() {
+    return pow2_factor(mq_tile_blocks<W>() * W::PLANE_LEN[P]) < LOAD
+               ? pow2_factor(mq_tile_blocks<W>() * W::PLANE_LEN[P])
+               : LOAD;
+}
+
 // Copies blocks tb0 .. tb0 + tbs (a tile) of weight rows row_first .. + MQ_BN (rows past
-// n repeat row n - 1) from the planes layout (rows of nb blocks) into the tile `ws`, in
-// LOAD-byte pieces (16: cp.async, for whole tiles of 16-byte aligned planes).
-template <typename W, u32 LOAD>
+// n repeat row n - 1) from the planes layout (rows of nb blocks) into the tile `ws`,
+// plane P and those after it, in pieces of mq_plane_piece bytes (LOAD = 16: cp.async,
+// for whole tiles of 16-byte aligned planes; LOAD = 2 for any tile).
+template <typename W, u32 LOAD, u32 P = 0>
 __device__ __forceinline__ void stage_weight_tile(u8* ws, const u8* __restrict__ w, u32 n,
                                                   u32 row_first, u64 row_bytes, u32 nb, u32 tb0,
                                                   u32 tbs) {
-    constexpr u32 TB = mq_tile_blocks<W>();
-    constexpr u32 STRIDE = mq_weight_stride<W>();
-#pragma unroll
-    for (u32 p = 0; p < W::PLANES; ++p) {
-        const u32 per_row = tbs * W::PLANE_LEN[p] / LOAD;
-        const u64 from = (u64)nb * plane_start<W>(p) + (u64)tb0 * W::PLANE_LEN[p];
+    if constexpr (P < W::PLANES) {
+        constexpr u32 TB = mq_tile_blocks<W>();
+        constexpr u32 STRIDE = mq_weight_stride<W>();
+        constexpr u32 PIECE = mq_plane_piece<W, LOAD, P>();
+        const u32 per_row = tbs * W::PLANE_LEN[P] / PIECE;
+        const u64 from = (u64)nb * plane_start<W>(P) + (u64)tb0 * W::PLANE_LEN[P];
         for (u32 i = threadIdx.x; i < MQ_BN * per_row; i += MQ_WARPS * 32) {
             const u32 r = i / per_row;
-            const u32 c = (i - r * per_row) * LOAD;
+            const u32 c = (i - r * per_row) * PIECE;
             const u8* row = w + (u64)min(row_first + r, n - 1) * row_bytes;
-            copy_async<LOAD>(ws + r * STRIDE + TB * plane_start<W>(p) + c, row + from + c);
+            copy_async<PIECE>(ws + r * STRIDE + TB * plane_start<W>(P) + c, row + from + c);
         }
+        stage_weight_tile<W, LOAD, P + 1>(ws, w, n, row_first, row_bytes, nb, tb0, tbs);
     }
 }
 

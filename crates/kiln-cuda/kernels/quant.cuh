@@ -646,60 +646,172 @@ struct Q6_K : Quantized<Q6_K> {
 
 // The 1- and 2-bit and ternary formats store quants q with value d * (q - 1): the
 // quants8 of each is q per byte with BIAS 1, so the kernels' integer path multiplies
-// them without decoding to floats.
+// them without decoding to floats. Q1_0, Q2_0 and TQ2_0 are packed: one f16 scale d
+// per block, so every scale group of 32 elements of a unit has scale d and zero -d.
+// Their quants are at most 3, so the mat-vec converts them as 8-bit quants
+// (SMALL_QUANTS false): (1 + q / 128) / 2 would cancel most of the f32's bits.
+
+// The four crumbs (2-bit fields) of byte `bits` (crumb i = bits 2i .. 2i + 1) as the
+// four bytes of a u32.
+__device__ __forceinline__ u32 spread_crumbs4(u32 bits) {
+    // Each shift puts one crumb at the bottom of its byte; the others land in bits the
+    // mask clears.
+    bits &= 0xffu;
+    return (bits | (bits << 6) | (bits << 12) | (bits << 18)) & 0x03030303u;
+}
 
 // Bits 2i .. 2i + 1 of `bits` (i < 8) as byte i of a u64.
 __device__ __forceinline__ u64 spread_crumbs8(u32 bits) {
-    u64 u = 0;
-#pragma unroll
-    for (u32 i = 0; i < 8; ++i) {
-        u |= (u64)((bits >> (2 * i)) & 3u) << (8 * i);
-    }
-    return u;
+    return (u64)spread_crumbs4(bits) | ((u64)spread_crumbs4(bits >> 8) << 32);
 }
+
+// The unit of Q1_0 and Q2_0: one block's 16 bytes of quants and its scale d.
+struct ScaledQuants16 {
+    uint4 qs;
+    float scale;
+};
 
 // Q1_0: d (f16) at 0, qs[16] at 2: bit j % 8 of qs[j / 8] is element j's sign bit b.
 // Value: +d where b is set, -d where clear, i.e. d * (2b - 1): quants 2b, BIAS 1.
+// Planes: qs | d.
 struct Q1_0 : Quantized<Q1_0> {
-    static constexpr bool PACKED = false;
+    static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 128;
     static constexpr u32 BLOCK_BYTES = 18;
     static constexpr bool AFFINE = false;
     static constexpr int BIAS = 1;
 
-    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
-        return {spread_bits8(b[2 + c]) << 1, load_f16(b, 0), 0.0f};
+    static constexpr u32 PLANES = 2;
+    static constexpr u32 PLANE_FROM[2] = {2, 0};
+    static constexpr u32 PLANE_LEN[2] = {16, 2};
+
+    template <u32 A>
+    static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
+        return {spread_bits8(at<Q1_0, 2>(b)[c]) << 1, load_f16(at<Q1_0, 0>(b), 0), 0.0f};
+    }
+
+    // A unit is a block; run j holds the sign bits 4j .. 4j + 3, nibble j % 8 of qs
+    // word j / 8.
+    static constexpr u32 UNIT_ELEMS = 128;
+    static constexpr u32 GROUP_ELEMS = 32;
+    static constexpr u32 UNITS_IN_FLIGHT = 2;
+    static constexpr bool SMALL_QUANTS = false;
+    typedef ScaledQuants16 Unit;
+
+    template <u32 A>
+    static __device__ __forceinline__ Unit load_unit(const u8* row, u32 nb, u32 u) {
+        const PlaneBlock b{row, nb, u};
+        return {load_u128<align_at<Q1_0, A, 2>()>(at<Q1_0, 2>(b)), load_f16(at<Q1_0, 0>(b), 0)};
+    }
+
+    static __device__ __forceinline__ constexpr u32 run_elem(u32 j) { return 4 * j; }
+
+    static __device__ __forceinline__ u32 run(const Unit& t, u32 j) {
+        return spread_bits4(word_of(t.qs, j / 8) >> (4 * (j % 8))) << 1;
+    }
+
+    static __device__ __forceinline__ void group(const Unit& t, u32, float& scale, float& zero) {
+        scale = t.scale;
+        zero = -t.scale;
     }
 };
 
 // Q2_0: d (f16) at 0, qs[16] at 2: bits 2 (j % 4) .. + 1 of qs[j / 4] hold element j's
-// code q. Value: d * (q - 1).
+// code q. Value: d * (q - 1). Planes: qs | d.
 struct Q2_0 : Quantized<Q2_0> {
-    static constexpr bool PACKED = false;
+    static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 64;
     static constexpr u32 BLOCK_BYTES = 18;
     static constexpr bool AFFINE = false;
     static constexpr int BIAS = 1;
 
-    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
-        const u32 bits = (u32)b[2 + 2 * c] | ((u32)b[3 + 2 * c] << 8);
-        return {spread_crumbs8(bits), load_f16(b, 0), 0.0f};
+    static constexpr u32 PLANES = 2;
+    static constexpr u32 PLANE_FROM[2] = {2, 0};
+    static constexpr u32 PLANE_LEN[2] = {16, 2};
+
+    template <u32 A>
+    static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
+        const u8* qs = at<Q2_0, 2>(b);
+        const u32 bits = (u32)qs[2 * c] | ((u32)qs[2 * c + 1] << 8);
+        return {spread_crumbs8(bits), load_f16(at<Q2_0, 0>(b), 0), 0.0f};
+    }
+
+    // A unit is a block; run j holds the codes of elements 4j .. 4j + 3, byte j of qs.
+    static constexpr u32 UNIT_ELEMS = 64;
+    static constexpr u32 GROUP_ELEMS = 32;
+    static constexpr u32 UNITS_IN_FLIGHT = 4;
+    static constexpr bool SMALL_QUANTS = false;
+    typedef ScaledQuants16 Unit;
+
+    template <u32 A>
+    static __device__ __forceinline__ Unit load_unit(const u8* row, u32 nb, u32 u) {
+        const PlaneBlock b{row, nb, u};
+        return {load_u128<align_at<Q2_0, A, 2>()>(at<Q2_0, 2>(b)), load_f16(at<Q2_0, 0>(b), 0)};
+    }
+
+    static __device__ __forceinline__ constexpr u32 run_elem(u32 j) { return 4 * j; }
+
+    static __device__ __forceinline__ u32 run(const Unit& t, u32 j) {
+        return spread_crumbs4(word_of(t.qs, j / 4) >> (8 * (j % 4)));
+    }
+
+    static __device__ __forceinline__ void group(const Unit& t, u32, float& scale, float& zero) {
+        scale = t.scale;
+        zero = -t.scale;
     }
 };
 
 // TQ2_0: qs[64] at 0, d (f16) at 64. Element e = 128 h + 32 l + m (h < 2, l < 4,
 // m < 32) is the code q in bits 2l .. 2l + 1 of qs[32 h + m]. Value: d * (q - 1).
+// Planes: qs | d.
 struct TQ2_0 : Quantized<TQ2_0> {
-    static constexpr bool PACKED = false;
+    static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 256;
     static constexpr u32 BLOCK_BYTES = 66;
     static constexpr bool AFFINE = false;
     static constexpr int BIAS = 1;
 
-    static __device__ __forceinline__ Quants8 quants8(const u8* b, u32 c) {
+    static constexpr u32 PLANES = 2;
+    static constexpr u32 PLANE_FROM[2] = {0, 64};
+    static constexpr u32 PLANE_LEN[2] = {64, 2};
+
+    template <u32 A>
+    static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
         const u32 e = 8 * c, h = e / 128, l = (e % 128) / 32, m = e % 32;
-        const u64 qs = load_u64<field_align(BLOCK_BYTES, 8)>(b + 32 * h + m);
-        return {(qs >> (2 * l)) & 0x0303030303030303ull, load_f16(b, 64), 0.0f};
+        const u64 qs = load_u64<align_at<TQ2_0, A, 0>()>(at<TQ2_0, 0>(b) + 32 * h + m);
+        return {(qs >> (2 * l)) & 0x0303030303030303ull, load_f16(at<TQ2_0, 64>(b), 0), 0.0f};
+    }
+
+    // Unit u is half h = u % 2 of block u / 2 (128 elements): qs bytes 32 h .. + 31.
+    // Run j = 8 l + w holds elements 32 l + 4 w .. + 3 of the half: crumb l of qs
+    // bytes 32 h + 4 w .. + 3.
+    static constexpr u32 UNIT_ELEMS = 128;
+    static constexpr u32 GROUP_ELEMS = 32;
+    static constexpr u32 UNITS_IN_FLIGHT = 2;
+    static constexpr bool SMALL_QUANTS = false;
+    struct Unit {
+        uint4 qs[2];
+        float scale;
+    };
+
+    template <u32 A>
+    static __device__ __forceinline__ Unit load_unit(const u8* row, u32 nb, u32 u) {
+        const PlaneBlock b{row, nb, u / 2};
+        constexpr u32 QA = align_at<TQ2_0, A, 0>();
+        const u8* qs = at<TQ2_0, 0>(b) + 32 * (u % 2);
+        return {{load_u128<QA>(qs), load_u128<QA>(qs + 16)}, load_f16(at<TQ2_0, 64>(b), 0)};
+    }
+
+    static __device__ __forceinline__ constexpr u32 run_elem(u32 j) { return 4 * j; }
+
+    static __device__ __forceinline__ u32 run(const Unit& t, u32 j) {
+        const u32 w = j % 8;
+        return (word_of(t.qs[w / 4], w % 4) >> (2 * (j / 8))) & 0x03030303u;
+    }
+
+    static __device__ __forceinline__ void group(const Unit& t, u32, float& scale, float& zero) {
+        scale = t.scale;
+        zero = -t.scale;
     }
 };
 

@@ -39,6 +39,10 @@ pub fn packed_planes(dtype: DType) -> Option<&'static [Range<usize>]> {
         DType::Q5K => &[16..176, 0..16],
         // ql[128], qh[64] | scales[16] | d
         DType::Q6K => &[0..192, 192..208, 208..210],
+        // qs[16] | d
+        DType::Q1_0 | DType::Q2_0 => &[2..18, 0..2],
+        // qs[64] | d
+        DType::TQ2_0 => &[0..64, 64..66],
         _ => return None,
     })
 }

@@ -195,6 +195,9 @@ fn the_fused_pair_is_one_launch_and_matches_the_cpu() {
         DType::Q4K,
         DType::Q5K,
         DType::Q6K,
+        DType::Q1_0,
+        DType::Q2_0,
+        DType::TQ2_0,
     ];
     for dtype in dtypes {
         // Small blocks (fewer than 4096 rows) and large ones; 8192 is two float4s per

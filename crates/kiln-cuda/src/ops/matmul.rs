@@ -193,6 +193,8 @@ fn packed_unit(dtype: DType) -> (usize, usize, usize) {
         DType::Q4K => (64, 2, 32),
         DType::Q5K => (64, 1, 32),
         DType::Q6K => (128, 1, 16),
+        DType::Q1_0 | DType::TQ2_0 => (128, 2, 32),
+        DType::Q2_0 => (64, 4, 32),
         _ => (32, 4, 32),
     }
 }
@@ -237,7 +239,10 @@ fn resident_shape(dtype: DType) -> Option<(u32, u32)> {
         | DType::Q5_1
         | DType::Q8_0
         | DType::Q4K
-        | DType::Q5K => Some((1024, 1)),
+        | DType::Q5K
+        | DType::Q1_0
+        | DType::Q2_0
+        | DType::TQ2_0 => Some((1024, 1)),
         // More registers than 64 per thread, which its units need without spilling.
         DType::Q6K => Some((512, 1)),
         _ => None,
