@@ -230,6 +230,8 @@ struct Quantized {
 //                   per unit), read by one thread with the widest loads;
 //   W::GROUP_ELEMS  elements per scale group (a unit holds whole groups);
 //   W::UNITS_IN_FLIGHT  units a thread loads before it uses the first;
+//   W::RESIDENT_UNITS   units a lane of matvec_resident takes per step (the next
+//                   step's are in flight while these are used);
 //   W::SMALL_QUANTS whether every quant is below 128;
 //   W::Unit, W::load_unit<A>(row, nb, u)  unit u of the row of nb blocks at `row`;
 //   W::run(t, j)    run j (< UNIT_ELEMS / 4) of unit t: the 4 quants q (0 .. 255) of
@@ -275,6 +277,7 @@ struct PackedNibbles : Quantized<PackedNibbles<BITS, IS_AFFINE>> {
     static constexpr u32 UNIT_ELEMS = 32;
     static constexpr u32 GROUP_ELEMS = 32;
     static constexpr u32 UNITS_IN_FLIGHT = 4;
+    static constexpr u32 RESIDENT_UNITS = 2;
     static constexpr bool SMALL_QUANTS = true;
     struct Unit {
         uint4 qs;
@@ -337,6 +340,7 @@ struct Q8_0 : Quantized<Q8_0> {
     static constexpr u32 UNIT_ELEMS = 32;
     static constexpr u32 GROUP_ELEMS = 32;
     static constexpr u32 UNITS_IN_FLIGHT = 2;
+    static constexpr u32 RESIDENT_UNITS = 1;
     static constexpr bool SMALL_QUANTS = false;
     struct Unit {
         uint4 qs[2];
@@ -513,6 +517,7 @@ struct AffineGroups : Quantized<AffineGroups<BITS>> {
     static constexpr u32 UNIT_ELEMS = 64;
     static constexpr u32 GROUP_ELEMS = 32;
     static constexpr u32 UNITS_IN_FLIGHT = BITS == 5 ? 1 : 2;
+    static constexpr u32 RESIDENT_UNITS = 1;
     static constexpr bool SMALL_QUANTS = true;
     struct Unit {
         uint4 qs[2];
@@ -602,6 +607,7 @@ struct Q6_K : Quantized<Q6_K> {
     static constexpr u32 UNIT_ELEMS = 128;
     static constexpr u32 GROUP_ELEMS = 16;
     static constexpr u32 UNITS_IN_FLIGHT = 1;
+    static constexpr u32 RESIDENT_UNITS = 1;
     static constexpr bool SMALL_QUANTS = true;
     struct Unit {
         uint4 ql[4];
@@ -695,6 +701,7 @@ struct Q1_0 : Quantized<Q1_0> {
     static constexpr u32 UNIT_ELEMS = 128;
     static constexpr u32 GROUP_ELEMS = 32;
     static constexpr u32 UNITS_IN_FLIGHT = 2;
+    static constexpr u32 RESIDENT_UNITS = 2;
     static constexpr bool SMALL_QUANTS = false;
     typedef ScaledQuants16 Unit;
 
@@ -740,6 +747,7 @@ struct Q2_0 : Quantized<Q2_0> {
     static constexpr u32 UNIT_ELEMS = 64;
     static constexpr u32 GROUP_ELEMS = 32;
     static constexpr u32 UNITS_IN_FLIGHT = 4;
+    static constexpr u32 RESIDENT_UNITS = 2;
     static constexpr bool SMALL_QUANTS = false;
     typedef ScaledQuants16 Unit;
 
@@ -788,6 +796,7 @@ struct TQ2_0 : Quantized<TQ2_0> {
     static constexpr u32 UNIT_ELEMS = 128;
     static constexpr u32 GROUP_ELEMS = 32;
     static constexpr u32 UNITS_IN_FLIGHT = 2;
+    static constexpr u32 RESIDENT_UNITS = 1;
     static constexpr bool SMALL_QUANTS = false;
     struct Unit {
         uint4 qs[2];
