@@ -73,16 +73,6 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// Sum over each aligned group of `lanes` lanes (a power of two, at most 32), in
-// warp_sum's order; every lane gets its group's total. Every lane of the warp must call
-// it with the same `lanes`.
-__device__ __forceinline__ float lanes_sum(float v, u32 lanes) {
-    for (u32 offset = lanes / 2; offset > 0; offset >>= 1) {
-        v += __shfl_xor_sync(0xffffffffu, v, offset);
-    }
-    return v;
-}
-
 // Sum over the block; every thread gets the total. blockDim.x must be a multiple of
 // 32 and at most 1024, and every thread of the block must call it. Call at most
 // once per kernel (it reuses one shared array without a trailing barrier).

@@ -568,6 +568,13 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
                                           cols, row_bytes);
 }
 
+// Units of W a lane of matvec_resident loads per step: the next step's units are in
+// flight while these are used.
+template <typename W>
+__host__ __device__ constexpr u32 resident_units() {
+    return W::UNITS_IN_FLIGHT > 1 ? W::UNITS_IN_FLIGHT / 2 : 1;
+}
+
 // Bytes of a unit's activations in matvec_resident's shared memory: its UNIT_ELEMS
 // int8 quants and 16 bytes of padding, so that lanes reading consecutive units with
 // 16-byte loads touch distinct banks.
@@ -728,28 +735,21 @@ struct StageAddNorm {
     }
 };
 
-// The largest power of two at most x (x > 0), and 1 for x = 0.
-__device__ __forceinline__ u32 pow2_floor(u32 x) { return x == 0 ? 1u : 1u << (31 - __clz(x)); }
-
 // The mat-vec of a packed weight for one activation row rounded to Q8_1, held in
 // shared memory (ResidentImage, written by `stage`: StageQ8Copy or StageAddNorm), and
 // the products of each run of 4 quants with 4 rounded activations summed in integers
 // (dp4a).
 // Grid: any number of blocks of THREADS; warp w of the grid's G warps owns weight rows
-// w * P .. (w + 1) * P (P = ceil(n / G), rounded up to a multiple of S below), so a
-// grid of at most one wave gives every warp the same work and no block waits on
-// another. Dynamic shared memory: k / UNIT_ELEMS * resident_unit_bytes<W>() +
-// 8 * k / GROUP_ELEMS bytes, in ResidentImage's layout. ALIGNED: every plane of every
-// row starts at a multiple of 16 bytes.
+// w * P .. (w + 1) * P (P = ceil(n / G)), so a grid of at most one wave gives every
+// warp the same work and no block waits on another. Dynamic shared memory:
+// k / UNIT_ELEMS * resident_unit_bytes<W>() + 8 * k / GROUP_ELEMS bytes, in
+// ResidentImage's layout. ALIGNED: every plane of every row starts at a multiple of
+// 16 bytes.
 //
 // Each lane issues the loads of its first units, then the block stages x into shared
-// memory (`stage` waits for the prior grids); after one barrier every warp walks its
-// rows in steps, a lane's next units in flight while it accumulates the current ones.
-// A step covers S rows (S = 32 / L), each with L lanes taking W::RESIDENT_UNITS units
-// apiece: S is the largest power of two with S * units <= 32 * RESIDENT_UNITS (rows of
-// few units share a step, so a warp keeps as many bytes in flight as for long rows),
-// at most the largest power of two in ceil(n / G). Each row's L lanes sum it (in
-// aligned groups of L lanes) as it finishes. Per scale group of a unit the lane adds
+// memory (`stage` waits for the prior grids); after one barrier every warp walks its rows in steps of 32 * U units, a
+// lane's next units in flight while it accumulates the current ones, and writes each
+// row's sum as it finishes the row. Per scale group of a unit the lane adds
 // scale * d * sum q_w q_x + zero * d * sum q_x (weights scale * q_w + zero).
 template <typename W, bool ALIGNED, u32 THREADS, typename Stage>
 __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage stage,
@@ -757,7 +757,7 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
                                                 float* __restrict__ out, u32 n, u32 k,
                                                 u64 row_bytes) {
     constexpr u32 A = ALIGNED ? 16 : 2;
-    constexpr u32 U = W::RESIDENT_UNITS;
+    constexpr u32 U = resident_units<W>();
     constexpr u32 WARPS = THREADS / 32;
     constexpr u32 UNIT_BYTES = resident_unit_bytes<W>();
     constexpr u32 GROUPS_PER_UNIT = W::UNIT_ELEMS / W::GROUP_ELEMS;
@@ -772,29 +772,19 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
 
     const u32 lane = threadIdx.x & 31u;
     const u32 warps = gridDim.x * WARPS;
-    const u32 rows_each = n / warps + (n % warps != 0);
-    const u32 step_rows = min(min(pow2_floor(32 * U / units), pow2_floor(rows_each)), 32u);
-    const u32 row_lanes = 32 / step_rows;
-    const u32 part = lane % row_lanes;            // this lane's place among its row's lanes
-    const u32 sub = lane / row_lanes;             // its row within the step
-    const u32 step_units = row_lanes * U;         // units of a row per step
-    const u32 per_warp = (rows_each + step_rows - 1) / step_rows * step_rows;
+    const u32 per_warp = n / warps + (n % warps != 0);
     const u32 warp = blockIdx.x * WARPS + threadIdx.x / 32;
     const u32 row_end = (u32)min((u64)n, (u64)(warp + 1) * per_warp);
     const u32 row_begin = (u32)min((u64)row_end, (u64)warp * per_warp);
     u32 row = row_begin;
 
-    // The step at rows `at_row` .. + step_rows, units c0 + part + row_lanes a (c0
-    // warp-uniform) of row at_row + sub, into t.
+    // The step at `row`, units c0 + lane + 32 a (c0 warp-uniform), into t.
     auto load_step = [&](u32 at_row, u32 c0, Unit (&t)[U]) {
-        if (at_row + sub >= row_end) {
-            return;
-        }
-        const u8* r = w + (u64)(at_row + sub) * row_bytes;
+        const u8* r = w + (u64)at_row * row_bytes;
 #pragma unroll
         for (u32 a = 0; a < U; ++a) {
-            if (c0 + part + row_lanes * a < units) {
-                t[a] = W::template load_unit<A>(r, nb, c0 + part + row_lanes * a);
+            if (c0 + lane + 32 * a < units) {
+                t[a] = W::template load_unit<A>(r, nb, c0 + lane + 32 * a);
             }
         }
     };
@@ -809,19 +799,18 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
 
     float acc = 0.0f;
     while (row < row_end) {
-        u32 next_row = row, next_c0 = c0 + step_units;
+        u32 next_row = row, next_c0 = c0 + 32 * U;
         if (next_c0 >= units) {
-            next_row += step_rows;
+            ++next_row;
             next_c0 = 0;
         }
         if (next_row < row_end) {
             load_step(next_row, next_c0, next);
         }
-        const bool live = row + sub < row_end;
 #pragma unroll
         for (u32 a = 0; a < U; ++a) {
-            const u32 unit = c0 + part + row_lanes * a;
-            if (live && unit < units) {
+            const u32 unit = c0 + lane + 32 * a;
+            if (unit < units) {
                 const u8* xq = img + unit * UNIT_BYTES;
 #pragma unroll
                 for (u32 g = 0; g < GROUPS_PER_UNIT; ++g) {
@@ -839,10 +828,10 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
             }
         }
         if (next_row != row) {
-            const float s = lanes_sum(acc, row_lanes);
+            const float s = warp_sum(acc);
             acc = 0.0f;
-            if (part == 0 && live) {
-                out[row + sub] = bias ? s + bias[row + sub] : s;
+            if (lane == 0) {
+                out[row] = bias ? s + bias[row] : s;
             }
         }
 #pragma unroll

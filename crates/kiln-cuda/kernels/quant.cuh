@@ -230,8 +230,6 @@ struct Quantized {
 //                   per unit), read by one thread with the widest loads;
 //   W::GROUP_ELEMS  elements per scale group (a unit holds whole groups);
 //   W::UNITS_IN_FLIGHT  units a thread loads before it uses the first;
-//   W::RESIDENT_UNITS   units a lane of matvec_resident takes per step (the next
-//                   step's are in flight while these are used);
 //   W::SMALL_QUANTS whether every quant is below 128;
 //   W::Unit, W::load_unit<A>(row, nb, u)  unit u of the row of nb blocks at `row`;
 //   W::run(t, j)    run j (< UNIT_ELEMS / 4) of unit t: the 4 quants q (0 .. 255) of
@@ -277,7 +275,6 @@ struct PackedNibbles : Quantized<PackedNibbles<BITS, IS_AFFINE>> {
     static constexpr u32 UNIT_ELEMS = 32;
     static constexpr u32 GROUP_ELEMS = 32;
     static constexpr u32 UNITS_IN_FLIGHT = 4;
-    static constexpr u32 RESIDENT_UNITS = 2;
     static constexpr bool SMALL_QUANTS = true;
     struct Unit {
         uint4 qs;
@@ -340,7 +337,6 @@ struct Q8_0 : Quantized<Q8_0> {
     static constexpr u32 UNIT_ELEMS = 32;
     static constexpr u32 GROUP_ELEMS = 32;
     static constexpr u32 UNITS_IN_FLIGHT = 2;
-    static constexpr u32 RESIDENT_UNITS = 1;
     static constexpr bool SMALL_QUANTS = false;
     struct Unit {
         uint4 qs[2];
@@ -517,7 +513,6 @@ struct AffineGroups : Quantized<AffineGroups<BITS>> {
     static constexpr u32 UNIT_ELEMS = 64;
     static constexpr u32 GROUP_ELEMS = 32;
     static constexpr u32 UNITS_IN_FLIGHT = BITS == 5 ? 1 : 2;
-    static constexpr u32 RESIDENT_UNITS = 1;
     static constexpr bool SMALL_QUANTS = true;
     struct Unit {
         uint4 qs[2];
@@ -607,7 +602,6 @@ struct Q6_K : Quantized<Q6_K> {
     static constexpr u32 UNIT_ELEMS = 128;
     static constexpr u32 GROUP_ELEMS = 16;
     static constexpr u32 UNITS_IN_FLIGHT = 1;
-    static constexpr u32 RESIDENT_UNITS = 1;
     static constexpr bool SMALL_QUANTS = true;
     struct Unit {
         uint4 ql[4];
@@ -701,7 +695,6 @@ struct Q1_0 : Quantized<Q1_0> {
     static constexpr u32 UNIT_ELEMS = 128;
     static constexpr u32 GROUP_ELEMS = 32;
     static constexpr u32 UNITS_IN_FLIGHT = 2;
-    static constexpr u32 RESIDENT_UNITS = 2;
     static constexpr bool SMALL_QUANTS = false;
     typedef ScaledQuants16 Unit;
 
@@ -747,7 +740,6 @@ struct Q2_0 : Quantized<Q2_0> {
     static constexpr u32 UNIT_ELEMS = 64;
     static constexpr u32 GROUP_ELEMS = 32;
     static constexpr u32 UNITS_IN_FLIGHT = 4;
-    static constexpr u32 RESIDENT_UNITS = 2;
     static constexpr bool SMALL_QUANTS = false;
     typedef ScaledQuants16 Unit;
 
@@ -796,7 +788,6 @@ struct TQ2_0 : Quantized<TQ2_0> {
     static constexpr u32 UNIT_ELEMS = 128;
     static constexpr u32 GROUP_ELEMS = 32;
     static constexpr u32 UNITS_IN_FLIGHT = 2;
-    static constexpr u32 RESIDENT_UNITS = 1;
     static constexpr bool SMALL_QUANTS = false;
     struct Unit {
         uint4 qs[2];

@@ -843,18 +843,6 @@ fn matvec_matches_cpu_for_every_weight_dtype_and_row_count() {
             3 * dtype.block_size().max(32),
             true,
         );
-        // Rows of two blocks, about ten per warp: the resident kernel's steps take
-        // several rows at once, each summed by its own lanes (Q4_0 on an H200: eight
-        // rows of four lanes).
-        compare(
-            cuda,
-            &mut rng,
-            dtype,
-            1,
-            40000,
-            2 * dtype.block_size().max(32),
-            false,
-        );
     }
 }
 
