@@ -651,18 +651,13 @@ struct Q6_K : Quantized<Q6_K> {
 // Their quants are at most 3, so the mat-vec converts them as 8-bit quants
 // (SMALL_QUANTS false): (1 + q / 128) / 2 would cancel most of the f32's bits.
 
-// The four crumbs (2-bit fields) of byte `bits` (crumb i = bits 2i .. 2i + 1) as the
-// four bytes of a u32.
-__device__ __forceinline__ u32 spread_crumbs4(u32 bits) {
-    // Each shift puts one crumb at the bottom of its byte; the others land in bits the
-    // mask clears.
-    bits &= 0xffu;
-    return (bits | (bits << 6) | (bits << 12) | (bits << 18)) & 0x03030303u;
-}
-
-// Bits 2i .. 2i + 1 of `bits` (i < 8) as byte i of a u64.
-__device__ __forceinline__ u64 spread_crumbs8(u32 bits) {
-    return (u64)spread_crumbs4(bits) | ((u64)spread_crumbs4(bits >> 8) << 32);
+// Q1_0 and Q2_0 keep their quants plane bit-sliced (kiln-cuda's packing::sliced_bits):
+// in each 16-byte piece, run j (elements 4j .. 4j + 3, one per byte) is slot
+// s = j % P (P = 8 / BITS quants per byte) of word j / P: bits BITS * s .. of its 4
+// bytes. The run at slot s of `word`, one quant per byte:
+template <u32 BITS>
+__device__ __forceinline__ u32 sliced_run(u32 word, u32 s) {
+    return (word >> (BITS * s)) & (BITS == 1 ? 0x01010101u : 0x03030303u);
 }
 
 // The unit of Q1_0 and Q2_0: one block's 16 bytes of quants and its scale d.
@@ -673,7 +668,7 @@ struct ScaledQuants16 {
 
 // Q1_0: d (f16) at 0, qs[16] at 2: bit j % 8 of qs[j / 8] is element j's sign bit b.
 // Value: +d where b is set, -d where clear, i.e. d * (2b - 1): quants 2b, BIAS 1.
-// Planes: qs | d.
+// Planes: qs (bit-sliced) | d.
 struct Q1_0 : Quantized<Q1_0> {
     static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 128;
@@ -687,11 +682,14 @@ struct Q1_0 : Quantized<Q1_0> {
 
     template <u32 A>
     static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
-        return {spread_bits8(at<Q1_0, 2>(b)[c]) << 1, load_f16(at<Q1_0, 0>(b), 0), 0.0f};
+        // Runs 2c and 2c + 1: slots 2 (c % 4) and + 1 of word c / 4.
+        const u32 w = load_u32<align_at<Q1_0, A, 2>()>(at<Q1_0, 2>(b) + 4 * (c / 4));
+        const u32 s = 2 * (c % 4);
+        const u64 u = (u64)sliced_run<1>(w, s) | ((u64)sliced_run<1>(w, s + 1) << 32);
+        return {u << 1, load_f16(at<Q1_0, 0>(b), 0), 0.0f};
     }
 
-    // A unit is a block; run j holds the sign bits 4j .. 4j + 3, nibble j % 8 of qs
-    // word j / 8.
+    // A unit is a block; run j is slot j % 8 of word j / 8, doubled.
     static constexpr u32 UNIT_ELEMS = 128;
     static constexpr u32 GROUP_ELEMS = 32;
     static constexpr u32 UNITS_IN_FLIGHT = 2;
@@ -707,7 +705,7 @@ struct Q1_0 : Quantized<Q1_0> {
     static __device__ __forceinline__ constexpr u32 run_elem(u32 j) { return 4 * j; }
 
     static __device__ __forceinline__ u32 run(const Unit& t, u32 j) {
-        return spread_bits4(word_of(t.qs, j / 8) >> (4 * (j % 8))) << 1;
+        return sliced_run<1>(word_of(t.qs, j / 8), j % 8) << 1;
     }
 
     static __device__ __forceinline__ void group(const Unit& t, u32, float& scale, float& zero) {
@@ -717,7 +715,7 @@ struct Q1_0 : Quantized<Q1_0> {
 };
 
 // Q2_0: d (f16) at 0, qs[16] at 2: bits 2 (j % 4) .. + 1 of qs[j / 4] hold element j's
-// code q. Value: d * (q - 1). Planes: qs | d.
+// code q. Value: d * (q - 1). Planes: qs (bit-sliced) | d.
 struct Q2_0 : Quantized<Q2_0> {
     static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 64;
@@ -731,12 +729,14 @@ struct Q2_0 : Quantized<Q2_0> {
 
     template <u32 A>
     static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
-        const u8* qs = at<Q2_0, 2>(b);
-        const u32 bits = (u32)qs[2 * c] | ((u32)qs[2 * c + 1] << 8);
-        return {spread_crumbs8(bits), load_f16(at<Q2_0, 0>(b), 0), 0.0f};
+        // Runs 2c and 2c + 1: slots 2 (c % 2) and + 1 of word c / 2.
+        const u32 w = load_u32<align_at<Q2_0, A, 2>()>(at<Q2_0, 2>(b) + 4 * (c / 2));
+        const u32 s = 2 * (c % 2);
+        const u64 u = (u64)sliced_run<2>(w, s) | ((u64)sliced_run<2>(w, s + 1) << 32);
+        return {u, load_f16(at<Q2_0, 0>(b), 0), 0.0f};
     }
 
-    // A unit is a block; run j holds the codes of elements 4j .. 4j + 3, byte j of qs.
+    // A unit is a block; run j is slot j % 4 of word j / 4.
     static constexpr u32 UNIT_ELEMS = 64;
     static constexpr u32 GROUP_ELEMS = 32;
     static constexpr u32 UNITS_IN_FLIGHT = 4;
@@ -752,7 +752,7 @@ struct Q2_0 : Quantized<Q2_0> {
     static __device__ __forceinline__ constexpr u32 run_elem(u32 j) { return 4 * j; }
 
     static __device__ __forceinline__ u32 run(const Unit& t, u32 j) {
-        return spread_crumbs4(word_of(t.qs, j / 4) >> (8 * (j % 4)));
+        return sliced_run<2>(word_of(t.qs, j / 4), j % 4);
     }
 
     static __device__ __forceinline__ void group(const Unit& t, u32, float& scale, float& zero) {

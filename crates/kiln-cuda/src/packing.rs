@@ -13,8 +13,15 @@
 //! Kernels find block `b`'s entry of plane `p` at `row + nb * start(p) + b * len(p)`,
 //! where `start(p)` is the sum of the lengths of the planes before `p`
 //! (`quant.cuh`'s `Planes` computes the same from the same table).
+//!
+//! The 1- and 2-bit formats of [`sliced_bits`] also reorder the bits of each 16 bytes
+//! of their quants plane, so that the 4 quants of elements 4j .. 4j + 3 (a run, which
+//! a kernel multiplies with one dp4a) sit at the same bits of the 4 bytes of one word:
+//! one shift and one mask give the run, where GGUF's order (consecutive elements in
+//! one byte) takes a multiply to spread them.
 
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use kiln_core::{DType, Error, Result};
 
@@ -45,6 +52,100 @@ pub fn packed_planes(dtype: DType) -> Option<&'static [Range<usize>]> {
         DType::TQ2_0 => &[0..64, 64..66],
         _ => return None,
     })
+}
+
+/// Bits per quant of the dtypes whose quants plane is bit-sliced: for `bits` bits
+/// (P = 8 / bits quants per byte), element e of a 16-byte piece (GGUF: bits
+/// `bits * (e % P)` of byte e / P) moves to bits `bits * (j % P)` of byte 4 (j / P) +
+/// e % 4, j = e / 4 its run. `None` for the others.
+pub fn sliced_bits(dtype: DType) -> Option<usize> {
+    match dtype {
+        DType::Q1_0 => Some(1),
+        DType::Q2_0 => Some(2),
+        _ => None,
+    }
+}
+
+/// Moves the quants of one 16-byte piece between GGUF's order and the bit-sliced
+/// order of [`sliced_bits`] (`to_sliced`), or back, element by element: the
+/// definition that [`SliceTables`] computes faster.
+fn slice_piece(bits: usize, piece: &[u8], to_sliced: bool) -> [u8; 16] {
+    let per_byte = 8 / bits;
+    let mask = (1u8 << bits) - 1;
+    let mut out = [0u8; 16];
+    for e in 0..16 * per_byte {
+        let run = e / 4;
+        let gguf = (e / per_byte, bits * (e % per_byte));
+        let sliced = (4 * (run / per_byte) + e % 4, bits * (run % per_byte));
+        let (from, to) = if to_sliced {
+            (gguf, sliced)
+        } else {
+            (sliced, gguf)
+        };
+        out[to.0] |= ((piece[from.0] >> from.1) & mask) << to.1;
+    }
+    out
+}
+
+/// [`slice_piece`] as a permutation of the bits of each little-endian word (every
+/// element stays in its word): `words[k][v]` is the word's bits that byte k of value
+/// v gives, one table per direction.
+struct SliceTables {
+    to_sliced: [[u32; 256]; 4],
+    to_gguf: [[u32; 256]; 4],
+}
+
+impl SliceTables {
+    /// The tables for quants of `bits` bits, from [`slice_piece`] on each single bit.
+    fn new(bits: usize) -> Self {
+        let mut to_sliced = [[0u32; 256]; 4];
+        let mut to_gguf = [[0u32; 256]; 4];
+        for bit in 0..32 {
+            let mut piece = [0u8; 16];
+            piece[bit / 8] = 1 << (bit % 8);
+            let sliced = u32::from_le_bytes(
+                slice_piece(bits, &piece, true)[..4]
+                    .try_into()
+                    .unwrap_or_default(),
+            );
+            let there = sliced.trailing_zeros() as usize;
+            for v in 0..256 {
+                if v >> (bit % 8) & 1 == 1 {
+                    to_sliced[bit / 8][v] |= 1 << there;
+                }
+                if v >> (there % 8) & 1 == 1 {
+                    to_gguf[there / 8][v] |= 1 << bit;
+                }
+            }
+        }
+        SliceTables { to_sliced, to_gguf }
+    }
+
+    fn get(bits: usize) -> &'static SliceTables {
+        static ONE: OnceLock<SliceTables> = OnceLock::new();
+        static TWO: OnceLock<SliceTables> = OnceLock::new();
+        if bits == 1 {
+            ONE.get_or_init(|| SliceTables::new(1))
+        } else {
+            TWO.get_or_init(|| SliceTables::new(2))
+        }
+    }
+
+    /// Writes `from`'s words (whole 16-byte pieces) reordered into `to`.
+    fn apply(&self, from: &[u8], to: &mut [u8], to_sliced: bool) {
+        let table = if to_sliced {
+            &self.to_sliced
+        } else {
+            &self.to_gguf
+        };
+        for (f, t) in from.chunks_exact(4).zip(to.chunks_exact_mut(4)) {
+            let word = table[0][f[0] as usize]
+                | table[1][f[1] as usize]
+                | table[2][f[2] as usize]
+                | table[3][f[3] as usize];
+            t.copy_from_slice(&word.to_le_bytes());
+        }
+    }
 }
 
 /// Whether the backend stores `dtype` as planes.
@@ -108,13 +209,21 @@ fn move_rows(dtype: DType, row_len: usize, src: &[u8], to_planes: bool) -> Resul
     {
         let mut plane_start = 0;
         for range in planes {
+            // The first plane holds the quants.
+            let sliced = sliced_bits(dtype)
+                .filter(|_| plane_start == 0)
+                .map(SliceTables::get);
             for b in 0..nb {
                 let gguf = b * block_bytes + range.start..b * block_bytes + range.end;
                 let plane = plane_start + b * range.len()..plane_start + (b + 1) * range.len();
-                if to_planes {
-                    to[plane].copy_from_slice(&from[gguf]);
+                let (src, dst) = if to_planes {
+                    (gguf, plane)
                 } else {
-                    to[gguf].copy_from_slice(&from[plane]);
+                    (plane, gguf)
+                };
+                match sliced {
+                    Some(tables) => tables.apply(&from[src], &mut to[dst], to_planes),
+                    None => to[dst].copy_from_slice(&from[src]),
                 }
             }
             plane_start += nb * range.len();
@@ -189,6 +298,41 @@ mod tests {
                     g[18 * b..18 * b + 2],
                     "d {b}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn q1_0_and_q2_0_quants_are_sliced_by_run() {
+        // One Q1_0 block: only element 4 * 9 + 2 = 38 set (bit 6 of GGUF qs[4]). Its
+        // run 9 is slot 1 of word 1, byte 2: bit 1 of plane byte 4 + 2.
+        let mut gguf = vec![0u8; 18];
+        gguf[2 + 4] = 1 << 6;
+        let packed = pack_rows(DType::Q1_0, 128, &gguf).unwrap();
+        let mut want = vec![0u8; 18];
+        want[6] = 1 << 1;
+        assert_eq!(packed, want);
+        // One Q2_0 block: element 4 * 6 + 3 = 27 holds code 2 (bits 6-7 of GGUF qs[6]).
+        // Run 6 is slot 2 of word 1, byte 3: bits 4-5 of plane byte 4 + 3.
+        let mut gguf = vec![0u8; 18];
+        gguf[2 + 6] = 2 << 6;
+        let packed = pack_rows(DType::Q2_0, 64, &gguf).unwrap();
+        let mut want = vec![0u8; 18];
+        want[7] = 2 << 4;
+        assert_eq!(packed, want);
+    }
+
+    #[test]
+    fn the_slice_tables_reorder_as_the_definition_does() {
+        for bits in [1, 2] {
+            let tables = SliceTables::get(bits);
+            for piece in numbered(16 * 40).chunks(16) {
+                let mut sliced = [0u8; 16];
+                tables.apply(piece, &mut sliced, true);
+                assert_eq!(sliced, slice_piece(bits, piece, true), "{bits} bits");
+                let mut back = [0u8; 16];
+                tables.apply(&sliced, &mut back, false);
+                assert_eq!(back, piece, "{bits} bits");
             }
         }
     }
