@@ -43,7 +43,6 @@
 //   matching 8 activations of every row of x once (reused across the ROWS weight
 //   rows), and accumulates in f32 (dot_chunk); warp shuffles and a shared array
 //   reduce the block.
-#include "functors.cuh"
 #include "quant.cuh"
 
 namespace kiln {
@@ -736,50 +735,8 @@ struct StageAddNorm {
     }
 };
 
-// Stages kiln_core::ops::Glu of one row (x: the gates, then the partners, k each; k a
-// multiple of 128), computed by every block, into `image`, rounded to Q8_1 as
-// elementwise.cu's glu rounds its out_q8: out[i] = F::apply(x[i], x[k + i]). Each
-// thread issues the loads of RESIDENT_GLU_VECTORS float4s of both halves before it
-// uses the first.
-template <typename W, typename F, u32 THREADS>
-struct StageGlu {
-    const float* x;
-
-    __device__ __forceinline__ void operator()(u32 k, const ResidentImage<W>& image) {
-        chain_after_prior_grids(x);
-        constexpr u32 V = RESIDENT_GLU_VECTORS;
-        const u32 vectors = k / 4;
-        const float4* gate = reinterpret_cast<const float4*>(x);
-        const float4* partner = reinterpret_cast<const float4*>(x + k);
-        for (u32 base = 0; base < vectors; base += V * THREADS) {
-            float4 g[V], p[V];
-#pragma unroll
-            for (u32 j = 0; j < V; ++j) {
-                const u32 i = base + j * THREADS + threadIdx.x;
-                if (i < vectors) {
-                    g[j] = gate[i];
-                    p[j] = partner[i];
-                }
-            }
-#pragma unroll
-            for (u32 j = 0; j < V; ++j) {
-                const u32 i = base + j * THREADS + threadIdx.x;
-                if (base + j * THREADS >= vectors) {
-                    break;  // block-uniform
-                }
-                const bool live = i < vectors;
-                const float4 o = live ? make_float4(F::apply(g[j].x, p[j].x), F::apply(g[j].y, p[j].y),
-                                                    F::apply(g[j].z, p[j].z), F::apply(g[j].w, p[j].w))
-                                      : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                stage_q8_1_quad<W>(o, live, 4 * i, image);
-            }
-        }
-    }
-};
-
 // The mat-vec of a packed weight for one activation row rounded to Q8_1, held in
-// shared memory (ResidentImage, written by `stage`: StageQ8Copy, StageAddNorm or
-// StageGlu), and
+// shared memory (ResidentImage, written by `stage`: StageQ8Copy or StageAddNorm), and
 // the products of each run of 4 quants with 4 rounded activations summed in integers
 // (dp4a).
 // Grid: any number of blocks of THREADS; warp w of the grid's G warps owns weight rows
@@ -910,19 +867,6 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     resident_matvec<W, ALIGNED, THREADS>(
         w, StageAddNorm<W, THREADS>{x, residual, norm_weight, sum, eps}, bias, out, n, k,
         row_bytes);
-}
-
-// kiln_core::ops::Glu of one row (F32 x of 2k elements: gates, then partners) fused
-// with the kiln_core::ops::MatMul of its Q8_1 copy: resident_matvec, each block
-// staging x with StageGlu instead of reading a copy. The GLU's f32 output and Q8_1
-// copy are not written.
-template <typename W, typename F, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
-__global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
-    matvec_resident_glu(const u8* __restrict__ w, const float* __restrict__ x,
-                        const float* __restrict__ bias, float* __restrict__ out, u32 n, u32 k,
-                        u64 row_bytes) {
-    resident_matvec<W, ALIGNED, THREADS>(w, StageGlu<W, F, THREADS>{x}, bias, out, n, k,
-                                         row_bytes);
 }
 
 }  // namespace kiln

@@ -61,7 +61,6 @@ pub struct CudaBackend {
     moe_routing: ops::moe::Routing,
     programmatic_launch: AtomicBool,
     fuse_norms: AtomicBool,
-    fuse_glus: AtomicBool,
     cuda_graphs: AtomicBool,
     capture: Capture,
     compiles: AtomicU64,
@@ -84,10 +83,6 @@ pub const CUDA_GRAPHS_ENV: &str = "KILN_CUDA_GRAPHS";
 /// The environment variable that, set to `0`, turns the fusion of norms into the
 /// mat-vecs that read them off ([`CudaBackend::fuse_norms`]).
 pub const FUSE_NORMS_ENV: &str = "KILN_CUDA_FUSE_NORMS";
-
-/// The environment variable that, set to `0`, turns the fusion of GLUs into the
-/// mat-vecs that read them off ([`CudaBackend::fuse_glus`]).
-pub const FUSE_GLUS_ENV: &str = "KILN_CUDA_FUSE_GLUS";
 
 /// The environment variable that sets the fewest activation rows of a mat-mat on
 /// cuBLASLt ([`CudaBackend::gemm_min_rows`]): a number, or `off` for never.
@@ -132,7 +127,6 @@ impl CudaBackend {
             && std::env::var(PROGRAMMATIC_LAUNCH_ENV).map_or(true, |v| v != "0");
         let cuda_graphs = std::env::var(CUDA_GRAPHS_ENV).map_or(true, |v| v != "0");
         let fuse_norms = std::env::var(FUSE_NORMS_ENV).map_or(true, |v| v != "0");
-        let fuse_glus = std::env::var(FUSE_GLUS_ENV).map_or(true, |v| v != "0");
         let gemm_min_rows = parse_gemm_min_rows(std::env::var(GEMM_MIN_ROWS_ENV).ok().as_deref())?;
         let capture = Capture::new(device.context())?;
         // SAFETY: the memory is only read after a copy into it has completed.
@@ -154,7 +148,6 @@ impl CudaBackend {
             moe_routing: ops::moe::Routing::default(),
             programmatic_launch: AtomicBool::new(programmatic_launch),
             fuse_norms: AtomicBool::new(fuse_norms),
-            fuse_glus: AtomicBool::new(fuse_glus),
             cuda_graphs: AtomicBool::new(cuda_graphs),
             capture,
             compiles: AtomicU64::new(0),
@@ -184,39 +177,6 @@ impl CudaBackend {
     /// Turns the fusion of norms on or off for the graphs compiled after.
     pub fn set_fuse_norms(&self, on: bool) {
         self.fuse_norms.store(on, Ordering::Relaxed);
-    }
-
-    /// Whether [`Backend::compile`] fuses a one-row GLU into the resident mat-vec that
-    /// reads it ([`ops::glu_matvec`]). On unless `KILN_CUDA_FUSE_GLUS=0`.
-    pub fn fuse_glus(&self) -> bool {
-        self.fuse_glus.load(Ordering::Relaxed)
-    }
-
-    /// Turns the fusion of GLUs on or off for the graphs compiled after.
-    pub fn set_fuse_glus(&self, on: bool) {
-        self.fuse_glus.store(on, Ordering::Relaxed);
-    }
-
-    /// The pair of ops at `index` and `index + 1` that runs as one launch, if any.
-    fn fused_pair<'g>(
-        &self,
-        graph: &'g Graph,
-        index: usize,
-        bindings: &Bindings<'_, CudaBuffer>,
-    ) -> Option<FusedPair<'g>> {
-        let norm = self
-            .fuse_norms()
-            .then(|| ops::norm_matvec::fusible(graph, index))
-            .flatten()
-            .filter(|&(norm, product)| ops::norm_matvec::operands_apart(norm, product, bindings))
-            .map(|(norm, product)| FusedPair::Norm(norm, product));
-        norm.or_else(|| {
-            self.fuse_glus()
-                .then(|| ops::glu_matvec::fusible(graph, index))
-                .flatten()
-                .filter(|&(glu, product)| ops::glu_matvec::operands_apart(glu, product, bindings))
-                .map(|(glu, product)| FusedPair::Glu(glu, product))
-        })
     }
 
     /// How many graphs [`Backend::compile`] has compiled on this backend (each
@@ -603,45 +563,7 @@ impl CudaBackend {
     }
 }
 
-/// Two consecutive ops of a graph that run as one launch.
-enum FusedPair<'g> {
-    /// [`ops::norm_matvec`]: a residual add and RMSNorm, then the product of its copy.
-    Norm(&'g kiln_core::ops::AddRmsNorm, &'g kiln_core::ops::MatMul),
-    /// [`ops::glu_matvec`]: a GLU, then the product of its copy.
-    Glu(&'g kiln_core::ops::Glu, &'g kiln_core::ops::MatMul),
-}
-
 impl CudaBackend {
-    /// Runs a pair that [`ops::glu_matvec::fusible`] found as one launch.
-    fn run_glu_matvec(
-        &self,
-        graph: &Graph,
-        glu: &kiln_core::ops::Glu,
-        product: &kiln_core::ops::MatMul,
-        bindings: &mut Bindings<'_, CudaBuffer>,
-    ) -> Result<()> {
-        let dtype = graph.desc(product.w)?.dtype;
-        let inputs: Vec<_> = [glu.x, product.w].into_iter().chain(product.bias).collect();
-        bindings.with_operands(&inputs, &[product.out], |ins, outs| {
-            let [out] = outs else {
-                unreachable!("one output was asked for")
-            };
-            ops::glu_matvec::glu_matvec(
-                self,
-                glu.kind,
-                ins[0],
-                ops::matmul::ResidentProduct {
-                    w: ins[1],
-                    dtype,
-                    bias: ins.get(2).copied(),
-                    out,
-                    n: product.n,
-                    k: product.k,
-                },
-            )
-        })?
-    }
-
     /// Runs a pair that [`ops::norm_matvec::fusible`] found as one launch.
     fn run_norm_matvec(
         &self,
@@ -674,7 +596,7 @@ impl CudaBackend {
                     sum,
                     eps: norm.eps,
                 },
-                ops::matmul::ResidentProduct {
+                ops::norm_matvec::ProductOperands {
                     w: ins[3],
                     dtype,
                     bias: ins.get(4).copied(),
@@ -822,17 +744,17 @@ impl Backend for CudaBackend {
         let mut index = 0;
         while index < graph_ops.len() {
             let start = recorder.len();
-            let ran = match self.fused_pair(graph, index, bindings) {
-                Some(pair) => {
-                    match pair {
-                        FusedPair::Norm(norm, product) => {
-                            self.run_norm_matvec(graph, norm, product, bindings)?
-                        }
-                        FusedPair::Glu(glu, product) => {
-                            self.run_glu_matvec(graph, glu, product, bindings)?
-                        }
-                    }
-                    // The first op's launch is the product's.
+            let fused = self
+                .fuse_norms()
+                .then(|| ops::norm_matvec::fusible(graph, index))
+                .flatten()
+                .filter(|&(norm, product)| {
+                    ops::norm_matvec::operands_apart(norm, product, bindings)
+                });
+            let ran = match fused {
+                Some((norm, product)) => {
+                    self.run_norm_matvec(graph, norm, product, bindings)?;
+                    // The norm's launch is the product's.
                     ops.push(OpLaunches {
                         index,
                         name: graph_ops[index].name(),

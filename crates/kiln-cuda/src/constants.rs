@@ -70,9 +70,6 @@ shared_constants! {
     /// Float4s of the row that each thread of a resident mat-vec with a fused residual
     /// add and RMSNorm holds in registers.
     RESIDENT_NORM_VECTORS = 8;
-    /// Float4s of each half of the row that each thread of a resident mat-vec with a
-    /// fused GLU loads before it uses the first.
-    RESIDENT_GLU_VECTORS = 4;
     /// Elements and bytes of a Q8_1 block (kiln_core's DType::Q8_1).
     Q8_1_BLOCK_ELEMS = 32;
     Q8_1_BLOCK_BYTES = 36;

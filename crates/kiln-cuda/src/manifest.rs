@@ -35,7 +35,6 @@ pub fn all_specs() -> Vec<KernelSpec> {
     specs.extend(ops::rope::all_specs());
     specs.extend(ops::matmul::all_specs());
     specs.extend(ops::norm_matvec::all_specs());
-    specs.extend(ops::glu_matvec::all_specs());
     specs.extend(ops::softmax::all_specs());
     specs.extend(ops::kv_cache::all_specs());
     specs.extend(ops::attention::all_specs());

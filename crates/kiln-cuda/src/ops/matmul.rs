@@ -294,36 +294,6 @@ pub fn resident_blocks(n: usize, resident_warps: usize, warps_per_block: u32) ->
     n.div_ceil(rows_per_warp * warps_per_block as usize)
 }
 
-/// The product's operands of a resident mat-vec fused with the op before it: the weight
-/// of `dtype` (`n x k`, uploaded with `upload_weight`), the optional bias and `out`.
-pub struct ResidentProduct<'a> {
-    pub w: &'a CudaBuffer,
-    pub dtype: DType,
-    pub bias: Option<&'a CudaBuffer>,
-    pub out: &'a mut CudaBuffer,
-    pub n: usize,
-    pub k: usize,
-}
-
-/// The launch of `kernel`, a resident mat-vec (or one fused with the op before it) of
-/// `plan`'s shape over `n` weight rows: the plan's block and shared memory, and a grid
-/// of one wave of the warps the device holds at once ([`resident_blocks`]).
-pub(crate) fn resident_config(
-    backend: &CudaBackend,
-    kernel: &CudaKernel,
-    plan: &MatMulPlan,
-    n: usize,
-) -> Result<LaunchConfig> {
-    let threads = plan.config.block_dim.0;
-    let warps = backend
-        .resident_warps()
-        .get(backend, kernel, &plan.config)?;
-    let mut config = plan.config;
-    // At most the plan's blocks (one row per warp), which fit the grid.
-    config.grid_dim.0 = resident_blocks(n, warps, threads / 32) as u32;
-    Ok(config)
-}
-
 /// The largest power of two dividing a block of `dtype`, at most 16: the alignment
 /// every block start has.
 fn block_alignment(dtype: DType) -> u32 {
@@ -868,10 +838,14 @@ pub fn matmul<'a>(
     }
     let kernel = backend.kernel(&plan.spec)?;
     allow_dynamic_shared(&kernel, &plan.config)?;
-    let launch_config = match plan.kernel {
-        MatMulKernel::MatVecResident { .. } => resident_config(backend, &kernel, &plan, n)?,
-        _ => plan.config,
-    };
+    let mut launch_config = plan.config;
+    if let MatMulKernel::MatVecResident { threads, .. } = plan.kernel {
+        let warps = backend
+            .resident_warps()
+            .get(backend, &kernel, &plan.config)?;
+        // At most the plan's blocks (one row per warp), which fit the grid.
+        launch_config.grid_dim.0 = resident_blocks(n, warps, threads / 32) as u32;
+    }
     if plan.row_groups > 1 {
         return row_groups(backend, &kernel, &plan, x, x_q8, w, bias, out);
     }

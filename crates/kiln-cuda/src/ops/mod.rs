@@ -9,7 +9,6 @@ pub(crate) mod common;
 pub mod delta_net;
 pub mod elementwise;
 pub mod embedding;
-pub mod glu_matvec;
 pub mod kv_cache;
 pub mod matmul;
 pub mod moe;
@@ -20,10 +19,8 @@ pub mod sample;
 pub mod softmax;
 
 use cudarc::driver::LaunchConfig;
-use kiln_core::ops::{MatMul, Q8_COPY};
-use kiln_core::{BufferId, BufferKind, DType, DeviceBuffer, Error, Graph, Result};
-
-use matmul::{MatMulArgs, MatMulKernel};
+use kiln_core::ops::Q8_COPY;
+use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use crate::CudaBuffer;
 
@@ -33,38 +30,6 @@ const THREADS_1D: u32 = 256;
 
 /// Most blocks a one-dimensional launch uses; kernels loop over the rest (grid-stride).
 const MAX_BLOCKS_1D: u64 = 1 << 20;
-
-/// Whether every buffer of `ids` is transient and read by no op of `graph` but the one
-/// at `reader`: an op that writes them may then be fused into that reader, which
-/// computes them itself and writes none of them.
-pub(crate) fn read_only_by(graph: &Graph, ids: &[BufferId], reader: usize) -> bool {
-    let transient = ids.iter().all(|&id| {
-        graph
-            .desc(id)
-            .is_ok_and(|d| d.kind == BufferKind::Transient)
-    });
-    let read_elsewhere = graph
-        .ops()
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| i != reader)
-        .any(|(_, op)| op.inputs().iter().any(|id| ids.contains(id)));
-    transient && !read_elsewhere
-}
-
-/// The threads per block of `product`'s plan when it is the resident mat-vec (one
-/// activation row with its Q8_1 copy); `None` for any other plan or an invalid op.
-pub(crate) fn resident_threads(graph: &Graph, product: &MatMul) -> Option<u32> {
-    // One row is a mat-vec, never a product on cuBLASLt.
-    let plan = MatMulArgs::of_op(graph, product, usize::MAX)
-        .ok()?
-        .check()
-        .ok()?;
-    match plan.kernel {
-        MatMulKernel::MatVecResident { threads, .. } => Some(threads),
-        _ => None,
-    }
-}
 
 /// A grid covering `len` elements with [`THREADS_1D`] threads per block.
 pub(crate) fn grid_1d(len: usize) -> LaunchConfig {

@@ -11,13 +11,11 @@
 //! alone) is fused.
 
 use kiln_core::ops::{AddRmsNorm, MatMul};
-use kiln_core::{Bindings, DType, DeviceBuffer, Error, Graph, Op, Result};
+use kiln_core::{Bindings, BufferKind, DType, DeviceBuffer, Error, Graph, Op, Result};
 
 use super::common::{allow_dynamic_shared, launch, weight_tag};
-use super::matmul::{
-    resident_config, MatMulArgs, MatMulKernel, MatMulPlan, ResidentProduct, MATVEC,
-};
-use super::{check_bytes, read_only_by, resident_threads, to_u32};
+use super::matmul::{resident_blocks, MatMulArgs, MatMulKernel, MatMulPlan, MATVEC};
+use super::{check_bytes, to_u32};
 use crate::constants::RESIDENT_NORM_VECTORS;
 use crate::launch::KernelArgs;
 use crate::registry::KernelSpec;
@@ -42,10 +40,28 @@ pub fn fusible(graph: &Graph, index: usize) -> Option<(&AddRmsNorm, &MatMul)> {
     if !shape_fits || mm.x != norm.out || mm.x_q8 != Some(out_q8) {
         return None;
     }
-    if !read_only_by(graph, &[norm.out, out_q8], index + 1) {
+    let transient = |id| {
+        graph
+            .desc(id)
+            .is_ok_and(|d| d.kind == BufferKind::Transient)
+    };
+    let read_elsewhere = graph
+        .ops()
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != index + 1)
+        .any(|(_, op)| op.inputs().iter().any(|&id| id == norm.out || id == out_q8));
+    if !transient(norm.out) || !transient(out_q8) || read_elsewhere {
         return None;
     }
-    let threads = resident_threads(graph, mm)?;
+    // One row is a mat-vec, never a product on cuBLASLt.
+    let plan = MatMulArgs::of_op(graph, mm, usize::MAX)
+        .ok()?
+        .check()
+        .ok()?;
+    let MatMulKernel::MatVecResident { threads, .. } = plan.kernel else {
+        return None;
+    };
     (mm.k / 4 <= (RESIDENT_NORM_VECTORS * threads) as usize).then_some((norm, mm))
 }
 
@@ -109,6 +125,17 @@ pub struct NormOperands<'a> {
     pub eps: f32,
 }
 
+/// The product's operands: the weight of `dtype` (`n x k`, uploaded with
+/// `upload_weight`), the optional bias and `out`.
+pub struct ProductOperands<'a> {
+    pub w: &'a CudaBuffer,
+    pub dtype: DType,
+    pub bias: Option<&'a CudaBuffer>,
+    pub out: &'a mut CudaBuffer,
+    pub n: usize,
+    pub k: usize,
+}
+
 /// `sum = x + residual`, then `out = RmsNorm(sum, weight, eps) · wᵀ (+ bias)` with the
 /// normalized row rounded to Q8_1 ([`kiln_core::ops::Q8_COPY`]) as the unfused pair
 /// computes it. Errors unless the product's plan is the resident mat-vec and the row
@@ -117,9 +144,9 @@ pub struct NormOperands<'a> {
 pub fn add_norm_matvec(
     backend: &CudaBackend,
     norm: NormOperands<'_>,
-    product: ResidentProduct<'_>,
+    product: ProductOperands<'_>,
 ) -> Result<()> {
-    let ResidentProduct {
+    let ProductOperands {
         w,
         dtype,
         bias,
@@ -144,7 +171,15 @@ pub fn add_norm_matvec(
     check_norm(&plan, &norm, k)?;
     let kernel = backend.kernel(&spec(dtype, plan.kernel)?)?;
     allow_dynamic_shared(&kernel, &plan.config)?;
-    let launch_config = resident_config(backend, &kernel, &plan, n)?;
+    let MatMulKernel::MatVecResident { threads, .. } = plan.kernel else {
+        unreachable!("check_norm accepts only the resident plan");
+    };
+    let warps = backend
+        .resident_warps()
+        .get(backend, &kernel, &plan.config)?;
+    let mut launch_config = plan.config;
+    // At most the plan's blocks (one row per warp), which fit the grid.
+    launch_config.grid_dim.0 = resident_blocks(n, warps, threads / 32) as u32;
     let (n32, k32) = (to_u32(OP, "n", n)?, to_u32(OP, "k", k)?);
     let row_bytes = dtype.bytes_for(k)? as u64;
     let mut args = KernelArgs::new(backend);
