@@ -660,18 +660,19 @@ __device__ __forceinline__ u32 sliced_run(u32 word, u32 s) {
     return (word >> (BITS * s)) & (BITS == 1 ? 0x01010101u : 0x03030303u);
 }
 
-// The unit of Q1_0 and Q2_0: one block's 16 bytes of quants and its scale d.
-struct ScaledQuants16 {
-    uint4 qs;
-    float scale;
-};
-
-// Q1_0: d (f16) at 0, qs[16] at 2: bit j % 8 of qs[j / 8] is element j's sign bit b.
-// Value: +d where b is set, -d where clear, i.e. d * (2b - 1): quants 2b, BIAS 1.
+// Q1_0 (BITS 1) and Q2_0 (BITS 2): d (f16) at 0, qs[16] at 2: bits BITS (j % P) ..
+// of qs[j / P] hold element j's code (P = 8 / BITS codes per byte). Q1_0's code is a
+// sign bit b, value +d where set and -d where clear, i.e. d * (2b - 1): quants 2b.
+// Q2_0's code q has value d * (q - 1): quants q. BIAS 1 for both.
 // Planes: qs (bit-sliced) | d.
-struct Q1_0 : Quantized<Q1_0> {
+template <u32 BITS>
+struct SlicedBits : Quantized<SlicedBits<BITS>> {
+    typedef SlicedBits<BITS> Self;
+    static constexpr u32 P = 8 / BITS;
+    // Q1_0's quants are its bits doubled.
+    static constexpr u32 DOUBLE = BITS == 1 ? 1 : 0;
     static constexpr bool PACKED = true;
-    static constexpr u32 BLOCK_ELEMS = 128;
+    static constexpr u32 BLOCK_ELEMS = 16 * P;
     static constexpr u32 BLOCK_BYTES = 18;
     static constexpr bool AFFINE = false;
     static constexpr int BIAS = 1;
@@ -682,84 +683,44 @@ struct Q1_0 : Quantized<Q1_0> {
 
     template <u32 A>
     static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
-        // Runs 2c and 2c + 1: slots 2 (c % 4) and + 1 of word c / 4.
-        const u32 w = load_u32<align_at<Q1_0, A, 2>()>(at<Q1_0, 2>(b) + 4 * (c / 4));
-        const u32 s = 2 * (c % 4);
-        const u64 u = (u64)sliced_run<1>(w, s) | ((u64)sliced_run<1>(w, s + 1) << 32);
-        return {u << 1, load_f16(at<Q1_0, 0>(b), 0), 0.0f};
+        // Runs 2c and 2c + 1: slots 2c % P and + 1 of word 2c / P.
+        const u32 w = load_u32<align_at<Self, A, 2>()>(at<Self, 2>(b) + 4 * (2 * c / P));
+        const u32 s = 2 * c % P;
+        const u64 u = (u64)sliced_run<BITS>(w, s) | ((u64)sliced_run<BITS>(w, s + 1) << 32);
+        return {u << DOUBLE, load_f16(at<Self, 0>(b), 0), 0.0f};
     }
 
-    // A unit is a block; run j is slot j % 8 of word j / 8, doubled.
-    static constexpr u32 UNIT_ELEMS = 128;
+    // A unit is a block; run j is slot j % P of word j / P.
+    static constexpr u32 UNIT_ELEMS = BLOCK_ELEMS;
     static constexpr u32 GROUP_ELEMS = 32;
-    static constexpr u32 UNITS_IN_FLIGHT = 2;
+    static constexpr u32 UNITS_IN_FLIGHT = 2 * BITS;
     static constexpr bool SMALL_QUANTS = false;
-    typedef ScaledQuants16 Unit;
+    struct Unit {
+        uint4 qs;
+        float scale;
+    };
 
     template <u32 A>
     static __device__ __forceinline__ Unit load_unit(const u8* row, u32 nb, u32 u) {
         const PlaneBlock b{row, nb, u};
-        return {load_u128<align_at<Q1_0, A, 2>()>(at<Q1_0, 2>(b)), load_f16(at<Q1_0, 0>(b), 0)};
+        return {load_u128<align_at<Self, A, 2>()>(at<Self, 2>(b)), load_f16(at<Self, 0>(b), 0)};
     }
 
     static __device__ __forceinline__ constexpr u32 run_elem(u32 j) { return 4 * j; }
 
     static __device__ __forceinline__ u32 run(const Unit& t, u32 j) {
-        return sliced_run<1>(word_of(t.qs, j / 8), j % 8) << 1;
+        return sliced_run<BITS>(word_of(t.qs, j / P), j % P) << DOUBLE;
     }
 
+    // One scale per block: every group's is d, and its zero -d.
     static __device__ __forceinline__ void group(const Unit& t, u32, float& scale, float& zero) {
         scale = t.scale;
         zero = -t.scale;
     }
 };
 
-// Q2_0: d (f16) at 0, qs[16] at 2: bits 2 (j % 4) .. + 1 of qs[j / 4] hold element j's
-// code q. Value: d * (q - 1). Planes: qs (bit-sliced) | d.
-struct Q2_0 : Quantized<Q2_0> {
-    static constexpr bool PACKED = true;
-    static constexpr u32 BLOCK_ELEMS = 64;
-    static constexpr u32 BLOCK_BYTES = 18;
-    static constexpr bool AFFINE = false;
-    static constexpr int BIAS = 1;
-
-    static constexpr u32 PLANES = 2;
-    static constexpr u32 PLANE_FROM[2] = {2, 0};
-    static constexpr u32 PLANE_LEN[2] = {16, 2};
-
-    template <u32 A>
-    static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
-        // Runs 2c and 2c + 1: slots 2 (c % 2) and + 1 of word c / 2.
-        const u32 w = load_u32<align_at<Q2_0, A, 2>()>(at<Q2_0, 2>(b) + 4 * (c / 2));
-        const u32 s = 2 * (c % 2);
-        const u64 u = (u64)sliced_run<2>(w, s) | ((u64)sliced_run<2>(w, s + 1) << 32);
-        return {u, load_f16(at<Q2_0, 0>(b), 0), 0.0f};
-    }
-
-    // A unit is a block; run j is slot j % 4 of word j / 4.
-    static constexpr u32 UNIT_ELEMS = 64;
-    static constexpr u32 GROUP_ELEMS = 32;
-    static constexpr u32 UNITS_IN_FLIGHT = 4;
-    static constexpr bool SMALL_QUANTS = false;
-    typedef ScaledQuants16 Unit;
-
-    template <u32 A>
-    static __device__ __forceinline__ Unit load_unit(const u8* row, u32 nb, u32 u) {
-        const PlaneBlock b{row, nb, u};
-        return {load_u128<align_at<Q2_0, A, 2>()>(at<Q2_0, 2>(b)), load_f16(at<Q2_0, 0>(b), 0)};
-    }
-
-    static __device__ __forceinline__ constexpr u32 run_elem(u32 j) { return 4 * j; }
-
-    static __device__ __forceinline__ u32 run(const Unit& t, u32 j) {
-        return sliced_run<2>(word_of(t.qs, j / 4), j % 4);
-    }
-
-    static __device__ __forceinline__ void group(const Unit& t, u32, float& scale, float& zero) {
-        scale = t.scale;
-        zero = -t.scale;
-    }
-};
+typedef SlicedBits<1> Q1_0;
+typedef SlicedBits<2> Q2_0;
 
 // TQ2_0: qs[64] at 0, d (f16) at 64. Element e = 128 h + 32 l + m (h < 2, l < 4,
 // m < 32) is the code q in bits 2l .. 2l + 1 of qs[32 h + m]. Value: d * (q - 1).
