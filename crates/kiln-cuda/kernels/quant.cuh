@@ -86,7 +86,10 @@ __device__ __forceinline__ float load_f16(const u8* block, u32 offset) {
 // Byte i of a little-endian u64.
 __device__ __forceinline__ u32 byte_of(u64 v, int i) { return (u32)(v >> (8 * i)) & 0xffu; }
 
-// The planes layout (kiln-cuda's packing module). A packed format W splits each block
+// The planes layout (kiln-cuda's packing module). A packed format W derives from
+// PackedLayout<its GGUF type id> (constants.cuh, generated from kiln-cuda's packing and
+// matmul modules, so that the layout is written once), which gives W::PLANES,
+// W::PLANE_FROM, W::PLANE_LEN and the unit shape below. W splits each block
 // into W::PLANES planes: plane p is the GGUF bytes W::PLANE_FROM[p] ..
 // + W::PLANE_LEN[p] of the block. A row of nb blocks holds plane 0's entries for
 // blocks 0 .. nb, then plane 1's, and so on; so block b's entry of plane p starts at
@@ -225,7 +228,8 @@ struct Quantized {
     }
 };
 
-// The mat-vec of packed formats (matvec.cu's matvec_packed) reads a row in units:
+// The mat-vec of packed formats (matvec.cu's matvec_packed) reads a row in units (the
+// first three from PackedLayout):
 //   W::UNIT_ELEMS   elements per unit (a whole number of units per block, or of blocks
 //                   per unit), read by one thread with the widest loads;
 //   W::GROUP_ELEMS  elements per scale group (a unit holds whole groups);
@@ -243,7 +247,8 @@ struct Quantized {
 // Value: AFFINE ? d * q + m : d * (q - 2^(BITS-1)).
 // Planes: qs | qh (BITS == 5) | d and m.
 template <u32 BITS, bool IS_AFFINE>
-struct PackedNibbles : Quantized<PackedNibbles<BITS, IS_AFFINE>> {
+struct PackedNibbles : Quantized<PackedNibbles<BITS, IS_AFFINE>>,
+                       PackedLayout<BITS == 4 ? (IS_AFFINE ? 3u : 2u) : (IS_AFFINE ? 7u : 6u)> {
     typedef PackedNibbles<BITS, IS_AFFINE> Self;
     static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 32;
@@ -252,10 +257,6 @@ struct PackedNibbles : Quantized<PackedNibbles<BITS, IS_AFFINE>> {
     static constexpr u32 BLOCK_BYTES = QS_AT + 16;
     static constexpr bool AFFINE = IS_AFFINE;
     static constexpr int BIAS = AFFINE ? 0 : 1 << (BITS - 1);
-
-    static constexpr u32 PLANES = BITS == 5 ? 3 : 2;
-    static constexpr u32 PLANE_FROM[3] = {QS_AT, BITS == 5 ? QH_AT : 0, 0};
-    static constexpr u32 PLANE_LEN[3] = {16, BITS == 5 ? 4 : QH_AT, QH_AT};
 
     template <u32 A>
     static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
@@ -272,9 +273,6 @@ struct PackedNibbles : Quantized<PackedNibbles<BITS, IS_AFFINE>> {
 
     // A unit is a block; run j holds the low (j < 4) or high nibbles of qs bytes
     // 4 (j % 4) .. + 3.
-    static constexpr u32 UNIT_ELEMS = 32;
-    static constexpr u32 GROUP_ELEMS = 32;
-    static constexpr u32 UNITS_IN_FLIGHT = 4;
     static constexpr bool SMALL_QUANTS = true;
     struct Unit {
         uint4 qs;
@@ -315,16 +313,12 @@ typedef PackedNibbles<5, false> Q5_0;
 typedef PackedNibbles<5, true> Q5_1;
 
 // Q8_0: d (f16) at 0, qs[32] (i8) at 2. Value: d * qs[j]. Planes: qs | d.
-struct Q8_0 : Quantized<Q8_0> {
+struct Q8_0 : Quantized<Q8_0>, PackedLayout<8u> {
     static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 32;
     static constexpr u32 BLOCK_BYTES = 34;
     static constexpr bool AFFINE = false;
     static constexpr int BIAS = 128;
-
-    static constexpr u32 PLANES = 2;
-    static constexpr u32 PLANE_FROM[2] = {2, 0};
-    static constexpr u32 PLANE_LEN[2] = {32, 2};
 
     template <u32 A>
     static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
@@ -334,9 +328,6 @@ struct Q8_0 : Quantized<Q8_0> {
     }
 
     // A unit is a block; run j holds quants 4j .. 4j + 3 as q + 128.
-    static constexpr u32 UNIT_ELEMS = 32;
-    static constexpr u32 GROUP_ELEMS = 32;
-    static constexpr u32 UNITS_IN_FLIGHT = 2;
     static constexpr bool SMALL_QUANTS = false;
     struct Unit {
         uint4 qs[2];
@@ -463,7 +454,7 @@ struct Bytes16 {
 // Value: d * sc[g] * q - dmin * m[g], g = e / 32.
 // Planes: qh (Q5_K) and qs | d, dmin, scales.
 template <u32 BITS>
-struct AffineGroups : Quantized<AffineGroups<BITS>> {
+struct AffineGroups : Quantized<AffineGroups<BITS>>, PackedLayout<BITS == 5 ? 13u : 12u> {
     typedef AffineGroups<BITS> Self;
     static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 256;
@@ -471,10 +462,6 @@ struct AffineGroups : Quantized<AffineGroups<BITS>> {
     static constexpr u32 BLOCK_BYTES = QS_AT + 128;
     static constexpr bool AFFINE = true;
     static constexpr int BIAS = 0;
-
-    static constexpr u32 PLANES = 2;
-    static constexpr u32 PLANE_FROM[2] = {16, 0};
-    static constexpr u32 PLANE_LEN[2] = {BLOCK_BYTES - 16, 16};
 
     // Group g's 6-bit scale and offset from the scales bytes p[0 .. 12): for g < 4
     // bits 0-5 of p[g] and p[g + 4]; for g >= 4 the low and high nibble of p[g + 4]
@@ -510,9 +497,6 @@ struct AffineGroups : Quantized<AffineGroups<BITS>> {
     // Unit u is elements 64 j .. 64 j + 63 (j = u % 4) of block u / 4: groups 2j and
     // 2j + 1, the low and high nibbles of qs bytes 32 j .. 32 j + 31. Run r holds the
     // nibbles (r / 8) of qs bytes 32 j + 4 (r % 8) .. + 3.
-    static constexpr u32 UNIT_ELEMS = 64;
-    static constexpr u32 GROUP_ELEMS = 32;
-    static constexpr u32 UNITS_IN_FLIGHT = BITS == 5 ? 1 : 2;
     static constexpr bool SMALL_QUANTS = true;
     struct Unit {
         uint4 qs[2];
@@ -573,16 +557,12 @@ typedef AffineGroups<5> Q5_K;
 // qh[64] at 128 (bits 4-5: bits 2s .. 2s+2 of qh[32 h + l]), scales[16] (i8) at 192,
 // d (f16) at 208. Value: d * scales[e / 16] * (q - 32).
 // Element e = 128 h + 32 s + l (h < 2, s < 4, l < 32). Planes: ql and qh | scales | d.
-struct Q6_K : Quantized<Q6_K> {
+struct Q6_K : Quantized<Q6_K>, PackedLayout<14u> {
     static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 256;
     static constexpr u32 BLOCK_BYTES = 210;
     static constexpr bool AFFINE = false;
     static constexpr int BIAS = 32;
-
-    static constexpr u32 PLANES = 3;
-    static constexpr u32 PLANE_FROM[3] = {0, 192, 208};
-    static constexpr u32 PLANE_LEN[3] = {192, 16, 2};
 
     template <u32 A>
     static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
@@ -599,9 +579,6 @@ struct Q6_K : Quantized<Q6_K> {
     // 64 h .. + 63 and qh bytes 32 h .. + 31. Run r = 8 s + w holds elements
     // 32 s + 4 w .. + 3: nibble s / 2 of ql bytes 64 h + 32 (s % 2) + 4 w .. and bits
     // 2s, 2s + 1 of qh bytes 32 h + 4 w ..
-    static constexpr u32 UNIT_ELEMS = 128;
-    static constexpr u32 GROUP_ELEMS = 16;
-    static constexpr u32 UNITS_IN_FLIGHT = 1;
     static constexpr bool SMALL_QUANTS = true;
     struct Unit {
         uint4 ql[4];
@@ -666,7 +643,7 @@ __device__ __forceinline__ u32 sliced_run(u32 word, u32 s) {
 // Q2_0's code q has value d * (q - 1): quants q. BIAS 1 for both.
 // Planes: qs (bit-sliced) | d.
 template <u32 BITS>
-struct SlicedBits : Quantized<SlicedBits<BITS>> {
+struct SlicedBits : Quantized<SlicedBits<BITS>>, PackedLayout<BITS == 1 ? 41u : 42u> {
     typedef SlicedBits<BITS> Self;
     static constexpr u32 P = 8 / BITS;
     // Q1_0's quants are its bits doubled.
@@ -676,10 +653,6 @@ struct SlicedBits : Quantized<SlicedBits<BITS>> {
     static constexpr u32 BLOCK_BYTES = 18;
     static constexpr bool AFFINE = false;
     static constexpr int BIAS = 1;
-
-    static constexpr u32 PLANES = 2;
-    static constexpr u32 PLANE_FROM[2] = {2, 0};
-    static constexpr u32 PLANE_LEN[2] = {16, 2};
 
     template <u32 A>
     static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
@@ -691,9 +664,6 @@ struct SlicedBits : Quantized<SlicedBits<BITS>> {
     }
 
     // A unit is a block; run j is slot j % P of word j / P.
-    static constexpr u32 UNIT_ELEMS = BLOCK_ELEMS;
-    static constexpr u32 GROUP_ELEMS = 32;
-    static constexpr u32 UNITS_IN_FLIGHT = 2 * BITS;
     static constexpr bool SMALL_QUANTS = false;
     struct Unit {
         uint4 qs;
@@ -725,16 +695,12 @@ typedef SlicedBits<2> Q2_0;
 // TQ2_0: qs[64] at 0, d (f16) at 64. Element e = 128 h + 32 l + m (h < 2, l < 4,
 // m < 32) is the code q in bits 2l .. 2l + 1 of qs[32 h + m]. Value: d * (q - 1).
 // Planes: qs | d.
-struct TQ2_0 : Quantized<TQ2_0> {
+struct TQ2_0 : Quantized<TQ2_0>, PackedLayout<35u> {
     static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 256;
     static constexpr u32 BLOCK_BYTES = 66;
     static constexpr bool AFFINE = false;
     static constexpr int BIAS = 1;
-
-    static constexpr u32 PLANES = 2;
-    static constexpr u32 PLANE_FROM[2] = {0, 64};
-    static constexpr u32 PLANE_LEN[2] = {64, 2};
 
     template <u32 A>
     static __device__ __forceinline__ Quants8 quants8(const PlaneBlock& b, u32 c) {
@@ -746,9 +712,6 @@ struct TQ2_0 : Quantized<TQ2_0> {
     // Unit u is half h = u % 2 of block u / 2 (128 elements): qs bytes 32 h .. + 31.
     // Run j = 8 l + w holds elements 32 l + 4 w .. + 3 of the half: crumb l of qs
     // bytes 32 h + 4 w .. + 3.
-    static constexpr u32 UNIT_ELEMS = 128;
-    static constexpr u32 GROUP_ELEMS = 32;
-    static constexpr u32 UNITS_IN_FLIGHT = 2;
     static constexpr bool SMALL_QUANTS = false;
     struct Unit {
         uint4 qs[2];

@@ -75,10 +75,50 @@ shared_constants! {
     Q8_1_BLOCK_BYTES = 36;
 }
 
-/// The text of the generated `constants.cuh`.
+/// The text of the generated `constants.cuh`: the constants above, then the layout of
+/// each format stored as planes ([`packed_layouts`]).
 pub fn header() -> &'static str {
     static TEXT: OnceLock<String> = OnceLock::new();
-    TEXT.get_or_init(header_text)
+    TEXT.get_or_init(|| header_text() + &packed_layouts())
+}
+
+/// `kiln::PackedLayout<TYPE>` for the GGUF type id of each dtype the backend stores as
+/// planes: its planes ([`crate::packing::packed_planes`]: `PLANES`, `PLANE_FROM`,
+/// `PLANE_LEN`) and its mat-vec unit (`UNIT_ELEMS`, `UNITS_IN_FLIGHT`, `GROUP_ELEMS`,
+/// as the dispatch sizes shared memory for them), which quant.cuh's formats take.
+fn packed_layouts() -> String {
+    let mut text = String::from(
+        "// Generated from kiln-cuda's packing and matmul modules: the layout of each \
+         format stored as planes, by GGUF type id.\nnamespace kiln {\n\
+         template <unsigned int TYPE>\nstruct PackedLayout;\n",
+    );
+    let list = |v: Vec<usize>| {
+        v.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for dtype in kiln_core::DType::ALL {
+        let (Some(planes), Some(id)) = (crate::packing::packed_planes(dtype), dtype.gguf_type_id())
+        else {
+            continue;
+        };
+        let (unit, in_flight, group) = crate::ops::matmul::packed_unit(dtype);
+        let n = planes.len();
+        text.push_str(&format!(
+            "template <>\nstruct PackedLayout<{id}u> {{  // {dtype}\n\
+             \x20   static constexpr unsigned int PLANES = {n}u;\n\
+             \x20   static constexpr unsigned int PLANE_FROM[{n}] = {{{}}};\n\
+             \x20   static constexpr unsigned int PLANE_LEN[{n}] = {{{}}};\n\
+             \x20   static constexpr unsigned int UNIT_ELEMS = {unit}u;\n\
+             \x20   static constexpr unsigned int UNITS_IN_FLIGHT = {in_flight}u;\n\
+             \x20   static constexpr unsigned int GROUP_ELEMS = {group}u;\n}};\n",
+            list(planes.iter().map(|r| r.start).collect()),
+            list(planes.iter().map(|r| r.len()).collect()),
+        ));
+    }
+    text.push_str("}  // namespace kiln\n");
+    text
 }
 
 #[cfg(test)]
@@ -95,6 +135,25 @@ mod tests {
     #[test]
     fn the_delta_rule_chunk_is_kiln_core_s() {
         assert_eq!(DN_CHUNK as usize, kiln_core::ops::DELTA_NET_CHUNK);
+    }
+
+    #[test]
+    fn the_header_gives_each_packed_format_its_layout() {
+        let text = header();
+        assert!(text.contains(
+            "struct PackedLayout<2u> {  // q4_0\n    static constexpr unsigned int PLANES = 2u;\n    \
+             static constexpr unsigned int PLANE_FROM[2] = {2, 0};\n    \
+             static constexpr unsigned int PLANE_LEN[2] = {16, 2};\n    \
+             static constexpr unsigned int UNIT_ELEMS = 32u;\n    \
+             static constexpr unsigned int UNITS_IN_FLIGHT = 4u;\n    \
+             static constexpr unsigned int GROUP_ELEMS = 32u;\n};"
+        ));
+        let layouts = text.matches("struct PackedLayout<").count();
+        let packed = DType::ALL
+            .into_iter()
+            .filter(|&d| crate::packing::is_packed(d))
+            .count();
+        assert_eq!(layouts, packed, "one layout per packed format");
     }
 
     #[test]

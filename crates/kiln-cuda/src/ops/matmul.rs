@@ -186,8 +186,9 @@ pub enum MatMulKernel {
 
 /// Elements of a `matvec_packed` unit of a packed dtype, the units a lane loads per
 /// round for up to 2 activation rows, and the elements of a scale group (quant.cuh's
-/// UNIT_ELEMS, UNITS_IN_FLIGHT and GROUP_ELEMS).
-fn packed_unit(dtype: DType) -> (usize, usize, usize) {
+/// UNIT_ELEMS, UNITS_IN_FLIGHT and GROUP_ELEMS, which the generated header gives them:
+/// [`crate::constants::header`]).
+pub(crate) fn packed_unit(dtype: DType) -> (usize, usize, usize) {
     match dtype {
         DType::Q8_0 => (32, 2, 32),
         DType::Q4K => (64, 2, 32),
