@@ -11,8 +11,9 @@
 //! stay the definition: [`unpack_rows`] gives back exactly the GGUF bytes.
 //!
 //! Kernels find block `b`'s entry of plane `p` at `row + nb * start(p) + b * len(p)`,
-//! where `start(p)` is the sum of the lengths of the planes before `p`
-//! (`quant.cuh`'s `Planes` computes the same from the same table).
+//! where `start(p)` is the sum of the lengths of the planes before `p` (`quant.cuh`'s
+//! `plane_start` computes the same from this table, which the generated
+//! `constants.cuh` hands the kernels as `PackedLayout`).
 //!
 //! The 1- and 2-bit formats of [`sliced_bits`] also reorder the bits of each 16 bytes
 //! of their quants plane, so that the 4 quants of elements 4j .. 4j + 3 (a run, which
@@ -90,8 +91,8 @@ fn slice_piece(bits: usize, piece: &[u8], to_sliced: bool) -> [u8; 16] {
 }
 
 /// [`slice_piece`] as a permutation of the bits of each little-endian word (every
-/// element stays in its word): `words[k][v]` is the word's bits that byte k of value
-/// v gives, one table per direction.
+/// element stays in its word): `to_sliced[k][v]` is the bits of the reordered word
+/// that byte k of value v gives, and `to_gguf` the same the other way.
 struct SliceTables {
     to_sliced: [[u32; 256]; 4],
     to_gguf: [[u32; 256]; 4],
@@ -123,6 +124,7 @@ impl SliceTables {
         SliceTables { to_sliced, to_gguf }
     }
 
+    /// The tables for quants of `bits` bits (1 or 2), built once.
     fn get(bits: usize) -> &'static SliceTables {
         static ONE: OnceLock<SliceTables> = OnceLock::new();
         static TWO: OnceLock<SliceTables> = OnceLock::new();
