@@ -19,6 +19,9 @@
 #   bash scripts/device/decode_run.sh deltanet  # bench-kernels' gated delta rule and its GPU tests
 #   bash scripts/device/decode_run.sh hybrid    # pp512, pp4096 and tg128 of the qwen3-next-80b-a3b synth
 #                                               # file (TYPES, default "q4_k"), and kiln generate on it
+#   bash scripts/device/decode_run.sh lowbit    # pp512 and tg128 of the qwen3-8b synth files in the 1- and
+#                                               # 2-bit formats (TYPES, default "q1_0 tq2_0 q2_0") and
+#                                               # bench-kernels' mat-vecs of those formats beside q4_0
 #   bash scripts/device/decode_run.sh memcheck  # compute-sanitizer memcheck over the GPU test executables
 #                                               # (MEMCHECK="<test executables>" narrows it)
 # Logs go to $OUT when it is set (the device tool's output folder).
@@ -100,6 +103,15 @@ for what in "$@"; do
         "$kiln" bench -m "$f" -p 512,4096 -n 128 -r "${REPS:-2}" --device cuda 2>/dev/null | grep -E "ceiling|model|pp|tg"
         "$kiln" generate -m "$f" -p "Once upon a time" -n 64 --ignore-eos --temp 0 --device cuda 2>&1 >/dev/null | grep "kiln: prompt"
       done 2>&1 | tee "$out/hybrid.log" ;;
+    lowbit)
+      types=${TYPES:-q1_0 tq2_0 q2_0}
+      for t in $types; do
+        f=$(synth qwen3-8b "$t")
+        echo "== qwen3-8b $t"
+        "$kiln" bench -m "$f" -p 512 -n 128 -r "${REPS:-3}" --device cuda 2>/dev/null | grep -E "ceiling|pp512|tg128"
+      done 2>&1 | tee "$out/lowbit.log"
+      "$kiln" bench-kernels --sections matvec --formats "$(echo $types q4_0 | tr ' ' ',')" --device cuda 2>/dev/null \
+        | tee "$out/lowbit-kernels.log" | grep -E "^mat-vec|chained" | tee -a "$out/lowbit.log" ;;
     memcheck)
       # Each GPU test executable under compute-sanitizer, JOBS (default 8) at a time,
       # each bounded by MEMCHECK_TIMEOUT seconds; prints each one's error summary.
