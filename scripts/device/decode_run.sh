@@ -15,7 +15,7 @@
 #   bash scripts/device/decode_run.sh generate  # kiln generate -n 128 on the 8B q4_0, greedy and sampled
 #   bash scripts/device/decode_run.sh moe       # pp512/tg128 of the qwen3-30b-a3b synth files (TYPES, default
 #                                               # "q4_0 q4_k"), bench-kernels' expert-routed mat-vecs,
-#                                               # and kiln generate on the q4_0 file
+#                                               # and kiln generate on the first of TYPES
 #   bash scripts/device/decode_run.sh deltanet  # bench-kernels' gated delta rule and its GPU tests
 #   bash scripts/device/decode_run.sh hybrid    # pp512, pp4096 and tg128 of the qwen3-next-80b-a3b synth
 #                                               # file (TYPES, default "q4_k"), and kiln generate on it
@@ -91,7 +91,8 @@ for what in "$@"; do
         "$kiln" bench -m "$f" -p 512 -n 128 -r "${REPS:-3}" --device cuda 2>/dev/null | grep -E "ceiling|pp512|tg128"
       done 2>&1 | tee "$out/moe.log"
       "$kiln" bench-kernels --sections moe --device cuda 2>/dev/null | tee -a "$out/moe.log"
-      f=$(synth qwen3-30b-a3b q4_0)
+      types=${TYPES:-q4_0 q4_k}
+      f=$(synth qwen3-30b-a3b "${types%% *}")
       "$kiln" generate -m "$f" -p "Once upon a time" -n 64 --ignore-eos --temp 0 --device cuda 2>&1 >/dev/null | grep "kiln: prompt" | tee -a "$out/moe.log" ;;
     deltanet)
       "$kiln" bench-kernels --sections delta-net --reps "${REPS:-5}" --device cuda 2>/dev/null | tee "$out/deltanet.log"
