@@ -295,9 +295,8 @@ __host__ __device__ constexpr u32 mq_weight_stride() {
 // 4 bytes of scales), so every piece stays aligned.
 template <typename W, u32 LOAD, u32 P>
 __host__ __device__ constexpr u32 mq_plane_piece() {
-    return pow2_factor(mq_tile_blocks<W>() * W::PLANE_LEN[P]) < LOAD
-               ? pow2_factor(mq_tile_blocks<W>() * W::PLANE_LEN[P])
-               : LOAD;
+    constexpr u32 tile_factor = pow2_factor(mq_tile_blocks<W>() * W::PLANE_LEN[P]);
+    return tile_factor < LOAD ? tile_factor : LOAD;
 }
 
 // Copies blocks tb0 .. tb0 + tbs (a tile) of weight rows row_first .. + MQ_BN (rows past

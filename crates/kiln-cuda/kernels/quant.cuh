@@ -241,6 +241,26 @@ struct Quantized {
 //                   group g are j = g * GROUP_ELEMS / 4 .. (g + 1) * GROUP_ELEMS / 4;
 //   W::group(t, g, scale, zero)  group g's element values scale * q + zero.
 
+// The unit of the packed formats with one scale per block and no offset (Q8_0, Q1_0,
+// Q2_0, TQ2_0): LOADS 16-byte loads of quants and the block's scale d.
+template <u32 LOADS>
+struct ScaledQuants {
+    uint4 qs[LOADS];
+    float scale;
+};
+
+// W::group for those formats: every scale group of a unit has scale d and zero
+// -BIAS d (values d * (q - BIAS)).
+template <typename W>
+struct OneScale {
+    template <u32 LOADS>
+    static __device__ __forceinline__ void group(const ScaledQuants<LOADS>& t, u32, float& scale,
+                                                 float& zero) {
+        scale = t.scale;
+        zero = -(float)W::BIAS * t.scale;
+    }
+};
+
 // Q4_0, Q4_1, Q5_0, Q5_1: 32 quants of BITS bits. d (f16) at 0, m (f16) at 2 when
 // AFFINE, qh (u32, bit j = bit 4 of quant j) when BITS == 5, then qs[16]: byte j holds
 // quant j in its low nibble and quant j + 16 in its high nibble.
@@ -313,7 +333,7 @@ typedef PackedNibbles<5, false> Q5_0;
 typedef PackedNibbles<5, true> Q5_1;
 
 // Q8_0: d (f16) at 0, qs[32] (i8) at 2. Value: d * qs[j]. Planes: qs | d.
-struct Q8_0 : Quantized<Q8_0>, PackedLayout<8u> {
+struct Q8_0 : Quantized<Q8_0>, PackedLayout<8u>, OneScale<Q8_0> {
     static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 32;
     static constexpr u32 BLOCK_BYTES = 34;
@@ -329,10 +349,7 @@ struct Q8_0 : Quantized<Q8_0>, PackedLayout<8u> {
 
     // A unit is a block; run j holds quants 4j .. 4j + 3 as q + 128.
     static constexpr bool SMALL_QUANTS = false;
-    struct Unit {
-        uint4 qs[2];
-        float scale;
-    };
+    typedef ScaledQuants<2> Unit;
 
     template <u32 A>
     static __device__ __forceinline__ Unit load_unit(const u8* row, u32 nb, u32 u) {
@@ -346,11 +363,6 @@ struct Q8_0 : Quantized<Q8_0>, PackedLayout<8u> {
 
     static __device__ __forceinline__ u32 run(const Unit& t, u32 j) {
         return word_of(t.qs[j / 4], j % 4) ^ 0x80808080u;
-    }
-
-    static __device__ __forceinline__ void group(const Unit& t, u32, float& scale, float& zero) {
-        scale = t.scale;
-        zero = -128.0f * t.scale;
     }
 };
 
@@ -643,7 +655,9 @@ __device__ __forceinline__ u32 sliced_run(u32 word, u32 s) {
 // Q2_0's code q has value d * (q - 1): quants q. BIAS 1 for both.
 // Planes: qs (bit-sliced) | d.
 template <u32 BITS>
-struct SlicedBits : Quantized<SlicedBits<BITS>>, PackedLayout<BITS == 1 ? 41u : 42u> {
+struct SlicedBits : Quantized<SlicedBits<BITS>>,
+                    PackedLayout<BITS == 1 ? 41u : 42u>,
+                    OneScale<SlicedBits<BITS>> {
     typedef SlicedBits<BITS> Self;
     static constexpr u32 P = 8 / BITS;
     // Q1_0's quants are its bits doubled.
@@ -665,27 +679,18 @@ struct SlicedBits : Quantized<SlicedBits<BITS>>, PackedLayout<BITS == 1 ? 41u : 
 
     // A unit is a block; run j is slot j % P of word j / P.
     static constexpr bool SMALL_QUANTS = false;
-    struct Unit {
-        uint4 qs;
-        float scale;
-    };
+    typedef ScaledQuants<1> Unit;
 
     template <u32 A>
     static __device__ __forceinline__ Unit load_unit(const u8* row, u32 nb, u32 u) {
         const PlaneBlock b{row, nb, u};
-        return {load_u128<align_at<Self, A, 2>()>(at<Self, 2>(b)), load_f16(at<Self, 0>(b), 0)};
+        return {{load_u128<align_at<Self, A, 2>()>(at<Self, 2>(b))}, load_f16(at<Self, 0>(b), 0)};
     }
 
     static __device__ __forceinline__ constexpr u32 run_elem(u32 j) { return 4 * j; }
 
     static __device__ __forceinline__ u32 run(const Unit& t, u32 j) {
-        return sliced_run<BITS>(word_of(t.qs, j / P), j % P) << DOUBLE;
-    }
-
-    // One scale per block: every group's is d, and its zero -d.
-    static __device__ __forceinline__ void group(const Unit& t, u32, float& scale, float& zero) {
-        scale = t.scale;
-        zero = -t.scale;
+        return sliced_run<BITS>(word_of(t.qs[0], j / P), j % P) << DOUBLE;
     }
 };
 
@@ -695,7 +700,7 @@ typedef SlicedBits<2> Q2_0;
 // TQ2_0: qs[64] at 0, d (f16) at 64. Element e = 128 h + 32 l + m (h < 2, l < 4,
 // m < 32) is the code q in bits 2l .. 2l + 1 of qs[32 h + m]. Value: d * (q - 1).
 // Planes: qs | d.
-struct TQ2_0 : Quantized<TQ2_0>, PackedLayout<35u> {
+struct TQ2_0 : Quantized<TQ2_0>, PackedLayout<35u>, OneScale<TQ2_0> {
     static constexpr bool PACKED = true;
     static constexpr u32 BLOCK_ELEMS = 256;
     static constexpr u32 BLOCK_BYTES = 66;
@@ -713,10 +718,7 @@ struct TQ2_0 : Quantized<TQ2_0>, PackedLayout<35u> {
     // Run j = 8 l + w holds elements 32 l + 4 w .. + 3 of the half: crumb l of qs
     // bytes 32 h + 4 w .. + 3.
     static constexpr bool SMALL_QUANTS = false;
-    struct Unit {
-        uint4 qs[2];
-        float scale;
-    };
+    typedef ScaledQuants<2> Unit;
 
     template <u32 A>
     static __device__ __forceinline__ Unit load_unit(const u8* row, u32 nb, u32 u) {
@@ -731,11 +733,6 @@ struct TQ2_0 : Quantized<TQ2_0>, PackedLayout<35u> {
     static __device__ __forceinline__ u32 run(const Unit& t, u32 j) {
         const u32 w = j % 8;
         return (word_of(t.qs[w / 4], w % 4) >> (2 * (j / 8))) & 0x03030303u;
-    }
-
-    static __device__ __forceinline__ void group(const Unit& t, u32, float& scale, float& zero) {
-        scale = t.scale;
-        zero = -t.scale;
     }
 };
 
