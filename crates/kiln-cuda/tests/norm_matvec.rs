@@ -243,3 +243,68 @@ fn the_fused_pair_is_one_launch_and_matches_the_cpu() {
         }
     }
 }
+
+/// The fused pair, then `mid = out2 · w2ᵀ` of a one-row product that reads a Q8_1 copy
+/// (the resident kernel), then `last = x · w3ᵀ`: the fused launch prefetches `w2` and
+/// the resident product `w3`, when the backend's limit allows.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn products_that_prefetch_the_next_weight_match_the_cpu() {
+    let cuda = cuda();
+    let mut rng = rng("products_that_prefetch_the_next_weight_match_the_cpu");
+    let (n, k, dtype) = (4099, 4096, DType::Q4_0);
+    let mut p = pair(dtype, 1, n, k, false, false);
+    let g = &mut p.graph;
+    let copy = g.persistent("copy", DType::F32, &[1, k]).unwrap();
+    let copy_q8 = g.persistent("copy_q8", Q8_COPY, &[1, k]).unwrap();
+    let w2 = g.persistent("w2", DType::Q8_0, &[1031, k]).unwrap();
+    let mid = g.persistent("mid", DType::F32, &[1, 1031]).unwrap();
+    let w3 = g.persistent("w3", DType::Q4K, &[2048, 1024]).unwrap();
+    let last = g.persistent("last", DType::F32, &[1, 2048]).unwrap();
+    let tail = g.persistent("tail", DType::F32, &[1, 1024]).unwrap();
+    for (x, x_q8, w, out, n, k) in [
+        (copy, Some(copy_q8), w2, mid, 1031, k),
+        (tail, None, w3, last, 2048, 1024),
+    ] {
+        g.push(MatMul {
+            x,
+            x_q8,
+            w,
+            bias: None,
+            out,
+            m: 1,
+            n,
+            k,
+        })
+        .unwrap();
+    }
+    let copy_values = uniform(&mut rng, k, 2.0);
+    let inputs = vec![
+        (p.x, f32_bytes(&uniform(&mut rng, k, 2.0))),
+        (p.residual, f32_bytes(&uniform(&mut rng, k, 2.0))),
+        (p.norm_weight, f32_bytes(&uniform(&mut rng, k, 1.5))),
+        (p.w, encoded(&mut rng, dtype, n * k)),
+        (copy, f32_bytes(&copy_values)),
+        (copy_q8, q8_copy(&copy_values)),
+        (w2, encoded(&mut rng, DType::Q8_0, 1031 * k)),
+        (tail, f32_bytes(&uniform(&mut rng, 1024, 2.0))),
+        (w3, encoded(&mut rng, DType::Q4K, 2048 * 1024)),
+    ];
+    let outputs = [p.out, mid, last];
+    let want = run_on(&CpuBackend, &p.graph, &inputs, &outputs, Aliasing::On).unwrap();
+    let default_limit = cuda.l2_prefetch_limit();
+    for limit in [usize::MAX, 0] {
+        cuda.set_l2_prefetch_limit(limit);
+        let got = run_on(cuda, &p.graph, &inputs, &outputs, Aliasing::On);
+        cuda.set_l2_prefetch_limit(default_limit);
+        let got = got.unwrap();
+        for ((name, got), want) in ["out", "mid", "last"].iter().zip(&got).zip(&want) {
+            assert_close(
+                &format!("limit {limit}: {name}"),
+                &f32s(got),
+                &f32s(want),
+                1e-6,
+            );
+        }
+    }
+}
