@@ -22,8 +22,6 @@
 #   bash scripts/device/decode_run.sh lowbit    # pp512 and tg128 of the qwen3-8b synth files in the 1- and
 #                                               # 2-bit formats (TYPES, default "q1_0 tq2_0 q2_0") and
 #                                               # bench-kernels' mat-vecs of those formats beside q4_0
-#   bash scripts/device/decode_run.sh prefetch  # tg128 with the L2 prefetch of the next weight at each of
-#                                               # LIMITS (MiB, "-" for the default), side by side, on FILES
 #   bash scripts/device/decode_run.sh memcheck  # compute-sanitizer memcheck over the GPU test executables
 #                                               # (MEMCHECK="<test executables>" narrows it)
 # Logs go to $OUT when it is set (the device tool's output folder).
@@ -115,21 +113,6 @@ for what in "$@"; do
       done 2>&1 | tee "$out/lowbit.log"
       "$kiln" bench-kernels --sections matvec --formats "$(echo $types q4_0 | tr ' ' ',')" --device cuda 2>/dev/null \
         | tee "$out/lowbit-kernels.log" | grep -E "^mat-vec|chained" | tee -a "$out/lowbit.log" ;;
-    prefetch)
-      # tg128 with the resident products' L2 prefetch of the next weight at each of
-      # LIMITS (MiB; "-" leaves KILN_CUDA_L2_PREFETCH_MIB unset: half the L2), side by
-      # side per file, in FILES (preset:type).
-      for spec in ${FILES:-llama-3.1-8b:q4_0 llama-3.2-1b:q4_0 llama-3.1-8b:q8_0 qwen3-8b:q1_0}; do
-        f=$(synth "${spec%%:*}" "${spec##*:}")
-        for limit in ${LIMITS:-0 - 0 -}; do
-          echo "== $spec KILN_CUDA_L2_PREFETCH_MIB=$limit"
-          if [ "$limit" = - ]; then
-            env -u KILN_CUDA_L2_PREFETCH_MIB "$kiln" bench -m "$f" -p 0 -n 128 -r "${REPS:-3}" --device cuda
-          else
-            KILN_CUDA_L2_PREFETCH_MIB=$limit "$kiln" bench -m "$f" -p 0 -n 128 -r "${REPS:-3}" --device cuda
-          fi 2>/dev/null | grep -E "ceiling|tg128"
-        done
-      done 2>&1 | tee "$out/prefetch.log" ;;
     memcheck)
       # Each GPU test executable under compute-sanitizer, JOBS (default 8) at a time,
       # each bounded by MEMCHECK_TIMEOUT seconds; prints each one's error summary.

@@ -735,28 +735,6 @@ struct StageAddNorm {
     }
 };
 
-// Bytes another kernel will read next, which matvec_resident's warps ask the L2 cache
-// to load once their rows are done: while the kernels between the two (rotation,
-// attention, gating) leave memory idle, the next product's weight streams in. `bytes`
-// 0 (or `at` null) asks for nothing.
-struct L2Prefetch {
-    const u8* at;
-    u64 bytes;
-
-    // Warp `part` of `parts` prefetches its share of the 128-byte lines.
-    __device__ __forceinline__ void share(u32 part, u32 parts, u32 lane) const {
-        if (at == nullptr) {
-            return;
-        }
-        const u64 lines = (bytes + 127) / 128;
-        const u64 per_part = lines / parts + (lines % parts != 0);
-        const u64 end = min(lines, (u64)(part + 1) * per_part);
-        for (u64 line = (u64)part * per_part + lane; line < end; line += 32) {
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(at + line * 128));
-        }
-    }
-};
-
 // The mat-vec of a packed weight for one activation row rounded to Q8_1, held in
 // shared memory (ResidentImage, written by `stage`: StageQ8Copy or StageAddNorm), and
 // the products of each run of 4 quants with 4 rounded activations summed in integers
@@ -772,13 +750,12 @@ struct L2Prefetch {
 // memory (`stage` waits for the prior grids); after one barrier every warp walks its rows in steps of 32 * U units, a
 // lane's next units in flight while it accumulates the current ones, and writes each
 // row's sum as it finishes the row. Per scale group of a unit the lane adds
-// scale * d * sum q_w q_x + zero * d * sum q_x (weights scale * q_w + zero). Then the
-// warp prefetches its share of `prefetch`.
+// scale * d * sum q_w q_x + zero * d * sum q_x (weights scale * q_w + zero).
 template <typename W, bool ALIGNED, u32 THREADS, typename Stage>
 __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage stage,
                                                 const float* __restrict__ bias,
                                                 float* __restrict__ out, u32 n, u32 k,
-                                                u64 row_bytes, L2Prefetch prefetch) {
+                                                u64 row_bytes) {
     constexpr u32 A = ALIGNED ? 16 : 2;
     constexpr u32 U = resident_units<W>();
     constexpr u32 WARPS = THREADS / 32;
@@ -864,7 +841,6 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
         row = next_row;
         c0 = next_c0;
     }
-    prefetch.share(warp, warps, lane);
 }
 
 // resident_matvec of x's Q8_1 copy xq8. m must be 1.
@@ -872,10 +848,9 @@ template <typename W, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     matvec_resident(const u8* __restrict__ w, const u8* __restrict__ xq8,
                     const float* __restrict__ bias,
-                    float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes,
-                    const u8* __restrict__ prefetch, u64 prefetch_bytes) {
+                    float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
     resident_matvec<W, ALIGNED, THREADS>(w, StageQ8Copy<W, THREADS>{xq8}, bias, out, n, k,
-                                         row_bytes, L2Prefetch{prefetch, prefetch_bytes});
+                                         row_bytes);
 }
 
 // kiln_core::ops::AddRmsNorm of one row (F32 x, residual and weight of k elements;
@@ -888,11 +863,10 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                              const float* __restrict__ residual,
                              const float* __restrict__ norm_weight, float* __restrict__ sum,
                              float eps, const float* __restrict__ bias,
-                             float* __restrict__ out, u32 n, u32 k, u64 row_bytes,
-                             const u8* __restrict__ prefetch, u64 prefetch_bytes) {
+                             float* __restrict__ out, u32 n, u32 k, u64 row_bytes) {
     resident_matvec<W, ALIGNED, THREADS>(
         w, StageAddNorm<W, THREADS>{x, residual, norm_weight, sum, eps}, bias, out, n, k,
-        row_bytes, L2Prefetch{prefetch, prefetch_bytes});
+        row_bytes);
 }
 
 }  // namespace kiln

@@ -61,7 +61,6 @@ pub struct CudaBackend {
     moe_routing: ops::moe::Routing,
     programmatic_launch: AtomicBool,
     fuse_norms: AtomicBool,
-    l2_prefetch_limit: AtomicUsize,
     cuda_graphs: AtomicBool,
     capture: Capture,
     compiles: AtomicU64,
@@ -84,29 +83,6 @@ pub const CUDA_GRAPHS_ENV: &str = "KILN_CUDA_GRAPHS";
 /// The environment variable that, set to `0`, turns the fusion of norms into the
 /// mat-vecs that read them off ([`CudaBackend::fuse_norms`]).
 pub const FUSE_NORMS_ENV: &str = "KILN_CUDA_FUSE_NORMS";
-
-/// The environment variable that sets, in MiB, the largest next weight a one-row
-/// product prefetches into the L2 cache ([`CudaBackend::l2_prefetch_limit`]); `0`
-/// turns the prefetch off.
-pub const L2_PREFETCH_ENV: &str = "KILN_CUDA_L2_PREFETCH_MIB";
-
-/// The largest next weight, in bytes, that `value` of [`L2_PREFETCH_ENV`] asks a
-/// one-row product to prefetch: `None` (unset) gives half of `l2_bytes`, the L2
-/// cache's size.
-pub fn parse_l2_prefetch_limit(value: Option<&str>, l2_bytes: usize) -> Result<usize> {
-    match value.map(str::trim) {
-        None => Ok(l2_bytes / 2),
-        Some(v) => v
-            .parse::<usize>()
-            .map(|mib| mib.saturating_mul(1 << 20))
-            .map_err(|_| {
-                Error::invalid(
-                    L2_PREFETCH_ENV,
-                    format!("expected a whole number of MiB, got {v:?}"),
-                )
-            }),
-    }
-}
 
 /// The environment variable that sets the fewest activation rows of a mat-mat on
 /// cuBLASLt ([`CudaBackend::gemm_min_rows`]): a number, or `off` for never.
@@ -152,9 +128,6 @@ impl CudaBackend {
         let cuda_graphs = std::env::var(CUDA_GRAPHS_ENV).map_or(true, |v| v != "0");
         let fuse_norms = std::env::var(FUSE_NORMS_ENV).map_or(true, |v| v != "0");
         let gemm_min_rows = parse_gemm_min_rows(std::env::var(GEMM_MIN_ROWS_ENV).ok().as_deref())?;
-        let l2_bytes = usize::try_from(device.l2_cache_bytes()?).unwrap_or(0);
-        let l2_prefetch_limit =
-            parse_l2_prefetch_limit(std::env::var(L2_PREFETCH_ENV).ok().as_deref(), l2_bytes)?;
         let capture = Capture::new(device.context())?;
         // SAFETY: the memory is only read after a copy into it has completed.
         let staging = unsafe {
@@ -175,7 +148,6 @@ impl CudaBackend {
             moe_routing: ops::moe::Routing::default(),
             programmatic_launch: AtomicBool::new(programmatic_launch),
             fuse_norms: AtomicBool::new(fuse_norms),
-            l2_prefetch_limit: AtomicUsize::new(l2_prefetch_limit),
             cuda_graphs: AtomicBool::new(cuda_graphs),
             capture,
             compiles: AtomicU64::new(0),
@@ -193,19 +165,6 @@ impl CudaBackend {
     /// Turns CUDA-graph replay on or off for the runs that follow.
     pub fn set_cuda_graphs(&self, on: bool) {
         self.cuda_graphs.store(on, Ordering::Relaxed);
-    }
-
-    /// The largest weight, in bytes, that a one-row resident product of a compiled
-    /// graph prefetches into the L2 cache when it is the next product's: its warps,
-    /// done with their rows, ask for it while the launches between the two leave memory
-    /// idle. Half the L2 cache unless [`L2_PREFETCH_ENV`] says otherwise; 0 is off.
-    pub fn l2_prefetch_limit(&self) -> usize {
-        self.l2_prefetch_limit.load(Ordering::Relaxed)
-    }
-
-    /// Sets [`CudaBackend::l2_prefetch_limit`] for graphs compiled from now on.
-    pub fn set_l2_prefetch_limit(&self, bytes: usize) {
-        self.l2_prefetch_limit.store(bytes, Ordering::Relaxed);
     }
 
     /// Whether [`Backend::compile`] fuses a one-row residual add and RMSNorm into the
@@ -324,14 +283,10 @@ impl CudaBackend {
         }
     }
 
-    /// Runs one op's dispatch. `next_weight` is the weight of the graph's next
-    /// product, which a one-row product may prefetch into the L2 cache
-    /// ([`CudaBackend::l2_prefetch_limit`]).
     fn run_op(
         &self,
         graph: &Graph,
         op: &Op,
-        next_weight: Option<kiln_core::BufferId>,
         bindings: &mut Bindings<'_, CudaBuffer>,
     ) -> Result<()> {
         let dtype = |id: kiln_core::BufferId| graph.desc(id).map(|d| d.dtype);
@@ -475,23 +430,12 @@ impl CudaBackend {
             })?,
             Op::MatMul(m) => {
                 let w = dtype(m.w)?;
-                let inputs: Vec<_> = [m.x, m.w]
-                    .into_iter()
-                    .chain(m.x_q8)
-                    .chain(m.bias)
-                    .chain(next_weight)
-                    .collect();
+                let inputs: Vec<_> = [m.x, m.w].into_iter().chain(m.x_q8).chain(m.bias).collect();
                 bindings.with_operands(&inputs, &[m.out], |ins, outs| {
                     let x_q8 = m.x_q8.map(|_| ins[2]);
                     let bias = m.bias.map(|_| ins[2 + usize::from(m.x_q8.is_some())]);
-                    let next = next_weight.map(|_| ins[ins.len() - 1]);
                     let x = ops::matmul::Activations { x: ins[0], x_q8 };
-                    let w = ops::matmul::Weight {
-                        w: ins[1],
-                        dtype: w,
-                        next,
-                    };
-                    ops::matmul::matmul(self, x, w, bias, outs[0], m.m, m.n, m.k)
+                    ops::matmul::matmul(self, x, ins[1], w, bias, outs[0], m.m, m.n, m.k)
                 })?
             }
             Op::Softmax(s) => bindings.with_operands(&[s.x], &[s.out], |ins, outs| {
@@ -626,7 +570,6 @@ impl CudaBackend {
         graph: &Graph,
         norm: &kiln_core::ops::AddRmsNorm,
         product: &kiln_core::ops::MatMul,
-        next_weight: Option<kiln_core::BufferId>,
         bindings: &mut Bindings<'_, CudaBuffer>,
     ) -> Result<()> {
         let dtype = graph.desc(product.w)?.dtype;
@@ -639,7 +582,6 @@ impl CudaBackend {
         let inputs: Vec<_> = [norm.x, norm.residual, weight, product.w]
             .into_iter()
             .chain(product.bias)
-            .chain(next_weight)
             .collect();
         bindings.with_operands(&inputs, &[norm.sum, product.out], |ins, outs| {
             let [sum, out] = outs else {
@@ -655,12 +597,9 @@ impl CudaBackend {
                     eps: norm.eps,
                 },
                 ops::norm_matvec::ProductOperands {
-                    w: ops::matmul::Weight {
-                        w: ins[3],
-                        dtype,
-                        next: next_weight.map(|_| ins[ins.len() - 1]),
-                    },
-                    bias: product.bias.map(|_| ins[4]),
+                    w: ins[3],
+                    dtype,
+                    bias: ins.get(4).copied(),
                     out,
                     n: product.n,
                     k: product.k,
@@ -668,14 +607,6 @@ impl CudaBackend {
             )
         })?
     }
-}
-
-/// The weight of the first [`Op::MatMul`] at or after `from` in `ops`.
-fn next_product_weight(ops: &[Op], from: usize) -> Option<kiln_core::BufferId> {
-    ops.get(from..)?.iter().find_map(|op| match op {
-        Op::MatMul(m) => Some(m.w),
-        _ => None,
-    })
 }
 
 /// The outputs `outs` of an op writing `out` and optionally its Q8_1 copy `out_q8`
@@ -822,8 +753,7 @@ impl Backend for CudaBackend {
                 });
             let ran = match fused {
                 Some((norm, product)) => {
-                    let next = next_product_weight(graph_ops, index + 2);
-                    self.run_norm_matvec(graph, norm, product, next, bindings)?;
+                    self.run_norm_matvec(graph, norm, product, bindings)?;
                     // The norm's launch is the product's.
                     ops.push(OpLaunches {
                         index,
@@ -833,8 +763,7 @@ impl Backend for CudaBackend {
                     2
                 }
                 None => {
-                    let next = next_product_weight(graph_ops, index + 1);
-                    self.run_op(graph, &graph_ops[index], next, bindings)?;
+                    self.run_op(graph, &graph_ops[index], bindings)?;
                     1
                 }
             };

@@ -166,13 +166,6 @@ impl CudaDevice {
             .map_err(|e| driver_error("reading the multiprocessor count", e))
     }
 
-    /// Bytes of the L2 cache.
-    pub fn l2_cache_bytes(&self) -> Result<i32> {
-        self.ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
-            .map_err(|e| driver_error("reading the L2 cache size", e))
-    }
-
     /// Waits for all work submitted to the stream.
     pub fn synchronize(&self) -> Result<()> {
         self.stream

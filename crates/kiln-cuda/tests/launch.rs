@@ -35,17 +35,7 @@ fn chain(
     let mut z = device(cuda, &poison(4 * DIM));
     for _ in 0..6 {
         for (dtype, w) in weights {
-            matmul::matmul(
-                cuda,
-                &x,
-                matmul::Weight::new(w, *dtype),
-                None,
-                &mut y,
-                1,
-                DIM,
-                DIM,
-            )
-            .unwrap();
+            matmul::matmul(cuda, &x, w, *dtype, None, &mut y, 1, DIM, DIM).unwrap();
             elementwise::elementwise(cuda, ElementwiseKind::Add, &y, &x, &mut z, None, DIM)
                 .unwrap();
             norm::rms_norm(cuda, &z, None, &mut x, 1, DIM, 1e-6).unwrap();

@@ -6,7 +6,7 @@ mod kernels;
 use common::*;
 use kernels::*;
 use kiln_core::ops::{MatMul, Q8_COPY, WEIGHT_DTYPES};
-use kiln_core::{Aliasing, DType, Graph};
+use kiln_core::{quant, Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::matmul::{MatMulArgs, MatMulKernel, GEMM_MIN_ROWS};
 use kiln_cuda::{CacheConfig, CudaBackend};
@@ -708,19 +708,6 @@ fn the_gemm_threshold_comes_from_the_environment_or_its_default() {
     );
 }
 
-#[test]
-fn the_l2_prefetch_limit_comes_from_the_environment_or_half_the_l2() {
-    use kiln_cuda::backend::parse_l2_prefetch_limit;
-    let l2 = 50 << 20;
-    assert_eq!(parse_l2_prefetch_limit(None, l2).unwrap(), 25 << 20);
-    assert_eq!(parse_l2_prefetch_limit(Some("16"), l2).unwrap(), 16 << 20);
-    assert_eq!(parse_l2_prefetch_limit(Some(" 0 "), l2).unwrap(), 0);
-    assert_eq!(
-        invalid(parse_l2_prefetch_limit(Some("half"), l2)),
-        "KILN_CUDA_L2_PREFETCH_MIB: expected a whole number of MiB, got \"half\""
-    );
-}
-
 /// Normalised MSE allowed for the mat-vec kernels against the CPU's f32 results. The
 /// staged kernel's products are exact and only the order of the f32 sums differs (a
 /// tree of 8-element chunks and warps on the GPU, a sequence on the CPU). The packed
@@ -747,6 +734,13 @@ fn backend_with_gemm_from(min_rows: usize) -> CudaBackend {
         "cuBLASLt must load on the GPU machine (libcublasLt.so.13)"
     );
     b
+}
+
+/// `x` rounded to Q8_1 ([`Q8_COPY`]) by the CPU codec.
+fn q8_copy(x: &[f32]) -> Vec<u8> {
+    let mut bytes = vec![0u8; Q8_COPY.bytes_for(x.len()).unwrap()];
+    quant::quantize(Q8_COPY, x, &mut bytes).unwrap();
+    bytes
 }
 
 /// Runs out = x · wᵀ (+ bias) on both backends and compares. Where k is a multiple of

@@ -916,16 +916,7 @@ impl Bench<'_> {
         };
         self.timer.time(backend, self.reps, |i| {
             let w = &weights[i % weights.len()];
-            matmul::matmul(
-                backend,
-                activations,
-                matmul::Weight::new(w, dtype),
-                None,
-                &mut out,
-                m,
-                n,
-                k,
-            )
+            matmul::matmul(backend, activations, w, dtype, None, &mut out, m, n, k)
         })
     }
 

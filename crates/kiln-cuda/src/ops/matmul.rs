@@ -798,46 +798,16 @@ impl<'a> From<&'a CudaBuffer> for Activations<'a> {
     }
 }
 
-/// A product's weight: its buffer, dtype, and the weight the next product will read
-/// (`next`), which the resident mat-vec prefetches into the L2 cache when it is at
-/// most [`CudaBackend::l2_prefetch_limit`] bytes.
-#[derive(Clone, Copy)]
-pub struct Weight<'a> {
-    pub w: &'a CudaBuffer,
-    pub dtype: DType,
-    pub next: Option<&'a CudaBuffer>,
-}
-
-impl<'a> Weight<'a> {
-    /// `w` of `dtype`, with nothing to prefetch.
-    pub fn new(w: &'a CudaBuffer, dtype: DType) -> Self {
-        Self {
-            w,
-            dtype,
-            next: None,
-        }
-    }
-
-    /// The resident mat-vec's last two arguments: the next weight and its length in
-    /// bytes, or null and 0 when there is none or it is over the backend's limit.
-    pub(crate) fn prefetch_args(&self, backend: &CudaBackend, args: &mut KernelArgs<'_>) {
-        let next = self
-            .next
-            .filter(|b| b.bytes() <= backend.l2_prefetch_limit());
-        let bytes = next.map_or(0, |b| b.bytes() as u64);
-        args.arg(next.map(|b| b.slice())).arg(&bytes);
-    }
-}
-
-/// `out = x · wᵀ (+ bias)` for `m x k` F32 activations and an `n x k` weight, as
-/// [`kiln_core::ops::MatMul`] defines: with a Q8_1 copy `x_q8` (mat-vec only) the
-/// product reads the copy. The mat-mat (`m > 8`, cuBLASLt or kiln's kernel)
+/// `out = x · wᵀ (+ bias)` for `m x k` F32 activations and an `n x k` weight of
+/// `dtype`, as [`kiln_core::ops::MatMul`] defines: with a Q8_1 copy `x_q8` (mat-vec
+/// only) the product reads the copy. The mat-mat (`m > 8`, cuBLASLt or kiln's kernel)
 /// multiplies bf16-rounded operands on tensor cores, accumulating in f32.
 #[allow(clippy::too_many_arguments)] // the op's operands and shape, each named
 pub fn matmul<'a>(
     backend: &CudaBackend,
     x: impl Into<Activations<'a>>,
-    weight: Weight<'_>,
+    w: &CudaBuffer,
+    dtype: DType,
     bias: Option<&CudaBuffer>,
     out: &mut CudaBuffer,
     m: usize,
@@ -845,7 +815,6 @@ pub fn matmul<'a>(
     k: usize,
 ) -> Result<()> {
     let Activations { x, x_q8 } = x.into();
-    let Weight { w, dtype, .. } = weight;
     let plan = MatMulArgs {
         weight: dtype,
         m,
@@ -898,19 +867,14 @@ pub fn matmul<'a>(
         .arg(&plan.n)
         .arg(&plan.k)
         .arg(&plan.row_bytes);
-    match plan.kernel {
-        MatMulKernel::MatMat => {
-            args.serialized();
-        }
-        MatMulKernel::MatVecResident { .. } => weight.prefetch_args(backend, &mut args),
-        _ => {}
+    if plan.kernel == MatMulKernel::MatMat {
+        args.serialized();
     }
     // SAFETY: the arguments match `kiln::matmul<W>`: (const u8* w, const float* x,
     // const float* bias, float* out, u32 m, u32 n, u32 k, u64 row_bytes);
     // `kiln::matvec<W, M, ROWS, LOAD, STAGES>` and `kiln::matvec_packed<W, M, R,
     // ALIGNED>`, which take const u8* xq8 after x; and `kiln::matvec_resident<W,
-    // ALIGNED, THREADS, MIN_BLOCKS>`, which takes xq8 in place of x and then (const u8*
-    // prefetch, u64 prefetch_bytes), a whole buffer or null and 0. The buffers hold
+    // ALIGNED, THREADS, MIN_BLOCKS>`, which takes xq8 in place of x. The buffers hold
     // their elements (checked); xq8 is null (never for the resident kernel, which
     // the plan picks only with a copy) or holds m * k / 32 Q8_1 blocks; bias is null
     // or holds n values; the mat-vec tier holds m rows.

@@ -14,7 +14,7 @@ use kiln_core::ops::{AddRmsNorm, MatMul};
 use kiln_core::{Bindings, BufferKind, DType, DeviceBuffer, Error, Graph, Op, Result};
 
 use super::common::{allow_dynamic_shared, launch, weight_tag};
-use super::matmul::{resident_blocks, MatMulArgs, MatMulKernel, MatMulPlan, Weight, MATVEC};
+use super::matmul::{resident_blocks, MatMulArgs, MatMulKernel, MatMulPlan, MATVEC};
 use super::{check_bytes, to_u32};
 use crate::constants::RESIDENT_NORM_VECTORS;
 use crate::launch::KernelArgs;
@@ -128,7 +128,8 @@ pub struct NormOperands<'a> {
 /// The product's operands: the weight of `dtype` (`n x k`, uploaded with
 /// `upload_weight`), the optional bias and `out`.
 pub struct ProductOperands<'a> {
-    pub w: Weight<'a>,
+    pub w: &'a CudaBuffer,
+    pub dtype: DType,
     pub bias: Option<&'a CudaBuffer>,
     pub out: &'a mut CudaBuffer,
     pub n: usize,
@@ -146,13 +147,13 @@ pub fn add_norm_matvec(
     product: ProductOperands<'_>,
 ) -> Result<()> {
     let ProductOperands {
-        w: weight,
+        w,
+        dtype,
         bias,
         out,
         n,
         k,
     } = product;
-    let Weight { w, dtype, .. } = weight;
     let plan = MatMulArgs {
         weight: dtype,
         m: 1,
@@ -193,12 +194,10 @@ pub fn add_norm_matvec(
         .arg(&n32)
         .arg(&k32)
         .arg(&row_bytes);
-    weight.prefetch_args(backend, &mut args);
     // SAFETY: the arguments match `kiln::matvec_resident_add_norm<W, ALIGNED, THREADS,
     // MIN_BLOCKS>`: (const u8* w, const float* x, const float* residual, const float*
     // norm_weight, float* sum, float eps, const float* bias, float* out, u32 n, u32 k,
-    // u64 row_bytes, const u8* prefetch, u64 prefetch_bytes); prefetch is a whole
-    // buffer or null and 0. x, residual, norm_weight and sum hold k values, w n rows of
+    // u64 row_bytes). x, residual, norm_weight and sum hold k values, w n rows of
     // row_bytes, bias is null or holds n values, out n (all checked).
     unsafe { launch(&kernel, &mut args, launch_config) }
 }
