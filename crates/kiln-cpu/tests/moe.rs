@@ -159,7 +159,6 @@ fn moe_matmul_graph(dtype: kiln_core::DType, c: &MatCase) -> (G, [kiln_core::Buf
     let out = g.p("out", F32, &[c.m, c.k, c.rows]);
     g.g.push(MoeMatMul {
         x,
-        x_q8: None,
         ids,
         w,
         out,

@@ -502,27 +502,23 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
 // The operands of slot blockIdx.y of an expert-routed mat-vec (kiln_core::ops::MoeMatMul):
 // the stacked weight's [rows, cols] slice of expert ids[s] (experts' rows follow each
 // other, each in the layout it was uploaded in), the slot's activation row (x row s
-// when per_slot, else its token's row s / k) and that row of the Q8_1 copy xq8 (null
-// without one), and its output row s. `w` is null for an id outside 0..n_expert.
+// when per_slot, else its token's row s / k) and its output row s. `w` is null for an
+// id outside 0..n_expert.
 struct RoutedSlot {
     const u8* w;
     const float* x;
-    const u8* xq8;
     float* out;
 };
 
 __device__ __forceinline__ RoutedSlot routed_slot(const u8* w, const int* ids, const float* x,
-                                                  const u8* xq8, float* out, u32 k,
-                                                  u32 per_slot, u32 n_expert, u32 rows,
-                                                  u32 cols, u64 row_bytes) {
+                                                  float* out, u32 k, u32 per_slot,
+                                                  u32 n_expert, u32 rows, u32 cols,
+                                                  u64 row_bytes) {
     const u32 s = blockIdx.y;
     const int id = ids[s];
     const bool valid = id >= 0 && (u32)id < n_expert;
-    const u64 x_row = per_slot ? s : s / k;
-    return {valid ? w + (u64)id * rows * row_bytes : nullptr, x + x_row * cols,
-            xq8 != nullptr ? xq8 + x_row * (cols / Q8_1_BLOCK_ELEMS) * Q8_1_BLOCK_BYTES
-                           : nullptr,
-            out + (u64)s * rows};
+    return {valid ? w + (u64)id * rows * row_bytes : nullptr,
+            x + (u64)(per_slot ? s : s / k) * cols, out + (u64)s * rows};
 }
 
 // Writes NaN to rows first .. first + count (those below `rows`) of `out`.
@@ -540,18 +536,17 @@ __device__ __forceinline__ void poison_rows(float* out, u32 first, u32 count, u3
 template <typename W, u32 ROWS, u32 LOAD, u32 STAGES>
 __global__ void __launch_bounds__(MATVEC_THREADS)
     moe_matvec(const u8* __restrict__ w, const int* __restrict__ ids,
-               const float* __restrict__ x, const u8* __restrict__ xq8,
-               float* __restrict__ out, u32 k, u32 per_slot, u32 n_expert, u32 rows,
-               u32 cols, u64 row_bytes) {
-    chain_after_prior_grids(x, xq8, ids);
-    const RoutedSlot slot = routed_slot(w, ids, x, xq8, out, k, per_slot, n_expert, rows,
-                                        cols, row_bytes);
+               const float* __restrict__ x, float* __restrict__ out, u32 k, u32 per_slot,
+               u32 n_expert, u32 rows, u32 cols, u64 row_bytes) {
+    chain_after_prior_grids(x, ids);
+    const RoutedSlot slot = routed_slot(w, ids, x, out, k, per_slot, n_expert, rows, cols,
+                                        row_bytes);
     if (slot.w == nullptr) {
         poison_rows(slot.out, blockIdx.x * ROWS, ROWS, rows);
         return;
     }
-    matvec_block<W, 1, ROWS, LOAD, STAGES>(slot.w, slot.x, slot.xq8, nullptr, slot.out, 1,
-                                           rows, cols, row_bytes);
+    matvec_block<W, 1, ROWS, LOAD, STAGES>(slot.w, slot.x, nullptr, nullptr, slot.out, 1, rows,
+                                           cols, row_bytes);
 }
 
 // moe_matvec for weights in the planes layout, as matvec_packed computes one activation
@@ -559,19 +554,18 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
 template <typename W, u32 R, bool ALIGNED>
 __global__ void __launch_bounds__(MATVEC_THREADS)
     moe_matvec_packed(const u8* __restrict__ w, const int* __restrict__ ids,
-                      const float* __restrict__ x, const u8* __restrict__ xq8,
-                      float* __restrict__ out, u32 k, u32 per_slot, u32 n_expert, u32 rows,
-                      u32 cols, u64 row_bytes) {
-    chain_after_prior_grids(x, xq8, ids);
-    const RoutedSlot slot = routed_slot(w, ids, x, xq8, out, k, per_slot, n_expert, rows,
-                                        cols, row_bytes);
+                      const float* __restrict__ x, float* __restrict__ out, u32 k,
+                      u32 per_slot, u32 n_expert, u32 rows, u32 cols, u64 row_bytes) {
+    chain_after_prior_grids(x, ids);
+    const RoutedSlot slot = routed_slot(w, ids, x, out, k, per_slot, n_expert, rows, cols,
+                                        row_bytes);
     if (slot.w == nullptr) {
         constexpr u32 BLOCK_ROWS = R * MATVEC_THREADS / 32;
         poison_rows(slot.out, blockIdx.x * BLOCK_ROWS, BLOCK_ROWS, rows);
         return;
     }
-    matvec_packed_block<W, 1, R, ALIGNED>(slot.w, slot.x, slot.xq8, nullptr, slot.out, 1,
-                                          rows, cols, row_bytes);
+    matvec_packed_block<W, 1, R, ALIGNED>(slot.w, slot.x, nullptr, nullptr, slot.out, 1, rows,
+                                          cols, row_bytes);
 }
 
 // Units of W a lane of matvec_resident loads per step: the next step's units are in
@@ -671,21 +665,15 @@ __device__ __forceinline__ void stage_q8_1_quad(float4 o, bool store, u32 e,
     }
 }
 
-// Stages `images` rows of a Q8_1 copy (k / 32 blocks each, one after another at xq8)
-// into as many images, image i at image.img + i * image_bytes.
+// Stages x's Q8_1 copy (k / 32 blocks at xq8) into `image`.
 template <typename W, u32 THREADS>
 struct StageQ8Copy {
     const u8* xq8;
-    u32 images;
-    u32 image_bytes;
 
     __device__ __forceinline__ void operator()(u32 k, const ResidentImage<W>& image) {
         chain_after_prior_grids(xq8);
-        const u32 row_blocks = k / Q8_1_BLOCK_ELEMS;
-        for (u32 b = threadIdx.x; b < images * row_blocks; b += THREADS) {
-            const u32 i = b / row_blocks, e = (b - i * row_blocks) * Q8_1_BLOCK_ELEMS;
-            const ResidentImage<W> to{image.img + i * image_bytes, image.units};
-            copy_q8_1_block<W>(xq8 + (u64)b * Q8_1_BLOCK_BYTES, e, to);
+        for (u32 b = threadIdx.x; b < k / Q8_1_BLOCK_ELEMS; b += THREADS) {
+            copy_q8_1_block<W>(xq8 + (u64)b * Q8_1_BLOCK_BYTES, b * Q8_1_BLOCK_ELEMS, image);
         }
     }
 };
@@ -747,71 +735,27 @@ struct StageAddNorm {
     }
 };
 
-// The weight rows of a resident mat-vec, row r of a dense matrix of row_bytes rows;
-// every row reads image 0. EARLY: the rows are known before the kernels before this
-// one end, so that their first loads may be issued before the wait.
-struct DenseRows {
-    static constexpr bool EARLY = true;
-    const u8* w;
-    u64 row_bytes;
-
-    __device__ __forceinline__ void resolve() const {}
-    __device__ __forceinline__ const u8* row(u32 r) const { return w + (u64)r * row_bytes; }
-    __device__ __forceinline__ u32 image(u32) const { return 0; }
-};
-
-// The rows of an expert-routed product (kiln_core::ops::MoeMatMul) for one token, as
-// one matrix of slots * rows rows: row v is row v % rows of slot s = v / rows's expert
-// ids[s] (null for an id outside 0..n_expert) and reads image s when per_slot, else
-// image 0. `resolve` (after the wait: the router writes ids) puts each slot's expert
-// slice in `experts` (shared memory, `slots` pointers); the block's barrier after it
-// publishes them.
-struct RoutedRows {
-    static constexpr bool EARLY = false;
-    const u8* w;
-    const int* ids;
-    const u8** experts;
-    u64 row_bytes;
-    u32 rows, slots, n_expert, per_slot;
-
-    __device__ __forceinline__ void resolve() const {
-        const int* chosen = ids;
-        make_opaque(chosen);  // loaded after the wait that staging x issued
-        for (u32 s = threadIdx.x; s < slots; s += blockDim.x) {
-            const int id = chosen[s];
-            experts[s] = id >= 0 && (u32)id < n_expert ? w + (u64)id * rows * row_bytes : nullptr;
-        }
-    }
-    __device__ __forceinline__ const u8* row(u32 v) const {
-        const u8* e = experts[v / rows];
-        return e != nullptr ? e + (u64)(v % rows) * row_bytes : nullptr;
-    }
-    __device__ __forceinline__ u32 image(u32 v) const { return per_slot ? v / rows : 0; }
-};
-
 // The mat-vec of a packed weight for one activation row rounded to Q8_1, held in
 // shared memory (ResidentImage, written by `stage`: StageQ8Copy or StageAddNorm), and
 // the products of each run of 4 quants with 4 rounded activations summed in integers
-// (dp4a). The weight's rows come from `rows` (DenseRows, RoutedRows); row r reads the
-// image at img + rows.image(r) * image_bytes; a row whose weight is null gets NaN.
-// Grid: any number of blocks of THREADS; warp w of the grid's G warps owns rows
+// (dp4a).
+// Grid: any number of blocks of THREADS; warp w of the grid's G warps owns weight rows
 // w * P .. (w + 1) * P (P = ceil(n / G)), so a grid of at most one wave gives every
-// warp the same work and no block waits on another. Dynamic shared memory: the images
-// in ResidentImage's layout (k / UNIT_ELEMS * resident_unit_bytes<W>() + 8 * k /
-// GROUP_ELEMS bytes each), image_bytes apart. ALIGNED: every plane of every row starts
-// at a multiple of 16 bytes.
+// warp the same work and no block waits on another. Dynamic shared memory:
+// k / UNIT_ELEMS * resident_unit_bytes<W>() + 8 * k / GROUP_ELEMS bytes, in
+// ResidentImage's layout. ALIGNED: every plane of every row starts at a multiple of
+// 16 bytes.
 //
-// With Rows::EARLY each lane issues the loads of its first units, then the block stages
-// x into shared memory (`stage` waits for the prior grids); otherwise it stages x first
-// and then resolves its rows. After one barrier every warp walks its rows in steps of
-// 32 * U units, a lane's next units in flight while it accumulates the current ones,
-// and writes each row's sum as it finishes the row. Per scale group of a unit the lane
-// adds scale * d * sum q_w q_x + zero * d * sum q_x (weights scale * q_w + zero).
-template <typename W, bool ALIGNED, u32 THREADS, typename Rows, typename Stage>
-__device__ __forceinline__ void resident_matvec(const Rows& rows, Stage stage,
+// Each lane issues the loads of its first units, then the block stages x into shared
+// memory (`stage` waits for the prior grids); after one barrier every warp walks its rows in steps of 32 * U units, a
+// lane's next units in flight while it accumulates the current ones, and writes each
+// row's sum as it finishes the row. Per scale group of a unit the lane adds
+// scale * d * sum q_w q_x + zero * d * sum q_x (weights scale * q_w + zero).
+template <typename W, bool ALIGNED, u32 THREADS, typename Stage>
+__device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage stage,
                                                 const float* __restrict__ bias,
                                                 float* __restrict__ out, u32 n, u32 k,
-                                                u32 image_bytes) {
+                                                u64 row_bytes) {
     constexpr u32 A = ALIGNED ? 16 : 2;
     constexpr u32 U = resident_units<W>();
     constexpr u32 WARPS = THREADS / 32;
@@ -823,6 +767,8 @@ __device__ __forceinline__ void resident_matvec(const Rows& rows, Stage stage,
 
     const u32 units = k / W::UNIT_ELEMS;
     const u32 nb = k / W::BLOCK_ELEMS;
+    const float* xd = reinterpret_cast<const float*>(img + units * UNIT_BYTES);
+    const float* xds = xd + units * GROUPS_PER_UNIT;
 
     const u32 lane = threadIdx.x & 31u;
     const u32 warps = gridDim.x * WARPS;
@@ -832,12 +778,9 @@ __device__ __forceinline__ void resident_matvec(const Rows& rows, Stage stage,
     const u32 row_begin = (u32)min((u64)row_end, (u64)warp * per_warp);
     u32 row = row_begin;
 
-    // The step of the row at r (null: no loads), units c0 + lane + 32 a (c0
-    // warp-uniform), into t.
-    auto load_step = [&](const u8* r, u32 c0, Unit (&t)[U]) {
-        if (r == nullptr) {
-            return;
-        }
+    // The step at `row`, units c0 + lane + 32 a (c0 warp-uniform), into t.
+    auto load_step = [&](u32 at_row, u32 c0, Unit (&t)[U]) {
+        const u8* r = w + (u64)at_row * row_bytes;
 #pragma unroll
         for (u32 a = 0; a < U; ++a) {
             if (c0 + lane + 32 * a < units) {
@@ -847,24 +790,12 @@ __device__ __forceinline__ void resident_matvec(const Rows& rows, Stage stage,
     };
     Unit cur[U], next[U];
     u32 c0 = 0;
-    const u8* row_w = nullptr;
-    const ResidentImage<W> image{img, units};
-    if constexpr (Rows::EARLY) {
-        if (row < row_end) {
-            row_w = rows.row(row);
-            load_step(row_w, c0, cur);
-        }
-        stage(k, image);  // the first step's weights are in flight
-        __syncthreads();
-    } else {
-        stage(k, image);
-        rows.resolve();
-        __syncthreads();
-        if (row < row_end) {
-            row_w = rows.row(row);
-            load_step(row_w, c0, cur);
-        }
+    if (row < row_end) {
+        load_step(row, c0, cur);
     }
+    const ResidentImage<W> image{img, units};
+    stage(k, image);  // the first step's weights are in flight
+    __syncthreads();
 
     float acc = 0.0f;
     while (row < row_end) {
@@ -873,21 +804,14 @@ __device__ __forceinline__ void resident_matvec(const Rows& rows, Stage stage,
             ++next_row;
             next_c0 = 0;
         }
-        const u8* next_w = row_w;
-        if (next_row != row && next_row < row_end) {
-            next_w = rows.row(next_row);
-        }
         if (next_row < row_end) {
-            load_step(next_w, next_c0, next);
+            load_step(next_row, next_c0, next);
         }
-        const u8* im = img + rows.image(row) * image_bytes;
-        const float* xd = reinterpret_cast<const float*>(im + units * UNIT_BYTES);
-        const float* xds = xd + units * GROUPS_PER_UNIT;
 #pragma unroll
         for (u32 a = 0; a < U; ++a) {
             const u32 unit = c0 + lane + 32 * a;
             if (unit < units) {
-                const u8* xq = im + unit * UNIT_BYTES;
+                const u8* xq = img + unit * UNIT_BYTES;
 #pragma unroll
                 for (u32 g = 0; g < GROUPS_PER_UNIT; ++g) {
                     int dot = 0;
@@ -907,8 +831,7 @@ __device__ __forceinline__ void resident_matvec(const Rows& rows, Stage stage,
             const float s = warp_sum(acc);
             acc = 0.0f;
             if (lane == 0) {
-                out[row] = row_w == nullptr ? __int_as_float(0x7fffffff)
-                                            : (bias ? s + bias[row] : s);
+                out[row] = bias ? s + bias[row] : s;
             }
         }
 #pragma unroll
@@ -917,7 +840,6 @@ __device__ __forceinline__ void resident_matvec(const Rows& rows, Stage stage,
         }
         row = next_row;
         c0 = next_c0;
-        row_w = next_w;
     }
 }
 
@@ -927,9 +849,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     matvec_resident(const u8* __restrict__ w, const u8* __restrict__ xq8,
                     const float* __restrict__ bias,
                     float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
-    resident_matvec<W, ALIGNED, THREADS>(DenseRows{w, row_bytes},
-                                         StageQ8Copy<W, THREADS>{xq8, 1, 0}, bias, out, n, k,
-                                         0);
+    resident_matvec<W, ALIGNED, THREADS>(w, StageQ8Copy<W, THREADS>{xq8}, bias, out, n, k,
+                                         row_bytes);
 }
 
 // kiln_core::ops::AddRmsNorm of one row (F32 x, residual and weight of k elements;
@@ -944,27 +865,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                              float eps, const float* __restrict__ bias,
                              float* __restrict__ out, u32 n, u32 k, u64 row_bytes) {
     resident_matvec<W, ALIGNED, THREADS>(
-        DenseRows{w, row_bytes}, StageAddNorm<W, THREADS>{x, residual, norm_weight, sum, eps},
-        bias, out, n, k, 0);
-}
-
-// kiln_core::ops::MoeMatMul of one token (m = 1) with x's Q8_1 copy: resident_matvec
-// over the slots * rows rows of RoutedRows, each of the `images` rows of the copy (the
-// slots' when per_slot, else the token's) staged image_bytes apart, then `slots`
-// pointers of the experts' slices (dynamic shared memory: images * image_bytes + 8 *
-// slots bytes). out is [slots, rows]; a slot whose id is outside 0..n_expert gets NaN.
-template <typename W, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
-__global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
-    moe_matvec_resident(const u8* __restrict__ w, const int* ids, const u8* __restrict__ xq8,
-                        float* __restrict__ out, u32 slots, u32 per_slot, u32 n_expert,
-                        u32 rows, u32 cols, u64 row_bytes, u32 image_bytes) {
-    extern __shared__ __align__(16) u8 routed_shared[];
-    const u32 images = per_slot ? slots : 1;
-    const u8** experts = reinterpret_cast<const u8**>(routed_shared + images * image_bytes);
-    const RoutedRows routed{w, ids, experts, row_bytes, rows, slots, n_expert, per_slot};
-    resident_matvec<W, ALIGNED, THREADS>(routed,
-                                         StageQ8Copy<W, THREADS>{xq8, images, image_bytes},
-                                         nullptr, out, slots * rows, cols, image_bytes);
+        w, StageAddNorm<W, THREADS>{x, residual, norm_weight, sum, eps}, bias, out, n, k,
+        row_bytes);
 }
 
 }  // namespace kiln

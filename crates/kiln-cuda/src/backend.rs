@@ -518,9 +518,8 @@ impl CudaBackend {
             })?,
             Op::MoeMatMul(m) => {
                 let w = dtype(m.w)?;
-                bindings.with_operands(&op.inputs(), &[m.out], |ins, outs| {
-                    let x_q8 = m.x_q8.map(|_| ins[3]);
-                    ops::moe::moe_matmul(self, ins[0], x_q8, ins[1], ins[2], w, outs[0], m)
+                bindings.with_operands(&[m.x, m.ids, m.w], &[m.out], |ins, outs| {
+                    ops::moe::moe_matmul(self, ins[0], ins[1], ins[2], w, outs[0], m)
                 })?
             }
             Op::CausalConv1d(c) => {

@@ -6,7 +6,7 @@ mod kernels;
 use common::*;
 use kernels::*;
 use kiln_core::ops::{MatMul, Q8_COPY, WEIGHT_DTYPES};
-use kiln_core::{Aliasing, DType, Graph};
+use kiln_core::{quant, Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::matmul::{MatMulArgs, MatMulKernel, GEMM_MIN_ROWS};
 use kiln_cuda::{CacheConfig, CudaBackend};
@@ -734,6 +734,13 @@ fn backend_with_gemm_from(min_rows: usize) -> CudaBackend {
         "cuBLASLt must load on the GPU machine (libcublasLt.so.13)"
     );
     b
+}
+
+/// `x` rounded to Q8_1 ([`Q8_COPY`]) by the CPU codec.
+fn q8_copy(x: &[f32]) -> Vec<u8> {
+    let mut bytes = vec![0u8; Q8_COPY.bytes_for(x.len()).unwrap()];
+    quant::quantize(Q8_COPY, x, &mut bytes).unwrap();
+    bytes
 }
 
 /// Runs out = x · wᵀ (+ bias) on both backends and compares. Where k is a multiple of

@@ -277,7 +277,6 @@ fn routed() -> MoeMatMulArgs {
         cols: 2048,
         per_slot: false,
         x_bytes: 2048 * 4,
-        x_q8_bytes: None,
         ids_bytes: 8 * 4,
         w_bytes: 128 * 768 * 2048 / 32 * 18,
         w_packed: Some((DType::Q4_0, 2048)),
@@ -305,7 +304,6 @@ fn a_routed_product_runs_the_one_row_mat_vec_per_slot() {
         "kiln::moe_matvec_packed<kiln::Q4_0, 1, true>"
     );
     assert_eq!(plan.config.grid_dim, (96, 8, 1));
-    assert_eq!(plan.specs(), vec![plan.spec.clone()]);
     // The down projection of a 3-token prompt chunk: per-slot inputs, staged F16.
     let plan = MoeMatMulArgs {
         weight: DType::F16,
@@ -479,94 +477,12 @@ fn expert_ids(rng: &mut rand::rngs::StdRng, m: usize, k: usize, n_expert: usize)
     ids
 }
 
-#[test]
-fn one_token_with_a_copy_runs_the_resident_mat_vec_over_all_its_slots() {
-    // Qwen3-30B-A3B's stacked gate-up product of one token, with the norm's copy.
-    let args = MoeMatMulArgs {
-        rows: 1536,
-        w_bytes: 128 * 1536 * 2048 / 32 * 18,
-        out_bytes: 8 * 1536 * 4,
-        x_q8_bytes: Some(2048 / 32 * 36),
-        ..routed()
-    };
-    let plan = args.check().unwrap();
-    // The dense resident mat-vec of 8 x 1536 rows (large blocks of 32 warps).
-    assert_eq!(
-        plan.kernel,
-        MoeMatMulKernel::MatVec(MatMulKernel::MatVecResident {
-            threads: 1024,
-            min_blocks: 1,
-            aligned: true
-        })
-    );
-    assert_eq!(
-        plan.spec.key,
-        "moe_matvec_resident|w=q4_0|threads=1024|min_blocks=1|aligned=1"
-    );
-    assert_eq!(
-        plan.spec.name_expression,
-        "kiln::moe_matvec_resident<kiln::Q4_0, true, 1024, 1>"
-    );
-    // One image of x (64 units of 48 bytes, 64 groups of 8 bytes), 8 expert pointers.
-    assert_eq!(plan.config.shared_mem_bytes, 64 * 48 + 64 * 8 + 8 * 8);
-    // The down product: per-slot inputs, 8 images of 768 columns.
-    let down = MoeMatMulArgs {
-        rows: 2048,
-        cols: 768,
-        per_slot: true,
-        x_bytes: 8 * 768 * 4,
-        x_q8_bytes: Some(8 * 768 / 32 * 36),
-        w_bytes: 128 * 2048 * 768 / 32 * 18,
-        w_packed: Some((DType::Q4_0, 768)),
-        out_bytes: 8 * 2048 * 4,
-        ..routed()
-    }
-    .check()
-    .unwrap();
-    assert_eq!(down.config.shared_mem_bytes, 8 * (24 * 48 + 24 * 8) + 8 * 8);
-    // Several tokens, or none of the copy: the routed one-row mat-vec per slot.
-    for args in [
-        MoeMatMulArgs {
-            x_q8_bytes: None,
-            ..args
-        },
-        MoeMatMulArgs {
-            m: 2,
-            x_bytes: 2 * 2048 * 4,
-            x_q8_bytes: Some(2 * 2048 / 32 * 36),
-            ids_bytes: 2 * 8 * 4,
-            out_bytes: 2 * 8 * 1536 * 4,
-            ..args
-        },
-    ] {
-        let plan = args.check().unwrap();
-        assert!(
-            matches!(
-                plan.kernel,
-                MoeMatMulKernel::MatVec(MatMulKernel::MatVecPacked { .. })
-            ),
-            "{:?}",
-            plan.kernel
-        );
-    }
-    // A copy of the wrong size is refused.
-    let e = MoeMatMulArgs {
-        x_q8_bytes: Some(2048 / 32 * 36 - 1),
-        ..args
-    }
-    .check()
-    .unwrap_err();
-    assert!(e.to_string().contains("x_q8"), "{e}");
-}
-
-/// A graph of one expert-routed product and its random inputs, with a Q8_1 copy of x
-/// when `copy`.
+/// A graph of one expert-routed product and its random inputs.
 fn routed_case(
     rng: &mut rand::rngs::StdRng,
     dtype: DType,
     (m, k, n_expert, rows, cols): (usize, usize, usize, usize, usize),
     per_slot: bool,
-    copy: bool,
     ids: Option<Vec<i32>>,
 ) -> (
     Graph,
@@ -576,16 +492,11 @@ fn routed_case(
     let mut g = Graph::new();
     let x_rows = if per_slot { m * k } else { m };
     let x = g.persistent("x", DType::F32, &[x_rows, cols]).unwrap();
-    let x_q8 = copy.then(|| {
-        g.persistent("x_q8", kiln_core::ops::Q8_COPY, &[x_rows, cols])
-            .unwrap()
-    });
     let ids_buf = g.persistent("ids", DType::I32, &[m, k]).unwrap();
     let w = g.persistent("w", dtype, &[n_expert, rows, cols]).unwrap();
     let out = g.persistent("out", DType::F32, &[m, k, rows]).unwrap();
     g.push(MoeMatMul {
         x,
-        x_q8,
         ids: ids_buf,
         w,
         out,
@@ -598,13 +509,11 @@ fn routed_case(
     })
     .unwrap();
     let ids = ids.unwrap_or_else(|| expert_ids(rng, m, k, n_expert));
-    let x_values = uniform(rng, x_rows * cols, 1.0);
-    let mut inputs = vec![
-        (x, f32_bytes(&x_values)),
+    let inputs = vec![
+        (x, f32_bytes(&uniform(rng, x_rows * cols, 1.0))),
         (ids_buf, i32_bytes(&ids)),
         (w, encoded(rng, dtype, n_expert * rows * cols)),
     ];
-    inputs.extend(x_q8.map(|q| (q, q8_copy(&x_values))));
     (g, inputs, out)
 }
 
@@ -625,34 +534,21 @@ fn moe_matmul_matches_cpu() {
         (9, 1, 1, 65, 256),
     ];
     let large = [(1, 8, 16, 768, 2048), (1, 8, 16, 2048, 768)];
-    // One token whose slots' rows run the resident mat-vec with a copy: odd rows, an
-    // expert chosen twice, a slot count that splits warps' rows across slots.
-    let resident = [
-        (1, 5, 7, 259, 512),
-        (1, 8, 16, 1536, 2048),
-        (1, 8, 16, 2048, 768),
-    ];
     let cases = kiln_core::ops::WEIGHT_DTYPES
         .into_iter()
-        .flat_map(|d| small.into_iter().chain(prompts).map(move |s| (d, s, false)))
+        .flat_map(|d| small.into_iter().chain(prompts).map(move |s| (d, s)))
         .chain(
             [DType::F16, DType::Q4_0, DType::Q4K]
                 .into_iter()
-                .flat_map(|d| large.map(|s| (d, s, false))),
-        )
-        .chain(
-            kiln_core::ops::WEIGHT_DTYPES
-                .into_iter()
-                .flat_map(|d| small.into_iter().chain(resident).map(move |s| (d, s, true))),
+                .flat_map(|d| large.map(|s| (d, s))),
         );
-    for (dtype, shape, copy) in cases {
+    for (dtype, shape) in cases {
         for per_slot in [false, true] {
-            let (g, inputs, out) = routed_case(&mut rng, dtype, shape, per_slot, copy, None);
+            let (g, inputs, out) = routed_case(&mut rng, dtype, shape, per_slot, None);
             let want = f32s(&run_on(&CpuBackend, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
             let got = f32s(&run_on(cuda, &g, &inputs, &[out], Aliasing::On).unwrap()[0]);
-            let what = format!(
-                "moe_matmul {dtype} (m, k, E, rows, cols) {shape:?} per_slot={per_slot} copy={copy}"
-            );
+            let what =
+                format!("moe_matmul {dtype} (m, k, E, rows, cols) {shape:?} per_slot={per_slot}");
             // The dense mat-vec's tolerance (the same f32 sums in another order) and the
             // mat-mat's (bf16 operands).
             let nmse = if shape.0 <= 8 { 1e-9 } else { 5e-5 };
@@ -673,7 +569,6 @@ fn moe_matmul_gives_nan_rows_for_an_expert_id_out_of_range() {
             &mut rng,
             dtype,
             (m, k, n_expert, rows, cols),
-            false,
             false,
             Some(ids),
         );

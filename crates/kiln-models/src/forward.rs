@@ -291,9 +291,6 @@ fn build_graph(
                 "ffn_gate_up_shexp",
                 "ffn_gate_shexp",
                 "ffn_up_shexp",
-                "ffn_gate_up_exps",
-                "ffn_gate_exps",
-                "ffn_up_exps",
             ]
             .map(|w| format!("blk.{l}.{w}.weight")),
         );
@@ -821,17 +818,14 @@ impl Builder<'_> {
             gating: Gating::Softmax,
             normalize: moe.norm_weights,
         })?;
-        // One token's routed products read Q8_1 copies (the one-row mat-vec); several
-        // tokens' read x.
-        let one = t == 1;
-        let down_copy = one && self.quantized(&[format!("blk.{l}.ffn_down_exps.weight")]);
-        let act = self.rows_with_copy(&format!("l{l}.moe_act"), t * k, ff, down_copy)?;
-        let routed = if one { x } else { Act::from(x.x) };
+        let act = self
+            .g
+            .transient(format!("l{l}.moe_act"), DType::F32, &[t, k, ff])?;
         let products = if self.has(&format!("blk.{l}.ffn_gate_up_exps.weight")) {
             GateUp::Stacked(self.experts(
                 l,
                 "ffn_gate_up_exps",
-                routed,
+                x.x,
                 ids,
                 moe,
                 [2 * ff, d],
@@ -839,11 +833,11 @@ impl Builder<'_> {
             )?)
         } else {
             GateUp::Separate {
-                gate: self.experts(l, "ffn_gate_exps", routed, ids, moe, [ff, d], false)?,
-                up: self.experts(l, "ffn_up_exps", routed, ids, moe, [ff, d], false)?,
+                gate: self.experts(l, "ffn_gate_exps", x.x, ids, moe, [ff, d], false)?,
+                up: self.experts(l, "ffn_up_exps", x.x, ids, moe, [ff, d], false)?,
             }
         };
-        self.silu_gate(products, act.x, act.q8, t * k, ff)?;
+        self.silu_gate(products, act, None, t * k, ff)?;
         let y = self.experts(l, "ffn_down_exps", act, ids, moe, [d, ff], true)?;
         let (shared, shared_gate) = match moe.n_ff_shexp {
             Some(sff) => {
@@ -881,13 +875,13 @@ impl Builder<'_> {
     }
 
     /// The chosen experts' products with `blk.{l}.{name}.weight` (`[n_expert, rows,
-    /// cols]`) of `x` (and its Q8_1 copy, when it has one): F32 `[n_tokens, k, rows]`.
+    /// cols]`): F32 `[n_tokens, k, rows]`.
     #[allow(clippy::too_many_arguments)]
     fn experts(
         &mut self,
         l: usize,
         name: &str,
-        x: Act,
+        x: BufferId,
         ids: BufferId,
         moe: &MoeConfig,
         [rows, cols]: [usize; 2],
@@ -899,8 +893,7 @@ impl Builder<'_> {
             .g
             .transient(format!("l{l}.{name}"), DType::F32, &[self.t, k, rows])?;
         self.g.push(MoeMatMul {
-            x: x.x,
-            x_q8: x.q8,
+            x,
             ids,
             w,
             out,

@@ -1493,7 +1493,6 @@ fn moe_matmul(
     let out = b.output("out", DType::F32, &[m, k, rows], Oracle::Values(want));
     b.finish(MoeMatMul {
         x,
-        x_q8: None,
         ids,
         w,
         out,

@@ -190,7 +190,7 @@ pub fn moe_matvec_bytes(dtype: DType, rows: usize, cols: usize, per_slot: bool) 
     let x_rows = if per_slot { MOE_USED } else { 1 };
     Ok(MOE_USED * rows * dtype.bytes_for(cols)?
         + 4 * MOE_USED
-        + Q8_COPY.bytes_for(x_rows * cols)?
+        + 4 * x_rows * cols
         + 4 * MOE_USED * rows)
 }
 
@@ -790,19 +790,10 @@ impl Bench<'_> {
             .collect::<Result<_>>()?;
         let x_rows = if per_slot { m * MOE_USED } else { m };
         let x = self.buffers(1, &f32_pattern(x_rows * k))?;
-        // One token's products read x's Q8_1 copy, as decode graphs give it.
-        let copy = if m == 1 {
-            let mut q8 = vec![0u8; Q8_COPY.bytes_for(x_rows * k)?];
-            quant::quantize(Q8_COPY, &f32_values(x_rows * k), &mut q8)?;
-            self.buffers(1, &q8)?.pop()
-        } else {
-            None
-        };
         let mut out = self.backend.alloc(4 * m * MOE_USED * n)?;
         // The op's buffer ids are not read by the dispatch.
         let op = kiln_core::ops::MoeMatMul {
             x: kiln_core::BufferId(0),
-            x_q8: None,
             ids: kiln_core::BufferId(1),
             w: kiln_core::BufferId(2),
             out: kiln_core::BufferId(3),
@@ -816,8 +807,7 @@ impl Bench<'_> {
         let backend = self.backend;
         self.timer.time(backend, self.reps, |i| {
             let ids = &ids[i % ids.len()];
-            let x_q8 = copy.as_ref();
-            kiln_cuda::ops::moe::moe_matmul(backend, &x[0], x_q8, ids, weight, dtype, &mut out, &op)
+            kiln_cuda::ops::moe::moe_matmul(backend, &x[0], ids, weight, dtype, &mut out, &op)
         })
     }
 
@@ -1198,16 +1188,16 @@ mod tests {
 
     #[test]
     fn moe_matvec_bytes_count_the_used_experts_only() {
-        // 8 experts x 768 rows x 64 Q4_0 blocks of 18 bytes, 8 ids, the Q8_1 copy of
-        // one input row of 2048 (64 blocks of 36 bytes), 8 x 768 f32 outputs.
+        // 8 experts x 768 rows x 64 Q4_0 blocks of 18 bytes, 8 ids, one input row of
+        // 2048 f32, 8 x 768 f32 outputs.
         assert_eq!(
             moe_matvec_bytes(DType::Q4_0, 768, 2048, false).unwrap(),
-            7_077_888 + 32 + 2304 + 24_576
+            7_077_888 + 32 + 8192 + 24_576
         );
         // The down projection reads one input row per slot.
         assert_eq!(
             moe_matvec_bytes(DType::Q4_0, 2048, 768, true).unwrap(),
-            8 * 2048 * 24 * 18 + 32 + 8 * 24 * 36 + 8 * 2048 * 4
+            8 * 2048 * 24 * 18 + 32 + 8 * 768 * 4 + 8 * 2048 * 4
         );
     }
 

@@ -84,16 +84,12 @@ fn check_experts(c: &Checker<'_>, k: usize, n_expert: usize) -> Result<()> {
 /// - `x`: F32 `[m, k, cols]` when `per_slot` (slot `j` of token `t` has its own input,
 ///   as the experts' down projection has), else `[m, cols]` (one input per token,
 ///   shared by its `k` experts, as the gate and up projections have).
-/// - `x_q8`: optional Q8_1 copy of `x` (same shape, `cols` a multiple of 32) as
-///   [`super::Q8_COPY`] defines, written by the op that wrote x.
 /// - `out`: F32 `[m, k, rows]`,
-///   `out[t, j, r] = sum_c a[t, (j if per_slot), c] * dequantize(w)[ids[t, j], r, c]`,
-///   accumulated in f32, where `a` is x, or with `x_q8` the copy's values: given a
-///   copy, the product is of the rounded activations, as [`super::MatMul`]'s is.
+///   `out[t, j, r] = sum_c x[t, (j if per_slot), c] * dequantize(w)[ids[t, j], r, c]`,
+///   accumulated in f32.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MoeMatMul {
     pub x: BufferId,
-    pub x_q8: Option<BufferId>,
     pub ids: BufferId,
     pub w: BufferId,
     pub out: BufferId,
@@ -110,7 +106,7 @@ impl OpSpec for MoeMatMul {
         "moe_matmul"
     }
     fn inputs(&self) -> Vec<BufferId> {
-        ids(&[self.x, self.ids, self.w], &[self.x_q8])
+        vec![self.x, self.ids, self.w]
     }
     fn outputs(&self) -> Vec<BufferId> {
         vec![self.out]
@@ -136,9 +132,12 @@ impl OpSpec for MoeMatMul {
         })?;
         c.buffer("ids", self.ids, &[DType::I32], c.count(&[self.m, self.k])?)?;
         let slots = if self.per_slot { self.k } else { 1 };
-        let x_elements = c.count(&[self.m, slots, self.cols])?;
-        c.buffer("x", self.x, &[DType::F32], x_elements)?;
-        c.q8_copy("x_q8", self.x_q8, x_elements, self.cols)?;
+        c.buffer(
+            "x",
+            self.x,
+            &[DType::F32],
+            c.count(&[self.m, slots, self.cols])?,
+        )?;
         c.buffer(
             "out",
             self.out,

@@ -69,25 +69,20 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     body + a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum::<f32>()
 }
 
-/// The `len` values of an activations' Q8_1 copy `x_q8`, decoded, when there is one:
-/// with a copy, a product is of the rounded activations.
-pub(crate) fn copy_values(
-    ins: &Inputs,
-    x_q8: Option<kiln_core::BufferId>,
-    len: usize,
-) -> Result<Option<Vec<f32>>> {
-    let Some(q8) = x_q8 else { return Ok(None) };
-    let mut a = vec![0.0f32; len];
-    quant::dequantize(Q8_COPY, &ins.bytes(q8)[..Q8_COPY.bytes_for(len)?], &mut a)?;
-    Ok(Some(a))
-}
-
 pub(crate) fn execute(op: &MatMul, ins: &Inputs, outs: &mut Outputs) -> Result<()> {
     let dtype = ins.dtype(op.w);
     let w = &ins.bytes(op.w)[..dtype.bytes_for(op.n * op.k)?];
     let bias = op.bias.map(|b| ins.view::<f32>(b, op.n));
     let len = op.m * op.k;
-    let rounded = copy_values(ins, op.x_q8, len)?;
+    // With a Q8_1 copy, the product is of the rounded activations.
+    let rounded = match op.x_q8 {
+        Some(q8) => {
+            let mut a = vec![0.0f32; len];
+            quant::dequantize(Q8_COPY, &ins.bytes(q8)[..Q8_COPY.bytes_for(len)?], &mut a)?;
+            Some(a)
+        }
+        None => None,
+    };
     matmul(
         rounded.as_deref().unwrap_or_else(|| ins.view(op.x, len)),
         w,

@@ -1,7 +1,7 @@
 //! Reference for [`kiln_core::ops::MoeRouter`], [`kiln_core::ops::MoeMatMul`] and
 //! [`kiln_core::ops::MoeCombine`].
 
-use super::matmul::{copy_values, dot};
+use super::matmul::dot;
 use crate::{Inputs, Outputs};
 use kiln_core::ops::{Gating, MoeCombine, MoeMatMul, MoeRouter};
 use kiln_core::{quant, DType, Error, Result};
@@ -180,10 +180,8 @@ pub(crate) fn execute_matmul(op: &MoeMatMul, ins: &Inputs, outs: &mut Outputs) -
     let dtype = ins.dtype(op.w);
     let w = &ins.bytes(op.w)[..dtype.bytes_for(op.n_expert * op.rows * op.cols)?];
     let slots = if op.per_slot { op.k } else { 1 };
-    let len = op.m * slots * op.cols;
-    let rounded = copy_values(ins, op.x_q8, len)?;
     moe_matmul(
-        rounded.as_deref().unwrap_or_else(|| ins.view(op.x, len)),
+        ins.view(op.x, op.m * slots * op.cols),
         ins.view(op.ids, op.m * op.k),
         w,
         dtype,

@@ -276,12 +276,12 @@ const RESIDENT_MIN_ROWS: usize = 1024;
 
 /// Most dynamic shared memory `matvec_resident` is chosen with: a block fits every
 /// GPU kiln targets (sm_80 and later allow at least 99 KiB per block).
-pub(crate) const RESIDENT_MAX_SHARED: usize = 96 * 1024;
+const RESIDENT_MAX_SHARED: usize = 96 * 1024;
 
 /// Dynamic shared memory of `matvec_resident` for one activation row of `k`
 /// elements rounded to Q8_1: per unit, its quants and 16 bytes of padding; per
 /// scale group, two f32 (matvec.cu's matvec_resident and resident_unit_bytes).
-pub(crate) fn resident_shared(dtype: DType, k: usize) -> usize {
+fn resident_shared(dtype: DType, k: usize) -> usize {
     let (unit, _, group) = packed_unit(dtype);
     k / unit * (unit + 16) + 8 * (k / group)
 }

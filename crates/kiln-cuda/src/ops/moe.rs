@@ -16,7 +16,7 @@ use super::common::{
     allow_dynamic_shared, config, grid_dim, launch, weight_tag, MAX_GRID_X, MAX_GRID_YZ,
 };
 use super::matmul::{self, MatMulKernel, MATMUL, MATVEC};
-use super::{check_bytes, check_nonzero, check_packed, check_q8_copy, count, grid_1d, to_u32};
+use super::{check_bytes, check_nonzero, check_packed, count, grid_1d, to_u32};
 use crate::constants::{MM_BM, MM_BN, MM_THREADS, MOE_GROUP_THREADS};
 use crate::family::Family;
 use crate::launch::KernelArgs;
@@ -63,7 +63,7 @@ pub fn combine_spec() -> KernelSpec {
 }
 
 /// The expert-routed form of the one-row mat-vec `kernel` (`MatVec` or
-/// `MatVecPacked` of tier 1, or `MatVecResident`) for weights of `dtype`.
+/// `MatVecPacked` of tier 1) for weights of `dtype`.
 pub fn matmul_spec(dtype: DType, kernel: MatMulKernel) -> Result<KernelSpec> {
     let tag = weight_tag(MATMUL_OP, dtype)?;
     match kernel {
@@ -86,17 +86,6 @@ pub fn matmul_spec(dtype: DType, kernel: MatMulKernel) -> Result<KernelSpec> {
                 u8::from(aligned)
             ),
             format!("kiln::moe_matvec_packed<{tag}, {rows}, {aligned}>"),
-        )),
-        MatMulKernel::MatVecResident {
-            threads,
-            min_blocks,
-            aligned,
-        } => Ok(MATVEC.spec(
-            format!(
-                "moe_matvec_resident|w={dtype}|threads={threads}|min_blocks={min_blocks}|aligned={}",
-                u8::from(aligned)
-            ),
-            format!("kiln::moe_matvec_resident<{tag}, {aligned}, {threads}, {min_blocks}>"),
         )),
         other => Err(Error::invalid(
             MATMUL_OP,
@@ -137,9 +126,6 @@ pub(crate) fn all_specs() -> Vec<KernelSpec> {
             specs.extend(matmul_spec(dtype, kernel).ok());
         }
         specs.extend(grouped_spec(dtype).ok());
-    }
-    for (dtype, kernel) in matmul::resident_kernels() {
-        specs.extend(matmul_spec(dtype, kernel).ok());
     }
     specs
 }
@@ -377,8 +363,6 @@ pub struct MoeMatMulArgs {
     pub cols: usize,
     pub per_slot: bool,
     pub x_bytes: usize,
-    /// The Q8_1 copy of x, when the op has one.
-    pub x_q8_bytes: Option<usize>,
     pub ids_bytes: usize,
     pub w_bytes: usize,
     /// The dtype and row length the weight buffer was packed for
@@ -415,12 +399,7 @@ pub struct MoeMatMulPlan {
     rows: u32,
     cols: u32,
     row_bytes: u64,
-    /// Bytes between the resident kernel's images of x (0 for the other kernels).
-    image_bytes: u32,
 }
-
-/// Most slots (a token's experts) the resident expert-routed mat-vec takes.
-pub const RESIDENT_MAX_SLOTS: usize = 64;
 
 impl MoeMatMulArgs {
     /// The arguments of `op` in `graph`, its weight uploaded with `upload_weight`.
@@ -436,7 +415,6 @@ impl MoeMatMulArgs {
             cols: op.cols,
             per_slot: op.per_slot,
             x_bytes: bytes(op.x)?,
-            x_q8_bytes: op.x_q8.map(bytes).transpose()?,
             ids_bytes: bytes(op.ids)?,
             w_bytes: bytes(op.w)?,
             w_packed: Some((weight, op.cols)),
@@ -447,13 +425,8 @@ impl MoeMatMulArgs {
     /// Checks non-zero sizes, `k <= n_expert`, a weight dtype whose blocks divide
     /// `cols`, and buffers of `[n_expert, rows, cols]` weights (in the planes layout for
     /// packed dtypes), `[m, k]` I32 ids, F32 `x` of `[m, k, cols]` (`per_slot`) or
-    /// `[m, cols]` (and its Q8_1 copy, when given) and F32 `out` of `[m, k, rows]`;
-    /// `m * k` slots within the grid. Picks, for one token with a copy, the resident
-    /// mat-vec the dense product of its `k * rows` rows would run, routed (at most
-    /// [`RESIDENT_MAX_SLOTS`] slots); else the one-row mat-vec the dense product of
-    /// `rows` rows would run, routed, one slot per grid row (reading the copy where
-    /// there is one); above [`matmul::MATVEC_MAX_ROWS`] tokens the grouped mat-mat
-    /// (which reads x, not the copy).
+    /// `[m, cols]` and F32 `out` of `[m, k, rows]`; `m * k` slots within the grid. Picks
+    /// the one-row mat-vec the dense product of `rows` rows would run, routed.
     pub fn check(&self) -> Result<MoeMatMulPlan> {
         const OP: &str = MATMUL_OP;
         check_nonzero(
@@ -484,9 +457,13 @@ impl MoeMatMulArgs {
         let slots = count(OP, &[self.m, self.k])?;
         check_bytes(OP, "ids", self.ids_bytes, DType::I32, slots)?;
         let x_rows = if self.per_slot { slots } else { self.m };
-        let x_elements = count(OP, &[x_rows, self.cols])?;
-        check_bytes(OP, "x", self.x_bytes, DType::F32, x_elements)?;
-        check_q8_copy(OP, "x_q8", self.x_q8_bytes, x_elements, self.cols)?;
+        check_bytes(
+            OP,
+            "x",
+            self.x_bytes,
+            DType::F32,
+            count(OP, &[x_rows, self.cols])?,
+        )?;
         check_bytes(
             OP,
             "out",
@@ -508,15 +485,8 @@ impl MoeMatMulArgs {
                 rows: to_u32(OP, "rows", self.rows)?,
                 cols: to_u32(OP, "cols", self.cols)?,
                 row_bytes: row_bytes as u64,
-                image_bytes: 0,
             })
         };
-        if let Some(plan) = self.resident_plan(slots, x_rows, row_bytes)? {
-            return common(plan.0, plan.1, plan.2, None).map(|p| MoeMatMulPlan {
-                image_bytes: plan.3,
-                ..p
-            });
-        }
         if self.m > matmul::MATVEC_MAX_ROWS && self.n_expert <= GROUP_MAX_EXPERTS {
             // Each expert's run of slots needs ceil(count / MM_BM) tiles: at most one
             // partial tile per expert that has slots.
@@ -554,45 +524,6 @@ impl MoeMatMulArgs {
             config((blocks, slot_blocks, 1), threads, shared),
             None,
         )
-    }
-}
-
-impl MoeMatMulArgs {
-    /// The resident routed mat-vec's kernel, spec, block (the grid is fitted to the
-    /// device at launch) and bytes between images, when it runs this product: one
-    /// token, a Q8_1 copy, at most [`RESIDENT_MAX_SLOTS`] slots, a dtype and `k * rows`
-    /// rows the dense resident mat-vec takes, and images and expert table within its
-    /// shared memory limit.
-    fn resident_plan(
-        &self,
-        slots: usize,
-        x_rows: usize,
-        row_bytes: usize,
-    ) -> Result<Option<(MoeMatMulKernel, KernelSpec, LaunchConfig, u32)>> {
-        if self.m != 1 || self.x_q8_bytes.is_none() || slots > RESIDENT_MAX_SLOTS {
-            return Ok(None);
-        }
-        let n = slots * self.rows;
-        let kernel = matmul::matvec_kernel(self.weight, 1, n, self.cols, row_bytes, true);
-        let MatMulKernel::MatVecResident { threads, .. } = kernel else {
-            return Ok(None);
-        };
-        let image_bytes = matmul::resident_shared(self.weight, self.cols).next_multiple_of(16);
-        let shared = x_rows * image_bytes + 8 * slots;
-        if shared > matmul::RESIDENT_MAX_SHARED {
-            return Ok(None);
-        }
-        Ok(Some((
-            MoeMatMulKernel::MatVec(kernel),
-            matmul_spec(self.weight, kernel)?,
-            // At most RESIDENT_MAX_SHARED (checked); one block per row, at most.
-            config(
-                (n.div_ceil(threads as usize / 32) as u32, 1, 1),
-                threads,
-                shared as u32,
-            ),
-            image_bytes as u32,
-        )))
     }
 }
 
@@ -653,11 +584,9 @@ impl Routing {
 /// Each slot's product is the one-row mat-vec of its expert's slice, in f32; a slot
 /// whose expert id is outside `0..n_expert` gets NaN outputs (the device cannot stop
 /// the graph; the CPU reference returns an error).
-#[allow(clippy::too_many_arguments)] // the op's operands, each named
 pub fn moe_matmul(
     backend: &CudaBackend,
     x: &CudaBuffer,
-    x_q8: Option<&CudaBuffer>,
     ids: &CudaBuffer,
     w: &CudaBuffer,
     dtype: DType,
@@ -673,7 +602,6 @@ pub fn moe_matmul(
         cols: op.cols,
         per_slot: op.per_slot,
         x_bytes: x.bytes(),
-        x_q8_bytes: x_q8.map(|q| q.bytes()),
         ids_bytes: ids.bytes(),
         w_bytes: w.bytes(),
         w_packed: w.packed(),
@@ -685,17 +613,10 @@ pub fn moe_matmul(
     }
     let kernel = backend.kernel(&plan.spec)?;
     allow_dynamic_shared(&kernel, &plan.config)?;
-    if let MoeMatMulKernel::MatVec(MatMulKernel::MatVecResident { threads, .. }) = plan.kernel {
-        let x_q8 = x_q8.ok_or_else(|| {
-            Error::invalid(MATMUL_OP, "the resident routed mat-vec reads x's Q8_1 copy")
-        })?;
-        return resident(backend, &kernel, &plan, threads, x_q8, ids, w, out);
-    }
     let mut args = KernelArgs::new(backend);
     args.arg(w.slice())
         .arg(ids.slice())
         .arg(x.slice())
-        .arg(x_q8.map(|q| q.slice()))
         .arg(out.slice_mut())
         .arg(&plan.k)
         .arg(&plan.per_slot)
@@ -705,56 +626,13 @@ pub fn moe_matmul(
         .arg(&plan.row_bytes);
     // SAFETY: the arguments match `kiln::moe_matvec<W, ROWS, LOAD, STAGES>` and
     // `kiln::moe_matvec_packed<W, R, ALIGNED>`: (const u8* w, const int* ids, const
-    // float* x, const u8* xq8, float* out, u32 k, u32 per_slot, u32 n_expert, u32 rows,
-    // u32 cols, u64 row_bytes). w holds n_expert * rows rows of row_bytes (checked,
-    // packed as the kernel reads them), ids m * k ids, x the slots' or tokens' rows of
-    // cols and xq8 (null or) as many rows of its Q8_1 copy, out m * k rows of `rows`;
-    // grid y is the m * k slots, grid x and the shared memory the mat-vec's for `rows`
-    // rows; a kernel reads a weight slice only for an id in 0..n_expert.
-    unsafe { launch(&kernel, &mut args, plan.config) }
-}
-
-/// The resident routed mat-vec of a checked `plan` (one token): a grid of one wave
-/// over the `m * k * rows` rows.
-#[allow(clippy::too_many_arguments)] // the plan and the op's operands, each named
-fn resident(
-    backend: &CudaBackend,
-    kernel: &std::sync::Arc<crate::nvrtc::CudaKernel>,
-    plan: &MoeMatMulPlan,
-    threads: u32,
-    x_q8: &CudaBuffer,
-    ids: &CudaBuffer,
-    w: &CudaBuffer,
-    out: &mut CudaBuffer,
-) -> Result<()> {
-    let warps = backend
-        .resident_warps()
-        .get(backend, kernel, &plan.config)?;
-    let mut launch_config = plan.config;
-    let rows = plan.slots as usize * plan.rows as usize;
-    // At most the plan's blocks (one row per warp), which fit the grid.
-    launch_config.grid_dim.0 = matmul::resident_blocks(rows, warps, threads / 32) as u32;
-    let mut args = KernelArgs::new(backend);
-    args.arg(w.slice())
-        .arg(ids.slice())
-        .arg(x_q8.slice())
-        .arg(out.slice_mut())
-        .arg(&plan.slots)
-        .arg(&plan.per_slot)
-        .arg(&plan.n_expert)
-        .arg(&plan.rows)
-        .arg(&plan.cols)
-        .arg(&plan.row_bytes)
-        .arg(&plan.image_bytes);
-    // SAFETY: the arguments match `kiln::moe_matvec_resident<W, ALIGNED, THREADS,
-    // MIN_BLOCKS>`: (const u8* w, const int* ids, const u8* xq8, float* out, u32 slots,
-    // u32 per_slot, u32 n_expert, u32 rows, u32 cols, u64 row_bytes, u32 image_bytes).
-    // One token (checked): ids holds `slots` ids, xq8 `slots` (per_slot) or 1 rows of
-    // the Q8_1 copy of cols, out `slots` rows of `rows`, w n_expert * rows rows of
-    // row_bytes (all checked); the shared memory holds the images image_bytes apart
-    // and `slots` pointers; the kernel reads a weight slice only for an id in
+    // float* x, float* out, u32 k, u32 per_slot, u32 n_expert, u32 rows, u32 cols, u64
+    // row_bytes). w holds n_expert * rows rows of row_bytes (checked, packed as the
+    // kernel reads them), ids m * k ids, x the slots' or tokens' rows of cols, out m * k
+    // rows of `rows`; grid y is the m * k slots, grid x and the shared memory the
+    // mat-vec's for `rows` rows; a kernel reads a weight slice only for an id in
     // 0..n_expert.
-    unsafe { launch(kernel, &mut args, launch_config) }
+    unsafe { launch(&kernel, &mut args, plan.config) }
 }
 
 /// The grouped mat-mat of a checked `plan`: `moe_group` into the backend's routing

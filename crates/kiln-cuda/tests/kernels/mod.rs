@@ -6,14 +6,6 @@ use kiln_core::{quant, DType, Error, Result};
 use kiln_testkit::uniform;
 use rand::rngs::StdRng;
 
-/// `x` rounded to Q8_1 ([`kiln_core::ops::Q8_COPY`]) by the CPU codec.
-pub fn q8_copy(x: &[f32]) -> Vec<u8> {
-    let copy = kiln_core::ops::Q8_COPY;
-    let mut bytes = vec![0u8; copy.bytes_for(x.len()).unwrap()];
-    quant::quantize(copy, x, &mut bytes).unwrap();
-    bytes
-}
-
 /// `n` random values (uniform in [-1, 1), none zero) stored as `dtype`: its reference
 /// encoding, bit-exact with ggml's for the block formats.
 pub fn encoded(rng: &mut StdRng, dtype: DType, n: usize) -> Vec<u8> {
