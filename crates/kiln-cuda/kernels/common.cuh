@@ -248,7 +248,9 @@ __device__ __forceinline__ u64 grid_stride() {
 // stream is still running (src/launch.rs). A kernel calls chain_after_prior_grids
 // before it reads anything an earlier kernel may write or writes anything one may
 // read: before it the only reads allowed are of weights, which only host copies
-// write. It
+// write, and of a recurrent state that only its own op writes where no launch of that
+// op directly follows another writer of the same state (the kernel just before has
+// passed its own wait, so every earlier kernel has completed). It
 // - waits until every earlier kernel of the stream has completed and its writes are
 //   visible (griddepcontrol.wait);
 // - makes each of `inputs`, the kernel's pointers to what earlier kernels write,

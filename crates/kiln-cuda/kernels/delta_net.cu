@@ -48,13 +48,17 @@ __global__ void causal_conv1d(const float* __restrict__ x, const float* __restri
 // kiln_core::ops::HeadLayout) into shared memory (`qk`: 2 * d_k floats), then per
 // column S = exp(g) S, d = beta (v_j - S[:, j] . k), S[:, j] += k d, out = S[:, j] . q;
 // each dot product is summed by every warp over its rows, then over the warps in order.
+// The held rows are loaded before the wait for the kernels before this one
+// (common.cuh): only this op writes the state, and no launch of it follows another
+// writer of its state directly (the kernel just before has passed its own wait, so
+// every earlier writer has completed).
+template <bool EARLY>
 __global__ void __launch_bounds__(32 * DN_REC_WARPS)
     gated_delta_net(const float* __restrict__ qkv, const float* __restrict__ a,
                     const float* __restrict__ b, const float* __restrict__ ssm_a,
                     const float* __restrict__ dt_bias, float* __restrict__ state,
                     float* __restrict__ out, u32 n_tokens, u32 n_k_heads, u32 n_v_heads,
                     u32 d_k, u32 d_v, u32 tiled, float eps) {
-    chain_after_prior_grids(qkv, a, b, state);
     extern __shared__ float qk[];
     __shared__ float scratch[32];
     __shared__ float kv_part[DN_REC_WARPS][32];
@@ -68,14 +72,19 @@ __global__ void __launch_bounds__(32 * DN_REC_WARPS)
     const u32 j = blockIdx.y * 32u + lane;
     const bool owns_column = j < d_v;
     const u64 width = 2ull * n_k_heads * d_k + (u64)n_v_heads * d_v;
-    float* s = state + (u64)h * d_k * d_v + j;
-    // The held rows' loads go out first, before the token's inputs are read.
+    // The held rows' loads go out first, before the wait and the token's inputs.
     float held[DN_REC_ROWS];
+    if (!EARLY) chain_after_prior_grids(qkv, a, b, state);
+    {
+        const float* early = state + (u64)h * d_k * d_v + j;
 #pragma unroll
-    for (u32 r = 0; r < DN_REC_ROWS; ++r) {
-        const u32 i = warp + DN_REC_WARPS * r;
-        held[r] = owns_column && i < d_k ? s[(u64)i * d_v] : 0.0f;
+        for (u32 r = 0; r < DN_REC_ROWS; ++r) {
+            const u32 i = warp + DN_REC_WARPS * r;
+            held[r] = owns_column && i < d_k ? early[(u64)i * d_v] : 0.0f;
+        }
     }
+    if (EARLY) chain_after_prior_grids(qkv, a, b, state);
+    float* s = state + (u64)h * d_k * d_v + j;
     const u32 first_unheld = DN_REC_WARPS * DN_REC_ROWS + warp;
     const float rate = ssm_a[h];
     const float q_scale = 1.0f / sqrtf((float)d_k);

@@ -609,6 +609,24 @@ impl CudaBackend {
     }
 }
 
+/// Whether op `index` is a delta rule (whose recurrent kernel loads its state before
+/// it waits for the kernel before it, kernels/delta_net.cu) right after an op that
+/// writes memory its state shares: then its launch must wait for that op to end.
+fn reads_state_early_after_its_writer(
+    ops: &[Op],
+    index: usize,
+    bindings: &Bindings<'_, CudaBuffer>,
+) -> bool {
+    let (Some(Op::GatedDeltaNet(d)), Some(previous)) = (ops.get(index), index.checked_sub(1))
+    else {
+        return false;
+    };
+    ops[previous]
+        .outputs()
+        .iter()
+        .any(|&o| bindings.shares_memory(o, d.state))
+}
+
 /// The outputs `outs` of an op writing `out` and optionally its Q8_1 copy `out_q8`
 /// (in that order): `out` and the copy, when there is one.
 fn with_q8_copy<'o>(
@@ -764,6 +782,9 @@ impl Backend for CudaBackend {
                 }
                 None => {
                     self.run_op(graph, &graph_ops[index], bindings)?;
+                    if reads_state_early_after_its_writer(graph_ops, index, bindings) {
+                        recorder.serialize(start);
+                    }
                     1
                 }
             };

@@ -8,8 +8,10 @@
 //! blocks start while the kernel before it in the stream is still finishing. Every
 //! kiln kernel launched that way is written for it (kernels/common.cuh): it waits for
 //! the grids before it (`chain_after_prior_grids`) before it reads anything they may
-//! write or writes anything they may read, and only the resident mat-vec does work
-//! before that wait (loads of weights, which only host copies write). The kernels
+//! write or writes anything they may read, and only the resident mat-vec (loads of
+//! weights, which only host copies write) and the recurrent delta rule (loads of its
+//! state, which only it writes, and never in the launch just before) do work before
+//! that wait. The kernels
 //! always launched [`KernelArgs::serialized`] do not wait.
 
 use std::cell::RefCell;
@@ -180,6 +182,15 @@ impl LaunchRecord {
         }
     }
 
+    /// Whether the launch waits for the work before it to end even where programmatic
+    /// launch is on (a serialized kernel, or a library call).
+    pub fn serialized(&self) -> bool {
+        match &self.0 {
+            Work::Kernel(k) => k.serialized,
+            Work::Library(_) => true,
+        }
+    }
+
     /// Submits the launch on `stream`, letting a kernel start early (programmatic
     /// dependent launch) when `programmatic` is set and the record is not serialized;
     /// with the `nvtx` feature, inside an NVTX range named by the key.
@@ -272,6 +283,21 @@ impl Recorder {
     /// Launches recorded so far.
     pub(crate) fn len(&self) -> usize {
         RECORDING.with(|r| r.borrow().as_ref().map_or(0, Vec::len))
+    }
+
+    /// Makes the kernel launch recorded at `index` (if any) wait for the kernel before
+    /// it to end, as [`KernelArgs::serialized`] does.
+    pub(crate) fn serialize(&self, index: usize) {
+        RECORDING.with(|r| {
+            if let Some(Work::Kernel(k)) = r
+                .borrow_mut()
+                .as_mut()
+                .and_then(|l| l.get_mut(index))
+                .map(|l| &mut l.0)
+            {
+                k.serialized = true;
+            }
+        });
     }
 
     /// Stops recording and returns the records, in launch order.

@@ -330,6 +330,92 @@ fn gated_delta_net_chunkwise_matches_cpu() {
     assert_eq!(kernel, DeltaNetKernel::Recurrent);
 }
 
+/// Two decode tokens as two delta-rule ops on one state in one graph: the recurrent
+/// kernel loads its state before it waits for the kernel before it, so the second
+/// launch (right after the first, which writes the state) is serialized, and both
+/// tokens' outputs and the final state are the CPU's.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn back_to_back_decode_tokens_on_one_state_match_the_cpu() {
+    let mut rng = rng("back_to_back_decode_tokens_on_one_state_match_the_cpu");
+    let case = DeltaCase::new(&mut rng, 2, 4, 128, 128, 2);
+    let (h, nv) = (case.heads, case.heads.n_v_heads);
+    let mut g = Graph::new();
+    let state = g.persistent("state", F32, &[nv, h.d_k, h.d_v]).unwrap();
+    let ssm_a = g.persistent("ssm_a", F32, &[nv]).unwrap();
+    let dt_bias = g.persistent("dt_bias", F32, &[nv]).unwrap();
+    let mut inputs = vec![
+        (state, f32_bytes(&case.state)),
+        (ssm_a, f32_bytes(&case.ssm_a)),
+        (dt_bias, f32_bytes(&case.dt_bias)),
+    ];
+    let mut outputs = Vec::new();
+    for t in 0..2 {
+        let token = case.tokens(t..t + 1);
+        let qkv = g
+            .persistent(format!("qkv{t}"), F32, &[1, h.qkv_width()])
+            .unwrap();
+        let a = g.persistent(format!("a{t}"), F32, &[1, nv]).unwrap();
+        let b = g.persistent(format!("b{t}"), F32, &[1, nv]).unwrap();
+        let out = g
+            .persistent(format!("out{t}"), F32, &[1, nv, h.d_v])
+            .unwrap();
+        g.push(GatedDeltaNet {
+            qkv,
+            a,
+            b,
+            ssm_a,
+            dt_bias,
+            state,
+            out,
+            n_tokens: 1,
+            heads: h,
+            eps: 1e-6,
+        })
+        .unwrap();
+        inputs.extend([
+            (qkv, f32_bytes(&token.qkv)),
+            (a, f32_bytes(&token.a)),
+            (b, f32_bytes(&token.b)),
+        ]);
+        outputs.push(out);
+    }
+    outputs.push(state);
+    let launches = compiled_launches(&g);
+    assert_eq!(launches.len(), 2);
+    assert!(!launches[0].1 && launches[1].1, "{launches:?}");
+    let (cpu, gpu) = both(&g, &inputs, &outputs);
+    for (name, (got, want)) in ["out0", "out1", "state"].iter().zip(gpu.iter().zip(&cpu)) {
+        assert_close(name, got, want, DELTA_NMSE);
+    }
+}
+
+/// The keys of `g`'s launches compiled on the GPU, and whether each is serialized.
+fn compiled_launches(g: &Graph) -> Vec<(String, bool)> {
+    use kiln_core::{plan, Backend, Bindings, BufferKind, Scratch};
+    let cuda = cuda();
+    let memory = plan(g, Aliasing::On);
+    let mut scratch = Scratch::new();
+    scratch.ensure(cuda, &memory).unwrap();
+    let ids: Vec<BufferId> = (0..g.buffers().len() as u32)
+        .map(BufferId)
+        .filter(|id| g.buffers()[id.index()].kind == BufferKind::Persistent)
+        .collect();
+    let mut bufs: Vec<_> = ids
+        .iter()
+        .map(|id| cuda.alloc(g.buffers()[id.index()].bytes()).unwrap())
+        .collect();
+    let mut b = Bindings::new(g, &memory, &mut scratch).unwrap();
+    for (&id, buf) in ids.iter().zip(bufs.iter_mut()) {
+        b.bind(g, id, buf).unwrap();
+    }
+    let exe = cuda.compile(g, &mut b).unwrap();
+    exe.launches()
+        .iter()
+        .map(|l| (l.key().to_string(), l.serialized()))
+        .collect()
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gated_delta_net_chunkwise_prompt_in_pieces_equals_one_run() {
@@ -431,7 +517,7 @@ fn decode_and_short_prompts_run_recurrently_and_prompts_chunkwise() {
         // One block per (value head, 32 value columns), of 8 warps.
         assert_eq!(plan.config.grid_dim, (32, 4, 1));
         assert_eq!(plan.config.block_dim, (256, 1, 1));
-        assert_eq!(plan.spec.key, "gated_delta_net|form=recurrent");
+        assert_eq!(plan.spec.key, "gated_delta_net|form=recurrent|early=1");
     }
     for n in [CHUNK_MIN_TOKENS, 64, 4096] {
         let plan = qwen(n).check().unwrap();
