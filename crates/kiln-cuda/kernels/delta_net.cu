@@ -52,7 +52,6 @@ __global__ void causal_conv1d(const float* __restrict__ x, const float* __restri
 // (common.cuh): only this op writes the state, and no launch of it follows another
 // writer of its state directly (the kernel just before has passed its own wait, so
 // every earlier writer has completed).
-template <bool EARLY>
 __global__ void __launch_bounds__(32 * DN_REC_WARPS)
     gated_delta_net(const float* __restrict__ qkv, const float* __restrict__ a,
                     const float* __restrict__ b, const float* __restrict__ ssm_a,
@@ -74,7 +73,6 @@ __global__ void __launch_bounds__(32 * DN_REC_WARPS)
     const u64 width = 2ull * n_k_heads * d_k + (u64)n_v_heads * d_v;
     // The held rows' loads go out first, before the wait and the token's inputs.
     float held[DN_REC_ROWS];
-    if (!EARLY) chain_after_prior_grids(qkv, a, b, state);
     {
         const float* early = state + (u64)h * d_k * d_v + j;
 #pragma unroll
@@ -83,7 +81,7 @@ __global__ void __launch_bounds__(32 * DN_REC_WARPS)
             held[r] = owns_column && i < d_k ? early[(u64)i * d_v] : 0.0f;
         }
     }
-    if (EARLY) chain_after_prior_grids(qkv, a, b, state);
+    chain_after_prior_grids(qkv, a, b, state);
     float* s = state + (u64)h * d_k * d_v + j;
     const u32 first_unheld = DN_REC_WARPS * DN_REC_ROWS + warp;
     const float rate = ssm_a[h];

@@ -517,7 +517,7 @@ fn decode_and_short_prompts_run_recurrently_and_prompts_chunkwise() {
         // One block per (value head, 32 value columns), of 8 warps.
         assert_eq!(plan.config.grid_dim, (32, 4, 1));
         assert_eq!(plan.config.block_dim, (256, 1, 1));
-        assert_eq!(plan.spec.key, "gated_delta_net|form=recurrent|early=1");
+        assert_eq!(plan.spec.key, "gated_delta_net|form=recurrent");
     }
     for n in [CHUNK_MIN_TOKENS, 64, 4096] {
         let plan = qwen(n).check().unwrap();

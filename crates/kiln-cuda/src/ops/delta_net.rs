@@ -205,8 +205,8 @@ pub fn chunk_shared_bytes(d_k: u32) -> usize {
 pub fn delta_spec(kernel: DeltaNetKernel) -> KernelSpec {
     match kernel {
         DeltaNetKernel::Recurrent => DELTA_NET.spec(
-            format!("gated_delta_net|form=recurrent|early={}", u8::from(early_state())),
-            format!("kiln::gated_delta_net<{}>", early_state()),
+            "gated_delta_net|form=recurrent".to_string(),
+            "kiln::gated_delta_net".to_string(),
         ),
         DeltaNetKernel::Chunkwise { d_k } => DELTA_NET.spec(
             format!("gated_delta_net|form=chunkwise|d_k={d_k}"),
@@ -382,11 +382,6 @@ impl DeltaNetArgs {
 }
 
 const OP: &str = "gated_delta_net";
-
-/// Temporary switch for a side-by-side measurement.
-fn early_state() -> bool {
-    std::env::var("KILN_DELTA_EARLY_STATE").map_or(true, |v| v != "0")
-}
 
 /// The gated delta rule over `n_tokens` tokens, continuing from and updating `state`,
 /// as [`kiln_core::ops::GatedDeltaNet`] defines: recurrent for short prompts and
