@@ -381,39 +381,13 @@ fn back_to_back_decode_tokens_on_one_state_match_the_cpu() {
         outputs.push(out);
     }
     outputs.push(state);
-    let launches = compiled_launches(&g);
+    let launches = compiled_launches(cuda(), &g);
     assert_eq!(launches.len(), 2);
     assert!(!launches[0].1 && launches[1].1, "{launches:?}");
     let (cpu, gpu) = both(&g, &inputs, &outputs);
     for (name, (got, want)) in ["out0", "out1", "state"].iter().zip(gpu.iter().zip(&cpu)) {
         assert_close(name, got, want, DELTA_NMSE);
     }
-}
-
-/// The keys of `g`'s launches compiled on the GPU, and whether each is serialized.
-fn compiled_launches(g: &Graph) -> Vec<(String, bool)> {
-    use kiln_core::{plan, Backend, Bindings, BufferKind, Scratch};
-    let cuda = cuda();
-    let memory = plan(g, Aliasing::On);
-    let mut scratch = Scratch::new();
-    scratch.ensure(cuda, &memory).unwrap();
-    let ids: Vec<BufferId> = (0..g.buffers().len() as u32)
-        .map(BufferId)
-        .filter(|id| g.buffers()[id.index()].kind == BufferKind::Persistent)
-        .collect();
-    let mut bufs: Vec<_> = ids
-        .iter()
-        .map(|id| cuda.alloc(g.buffers()[id.index()].bytes()).unwrap())
-        .collect();
-    let mut b = Bindings::new(g, &memory, &mut scratch).unwrap();
-    for (&id, buf) in ids.iter().zip(bufs.iter_mut()) {
-        b.bind(g, id, buf).unwrap();
-    }
-    let exe = cuda.compile(g, &mut b).unwrap();
-    exe.launches()
-        .iter()
-        .map(|l| (l.key().to_string(), l.serialized()))
-        .collect()
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod kernels;
 use common::*;
 use kernels::*;
 use kiln_core::ops::{AddRmsNorm, MatMul, Q8_COPY};
-use kiln_core::{plan, Aliasing, Backend, Bindings, BufferId, DType, Graph, Scratch};
+use kiln_core::{Aliasing, BufferId, DType, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::norm_matvec::fusible;
 
@@ -151,34 +151,9 @@ fn pairs_the_fused_kernel_cannot_stand_for_are_not_fused() {
 /// The compiled pair's launches with the fusion on or off.
 fn launches(cuda: &kiln_cuda::CudaBackend, p: &Pair, fuse: bool) -> Vec<String> {
     cuda.set_fuse_norms(fuse);
-    let memory = plan(&p.graph, Aliasing::On);
-    let mut scratch = Scratch::new();
-    scratch.ensure(cuda, &memory).unwrap();
-    let ids: Vec<BufferId> = [p.x, p.residual, p.norm_weight, p.w, p.sum, p.out]
-        .into_iter()
-        .chain(p.bias)
-        .collect();
-    let mut bufs: Vec<_> = ids
-        .iter()
-        .map(|&id| {
-            let desc = &p.graph.buffers()[id.index()];
-            let mut buf = cuda.alloc(desc.bytes()).unwrap();
-            if id == p.w {
-                // Quantized weights are uploaded in the layout their kernels read.
-                let bytes = vec![0u8; desc.bytes()];
-                cuda.upload_weight(&mut buf, &bytes, desc.dtype, &desc.shape)
-                    .unwrap();
-            }
-            buf
-        })
-        .collect();
-    let mut b = Bindings::new(&p.graph, &memory, &mut scratch).unwrap();
-    for (&id, buf) in ids.iter().zip(bufs.iter_mut()) {
-        b.bind(&p.graph, id, buf).unwrap();
-    }
-    let exe = cuda.compile(&p.graph, &mut b).unwrap();
+    let launches = compiled_launches(cuda, &p.graph);
     cuda.set_fuse_norms(true);
-    exe.launches().iter().map(|l| l.key().to_string()).collect()
+    launches.into_iter().map(|(key, _)| key).collect()
 }
 
 #[test]

@@ -25,6 +25,43 @@ pub fn cuda() -> &'static CudaBackend {
     }
 }
 
+/// The launches `graph` compiles to on `cuda` (each launch's key and whether it is
+/// serialized), over freshly allocated persistent buffers: those of block formats
+/// uploaded as zero weights, in the layout their kernels read, as `run_on` does. The
+/// executable is not run.
+pub fn compiled_launches(cuda: &CudaBackend, graph: &kiln_core::Graph) -> Vec<(String, bool)> {
+    use kiln_core::{plan, Aliasing, Backend, Bindings, BufferId, BufferKind, Scratch};
+    let memory = plan(graph, Aliasing::On);
+    let mut scratch = Scratch::new();
+    scratch.ensure(cuda, &memory).unwrap();
+    let ids: Vec<BufferId> = (0..graph.buffers().len() as u32)
+        .map(BufferId)
+        .filter(|id| graph.buffers()[id.index()].kind == BufferKind::Persistent)
+        .collect();
+    let mut bufs: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let desc = &graph.buffers()[id.index()];
+            let mut buf = cuda.alloc(desc.bytes()).unwrap();
+            if desc.dtype.is_quantized() {
+                let zeros = vec![0u8; desc.bytes()];
+                cuda.upload_weight(&mut buf, &zeros, desc.dtype, &desc.shape)
+                    .unwrap();
+            }
+            buf
+        })
+        .collect();
+    let mut b = Bindings::new(graph, &memory, &mut scratch).unwrap();
+    for (&id, buf) in ids.iter().zip(bufs.iter_mut()) {
+        b.bind(graph, id, buf).unwrap();
+    }
+    let exe = cuda.compile(graph, &mut b).unwrap();
+    exe.launches()
+        .iter()
+        .map(|l| (l.key().to_string(), l.serialized()))
+        .collect()
+}
+
 /// Asserts that `q8` is exactly the CPU codec's Q8_1 rounding of the f32 values in
 /// `out` ([`kiln_core::ops::Q8_COPY`]): the GPU's copy of its own output.
 pub fn assert_q8_copy(what: &str, out: &[u8], q8: &[u8]) {
