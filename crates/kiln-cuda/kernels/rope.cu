@@ -1,45 +1,8 @@
-// Rotary position embedding (RoPE) and per-head RMSNorm fused with it.
-//
-// For pair i < rotary_dim / 2 of a head at position p:
-//   theta = p * freq_scale * base^(-2i / rotary_dim) / ff[i]   (ff = 1 without factors)
-//   (a, b) -> (a cos(theta) - b sin(theta), a sin(theta) + b cos(theta)),
-// the pair being (2i, 2i + 1) for the normal style and (i, i + rotary_dim / 2) for
-// NeoX. Elements at or past rotary_dim are copied. Angles are computed in f32 in the
-// reference's order of operations. x and out are [n_tokens, n_heads, head_dim].
-#include "common.cuh"
+// Rotary position embedding (RoPE) and per-head RMSNorm fused with it, as rope.cuh
+// defines them. x and out are [n_tokens, n_heads, head_dim].
+#include "rope.cuh"
 
 namespace kiln {
-
-struct RopeArgs {
-    const int* positions;
-    const float* freq_factors;  // rotary_dim / 2 values, or null
-    u32 n_heads;
-    u32 head_dim;
-    u32 rotary_dim;
-    float base;
-    float freq_scale;
-};
-
-// The element indices of rotary pair i.
-template <bool NeoX>
-__device__ __forceinline__ void pair_of(u32 i, u32 rotary_dim, u32& a, u32& b) {
-    if (NeoX) {
-        a = i;
-        b = i + rotary_dim / 2;
-    } else {
-        a = 2 * i;
-        b = 2 * i + 1;
-    }
-}
-
-// sin and cos of pair i's angle at position pos.
-__device__ __forceinline__ void rope_angle(const RopeArgs& r, int pos, u32 i, float& s,
-                                           float& c) {
-    const float exponent = -2.0f * (float)i / (float)r.rotary_dim;
-    const float factor = r.freq_factors ? r.freq_factors[i] : 1.0f;
-    const float theta = (float)pos * r.freq_scale * powf(r.base, exponent) / factor;
-    sincosf(theta, &s, &c);
-}
 
 // One block per token; threads walk over every head's pairs, then the copied tail.
 template <bool NeoX>
@@ -62,10 +25,7 @@ __global__ void rope(const float* __restrict__ x, const int* __restrict__ positi
         const u64 head = token + (u64)h * r.head_dim;
         float s, c;
         rope_angle(r, pos, i, s, c);
-        const float a = x[head + ia];
-        const float b = x[head + ib];
-        out[head + ia] = a * c - b * s;
-        out[head + ib] = a * s + b * c;
+        rotate_pair(x[head + ia], x[head + ib], s, c, out[head + ia], out[head + ib]);
     }
     const u32 tail = r.head_dim - r.rotary_dim;
     for (u32 j = threadIdx.x; j < r.n_heads * tail; j += blockDim.x) {
@@ -87,38 +47,13 @@ __global__ void head_norm_rope(const float* __restrict__ x, const float* __restr
     const RopeArgs r = {positions, freq_factors, n_heads, head_dim, rotary_dim, base,
                         freq_scale};
     const u64 head_index = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const u32 lane = threadIdx.x & 31u;
     if (head_index >= n_heads_total) {
         return;
     }
-    const u32 t = (u32)(head_index / r.n_heads);
-    const int pos = r.positions[t];
-    const float* xh = x + head_index * r.head_dim;
+    const int pos = r.positions[head_index / r.n_heads];
     float* oh = out + head_index * r.head_dim;
-
-    float squares = 0.0f;
-    for (u32 i = lane; i < r.head_dim; i += 32) {
-        squares += xh[i] * xh[i];
-    }
-    const float mean = warp_sum(squares) / (float)r.head_dim;
-    const float inv = 1.0f / sqrtf(mean + eps);
-    // x[i] * inv * w[i], in the reference's order.
-    auto normed = [&](u32 i) { return xh[i] * inv * (weight ? weight[i] : 1.0f); };
-
-    const u32 half = r.rotary_dim / 2;
-    for (u32 i = lane; i < half; i += 32) {
-        u32 ia, ib;
-        pair_of<NeoX>(i, r.rotary_dim, ia, ib);
-        float s, c;
-        rope_angle(r, pos, i, s, c);
-        const float a = normed(ia);
-        const float b = normed(ib);
-        oh[ia] = a * c - b * s;
-        oh[ib] = a * s + b * c;
-    }
-    for (u32 i = r.rotary_dim + lane; i < r.head_dim; i += 32) {
-        oh[i] = normed(i);
-    }
+    rotate_head<NeoX>(x + head_index * r.head_dim, true, weight, eps, r, pos,
+                      [&](u32 i, float v) { oh[i] = v; });
 }
 
 // Whether a later token of the call than t has slot `slot` and position pos (its row
@@ -185,38 +120,14 @@ __global__ void qkv_rope_append(const float* __restrict__ qkv, const int* __rest
         return;
     }
     const float* weight = is_q ? q_weight : k_weight;
-    float inv = 1.0f;
-    if (weight != nullptr) {
-        float squares = 0.0f;
-        for (u32 i = lane; i < head_dim; i += 32) {
-            squares += xh[i] * xh[i];
-        }
-        inv = 1.0f / sqrtf(warp_sum(squares) / (float)head_dim + eps);
-    }
-    // x[i] * inv * w[i], in the reference's order (x[i] unchanged without a weight).
-    auto value = [&](u32 i) { return weight != nullptr ? xh[i] * inv * weight[i] : xh[i]; };
-    auto store = [&](u32 i, float v) {
+    const u64 k_row = is_q ? 0 : slot_row + (u64)(h - n_heads) * capacity + (u32)pos;
+    rotate_head<NeoX>(xh, weight != nullptr, weight, eps, r, pos, [&](u32 i, float v) {
         if (is_q) {
             q_out[((u64)t * n_heads + h) * head_dim + i] = v;
         } else {
-            const u64 row = slot_row + (u64)(h - n_heads) * capacity + (u32)pos;
-            k_cache[row * head_dim + i] = C::store(v);
+            k_cache[k_row * head_dim + i] = C::store(v);
         }
-    };
-    const u32 half = rotary_dim / 2;
-    for (u32 i = lane; i < half; i += 32) {
-        u32 ia, ib;
-        pair_of<NeoX>(i, rotary_dim, ia, ib);
-        float s, c;
-        rope_angle(r, pos, i, s, c);
-        const float a = value(ia);
-        const float b = value(ib);
-        store(ia, a * c - b * s);
-        store(ib, a * s + b * c);
-    }
-    for (u32 i = rotary_dim + lane; i < head_dim; i += 32) {
-        store(i, value(i));
-    }
+    });
 }
 
 }  // namespace kiln
