@@ -41,7 +41,6 @@
 //
 // slots is written only by the host, never by an earlier kernel (see token_slot).
 #include "reduce.cuh"
-#include "rope.cuh"
 
 namespace kiln {
 
@@ -236,54 +235,18 @@ __device__ __forceinline__ void decode_store4(float* out, u8* q8, u32 item, floa
     }
 }
 
-// A decode attention's own rotation of one token's query, key and value heads, as
-// kiln_core::ops::QkvRopeAppend computes it (rope.cuh), in place of that op's launch
-// before it: `style` 0 (none: q holds rotated queries), 1 (normal pairs) or 2 (NeoX).
-// With a style, q is the token's projection [n_heads + 2 n_kv_heads, head_dim] (query,
-// key, value heads), each block rotates its own query heads (normalized first with
-// q_norm when it is not null), and the block whose split holds the query's position
-// writes that row of its KV head into the caches (the key rotated, normalized with
-// k_norm when q_norm is not null; the value as it is) before it reads the split's rows.
-// Only one token, and one block per (split, KV head): G at least the group.
-struct DecodeRotation {
-    u32 style;
-    const float* freq_factors;  // rotary_dim / 2 values, or null
-    const float* q_norm;
-    const float* k_norm;
-    u32 rotary_dim;
-    float base;
-    float freq_scale;
-    float eps;
-};
-
-// One warp rotates head xh as rotation.style says, storing each element with store.
-template <typename Store>
-__device__ __forceinline__ void decode_rotate_head(const DecodeRotation& rotation,
-                                                   const RopeArgs& r, const float* xh,
-                                                   const float* norm, int pos, Store store) {
-    const bool normalize = rotation.q_norm != nullptr;
-    if (rotation.style == 2) {
-        rotate_head<true>(xh, normalize, norm, rotation.eps, r, pos, store);
-    } else {
-        rotate_head<false>(xh, normalize, norm, rotation.eps, r, pos, store);
-    }
-}
-
 // G: query heads per block (1, 2, 4 or 8; a group runs in chunks of G). LPR: lanes per
 // cache row (8, 16 or 32), head_dim <= 8 * LPR; lanes past head_dim / 8 hold zeros.
-// `split_rows`: the fewest rows worth a split of its own. The rotation's fields follow
-// as parameters of their own (DecodeRotation).
+// `split_rows`: the fewest rows worth a split of its own.
 template <typename C, u32 G, u32 LPR>
 __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
-    attention_decode(const float* __restrict__ q, typename C::storage* __restrict__ k_cache,
-                     typename C::storage* __restrict__ v_cache,
+    attention_decode(const float* __restrict__ q, const typename C::storage* __restrict__ k_cache,
+                     const typename C::storage* __restrict__ v_cache,
                      const int* __restrict__ positions, const int* slots,
                      float* __restrict__ out, u8* __restrict__ out_q8, float* __restrict__ work,
                      u32* __restrict__ counters, u32 n_heads, u32 n_kv_heads, u32 head_dim,
                      u32 capacity, u32 n_slots, float scale, u32 window, float softcap,
-                     u32 split_rows, u32 rope_style, const float* __restrict__ freq_factors,
-                     const float* __restrict__ q_norm, const float* __restrict__ k_norm,
-                     u32 rotary_dim, float rope_base, float rope_freq_scale, float norm_eps) {
+                     u32 split_rows) {
     typedef typename C::storage S;
     constexpr u32 CHUNK = 8 * sizeof(S);                    // bytes of a lane's chunk
     constexpr u32 U = AD_STAGE_BYTES / (2 * 32 * CHUNK);    // rows per lane per tile
@@ -367,57 +330,20 @@ __global__ void __launch_bounds__(AD_THREADS, AD_MIN_BLOCKS)
         }
         decode_commit();
     };
-    const DecodeRotation rotation = {rope_style, freq_factors, q_norm,   k_norm,
-                                     rotary_dim, rope_base,    rope_freq_scale, norm_eps};
-    // The block that writes the new cache row issues its copies after the row is written.
-    const bool writes_row = rotation.style != 0 && split + 1 == active;
-    auto issue_first = [&]() {
 #pragma unroll
-        for (u32 s = 0; s + 1 < AD_STAGES; ++s) issue(s);
-    };
-    if (!writes_row) {
-        issue_first();
-    }
+    for (u32 s = 0; s + 1 < AD_STAGES; ++s) issue(s);
 
     // The block's queries, zero past nh heads and head_dim columns, while the first
     // tiles are in flight. Head h's columns 8 c + e sit at qs[h][4 c + e] for e < 4 and
     // at qs[h][DMAX / 2 + 4 c + e - 4] for the others, so that the lanes of a row read
     // consecutive 16-byte words.
     float* qs = reinterpret_cast<float*>(decode_shared + AD_WARPS * AD_STAGES * AD_STAGE_BYTES);
-    auto q_at = [&](u32 h, u32 d) {
-        return h * DMAX + (d % 8 < 4 ? 0 : DMAX / 2) + 4 * (d / 8) + d % 4;
-    };
     for (u32 i = threadIdx.x; i < G * DMAX; i += AD_THREADS) {
         const u32 h = i / DMAX, d = i % DMAX;
-        const bool real = h < nh && d < head_dim;
-        if (rotation.style == 0 || !real) {
-            qs[q_at(h, d)] = real ? q[((u64)t * n_heads + h0 + h) * head_dim + d] : 0.0f;
-        }
+        const u32 at = h * DMAX + (d % 8 < 4 ? 0 : DMAX / 2) + 4 * (d / 8) + d % 4;
+        qs[at] = h < nh && d < head_dim ? q[((u64)t * n_heads + h0 + h) * head_dim + d] : 0.0f;
     }
-    if (rotation.style != 0) {
-        const RopeArgs r = {positions, freq_factors, n_heads, head_dim, rotary_dim,
-                            rope_base, rope_freq_scale};
-        const float* heads = q + (u64)t * (n_heads + 2 * n_kv_heads) * head_dim;
-        for (u32 h = warp; h < nh; h += AD_WARPS) {
-            decode_rotate_head(rotation, r, heads + (u64)(h0 + h) * head_dim, q_norm, p,
-                               [&](u32 d, float v) { qs[q_at(h, d)] = v; });
-        }
-        const u64 row_at = (((u64)kv_slot * n_kv_heads + kvh) * capacity + pos) * head_dim;
-        if (writes_row && warp == 0) {
-            decode_rotate_head(rotation, r, heads + (u64)(n_heads + kvh) * head_dim, k_norm, p,
-                               [&](u32 d, float v) { k_cache[row_at + d] = C::store(v); });
-        } else if (writes_row && warp == 1) {
-            const float* vh = heads + (u64)(n_heads + n_kv_heads + kvh) * head_dim;
-            for (u32 d = lane; d < head_dim; d += 32) {
-                v_cache[row_at + d] = C::store(vh[d]);
-            }
-        }
-    }
-    // The queries, and the new row for this block's copies, are in place.
     __syncthreads();
-    if (writes_row) {
-        issue_first();
-    }
 
     float acc[G][8];
 #pragma unroll

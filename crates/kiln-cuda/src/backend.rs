@@ -61,7 +61,6 @@ pub struct CudaBackend {
     moe_routing: ops::moe::Routing,
     programmatic_launch: AtomicBool,
     fuse_norms: AtomicBool,
-    fuse_rope: AtomicBool,
     cuda_graphs: AtomicBool,
     capture: Capture,
     compiles: AtomicU64,
@@ -84,10 +83,6 @@ pub const CUDA_GRAPHS_ENV: &str = "KILN_CUDA_GRAPHS";
 /// The environment variable that, set to `0`, turns the fusion of norms into the
 /// mat-vecs that read them off ([`CudaBackend::fuse_norms`]).
 pub const FUSE_NORMS_ENV: &str = "KILN_CUDA_FUSE_NORMS";
-
-/// The environment variable that, set to `0`, turns the fusion of a decode step's
-/// rotation and cache append into its attention off ([`CudaBackend::fuse_rope`]).
-pub const FUSE_ROPE_ENV: &str = "KILN_CUDA_FUSE_ROPE";
 
 /// The environment variable that sets the fewest activation rows of a mat-mat on
 /// cuBLASLt ([`CudaBackend::gemm_min_rows`]): a number, or `off` for never.
@@ -132,7 +127,6 @@ impl CudaBackend {
             && std::env::var(PROGRAMMATIC_LAUNCH_ENV).map_or(true, |v| v != "0");
         let cuda_graphs = std::env::var(CUDA_GRAPHS_ENV).map_or(true, |v| v != "0");
         let fuse_norms = std::env::var(FUSE_NORMS_ENV).map_or(true, |v| v != "0");
-        let fuse_rope = std::env::var(FUSE_ROPE_ENV).map_or(true, |v| v != "0");
         let gemm_min_rows = parse_gemm_min_rows(std::env::var(GEMM_MIN_ROWS_ENV).ok().as_deref())?;
         let capture = Capture::new(device.context())?;
         // SAFETY: the memory is only read after a copy into it has completed.
@@ -154,7 +148,6 @@ impl CudaBackend {
             moe_routing: ops::moe::Routing::default(),
             programmatic_launch: AtomicBool::new(programmatic_launch),
             fuse_norms: AtomicBool::new(fuse_norms),
-            fuse_rope: AtomicBool::new(fuse_rope),
             cuda_graphs: AtomicBool::new(cuda_graphs),
             capture,
             compiles: AtomicU64::new(0),
@@ -184,19 +177,6 @@ impl CudaBackend {
     /// Turns the fusion of norms on or off for the graphs compiled after.
     pub fn set_fuse_norms(&self, on: bool) {
         self.fuse_norms.store(on, Ordering::Relaxed);
-    }
-
-    /// Whether [`Backend::compile`] fuses a one-token rotation and cache append into
-    /// the decode attention that reads its queries ([`ops::rope_attention`]). On unless
-    /// `KILN_CUDA_FUSE_ROPE=0`.
-    pub fn fuse_rope(&self) -> bool {
-        self.fuse_rope.load(Ordering::Relaxed)
-    }
-
-    /// Turns the fusion of rotations into attention on or off for the graphs compiled
-    /// after.
-    pub fn set_fuse_rope(&self, on: bool) {
-        self.fuse_rope.store(on, Ordering::Relaxed);
     }
 
     /// How many graphs [`Backend::compile`] has compiled on this backend (each
@@ -583,123 +563,7 @@ impl CudaBackend {
     }
 }
 
-/// Two consecutive ops of a graph that compile to one launch.
-#[derive(Clone, Copy)]
-enum FusedPair<'g> {
-    /// [`ops::norm_matvec`].
-    NormMatVec(&'g kiln_core::ops::AddRmsNorm, &'g kiln_core::ops::MatMul),
-    /// [`ops::rope_attention`].
-    RopeAttention(
-        &'g kiln_core::ops::QkvRopeAppend,
-        &'g kiln_core::ops::Attention,
-    ),
-}
-
 impl CudaBackend {
-    /// The fusible pair starting at op `index` whose fusion is on and whose operands
-    /// are bound apart, if any.
-    fn fused_pair<'g>(
-        &self,
-        graph: &'g Graph,
-        index: usize,
-        bindings: &Bindings<'_, CudaBuffer>,
-    ) -> Option<FusedPair<'g>> {
-        let norm = self
-            .fuse_norms()
-            .then(|| ops::norm_matvec::fusible(graph, index))
-            .flatten()
-            .filter(|&(norm, product)| ops::norm_matvec::operands_apart(norm, product, bindings))
-            .map(|(norm, product)| FusedPair::NormMatVec(norm, product));
-        let rope = || {
-            self.fuse_rope()
-                .then(|| ops::rope_attention::fusible(graph, index))
-                .flatten()
-                .filter(|&(rope, attention)| {
-                    ops::rope_attention::operands_apart(rope, attention, bindings)
-                })
-                .map(|(rope, attention)| FusedPair::RopeAttention(rope, attention))
-        };
-        norm.or_else(rope)
-    }
-
-    /// Runs a fused pair as one launch.
-    fn run_fused_pair(
-        &self,
-        graph: &Graph,
-        pair: FusedPair<'_>,
-        bindings: &mut Bindings<'_, CudaBuffer>,
-    ) -> Result<()> {
-        match pair {
-            FusedPair::NormMatVec(norm, product) => {
-                self.run_norm_matvec(graph, norm, product, bindings)
-            }
-            FusedPair::RopeAttention(rope, attention) => {
-                self.run_rope_attention(graph, rope, attention, bindings)
-            }
-        }
-    }
-
-    /// Runs a pair that [`ops::rope_attention::fusible`] found as one launch.
-    fn run_rope_attention(
-        &self,
-        graph: &Graph,
-        rope: &kiln_core::ops::QkvRopeAppend,
-        attention: &kiln_core::ops::Attention,
-        bindings: &mut Bindings<'_, CudaBuffer>,
-    ) -> Result<()> {
-        let cache = graph.desc(rope.k_cache)?.dtype;
-        let norm = rope
-            .norm
-            .map_or([None, None], |n| [Some(n.q_weight), Some(n.k_weight)]);
-        let inputs: Vec<_> = [rope.qkv, rope.positions, rope.q_out]
-            .into_iter()
-            .chain(rope.slots)
-            .chain(rope.freq_factors)
-            .chain(norm.into_iter().flatten())
-            .collect();
-        let outputs: Vec<_> = [rope.k_cache, rope.v_cache, attention.out]
-            .into_iter()
-            .chain(attention.out_q8)
-            .collect();
-        bindings.with_operands(&inputs, &outputs, |ins, outs| {
-            let slots = rope.slots.map(|_| ins[3]);
-            let at = 3 + usize::from(rope.slots.is_some());
-            let freq_factors = rope.freq_factors.map(|_| ins[at]);
-            let at = at + usize::from(rope.freq_factors.is_some());
-            let norm = rope.norm.map(|n| ops::rope::QkNormWeights {
-                q_weight: ins[at],
-                k_weight: ins[at + 1],
-                eps: n.eps,
-            });
-            let (k_cache, rest) = outs.split_at_mut(1);
-            let (v_cache, rest) = rest.split_at_mut(1);
-            let (out, out_q8) = with_q8_copy(rest);
-            ops::rope_attention::qkv_rope_attention(
-                self,
-                ops::rope_attention::RotationOperands {
-                    qkv: ins[0],
-                    freq_factors,
-                    norm,
-                    params: rope.params,
-                },
-                ops::rope_attention::AttentionTarget {
-                    k_cache: &mut *k_cache[0],
-                    v_cache: &mut *v_cache[0],
-                    cache,
-                    positions: ins[1],
-                    slots: ops::CacheSlots {
-                        ids: slots,
-                        n_slots: rope.n_slots,
-                    },
-                    q_out: ins[2],
-                    out,
-                    out_q8,
-                },
-                &attention.into(),
-            )
-        })?
-    }
-
     /// Runs a pair that [`ops::norm_matvec::fusible`] found as one launch.
     fn run_norm_matvec(
         &self,
@@ -898,10 +762,17 @@ impl Backend for CudaBackend {
         let mut index = 0;
         while index < graph_ops.len() {
             let start = recorder.len();
-            let ran = match self.fused_pair(graph, index, bindings) {
-                Some(pair) => {
-                    self.run_fused_pair(graph, pair, bindings)?;
-                    // The first op's launch is the second's.
+            let fused = self
+                .fuse_norms()
+                .then(|| ops::norm_matvec::fusible(graph, index))
+                .flatten()
+                .filter(|&(norm, product)| {
+                    ops::norm_matvec::operands_apart(norm, product, bindings)
+                });
+            let ran = match fused {
+                Some((norm, product)) => {
+                    self.run_norm_matvec(graph, norm, product, bindings)?;
+                    // The norm's launch is the product's.
                     ops.push(OpLaunches {
                         index,
                         name: graph_ops[index].name(),

@@ -10,14 +10,13 @@
 //! needs, and its workspace stays at one address for the backend's lifetime.
 
 use cudarc::driver::LaunchConfig;
-use kiln_core::ops::{RopeParams, RopeStyle, Q8_COPY};
+use kiln_core::ops::Q8_COPY;
 use kiln_core::{DType, DeviceBuffer, Error, Result};
 
 use super::common::{
     allow_dynamic_shared, cache_tag, config, grid_dim, launch, CACHE_DTYPES, MAX_GRID_X,
     MAX_GRID_YZ,
 };
-use super::rope::QkNormWeights;
 use super::{check_bytes, check_nonzero, check_q8_copy, count, to_u32};
 use crate::constants::{FA_PAD, FA_TILE_ROWS, FA_TILE_ROWS_WIDE, FA_WARPS};
 use crate::family::Family;
@@ -66,12 +65,6 @@ const GROUP_TIERS: [u32; 4] = [1, 2, 4, 8];
 /// Lanes per cache row the decode kernel is compiled for, each lane 8 columns: a head
 /// dimension runs on the smallest that covers it.
 const DECODE_LANES: [u32; 3] = [8, 16, 32];
-
-/// Whether one decode block holds a whole group of `group` query heads (a tier of
-/// [`GROUP_TIERS`] does), which the decode kernel's own rotation needs.
-pub fn decode_holds_group(group: usize) -> bool {
-    GROUP_TIERS.iter().any(|&t| t as usize >= group)
-}
 
 /// The decode kernel's lanes per cache row for `head_dim` (at most 256).
 fn decode_lanes(head_dim: usize) -> u32 {
@@ -601,68 +594,6 @@ pub fn attention(
         out_q8_bytes: out_q8.as_ref().map(|b| b.bytes()),
     }
     .check_on(backend.multiprocessors())?;
-    let operands = AttentionOperands {
-        q,
-        k_cache,
-        v_cache,
-        positions,
-        slots,
-        out,
-        out_q8,
-    };
-    launch_plan(backend, &plan, operands, shape.scale, None)
-}
-
-/// An attention launch's buffers: the queries (for a [`DecodeRotation`], the token's
-/// projection), the caches, positions, slot ids, the output and its Q8_1 copy.
-pub(crate) struct AttentionOperands<'a> {
-    pub q: &'a CudaBuffer,
-    pub k_cache: &'a CudaBuffer,
-    pub v_cache: &'a CudaBuffer,
-    pub positions: &'a CudaBuffer,
-    pub slots: Option<&'a CudaBuffer>,
-    pub out: &'a mut CudaBuffer,
-    pub out_q8: Option<&'a mut CudaBuffer>,
-}
-
-/// The decode kernel's rotation of its token's query and key heads, in place of a
-/// [`kiln_core::ops::QkvRopeAppend`] before it (kernels/attention.cu's
-/// `DecodeRotation`): the rotary parameters, the frequency factors and the per-head
-/// norm's weights. [`super::rope_attention`] checks its operands.
-pub(crate) struct DecodeRotation<'a> {
-    pub params: RopeParams,
-    pub freq_factors: Option<&'a CudaBuffer>,
-    pub norm: Option<QkNormWeights<'a>>,
-}
-
-/// kernels/attention.cu's rotation styles: none, normal pairs, NeoX pairs.
-fn rotation_style(rotation: Option<&DecodeRotation<'_>>) -> u32 {
-    match rotation.map(|r| r.params.style) {
-        None => 0,
-        Some(RopeStyle::Normal) => 1,
-        Some(RopeStyle::NeoX) => 2,
-    }
-}
-
-/// Launches a checked plan over `operands`, the decode kernel rotating its heads when
-/// `rotation` is given (the caller has checked that the plan is a decode of one token
-/// whose blocks each hold a whole group, and the rotation's operands).
-pub(crate) fn launch_plan(
-    backend: &CudaBackend,
-    plan: &AttentionPlan,
-    operands: AttentionOperands<'_>,
-    scale: f32,
-    rotation: Option<DecodeRotation<'_>>,
-) -> Result<()> {
-    let AttentionOperands {
-        q,
-        k_cache,
-        v_cache,
-        positions,
-        slots,
-        out,
-        out_q8,
-    } = operands;
     let kernel = backend.kernel(&plan.spec)?;
     allow_dynamic_shared(&kernel, &plan.config)?;
     // The decode kernel's counters and partials, in the workspace, when it splits.
@@ -692,10 +623,6 @@ pub(crate) fn launch_plan(
                 Some((counters, partials)) => (Some(counters), Some(partials)),
                 None => (None, None),
             };
-            let style = rotation_style(rotation.as_ref());
-            let params = rotation.as_ref().map(|r| r.params);
-            let norm = rotation.as_ref().and_then(|r| r.norm);
-            let rotary_dim = params.map_or(0, |p| p.rotary_dim as u32);
             args.arg(partials)
                 .arg(counters)
                 .arg(&plan.n_heads)
@@ -703,23 +630,10 @@ pub(crate) fn launch_plan(
                 .arg(&plan.head_dim)
                 .arg(&plan.capacity)
                 .arg(&plan.n_slots)
-                .arg(&scale)
+                .arg(&shape.scale)
                 .arg(&plan.window)
                 .arg(&plan.softcap)
-                .arg(&plan.split_rows)
-                .arg(&style)
-                .arg(
-                    rotation
-                        .as_ref()
-                        .and_then(|r| r.freq_factors)
-                        .map(|f| f.slice()),
-                )
-                .arg(norm.map(|n| n.q_weight.slice()))
-                .arg(norm.map(|n| n.k_weight.slice()))
-                .arg(&rotary_dim)
-                .arg(&params.map_or(0.0, |p| p.base))
-                .arg(&params.map_or(0.0, |p| p.freq_scale))
-                .arg(&norm.map_or(0.0, |n| n.eps));
+                .arg(&plan.split_rows);
         }
         AttentionKernel::Prefill { .. } | AttentionKernel::Flash { .. } => {
             args.arg(&plan.n_tokens)
@@ -728,7 +642,7 @@ pub(crate) fn launch_plan(
                 .arg(&plan.head_dim)
                 .arg(&plan.capacity)
                 .arg(&plan.n_slots)
-                .arg(&scale)
+                .arg(&shape.scale)
                 .arg(&plan.window)
                 .arg(&plan.softcap)
                 .arg(&plan.heads_per_block)
@@ -739,9 +653,7 @@ pub(crate) fn launch_plan(
     // SAFETY: the arguments match `kiln::attention_decode<C, G, LPR>(q, k_cache,
     // v_cache, positions, const int* slots, out, u8* out_q8, float* work, u32*
     // counters, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 capacity, u32 n_slots,
-    // float scale, u32 window, float softcap, u32 split_rows, u32 rope_style, const
-    // float* freq_factors, const float* q_norm, const float* k_norm, u32 rotary_dim,
-    // float rope_base, float rope_freq_scale, float norm_eps)` or
+    // float scale, u32 window, float softcap, u32 split_rows)` or
     // `kiln::attention_prefill<C, DMAX>` or `kiln::attention_flash<C, DH>(q, k_cache,
     // v_cache, positions, const int* slots, out, u8* out_q8, u32 n_tokens, u32
     // n_heads, u32 n_kv_heads, u32 head_dim, u32 capacity, u32 n_slots, float scale,
@@ -752,8 +664,6 @@ pub(crate) fn launch_plan(
     // workspace holds the zeroed counters
     // and the partials of every split of the grid (the kernel uses at most those),
     // stays locked until the launch is queued and is never freed while the backend
-    // lives. With a rotation (style not 0), q holds one token's n_heads + 2 n_kv_heads
-    // heads, the factors rotary_dim / 2 values and the norm weights head_dim each, and
-    // the plan's blocks each hold a whole group (the caller's checks).
+    // lives.
     unsafe { launch(&kernel, &mut args, plan.config) }
 }

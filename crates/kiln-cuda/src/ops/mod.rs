@@ -15,7 +15,6 @@ pub mod moe;
 pub mod norm;
 pub mod norm_matvec;
 pub mod rope;
-pub mod rope_attention;
 pub mod sample;
 pub mod softmax;
 
