@@ -739,22 +739,21 @@ struct StageAddNorm {
 // shared memory (ResidentImage, written by `stage`: StageQ8Copy or StageAddNorm), and
 // the products of each run of 4 quants with 4 rounded activations summed in integers
 // (dp4a).
-// Grid: any number of blocks of THREADS. Each weight row is cut into `splits` S pieces
-// of consecutive units (S = 1, 2 or 4, dividing THREADS / 32), piece p being part
-// p % S of row p / S, and warp w of the grid's G warps owns pieces w * P .. (w + 1) * P
-// (P = ceil(n S / G)), so a grid of at most one wave gives every warp the same work and
-// no block waits on another. With S = 1 each warp writes its rows' sums; with more,
-// every piece of a row lies in one block (whose pieces are a multiple of S), P is at
-// most RESIDENT_MAX_PIECES, and the pieces' sums meet in shared memory and are added
-// in piece order after the block's warps are done. Dynamic shared memory:
+// Grid: any number of blocks of THREADS; warp w of the grid's G warps owns weight rows
+// w * P .. (w + 1) * P (P = ceil(n / G)), so a grid of at most one wave gives every
+// warp the same work and no block waits on another. With `splits` S of 2 or 4 (n * S
+// at most G, S dividing THREADS / 32) each row is cut into S pieces of consecutive
+// units instead, warp w taking piece w % S of row w / S, so that a product of fewer
+// rows than the grid's warps keeps more of them streaming; the pieces' sums meet in
+// shared memory and are added in piece order. Dynamic shared memory:
 // k / UNIT_ELEMS * resident_unit_bytes<W>() + 8 * k / GROUP_ELEMS bytes, in
 // ResidentImage's layout. ALIGNED: every plane of every row starts at a multiple of
 // 16 bytes.
 //
 // Each lane issues the loads of its first units, then the block stages x into shared
-// memory (`stage` waits for the prior grids); after one barrier every warp walks its
-// pieces in steps of 32 * U units, a lane's next units in flight while it accumulates
-// the current ones, and keeps each piece's sum as it finishes the piece. Per scale group of a unit the lane adds
+// memory (`stage` waits for the prior grids); after one barrier every warp walks its rows in steps of 32 * U units, a
+// lane's next units in flight while it accumulates the current ones, and writes each
+// row's sum as it finishes the row. Per scale group of a unit the lane adds
 // scale * d * sum q_w q_x + zero * d * sum q_x (weights scale * q_w + zero).
 template <typename W, bool ALIGNED, u32 THREADS, typename Stage>
 __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage stage,
@@ -769,7 +768,7 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
     constexpr u32 RUNS_PER_GROUP = W::GROUP_ELEMS / 4;
     typedef typename W::Unit Unit;
     extern __shared__ __align__(16) u8 img[];
-    __shared__ float piece_sums[WARPS * RESIDENT_MAX_PIECES];  // the block's, with S > 1
+    __shared__ float pieces[WARPS];  // each warp's piece sum, with splits
 
     const u32 units = k / W::UNIT_ELEMS;
     const u32 nb = k / W::BLOCK_ELEMS;
@@ -779,54 +778,55 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
     const u32 lane = threadIdx.x & 31u;
     const u32 warps = gridDim.x * WARPS;
     const u32 warp = blockIdx.x * WARPS + threadIdx.x / 32;
-    const u32 total = n * splits;
-    const u32 per_warp = total / warps + (total % warps != 0);
-    const u32 piece_end = (u32)min((u64)total, (u64)(warp + 1) * per_warp);
-    u32 piece = (u32)min((u64)piece_end, (u64)warp * per_warp);
-    // A piece's row and units [unit_begin, unit_end).
-    struct Piece {
-        u32 row, unit_begin, unit_end;
-    };
-    auto piece_at = [&](u32 p) {
-        const u32 part = p % splits;
-        return Piece{p / splits, part * units / splits, (part + 1) * units / splits};
-    };
-    // The step of piece `at`, units c0 + lane + 32 a (c0 warp-uniform), into t.
-    auto load_step = [&](const Piece& at, u32 c0, Unit (&t)[U]) {
-        const u8* r = w + (u64)at.row * row_bytes;
+    u32 row, row_end, unit_begin, unit_end;
+    if (splits > 1) {
+        // One piece per warp: units [part * units / S, (part + 1) * units / S).
+        const u32 part = warp % splits;
+        row = warp / splits;
+        row_end = min(n, row + 1);
+        unit_begin = part * units / splits;
+        unit_end = (part + 1) * units / splits;
+    } else {
+        const u32 per_warp = n / warps + (n % warps != 0);
+        row_end = (u32)min((u64)n, (u64)(warp + 1) * per_warp);
+        row = (u32)min((u64)row_end, (u64)warp * per_warp);
+        unit_begin = 0;
+        unit_end = units;
+    }
+
+    // The step at `row`, units c0 + lane + 32 a (c0 warp-uniform), into t.
+    auto load_step = [&](u32 at_row, u32 c0, Unit (&t)[U]) {
+        const u8* r = w + (u64)at_row * row_bytes;
 #pragma unroll
         for (u32 a = 0; a < U; ++a) {
-            if (c0 + lane + 32 * a < at.unit_end) {
+            if (c0 + lane + 32 * a < unit_end) {
                 t[a] = W::template load_unit<A>(r, nb, c0 + lane + 32 * a);
             }
         }
     };
     Unit cur[U], next[U];
-    Piece at = piece_at(piece);
-    u32 c0 = at.unit_begin;
-    if (piece < piece_end) {
-        load_step(at, c0, cur);
+    u32 c0 = unit_begin;
+    if (row < row_end) {
+        load_step(row, c0, cur);
     }
     const ResidentImage<W> image{img, units};
     stage(k, image);  // the first step's weights are in flight
     __syncthreads();
 
     float acc = 0.0f;
-    while (piece < piece_end) {
-        u32 next_piece = piece, next_c0 = c0 + 32 * U;
-        Piece next_at = at;
-        if (next_c0 >= at.unit_end) {
-            ++next_piece;
-            next_at = piece_at(next_piece);
-            next_c0 = next_at.unit_begin;
+    while (row < row_end) {
+        u32 next_row = row, next_c0 = c0 + 32 * U;
+        if (next_c0 >= unit_end) {
+            ++next_row;
+            next_c0 = unit_begin;
         }
-        if (next_piece < piece_end) {
-            load_step(next_at, next_c0, next);
+        if (next_row < row_end) {
+            load_step(next_row, next_c0, next);
         }
 #pragma unroll
         for (u32 a = 0; a < U; ++a) {
             const u32 unit = c0 + lane + 32 * a;
-            if (unit < at.unit_end) {
+            if (unit < unit_end) {
                 const u8* xq = img + unit * UNIT_BYTES;
 #pragma unroll
                 for (u32 g = 0; g < GROUPS_PER_UNIT; ++g) {
@@ -843,34 +843,32 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
                 }
             }
         }
-        if (next_piece != piece) {
+        if (next_row != row) {
             const float s = warp_sum(acc);
             acc = 0.0f;
             if (lane == 0 && splits > 1) {
-                piece_sums[piece - blockIdx.x * WARPS * per_warp] = s;
+                pieces[threadIdx.x / 32] = s;
             } else if (lane == 0) {
-                out[at.row] = bias ? s + bias[at.row] : s;
+                out[row] = bias ? s + bias[row] : s;
             }
         }
 #pragma unroll
         for (u32 a = 0; a < U; ++a) {
             cur[a] = next[a];
         }
-        piece = next_piece;
-        at = next_at;
+        row = next_row;
         c0 = next_c0;
     }
     if (splits > 1) {
-        // The block's rows, each the sum of its pieces in order.
+        // The first piece's warp adds the row's pieces (all in this block).
         __syncthreads();
-        const u32 first_row = blockIdx.x * WARPS * per_warp / splits;
-        const u32 rows = (u32)min((u64)WARPS * per_warp / splits, (u64)n - min(n, first_row));
-        for (u32 i = threadIdx.x; i < rows; i += THREADS) {
-            float s = piece_sums[i * splits];
+        const u32 first = threadIdx.x / 32;
+        row = warp / splits;
+        if (lane == 0 && warp % splits == 0 && row < n) {
+            float s = pieces[first];
             for (u32 j = 1; j < splits; ++j) {
-                s += piece_sums[i * splits + j];
+                s += pieces[first + j];
             }
-            const u32 row = first_row + i;
             out[row] = bias ? s + bias[row] : s;
         }
     }

@@ -70,10 +70,6 @@ shared_constants! {
     /// Float4s of the row that each thread of a resident mat-vec with a fused residual
     /// add and RMSNorm holds in registers.
     RESIDENT_NORM_VECTORS = 8;
-    /// The most pieces a resident mat-vec cuts a weight row into, and the most pieces
-    /// each of its warps takes when it cuts rows.
-    RESIDENT_MAX_SPLITS = 4;
-    RESIDENT_MAX_PIECES = 4;
     /// Elements and bytes of a Q8_1 block (kiln_core's DType::Q8_1).
     Q8_1_BLOCK_ELEMS = 32;
     Q8_1_BLOCK_BYTES = 36;

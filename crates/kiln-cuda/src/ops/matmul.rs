@@ -25,7 +25,7 @@ use super::{check_bytes, check_nonzero, check_packed, check_q8_copy, count, to_u
 
 use crate::constants::{
     MATVEC_THREADS, MM_BM, MM_BN, MM_THREADS, MQ_BN, MQ_KT, MQ_WARPS, PACKED_PAD, Q8_1_BLOCK_BYTES,
-    Q8_1_BLOCK_ELEMS, RESIDENT_MAX_PIECES, RESIDENT_MAX_SPLITS,
+    Q8_1_BLOCK_ELEMS,
 };
 use crate::context::driver_error;
 use crate::family::Family;
@@ -287,40 +287,40 @@ fn resident_shared(dtype: DType, k: usize) -> usize {
 }
 
 /// How `matvec_resident` spreads `n` weight rows over blocks of `warps_per_block`
-/// warps when `resident_warps` warps fit the device at once: each row cut into
-/// `splits` pieces of consecutive units, each warp taking ceil(n splits /
-/// resident_warps) pieces, and the grid just the warps that needs, so that it is one
-/// wave in which every warp has the same work.
+/// warps when `resident_warps` warps fit the device at once: with `splits` 1 each warp
+/// takes ceil(n / resident_warps) rows; with 2 or 4 (where the rows fill at most that
+/// fraction of the warps) each row is cut into that many pieces, one per warp. The
+/// grid has just the warps that needs, so that it is one wave in which every warp has
+/// the same work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResidentGrid {
     pub blocks: usize,
     pub splits: u32,
 }
 
-/// The [`ResidentGrid`] of `n` rows: of the splits the kernel takes (1, 2 and 4 where
-/// they divide `warps_per_block`, and above 1 only at most [`RESIDENT_MAX_PIECES`]
-/// pieces per warp), the one that keeps the largest share of the warps' work busy, n
-/// splits / (pieces per warp x resident warps); the fewest splits among equals.
+/// The most pieces `matvec_resident` cuts a row into.
+const RESIDENT_MAX_SPLITS: u32 = 4;
+
+/// The [`ResidentGrid`] of `n` rows: the most splits (a power of two up to
+/// [`RESIDENT_MAX_SPLITS`] that divides `warps_per_block`) whose pieces the resident
+/// warps hold at one per warp.
 pub fn resident_grid(n: usize, resident_warps: usize, warps_per_block: u32) -> ResidentGrid {
     let resident_warps = resident_warps.max(1);
-    let per_warp = |splits: u32| (n * splits as usize).div_ceil(resident_warps);
     let most = if std::env::var("KILN_RESIDENT_SPLITS").is_ok_and(|v| v == "0") {
-        1
+        0
     } else {
         RESIDENT_MAX_SPLITS
     };
-    let mut splits = 1;
-    for s in [2, 4] {
-        let fits =
-            s <= most && warps_per_block % s == 0 && per_warp(s) <= RESIDENT_MAX_PIECES as usize;
-        // s / per_warp(s) above splits / per_warp(splits): a larger share.
-        if fits && s as usize * per_warp(splits) > splits as usize * per_warp(s) {
-            splits = s;
-        }
-    }
+    let splits = [most, 2.min(most)]
+        .into_iter()
+        .find(|&s| {
+            s > 0 && warps_per_block % s == 0 && n.saturating_mul(s as usize) <= resident_warps
+        })
+        .unwrap_or(1);
     let pieces = n * splits as usize;
+    let pieces_per_warp = pieces.div_ceil(resident_warps);
     ResidentGrid {
-        blocks: pieces.div_ceil(per_warp(splits) * warps_per_block as usize),
+        blocks: pieces.div_ceil(pieces_per_warp * warps_per_block as usize),
         splits,
     }
 }
