@@ -741,11 +741,7 @@ struct StageAddNorm {
 // (dp4a).
 // Grid: any number of blocks of THREADS; warp w of the grid's G warps owns weight rows
 // w * P .. (w + 1) * P (P = ceil(n / G)), so a grid of at most one wave gives every
-// warp the same work and no block waits on another. With `splits` S of 2 or 4 (n * S
-// at most G, S dividing THREADS / 32) each row is cut into S pieces of consecutive
-// units instead, warp w taking piece w % S of row w / S, so that a product of fewer
-// rows than the grid's warps keeps more of them streaming; the pieces' sums meet in
-// shared memory and are added in piece order. Dynamic shared memory:
+// warp the same work and no block waits on another. Dynamic shared memory:
 // k / UNIT_ELEMS * resident_unit_bytes<W>() + 8 * k / GROUP_ELEMS bytes, in
 // ResidentImage's layout. ALIGNED: every plane of every row starts at a multiple of
 // 16 bytes.
@@ -759,7 +755,7 @@ template <typename W, bool ALIGNED, u32 THREADS, typename Stage>
 __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage stage,
                                                 const float* __restrict__ bias,
                                                 float* __restrict__ out, u32 n, u32 k,
-                                                u64 row_bytes, u32 splits) {
+                                                u64 row_bytes) {
     constexpr u32 A = ALIGNED ? 16 : 2;
     constexpr u32 U = resident_units<W>();
     constexpr u32 WARPS = THREADS / 32;
@@ -768,7 +764,6 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
     constexpr u32 RUNS_PER_GROUP = W::GROUP_ELEMS / 4;
     typedef typename W::Unit Unit;
     extern __shared__ __align__(16) u8 img[];
-    __shared__ float pieces[WARPS];  // each warp's piece sum, with splits
 
     const u32 units = k / W::UNIT_ELEMS;
     const u32 nb = k / W::BLOCK_ELEMS;
@@ -777,35 +772,24 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
 
     const u32 lane = threadIdx.x & 31u;
     const u32 warps = gridDim.x * WARPS;
+    const u32 per_warp = n / warps + (n % warps != 0);
     const u32 warp = blockIdx.x * WARPS + threadIdx.x / 32;
-    u32 row, row_end, unit_begin, unit_end;
-    if (splits > 1) {
-        // One piece per warp: units [part * units / S, (part + 1) * units / S).
-        const u32 part = warp % splits;
-        row = warp / splits;
-        row_end = min(n, row + 1);
-        unit_begin = part * units / splits;
-        unit_end = (part + 1) * units / splits;
-    } else {
-        const u32 per_warp = n / warps + (n % warps != 0);
-        row_end = (u32)min((u64)n, (u64)(warp + 1) * per_warp);
-        row = (u32)min((u64)row_end, (u64)warp * per_warp);
-        unit_begin = 0;
-        unit_end = units;
-    }
+    const u32 row_end = (u32)min((u64)n, (u64)(warp + 1) * per_warp);
+    const u32 row_begin = (u32)min((u64)row_end, (u64)warp * per_warp);
+    u32 row = row_begin;
 
     // The step at `row`, units c0 + lane + 32 a (c0 warp-uniform), into t.
     auto load_step = [&](u32 at_row, u32 c0, Unit (&t)[U]) {
         const u8* r = w + (u64)at_row * row_bytes;
 #pragma unroll
         for (u32 a = 0; a < U; ++a) {
-            if (c0 + lane + 32 * a < unit_end) {
+            if (c0 + lane + 32 * a < units) {
                 t[a] = W::template load_unit<A>(r, nb, c0 + lane + 32 * a);
             }
         }
     };
     Unit cur[U], next[U];
-    u32 c0 = unit_begin;
+    u32 c0 = 0;
     if (row < row_end) {
         load_step(row, c0, cur);
     }
@@ -816,9 +800,9 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
     float acc = 0.0f;
     while (row < row_end) {
         u32 next_row = row, next_c0 = c0 + 32 * U;
-        if (next_c0 >= unit_end) {
+        if (next_c0 >= units) {
             ++next_row;
-            next_c0 = unit_begin;
+            next_c0 = 0;
         }
         if (next_row < row_end) {
             load_step(next_row, next_c0, next);
@@ -826,7 +810,7 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
 #pragma unroll
         for (u32 a = 0; a < U; ++a) {
             const u32 unit = c0 + lane + 32 * a;
-            if (unit < unit_end) {
+            if (unit < units) {
                 const u8* xq = img + unit * UNIT_BYTES;
 #pragma unroll
                 for (u32 g = 0; g < GROUPS_PER_UNIT; ++g) {
@@ -846,9 +830,7 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
         if (next_row != row) {
             const float s = warp_sum(acc);
             acc = 0.0f;
-            if (lane == 0 && splits > 1) {
-                pieces[threadIdx.x / 32] = s;
-            } else if (lane == 0) {
+            if (lane == 0) {
                 out[row] = bias ? s + bias[row] : s;
             }
         }
@@ -859,19 +841,6 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
         row = next_row;
         c0 = next_c0;
     }
-    if (splits > 1) {
-        // The first piece's warp adds the row's pieces (all in this block).
-        __syncthreads();
-        const u32 first = threadIdx.x / 32;
-        row = warp / splits;
-        if (lane == 0 && warp % splits == 0 && row < n) {
-            float s = pieces[first];
-            for (u32 j = 1; j < splits; ++j) {
-                s += pieces[first + j];
-            }
-            out[row] = bias ? s + bias[row] : s;
-        }
-    }
 }
 
 // resident_matvec of x's Q8_1 copy xq8. m must be 1.
@@ -879,10 +848,9 @@ template <typename W, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     matvec_resident(const u8* __restrict__ w, const u8* __restrict__ xq8,
                     const float* __restrict__ bias,
-                    float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes,
-                    u32 splits) {
+                    float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
     resident_matvec<W, ALIGNED, THREADS>(w, StageQ8Copy<W, THREADS>{xq8}, bias, out, n, k,
-                                         row_bytes, splits);
+                                         row_bytes);
 }
 
 // kiln_core::ops::AddRmsNorm of one row (F32 x, residual and weight of k elements;
@@ -895,11 +863,10 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                              const float* __restrict__ residual,
                              const float* __restrict__ norm_weight, float* __restrict__ sum,
                              float eps, const float* __restrict__ bias,
-                             float* __restrict__ out, u32 n, u32 k, u64 row_bytes,
-                             u32 splits) {
+                             float* __restrict__ out, u32 n, u32 k, u64 row_bytes) {
     resident_matvec<W, ALIGNED, THREADS>(
         w, StageAddNorm<W, THREADS>{x, residual, norm_weight, sum, eps}, bias, out, n, k,
-        row_bytes, splits);
+        row_bytes);
 }
 
 }  // namespace kiln

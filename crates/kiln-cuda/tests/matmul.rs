@@ -165,38 +165,21 @@ fn a_reduction_too_long_for_shared_memory_runs_on_the_packed_kernel() {
 }
 
 #[test]
-fn the_resident_grid_is_one_wave_of_warps_with_equal_work() {
-    use kiln_cuda::ops::matmul::{resident_grid, ResidentGrid};
+fn the_resident_grid_is_one_wave_of_warps_with_equal_rows() {
+    use kiln_cuda::ops::matmul::resident_blocks;
     // An H100 at two blocks of 16 warps per multiprocessor.
     let resident = 132 * 2 * 16;
-    let grid = |blocks, splits| ResidentGrid { blocks, splits };
-    assert_eq!(resident_grid(4096, resident, 16), grid(256, 1));
+    assert_eq!(resident_blocks(4096, resident, 16), 256);
     // 4 rows per warp: 3584 warps.
-    assert_eq!(resident_grid(14336, resident, 16), grid(224, 1));
-    // Fewer rows than half the warps: each row in two or four pieces.
-    assert_eq!(resident_grid(2048, resident, 16), grid(256, 2));
-    assert_eq!(resident_grid(1000, resident, 16), grid(250, 4));
-    // Pieces never cross a block: two per row with blocks of 2 warps, none with 1.
-    assert_eq!(resident_grid(3, resident, 2), grid(3, 2));
-    assert_eq!(resident_grid(3, resident, 1), grid(3, 1));
+    assert_eq!(resident_blocks(14336, resident, 16), 224);
     for n in (1..20_000).step_by(7).chain([151_936, 1 << 20]) {
-        let ResidentGrid { blocks, splits } = resident_grid(n, resident, 16);
+        let blocks = resident_blocks(n, resident, 16);
         let warps = blocks * 16;
         assert!(warps <= resident.max(16), "n = {n}: {blocks} blocks");
-        assert!(16 % splits == 0, "n = {n}: {splits} splits");
-        // The kernel's pieces per warp: every piece has a warp (one each when rows
-        // are split), and no block is idle.
-        let pieces = n * splits as usize;
-        let per_warp = pieces.div_ceil(warps);
-        assert!(
-            splits == 1 || per_warp == 1,
-            "n = {n}: {per_warp} pieces per warp"
-        );
-        assert!(per_warp * warps >= pieces, "n = {n}");
-        assert!(
-            (blocks - 1) * 16 * per_warp < pieces,
-            "n = {n}: an idle block"
-        );
+        // The kernel's rows per warp: every row has a warp, and no block is idle.
+        let per_warp = n.div_ceil(warps);
+        assert!(per_warp * warps >= n, "n = {n}");
+        assert!((blocks - 1) * 16 * per_warp < n, "n = {n}: an idle block");
     }
 }
 
@@ -839,13 +822,8 @@ fn matvec_matches_cpu_for_every_weight_dtype_and_row_count() {
             }
             compare(cuda, &mut rng, dtype, 1, 4096, k, false);
         }
-        // An odd number of rows in the resident kernel's small blocks (with the copy);
-        // on an H100 or H200 each row in four pieces.
+        // An odd number of rows in the resident kernel's small blocks (with the copy).
         compare(cuda, &mut rng, dtype, 1, 1031, 4096, true);
-        // Rows in two pieces there, of a round and of an odd number of units.
-        for k in [8192, 2048 + 5 * dtype.block_size()] {
-            compare(cuda, &mut rng, dtype, 1, 2047, k, true);
-        }
         // 7 whole tiles of 2048 and a partial one: more tiles than the staged kernel
         // keeps in flight, so every shared-memory slot is reused; for the packed
         // kernel, several rounds of units per lane with a partial last one.

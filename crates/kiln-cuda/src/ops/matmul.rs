@@ -286,43 +286,13 @@ fn resident_shared(dtype: DType, k: usize) -> usize {
     k / unit * (unit + 16) + 8 * (k / group)
 }
 
-/// How `matvec_resident` spreads `n` weight rows over blocks of `warps_per_block`
-/// warps when `resident_warps` warps fit the device at once: with `splits` 1 each warp
-/// takes ceil(n / resident_warps) rows; with 2 or 4 (where the rows fill at most that
-/// fraction of the warps) each row is cut into that many pieces, one per warp. The
-/// grid has just the warps that needs, so that it is one wave in which every warp has
-/// the same work.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ResidentGrid {
-    pub blocks: usize,
-    pub splits: u32,
-}
-
-/// The most pieces `matvec_resident` cuts a row into.
-const RESIDENT_MAX_SPLITS: u32 = 4;
-
-/// The [`ResidentGrid`] of `n` rows: the most splits (a power of two up to
-/// [`RESIDENT_MAX_SPLITS`] that divides `warps_per_block`) whose pieces the resident
-/// warps hold at one per warp.
-pub fn resident_grid(n: usize, resident_warps: usize, warps_per_block: u32) -> ResidentGrid {
-    let resident_warps = resident_warps.max(1);
-    let most = if std::env::var("KILN_RESIDENT_SPLITS").is_ok_and(|v| v == "0") {
-        0
-    } else {
-        RESIDENT_MAX_SPLITS
-    };
-    let splits = [most, 2.min(most)]
-        .into_iter()
-        .find(|&s| {
-            s > 0 && warps_per_block % s == 0 && n.saturating_mul(s as usize) <= resident_warps
-        })
-        .unwrap_or(1);
-    let pieces = n * splits as usize;
-    let pieces_per_warp = pieces.div_ceil(resident_warps);
-    ResidentGrid {
-        blocks: pieces.div_ceil(pieces_per_warp * warps_per_block as usize),
-        splits,
-    }
+/// Blocks of `warps_per_block` warps for `matvec_resident` over `n` weight rows when
+/// `resident_warps` warps fit the device at once: each warp takes
+/// ceil(n / resident_warps) rows, and the grid has just the warps that needs, so that
+/// it is one wave in which every warp has the same work.
+pub fn resident_blocks(n: usize, resident_warps: usize, warps_per_block: u32) -> usize {
+    let rows_per_warp = n.div_ceil(resident_warps.max(1));
+    n.div_ceil(rows_per_warp * warps_per_block as usize)
 }
 
 /// The largest power of two dividing a block of `dtype`, at most 16: the alignment
@@ -870,15 +840,12 @@ pub fn matmul<'a>(
     let kernel = backend.kernel(&plan.spec)?;
     allow_dynamic_shared(&kernel, &plan.config)?;
     let mut launch_config = plan.config;
-    let mut splits = 1;
     if let MatMulKernel::MatVecResident { threads, .. } = plan.kernel {
         let warps = backend
             .resident_warps()
             .get(backend, &kernel, &plan.config)?;
-        let grid = resident_grid(n, warps, threads / 32);
-        // At most the resident warps' blocks, which fit the grid.
-        launch_config.grid_dim.0 = grid.blocks as u32;
-        splits = grid.splits;
+        // At most the plan's blocks (one row per warp), which fit the grid.
+        launch_config.grid_dim.0 = resident_blocks(n, warps, threads / 32) as u32;
     }
     if plan.row_groups > 1 {
         return row_groups(backend, &kernel, &plan, x, x_q8, w, bias, out);
@@ -900,9 +867,6 @@ pub fn matmul<'a>(
         .arg(&plan.n)
         .arg(&plan.k)
         .arg(&plan.row_bytes);
-    if matches!(plan.kernel, MatMulKernel::MatVecResident { .. }) {
-        args.arg(&splits);
-    }
     if plan.kernel == MatMulKernel::MatMat {
         args.serialized();
     }
@@ -910,8 +874,7 @@ pub fn matmul<'a>(
     // const float* bias, float* out, u32 m, u32 n, u32 k, u64 row_bytes);
     // `kiln::matvec<W, M, ROWS, LOAD, STAGES>` and `kiln::matvec_packed<W, M, R,
     // ALIGNED>`, which take const u8* xq8 after x; and `kiln::matvec_resident<W,
-    // ALIGNED, THREADS, MIN_BLOCKS>`, which takes xq8 in place of x and u32 splits
-    // last (the grid's, from resident_grid). The buffers hold
+    // ALIGNED, THREADS, MIN_BLOCKS>`, which takes xq8 in place of x. The buffers hold
     // their elements (checked); xq8 is null (never for the resident kernel, which
     // the plan picks only with a copy) or holds m * k / 32 Q8_1 blocks; bias is null
     // or holds n values; the mat-vec tier holds m rows.

@@ -14,7 +14,7 @@ use kiln_core::ops::{AddRmsNorm, MatMul};
 use kiln_core::{Bindings, BufferKind, DType, DeviceBuffer, Error, Graph, Op, Result};
 
 use super::common::{allow_dynamic_shared, launch, weight_tag};
-use super::matmul::{resident_grid, MatMulArgs, MatMulKernel, MatMulPlan, MATVEC};
+use super::matmul::{resident_blocks, MatMulArgs, MatMulKernel, MatMulPlan, MATVEC};
 use super::{check_bytes, to_u32};
 use crate::constants::RESIDENT_NORM_VECTORS;
 use crate::launch::KernelArgs;
@@ -178,9 +178,8 @@ pub fn add_norm_matvec(
         .resident_warps()
         .get(backend, &kernel, &plan.config)?;
     let mut launch_config = plan.config;
-    let grid = resident_grid(n, warps, threads / 32);
-    // At most the resident warps' blocks, which fit the grid.
-    launch_config.grid_dim.0 = grid.blocks as u32;
+    // At most the plan's blocks (one row per warp), which fit the grid.
+    launch_config.grid_dim.0 = resident_blocks(n, warps, threads / 32) as u32;
     let (n32, k32) = (to_u32(OP, "n", n)?, to_u32(OP, "k", k)?);
     let row_bytes = dtype.bytes_for(k)? as u64;
     let mut args = KernelArgs::new(backend);
@@ -194,13 +193,11 @@ pub fn add_norm_matvec(
         .arg(out.slice_mut())
         .arg(&n32)
         .arg(&k32)
-        .arg(&row_bytes)
-        .arg(&grid.splits);
+        .arg(&row_bytes);
     // SAFETY: the arguments match `kiln::matvec_resident_add_norm<W, ALIGNED, THREADS,
     // MIN_BLOCKS>`: (const u8* w, const float* x, const float* residual, const float*
     // norm_weight, float* sum, float eps, const float* bias, float* out, u32 n, u32 k,
-    // u64 row_bytes, u32 splits) with the grid of resident_grid. x, residual,
-    // norm_weight and sum hold k values, w n rows of
+    // u64 row_bytes). x, residual, norm_weight and sum hold k values, w n rows of
     // row_bytes, bias is null or holds n values, out n (all checked).
     unsafe { launch(&kernel, &mut args, launch_config) }
 }
