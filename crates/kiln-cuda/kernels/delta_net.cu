@@ -43,9 +43,11 @@ __global__ void causal_conv1d(const float* __restrict__ x, const float* __restri
 // (d_k x d_v, row-major at state + h * d_k * d_v) at rows i = w + DN_REC_WARPS r: the
 // first DN_REC_ROWS of them stay in registers from the first token to the last (read
 // once, written once), any further ones (d_k > DN_REC_WARPS * DN_REC_ROWS) are read and
-// written in global memory each token. Per token the block normalizes the token's
+// written in global memory each token. Per token the block requests the token's
 // query and key head (h % n_k_heads when tiled, else h / group:
-// kiln_core::ops::HeadLayout) into shared memory (`qk`: 2 * d_k floats), then per
+// kiln_core::ops::HeadLayout), value column and gate inputs together, normalizes the
+// query and key into shared memory (`qk`: 2 * d_k floats; both sums of squares in one
+// pass over the block), then per
 // column S = exp(g) S, d = beta (v_j - S[:, j] . k), S[:, j] += k d, out = S[:, j] . q;
 // each dot product is summed by every warp over its rows, then over the warps in order.
 // The held rows are loaded before the wait for the kernels before this one
@@ -59,7 +61,7 @@ __global__ void __launch_bounds__(32 * DN_REC_WARPS)
                     float* __restrict__ out, u32 n_tokens, u32 n_k_heads, u32 n_v_heads,
                     u32 d_k, u32 d_v, u32 tiled, float eps) {
     extern __shared__ float qk[];
-    __shared__ float scratch[32];
+    __shared__ float2 scratch[DN_REC_WARPS];
     __shared__ float kv_part[DN_REC_WARPS][32];
     __shared__ float out_part[DN_REC_WARPS][32];
     float* q = qk;
@@ -88,6 +90,12 @@ __global__ void __launch_bounds__(32 * DN_REC_WARPS)
     const float q_scale = 1.0f / sqrtf((float)d_k);
     for (u32 t = 0; t < n_tokens; ++t) {
         const float* row = qkv + t * width;
+        // The token's gate inputs and value, requested with its query and key so that
+        // one round trip to memory brings all of them.
+        const u64 gate = (u64)t * n_v_heads + h;
+        const float a_t = a[gate];
+        const float b_t = b[gate];
+        const float v = owns_column ? row[2ull * n_k_heads * d_k + (u64)h * d_v + j] : 0.0f;
         float qq = 0.0f;
         float kk = 0.0f;
         for (u32 i = threadIdx.x; i < d_k; i += blockDim.x) {
@@ -98,18 +106,26 @@ __global__ void __launch_bounds__(32 * DN_REC_WARPS)
             qq += qi * qi;
             kk += ki * ki;
         }
-        const float q_inv = q_scale / sqrtf(block_reduce<SumOp>(qq, scratch) + eps);
-        const float k_inv = 1.0f / sqrtf(block_reduce<SumOp>(kk, scratch) + eps);
+        // Both sums over the block in one pass (the barrier after the scaling below
+        // frees `scratch` for the next token).
+        qq = warp_reduce<SumOp>(qq);
+        kk = warp_reduce<SumOp>(kk);
+        if (lane == 0) {
+            scratch[warp] = make_float2(qq, kk);
+        }
+        __syncthreads();
+        const float2 part = lane < DN_REC_WARPS ? scratch[lane] : make_float2(0.0f, 0.0f);
+        const float q_inv = q_scale / sqrtf(warp_reduce<SumOp>(part.x) + eps);
+        const float k_inv = 1.0f / sqrtf(warp_reduce<SumOp>(part.y) + eps);
         for (u32 i = threadIdx.x; i < d_k; i += blockDim.x) {
             q[i] *= q_inv;
             k[i] *= k_inv;
         }
         __syncthreads();
-        const u64 gate = (u64)t * n_v_heads + h;
-        const float x = a[gate] + dt_bias[h];
+        const float x = a_t + dt_bias[h];
         const float softplus = x > 20.0f ? x : log1pf(expf(x));
         const float decay = expf(rate * softplus);
-        const float beta = 1.0f / (1.0f + expf(-b[gate]));
+        const float beta = 1.0f / (1.0f + expf(-b_t));
         float kv = 0.0f;
 #pragma unroll
         for (u32 r = 0; r < DN_REC_ROWS; ++r) {
@@ -130,7 +146,6 @@ __global__ void __launch_bounds__(32 * DN_REC_WARPS)
         for (u32 w = 0; w < DN_REC_WARPS; ++w) {
             kv += kv_part[w][lane];
         }
-        const float v = owns_column ? row[2ull * n_k_heads * d_k + (u64)h * d_v + j] : 0.0f;
         const float d = beta * (v - decay * kv);
         float o = 0.0f;
 #pragma unroll
