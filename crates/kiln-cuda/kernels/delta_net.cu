@@ -45,9 +45,9 @@ __global__ void causal_conv1d(const float* __restrict__ x, const float* __restri
 // once, written once), any further ones (d_k > DN_REC_WARPS * DN_REC_ROWS) are read and
 // written in global memory each token. Per token the block requests the token's
 // query and key head (h % n_k_heads when tiled, else h / group:
-// kiln_core::ops::HeadLayout), value column and gate inputs together, keeps the query
-// and key in shared memory (`qk`: 2 * d_k floats) and L2-normalizes each value where
-// it uses it (both sums of squares in one pass over the block), then per
+// kiln_core::ops::HeadLayout), value column and gate inputs together, normalizes the
+// query and key into shared memory (`qk`: 2 * d_k floats; both sums of squares in one
+// pass over the block), then per
 // column S = exp(g) S, d = beta (v_j - S[:, j] . k), S[:, j] += k d, out = S[:, j] . q;
 // each dot product is summed by every warp over its rows, then over the warps in order.
 // The held rows are loaded before the wait for the kernels before this one
@@ -106,10 +106,8 @@ __global__ void __launch_bounds__(32 * DN_REC_WARPS)
             qq += qi * qi;
             kk += ki * ki;
         }
-        // Both sums over the block in one pass; the barrier also makes the raw query
-        // and key visible to every thread, which scales each value where it uses it
-        // (the same product the normalized value is). The barriers below free
-        // `scratch`, q and k for the next token.
+        // Both sums over the block in one pass (the barrier after the scaling below
+        // frees `scratch` for the next token).
         qq = warp_reduce<SumOp>(qq);
         kk = warp_reduce<SumOp>(kk);
         if (lane == 0) {
@@ -119,6 +117,11 @@ __global__ void __launch_bounds__(32 * DN_REC_WARPS)
         const float2 part = lane < DN_REC_WARPS ? scratch[lane] : make_float2(0.0f, 0.0f);
         const float q_inv = q_scale / sqrtf(warp_reduce<SumOp>(part.x) + eps);
         const float k_inv = 1.0f / sqrtf(warp_reduce<SumOp>(part.y) + eps);
+        for (u32 i = threadIdx.x; i < d_k; i += blockDim.x) {
+            q[i] *= q_inv;
+            k[i] *= k_inv;
+        }
+        __syncthreads();
         const float x = a_t + dt_bias[h];
         const float softplus = x > 20.0f ? x : log1pf(expf(x));
         const float decay = expf(rate * softplus);
@@ -128,12 +131,12 @@ __global__ void __launch_bounds__(32 * DN_REC_WARPS)
         for (u32 r = 0; r < DN_REC_ROWS; ++r) {
             const u32 i = warp + DN_REC_WARPS * r;
             if (i < d_k) {
-                kv += held[r] * (k[i] * k_inv);
+                kv += held[r] * k[i];
             }
         }
         if (owns_column) {
             for (u32 i = first_unheld; i < d_k; i += DN_REC_WARPS) {
-                kv += s[(u64)i * d_v] * (k[i] * k_inv);
+                kv += s[(u64)i * d_v] * k[i];
             }
         }
         kv_part[warp][lane] = kv;
@@ -149,15 +152,15 @@ __global__ void __launch_bounds__(32 * DN_REC_WARPS)
         for (u32 r = 0; r < DN_REC_ROWS; ++r) {
             const u32 i = warp + DN_REC_WARPS * r;
             if (i < d_k) {
-                held[r] = decay * held[r] + (k[i] * k_inv) * d;
-                o += held[r] * (q[i] * q_inv);
+                held[r] = decay * held[r] + k[i] * d;
+                o += held[r] * q[i];
             }
         }
         if (owns_column) {
             for (u32 i = first_unheld; i < d_k; i += DN_REC_WARPS) {
-                const float si = decay * s[(u64)i * d_v] + (k[i] * k_inv) * d;
+                const float si = decay * s[(u64)i * d_v] + k[i] * d;
                 s[(u64)i * d_v] = si;
-                o += si * (q[i] * q_inv);
+                o += si * q[i];
             }
         }
         out_part[warp][lane] = o;
