@@ -26,6 +26,8 @@
 #                                               # side by side, on FILES (default "llama-3.2-1b:q4_0
 #                                               # llama-3.1-8b:q4_0 llama-3.1-8b:q8_0 qwen3-8b:q1_0"); REPS, default 3
 #   bash scripts/device/decode_run.sh synth     # only writes the synth files of FILES
+#   bash scripts/device/decode_run.sh kernels-vs # bench-kernels --sections SECTIONS (default delta-net) of this
+#                                               # build and of OLD (another kiln binary), alternating twice
 #   bash scripts/device/decode_run.sh memcheck  # compute-sanitizer memcheck over the GPU test executables
 #                                               # (MEMCHECK="<test executables>" narrows it)
 # Logs go to $OUT when it is set (the device tool's output folder).
@@ -121,6 +123,11 @@ for what in "$@"; do
       for spec in ${FILES:-llama-3.2-1b:q4_0 llama-3.1-8b:q4_0 llama-3.1-8b:q8_0 qwen3-8b:q1_0}; do
         synth "${spec%%:*}" "${spec##*:}"
       done ;;
+    kernels-vs)
+      for b in "$kiln" "$OLD" "$kiln" "$OLD"; do
+        echo "== $b"
+        "$b" bench-kernels --sections "${SECTIONS:-delta-net}" --reps "${REPS:-20}" --device cuda 2>/dev/null
+      done 2>&1 | tee "$out/kernels-vs.log" ;;
     switch)
       for spec in ${FILES:-llama-3.2-1b:q4_0 llama-3.1-8b:q4_0 llama-3.1-8b:q8_0 qwen3-8b:q1_0}; do
         f=$(synth "${spec%%:*}" "${spec##*:}")
