@@ -101,18 +101,15 @@ pub fn poison(bytes: usize) -> Vec<u8> {
     vec![0xff; bytes]
 }
 
-/// Runs `graph` on `backend` with the memory plan `plan(graph, aliasing)`. Every
-/// persistent buffer gets the bytes `inputs` gives it (which must be its exact size),
-/// or [`poison`]; buffers of block formats are weights ([`Backend::upload_weight`]). Returns the bytes of each of `outputs`, in order; they must be
-/// persistent buffers (panics otherwise). Errors of the backend and of binding are
-/// returned.
-pub fn run_on<B: Backend>(
+/// Allocates every persistent buffer of `graph` on `backend` and gives it the bytes
+/// `inputs` gives it (which must be its exact size), or [`poison`]; buffers of block
+/// formats are weights ([`Backend::upload_weight`]). Returns the buffers' ids and the
+/// buffers, in id order.
+pub fn upload_persistent<B: Backend>(
     backend: &B,
     graph: &Graph,
     inputs: &[(BufferId, Vec<u8>)],
-    outputs: &[BufferId],
-    aliasing: Aliasing,
-) -> kiln_core::Result<Vec<Vec<u8>>> {
+) -> kiln_core::Result<(Vec<BufferId>, Vec<B::Buffer>)> {
     let persistent: Vec<BufferId> = (0..graph.buffers().len() as u32)
         .map(BufferId)
         .filter(|&id| graph.buffers()[id.index()].kind == BufferKind::Persistent)
@@ -133,6 +130,21 @@ pub fn run_on<B: Backend>(
         }
         bufs.push(buf);
     }
+    Ok((persistent, bufs))
+}
+
+/// Runs `graph` on `backend` with the memory plan `plan(graph, aliasing)`, its
+/// persistent buffers as [`upload_persistent`] makes them. Returns the bytes of each
+/// of `outputs`, in order; they must be persistent buffers (panics otherwise). Errors
+/// of the backend and of binding are returned.
+pub fn run_on<B: Backend>(
+    backend: &B,
+    graph: &Graph,
+    inputs: &[(BufferId, Vec<u8>)],
+    outputs: &[BufferId],
+    aliasing: Aliasing,
+) -> kiln_core::Result<Vec<Vec<u8>>> {
+    let (persistent, mut bufs) = upload_persistent(backend, graph, inputs)?;
     let memory = plan(graph, aliasing);
     let mut scratch = Scratch::new();
     scratch.ensure(backend, &memory)?;

@@ -26,31 +26,19 @@ pub fn cuda() -> &'static CudaBackend {
 }
 
 /// The launches `graph` compiles to on `cuda` (each launch's key and whether it is
-/// serialized), over freshly allocated persistent buffers: those of block formats
-/// uploaded as zero weights, in the layout their kernels read, as `run_on` does. The
-/// executable is not run.
+/// serialized), over its persistent buffers as `upload_persistent` makes them, those
+/// of block formats given zero weights. The executable is not run.
 pub fn compiled_launches(cuda: &CudaBackend, graph: &kiln_core::Graph) -> Vec<(String, bool)> {
-    use kiln_core::{plan, Aliasing, Backend, Bindings, BufferId, BufferKind, Scratch};
+    use kiln_core::{plan, Aliasing, Backend, Bindings, BufferId, Scratch};
+    let zero_weights: Vec<_> = (0..graph.buffers().len() as u32)
+        .map(BufferId)
+        .filter(|id| graph.buffers()[id.index()].dtype.is_quantized())
+        .map(|id| (id, vec![0u8; graph.buffers()[id.index()].bytes()]))
+        .collect();
+    let (ids, mut bufs) = upload_persistent(cuda, graph, &zero_weights).unwrap();
     let memory = plan(graph, Aliasing::On);
     let mut scratch = Scratch::new();
     scratch.ensure(cuda, &memory).unwrap();
-    let ids: Vec<BufferId> = (0..graph.buffers().len() as u32)
-        .map(BufferId)
-        .filter(|id| graph.buffers()[id.index()].kind == BufferKind::Persistent)
-        .collect();
-    let mut bufs: Vec<_> = ids
-        .iter()
-        .map(|id| {
-            let desc = &graph.buffers()[id.index()];
-            let mut buf = cuda.alloc(desc.bytes()).unwrap();
-            if desc.dtype.is_quantized() {
-                let zeros = vec![0u8; desc.bytes()];
-                cuda.upload_weight(&mut buf, &zeros, desc.dtype, &desc.shape)
-                    .unwrap();
-            }
-            buf
-        })
-        .collect();
     let mut b = Bindings::new(graph, &memory, &mut scratch).unwrap();
     for (&id, buf) in ids.iter().zip(bufs.iter_mut()) {
         b.bind(graph, id, buf).unwrap();
