@@ -39,6 +39,7 @@ export KILN_CACHE_DIR=${KILN_CACHE_DIR:-$PWD/.device/kcache}
 bash .device/unpack || exit 1
 kiln=.device/bin/kiln
 models=${MODELS:-/tmp/kiln-models}
+files=${FILES:-llama-3.2-1b:q4_0 llama-3.1-8b:q4_0 llama-3.1-8b:q8_0 qwen3-8b:q1_0}
 mkdir -p "$models"
 synth() { # preset type
   local f="$models/$1-$2.gguf"
@@ -120,7 +121,7 @@ for what in "$@"; do
       "$kiln" bench-kernels --sections matvec --formats "$(echo $types q4_0 | tr ' ' ',')" --device cuda 2>/dev/null \
         | tee "$out/lowbit-kernels.log" | grep -E "^mat-vec|chained" | tee -a "$out/lowbit.log" ;;
     synth)
-      for spec in ${FILES:-llama-3.2-1b:q4_0 llama-3.1-8b:q4_0 llama-3.1-8b:q8_0 qwen3-8b:q1_0}; do
+      for spec in $files; do
         synth "${spec%%:*}" "${spec##*:}"
       done ;;
     kernels-vs)
@@ -129,7 +130,7 @@ for what in "$@"; do
         "$b" bench-kernels --sections "${SECTIONS:-delta-net}" --reps "${REPS:-20}" --device cuda 2>/dev/null
       done 2>&1 | tee "$out/kernels-vs.log" ;;
     switch)
-      for spec in ${FILES:-llama-3.2-1b:q4_0 llama-3.1-8b:q4_0 llama-3.1-8b:q8_0 qwen3-8b:q1_0}; do
+      for spec in $files; do
         f=$(synth "${spec%%:*}" "${spec##*:}")
         for value in 1 0 1 0; do
           echo "== $spec $SWITCH=$value"

@@ -90,7 +90,6 @@ __device__ __forceinline__ void rotate_head(const float* xh, bool normalize,
     }
 }
 
-
 // One block per token; threads walk over every head's pairs, then the copied tail.
 template <bool NeoX>
 __global__ void rope(const float* __restrict__ x, const int* __restrict__ positions,
