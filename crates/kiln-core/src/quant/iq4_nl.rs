@@ -96,6 +96,7 @@ fn search_scale(x: &[f32]) -> f32 {
 impl BlockCodec for Iq4Nl {
     const DTYPE: DType = DType::IQ4NL;
 
+    #[inline(always)]
     fn decode(block: &[u8], out: &mut [f32]) {
         let d = read_f16(block, 0);
         let (low_half, high_half) = out.split_at_mut(QK / 2);

@@ -107,6 +107,7 @@ impl<const BITS: u32, const AFFINE: bool> BlockCodec for PackedNibbles<BITS, AFF
         _ => panic!("PackedNibbles exists for 4 and 5 bits only"),
     };
 
+    #[inline(always)]
     fn decode(block: &[u8], out: &mut [f32]) {
         let d = read_f16(block, 0);
         let qh = if BITS == 5 {
@@ -174,6 +175,7 @@ impl<const WITH_SUM: bool> SignedBytes<WITH_SUM> {
 impl<const WITH_SUM: bool> BlockCodec for SignedBytes<WITH_SUM> {
     const DTYPE: DType = if WITH_SUM { DType::Q8_1 } else { DType::Q8_0 };
 
+    #[inline(always)]
     fn decode(block: &[u8], out: &mut [f32]) {
         let d = read_f16(block, 0);
         for (y, &q) in out.iter_mut().zip(&block[Self::QS_AT..]) {

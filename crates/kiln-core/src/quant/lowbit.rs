@@ -26,6 +26,7 @@ const QK1: usize = 128;
 impl BlockCodec for Q1_0 {
     const DTYPE: DType = DType::Q1_0;
 
+    #[inline(always)]
     fn decode(block: &[u8], out: &mut [f32]) {
         let d = read_f16(block, 0);
         for (j, v) in out.iter_mut().enumerate() {
@@ -64,6 +65,7 @@ pub(super) struct Q2_0;
 impl BlockCodec for Q2_0 {
     const DTYPE: DType = DType::Q2_0;
 
+    #[inline(always)]
     fn decode(block: &[u8], out: &mut [f32]) {
         let d = read_f16(block, 0);
         for (j, v) in out.iter_mut().enumerate() {

@@ -53,6 +53,7 @@ fn nearest_code(x: f32, d: f32) -> u8 {
 impl BlockCodec for Mxfp4 {
     const DTYPE: DType = DType::MXFP4;
 
+    #[inline(always)]
     fn decode(block: &[u8], out: &mut [f32]) {
         let d = e8m0_half(block[0]);
         let (low_half, high_half) = out.split_at_mut(QK / 2);

@@ -53,6 +53,7 @@ const TQ1_D_AT: usize = 52;
 impl BlockCodec for Tq1_0 {
     const DTYPE: DType = DType::TQ1_0;
 
+    #[inline(always)]
     fn decode(block: &[u8], out: &mut [f32]) {
         let d = read_f16(block, TQ1_D_AT);
         for (first, bytes, trits, start, stride) in TQ1_GROUPS {
@@ -111,6 +112,7 @@ fn tq2_element(i: usize, l: usize) -> usize {
 impl BlockCodec for Tq2_0 {
     const DTYPE: DType = DType::TQ2_0;
 
+    #[inline(always)]
     fn decode(block: &[u8], out: &mut [f32]) {
         let d = read_f16(block, TQ2_D_AT);
         for (i, &b) in block[..TQ2_D_AT].iter().enumerate() {

@@ -33,6 +33,7 @@ const MAX_GROUP_SCALE: f32 = 15.0;
 impl BlockCodec for Q2K {
     const DTYPE: DType = DType::Q2K;
 
+    #[inline(always)]
     fn decode(block: &[u8], out: &mut [f32]) {
         let d = read_f16(block, D_AT);
         let dmin = read_f16(block, DMIN_AT);

@@ -56,6 +56,7 @@ fn pack_group_scales(scales: &[u8; GROUPS], packed: &mut [u8]) {
 impl BlockCodec for Q3K {
     const DTYPE: DType = DType::Q3K;
 
+    #[inline(always)]
     fn decode(block: &[u8], out: &mut [f32]) {
         let d = read_f16(block, D_AT);
         let hmask = &block[HMASK_AT..QS_AT];

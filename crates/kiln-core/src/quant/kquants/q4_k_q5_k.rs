@@ -122,6 +122,7 @@ impl<const BITS: u32> BlockCodec for AffineGroups<BITS> {
         _ => panic!("AffineGroups exists for 4 and 5 bits only"),
     };
 
+    #[inline(always)]
     fn decode(block: &[u8], out: &mut [f32]) {
         let d = read_f16(block, D_AT);
         let dmin = read_f16(block, DMIN_AT);

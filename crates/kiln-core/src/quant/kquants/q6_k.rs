@@ -25,27 +25,45 @@ const QH_AT: usize = 128;
 const SCALES_AT: usize = 192;
 const D_AT: usize = 208;
 
+/// Run `S` (32 elements, groups of scale `scales[0]` then `scales[1]`) of a half
+/// super-block from its 32 `ql` bytes and the half's 32 `qh` bytes: bits 0-3 of a
+/// quant are nibble `S / 2` of its `ql` byte, bits 4-5 bits `2 S .. 2 S + 2` of its
+/// `qh` byte (constant shifts, so that the loop vectorizes).
+#[inline(always)]
+fn decode_run<const S: u32>(ql: &[u8], qh: &[u8], scales: [f32; 2], run: &mut [f32]) {
+    let groups = run
+        .chunks_exact_mut(16)
+        .zip(ql.chunks_exact(16).zip(qh.chunks_exact(16)));
+    for ((group, (ql, qh)), dl) in groups.zip(scales) {
+        for ((y, &lo), &hi) in group.iter_mut().zip(ql).zip(qh) {
+            let q = ((lo >> (4 * (S / 2))) & 0xF) | (((hi >> (2 * S)) & 3) << 4);
+            *y = dl * (i32::from(q) - 32) as f32;
+        }
+    }
+}
+
 /// Groups per super-block.
 const GROUPS: usize = QK_K / 16;
 
 impl BlockCodec for Q6K {
     const DTYPE: DType = DType::Q6K;
 
+    #[inline(always)]
     fn decode(block: &[u8], out: &mut [f32]) {
         let d = read_f16(block, D_AT);
-        let ql = &block[QL_AT..QH_AT];
-        let qh = &block[QH_AT..SCALES_AT];
-        let scales = &block[SCALES_AT..D_AT];
-        for (g, group) in out.chunks_exact_mut(16).enumerate() {
-            let (h, s) = (g / 8, (g % 8) / 2);
-            let first = 16 * (g % 2);
-            let ql = &ql[64 * h + 32 * (s % 2) + first..][..16];
-            let qh = &qh[32 * h + first..][..16];
-            let dl = d * f32::from(scales[g] as i8);
-            for ((y, &lo), &hi) in group.iter_mut().zip(ql).zip(qh) {
-                let q = ((lo >> (4 * (s / 2))) & 0xF) | (((hi >> (2 * s)) & 3) << 4);
-                *y = dl * (i32::from(q) - 32) as f32;
-            }
+        // Each half `h` of 128 elements is four runs of 32 (`s` in 0..4) of two groups.
+        for (h, half) in out.chunks_exact_mut(128).enumerate() {
+            let ql = &block[QL_AT + 64 * h..][..64];
+            let qh = &block[QH_AT + 32 * h..][..32];
+            let scale =
+                |s: usize, p: usize| d * f32::from(block[SCALES_AT + 8 * h + 2 * s + p] as i8);
+            let (run0, rest) = half.split_at_mut(32);
+            let (run1, rest) = rest.split_at_mut(32);
+            let (run2, run3) = rest.split_at_mut(32);
+            decode_run::<0>(&ql[..32], qh, [scale(0, 0), scale(0, 1)], run0);
+            decode_run::<1>(&ql[32..], qh, [scale(1, 0), scale(1, 1)], run1);
+            decode_run::<2>(&ql[..32], qh, [scale(2, 0), scale(2, 1)], run2);
+            decode_run::<3>(&ql[32..], qh, [scale(3, 0), scale(3, 1)], run3);
         }
     }
 

@@ -25,6 +25,7 @@ const BSUMS_AT: usize = QS_AT + QK_K;
 impl BlockCodec for Q8K {
     const DTYPE: DType = DType::Q8K;
 
+    #[inline(always)]
     fn decode(block: &[u8], out: &mut [f32]) {
         let d = f32::from_le_bytes([block[0], block[1], block[2], block[3]]);
         for (y, &q) in out.iter_mut().zip(&block[QS_AT..BSUMS_AT]) {
