@@ -1,9 +1,12 @@
-//! MatMul with every weight dtype, with and without bias, against float64.
+//! MatMul with every weight dtype, with and without bias, against float64; and the
+//! blocked loops against the definition, one dot product at a time, bit for bit.
 
 mod common;
 use common::*;
 use kiln_core::ops::{MatMul, WEIGHT_DTYPES};
+use kiln_core::quant;
 use kiln_core::DType::F32;
+use kiln_cpu::ops::matmul::dot;
 
 #[test]
 fn matmul_every_weight_dtype_matches_f64() {
@@ -67,6 +70,61 @@ fn matmul_every_weight_dtype_matches_f64() {
                 // Over whole outputs the error is far smaller than that worst case.
                 if m * n > 8 {
                     assert_close(&what, &got, &want, 1e-10);
+                }
+            }
+        }
+    }
+}
+
+/// Each output is exactly `dot(x_i, dequantize(w_j)) + bias_j`, computed here one row
+/// at a time: the product's loops (weight rows in groups, k in steps, activation rows
+/// in passes) change the order of nothing. Shapes cross every boundary of those loops:
+/// row counts that leave a partial group, k over several steps with a partial last
+/// one, more activation rows than a pass, float rows with a tail after the last
+/// chunk of 8.
+#[test]
+fn matmul_equals_the_dot_of_each_pair_of_rows_bit_for_bit() {
+    let mut rng = rng("matmul_bitwise");
+    for dtype in WEIGHT_DTYPES {
+        let bs = dtype.block_size();
+        let k = if bs == 1 {
+            1301
+        } else {
+            1280_usize.next_multiple_of(bs) + bs
+        };
+        for (m, n) in [(1, 7), (2, 4), (130, 5)] {
+            let mut g = G::new();
+            let x = g.p("x", F32, &[m, k]);
+            let w = g.p("w", dtype, &[n, k]);
+            let bias = g.p("bias", F32, &[n]);
+            let out = g.p("out", F32, &[m, n]);
+            g.g.push(MatMul {
+                x,
+                x_q8: None,
+                w,
+                bias: Some(bias),
+                out,
+                m,
+                n,
+                k,
+            })
+            .unwrap();
+            let xv = randn(&mut rng, m * k, 1.0);
+            let wb = random_weight(&mut rng, dtype, n, k);
+            let bv = randn(&mut rng, n, 1.0);
+            let inputs = [(x, f32_bytes(&xv)), (w, wb.clone()), (bias, f32_bytes(&bv))];
+            let got = f32s(&run(&g.g, &inputs, &[out])[0]);
+            let mut wv = vec![0f32; n * k];
+            quant::dequantize(dtype, &wb, &mut wv).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let want = dot(&xv[i * k..][..k], &wv[j * k..][..k]) + bv[j];
+                    let got = got[i * n + j];
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "matmul {dtype} m={m} n={n} k={k}: out[{i}, {j}] is {got}, the dot gives {want}"
+                    );
                 }
             }
         }

@@ -1,14 +1,33 @@
 //! Reference for [`kiln_core::ops::MatMul`].
+//!
+//! Every product is [`dot`] of an activation row and a dequantized weight row, and
+//! gives that value bit for bit. The loops are arranged for speed around that
+//! definition: a task decodes [`ROWS`] weight rows a step of k at a time (whole
+//! blocks, into a small tile that stays in cache) and advances their dot products
+//! side by side, so that one row's additions never wait on another's, for every
+//! activation row of a pass of at most [`X_ROWS`] rows.
 
 use crate::{Inputs, Outputs};
 use kiln_core::ops::{MatMul, Q8_COPY};
 use kiln_core::{quant, DType, Result};
 use rayon::prelude::*;
 
-/// `out[i, j] = sum_l x[i, l] * dequantize(w)[j, l] + bias[j]`, accumulated in f32.
+/// Partial sums of a dot product: element `l` goes to lane `l % LANES`.
+const LANES: usize = 8;
+/// Weight rows whose dot products a task advances together.
+pub(crate) const ROWS: usize = 4;
+/// Elements of k decoded at a time, rounded up to whole blocks of the weight's format.
+const K_STEP: usize = 512;
+/// Activation rows per pass over the weights (their slices of a step stay in cache).
+const X_ROWS: usize = 64;
+
+/// The running lane sums of one dot product.
+type Lanes = [f32; LANES];
+
+/// `out[i, j] = dot(x[i, :], dequantize(w)[j, :]) + bias[j]` ([`dot`]'s order and
+/// rounding, then the bias added).
 ///
 /// `x` is `[m, k]`, `w` holds `n` rows of `k` elements of `dtype`, `out` is `[m, n]`.
-/// Each weight row is dequantized once and dotted with every row of `x`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     x: &[f32],
@@ -21,44 +40,179 @@ pub fn matmul(
     k: usize,
 ) -> Result<()> {
     let row_bytes = dtype.bytes_for(k)?;
-    // Column-major result: one chunk of `m` values per weight row, filled in parallel.
-    let mut columns = vec![0f32; n * m];
-    columns
-        .par_chunks_mut(m)
-        .zip(w.par_chunks(row_bytes))
-        .enumerate()
-        .try_for_each_init(
-            || vec![0f32; k],
-            |row, (j, (column, w_row))| {
-                quant::dequantize(dtype, w_row, row)?;
-                let b = bias.map_or(0.0, |b| b[j]);
-                for (c, x_row) in column.iter_mut().zip(x.chunks_exact(k)) {
-                    *c = dot(x_row, row) + b;
-                }
-                Ok(())
-            },
-        )?;
-    for (j, column) in columns.chunks_exact(m).enumerate() {
-        for (i, &v) in column.iter().enumerate() {
-            out[i * n + j] = v;
+    let group_bytes = ROWS * row_bytes;
+    let rows_per_pass = X_ROWS.min(m).max(1);
+    // Column-major results of one pass: `rows` values per weight row.
+    let mut columns = vec![0f32; n * rows_per_pass];
+    for (pass, x_pass) in x[..m * k].chunks(rows_per_pass * k).enumerate() {
+        let rows = x_pass.len() / k;
+        columns
+            .par_chunks_mut(ROWS * rows)
+            .zip(w[..n * row_bytes].par_chunks(group_bytes))
+            .try_for_each_init(
+                || Tile::new(dtype, k),
+                |tile, (group_out, w_group)| {
+                    tile.products(x_pass, rows, w_group, row_bytes, group_out)
+                },
+            )?;
+        for (j, column) in columns[..n * rows].chunks_exact(rows).enumerate() {
+            let b = bias.map_or(0.0, |b| b[j]);
+            for (i, &v) in column.iter().enumerate() {
+                out[(pass * rows_per_pass + i) * n + j] = v + b;
+            }
         }
     }
     Ok(())
 }
 
-/// `sum_l a[l] * b[l]` in f32: eight interleaved partial sums (element `l` goes to
-/// sum `l % 8`), added pairwise at the end, then the tail in order. The fixed order
-/// lets the compiler vectorize it and keeps results reproducible.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a_body, a_tail) = a[..n].split_at(n - n % 8);
-    let (b_body, b_tail) = b[..n].split_at(n - n % 8);
-    let mut acc = [0f32; 8];
-    for (x, y) in a_body.chunks_exact(8).zip(b_body.chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+/// The scratch of one task: [`ROWS`] weight rows decoded one step of k at a time, and
+/// the lane sums of each activation row with each of them.
+pub(crate) struct Tile {
+    dtype: DType,
+    k: usize,
+    /// Elements of k per step: [`K_STEP`] rounded up to whole blocks.
+    step: usize,
+    /// `ROWS` rows of `step` decoded weights.
+    weights: Vec<f32>,
+    /// One entry per activation row of a pass.
+    lanes: Vec<[Lanes; ROWS]>,
+}
+
+impl Tile {
+    pub(crate) fn new(dtype: DType, k: usize) -> Self {
+        let step = K_STEP.next_multiple_of(dtype.block_size());
+        Self {
+            dtype,
+            k,
+            step,
+            weights: vec![0.0; ROWS * step],
+            lanes: Vec::new(),
         }
     }
+
+    /// `out[r * rows + i] = dot(x[i, :], dequantize(w_group row r))` for the `rows`
+    /// rows of `x` (`[rows, k]`) and each of the (at most [`ROWS`]) weight rows of
+    /// `w_group`, `row_bytes` each.
+    ///
+    /// On x86-64 CPUs with AVX2 the same code runs compiled for AVX2: a lane set is
+    /// one register, the operations and so the values are the same.
+    pub(crate) fn products(
+        &mut self,
+        x: &[f32],
+        rows: usize,
+        w_group: &[u8],
+        row_bytes: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { self.products_avx2(x, rows, w_group, row_bytes, out) };
+        }
+        self.products_each(x, rows, w_group, row_bytes, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn products_avx2(
+        &mut self,
+        x: &[f32],
+        rows: usize,
+        w_group: &[u8],
+        row_bytes: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.products_each(x, rows, w_group, row_bytes, out)
+    }
+
+    #[inline(always)]
+    fn products_each(
+        &mut self,
+        x: &[f32],
+        rows: usize,
+        w_group: &[u8],
+        row_bytes: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (k, step) = (self.k, self.step);
+        let n_rows = w_group.len() / row_bytes;
+        // Whole chunks of LANES elements; the rest (float formats only) is the tail.
+        let body = k - k % LANES;
+        self.lanes.clear();
+        self.lanes.resize(rows, [[0.0; LANES]; ROWS]);
+        // Rows of the tile past the group's last keep earlier values: their sums are
+        // computed and dropped.
+        let mut at = 0;
+        while at < body {
+            let len = step.min(body - at);
+            self.decode(w_group, row_bytes, at, len)?;
+            let (w0, rest) = self.weights.split_at(step);
+            let (w1, rest) = rest.split_at(step);
+            let (w2, w3) = rest.split_at(step);
+            let w = [&w0[..len], &w1[..len], &w2[..len], &w3[..len]];
+            for (acc, x_row) in self.lanes.iter_mut().zip(x.chunks_exact(k)) {
+                accumulate(acc, &x_row[at..at + len], w);
+            }
+            at += len;
+        }
+        let tail = k - body;
+        if tail > 0 {
+            self.decode(w_group, row_bytes, body, tail)?;
+        }
+        for (r, column) in out.chunks_exact_mut(rows).take(n_rows).enumerate() {
+            let w_tail = &self.weights[r * step..r * step + tail];
+            for ((o, acc), x_row) in column.iter_mut().zip(&self.lanes).zip(x.chunks_exact(k)) {
+                *o = finish(&acc[r], &x_row[body..], w_tail);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes elements `at..at + len` of each weight row of `w_group` into the first
+    /// `len` values of its row of the tile.
+    fn decode(&mut self, w_group: &[u8], row_bytes: usize, at: usize, len: usize) -> Result<()> {
+        let start = self.dtype.bytes_for(at)?;
+        let bytes = self.dtype.bytes_for(len)?;
+        for (w_row, decoded) in w_group
+            .chunks_exact(row_bytes)
+            .zip(self.weights.chunks_exact_mut(self.step))
+        {
+            quant::dequantize(
+                self.dtype,
+                &w_row[start..start + bytes],
+                &mut decoded[..len],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Adds `x[l] * w[r][l]` to lane `l % LANES` of `acc[r]`, for every `l` of the whole
+/// `LANES`-element chunks of `x` (each `w[r]` as long as `x`), in order of `l`.
+#[inline(always)]
+fn accumulate(acc: &mut [Lanes; ROWS], x: &[f32], w: [&[f32]; ROWS]) {
+    let [mut a0, mut a1, mut a2, mut a3] = *acc;
+    let chunks = x
+        .chunks_exact(LANES)
+        .zip(w[0].chunks_exact(LANES))
+        .zip(w[1].chunks_exact(LANES))
+        .zip(w[2].chunks_exact(LANES))
+        .zip(w[3].chunks_exact(LANES));
+    for ((((xc, c0), c1), c2), c3) in chunks {
+        for l in 0..LANES {
+            a0[l] += xc[l] * c0[l];
+            a1[l] += xc[l] * c1[l];
+            a2[l] += xc[l] * c2[l];
+            a3[l] += xc[l] * c3[l];
+        }
+    }
+    *acc = [a0, a1, a2, a3];
+}
+
+/// The dot product from its lane sums and the elements after the last whole chunk:
+/// lanes added pairwise (`l` with `l + 4`, then those pairs as `(0 + 2) + (1 + 3)`),
+/// then the tail's products summed in order.
+fn finish(acc: &Lanes, x_tail: &[f32], w_tail: &[f32]) -> f32 {
     let pairs = [
         acc[0] + acc[4],
         acc[1] + acc[5],
@@ -66,7 +220,25 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         acc[3] + acc[7],
     ];
     let body = (pairs[0] + pairs[2]) + (pairs[1] + pairs[3]);
-    body + a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum::<f32>()
+    body + x_tail.iter().zip(w_tail).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// `sum_l a[l] * b[l]` in f32: eight interleaved partial sums (element `l` goes to
+/// sum `l % 8`), added pairwise at the end, then the tail in order. The fixed order
+/// lets the compiler vectorize it and keeps results reproducible.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let body = n - n % LANES;
+    let mut acc: Lanes = [0.0; LANES];
+    for (x, y) in a[..body]
+        .chunks_exact(LANES)
+        .zip(b[..body].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    finish(&acc, &a[body..n], &b[body..n])
 }
 
 pub(crate) fn execute(op: &MatMul, ins: &Inputs, outs: &mut Outputs) -> Result<()> {

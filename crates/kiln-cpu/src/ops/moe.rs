@@ -1,10 +1,10 @@
 //! Reference for [`kiln_core::ops::MoeRouter`], [`kiln_core::ops::MoeMatMul`] and
 //! [`kiln_core::ops::MoeCombine`].
 
-use super::matmul::dot;
+use super::matmul::{Tile, ROWS};
 use crate::{Inputs, Outputs};
 use kiln_core::ops::{Gating, MoeCombine, MoeMatMul, MoeRouter};
-use kiln_core::{quant, DType, Error, Result};
+use kiln_core::{DType, Error, Result};
 use rayon::prelude::*;
 
 /// One token's routing: the `k` experts of largest probability among `logits` (one
@@ -77,9 +77,9 @@ pub struct MoeShape {
     pub per_slot: bool,
 }
 
-/// `out[t, j, r] = sum_c x[t, (j if per_slot), c] * dequantize(w)[ids[t, j], r, c]`
-/// for `w` the stacked `[n_expert, rows, cols]` weights of `dtype`: each (token,
-/// slot) dequantizes only its expert's rows. An id outside `0..n_expert` is an
+/// `out[t, j, r] = dot(x[t, (j if per_slot), :], dequantize(w)[ids[t, j], r, :])`
+/// ([`super::matmul::dot`]'s order and rounding) for `w` the stacked `[n_expert, rows,
+/// cols]` weights of `dtype`: each (token, slot) dequantizes only its expert's rows. An id outside `0..n_expert` is an
 /// [`Error::InvalidArgument`] naming the token, slot and id.
 pub fn moe_matmul(
     x: &[f32],
@@ -108,15 +108,14 @@ pub fn moe_matmul(
         .zip(ids.par_iter())
         .enumerate()
         .try_for_each_init(
-            || vec![0f32; s.cols],
-            |row, (slot, (out, &id))| {
+            || Tile::new(dtype, s.cols),
+            |tile, (slot, (out, &id))| {
                 let (t, j) = (slot / s.k, slot % s.k);
                 let x_row = if s.per_slot { t * s.k + j } else { t };
                 let x = &x[x_row * s.cols..][..s.cols];
                 let expert = &w[id as usize * expert_bytes..][..expert_bytes];
-                for (o, w_row) in out.iter_mut().zip(expert.chunks_exact(row_bytes)) {
-                    quant::dequantize(dtype, w_row, row)?;
-                    *o = dot(x, row);
+                for (out, w_group) in out.chunks_mut(ROWS).zip(expert.chunks(ROWS * row_bytes)) {
+                    tile.products(x, 1, w_group, row_bytes, out)?;
                 }
                 Ok(())
             },
