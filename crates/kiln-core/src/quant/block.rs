@@ -21,27 +21,10 @@ pub(super) trait BlockCodec {
 }
 
 /// Decodes whole blocks of `C` from `src` into `dst`. Lengths are checked by the
-/// caller: `src` holds exactly the blocks that `dst` receives.
-///
-/// On x86-64 CPUs with AVX2 the same code runs compiled for AVX2 (wider vectors, the
-/// same operations and so the same values).
-pub(super) fn decode_blocks<C: BlockCodec>(src: &[u8], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
-        // SAFETY: the CPU has AVX2 and F16C (checked just above).
-        return unsafe { decode_blocks_avx2::<C>(src, dst) };
-    }
-    decode_each::<C>(src, dst);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn decode_blocks_avx2<C: BlockCodec>(src: &[u8], dst: &mut [f32]) {
-    decode_each::<C>(src, dst);
-}
-
+/// caller: `src` holds exactly the blocks that `dst` receives. Inlined into
+/// [`super::dequantize`]'s copies (baseline and AVX2), with each codec's `decode`.
 #[inline(always)]
-fn decode_each<C: BlockCodec>(src: &[u8], dst: &mut [f32]) {
+pub(super) fn decode_blocks<C: BlockCodec>(src: &[u8], dst: &mut [f32]) {
     let blocks = src.chunks_exact(C::DTYPE.block_bytes());
     for (block, out) in blocks.zip(dst.chunks_exact_mut(C::DTYPE.block_size())) {
         C::decode(block, out);

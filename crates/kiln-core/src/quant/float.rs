@@ -6,6 +6,7 @@ use half::{bf16, f16};
 
 /// Converts little-endian `dtype` values (F32, F16 or BF16) to f32. Lengths are
 /// checked by the caller.
+#[inline(always)]
 pub(super) fn to_f32(dtype: DType, src: &[u8], dst: &mut [f32]) {
     match dtype {
         DType::F32 => {

@@ -115,10 +115,17 @@ impl BlockCodec for Tq2_0 {
     #[inline(always)]
     fn decode(block: &[u8], out: &mut [f32]) {
         let d = read_f16(block, TQ2_D_AT);
-        for (i, &b) in block[..TQ2_D_AT].iter().enumerate() {
-            for l in 0..4 {
-                let q = (b >> (2 * l)) & 3;
-                out[tq2_element(i, l)] = (i32::from(q) - 1) as f32 * d;
+        // Bits 2 l of byte i of each 32 hold element 32 l + i of its 128 (`tq2_element`).
+        for (half, bytes) in out
+            .chunks_exact_mut(128)
+            .zip(block[..TQ2_D_AT].chunks_exact(32))
+        {
+            for (l, run) in half.chunks_exact_mut(32).enumerate() {
+                for (v, &b) in run.iter_mut().zip(bytes) {
+                    // Shifted as i32, which vectorizes (bytes have no vector shifts).
+                    let q = (i32::from(b) >> (2 * l)) & 3;
+                    *v = (q - 1) as f32 * d;
+                }
             }
         }
     }

@@ -44,7 +44,8 @@ impl BlockCodec for Q2K {
             let ml = dmin * f32::from(sc >> 4);
             let (bytes, shift) = two_bit_group(qs, g);
             for (y, &byte) in group.iter_mut().zip(bytes) {
-                *y = dl * f32::from((byte >> shift) & 3) - ml;
+                // Shifted as i32, which vectorizes (bytes have no vector shifts).
+                *y = dl * ((i32::from(byte) >> shift) & 3) as f32 - ml;
             }
         }
     }

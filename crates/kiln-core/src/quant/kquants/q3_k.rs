@@ -68,7 +68,8 @@ impl BlockCodec for Q3K {
             let high_bits = &hmask[16 * (g % 2)..16 * (g % 2) + 16];
             let high_bit = 1u8 << (g / 2);
             for ((y, &byte), &hm) in group.iter_mut().zip(bytes).zip(high_bits) {
-                let low = i32::from((byte >> shift) & 3);
+                // Shifted as i32, which vectorizes (bytes have no vector shifts).
+                let low = (i32::from(byte) >> shift) & 3;
                 let q = if hm & high_bit != 0 { low } else { low - 4 };
                 *y = dl * q as f32;
             }

@@ -72,6 +72,28 @@ fn pack_scales_and_offsets(scales: &[u8; GROUPS], offsets: &[u8; GROUPS], packed
 }
 
 impl<const BITS: u32> AffineGroups<BITS> {
+    /// Group `g`'s 32 values `dl * q - ml` (`(dl, ml)` = `scaled`): bits 0-3 of `q`
+    /// are the low or the `HIGH` nibble of `bytes`, bit 4 (5-bit formats) bit `g` of
+    /// `qh`. The nibble is chosen at compile time and `qh`'s bit by a mask, so that
+    /// the loop vectorizes.
+    #[inline(always)]
+    fn decode_group<const HIGH: bool>(
+        bytes: &[u8],
+        qh: &[u8],
+        g: usize,
+        (dl, ml): (f32, f32),
+        out: &mut [f32],
+    ) {
+        let bit = 1u8 << g;
+        for ((y, &b), &h) in out.iter_mut().zip(bytes).zip(qh) {
+            let mut q = if HIGH { b >> 4 } else { b & 0xF };
+            if BITS == 5 && h & bit != 0 {
+                q |= 0x10;
+            }
+            *y = dl * f32::from(q) - ml;
+        }
+    }
+
     /// Byte offset of `qs`.
     const QS_AT: usize = AFTER_SCALES + if BITS == 5 { 32 } else { 0 };
     /// ggml's search parameters for this width.
@@ -129,19 +151,19 @@ impl<const BITS: u32> BlockCodec for AffineGroups<BITS> {
         let packed = &block[SCALES_AT..AFTER_SCALES];
         let qh = &block[AFTER_SCALES..AFTER_SCALES + 32];
         let qs = &block[Self::QS_AT..Self::QS_AT + QK_K / 2];
-        for (g, group) in out.chunks_exact_mut(32).enumerate() {
-            let (sc, m) = scale_and_offset(packed, g);
-            let dl = d * f32::from(sc);
-            let ml = dmin * f32::from(m);
-            let bytes = &qs[32 * (g / 2)..32 * (g / 2) + 32];
-            let nibble_shift = 4 * (g % 2);
-            for (l, y) in group.iter_mut().enumerate() {
-                let mut q = (bytes[l] >> nibble_shift) & 0xF;
-                if BITS == 5 {
-                    q |= ((qh[l] >> g) & 1) << 4;
-                }
-                *y = dl * f32::from(q) - ml;
-            }
+        // Groups 2p and 2p + 1 take the low and the high nibbles of `qs[32 p..32 p + 32]`.
+        for (p, (pair, bytes)) in out
+            .chunks_exact_mut(64)
+            .zip(qs.chunks_exact(32))
+            .enumerate()
+        {
+            let (low, high) = pair.split_at_mut(32);
+            let scaled = |g: usize| {
+                let (sc, m) = scale_and_offset(packed, g);
+                (d * f32::from(sc), dmin * f32::from(m))
+            };
+            Self::decode_group::<false>(bytes, qh, 2 * p, scaled(2 * p), low);
+            Self::decode_group::<true>(bytes, qh, 2 * p + 1, scaled(2 * p + 1), high);
         }
     }
 
