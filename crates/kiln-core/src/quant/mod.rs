@@ -169,7 +169,9 @@ mod avx2_tests {
         let mut compared = 0;
         for dtype in DType::ALL {
             let n = 1024.max(dtype.block_size());
-            let Ok(bytes) = dtype.bytes_for(n) else { continue };
+            let Ok(bytes) = dtype.bytes_for(n) else {
+                continue;
+            };
             let src: Vec<u8> = (0..bytes).map(|_| rng.random()).collect();
             let mut baseline = vec![0f32; n];
             if decode(dtype, &src, &mut baseline).is_err() {
@@ -179,7 +181,11 @@ mod avx2_tests {
             // SAFETY: the CPU has AVX2 and F16C (asserted above).
             unsafe { decode_avx2(dtype, &src, &mut avx2) }.unwrap();
             for (i, (a, b)) in avx2.iter().zip(&baseline).enumerate() {
-                assert_eq!(a.to_bits(), b.to_bits(), "{dtype} element {i}: {a} against {b}");
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{dtype} element {i}: {a} against {b}"
+                );
             }
             compared += 1;
         }

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 /// Partial sums of a dot product: element `l` goes to lane `l % LANES`.
 const LANES: usize = 8;
 /// Weight rows whose dot products a task advances together.
-pub(crate) const ROWS: usize = 4;
+const ROWS: usize = 4;
 /// Elements of k decoded at a time, rounded up to whole blocks of the weight's format.
 const K_STEP: usize = 512;
 /// Activation rows per pass over the weights (their slices of a step stay in cache).
@@ -25,7 +25,7 @@ const X_ROWS: usize = 64;
 type Lanes = [f32; LANES];
 
 /// `out[i, j] = dot(x[i, :], dequantize(w)[j, :]) + bias[j]` ([`dot`]'s order and
-/// rounding, then the bias added).
+/// rounding, then the bias added, if there is one).
 ///
 /// `x` is `[m, k]`, `w` holds `n` rows of `k` elements of `dtype`, `out` is `[m, n]`.
 #[allow(clippy::too_many_arguments)]
@@ -56,9 +56,8 @@ pub fn matmul(
                 },
             )?;
         for (j, column) in columns[..n * rows].chunks_exact(rows).enumerate() {
-            let b = bias.map_or(0.0, |b| b[j]);
             for (i, &v) in column.iter().enumerate() {
-                out[(pass * rows_per_pass + i) * n + j] = v + b;
+                out[(pass * rows_per_pass + i) * n + j] = bias.map_or(v, |b| v + b[j]);
             }
         }
     }
@@ -67,7 +66,7 @@ pub fn matmul(
 
 /// The scratch of one task: [`ROWS`] weight rows decoded one step of k at a time, and
 /// the lane sums of each activation row with each of them.
-pub(crate) struct Tile {
+struct Tile {
     dtype: DType,
     k: usize,
     /// Elements of k per step: [`K_STEP`] rounded up to whole blocks.
@@ -79,7 +78,7 @@ pub(crate) struct Tile {
 }
 
 impl Tile {
-    pub(crate) fn new(dtype: DType, k: usize) -> Self {
+    fn new(dtype: DType, k: usize) -> Self {
         let step = K_STEP.next_multiple_of(dtype.block_size());
         Self {
             dtype,
@@ -96,7 +95,7 @@ impl Tile {
     ///
     /// On x86-64 CPUs with AVX2 the same code runs compiled for AVX2: a lane set is
     /// one register, the operations and so the values are the same.
-    pub(crate) fn products(
+    fn products(
         &mut self,
         x: &[f32],
         rows: usize,

@@ -1,7 +1,7 @@
 //! Reference for [`kiln_core::ops::MoeRouter`], [`kiln_core::ops::MoeMatMul`] and
 //! [`kiln_core::ops::MoeCombine`].
 
-use super::matmul::{Tile, ROWS};
+use super::matmul::matmul;
 use crate::{Inputs, Outputs};
 use kiln_core::ops::{Gating, MoeCombine, MoeMatMul, MoeRouter};
 use kiln_core::{DType, Error, Result};
@@ -79,7 +79,8 @@ pub struct MoeShape {
 
 /// `out[t, j, r] = dot(x[t, (j if per_slot), :], dequantize(w)[ids[t, j], r, :])`
 /// ([`super::matmul::dot`]'s order and rounding) for `w` the stacked `[n_expert, rows,
-/// cols]` weights of `dtype`: each (token, slot) dequantizes only its expert's rows. An id outside `0..n_expert` is an
+/// cols]` weights of `dtype`: the pairs of each chosen expert are one [`matmul`] over
+/// its rows, which are decoded once for all of them; no other expert is read. An id outside `0..n_expert` is an
 /// [`Error::InvalidArgument`] naming the token, slot and id.
 pub fn moe_matmul(
     x: &[f32],
@@ -104,22 +105,39 @@ pub fn moe_matmul(
             ));
         }
     }
-    out.par_chunks_mut(s.rows)
-        .zip(ids.par_iter())
-        .enumerate()
-        .try_for_each_init(
-            || Tile::new(dtype, s.cols),
-            |tile, (slot, (out, &id))| {
-                let (t, j) = (slot / s.k, slot % s.k);
-                let x_row = if s.per_slot { t * s.k + j } else { t };
-                let x = &x[x_row * s.cols..][..s.cols];
-                let expert = &w[id as usize * expert_bytes..][..expert_bytes];
-                for (out, w_group) in out.chunks_mut(ROWS).zip(expert.chunks(ROWS * row_bytes)) {
-                    tile.products(x, 1, w_group, row_bytes, out)?;
-                }
-                Ok(())
-            },
-        )
+    // Each expert's (token, slot) pairs in order, multiplied as one product, so that
+    // the expert's rows are decoded once for all of them.
+    let mut pairs_of: Vec<Vec<usize>> = vec![Vec::new(); s.n_expert];
+    for (pair, &id) in ids.iter().enumerate() {
+        pairs_of[id as usize].push(pair);
+    }
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for (expert, pairs) in pairs_of.iter().enumerate() {
+        if pairs.is_empty() {
+            continue;
+        }
+        xs.clear();
+        for &pair in pairs {
+            let x_row = if s.per_slot { pair } else { pair / s.k };
+            xs.extend_from_slice(&x[x_row * s.cols..][..s.cols]);
+        }
+        ys.resize(pairs.len() * s.rows, 0.0);
+        let w_expert = &w[expert * expert_bytes..][..expert_bytes];
+        matmul(
+            &xs,
+            w_expert,
+            dtype,
+            None,
+            &mut ys,
+            pairs.len(),
+            s.rows,
+            s.cols,
+        )?;
+        for (&pair, y) in pairs.iter().zip(ys.chunks_exact(s.rows)) {
+            out[pair * s.rows..][..s.rows].copy_from_slice(y);
+        }
+    }
+    Ok(())
 }
 
 /// The combine of [`MoeCombine`] for `out` `[m, n]`: residual, then each slot's
