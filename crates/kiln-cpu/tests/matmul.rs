@@ -130,3 +130,27 @@ fn matmul_equals_the_dot_of_each_pair_of_rows_bit_for_bit() {
         }
     }
 }
+
+/// `dot_rows` (attention's scores) gives `dot` of each row bit for bit, for row counts
+/// around its groups of four and lengths with and without a tail after the last
+/// chunk of 8.
+#[test]
+fn dot_rows_equals_the_dot_of_each_row_bit_for_bit() {
+    let mut rng = rng("dot_rows");
+    for k in [1, 7, 8, 64, 129] {
+        for n in 1..=9 {
+            let x = randn(&mut rng, k, 1.0);
+            let rows = randn(&mut rng, n * k, 1.0);
+            let mut got = vec![f32::NAN; n];
+            kiln_cpu::ops::matmul::dot_rows(&x, &rows, &mut got);
+            for (r, &g) in got.iter().enumerate() {
+                let want = dot(&x, &rows[r * k..][..k]);
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "k={k} n={n} row {r}: {g} against {want}"
+                );
+            }
+        }
+    }
+}

@@ -1,9 +1,7 @@
 //! Reference for [`kiln_core::ops::Attention`].
 
-use std::collections::BTreeMap;
-
 use super::kv_cache::{check_positions, token_slots, CacheShape};
-use super::matmul::dot;
+use super::matmul::dot_rows;
 use super::softmax::softmax_row;
 use crate::{Inputs, Outputs};
 use kiln_core::ops::Attention;
@@ -27,10 +25,19 @@ pub fn visible_rows(pos: usize, window: Option<usize>) -> std::ops::Range<usize>
     first..pos + 1
 }
 
+/// Cache rows converted to f32 at a time, per KV head.
+const ROW_CHUNK: usize = 256;
+
 /// Causal grouped-query attention of `q` (`[n_tokens, n_heads, head_dim]`) over the
 /// caches (`[n_slots, n_kv_heads, capacity, head_dim]` of `dtype`), each query over its
 /// slot's rows (slot 0 for every query without `slots`), writing `out` (same shape as
 /// `q`), exactly as [`kiln_core::ops::Attention`] defines.
+///
+/// One task per token and KV head: the query heads of the group share each cache row,
+/// converted to f32 a chunk of [`ROW_CHUNK`] rows at a time (so no copy of the whole
+/// context is made). Each head's scores are `scale * dot(q, k_j)` (then soft-capped),
+/// its softmax is [`softmax_row`]'s, and its output is `sum_j a_j * v_j` added in order
+/// of `j`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
@@ -47,74 +54,123 @@ pub fn attention(
     let slots = token_slots("attention", slots, positions.len(), c.n_slots)?;
     let hd = c.head_dim;
     let group = p.n_heads / c.n_kv_heads;
-    // Rows 0..len of every KV head of each slot the queries read (len: the most any of
-    // the slot's queries sees), converted to f32 once and shared by its query heads.
-    let mut rows: BTreeMap<usize, SlotRows> = BTreeMap::new();
-    for (&slot, &pos) in slots.iter().zip(positions) {
-        let len = rows.get(&slot).map_or(0, |r| r.len).max(pos as usize + 1);
-        rows.insert(
-            slot,
-            SlotRows {
-                len,
-                k: Vec::new(),
-                v: Vec::new(),
+    let slot_bytes = dtype.bytes_for(c.slot_elements())?;
+    let head_bytes = dtype.bytes_for(c.capacity * hd)?;
+    out.par_chunks_mut(group * hd)
+        .enumerate()
+        .try_for_each_init(
+            || GroupScratch {
+                scores: Vec::new(),
+                logits: Vec::new(),
+                rows: Vec::new(),
             },
-        );
-    }
-    for (&slot, r) in rows.iter_mut() {
-        let bytes = dtype.bytes_for(c.slot_elements())?;
-        let at = slot * bytes;
-        r.k = cache_rows_f32(&k_cache[at..at + bytes], dtype, c, r.len)?;
-        r.v = cache_rows_f32(&v_cache[at..at + bytes], dtype, c, r.len)?;
-    }
-    let longest = rows.values().map(|r| r.len).max().unwrap_or(0);
-    out.par_chunks_mut(hd).enumerate().for_each_init(
-        || vec![0f32; longest],
-        |scores, (i, o)| {
-            let (t, h) = (i / p.n_heads, i % p.n_heads);
-            let g = h / group;
-            let SlotRows { len, k, v } = &rows[&slots[t]];
-            let rows = visible_rows(positions[t] as usize, p.window);
-            let qv = &q[i * hd..(i + 1) * hd];
-            let kg = &k[g * len * hd..(g + 1) * len * hd];
-            let vg = &v[g * len * hd..(g + 1) * len * hd];
-            let s = &mut scores[..rows.len()];
-            for (s, j) in s.iter_mut().zip(rows.clone()) {
-                let raw = p.scale * dot(qv, &kg[j * hd..(j + 1) * hd]);
-                *s = p.softcap.map_or(raw, |cap| cap * (raw / cap).tanh());
+            |scratch, (task, out)| {
+                let (t, g) = (task / c.n_kv_heads, task % c.n_kv_heads);
+                let at = slots[t] * slot_bytes + g * head_bytes;
+                let heads = GroupHeads {
+                    q: &q[task * group * hd..][..group * hd],
+                    k: &k_cache[at..at + head_bytes],
+                    v: &v_cache[at..at + head_bytes],
+                    dtype,
+                    head_dim: hd,
+                };
+                heads.attend(
+                    visible_rows(positions[t] as usize, p.window),
+                    p,
+                    scratch,
+                    out,
+                )
+            },
+        )
+}
+
+/// The query heads of one token that read one KV head, and that head's cache rows.
+struct GroupHeads<'a> {
+    /// `[group, head_dim]`.
+    q: &'a [f32],
+    /// The KV head's rows of one slot, `[capacity, head_dim]` of `dtype`.
+    k: &'a [u8],
+    v: &'a [u8],
+    dtype: DType,
+    head_dim: usize,
+}
+
+/// A task's buffers, kept between its tasks.
+struct GroupScratch {
+    /// `[group, rows]` scores, then weights.
+    scores: Vec<f32>,
+    /// One head's scores, the softmax's input.
+    logits: Vec<f32>,
+    /// Up to `ROW_CHUNK` cache rows as f32.
+    rows: Vec<f32>,
+}
+
+impl GroupHeads<'_> {
+    /// Writes each head's attention over cache rows `rows` into its `head_dim` values
+    /// of `out` (`[group, head_dim]`).
+    fn attend(
+        &self,
+        rows: std::ops::Range<usize>,
+        p: &AttentionParams,
+        s: &mut GroupScratch,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (hd, n) = (self.head_dim, rows.len());
+        s.scores.resize(self.q.len() / hd * n, 0.0);
+        let scores = &mut s.scores;
+        self.for_each_chunk(self.k, rows.clone(), &mut s.rows, |first, k_rows| {
+            for (qh, scores) in self.q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
+                dot_rows(qh, k_rows, &mut scores[first..first + k_rows.len() / hd]);
             }
-            let logits = s.to_vec();
-            softmax_row(&logits, s, 1.0, logits.len());
-            o.fill(0.0);
-            for (&a, j) in s.iter().zip(rows) {
-                for (o, v) in o.iter_mut().zip(&vg[j * hd..(j + 1) * hd]) {
-                    *o += a * v;
+        })?;
+        for scores in s.scores.chunks_exact_mut(n) {
+            for v in scores.iter_mut() {
+                let raw = p.scale * *v;
+                *v = p.softcap.map_or(raw, |cap| cap * (raw / cap).tanh());
+            }
+            s.logits.clear();
+            s.logits.extend_from_slice(scores);
+            softmax_row(&s.logits, scores, 1.0, n);
+        }
+        out.fill(0.0);
+        let weights = &s.scores;
+        self.for_each_chunk(self.v, rows, &mut s.rows, |first, v_rows| {
+            for (o, weights) in out.chunks_exact_mut(hd).zip(weights.chunks_exact(n)) {
+                let weights = &weights[first..first + v_rows.len() / hd];
+                for (&a, v) in weights.iter().zip(v_rows.chunks_exact(hd)) {
+                    for (o, v) in o.iter_mut().zip(v) {
+                        *o += a * v;
+                    }
                 }
             }
-        },
-    );
-    Ok(())
-}
-
-/// The first `len` rows of each KV head of one slot, as f32 `[n_kv_heads, len,
-/// head_dim]`.
-struct SlotRows {
-    len: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
-}
-
-/// Rows `0..len` of each KV head of one slot of a cache (`[n_kv_heads, capacity,
-/// head_dim]`) as f32: `[n_kv_heads, len, head_dim]`.
-fn cache_rows_f32(cache: &[u8], dtype: DType, c: CacheShape, len: usize) -> Result<Vec<f32>> {
-    let head_bytes = dtype.bytes_for(c.capacity * c.head_dim)?;
-    let used_bytes = dtype.bytes_for(len * c.head_dim)?;
-    let mut rows = vec![0f32; c.n_kv_heads * len * c.head_dim];
-    for (g, dst) in rows.chunks_exact_mut(len * c.head_dim).enumerate() {
-        let start = g * head_bytes;
-        quant::dequantize(dtype, &cache[start..start + used_bytes], dst)?;
+        })
     }
-    Ok(rows)
+
+    /// Calls `f(first, rows)` for rows `rows` of `cache`, converted to f32
+    /// [`ROW_CHUNK`] at a time into `buffer` (grown as needed), in order; `first` is the index of the
+    /// chunk's first row within `rows`.
+    fn for_each_chunk(
+        &self,
+        cache: &[u8],
+        rows: std::ops::Range<usize>,
+        buffer: &mut Vec<f32>,
+        mut f: impl FnMut(usize, &[f32]),
+    ) -> Result<()> {
+        let hd = self.head_dim;
+        let row_bytes = self.dtype.bytes_for(hd)?;
+        let most = ROW_CHUNK.min(rows.len()) * hd;
+        if buffer.len() < most {
+            buffer.resize(most, 0.0);
+        }
+        for j in rows.clone().step_by(ROW_CHUNK) {
+            let count = ROW_CHUNK.min(rows.end - j);
+            let bytes = &cache[j * row_bytes..(j + count) * row_bytes];
+            let converted = &mut buffer[..count * hd];
+            quant::dequantize(self.dtype, bytes, converted)?;
+            f(j - rows.start, converted);
+        }
+        Ok(())
+    }
 }
 
 pub(crate) fn execute(op: &Attention, ins: &Inputs, outs: &mut Outputs) -> Result<()> {

@@ -186,6 +186,53 @@ impl Tile {
     }
 }
 
+/// `out[r] = dot(x, rows[r])` for the consecutive rows of `x.len()` elements in
+/// `rows` (one per element of `out`): [`dot`]'s values, with four rows' sums
+/// advanced side by side (compiled for AVX2 where the CPU has it, as
+/// [`Tile::products`]).
+pub fn dot_rows(x: &[f32], rows: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { dot_rows_avx2(x, rows, out) };
+    }
+    dot_rows_each(x, rows, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_rows_avx2(x: &[f32], rows: &[f32], out: &mut [f32]) {
+    dot_rows_each(x, rows, out);
+}
+
+#[inline(always)]
+fn dot_rows_each(x: &[f32], rows: &[f32], out: &mut [f32]) {
+    let k = x.len();
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let body = k - k % LANES;
+    let (x_body, x_tail) = x.split_at(body);
+    let mut groups = rows.chunks_exact(ROWS * k);
+    let mut outs = out.chunks_exact_mut(ROWS);
+    for (o, group) in (&mut outs).zip(&mut groups) {
+        let mut acc = [[0.0; LANES]; ROWS];
+        let row = |r: usize| &group[r * k..(r + 1) * k];
+        accumulate(&mut acc, x_body, [0, 1, 2, 3].map(|r| &row(r)[..body]));
+        for (r, (o, acc)) in o.iter_mut().zip(&acc).enumerate() {
+            *o = finish(acc, x_tail, &row(r)[body..]);
+        }
+    }
+    for (o, row) in outs
+        .into_remainder()
+        .iter_mut()
+        .zip(groups.remainder().chunks_exact(k))
+    {
+        *o = dot(x, row);
+    }
+}
+
 /// Adds `x[l] * w[r][l]` to lane `l % LANES` of `acc[r]`, for every `l` of the whole
 /// `LANES`-element chunks of `x` (each `w[r]` as long as `x`), in order of `l`.
 #[inline(always)]
