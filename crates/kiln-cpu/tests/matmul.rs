@@ -154,3 +154,11 @@ fn dot_rows_equals_the_dot_of_each_row_bit_for_bit() {
         }
     }
 }
+
+/// A product over rows of no elements is an error, not a panic.
+#[test]
+fn matmul_of_empty_rows_is_an_error() {
+    let mut out = [0.0f32; 2];
+    let err = kiln_cpu::ops::matmul::matmul(&[], &[], F32, None, &mut out, 1, 2, 0).unwrap_err();
+    assert!(err.to_string().contains("k must be at least 1"), "{err}");
+}

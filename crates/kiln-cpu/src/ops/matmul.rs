@@ -9,7 +9,7 @@
 
 use crate::{Inputs, Outputs};
 use kiln_core::ops::{MatMul, Q8_COPY};
-use kiln_core::{quant, DType, Result};
+use kiln_core::{quant, DType, Error, Result};
 use rayon::prelude::*;
 
 /// Partial sums of a dot product: element `l` goes to lane `l % LANES`.
@@ -39,6 +39,9 @@ pub fn matmul(
     n: usize,
     k: usize,
 ) -> Result<()> {
+    if k == 0 {
+        return Err(Error::invalid("matmul", "k must be at least 1"));
+    }
     let row_bytes = dtype.bytes_for(k)?;
     let group_bytes = ROWS * row_bytes;
     let rows_per_pass = X_ROWS.min(m).max(1);
