@@ -174,6 +174,25 @@ fn moe_matmul_graph(dtype: kiln_core::DType, c: &MatCase) -> (G, [kiln_core::Buf
     (g, [x, ids, w, out])
 }
 
+/// A run of `c` on random inputs: activations, expert ids, weight bytes and output.
+struct MatRun {
+    xv: Vec<f32>,
+    idv: Vec<i32>,
+    wb: Vec<u8>,
+    got: Vec<f32>,
+}
+
+fn run_random(rng: &mut StdRng, dtype: kiln_core::DType, c: &MatCase) -> MatRun {
+    let (g, [x, ids, w, out]) = moe_matmul_graph(dtype, c);
+    let slots = if c.per_slot { c.k } else { 1 };
+    let xv = randn(rng, c.m * slots * c.cols, 1.0);
+    let idv = random_ids(rng, c.m, c.k, c.n_expert);
+    let wb = random_weight(rng, dtype, c.n_expert * c.rows, c.cols);
+    let inputs = [(x, f32_bytes(&xv)), (ids, i32_bytes(&idv)), (w, wb.clone())];
+    let got = f32s(&run(&g.g, &inputs, &[out])[0]);
+    MatRun { xv, idv, wb, got }
+}
+
 #[test]
 fn moe_matmul_every_weight_dtype_matches_f64() {
     let mut rng = rng("moe_matmul");
@@ -214,13 +233,8 @@ fn moe_matmul_every_weight_dtype_matches_f64() {
             },
         ];
         for c in cases {
-            let (g, [x, ids, w, out]) = moe_matmul_graph(dtype, &c);
             let slots = if c.per_slot { c.k } else { 1 };
-            let xv = randn(&mut rng, c.m * slots * c.cols, 1.0);
-            let idv = random_ids(&mut rng, c.m, c.k, c.n_expert);
-            let wb = random_weight(&mut rng, dtype, c.n_expert * c.rows, c.cols);
-            let inputs = [(x, f32_bytes(&xv)), (ids, i32_bytes(&idv)), (w, wb.clone())];
-            let got = f32s(&run(&g.g, &inputs, &[out])[0]);
+            let MatRun { xv, idv, wb, got } = run_random(&mut rng, dtype, &c);
             let wv = weight_values(&wb, dtype, c.n_expert * c.rows * c.cols);
             let mut want = vec![0f64; c.m * c.k * c.rows];
             let mut magnitude = want.clone();
@@ -271,13 +285,8 @@ fn moe_matmul_equals_the_dot_of_each_pair_bit_for_bit() {
                 cols,
                 per_slot,
             };
-            let (g, [x, ids, w, out]) = moe_matmul_graph(dtype, &c);
             let slots = if c.per_slot { c.k } else { 1 };
-            let xv = randn(&mut rng, c.m * slots * c.cols, 1.0);
-            let idv = random_ids(&mut rng, c.m, c.k, c.n_expert);
-            let wb = random_weight(&mut rng, dtype, c.n_expert * c.rows, c.cols);
-            let inputs = [(x, f32_bytes(&xv)), (ids, i32_bytes(&idv)), (w, wb.clone())];
-            let got = f32s(&run(&g.g, &inputs, &[out])[0]);
+            let MatRun { xv, idv, wb, got } = run_random(&mut rng, dtype, &c);
             let mut wv = vec![0f32; c.n_expert * c.rows * c.cols];
             quant::dequantize(dtype, &wb, &mut wv).unwrap();
             for (pair, &e) in idv.iter().enumerate() {

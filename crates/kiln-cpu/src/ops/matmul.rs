@@ -54,8 +54,14 @@ pub fn matmul(
             .zip(w[..n * row_bytes].par_chunks(group_bytes))
             .try_for_each_init(
                 || Tile::new(dtype, k),
-                |tile, (group_out, w_group)| {
-                    tile.products(x_pass, rows, w_group, row_bytes, group_out)
+                |tile, (group_out, weights)| {
+                    let group = Group {
+                        x: x_pass,
+                        rows,
+                        weights,
+                        row_bytes,
+                    };
+                    tile.products(&group, group_out)
                 },
             )?;
         for (j, column) in columns[..n * rows].chunks_exact(rows).enumerate() {
@@ -65,6 +71,16 @@ pub fn matmul(
         }
     }
     Ok(())
+}
+
+/// The operands of one task: `rows` activation rows `x` (`[rows, k]`) and at most
+/// [`ROWS`] weight rows of `row_bytes` each.
+#[derive(Clone, Copy)]
+struct Group<'a> {
+    x: &'a [f32],
+    rows: usize,
+    weights: &'a [u8],
+    row_bytes: usize,
 }
 
 /// The scratch of one task: [`ROWS`] weight rows decoded one step of k at a time, and
@@ -92,50 +108,34 @@ impl Tile {
         }
     }
 
-    /// `out[r * rows + i] = dot(x[i, :], dequantize(w_group row r))` for the `rows`
-    /// rows of `x` (`[rows, k]`) and each of the (at most [`ROWS`]) weight rows of
-    /// `w_group`, `row_bytes` each.
+    /// `out[r * rows + i] = dot(x[i, :], dequantize(weights row r))` for the
+    /// [`Group`]'s activation and weight rows.
     ///
     /// On x86-64 CPUs with AVX2 the same code runs compiled for AVX2: a lane set is
     /// one register, the operations and so the values are the same.
-    fn products(
-        &mut self,
-        x: &[f32],
-        rows: usize,
-        w_group: &[u8],
-        row_bytes: usize,
-        out: &mut [f32],
-    ) -> Result<()> {
+    fn products(&mut self, group: &Group, out: &mut [f32]) -> Result<()> {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { self.products_avx2(x, rows, w_group, row_bytes, out) };
+            return unsafe { self.products_avx2(group, out) };
         }
-        self.products_each(x, rows, w_group, row_bytes, out)
+        self.products_each(group, out)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn products_avx2(
-        &mut self,
-        x: &[f32],
-        rows: usize,
-        w_group: &[u8],
-        row_bytes: usize,
-        out: &mut [f32],
-    ) -> Result<()> {
-        self.products_each(x, rows, w_group, row_bytes, out)
+    unsafe fn products_avx2(&mut self, group: &Group, out: &mut [f32]) -> Result<()> {
+        self.products_each(group, out)
     }
 
     #[inline(always)]
-    fn products_each(
-        &mut self,
-        x: &[f32],
-        rows: usize,
-        w_group: &[u8],
-        row_bytes: usize,
-        out: &mut [f32],
-    ) -> Result<()> {
+    fn products_each(&mut self, group: &Group, out: &mut [f32]) -> Result<()> {
+        let Group {
+            x,
+            rows,
+            weights: w_group,
+            row_bytes,
+        } = *group;
         let (k, step) = (self.k, self.step);
         let n_rows = w_group.len() / row_bytes;
         // Whole chunks of LANES elements; the rest (float formats only) is the tail.
