@@ -95,7 +95,7 @@ struct GroupHeads<'a> {
     head_dim: usize,
 }
 
-/// A task's buffers, kept between its tasks.
+/// The buffers of a worker, reused from one task to the next.
 struct GroupScratch {
     /// `[group, rows]` scores, then weights.
     scores: Vec<f32>,
