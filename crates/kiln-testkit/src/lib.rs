@@ -133,6 +133,31 @@ pub fn upload_persistent<B: Backend>(
     Ok((persistent, bufs))
 }
 
+/// Binds `graph`'s persistent buffers, as [`upload_persistent`] makes them, with the
+/// memory plan `plan(graph, aliasing)` and calls `f` with the bindings. Returns what
+/// `f` returns, the buffers' ids and the buffers (in id order). Errors of the backend,
+/// of binding and of `f` are returned.
+pub fn with_persistent_bound<B: Backend, R>(
+    backend: &B,
+    graph: &Graph,
+    inputs: &[(BufferId, Vec<u8>)],
+    aliasing: Aliasing,
+    f: impl FnOnce(&mut Bindings<'_, B::Buffer>) -> kiln_core::Result<R>,
+) -> kiln_core::Result<(R, Vec<BufferId>, Vec<B::Buffer>)> {
+    let (persistent, mut bufs) = upload_persistent(backend, graph, inputs)?;
+    let memory = plan(graph, aliasing);
+    let mut scratch = Scratch::new();
+    scratch.ensure(backend, &memory)?;
+    let result = {
+        let mut bindings = Bindings::new(graph, &memory, &mut scratch)?;
+        for (&id, buf) in persistent.iter().zip(bufs.iter_mut()) {
+            bindings.bind(graph, id, buf)?;
+        }
+        f(&mut bindings)?
+    };
+    Ok((result, persistent, bufs))
+}
+
 /// Runs `graph` on `backend` with the memory plan `plan(graph, aliasing)`, its
 /// persistent buffers as [`upload_persistent`] makes them. Returns the bytes of each
 /// of `outputs`, in order; they must be persistent buffers (panics otherwise). Errors
@@ -144,17 +169,9 @@ pub fn run_on<B: Backend>(
     outputs: &[BufferId],
     aliasing: Aliasing,
 ) -> kiln_core::Result<Vec<Vec<u8>>> {
-    let (persistent, mut bufs) = upload_persistent(backend, graph, inputs)?;
-    let memory = plan(graph, aliasing);
-    let mut scratch = Scratch::new();
-    scratch.ensure(backend, &memory)?;
-    {
-        let mut bindings = Bindings::new(graph, &memory, &mut scratch)?;
-        for (&id, buf) in persistent.iter().zip(bufs.iter_mut()) {
-            bindings.bind(graph, id, buf)?;
-        }
-        backend.execute(graph, &mut bindings)?;
-    }
+    let ((), persistent, bufs) = with_persistent_bound(backend, graph, inputs, aliasing, |b| {
+        backend.execute(graph, b)
+    })?;
     outputs
         .iter()
         .map(|&id| {

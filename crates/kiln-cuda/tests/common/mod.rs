@@ -29,25 +29,22 @@ pub fn cuda() -> &'static CudaBackend {
 /// serialized), over its persistent buffers as `upload_persistent` makes them, those
 /// of block formats given zero weights. The executable is not run.
 pub fn compiled_launches(cuda: &CudaBackend, graph: &kiln_core::Graph) -> Vec<(String, bool)> {
-    use kiln_core::{plan, Aliasing, Backend, Bindings, BufferId, Scratch};
+    use kiln_core::{Aliasing, Backend, BufferId};
     let zero_weights: Vec<_> = (0..graph.buffers().len() as u32)
         .map(BufferId)
         .filter(|id| graph.buffers()[id.index()].dtype.is_quantized())
         .map(|id| (id, vec![0u8; graph.buffers()[id.index()].bytes()]))
         .collect();
-    let (ids, mut bufs) = upload_persistent(cuda, graph, &zero_weights).unwrap();
-    let memory = plan(graph, Aliasing::On);
-    let mut scratch = Scratch::new();
-    scratch.ensure(cuda, &memory).unwrap();
-    let mut b = Bindings::new(graph, &memory, &mut scratch).unwrap();
-    for (&id, buf) in ids.iter().zip(bufs.iter_mut()) {
-        b.bind(graph, id, buf).unwrap();
-    }
-    let exe = cuda.compile(graph, &mut b).unwrap();
-    exe.launches()
-        .iter()
-        .map(|l| (l.key().to_string(), l.serialized()))
-        .collect()
+    let (launches, _, _) = with_persistent_bound(cuda, graph, &zero_weights, Aliasing::On, |b| {
+        let exe = cuda.compile(graph, b)?;
+        Ok(exe
+            .launches()
+            .iter()
+            .map(|l| (l.key().to_string(), l.serialized()))
+            .collect())
+    })
+    .unwrap();
+    launches
 }
 
 /// Asserts that `q8` is exactly the CPU codec's Q8_1 rounding of the f32 values in
