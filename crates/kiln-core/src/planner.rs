@@ -64,22 +64,31 @@ impl MemoryPlan {
     }
 }
 
+/// Ops a backend may run as one launch: up to this many consecutive ops, each reading
+/// an output of the one before (a norm, the product that reads it and the gated unit
+/// of that product's output).
+pub const MAX_FUSED_OPS: usize = 3;
+
 /// Computes every transient buffer's live range over `graph`'s op order: from the
-/// first op that uses it to the last, extended through the following op when that op
-/// reads an output of the one that used it (a backend may run such a pair as one
-/// launch, which must not find one operand in another's memory).
+/// first op that uses it to the last, extended through the following ops (up to
+/// [`MAX_FUSED_OPS`] in all) while each reads an output of the one before (a backend
+/// may run such a run as one launch, which must not find one operand in another's
+/// memory).
 pub fn live_ranges(graph: &Graph) -> Vec<Option<LiveRange>> {
     let mut live: Vec<Option<LiveRange>> = vec![None; graph.buffers().len()];
     let ops = graph.ops();
+    // Whether op j + 1 reads an output of op j.
+    let feeds_next = |j: usize| {
+        let outputs = ops[j].outputs();
+        ops.get(j + 1)
+            .is_some_and(|next| next.inputs().iter().any(|id| outputs.contains(id)))
+    };
     for (i, op) in ops.iter().enumerate() {
-        // A backend may run an op in one launch with the next op when that one reads
-        // its output (a fused pair): the pair's operands then live through both.
-        let outputs = op.outputs();
-        let fusible_with_next = ops
-            .get(i + 1)
-            .is_some_and(|next| next.inputs().iter().any(|id| outputs.contains(id)));
-        let last = if fusible_with_next { i + 1 } else { i };
-        for id in op.inputs().into_iter().chain(outputs) {
+        let mut last = i;
+        while last + 1 < i + MAX_FUSED_OPS && feeds_next(last) {
+            last += 1;
+        }
+        for id in op.inputs().into_iter().chain(op.outputs()) {
             if graph.buffers()[id.index()].kind != BufferKind::Transient {
                 continue;
             }
