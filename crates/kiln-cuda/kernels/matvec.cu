@@ -23,7 +23,11 @@
 // to 8 bits per 32 elements into shared memory once (as llama.cpp's q8_1 activations),
 // the products of 4 quants with 4 rounded activations are one integer dp4a, and the
 // grid is one wave of warps with equal numbers of rows, each warp streaming its rows
-// with its next units in flight and no further barrier.
+// with its next units in flight and no further barrier. Two fusions ride on it: a
+// residual add and RMSNorm computed by every block in place of reading x's copy
+// (matvec_resident_add_norm), and the Glu of a gate-up product in its epilogue, the
+// last warp to finish 32 gate rows and their 32 up rows computing their gated values
+// (matvec_resident_glu, GluRows).
 //
 // Under programmatic dependent launch (common.cuh) matvec_resident issues its first
 // weight loads before it waits for the kernels before it, so that they overlap the
@@ -43,6 +47,7 @@
 //   matching 8 activations of every row of x once (reused across the ROWS weight
 //   rows), and accumulates in f32 (dot_chunk); warp shuffles and a shared array
 //   reduce the block.
+#include "functors.cuh"
 #include "quant.cuh"
 
 namespace kiln {
@@ -735,10 +740,109 @@ struct StageAddNorm {
     }
 };
 
+// What resident_matvec does with the sum of each row of its product.
+//
+// StoreRows: row r of the weight is row r of the product, stored as out[r] (+ bias[r]).
+struct StoreRows {
+    const float* bias;
+    float* out;
+
+    __device__ __forceinline__ u32 weight_row(u32 row) const { return row; }
+
+    // Every lane of the warp calls it with the row's sum s.
+    __device__ __forceinline__ void store(u32 row, float s) const {
+        if ((threadIdx.x & 31u) == 0) {
+            out[row] = bias ? s + bias[row] : s;
+        }
+    }
+
+    // Every lane of the warp calls it after the warp's rows begin .. end.
+    __device__ __forceinline__ void finish(u32 begin, u32 end) const {}
+};
+
+// The atomic add of v to *p at device scope with acquire-release semantics: the
+// caller's writes before it are visible to whoever sees the count it leaves, and what
+// was written before the counts it sees is visible to the caller. Returns the old value.
+__device__ __forceinline__ u32 ticket_add(u32* p, u32 v) {
+    u32 old;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;"
+                 : "=r"(old)
+                 : "l"(p), "r"(v)
+                 : "memory");
+    return old;
+}
+
+// GluRows: the product of a gate-up weight (kiln_core::ops::Glu's x: gate in rows
+// 0 .. half, up in rows half .. 2 half, half a multiple of 32), with the Glu of the row
+// in the product's epilogue. The warps walk the 2 half rows in the order of
+// GLU_GROUP_ROWS-row groups: group g's rows are gate rows 32 g .. 32 g + 31, then up
+// rows half + 32 g .. + 31. Each row is stored to out (+ bias) as StoreRows stores it.
+// After its last row, a warp adds the rows it stored in each group to the group's
+// ticket (tickets hold zero before the launch), and the warp that completes a group's
+// count computes the group's 32 outputs glu_out[i] = F(out[i], out[half + i]) from
+// out, rounds them to one Q8_1 block of glu_q8 when that is not null (as the Glu
+// kernel does), and puts the ticket back to zero.
+template <typename F>
+struct GluRows {
+    const float* bias;
+    float* out;
+    float* glu_out;
+    u8* glu_q8;
+    u32* tickets;
+    u32 half;
+
+    static constexpr u32 HALF_ROWS = GLU_GROUP_ROWS / 2;
+
+    __device__ __forceinline__ u32 weight_row(u32 row) const {
+        const u32 j = row % GLU_GROUP_ROWS;
+        return row / GLU_GROUP_ROWS * HALF_ROWS + (j < HALF_ROWS ? j : half + j - HALF_ROWS);
+    }
+
+    __device__ __forceinline__ void store(u32 row, float s) const {
+        if ((threadIdx.x & 31u) == 0) {
+            const u32 r = weight_row(row);
+            out[r] = bias ? s + bias[r] : s;
+        }
+    }
+
+    __device__ __forceinline__ void finish(u32 begin, u32 end) const {
+        if (begin >= end) {
+            return;
+        }
+        const u32 lane = threadIdx.x & 31u;
+        for (u32 g = begin / GLU_GROUP_ROWS; g <= (end - 1) / GLU_GROUP_ROWS; ++g) {
+            const u32 count = min(end, (g + 1) * GLU_GROUP_ROWS) - max(begin, g * GLU_GROUP_ROWS);
+            u32 last = 0;
+            if (lane == 0) {
+                // Lane 0 stored every row of the warp: the release covers them.
+                last = ticket_add(tickets + g, count) + count == GLU_GROUP_ROWS;
+            }
+            if (__shfl_sync(0xffffffffu, last, 0) != 0) {
+                gate(g);
+            }
+        }
+    }
+
+    // The Glu of group g, whose 64 rows are stored.
+    __device__ __forceinline__ void gate(u32 g) const {
+        __threadfence();
+        const u32 i = g * HALF_ROWS + (threadIdx.x & 31u);
+        const float o = F::apply(__ldcg(out + i), __ldcg(out + half + i));
+        glu_out[i] = o;
+        if (glu_q8 != nullptr) {
+            store_q8_1_block(o, glu_q8 + (u64)g * Q8_1_BLOCK_BYTES);
+        }
+        if ((threadIdx.x & 31u) == 0) {
+            tickets[g] = 0;
+        }
+    }
+};
+
 // The mat-vec of a packed weight for one activation row rounded to Q8_1, held in
 // shared memory (ResidentImage, written by `stage`: StageQ8Copy or StageAddNorm), and
 // the products of each run of 4 quants with 4 rounded activations summed in integers
-// (dp4a).
+// (dp4a); `rows` (StoreRows or GluRows) maps the product's rows to the weight's and
+// stores each row's sum.
 // Grid: any number of blocks of THREADS; warp w of the grid's G warps owns weight rows
 // w * P .. (w + 1) * P (P = ceil(n / G)), so a grid of at most one wave gives every
 // warp the same work and no block waits on another. Dynamic shared memory:
@@ -747,15 +851,13 @@ struct StageAddNorm {
 // 16 bytes.
 //
 // Each lane issues the loads of its first units, then the block stages x into shared
-// memory (`stage` waits for the prior grids); after one barrier every warp walks its rows in steps of 32 * U units, a
-// lane's next units in flight while it accumulates the current ones, and writes each
-// row's sum as it finishes the row. Per scale group of a unit the lane adds
+// memory (`stage` waits for the prior grids); after one barrier every warp walks its
+// rows in steps of 32 * U units, a lane's next units in flight while it accumulates the
+// current ones, and hands each row's sum to `rows` as it finishes the row. Per scale group of a unit the lane adds
 // scale * d * sum q_w q_x + zero * d * sum q_x (weights scale * q_w + zero).
-template <typename W, bool ALIGNED, u32 THREADS, typename Stage>
-__device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage stage,
-                                                const float* __restrict__ bias,
-                                                float* __restrict__ out, u32 n, u32 k,
-                                                u64 row_bytes) {
+template <typename W, bool ALIGNED, u32 THREADS, typename Stage, typename Rows>
+__device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage stage, Rows rows,
+                                                u32 n, u32 k, u64 row_bytes) {
     constexpr u32 A = ALIGNED ? 16 : 2;
     constexpr u32 U = resident_units<W>();
     constexpr u32 WARPS = THREADS / 32;
@@ -780,7 +882,7 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
 
     // The step at `row`, units c0 + lane + 32 a (c0 warp-uniform), into t.
     auto load_step = [&](u32 at_row, u32 c0, Unit (&t)[U]) {
-        const u8* r = w + (u64)at_row * row_bytes;
+        const u8* r = w + (u64)rows.weight_row(at_row) * row_bytes;
 #pragma unroll
         for (u32 a = 0; a < U; ++a) {
             if (c0 + lane + 32 * a < units) {
@@ -828,11 +930,8 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
             }
         }
         if (next_row != row) {
-            const float s = warp_sum(acc);
+            rows.store(row, warp_sum(acc));
             acc = 0.0f;
-            if (lane == 0) {
-                out[row] = bias ? s + bias[row] : s;
-            }
         }
 #pragma unroll
         for (u32 a = 0; a < U; ++a) {
@@ -841,6 +940,7 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
         row = next_row;
         c0 = next_c0;
     }
+    rows.finish(row_begin, row_end);
 }
 
 // resident_matvec of x's Q8_1 copy xq8. m must be 1.
@@ -849,8 +949,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     matvec_resident(const u8* __restrict__ w, const u8* __restrict__ xq8,
                     const float* __restrict__ bias,
                     float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
-    resident_matvec<W, ALIGNED, THREADS>(w, StageQ8Copy<W, THREADS>{xq8}, bias, out, n, k,
-                                         row_bytes);
+    resident_matvec<W, ALIGNED, THREADS>(w, StageQ8Copy<W, THREADS>{xq8}, StoreRows{bias, out},
+                                         n, k, row_bytes);
 }
 
 // kiln_core::ops::AddRmsNorm of one row (F32 x, residual and weight of k elements;
@@ -865,8 +965,37 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                              float eps, const float* __restrict__ bias,
                              float* __restrict__ out, u32 n, u32 k, u64 row_bytes) {
     resident_matvec<W, ALIGNED, THREADS>(
-        w, StageAddNorm<W, THREADS>{x, residual, norm_weight, sum, eps}, bias, out, n, k,
-        row_bytes);
+        w, StageAddNorm<W, THREADS>{x, residual, norm_weight, sum, eps}, StoreRows{bias, out}, n,
+        k, row_bytes);
+}
+
+// kiln_core::ops::MatMul of x's Q8_1 copy xq8 (one row) by a gate-up weight of n = 2
+// half rows, fused with the kiln_core::ops::Glu of its output: resident_matvec with
+// GluRows<F>. Writes out (n values) as the product does and glu_out (half values) and
+// glu_q8 (null, or half / 32 Q8_1 blocks) as the Glu does. tickets: half / 32 zeros,
+// zeros again when the launch ends.
+template <typename W, typename F, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+    matvec_resident_glu(const u8* __restrict__ w, const u8* __restrict__ xq8,
+                        const float* __restrict__ bias, float* out, float* __restrict__ glu_out,
+                        u8* __restrict__ glu_q8, u32* tickets, u32 n, u32 k, u64 row_bytes) {
+    resident_matvec<W, ALIGNED, THREADS>(
+        w, StageQ8Copy<W, THREADS>{xq8},
+        GluRows<F>{bias, out, glu_out, glu_q8, tickets, n / 2}, n, k, row_bytes);
+}
+
+// matvec_resident_add_norm's norm, product and matvec_resident_glu's Glu in one launch.
+template <typename W, typename F, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+    matvec_resident_add_norm_glu(const u8* __restrict__ w, const float* __restrict__ x,
+                                 const float* __restrict__ residual,
+                                 const float* __restrict__ norm_weight, float* __restrict__ sum,
+                                 float eps, const float* __restrict__ bias, float* out,
+                                 float* __restrict__ glu_out, u8* __restrict__ glu_q8,
+                                 u32* tickets, u32 n, u32 k, u64 row_bytes) {
+    resident_matvec<W, ALIGNED, THREADS>(
+        w, StageAddNorm<W, THREADS>{x, residual, norm_weight, sum, eps},
+        GluRows<F>{bias, out, glu_out, glu_q8, tickets, n / 2}, n, k, row_bytes);
 }
 
 }  // namespace kiln

@@ -55,12 +55,14 @@ pub struct CudaBackend {
     registry: KernelRegistry<NvrtcCompiler>,
     attention_workspace: ops::common::Workspace,
     matmul_workspace: ops::common::Workspace,
+    glu_tickets: ops::common::Workspace,
     resident_warps: ops::matmul::ResidentWarps,
     gemm: ops::matmul::Gemm,
     gemm_min_rows: AtomicUsize,
     moe_routing: ops::moe::Routing,
     programmatic_launch: AtomicBool,
     fuse_norms: AtomicBool,
+    fuse_glus: AtomicBool,
     cuda_graphs: AtomicBool,
     capture: Capture,
     compiles: AtomicU64,
@@ -83,6 +85,10 @@ pub const CUDA_GRAPHS_ENV: &str = "KILN_CUDA_GRAPHS";
 /// The environment variable that, set to `0`, turns the fusion of norms into the
 /// mat-vecs that read them off ([`CudaBackend::fuse_norms`]).
 pub const FUSE_NORMS_ENV: &str = "KILN_CUDA_FUSE_NORMS";
+
+/// The environment variable that, set to `1`, turns on the fusion of gated units into
+/// the epilogue of the gate-up mat-vecs before them ([`CudaBackend::fuse_glus`]).
+pub const FUSE_GLUS_ENV: &str = "KILN_CUDA_FUSE_GLUS";
 
 /// The environment variable that sets the fewest activation rows of a mat-mat on
 /// cuBLASLt ([`CudaBackend::gemm_min_rows`]): a number, or `off` for never.
@@ -127,6 +133,7 @@ impl CudaBackend {
             && std::env::var(PROGRAMMATIC_LAUNCH_ENV).map_or(true, |v| v != "0");
         let cuda_graphs = std::env::var(CUDA_GRAPHS_ENV).map_or(true, |v| v != "0");
         let fuse_norms = std::env::var(FUSE_NORMS_ENV).map_or(true, |v| v != "0");
+        let fuse_glus = std::env::var(FUSE_GLUS_ENV).is_ok_and(|v| v == "1");
         let gemm_min_rows = parse_gemm_min_rows(std::env::var(GEMM_MIN_ROWS_ENV).ok().as_deref())?;
         let capture = Capture::new(device.context())?;
         // SAFETY: the memory is only read after a copy into it has completed.
@@ -142,12 +149,14 @@ impl CudaBackend {
             registry: KernelRegistry::new(compiler, cache),
             attention_workspace: ops::common::Workspace::default(),
             matmul_workspace: ops::common::Workspace::default(),
+            glu_tickets: ops::common::Workspace::default(),
             resident_warps: ops::matmul::ResidentWarps::default(),
             gemm: ops::matmul::Gemm::default(),
             gemm_min_rows: AtomicUsize::new(gemm_min_rows),
             moe_routing: ops::moe::Routing::default(),
             programmatic_launch: AtomicBool::new(programmatic_launch),
             fuse_norms: AtomicBool::new(fuse_norms),
+            fuse_glus: AtomicBool::new(fuse_glus),
             cuda_graphs: AtomicBool::new(cuda_graphs),
             capture,
             compiles: AtomicU64::new(0),
@@ -168,7 +177,7 @@ impl CudaBackend {
     }
 
     /// Whether [`Backend::compile`] fuses a one-row residual add and RMSNorm into the
-    /// resident mat-vec that reads it ([`ops::norm_matvec`]). On unless
+    /// resident mat-vec that reads it ([`ops::fused_matvec`]). On unless
     /// `KILN_CUDA_FUSE_NORMS=0`.
     pub fn fuse_norms(&self) -> bool {
         self.fuse_norms.load(Ordering::Relaxed)
@@ -177,6 +186,18 @@ impl CudaBackend {
     /// Turns the fusion of norms on or off for the graphs compiled after.
     pub fn set_fuse_norms(&self, on: bool) {
         self.fuse_norms.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether [`Backend::compile`] fuses a one-row SiLU-gated unit into the epilogue
+    /// of the resident gate-up mat-vec before it ([`ops::fused_matvec`]). Off unless
+    /// `KILN_CUDA_FUSE_GLUS=1`: it has not been timed against the separate launch yet.
+    pub fn fuse_glus(&self) -> bool {
+        self.fuse_glus.load(Ordering::Relaxed)
+    }
+
+    /// Turns the fusion of gated units on or off for the graphs compiled after.
+    pub fn set_fuse_glus(&self, on: bool) {
+        self.fuse_glus.store(on, Ordering::Relaxed);
     }
 
     /// How many graphs [`Backend::compile`] has compiled on this backend (each
@@ -236,17 +257,23 @@ impl CudaBackend {
         &self.matmul_workspace
     }
 
+    /// The tickets of the gate-up mat-vecs with a fused gated unit
+    /// ([`ops::fused_matvec`]): zero between launches.
+    pub(crate) fn glu_tickets(&self) -> &ops::common::Workspace {
+        &self.glu_tickets
+    }
+
     /// The device.
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.device
     }
 
-    /// How many warps of each resident mat-vec launch shape fit the device at once.
     /// The grouped expert-routed mat-mat's scratch lists.
     pub(crate) fn moe_routing(&self) -> &ops::moe::Routing {
         &self.moe_routing
     }
 
+    /// How many warps of each resident mat-vec launch shape fit the device at once.
     pub(crate) fn resident_warps(&self) -> &ops::matmul::ResidentWarps {
         &self.resident_warps
     }
@@ -563,52 +590,6 @@ impl CudaBackend {
     }
 }
 
-impl CudaBackend {
-    /// Runs a pair that [`ops::norm_matvec::fusible`] found as one launch.
-    fn run_norm_matvec(
-        &self,
-        graph: &Graph,
-        norm: &kiln_core::ops::AddRmsNorm,
-        product: &kiln_core::ops::MatMul,
-        bindings: &mut Bindings<'_, CudaBuffer>,
-    ) -> Result<()> {
-        let dtype = graph.desc(product.w)?.dtype;
-        let Some(weight) = norm.weight else {
-            return Err(Error::invalid(
-                "add_rms_norm+matmul",
-                "the fused norm needs a weight",
-            ));
-        };
-        let inputs: Vec<_> = [norm.x, norm.residual, weight, product.w]
-            .into_iter()
-            .chain(product.bias)
-            .collect();
-        bindings.with_operands(&inputs, &[norm.sum, product.out], |ins, outs| {
-            let [sum, out] = outs else {
-                unreachable!("two outputs were asked for")
-            };
-            ops::norm_matvec::add_norm_matvec(
-                self,
-                ops::norm_matvec::NormOperands {
-                    x: ins[0],
-                    residual: ins[1],
-                    weight: ins[2],
-                    sum,
-                    eps: norm.eps,
-                },
-                ops::norm_matvec::ProductOperands {
-                    w: ins[3],
-                    dtype,
-                    bias: ins.get(4).copied(),
-                    out,
-                    n: product.n,
-                    k: product.k,
-                },
-            )
-        })?
-    }
-}
-
 /// Whether op `index` is a delta rule (whose recurrent kernel loads its state before
 /// it waits for the kernel before it, kernels/delta_net.cu) right after an op that
 /// writes memory its state shares: then its launch must wait for that op to end.
@@ -762,23 +743,25 @@ impl Backend for CudaBackend {
         let mut index = 0;
         while index < graph_ops.len() {
             let start = recorder.len();
-            let fused = self
-                .fuse_norms()
-                .then(|| ops::norm_matvec::fusible(graph, index))
-                .flatten()
-                .filter(|&(norm, product)| {
-                    ops::norm_matvec::operands_apart(norm, product, bindings)
-                });
+            let fusions = ops::fused_matvec::Fusions {
+                norms: self.fuse_norms(),
+                glus: self.fuse_glus(),
+            };
+            let fused = ops::fused_matvec::fusible(graph, index, fusions)
+                .filter(|fusion| ops::fused_matvec::operands_apart(fusion, bindings));
             let ran = match fused {
-                Some((norm, product)) => {
-                    self.run_norm_matvec(graph, norm, product, bindings)?;
-                    // The norm's launch is the product's.
-                    ops.push(OpLaunches {
-                        index,
-                        name: graph_ops[index].name(),
-                        launches: start..start,
-                    });
-                    2
+                Some(fusion) => {
+                    ops::fused_matvec::run(self, graph, &fusion, bindings)?;
+                    // The run's one launch is its last op's; the others have none.
+                    let leading = &graph_ops[index..index + fusion.ops() - 1];
+                    for (i, op) in (index..).zip(leading) {
+                        ops.push(OpLaunches {
+                            index: i,
+                            name: op.name(),
+                            launches: start..start,
+                        });
+                    }
+                    fusion.ops()
                 }
                 None => {
                     self.run_op(graph, &graph_ops[index], bindings)?;

@@ -70,6 +70,9 @@ shared_constants! {
     /// Float4s of the row that each thread of a resident mat-vec with a fused residual
     /// add and RMSNorm holds in registers.
     RESIDENT_NORM_VECTORS = 8;
+    /// Rows of a gate-up product that a resident mat-vec with a fused Glu counts to
+    /// one ticket: 32 gate rows and their 32 up rows, one Q8_1 block of the Glu.
+    GLU_GROUP_ROWS = 64;
     /// Elements and bytes of a Q8_1 block (kiln_core's DType::Q8_1).
     Q8_1_BLOCK_ELEMS = 32;
     Q8_1_BLOCK_BYTES = 36;

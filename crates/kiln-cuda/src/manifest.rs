@@ -34,7 +34,7 @@ pub fn all_specs() -> Vec<KernelSpec> {
     specs.extend(ops::embedding::all_specs());
     specs.extend(ops::rope::all_specs());
     specs.extend(ops::matmul::all_specs());
-    specs.extend(ops::norm_matvec::all_specs());
+    specs.extend(ops::fused_matvec::all_specs());
     specs.extend(ops::softmax::all_specs());
     specs.extend(ops::kv_cache::all_specs());
     specs.extend(ops::attention::all_specs());

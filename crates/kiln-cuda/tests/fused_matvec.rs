@@ -1,15 +1,42 @@
-//! A one-row residual add and RMSNorm fused into the resident mat-vec that reads its
-//! Q8_1 copy: which pairs of a graph are fused (no GPU needed), and on the GPU, one
-//! launch for the pair whose sum and product match kiln-cpu's two ops.
+//! The resident mat-vec fused with a one-row residual add and RMSNorm before it (which
+//! reads its Q8_1 copy) and with a one-row Glu after it: which runs of a graph are
+//! fused (no GPU needed), and on the GPU, one launch whose outputs match kiln-cpu's
+//! ops, and the unfused launches' bit for bit where both compute the same values.
 
 mod common;
 mod kernels;
 use common::*;
 use kernels::*;
-use kiln_core::ops::{AddRmsNorm, MatMul, Q8_COPY};
+use kiln_core::ops::{AddRmsNorm, ElementwiseKind, Glu, MatMul, Q8_COPY};
 use kiln_core::{Aliasing, BufferId, DType, Graph};
 use kiln_cpu::CpuBackend;
-use kiln_cuda::ops::norm_matvec::fusible;
+use kiln_cuda::ops::fused_matvec::{Fusions, FUSED_GLU_KINDS};
+
+/// The weight dtypes of the resident mat-vec.
+const RESIDENT_DTYPES: [DType; 11] = [
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q8_0,
+    DType::Q4K,
+    DType::Q5K,
+    DType::Q6K,
+    DType::Q1_0,
+    DType::Q2_0,
+    DType::TQ2_0,
+];
+
+const ALL: Fusions = Fusions {
+    norms: true,
+    glus: true,
+};
+
+/// Whether `fusible` finds a run at `index` of `graph` with every fusion allowed, and
+/// how many ops it covers.
+fn fused_ops(graph: &Graph, index: usize) -> Option<usize> {
+    kiln_cuda::ops::fused_matvec::fusible(graph, index, ALL).map(|f| f.ops())
+}
 
 /// The buffers of [`pair`]'s graph the caller binds or reads.
 struct Pair {
@@ -98,14 +125,14 @@ fn a_one_row_norm_read_only_by_its_resident_product_is_fused() {
         (DType::Q6K, 28672, 4096),
     ] {
         let p = pair(dtype, 1, n, k, true, false);
-        assert!(fusible(&p.graph, 0).is_some(), "{dtype} {n}x{k}");
-        assert!(fusible(&p.graph, 1).is_none(), "the product starts no pair");
+        assert_eq!(fused_ops(&p.graph, 0), Some(2), "{dtype} {n}x{k}");
+        assert_eq!(fused_ops(&p.graph, 1), None, "the product alone is no run");
     }
 }
 
 #[test]
 fn pairs_the_fused_kernel_cannot_stand_for_are_not_fused() {
-    let not_fused = |p: &Pair, what: &str| assert!(fusible(&p.graph, 0).is_none(), "{what}");
+    let not_fused = |p: &Pair, what: &str| assert_eq!(fused_ops(&p.graph, 0), None, "{what}");
     not_fused(&pair(DType::Q4_0, 2, 4096, 4096, false, false), "two rows");
     not_fused(
         &pair(DType::F16, 1, 4096, 4096, false, false),
@@ -149,9 +176,9 @@ fn pairs_the_fused_kernel_cannot_stand_for_are_not_fused() {
 }
 
 /// The compiled pair's launches with the fusion on or off.
-fn launches(cuda: &kiln_cuda::CudaBackend, p: &Pair, fuse: bool) -> Vec<String> {
+fn launches(cuda: &kiln_cuda::CudaBackend, graph: &Graph, fuse: bool) -> Vec<String> {
     cuda.set_fuse_norms(fuse);
-    let launches = compiled_launches(cuda, &p.graph);
+    let launches = compiled_launches(cuda, graph);
     cuda.set_fuse_norms(true);
     launches.into_iter().map(|(key, _)| key).collect()
 }
@@ -161,32 +188,19 @@ fn launches(cuda: &kiln_cuda::CudaBackend, p: &Pair, fuse: bool) -> Vec<String> 
 fn the_fused_pair_is_one_launch_and_matches_the_cpu() {
     let cuda = cuda();
     let mut rng = rng("the_fused_pair_is_one_launch_and_matches_the_cpu");
-    let dtypes = [
-        DType::Q4_0,
-        DType::Q4_1,
-        DType::Q5_0,
-        DType::Q5_1,
-        DType::Q8_0,
-        DType::Q4K,
-        DType::Q5K,
-        DType::Q6K,
-        DType::Q1_0,
-        DType::Q2_0,
-        DType::TQ2_0,
-    ];
-    for dtype in dtypes {
+    for dtype in RESIDENT_DTYPES {
         // Small blocks (fewer than 4096 rows) and large ones; 8192 is two float4s per
         // thread of a large block, eight of a small one.
         for (n, k, bias) in [(1031, 2048, true), (4099, 4096, false), (1024, 8192, true)] {
             let p = pair(dtype, 1, n, k, bias, false);
             let what = format!("{dtype} {n}x{k} bias={bias}");
-            let fused = launches(cuda, &p, true);
+            let fused = launches(cuda, &p.graph, true);
             assert_eq!(fused.len(), 1, "{what}: {fused:?}");
             assert!(
                 fused[0].starts_with("matvec_resident_add_norm|"),
                 "{what}: {fused:?}"
             );
-            assert_eq!(launches(cuda, &p, false).len(), 2, "{what} unfused");
+            assert_eq!(launches(cuda, &p.graph, false).len(), 2, "{what} unfused");
             let mut inputs = vec![
                 (p.x, f32_bytes(&uniform(&mut rng, k, 2.0))),
                 (p.residual, f32_bytes(&uniform(&mut rng, k, 2.0))),
@@ -217,4 +231,503 @@ fn the_fused_pair_is_one_launch_and_matches_the_cpu() {
             );
         }
     }
+}
+
+/// The buffers of [`gated`]'s graph the caller binds or reads.
+struct Gated {
+    graph: Graph,
+    /// x, and its Q8_1 copy when there is no norm.
+    x: BufferId,
+    x_q8: Option<BufferId>,
+    /// The norm's residual, weight and sum, when there is one.
+    norm: Option<[BufferId; 3]>,
+    w: BufferId,
+    bias: Option<BufferId>,
+    gate_up: BufferId,
+    act: BufferId,
+    act_q8: BufferId,
+}
+
+/// `gate_up = row · wᵀ (+ bias)` for a `2 half x k` weight of `dtype`, then `act =
+/// kind(gate, up)` with its Q8_1 copy, for one row: the row is `RmsNorm(x + residual)`
+/// rounded to Q8_1 (its outputs transient) when `norm`, else x's Q8_1 copy given. The
+/// product's and the Glu's outputs are persistent.
+fn gated(
+    dtype: DType,
+    half: usize,
+    k: usize,
+    bias: bool,
+    norm: bool,
+    kind: ElementwiseKind,
+) -> Gated {
+    let n = 2 * half;
+    let mut g = Graph::new();
+    let x = g.persistent("x", DType::F32, &[1, k]).unwrap();
+    let w = g.persistent("w", dtype, &[n, k]).unwrap();
+    let bias = bias.then(|| g.persistent("bias", DType::F32, &[n]).unwrap());
+    let gate_up = g.persistent("gate_up", DType::F32, &[1, n]).unwrap();
+    let act = g.persistent("act", DType::F32, &[1, half]).unwrap();
+    let act_q8 = g.persistent("act_q8", Q8_COPY, &[1, half]).unwrap();
+    let (row, row_q8, x_q8, norm_ids) = if norm {
+        let residual = g.persistent("residual", DType::F32, &[1, k]).unwrap();
+        let weight = g.persistent("norm_weight", DType::F32, &[k]).unwrap();
+        let sum = g.persistent("sum", DType::F32, &[1, k]).unwrap();
+        let normed = g.transient("normed", DType::F32, &[1, k]).unwrap();
+        let normed_q8 = g.transient("normed_q8", Q8_COPY, &[1, k]).unwrap();
+        g.push(AddRmsNorm {
+            x,
+            residual,
+            weight: Some(weight),
+            sum,
+            out: normed,
+            out_q8: Some(normed_q8),
+            rows: 1,
+            dim: k,
+            eps: 1e-5,
+        })
+        .unwrap();
+        (normed, normed_q8, None, Some([residual, weight, sum]))
+    } else {
+        let x_q8 = g.persistent("x_q8", Q8_COPY, &[1, k]).unwrap();
+        (x, x_q8, Some(x_q8), None)
+    };
+    g.push(MatMul {
+        x: row,
+        x_q8: Some(row_q8),
+        w,
+        bias,
+        out: gate_up,
+        m: 1,
+        n,
+        k,
+    })
+    .unwrap();
+    g.push(Glu {
+        kind,
+        x: gate_up,
+        out: act,
+        out_q8: Some(act_q8),
+        rows: 1,
+        n: half,
+    })
+    .unwrap();
+    Gated {
+        graph: g,
+        x,
+        x_q8,
+        norm: norm_ids,
+        w,
+        bias,
+        gate_up,
+        act,
+        act_q8,
+    }
+}
+
+#[test]
+fn a_one_row_glu_of_a_resident_gate_up_product_is_fused_with_it() {
+    let silu = ElementwiseKind::SiluMul;
+    let with_norm = gated(DType::Q4_0, 2048, 4096, false, true, silu);
+    assert_eq!(
+        fused_ops(&with_norm.graph, 0),
+        Some(3),
+        "norm, product, glu"
+    );
+    let only = |norms, glus| Fusions { norms, glus };
+    let fusible = kiln_cuda::ops::fused_matvec::fusible;
+    assert_eq!(
+        fusible(&with_norm.graph, 0, only(true, false)).map(|f| f.ops()),
+        Some(2),
+        "the glu left out when glus are off"
+    );
+    assert!(
+        fusible(&with_norm.graph, 0, only(false, true)).is_none(),
+        "a norm is never fused when norms are off"
+    );
+    assert_eq!(
+        fusible(&with_norm.graph, 1, only(false, true)).map(|f| f.ops()),
+        Some(2),
+        "with norms off, the product after the norm starts a run with its glu"
+    );
+    for (dtype, half, k) in [
+        (DType::Q4_0, 14336, 4096),
+        (DType::Q6K, 1056, 2048),
+        (DType::TQ2_0, 4128, 1024),
+    ] {
+        let p = gated(dtype, half, k, true, false, silu);
+        assert_eq!(fused_ops(&p.graph, 0), Some(2), "{dtype} {half}x{k}");
+        assert_eq!(fused_ops(&p.graph, 1), None, "a glu alone is no run");
+    }
+    assert_eq!(
+        FUSED_GLU_KINDS,
+        [silu],
+        "the kinds the cases below leave out"
+    );
+}
+
+#[test]
+fn glus_the_fused_kernel_cannot_stand_for_are_not_fused() {
+    let silu = ElementwiseKind::SiluMul;
+    let not_fused = |p: &Gated, what: &str| assert_eq!(fused_ops(&p.graph, 0), None, "{what}");
+    not_fused(
+        &gated(
+            DType::Q4_0,
+            2048,
+            4096,
+            false,
+            false,
+            ElementwiseKind::GeluMul,
+        ),
+        "a kind without a fused kernel",
+    );
+    not_fused(
+        &gated(DType::F16, 2048, 4096, false, false, silu),
+        "a dtype without the resident kernel",
+    );
+    assert_eq!(
+        fused_ops(&uncopied_glu(2040, true), 0),
+        None,
+        "halves that are not whole Q8_1 blocks"
+    );
+    assert_eq!(
+        fused_ops(&uncopied_glu(2048, true), 0),
+        Some(2),
+        "the same of 2048"
+    );
+    assert_eq!(
+        fused_ops(&uncopied_glu(2048, false), 0),
+        None,
+        "a glu of another buffer than the product's out"
+    );
+}
+
+/// A one-row Q4_0 product of `2 half x 4096` over x's copy, then a SiLU Glu without a
+/// copy of the product's out (`of_product`) or of another buffer.
+fn uncopied_glu(half: usize, of_product: bool) -> Graph {
+    let (n, k) = (2 * half, 4096);
+    let mut g = Graph::new();
+    let x = g.persistent("x", DType::F32, &[1, k]).unwrap();
+    let x_q8 = g.persistent("x_q8", Q8_COPY, &[1, k]).unwrap();
+    let w = g.persistent("w", DType::Q4_0, &[n, k]).unwrap();
+    let gate_up = g.persistent("gate_up", DType::F32, &[1, n]).unwrap();
+    let other = g.persistent("other", DType::F32, &[1, n]).unwrap();
+    let act = g.persistent("act", DType::F32, &[1, half]).unwrap();
+    g.push(MatMul {
+        x,
+        x_q8: Some(x_q8),
+        w,
+        bias: None,
+        out: gate_up,
+        m: 1,
+        n,
+        k,
+    })
+    .unwrap();
+    g.push(Glu {
+        kind: ElementwiseKind::SiluMul,
+        x: if of_product { gate_up } else { other },
+        out: act,
+        out_q8: None,
+        rows: 1,
+        n: half,
+    })
+    .unwrap();
+    g
+}
+
+/// Random inputs of `p` (built by [`gated`] with these sizes): x (and its Q8_1 copy, or
+/// the norm's residual and weight), the weight and the bias.
+fn gated_inputs(
+    rng: &mut rand::rngs::StdRng,
+    p: &Gated,
+    dtype: DType,
+    half: usize,
+    k: usize,
+) -> Vec<(BufferId, Vec<u8>)> {
+    let x = uniform(rng, k, 2.0);
+    let mut inputs = vec![
+        (p.x, f32_bytes(&x)),
+        (p.w, encoded(rng, dtype, 2 * half * k)),
+    ];
+    if let Some(x_q8) = p.x_q8 {
+        let mut copy = vec![0u8; Q8_COPY.bytes_for(k).unwrap()];
+        kiln_core::quant::quantize(Q8_COPY, &x, &mut copy).unwrap();
+        inputs.push((x_q8, copy));
+    }
+    if let Some([residual, weight, _]) = p.norm {
+        inputs.push((residual, f32_bytes(&uniform(rng, k, 2.0))));
+        inputs.push((weight, f32_bytes(&uniform(rng, k, 1.5))));
+    }
+    if let Some(b) = p.bias {
+        inputs.push((b, f32_bytes(&uniform(rng, 2 * half, 1.0))));
+    }
+    inputs
+}
+
+/// The outputs of `p` the tests read: the product's, the Glu's and its copy, and the
+/// norm's sum when there is one, with their names.
+fn gated_outputs(p: &Gated) -> (Vec<BufferId>, Vec<&'static str>) {
+    let mut ids = vec![p.gate_up, p.act, p.act_q8];
+    let mut names = vec!["gate_up", "act", "act_q8"];
+    if let Some([_, _, sum]) = p.norm {
+        ids.push(sum);
+        names.push("sum");
+    }
+    (ids, names)
+}
+
+/// Asserts that `got` and `want` are the same bytes, naming the first that differs.
+fn assert_same_bits(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: sizes");
+    if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: byte {at} differs: {:02x?} vs {:02x?}",
+            &got[at & !3..(at & !3) + 4],
+            &want[at & !3..(at & !3) + 4]
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_fused_glu_is_one_launch_with_the_unfused_bits_and_the_cpus_values() {
+    let cuda = own_cuda();
+    let mut rng = rng("the_fused_glu_is_one_launch_with_the_unfused_bits_and_the_cpus_values");
+    let kind = ElementwiseKind::SiluMul;
+    // Small resident blocks (fewer than 4096 rows) and large ones, group counts odd and
+    // even, with and without the norm and the bias; the 8B's gate-up for two formats.
+    let mut cases = vec![
+        (1056, 2048, true, true),
+        (1024, 1024, false, false),
+        (2080, 4096, false, true),
+        (4128, 1024, true, false),
+    ];
+    for dtype in RESIDENT_DTYPES {
+        if matches!(dtype, DType::Q4_0 | DType::Q4K) {
+            cases.push((14336, 4096, false, true));
+        }
+        for &(half, k, bias, norm) in &cases {
+            let p = gated(dtype, half, k, bias, norm, kind);
+            let what = format!("{dtype} 2x{half}x{k} bias={bias} norm={norm}");
+            let inputs = gated_inputs(&mut rng, &p, dtype, half, k);
+            let (outputs, names) = gated_outputs(&p);
+
+            cuda.set_fuse_glus(true);
+            let fused = compiled_launches(&cuda, &p.graph);
+            let entry = if norm {
+                "matvec_resident_add_norm_glu|"
+            } else {
+                "matvec_resident_glu|"
+            };
+            assert_eq!(fused.len(), 1, "{what}: {fused:?}");
+            assert!(fused[0].0.starts_with(entry), "{what}: {fused:?}");
+            let got = run_on(&cuda, &p.graph, &inputs, &outputs, Aliasing::On).unwrap();
+
+            cuda.set_fuse_glus(false);
+            assert_eq!(
+                compiled_launches(&cuda, &p.graph).len(),
+                2,
+                "{what} unfused"
+            );
+            let unfused = run_on(&cuda, &p.graph, &inputs, &outputs, Aliasing::On).unwrap();
+            for ((name, got), unfused) in names.iter().zip(&got).zip(&unfused) {
+                assert_same_bits(&format!("{what} {name}: fused vs unfused"), got, unfused);
+            }
+
+            let want = run_on(&CpuBackend, &p.graph, &inputs, &outputs, Aliasing::On).unwrap();
+            // As the fused norm's test says: a few ulp of the norm's scale can move an
+            // activation across a Q8_1 rounding boundary.
+            assert_close(
+                &format!("{what} gate_up"),
+                &f32s(&got[0]),
+                &f32s(&want[0]),
+                1e-6,
+            );
+            assert_close(
+                &format!("{what} act"),
+                &f32s(&got[1]),
+                &f32s(&want[1]),
+                1e-5,
+            );
+            assert_q8_copy(&what, &got[1], &got[2]);
+        }
+        cases.truncate(4);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn back_to_back_fused_glus_leave_their_tickets_ready_for_the_next() {
+    let cuda = own_cuda();
+    cuda.set_fuse_glus(true);
+    let mut rng = rng("back_to_back_fused_glus_leave_their_tickets_ready_for_the_next");
+    let (dtype, half, k) = (DType::Q4_0, 2080, 2048);
+    let p = gated(dtype, half, k, false, true, ElementwiseKind::SiluMul);
+    let (outputs, _) = gated_outputs(&p);
+    // Each run's tickets start where the last run left them: a count left over would
+    // compute a group's unit early (from values not yet stored) or never (NaN left).
+    for run in 0..3 {
+        let inputs = gated_inputs(&mut rng, &p, dtype, half, k);
+        let got = run_on(&cuda, &p.graph, &inputs, &outputs, Aliasing::On).unwrap();
+        let want = run_on(&CpuBackend, &p.graph, &inputs, &outputs, Aliasing::On).unwrap();
+        let what = format!("run {run}");
+        assert_close(
+            &format!("{what} act"),
+            &f32s(&got[1]),
+            &f32s(&want[1]),
+            1e-5,
+        );
+        assert_q8_copy(&what, &got[1], &got[2]);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_fused_launch_rejects_what_it_cannot_compute() {
+    use kiln_cuda::ops::fused_matvec::{fused_matvec, GluOperands, ProductOperands, Staging};
+    let cuda = cuda();
+    let (n, k) = (2048, 1024);
+    let mut rng = rng("the_fused_launch_rejects_what_it_cannot_compute");
+    let w = device_weight(
+        cuda,
+        &encoded(&mut rng, DType::Q4_0, n * k),
+        DType::Q4_0,
+        &[n, k],
+    );
+    let copy = device(cuda, &vec![0u8; Q8_COPY.bytes_for(k).unwrap()]);
+    let mut out = device(cuda, &poison(4 * n));
+    let mut act = device(cuda, &poison(4 * n / 2));
+    fn product<'a>(
+        w: &'a kiln_cuda::CudaBuffer,
+        out: &'a mut kiln_cuda::CudaBuffer,
+        n: usize,
+        k: usize,
+    ) -> ProductOperands<'a> {
+        ProductOperands {
+            w,
+            dtype: DType::Q4_0,
+            bias: None,
+            out,
+            n,
+            k,
+        }
+    }
+    let nothing = invalid(fused_matvec(
+        cuda,
+        Staging::Copy(&copy),
+        product(&w, &mut out, n, k),
+        None,
+    ));
+    assert!(nothing.contains("nothing to fuse"), "{nothing}");
+    let mut short = device(cuda, &poison(4 * (n / 2 - 1)));
+    let glu = |out| GluOperands {
+        kind: ElementwiseKind::SiluMul,
+        out,
+        out_q8: None,
+    };
+    let too_short = invalid(fused_matvec(
+        cuda,
+        Staging::Copy(&copy),
+        product(&w, &mut out, n, k),
+        Some(glu(&mut short)),
+    ));
+    assert!(too_short.contains("glu out"), "{too_short}");
+    let odd = ProductOperands {
+        n: n - 32,
+        ..product(&w, &mut out, n, k)
+    };
+    let odd = invalid(fused_matvec(
+        cuda,
+        Staging::Copy(&copy),
+        odd,
+        Some(glu(&mut act)),
+    ));
+    assert!(odd.contains("multiple of 64"), "{odd}");
+}
+
+#[test]
+fn a_planned_decode_layers_norm_product_and_glu_are_bound_apart() {
+    // x = a + b, then the fused run (its norm reading x), then the down product: with
+    // aliasing, the Glu's outputs must not take the memory of x or of the norm's sum,
+    // which the fused launch reads and writes at its start.
+    let (half, k) = (2048, 1024);
+    let mut g = Graph::new();
+    let a = g.persistent("a", DType::F32, &[1, k]).unwrap();
+    let b = g.persistent("b", DType::F32, &[1, k]).unwrap();
+    let residual = g.persistent("residual", DType::F32, &[1, k]).unwrap();
+    let norm_weight = g.persistent("norm_weight", DType::F32, &[k]).unwrap();
+    let w = g.persistent("w", DType::Q4_0, &[2 * half, k]).unwrap();
+    let w_down = g.persistent("w_down", DType::Q4_0, &[k, half]).unwrap();
+    let out = g.persistent("out", DType::F32, &[1, k]).unwrap();
+    let x = g.transient("x", DType::F32, &[1, k]).unwrap();
+    let sum = g.transient("sum", DType::F32, &[1, k]).unwrap();
+    let normed = g.transient("normed", DType::F32, &[1, k]).unwrap();
+    let normed_q8 = g.transient("normed_q8", Q8_COPY, &[1, k]).unwrap();
+    let gate_up = g.transient("gate_up", DType::F32, &[1, 2 * half]).unwrap();
+    let act = g.transient("act", DType::F32, &[1, half]).unwrap();
+    let act_q8 = g.transient("act_q8", Q8_COPY, &[1, half]).unwrap();
+    g.push(kiln_core::ops::Elementwise {
+        kind: ElementwiseKind::Add,
+        a,
+        b,
+        out: x,
+        out_q8: None,
+        len: k,
+    })
+    .unwrap();
+    g.push(AddRmsNorm {
+        x,
+        residual,
+        weight: Some(norm_weight),
+        sum,
+        out: normed,
+        out_q8: Some(normed_q8),
+        rows: 1,
+        dim: k,
+        eps: 1e-5,
+    })
+    .unwrap();
+    g.push(MatMul {
+        x: normed,
+        x_q8: Some(normed_q8),
+        w,
+        bias: None,
+        out: gate_up,
+        m: 1,
+        n: 2 * half,
+        k,
+    })
+    .unwrap();
+    g.push(Glu {
+        kind: ElementwiseKind::SiluMul,
+        x: gate_up,
+        out: act,
+        out_q8: Some(act_q8),
+        rows: 1,
+        n: half,
+    })
+    .unwrap();
+    g.push(MatMul {
+        x: act,
+        x_q8: Some(act_q8),
+        w: w_down,
+        bias: None,
+        out,
+        m: 1,
+        n: k,
+        k: half,
+    })
+    .unwrap();
+    let fusion = kiln_cuda::ops::fused_matvec::fusible(&g, 1, ALL).expect("the run is fusible");
+    assert_eq!(fusion.ops(), 3);
+    let (apart, _, _) = with_persistent_bound(&CpuBackend, &g, &[], Aliasing::On, |bindings| {
+        Ok(kiln_cuda::ops::fused_matvec::operands_apart(
+            &fusion, bindings,
+        ))
+    })
+    .unwrap();
+    assert!(
+        apart,
+        "the planner gave the fused run's operands shared memory"
+    );
 }

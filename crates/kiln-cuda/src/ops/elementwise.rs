@@ -22,8 +22,8 @@ pub const ELEMENTWISE: Family = Family {
 /// Every kind, in declaration order.
 const KINDS: [ElementwiseKind; 5] = ElementwiseKind::ALL;
 
-/// The functor of `kind` in kernels/elementwise.cu.
-fn functor(kind: ElementwiseKind) -> &'static str {
+/// The functor of `kind` in kernels/functors.cuh.
+pub(crate) fn functor(kind: ElementwiseKind) -> &'static str {
     match kind {
         ElementwiseKind::Add => "kiln::Add",
         ElementwiseKind::Mul => "kiln::Mul",

@@ -25,6 +25,15 @@ pub fn cuda() -> &'static CudaBackend {
     }
 }
 
+/// A CUDA backend of the caller's own on device 0, for a test that switches what
+/// compiling fuses: [`cuda`]'s switches are shared by every test of its executable,
+/// which run at once. Fails without a device, as [`cuda`] does.
+pub fn own_cuda() -> CudaBackend {
+    CacheConfig::from_env()
+        .and_then(|cache| CudaBackend::with_cache(0, cache))
+        .unwrap_or_else(|e| panic!("this test needs a CUDA device: {e}"))
+}
+
 /// The launches `graph` compiles to on `cuda` (each launch's key and whether it is
 /// serialized), over its persistent buffers as `upload_persistent` makes them, those
 /// of block formats given zero weights. The executable is not run.
