@@ -1,9 +1,9 @@
 // Mixture of experts: the router's top-k choice and the weighted combine of the
 // experts' outputs (kiln_core::ops::MoeRouter, MoeCombine).
 //
-// moe_router: one block per token. The token's n_expert probabilities (softmax over
-// its logits, or each logit's sigmoid) go to shared memory; then k rounds each pick
-// the largest untaken probability with one block-wide maximum of 64-bit keys,
+// moe_router: one block per token (route_token). The token's n_expert probabilities
+// (softmax over its logits, or each logit's sigmoid) go to shared memory; then k rounds
+// each pick the largest untaken probability with one block-wide maximum of 64-bit keys,
 // (order of the value) << 32 | ~expert, so that ties go to the lower expert and NaN
 // (order 0) comes after every number. Thread 0 writes the pick and, with `normalize`,
 // divides the k weights by their sum taken in pick order, as the CPU reference does.
@@ -51,31 +51,32 @@ __device__ __forceinline__ u64 block_max_key(u64 key, u64* scratch) {
     return r;
 }
 
-// ids and weights: [tokens, k]. Dynamic shared memory: n_expert floats, then
-// n_expert flags.
+// Routes the token whose n_expert logits are at `l`: its k experts to row_ids and
+// their weights to row_weights. Every thread of the block calls it; blockDim.x is a
+// multiple of 32 and at most 1024, and the order of the sums depends on it. Dynamic
+// shared memory: n_expert floats, then n_expert flags. The logits are read through
+// L2 (__ldcg), so that a kernel whose other blocks wrote them may call it.
 template <bool Sigmoid>
-__global__ void moe_router(const float* __restrict__ logits, int* __restrict__ ids,
-                           float* __restrict__ weights, u32 n_expert, u32 k, u32 normalize) {
-    chain_after_prior_grids(logits);
+__device__ __forceinline__ void route_token(const float* l, int* row_ids, float* row_weights,
+                                            u32 n_expert, u32 k, u32 normalize) {
     extern __shared__ float probs[];
     u8* taken = reinterpret_cast<u8*>(probs + n_expert);
     __shared__ float scratch[32];
     __shared__ u64 key_scratch[32];
-    const float* l = logits + (u64)blockIdx.x * n_expert;
     if (Sigmoid) {
         for (u32 e = threadIdx.x; e < n_expert; e += blockDim.x) {
-            probs[e] = 1.0f / (1.0f + expf(-l[e]));
+            probs[e] = 1.0f / (1.0f + expf(-__ldcg(l + e)));
             taken[e] = 0;
         }
     } else {
         float mx = neg_inf();
         for (u32 e = threadIdx.x; e < n_expert; e += blockDim.x) {
-            mx = fmaxf(mx, l[e]);
+            mx = fmaxf(mx, __ldcg(l + e));
         }
         mx = block_reduce<MaxOp>(mx, scratch);
         float sum = 0.0f;
         for (u32 e = threadIdx.x; e < n_expert; e += blockDim.x) {
-            const float v = expf(l[e] - mx);
+            const float v = expf(__ldcg(l + e) - mx);
             probs[e] = v;
             taken[e] = 0;
             sum += v;
@@ -86,8 +87,6 @@ __global__ void moe_router(const float* __restrict__ logits, int* __restrict__ i
         }
     }
     __syncthreads();
-    int* row_ids = ids + (u64)blockIdx.x * k;
-    float* row_weights = weights + (u64)blockIdx.x * k;
     for (u32 j = 0; j < k; ++j) {
         u64 best = 0;
         for (u32 e = threadIdx.x; e < n_expert; e += blockDim.x) {
@@ -113,6 +112,16 @@ __global__ void moe_router(const float* __restrict__ logits, int* __restrict__ i
             row_weights[j] = row_weights[j] / sum;
         }
     }
+}
+
+// ids and weights: [tokens, k]. One block per token; dynamic shared memory:
+// route_token's.
+template <bool Sigmoid>
+__global__ void moe_router(const float* __restrict__ logits, int* __restrict__ ids,
+                           float* __restrict__ weights, u32 n_expert, u32 k, u32 normalize) {
+    chain_after_prior_grids(logits);
+    route_token<Sigmoid>(logits + (u64)blockIdx.x * n_expert, ids + (u64)blockIdx.x * k,
+                         weights + (u64)blockIdx.x * k, n_expert, k, normalize);
 }
 
 // out[t, i] = residual[t, i] + sum_j weights[t, j] * y[t, j, i]
