@@ -55,12 +55,14 @@ pub struct CudaBackend {
     registry: KernelRegistry<NvrtcCompiler>,
     attention_workspace: ops::common::Workspace,
     matmul_workspace: ops::common::Workspace,
+    router_tickets: ops::common::Workspace,
     resident_warps: ops::matmul::ResidentWarps,
     gemm: ops::matmul::Gemm,
     gemm_min_rows: AtomicUsize,
     moe_routing: ops::moe::Routing,
     programmatic_launch: AtomicBool,
     fuse_norms: AtomicBool,
+    fuse_routers: AtomicBool,
     cuda_graphs: AtomicBool,
     capture: Capture,
     compiles: AtomicU64,
@@ -83,6 +85,10 @@ pub const CUDA_GRAPHS_ENV: &str = "KILN_CUDA_GRAPHS";
 /// The environment variable that, set to `0`, turns the fusion of norms into the
 /// mat-vecs that read them off ([`CudaBackend::fuse_norms`]).
 pub const FUSE_NORMS_ENV: &str = "KILN_CUDA_FUSE_NORMS";
+
+/// The environment variable that, set to `1`, turns the fusion of mixture-of-experts
+/// routers into the products of their logits on ([`CudaBackend::fuse_routers`]).
+pub const FUSE_ROUTERS_ENV: &str = "KILN_CUDA_FUSE_ROUTERS";
 
 /// The environment variable that sets the fewest activation rows of a mat-mat on
 /// cuBLASLt ([`CudaBackend::gemm_min_rows`]): a number, or `off` for never.
@@ -127,6 +133,7 @@ impl CudaBackend {
             && std::env::var(PROGRAMMATIC_LAUNCH_ENV).map_or(true, |v| v != "0");
         let cuda_graphs = std::env::var(CUDA_GRAPHS_ENV).map_or(true, |v| v != "0");
         let fuse_norms = std::env::var(FUSE_NORMS_ENV).map_or(true, |v| v != "0");
+        let fuse_routers = std::env::var(FUSE_ROUTERS_ENV).is_ok_and(|v| v == "1");
         let gemm_min_rows = parse_gemm_min_rows(std::env::var(GEMM_MIN_ROWS_ENV).ok().as_deref())?;
         let capture = Capture::new(device.context())?;
         // SAFETY: the memory is only read after a copy into it has completed.
@@ -142,12 +149,14 @@ impl CudaBackend {
             registry: KernelRegistry::new(compiler, cache),
             attention_workspace: ops::common::Workspace::default(),
             matmul_workspace: ops::common::Workspace::default(),
+            router_tickets: ops::common::Workspace::default(),
             resident_warps: ops::matmul::ResidentWarps::default(),
             gemm: ops::matmul::Gemm::default(),
             gemm_min_rows: AtomicUsize::new(gemm_min_rows),
             moe_routing: ops::moe::Routing::default(),
             programmatic_launch: AtomicBool::new(programmatic_launch),
             fuse_norms: AtomicBool::new(fuse_norms),
+            fuse_routers: AtomicBool::new(fuse_routers),
             cuda_graphs: AtomicBool::new(cuda_graphs),
             capture,
             compiles: AtomicU64::new(0),
@@ -177,6 +186,18 @@ impl CudaBackend {
     /// Turns the fusion of norms on or off for the graphs compiled after.
     pub fn set_fuse_norms(&self, on: bool) {
         self.fuse_norms.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether [`Backend::compile`] fuses a one-token mixture-of-experts router into
+    /// the f32 product of its logits ([`ops::router_matvec`]). Off unless
+    /// `KILN_CUDA_FUSE_ROUTERS=1`: the fused launch has not been timed on a GPU yet.
+    pub fn fuse_routers(&self) -> bool {
+        self.fuse_routers.load(Ordering::Relaxed)
+    }
+
+    /// Turns the fusion of routers on or off for the graphs compiled after.
+    pub fn set_fuse_routers(&self, on: bool) {
+        self.fuse_routers.store(on, Ordering::Relaxed);
     }
 
     /// How many graphs [`Backend::compile`] has compiled on this backend (each
@@ -234,6 +255,11 @@ impl CudaBackend {
     /// The split mat-mat's partial sums ([`ops::matmul`]).
     pub(crate) fn matmul_workspace(&self) -> &ops::common::Workspace {
         &self.matmul_workspace
+    }
+
+    /// The fused routers' ticket counter ([`ops::router_matvec`]).
+    pub(crate) fn router_tickets(&self) -> &ops::common::Workspace {
+        &self.router_tickets
     }
 
     /// The device.
@@ -762,6 +788,27 @@ impl Backend for CudaBackend {
         let mut index = 0;
         while index < graph_ops.len() {
             let start = recorder.len();
+            let router = self
+                .fuse_routers()
+                .then(|| ops::router_matvec::fusible(graph, index))
+                .flatten()
+                .filter(|&(product, router)| {
+                    ops::router_matvec::operands_apart(product, router, bindings)
+                });
+            if let Some((product, router)) = router {
+                ops::router_matvec::run(self, graph, product, router, bindings)?;
+                // The product's launch is the router's.
+                for (at, launches) in [(index, start..start), (index + 1, start..recorder.len())] {
+                    let name = graph_ops[at].name();
+                    ops.push(OpLaunches {
+                        index: at,
+                        name,
+                        launches,
+                    });
+                }
+                index += 2;
+                continue;
+            }
             let fused = self
                 .fuse_norms()
                 .then(|| ops::norm_matvec::fusible(graph, index))
