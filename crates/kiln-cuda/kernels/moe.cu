@@ -1,18 +1,24 @@
 // Mixture of experts: the router's top-k choice and the weighted combine of the
 // experts' outputs (kiln_core::ops::MoeRouter, MoeCombine).
 //
-// moe_router: one block per token. The token's n_expert probabilities (softmax over
-// its logits, or each logit's sigmoid) go to shared memory; then k rounds each pick
-// the largest untaken probability with one block-wide maximum of 64-bit keys,
+// moe_router: one block per token (route_token). The token's n_expert probabilities
+// (softmax over its logits, or each logit's sigmoid) go to shared memory; then k rounds
+// each pick the largest untaken probability with one block-wide maximum of 64-bit keys,
 // (order of the value) << 32 | ~expert, so that ties go to the lower expert and NaN
 // (order 0) comes after every number. Thread 0 writes the pick and, with `normalize`,
 // divides the k weights by their sum taken in pick order, as the CPU reference does.
+//
+// moe_router_matvec: a one-token router fused with the f32 product that computes its
+// logits (kiln_core::ops::MatMul): the blocks of the staged mat-vec (matvec_staged.cuh)
+// each write their logits, and the last block to finish routes the token with
+// route_token, so that logits, ids and weights are bit for bit the unfused pair's.
 //
 // moe_combine: one thread per output element, summing in the definition's order:
 // residual, slots 0..k, the shared expert times the sigmoid of its gate.
 //
 // moe_group: the first launch of the expert-routed mat-mat (described with its
 // second, moe_matmul, in matmul.cu).
+#include "matvec_staged.cuh"
 #include "reduce.cuh"
 
 namespace kiln {
@@ -51,31 +57,32 @@ __device__ __forceinline__ u64 block_max_key(u64 key, u64* scratch) {
     return r;
 }
 
-// ids and weights: [tokens, k]. Dynamic shared memory: n_expert floats, then
-// n_expert flags.
+// Routes the token whose n_expert logits are at `l`: its k experts to row_ids and
+// their weights to row_weights. Every thread of the block calls it; blockDim.x is a
+// multiple of 32 and at most 1024, and the order of the sums depends on it. Dynamic
+// shared memory: n_expert floats, then n_expert flags. The logits are read through
+// L2 (__ldcg): in moe_router_matvec other blocks of the grid wrote them.
 template <bool Sigmoid>
-__global__ void moe_router(const float* __restrict__ logits, int* __restrict__ ids,
-                           float* __restrict__ weights, u32 n_expert, u32 k, u32 normalize) {
-    chain_after_prior_grids(logits);
+__device__ __forceinline__ void route_token(const float* l, int* row_ids, float* row_weights,
+                                            u32 n_expert, u32 k, u32 normalize) {
     extern __shared__ float probs[];
     u8* taken = reinterpret_cast<u8*>(probs + n_expert);
     __shared__ float scratch[32];
     __shared__ u64 key_scratch[32];
-    const float* l = logits + (u64)blockIdx.x * n_expert;
     if (Sigmoid) {
         for (u32 e = threadIdx.x; e < n_expert; e += blockDim.x) {
-            probs[e] = 1.0f / (1.0f + expf(-l[e]));
+            probs[e] = 1.0f / (1.0f + expf(-__ldcg(l + e)));
             taken[e] = 0;
         }
     } else {
         float mx = neg_inf();
         for (u32 e = threadIdx.x; e < n_expert; e += blockDim.x) {
-            mx = fmaxf(mx, l[e]);
+            mx = fmaxf(mx, __ldcg(l + e));
         }
         mx = block_reduce<MaxOp>(mx, scratch);
         float sum = 0.0f;
         for (u32 e = threadIdx.x; e < n_expert; e += blockDim.x) {
-            const float v = expf(l[e] - mx);
+            const float v = expf(__ldcg(l + e) - mx);
             probs[e] = v;
             taken[e] = 0;
             sum += v;
@@ -86,8 +93,6 @@ __global__ void moe_router(const float* __restrict__ logits, int* __restrict__ i
         }
     }
     __syncthreads();
-    int* row_ids = ids + (u64)blockIdx.x * k;
-    float* row_weights = weights + (u64)blockIdx.x * k;
     for (u32 j = 0; j < k; ++j) {
         u64 best = 0;
         for (u32 e = threadIdx.x; e < n_expert; e += blockDim.x) {
@@ -113,6 +118,54 @@ __global__ void moe_router(const float* __restrict__ logits, int* __restrict__ i
             row_weights[j] = row_weights[j] / sum;
         }
     }
+}
+
+// ids and weights: [tokens, k]. One block per token; dynamic shared memory:
+// route_token's.
+template <bool Sigmoid>
+__global__ void moe_router(const float* __restrict__ logits, int* __restrict__ ids,
+                           float* __restrict__ weights, u32 n_expert, u32 k, u32 normalize) {
+    chain_after_prior_grids(logits);
+    route_token<Sigmoid>(logits + (u64)blockIdx.x * n_expert, ids + (u64)blockIdx.x * k,
+                         weights + (u64)blockIdx.x * k, n_expert, k, normalize);
+}
+
+// logits[j] = sum_l x[l] * w[j, l] (+ bias[j]) for one token's x of `cols` elements and
+// a weight of W (an f32 router weight) of n_expert rows of row_bytes, then that
+// token's k experts and weights as moe_router computes them. Grid: the staged
+// mat-vec's blocks for n_expert rows (ROWS per block) of MATVEC_THREADS, the size of
+// moe_router's blocks (ops/router_matvec.rs checks it), so that the router's sums run
+// in moe_router's order; dynamic shared memory: the larger of the mat-vec's and the
+// router's. *ticket is 0 before the launch and after.
+//
+// Each block writes its rows' logits, then its thread 0 fences (which, after the
+// barrier, orders every thread's logits before the ticket) and takes a ticket; the
+// block that takes the last one fences again, so that every block's logits are visible
+// to its reads (__ldcg, past the SM's L1), routes the token and resets the ticket.
+template <typename W, bool Sigmoid, u32 ROWS, u32 LOAD, u32 STAGES>
+__global__ void __launch_bounds__(MATVEC_THREADS)
+    moe_router_matvec(const u8* __restrict__ w, const float* __restrict__ x,
+                      const float* __restrict__ bias, float* logits, int* __restrict__ ids,
+                      float* __restrict__ weights, u32* ticket, u32 n_expert, u32 cols,
+                      u64 row_bytes, u32 k, u32 normalize) {
+    chain_after_prior_grids(x, ticket);
+    matvec_block<W, 1, ROWS, LOAD, STAGES>(w, x, nullptr, bias, logits, 1, n_expert, cols,
+                                           row_bytes);
+    __shared__ bool last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) {
+        return;
+    }
+    __threadfence();
+    if (threadIdx.x == 0) {
+        *ticket = 0;
+    }
+    route_token<Sigmoid>(logits, ids, weights, n_expert, k, normalize);
 }
 
 // out[t, i] = residual[t, i] + sum_j weights[t, j] * y[t, j, i]

@@ -56,6 +56,7 @@ pub struct CudaBackend {
     attention_workspace: ops::common::Workspace,
     matmul_workspace: ops::common::Workspace,
     glu_tickets: ops::common::Workspace,
+    router_tickets: ops::common::Workspace,
     resident_warps: ops::matmul::ResidentWarps,
     gemm: ops::matmul::Gemm,
     gemm_min_rows: AtomicUsize,
@@ -63,6 +64,7 @@ pub struct CudaBackend {
     programmatic_launch: AtomicBool,
     fuse_norms: AtomicBool,
     fuse_glus: AtomicBool,
+    fuse_routers: AtomicBool,
     cuda_graphs: AtomicBool,
     capture: Capture,
     compiles: AtomicU64,
@@ -89,6 +91,10 @@ pub const FUSE_NORMS_ENV: &str = "KILN_CUDA_FUSE_NORMS";
 /// The environment variable that, set to `1`, turns on the fusion of gated units into
 /// the epilogue of the gate-up mat-vecs before them ([`CudaBackend::fuse_glus`]).
 pub const FUSE_GLUS_ENV: &str = "KILN_CUDA_FUSE_GLUS";
+
+/// The environment variable that, set to `1`, turns the fusion of mixture-of-experts
+/// routers into the products of their logits on ([`CudaBackend::fuse_routers`]).
+pub const FUSE_ROUTERS_ENV: &str = "KILN_CUDA_FUSE_ROUTERS";
 
 /// The environment variable that sets the fewest activation rows of a mat-mat on
 /// cuBLASLt ([`CudaBackend::gemm_min_rows`]): a number, or `off` for never.
@@ -134,6 +140,7 @@ impl CudaBackend {
         let cuda_graphs = std::env::var(CUDA_GRAPHS_ENV).map_or(true, |v| v != "0");
         let fuse_norms = std::env::var(FUSE_NORMS_ENV).map_or(true, |v| v != "0");
         let fuse_glus = std::env::var(FUSE_GLUS_ENV).is_ok_and(|v| v == "1");
+        let fuse_routers = std::env::var(FUSE_ROUTERS_ENV).is_ok_and(|v| v == "1");
         let gemm_min_rows = parse_gemm_min_rows(std::env::var(GEMM_MIN_ROWS_ENV).ok().as_deref())?;
         let capture = Capture::new(device.context())?;
         // SAFETY: the memory is only read after a copy into it has completed.
@@ -150,6 +157,7 @@ impl CudaBackend {
             attention_workspace: ops::common::Workspace::default(),
             matmul_workspace: ops::common::Workspace::default(),
             glu_tickets: ops::common::Workspace::default(),
+            router_tickets: ops::common::Workspace::default(),
             resident_warps: ops::matmul::ResidentWarps::default(),
             gemm: ops::matmul::Gemm::default(),
             gemm_min_rows: AtomicUsize::new(gemm_min_rows),
@@ -157,6 +165,7 @@ impl CudaBackend {
             programmatic_launch: AtomicBool::new(programmatic_launch),
             fuse_norms: AtomicBool::new(fuse_norms),
             fuse_glus: AtomicBool::new(fuse_glus),
+            fuse_routers: AtomicBool::new(fuse_routers),
             cuda_graphs: AtomicBool::new(cuda_graphs),
             capture,
             compiles: AtomicU64::new(0),
@@ -198,6 +207,18 @@ impl CudaBackend {
     /// Turns the fusion of gated units on or off for the graphs compiled after.
     pub fn set_fuse_glus(&self, on: bool) {
         self.fuse_glus.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether [`Backend::compile`] fuses a one-token mixture-of-experts router into
+    /// the f32 product of its logits ([`ops::router_matvec`]). Off unless
+    /// `KILN_CUDA_FUSE_ROUTERS=1`: the fused launch has not been timed on a GPU yet.
+    pub fn fuse_routers(&self) -> bool {
+        self.fuse_routers.load(Ordering::Relaxed)
+    }
+
+    /// Turns the fusion of routers on or off for the graphs compiled after.
+    pub fn set_fuse_routers(&self, on: bool) {
+        self.fuse_routers.store(on, Ordering::Relaxed);
     }
 
     /// How many graphs [`Backend::compile`] has compiled on this backend (each
@@ -261,6 +282,11 @@ impl CudaBackend {
     /// ([`ops::fused_matvec`]): zero between launches.
     pub(crate) fn glu_tickets(&self) -> &ops::common::Workspace {
         &self.glu_tickets
+    }
+
+    /// The fused routers' ticket counter ([`ops::router_matvec`]).
+    pub(crate) fn router_tickets(&self) -> &ops::common::Workspace {
+        &self.router_tickets
     }
 
     /// The device.
@@ -588,6 +614,41 @@ impl CudaBackend {
             })?,
         }
     }
+
+    /// Runs the ops at `index` of `graph` as one launch where a fusion that is switched
+    /// on finds a run there ([`ops::router_matvec`], [`ops::fused_matvec`]) whose
+    /// operands are bound apart; returns how many ops it ran, or None.
+    fn run_fused(
+        &self,
+        graph: &Graph,
+        index: usize,
+        bindings: &mut Bindings<'_, CudaBuffer>,
+    ) -> Result<Option<usize>> {
+        let router = self
+            .fuse_routers()
+            .then(|| ops::router_matvec::fusible(graph, index))
+            .flatten()
+            .filter(|&(product, router)| {
+                ops::router_matvec::operands_apart(product, router, bindings)
+            });
+        if let Some((product, router)) = router {
+            ops::router_matvec::run(self, graph, product, router, bindings)?;
+            return Ok(Some(2));
+        }
+        let fusions = ops::fused_matvec::Fusions {
+            norms: self.fuse_norms(),
+            glus: self.fuse_glus(),
+        };
+        match ops::fused_matvec::fusible(graph, index, fusions)
+            .filter(|fusion| ops::fused_matvec::operands_apart(fusion, bindings))
+        {
+            Some(fusion) => {
+                ops::fused_matvec::run(self, graph, &fusion, bindings)?;
+                Ok(Some(fusion.ops()))
+            }
+            None => Ok(None),
+        }
+    }
 }
 
 /// Whether op `index` is a delta rule (whose recurrent kernel loads its state before
@@ -743,17 +804,10 @@ impl Backend for CudaBackend {
         let mut index = 0;
         while index < graph_ops.len() {
             let start = recorder.len();
-            let fusions = ops::fused_matvec::Fusions {
-                norms: self.fuse_norms(),
-                glus: self.fuse_glus(),
-            };
-            let fused = ops::fused_matvec::fusible(graph, index, fusions)
-                .filter(|fusion| ops::fused_matvec::operands_apart(fusion, bindings));
-            let ran = match fused {
-                Some(fusion) => {
-                    ops::fused_matvec::run(self, graph, &fusion, bindings)?;
+            let ran = match self.run_fused(graph, index, bindings)? {
+                Some(fused) => {
                     // The run's one launch is its last op's; the others have none.
-                    let leading = &graph_ops[index..index + fusion.ops() - 1];
+                    let leading = &graph_ops[index..index + fused - 1];
                     for (i, op) in (index..).zip(leading) {
                         ops.push(OpLaunches {
                             index: i,
@@ -761,7 +815,7 @@ impl Backend for CudaBackend {
                             launches: start..start,
                         });
                     }
-                    fusion.ops()
+                    fused
                 }
                 None => {
                     self.run_op(graph, &graph_ops[index], bindings)?;

@@ -15,6 +15,7 @@ pub mod matmul;
 pub mod moe;
 pub mod norm;
 pub mod rope;
+pub mod router_matvec;
 pub mod sample;
 pub mod softmax;
 

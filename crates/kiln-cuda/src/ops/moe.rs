@@ -33,13 +33,14 @@ pub const MOE: Family = Family {
 };
 
 /// Threads per block of the router (one block per token).
-const ROUTER_THREADS: u32 = 256;
+pub(crate) const ROUTER_THREADS: u32 = 256;
 
 /// The most experts a router kernel takes: their probabilities and flags fill at
 /// most 40 KiB of shared memory, within the 48 KiB every launch may have.
 pub const MAX_EXPERTS: usize = 8192;
 
-fn gating_tag(gating: Gating) -> &'static str {
+/// The name of `gating` in kernel keys.
+pub(crate) fn gating_tag(gating: Gating) -> &'static str {
     match gating {
         Gating::Softmax => "softmax",
         Gating::Sigmoid => "sigmoid",
