@@ -25,9 +25,10 @@
 // grid is one wave of warps with equal numbers of rows, each warp streaming its rows
 // with its next units in flight and no further barrier. Two fusions ride on it: a
 // residual add and RMSNorm computed by every block in place of reading x's copy
-// (matvec_resident_add_norm), and the Glu of a gate-up product in its epilogue, the
-// last warp to finish 32 gate rows and their 32 up rows computing their gated values
-// (matvec_resident_glu, GluRows).
+// (matvec_resident_add_norm), and work on groups of the product's rows in its epilogue,
+// done by the last warp to finish a group (TicketRows): the Glu of a gate-up product,
+// 32 gate rows and their 32 up rows at a time (matvec_resident_glu), or the rotation and
+// cache append of a q-k-v product, a head at a time (matvec_resident_rope_append).
 //
 // Under programmatic dependent launch (common.cuh) matvec_resident issues its first
 // weight loads before it waits for the kernels before it, so that they overlap the
@@ -48,6 +49,7 @@
 //   rows), and accumulates in f32 (dot_chunk); warp shuffles and a shared array
 //   reduce the block.
 #include "functors.cuh"
+#include "rope.cuh"
 #include "quant.cuh"
 #include "matvec_staged.cuh"
 
@@ -558,31 +560,20 @@ __device__ __forceinline__ u32 ticket_add(u32* p, u32 v) {
     return old;
 }
 
-// GluRows: the product of a gate-up weight (kiln_core::ops::Glu's x: gate in rows
-// 0 .. half, up in rows half .. 2 half, half a multiple of 32), with the Glu of the row
-// in the product's epilogue. The warps walk the 2 half rows in the order of
-// GLU_GROUP_ROWS-row groups: group g's rows are gate rows 32 g .. 32 g + 31, then up
-// rows half + 32 g .. + 31. Each row is stored to out (+ bias) as StoreRows stores it.
-// After its last row, a warp adds the rows it stored in each group to the group's
-// ticket (tickets hold zero before the launch), and the warp that completes a group's
-// count computes the group's 32 outputs glu_out[i] = F(out[i], out[half + i]) from
-// out, rounds them to one Q8_1 block of glu_q8 when that is not null (as the Glu
-// kernel does), and puts the ticket back to zero.
-template <typename F>
-struct GluRows {
+// TicketRows: the product's rows in groups (Group::rows() each), with work on each
+// group's stored rows in the product's epilogue. Each row is stored to out (+ bias) as
+// StoreRows stores it, in the order Group::weight_row gives. After its last row, a
+// warp adds the rows it stored in each group to the group's ticket (tickets hold zero
+// before the launch); the warp that completes a group's count runs Group::apply on it,
+// reading out through L2, and puts the ticket back to zero.
+template <typename Group>
+struct TicketRows {
     const float* bias;
     float* out;
-    float* glu_out;
-    u8* glu_q8;
     u32* tickets;
-    u32 half;
+    Group group;
 
-    static constexpr u32 HALF_ROWS = GLU_GROUP_ROWS / 2;
-
-    __device__ __forceinline__ u32 weight_row(u32 row) const {
-        const u32 j = row % GLU_GROUP_ROWS;
-        return row / GLU_GROUP_ROWS * HALF_ROWS + (j < HALF_ROWS ? j : half + j - HALF_ROWS);
-    }
+    __device__ __forceinline__ u32 weight_row(u32 row) const { return group.weight_row(row); }
 
     __device__ __forceinline__ void store(u32 row, float s) const {
         if ((threadIdx.x & 31u) == 0) {
@@ -596,38 +587,75 @@ struct GluRows {
             return;
         }
         const u32 lane = threadIdx.x & 31u;
-        for (u32 g = begin / GLU_GROUP_ROWS; g <= (end - 1) / GLU_GROUP_ROWS; ++g) {
-            const u32 count = min(end, (g + 1) * GLU_GROUP_ROWS) - max(begin, g * GLU_GROUP_ROWS);
+        const u32 size = group.rows();
+        for (u32 g = begin / size; g <= (end - 1) / size; ++g) {
+            const u32 count = min(end, (g + 1) * size) - max(begin, g * size);
             u32 last = 0;
             if (lane == 0) {
                 // Lane 0 stored every row of the warp: the release covers them.
-                last = ticket_add(tickets + g, count) + count == GLU_GROUP_ROWS;
+                last = ticket_add(tickets + g, count) + count == size;
             }
             if (__shfl_sync(0xffffffffu, last, 0) != 0) {
-                gate(g);
+                __threadfence();
+                group.apply(g, out);
+                if (lane == 0) {
+                    tickets[g] = 0;
+                }
             }
         }
     }
+};
 
-    // The Glu of group g, whose 64 rows are stored.
-    __device__ __forceinline__ void gate(u32 g) const {
-        __threadfence();
+// GluGroup: a gate-up product (kiln_core::ops::Glu's x: gate in rows 0 .. half, up in
+// rows half .. 2 half, half a multiple of 32) walked in GLU_GROUP_ROWS-row groups:
+// group g's rows are gate rows 32 g .. 32 g + 31, then up rows half + 32 g .. + 31.
+// A group's work is its 32 outputs glu_out[i] = F(out[i], out[half + i]), rounded to
+// one Q8_1 block of glu_q8 when that is not null, as the Glu kernel computes them.
+template <typename F>
+struct GluGroup {
+    float* glu_out;
+    u8* glu_q8;
+    u32 half;
+
+    static constexpr u32 HALF_ROWS = GLU_GROUP_ROWS / 2;
+
+    __device__ __forceinline__ u32 rows() const { return GLU_GROUP_ROWS; }
+
+    __device__ __forceinline__ u32 weight_row(u32 row) const {
+        const u32 j = row % GLU_GROUP_ROWS;
+        return row / GLU_GROUP_ROWS * HALF_ROWS + (j < HALF_ROWS ? j : half + j - HALF_ROWS);
+    }
+
+    __device__ __forceinline__ void apply(u32 g, const float* out) const {
         const u32 i = g * HALF_ROWS + (threadIdx.x & 31u);
         const float o = F::apply(__ldcg(out + i), __ldcg(out + half + i));
         glu_out[i] = o;
         if (glu_q8 != nullptr) {
             store_q8_1_block(o, glu_q8 + (u64)g * Q8_1_BLOCK_BYTES);
         }
-        if ((threadIdx.x & 31u) == 0) {
-            tickets[g] = 0;
-        }
+    }
+};
+
+// RopeAppendGroup: a q-k-v product of one token (kiln_core::ops::QkvRopeAppend's qkv),
+// in groups of one head (head_dim rows), whose work is that head's rope_append_head.
+template <bool NeoX, typename C>
+struct RopeAppendGroup {
+    QkvRopeAppendArgs<C> a;
+
+    __device__ __forceinline__ u32 rows() const { return a.head_dim; }
+
+    __device__ __forceinline__ u32 weight_row(u32 row) const { return row; }
+
+    __device__ __forceinline__ void apply(u32 g, const float* out) const {
+        const float* head = out + (u64)g * a.head_dim;
+        rope_append_head<NeoX>(a, 0, g, [&](u32 i) { return __ldcg(head + i); });
     }
 };
 
 // The mat-vec of a packed weight for one activation row rounded to Q8_1, held in
 // shared memory (ResidentImage, written by `stage`: StageQ8Copy or StageAddNorm), and
 // the products of each run of 4 quants with 4 rounded activations summed in integers
-// (dp4a); `rows` (StoreRows or GluRows) maps the product's rows to the weight's and
+// (dp4a); `rows` (StoreRows or TicketRows) maps the product's rows to the weight's and
 // stores each row's sum.
 // Grid: any number of blocks of THREADS; warp w of the grid's G warps owns weight rows
 // w * P .. (w + 1) * P (P = ceil(n / G)), so a grid of at most one wave gives every
@@ -757,17 +785,18 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 
 // kiln_core::ops::MatMul of x's Q8_1 copy xq8 (one row) by a gate-up weight of n = 2
 // half rows, fused with the kiln_core::ops::Glu of its output: resident_matvec with
-// GluRows<F>. Writes out (n values) as the product does and glu_out (half values) and
-// glu_q8 (null, or half / 32 Q8_1 blocks) as the Glu does. tickets: half / 32 zeros,
-// zeros again when the launch ends.
+// TicketRows<GluGroup<F>>. Writes out (n values) as the product does and glu_out (half
+// values) and glu_q8 (null, or half / 32 Q8_1 blocks) as the Glu does. tickets: n / 64
+// zeros, zeros again when the launch ends.
 template <typename W, typename F, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     matvec_resident_glu(const u8* __restrict__ w, const u8* __restrict__ xq8,
-                        const float* __restrict__ bias, float* out, float* __restrict__ glu_out,
-                        u8* __restrict__ glu_q8, u32* tickets, u32 n, u32 k, u64 row_bytes) {
+                        const float* __restrict__ bias, float* out, u32* tickets,
+                        float* __restrict__ glu_out, u8* __restrict__ glu_q8, u32 n, u32 k,
+                        u64 row_bytes) {
     resident_matvec<W, ALIGNED, THREADS>(
         w, StageQ8Copy<W, THREADS>{xq8},
-        GluRows<F>{bias, out, glu_out, glu_q8, tickets, n / 2}, n, k, row_bytes);
+        TicketRows<GluGroup<F>>{bias, out, tickets, {glu_out, glu_q8, n / 2}}, n, k, row_bytes);
 }
 
 // matvec_resident_add_norm's norm, product and matvec_resident_glu's Glu in one launch.
@@ -777,11 +806,63 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                                  const float* __restrict__ residual,
                                  const float* __restrict__ norm_weight, float* __restrict__ sum,
                                  float eps, const float* __restrict__ bias, float* out,
-                                 float* __restrict__ glu_out, u8* __restrict__ glu_q8,
-                                 u32* tickets, u32 n, u32 k, u64 row_bytes) {
+                                 u32* tickets, float* __restrict__ glu_out,
+                                 u8* __restrict__ glu_q8, u32 n, u32 k, u64 row_bytes) {
     resident_matvec<W, ALIGNED, THREADS>(
         w, StageAddNorm<W, THREADS>{x, residual, norm_weight, sum, eps},
-        GluRows<F>{bias, out, glu_out, glu_q8, tickets, n / 2}, n, k, row_bytes);
+        TicketRows<GluGroup<F>>{bias, out, tickets, {glu_out, glu_q8, n / 2}}, n, k, row_bytes);
 }
+
+// The kiln_core::ops::QkvRopeAppend operands of a fused launch, in rope.cu's
+// qkv_rope_append's order (qkv is the product's out; one token).
+#define KILN_ROPE_APPEND_PARAMS                                                              \
+    const int* __restrict__ positions, const int* slots,                                    \
+        const float* __restrict__ freq_factors, const float* __restrict__ q_weight,          \
+        const float* __restrict__ k_weight, float* __restrict__ q_out,                       \
+        typename C::storage* __restrict__ k_cache, typename C::storage* __restrict__ v_cache, \
+        u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 rotary_dim, float base,               \
+        float freq_scale, float rope_eps, u32 capacity, u32 n_slots
+#define KILN_ROPE_APPEND_GROUP                                                        \
+    RopeAppendGroup<NeoX, C> {                                                        \
+        {positions, slots,      freq_factors, q_weight,  k_weight, q_out,      k_cache, \
+         v_cache,   1,          n_heads,      n_kv_heads, head_dim, rotary_dim, base,    \
+         freq_scale, rope_eps, capacity,     n_slots}                                  \
+    }
+
+// kiln_core::ops::MatMul of x's Q8_1 copy xq8 (one row) by a q-k-v weight of n = (n_heads
+// + 2 n_kv_heads) head_dim rows, fused with the kiln_core::ops::QkvRopeAppend of its
+// output (one token): resident_matvec with TicketRows<RopeAppendGroup>. Writes out (n
+// values) as the product does and q_out and the caches' rows as the op does. tickets:
+// n / head_dim zeros, zeros again when the launch ends.
+template <typename W, bool NeoX, typename C, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+    matvec_resident_rope_append(const u8* __restrict__ w, const u8* __restrict__ xq8,
+                                const float* __restrict__ bias, float* out, u32* tickets,
+                                KILN_ROPE_APPEND_PARAMS, u32 n, u32 k, u64 row_bytes) {
+    resident_matvec<W, ALIGNED, THREADS>(
+        w, StageQ8Copy<W, THREADS>{xq8},
+        TicketRows<RopeAppendGroup<NeoX, C>>{bias, out, tickets, KILN_ROPE_APPEND_GROUP}, n, k,
+        row_bytes);
+}
+
+// matvec_resident_add_norm's norm, product and matvec_resident_rope_append's
+// QkvRopeAppend in one launch.
+template <typename W, bool NeoX, typename C, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+    matvec_resident_add_norm_rope_append(const u8* __restrict__ w, const float* __restrict__ x,
+                                         const float* __restrict__ residual,
+                                         const float* __restrict__ norm_weight,
+                                         float* __restrict__ sum, float eps,
+                                         const float* __restrict__ bias, float* out,
+                                         u32* tickets, KILN_ROPE_APPEND_PARAMS, u32 n, u32 k,
+                                         u64 row_bytes) {
+    resident_matvec<W, ALIGNED, THREADS>(
+        w, StageAddNorm<W, THREADS>{x, residual, norm_weight, sum, eps},
+        TicketRows<RopeAppendGroup<NeoX, C>>{bias, out, tickets, KILN_ROPE_APPEND_GROUP}, n, k,
+        row_bytes);
+}
+
+#undef KILN_ROPE_APPEND_PARAMS
+#undef KILN_ROPE_APPEND_GROUP
 
 }  // namespace kiln

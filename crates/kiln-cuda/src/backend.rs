@@ -55,7 +55,7 @@ pub struct CudaBackend {
     registry: KernelRegistry<NvrtcCompiler>,
     attention_workspace: ops::common::Workspace,
     matmul_workspace: ops::common::Workspace,
-    glu_tickets: ops::common::Workspace,
+    epilogue_tickets: ops::common::Workspace,
     router_tickets: ops::common::Workspace,
     resident_warps: ops::matmul::ResidentWarps,
     gemm: ops::matmul::Gemm,
@@ -64,6 +64,7 @@ pub struct CudaBackend {
     programmatic_launch: AtomicBool,
     fuse_norms: AtomicBool,
     fuse_glus: AtomicBool,
+    fuse_ropes: AtomicBool,
     fuse_routers: AtomicBool,
     cuda_graphs: AtomicBool,
     capture: Capture,
@@ -91,6 +92,11 @@ pub const FUSE_NORMS_ENV: &str = "KILN_CUDA_FUSE_NORMS";
 /// The environment variable that, set to `1`, turns on the fusion of gated units into
 /// the epilogue of the gate-up mat-vecs before them ([`CudaBackend::fuse_glus`]).
 pub const FUSE_GLUS_ENV: &str = "KILN_CUDA_FUSE_GLUS";
+
+/// The environment variable that, set to `1`, turns on the fusion of a token's
+/// rotation and KV-cache append into the epilogue of the q-k-v mat-vec before it
+/// ([`CudaBackend::fuse_ropes`]).
+pub const FUSE_ROPES_ENV: &str = "KILN_CUDA_FUSE_ROPES";
 
 /// The environment variable that, set to `1`, turns the fusion of mixture-of-experts
 /// routers into the products of their logits on ([`CudaBackend::fuse_routers`]).
@@ -140,6 +146,7 @@ impl CudaBackend {
         let cuda_graphs = std::env::var(CUDA_GRAPHS_ENV).map_or(true, |v| v != "0");
         let fuse_norms = std::env::var(FUSE_NORMS_ENV).map_or(true, |v| v != "0");
         let fuse_glus = std::env::var(FUSE_GLUS_ENV).is_ok_and(|v| v == "1");
+        let fuse_ropes = std::env::var(FUSE_ROPES_ENV).is_ok_and(|v| v == "1");
         let fuse_routers = std::env::var(FUSE_ROUTERS_ENV).is_ok_and(|v| v == "1");
         let gemm_min_rows = parse_gemm_min_rows(std::env::var(GEMM_MIN_ROWS_ENV).ok().as_deref())?;
         let capture = Capture::new(device.context())?;
@@ -156,7 +163,7 @@ impl CudaBackend {
             registry: KernelRegistry::new(compiler, cache),
             attention_workspace: ops::common::Workspace::default(),
             matmul_workspace: ops::common::Workspace::default(),
-            glu_tickets: ops::common::Workspace::default(),
+            epilogue_tickets: ops::common::Workspace::default(),
             router_tickets: ops::common::Workspace::default(),
             resident_warps: ops::matmul::ResidentWarps::default(),
             gemm: ops::matmul::Gemm::default(),
@@ -165,6 +172,7 @@ impl CudaBackend {
             programmatic_launch: AtomicBool::new(programmatic_launch),
             fuse_norms: AtomicBool::new(fuse_norms),
             fuse_glus: AtomicBool::new(fuse_glus),
+            fuse_ropes: AtomicBool::new(fuse_ropes),
             fuse_routers: AtomicBool::new(fuse_routers),
             cuda_graphs: AtomicBool::new(cuda_graphs),
             capture,
@@ -207,6 +215,19 @@ impl CudaBackend {
     /// Turns the fusion of gated units on or off for the graphs compiled after.
     pub fn set_fuse_glus(&self, on: bool) {
         self.fuse_glus.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether [`Backend::compile`] fuses a one-token rotation and KV-cache append
+    /// into the epilogue of the resident q-k-v mat-vec before it ([`ops::fused_matvec`]).
+    /// Off unless `KILN_CUDA_FUSE_ROPES=1`: it has not been timed against the separate
+    /// launch yet.
+    pub fn fuse_ropes(&self) -> bool {
+        self.fuse_ropes.load(Ordering::Relaxed)
+    }
+
+    /// Turns the fusion of rotations on or off for the graphs compiled after.
+    pub fn set_fuse_ropes(&self, on: bool) {
+        self.fuse_ropes.store(on, Ordering::Relaxed);
     }
 
     /// Whether [`Backend::compile`] fuses a one-token mixture-of-experts router into
@@ -278,10 +299,10 @@ impl CudaBackend {
         &self.matmul_workspace
     }
 
-    /// The tickets of the gate-up mat-vecs with a fused gated unit
+    /// The tickets of the resident mat-vecs with a fused epilogue
     /// ([`ops::fused_matvec`]): zero between launches.
-    pub(crate) fn glu_tickets(&self) -> &ops::common::Workspace {
-        &self.glu_tickets
+    pub(crate) fn epilogue_tickets(&self) -> &ops::common::Workspace {
+        &self.epilogue_tickets
     }
 
     /// The fused routers' ticket counter ([`ops::router_matvec`]).
@@ -638,6 +659,7 @@ impl CudaBackend {
         let fusions = ops::fused_matvec::Fusions {
             norms: self.fuse_norms(),
             glus: self.fuse_glus(),
+            ropes: self.fuse_ropes(),
         };
         match ops::fused_matvec::fusible(graph, index, fusions)
             .filter(|fusion| ops::fused_matvec::operands_apart(fusion, bindings))

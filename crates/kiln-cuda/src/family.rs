@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use crate::registry::{KernelSource, KernelSpec};
 
 /// The headers written in files, which every kernel source may `#include`.
-const FILE_HEADERS: [KernelSource; 5] = [
+const FILE_HEADERS: [KernelSource; 6] = [
     KernelSource {
         name: "common.cuh",
         text: include_str!("../kernels/common.cuh"),
@@ -29,19 +29,31 @@ const FILE_HEADERS: [KernelSource; 5] = [
         name: "matvec_staged.cuh",
         text: include_str!("../kernels/matvec_staged.cuh"),
     },
+    KernelSource {
+        name: "rope.cuh",
+        text: include_str!("../kernels/rope.cuh"),
+    },
 ];
 
 /// Headers every kernel source may `#include`, handed to NVRTC in memory: those
 /// written in files and `constants.cuh`, generated from [`crate::constants`].
 pub fn headers() -> &'static [KernelSource] {
-    static HEADERS: OnceLock<[KernelSource; 6]> = OnceLock::new();
+    static HEADERS: OnceLock<[KernelSource; 7]> = OnceLock::new();
     HEADERS.get_or_init(|| {
-        let [common, quant, reduce, functors, matvec_staged] = FILE_HEADERS;
+        let [common, quant, reduce, functors, matvec_staged, rope] = FILE_HEADERS;
         let constants = KernelSource {
             name: "constants.cuh",
             text: crate::constants::header(),
         };
-        [constants, common, quant, reduce, functors, matvec_staged]
+        [
+            constants,
+            common,
+            quant,
+            reduce,
+            functors,
+            matvec_staged,
+            rope,
+        ]
     })
 }
 

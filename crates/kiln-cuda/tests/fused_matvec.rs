@@ -7,7 +7,9 @@ mod common;
 mod kernels;
 use common::*;
 use kernels::*;
-use kiln_core::ops::{AddRmsNorm, ElementwiseKind, Glu, MatMul, Q8_COPY};
+use kiln_core::ops::{
+    AddRmsNorm, ElementwiseKind, Glu, MatMul, QkNorm, QkvRopeAppend, RopeParams, RopeStyle, Q8_COPY,
+};
 use kiln_core::{Aliasing, BufferId, DType, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::fused_matvec::{Fusions, FUSED_GLU_KINDS};
@@ -27,9 +29,11 @@ const RESIDENT_DTYPES: [DType; 11] = [
     DType::TQ2_0,
 ];
 
+/// Every fusion allowed.
 const ALL: Fusions = Fusions {
     norms: true,
     glus: true,
+    ropes: true,
 };
 
 /// Whether `fusible` finds a run at `index` of `graph` with every fusion allowed, and
@@ -333,7 +337,11 @@ fn a_one_row_glu_of_a_resident_gate_up_product_is_fused_with_it() {
         Some(3),
         "norm, product, glu"
     );
-    let only = |norms, glus| Fusions { norms, glus };
+    let only = |norms, glus| Fusions {
+        norms,
+        glus,
+        ropes: false,
+    };
     let fusible = kiln_cuda::ops::fused_matvec::fusible;
     assert_eq!(
         fusible(&with_norm.graph, 0, only(true, false)).map(|f| f.ops()),
@@ -584,7 +592,9 @@ fn back_to_back_fused_glus_leave_their_tickets_ready_for_the_next() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn the_fused_launch_rejects_what_it_cannot_compute() {
-    use kiln_cuda::ops::fused_matvec::{fused_matvec, GluOperands, ProductOperands, Staging};
+    use kiln_cuda::ops::fused_matvec::{
+        fused_matvec, EpilogueOperands, GluOperands, ProductOperands, Staging,
+    };
     let cuda = cuda();
     let (n, k) = (2048, 1024);
     let mut rng = rng("the_fused_launch_rejects_what_it_cannot_compute");
@@ -620,10 +630,12 @@ fn the_fused_launch_rejects_what_it_cannot_compute() {
     ));
     assert!(nothing.contains("nothing to fuse"), "{nothing}");
     let mut short = device(cuda, &poison(4 * (n / 2 - 1)));
-    let glu = |out| GluOperands {
-        kind: ElementwiseKind::SiluMul,
-        out,
-        out_q8: None,
+    let glu = |out| {
+        EpilogueOperands::Glu(GluOperands {
+            kind: ElementwiseKind::SiluMul,
+            out,
+            out_q8: None,
+        })
     };
     let too_short = invalid(fused_matvec(
         cuda,
@@ -730,4 +742,386 @@ fn a_planned_decode_layers_norm_product_and_glu_are_bound_apart() {
         apart,
         "the planner gave the fused run's operands shared memory"
     );
+}
+
+/// A q-k-v product's shape and its rotation and append: heads, key-value heads, head
+/// size, rotated size, style, the per-head norm, frequency factors, cache slots.
+#[derive(Clone, Copy, Debug)]
+struct Heads {
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    rotary_dim: usize,
+    style: RopeStyle,
+    qk_norm: bool,
+    freq_factors: bool,
+    n_slots: usize,
+}
+
+impl Heads {
+    fn rows(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+}
+
+/// The cache rows of [`rotated`]'s graphs.
+const CAPACITY: usize = 37;
+
+/// The buffers of [`rotated`]'s graph the caller binds or reads.
+struct Rotated {
+    graph: Graph,
+    x: BufferId,
+    x_q8: Option<BufferId>,
+    norm: Option<[BufferId; 3]>,
+    w: BufferId,
+    bias: Option<BufferId>,
+    qkv: BufferId,
+    positions: BufferId,
+    slots: Option<BufferId>,
+    freq_factors: Option<BufferId>,
+    qk_norm: Option<QkNorm>,
+    q_out: BufferId,
+    k_cache: BufferId,
+    v_cache: BufferId,
+}
+
+/// `qkv = row · wᵀ (+ bias)` for a weight of `dtype` of `h.rows()` rows of `k`, then
+/// the [`QkvRopeAppend`] of that token into caches of `cache` ([`CAPACITY`] rows per
+/// slot), the row being `RmsNorm(x + residual)` rounded to Q8_1 (transient) when
+/// `norm`, else x's Q8_1 copy given. Everything the ops write is persistent.
+fn rotated(dtype: DType, h: Heads, k: usize, bias: bool, norm: bool, cache: DType) -> Rotated {
+    let mut g = Graph::new();
+    let x = g.persistent("x", DType::F32, &[1, k]).unwrap();
+    let w = g.persistent("w", dtype, &[h.rows(), k]).unwrap();
+    let bias = bias.then(|| g.persistent("bias", DType::F32, &[h.rows()]).unwrap());
+    let qkv = g.persistent("qkv", DType::F32, &[1, h.rows()]).unwrap();
+    let positions = g.persistent("positions", DType::I32, &[1]).unwrap();
+    let slots = (h.n_slots > 1).then(|| g.persistent("slots", DType::I32, &[1]).unwrap());
+    let freq_factors = h
+        .freq_factors
+        .then(|| g.persistent("ff", DType::F32, &[h.rotary_dim / 2]).unwrap());
+    let qk_norm = h.qk_norm.then(|| QkNorm {
+        q_weight: g.persistent("q_norm", DType::F32, &[h.head_dim]).unwrap(),
+        k_weight: g.persistent("k_norm", DType::F32, &[h.head_dim]).unwrap(),
+        eps: 1e-6,
+    });
+    let q_out = g
+        .persistent("q_out", DType::F32, &[1, h.n_heads, h.head_dim])
+        .unwrap();
+    let cache_shape = [h.n_slots, h.n_kv_heads, CAPACITY, h.head_dim];
+    let k_cache = g.persistent("k_cache", cache, &cache_shape).unwrap();
+    let v_cache = g.persistent("v_cache", cache, &cache_shape).unwrap();
+    let (row, row_q8, x_q8, norm_ids) = if norm {
+        let residual = g.persistent("residual", DType::F32, &[1, k]).unwrap();
+        let weight = g.persistent("norm_weight", DType::F32, &[k]).unwrap();
+        let sum = g.persistent("sum", DType::F32, &[1, k]).unwrap();
+        let normed = g.transient("normed", DType::F32, &[1, k]).unwrap();
+        let normed_q8 = g.transient("normed_q8", Q8_COPY, &[1, k]).unwrap();
+        g.push(AddRmsNorm {
+            x,
+            residual,
+            weight: Some(weight),
+            sum,
+            out: normed,
+            out_q8: Some(normed_q8),
+            rows: 1,
+            dim: k,
+            eps: 1e-5,
+        })
+        .unwrap();
+        (normed, normed_q8, None, Some([residual, weight, sum]))
+    } else {
+        let x_q8 = g.persistent("x_q8", Q8_COPY, &[1, k]).unwrap();
+        (x, x_q8, Some(x_q8), None)
+    };
+    g.push(MatMul {
+        x: row,
+        x_q8: Some(row_q8),
+        w,
+        bias,
+        out: qkv,
+        m: 1,
+        n: h.rows(),
+        k,
+    })
+    .unwrap();
+    g.push(QkvRopeAppend {
+        qkv,
+        positions,
+        slots,
+        freq_factors,
+        norm: qk_norm,
+        q_out,
+        k_cache,
+        v_cache,
+        n_tokens: 1,
+        n_heads: h.n_heads,
+        n_kv_heads: h.n_kv_heads,
+        capacity: CAPACITY,
+        n_slots: h.n_slots,
+        params: RopeParams {
+            head_dim: h.head_dim,
+            rotary_dim: h.rotary_dim,
+            base: 500000.0,
+            freq_scale: 1.0,
+            style: h.style,
+        },
+    })
+    .unwrap();
+    Rotated {
+        graph: g,
+        x,
+        x_q8,
+        norm: norm_ids,
+        w,
+        bias,
+        qkv,
+        positions,
+        slots,
+        freq_factors,
+        qk_norm,
+        q_out,
+        k_cache,
+        v_cache,
+    }
+}
+
+/// Llama-3.1-8B's heads, rotated whole in the normal style, one cache slot.
+const LLAMA_HEADS: Heads = Heads {
+    n_heads: 32,
+    n_kv_heads: 8,
+    head_dim: 128,
+    rotary_dim: 128,
+    style: RopeStyle::Normal,
+    qk_norm: false,
+    freq_factors: false,
+    n_slots: 1,
+};
+
+#[test]
+fn a_one_token_rotation_of_a_resident_qkv_product_is_fused_with_it() {
+    let f16 = DType::F16;
+    let with_norm = rotated(DType::Q4_0, LLAMA_HEADS, 4096, false, true, f16);
+    assert_eq!(
+        fused_ops(&with_norm.graph, 0),
+        Some(3),
+        "norm, product, rotation"
+    );
+    let fusible = kiln_cuda::ops::fused_matvec::fusible;
+    let ropes_off = Fusions {
+        norms: true,
+        glus: true,
+        ropes: false,
+    };
+    assert_eq!(
+        fusible(&with_norm.graph, 0, ropes_off).map(|f| f.ops()),
+        Some(2),
+        "the rotation left out when ropes are off"
+    );
+    let qwen3 = Heads {
+        n_heads: 14,
+        n_kv_heads: 2,
+        style: RopeStyle::NeoX,
+        qk_norm: true,
+        n_slots: 3,
+        ..LLAMA_HEADS
+    };
+    let p = rotated(DType::Q8_0, qwen3, 1024, true, false, f16);
+    assert_eq!(fused_ops(&p.graph, 0), Some(2), "product and rotation");
+    assert_eq!(fused_ops(&p.graph, 1), None, "a rotation alone is no run");
+    let f32_cache = rotated(DType::Q4_0, LLAMA_HEADS, 4096, false, false, DType::F32);
+    assert_eq!(
+        fused_ops(&f32_cache.graph, 0),
+        None,
+        "caches of a dtype without a fused kernel"
+    );
+    let narrow = Heads {
+        n_heads: 8,
+        n_kv_heads: 2,
+        head_dim: 64,
+        rotary_dim: 64,
+        ..LLAMA_HEADS
+    };
+    let few_rows = rotated(DType::Q4_0, narrow, 4096, false, false, f16);
+    assert_eq!(
+        fused_ops(&few_rows.graph, 0),
+        None,
+        "fewer rows than the resident kernel takes"
+    );
+}
+
+/// Random inputs of `p` (built by [`rotated`] with these sizes and `cache`): x (and
+/// its copy, or the norm's residual and weight), the weight, the bias, the position and
+/// slot, the frequency factors, the per-head norm's weights and the caches' old rows.
+fn rotated_inputs(
+    rng: &mut rand::rngs::StdRng,
+    p: &Rotated,
+    dtype: DType,
+    h: Heads,
+    k: usize,
+    cache: DType,
+) -> Vec<(BufferId, Vec<u8>)> {
+    use rand::Rng;
+    let x = uniform(rng, k, 2.0);
+    let mut inputs = vec![
+        (p.x, f32_bytes(&x)),
+        (p.w, encoded(rng, dtype, h.rows() * k)),
+        (
+            p.positions,
+            i32_bytes(&[rng.random_range(0..CAPACITY as i32)]),
+        ),
+    ];
+    if let Some(x_q8) = p.x_q8 {
+        let mut copy = vec![0u8; Q8_COPY.bytes_for(k).unwrap()];
+        kiln_core::quant::quantize(Q8_COPY, &x, &mut copy).unwrap();
+        inputs.push((x_q8, copy));
+    }
+    if let Some([residual, weight, _]) = p.norm {
+        inputs.push((residual, f32_bytes(&uniform(rng, k, 2.0))));
+        inputs.push((weight, f32_bytes(&uniform(rng, k, 1.5))));
+    }
+    if let Some(b) = p.bias {
+        inputs.push((b, f32_bytes(&uniform(rng, h.rows(), 1.0))));
+    }
+    if let Some(slots) = p.slots {
+        inputs.push((slots, i32_bytes(&[rng.random_range(0..h.n_slots as i32)])));
+    }
+    if let Some(ff) = p.freq_factors {
+        let f: Vec<f32> = uniform(rng, h.rotary_dim / 2, 4.0)
+            .iter()
+            .map(|v| 1.0 + v.abs())
+            .collect();
+        inputs.push((ff, f32_bytes(&f)));
+    }
+    if let Some(n) = p.qk_norm {
+        inputs.push((n.q_weight, f32_bytes(&uniform(rng, h.head_dim, 1.5))));
+        inputs.push((n.k_weight, f32_bytes(&uniform(rng, h.head_dim, 1.5))));
+    }
+    let cache_len = h.n_slots * h.n_kv_heads * CAPACITY * h.head_dim;
+    let old: Vec<u8> = match cache {
+        DType::F16 => uniform(rng, cache_len, 1.0)
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        _ => f32_bytes(&uniform(rng, cache_len, 1.0)),
+    };
+    inputs.push((p.k_cache, old.clone()));
+    inputs.push((p.v_cache, old));
+    inputs
+}
+
+/// The f32 values of a cache's bytes.
+fn cache_values(cache: DType, bytes: &[u8]) -> Vec<f32> {
+    match cache {
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => f32s(bytes),
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_fused_rotation_is_one_launch_with_the_unfused_bits_and_the_cpus_values() {
+    let cuda = own_cuda();
+    let mut rng = rng("the_fused_rotation_is_one_launch_with_the_unfused_bits_and_the_cpus_values");
+    let cache = DType::F16;
+    // The 8B's heads; Qwen3's (NeoX, per-head norms, a slot of three); a partial
+    // rotation with frequency factors in heads of 64; heads of 256.
+    let shapes = [
+        (LLAMA_HEADS, 4096, false, true),
+        (
+            Heads {
+                n_heads: 14,
+                n_kv_heads: 2,
+                style: RopeStyle::NeoX,
+                qk_norm: true,
+                n_slots: 3,
+                ..LLAMA_HEADS
+            },
+            1024,
+            true,
+            false,
+        ),
+        (
+            Heads {
+                n_heads: 16,
+                n_kv_heads: 4,
+                head_dim: 64,
+                rotary_dim: 32,
+                freq_factors: true,
+                ..LLAMA_HEADS
+            },
+            2048,
+            false,
+            true,
+        ),
+        (
+            Heads {
+                n_heads: 8,
+                n_kv_heads: 4,
+                head_dim: 256,
+                rotary_dim: 256,
+                style: RopeStyle::NeoX,
+                ..LLAMA_HEADS
+            },
+            1024,
+            true,
+            true,
+        ),
+    ];
+    for dtype in RESIDENT_DTYPES {
+        for &(h, k, bias, norm) in &shapes {
+            let p = rotated(dtype, h, k, bias, norm, cache);
+            let what = format!("{dtype} {h:?} k={k} bias={bias} norm={norm}");
+            let inputs = rotated_inputs(&mut rng, &p, dtype, h, k, cache);
+            let outputs = [p.qkv, p.q_out, p.k_cache, p.v_cache];
+            let names = ["qkv", "q_out", "k_cache", "v_cache"];
+
+            cuda.set_fuse_ropes(true);
+            let fused = compiled_launches(&cuda, &p.graph);
+            let entry = if norm {
+                "matvec_resident_add_norm_rope_append|"
+            } else {
+                "matvec_resident_rope_append|"
+            };
+            assert_eq!(fused.len(), 1, "{what}: {fused:?}");
+            assert!(fused[0].0.starts_with(entry), "{what}: {fused:?}");
+            let got = run_on(&cuda, &p.graph, &inputs, &outputs, Aliasing::On).unwrap();
+
+            cuda.set_fuse_ropes(false);
+            assert_eq!(
+                compiled_launches(&cuda, &p.graph).len(),
+                2,
+                "{what} unfused"
+            );
+            let unfused = run_on(&cuda, &p.graph, &inputs, &outputs, Aliasing::On).unwrap();
+            for ((name, got), unfused) in names.iter().zip(&got).zip(&unfused) {
+                assert_same_bits(&format!("{what} {name}: fused vs unfused"), got, unfused);
+            }
+
+            let want = run_on(&CpuBackend, &p.graph, &inputs, &outputs, Aliasing::On).unwrap();
+            assert_close(
+                &format!("{what} qkv"),
+                &f32s(&got[0]),
+                &f32s(&want[0]),
+                1e-6,
+            );
+            assert_close(
+                &format!("{what} q_out"),
+                &f32s(&got[1]),
+                &f32s(&want[1]),
+                1e-5,
+            );
+            for (i, name) in [(2, "k_cache"), (3, "v_cache")] {
+                assert_close(
+                    &format!("{what} {name}"),
+                    &cache_values(cache, &got[i]),
+                    &cache_values(cache, &want[i]),
+                    1e-5,
+                );
+            }
+        }
+    }
 }

@@ -24,7 +24,7 @@ pub const ROPE: Family = Family {
 /// Threads per block: rope has one block per token, head_norm_rope one warp per head.
 const THREADS: u32 = 128;
 
-fn style_name(style: RopeStyle) -> &'static str {
+pub(crate) fn style_name(style: RopeStyle) -> &'static str {
     match style {
         RopeStyle::Normal => "normal",
         RopeStyle::NeoX => "neox",
@@ -331,13 +331,13 @@ pub struct QkvRopeArgs {
 pub struct QkvRopePlan {
     pub spec: KernelSpec,
     pub config: LaunchConfig,
-    n_tokens: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    rotary_dim: u32,
-    capacity: u32,
-    n_slots: u32,
+    pub(crate) n_tokens: u32,
+    pub(crate) n_heads: u32,
+    pub(crate) n_kv_heads: u32,
+    pub(crate) head_dim: u32,
+    pub(crate) rotary_dim: u32,
+    pub(crate) capacity: u32,
+    pub(crate) n_slots: u32,
 }
 
 impl QkvRopeArgs {
