@@ -22,7 +22,8 @@
 #   bash scripts/device/decode_run.sh lowbit    # pp512 and tg128 of the qwen3-8b synth files in the 1- and
 #                                               # 2-bit formats (TYPES, default "q1_0 tq2_0 q2_0") and
 #                                               # bench-kernels' mat-vecs of those formats beside q4_0
-#   bash scripts/device/decode_run.sh switch    # tg128 with the environment variable SWITCH at 1, 0, 1, 0
+#   bash scripts/device/decode_run.sh switch    # tg128 with the environment variables SWITCH (one or
+#                                               # several, space-separated) at 1, 0, 1, 0
 #                                               # side by side, on FILES (default "llama-3.2-1b:q4_0
 #                                               # llama-3.1-8b:q4_0 llama-3.1-8b:q8_0 qwen3-8b:q1_0"); REPS, default 3
 #   bash scripts/device/decode_run.sh synth     # only writes the synth files of FILES
@@ -134,7 +135,7 @@ for what in "$@"; do
         f=$(synth "${spec%%:*}" "${spec##*:}")
         for value in 1 0 1 0; do
           echo "== $spec $SWITCH=$value"
-          env "$SWITCH=$value" "$kiln" bench -m "$f" -p 0 -n 128 -r "${REPS:-3}" --device cuda 2>/dev/null | grep -E "ceiling|tg128"
+          env $(for v in $SWITCH; do printf '%s=%s ' "$v" "$value"; done) "$kiln" bench -m "$f" -p 0 -n 128 -r "${REPS:-3}" --device cuda 2>/dev/null | grep -E "ceiling|tg128"
         done
       done 2>&1 | tee "$out/switch.log" ;;
     memcheck)
