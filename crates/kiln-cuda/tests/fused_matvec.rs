@@ -237,14 +237,108 @@ fn the_fused_pair_is_one_launch_and_matches_the_cpu() {
     }
 }
 
-/// The buffers of [`gated`]'s graph the caller binds or reads.
-struct Gated {
-    graph: Graph,
-    /// x, and its Q8_1 copy when there is no norm.
+/// The row a fused product reads: `RmsNorm(x + residual)` rounded to Q8_1 (both
+/// transient), or x's Q8_1 copy given; and the buffers the caller binds or reads.
+struct Staged {
     x: BufferId,
+    /// x's copy, when there is no norm.
     x_q8: Option<BufferId>,
     /// The norm's residual, weight and sum, when there is one.
     norm: Option<[BufferId; 3]>,
+    /// The product's `x` and `x_q8`.
+    row: BufferId,
+    row_q8: BufferId,
+}
+
+/// A row of `k` for a product in `g`: with the norm (pushed) when `norm`, else x's
+/// copy.
+fn staged(g: &mut Graph, k: usize, norm: bool) -> Staged {
+    let x = g.persistent("x", DType::F32, &[1, k]).unwrap();
+    if !norm {
+        let x_q8 = g.persistent("x_q8", Q8_COPY, &[1, k]).unwrap();
+        return Staged {
+            x,
+            x_q8: Some(x_q8),
+            norm: None,
+            row: x,
+            row_q8: x_q8,
+        };
+    }
+    let residual = g.persistent("residual", DType::F32, &[1, k]).unwrap();
+    let weight = g.persistent("norm_weight", DType::F32, &[k]).unwrap();
+    let sum = g.persistent("sum", DType::F32, &[1, k]).unwrap();
+    let normed = g.transient("normed", DType::F32, &[1, k]).unwrap();
+    let normed_q8 = g.transient("normed_q8", Q8_COPY, &[1, k]).unwrap();
+    g.push(AddRmsNorm {
+        x,
+        residual,
+        weight: Some(weight),
+        sum,
+        out: normed,
+        out_q8: Some(normed_q8),
+        rows: 1,
+        dim: k,
+        eps: 1e-5,
+    })
+    .unwrap();
+    Staged {
+        x,
+        x_q8: None,
+        norm: Some([residual, weight, sum]),
+        row: normed,
+        row_q8: normed_q8,
+    }
+}
+
+/// Random inputs of `s` (a row of `k`): x, and its copy or the norm's residual and
+/// weight.
+fn staged_inputs(rng: &mut rand::rngs::StdRng, s: &Staged, k: usize) -> Vec<(BufferId, Vec<u8>)> {
+    let x = uniform(rng, k, 2.0);
+    let mut inputs = vec![(s.x, f32_bytes(&x))];
+    if let Some(x_q8) = s.x_q8 {
+        let mut copy = vec![0u8; Q8_COPY.bytes_for(k).unwrap()];
+        kiln_core::quant::quantize(Q8_COPY, &x, &mut copy).unwrap();
+        inputs.push((x_q8, copy));
+    }
+    if let Some([residual, weight, _]) = s.norm {
+        inputs.push((residual, f32_bytes(&uniform(rng, k, 2.0))));
+        inputs.push((weight, f32_bytes(&uniform(rng, k, 1.5))));
+    }
+    inputs
+}
+
+/// `row · wᵀ (+ bias)` of `staged`'s row by a weight of `dtype` of `n` rows into a
+/// new persistent `out`; returns the weight, the bias and `out`.
+fn product(
+    g: &mut Graph,
+    staged: &Staged,
+    dtype: DType,
+    n: usize,
+    k: usize,
+    bias: bool,
+    out_name: &str,
+) -> (BufferId, Option<BufferId>, BufferId) {
+    let w = g.persistent("w", dtype, &[n, k]).unwrap();
+    let bias = bias.then(|| g.persistent("bias", DType::F32, &[n]).unwrap());
+    let out = g.persistent(out_name, DType::F32, &[1, n]).unwrap();
+    g.push(MatMul {
+        x: staged.row,
+        x_q8: Some(staged.row_q8),
+        w,
+        bias,
+        out,
+        m: 1,
+        n,
+        k,
+    })
+    .unwrap();
+    (w, bias, out)
+}
+
+/// The buffers of [`gated`]'s graph the caller binds or reads.
+struct Gated {
+    graph: Graph,
+    staged: Staged,
     w: BufferId,
     bias: Option<BufferId>,
     gate_up: BufferId,
@@ -253,9 +347,8 @@ struct Gated {
 }
 
 /// `gate_up = row · wᵀ (+ bias)` for a `2 half x k` weight of `dtype`, then `act =
-/// kind(gate, up)` with its Q8_1 copy, for one row: the row is `RmsNorm(x + residual)`
-/// rounded to Q8_1 (its outputs transient) when `norm`, else x's Q8_1 copy given. The
-/// product's and the Glu's outputs are persistent.
+/// kind(gate, up)` with its Q8_1 copy, for one row ([`staged`]: with the norm when
+/// `norm`). The product's and the Glu's outputs are persistent.
 fn gated(
     dtype: DType,
     half: usize,
@@ -264,48 +357,11 @@ fn gated(
     norm: bool,
     kind: ElementwiseKind,
 ) -> Gated {
-    let n = 2 * half;
     let mut g = Graph::new();
-    let x = g.persistent("x", DType::F32, &[1, k]).unwrap();
-    let w = g.persistent("w", dtype, &[n, k]).unwrap();
-    let bias = bias.then(|| g.persistent("bias", DType::F32, &[n]).unwrap());
-    let gate_up = g.persistent("gate_up", DType::F32, &[1, n]).unwrap();
+    let staged = staged(&mut g, k, norm);
+    let (w, bias, gate_up) = product(&mut g, &staged, dtype, 2 * half, k, bias, "gate_up");
     let act = g.persistent("act", DType::F32, &[1, half]).unwrap();
     let act_q8 = g.persistent("act_q8", Q8_COPY, &[1, half]).unwrap();
-    let (row, row_q8, x_q8, norm_ids) = if norm {
-        let residual = g.persistent("residual", DType::F32, &[1, k]).unwrap();
-        let weight = g.persistent("norm_weight", DType::F32, &[k]).unwrap();
-        let sum = g.persistent("sum", DType::F32, &[1, k]).unwrap();
-        let normed = g.transient("normed", DType::F32, &[1, k]).unwrap();
-        let normed_q8 = g.transient("normed_q8", Q8_COPY, &[1, k]).unwrap();
-        g.push(AddRmsNorm {
-            x,
-            residual,
-            weight: Some(weight),
-            sum,
-            out: normed,
-            out_q8: Some(normed_q8),
-            rows: 1,
-            dim: k,
-            eps: 1e-5,
-        })
-        .unwrap();
-        (normed, normed_q8, None, Some([residual, weight, sum]))
-    } else {
-        let x_q8 = g.persistent("x_q8", Q8_COPY, &[1, k]).unwrap();
-        (x, x_q8, Some(x_q8), None)
-    };
-    g.push(MatMul {
-        x: row,
-        x_q8: Some(row_q8),
-        w,
-        bias,
-        out: gate_up,
-        m: 1,
-        n,
-        k,
-    })
-    .unwrap();
     g.push(Glu {
         kind,
         x: gate_up,
@@ -317,9 +373,7 @@ fn gated(
     .unwrap();
     Gated {
         graph: g,
-        x,
-        x_q8,
-        norm: norm_ids,
+        staged,
         w,
         bias,
         gate_up,
@@ -443,8 +497,8 @@ fn uncopied_glu(half: usize, of_product: bool) -> Graph {
     g
 }
 
-/// Random inputs of `p` (built by [`gated`] with these sizes): x (and its Q8_1 copy, or
-/// the norm's residual and weight), the weight and the bias.
+/// Random inputs of `p` (built by [`gated`] with these sizes): the row's
+/// ([`staged_inputs`]), the weight and the bias.
 fn gated_inputs(
     rng: &mut rand::rngs::StdRng,
     p: &Gated,
@@ -452,20 +506,8 @@ fn gated_inputs(
     half: usize,
     k: usize,
 ) -> Vec<(BufferId, Vec<u8>)> {
-    let x = uniform(rng, k, 2.0);
-    let mut inputs = vec![
-        (p.x, f32_bytes(&x)),
-        (p.w, encoded(rng, dtype, 2 * half * k)),
-    ];
-    if let Some(x_q8) = p.x_q8 {
-        let mut copy = vec![0u8; Q8_COPY.bytes_for(k).unwrap()];
-        kiln_core::quant::quantize(Q8_COPY, &x, &mut copy).unwrap();
-        inputs.push((x_q8, copy));
-    }
-    if let Some([residual, weight, _]) = p.norm {
-        inputs.push((residual, f32_bytes(&uniform(rng, k, 2.0))));
-        inputs.push((weight, f32_bytes(&uniform(rng, k, 1.5))));
-    }
+    let mut inputs = staged_inputs(rng, &p.staged, k);
+    inputs.push((p.w, encoded(rng, dtype, 2 * half * k)));
     if let Some(b) = p.bias {
         inputs.push((b, f32_bytes(&uniform(rng, 2 * half, 1.0))));
     }
@@ -477,7 +519,7 @@ fn gated_inputs(
 fn gated_outputs(p: &Gated) -> (Vec<BufferId>, Vec<&'static str>) {
     let mut ids = vec![p.gate_up, p.act, p.act_q8];
     let mut names = vec!["gate_up", "act", "act_q8"];
-    if let Some([_, _, sum]) = p.norm {
+    if let Some([_, _, sum]) = p.staged.norm {
         ids.push(sum);
         names.push("sum");
     }
@@ -493,6 +535,56 @@ fn assert_same_bits(what: &str, got: &[u8], want: &[u8]) {
             &got[at & !3..(at & !3) + 4],
             &want[at & !3..(at & !3) + 4]
         );
+    }
+}
+
+/// A graph whose fused run the tests compare with its unfused launches.
+struct Fused<'a> {
+    graph: &'a Graph,
+    inputs: &'a [(BufferId, Vec<u8>)],
+    outputs: &'a [BufferId],
+    names: &'a [&'a str],
+}
+
+impl Fused<'_> {
+    /// Runs the graph on `cuda` with `switch` on, then off: asserts one launch fused
+    /// (`matvec_resident_{epilogue}`, with `_add_norm` before the epilogue when `norm`)
+    /// and two unfused, and the same bytes of every output both ways. Returns the
+    /// fused run's outputs and the CPU backend's.
+    fn bit_for_bit(
+        &self,
+        cuda: &kiln_cuda::CudaBackend,
+        switch: impl Fn(bool),
+        norm: bool,
+        epilogue: &str,
+        what: &str,
+    ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let on_cuda = || run_on(cuda, self.graph, self.inputs, self.outputs, Aliasing::On).unwrap();
+        let entry = format!(
+            "matvec_resident{}_{epilogue}|",
+            if norm { "_add_norm" } else { "" }
+        );
+        switch(true);
+        let fused = compiled_launches(cuda, self.graph);
+        assert_eq!(fused.len(), 1, "{what}: {fused:?}");
+        assert!(fused[0].0.starts_with(&entry), "{what}: {fused:?}");
+        let got = on_cuda();
+        switch(false);
+        let unfused = compiled_launches(cuda, self.graph);
+        assert_eq!(unfused.len(), 2, "{what} unfused: {unfused:?}");
+        let separate = on_cuda();
+        for ((name, got), separate) in self.names.iter().zip(&got).zip(&separate) {
+            assert_same_bits(&format!("{what} {name}: fused vs unfused"), got, separate);
+        }
+        let cpu = run_on(
+            &CpuBackend,
+            self.graph,
+            self.inputs,
+            self.outputs,
+            Aliasing::On,
+        )
+        .unwrap();
+        (got, cpu)
     }
 }
 
@@ -520,29 +612,14 @@ fn the_fused_glu_is_one_launch_with_the_unfused_bits_and_the_cpus_values() {
             let inputs = gated_inputs(&mut rng, &p, dtype, half, k);
             let (outputs, names) = gated_outputs(&p);
 
-            cuda.set_fuse_glus(true);
-            let fused = compiled_launches(&cuda, &p.graph);
-            let entry = if norm {
-                "matvec_resident_add_norm_glu|"
-            } else {
-                "matvec_resident_glu|"
+            let fused = Fused {
+                graph: &p.graph,
+                inputs: &inputs,
+                outputs: &outputs,
+                names: &names,
             };
-            assert_eq!(fused.len(), 1, "{what}: {fused:?}");
-            assert!(fused[0].0.starts_with(entry), "{what}: {fused:?}");
-            let got = run_on(&cuda, &p.graph, &inputs, &outputs, Aliasing::On).unwrap();
-
-            cuda.set_fuse_glus(false);
-            assert_eq!(
-                compiled_launches(&cuda, &p.graph).len(),
-                2,
-                "{what} unfused"
-            );
-            let unfused = run_on(&cuda, &p.graph, &inputs, &outputs, Aliasing::On).unwrap();
-            for ((name, got), unfused) in names.iter().zip(&got).zip(&unfused) {
-                assert_same_bits(&format!("{what} {name}: fused vs unfused"), got, unfused);
-            }
-
-            let want = run_on(&CpuBackend, &p.graph, &inputs, &outputs, Aliasing::On).unwrap();
+            let switch = |on| cuda.set_fuse_glus(on);
+            let (got, want) = fused.bit_for_bit(&cuda, switch, norm, "glu", &what);
             // As the fused norm's test says: a few ulp of the norm's scale can move an
             // activation across a Q8_1 rounding boundary.
             assert_close(
@@ -770,9 +847,7 @@ const CAPACITY: usize = 37;
 /// The buffers of [`rotated`]'s graph the caller binds or reads.
 struct Rotated {
     graph: Graph,
-    x: BufferId,
-    x_q8: Option<BufferId>,
-    norm: Option<[BufferId; 3]>,
+    staged: Staged,
     w: BufferId,
     bias: Option<BufferId>,
     qkv: BufferId,
@@ -787,14 +862,12 @@ struct Rotated {
 
 /// `qkv = row · wᵀ (+ bias)` for a weight of `dtype` of `h.rows()` rows of `k`, then
 /// the [`QkvRopeAppend`] of that token into caches of `cache` ([`CAPACITY`] rows per
-/// slot), the row being `RmsNorm(x + residual)` rounded to Q8_1 (transient) when
-/// `norm`, else x's Q8_1 copy given. Everything the ops write is persistent.
+/// slot), for one row ([`staged`]: with the norm when `norm`). Everything the ops
+/// write is persistent.
 fn rotated(dtype: DType, h: Heads, k: usize, bias: bool, norm: bool, cache: DType) -> Rotated {
     let mut g = Graph::new();
-    let x = g.persistent("x", DType::F32, &[1, k]).unwrap();
-    let w = g.persistent("w", dtype, &[h.rows(), k]).unwrap();
-    let bias = bias.then(|| g.persistent("bias", DType::F32, &[h.rows()]).unwrap());
-    let qkv = g.persistent("qkv", DType::F32, &[1, h.rows()]).unwrap();
+    let staged = staged(&mut g, k, norm);
+    let (w, bias, qkv) = product(&mut g, &staged, dtype, h.rows(), k, bias, "qkv");
     let positions = g.persistent("positions", DType::I32, &[1]).unwrap();
     let slots = (h.n_slots > 1).then(|| g.persistent("slots", DType::I32, &[1]).unwrap());
     let freq_factors = h
@@ -811,40 +884,6 @@ fn rotated(dtype: DType, h: Heads, k: usize, bias: bool, norm: bool, cache: DTyp
     let cache_shape = [h.n_slots, h.n_kv_heads, CAPACITY, h.head_dim];
     let k_cache = g.persistent("k_cache", cache, &cache_shape).unwrap();
     let v_cache = g.persistent("v_cache", cache, &cache_shape).unwrap();
-    let (row, row_q8, x_q8, norm_ids) = if norm {
-        let residual = g.persistent("residual", DType::F32, &[1, k]).unwrap();
-        let weight = g.persistent("norm_weight", DType::F32, &[k]).unwrap();
-        let sum = g.persistent("sum", DType::F32, &[1, k]).unwrap();
-        let normed = g.transient("normed", DType::F32, &[1, k]).unwrap();
-        let normed_q8 = g.transient("normed_q8", Q8_COPY, &[1, k]).unwrap();
-        g.push(AddRmsNorm {
-            x,
-            residual,
-            weight: Some(weight),
-            sum,
-            out: normed,
-            out_q8: Some(normed_q8),
-            rows: 1,
-            dim: k,
-            eps: 1e-5,
-        })
-        .unwrap();
-        (normed, normed_q8, None, Some([residual, weight, sum]))
-    } else {
-        let x_q8 = g.persistent("x_q8", Q8_COPY, &[1, k]).unwrap();
-        (x, x_q8, Some(x_q8), None)
-    };
-    g.push(MatMul {
-        x: row,
-        x_q8: Some(row_q8),
-        w,
-        bias,
-        out: qkv,
-        m: 1,
-        n: h.rows(),
-        k,
-    })
-    .unwrap();
     g.push(QkvRopeAppend {
         qkv,
         positions,
@@ -870,9 +909,7 @@ fn rotated(dtype: DType, h: Heads, k: usize, bias: bool, norm: bool, cache: DTyp
     .unwrap();
     Rotated {
         graph: g,
-        x,
-        x_q8,
-        norm: norm_ids,
+        staged,
         w,
         bias,
         qkv,
@@ -950,9 +987,9 @@ fn a_one_token_rotation_of_a_resident_qkv_product_is_fused_with_it() {
     );
 }
 
-/// Random inputs of `p` (built by [`rotated`] with these sizes and `cache`): x (and
-/// its copy, or the norm's residual and weight), the weight, the bias, the position and
-/// slot, the frequency factors, the per-head norm's weights and the caches' old rows.
+/// Random inputs of `p` (built by [`rotated`] with these sizes and `cache`): the
+/// row's ([`staged_inputs`]), the weight, the bias, the position and slot, the
+/// frequency factors, the per-head norm's weights and the caches' old rows.
 fn rotated_inputs(
     rng: &mut rand::rngs::StdRng,
     p: &Rotated,
@@ -962,24 +999,12 @@ fn rotated_inputs(
     cache: DType,
 ) -> Vec<(BufferId, Vec<u8>)> {
     use rand::Rng;
-    let x = uniform(rng, k, 2.0);
-    let mut inputs = vec![
-        (p.x, f32_bytes(&x)),
-        (p.w, encoded(rng, dtype, h.rows() * k)),
-        (
-            p.positions,
-            i32_bytes(&[rng.random_range(0..CAPACITY as i32)]),
-        ),
-    ];
-    if let Some(x_q8) = p.x_q8 {
-        let mut copy = vec![0u8; Q8_COPY.bytes_for(k).unwrap()];
-        kiln_core::quant::quantize(Q8_COPY, &x, &mut copy).unwrap();
-        inputs.push((x_q8, copy));
-    }
-    if let Some([residual, weight, _]) = p.norm {
-        inputs.push((residual, f32_bytes(&uniform(rng, k, 2.0))));
-        inputs.push((weight, f32_bytes(&uniform(rng, k, 1.5))));
-    }
+    let mut inputs = staged_inputs(rng, &p.staged, k);
+    inputs.push((p.w, encoded(rng, dtype, h.rows() * k)));
+    inputs.push((
+        p.positions,
+        i32_bytes(&[rng.random_range(0..CAPACITY as i32)]),
+    ));
     if let Some(b) = p.bias {
         inputs.push((b, f32_bytes(&uniform(rng, h.rows(), 1.0))));
     }
@@ -1079,29 +1104,14 @@ fn the_fused_rotation_is_one_launch_with_the_unfused_bits_and_the_cpus_values() 
             let outputs = [p.qkv, p.q_out, p.k_cache, p.v_cache];
             let names = ["qkv", "q_out", "k_cache", "v_cache"];
 
-            cuda.set_fuse_ropes(true);
-            let fused = compiled_launches(&cuda, &p.graph);
-            let entry = if norm {
-                "matvec_resident_add_norm_rope_append|"
-            } else {
-                "matvec_resident_rope_append|"
+            let fused = Fused {
+                graph: &p.graph,
+                inputs: &inputs,
+                outputs: &outputs,
+                names: &names,
             };
-            assert_eq!(fused.len(), 1, "{what}: {fused:?}");
-            assert!(fused[0].0.starts_with(entry), "{what}: {fused:?}");
-            let got = run_on(&cuda, &p.graph, &inputs, &outputs, Aliasing::On).unwrap();
-
-            cuda.set_fuse_ropes(false);
-            assert_eq!(
-                compiled_launches(&cuda, &p.graph).len(),
-                2,
-                "{what} unfused"
-            );
-            let unfused = run_on(&cuda, &p.graph, &inputs, &outputs, Aliasing::On).unwrap();
-            for ((name, got), unfused) in names.iter().zip(&got).zip(&unfused) {
-                assert_same_bits(&format!("{what} {name}: fused vs unfused"), got, unfused);
-            }
-
-            let want = run_on(&CpuBackend, &p.graph, &inputs, &outputs, Aliasing::On).unwrap();
+            let switch = |on| cuda.set_fuse_ropes(on);
+            let (got, want) = fused.bit_for_bit(&cuda, switch, norm, "rope_append", &what);
             assert_close(
                 &format!("{what} qkv"),
                 &f32s(&got[0]),
