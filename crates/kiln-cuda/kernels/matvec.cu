@@ -560,6 +560,23 @@ __device__ __forceinline__ u32 ticket_add(u32* p, u32 v) {
     return old;
 }
 
+// Adds `count` to the ticket at t (lane 0, ticket_add) and returns, to every lane,
+// whether that completed its `size`; a warp that completed it has fenced, so that what
+// the other warps stored before their counts is visible to its reads through L2
+// (__ldcg). Every lane of the warp calls it.
+__device__ __forceinline__ bool warp_ticket(u32* t, u32 count, u32 size) {
+    u32 last = 0;
+    if ((threadIdx.x & 31u) == 0) {
+        // Lane 0 stored every row of the warp: the release covers them.
+        last = ticket_add(t, count) + count == size;
+    }
+    const bool done = __shfl_sync(0xffffffffu, last, 0) != 0;
+    if (done) {
+        __threadfence();
+    }
+    return done;
+}
+
 // TicketRows: the product's rows in groups (Group::rows() each), with work on each
 // group's stored rows in the product's epilogue. Each row is stored to out (+ bias) as
 // StoreRows stores it, in the order Group::weight_row gives. After its last row, a
@@ -586,19 +603,12 @@ struct TicketRows {
         if (begin >= end) {
             return;
         }
-        const u32 lane = threadIdx.x & 31u;
         const u32 size = group.rows();
         for (u32 g = begin / size; g <= (end - 1) / size; ++g) {
             const u32 count = min(end, (g + 1) * size) - max(begin, g * size);
-            u32 last = 0;
-            if (lane == 0) {
-                // Lane 0 stored every row of the warp: the release covers them.
-                last = ticket_add(tickets + g, count) + count == size;
-            }
-            if (__shfl_sync(0xffffffffu, last, 0) != 0) {
-                __threadfence();
+            if (warp_ticket(tickets + g, count, size)) {
                 group.apply(g, out);
-                if (lane == 0) {
+                if ((threadIdx.x & 31u) == 0) {
                     tickets[g] = 0;
                 }
             }
@@ -864,5 +874,46 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 
 #undef KILN_ROPE_APPEND_PARAMS
 #undef KILN_ROPE_APPEND_GROUP
+
+// moe_matvec_packed fused with the kiln_core::ops::Glu of its output (the slots'
+// gate-up products, [slots, 2 half]) into act ([slots, half]): after storing its rows,
+// each warp counts each on the ticket of its slot's group r / 32 (gate row r and up row
+// half + r in the same group; tickets: slots * half / 32 zeros, zeros again at the end),
+// and the warp that completes a group (GLU_GROUP_ROWS rows) writes its 32 values as the
+// Glu kernel computes them. A slot of an expert id out of range gets NaN rows and their
+// gated values.
+template <typename W, typename F, u32 R, bool ALIGNED>
+__global__ void __launch_bounds__(MATVEC_THREADS)
+    moe_matvec_packed_glu(const u8* __restrict__ w, const int* __restrict__ ids,
+                          const float* __restrict__ x, float* out, u32* tickets,
+                          float* __restrict__ act, u32 k, u32 per_slot, u32 n_expert, u32 rows,
+                          u32 cols, u64 row_bytes) {
+    chain_after_prior_grids(x, ids);
+    const RoutedSlot slot = routed_slot(w, ids, x, out, k, per_slot, n_expert, rows, cols,
+                                        row_bytes);
+    const u32 row0 = (blockIdx.x * (MATVEC_THREADS / 32) + threadIdx.x / 32) * R;
+    if (slot.w == nullptr) {
+        // The warp's own rows, so that its counts cover them (lane 0, as the product).
+        for (u32 r = 0; r < R && row0 + r < rows && (threadIdx.x & 31u) == 0; ++r) {
+            slot.out[row0 + r] = __int_as_float(0x7fffffff);
+        }
+    } else {
+        matvec_packed_block<W, 1, R, ALIGNED>(slot.w, slot.x, nullptr, nullptr, slot.out, 1,
+                                              rows, cols, row_bytes);
+    }
+    const u32 half = rows / 2;
+    const GluGroup<F> glu{act + (u64)blockIdx.y * half, nullptr, half};
+    u32* slot_tickets = tickets + (u64)blockIdx.y * (half / GluGroup<F>::HALF_ROWS);
+    for (u32 r = row0; r < row0 + R && r < rows; ++r) {
+        const u32 g = (r < half ? r : r - half) / GluGroup<F>::HALF_ROWS;
+        if (warp_ticket(slot_tickets + g, 1, GLU_GROUP_ROWS)) {
+            glu.apply(g, slot.out);
+            if ((threadIdx.x & 31u) == 0) {
+                slot_tickets[g] = 0;
+            }
+        }
+    }
+}
+
 
 }  // namespace kiln

@@ -206,7 +206,9 @@ impl CudaBackend {
     }
 
     /// Whether [`Backend::compile`] fuses a one-row SiLU-gated unit into the epilogue
-    /// of the resident gate-up mat-vec before it ([`ops::fused_matvec`]). Off unless
+    /// of the resident gate-up mat-vec before it ([`ops::fused_matvec`]), and a decode
+    /// token's experts' gated units into their routed gate-up mat-vec
+    /// ([`ops::moe_glu`]). Off unless
     /// `KILN_CUDA_FUSE_GLUS=1`: it has not been timed against the separate launch yet.
     pub fn fuse_glus(&self) -> bool {
         self.fuse_glus.load(Ordering::Relaxed)
@@ -637,7 +639,8 @@ impl CudaBackend {
     }
 
     /// Runs the ops at `index` of `graph` as one launch where a fusion that is switched
-    /// on finds a run there ([`ops::router_matvec`], [`ops::fused_matvec`]) whose
+    /// on finds a run there ([`ops::router_matvec`], [`ops::moe_glu`],
+    /// [`ops::fused_matvec`]) whose
     /// operands are bound apart; returns how many ops it ran, or None.
     fn run_fused(
         &self,
@@ -654,6 +657,15 @@ impl CudaBackend {
             });
         if let Some((product, router)) = router {
             ops::router_matvec::run(self, graph, product, router, bindings)?;
+            return Ok(Some(2));
+        }
+        let routed_glu = self
+            .fuse_glus()
+            .then(|| ops::moe_glu::fusible(graph, index))
+            .flatten()
+            .filter(|&(product, glu)| ops::moe_glu::operands_apart(product, glu, bindings));
+        if let Some((product, glu)) = routed_glu {
+            ops::moe_glu::run(self, graph, product, glu, bindings)?;
             return Ok(Some(2));
         }
         let fusions = ops::fused_matvec::Fusions {

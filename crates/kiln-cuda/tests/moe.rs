@@ -10,7 +10,6 @@ use kiln_core::{Aliasing, DType, Graph};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::ops::matmul::MatMulKernel;
 use kiln_cuda::ops::moe::{CombineArgs, MoeMatMulArgs, MoeMatMulKernel, RouterArgs, MAX_EXPERTS};
-use rand::Rng;
 
 fn router() -> RouterArgs {
     RouterArgs {
@@ -455,26 +454,6 @@ fn routed_product_arguments_out_of_range_are_rejected() {
         .check(),
     );
     assert!(m.contains("tiles of slots"), "{m}");
-}
-
-/// Random expert ids for `m` tokens of `k` distinct experts each (as a router picks),
-/// so that some experts get many tokens and some none.
-fn expert_ids(rng: &mut rand::rngs::StdRng, m: usize, k: usize, n_expert: usize) -> Vec<i32> {
-    let mut ids = Vec::with_capacity(m * k);
-    for _ in 0..m {
-        let mut chosen: Vec<i32> = Vec::with_capacity(k);
-        while chosen.len() < k {
-            // Skewed towards the low experts: several tokens share them.
-            let e = rng
-                .random_range(0..n_expert)
-                .min(rng.random_range(0..n_expert)) as i32;
-            if !chosen.contains(&e) {
-                chosen.push(e);
-            }
-        }
-        ids.extend(chosen);
-    }
-    ids
 }
 
 /// A graph of one expert-routed product and its random inputs.

@@ -529,6 +529,17 @@ impl MoeMatMulArgs {
 }
 
 impl MoeMatMulPlan {
+    /// Appends the routed mat-vec's shape parameters, in its kernels' order: `u32 k,
+    /// u32 per_slot, u32 n_expert, u32 rows, u32 cols, u64 row_bytes`.
+    pub(crate) fn push_shape(&self, args: &mut KernelArgs<'_>) {
+        args.arg(&self.k)
+            .arg(&self.per_slot)
+            .arg(&self.n_expert)
+            .arg(&self.rows)
+            .arg(&self.cols)
+            .arg(&self.row_bytes);
+    }
+
     /// Every kernel the product launches, in order.
     pub fn specs(&self) -> Vec<KernelSpec> {
         let group = self.group.iter().map(|(spec, _)| spec.clone());
@@ -618,13 +629,8 @@ pub fn moe_matmul(
     args.arg(w.slice())
         .arg(ids.slice())
         .arg(x.slice())
-        .arg(out.slice_mut())
-        .arg(&plan.k)
-        .arg(&plan.per_slot)
-        .arg(&plan.n_expert)
-        .arg(&plan.rows)
-        .arg(&plan.cols)
-        .arg(&plan.row_bytes);
+        .arg(out.slice_mut());
+    plan.push_shape(&mut args);
     // SAFETY: the arguments match `kiln::moe_matvec<W, ROWS, LOAD, STAGES>` and
     // `kiln::moe_matvec_packed<W, R, ALIGNED>`: (const u8* w, const int* ids, const
     // float* x, float* out, u32 k, u32 per_slot, u32 n_expert, u32 rows, u32 cols, u64

@@ -5,6 +5,7 @@
 use kiln_core::{quant, DType, Error, Result};
 use kiln_testkit::uniform;
 use rand::rngs::StdRng;
+use rand::Rng;
 
 /// `n` random values (uniform in [-1, 1), none zero) stored as `dtype`: its reference
 /// encoding, bit-exact with ggml's for the block formats.
@@ -52,4 +53,24 @@ pub fn host(cuda: &kiln_cuda::CudaBackend, buf: &kiln_cuda::CudaBuffer, len: usi
     let mut bytes = vec![0u8; len];
     cuda.download(buf, &mut bytes).expect("download");
     bytes
+}
+
+/// Random expert ids for `m` tokens of `k` distinct experts each (as a router picks),
+/// so that some experts get many tokens and some none.
+pub fn expert_ids(rng: &mut StdRng, m: usize, k: usize, n_expert: usize) -> Vec<i32> {
+    let mut ids = Vec::with_capacity(m * k);
+    for _ in 0..m {
+        let mut chosen: Vec<i32> = Vec::with_capacity(k);
+        while chosen.len() < k {
+            // Skewed towards the low experts: several tokens share them.
+            let e = rng
+                .random_range(0..n_expert)
+                .min(rng.random_range(0..n_expert)) as i32;
+            if !chosen.contains(&e) {
+                chosen.push(e);
+            }
+        }
+        ids.extend(chosen);
+    }
+    ids
 }
