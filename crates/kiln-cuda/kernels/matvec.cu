@@ -49,6 +49,7 @@
 //   rows), and accumulates in f32 (dot_chunk); warp shuffles and a shared array
 //   reduce the block.
 #include "functors.cuh"
+#include "moe.cuh"
 #include "rope.cuh"
 #include "quant.cuh"
 #include "matvec_staged.cuh"
@@ -875,6 +876,24 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 #undef KILN_ROPE_APPEND_PARAMS
 #undef KILN_ROPE_APPEND_GROUP
 
+// The routed packed mat-vec of `slot` (moe_matvec_packed's, one activation row), each
+// warp's R rows stored by its lane 0 (NaN for an expert id out of range, the warp's own
+// rows, so that the warp's counts on tickets cover them). Returns the warp's first row.
+template <typename W, u32 R, bool ALIGNED>
+__device__ __forceinline__ u32 routed_rows(const RoutedSlot& slot, u32 rows, u32 cols,
+                                           u64 row_bytes) {
+    const u32 row0 = (blockIdx.x * (MATVEC_THREADS / 32) + threadIdx.x / 32) * R;
+    if (slot.w == nullptr) {
+        for (u32 r = 0; r < R && row0 + r < rows && (threadIdx.x & 31u) == 0; ++r) {
+            slot.out[row0 + r] = __int_as_float(0x7fffffff);
+        }
+    } else {
+        matvec_packed_block<W, 1, R, ALIGNED>(slot.w, slot.x, nullptr, nullptr, slot.out, 1,
+                                              rows, cols, row_bytes);
+    }
+    return row0;
+}
+
 // moe_matvec_packed fused with the kiln_core::ops::Glu of its output (the slots'
 // gate-up products, [slots, 2 half]) into act ([slots, half]): after storing its rows,
 // each warp counts each on the ticket of its slot's group r / 32 (gate row r and up row
@@ -891,16 +910,7 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
     chain_after_prior_grids(x, ids);
     const RoutedSlot slot = routed_slot(w, ids, x, out, k, per_slot, n_expert, rows, cols,
                                         row_bytes);
-    const u32 row0 = (blockIdx.x * (MATVEC_THREADS / 32) + threadIdx.x / 32) * R;
-    if (slot.w == nullptr) {
-        // The warp's own rows, so that its counts cover them (lane 0, as the product).
-        for (u32 r = 0; r < R && row0 + r < rows && (threadIdx.x & 31u) == 0; ++r) {
-            slot.out[row0 + r] = __int_as_float(0x7fffffff);
-        }
-    } else {
-        matvec_packed_block<W, 1, R, ALIGNED>(slot.w, slot.x, nullptr, nullptr, slot.out, 1,
-                                              rows, cols, row_bytes);
-    }
+    const u32 row0 = routed_rows<W, R, ALIGNED>(slot, rows, cols, row_bytes);
     const u32 half = rows / 2;
     const GluGroup<F> glu{act + (u64)blockIdx.y * half, nullptr, half};
     u32* slot_tickets = tickets + (u64)blockIdx.y * (half / GluGroup<F>::HALF_ROWS);
@@ -915,5 +925,38 @@ __global__ void __launch_bounds__(MATVEC_THREADS)
     }
 }
 
+
+// moe_matvec_packed fused with the kiln_core::ops::MoeCombine, without residual or
+// shared expert, of its output y ([tokens, k, rows], the slots' rows): combined[t, i] =
+// sum_j weights[t, j] y[t, j, i]. After storing its rows, each warp counts each on the
+// ticket of its token's group i / 32 (tickets: tokens * rows / 32 zeros, zeros again at
+// the end; k * 32 rows a group), and the warp that completes a group writes its 32
+// combined values as moe_combine computes them (add_routed). A slot of an expert id out
+// of range gets NaN rows, counted like the others.
+template <typename W, u32 R, bool ALIGNED>
+__global__ void __launch_bounds__(MATVEC_THREADS)
+    moe_matvec_packed_combine(const u8* __restrict__ w, const int* __restrict__ ids,
+                              const float* __restrict__ x, float* out, u32* tickets,
+                              const float* __restrict__ weights, float* __restrict__ combined,
+                              u32 k, u32 per_slot, u32 n_expert, u32 rows, u32 cols,
+                              u64 row_bytes) {
+    chain_after_prior_grids(x, ids);
+    const RoutedSlot slot = routed_slot(w, ids, x, out, k, per_slot, n_expert, rows, cols,
+                                        row_bytes);
+    const u32 row0 = routed_rows<W, R, ALIGNED>(slot, rows, cols, row_bytes);
+    const u32 t = blockIdx.y / k;
+    u32* token_tickets = tickets + (u64)t * (rows / Q8_1_BLOCK_ELEMS);
+    for (u32 r = row0; r < row0 + R && r < rows; ++r) {
+        const u32 g = r / Q8_1_BLOCK_ELEMS;
+        if (warp_ticket(token_tickets + g, 1, k * Q8_1_BLOCK_ELEMS)) {
+            const u32 i = g * Q8_1_BLOCK_ELEMS + (threadIdx.x & 31u);
+            combined[(u64)t * rows + i] =
+                add_routed(0.0f, weights, t, i, k, rows, [&](u64 p) { return __ldcg(out + p); });
+            if ((threadIdx.x & 31u) == 0) {
+                token_tickets[g] = 0;
+            }
+        }
+    }
+}
 
 }  // namespace kiln

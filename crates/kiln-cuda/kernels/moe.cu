@@ -19,6 +19,7 @@
 // moe_group: the first launch of the expert-routed mat-mat (described with its
 // second, moe_matmul, in matmul.cu).
 #include "matvec_staged.cuh"
+#include "moe.cuh"
 #include "reduce.cuh"
 
 namespace kiln {
@@ -178,10 +179,8 @@ __global__ void moe_combine(const float* __restrict__ y, const float* __restrict
     for (u64 idx = global_index(); idx < len; idx += grid_stride()) {
         const u64 t = idx / n;
         const u64 i = idx % n;
-        float v = residual ? residual[idx] : 0.0f;
-        for (u32 j = 0; j < k; ++j) {
-            v += weights[t * k + j] * y[(t * k + j) * n + i];
-        }
+        float v = add_routed(residual ? residual[idx] : 0.0f, weights, t, i, k, n,
+                             [&](u64 p) { return y[p]; });
         if (shared) {
             const float g = shared_gate ? 1.0f / (1.0f + expf(-shared_gate[t])) : 1.0f;
             v += g * shared[idx];

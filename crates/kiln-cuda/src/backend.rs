@@ -65,6 +65,7 @@ pub struct CudaBackend {
     fuse_norms: AtomicBool,
     fuse_glus: AtomicBool,
     fuse_ropes: AtomicBool,
+    fuse_combines: AtomicBool,
     fuse_routers: AtomicBool,
     cuda_graphs: AtomicBool,
     capture: Capture,
@@ -97,6 +98,11 @@ pub const FUSE_GLUS_ENV: &str = "KILN_CUDA_FUSE_GLUS";
 /// rotation and KV-cache append into the epilogue of the q-k-v mat-vec before it
 /// ([`CudaBackend::fuse_ropes`]).
 pub const FUSE_ROPES_ENV: &str = "KILN_CUDA_FUSE_ROPES";
+
+/// The environment variable that, set to `1`, turns on the fusion of a decode token's
+/// weighted sum of its experts' outputs into the epilogue of their routed down mat-vec
+/// ([`CudaBackend::fuse_combines`]).
+pub const FUSE_COMBINES_ENV: &str = "KILN_CUDA_FUSE_COMBINES";
 
 /// The environment variable that, set to `1`, turns the fusion of mixture-of-experts
 /// routers into the products of their logits on ([`CudaBackend::fuse_routers`]).
@@ -147,6 +153,7 @@ impl CudaBackend {
         let fuse_norms = std::env::var(FUSE_NORMS_ENV).map_or(true, |v| v != "0");
         let fuse_glus = std::env::var(FUSE_GLUS_ENV).is_ok_and(|v| v == "1");
         let fuse_ropes = std::env::var(FUSE_ROPES_ENV).is_ok_and(|v| v == "1");
+        let fuse_combines = std::env::var(FUSE_COMBINES_ENV).is_ok_and(|v| v == "1");
         let fuse_routers = std::env::var(FUSE_ROUTERS_ENV).is_ok_and(|v| v == "1");
         let gemm_min_rows = parse_gemm_min_rows(std::env::var(GEMM_MIN_ROWS_ENV).ok().as_deref())?;
         let capture = Capture::new(device.context())?;
@@ -173,6 +180,7 @@ impl CudaBackend {
             fuse_norms: AtomicBool::new(fuse_norms),
             fuse_glus: AtomicBool::new(fuse_glus),
             fuse_ropes: AtomicBool::new(fuse_ropes),
+            fuse_combines: AtomicBool::new(fuse_combines),
             fuse_routers: AtomicBool::new(fuse_routers),
             cuda_graphs: AtomicBool::new(cuda_graphs),
             capture,
@@ -208,7 +216,7 @@ impl CudaBackend {
     /// Whether [`Backend::compile`] fuses a one-row SiLU-gated unit into the epilogue
     /// of the resident gate-up mat-vec before it ([`ops::fused_matvec`]), and a decode
     /// token's experts' gated units into their routed gate-up mat-vec
-    /// ([`ops::moe_glu`]). Off unless
+    /// ([`ops::moe_epilogue`]). Off unless
     /// `KILN_CUDA_FUSE_GLUS=1`: it has not been timed against the separate launch yet.
     pub fn fuse_glus(&self) -> bool {
         self.fuse_glus.load(Ordering::Relaxed)
@@ -230,6 +238,20 @@ impl CudaBackend {
     /// Turns the fusion of rotations on or off for the graphs compiled after.
     pub fn set_fuse_ropes(&self, on: bool) {
         self.fuse_ropes.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether [`Backend::compile`] fuses a decode token's weighted sum of its experts'
+    /// outputs (a [`kiln_core::ops::MoeCombine`] without residual or shared expert) into
+    /// the epilogue of their routed down mat-vec ([`ops::moe_epilogue`]). Off unless
+    /// `KILN_CUDA_FUSE_COMBINES=1`: it has not been timed against the separate launch
+    /// yet.
+    pub fn fuse_combines(&self) -> bool {
+        self.fuse_combines.load(Ordering::Relaxed)
+    }
+
+    /// Turns the fusion of expert combines on or off for the graphs compiled after.
+    pub fn set_fuse_combines(&self, on: bool) {
+        self.fuse_combines.store(on, Ordering::Relaxed);
     }
 
     /// Whether [`Backend::compile`] fuses a one-token mixture-of-experts router into
@@ -639,7 +661,7 @@ impl CudaBackend {
     }
 
     /// Runs the ops at `index` of `graph` as one launch where a fusion that is switched
-    /// on finds a run there ([`ops::router_matvec`], [`ops::moe_glu`],
+    /// on finds a run there ([`ops::router_matvec`], [`ops::moe_epilogue`],
     /// [`ops::fused_matvec`]) whose
     /// operands are bound apart; returns how many ops it ran, or None.
     fn run_fused(
@@ -659,13 +681,15 @@ impl CudaBackend {
             ops::router_matvec::run(self, graph, product, router, bindings)?;
             return Ok(Some(2));
         }
-        let routed_glu = self
-            .fuse_glus()
-            .then(|| ops::moe_glu::fusible(graph, index))
-            .flatten()
-            .filter(|&(product, glu)| ops::moe_glu::operands_apart(product, glu, bindings));
-        if let Some((product, glu)) = routed_glu {
-            ops::moe_glu::run(self, graph, product, glu, bindings)?;
+        let routed_fusions = ops::moe_epilogue::RoutedFusions {
+            glus: self.fuse_glus(),
+            combines: self.fuse_combines(),
+        };
+        let routed = ops::moe_epilogue::fusible(graph, index, routed_fusions).filter(
+            |&(product, epilogue)| ops::moe_epilogue::operands_apart(product, epilogue, bindings),
+        );
+        if let Some((product, epilogue)) = routed {
+            ops::moe_epilogue::run(self, graph, product, epilogue, bindings)?;
             return Ok(Some(2));
         }
         let fusions = ops::fused_matvec::Fusions {

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use crate::registry::{KernelSource, KernelSpec};
 
 /// The headers written in files, which every kernel source may `#include`.
-const FILE_HEADERS: [KernelSource; 6] = [
+const FILE_HEADERS: [KernelSource; 7] = [
     KernelSource {
         name: "common.cuh",
         text: include_str!("../kernels/common.cuh"),
@@ -33,14 +33,18 @@ const FILE_HEADERS: [KernelSource; 6] = [
         name: "rope.cuh",
         text: include_str!("../kernels/rope.cuh"),
     },
+    KernelSource {
+        name: "moe.cuh",
+        text: include_str!("../kernels/moe.cuh"),
+    },
 ];
 
 /// Headers every kernel source may `#include`, handed to NVRTC in memory: those
 /// written in files and `constants.cuh`, generated from [`crate::constants`].
 pub fn headers() -> &'static [KernelSource] {
-    static HEADERS: OnceLock<[KernelSource; 7]> = OnceLock::new();
+    static HEADERS: OnceLock<[KernelSource; 8]> = OnceLock::new();
     HEADERS.get_or_init(|| {
-        let [common, quant, reduce, functors, matvec_staged, rope] = FILE_HEADERS;
+        let [common, quant, reduce, functors, matvec_staged, rope, moe] = FILE_HEADERS;
         let constants = KernelSource {
             name: "constants.cuh",
             text: crate::constants::header(),
@@ -53,6 +57,7 @@ pub fn headers() -> &'static [KernelSource] {
             functors,
             matvec_staged,
             rope,
+            moe,
         ]
     })
 }

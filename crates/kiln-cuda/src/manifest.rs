@@ -41,7 +41,7 @@ pub fn all_specs() -> Vec<KernelSpec> {
     specs.push(ops::argmax::spec());
     specs.push(ops::sample::spec());
     specs.extend(ops::moe::all_specs());
-    specs.extend(ops::moe_glu::all_specs());
+    specs.extend(ops::moe_epilogue::all_specs());
     specs.extend(ops::router_matvec::all_specs());
     specs.extend(ops::delta_net::all_specs());
     specs

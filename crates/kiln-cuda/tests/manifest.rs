@@ -12,7 +12,7 @@ fn every_spec_has_a_unique_canonical_key() {
     let specs = all_specs();
     assert_eq!(
         specs.len(),
-        9 + 2 * 5 + 4 + 19 + 4 + 4 + 234 + 10 * 4 * 2 + 1 + 44 * 7 + 2 + 2 + 28 + 3 + 1 + 1 + 3 + 11 * 2 + 8 * 2 + 1 + 19 + 11 * 2 + 2 * 2 + 7,
+        9 + 2 * 5 + 4 + 19 + 4 + 4 + 234 + 10 * 4 * 2 + 1 + 44 * 7 + 2 + 2 + 28 + 3 + 1 + 1 + 3 + 11 * 2 + 8 * 2 + 1 + 19 + 11 * 2 * 2 + 2 * 2 + 7,
         "cast pairs, element-wise and glu kinds, norm variants, embedding tables, rope \
          variants, qkv_rope_append (2 styles x 2 caches), matmul (11 packed dtypes x 4 mat-vec tiers x 2 plane alignments + 11 \
          resident dtypes x 2 block shapes x 2 alignments + 8 other dtypes x 4 tiers x 2 load widths + \
@@ -22,7 +22,7 @@ fn every_spec_has_a_unique_canonical_key() {
          flash attention (F16 cache x 3 head dims), \
          argmax, sample, moe (2 router gatings, combine, the one-row mat-vecs routed: \
          11 packed dtypes x 2 alignments + 8 other dtypes x 2 load widths, the grouping \
-         launch and 19 grouped mat-mats), the routed packed mat-vecs with a fused SiLU gated unit (11 x 2), the one-row f32 mat-vecs with a fused router (2 gatings x \
+         launch and 19 grouped mat-mats), the routed packed mat-vecs with a fused SiLU gated unit or combine (11 x 2 x 2), the one-row f32 mat-vecs with a fused router (2 gatings x \
          2 load widths), \
          delta net (conv, recurrent delta rule, chunkwise delta rule x 3 key head sizes, \
          gated RMSNorm, L2 norm)"

@@ -13,7 +13,7 @@ pub mod fused_matvec;
 pub mod kv_cache;
 pub mod matmul;
 pub mod moe;
-pub mod moe_glu;
+pub mod moe_epilogue;
 pub mod norm;
 pub mod rope;
 pub mod router_matvec;
