@@ -26,6 +26,9 @@
 #                                               # several, space-separated) at 1, 0, 1, 0
 #                                               # side by side, on FILES (default "llama-3.2-1b:q4_0
 #                                               # llama-3.1-8b:q4_0 llama-3.1-8b:q8_0 qwen3-8b:q1_0"); REPS, default 3
+#   bash scripts/device/decode_run.sh same      # kiln generate --temp 0 (64 tokens) with the variables
+#                                               # SWITCH at 0 and at 1 on FILES: fused launches compute the
+#                                               # unfused bits, so each file's two texts must be the same
 #   bash scripts/device/decode_run.sh synth     # only writes the synth files of FILES
 #   bash scripts/device/decode_run.sh kernels-vs # bench-kernels --sections SECTIONS (default delta-net) of this
 #                                               # build and of OLD (another kiln binary), alternating twice
@@ -138,6 +141,22 @@ for what in "$@"; do
           env $(for v in $SWITCH; do printf '%s=%s ' "$v" "$value"; done) "$kiln" bench -m "$f" -p 0 -n 128 -r "${REPS:-3}" --device cuda 2>/dev/null | grep -E "ceiling|tg128"
         done
       done 2>&1 | tee "$out/switch.log" ;;
+    same)
+      for spec in $files; do
+        f=$(synth "${spec%%:*}" "${spec##*:}")
+        for value in 0 1; do
+          env $(for v in $SWITCH; do printf '%s=%s ' "$v" "$value"; done) "$kiln" generate -m "$f" \
+            -p "Once upon a time" -n 64 --temp 0 --ignore-eos --device cuda 2>/dev/null \
+            > "$out/same-${spec/:/-}-$value.txt"
+        done
+        if [ ! -s "$out/same-${spec/:/-}-1.txt" ]; then
+          echo "== $spec: NO TEXT with $SWITCH at 1"
+        elif cmp -s "$out/same-${spec/:/-}-0.txt" "$out/same-${spec/:/-}-1.txt"; then
+          echo "== $spec: the same text with $SWITCH at 0 and 1 ($(wc -c < "$out/same-${spec/:/-}-1.txt") bytes)"
+        else
+          echo "== $spec: DIFFERENT texts with $SWITCH at 0 and 1"
+        fi
+      done 2>&1 | tee "$out/same.log" ;;
     memcheck)
       # Each GPU test executable under compute-sanitizer, JOBS (default 8) at a time,
       # each bounded by MEMCHECK_TIMEOUT seconds; prints each one's error summary.
