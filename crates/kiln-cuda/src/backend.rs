@@ -56,7 +56,6 @@ pub struct CudaBackend {
     attention_workspace: ops::common::Workspace,
     matmul_workspace: ops::common::Workspace,
     epilogue_tickets: ops::common::Workspace,
-    router_tickets: ops::common::Workspace,
     resident_warps: ops::matmul::ResidentWarps,
     gemm: ops::matmul::Gemm,
     gemm_min_rows: AtomicUsize,
@@ -171,7 +170,6 @@ impl CudaBackend {
             attention_workspace: ops::common::Workspace::default(),
             matmul_workspace: ops::common::Workspace::default(),
             epilogue_tickets: ops::common::Workspace::default(),
-            router_tickets: ops::common::Workspace::default(),
             resident_warps: ops::matmul::ResidentWarps::default(),
             gemm: ops::matmul::Gemm::default(),
             gemm_min_rows: AtomicUsize::new(gemm_min_rows),
@@ -323,15 +321,11 @@ impl CudaBackend {
         &self.matmul_workspace
     }
 
-    /// The tickets of the resident mat-vecs with a fused epilogue
-    /// ([`ops::fused_matvec`]): zero between launches.
+    /// The tickets of the launches that finish a fused op in their last blocks or
+    /// warps ([`ops::fused_matvec`], [`ops::moe_epilogue`], [`ops::router_matvec`]):
+    /// zero between launches, which run one after another.
     pub(crate) fn epilogue_tickets(&self) -> &ops::common::Workspace {
         &self.epilogue_tickets
-    }
-
-    /// The fused routers' ticket counter ([`ops::router_matvec`]).
-    pub(crate) fn router_tickets(&self) -> &ops::common::Workspace {
-        &self.router_tickets
     }
 
     /// The device.

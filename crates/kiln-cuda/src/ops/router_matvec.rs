@@ -199,7 +199,7 @@ pub fn router_matvec(
     let top_k = to_u32(OP, "router k", router.k)?;
     let normalize = u32::from(router.normalize);
     let row_bytes = dtype.bytes_for(k)? as u64;
-    let mut tickets = backend.router_tickets().at_least(backend, 4)?;
+    let mut tickets = backend.epilogue_tickets().at_least(backend, 4)?;
     let ticket = tickets
         .last_mut()
         .ok_or_else(|| Error::invalid(OP, "the ticket workspace holds no buffer"))?;
