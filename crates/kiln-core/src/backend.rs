@@ -35,6 +35,12 @@ pub trait Backend {
     /// Short name for messages (`cpu`, `cuda:0`).
     fn name(&self) -> String;
 
+    /// The settings that change how fast this backend runs graphs but not what they
+    /// compute (for benchmark reports), or an empty string where it has none.
+    fn settings(&self) -> String {
+        String::new()
+    }
+
     /// Allocates `bytes` bytes. Errors with [`Error::OutOfMemory`] when it cannot.
     fn alloc(&self, bytes: usize) -> Result<Self::Buffer>;
 

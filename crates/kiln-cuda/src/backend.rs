@@ -742,6 +742,23 @@ impl Backend for CudaBackend {
         format!("cuda:{}", self.device.ordinal())
     }
 
+    /// CUDA-graph replay, programmatic launch and which decode fusions are on (each the
+    /// environment variable that switches it, `=1` on, `=0` off).
+    fn settings(&self) -> String {
+        let switches = [
+            (CUDA_GRAPHS_ENV, self.cuda_graphs()),
+            (PROGRAMMATIC_LAUNCH_ENV, self.programmatic_launch()),
+            (FUSE_NORMS_ENV, self.fuse_norms()),
+            (FUSE_GLUS_ENV, self.fuse_glus()),
+            (FUSE_ROPES_ENV, self.fuse_ropes()),
+            (FUSE_ROUTERS_ENV, self.fuse_routers()),
+            (FUSE_COMBINES_ENV, self.fuse_combines()),
+        ];
+        switches
+            .map(|(name, on)| format!("{name}={}", u8::from(on)))
+            .join(" ")
+    }
+
     fn supports(&self, op: &Op) -> bool {
         manifest::has_kernel(op)
     }

@@ -1135,3 +1135,22 @@ fn the_fused_rotation_is_one_launch_with_the_unfused_bits_and_the_cpus_values() 
         }
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_backend_reports_its_fusion_switches_in_its_settings() {
+    use kiln_core::Backend;
+    let cuda = own_cuda();
+    cuda.set_fuse_glus(false);
+    cuda.set_fuse_ropes(true);
+    let settings = cuda.settings();
+    for want in [
+        "KILN_CUDA_FUSE_GLUS=0",
+        "KILN_CUDA_FUSE_ROPES=1",
+        "KILN_CUDA_GRAPHS=",
+    ] {
+        assert!(settings.contains(want), "{want} in {settings:?}");
+    }
+    cuda.set_fuse_glus(true);
+    assert!(cuda.settings().contains("KILN_CUDA_FUSE_GLUS=1"));
+}

@@ -210,6 +210,8 @@ pub struct BenchReport {
     /// llama-bench's model column: architecture, size class and weight type.
     pub model: String,
     pub backend: String,
+    /// What the backend runs with that changes its speed ([`kiln_core::Backend::settings`]).
+    pub settings: String,
     pub weight_bytes: usize,
     pub params: usize,
     pub copy_bytes_per_s: f64,
@@ -485,6 +487,7 @@ pub fn bench<BE: Backend>(backend: BE, args: &BenchArgs) -> Result<BenchReport> 
     Ok(BenchReport {
         model: model_name,
         backend: model.backend().name(),
+        settings: model.backend().settings(),
         weight_bytes: model.weight_bytes(),
         params,
         copy_bytes_per_s,
@@ -767,6 +770,9 @@ pub fn print(r: &BenchReport, json: bool) {
         r.backend,
         r.copy_bytes_per_s / 1e9
     );
+    if !r.settings.is_empty() {
+        println!("settings: {}", r.settings);
+    }
     if !r.tests.is_empty() {
         println!(
             "tg tests sample with the {} sampler on the device",
