@@ -1,6 +1,6 @@
 //! The CUDA backend: device buffers, transfers, and graph execution on one stream.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::result::DriverError;
@@ -10,6 +10,7 @@ use kiln_core::{Backend, Bindings, DType, DeviceBuffer, Error, Graph, LaunchProf
 
 use crate::context::{driver_error, CudaDevice};
 use crate::executable::{Capture, CudaExecutable, OpLaunches};
+use crate::fusion::{self, Fusion, Fusions};
 use crate::launch::Recorder;
 use crate::nvrtc::{CudaKernel, NvrtcCompiler};
 use crate::registry::{CacheConfig, KernelRegistry, KernelSpec};
@@ -61,11 +62,7 @@ pub struct CudaBackend {
     gemm_min_rows: AtomicUsize,
     moe_routing: ops::moe::Routing,
     programmatic_launch: AtomicBool,
-    fuse_norms: AtomicBool,
-    fuse_glus: AtomicBool,
-    fuse_ropes: AtomicBool,
-    fuse_combines: AtomicBool,
-    fuse_routers: AtomicBool,
+    fusions: AtomicU8,
     cuda_graphs: AtomicBool,
     capture: Capture,
     compiles: AtomicU64,
@@ -84,28 +81,6 @@ pub const PROGRAMMATIC_LAUNCH_ENV: &str = "KILN_PROGRAMMATIC_LAUNCH";
 /// The environment variable that, set to `0`, turns CUDA-graph replay of executables
 /// off ([`CudaBackend::cuda_graphs`]).
 pub const CUDA_GRAPHS_ENV: &str = "KILN_CUDA_GRAPHS";
-
-/// The environment variable that, set to `0`, turns the fusion of norms into the
-/// mat-vecs that read them off ([`CudaBackend::fuse_norms`]).
-pub const FUSE_NORMS_ENV: &str = "KILN_CUDA_FUSE_NORMS";
-
-/// The environment variable that, set to `1`, turns on the fusion of gated units into
-/// the epilogue of the gate-up mat-vecs before them ([`CudaBackend::fuse_glus`]).
-pub const FUSE_GLUS_ENV: &str = "KILN_CUDA_FUSE_GLUS";
-
-/// The environment variable that, set to `1`, turns on the fusion of a token's
-/// rotation and KV-cache append into the epilogue of the q-k-v mat-vec before it
-/// ([`CudaBackend::fuse_ropes`]).
-pub const FUSE_ROPES_ENV: &str = "KILN_CUDA_FUSE_ROPES";
-
-/// The environment variable that, set to `1`, turns on the fusion of a decode token's
-/// weighted sum of its experts' outputs into the epilogue of their routed down mat-vec
-/// ([`CudaBackend::fuse_combines`]).
-pub const FUSE_COMBINES_ENV: &str = "KILN_CUDA_FUSE_COMBINES";
-
-/// The environment variable that, set to `1`, turns the fusion of mixture-of-experts
-/// routers into the products of their logits on ([`CudaBackend::fuse_routers`]).
-pub const FUSE_ROUTERS_ENV: &str = "KILN_CUDA_FUSE_ROUTERS";
 
 /// The environment variable that sets the fewest activation rows of a mat-mat on
 /// cuBLASLt ([`CudaBackend::gemm_min_rows`]): a number, or `off` for never.
@@ -149,11 +124,7 @@ impl CudaBackend {
         let programmatic_launch = device.has_programmatic_launch()
             && std::env::var(PROGRAMMATIC_LAUNCH_ENV).map_or(true, |v| v != "0");
         let cuda_graphs = std::env::var(CUDA_GRAPHS_ENV).map_or(true, |v| v != "0");
-        let fuse_norms = std::env::var(FUSE_NORMS_ENV).map_or(true, |v| v != "0");
-        let fuse_glus = std::env::var(FUSE_GLUS_ENV).is_ok_and(|v| v == "1");
-        let fuse_ropes = std::env::var(FUSE_ROPES_ENV).is_ok_and(|v| v == "1");
-        let fuse_combines = std::env::var(FUSE_COMBINES_ENV).is_ok_and(|v| v == "1");
-        let fuse_routers = std::env::var(FUSE_ROUTERS_ENV).is_ok_and(|v| v == "1");
+        let fusions = Fusions::from_env();
         let gemm_min_rows = parse_gemm_min_rows(std::env::var(GEMM_MIN_ROWS_ENV).ok().as_deref())?;
         let capture = Capture::new(device.context())?;
         // SAFETY: the memory is only read after a copy into it has completed.
@@ -175,11 +146,7 @@ impl CudaBackend {
             gemm_min_rows: AtomicUsize::new(gemm_min_rows),
             moe_routing: ops::moe::Routing::default(),
             programmatic_launch: AtomicBool::new(programmatic_launch),
-            fuse_norms: AtomicBool::new(fuse_norms),
-            fuse_glus: AtomicBool::new(fuse_glus),
-            fuse_ropes: AtomicBool::new(fuse_ropes),
-            fuse_combines: AtomicBool::new(fuse_combines),
-            fuse_routers: AtomicBool::new(fuse_routers),
+            fusions: AtomicU8::new(fusions.bits()),
             cuda_graphs: AtomicBool::new(cuda_graphs),
             capture,
             compiles: AtomicU64::new(0),
@@ -199,69 +166,21 @@ impl CudaBackend {
         self.cuda_graphs.store(on, Ordering::Relaxed);
     }
 
-    /// Whether [`Backend::compile`] fuses a one-row residual add and RMSNorm into the
-    /// resident mat-vec that reads it ([`ops::fused_matvec`]). On unless
-    /// `KILN_CUDA_FUSE_NORMS=0`.
-    pub fn fuse_norms(&self) -> bool {
-        self.fuse_norms.load(Ordering::Relaxed)
+    /// Which fusions [`Backend::compile`] makes ([`crate::fusion`]): as the environment
+    /// switches them when the backend was made, or as set since.
+    pub fn fusions(&self) -> Fusions {
+        Fusions::from_bits(self.fusions.load(Ordering::Relaxed))
     }
 
-    /// Turns the fusion of norms on or off for the graphs compiled after.
-    pub fn set_fuse_norms(&self, on: bool) {
-        self.fuse_norms.store(on, Ordering::Relaxed);
-    }
-
-    /// Whether [`Backend::compile`] fuses a one-row SiLU-gated unit into the epilogue
-    /// of the resident gate-up mat-vec before it ([`ops::fused_matvec`]), and a decode
-    /// token's experts' gated units into their routed gate-up mat-vec
-    /// ([`ops::moe_epilogue`]). Off unless
-    /// `KILN_CUDA_FUSE_GLUS=1`: it has not been timed against the separate launch yet.
-    pub fn fuse_glus(&self) -> bool {
-        self.fuse_glus.load(Ordering::Relaxed)
-    }
-
-    /// Turns the fusion of gated units on or off for the graphs compiled after.
-    pub fn set_fuse_glus(&self, on: bool) {
-        self.fuse_glus.store(on, Ordering::Relaxed);
-    }
-
-    /// Whether [`Backend::compile`] fuses a one-token rotation and KV-cache append
-    /// into the epilogue of the resident q-k-v mat-vec before it ([`ops::fused_matvec`]).
-    /// Off unless `KILN_CUDA_FUSE_ROPES=1`: it has not been timed against the separate
-    /// launch yet.
-    pub fn fuse_ropes(&self) -> bool {
-        self.fuse_ropes.load(Ordering::Relaxed)
-    }
-
-    /// Turns the fusion of rotations on or off for the graphs compiled after.
-    pub fn set_fuse_ropes(&self, on: bool) {
-        self.fuse_ropes.store(on, Ordering::Relaxed);
-    }
-
-    /// Whether [`Backend::compile`] fuses a decode token's weighted sum of its experts'
-    /// outputs (a [`kiln_core::ops::MoeCombine`] without residual or shared expert) into
-    /// the epilogue of their routed down mat-vec ([`ops::moe_epilogue`]). Off unless
-    /// `KILN_CUDA_FUSE_COMBINES=1`: it has not been timed against the separate launch
-    /// yet.
-    pub fn fuse_combines(&self) -> bool {
-        self.fuse_combines.load(Ordering::Relaxed)
-    }
-
-    /// Turns the fusion of expert combines on or off for the graphs compiled after.
-    pub fn set_fuse_combines(&self, on: bool) {
-        self.fuse_combines.store(on, Ordering::Relaxed);
-    }
-
-    /// Whether [`Backend::compile`] fuses a one-token mixture-of-experts router into
-    /// the f32 product of its logits ([`ops::router_matvec`]). Off unless
-    /// `KILN_CUDA_FUSE_ROUTERS=1`: the fused launch has not been timed on a GPU yet.
-    pub fn fuse_routers(&self) -> bool {
-        self.fuse_routers.load(Ordering::Relaxed)
-    }
-
-    /// Turns the fusion of routers on or off for the graphs compiled after.
-    pub fn set_fuse_routers(&self, on: bool) {
-        self.fuse_routers.store(on, Ordering::Relaxed);
+    /// Turns `kind` of fusion on or off for the graphs compiled after.
+    pub fn set_fusion(&self, kind: Fusion, on: bool) {
+        let bits = |f: Fusions| f.with(kind, on).bits();
+        // The closure always returns Some: the update cannot fail.
+        let _ = self
+            .fusions
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(bits(Fusions::from_bits(b)))
+            });
     }
 
     /// How many graphs [`Backend::compile`] has compiled on this backend (each
@@ -655,48 +574,19 @@ impl CudaBackend {
     }
 
     /// Runs the ops at `index` of `graph` as one launch where a fusion that is switched
-    /// on finds a run there ([`ops::router_matvec`], [`ops::moe_epilogue`],
-    /// [`ops::fused_matvec`]) whose
-    /// operands are bound apart; returns how many ops it ran, or None.
+    /// on finds a run there ([`crate::fusion::find`]) whose operands are bound apart;
+    /// returns how many ops it ran, or None.
     fn run_fused(
         &self,
         graph: &Graph,
         index: usize,
         bindings: &mut Bindings<'_, CudaBuffer>,
     ) -> Result<Option<usize>> {
-        let router = self
-            .fuse_routers()
-            .then(|| ops::router_matvec::fusible(graph, index))
-            .flatten()
-            .filter(|&(product, router)| {
-                ops::router_matvec::operands_apart(product, router, bindings)
-            });
-        if let Some((product, router)) = router {
-            ops::router_matvec::run(self, graph, product, router, bindings)?;
-            return Ok(Some(2));
-        }
-        let routed_fusions = ops::moe_epilogue::RoutedFusions {
-            glus: self.fuse_glus(),
-            combines: self.fuse_combines(),
-        };
-        let routed = ops::moe_epilogue::fusible(graph, index, routed_fusions).filter(
-            |&(product, epilogue)| ops::moe_epilogue::operands_apart(product, epilogue, bindings),
-        );
-        if let Some((product, epilogue)) = routed {
-            ops::moe_epilogue::run(self, graph, product, epilogue, bindings)?;
-            return Ok(Some(2));
-        }
-        let fusions = ops::fused_matvec::Fusions {
-            norms: self.fuse_norms(),
-            glus: self.fuse_glus(),
-            ropes: self.fuse_ropes(),
-        };
-        match ops::fused_matvec::fusible(graph, index, fusions)
-            .filter(|fusion| ops::fused_matvec::operands_apart(fusion, bindings))
+        match fusion::find(graph, index, self.fusions()).filter(|run| run.operands_apart(bindings))
         {
-            Some(fusion) => {
-                ops::fused_matvec::run(self, graph, &fusion, bindings)?;
-                Ok(Some(fusion.ops()))
+            Some(run) => {
+                run.launch(self, graph, bindings)?;
+                Ok(Some(run.ops()))
             }
             None => Ok(None),
         }
@@ -745,18 +635,16 @@ impl Backend for CudaBackend {
     /// CUDA-graph replay, programmatic launch and which decode fusions are on (each the
     /// environment variable that switches it, `=1` on, `=0` off).
     fn settings(&self) -> String {
-        let switches = [
+        let fusions = self.fusions();
+        [
             (CUDA_GRAPHS_ENV, self.cuda_graphs()),
             (PROGRAMMATIC_LAUNCH_ENV, self.programmatic_launch()),
-            (FUSE_NORMS_ENV, self.fuse_norms()),
-            (FUSE_GLUS_ENV, self.fuse_glus()),
-            (FUSE_ROPES_ENV, self.fuse_ropes()),
-            (FUSE_ROUTERS_ENV, self.fuse_routers()),
-            (FUSE_COMBINES_ENV, self.fuse_combines()),
-        ];
-        switches
-            .map(|(name, on)| format!("{name}={}", u8::from(on)))
-            .join(" ")
+        ]
+        .into_iter()
+        .chain(Fusion::ALL.map(|kind| (kind.env(), fusions.contains(kind))))
+        .map(|(name, on)| format!("{name}={}", u8::from(on)))
+        .collect::<Vec<_>>()
+        .join(" ")
     }
 
     fn supports(&self, op: &Op) -> bool {
@@ -764,9 +652,11 @@ impl Backend for CudaBackend {
     }
 
     /// Makes every kernel `graph` needs ready (compiled or read from the disk cache,
-    /// and loaded), in parallel.
+    /// and loaded), in parallel: its ops' and those of the fused runs compiling it
+    /// launches.
     fn prepare(&self, graph: &Graph) -> Result<()> {
-        let specs = manifest::specs_for_graph(graph)?;
+        let mut specs = manifest::specs_for_graph(graph)?;
+        specs.extend(fusion::specs_for_graph(graph, self.fusions())?);
         self.registry.precompile(&specs, |_| {})
     }
 

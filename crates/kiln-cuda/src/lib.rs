@@ -15,6 +15,7 @@
 //! - [`backend`]: [`CudaBackend`], implementing [`kiln_core::Backend`].
 //! - [`executable`]: [`CudaExecutable`], a graph compiled to launch records and
 //!   replayed as a CUDA graph.
+//! - [`fusion`]: the runs of ops compiling a graph launches as one, and their switches.
 //! - [`startup`]: measurements of one compile, one load, cold and warm start.
 //! - [`timing`]: device-side timing of launches with CUDA events.
 
@@ -23,6 +24,7 @@ pub mod constants;
 pub mod context;
 pub mod executable;
 pub mod family;
+pub mod fusion;
 pub(crate) mod launch;
 pub mod manifest;
 pub mod nvrtc;

@@ -12,6 +12,7 @@ use kiln_core::ops::{
 };
 use kiln_core::{Aliasing, BufferId, DType, Graph};
 use kiln_cpu::CpuBackend;
+use kiln_cuda::fusion::Fusion;
 use kiln_cuda::ops::fused_matvec::{Fusions, FUSED_GLU_KINDS};
 
 /// The weight dtypes of the resident mat-vec.
@@ -181,9 +182,9 @@ fn pairs_the_fused_kernel_cannot_stand_for_are_not_fused() {
 
 /// The compiled pair's launches with the fusion on or off.
 fn launches(cuda: &kiln_cuda::CudaBackend, graph: &Graph, fuse: bool) -> Vec<String> {
-    cuda.set_fuse_norms(fuse);
+    cuda.set_fusion(Fusion::Norms, fuse);
     let launches = compiled_launches(cuda, graph);
-    cuda.set_fuse_norms(true);
+    cuda.set_fusion(Fusion::Norms, true);
     launches.into_iter().map(|(key, _)| key).collect()
 }
 
@@ -618,7 +619,7 @@ fn the_fused_glu_is_one_launch_with_the_unfused_bits_and_the_cpus_values() {
                 outputs: &outputs,
                 names: &names,
             };
-            let switch = |on| cuda.set_fuse_glus(on);
+            let switch = |on| cuda.set_fusion(Fusion::Glus, on);
             let (got, want) = fused.bit_for_bit(&cuda, switch, norm, "glu", &what);
             // As the fused norm's test says: a few ulp of the norm's scale can move an
             // activation across a Q8_1 rounding boundary.
@@ -644,7 +645,7 @@ fn the_fused_glu_is_one_launch_with_the_unfused_bits_and_the_cpus_values() {
 #[ignore = "needs a CUDA device"]
 fn back_to_back_fused_glus_leave_their_tickets_ready_for_the_next() {
     let cuda = own_cuda();
-    cuda.set_fuse_glus(true);
+    cuda.set_fusion(Fusion::Glus, true);
     let mut rng = rng("back_to_back_fused_glus_leave_their_tickets_ready_for_the_next");
     let (dtype, half, k) = (DType::Q4_0, 2080, 2048);
     let p = gated(dtype, half, k, false, true, ElementwiseKind::SiluMul);
@@ -1110,7 +1111,7 @@ fn the_fused_rotation_is_one_launch_with_the_unfused_bits_and_the_cpus_values() 
                 outputs: &outputs,
                 names: &names,
             };
-            let switch = |on| cuda.set_fuse_ropes(on);
+            let switch = |on| cuda.set_fusion(Fusion::Ropes, on);
             let (got, want) = fused.bit_for_bit(&cuda, switch, norm, "rope_append", &what);
             assert_close(
                 &format!("{what} qkv"),
@@ -1141,8 +1142,8 @@ fn the_fused_rotation_is_one_launch_with_the_unfused_bits_and_the_cpus_values() 
 fn the_backend_reports_its_fusion_switches_in_its_settings() {
     use kiln_core::Backend;
     let cuda = own_cuda();
-    cuda.set_fuse_glus(false);
-    cuda.set_fuse_ropes(true);
+    cuda.set_fusion(Fusion::Glus, false);
+    cuda.set_fusion(Fusion::Ropes, true);
     let settings = cuda.settings();
     for want in [
         "KILN_CUDA_FUSE_GLUS=0",
@@ -1151,6 +1152,63 @@ fn the_backend_reports_its_fusion_switches_in_its_settings() {
     ] {
         assert!(settings.contains(want), "{want} in {settings:?}");
     }
-    cuda.set_fuse_glus(true);
+    cuda.set_fusion(Fusion::Glus, true);
     assert!(cuda.settings().contains("KILN_CUDA_FUSE_GLUS=1"));
+}
+
+#[test]
+fn fusions_switch_each_kind_alone_and_only_norms_are_on_by_default() {
+    use kiln_cuda::fusion::Fusions;
+    let all = Fusions::all();
+    for kind in Fusion::ALL {
+        assert!(all.contains(kind), "{kind:?}");
+        assert!(!Fusions::NONE.contains(kind), "{kind:?}");
+        let one = Fusions::NONE.with(kind, true);
+        for other in Fusion::ALL {
+            assert_eq!(one.contains(other), other == kind, "{kind:?} on, {other:?}");
+        }
+        assert!(!all.with(kind, false).contains(kind), "{kind:?} off");
+        assert_eq!(kind.default_on(), kind == Fusion::Norms, "{kind:?}");
+        assert!(kind.env().starts_with("KILN_CUDA_FUSE_"), "{}", kind.env());
+    }
+}
+
+#[test]
+fn the_kernels_a_graph_compiles_to_include_its_fused_runs_as_switched() {
+    use kiln_cuda::fusion::{specs_for_graph, Fusions};
+    let p = gated(
+        DType::Q4_0,
+        2048,
+        4096,
+        false,
+        true,
+        ElementwiseKind::SiluMul,
+    );
+    let keys = |fusions| -> Vec<String> {
+        specs_for_graph(&p.graph, fusions)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.key)
+            .collect()
+    };
+    let all = keys(Fusions::all());
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert!(
+        all[0].starts_with("matvec_resident_add_norm_glu|w=q4_0|glu=silu_mul|"),
+        "{all:?}"
+    );
+    let norms = keys(Fusions::NONE.with(Fusion::Norms, true));
+    assert_eq!(norms.len(), 1, "{norms:?}");
+    assert!(
+        norms[0].starts_with("matvec_resident_add_norm|w=q4_0|"),
+        "{norms:?}"
+    );
+    // The norm runs alone; the product after it, reading its copy, takes the unit.
+    let glus = keys(Fusions::NONE.with(Fusion::Glus, true));
+    assert_eq!(glus.len(), 1, "{glus:?}");
+    assert!(
+        glus[0].starts_with("matvec_resident_glu|w=q4_0|glu=silu_mul|"),
+        "{glus:?}"
+    );
+    assert!(keys(Fusions::NONE).is_empty());
 }

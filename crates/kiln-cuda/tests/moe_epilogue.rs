@@ -10,6 +10,7 @@ use kernels::*;
 use kiln_core::ops::{ElementwiseKind, Glu, MoeCombine, MoeMatMul, Q8_COPY};
 use kiln_core::{Aliasing, BufferId, DType, Graph};
 use kiln_cpu::CpuBackend;
+use kiln_cuda::fusion::Fusion;
 use kiln_cuda::ops::moe_epilogue::RoutedFusions;
 
 /// A routed product's shape: tokens, experts per token, experts, rows, columns.
@@ -321,11 +322,11 @@ fn check_fused(cuda: &kiln_cuda::CudaBackend, test: &str, next: Next, shapes: &[
     let mut rng = rng(test);
     let (switch, entry): (Box<dyn Fn(bool)>, _) = match next {
         Next::Glu { .. } => (
-            Box::new(|on| cuda.set_fuse_glus(on)),
+            Box::new(|on| cuda.set_fusion(Fusion::Glus, on)),
             "moe_matvec_packed_glu|",
         ),
         Next::Combine => (
-            Box::new(|on| cuda.set_fuse_combines(on)),
+            Box::new(|on| cuda.set_fusion(Fusion::Combines, on)),
             "moe_matvec_packed_combine|",
         ),
     };
@@ -406,8 +407,8 @@ fn an_expert_id_out_of_range_gives_nan_and_leaves_the_tickets_ready() {
         (Next::Combine, (2, 2, 4, 96, 256)),
     ] {
         let switch = |on| {
-            cuda.set_fuse_glus(on);
-            cuda.set_fuse_combines(on);
+            cuda.set_fusion(Fusion::Glus, on);
+            cuda.set_fusion(Fusion::Combines, on);
         };
         let entry = "moe_matvec_packed_";
         let p = routed(dtype, shape, next);

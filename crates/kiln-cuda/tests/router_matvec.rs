@@ -12,6 +12,7 @@ use kernels::invalid;
 use kiln_core::ops::{Cast, Gating, MatMul, MoeRouter, Q8_COPY};
 use kiln_core::{Aliasing, Backend, Bindings, BufferId, DType, Graph, Scratch};
 use kiln_cpu::CpuBackend;
+use kiln_cuda::fusion::Fusion;
 use kiln_cuda::ops::matmul::MatMulKernel;
 use kiln_cuda::ops::moe::MAX_EXPERTS;
 use kiln_cuda::ops::router_matvec::{fusible, spec};
@@ -274,9 +275,9 @@ static FUSION: Mutex<()> = Mutex::new(());
 /// tests, then put back off (its default).
 fn with_fusion<R>(cuda: &CudaBackend, on: bool, f: impl FnOnce() -> R) -> R {
     let _held = FUSION.lock().unwrap_or_else(PoisonError::into_inner);
-    cuda.set_fuse_routers(on);
+    cuda.set_fusion(Fusion::Routers, on);
     let r = f();
-    cuda.set_fuse_routers(false);
+    cuda.set_fusion(Fusion::Routers, false);
     r
 }
 

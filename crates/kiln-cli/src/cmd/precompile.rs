@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{DType, Error, Result};
+use kiln_cuda::fusion::{self, Fusions};
 use kiln_cuda::manifest::{all_specs, spec_for_op};
 use kiln_cuda::nvrtc::{NvrtcCompiler, OfflineCompiler};
 use kiln_cuda::registry::{CacheMode, KernelCompiler, KernelRegistry};
@@ -119,7 +120,9 @@ fn build<C: KernelCompiler>(compiler: C, specs: &[KernelSpec]) -> Result<()> {
 }
 
 /// The specialisations the decode and prefill graphs of the model in `path` need,
-/// for F32 and F16 KV caches. Names (on stderr) the ops that have no CUDA kernel yet.
+/// for F32 and F16 KV caches: their ops' and their fused runs' (the fusions the
+/// environment switches on, [`Fusions::from_env`]). Names (on stderr) the ops that have
+/// no CUDA kernel yet.
 fn model_specs(path: &Path) -> Result<Vec<KernelSpec>> {
     let file = Gguf::open(path)?;
     let config = ModelConfig::from_gguf(&file)?;
@@ -135,6 +138,7 @@ fn model_specs(path: &Path) -> Result<Vec<KernelSpec>> {
     let capacity = config
         .context_length
         .clamp(2, LoadOptions::DEFAULT_MAX_CONTEXT);
+    let fusions = Fusions::from_env();
     let mut specs: Vec<KernelSpec> = Vec::new();
     let mut missing = BTreeSet::new();
     // The one-sequence graphs of one and two tokens, and the batched steps' graphs of
@@ -163,6 +167,11 @@ fn model_specs(path: &Path) -> Result<Vec<KernelSpec>> {
                         missing.insert(op.name());
                     }
                     Err(e) => return Err(e),
+                }
+            }
+            for spec in fusion::specs_for_graph(&fwd.graph, fusions)? {
+                if !specs.iter().any(|s| s.key == spec.key) {
+                    specs.push(spec);
                 }
             }
         }

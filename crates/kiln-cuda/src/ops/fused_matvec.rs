@@ -40,8 +40,7 @@ pub const FUSED_GLU_KINDS: [ElementwiseKind; 1] = [ElementwiseKind::SiluMul];
 /// models' default); [`fused_matvec`] takes either.
 pub const FUSED_ROPE_CACHES: [DType; 1] = [DType::F16];
 
-/// Which fusions compiling a graph makes ([`CudaBackend::fuse_norms`],
-/// [`CudaBackend::fuse_glus`], [`CudaBackend::fuse_ropes`]).
+/// Which of these fusions compiling a graph makes ([`crate::fusion::Fusions`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Fusions {
     pub norms: bool,
@@ -82,6 +81,21 @@ impl Fusion<'_> {
     /// The name of the run in errors: the ops' names joined by `+`.
     pub fn name(&self) -> &'static str {
         name(self.norm.is_some(), self.epilogue.map(|e| e.is_glu()))
+    }
+
+    /// The kernel the run's launch runs in `graph`.
+    pub fn spec(&self, graph: &Graph) -> Result<KernelSpec> {
+        let plan = MatMulArgs::of_op(graph, self.product, usize::MAX)?.check()?;
+        let epilogue = match self.epilogue {
+            None => None,
+            Some(Epilogue::Glu(glu)) => Some(EpilogueKind::Glu(glu.kind)),
+            Some(Epilogue::RopeAppend(r)) => Some(EpilogueKind::RopeAppend {
+                style: r.params.style,
+                cache: graph.desc(r.k_cache)?.dtype,
+            }),
+        };
+        let dtype = graph.desc(self.product.w)?.dtype;
+        spec(dtype, plan.kernel, self.norm.is_some(), epilogue)
     }
 }
 

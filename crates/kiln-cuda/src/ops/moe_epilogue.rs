@@ -12,8 +12,8 @@
 //!   writes.
 //!
 //! Compiling a graph ([`kiln_core::Backend::compile`]) fuses a pair where [`fusible`]
-//! finds one of a kind switched on ([`crate::CudaBackend::fuse_glus`],
-//! [`crate::CudaBackend::fuse_combines`]). The fused launch writes what the two ops
+//! finds one of a kind switched on ([`crate::fusion::Fusion::Glus`],
+//! [`crate::fusion::Fusion::Combines`]). The fused launch writes what the two ops
 //! write, each bit for bit as the two launches write it: the product is the routed
 //! mat-vec of the same plan, and the epilogue computes the next op's values from the
 //! stored products as its kernel does (the Glu's functor; `add_routed`).
@@ -168,6 +168,22 @@ pub fn spec(dtype: DType, kernel: MatMulKernel, kind: EpilogueKind) -> Result<Ke
             format!("kiln::moe_matvec_packed_combine<{tag}, {rows}, {aligned}>"),
         ),
     })
+}
+
+/// The kernel of the fused launch of `product` and `epilogue` in `graph`.
+pub fn spec_of(graph: &Graph, product: &MoeMatMul, epilogue: Epilogue<'_>) -> Result<KernelSpec> {
+    let kind = match epilogue {
+        Epilogue::Glu(glu) => EpilogueKind::Glu(glu.kind),
+        Epilogue::Combine(_) => EpilogueKind::Combine,
+    };
+    let plan = MoeMatMulArgs::of_op(graph, product)?.check()?;
+    let MoeMatMulKernel::MatVec(kernel) = plan.kernel else {
+        return Err(Error::invalid(
+            kind.op(),
+            "the fused epilogue runs only in the routed mat-vec, not the grouped mat-mat",
+        ));
+    };
+    spec(graph.desc(product.w)?.dtype, kernel, kind)
 }
 
 /// The fused kernels for every routed packed mat-vec: each kind of

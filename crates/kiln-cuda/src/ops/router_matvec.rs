@@ -5,7 +5,7 @@
 //! costs no launch of its own.
 //!
 //! Compiling a graph ([`kiln_core::Backend::compile`]) fuses a pair where [`fusible`]
-//! finds one and [`crate::CudaBackend::fuse_routers`] is on. The fused launch writes
+//! finds one and [`crate::fusion::Fusion::Routers`] is on. The fused launch writes
 //! everything the two ops write (the product's `out`, which is the router's `logits`,
 //! and the router's `ids` and `weights`), each bit for bit as the unfused pair writes
 //! it: the product is the staged mat-vec of the same plan, and the router's body is
@@ -108,6 +108,12 @@ pub fn spec(gating: Gating, kernel: MatMulKernel) -> Result<KernelSpec> {
             gating == Gating::Sigmoid
         ),
     ))
+}
+
+/// The kernel of the fused launch of `product` and `router` in `graph`.
+pub fn spec_of(graph: &Graph, product: &MatMul, router: &MoeRouter) -> Result<KernelSpec> {
+    let plan = MatMulArgs::of_op(graph, product, usize::MAX)?.check()?;
+    spec(router.gating, plan.kernel)
 }
 
 /// The fused kernel for both gatings and every one-row staged mat-vec of an F32
