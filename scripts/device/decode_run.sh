@@ -26,6 +26,8 @@
 #                                               # several, space-separated) at 1, 0, 1, 0
 #                                               # side by side, on FILES (default "llama-3.2-1b:q4_0
 #                                               # llama-3.1-8b:q4_0 llama-3.1-8b:q8_0 qwen3-8b:q1_0"); REPS, default 3
+#   bash scripts/device/decode_run.sh fusions   # the fused launches' GPU test executables (fused_matvec,
+#                                               # router_matvec, moe_epilogue, manifest), whole results
 #   bash scripts/device/decode_run.sh same      # kiln generate --temp 0 (64 tokens) with the variables
 #                                               # SWITCH at 0 and at 1 on FILES: fused launches compute the
 #                                               # unfused bits, so each file's two texts must be the same
@@ -141,6 +143,11 @@ for what in "$@"; do
           env $(for v in $SWITCH; do printf '%s=%s ' "$v" "$value"; done) "$kiln" bench -m "$f" -p 0 -n 128 -r "${REPS:-3}" --device cuda 2>/dev/null | grep -E "ceiling|tg128"
         done
       done 2>&1 | tee "$out/switch.log" ;;
+    fusions)
+      for t in fused_matvec router_matvec moe_epilogue manifest; do
+        KILN_REQUIRE_GPU=1 .device/tests/$t-* --include-ignored 2>&1 \
+          | grep -E "^test .*(FAILED|ok)$|test result|panicked|left|right" | grep -v " ok$"
+      done 2>&1 | tee "$out/fusions.log" ;;
     same)
       for spec in $files; do
         f=$(synth "${spec%%:*}" "${spec##*:}")
