@@ -536,7 +536,10 @@ struct StoreRows {
     const float* bias;
     float* out;
 
-    __device__ __forceinline__ u32 weight_row(u32 row) const { return row; }
+    // The bytes of the row's weight row, w being the weight.
+    __device__ __forceinline__ const u8* weight(const u8* w, u32 row, u64 row_bytes) const {
+        return w + (u64)row * row_bytes;
+    }
 
     // Every lane of the warp calls it with the row's sum s.
     __device__ __forceinline__ void store(u32 row, float s) const {
@@ -591,11 +594,13 @@ struct TicketRows {
     u32* tickets;
     Group group;
 
-    __device__ __forceinline__ u32 weight_row(u32 row) const { return group.weight_row(row); }
+    __device__ __forceinline__ const u8* weight(const u8* w, u32 row, u64 row_bytes) const {
+        return w + (u64)group.weight_row(row) * row_bytes;
+    }
 
     __device__ __forceinline__ void store(u32 row, float s) const {
         if ((threadIdx.x & 31u) == 0) {
-            const u32 r = weight_row(row);
+            const u32 r = group.weight_row(row);
             out[r] = bias ? s + bias[r] : s;
         }
     }
@@ -663,6 +668,49 @@ struct RopeAppendGroup {
     }
 };
 
+// SiblingRows: up to four (MAX_SIBLINGS) products of the same activation row by
+// weights of one format and width, one after another: rows end[s - 1] .. end[s] (from
+// 0 for s = 0) are product s's rows of weight w[s], stored to out[s] (+ bias[s]) as
+// StoreRows stores them. Segments past the last product end where it ends. (Each of
+// the four is a member of its own, picked by comparisons: an array indexed at run time
+// would sit in local memory.)
+struct SiblingRows {
+    const u8 *w0, *w1, *w2, *w3;
+    const float *b0, *b1, *b2, *b3;
+    float *o0, *o1, *o2, *o3;
+    u32 e0, e1, e2;
+
+    template <typename T>
+    static __device__ __forceinline__ T pick(u32 s, T a, T b, T c, T d) {
+        return s == 0 ? a : s == 1 ? b : s == 2 ? c : d;
+    }
+
+    // The product of `row` and its first row.
+    __device__ __forceinline__ u32 segment(u32 row, u32& first) const {
+        const u32 s = (u32)(row >= e0) + (u32)(row >= e1) + (u32)(row >= e2);
+        first = pick(s, 0u, e0, e1, e2);
+        return s;
+    }
+
+    __device__ __forceinline__ const u8* weight(const u8*, u32 row, u64 row_bytes) const {
+        u32 first;
+        const u32 s = segment(row, first);
+        return pick(s, w0, w1, w2, w3) + (u64)(row - first) * row_bytes;
+    }
+
+    __device__ __forceinline__ void store(u32 row, float v) const {
+        if ((threadIdx.x & 31u) == 0) {
+            u32 first;
+            const u32 s = segment(row, first);
+            const u32 r = row - first;
+            const float* bias = pick(s, b0, b1, b2, b3);
+            pick(s, o0, o1, o2, o3)[r] = bias ? v + bias[r] : v;
+        }
+    }
+
+    __device__ __forceinline__ void finish(u32, u32) const {}
+};
+
 // The mat-vec of a packed weight for one activation row rounded to Q8_1, held in
 // shared memory (ResidentImage, written by `stage`: StageQ8Copy or StageAddNorm), and
 // the products of each run of 4 quants with 4 rounded activations summed in integers
@@ -707,7 +755,7 @@ __device__ __forceinline__ void resident_matvec(const u8* __restrict__ w, Stage 
 
     // The step at `row`, units c0 + lane + 32 a (c0 warp-uniform), into t.
     auto load_step = [&](u32 at_row, u32 c0, Unit (&t)[U]) {
-        const u8* r = w + (u64)rows.weight_row(at_row) * row_bytes;
+        const u8* r = rows.weight(w, at_row, row_bytes);
 #pragma unroll
         for (u32 a = 0; a < U; ++a) {
             if (c0 + lane + 32 * a < units) {
@@ -776,6 +824,24 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                     float* __restrict__ out, u32 m, u32 n, u32 k, u64 row_bytes) {
     resident_matvec<W, ALIGNED, THREADS>(w, StageQ8Copy<W, THREADS>{xq8}, StoreRows{bias, out},
                                          n, k, row_bytes);
+}
+
+// Up to MAX_SIBLINGS kiln_core::ops::MatMul of x's Q8_1 copy xq8 (one row) by weights
+// of one format with rows of k elements, in one launch: resident_matvec over their n
+// rows with SiblingRows (product s: weight w_s, bias b_s (or null), out o_s, its rows
+// ending at e_s of the n; unused products null, ending at n; e3 is n, kept so that
+// the four products' parameters read alike).
+template <typename W, bool ALIGNED, u32 THREADS, u32 MIN_BLOCKS>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+    matvec_resident_siblings(const u8* __restrict__ xq8, const u8* w0, const u8* w1,
+                             const u8* w2, const u8* w3, const float* b0, const float* b1,
+                             const float* b2, const float* b3, float* o0, float* o1, float* o2,
+                             float* o3, u32 e0, u32 e1, u32 e2, u32 e3, u32 n, u32 k,
+                             u64 row_bytes) {
+    static_assert(MAX_SIBLINGS == 4, "the parameters name four products");
+    const SiblingRows rows = {w0, w1, w2, w3, b0, b1, b2, b3, o0, o1, o2, o3, e0, e1, e2};
+    resident_matvec<W, ALIGNED, THREADS>(nullptr, StageQ8Copy<W, THREADS>{xq8}, rows, n, k,
+                                         row_bytes);
 }
 
 // kiln_core::ops::AddRmsNorm of one row (F32 x, residual and weight of k elements;

@@ -73,6 +73,9 @@ shared_constants! {
     /// Rows of a gate-up product that a resident mat-vec with a fused Glu counts to
     /// one ticket: 32 gate rows and their 32 up rows, one Q8_1 block of the Glu.
     GLU_GROUP_ROWS = 64;
+    /// Most products of one activation row that one resident mat-vec launch computes
+    /// side by side (matvec.cu's SiblingRows).
+    MAX_SIBLINGS = 4;
     /// Elements and bytes of a Q8_1 block (kiln_core's DType::Q8_1).
     Q8_1_BLOCK_ELEMS = 32;
     Q8_1_BLOCK_BYTES = 36;

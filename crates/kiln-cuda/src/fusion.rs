@@ -2,8 +2,9 @@
 //! computes ([`Run`]), found in a graph by [`find`], each kind switched by an
 //! environment variable ([`Fusion`]). What each computes is in its op family's module:
 //! [`ops::fused_matvec`] (a norm before a resident mat-vec, a gated unit or rotation
-//! after it), [`ops::moe_epilogue`] (the gated unit or combine after a routed product)
-//! and [`ops::router_matvec`] (a router with the product of its logits).
+//! after it), [`ops::moe_epilogue`] (the gated unit or combine after a routed product),
+//! [`ops::router_matvec`] (a router with the product of its logits) and
+//! [`ops::sibling_matvec`] (products of one activation row side by side).
 
 use kiln_core::ops::{MatMul, MoeMatMul, MoeRouter};
 use kiln_core::{Bindings, DeviceBuffer, Graph, Result};
@@ -30,16 +31,20 @@ pub enum Fusion {
     /// A decode token's weighted sum of its experts' outputs (without residual or
     /// shared expert) into the epilogue of their routed down mat-vec.
     Combines,
+    /// Consecutive one-row products of the same activation row into one resident
+    /// mat-vec.
+    Siblings,
 }
 
 impl Fusion {
     /// Every kind.
-    pub const ALL: [Fusion; 5] = [
+    pub const ALL: [Fusion; 6] = [
         Fusion::Norms,
         Fusion::Glus,
         Fusion::Ropes,
         Fusion::Routers,
         Fusion::Combines,
+        Fusion::Siblings,
     ];
 
     /// The environment variable that switches it.
@@ -50,6 +55,7 @@ impl Fusion {
             Fusion::Ropes => "KILN_CUDA_FUSE_ROPES",
             Fusion::Routers => "KILN_CUDA_FUSE_ROUTERS",
             Fusion::Combines => "KILN_CUDA_FUSE_COMBINES",
+            Fusion::Siblings => "KILN_CUDA_FUSE_SIBLINGS",
         }
     }
 
@@ -118,7 +124,7 @@ impl Fusions {
 }
 
 /// Consecutive ops of a graph that one launch computes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Run<'g> {
     /// A one-token router's f32 product and the router.
     Router(&'g MatMul, &'g MoeRouter),
@@ -126,6 +132,8 @@ pub enum Run<'g> {
     Routed(&'g MoeMatMul, ops::moe_epilogue::Epilogue<'g>),
     /// A resident mat-vec with a norm before it, an epilogue after it, or both.
     Resident(ops::fused_matvec::Fusion<'g>),
+    /// Products of one activation row side by side.
+    Siblings(ops::sibling_matvec::Siblings<'g>),
 }
 
 impl Run<'_> {
@@ -134,29 +142,32 @@ impl Run<'_> {
         match self {
             Run::Router(..) | Run::Routed(..) => 2,
             Run::Resident(fusion) => fusion.ops(),
+            Run::Siblings(siblings) => siblings.products.len(),
         }
     }
 
     /// The kernel the launch runs.
     pub fn spec(&self, graph: &Graph) -> Result<KernelSpec> {
-        match *self {
+        match self {
             Run::Router(product, router) => ops::router_matvec::spec_of(graph, product, router),
-            Run::Routed(product, epilogue) => ops::moe_epilogue::spec_of(graph, product, epilogue),
+            Run::Routed(product, epilogue) => ops::moe_epilogue::spec_of(graph, product, *epilogue),
             Run::Resident(fusion) => fusion.spec(graph),
+            Run::Siblings(siblings) => siblings.spec(graph),
         }
     }
 
     /// Whether the launch's outputs are in memory of their own, apart from each other
     /// and from every input, as `bindings` holds them.
     pub fn operands_apart<B: DeviceBuffer>(&self, bindings: &Bindings<'_, B>) -> bool {
-        match *self {
+        match self {
             Run::Router(product, router) => {
                 ops::router_matvec::operands_apart(product, router, bindings)
             }
             Run::Routed(product, epilogue) => {
-                ops::moe_epilogue::operands_apart(product, epilogue, bindings)
+                ops::moe_epilogue::operands_apart(product, *epilogue, bindings)
             }
-            Run::Resident(fusion) => ops::fused_matvec::operands_apart(&fusion, bindings),
+            Run::Resident(fusion) => ops::fused_matvec::operands_apart(fusion, bindings),
+            Run::Siblings(siblings) => ops::sibling_matvec::operands_apart(siblings, bindings),
         }
     }
 
@@ -167,14 +178,15 @@ impl Run<'_> {
         graph: &Graph,
         bindings: &mut Bindings<'_, CudaBuffer>,
     ) -> Result<()> {
-        match *self {
+        match self {
             Run::Router(product, router) => {
                 ops::router_matvec::run(backend, graph, product, router, bindings)
             }
             Run::Routed(product, epilogue) => {
-                ops::moe_epilogue::run(backend, graph, product, epilogue, bindings)
+                ops::moe_epilogue::run(backend, graph, product, *epilogue, bindings)
             }
-            Run::Resident(fusion) => ops::fused_matvec::run(backend, graph, &fusion, bindings),
+            Run::Resident(fusion) => ops::fused_matvec::run(backend, graph, fusion, bindings),
+            Run::Siblings(siblings) => ops::sibling_matvec::run(backend, graph, siblings, bindings),
         }
     }
 }
@@ -199,7 +211,13 @@ pub fn find(graph: &Graph, index: usize, fusions: Fusions) -> Option<Run<'_>> {
         glus: fusions.contains(Fusion::Glus),
         ropes: fusions.contains(Fusion::Ropes),
     };
-    ops::fused_matvec::fusible(graph, index, resident).map(Run::Resident)
+    if let Some(fusion) = ops::fused_matvec::fusible(graph, index, resident) {
+        return Some(Run::Resident(fusion));
+    }
+    if fusions.contains(Fusion::Siblings) {
+        return ops::sibling_matvec::fusible(graph, index).map(Run::Siblings);
+    }
+    None
 }
 
 /// The distinct kernels of the runs of `graph` that `fusions` fuses, in graph order:

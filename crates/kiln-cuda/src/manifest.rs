@@ -35,6 +35,7 @@ pub fn all_specs() -> Vec<KernelSpec> {
     specs.extend(ops::rope::all_specs());
     specs.extend(ops::matmul::all_specs());
     specs.extend(ops::fused_matvec::all_specs());
+    specs.extend(ops::sibling_matvec::all_specs());
     specs.extend(ops::softmax::all_specs());
     specs.extend(ops::kv_cache::all_specs());
     specs.extend(ops::attention::all_specs());

@@ -12,12 +12,12 @@ fn every_spec_has_a_unique_canonical_key() {
     let specs = all_specs();
     assert_eq!(
         specs.len(),
-        9 + 2 * 5 + 4 + 19 + 4 + 4 + 234 + 10 * 4 * 2 + 1 + 44 * 7 + 2 + 2 + 28 + 3 + 1 + 1 + 3 + 11 * 2 + 8 * 2 + 1 + 19 + 11 * 2 * 2 + 2 * 2 + 7,
+        9 + 2 * 5 + 4 + 19 + 4 + 4 + 234 + 10 * 4 * 2 + 1 + 44 * 7 + 44 + 2 + 2 + 28 + 3 + 1 + 1 + 3 + 11 * 2 + 8 * 2 + 1 + 19 + 11 * 2 * 2 + 2 * 2 + 7,
         "cast pairs, element-wise and glu kinds, norm variants, embedding tables, rope \
          variants, qkv_rope_append (2 styles x 2 caches), matmul (11 packed dtypes x 4 mat-vec tiers x 2 plane alignments + 11 \
          resident dtypes x 2 block shapes x 2 alignments + 8 other dtypes x 4 tiers x 2 load widths + \
          19 mat-mat + 19 weight decoders of the cuBLASLt path + 10 dtypes x 4 row tiers x 2 alignments \
-         of the 8-bit mat-mat and the sum of its splits), the resident mat-vecs with a fused norm, a fused SiLU gated unit or rotation (2 styles, F16 cache), each with or without the norm (11 x 2 x 2 x 7), softmax, kv caches, \
+         of the 8-bit mat-mat and the sum of its splits), the resident mat-vecs with a fused norm, a fused SiLU gated unit or rotation (2 styles, F16 cache), each with or without the norm (11 x 2 x 2 x 7), the resident mat-vecs of sibling products (11 x 2 x 2), softmax, kv caches, \
          attention (2 caches x (4 group tiers x 3 lane widths decode + 2 prefill)), \
          flash attention (F16 cache x 3 head dims), \
          argmax, sample, moe (2 router gatings, combine, the one-row mat-vecs routed: \

@@ -18,6 +18,7 @@ pub mod norm;
 pub mod rope;
 pub mod router_matvec;
 pub mod sample;
+pub mod sibling_matvec;
 pub mod softmax;
 
 use cudarc::driver::LaunchConfig;
