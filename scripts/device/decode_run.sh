@@ -27,7 +27,7 @@
 #                                               # side by side, on FILES (default "llama-3.2-1b:q4_0
 #                                               # llama-3.1-8b:q4_0 llama-3.1-8b:q8_0 qwen3-8b:q1_0"); REPS, default 3
 #   bash scripts/device/decode_run.sh fusions   # the fused launches' GPU test executables (fused_matvec,
-#                                               # router_matvec, moe_epilogue, manifest), whole results
+#                                               # sibling_matvec, router_matvec, moe_epilogue, manifest)
 #   bash scripts/device/decode_run.sh same      # kiln generate --temp 0 (64 tokens) with the variables
 #                                               # SWITCH at 0 and at 1 on FILES: fused launches compute the
 #                                               # unfused bits, so each file's two texts must be the same
@@ -144,7 +144,7 @@ for what in "$@"; do
         done
       done 2>&1 | tee "$out/switch.log" ;;
     fusions)
-      for t in fused_matvec router_matvec moe_epilogue manifest; do
+      for t in fused_matvec sibling_matvec router_matvec moe_epilogue manifest; do
         KILN_REQUIRE_GPU=1 .device/tests/$t-* --include-ignored 2>&1 \
           | grep -E "^test .*(FAILED|ok)$|test result|panicked|left|right" | grep -v " ok$"
       done 2>&1 | tee "$out/fusions.log" ;;
