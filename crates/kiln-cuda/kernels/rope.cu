@@ -81,10 +81,11 @@ __global__ void qkv_rope_append(const float* __restrict__ qkv, const int* __rest
                                 float base, float freq_scale, float eps, u32 capacity,
                                 u32 n_slots) {
     chain_after_prior_grids(qkv, positions);
-    const QkvRopeAppendArgs<C> a = {positions, slots,      freq_factors, q_weight, k_weight,
-                                    q_out,     k_cache,    v_cache,      n_tokens, n_heads,
-                                    n_kv_heads, head_dim,  rotary_dim,   base,     freq_scale,
-                                    eps,       capacity,   n_slots};
+    const QkvRopeAppendArgs<C> a = {positions,  slots,    freq_factors, q_weight,
+                                    k_weight,   q_out,    k_cache,      v_cache,
+                                    n_tokens,   n_heads,  n_kv_heads,   head_dim,
+                                    rotary_dim, base,     freq_scale,   eps,
+                                    capacity,   n_slots};
     const u32 heads = n_heads + 2 * n_kv_heads;
     const u64 head_index = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (head_index >= (u64)n_tokens * heads) {
