@@ -59,10 +59,12 @@ impl Fusion {
         }
     }
 
-    /// Whether it is on where its variable is unset: the norms are (measured faster);
-    /// the others are not until they are timed against the launches they replace.
+    /// Whether it is on where its variable is unset: the norms and the siblings, which
+    /// measured faster than the launches they replace (docs/perf.md); the others
+    /// measured slower (the work of a ticket's last warp lengthens the launch's tail
+    /// more than the launch it saves) and stay for comparison.
     pub fn default_on(self) -> bool {
-        self == Fusion::Norms
+        matches!(self, Fusion::Norms | Fusion::Siblings)
     }
 
     fn bit(self) -> u8 {
