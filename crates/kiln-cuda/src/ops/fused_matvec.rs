@@ -24,7 +24,7 @@ use kiln_core::ops::{
 use kiln_core::{Bindings, BufferId, BufferKind, DType, DeviceBuffer, Error, Graph, Op, Result};
 
 use super::common::{allow_dynamic_shared, cache_tag, launch, weight_tag};
-use super::matmul::{resident_blocks, MatMulArgs, MatMulKernel, MATVEC};
+use super::matmul::{resident_config, MatMulArgs, MatMulKernel, MATVEC};
 use super::rope::{style_name, KvCaches, QkNormWeights, QkvRopeArgs, QkvRopePlan};
 use super::{check_bytes, check_q8_copy, to_u32};
 use crate::constants::{GLU_GROUP_ROWS, Q8_1_BLOCK_ELEMS, RESIDENT_NORM_VECTORS};
@@ -484,12 +484,7 @@ pub fn fused_matvec(
     };
     let kernel = backend.kernel(&spec(dtype, plan.kernel, norm, epilogue_kind)?)?;
     allow_dynamic_shared(&kernel, &plan.config)?;
-    let warps = backend
-        .resident_warps()
-        .get(backend, &kernel, &plan.config)?;
-    let mut launch_config = plan.config;
-    // At most the plan's blocks (one row per warp), which fit the grid.
-    launch_config.grid_dim.0 = resident_blocks(n, warps, threads / 32) as u32;
+    let launch_config = resident_config(backend, &kernel, plan.config, n, threads)?;
     let (n32, k32) = (to_u32(op, "n", n)?, to_u32(op, "k", k)?);
     let row_bytes = dtype.bytes_for(k)? as u64;
     // The epilogue's tickets: one zeroed u32 per group, held until the launch is queued.

@@ -295,6 +295,22 @@ pub fn resident_blocks(n: usize, resident_warps: usize, warps_per_block: u32) ->
     n.div_ceil(rows_per_warp * warps_per_block as usize)
 }
 
+/// The launch of resident mat-vec `kernel` (blocks of `threads`) over `n` rows: the
+/// plan's `config` with its grid cut to [`resident_blocks`] for the warps of the kernel
+/// the device holds at once (at most the plan's blocks, one row per warp).
+pub(crate) fn resident_config(
+    backend: &CudaBackend,
+    kernel: &crate::nvrtc::CudaKernel,
+    config: LaunchConfig,
+    n: usize,
+    threads: u32,
+) -> Result<LaunchConfig> {
+    let warps = backend.resident_warps().get(backend, kernel, &config)?;
+    let mut launch_config = config;
+    launch_config.grid_dim.0 = resident_blocks(n, warps, threads / 32) as u32;
+    Ok(launch_config)
+}
+
 /// The largest power of two dividing a block of `dtype`, at most 16: the alignment
 /// every block start has.
 fn block_alignment(dtype: DType) -> u32 {
@@ -841,11 +857,7 @@ pub fn matmul<'a>(
     allow_dynamic_shared(&kernel, &plan.config)?;
     let mut launch_config = plan.config;
     if let MatMulKernel::MatVecResident { threads, .. } = plan.kernel {
-        let warps = backend
-            .resident_warps()
-            .get(backend, &kernel, &plan.config)?;
-        // At most the plan's blocks (one row per warp), which fit the grid.
-        launch_config.grid_dim.0 = resident_blocks(n, warps, threads / 32) as u32;
+        launch_config = resident_config(backend, &kernel, plan.config, n, threads)?;
     }
     if plan.row_groups > 1 {
         return row_groups(backend, &kernel, &plan, x, x_q8, w, bias, out);

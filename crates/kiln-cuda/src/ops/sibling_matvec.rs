@@ -15,7 +15,7 @@ use kiln_core::ops::MatMul;
 use kiln_core::{Bindings, BufferId, DType, DeviceBuffer, Error, Graph, Op, Result};
 
 use super::common::{allow_dynamic_shared, launch, weight_tag};
-use super::matmul::{resident_blocks, MatMulArgs, MatMulKernel, MATVEC};
+use super::matmul::{resident_config, MatMulArgs, MatMulKernel, MATVEC};
 use super::{check_bytes, to_u32};
 use crate::constants::MAX_SIBLINGS;
 use crate::launch::KernelArgs;
@@ -215,12 +215,7 @@ pub fn sibling_matvec(
     }
     let kernel = backend.kernel(&spec(dtype, plan.kernel)?)?;
     allow_dynamic_shared(&kernel, &plan.config)?;
-    let warps = backend
-        .resident_warps()
-        .get(backend, &kernel, &plan.config)?;
-    let mut launch_config = plan.config;
-    // At most the plan's blocks (one row per warp), which fit the grid.
-    launch_config.grid_dim.0 = resident_blocks(n, warps, threads / 32) as u32;
+    let launch_config = resident_config(backend, &kernel, plan.config, n, threads)?;
     let n32 = to_u32(OP, "n", n)?;
     let mut ends = [n32; MAX_SIBLINGS as usize];
     let mut end = 0usize;
