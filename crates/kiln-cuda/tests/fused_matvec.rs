@@ -527,18 +527,6 @@ fn gated_outputs(p: &Gated) -> (Vec<BufferId>, Vec<&'static str>) {
     (ids, names)
 }
 
-/// Asserts that `got` and `want` are the same bytes, naming the first that differs.
-fn assert_same_bits(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: sizes");
-    if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: byte {at} differs: {:02x?} vs {:02x?}",
-            &got[at & !3..(at & !3) + 4],
-            &want[at & !3..(at & !3) + 4]
-        );
-    }
-}
-
 /// A graph whose fused run the tests compare with its unfused launches.
 struct Fused<'a> {
     graph: &'a Graph,

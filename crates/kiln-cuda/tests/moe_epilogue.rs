@@ -271,14 +271,6 @@ fn routed_inputs(
     inputs
 }
 
-/// Asserts that `got` and `want` are the same bytes, naming the first that differs.
-fn assert_same_bits(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: sizes");
-    if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: byte {at} differs");
-    }
-}
-
 /// `p`'s product and next outputs on `cuda` fused and unfused (asserting one launch,
 /// `entry`, and two), as bytes; `switch` turns the fusion on and off.
 fn fused_and_unfused(

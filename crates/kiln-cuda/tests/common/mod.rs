@@ -73,3 +73,15 @@ pub fn assert_q8_copy(what: &str, out: &[u8], q8: &[u8]) {
         );
     }
 }
+
+/// Asserts that `got` and `want` are the same bytes, naming the first that differs.
+pub fn assert_same_bits(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: sizes");
+    if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: byte {at} differs: {:02x?} vs {:02x?}",
+            &got[at & !3..(at & !3) + 4],
+            &want[at & !3..(at & !3) + 4]
+        );
+    }
+}
